@@ -1,0 +1,253 @@
+/* util.c — errors, dtypes, half-precision conversion, small file helpers. */
+#define _POSIX_C_SOURCE 200809L
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+const char *mt_status_name(mt_status status) {
+    switch (status) {
+    case MT_OK: return "ok";
+    case MT_ERR_IO: return "io error";
+    case MT_ERR_FORMAT: return "format error";
+    case MT_ERR_UNSUPPORTED: return "unsupported";
+    case MT_ERR_INVALID_ARG: return "invalid argument";
+    case MT_ERR_NOMEM: return "out of memory";
+    case MT_ERR_BACKEND: return "backend error";
+    case MT_ERR_NUMERIC: return "numeric error";
+    }
+    return "unknown status";
+}
+
+mt_status mt_error_set(mt_error *err, mt_status status, const char *fmt, ...) {
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+        va_end(ap);
+        err->status = status;
+    }
+    return status;
+}
+
+void *mt_malloc(size_t bytes, const char *what, mt_error *err) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) mt_error_set(err, MT_ERR_NOMEM, "out of memory allocating %zu bytes for %s", bytes, what);
+    return p;
+}
+
+void *mt_calloc(size_t count, size_t size, const char *what, mt_error *err) {
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p)
+        mt_error_set(err, MT_ERR_NOMEM, "out of memory allocating %zu x %zu bytes for %s", count,
+                     size, what);
+    return p;
+}
+
+char *mt_strdup(const char *s, const char *what, mt_error *err) {
+    size_t n = strlen(s) + 1;
+    char *p = mt_malloc(n, what, err);
+    if (p) memcpy(p, s, n);
+    return p;
+}
+
+static const struct {
+    const char *name;
+    size_t size;
+} dtype_info[MT_DTYPE_COUNT] = {
+    [MT_F32] = {"F32", 4}, [MT_F16] = {"F16", 2}, [MT_BF16] = {"BF16", 2},
+    [MT_I32] = {"I32", 4}, [MT_I64] = {"I64", 8}, [MT_U8] = {"U8", 1},
+};
+
+size_t mt_dtype_size(mt_dtype dtype) {
+    return (unsigned)dtype < MT_DTYPE_COUNT ? dtype_info[dtype].size : 0;
+}
+
+const char *mt_dtype_name(mt_dtype dtype) {
+    return (unsigned)dtype < MT_DTYPE_COUNT ? dtype_info[dtype].name : NULL;
+}
+
+int64_t mt_tensor_numel(const mt_tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+size_t mt_tensor_nbytes(const mt_tensor *t) {
+    return (size_t)mt_tensor_numel(t) * mt_dtype_size(t->dtype);
+}
+
+/* IEEE half <-> single, exact for every half value, round-to-nearest-even on the way down. */
+float mt_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            int e = -1;
+            do {
+                e++;
+                mant <<= 1;
+            } while (!(mant & 0x400u));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+uint16_t mt_f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) /* inf or nan */
+        return (uint16_t)(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0));
+    if (absx >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to inf */
+    if (absx < 0x38800000u) {                                   /* subnormal or zero in half */
+        if (absx < 0x33000000u) return (uint16_t)sign;          /* below half the smallest */
+        uint32_t mant = (absx & 0x7fffffu) | 0x800000u;
+        int shift = 126 - (int)(absx >> 23); /* 14..24 */
+        uint32_t half_mant = mant >> shift;
+        uint32_t rem = mant & ((1u << shift) - 1);
+        uint32_t halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (half_mant & 1))) half_mant++;
+        return (uint16_t)(sign | half_mant);
+    }
+    uint32_t bits = absx - 0x38000000u; /* rebias exponent by 112 */
+    uint32_t h = bits >> 13;
+    uint32_t rem = bits & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
+float mt_bf16_to_f32(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+uint16_t mt_f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u); /* quiet nan */
+    uint32_t lsb = (x >> 16) & 1u;
+    x += 0x7fffu + lsb;
+    return (uint16_t)(x >> 16);
+}
+
+mt_status mt_read_file(const char *path, char **out, size_t *len, mt_error *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (fseek(f, 0, SEEK_END) != 0) {
+        fclose(f);
+        return mt_error_set(err, MT_ERR_IO, "%s: cannot seek: %s", path, strerror(errno));
+    }
+    long size = ftell(f);
+    if (size < 0 || fseek(f, 0, SEEK_SET) != 0) {
+        fclose(f);
+        return mt_error_set(err, MT_ERR_IO, "%s: cannot determine size", path);
+    }
+    char *buf = mt_malloc((size_t)size + 1, path, err);
+    if (!buf) {
+        fclose(f);
+        return MT_ERR_NOMEM;
+    }
+    size_t got = fread(buf, 1, (size_t)size, f);
+    fclose(f);
+    if (got != (size_t)size) {
+        free(buf);
+        return mt_error_set(err, MT_ERR_IO, "%s: short read (%zu of %ld bytes)", path, got, size);
+    }
+    buf[size] = '\0';
+    *out = buf;
+    if (len) *len = (size_t)size;
+    return MT_OK;
+}
+
+char *mt_path_join(const char *dir, const char *name, mt_error *err) {
+    size_t a = strlen(dir), b = strlen(name);
+    int slash = a > 0 && dir[a - 1] != '/';
+    char *p = mt_malloc(a + (size_t)slash + b + 1, "path", err);
+    if (!p) return NULL;
+    memcpy(p, dir, a);
+    if (slash) p[a] = '/';
+    memcpy(p + a + slash, name, b + 1);
+    return p;
+}
+
+static mt_status fsync_parent_dir(const char *path, mt_error *err) {
+    char *copy = mt_strdup(path, "path", err);
+    if (!copy) return MT_ERR_NOMEM;
+    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY);
+    free(copy);
+    if (fd < 0) return MT_OK; /* best effort: some file systems refuse directory opens */
+    fsync(fd);
+    close(fd);
+    return MT_OK;
+}
+
+mt_status mt_write_file_atomic(const char *path, const void *data, size_t bytes, mt_error *err) {
+    size_t n = strlen(path);
+    char *tmp = mt_malloc(n + 32, "temporary path", err);
+    if (!tmp) return MT_ERR_NOMEM;
+    snprintf(tmp, n + 32, "%s.tmp.%ld", path, (long)getpid());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) {
+        mt_status st = mt_error_set(err, MT_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+        free(tmp);
+        return st;
+    }
+    const char *p = data;
+    size_t left = bytes;
+    while (left > 0) {
+        ssize_t w = write(fd, p, left);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            mt_status st = mt_error_set(err, MT_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
+            close(fd);
+            unlink(tmp);
+            free(tmp);
+            return st;
+        }
+        p += w;
+        left -= (size_t)w;
+    }
+    if (fsync(fd) != 0 || close(fd) != 0) {
+        mt_status st = mt_error_set(err, MT_ERR_IO, "%s: fsync/close failed: %s", tmp, strerror(errno));
+        unlink(tmp);
+        free(tmp);
+        return st;
+    }
+    if (rename(tmp, path) != 0) {
+        mt_status st = mt_error_set(err, MT_ERR_IO, "%s: cannot rename %s into place: %s", path,
+                                    tmp, strerror(errno));
+        unlink(tmp);
+        free(tmp);
+        return st;
+    }
+    free(tmp);
+    return fsync_parent_dir(path, err);
+}
+
+double mt_now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}

@@ -1,0 +1,74 @@
+#define _XOPEN_SOURCE 700
+#include "testutil.h"
+
+#include <ftw.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+uint64_t mt_test_rand_u64(uint64_t *state) {
+    uint64_t x = *state ? *state : 0x9E3779B97F4A7C15ull;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return x * 0x2545F4914F6CDD1Dull;
+}
+
+float mt_test_rand_uniform(uint64_t *state, float lo, float hi) {
+    double u = (double)(mt_test_rand_u64(state) >> 11) / 9007199254740992.0;
+    return lo + (float)u * (hi - lo);
+}
+
+void mt_test_fill_uniform(float *x, size_t n, uint64_t *state, float lo, float hi) {
+    for (size_t i = 0; i < n; i++) x[i] = mt_test_rand_uniform(state, lo, hi);
+}
+
+double mt_test_rel_err(const float *a, const float *ref, size_t n) {
+    double max_err = 0.0, max_ref = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - (double)ref[i]);
+        if (!(e <= max_err)) max_err = e; /* NaN propagates as a failure */
+        if (fabs((double)ref[i]) > max_ref) max_ref = fabs((double)ref[i]);
+    }
+    return max_ref > 0.0 ? max_err / max_ref : max_err;
+}
+
+double mt_test_rel_err_d(const double *a, const double *ref, size_t n) {
+    double max_err = 0.0, max_ref = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs(a[i] - ref[i]);
+        if (!(e <= max_err)) max_err = e;
+        if (fabs(ref[i]) > max_ref) max_ref = fabs(ref[i]);
+    }
+    return max_ref > 0.0 ? max_err / max_ref : max_err;
+}
+
+char *mt_test_tmpdir(const char *tag) {
+    const char *base = getenv("TMPDIR");
+    if (!base || !*base) base = "/tmp";
+    size_t n = strlen(base) + strlen(tag) + 32;
+    char *path = malloc(n);
+    assert_non_null(path);
+    snprintf(path, n, "%s/mt-%s-XXXXXX", base, tag);
+    assert_non_null(mkdtemp(path));
+    return path;
+}
+
+void mt_test_write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, n, f), n);
+    assert_int_equal(fclose(f), 0);
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+void mt_test_rmtree(const char *path) { nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }

@@ -1,0 +1,29 @@
+/* testutil.h — helpers shared by the cmocka tests. */
+#ifndef MT_TESTUTIL_H
+#define MT_TESTUTIL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+/* Deterministic xorshift64* stream for test data. */
+uint64_t mt_test_rand_u64(uint64_t *state);
+float mt_test_rand_uniform(uint64_t *state, float lo, float hi);
+void mt_test_fill_uniform(float *x, size_t n, uint64_t *state, float lo, float hi);
+
+/* Relative error of a tensor against a reference: max |a - ref| / max |ref|
+ * (element-wise relative error is meaningless for entries near zero). Returns
+ * the absolute max error when the reference is all zero. */
+double mt_test_rel_err(const float *a, const float *ref, size_t n);
+double mt_test_rel_err_d(const double *a, const double *ref, size_t n);
+
+/* A fresh directory under $TMPDIR (or /tmp); the caller frees the string. */
+char *mt_test_tmpdir(const char *tag);
+/* Writes bytes to a file; fails the test on error. */
+void mt_test_write_file(const char *path, const void *data, size_t n);
+/* Recursively removes a directory made by mt_test_tmpdir. */
+void mt_test_rmtree(const char *path);
+
+#endif
