@@ -1,0 +1,138 @@
+/* backend.h — the one compute interface every backend implements.
+ *
+ * Kernels know tensors and numbers only: no model names, no files, no Lua.
+ * Every operation works on device pointers with explicit sizes, in the style
+ * of llm.c; each argument carries its shape in a comment. All arrays are
+ * row-major and contiguous. Compute is fp32 on the CPU backend.
+ *
+ * Conventions for backward passes (as in Torch7's nn): a gradient argument
+ * documented as "+=" is accumulated into (the caller zeroes it when a fresh
+ * value is wanted); one documented as "=" is overwritten. Parameter gradients
+ * that are NULL are not computed (the frozen path).
+ *
+ * Optional slots say so; the host checks for NULL before calling them. */
+#ifndef MT_KERNELS_BACKEND_H
+#define MT_KERNELS_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "moontune/moontune.h"
+
+typedef struct mt_backend mt_backend;
+
+typedef struct mt_backend_ops {
+    /* ---- memory ---- */
+    /* Zero-filled, 64-byte aligned device memory; NULL when out of memory. */
+    void *(*alloc)(mt_backend *be, size_t bytes);
+    void (*free)(mt_backend *be, void *ptr);
+    mt_status (*upload)(mt_backend *be, void *dst_device, const void *src_host, size_t bytes);
+    mt_status (*download)(mt_backend *be, void *dst_host, const void *src_device, size_t bytes);
+    void (*zero)(mt_backend *be, void *ptr, size_t bytes);
+    /* Wait for queued work; errors from asynchronous work surface here. */
+    mt_status (*sync)(mt_backend *be);
+
+    /* ---- matrix products ---- */
+    /* c = alpha * op(a) · op(b) + beta * c, row-major.
+     * c is (M,N); op(a) is (M,K): a is (M,K), or (K,M) when trans_a;
+     * op(b) is (K,N): b is (K,N), or (N,K) when trans_b. */
+    void (*matmul)(mt_backend *be, float *c, const float *a, const float *b, int M, int N, int K,
+                   int trans_a, int trans_b, float alpha, float beta);
+    /* out (N,C) += bias (C) broadcast over rows. */
+    void (*bias_forward)(mt_backend *be, float *out, const float *bias, int N, int C);
+    /* dbias (C) += column sums of dout (N,C). */
+    void (*bias_backward)(mt_backend *be, float *dbias, const float *dout, int N, int C);
+
+    /* ---- elementwise ---- */
+    /* out (n) = a (n) + b (n); out may alias a or b (the residual add). */
+    void (*add)(mt_backend *be, float *out, const float *a, const float *b, size_t n);
+    /* y (n) += alpha * x (n). */
+    void (*axpy)(mt_backend *be, float *y, const float *x, float alpha, size_t n);
+
+    /* ---- embedding ---- */
+    /* out (N,C) = table (V,C) [tokens (N)]. Tokens are already validated < V. */
+    void (*embedding_forward)(mt_backend *be, float *out, const int32_t *tokens, const float *table,
+                              int N, int C);
+    /* dtable (V,C) += scatter of dout (N,C) by tokens (N); deterministic. */
+    void (*embedding_backward)(mt_backend *be, float *dtable, const float *dout,
+                               const int32_t *tokens, int N, int C);
+
+    /* ---- RMSNorm (Hugging Face Llama: weight * x * rsqrt(mean(x^2) + eps)) ---- */
+    /* out (N,C), rstd (N) saved for backward, x (N,C), weight (C). */
+    void (*rmsnorm_forward)(mt_backend *be, float *out, float *rstd, const float *x,
+                            const float *weight, int N, int C, float eps);
+    /* dx (N,C) +=, dweight (C) += or NULL, from dout (N,C), x (N,C), weight (C), rstd (N). */
+    void (*rmsnorm_backward)(mt_backend *be, float *dx, float *dweight, const float *dout,
+                             const float *x, const float *weight, const float *rstd, int N, int C);
+
+    /* ---- rotary embeddings (Hugging Face convention: rotate_half pairs i and i + D/2) ---- */
+    /* x (N,H,D) rotated in place. cos, sin (P, D/2) tables: cos[p][i] = cos(p * inv_freq[i]);
+     * positions (N) index rows of the tables and are already validated < P. */
+    void (*rope_forward)(mt_backend *be, float *x, const float *cos, const float *sin,
+                         const int32_t *positions, int N, int H, int D);
+    /* dx (N,H,D) in place: the inverse rotation (the transpose of forward). */
+    void (*rope_backward)(mt_backend *be, float *dx, const float *cos, const float *sin,
+                          const int32_t *positions, int N, int H, int D);
+
+    /* ---- causal grouped-query attention ---- */
+    /* Query head h uses key/value head h / (H / KVH). Query t of row b attends to keys
+     * s <= t, and when segments is not NULL only to keys with segments[b][s] ==
+     * segments[b][t] (packed examples never see each other). Scores are scaled by
+     * `scale` (1/sqrt(D) for Llama). Probabilities are not stored: lse keeps each
+     * row's log-sum-exp and backward recomputes them.
+     * out (B,T,H,D) =, lse (B,H,T) =, q (B,T,H,D), k, v (B,T,KVH,D), segments (B,T) or NULL,
+     * work: attention_work_bytes(...) bytes of backend memory, reused by every call. */
+    void (*attention_forward)(mt_backend *be, float *out, float *lse, const float *q,
+                              const float *k, const float *v, const int32_t *segments, int B,
+                              int T, int H, int KVH, int D, float scale, void *work);
+    /* dq (B,T,H,D) =, dk, dv (B,T,KVH,D) =, from dout (B,T,H,D) and the forward's
+     * out, lse, q, k, v, segments. */
+    void (*attention_backward)(mt_backend *be, float *dq, float *dk, float *dv, const float *dout,
+                               const float *out, const float *lse, const float *q,
+                               const float *k, const float *v, const int32_t *segments, int B,
+                               int T, int H, int KVH, int D, float scale, void *work);
+    size_t (*attention_work_bytes)(mt_backend *be, int B, int T, int H, int KVH, int D);
+
+    /* ---- SwiGLU: out = silu(gate) * up ---- */
+    /* out (n) =, gate (n), up (n). */
+    void (*swiglu_forward)(mt_backend *be, float *out, const float *gate, const float *up,
+                           size_t n);
+    /* dgate (n) =, dup (n) =, from dout (n), gate (n), up (n). */
+    void (*swiglu_backward)(mt_backend *be, float *dgate, float *dup, const float *dout,
+                            const float *gate, const float *up, size_t n);
+
+    /* ---- softmax cross-entropy with an ignore mask ---- */
+    /* losses (N) = -log softmax(logits (N,V))[targets]; 0 where targets[i] == ignore_index
+     * (or is negative). Targets are already validated < V. */
+    void (*cross_entropy_forward)(mt_backend *be, float *losses, const float *logits,
+                                  const int32_t *targets, int N, int V, int ignore_index);
+    /* dlogits (N,V) = dloss * (softmax(logits) - onehot(targets)), zero rows where ignored.
+     * dlogits may alias logits (computed in place to save memory). */
+    void (*cross_entropy_backward)(mt_backend *be, float *dlogits, const float *logits,
+                                   const int32_t *targets, int N, int V, int ignore_index,
+                                   float dloss);
+
+    /* ---- reductions ---- */
+    /* Sum of squares of x (n), accumulated in double (for gradient norms and checks). */
+    double (*sum_squares)(mt_backend *be, const float *x, size_t n);
+} mt_backend_ops;
+
+struct mt_backend {
+    const mt_backend_ops *ops;
+    mt_device device;
+    const char *name; /* "cpu", "cuda" */
+    int num_threads;  /* CPU worker threads (OpenMP); informational elsewhere */
+    void *ctx;        /* backend-private state */
+};
+
+/* The CPU backend (kernels/cpu). num_threads <= 0 uses OpenMP's default. */
+mt_status mt_backend_cpu_init(mt_backend *be, int num_threads, mt_error *err);
+void mt_backend_cpu_shutdown(mt_backend *be);
+
+/* The CUDA backend (kernels/cuda), present when the build found nvcc. */
+#ifdef MT_HAVE_CUDA
+mt_status mt_backend_cuda_init(mt_backend *be, int device_index, mt_error *err);
+void mt_backend_cuda_shutdown(mt_backend *be);
+#endif
+
+#endif /* MT_KERNELS_BACKEND_H */

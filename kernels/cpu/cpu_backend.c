@@ -1,0 +1,224 @@
+/* cpu_backend.c — the CPU backend: host memory and the ops table over cpu_kernels.h.
+ *
+ * Device memory is host memory (64-byte aligned, zeroed); upload and download
+ * are copies and sync has nothing to wait for. Every op is a thin wrapper
+ * around a free function of cpu_kernels.h. */
+#include "backend.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+#include "internal.h"
+
+#define CPU_ALIGN 64
+
+/* ---- memory ---- */
+
+static void *cpu_alloc(mt_backend *be, size_t bytes) {
+    (void)be;
+    size_t rounded;
+    if (!mt_add_size(bytes, CPU_ALIGN - 1, &rounded)) return NULL;
+    rounded = rounded / CPU_ALIGN * CPU_ALIGN;
+    if (rounded == 0) rounded = CPU_ALIGN;
+    void *p = aligned_alloc(CPU_ALIGN, rounded);
+    if (p) memset(p, 0, rounded);
+    return p;
+}
+
+static void cpu_free(mt_backend *be, void *ptr) {
+    (void)be;
+    free(ptr);
+}
+
+static mt_status cpu_upload(mt_backend *be, void *dst_device, const void *src_host, size_t bytes) {
+    (void)be;
+    if (bytes) memcpy(dst_device, src_host, bytes);
+    return MT_OK;
+}
+
+static mt_status cpu_download(mt_backend *be, void *dst_host, const void *src_device,
+                              size_t bytes) {
+    (void)be;
+    if (bytes) memcpy(dst_host, src_device, bytes);
+    return MT_OK;
+}
+
+static void cpu_zero(mt_backend *be, void *ptr, size_t bytes) {
+    (void)be;
+    if (bytes) memset(ptr, 0, bytes);
+}
+
+static mt_status cpu_sync(mt_backend *be) {
+    (void)be;
+    return MT_OK;
+}
+
+/* ---- wrappers: the backend argument is not needed by the CPU kernels ---- */
+
+static void op_matmul(mt_backend *be, float *c, const float *a, const float *b, int M, int N, int K,
+                      int trans_a, int trans_b, float alpha, float beta) {
+    (void)be;
+    cpu_matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
+}
+
+static void op_bias_forward(mt_backend *be, float *out, const float *bias, int N, int C) {
+    (void)be;
+    cpu_bias_forward(out, bias, N, C);
+}
+
+static void op_bias_backward(mt_backend *be, float *dbias, const float *dout, int N, int C) {
+    (void)be;
+    cpu_bias_backward(dbias, dout, N, C);
+}
+
+static void op_add(mt_backend *be, float *out, const float *a, const float *b, size_t n) {
+    (void)be;
+    cpu_add(out, a, b, n);
+}
+
+static void op_axpy(mt_backend *be, float *y, const float *x, float alpha, size_t n) {
+    (void)be;
+    cpu_axpy(y, x, alpha, n);
+}
+
+static void op_embedding_forward(mt_backend *be, float *out, const int32_t *tokens,
+                                 const float *table, int N, int C) {
+    (void)be;
+    cpu_embedding_forward(out, tokens, table, N, C);
+}
+
+static void op_embedding_backward(mt_backend *be, float *dtable, const float *dout,
+                                  const int32_t *tokens, int N, int C) {
+    (void)be;
+    cpu_embedding_backward(dtable, dout, tokens, N, C);
+}
+
+static void op_rmsnorm_forward(mt_backend *be, float *out, float *rstd, const float *x,
+                               const float *weight, int N, int C, float eps) {
+    (void)be;
+    cpu_rmsnorm_forward(out, rstd, x, weight, N, C, eps);
+}
+
+static void op_rmsnorm_backward(mt_backend *be, float *dx, float *dweight, const float *dout,
+                                const float *x, const float *weight, const float *rstd, int N,
+                                int C) {
+    (void)be;
+    cpu_rmsnorm_backward(dx, dweight, dout, x, weight, rstd, N, C);
+}
+
+static void op_rope_forward(mt_backend *be, float *x, const float *cos, const float *sin,
+                            const int32_t *positions, int N, int H, int D) {
+    (void)be;
+    cpu_rope_forward(x, cos, sin, positions, N, H, D);
+}
+
+static void op_rope_backward(mt_backend *be, float *dx, const float *cos, const float *sin,
+                             const int32_t *positions, int N, int H, int D) {
+    (void)be;
+    cpu_rope_backward(dx, cos, sin, positions, N, H, D);
+}
+
+static void op_attention_forward(mt_backend *be, float *out, float *lse, const float *q,
+                                 const float *k, const float *v, const int32_t *segments, int B,
+                                 int T, int H, int KVH, int D, float scale, void *work) {
+    cpu_attention_forward(out, lse, q, k, v, segments, B, T, H, KVH, D, scale, work,
+                          be->num_threads);
+}
+
+static void op_attention_backward(mt_backend *be, float *dq, float *dk, float *dv,
+                                  const float *dout, const float *out, const float *lse,
+                                  const float *q, const float *k, const float *v,
+                                  const int32_t *segments, int B, int T, int H, int KVH, int D,
+                                  float scale, void *work) {
+    cpu_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, segments, B, T, H, KVH, D, scale,
+                           work, be->num_threads);
+}
+
+static size_t op_attention_work_bytes(mt_backend *be, int B, int T, int H, int KVH, int D) {
+    return cpu_attention_work_bytes(B, T, H, KVH, D, be->num_threads);
+}
+
+static void op_swiglu_forward(mt_backend *be, float *out, const float *gate, const float *up,
+                              size_t n) {
+    (void)be;
+    cpu_swiglu_forward(out, gate, up, n);
+}
+
+static void op_swiglu_backward(mt_backend *be, float *dgate, float *dup, const float *dout,
+                               const float *gate, const float *up, size_t n) {
+    (void)be;
+    cpu_swiglu_backward(dgate, dup, dout, gate, up, n);
+}
+
+static void op_cross_entropy_forward(mt_backend *be, float *losses, const float *logits,
+                                     const int32_t *targets, int N, int V, int ignore_index) {
+    (void)be;
+    cpu_cross_entropy_forward(losses, logits, targets, N, V, ignore_index);
+}
+
+static void op_cross_entropy_backward(mt_backend *be, float *dlogits, const float *logits,
+                                      const int32_t *targets, int N, int V, int ignore_index,
+                                      float dloss) {
+    (void)be;
+    cpu_cross_entropy_backward(dlogits, logits, targets, N, V, ignore_index, dloss);
+}
+
+static double op_sum_squares(mt_backend *be, const float *x, size_t n) {
+    (void)be;
+    return cpu_sum_squares(x, n);
+}
+
+static const mt_backend_ops cpu_ops = {
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_upload,
+    .download = cpu_download,
+    .zero = cpu_zero,
+    .sync = cpu_sync,
+    .matmul = op_matmul,
+    .bias_forward = op_bias_forward,
+    .bias_backward = op_bias_backward,
+    .add = op_add,
+    .axpy = op_axpy,
+    .embedding_forward = op_embedding_forward,
+    .embedding_backward = op_embedding_backward,
+    .rmsnorm_forward = op_rmsnorm_forward,
+    .rmsnorm_backward = op_rmsnorm_backward,
+    .rope_forward = op_rope_forward,
+    .rope_backward = op_rope_backward,
+    .attention_forward = op_attention_forward,
+    .attention_backward = op_attention_backward,
+    .attention_work_bytes = op_attention_work_bytes,
+    .swiglu_forward = op_swiglu_forward,
+    .swiglu_backward = op_swiglu_backward,
+    .cross_entropy_forward = op_cross_entropy_forward,
+    .cross_entropy_backward = op_cross_entropy_backward,
+    .sum_squares = op_sum_squares,
+};
+
+mt_status mt_backend_cpu_init(mt_backend *be, int num_threads, mt_error *err) {
+    if (!be) return mt_error_set(err, MT_ERR_INVALID_ARG, "cpu backend: be is NULL");
+    if (num_threads > 0) {
+        omp_set_num_threads(num_threads);
+#ifdef OPENBLAS_VERSION
+        openblas_set_num_threads(num_threads);
+#endif
+    } else {
+        num_threads = omp_get_max_threads();
+    }
+    memset(be, 0, sizeof *be);
+    be->ops = &cpu_ops;
+    be->device = MT_DEVICE_CPU;
+    be->name = "cpu";
+    be->num_threads = num_threads;
+    be->ctx = NULL;
+    return MT_OK;
+}
+
+void mt_backend_cpu_shutdown(mt_backend *be) {
+    if (!be) return;
+    memset(be, 0, sizeof *be);
+}

@@ -1,0 +1,376 @@
+/* cpu_kernels.c — the CPU backend's dense, elementwise and normalisation kernels.
+ *
+ * Plain loops over row-major fp32 arrays that the compiler vectorises, parallel
+ * over rows with OpenMP. Reductions over rows (parameter gradients) are split
+ * over blocks of columns instead, each summing its rows in order, so that the
+ * result is the same whatever the number of threads and no two threads write
+ * the same element. Attention lives in cpu_attention.c. */
+#include "cpu_kernels.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <string.h>
+
+/* Columns per task in the column-blocked reductions (dbias, dweight, dtable). */
+#define COL_BLOCK 128
+/* Elements below which a loop runs on the calling thread: waking the team
+ * costs more than it saves. */
+#define PAR_MIN 32768
+
+/* ---- matrix products ----------------------------------------------------- */
+
+void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
+                int trans_b, float alpha, float beta) {
+    // c is (M,N); a is (M,K) or (K,M) when trans_a; b is (K,N) or (N,K) when trans_b
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) { // an empty product: c = beta * c (BLAS may reject K == 0)
+        for (size_t i = 0; i < (size_t)M * N; i++) c[i] = beta == 0.0f ? 0.0f : beta * c[i];
+        return;
+    }
+    int lda = trans_a ? M : K;
+    int ldb = trans_b ? K : N;
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, a, lda, b, ldb, beta, c, N);
+}
+
+void cpu_bias_forward(float *out, const float *bias, int N, int C) {
+    // out is (N,C), bias is (C)
+#pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *row = out + (size_t)n * C;
+        for (int c = 0; c < C; c++) row[c] += bias[c];
+    }
+}
+
+void cpu_bias_backward(float *dbias, const float *dout, int N, int C) {
+    // dbias is (C), dout is (N,C)
+    int nblocks = (C + COL_BLOCK - 1) / COL_BLOCK;
+#pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    for (int cb = 0; cb < nblocks; cb++) {
+        int c0 = cb * COL_BLOCK;
+        int nc = C - c0 < COL_BLOCK ? C - c0 : COL_BLOCK;
+        double acc[COL_BLOCK];
+        for (int c = 0; c < nc; c++) acc[c] = 0.0;
+        for (int n = 0; n < N; n++) {
+            const float *row = dout + (size_t)n * C + c0;
+            for (int c = 0; c < nc; c++) acc[c] += row[c];
+        }
+        for (int c = 0; c < nc; c++) dbias[c0 + c] += (float)acc[c];
+    }
+}
+
+/* ---- elementwise --------------------------------------------------------- */
+
+void cpu_add(float *out, const float *a, const float *b, size_t n) {
+    // out, a, b are (n); out may alias a or b
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+void cpu_axpy(float *y, const float *x, float alpha, size_t n) {
+    // y, x are (n)
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) y[i] += alpha * x[i];
+}
+
+/* ---- embedding ----------------------------------------------------------- */
+
+void cpu_embedding_forward(float *out, const int32_t *tokens, const float *table, int N, int C) {
+    // out is (N,C), tokens is (N), table is (V,C)
+#pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++)
+        memcpy(out + (size_t)n * C, table + (size_t)tokens[n] * C, (size_t)C * sizeof(float));
+}
+
+void cpu_embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int N, int C) {
+    // dtable is (V,C), dout is (N,C), tokens is (N)
+    // Threads own blocks of columns and add the rows in token order: repeated tokens
+    // accumulate without races and in the same order every time.
+    int nblocks = (C + COL_BLOCK - 1) / COL_BLOCK;
+#pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    for (int cb = 0; cb < nblocks; cb++) {
+        int c0 = cb * COL_BLOCK;
+        int nc = C - c0 < COL_BLOCK ? C - c0 : COL_BLOCK;
+        for (int n = 0; n < N; n++) {
+            float *trow = dtable + (size_t)tokens[n] * C + c0;
+            const float *drow = dout + (size_t)n * C + c0;
+            for (int c = 0; c < nc; c++) trow[c] += drow[c];
+        }
+    }
+}
+
+/* ---- RMSNorm (Hugging Face LlamaRMSNorm in fp32) ------------------------- */
+
+void cpu_rmsnorm_forward(float *out, float *rstd, const float *x, const float *weight, int N, int C,
+                         float eps) {
+    // out is (N,C), rstd is (N), x is (N,C), weight is (C)
+#pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * C;
+        float *o = out + (size_t)n * C;
+        double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+        for (int c = 0; c < C; c++) ss += (double)xr[c] * xr[c];
+        float var = (float)(ss / C);
+        float r = 1.0f / sqrtf(var + eps);
+        for (int c = 0; c < C; c++) o[c] = weight[c] * (xr[c] * r);
+        rstd[n] = r;
+    }
+}
+
+void cpu_rmsnorm_backward(float *dx, float *dweight, const float *dout, const float *x,
+                          const float *weight, const float *rstd, int N, int C) {
+    // dx is (N,C) +=, dweight is (C) += or NULL, dout, x are (N,C), weight is (C), rstd is (N)
+    // y_c = w_c x_c r with r = (mean(x^2) + eps)^-1/2, so
+    // dx_j = r w_j dy_j - r^3 / C * x_j * sum_c dy_c w_c x_c.
+#pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * C;
+        const float *dy = dout + (size_t)n * C;
+        float *dxr = dx + (size_t)n * C;
+        float r = rstd[n];
+        double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+        for (int c = 0; c < C; c++) dot += (double)dy[c] * weight[c] * xr[c];
+        float k = (float)((double)r * r * r * dot / C);
+        for (int c = 0; c < C; c++) dxr[c] += r * weight[c] * dy[c] - k * xr[c];
+    }
+    if (!dweight) return;
+    // dweight_c += sum_n dy_nc x_nc r_n, by blocks of columns
+    int nblocks = (C + COL_BLOCK - 1) / COL_BLOCK;
+#pragma omp parallel for if ((size_t)N * C >= PAR_MIN) schedule(static)
+    for (int cb = 0; cb < nblocks; cb++) {
+        int c0 = cb * COL_BLOCK;
+        int nc = C - c0 < COL_BLOCK ? C - c0 : COL_BLOCK;
+        double acc[COL_BLOCK];
+        for (int c = 0; c < nc; c++) acc[c] = 0.0;
+        for (int n = 0; n < N; n++) {
+            const float *xr = x + (size_t)n * C + c0;
+            const float *dy = dout + (size_t)n * C + c0;
+            float r = rstd[n];
+            for (int c = 0; c < nc; c++) acc[c] += (double)(dy[c] * (xr[c] * r));
+        }
+        for (int c = 0; c < nc; c++) dweight[c0 + c] += (float)acc[c];
+    }
+}
+
+/* ---- rotary embeddings (rotate_half: pairs i and i + D/2) ---------------- */
+
+/* Rotates every head vector of x (N,H,D) by the angles at positions; sign = +1
+ * rotates forward, -1 by the opposite angle (the transpose). */
+static void rope_rotate(float *x, const float *cos, const float *sin, const int32_t *positions,
+                        int N, int H, int D, float sign) {
+    int half = D / 2;
+#pragma omp parallel for if ((size_t)N * H * D >= PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *cr = cos + (size_t)positions[n] * half;
+        const float *sr = sin + (size_t)positions[n] * half;
+        for (int h = 0; h < H; h++) {
+            float *x1 = x + ((size_t)n * H + h) * D;
+            float *x2 = x1 + half;
+            for (int i = 0; i < half; i++) {
+                float a = x1[i], b = x2[i], c = cr[i], s = sign * sr[i];
+                x1[i] = a * c - b * s;
+                x2[i] = b * c + a * s;
+            }
+        }
+    }
+}
+
+void cpu_rope_forward(float *x, const float *cos, const float *sin, const int32_t *positions, int N,
+                      int H, int D) {
+    // x is (N,H,D) in place, cos and sin are (P,D/2), positions is (N)
+    rope_rotate(x, cos, sin, positions, N, H, D, 1.0f);
+}
+
+void cpu_rope_backward(float *dx, const float *cos, const float *sin, const int32_t *positions,
+                       int N, int H, int D) {
+    // dx is (N,H,D) in place: [c -s; s c]^T = [c s; -s c], the rotation by -angle
+    rope_rotate(dx, cos, sin, positions, N, H, D, -1.0f);
+}
+
+/* ---- exp ----------------------------------------------------------------- */
+
+/* exp of anything below this is taken as 0: exp(-87) ~ 1.6e-38, about the smallest
+ * normal float. */
+#define EXP_MIN -87.0f
+
+/* exp(x) for x in [EXP_MIN, 1] as 2^n * p(r), n = round(x / ln 2), |r| <= ln 2 / 2,
+ * with Cephes' expf polynomial. Branch-free, so loops over it vectorise (glibc's
+ * expf does not without -ffast-math). n is rounded by adding 1.5 * 2^23, whose
+ * float then holds n in its low bits: only integer arithmetic on bits, so a NaN
+ * input gives a NaN out and no undefined conversion to int. */
+static inline float exp_core(float x) {
+    const float magic = 12582912.0f; // 1.5 * 2^23, bits 0x4b400000
+    float t = x * 1.44269504088896341f + magic;
+    float fn = t - magic;
+    float r = x - fn * 0.693359375f; // ln 2 in two parts (Cody and Waite)
+    r = r - fn * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = CPU_MADD(p, r, 1.3981999507e-3f);
+    p = CPU_MADD(p, r, 8.3334519073e-3f);
+    p = CPU_MADD(p, r, 4.1665795894e-2f);
+    p = CPU_MADD(p, r, 1.6666665459e-1f);
+    p = CPU_MADD(p, r, 5.0000001201e-1f);
+    p = CPU_MADD(p, r * r, r + 1.0f);
+    uint32_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    uint32_t bits = (tb - 0x4b400000u + 127u) << 23; // 2^n: a normal float for n in [-126, 2]
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return p * s;
+}
+
+float cpu_exp_shifted(float *y, const float *x, float shift, int n) {
+    // y, x are (n); y may alias x. The clamp has a loop of its own: fused into the
+    // next one, it keeps the compiler from vectorising that.
+    for (int j = 0; j < n; j++) {
+        float a = x[j] - shift;
+        y[j] = a < EXP_MIN ? EXP_MIN : a;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < n; j++) {
+        float a = y[j];
+        float e = exp_core(a) * (float)(a > EXP_MIN);
+        y[j] = e;
+        sum += e;
+    }
+    return sum;
+}
+
+float cpu_max(const float *x, int n) {
+    // x is (n). 32 running maxima, elementwise: both gcc and clang vectorise this,
+    // where clang will not reorder a float max reduction (and gcc scalarises 16 lanes).
+    float lane[32];
+    for (int l = 0; l < 32; l++) lane[l] = -INFINITY;
+    int n32 = n - n % 32;
+    for (int j = 0; j < n32; j += 32)
+        for (int l = 0; l < 32; l++) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
+    float m = -INFINITY;
+    for (int j = n32; j < n; j++) m = x[j] > m ? x[j] : m;
+    for (int l = 0; l < 32; l++) m = lane[l] > m ? lane[l] : m;
+    return m;
+}
+
+/* Elements per chunk where a kernel needs exp of values it may not overwrite. */
+#define EXP_CHUNK 512
+
+/* ---- SwiGLU -------------------------------------------------------------- */
+
+/* sig (n) = sigmoid(g (n)) = 1 / (1 + exp(-g)), through exp(-|g|) <= 1 so that
+ * nothing overflows; n <= EXP_CHUNK. */
+static void sigmoid_chunk(float *sig, const float *g, int n) {
+    for (int j = 0; j < n; j++) sig[j] = -fabsf(g[j]);
+    cpu_exp_shifted(sig, sig, 0.0f, n);
+    for (int j = 0; j < n; j++) sig[j] = (g[j] >= 0.0f ? 1.0f : sig[j]) / (1.0f + sig[j]);
+}
+
+void cpu_swiglu_forward(float *out, const float *gate, const float *up, size_t n) {
+    // out, gate, up are (n)
+    size_t nchunks = (n + EXP_CHUNK - 1) / EXP_CHUNK;
+#pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+    for (size_t ch = 0; ch < nchunks; ch++) {
+        size_t i0 = ch * EXP_CHUNK;
+        int len = (int)(n - i0 < EXP_CHUNK ? n - i0 : EXP_CHUNK);
+        const float *g = gate + i0, *u = up + i0;
+        float *o = out + i0;
+        float sig[EXP_CHUNK];
+        sigmoid_chunk(sig, g, len);
+        for (int j = 0; j < len; j++) o[j] = g[j] * sig[j] * u[j];
+    }
+}
+
+void cpu_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                         const float *up, size_t n) {
+    // dgate, dup are (n) =, dout, gate, up are (n)
+    // silu(g) = g sig(g), silu'(g) = sig(g) (1 + g (1 - sig(g)))
+    size_t nchunks = (n + EXP_CHUNK - 1) / EXP_CHUNK;
+#pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+    for (size_t ch = 0; ch < nchunks; ch++) {
+        size_t i0 = ch * EXP_CHUNK;
+        int len = (int)(n - i0 < EXP_CHUNK ? n - i0 : EXP_CHUNK);
+        const float *g = gate + i0, *u = up + i0, *dy = dout + i0;
+        float *dg = dgate + i0, *du = dup + i0;
+        float sig[EXP_CHUNK];
+        sigmoid_chunk(sig, g, len);
+        for (int j = 0; j < len; j++) {
+            float sg = sig[j];
+            dg[j] = dy[j] * u[j] * sg * (1.0f + g[j] * (1.0f - sg));
+            du[j] = dy[j] * g[j] * sg;
+        }
+    }
+}
+
+/* ---- softmax cross-entropy ----------------------------------------------- */
+
+static int ce_ignored(int32_t target, int ignore_index) {
+    return target < 0 || target == ignore_index;
+}
+
+void cpu_cross_entropy_forward(float *losses, const float *logits, const int32_t *targets, int N,
+                               int V, int ignore_index) {
+    // losses is (N), logits is (N,V), targets is (N)
+#pragma omp parallel for if ((size_t)N * V >= PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        if (ce_ignored(targets[n], ignore_index)) {
+            losses[n] = 0.0f;
+            continue;
+        }
+        const float *x = logits + (size_t)n * V;
+        float m = cpu_max(x, V);
+        float e[EXP_CHUNK];
+        double sum = 0.0;
+        for (int j0 = 0; j0 < V; j0 += EXP_CHUNK)
+            sum += cpu_exp_shifted(e, x + j0, m, V - j0 < EXP_CHUNK ? V - j0 : EXP_CHUNK);
+        losses[n] = (float)(log(sum) + (double)m - (double)x[targets[n]]);
+    }
+}
+
+void cpu_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets, int N,
+                                int V, int ignore_index, float dloss) {
+    // dlogits is (N,V) =, may alias logits (N,V); targets is (N)
+    // Every element is read before the same element is written, so in place is safe.
+#pragma omp parallel for if ((size_t)N * V >= PAR_MIN) schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *d = dlogits + (size_t)n * V;
+        if (ce_ignored(targets[n], ignore_index)) {
+            memset(d, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+        const float *x = logits + (size_t)n * V;
+        float m = cpu_max(x, V);
+        double sum = 0.0;
+        for (int j0 = 0; j0 < V; j0 += EXP_CHUNK)
+            sum += cpu_exp_shifted(d + j0, x + j0, m, V - j0 < EXP_CHUNK ? V - j0 : EXP_CHUNK);
+        float f = (float)(dloss / sum);
+        for (int j = 0; j < V; j++) d[j] *= f;
+        d[targets[n]] -= dloss;
+    }
+}
+
+/* ---- reductions ---------------------------------------------------------- */
+
+/* Fixed chunks, each summed in order and the partial sums added in order:
+ * the same bits whatever the number of threads. */
+#define SUMSQ_CHUNKS 256
+#define SUMSQ_MIN_CHUNK 4096
+
+double cpu_sum_squares(const float *x, size_t n) {
+    // x is (n)
+    size_t chunk = (n + SUMSQ_CHUNKS - 1) / SUMSQ_CHUNKS;
+    if (chunk < SUMSQ_MIN_CHUNK) chunk = SUMSQ_MIN_CHUNK;
+    int nchunks = (int)((n + chunk - 1) / chunk);
+    double partial[SUMSQ_CHUNKS];
+#pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+    for (int i = 0; i < nchunks; i++) {
+        size_t lo = (size_t)i * chunk, hi = lo + chunk < n ? lo + chunk : n;
+        double s = 0.0;
+#pragma omp simd reduction(+ : s)
+        for (size_t j = lo; j < hi; j++) s += (double)x[j] * x[j];
+        partial[i] = s;
+    }
+    double total = 0.0;
+    for (int i = 0; i < nchunks; i++) total += partial[i];
+    return total;
+}

@@ -1,0 +1,96 @@
+/* cpu_kernels.h — the CPU backend's kernels as plain free functions.
+ *
+ * llm.c style: each layer is a pair x_forward / x_backward over row-major
+ * fp32 arrays with explicit sizes; every argument carries its shape. The
+ * accumulation conventions are those of kernels/backend.h: "+=" accumulates,
+ * "=" overwrites, a NULL parameter gradient is not computed. Parallel with
+ * OpenMP; every reduction has a fixed order, so results do not depend on the
+ * number of threads. The ops table in cpu_backend.c wraps these. */
+#ifndef MT_CPU_KERNELS_H
+#define MT_CPU_KERNELS_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* a * b + c in one rounding where the target has a fused multiply-add. ISO C mode
+ * (-std=c11) does not contract a * b + c by itself; fmaf is inlined and vectorised
+ * when FP_FAST_FMAF says it is fast. */
+#ifdef FP_FAST_FMAF
+#define CPU_MADD(a, b, c) fmaf(a, b, c)
+#else
+#define CPU_MADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* c (M,N) = alpha * op(a) · op(b) + beta * c; a is (M,K) or (K,M) when trans_a,
+ * b is (K,N) or (N,K) when trans_b. cblas_sgemm. */
+void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
+                int trans_b, float alpha, float beta);
+/* out (N,C) += bias (C). */
+void cpu_bias_forward(float *out, const float *bias, int N, int C);
+/* dbias (C) += column sums of dout (N,C). */
+void cpu_bias_backward(float *dbias, const float *dout, int N, int C);
+
+/* out (n) = a (n) + b (n); out may alias a or b. */
+void cpu_add(float *out, const float *a, const float *b, size_t n);
+/* y (n) += alpha * x (n). */
+void cpu_axpy(float *y, const float *x, float alpha, size_t n);
+
+/* out (N,C) = table (V,C) [tokens (N)]. */
+void cpu_embedding_forward(float *out, const int32_t *tokens, const float *table, int N, int C);
+/* dtable (V,C) += scatter of dout (N,C) by tokens (N). */
+void cpu_embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int N, int C);
+
+/* out (N,C) = weight (C) * x (N,C) * rstd; rstd (N) = 1/sqrt(mean(x^2) + eps). */
+void cpu_rmsnorm_forward(float *out, float *rstd, const float *x, const float *weight, int N, int C,
+                         float eps);
+/* dx (N,C) +=, dweight (C) += or NULL, from dout (N,C), x (N,C), weight (C), rstd (N). */
+void cpu_rmsnorm_backward(float *dx, float *dweight, const float *dout, const float *x,
+                          const float *weight, const float *rstd, int N, int C);
+
+/* x (N,H,D) rotated in place by cos, sin (P, D/2) at rows positions (N); rotate_half pairs. */
+void cpu_rope_forward(float *x, const float *cos, const float *sin, const int32_t *positions, int N,
+                      int H, int D);
+/* dx (N,H,D) rotated in place by the inverse angle. */
+void cpu_rope_backward(float *dx, const float *cos, const float *sin, const int32_t *positions,
+                       int N, int H, int D);
+
+/* Causal grouped-query attention, blocked, without (T,T) matrices.
+ * Scratch bytes for `num_threads` threads; the kernels run on at most that many. */
+size_t cpu_attention_work_bytes(int B, int T, int H, int KVH, int D, int num_threads);
+/* out (B,T,H,D) =, lse (B,H,T) =, q (B,T,H,D), k, v (B,T,KVH,D), segments (B,T) or NULL. */
+void cpu_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                           const int32_t *segments, int B, int T, int H, int KVH, int D,
+                           float scale, void *work, int num_threads);
+/* dq (B,T,H,D) =, dk, dv (B,T,KVH,D) =, from dout (B,T,H,D), out, lse (B,H,T), q, k, v. */
+void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                            const float *lse, const float *q, const float *k, const float *v,
+                            const int32_t *segments, int B, int T, int H, int KVH, int D,
+                            float scale, void *work, int num_threads);
+
+/* out (n) = silu(gate (n)) * up (n). */
+void cpu_swiglu_forward(float *out, const float *gate, const float *up, size_t n);
+/* dgate (n) =, dup (n) =, from dout (n), gate (n), up (n). */
+void cpu_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                         const float *up, size_t n);
+
+/* losses (N) = -log softmax(logits (N,V))[targets (N)]; 0 where ignored. */
+void cpu_cross_entropy_forward(float *losses, const float *logits, const int32_t *targets, int N,
+                               int V, int ignore_index);
+/* dlogits (N,V) = dloss * (softmax(logits) - onehot(targets)); may alias logits. */
+void cpu_cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets, int N,
+                                int V, int ignore_index, float dloss);
+
+/* y (n) = exp(x (n) - shift), for x - shift <= about 1 (a softmax after its max is
+ * subtracted); exactly 0 where x - shift < -87 or is -INFINITY (masked entries).
+ * Returns the sum of y in a fixed order. Vectorised polynomial, within 2 ulp of expf.
+ * y may alias x. */
+float cpu_exp_shifted(float *y, const float *x, float shift, int n);
+
+/* The largest element of x (n); -INFINITY when n == 0. */
+float cpu_max(const float *x, int n);
+
+/* Sum of x (n) squared, in double, in a fixed order. */
+double cpu_sum_squares(const float *x, size_t n);
+
+#endif /* MT_CPU_KERNELS_H */

@@ -1,0 +1,907 @@
+/* test_kernels_cpu.c — the CPU backend's kernels against naive double-precision
+ * references, and every backward against central finite differences.
+ *
+ * Gradient checks follow Torch7's nn Jacobian tests: pick a random weighting R
+ * of the output, take the scalar L = sum(out * R) (summed in double), and compare
+ * the analytic gradient of each input with (L(x + e) - L(x - e)) / 2e, where the
+ * perturbation is applied to the fp32 input the kernel sees. The error is
+ * max |analytic - fd| / max |fd| over the checked coordinates. Accumulating
+ * ("+=") gradients start from a random base that is subtracted afterwards;
+ * overwriting ("=") ones start as NaN, so that any element left unwritten fails. */
+#include "testutil.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "cpu/cpu_kernels.h"
+
+static mt_backend be;
+
+/* Finite-difference tolerances (relative, see fd_check) with a step of 1e-2 on
+ * inputs of order 1. Correct kernels measure 1e-7..1e-5 for linear maps and up
+ * to about 1e-4 for the nonlinear ones; a sign error, a missing term or a wrong
+ * index gives errors of order 1e-2..1. */
+#define FD_TOL_LINEAR 1e-4
+#define FD_TOL 1e-3
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static float *fbuf(size_t n) {
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    assert_non_null(p);
+    return p;
+}
+
+static float *frand(size_t n, uint64_t *rng, float lo, float hi) {
+    float *p = fbuf(n);
+    mt_test_fill_uniform(p, n, rng, lo, hi);
+    return p;
+}
+
+static float *fnan(size_t n) {
+    float *p = fbuf(n);
+    for (size_t i = 0; i < n; i++) p[i] = NAN;
+    return p;
+}
+
+static float *fcopy(const float *x, size_t n) {
+    float *p = fbuf(n);
+    memcpy(p, x, n * sizeof(float));
+    return p;
+}
+
+static double dot_d(const float *a, const float *b, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)a[i] * b[i];
+    return s;
+}
+
+/* a (n) -= b (n): strips the base an accumulating gradient started from. */
+static void fsub(float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) a[i] -= b[i];
+}
+
+typedef double (*loss_fn)(void *ctx);
+
+/* Central differences of loss(ctx) with respect to x (n) against grad (n), on every
+ * coordinate when n <= max_coords, else on max_coords of them (the last quarter of
+ * them from the end of x, the rest at random). Returns the relative error, and prints it. */
+static double fd_check(const char *what, float *x, size_t n, const float *grad, loss_fn loss,
+                       void *ctx, float eps, size_t max_coords, uint64_t *rng) {
+    size_t m = n < max_coords ? n : max_coords;
+    double *fd = malloc(m * sizeof(double)), *an = malloc(m * sizeof(double));
+    assert_non_null(fd);
+    assert_non_null(an);
+    for (size_t c = 0; c < m; c++) {
+        // sampled: the last m/4 elements (the last positions, where blocks end) and random ones
+        size_t i = n <= max_coords ? c
+                   : c < m / 4     ? n - 1 - c
+                                   : (size_t)(mt_test_rand_u64(rng) % n);
+        float x0 = x[i];
+        float xp = x0 + eps, xm = x0 - eps;
+        x[i] = xp;
+        double lp = loss(ctx);
+        x[i] = xm;
+        double lm = loss(ctx);
+        x[i] = x0;
+        fd[c] = (lp - lm) / ((double)xp - (double)xm);
+        an[c] = grad[i];
+    }
+    double err = mt_test_rel_err_d(an, fd, m);
+    printf("  %-40s rel err %.2e (%zu coords)\n", what, err, m);
+    free(fd);
+    free(an);
+    return err;
+}
+
+/* ---- memory -------------------------------------------------------------- */
+
+static void test_memory(void **state) {
+    (void)state;
+    size_t sizes[] = {0, 1, 63, 64, 1000};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        unsigned char *p = be.ops->alloc(&be, sizes[i]);
+        assert_non_null(p);
+        assert_int_equal((uintptr_t)p % 64, 0);
+        for (size_t j = 0; j < sizes[i]; j++) assert_int_equal(p[j], 0);
+        be.ops->free(&be, p);
+    }
+    float host[37], back[37];
+    uint64_t rng = 1;
+    mt_test_fill_uniform(host, 37, &rng, -1, 1);
+    float *dev = be.ops->alloc(&be, sizeof host);
+    assert_int_equal(be.ops->upload(&be, dev, host, sizeof host), MT_OK);
+    assert_int_equal(be.ops->download(&be, back, dev, sizeof back), MT_OK);
+    assert_memory_equal(host, back, sizeof host);
+    be.ops->zero(&be, dev, sizeof host);
+    for (int i = 0; i < 37; i++) assert_true(dev[i] == 0.0f);
+    assert_int_equal(be.ops->sync(&be), MT_OK);
+    be.ops->free(&be, dev);
+    be.ops->free(&be, NULL);
+    assert_int_equal(be.device, MT_DEVICE_CPU);
+    assert_string_equal(be.name, "cpu");
+    assert_true(be.num_threads >= 1);
+    mt_error err = {0};
+    assert_int_equal(mt_backend_cpu_init(NULL, 0, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(err.status, MT_ERR_INVALID_ARG);
+    assert_true(strlen(err.msg) > 0);
+}
+
+/* ---- matmul -------------------------------------------------------------- */
+
+static void test_matmul_forward(void **state) {
+    (void)state;
+    uint64_t rng = 2;
+    const int M = 7, N = 5, K = 9;
+    float *a = frand(M * K, &rng, -1, 1), *b = frand(K * N, &rng, -1, 1);
+    float *c0 = frand(M * N, &rng, -1, 1);
+    const float alpha = 0.7f, beta = 0.3f;
+    for (int ta = 0; ta < 2; ta++) {
+        for (int tb = 0; tb < 2; tb++) {
+            float *c = fcopy(c0, M * N);
+            be.ops->matmul(&be, c, a, b, M, N, K, ta, tb, alpha, beta);
+            double ref[7 * 5], got[7 * 5];
+            for (int i = 0; i < M; i++) {
+                for (int j = 0; j < N; j++) {
+                    double s = 0.0;
+                    for (int p = 0; p < K; p++) {
+                        double av = ta ? a[p * M + i] : a[i * K + p];
+                        double bv = tb ? b[j * K + p] : b[p * N + j];
+                        s += av * bv;
+                    }
+                    ref[i * N + j] = alpha * s + beta * c0[i * N + j];
+                    got[i * N + j] = c[i * N + j];
+                }
+            }
+            double err = mt_test_rel_err_d(got, ref, M * N);
+            printf("  matmul trans_a=%d trans_b=%d rel err %.2e\n", ta, tb, err);
+            assert_true(err < 1e-6);
+            free(c);
+        }
+    }
+    // beta = 0 must not read c (NaN there stays out of the result)
+    float *c = fnan(M * N);
+    be.ops->matmul(&be, c, a, b, M, N, K, 0, 0, 1.0f, 0.0f);
+    for (int i = 0; i < M * N; i++) assert_false(isnan(c[i]));
+    free(c);
+    free(a);
+    free(b);
+    free(c0);
+}
+
+struct mm_ctx {
+    float *a, *b, *c, *R;
+    int M, N, K;
+};
+
+static double mm_loss(void *p) {
+    struct mm_ctx *x = p;
+    be.ops->matmul(&be, x->c, x->a, x->b, x->M, x->N, x->K, 0, 0, 1.0f, 0.0f);
+    return dot_d(x->c, x->R, (size_t)x->M * x->N);
+}
+
+/* The host's linear backward: for c = a·b, da += dc·b^T and db += a^T·dc. */
+static void test_matmul_backward(void **state) {
+    (void)state;
+    uint64_t rng = 3;
+    struct mm_ctx x = {.M = 6, .N = 4, .K = 5};
+    x.a = frand(x.M * x.K, &rng, -1, 1);
+    x.b = frand(x.K * x.N, &rng, -1, 1);
+    x.c = fbuf(x.M * x.N);
+    x.R = frand(x.M * x.N, &rng, -1, 1);
+    float *da0 = frand(x.M * x.K, &rng, -1, 1), *db0 = frand(x.K * x.N, &rng, -1, 1);
+    float *da = fcopy(da0, x.M * x.K), *db = fcopy(db0, x.K * x.N);
+    be.ops->matmul(&be, da, x.R, x.b, x.M, x.K, x.N, 0, 1, 1.0f, 1.0f);
+    be.ops->matmul(&be, db, x.a, x.R, x.K, x.N, x.M, 1, 0, 1.0f, 1.0f);
+    fsub(da, da0, x.M * x.K);
+    fsub(db, db0, x.K * x.N);
+    assert_true(fd_check("matmul da", x.a, x.M * x.K, da, mm_loss, &x, 1e-2f, 1000, &rng) <
+                FD_TOL_LINEAR);
+    assert_true(fd_check("matmul db", x.b, x.K * x.N, db, mm_loss, &x, 1e-2f, 1000, &rng) <
+                FD_TOL_LINEAR);
+    free(x.a), free(x.b), free(x.c), free(x.R), free(da0), free(db0), free(da), free(db);
+}
+
+/* ---- bias ---------------------------------------------------------------- */
+
+struct bias_ctx {
+    float *out0, *out, *bias, *R;
+    int N, C;
+};
+
+static double bias_loss(void *p) {
+    struct bias_ctx *x = p;
+    memcpy(x->out, x->out0, (size_t)x->N * x->C * sizeof(float));
+    be.ops->bias_forward(&be, x->out, x->bias, x->N, x->C);
+    return dot_d(x->out, x->R, (size_t)x->N * x->C);
+}
+
+static void test_bias(void **state) {
+    (void)state;
+    uint64_t rng = 4;
+    // C > 256 crosses a column block of the backward
+    struct bias_ctx x = {.N = 5, .C = 300};
+    size_t n = (size_t)x.N * x.C;
+    x.out0 = frand(n, &rng, -1, 1);
+    x.out = fbuf(n);
+    x.bias = frand(x.C, &rng, -1, 1);
+    x.R = frand(n, &rng, -1, 1);
+    bias_loss(&x);
+    for (int i = 0; i < x.N; i++)
+        for (int c = 0; c < x.C; c++)
+            assert_true(x.out[i * x.C + c] == x.out0[i * x.C + c] + x.bias[c]);
+    float *g0 = frand(x.C, &rng, -1, 1), *g = fcopy(g0, x.C);
+    be.ops->bias_backward(&be, g, x.R, x.N, x.C);
+    fsub(g, g0, x.C);
+    assert_true(fd_check("bias dbias (+=)", x.bias, x.C, g, bias_loss, &x, 1e-2f, 64, &rng) <
+                FD_TOL_LINEAR);
+    free(x.out0), free(x.out), free(x.bias), free(x.R), free(g0), free(g);
+}
+
+/* ---- elementwise --------------------------------------------------------- */
+
+static void test_add_axpy(void **state) {
+    (void)state;
+    uint64_t rng = 5;
+    const size_t n = 1001;
+    float *a = frand(n, &rng, -1, 1), *b = frand(n, &rng, -1, 1), *out = fnan(n);
+    be.ops->add(&be, out, a, b, n);
+    for (size_t i = 0; i < n; i++) assert_true(out[i] == a[i] + b[i]);
+    float *y = fcopy(a, n); // aliased: the residual add
+    be.ops->add(&be, y, y, b, n);
+    assert_memory_equal(y, out, n * sizeof(float));
+    memcpy(y, a, n * sizeof(float));
+    be.ops->axpy(&be, y, b, -0.5f, n);
+    for (size_t i = 0; i < n; i++) assert_true(y[i] == a[i] + -0.5f * b[i]);
+    free(a), free(b), free(out), free(y);
+}
+
+/* ---- embedding ----------------------------------------------------------- */
+
+struct emb_ctx {
+    float *out, *table, *R;
+    const int32_t *tokens;
+    int N, C;
+};
+
+static double emb_loss(void *p) {
+    struct emb_ctx *x = p;
+    be.ops->embedding_forward(&be, x->out, x->tokens, x->table, x->N, x->C);
+    return dot_d(x->out, x->R, (size_t)x->N * x->C);
+}
+
+static void test_embedding(void **state) {
+    (void)state;
+    uint64_t rng = 6;
+    static const int32_t tokens[] = {3, 1, 3, 3, 0, 1, 6}; // repeats; 2, 4, 5 unused
+    struct emb_ctx x = {.tokens = tokens, .N = 7, .C = 270};
+    const int V = 7;
+    x.table = frand((size_t)V * x.C, &rng, -1, 1);
+    x.out = fnan((size_t)x.N * x.C);
+    x.R = frand((size_t)x.N * x.C, &rng, -1, 1);
+    emb_loss(&x);
+    for (int i = 0; i < x.N; i++)
+        assert_memory_equal(x.out + i * x.C, x.table + tokens[i] * x.C, x.C * sizeof(float));
+    float *g0 = frand((size_t)V * x.C, &rng, -1, 1), *g = fcopy(g0, (size_t)V * x.C);
+    be.ops->embedding_backward(&be, g, x.R, tokens, x.N, x.C);
+    fsub(g, g0, (size_t)V * x.C);
+    // row 3 is the sum of three rows of dout, in token order
+    for (int c = 0; c < x.C; c++) {
+        float ref = g0[3 * x.C + c] + x.R[0 * x.C + c];
+        ref += x.R[2 * x.C + c];
+        ref += x.R[3 * x.C + c];
+        assert_true(fabsf(g[3 * x.C + c] - (ref - g0[3 * x.C + c])) < 1e-6f);
+        assert_true(g[2 * x.C + c] == 0.0f);
+    }
+    assert_true(fd_check("embedding dtable (+=, repeats)", x.table, (size_t)V * x.C, g, emb_loss,
+                         &x, 1e-2f, 4000, &rng) < FD_TOL_LINEAR);
+    free(x.table), free(x.out), free(x.R), free(g0), free(g);
+}
+
+/* ---- RMSNorm ------------------------------------------------------------- */
+
+struct rms_ctx {
+    float *x, *w, *out, *rstd, *R;
+    int N, C;
+    float eps;
+};
+
+static double rms_loss(void *p) {
+    struct rms_ctx *c = p;
+    be.ops->rmsnorm_forward(&be, c->out, c->rstd, c->x, c->w, c->N, c->C, c->eps);
+    return dot_d(c->out, c->R, (size_t)c->N * c->C);
+}
+
+static void test_rmsnorm_forward(void **state) {
+    (void)state;
+    uint64_t rng = 7;
+    const int N = 6, C = 33;
+    const float eps = 1e-5f;
+    float *x = frand(N * C, &rng, -2, 2), *w = frand(C, &rng, 0.5f, 1.5f);
+    float *out = fnan(N * C), *rstd = fnan(N);
+    be.ops->rmsnorm_forward(&be, out, rstd, x, w, N, C, eps);
+    double ref[6 * 33], got[6 * 33], rref[6], rgot[6];
+    for (int i = 0; i < N; i++) {
+        double ss = 0.0;
+        for (int c = 0; c < C; c++) ss += (double)x[i * C + c] * x[i * C + c];
+        double r = 1.0 / sqrt(ss / C + eps);
+        rref[i] = r;
+        rgot[i] = rstd[i];
+        for (int c = 0; c < C; c++) {
+            ref[i * C + c] = w[c] * x[i * C + c] * r;
+            got[i * C + c] = out[i * C + c];
+        }
+    }
+    double err = mt_test_rel_err_d(got, ref, N * C), rerr = mt_test_rel_err_d(rgot, rref, N);
+    printf("  rmsnorm out rel err %.2e, rstd %.2e\n", err, rerr);
+    assert_true(err < 1e-6);
+    assert_true(rerr < 1e-6);
+    free(x), free(w), free(out), free(rstd);
+}
+
+static void test_rmsnorm_backward(void **state) {
+    (void)state;
+    uint64_t rng = 8;
+    struct rms_ctx c = {.N = 5, .C = 260, .eps = 1e-5f}; // C crosses a dweight column block
+    size_t n = (size_t)c.N * c.C;
+    c.x = frand(n, &rng, -2, 2);
+    c.w = frand(c.C, &rng, 0.5f, 1.5f);
+    c.out = fbuf(n);
+    c.rstd = fbuf(c.N);
+    c.R = frand(n, &rng, -1, 1);
+    rms_loss(&c);
+    float *dx0 = frand(n, &rng, -1, 1), *dw0 = frand(c.C, &rng, -1, 1);
+    float *dx = fcopy(dx0, n), *dw = fcopy(dw0, c.C), *dx_frozen = fcopy(dx0, n);
+    be.ops->rmsnorm_backward(&be, dx, dw, c.R, c.x, c.w, c.rstd, c.N, c.C);
+    be.ops->rmsnorm_backward(&be, dx_frozen, NULL, c.R, c.x, c.w, c.rstd, c.N, c.C);
+    assert_memory_equal(dx, dx_frozen, n * sizeof(float)); // dweight NULL: same dx
+    fsub(dx, dx0, n);
+    fsub(dw, dw0, c.C);
+    assert_true(fd_check("rmsnorm dx (+=)", c.x, n, dx, rms_loss, &c, 1e-2f, 400, &rng) < FD_TOL);
+    assert_true(fd_check("rmsnorm dweight (+=)", c.w, c.C, dw, rms_loss, &c, 1e-2f, 400, &rng) <
+                FD_TOL);
+    free(c.x), free(c.w), free(c.out), free(c.rstd), free(c.R);
+    free(dx0), free(dw0), free(dx), free(dw), free(dx_frozen);
+}
+
+/* ---- RoPE ---------------------------------------------------------------- */
+
+/* cos, sin (P, D/2) tables as Llama builds them: angle p * 10000^(-2i/D). */
+static void rope_tables(float *cosv, float *sinv, int P, int D) {
+    for (int p = 0; p < P; p++) {
+        for (int i = 0; i < D / 2; i++) {
+            double inv_freq = pow(10000.0, -2.0 * i / D);
+            cosv[p * (D / 2) + i] = (float)cos(p * inv_freq);
+            sinv[p * (D / 2) + i] = (float)sin(p * inv_freq);
+        }
+    }
+}
+
+static void test_rope_forward(void **state) {
+    (void)state;
+    uint64_t rng = 9;
+    enum { N = 4, H = 3, D = 8, P = 20 };
+    static const int32_t pos[N] = {0, 5, 17, 3};
+    float cosv[P * D / 2], sinv[P * D / 2];
+    rope_tables(cosv, sinv, P, D);
+    float *x = frand(N * H * D, &rng, -1, 1), *y = fcopy(x, N * H * D);
+    be.ops->rope_forward(&be, y, cosv, sinv, pos, N, H, D);
+    double ref[N * H * D], got[N * H * D];
+    for (int n = 0; n < N; n++) {
+        for (int h = 0; h < H; h++) {
+            const float *v = x + (n * H + h) * D;
+            for (int i = 0; i < D / 2; i++) {
+                double ang = pos[n] * pow(10000.0, -2.0 * i / D);
+                ref[(n * H + h) * D + i] = v[i] * cos(ang) - v[i + D / 2] * sin(ang);
+                ref[(n * H + h) * D + i + D / 2] = v[i + D / 2] * cos(ang) + v[i] * sin(ang);
+            }
+        }
+    }
+    for (int i = 0; i < N * H * D; i++) got[i] = y[i];
+    double err = mt_test_rel_err_d(got, ref, N * H * D);
+    printf("  rope forward rel err %.2e\n", err);
+    assert_true(err < 1e-6);
+    // position 0 is the identity
+    assert_memory_equal(y, x, H * D * sizeof(float));
+    // backward undoes forward (a rotation's transpose is its inverse)
+    be.ops->rope_backward(&be, y, cosv, sinv, pos, N, H, D);
+    assert_true(mt_test_rel_err(y, x, N * H * D) < 1e-6);
+    free(x), free(y);
+}
+
+struct rope_ctx {
+    float *x, *y, *cosv, *sinv, *R;
+    const int32_t *pos;
+    int N, H, D;
+};
+
+static double rope_loss(void *p) {
+    struct rope_ctx *c = p;
+    size_t n = (size_t)c->N * c->H * c->D;
+    memcpy(c->y, c->x, n * sizeof(float));
+    be.ops->rope_forward(&be, c->y, c->cosv, c->sinv, c->pos, c->N, c->H, c->D);
+    return dot_d(c->y, c->R, n);
+}
+
+static void test_rope_backward(void **state) {
+    (void)state;
+    uint64_t rng = 10;
+    static const int32_t pos[] = {1, 7, 2, 30, 7};
+    struct rope_ctx c = {.pos = pos, .N = 5, .H = 2, .D = 12};
+    const int P = 31;
+    size_t n = (size_t)c.N * c.H * c.D;
+    c.cosv = fbuf((size_t)P * c.D / 2);
+    c.sinv = fbuf((size_t)P * c.D / 2);
+    rope_tables(c.cosv, c.sinv, P, c.D);
+    c.x = frand(n, &rng, -1, 1);
+    c.y = fbuf(n);
+    c.R = frand(n, &rng, -1, 1);
+    float *g = fcopy(c.R, n); // in place: dout becomes dx
+    be.ops->rope_backward(&be, g, c.cosv, c.sinv, pos, c.N, c.H, c.D);
+    assert_true(fd_check("rope dx", c.x, n, g, rope_loss, &c, 1e-2f, 1000, &rng) < FD_TOL_LINEAR);
+    free(c.cosv), free(c.sinv), free(c.x), free(c.y), free(c.R), free(g);
+}
+
+/* ---- attention ----------------------------------------------------------- */
+
+/* Naive reference in double: softmax(scale q·k^T) with an explicit causal/segment mask. */
+static void attention_ref(double *out, double *lse, const float *q, const float *k, const float *v,
+                          const int32_t *seg, int B, int T, int H, int KVH, int D, float scale) {
+    double *sc = malloc((size_t)T * sizeof(double));
+    assert_non_null(sc);
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < H; h++) {
+            int kvh = h / (H / KVH);
+            for (int t = 0; t < T; t++) {
+                const float *qr = q + (((size_t)b * T + t) * H + h) * D;
+                double mx = -INFINITY;
+                for (int s = 0; s < T; s++) {
+                    int vis = s <= t && (!seg || seg[b * T + s] == seg[b * T + t]);
+                    sc[s] = -INFINITY;
+                    if (!vis) continue;
+                    const float *kr = k + (((size_t)b * T + s) * KVH + kvh) * D;
+                    double d = 0.0;
+                    for (int i = 0; i < D; i++) d += (double)qr[i] * kr[i];
+                    sc[s] = d * scale;
+                    if (sc[s] > mx) mx = sc[s];
+                }
+                double sum = 0.0;
+                for (int s = 0; s < T; s++) sum += exp(sc[s] - mx);
+                lse[((size_t)b * H + h) * T + t] = mx + log(sum);
+                double *o = out + (((size_t)b * T + t) * H + h) * D;
+                for (int i = 0; i < D; i++) o[i] = 0.0;
+                for (int s = 0; s < T; s++) {
+                    double p = exp(sc[s] - mx) / sum;
+                    if (p == 0.0) continue;
+                    const float *vr = v + (((size_t)b * T + s) * KVH + kvh) * D;
+                    for (int i = 0; i < D; i++) o[i] += p * vr[i];
+                }
+            }
+        }
+    }
+    free(sc);
+}
+
+struct att_ctx {
+    float *q, *k, *v, *out, *lse, *R;
+    const int32_t *seg;
+    int B, T, H, KVH, D;
+    float scale;
+    void *work;
+};
+
+static double att_loss(void *p) {
+    struct att_ctx *c = p;
+    be.ops->attention_forward(&be, c->out, c->lse, c->q, c->k, c->v, c->seg, c->B, c->T, c->H,
+                              c->KVH, c->D, c->scale, c->work);
+    return dot_d(c->out, c->R, (size_t)c->B * c->T * c->H * c->D);
+}
+
+/* Fills a context with random q, k, v, R; segments (B,T): packed examples per row. */
+static void att_setup(struct att_ctx *c, int B, int T, int H, int KVH, int D, const int32_t *seg,
+                      uint64_t *rng) {
+    memset(c, 0, sizeof *c);
+    c->B = B, c->T = T, c->H = H, c->KVH = KVH, c->D = D, c->seg = seg;
+    c->scale = 1.0f / sqrtf((float)D);
+    size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * KVH * D;
+    c->q = frand(nq, rng, -1.5f, 1.5f);
+    c->k = frand(nk, rng, -1.5f, 1.5f);
+    c->v = frand(nk, rng, -1, 1);
+    c->R = frand(nq, rng, -1, 1);
+    c->out = fnan(nq);
+    c->lse = fnan((size_t)B * H * T);
+    size_t wb = be.ops->attention_work_bytes(&be, B, T, H, KVH, D);
+    c->work = be.ops->alloc(&be, wb);
+    assert_non_null(c->work);
+}
+
+static void att_free(struct att_ctx *c) {
+    free(c->q), free(c->k), free(c->v), free(c->R), free(c->out), free(c->lse);
+    be.ops->free(&be, c->work);
+}
+
+/* Segment ids (B,T): row 0 packs examples of lengths 3, T-3-4 and 4 (the last
+ * one spans a block boundary when T > 64); row 1 holds one example then padding. */
+static int32_t *make_segments(int B, int T) {
+    int32_t *seg = malloc((size_t)B * T * sizeof(int32_t));
+    assert_non_null(seg);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            seg[b * T + t] = b % 2 == 0 ? (t < 3 ? 0 : t < T - 4 ? 1 : 2) : (t < T / 2 ? 5 : 9);
+    return seg;
+}
+
+static void check_attention_forward(int B, int T, int H, int KVH, int D, int with_seg) {
+    uint64_t rng = 11 + (uint64_t)T * 7 + (uint64_t)with_seg;
+    int32_t *seg = with_seg ? make_segments(B, T) : NULL;
+    struct att_ctx c;
+    att_setup(&c, B, T, H, KVH, D, seg, &rng);
+    att_loss(&c);
+    size_t nq = (size_t)B * T * H * D, nl = (size_t)B * H * T;
+    double *oref = malloc(nq * sizeof(double)), *lref = malloc(nl * sizeof(double));
+    double *ogot = malloc(nq * sizeof(double)), *lgot = malloc(nl * sizeof(double));
+    assert_non_null(oref), assert_non_null(lref), assert_non_null(ogot), assert_non_null(lgot);
+    attention_ref(oref, lref, c.q, c.k, c.v, seg, B, T, H, KVH, D, c.scale);
+    for (size_t i = 0; i < nq; i++) ogot[i] = c.out[i];
+    for (size_t i = 0; i < nl; i++) lgot[i] = c.lse[i];
+    double eo = mt_test_rel_err_d(ogot, oref, nq), el = mt_test_rel_err_d(lgot, lref, nl);
+    printf("  attention fwd B=%d T=%d H=%d KVH=%d D=%d seg=%d: out %.2e lse %.2e\n", B, T, H, KVH,
+           D, with_seg, eo, el);
+    assert_true(eo < 1e-5);
+    assert_true(el < 1e-5);
+    free(oref), free(lref), free(ogot), free(lgot), free(seg);
+    att_free(&c);
+}
+
+static void test_attention_forward(void **state) {
+    (void)state;
+    check_attention_forward(2, 9, 4, 2, 8, 0);
+    check_attention_forward(2, 9, 4, 2, 8, 1);
+    check_attention_forward(2, 150, 4, 2, 16, 0); // several query and key blocks
+    check_attention_forward(2, 150, 4, 2, 16, 1);
+    check_attention_forward(1, 70, 4, 4, 8, 1);   // MHA
+    check_attention_forward(1, 70, 4, 1, 8, 0);   // MQA
+    check_attention_forward(1, 150, 2, 1, 40, 1); // D over the 32-wide register tile
+    check_attention_forward(2, 65, 4, 2, 8, 1);   // a last block of one query and one key
+}
+
+static void check_attention_backward(int B, int T, int H, int KVH, int D, int with_seg,
+                                     size_t max_coords) {
+    uint64_t rng = 101 + (uint64_t)T * 3 + (uint64_t)with_seg;
+    int32_t *seg = with_seg ? make_segments(B, T) : NULL;
+    struct att_ctx c;
+    att_setup(&c, B, T, H, KVH, D, seg, &rng);
+    att_loss(&c);
+    size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * KVH * D;
+    float *out = fcopy(c.out, nq), *lse = fcopy(c.lse, (size_t)B * H * T);
+    float *dq = fnan(nq), *dk = fnan(nk), *dv = fnan(nk); // "=": every element is written
+    be.ops->attention_backward(&be, dq, dk, dv, c.R, out, lse, c.q, c.k, c.v, seg, B, T, H, KVH, D,
+                               c.scale, c.work);
+    char what[96];
+    snprintf(what, sizeof what, "attention dq T=%d KVH=%d seg=%d", T, KVH, with_seg);
+    assert_true(fd_check(what, c.q, nq, dq, att_loss, &c, 1e-2f, max_coords, &rng) < FD_TOL);
+    snprintf(what, sizeof what, "attention dk T=%d KVH=%d seg=%d", T, KVH, with_seg);
+    assert_true(fd_check(what, c.k, nk, dk, att_loss, &c, 1e-2f, max_coords, &rng) < FD_TOL);
+    snprintf(what, sizeof what, "attention dv T=%d KVH=%d seg=%d", T, KVH, with_seg);
+    assert_true(fd_check(what, c.v, nk, dv, att_loss, &c, 1e-2f, max_coords, &rng) < FD_TOL);
+    free(out), free(lse), free(dq), free(dk), free(dv), free(seg);
+    att_free(&c);
+}
+
+static void test_attention_backward(void **state) {
+    (void)state;
+    // GQA H=4 over KVH=2, every coordinate
+    check_attention_backward(2, 7, 4, 2, 8, 0, 100000);
+    check_attention_backward(2, 11, 4, 2, 8, 1, 100000);
+    // several blocks of queries and keys (64 each): a random sample of coordinates.
+    // Kept small enough to run on one thread (each FD step is two forwards);
+    // test_attention_deterministic covers the threaded path.
+    check_attention_backward(1, 129, 4, 2, 8, 1, 160); // the last block holds one key
+    check_attention_backward(1, 80, 4, 2, 8, 0, 160);
+    check_attention_backward(1, 70, 4, 2, 40, 1, 120); // D over the register tile
+}
+
+/* Results do not depend on the number of threads (bit for bit). */
+static void test_attention_deterministic(void **state) {
+    (void)state;
+    uint64_t rng = 12;
+    const int B = 2, T = 100, H = 4, KVH = 2, D = 40;
+    int32_t *seg = make_segments(B, T);
+    size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * KVH * D, nl = (size_t)B * H * T;
+    float *q = frand(nq, &rng, -1, 1), *k = frand(nk, &rng, -1, 1), *v = frand(nk, &rng, -1, 1);
+    float *dout = frand(nq, &rng, -1, 1);
+    float *o[2], *l[2], *dq[2], *dk[2], *dv[2];
+    void *work = be.ops->alloc(&be, cpu_attention_work_bytes(B, T, H, KVH, D, 3));
+    for (int r = 0; r < 2; r++) {
+        int threads = r == 0 ? 1 : 3;
+        o[r] = fbuf(nq), l[r] = fbuf(nl), dq[r] = fbuf(nq), dk[r] = fbuf(nk), dv[r] = fbuf(nk);
+        cpu_attention_forward(o[r], l[r], q, k, v, seg, B, T, H, KVH, D, 0.25f, work, threads);
+        cpu_attention_backward(dq[r], dk[r], dv[r], dout, o[r], l[r], q, k, v, seg, B, T, H, KVH, D,
+                               0.25f, work, threads);
+    }
+    assert_memory_equal(o[0], o[1], nq * sizeof(float));
+    assert_memory_equal(l[0], l[1], nl * sizeof(float));
+    assert_memory_equal(dq[0], dq[1], nq * sizeof(float));
+    assert_memory_equal(dk[0], dk[1], nk * sizeof(float));
+    assert_memory_equal(dv[0], dv[1], nk * sizeof(float));
+    for (int r = 0; r < 2; r++) free(o[r]), free(l[r]), free(dq[r]), free(dk[r]), free(dv[r]);
+    free(q), free(k), free(v), free(dout), free(seg);
+    be.ops->free(&be, work);
+}
+
+/* ---- SwiGLU -------------------------------------------------------------- */
+
+struct swiglu_ctx {
+    float *gate, *up, *out, *R;
+    size_t n;
+};
+
+static double swiglu_loss(void *p) {
+    struct swiglu_ctx *c = p;
+    be.ops->swiglu_forward(&be, c->out, c->gate, c->up, c->n);
+    return dot_d(c->out, c->R, c->n);
+}
+
+static void test_swiglu(void **state) {
+    (void)state;
+    uint64_t rng = 13;
+    struct swiglu_ctx c = {.n = 1100}; // three chunks of the sigmoid
+    c.gate = frand(c.n, &rng, -6, 6);
+    c.up = frand(c.n, &rng, -2, 2);
+    c.out = fnan(c.n);
+    c.R = frand(c.n, &rng, -1, 1);
+    swiglu_loss(&c);
+    for (size_t i = 0; i < c.n; i++) {
+        double g = c.gate[i], ref = g / (1.0 + exp(-g)) * c.up[i];
+        assert_true(fabs(c.out[i] - ref) <= 1e-6 * (1.0 + fabs(ref)));
+    }
+    float *dgate = fnan(c.n), *dup = fnan(c.n);
+    be.ops->swiglu_backward(&be, dgate, dup, c.R, c.gate, c.up, c.n);
+    assert_true(fd_check("swiglu dgate", c.gate, c.n, dgate, swiglu_loss, &c, 1e-2f, 1000, &rng) <
+                FD_TOL);
+    assert_true(fd_check("swiglu dup", c.up, c.n, dup, swiglu_loss, &c, 1e-2f, 1000, &rng) <
+                FD_TOL_LINEAR);
+    free(c.gate), free(c.up), free(c.out), free(c.R), free(dgate), free(dup);
+}
+
+/* ---- cross-entropy ------------------------------------------------------- */
+
+enum { CE_N = 6, CE_V = 11, CE_IGNORE = -100 };
+static const int32_t ce_targets[CE_N] = {3, CE_IGNORE, 0, 10, -1, 3};
+
+static void test_cross_entropy_forward(void **state) {
+    (void)state;
+    uint64_t rng = 14;
+    float *logits = frand(CE_N * CE_V, &rng, -4, 4);
+    logits[2 * CE_V + 5] = 80.0f; // large logits stay finite (the row max is subtracted)
+    float *losses = fnan(CE_N);
+    be.ops->cross_entropy_forward(&be, losses, logits, ce_targets, CE_N, CE_V, CE_IGNORE);
+    double ref[CE_N], got[CE_N];
+    for (int i = 0; i < CE_N; i++) {
+        got[i] = losses[i];
+        ref[i] = 0.0;
+        if (ce_targets[i] < 0) continue;
+        const float *x = logits + i * CE_V;
+        double mx = -INFINITY, sum = 0.0;
+        for (int j = 0; j < CE_V; j++) mx = x[j] > mx ? x[j] : mx;
+        for (int j = 0; j < CE_V; j++) sum += exp(x[j] - mx);
+        ref[i] = mx + log(sum) - x[ce_targets[i]];
+    }
+    double err = mt_test_rel_err_d(got, ref, CE_N);
+    printf("  cross-entropy forward rel err %.2e\n", err);
+    assert_true(err < 1e-6);
+    assert_true(losses[1] == 0.0f && losses[4] == 0.0f);
+    // a NaN in a row gives a NaN loss (for the trainer to report), not a crash
+    logits[0 * CE_V + 2] = NAN;
+    be.ops->cross_entropy_forward(&be, losses, logits, ce_targets, CE_N, CE_V, CE_IGNORE);
+    assert_true(isnan(losses[0]) && !isnan(losses[2]));
+    logits[0 * CE_V + 2] = 0.0f;
+    // a custom ignore_index is ignored too
+    be.ops->cross_entropy_forward(&be, losses, logits, ce_targets, CE_N, CE_V, 3);
+    assert_true(losses[0] == 0.0f && losses[5] == 0.0f && losses[2] > 0.0f);
+    free(logits), free(losses);
+}
+
+struct ce_ctx {
+    float *logits, *losses;
+    float dloss;
+};
+
+static double ce_loss(void *p) {
+    struct ce_ctx *c = p;
+    be.ops->cross_entropy_forward(&be, c->losses, c->logits, ce_targets, CE_N, CE_V, CE_IGNORE);
+    double s = 0.0;
+    for (int i = 0; i < CE_N; i++) s += c->losses[i];
+    return c->dloss * s;
+}
+
+static void test_cross_entropy_backward(void **state) {
+    (void)state;
+    uint64_t rng = 15;
+    struct ce_ctx c = {.dloss = 0.37f};
+    c.logits = frand(CE_N * CE_V, &rng, -3, 3);
+    c.losses = fbuf(CE_N);
+    float *dlogits = fnan(CE_N * CE_V);
+    be.ops->cross_entropy_backward(&be, dlogits, c.logits, ce_targets, CE_N, CE_V, CE_IGNORE,
+                                   c.dloss);
+    for (int j = 0; j < CE_V; j++) {
+        assert_true(dlogits[1 * CE_V + j] == 0.0f);
+        assert_true(dlogits[4 * CE_V + j] == 0.0f);
+    }
+    assert_true(fd_check("cross-entropy dlogits", c.logits, CE_N * CE_V, dlogits, ce_loss, &c,
+                         1e-2f, 1000, &rng) < FD_TOL);
+    // in place gives the same bits
+    float *inplace = fcopy(c.logits, CE_N * CE_V);
+    be.ops->cross_entropy_backward(&be, inplace, inplace, ce_targets, CE_N, CE_V, CE_IGNORE,
+                                   c.dloss);
+    assert_memory_equal(inplace, dlogits, CE_N * CE_V * sizeof(float));
+    // a custom ignore_index zeroes its rows (targets 3: rows 0 and 5), negative ones still ignored
+    be.ops->cross_entropy_backward(&be, dlogits, c.logits, ce_targets, CE_N, CE_V, 3, c.dloss);
+    for (int j = 0; j < CE_V; j++) {
+        assert_true(dlogits[0 * CE_V + j] == 0.0f && dlogits[5 * CE_V + j] == 0.0f);
+        assert_true(dlogits[1 * CE_V + j] == 0.0f && dlogits[4 * CE_V + j] == 0.0f);
+    }
+    assert_true(dlogits[2 * CE_V + 0] < 0.0f); // row 2's target 0 still has its gradient
+    free(c.logits), free(c.losses), free(dlogits), free(inplace);
+}
+
+/* A vocabulary over several exp chunks, against a double softmax. */
+static void test_cross_entropy_large_vocab(void **state) {
+    (void)state;
+    uint64_t rng = 18;
+    enum { N = 3, V = 1300 };
+    static const int32_t targets[N] = {1299, 0, 517};
+    float *logits = frand(N * V, &rng, -8, 8);
+    float *losses = fnan(N), *dlogits = fnan(N * V);
+    const float dloss = 1.0f / 3.0f;
+    be.ops->cross_entropy_forward(&be, losses, logits, targets, N, V, -100);
+    be.ops->cross_entropy_backward(&be, dlogits, logits, targets, N, V, -100, dloss);
+    double lref[N], lgot[N];
+    double *dref = malloc(N * V * sizeof(double)), *dgot = malloc(N * V * sizeof(double));
+    assert_non_null(dref);
+    assert_non_null(dgot);
+    for (int i = 0; i < N; i++) {
+        const float *x = logits + i * V;
+        double mx = -INFINITY, sum = 0.0;
+        for (int j = 0; j < V; j++) mx = x[j] > mx ? x[j] : mx;
+        for (int j = 0; j < V; j++) sum += exp(x[j] - mx);
+        lref[i] = mx + log(sum) - x[targets[i]];
+        lgot[i] = losses[i];
+        for (int j = 0; j < V; j++) {
+            dref[i * V + j] = dloss * (exp(x[j] - mx) / sum - (j == targets[i]));
+            dgot[i * V + j] = dlogits[i * V + j];
+        }
+    }
+    double el = mt_test_rel_err_d(lgot, lref, N), ed = mt_test_rel_err_d(dgot, dref, N * V);
+    printf("  cross-entropy V=%d: loss rel err %.2e, dlogits %.2e\n", V, el, ed);
+    assert_true(el < 1e-6);
+    assert_true(ed < 1e-6);
+    free(logits), free(losses), free(dlogits), free(dref), free(dgot);
+}
+
+/* The vectorised exp against exp in double; masked (-inf) and very negative give 0. */
+static void test_exp_shifted(void **state) {
+    (void)state;
+    enum { N = 100001 };
+    float *x = fbuf(N), *y = fbuf(N);
+    for (int i = 0; i < N; i++) x[i] = -86.0f + 87.0f * (float)i / (N - 1); // shifted: [-86.5, 0.5]
+    float sum = cpu_exp_shifted(y, x, 0.5f, N);
+    double max_rel = 0.0, ref_sum = 0.0;
+    for (int i = 0; i < N; i++) {
+        double ref = exp((double)(x[i] - 0.5f)); // the kernel subtracts in float too
+        ref_sum += ref;
+        double rel = fabs(y[i] - ref) / ref;
+        if (rel > max_rel) max_rel = rel;
+    }
+    printf("  exp max rel err %.2e, sum rel err %.2e\n", max_rel, fabs(sum - ref_sum) / ref_sum);
+    assert_true(max_rel < 3e-7);
+    assert_true(fabs(sum - ref_sum) / ref_sum < 1e-5);
+    float special[5] = {-INFINITY, -200.0f, 0.0f, 1.0f, NAN};
+    cpu_exp_shifted(special, special, 1.0f, 5); // in place
+    assert_true(special[0] == 0.0f && special[1] == 0.0f);
+    assert_true(fabsf(special[2] - expf(-1.0f)) < 1e-7f && special[3] == 1.0f);
+    assert_true(isnan(special[4])); // a NaN stays visible
+    // cpu_max over the 32 lanes and the tail
+    for (int i = 0; i < 100; i++) x[i] = (float)-i;
+    assert_true(cpu_max(x, 100) == 0.0f);
+    x[37] = 5.0f;
+    assert_true(cpu_max(x, 100) == 5.0f);
+    x[97] = 6.0f;
+    assert_true(cpu_max(x, 100) == 6.0f);
+    assert_true(cpu_max(x, 0) == -INFINITY);
+    free(x), free(y);
+}
+
+/* ---- reductions ---------------------------------------------------------- */
+
+static void test_sum_squares(void **state) {
+    (void)state;
+    uint64_t rng = 16;
+    size_t sizes[] = {0, 1, 1000, 3000001};
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        size_t n = sizes[k];
+        float *x = frand(n, &rng, -1, 1);
+        long double ref = 0.0L;
+        for (size_t i = 0; i < n; i++) ref += (long double)x[i] * x[i];
+        double got = be.ops->sum_squares(&be, x, n);
+        assert_true(fabs(got - (double)ref) <= 1e-12 * (1.0 + (double)ref));
+        free(x);
+    }
+}
+
+/* Parameter-gradient reductions give the same bits with 1 thread as with many. */
+static void test_reductions_deterministic(void **state) {
+    (void)state;
+    uint64_t rng = 17;
+    const int N = 300, C = 700;
+    float *dout = frand((size_t)N * C, &rng, -1, 1), *x = frand((size_t)N * C, &rng, -1, 1);
+    float *w = frand(C, &rng, -1, 1), *rstd = frand(N, &rng, 0.5f, 1.5f);
+    int32_t *tok = malloc(N * sizeof(int32_t));
+    assert_non_null(tok);
+    for (int i = 0; i < N; i++) tok[i] = (int32_t)(mt_test_rand_u64(&rng) % 13);
+    float *dw[2], *db[2], *dt[2];
+    double ss[2];
+    int saved = omp_get_max_threads();
+    for (int r = 0; r < 2; r++) {
+        omp_set_num_threads(r == 0 ? 1 : 3);
+        dw[r] = calloc(C, sizeof(float)), db[r] = calloc(C, sizeof(float));
+        dt[r] = calloc((size_t)13 * C, sizeof(float));
+        float *dx = calloc((size_t)N * C, sizeof(float));
+        assert_non_null(dw[r]), assert_non_null(db[r]), assert_non_null(dt[r]), assert_non_null(dx);
+        cpu_rmsnorm_backward(dx, dw[r], dout, x, w, rstd, N, C);
+        cpu_bias_backward(db[r], dout, N, C);
+        cpu_embedding_backward(dt[r], dout, tok, N, C);
+        ss[r] = cpu_sum_squares(dout, (size_t)N * C);
+        free(dx);
+    }
+    omp_set_num_threads(saved);
+    assert_memory_equal(dw[0], dw[1], C * sizeof(float));
+    assert_memory_equal(db[0], db[1], C * sizeof(float));
+    assert_memory_equal(dt[0], dt[1], (size_t)13 * C * sizeof(float));
+    assert_true(ss[0] == ss[1]);
+    for (int r = 0; r < 2; r++) free(dw[r]), free(db[r]), free(dt[r]);
+    free(dout), free(x), free(w), free(rstd), free(tok);
+}
+
+static int setup(void **state) {
+    (void)state;
+    mt_error err = {0};
+    return mt_backend_cpu_init(&be, 0, &err) == MT_OK ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    mt_backend_cpu_shutdown(&be);
+    return 0;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0); // our lines and cmocka's in order when piped
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_memory),
+        cmocka_unit_test(test_matmul_forward),
+        cmocka_unit_test(test_matmul_backward),
+        cmocka_unit_test(test_bias),
+        cmocka_unit_test(test_add_axpy),
+        cmocka_unit_test(test_embedding),
+        cmocka_unit_test(test_rmsnorm_forward),
+        cmocka_unit_test(test_rmsnorm_backward),
+        cmocka_unit_test(test_rope_forward),
+        cmocka_unit_test(test_rope_backward),
+        cmocka_unit_test(test_attention_forward),
+        cmocka_unit_test(test_attention_backward),
+        cmocka_unit_test(test_attention_deterministic),
+        cmocka_unit_test(test_swiglu),
+        cmocka_unit_test(test_cross_entropy_forward),
+        cmocka_unit_test(test_cross_entropy_backward),
+        cmocka_unit_test(test_cross_entropy_large_vocab),
+        cmocka_unit_test(test_exp_shifted),
+        cmocka_unit_test(test_sum_squares),
+        cmocka_unit_test(test_reductions_deterministic),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
