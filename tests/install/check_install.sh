@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the build tree into a temporary prefix, then builds and runs a program
+# against it using nothing but pkg-config, and runs the installed command.
+set -euo pipefail
+build_dir=$1
+source_dir=$(cd "$(dirname "$0")/../.." && pwd)
+prefix=$(mktemp -d)
+trap 'rm -rf "$prefix"' EXIT
+cmake --install "$build_dir" --prefix "$prefix" > /dev/null
+pc_dir=$(dirname "$(find "$prefix" -name moontune.pc | head -n 1)")
+export PKG_CONFIG_PATH="$pc_dir"
+# the .pc file was configured for the build's prefix; point it at the temporary one
+cc -std=c11 -Wall -Wextra -Werror "$source_dir/tests/install/consumer.c" -o "$prefix/consumer" \
+   $(pkg-config --define-variable=prefix="$prefix" --cflags --libs moontune) \
+   -Wl,-rpath,"$(pkg-config --define-variable=prefix="$prefix" --variable=libdir moontune)"
+"$prefix/consumer"
+test -f "$prefix/include/moontune/moontune.h"
+"$prefix/bin/moontune" version
