@@ -1,0 +1,112 @@
+/* bench.c — forward+backward steps on random weights for a named shape or a
+ * config.json, reporting tokens/s, achieved GFLOP/s and memory. Numbers are
+ * reported, never asserted: timing belongs in benchmarks, not tests. */
+#include "bench.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "internal.h"
+#include "model.h"
+
+size_t mt_peak_rss_bytes(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    size_t kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %zu kB", &kb) == 1) break;
+    fclose(f);
+    return kb * 1024;
+}
+
+static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
+
+static mt_status bench_mode(mt_model *m, const mt_bench_options *opt, int full, const int32_t *tokens,
+                            const int32_t *targets, mt_error *err) {
+    mt_status st;
+    if (full) {
+        if ((st = mt_model_set_all_trainable(m, err))) return st;
+    }
+    const int B = opt->batch, T = opt->seq;
+    double linear, attention;
+    mt_model_forward_flops(&m->cfg, B, T, &linear, &attention);
+    /* backward: attention costs twice its forward; linear layers compute dx, plus dW when full */
+    double step_flops = linear + attention + 2.0 * attention + (full ? 2.0 : 1.0) * linear;
+    double t_total = 0.0, loss_sum = 0.0;
+    for (int s = 0; s < opt->warmup + opt->steps; s++) {
+        double t0 = mt_now_seconds();
+        float loss;
+        if (full) mt_model_zero_grad(m);
+        if ((st = mt_model_forward(m, tokens, NULL, NULL, B, T, err)) ||
+            (st = mt_model_cross_entropy(m, targets, 1, &loss, NULL, err)) ||
+            (st = mt_model_backward(m, err)))
+            return st;
+        double dt = mt_now_seconds() - t0;
+        if (s >= opt->warmup) {
+            t_total += dt;
+            loss_sum += loss;
+        }
+    }
+    double per_step = t_total / opt->steps;
+    printf("%-22s %10.1f tokens/s %9.1f GFLOP/s %8.3f s/step  loss %.4f  peak RSS %.0f MiB\n",
+           full ? "full fine-tuning" : "input gradients only", (double)B * T / per_step,
+           step_flops / per_step * 1e-9, per_step, loss_sum / opt->steps, mib(mt_peak_rss_bytes()));
+    return MT_OK;
+}
+
+mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
+    mt_model_config cfg;
+    mt_status st = opt->config_path ? mt_config_load(opt->config_path, &cfg, err)
+                                    : mt_config_preset(opt->shape ? opt->shape : "tiny", &cfg, err);
+    if (st) return st;
+    if (opt->batch <= 0 || opt->seq <= 0 || opt->steps <= 0 || opt->warmup < 0)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "batch, seq and steps must be positive, warmup non-negative");
+    mt_backend be;
+    if ((st = mt_backend_cpu_init(&be, opt->threads, err))) return st;
+    mt_model *m = NULL;
+    int32_t *tokens = NULL, *targets = NULL;
+    if ((st = mt_model_create(&cfg, &be, &m, err))) goto done;
+    mt_model_init_random(m, 1234, 0.02f);
+    if ((st = mt_model_plan(m, opt->batch, opt->seq, 0, err))) goto done;
+    size_t BT = (size_t)opt->batch * opt->seq;
+    tokens = mt_malloc(BT * sizeof(int32_t), "tokens", err);
+    targets = mt_malloc(BT * sizeof(int32_t), "targets", err);
+    if (!tokens || !targets) {
+        st = MT_ERR_NOMEM;
+        goto done;
+    }
+    uint64_t s = 42;
+    for (size_t i = 0; i < BT; i++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        tokens[i] = (int32_t)((s >> 33) % (uint64_t)cfg.vocab_size);
+    }
+    for (size_t i = 0; i < BT; i++)
+        targets[i] = (i + 1) % (size_t)opt->seq ? tokens[i + 1] : -100;
+    double linear, attention;
+    mt_model_forward_flops(&cfg, opt->batch, opt->seq, &linear, &attention);
+    printf("moontune bench: %s, %zu parameters, batch %d x sequence %d, %d threads (%s backend)\n",
+           opt->config_path ? opt->config_path : opt->shape, mt_config_num_params(&cfg), opt->batch,
+           opt->seq, be.num_threads, be.name);
+    printf("forward: %.2f GFLOP (linear %.2f, attention %.2f); parameters %.1f MiB, "
+           "activations %.1f MiB\n",
+           (linear + attention) * 1e-9, linear * 1e-9, attention * 1e-9,
+           mib(m->total_numel * sizeof(float)), mib(mt_model_plan_bytes(m)));
+    if ((opt->mode & MT_BENCH_FROZEN) &&
+        (st = bench_mode(m, opt, 0, tokens, targets, err)))
+        goto done;
+    if ((opt->mode & MT_BENCH_FULL) && (st = bench_mode(m, opt, 1, tokens, targets, err)))
+        goto done;
+    printf("gradients %.1f MiB (full fine-tuning only); peak resident memory %.1f MiB\n",
+           opt->mode & MT_BENCH_FULL ? mib(m->total_numel * sizeof(float)) : 0.0,
+           mib(mt_peak_rss_bytes()));
+done:
+    free(tokens);
+    free(targets);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+    return st;
+}

@@ -1,0 +1,26 @@
+/* bench.h — `moontune bench`: forward+backward throughput on random weights. */
+#ifndef MT_CORE_BENCH_H
+#define MT_CORE_BENCH_H
+
+#include "moontune/moontune.h"
+
+typedef enum mt_bench_mode {
+    MT_BENCH_FROZEN = 1, /* every weight frozen: input gradients only */
+    MT_BENCH_FULL = 2,   /* every weight trainable: full fine-tuning gradients */
+    MT_BENCH_BOTH = 3,
+} mt_bench_mode;
+
+typedef struct mt_bench_options {
+    const char *shape;       /* "tiny", "smollm2-135m", "llama-1b"; or NULL with config_path */
+    const char *config_path; /* a config.json */
+    int batch, seq, steps, warmup, threads;
+    mt_bench_mode mode;
+} mt_bench_options;
+
+/* Runs the benchmark and prints a report to stdout. */
+mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err);
+
+/* Peak resident memory of this process in bytes (VmHWM), 0 when unknown. */
+size_t mt_peak_rss_bytes(void);
+
+#endif

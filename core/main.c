@@ -1,0 +1,117 @@
+/* main.c — the `moontune` command. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench.h"
+#include "moontune/moontune.h"
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "moontune %s — fine-tune Llama-family language models\n"
+            "\n"
+            "usage: moontune COMMAND [options]\n"
+            "\n"
+            "commands:\n"
+            "  bench     forward+backward throughput on random weights (tokens/s, GFLOP/s, memory)\n"
+            "  version   print the version\n"
+            "  help      this text; `moontune COMMAND --help` for a command's options\n",
+            MT_VERSION_STRING);
+}
+
+static void bench_usage(FILE *out) {
+    fprintf(out,
+            "usage: moontune bench [--shape NAME | --config config.json] [options]\n"
+            "\n"
+            "Runs forward+backward steps of a Llama-family model with random weights and\n"
+            "reports tokens/s, achieved GFLOP/s (matrix-product FLOPs) and peak memory.\n"
+            "\n"
+            "  --shape NAME     tiny | smollm2-135m | llama-1b          (default tiny)\n"
+            "  --config PATH    a Hugging Face config.json instead of a named shape\n"
+            "  --batch N        rows per batch                          (default 4)\n"
+            "  --seq N          tokens per row                          (default 256)\n"
+            "  --mode MODE      frozen (input gradients only) | full (every weight\n"
+            "                   trainable) | both                       (default both)\n"
+            "  --steps N        timed steps                             (default 3)\n"
+            "  --warmup N       untimed steps first                     (default 1)\n"
+            "  --threads N      CPU threads (default: OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n");
+}
+
+static int parse_int(const char *flag, const char *value, int *out) {
+    char *end;
+    long v = value ? strtol(value, &end, 10) : 0;
+    if (!value || *end || v < 0 || v > 1 << 24) {
+        fprintf(stderr, "moontune bench: %s expects a non-negative integer, got \"%s\"\n", flag,
+                value ? value : "");
+        return 0;
+    }
+    *out = (int)v;
+    return 1;
+}
+
+static int cmd_bench(int argc, char **argv) {
+    mt_bench_options opt = {.shape = "tiny", .batch = 4, .seq = 256, .steps = 3, .warmup = 1,
+                            .mode = MT_BENCH_BOTH};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            bench_usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--shape") && v) {
+            opt.shape = v;
+            opt.config_path = NULL;
+        } else if (!strcmp(a, "--config") && v) {
+            opt.config_path = v;
+        } else if (!strcmp(a, "--mode") && v) {
+            if (!strcmp(v, "frozen")) opt.mode = MT_BENCH_FROZEN;
+            else if (!strcmp(v, "full")) opt.mode = MT_BENCH_FULL;
+            else if (!strcmp(v, "both")) opt.mode = MT_BENCH_BOTH;
+            else {
+                fprintf(stderr, "moontune bench: --mode expects frozen, full or both, got \"%s\"\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--batch") && v) {
+            if (!parse_int(a, v, &opt.batch)) return 2;
+        } else if (!strcmp(a, "--seq") && v) {
+            if (!parse_int(a, v, &opt.seq)) return 2;
+        } else if (!strcmp(a, "--steps") && v) {
+            if (!parse_int(a, v, &opt.steps)) return 2;
+        } else if (!strcmp(a, "--warmup") && v) {
+            if (!parse_int(a, v, &opt.warmup)) return 2;
+        } else if (!strcmp(a, "--threads") && v) {
+            if (!parse_int(a, v, &opt.threads)) return 2;
+        } else {
+            fprintf(stderr, "moontune bench: unknown option or missing value: %s\n", a);
+            bench_usage(stderr);
+            return 2;
+        }
+        i++;
+    }
+    mt_error err = {0};
+    if (mt_bench_run(&opt, &err)) {
+        fprintf(stderr, "moontune bench: %s\n", err.msg);
+        return 1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
+        printf("moontune %s\n", MT_VERSION_STRING);
+        return 0;
+    }
+    if (!strcmp(cmd, "help") || !strcmp(cmd, "--help") || !strcmp(cmd, "-h")) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "moontune: unknown command \"%s\"\n\n", cmd);
+    usage(stderr);
+    return 2;
+}
