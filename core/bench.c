@@ -70,8 +70,9 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     mt_model *m = NULL;
     int32_t *tokens = NULL, *targets = NULL;
     if ((st = mt_model_create(&cfg, &be, &m, err))) goto done;
-    mt_model_init_random(m, 1234, 0.02f);
-    if ((st = mt_model_plan(m, opt->batch, opt->seq, 0, err))) goto done;
+    if ((st = mt_model_init_random(m, 1234, 0.02f, err)) ||
+        (st = mt_model_plan(m, opt->batch, opt->seq, 0, err)))
+        goto done;
     size_t BT = (size_t)opt->batch * opt->seq;
     tokens = mt_malloc(BT * sizeof(int32_t), "tokens", err);
     targets = mt_malloc(BT * sizeof(int32_t), "targets", err);

@@ -176,6 +176,8 @@ static void free_plan(mt_model *m) {
     m->acts = NULL;
     free(m->host_losses);
     m->host_losses = NULL;
+    free(m->host_positions);
+    m->host_positions = NULL;
     m->plan_B = m->plan_T = 0;
     m->forward_done = 0;
 }
@@ -270,20 +272,23 @@ static mt_status put_param(mt_model *m, mt_param *p, const float *host, mt_error
     return MT_OK;
 }
 
-void mt_model_init_random(mt_model *m, uint64_t seed, float std) {
+mt_status mt_model_init_random(mt_model *m, uint64_t seed, float std, mt_error *err) {
     uint64_t s = seed ? seed : 1;
     size_t max_numel = 0;
     for (size_t i = 0; i < m->num_params; i++)
         if (m->params[i].numel > max_numel) max_numel = m->params[i].numel;
-    float *host = malloc(max_numel * sizeof(float));
-    if (!host) return; /* parameters stay zero; only benchmarks use random weights */
-    for (size_t i = 0; i < m->num_params; i++) {
+    float *host = mt_malloc(max_numel * sizeof(float), "random weights", err);
+    if (!host) return MT_ERR_NOMEM;
+    mt_status st = MT_OK;
+    for (size_t i = 0; i < m->num_params && !st; i++) {
         mt_param *p = &m->params[i];
+        int is_norm = p->ndim == 1 && strstr(p->name, "norm") != NULL;
         for (size_t j = 0; j < p->numel; j++)
-            host[j] = p->ndim == 2 ? std * rng_normal(&s) : (p->no_decay && strstr(p->name, "norm") ? 1.0f : 0.0f);
-        put_param(m, p, host, NULL);
+            host[j] = p->ndim == 2 ? std * rng_normal(&s) : is_norm ? 1.0f : 0.0f;
+        st = put_param(m, p, host, err);
     }
     free(host);
+    return st;
 }
 
 /* "[576, 49152]" */
@@ -456,7 +461,8 @@ mt_status mt_model_plan(mt_model *m, int B, int T, int chunk, mt_error *err) {
     m->plan_chunk = chunk;
     m->acts = mt_calloc((size_t)c->num_layers, sizeof *m->acts, "activation table", err);
     m->host_losses = mt_malloc((size_t)chunk * sizeof(float), "loss buffer", err);
-    if (!m->acts || !m->host_losses) {
+    m->host_positions = mt_malloc((size_t)BT * sizeof(int32_t), "position buffer", err);
+    if (!m->acts || !m->host_losses || !m->host_positions) {
         free_plan(m);
         return MT_ERR_NOMEM;
     }
@@ -537,13 +543,9 @@ mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *po
     if (!st && segments)
         st = be->ops->upload(be, m->segments, segments, (size_t)BT * sizeof(int32_t));
     if (st) return mt_error_set(err, st, "uploading the batch failed");
-    if (!positions) {
-        /* 0..T-1 in every row; staged through the (not yet used) targets buffer on the host */
-        int32_t *pos = mt_malloc((size_t)BT * sizeof(int32_t), "positions", err);
-        if (!pos) return MT_ERR_NOMEM;
-        for (int i = 0; i < BT; i++) pos[i] = i % T;
-        st = be->ops->upload(be, m->positions, pos, (size_t)BT * sizeof(int32_t));
-        free(pos);
+    if (!positions) { /* 0..T-1 in every row */
+        for (int i = 0; i < BT; i++) m->host_positions[i] = i % T;
+        st = be->ops->upload(be, m->positions, m->host_positions, (size_t)BT * sizeof(int32_t));
         if (st) return mt_error_set(err, st, "uploading positions failed");
     }
     m->has_segments = segments != NULL;

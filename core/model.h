@@ -169,6 +169,7 @@ typedef struct mt_model {
     float *d_act, *d_gate, *d_up; /* (BT,F) */
     void *att_work;
     float *host_losses;   /* (chunk) host copy of chunk_losses */
+    int32_t *host_positions; /* (BT) default positions staged for upload */
     int cur_B, cur_T;     /* shape of the last forward */
     int forward_done;     /* a forward ran; backward may follow */
 } mt_model;
@@ -186,7 +187,7 @@ struct mt_safetensors;
 mt_status mt_model_load_weights(mt_model *m, const struct mt_safetensors *st, mt_error *err);
 /* Fills parameters the way transformers initialises them: normal(0, std) for
  * matrices, ones for norms, zeros for biases. Deterministic from seed. */
-void mt_model_init_random(mt_model *m, uint64_t seed, float std);
+mt_status mt_model_init_random(mt_model *m, uint64_t seed, float std, mt_error *err);
 
 mt_param *mt_model_find_param(mt_model *m, const char *name);
 /* Marks every parameter trainable (full fine-tuning), allocating gradients. */
