@@ -6,6 +6,8 @@
  *   ln2 = rmsnorm(res_mid); act = silu(gate_proj(ln2)) * up_proj(ln2)
  *   res_out = res_mid + down_proj(act)
  * and after the last layer: lnf = rmsnorm(res_out); logits = lm_head(lnf). */
+/* madvise(MADV_DONTNEED) releases the pages of a weight QLoRA no longer needs */
+#define _DEFAULT_SOURCE
 #include "model.h"
 
 #include <math.h>
@@ -13,7 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "internal.h"
+#include "moontune/plugin.h"
 #include "safetensors.h"
 
 #define IGNORE_INDEX (-100)
@@ -27,13 +33,14 @@ const char *mt_module_name(mt_module module) {
 
 /* ---- the frozen/full linear layer -------------------------------------- */
 
-static void linear_base_forward(mt_linear *lin, mt_backend *be, float *y, const float *x, int N) {
+void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N) {
+    mt_backend *be = lin->be;
     be->ops->matmul(be, y, x, lin->weight, N, lin->out, lin->in, 0, 1, 1.0f, 0.0f);
     if (lin->bias) be->ops->bias_forward(be, y, lin->bias, N, lin->out);
 }
 
-static void linear_base_backward(mt_linear *lin, mt_backend *be, float *dx, const float *dy,
-                                 const float *x, int N) {
+void mt_linear_base_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N) {
+    mt_backend *be = lin->be;
     /* dx (N,in) += dy (N,out) · W (out,in) */
     be->ops->matmul(be, dx, dy, lin->weight, N, lin->in, lin->out, 0, 0, 1.0f, 1.0f);
     /* dW (out,in) += dy^T (out,N) · x (N,in) */
@@ -42,7 +49,36 @@ static void linear_base_backward(mt_linear *lin, mt_backend *be, float *dx, cons
     if (lin->grad_bias) be->ops->bias_backward(be, lin->grad_bias, dy, N, lin->out);
 }
 
-const mt_linear_ops mt_linear_base_ops = {linear_base_forward, linear_base_backward};
+void mt_linear_forward(mt_linear *lin, float *y, const float *x, int N) {
+    if (lin->impl) lin->impl->forward(lin->impl_self, y, x, N);
+    else mt_linear_base_forward(lin, y, x, N);
+}
+
+void mt_linear_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N) {
+    if (lin->impl) lin->impl->backward(lin->impl_self, dx, dy, x, N);
+    else mt_linear_base_backward(lin, dx, dy, x, N);
+}
+
+/* Pages of a released weight go back to the system; the whole pages inside the
+ * weight only, since its neighbours share the boundary pages. */
+void mt_linear_release_weight(mt_linear *lin) {
+    if (!lin->weight) return;
+    if (lin->be->device == MT_DEVICE_CPU) {
+        uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        uintptr_t begin = ((uintptr_t)lin->weight + page - 1) & ~(page - 1);
+        uintptr_t end = ((uintptr_t)(lin->weight + (size_t)lin->out * lin->in)) & ~(page - 1);
+        if (end > begin) madvise((void *)begin, end - begin, MADV_DONTNEED);
+    }
+    lin->weight = NULL;
+}
+
+float *mt_linear_restore_weight(mt_linear *lin) {
+    if (!lin->weight) {
+        lin->weight = lin->weight_memory;
+        lin->be->ops->zero(lin->be, lin->weight, (size_t)lin->out * lin->in * sizeof(float));
+    }
+    return lin->weight;
+}
 
 /* ---- parameter layout --------------------------------------------------- */
 
@@ -90,7 +126,9 @@ static void lay_linear(layout *L, mt_linear *lin, mt_module module, int layer, i
         lin->layer = layer;
         lin->in = in;
         lin->out = out;
-        lin->ops = &mt_linear_base_ops;
+        lin->be = L->m->be;
+        lin->model = L->m;
+        lin->weight_memory = lin->weight;
     }
 }
 
@@ -124,8 +162,9 @@ static void lay_model(layout *L) {
             h->layer = -1;
             h->in = C;
             h->out = c->vocab_size;
-            h->weight = m->embed;
-            h->ops = &mt_linear_base_ops;
+            h->weight = h->weight_memory = m->embed;
+            h->be = m->be;
+            h->model = m;
         }
     } else {
         lay_linear(L, &m->lm_head, MT_MOD_LM_HEAD, -1, C, c->vocab_size, 0, "");
@@ -186,7 +225,11 @@ void mt_model_free(mt_model *m) {
     if (!m) return;
     free_plan(m);
     if (m->param_memory) m->be->ops->free(m->be, m->param_memory);
-    if (m->grad_memory) m->be->ops->free(m->be, m->grad_memory);
+    for (size_t i = 0; m->params && i < m->num_params; i++)
+        if (m->params[i].grad) m->be->ops->free(m->be, m->params[i].grad);
+    for (size_t i = 0; i < m->num_extra; i++) free((char *)m->extra_params[i].name);
+    free(m->extra_params);
+    free(m->adapters);
     free(m->params);
     free(m->layers);
     free(m);
@@ -200,7 +243,7 @@ mt_param *mt_model_find_param(mt_model *m, const char *name) {
 
 /* The gradient that belongs to a parameter's data, or NULL when it is frozen. */
 static float *grad_of(mt_model *m, const float *data) {
-    if (!m->grad_memory || !data) return NULL;
+    if (!data) return NULL;
     for (size_t i = 0; i < m->num_params; i++)
         if (m->params[i].data == data) return m->params[i].grad;
     return NULL;
@@ -212,7 +255,7 @@ static void wire_grads(mt_model *m) {
         mt_layer *ly = &m->layers[l];
         mt_linear *lins[] = {&ly->q, &ly->k, &ly->v, &ly->o, &ly->gate, &ly->up, &ly->down};
         for (size_t i = 0; i < sizeof lins / sizeof lins[0]; i++) {
-            lins[i]->grad_weight = grad_of(m, lins[i]->weight);
+            lins[i]->grad_weight = grad_of(m, lins[i]->weight_memory);
             lins[i]->grad_bias = grad_of(m, lins[i]->bias);
         }
         ly->attn_norm_grad = grad_of(m, ly->attn_norm);
@@ -220,29 +263,139 @@ static void wire_grads(mt_model *m) {
     }
     m->embed_grad = grad_of(m, m->embed);
     m->final_norm_grad = grad_of(m, m->final_norm);
-    m->lm_head.grad_weight = grad_of(m, m->lm_head.weight);
+    m->lm_head.grad_weight = grad_of(m, m->lm_head.weight_memory);
     m->lm_head.grad_bias = grad_of(m, m->lm_head.bias);
 }
 
-mt_status mt_model_set_all_trainable(mt_model *m, mt_error *err) {
-    if (!m->grad_memory) {
-        m->grad_memory = m->be->ops->alloc(m->be, m->total_numel * sizeof(float));
-        if (!m->grad_memory)
-            return mt_error_set(err, MT_ERR_NOMEM, "out of %s memory allocating %zu gradients",
-                                m->be->name, m->total_numel);
+mt_status mt_model_set_trainable(mt_model *m, mt_param *p, int trainable, mt_error *err) {
+    if (trainable && !p->grad) {
+        p->grad = m->be->ops->alloc(m->be, p->numel * sizeof(float));
+        if (!p->grad)
+            return mt_error_set(err, MT_ERR_NOMEM, "out of %s memory for the gradient of %s",
+                                m->be->name, p->name);
+    } else if (!trainable && p->grad) {
+        m->be->ops->free(m->be, p->grad);
+        p->grad = NULL;
     }
-    for (size_t i = 0; i < m->num_params; i++) {
-        mt_param *p = &m->params[i];
-        p->trainable = 1;
-        p->grad = m->grad_memory + (p->data - m->param_memory);
-    }
+    p->trainable = trainable;
     wire_grads(m);
     return MT_OK;
 }
 
+mt_status mt_model_set_all_trainable(mt_model *m, mt_error *err) {
+    for (size_t i = 0; i < m->num_params; i++) {
+        mt_status st = mt_model_set_trainable(m, &m->params[i], 1, err);
+        if (st) return st;
+    }
+    return MT_OK;
+}
+
 void mt_model_zero_grad(mt_model *m) {
-    if (m->grad_memory)
-        m->be->ops->zero(m->be, m->grad_memory, m->total_numel * sizeof(float));
+    for (size_t i = 0; i < m->num_params; i++)
+        if (m->params[i].grad)
+            m->be->ops->zero(m->be, m->params[i].grad, m->params[i].numel * sizeof(float));
+    for (size_t i = 0; i < m->num_extra; i++)
+        m->be->ops->zero(m->be, m->extra_params[i].grad.data,
+                         (size_t)mt_tensor_numel(&m->extra_params[i].grad) * sizeof(float));
+}
+
+mt_status mt_model_add_param(mt_model *m, const mt_param_view *param, mt_error *err) {
+    if (!param->name || !param->value.data || !param->grad.data ||
+        param->value.dtype != MT_F32 || param->grad.dtype != MT_F32 ||
+        mt_tensor_numel(&param->value) != mt_tensor_numel(&param->grad))
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "adapter parameter %s: needs a name and F32 value and gradient of "
+                            "equal size",
+                            param->name ? param->name : "(unnamed)");
+    for (size_t i = 0; i < m->num_extra; i++)
+        if (!strcmp(m->extra_params[i].name, param->name))
+            return mt_error_set(err, MT_ERR_INVALID_ARG, "adapter parameter %s registered twice",
+                                param->name);
+    if (mt_model_find_param(m, param->name))
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "adapter parameter %s has the name of a base parameter", param->name);
+    if (m->num_extra == m->cap_extra) {
+        size_t cap = m->cap_extra ? 2 * m->cap_extra : 64;
+        mt_param_view *grown = realloc(m->extra_params, cap * sizeof *grown);
+        if (!grown) return mt_error_set(err, MT_ERR_NOMEM, "out of memory registering %s", param->name);
+        m->extra_params = grown;
+        m->cap_extra = cap;
+    }
+    mt_param_view *v = &m->extra_params[m->num_extra];
+    *v = *param;
+    if (!(v->name = mt_strdup(param->name, "parameter name", err))) return MT_ERR_NOMEM;
+    m->num_extra++;
+    return MT_OK;
+}
+
+static mt_tensor f32_tensor(float *data, int ndim, const int64_t *shape) {
+    mt_tensor t = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = ndim, .data = data};
+    for (int d = 0; d < ndim; d++) t.shape[d] = shape[d];
+    return t;
+}
+
+mt_status mt_model_trainable_params(mt_model *m, mt_param_view **out, size_t *count,
+                                    mt_error *err) {
+    size_t n = m->num_extra;
+    for (size_t i = 0; i < m->num_params; i++) n += m->params[i].trainable;
+    mt_param_view *views = mt_calloc(n ? n : 1, sizeof *views, "parameter list", err);
+    if (!views) return MT_ERR_NOMEM;
+    size_t k = 0;
+    for (size_t i = 0; i < m->num_params; i++) {
+        mt_param *p = &m->params[i];
+        if (!p->trainable) continue;
+        views[k].name = p->name;
+        views[k].value = f32_tensor(p->data, p->ndim, p->shape);
+        views[k].grad = f32_tensor(p->grad, p->ndim, p->shape);
+        views[k].no_decay = p->no_decay;
+        views[k].value.device = views[k].grad.device = m->be->device;
+        k++;
+    }
+    for (size_t i = 0; i < m->num_extra; i++) views[k++] = m->extra_params[i];
+    *out = views;
+    *count = n;
+    return MT_OK;
+}
+
+double mt_model_clip_grad_norm(mt_model *m, double max_norm) {
+    mt_backend *be = m->be;
+    double sumsq = 0.0;
+    for (size_t i = 0; i < m->num_params; i++)
+        if (m->params[i].grad) sumsq += be->ops->sum_squares(be, m->params[i].grad, m->params[i].numel);
+    for (size_t i = 0; i < m->num_extra; i++)
+        sumsq += be->ops->sum_squares(be, m->extra_params[i].grad.data,
+                                      (size_t)mt_tensor_numel(&m->extra_params[i].grad));
+    double norm = sqrt(sumsq);
+    if (max_norm > 0.0 && norm > max_norm && isfinite(norm)) {
+        /* torch: clip_coef = max_norm / (total_norm + 1e-6), applied when < 1 */
+        float scale = (float)(max_norm / (norm + 1e-6));
+        for (size_t i = 0; i < m->num_params; i++)
+            if (m->params[i].grad)
+                be->ops->axpy(be, m->params[i].grad, m->params[i].grad, scale - 1.0f, m->params[i].numel);
+        for (size_t i = 0; i < m->num_extra; i++) {
+            float *g = m->extra_params[i].grad.data;
+            be->ops->axpy(be, g, g, scale - 1.0f, (size_t)mt_tensor_numel(&m->extra_params[i].grad));
+        }
+    }
+    return norm;
+}
+
+mt_status mt_model_attach_adapter(mt_model *m, const mt_adapter_vtable *vtable, void *state,
+                                  mt_error *err) {
+    struct mt_attached_adapter *grown =
+        realloc(m->adapters, (m->num_adapters + 1) * sizeof *grown);
+    if (!grown) return mt_error_set(err, MT_ERR_NOMEM, "out of memory attaching an adapter");
+    m->adapters = grown;
+    mt_status st = vtable->attach(state, (mt_model_handle *)m, err);
+    if (st) return st;
+    m->adapters[m->num_adapters++] = (struct mt_attached_adapter){vtable, state};
+    return MT_OK;
+}
+
+void mt_model_set_adapters_enabled(mt_model *m, int enabled) {
+    for (size_t i = 0; i < m->num_adapters; i++)
+        if (m->adapters[i].vtable->set_enabled)
+            m->adapters[i].vtable->set_enabled(m->adapters[i].state, enabled);
 }
 
 /* ---- weights ------------------------------------------------------------ */
@@ -559,21 +712,21 @@ mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *po
         float *next = l + 1 < c->num_layers ? m->acts[l + 1].res_in : m->res_out;
         be->ops->rmsnorm_forward(be, a->ln1, a->ln1_rstd, a->res_in, ly->attn_norm, BT, C,
                                  c->rms_norm_eps);
-        ly->q.ops->forward(&ly->q, be, a->q, a->ln1, BT);
-        ly->k.ops->forward(&ly->k, be, a->k, a->ln1, BT);
-        ly->v.ops->forward(&ly->v, be, a->v, a->ln1, BT);
+        mt_linear_forward(&ly->q, a->q, a->ln1, BT);
+        mt_linear_forward(&ly->k, a->k, a->ln1, BT);
+        mt_linear_forward(&ly->v, a->v, a->ln1, BT);
         be->ops->rope_forward(be, a->q, m->rope_cos, m->rope_sin, m->positions, BT, H, D);
         be->ops->rope_forward(be, a->k, m->rope_cos, m->rope_sin, m->positions, BT, KVH, D);
         be->ops->attention_forward(be, a->att, a->lse, a->q, a->k, a->v, seg, B, T, H, KVH, D,
                                    scale, m->att_work);
-        ly->o.ops->forward(&ly->o, be, a->res_mid, a->att, BT);
+        mt_linear_forward(&ly->o, a->res_mid, a->att, BT);
         be->ops->add(be, a->res_mid, a->res_mid, a->res_in, (size_t)BT * C);
         be->ops->rmsnorm_forward(be, a->ln2, a->ln2_rstd, a->res_mid, ly->mlp_norm, BT, C,
                                  c->rms_norm_eps);
-        ly->gate.ops->forward(&ly->gate, be, a->gate, a->ln2, BT);
-        ly->up.ops->forward(&ly->up, be, a->up, a->ln2, BT);
+        mt_linear_forward(&ly->gate, a->gate, a->ln2, BT);
+        mt_linear_forward(&ly->up, a->up, a->ln2, BT);
         be->ops->swiglu_forward(be, a->act, a->gate, a->up, (size_t)BT * F);
-        ly->down.ops->forward(&ly->down, be, next, a->act, BT);
+        mt_linear_forward(&ly->down, next, a->act, BT);
         be->ops->add(be, next, next, a->res_mid, (size_t)BT * C);
     }
     be->ops->rmsnorm_forward(be, m->lnf, m->lnf_rstd, m->res_out, m->final_norm, BT, C,
@@ -600,7 +753,7 @@ mt_status mt_model_logits(mt_model *m, int row0, int nrows, float *logits, mt_er
     mt_status st = check_rows(m, row0, nrows, err);
     if (st) return st;
     const int C = m->cfg.hidden_size;
-    m->lm_head.ops->forward(&m->lm_head, m->be, logits, m->lnf + (size_t)row0 * C, nrows);
+    mt_linear_forward(&m->lm_head, logits, m->lnf + (size_t)row0 * C, nrows);
     return MT_OK;
 }
 
@@ -609,7 +762,7 @@ mt_status mt_model_backward_logits(mt_model *m, int row0, int nrows, const float
     mt_status st = check_rows(m, row0, nrows, err);
     if (st) return st;
     const size_t off = (size_t)row0 * m->cfg.hidden_size;
-    m->lm_head.ops->backward(&m->lm_head, m->be, m->d_ln + off, dlogits, m->lnf + off, nrows);
+    mt_linear_backward(&m->lm_head, m->d_ln + off, dlogits, m->lnf + off, nrows);
     return MT_OK;
 }
 
@@ -676,24 +829,24 @@ mt_status mt_model_backward(mt_model *m, mt_error *err) {
         mt_layer_acts *a = &m->acts[l];
         /* d_res holds dL/d(layer output) = dL/d(res_mid) through the residual path */
         be->ops->zero(be, m->d_act, nF * sizeof(float));
-        ly->down.ops->backward(&ly->down, be, m->d_act, m->d_res, a->act, BT);
+        mt_linear_backward(&ly->down, m->d_act, m->d_res, a->act, BT);
         be->ops->swiglu_backward(be, m->d_gate, m->d_up, m->d_act, a->gate, a->up, nF);
         be->ops->zero(be, m->d_ln, nC * sizeof(float));
-        ly->gate.ops->backward(&ly->gate, be, m->d_ln, m->d_gate, a->ln2, BT);
-        ly->up.ops->backward(&ly->up, be, m->d_ln, m->d_up, a->ln2, BT);
+        mt_linear_backward(&ly->gate, m->d_ln, m->d_gate, a->ln2, BT);
+        mt_linear_backward(&ly->up, m->d_ln, m->d_up, a->ln2, BT);
         be->ops->rmsnorm_backward(be, m->d_res, ly->mlp_norm_grad, m->d_ln, a->res_mid,
                                   ly->mlp_norm, a->ln2_rstd, BT, C);
         /* d_res now holds dL/d(res_mid) = dL/d(res_in) through the residual path */
         be->ops->zero(be, m->d_att, nQ * sizeof(float));
-        ly->o.ops->backward(&ly->o, be, m->d_att, m->d_res, a->att, BT);
+        mt_linear_backward(&ly->o, m->d_att, m->d_res, a->att, BT);
         be->ops->attention_backward(be, m->d_q, m->d_k, m->d_v, m->d_att, a->att, a->lse, a->q,
                                     a->k, a->v, seg, B, T, H, KVH, D, scale, m->att_work);
         be->ops->rope_backward(be, m->d_q, m->rope_cos, m->rope_sin, m->positions, BT, H, D);
         be->ops->rope_backward(be, m->d_k, m->rope_cos, m->rope_sin, m->positions, BT, KVH, D);
         be->ops->zero(be, m->d_ln, nC * sizeof(float));
-        ly->q.ops->backward(&ly->q, be, m->d_ln, m->d_q, a->ln1, BT);
-        ly->k.ops->backward(&ly->k, be, m->d_ln, m->d_k, a->ln1, BT);
-        ly->v.ops->backward(&ly->v, be, m->d_ln, m->d_v, a->ln1, BT);
+        mt_linear_backward(&ly->q, m->d_ln, m->d_q, a->ln1, BT);
+        mt_linear_backward(&ly->k, m->d_ln, m->d_k, a->ln1, BT);
+        mt_linear_backward(&ly->v, m->d_ln, m->d_v, a->ln1, BT);
         be->ops->rmsnorm_backward(be, m->d_res, ly->attn_norm_grad, m->d_ln, a->res_in,
                                   ly->attn_norm, a->ln1_rstd, BT, C);
     }

@@ -69,29 +69,34 @@ const char *mt_module_name(mt_module module);
 
 typedef struct mt_linear mt_linear;
 
-typedef struct mt_linear_ops {
-    /* y (N,out) = x (N,in) · W^T + b */
-    void (*forward)(mt_linear *lin, mt_backend *be, float *y, const float *x, int N);
-    /* dx (N,in) += dy (N,out) · W; when the layer trains, also dW (out,in) += dy^T · x
-     * and db (out) += column sums of dy. A frozen layer computes only dx. */
-    void (*backward)(mt_linear *lin, mt_backend *be, float *dx, const float *dy, const float *x,
-                     int N);
-} mt_linear_ops;
+/* What an adapter installs in place of a projection (moontune/plugin.h). */
+struct mt_linear_impl;
 
 struct mt_linear {
     char name[64]; /* e.g. "model.layers.3.self_attn.q_proj" */
     mt_module module;
     int layer;     /* -1 for lm_head */
     int in, out;
-    float *weight; /* (out,in) */
+    mt_backend *be;
+    struct mt_model *model; /* the model this projection belongs to */
+    float *weight; /* (out,in); NULL while released (QLoRA keeps its own copy) */
     float *bias;   /* (out) or NULL */
     float *grad_weight; /* (out,in) or NULL when frozen */
     float *grad_bias;   /* (out) or NULL */
-    const mt_linear_ops *ops; /* mt_linear_base_ops unless an adapter wraps it */
-    void *adapter;            /* the wrapping adapter's state */
+    float *weight_memory; /* where weight lives when not released */
+    /* An adapter's computation replacing this projection, or NULL for the base layer. */
+    const struct mt_linear_impl *impl;
+    void *impl_self;
 };
 
-extern const mt_linear_ops mt_linear_base_ops;
+/* y (N,out) = x (N,in) · W^T + b, through the adapter when one wraps the layer. */
+void mt_linear_forward(mt_linear *lin, float *y, const float *x, int N);
+/* dx (N,in) += dy (N,out) · W; when the layer trains, also dW (out,in) += dy^T · x
+ * and db (out) += column sums of dy. A frozen layer computes only dx. */
+void mt_linear_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N);
+/* The base layer alone, for adapters that wrap it. */
+void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N);
+void mt_linear_base_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N);
 
 /* ---- parameters --------------------------------------------------------- */
 
@@ -101,7 +106,7 @@ typedef struct mt_param {
     int64_t shape[2];
     size_t numel;
     float *data;
-    float *grad; /* NULL unless trainable */
+    float *grad; /* NULL unless trainable (allocated when it becomes trainable) */
     int trainable;
     int no_decay; /* norms and biases: excluded from weight decay by default */
 } mt_param;
@@ -141,7 +146,15 @@ typedef struct mt_model {
     size_t num_params;
     size_t total_numel;
     float *param_memory;
-    float *grad_memory; /* NULL until a parameter becomes trainable */
+    /* parameters adapters registered (LoRA A and B, ...): memory owned by the adapter */
+    struct mt_param_view *extra_params;
+    size_t num_extra, cap_extra;
+    /* adapters attached to this model, for set_enabled (a reference pass without them) */
+    struct mt_attached_adapter {
+        const struct mt_adapter_vtable *vtable;
+        void *state;
+    } *adapters;
+    size_t num_adapters;
     float *embed;       /* (V,C) */
     float *final_norm;  /* (C) */
     float *embed_grad, *final_norm_grad; /* NULL when frozen */
@@ -192,7 +205,28 @@ mt_status mt_model_init_random(mt_model *m, uint64_t seed, float std, mt_error *
 mt_param *mt_model_find_param(mt_model *m, const char *name);
 /* Marks every parameter trainable (full fine-tuning), allocating gradients. */
 mt_status mt_model_set_all_trainable(mt_model *m, mt_error *err);
+/* Makes one parameter trainable or frozen; a trainable one gets a zeroed gradient. */
+mt_status mt_model_set_trainable(mt_model *m, mt_param *p, int trainable, mt_error *err);
+/* Zeroes the gradients of every trainable parameter, adapters' included. */
 void mt_model_zero_grad(mt_model *m);
+/* Every trainable parameter: the base ones, then those adapters registered. The array
+ * is the caller's to free; names and tensors point into the model. */
+mt_status mt_model_trainable_params(mt_model *m, struct mt_param_view **out, size_t *count,
+                                    mt_error *err);
+/* Registers an adapter-owned trainable tensor (the name is copied). */
+mt_status mt_model_add_param(mt_model *m, const struct mt_param_view *param, mt_error *err);
+/* Global L2 norm of all trainable gradients; when max_norm > 0 and the norm exceeds
+ * it, scales every gradient by max_norm / norm (torch.nn.utils.clip_grad_norm_). */
+double mt_model_clip_grad_norm(mt_model *m, double max_norm);
+/* Attaches an adapter instance: calls its attach() and remembers it. */
+mt_status mt_model_attach_adapter(mt_model *m, const struct mt_adapter_vtable *vtable,
+                                  void *state, mt_error *err);
+/* Turns every attached adapter off or on (where the adapter supports it). */
+void mt_model_set_adapters_enabled(mt_model *m, int enabled);
+/* Releases / restores the fp32 base weight memory of a projection (CPU: pages go back
+ * to the system and come back zero-filled). */
+void mt_linear_release_weight(mt_linear *lin);
+float *mt_linear_restore_weight(mt_linear *lin);
 
 /* Allocates activation memory for batches of B rows of T tokens; chunk is the
  * number of rows whose logits are held at once (0 picks a default). */
