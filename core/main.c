@@ -4,6 +4,8 @@
 #include <string.h>
 
 #include "bench.h"
+#include "cmd_plugins.h"
+#include "options.h"
 #include "moontune/moontune.h"
 
 static void usage(FILE *out) {
@@ -14,6 +16,7 @@ static void usage(FILE *out) {
             "\n"
             "commands:\n"
             "  bench     forward+backward throughput on random weights (tokens/s, GFLOP/s, memory)\n"
+            "  plugins   list the optimizer, loss, adapter and scheduler plugins found; --describe NAME\n"
             "  version   print the version\n"
             "  help      this text; `moontune COMMAND --help` for a command's options\n",
             MT_VERSION_STRING);
@@ -34,7 +37,10 @@ static void bench_usage(FILE *out) {
             "                   trainable) | both                       (default both)\n"
             "  --steps N        timed steps                             (default 3)\n"
             "  --warmup N       untimed steps first                     (default 1)\n"
-            "  --threads N      CPU threads (default: OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n");
+            "  --threads N      CPU threads (default: OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n"
+            "  --adapter NAME   attach an adapter plugin (lora, qlora, full) instead of --mode\n"
+            "  --adapter-option KEY=VALUE   an option of that adapter (repeatable), e.g.\n"
+            "                   target_modules=all-linear, r=16\n");
 }
 
 static int parse_int(const char *flag, const char *value, int *out) {
@@ -49,9 +55,37 @@ static int parse_int(const char *flag, const char *value, int *out) {
     return 1;
 }
 
+/* KEY=VALUE into a plugin option: true/false, a number, or a string. */
+static int parse_kv(const char *arg, mt_kv *kv) {
+    const char *eq = strchr(arg, '=');
+    if (!eq || eq == arg) return 0;
+    static char keys[32][64];
+    static int n_keys;
+    if (n_keys == 32 || (size_t)(eq - arg) >= sizeof keys[0]) return 0;
+    char *key = keys[n_keys++];
+    memcpy(key, arg, (size_t)(eq - arg));
+    key[eq - arg] = '\0';
+    const char *value = eq + 1;
+    char *end;
+    double num = strtod(value, &end);
+    *kv = (mt_kv){.key = key};
+    if (!strcmp(value, "true") || !strcmp(value, "false")) {
+        kv->type = MT_KV_BOOL;
+        kv->boolean = !strcmp(value, "true");
+    } else if (*value && !*end) {
+        kv->type = MT_KV_NUMBER;
+        kv->number = num;
+    } else {
+        kv->type = MT_KV_STRING;
+        kv->string = value;
+    }
+    return 1;
+}
+
 static int cmd_bench(int argc, char **argv) {
     mt_bench_options opt = {.shape = "tiny", .batch = 4, .seq = 256, .steps = 3, .warmup = 1,
                             .mode = MT_BENCH_BOTH};
+    mt_kv adapter_kv[32];
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -81,6 +115,14 @@ static int cmd_bench(int argc, char **argv) {
             if (!parse_int(a, v, &opt.warmup)) return 2;
         } else if (!strcmp(a, "--threads") && v) {
             if (!parse_int(a, v, &opt.threads)) return 2;
+        } else if (!strcmp(a, "--adapter") && v) {
+            opt.adapter = v;
+        } else if (!strcmp(a, "--adapter-option") && v) {
+            if (opt.n_adapter_options == 32 || !parse_kv(v, &adapter_kv[opt.n_adapter_options])) {
+                fprintf(stderr, "moontune bench: --adapter-option expects KEY=VALUE, got \"%s\"\n", v);
+                return 2;
+            }
+            opt.n_adapter_options++;
         } else {
             fprintf(stderr, "moontune bench: unknown option or missing value: %s\n", a);
             bench_usage(stderr);
@@ -88,6 +130,7 @@ static int cmd_bench(int argc, char **argv) {
         }
         i++;
     }
+    opt.adapter_options = adapter_kv;
     mt_error err = {0};
     if (mt_bench_run(&opt, &err)) {
         fprintf(stderr, "moontune bench: %s\n", err.msg);
@@ -103,6 +146,7 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "plugins")) return mt_cmd_plugins(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("moontune %s\n", MT_VERSION_STRING);
         return 0;

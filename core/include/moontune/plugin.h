@@ -17,8 +17,9 @@
  *   the ABI version that added them. A plugin may read host->size to see which
  *   slots exist.
  * - The descriptor carries the ABI version the plugin was built against; the
- *   host refuses any other major version with a message naming the file, the
- *   expected and the found version.
+ *   host refuses any other version with a message naming the file, the expected
+ *   and the found version. (ABI 1 is the first; a later host that grows mt_host
+ *   only at its end will keep accepting plugins built for the versions before it.)
  *
  * Threads: the host calls a plugin from one thread at a time. Numbers: fp32,
  * row-major. In ABI 1 every tensor a plugin receives lives in CPU memory
@@ -68,7 +69,7 @@ typedef struct mt_option_spec {
     const char *name;
     mt_option_type type;
     const char *default_value; /* as text: "true", "8", "1e-3", "q_proj,v_proj"; NULL = "" */
-    double min, max;           /* numeric range, inclusive; ignored when min > max */
+    double min, max;           /* numeric range, inclusive; no range when min > max (use 1, 0) */
     const char *choices;       /* strings: "a|b|c", or NULL for any string */
     const char *help;
 } mt_option_spec;
@@ -273,6 +274,10 @@ typedef struct mt_plugin_descriptor {
 } mt_plugin_descriptor;
 
 typedef const mt_plugin_descriptor *(*mt_plugin_entry_fn)(const mt_host *host);
+
+/* The one symbol a plugin defines (declared here so that plugins compile cleanly
+ * with -Wmissing-prototypes). */
+MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *host);
 
 #ifdef __cplusplus
 }
