@@ -15,6 +15,10 @@ typedef struct mt_bench_options {
     const char *config_path; /* a config.json */
     int batch, seq, steps, warmup, threads;
     mt_bench_mode mode;
+    /* an adapter plugin to attach (e.g. "lora", "qlora") instead of the modes above */
+    const char *adapter;
+    const struct mt_kv *adapter_options;
+    size_t n_adapter_options;
 } mt_bench_options;
 
 /* Runs the benchmark and prints a report to stdout. */

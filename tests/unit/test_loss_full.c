@@ -1,0 +1,196 @@
+/* test_loss_full.c — the cross_entropy loss plugin and the full adapter, loaded
+ * through dlopen, against the PyTorch references: plain cross-entropy against
+ * tests/fixtures/tiny_gqa/reference.safetensors, label smoothing + z-loss against
+ * tests/fixtures/loss/reference.safetensors (tests/parity/make_loss_reference.py). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+#include "plugin_host.h"
+#include "safetensors.h"
+#include "testutil.h"
+
+#define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"
+
+typedef struct fixture {
+    mt_backend be;
+    mt_model *model;
+    mt_plugin *loss_plugin, *adapter_plugin;
+    mt_plugin_instance *loss, *adapter;
+    mt_safetensors *ref;
+    int32_t tokens[64], targets[64];
+    int B, T;
+} fixture;
+
+static mt_plugin *load_plugin(const char *name) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/plugins/%s.so", MT_BUILD_DIR, name);
+    mt_plugin *p = NULL;
+    mt_error err = {0};
+    if (mt_plugin_load(path, &p, &err)) fail_msg("%s", err.msg);
+    return p;
+}
+
+static void read_batch(fixture *f, const char *ref_path) {
+    mt_error err = {0};
+    if (mt_st_open(ref_path, &f->ref, &err)) fail_msg("%s", err.msg);
+    const mt_st_tensor *tok = mt_st_find(f->ref, "tokens"), *tgt = mt_st_find(f->ref, "targets");
+    assert_non_null(tok);
+    assert_non_null(tgt);
+    f->B = (int)tok->shape[0];
+    f->T = (int)tok->shape[1];
+    assert_true(tok->nbytes <= sizeof f->tokens);
+    memcpy(f->tokens, tok->data, tok->nbytes);
+    memcpy(f->targets, tgt->data, tgt->nbytes);
+}
+
+static void setup(fixture *f, const char *ref_path, const mt_kv *loss_kv, size_t n_loss,
+                  const mt_kv *adapter_kv, size_t n_adapter) {
+    memset(f, 0, sizeof *f);
+    mt_error err = {0};
+    assert_int_equal(mt_backend_cpu_init(&f->be, 0, &err), MT_OK);
+    if (mt_model_load_hf(GQA_DIR, &f->be, &f->model, &err)) fail_msg("%s", err.msg);
+    read_batch(f, ref_path);
+    f->loss_plugin = load_plugin("cross_entropy");
+    f->adapter_plugin = load_plugin("full");
+    if (mt_plugin_instantiate(f->loss_plugin, loss_kv, n_loss, &f->loss, &err) ||
+        mt_plugin_instantiate(f->adapter_plugin, adapter_kv, n_adapter, &f->adapter, &err))
+        fail_msg("%s", err.msg);
+    if (mt_model_attach_adapter(f->model, f->adapter->desc->vtable, f->adapter->state, &err))
+        fail_msg("%s", err.msg);
+    if (mt_model_plan(f->model, f->B, f->T, 5, &err)) fail_msg("%s", err.msg);
+}
+
+static void teardown(fixture *f) {
+    mt_plugin_instance_free(f->loss);
+    mt_plugin_instance_free(f->adapter);
+    mt_plugin_unload(f->loss_plugin);
+    mt_plugin_unload(f->adapter_plugin);
+    mt_st_close(f->ref);
+    mt_model_free(f->model);
+    mt_backend_cpu_shutdown(&f->be);
+}
+
+static mt_loss_result run_loss(fixture *f, const int32_t *targets, int backward) {
+    const mt_loss_vtable *vt = f->loss->desc->vtable;
+    mt_batch batch = {.B = f->B, .T = f->T, .tokens = f->tokens, .targets = targets};
+    mt_loss_result r;
+    mt_error err = {0};
+    mt_model_zero_grad(f->model);
+    if (vt->compute(f->loss->state, (mt_model_handle *)f->model, &batch, backward, &r, &err))
+        fail_msg("%s", err.msg);
+    return r;
+}
+
+/* Compares the loss and the gradient of every trainable parameter with the reference;
+ * returns the number of trainable parameters checked. */
+static size_t check_against(fixture *f, const mt_loss_result *r) {
+    const mt_st_tensor *loss = mt_st_find(f->ref, "loss");
+    float ref_loss;
+    mt_error err = {0};
+    assert_int_equal(mt_st_read_f32(loss, &ref_loss, &err), MT_OK);
+    double le = fabs(r->loss - ref_loss) / fabs(ref_loss);
+    printf("loss %.9g reference %.9g rel err %.3g\n", r->loss, ref_loss, le);
+    assert_true(le < 1e-5);
+    mt_param_view *params;
+    size_t n;
+    assert_int_equal(mt_model_trainable_params(f->model, &params, &n, &err), MT_OK);
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        char name[160];
+        snprintf(name, sizeof name, "grad.%s", params[i].name);
+        const mt_st_tensor *t = mt_st_find(f->ref, name);
+        if (!t) fail_msg("no reference for %s", name);
+        size_t numel = (size_t)mt_tensor_numel(&params[i].grad);
+        float *g = malloc(numel * sizeof(float));
+        assert_non_null(g);
+        assert_int_equal(mt_st_read_f32(t, g, &err), MT_OK);
+        double e = mt_test_rel_err(params[i].grad.data, g, numel);
+        if (!(e < 1e-4)) fail_msg("%s: rel err %.3g", params[i].name, e);
+        worst = e > worst ? e : worst;
+        free(g);
+    }
+    printf("%zu trainable parameters, worst gradient rel err %.3g\n", n, worst);
+    free(params);
+    return n;
+}
+
+static void test_plain_cross_entropy_full_model(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, GQA_DIR "/reference.safetensors", NULL, 0, NULL, 0);
+    mt_loss_result r = run_loss(&f, f.targets, 1);
+    assert_int_equal(r.n_tokens, 16);
+    /* defaults train everything: all 20 parameters of tiny_gqa */
+    assert_int_equal(check_against(&f, &r), f.model->num_params);
+    teardown(&f);
+}
+
+static void test_label_smoothing_and_z_loss(void **state) {
+    (void)state;
+    fixture f;
+    const mt_kv kv[] = {{.key = "label_smoothing", .type = MT_KV_NUMBER, .number = 0.1},
+                        {.key = "z_loss", .type = MT_KV_NUMBER, .number = 1e-3}};
+    setup(&f, MT_FIXTURE_DIR "/loss/reference.safetensors", kv, 2, NULL, 0);
+    mt_loss_result r = run_loss(&f, f.targets, 1);
+    check_against(&f, &r);
+    teardown(&f);
+}
+
+static void test_full_adapter_selected_modules(void **state) {
+    (void)state;
+    fixture f;
+    const char *modules[] = {"q_proj", "down_proj"};
+    const mt_kv kv[] = {{.key = "target_modules", .type = MT_KV_LIST, .list = modules, .list_len = 2},
+                        {.key = "train_embeddings", .type = MT_KV_BOOL, .boolean = 0},
+                        {.key = "train_norms", .type = MT_KV_BOOL, .boolean = 0}};
+    setup(&f, GQA_DIR "/reference.safetensors", NULL, 0, kv, 3);
+    mt_loss_result r = run_loss(&f, f.targets, 1);
+    /* 2 layers x (q_proj, down_proj); everything else stays frozen */
+    assert_int_equal(check_against(&f, &r), 4);
+    for (size_t i = 0; i < f.model->num_params; i++) {
+        const char *name = f.model->params[i].name;
+        int expect = strstr(name, "q_proj") || strstr(name, "down_proj");
+        assert_int_equal(f.model->params[i].grad != NULL, expect);
+    }
+    teardown(&f);
+}
+
+static void test_ignore_index_option(void **state) {
+    (void)state;
+    fixture f;
+    const mt_kv kv[] = {{.key = "ignore_index", .type = MT_KV_NUMBER, .number = 7}};
+    setup(&f, GQA_DIR "/reference.safetensors", kv, 1, NULL, 0);
+    int32_t custom[64], masked[64];
+    int n = f.B * f.T, n7 = 0;
+    for (int i = 0; i < n; i++) {
+        custom[i] = f.targets[i] >= 0 ? (i % 3 == 0 ? 7 : f.targets[i]) : -100;
+        masked[i] = custom[i] == 7 ? -100 : custom[i];
+        n7 += custom[i] == 7;
+    }
+    assert_true(n7 > 0);
+    mt_loss_result a = run_loss(&f, custom, 0), b = run_loss(&f, masked, 0);
+    assert_true(a.loss == b.loss && a.n_tokens == b.n_tokens);
+    /* and a target past the vocabulary is refused, naming row and position */
+    custom[3] = f.model->cfg.vocab_size;
+    const mt_loss_vtable *vt = f.loss->desc->vtable;
+    mt_batch batch = {.B = f.B, .T = f.T, .tokens = f.tokens, .targets = custom};
+    mt_loss_result r;
+    mt_error err = {0};
+    assert_int_equal(vt->compute(f.loss->state, (mt_model_handle *)f.model, &batch, 0, &r, &err),
+                     MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "position 3"));
+    teardown(&f);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_plain_cross_entropy_full_model),
+        cmocka_unit_test(test_label_smoothing_and_z_loss),
+        cmocka_unit_test(test_full_adapter_selected_modules),
+        cmocka_unit_test(test_ignore_index_option),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
