@@ -16,3 +16,20 @@ cc -std=c11 -Wall -Wextra -Werror "$source_dir/tests/install/consumer.c" -o "$pr
 "$prefix/consumer"
 test -f "$prefix/include/moontune/moontune.h"
 "$prefix/bin/moontune" version
+
+# An out-of-tree plugin (docs/plugins.md): built against the installed header through
+# pkg-config alone, dropped into a directory on MOONTUNE_PLUGIN_PATH, found by name.
+mkdir -p "$prefix/my-plugins"
+cc -std=c11 -Wall -Wextra -Werror -shared -fPIC -fvisibility=hidden \
+   $(pkg-config --define-variable=prefix="$prefix" --cflags moontune) \
+   "$source_dir/examples/plugins/inverse_sqrt.c" -o "$prefix/my-plugins/inverse_sqrt.so" -lm
+described=$(MOONTUNE_PLUGIN_PATH="$prefix/my-plugins" "$prefix/bin/moontune" plugins --describe inverse_sqrt)
+echo "$described"
+grep -q "timescale" <<<"$described"
+grep -q "$prefix/my-plugins/inverse_sqrt.so" <<<"$described"
+# the installed command finds the standard plugins in the installed plugin directory
+listed=$("$prefix/bin/moontune" plugins)
+echo "$listed"
+for name in adamw sgd lion constant linear cosine wsd cross_entropy full; do
+  grep -qw "$name" <<<"$listed" || { echo "installed moontune does not list $name"; exit 1; }
+done
