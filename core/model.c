@@ -392,6 +392,12 @@ mt_status mt_model_attach_adapter(mt_model *m, const mt_adapter_vtable *vtable, 
     return MT_OK;
 }
 
+void mt_model_set_training(mt_model *m, int training) {
+    for (size_t i = 0; i < m->num_adapters; i++)
+        if (m->adapters[i].vtable->set_training)
+            m->adapters[i].vtable->set_training(m->adapters[i].state, training);
+}
+
 void mt_model_set_adapters_enabled(mt_model *m, int enabled) {
     for (size_t i = 0; i < m->num_adapters; i++)
         if (m->adapters[i].vtable->set_enabled)

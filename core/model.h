@@ -223,6 +223,8 @@ mt_status mt_model_attach_adapter(mt_model *m, const struct mt_adapter_vtable *v
                                   void *state, mt_error *err);
 /* Turns every attached adapter off or on (where the adapter supports it). */
 void mt_model_set_adapters_enabled(mt_model *m, int enabled);
+/* Training (dropout active) or evaluation mode for every attached adapter. */
+void mt_model_set_training(mt_model *m, int training);
 /* Releases / restores the fp32 base weight memory of a projection (CPU: pages go back
  * to the system and come back zero-filled). */
 void mt_linear_release_weight(mt_linear *lin);

@@ -258,6 +258,9 @@ typedef struct mt_adapter_vtable {
     mt_status (*unmerge)(void *state, mt_error *err);
     /* Turns the adapter's contribution off and on (DPO's reference pass); optional. */
     void (*set_enabled)(void *state, int enabled);
+    /* Training (1, the default) or evaluation (0): dropout and the like act only while
+     * training; optional. */
+    void (*set_training)(void *state, int training);
 } mt_adapter_vtable;
 
 /* ---- the descriptor ------------------------------------------------------ */

@@ -1,0 +1,506 @@
+/* lora.c — LoRA (Hu et al., 2021) as PEFT implements it.
+ *
+ * A targeted projection y = x W^T + b becomes
+ *
+ *     y = x W^T + b + s · dropout(x) A^T B^T        A (r,in), B (out,r), s = alpha / r
+ *                                                   (alpha / sqrt(r) with use_rslora)
+ *
+ * with W and b frozen. Backward, with xd = dropout(x), u = xd A^T (N,r), g = dy B (N,r):
+ *
+ *     dx += dy W  +  s · (g A) ⊙ mask/(1-p)       (the base part from the host)
+ *     dB += s · dy^T u,   dA += s · g^T xd
+ *
+ * Initialisation is PEFT's: A is Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
+ * 1/sqrt(in)), from host->random_uniform(seed, ...); B is zero, so the adapted model
+ * starts equal to the base. Parameters are registered as PEFT names them in a saved
+ * adapter: "<projection>.lora_A.weight" (r,in) and "<projection>.lora_B.weight" (out,r).
+ *
+ * Memory: A, B and their gradients per projection, plus one scratch buffer shared by
+ * every wrapped projection (the host never calls two of them at once), allocated in
+ * attach and sized for tiles of LORA_TILE rows (LORA_DROPOUT_TILE with dropout, whose
+ * scratch holds a tile of dropout(x)). Forward and backward walk the N rows in such
+ * tiles, so nothing is allocated after attach, whatever N is. u is not kept
+ * from forward to backward: backward recomputes it per tile (N·in·r multiply-adds,
+ * r/out of the base's own cost), which is what makes the scratch independent of N.
+ *
+ * Dropout (PEFT's nn.Dropout on the branch input: keep with probability 1-p, scale the
+ * kept values by 1/(1-p)) draws its mask from host->random_uniform keyed by (seed, the
+ * projection, the pass, the element), and backward draws the same mask again instead
+ * of storing it. The pass is a per-projection count of forward calls made with the
+ * branch active: backward uses the mask of the latest forward, the one whose input the
+ * model hands back. So a projection must be run by one forward call per pass, as the
+ * model does. Dropout applies in training only: set_training(0) (evaluation, generation)
+ * turns it off.
+ *
+ * merge() folds W += s·B·A into the base weights (through linear_info) and unmerge()
+ * subtracts it again; while merged, forward and backward are the base layer's only,
+ * so no gradients reach A and B. set_enabled(0) turns the branch off (DPO's
+ * reference model); the base still runs. merge() and unmerge() do nothing when the
+ * adapter already is in that state (PEFT warns and does nothing).
+ *
+ * The wrapped projections point into this adapter's state, and ABI 1 has no detach:
+ * destroy the adapter only once the model is freed or will not run again.
+ *
+ * qlora.c includes this file (with LORA_NO_ENTRY defined) and replaces the base
+ * computation through the hooks in struct lora: the LoRA part is written once. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <moontune/plugin.h>
+
+static const mt_host *host;
+
+/* Rows of x per step of the branch's loops: large, since the branch's products are
+ * skinny (K or N = r) and lose speed on short tiles; shorter with dropout, whose
+ * scratch holds a (tile, in) block of dropout(x). */
+enum { LORA_TILE = 4096, LORA_DROPOUT_TILE = 256 };
+
+/* ---- options ---- */
+
+#define LORA_MODULE_CHOICES "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|all-linear"
+
+static const mt_option_spec lora_options[] = {
+    {"r", MT_OPT_INT, "8", 1, 65536, NULL, "rank of the update B·A"},
+    {"alpha", MT_OPT_FLOAT, "16", 0, 1e30, NULL,
+     "scaling numerator: the branch is scaled by alpha / r (alpha / sqrt(r) with use_rslora)"},
+    {"dropout", MT_OPT_FLOAT, "0", 0, 1, NULL,
+     "dropout probability on the branch input, in [0, 1); training passes only"},
+    {"target_modules", MT_OPT_STRING_LIST, "q_proj,v_proj", 1, 0, LORA_MODULE_CHOICES,
+     "projections that get a LoRA branch; all-linear = every projection but lm_head"},
+    {"use_rslora", MT_OPT_BOOL, "false", 1, 0, NULL,
+     "rank-stabilised scaling alpha / sqrt(r) instead of alpha / r"},
+    {"seed", MT_OPT_INT, "0", 0, 9007199254740992.0, NULL,
+     "seed of the initialisation of A and of the dropout masks"},
+};
+
+/* ---- state ---- */
+
+typedef struct lora lora;
+
+typedef struct lora_layer {
+    lora *lo;
+    mt_linear_handle *lin;
+    int index;          /* the projection's index in the model: keys init and dropout */
+    int in, out;
+    int r;              /* 0: no branch (qlora's quantized projections without LoRA) */
+    float *A, *B;       /* (r,in), (out,r) */
+    float *dA, *dB;     /* gradients, same shapes */
+    uint64_t pass;      /* forward calls with the branch active: selects the dropout mask */
+    void *base;         /* qlora: the quantized base weight */
+    const float *bias;  /* qlora: the base bias (out) or NULL */
+    char name_A[112], name_B[112];
+} lora_layer;
+
+struct lora {
+    const char *plugin; /* "lora" or "qlora", for messages */
+    int r;
+    float alpha, scaling, dropout;
+    int use_rslora;
+    uint64_t seed;
+    unsigned targets;   /* bit m: module m gets a branch (see lora_modules) */
+    int attached, enabled, merged;
+    int training;       /* dropout only while training (set_training) */
+    int tile;           /* rows per step: LORA_TILE, or LORA_DROPOUT_TILE with dropout */
+    lora_layer *layers;
+    int n_layers;
+    int64_t n_trainable;
+    /* scratch shared by every layer, carved out of one allocation in attach */
+    float *scratch;
+    float *xd;          /* (tile, in_max) dropout(x); dropout > 0 only */
+    float *u, *g;       /* (tile, r) */
+    /* hooks: the base computation, and what attach does to every projection. lora
+     * leaves prepare NULL (only targeted projections are wrapped) and calls the host's
+     * base layer; qlora wraps every projection but lm_head and quantizes its weight. */
+    mt_status (*prepare)(lora *lo, lora_layer *L, const mt_linear_info *info, mt_error *err);
+    mt_status (*alloc_extra)(lora *lo, mt_error *err); /* after every prepare: scratch */
+    void (*base_forward)(lora_layer *L, float *y, const float *x, int N);
+    void (*base_backward)(lora_layer *L, float *dx, const float *dy, const float *x, int N);
+    void (*free_extra)(lora *lo);
+    void *extra;        /* qlora's own state */
+};
+
+static const char *const lora_modules[] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                           "gate_proj", "up_proj", "down_proj"};
+enum { LORA_N_MODULES = 7 };
+
+static int lora_module_index(const char *module) {
+    for (int m = 0; m < LORA_N_MODULES; m++)
+        if (!strcmp(module, lora_modules[m])) return m;
+    return -1; /* lm_head */
+}
+
+/* ---- random numbers ---- */
+
+static uint64_t lora_mix(uint64_t x) { /* splitmix64's finaliser */
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+/* Stream keys: one for the initialisation of each projection, one per (projection,
+ * pass) for dropout; the counter is the element's index. */
+static uint64_t lora_init_key(const lora *lo, int index) {
+    return lora_mix(lo->seed ^ lora_mix(0x4C6F5241496E6974ull ^ (uint64_t)index));
+}
+
+static uint64_t lora_dropout_key(const lora *lo, int index, uint64_t pass) {
+    return lora_mix(lo->seed ^ lora_mix(0x4C6F524144726F70ull ^ ((uint64_t)index << 40) ^ pass));
+}
+
+/* xd (nt,in) = dropout(x) for rows [row0, row0+nt) of the pass `pass`. */
+static void lora_dropout_rows(const lora_layer *L, uint64_t pass, float *xd, const float *x,
+                              int row0, int nt) {
+    const lora *lo = L->lo;
+    const uint64_t key = lora_dropout_key(lo, L->index, pass);
+    const float p = lo->dropout, keep_scale = 1.0f / (1.0f - lo->dropout);
+    const size_t n = (size_t)nt * L->in, first = (size_t)row0 * L->in;
+    for (size_t i = 0; i < n; i++)
+        xd[i] = host->random_uniform(key, first + i) >= p ? x[i] * keep_scale : 0.0f;
+}
+
+/* dx (nt,in) += t ⊙ mask · 1/(1-p): the gradient through dropout of rows [row0, row0+nt). */
+static void lora_dropout_backward_rows(const lora_layer *L, uint64_t pass, float *dx,
+                                       const float *t, int row0, int nt) {
+    const lora *lo = L->lo;
+    const uint64_t key = lora_dropout_key(lo, L->index, pass);
+    const float p = lo->dropout, keep_scale = 1.0f / (1.0f - lo->dropout);
+    const size_t n = (size_t)nt * L->in, first = (size_t)row0 * L->in;
+    for (size_t i = 0; i < n; i++)
+        if (host->random_uniform(key, first + i) >= p) dx[i] += t[i] * keep_scale;
+}
+
+/* ---- the wrapped projection ---- */
+
+static int lora_branch_active(const lora_layer *L) {
+    return L->r > 0 && L->lo->enabled && !L->lo->merged;
+}
+
+static void lora_host_base_forward(lora_layer *L, float *y, const float *x, int N) {
+    host->linear_base_forward(L->lin, y, x, N);
+}
+
+static void lora_host_base_backward(lora_layer *L, float *dx, const float *dy, const float *x,
+                                    int N) {
+    host->linear_base_backward(L->lin, dx, dy, x, N);
+}
+
+/* y (N,out) = base(x) + s · dropout(x) A^T B^T */
+/* Dropout is drawn in training passes only. */
+static int lora_drops(const lora *lo) { return lo->training && lo->dropout > 0; }
+
+static void lora_forward(void *self, float *y, const float *x, int N) {
+    lora_layer *L = self;
+    lora *lo = L->lo;
+    lo->base_forward(L, y, x, N);
+    if (!lora_branch_active(L)) return;
+    const int in = L->in, out = L->out, r = L->r;
+    if (lora_drops(lo)) L->pass++;
+    for (int n0 = 0; n0 < N; n0 += lo->tile) {
+        const int nt = N - n0 < lo->tile ? N - n0 : lo->tile;
+        const float *xt = x + (size_t)n0 * in;
+        if (lora_drops(lo)) {
+            lora_dropout_rows(L, L->pass, lo->xd, xt, n0, nt);
+            xt = lo->xd;
+        }
+        /* u (nt,r) = xt (nt,in) · A^T;  y (nt,out) += s · u · B^T */
+        host->matmul(lo->u, xt, L->A, nt, r, in, 0, 1, 1.0f, 0.0f);
+        host->matmul(y + (size_t)n0 * out, lo->u, L->B, nt, out, r, 0, 1, lo->scaling, 1.0f);
+    }
+}
+
+/* dx (N,in) += base'(dy) + s · ((dy B) A) ⊙ mask/(1-p); dA, dB accumulate. */
+static void lora_backward(void *self, float *dx, const float *dy, const float *x, int N) {
+    lora_layer *L = self;
+    lora *lo = L->lo;
+    lo->base_backward(L, dx, dy, x, N);
+    if (!lora_branch_active(L)) return;
+    const int in = L->in, out = L->out, r = L->r;
+    const float s = lo->scaling;
+    for (int n0 = 0; n0 < N; n0 += lo->tile) {
+        const int nt = N - n0 < lo->tile ? N - n0 : lo->tile;
+        const float *xt = x + (size_t)n0 * in;
+        const float *dyt = dy + (size_t)n0 * out;
+        float *dxt = dx + (size_t)n0 * in;
+        if (lora_drops(lo)) {
+            lora_dropout_rows(L, L->pass, lo->xd, xt, n0, nt);
+            xt = lo->xd;
+        }
+        host->matmul(lo->u, xt, L->A, nt, r, in, 0, 1, 1.0f, 0.0f);  /* u (nt,r) = xt A^T */
+        host->matmul(lo->g, dyt, L->B, nt, r, out, 0, 0, 1.0f, 0.0f); /* g (nt,r) = dy B */
+        host->matmul(L->dB, dyt, lo->u, out, r, nt, 1, 0, s, 1.0f);    /* dB += s dy^T u */
+        host->matmul(L->dA, lo->g, xt, r, in, nt, 1, 0, s, 1.0f);      /* dA += s g^T xt */
+        if (lora_drops(lo)) {
+            /* xd is free again: t (nt,in) = s g A, then dx += t ⊙ mask/(1-p) */
+            host->matmul(lo->xd, lo->g, L->A, nt, in, r, 0, 0, s, 0.0f);
+            lora_dropout_backward_rows(L, L->pass, dxt, lo->xd, n0, nt);
+        } else {
+            host->matmul(dxt, lo->g, L->A, nt, in, r, 0, 0, s, 1.0f); /* dx += s g A */
+        }
+    }
+}
+
+static const mt_linear_impl lora_impl = {lora_forward, lora_backward};
+
+/* ---- create / destroy ---- */
+
+static void lora_destroy(void *state) {
+    lora *lo = state;
+    if (!lo) return;
+    if (lo->free_extra) lo->free_extra(lo);
+    for (int i = 0; i < lo->n_layers; i++) {
+        lora_layer *L = &lo->layers[i];
+        host->free(L->A);
+        host->free(L->B);
+        host->free(L->dA);
+        host->free(L->dB);
+    }
+    host->free(lo->layers);
+    host->free(lo->scratch);
+    host->free(lo);
+}
+
+static mt_status lora_create_named(const char *plugin, const mt_host *h, const mt_options *opts,
+                                   void **state, mt_error *err) {
+    lora *lo = h->alloc(sizeof *lo);
+    if (!lo) return h->error(err, MT_ERR_NOMEM, "%s: out of memory", plugin);
+    lo->plugin = plugin;
+    lo->r = (int)h->opt_int(opts, "r");
+    lo->alpha = (float)h->opt_float(opts, "alpha");
+    lo->dropout = (float)h->opt_float(opts, "dropout");
+    lo->use_rslora = h->opt_bool(opts, "use_rslora");
+    lo->seed = (uint64_t)h->opt_int(opts, "seed");
+    lo->enabled = 1;
+    lo->training = 1;
+    lo->base_forward = lora_host_base_forward;
+    lo->base_backward = lora_host_base_backward;
+    mt_status st = MT_OK;
+    if (lo->r < 1)
+        st = h->error(err, MT_ERR_INVALID_ARG, "%s: option r must be at least 1, got %d", plugin,
+                      lo->r);
+    else if (!(lo->dropout >= 0.0f && lo->dropout < 1.0f))
+        st = h->error(err, MT_ERR_INVALID_ARG, "%s: option dropout must be in [0, 1), got %g",
+                      plugin, (double)lo->dropout);
+    /* PEFT: lora_alpha / r, or lora_alpha / math.sqrt(r), in double, then used as fp32 */
+    lo->scaling = (float)(lo->use_rslora ? lo->alpha / sqrt((double)lo->r)
+                                         : (double)lo->alpha / lo->r);
+    int n = h->opt_list_len(opts, "target_modules");
+    for (int i = 0; !st && i < n; i++) {
+        const char *t = h->opt_list_item(opts, "target_modules", i);
+        int m = lora_module_index(t);
+        if (!strcmp(t, "all-linear"))
+            lo->targets |= (1u << LORA_N_MODULES) - 1;
+        else if (m >= 0)
+            lo->targets |= 1u << m;
+        else
+            st = h->error(err, MT_ERR_INVALID_ARG,
+                          "%s: target_modules: unknown module '%s' (expected one of %s)", plugin,
+                          t, LORA_MODULE_CHOICES);
+    }
+    if (!st && !lo->targets)
+        st = h->error(err, MT_ERR_INVALID_ARG, "%s: target_modules is empty", plugin);
+    if (st) {
+        h->free(lo);
+        return st;
+    }
+    *state = lo;
+    return MT_OK;
+}
+
+/* ---- attach ---- */
+
+/* A, B, their gradients and their registration for one targeted projection. */
+static mt_status lora_add_branch(lora *lo, mt_model_handle *model, lora_layer *L,
+                                 const char *name, mt_error *err) {
+    const int r = lo->r, in = L->in, out = L->out;
+    const size_t na = (size_t)r * in, nb = (size_t)out * r;
+    L->r = r;
+    L->A = host->alloc(na * sizeof(float));
+    L->B = host->alloc(nb * sizeof(float));
+    L->dA = host->alloc(na * sizeof(float));
+    L->dB = host->alloc(nb * sizeof(float));
+    if (!L->A || !L->B || !L->dA || !L->dB)
+        return host->error(err, MT_ERR_NOMEM, "%s: out of memory for the LoRA weights of %s",
+                           lo->plugin, name);
+    /* PEFT: kaiming_uniform_(A, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(in) */
+    const float bound = (float)(1.0 / sqrt((double)in));
+    const uint64_t key = lora_init_key(lo, L->index);
+    for (size_t i = 0; i < na; i++)
+        L->A[i] = (2.0f * host->random_uniform(key, i) - 1.0f) * bound;
+    /* B stays zero (host->alloc zero-fills) */
+    int na_len = snprintf(L->name_A, sizeof L->name_A, "%s.lora_A.weight", name);
+    int nb_len = snprintf(L->name_B, sizeof L->name_B, "%s.lora_B.weight", name);
+    if (na_len < 0 || (size_t)na_len >= sizeof L->name_A || nb_len < 0 ||
+        (size_t)nb_len >= sizeof L->name_B)
+        return host->error(err, MT_ERR_INVALID_ARG, "%s: projection name too long: %s",
+                           lo->plugin, name);
+    mt_param_view pa = {
+        .name = L->name_A,
+        .value = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {r, in}, .data = L->A},
+        .grad = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {r, in}, .data = L->dA},
+        .no_decay = 0,
+    };
+    mt_param_view pb = {
+        .name = L->name_B,
+        .value = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {out, r}, .data = L->B},
+        .grad = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {out, r}, .data = L->dB},
+        .no_decay = 0,
+    };
+    mt_status st = host->model_add_param(model, &pa, err);
+    if (!st) st = host->model_add_param(model, &pb, err);
+    if (!st) lo->n_trainable += (int64_t)(na + nb);
+    return st;
+}
+
+static mt_status lora_attach(void *state, mt_model_handle *model, mt_error *err) {
+    lora *lo = state;
+    if (lo->attached)
+        return host->error(err, MT_ERR_INVALID_ARG, "%s: already attached to a model", lo->plugin);
+    lo->attached = 1;
+    const int n_linear = host->model_linear_count(model);
+    lo->layers = host->alloc((size_t)(n_linear > 0 ? n_linear : 1) * sizeof *lo->layers);
+    if (!lo->layers) return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
+    int in_max = 0, n_branches = 0;
+    mt_status st = MT_OK;
+    for (int i = 0; !st && i < n_linear; i++) {
+        mt_linear_handle *lin = host->model_linear(model, i);
+        mt_linear_info info;
+        host->linear_info(lin, &info);
+        const int m = lora_module_index(info.module);
+        if (m < 0) continue; /* lm_head: never adapted, never quantized */
+        if (info.weight.device != MT_DEVICE_CPU) {
+            st = host->error(err, MT_ERR_UNSUPPORTED,
+                             "%s: %s is not in CPU memory; ABI 1 adapters run on the CPU",
+                             lo->plugin, info.name);
+            break;
+        }
+        const int targeted = (lo->targets >> m) & 1;
+        if (!targeted && !lo->prepare) continue;
+        lora_layer *L = &lo->layers[lo->n_layers++];
+        L->lo = lo;
+        L->lin = lin;
+        L->index = i;
+        L->in = info.in;
+        L->out = info.out;
+        if (targeted) {
+            if ((st = lora_add_branch(lo, model, L, info.name, err))) break;
+            if (info.in > in_max) in_max = info.in;
+            n_branches++;
+        }
+        if (lo->prepare && (st = lo->prepare(lo, L, &info, err))) break;
+        st = host->linear_wrap(lin, &lora_impl, L, err);
+    }
+    if (st) return st;
+    if (!n_branches)
+        return host->error(err, MT_ERR_INVALID_ARG,
+                           "%s: the model has no projection named in target_modules", lo->plugin);
+    lo->tile = lo->dropout > 0 ? LORA_DROPOUT_TILE : LORA_TILE;
+    const size_t tile_x = lo->dropout > 0 ? (size_t)lo->tile * in_max : 0;
+    const size_t tile_r = (size_t)lo->tile * lo->r;
+    lo->scratch = host->alloc((tile_x + 2 * tile_r) * sizeof(float));
+    if (!lo->scratch) return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
+    lo->xd = tile_x ? lo->scratch : NULL;
+    lo->u = lo->scratch + tile_x;
+    lo->g = lo->u + tile_r;
+    if (lo->alloc_extra && (st = lo->alloc_extra(lo, err))) return st;
+    host->log(MT_LOG_INFO, lo->plugin,
+              "r=%d alpha=%g scaling=%g dropout=%g on %d projections: %lld trainable parameters",
+              lo->r, (double)lo->alpha, (double)lo->scaling, (double)lo->dropout, n_branches,
+              (long long)lo->n_trainable);
+    return MT_OK;
+}
+
+/* ---- merge, unmerge, enable ---- */
+
+/* W (out,in) += sign · s · B (out,r) · A (r,in) */
+static void lora_fold(const lora_layer *L, float *W, float sign) {
+    host->matmul(W, L->B, L->A, L->out, L->in, L->r, 0, 0, sign * L->lo->scaling, 1.0f);
+}
+
+static void lora_set_enabled(void *state, int enabled) {
+    lora *lo = state;
+    lo->enabled = enabled != 0;
+}
+
+static void lora_set_training(void *state, int training) {
+    lora *lo = state;
+    lo->training = training != 0;
+}
+
+#ifndef LORA_NO_ENTRY
+
+/* ---- lora's merge, unmerge and descriptor (qlora has its own) ---- */
+
+/* The base weights of every branch, or an error naming one that was released. */
+static mt_status lora_fold_all(lora *lo, float sign, mt_error *err) {
+    for (int i = 0; i < lo->n_layers; i++) {
+        lora_layer *L = &lo->layers[i];
+        mt_linear_info info;
+        host->linear_info(L->lin, &info);
+        if (L->r && !info.weight.data)
+            return host->error(err, MT_ERR_UNSUPPORTED,
+                               "%s: cannot merge into %s: its base weight was released "
+                               "(quantized); nothing was changed", lo->plugin, info.name);
+    }
+    for (int i = 0; i < lo->n_layers; i++) {
+        lora_layer *L = &lo->layers[i];
+        if (!L->r) continue;
+        mt_linear_info info;
+        host->linear_info(L->lin, &info);
+        lora_fold(L, info.weight.data, sign);
+    }
+    return MT_OK;
+}
+
+static mt_status lora_merge(void *state, mt_error *err) {
+    lora *lo = state;
+    if (!lo->attached)
+        return host->error(err, MT_ERR_INVALID_ARG, "%s: merge before attach", lo->plugin);
+    if (lo->merged) return MT_OK;
+    mt_status st = lora_fold_all(lo, 1.0f, err);
+    if (!st) lo->merged = 1;
+    return st;
+}
+
+static mt_status lora_unmerge(void *state, mt_error *err) {
+    lora *lo = state;
+    if (!lo->merged) return MT_OK;
+    mt_status st = lora_fold_all(lo, -1.0f, err);
+    if (!st) lo->merged = 0;
+    return st;
+}
+
+static mt_status lora_create(const mt_host *h, const mt_options *opts, void **state,
+                             mt_error *err) {
+    return lora_create_named("lora", h, opts, state, err);
+}
+
+static const mt_adapter_vtable lora_vtable = {
+    .create = lora_create,
+    .destroy = lora_destroy,
+    .attach = lora_attach,
+    .merge = lora_merge,
+    .unmerge = lora_unmerge,
+    .set_enabled = lora_set_enabled,
+    .set_training = lora_set_training,
+};
+
+static const mt_plugin_descriptor lora_descriptor = {
+    .abi_version = MT_PLUGIN_ABI_VERSION,
+    .kind = MT_PLUGIN_ADAPTER,
+    .name = "lora",
+    .version = "1.0.0",
+    .description = "LoRA: frozen base plus a trainable low-rank update s·B·A (PEFT-compatible)",
+    .options = lora_options,
+    .n_options = sizeof lora_options / sizeof lora_options[0],
+    .vtable = &lora_vtable,
+};
+
+MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *h) {
+    host = h;
+    return &lora_descriptor;
+}
+
+#endif /* LORA_NO_ENTRY */
