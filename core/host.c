@@ -71,9 +71,11 @@ static float host_random_uniform(uint64_t seed, uint64_t counter) {
 static mt_status host_model_forward(mt_model_handle *h, const mt_batch *b, int adapters_enabled,
                                     mt_error *err) {
     mt_model *m = MODEL(h);
-    if (!adapters_enabled) mt_model_set_adapters_enabled(m, 0);
+    /* a pass without adapters restores whatever state the caller had set */
+    int was_enabled = m->adapters_enabled;
+    if (!adapters_enabled && was_enabled) mt_model_set_adapters_enabled(m, 0);
     mt_status st = mt_model_forward(m, b->tokens, b->positions, b->segments, b->B, b->T, err);
-    if (!adapters_enabled) mt_model_set_adapters_enabled(m, 1);
+    if (!adapters_enabled && was_enabled) mt_model_set_adapters_enabled(m, 1);
     return st;
 }
 

@@ -184,6 +184,7 @@ mt_status mt_model_create(const mt_model_config *cfg, mt_backend *be, mt_model *
     if (!m) return MT_ERR_NOMEM;
     m->cfg = *cfg;
     m->be = be;
+    m->adapters_enabled = 1;
     m->layers = mt_calloc((size_t)cfg->num_layers, sizeof *m->layers, "model layers", err);
     if (!m->layers) goto fail;
     layout count = {.m = m};
@@ -399,6 +400,7 @@ void mt_model_set_training(mt_model *m, int training) {
 }
 
 void mt_model_set_adapters_enabled(mt_model *m, int enabled) {
+    m->adapters_enabled = enabled != 0;
     for (size_t i = 0; i < m->num_adapters; i++)
         if (m->adapters[i].vtable->set_enabled)
             m->adapters[i].vtable->set_enabled(m->adapters[i].state, enabled);

@@ -155,6 +155,7 @@ typedef struct mt_model {
         void *state;
     } *adapters;
     size_t num_adapters;
+    int adapters_enabled; /* as last set by mt_model_set_adapters_enabled (1 at creation) */
     float *embed;       /* (V,C) */
     float *final_norm;  /* (C) */
     float *embed_grad, *final_norm_grad; /* NULL when frozen */
