@@ -6,7 +6,6 @@
  *
  * lr = base_lr * lambda(step), step counted from 0. The warmup is warmup_steps, or when
  * that is 0, ceil(total_steps * warmup_ratio) as TrainingArguments.get_warmup_steps. */
-#include <math.h>
 #include <stdint.h>
 
 #include <moontune/plugin.h>
@@ -15,43 +14,34 @@
 
 static const mt_host *host;
 
+#include "sched_common.h"
+
 /* ---- options: the defaults, in one place ---- */
 
 static const mt_option_spec options[] = {
-    {"warmup_steps", MT_OPT_INT, "0", 0.0, 1e15, NULL, "steps of linear warmup from 0"},
-    {"warmup_ratio", MT_OPT_FLOAT, "0", 0.0, 1.0, NULL,
-     "warmup as a fraction of the total steps (rounded up), used when warmup_steps is 0"},
+    SCHED_WARMUP_OPTIONS, /* warmup_steps, warmup_ratio */
 };
 
 typedef struct constant {
-    int64_t warmup_steps;
-    double warmup_ratio;
+    sched_span warmup; /* warmup_steps, warmup_ratio */
 } constant;
-
-static int64_t warmup_of(const constant *st, int64_t total) {
-    if (st->warmup_steps > 0) return st->warmup_steps;
-    return (int64_t)ceil((double)total * st->warmup_ratio);
-}
 
 static double sched_lr(void *state, int64_t step, int64_t total, double base_lr) {
     const constant *st = state;
-    const int64_t warmup = warmup_of(st, total);
-    if (step < warmup) return base_lr * ((double)step / fmax(1.0, (double)warmup));
+    const int64_t warmup = sched_span_of(st->warmup, total);
+    if (step < warmup) return base_lr * sched_warmup_lambda(step, warmup);
     return base_lr * 1.0;
 }
 
 /* ---- the vtable ---- */
 
 static mt_status sched_create(const mt_host *h, const mt_options *opts, void **out, mt_error *err) {
-    constant *st = h->alloc(sizeof *st);
-    if (!st) return h->error(err, MT_ERR_NOMEM, NAME ": out of memory");
-    st->warmup_steps = h->opt_int(opts, "warmup_steps");
-    st->warmup_ratio = h->opt_float(opts, "warmup_ratio");
+    constant *st = sched_alloc(h, sizeof *st, err);
+    if (!st) return MT_ERR_NOMEM;
+    st->warmup = sched_span_read(h, opts, "warmup_steps", "warmup_ratio");
     *out = st;
     return MT_OK;
 }
-
-static void sched_destroy(void *state) { host->free(state); }
 
 static const mt_scheduler_vtable vtable = {
     .create = sched_create,

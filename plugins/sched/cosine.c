@@ -20,12 +20,12 @@
 
 static const mt_host *host;
 
+#include "sched_common.h"
+
 /* ---- options: the defaults, in one place ---- */
 
 static const mt_option_spec options[] = {
-    {"warmup_steps", MT_OPT_INT, "0", 0.0, 1e15, NULL, "steps of linear warmup from 0"},
-    {"warmup_ratio", MT_OPT_FLOAT, "0", 0.0, 1.0, NULL,
-     "warmup as a fraction of the total steps (rounded up), used when warmup_steps is 0"},
+    SCHED_WARMUP_OPTIONS, /* warmup_steps, warmup_ratio */
     {"num_cycles", MT_OPT_FLOAT, "0.5", 0.0, 1e6, NULL,
      "cosine waves after the warmup (0.5: one half-cosine down to the minimum)"},
     {"min_lr_ratio", MT_OPT_FLOAT, "0", 0.0, 1.0, NULL,
@@ -33,22 +33,15 @@ static const mt_option_spec options[] = {
 };
 
 typedef struct cosine {
-    int64_t warmup_steps;
-    double warmup_ratio, num_cycles, min_lr_ratio;
+    sched_span warmup; /* warmup_steps, warmup_ratio */
+    double num_cycles, min_lr_ratio;
 } cosine;
-
-static int64_t warmup_of(const cosine *st, int64_t total) {
-    if (st->warmup_steps > 0) return st->warmup_steps;
-    return (int64_t)ceil((double)total * st->warmup_ratio);
-}
-
-static int64_t max1(int64_t x) { return x > 1 ? x : 1; }
 
 static double sched_lr(void *state, int64_t step, int64_t total, double base_lr) {
     const cosine *st = state;
-    const int64_t warmup = warmup_of(st, total);
-    if (step < warmup) return base_lr * ((double)step / (double)max1(warmup));
-    const double progress = (double)(step - warmup) / (double)max1(total - warmup);
+    const int64_t warmup = sched_span_of(st->warmup, total);
+    if (step < warmup) return base_lr * sched_warmup_lambda(step, warmup);
+    const double progress = (double)(step - warmup) / (double)sched_max1(total - warmup);
     double factor = 0.5 * (1.0 + cos(PI * st->num_cycles * 2.0 * progress));
     factor = factor * (1.0 - st->min_lr_ratio) + st->min_lr_ratio;
     return base_lr * (factor > 0.0 ? factor : 0.0);
@@ -57,17 +50,14 @@ static double sched_lr(void *state, int64_t step, int64_t total, double base_lr)
 /* ---- the vtable ---- */
 
 static mt_status sched_create(const mt_host *h, const mt_options *opts, void **out, mt_error *err) {
-    cosine *st = h->alloc(sizeof *st);
-    if (!st) return h->error(err, MT_ERR_NOMEM, NAME ": out of memory");
-    st->warmup_steps = h->opt_int(opts, "warmup_steps");
-    st->warmup_ratio = h->opt_float(opts, "warmup_ratio");
+    cosine *st = sched_alloc(h, sizeof *st, err);
+    if (!st) return MT_ERR_NOMEM;
+    st->warmup = sched_span_read(h, opts, "warmup_steps", "warmup_ratio");
     st->num_cycles = h->opt_float(opts, "num_cycles");
     st->min_lr_ratio = h->opt_float(opts, "min_lr_ratio");
     *out = st;
     return MT_OK;
 }
-
-static void sched_destroy(void *state) { host->free(state); }
 
 static const mt_scheduler_vtable vtable = {
     .create = sched_create,

@@ -30,6 +30,8 @@
 
 static const mt_host *host;
 
+#include "sched_common.h"
+
 /* ---- options: the defaults, in one place ---- */
 
 static const mt_option_spec options[] = {
@@ -54,8 +56,9 @@ static const mt_option_spec options[] = {
 typedef enum shape { LINEAR, COSINE, ONE_MINUS_SQRT } shape;
 
 typedef struct wsd {
-    int64_t warmup_steps, decay_steps, stable_steps;
-    double warmup_ratio, decay_ratio, min_lr_ratio, num_cycles;
+    sched_span warmup, decay; /* warmup_steps, warmup_ratio; decay_steps, decay_ratio */
+    int64_t stable_steps;
+    double min_lr_ratio, num_cycles;
     shape warmup_type, decay_type;
 } wsd;
 
@@ -63,19 +66,15 @@ static shape parse_shape(const char *s) {
     return !strcmp(s, "linear") ? LINEAR : !strcmp(s, "cosine") ? COSINE : ONE_MINUS_SQRT;
 }
 
-static int64_t max1(int64_t x) { return x > 1 ? x : 1; }
-
 static double sched_lr(void *state, int64_t step, int64_t total, double base_lr) {
     const wsd *st = state;
     const double min = st->min_lr_ratio;
-    const int64_t warmup =
-        st->warmup_steps > 0 ? st->warmup_steps : (int64_t)ceil((double)total * st->warmup_ratio);
-    const int64_t decay =
-        st->decay_steps > 0 ? st->decay_steps : (int64_t)ceil((double)total * st->decay_ratio);
+    const int64_t warmup = sched_span_of(st->warmup, total);
+    const int64_t decay = sched_span_of(st->decay, total);
     const int64_t stable = st->stable_steps >= 0 ? st->stable_steps : total - warmup - decay;
     double factor;
     if (step < warmup) {
-        const double progress = (double)step / (double)max1(warmup);
+        const double progress = (double)step / (double)sched_max1(warmup);
         switch (st->warmup_type) {
         case LINEAR: factor = progress; break;
         case COSINE: factor = 0.5 * (1.0 - cos(PI * progress)); break;
@@ -84,7 +83,7 @@ static double sched_lr(void *state, int64_t step, int64_t total, double base_lr)
     } else if (step < warmup + stable) {
         return base_lr * 1.0;
     } else if (step < warmup + stable + decay) {
-        const double progress = (double)(step - warmup - stable) / (double)max1(decay);
+        const double progress = (double)(step - warmup - stable) / (double)sched_max1(decay);
         switch (st->decay_type) {
         case LINEAR: factor = 1.0 - progress; break;
         case COSINE: factor = 0.5 * (1.0 + cos(PI * st->num_cycles * 2.0 * progress)); break;
@@ -100,12 +99,10 @@ static double sched_lr(void *state, int64_t step, int64_t total, double base_lr)
 /* ---- the vtable ---- */
 
 static mt_status sched_create(const mt_host *h, const mt_options *opts, void **out, mt_error *err) {
-    wsd *st = h->alloc(sizeof *st);
-    if (!st) return h->error(err, MT_ERR_NOMEM, NAME ": out of memory");
-    st->warmup_steps = h->opt_int(opts, "warmup_steps");
-    st->warmup_ratio = h->opt_float(opts, "warmup_ratio");
-    st->decay_steps = h->opt_int(opts, "decay_steps");
-    st->decay_ratio = h->opt_float(opts, "decay_ratio");
+    wsd *st = sched_alloc(h, sizeof *st, err);
+    if (!st) return MT_ERR_NOMEM;
+    st->warmup = sched_span_read(h, opts, "warmup_steps", "warmup_ratio");
+    st->decay = sched_span_read(h, opts, "decay_steps", "decay_ratio");
     st->stable_steps = h->opt_int(opts, "stable_steps");
     st->min_lr_ratio = h->opt_float(opts, "min_lr_ratio");
     st->warmup_type = parse_shape(h->opt_string(opts, "warmup_type"));
@@ -114,8 +111,6 @@ static mt_status sched_create(const mt_host *h, const mt_options *opts, void **o
     *out = st;
     return MT_OK;
 }
-
-static void sched_destroy(void *state) { host->free(state); }
 
 static const mt_scheduler_vtable vtable = {
     .create = sched_create,
