@@ -72,3 +72,19 @@ static int remove_entry(const char *path, const struct stat *sb, int flag, struc
 }
 
 void mt_test_rmtree(const char *path) { nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+const char *mt_test_smollm2_gguf(void) {
+    static char path[1024];
+    const char *env = getenv("MOONTUNE_SMOLLM2_GGUF");
+    const char *home = getenv("HOME");
+    if (env && *env) snprintf(path, sizeof path, "%s", env);
+    else snprintf(path, sizeof path, "%s/.cache/moontune/SmolLM2-135M-Instruct.Q4_1.gguf",
+                  home ? home : "/root");
+    if (access(path, R_OK) == 0) return path;
+    const char *require = getenv("MOONTUNE_REQUIRE_MODEL");
+    if (require && *require && strcmp(require, "0"))
+        fail_msg("the SmolLM2 GGUF is required (MOONTUNE_REQUIRE_MODEL) but %s is missing: "
+                 "run scripts/fetch-model", path);
+    printf("  skipped: %s is not present (scripts/fetch-model fetches it)\n", path);
+    return NULL;
+}

@@ -26,4 +26,10 @@ void mt_test_write_file(const char *path, const void *data, size_t n);
 /* Recursively removes a directory made by mt_test_tmpdir. */
 void mt_test_rmtree(const char *path);
 
+/* The SmolLM2-135M-Instruct GGUF that scripts/fetch-model caches:
+ * $MOONTUNE_SMOLLM2_GGUF, else ~/.cache/moontune/SmolLM2-135M-Instruct.Q4_1.gguf.
+ * NULL when absent; but when MOONTUNE_REQUIRE_MODEL is set (scripts/test sets it, so
+ * CI does) an absent file fails the test instead of skipping it. */
+const char *mt_test_smollm2_gguf(void);
+
 #endif
