@@ -1,0 +1,2264 @@
+/* tokenizer.c — BPE tokenizers from Hugging Face tokenizer.json or GGUF metadata.
+ *
+ * One pipeline serves both families, in the order the `tokenizers` library runs it:
+ *   1. added tokens whose normalized flag is false are cut out of the raw text
+ *      (leftmost-longest, honouring lstrip/rstrip/single_word);
+ *   2. every other segment is normalized (Prepend, Replace, Sequence) into an arena
+ *      that remembers, per byte, the input offset it came from; added tokens whose
+ *      normalized flag is true are cut out of the normalized text;
+ *   3. the pre-tokenizer stages (Split through PCRE2, Digits, ByteLevel, Metaspace)
+ *      refine the segment into pieces;
+ *   4. each piece is merged by rank (a binary heap over a linked list of symbols,
+ *      so a long word costs O(n log n)); byte-level pieces start from one symbol per
+ *      byte, SentencePiece pieces from one per character with <0xNN> byte fallback.
+ * Decoding runs the decoder chain (ByteLevel, Replace, ByteFallback, Fuse, Strip,
+ * Metaspace) over token strings, then joins them.
+ *
+ * Regexes written with \s are rewritten to the Unicode White_Space set, which is what
+ * the `tokenizers` library's Oniguruma matches (PCRE2's \s also takes U+180E).
+ *
+ * Like `tokenizers`, a character (or byte) the vocabulary lacks, with no byte fallback
+ * and no unk token, is dropped: SmolLM2's alphabet lacks 0x04, 0x06, 0x13, 0x14,
+ * 0x16, 0x1D, 0xF1 and 0xF2, so text holding them does not round-trip.
+ * Limits: the NFC normalizer (Qwen2) accepts only text NFC leaves unchanged in any
+ * context (nfc_inert) and refuses the rest by name; single_word treats every
+ * non-ASCII byte as a word character; regex-pattern Replace normalizers/decoders
+ * and the WordPiece/Unigram/WordLevel models are refused at load. */
+#define PCRE2_CODE_UNIT_WIDTH 8
+
+#include "tokenizer.h"
+
+#include <jansson.h>
+#include <pcre2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gguf.h"
+#include "internal.h"
+
+/* ---- small containers ---------------------------------------------------- */
+
+/* open-addressing map from a token's text to its id; slots hold id + 1 */
+typedef struct str_map {
+    uint32_t *slots;
+    size_t mask;
+} str_map;
+
+/* open-addressing map from a pair of ids to (rank, merged id) */
+typedef struct merge_map {
+    uint64_t *keys; /* UINT64_MAX = empty */
+    int32_t *rank, *merged;
+    size_t mask;
+} merge_map;
+
+typedef struct added_token {
+    int32_t id;
+    char *content;
+    size_t len;
+    int special, lstrip, rstrip, single_word, normalized;
+} added_token;
+
+enum { NORM_PREPEND = 1, NORM_REPLACE, NORM_NFC };
+typedef struct norm_stage {
+    int type;
+    char *a, *b; /* Prepend: a; Replace: a -> b */
+    size_t alen, blen;
+} norm_stage;
+
+enum { SPLIT_REMOVED = 1, SPLIT_ISOLATED, SPLIT_MERGED_PREV, SPLIT_MERGED_NEXT, SPLIT_CONTIGUOUS };
+enum { PT_SPLIT = 1, PT_BYTELEVEL, PT_METASPACE };
+enum { PREPEND_ALWAYS = 1, PREPEND_FIRST, PREPEND_NEVER };
+typedef struct pt_stage {
+    int type;
+    pcre2_code *re; /* Split, and ByteLevel with use_regex */
+    int behavior, invert;
+    int add_prefix_space;
+    char repl[8]; /* Metaspace replacement character (UTF-8) */
+    size_t repl_len;
+    int prepend_scheme, split;
+} pt_stage;
+
+enum { DEC_BYTELEVEL = 1, DEC_REPLACE, DEC_BYTEFALLBACK, DEC_FUSE, DEC_STRIP, DEC_METASPACE };
+typedef struct dec_stage {
+    int type;
+    char *a, *b; /* Replace: a -> b; Strip: a = content; Metaspace: a = replacement */
+    size_t alen, blen;
+    int start, stop, prepend_scheme;
+} dec_stage;
+
+#define MT_TOK_MAX_STAGES 16
+
+struct mt_tokenizer {
+    mt_tokenizer_family family;
+    char *source; /* file path, for messages */
+    /* vocabulary, model and added tokens together */
+    char **text;
+    uint32_t *text_len;
+    uint8_t *special;
+    int32_t n_ids;
+    str_map vocab;
+    merge_map merges;
+    int32_t unk;
+    int byte_fallback, fuse_unk, ignore_merges;
+    int32_t byte_id[256];     /* byte-level: id of the byte's alphabet character */
+    int32_t fallback_id[256]; /* SentencePiece: id of <0xNN>, -1 when absent */
+    uint16_t byte_cp[256];    /* GPT-2 byte -> code point */
+    int16_t cp_byte[324];     /* and back, -1 for code points outside the alphabet */
+    added_token *added;
+    size_t n_added;
+    int has_normalized_added; /* some added token matches after normalization */
+    uint32_t *added_order;   /* raw-matched added tokens by first byte, longest first */
+    uint32_t added_first[257];
+    norm_stage norm[MT_TOK_MAX_STAGES];
+    int n_norm;
+    pt_stage pre[MT_TOK_MAX_STAGES];
+    int n_pre;
+    int byte_level; /* the last pre-tokenizer stage is ByteLevel */
+    dec_stage dec[MT_TOK_MAX_STAGES];
+    int n_dec;
+    int has_decoder;
+    int32_t prefix[4], suffix[4];
+    int n_prefix, n_suffix;
+    int32_t bos, eos, pad;
+    char *chat_template;
+};
+
+/* ---- UTF-8 and the byte-level alphabet ----------------------------------- */
+
+/* Length of the valid UTF-8 sequence at s[0..n), 0 when invalid. */
+static size_t utf8_valid_len(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    if (c < 0x80) return 1;
+    if (c < 0xC2) return 0;
+    if (c < 0xE0) return (n >= 2 && (s[1] & 0xC0) == 0x80) ? 2 : 0;
+    if (c < 0xF0) {
+        if (n < 3) return 0;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c == 0xE0) lo = 0xA0;
+        if (c == 0xED) hi = 0x9F;
+        if (s[1] < lo || s[1] > hi || (s[2] & 0xC0) != 0x80) return 0;
+        return 3;
+    }
+    if (c < 0xF5) {
+        if (n < 4) return 0;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c == 0xF0) lo = 0x90;
+        if (c == 0xF4) hi = 0x8F;
+        if (s[1] < lo || s[1] > hi || (s[2] & 0xC0) != 0x80 || (s[3] & 0xC0) != 0x80) return 0;
+        return 4;
+    }
+    return 0;
+}
+
+/* How many bytes an invalid sequence at s covers: the maximal prefix of a valid
+ * sequence, at least 1 (Rust's String::from_utf8_lossy substitutes each such
+ * prefix with one U+FFFD). */
+static size_t utf8_invalid_len(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    size_t need;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c < 0xE0) need = 2;
+    else if (c >= 0xE0 && c < 0xF0) {
+        need = 3;
+        if (c == 0xE0) lo = 0xA0;
+        if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c < 0xF5) {
+        need = 4;
+        if (c == 0xF0) lo = 0x90;
+        if (c == 0xF4) hi = 0x8F;
+    } else return 1;
+    size_t i = 1;
+    if (i < n && s[i] >= lo && s[i] <= hi) {
+        i++;
+        while (i < need && i < n && (s[i] & 0xC0) == 0x80) i++;
+    }
+    return i;
+}
+
+static size_t utf8_put(char *out, uint32_t cp) {
+    if (cp < 0x80) { out[0] = (char)cp; return 1; }
+    if (cp < 0x800) {
+        out[0] = (char)(0xC0 | (cp >> 6));
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | (cp >> 12));
+        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (char)(0xF0 | (cp >> 18));
+    out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+    out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the rest
+ * are shifted to U+0100 onwards in byte order. */
+static uint32_t byte_to_cp(int b) {
+    if ((b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF))
+        return (uint32_t)b;
+    int n = 0;
+    for (int k = 0; k < b; k++)
+        if (!((k >= 0x21 && k <= 0x7E) || (k >= 0xA1 && k <= 0xAC) || (k >= 0xAE && k <= 0xFF))) n++;
+    return 256u + (uint32_t)n;
+}
+
+/* Unicode White_Space (Rust's char::is_whitespace), as a code point */
+static int cp_is_space(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
+           c == 0x205F || c == 0x3000;
+}
+
+static uint32_t utf8_decode(const unsigned char *s, size_t len) {
+    if (len == 1) return s[0];
+    if (len == 2) return ((uint32_t)(s[0] & 0x1F) << 6) | (s[1] & 0x3F);
+    if (len == 3) return ((uint32_t)(s[0] & 0x0F) << 12) | ((uint32_t)(s[1] & 0x3F) << 6) | (s[2] & 0x3F);
+    return ((uint32_t)(s[0] & 0x07) << 18) | ((uint32_t)(s[1] & 0x3F) << 12) |
+           ((uint32_t)(s[2] & 0x3F) << 6) | (s[3] & 0x3F);
+}
+
+/* start of the character that ends at s[end) (valid UTF-8) */
+static size_t utf8_prev(const unsigned char *s, size_t end) {
+    size_t i = end - 1;
+    while (i > 0 && (s[i] & 0xC0) == 0x80) i--;
+    return i;
+}
+
+/* ---- hash maps -------------------------------------------------------------- */
+
+static uint64_t hash_bytes(const char *s, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+    return h ^ (h >> 29);
+}
+
+static uint64_t hash_u64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    return x ^ (x >> 33);
+}
+
+static size_t pow2_at_least(size_t n) {
+    size_t c = 16;
+    while (c < n) c <<= 1;
+    return c;
+}
+
+static int32_t vocab_find(const mt_tokenizer *tok, const char *s, size_t n) {
+    if (!tok->vocab.slots) return -1;
+    size_t i = hash_bytes(s, n) & tok->vocab.mask;
+    for (;;) {
+        uint32_t v = tok->vocab.slots[i];
+        if (!v) return -1;
+        int32_t id = (int32_t)(v - 1);
+        if (tok->text_len[id] == n && memcmp(tok->text[id], s, n) == 0) return id;
+        i = (i + 1) & tok->vocab.mask;
+    }
+}
+
+/* Indexes every id's text; the lowest id wins when two share a text. */
+static mt_status vocab_build(mt_tokenizer *tok, mt_error *err) {
+    size_t cap = pow2_at_least((size_t)tok->n_ids * 2 + 1);
+    tok->vocab.slots = mt_calloc(cap, sizeof(uint32_t), "tokenizer vocabulary index", err);
+    if (!tok->vocab.slots) return MT_ERR_NOMEM;
+    tok->vocab.mask = cap - 1;
+    for (int32_t id = 0; id < tok->n_ids; id++) {
+        if (!tok->text[id]) continue;
+        size_t i = hash_bytes(tok->text[id], tok->text_len[id]) & tok->vocab.mask;
+        int dup = 0;
+        while (tok->vocab.slots[i]) {
+            int32_t o = (int32_t)(tok->vocab.slots[i] - 1);
+            if (tok->text_len[o] == tok->text_len[id] &&
+                memcmp(tok->text[o], tok->text[id], tok->text_len[id]) == 0) {
+                dup = 1;
+                break;
+            }
+            i = (i + 1) & tok->vocab.mask;
+        }
+        if (!dup) tok->vocab.slots[i] = (uint32_t)id + 1;
+    }
+    return MT_OK;
+}
+
+static mt_status merges_init(merge_map *m, size_t n, mt_error *err) {
+    size_t cap = pow2_at_least(n * 2 + 1);
+    m->keys = mt_malloc(cap * sizeof(uint64_t), "tokenizer merges", err);
+    m->rank = mt_malloc(cap * sizeof(int32_t), "tokenizer merges", err);
+    m->merged = mt_malloc(cap * sizeof(int32_t), "tokenizer merges", err);
+    if (!m->keys || !m->rank || !m->merged) return MT_ERR_NOMEM;
+    memset(m->keys, 0xFF, cap * sizeof(uint64_t));
+    m->mask = cap - 1;
+    return MT_OK;
+}
+
+/* A later duplicate of a pair replaces the earlier one, as in `tokenizers`. */
+static void merges_put(merge_map *m, int32_t a, int32_t b, int32_t rank, int32_t merged) {
+    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+    size_t i = hash_u64(key) & m->mask;
+    while (m->keys[i] != UINT64_MAX && m->keys[i] != key) i = (i + 1) & m->mask;
+    m->keys[i] = key;
+    m->rank[i] = rank;
+    m->merged[i] = merged;
+}
+
+static int merges_get(const merge_map *m, int32_t a, int32_t b, int32_t *rank, int32_t *merged) {
+    if (!m->keys) return 0;
+    uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+    size_t i = hash_u64(key) & m->mask;
+    for (;;) {
+        uint64_t k = m->keys[i];
+        if (k == key) {
+            *rank = m->rank[i];
+            *merged = m->merged[i];
+            return 1;
+        }
+        if (k == UINT64_MAX) return 0;
+        i = (i + 1) & m->mask;
+    }
+}
+
+/* ---- regexes ---------------------------------------------------------------- */
+
+#define WS_CLASS "\\x{9}-\\x{d}\\x{20}\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}"
+
+/* Rewrites \s and \S (outside classes) and \s (inside classes) to White_Space. */
+static char *regex_rewrite_ws(const char *pat, size_t n, mt_error *err) {
+    size_t cap = n * (sizeof(WS_CLASS) + 4) + 1;
+    char *out = mt_malloc(cap, "tokenizer regex", err);
+    if (!out) return NULL;
+    size_t o = 0;
+    int in_class = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = pat[i];
+        if (c == '\\' && i + 1 < n) {
+            char d = pat[i + 1];
+            if (d == 's' || (d == 'S' && !in_class)) {
+                const char *open = in_class ? "" : (d == 's' ? "[" : "[^");
+                const char *close = in_class ? "" : "]";
+                o += (size_t)sprintf(out + o, "%s%s%s", open, WS_CLASS, close);
+            } else {
+                out[o++] = c;
+                out[o++] = d;
+            }
+            i++;
+            continue;
+        }
+        if (!in_class && c == '[') {
+            in_class = 1;
+            out[o++] = c;
+            if (i + 1 < n && pat[i + 1] == '^') out[o++] = pat[++i];
+            if (i + 1 < n && pat[i + 1] == ']') out[o++] = pat[++i]; /* a leading ] is literal */
+            continue;
+        }
+        if (in_class && c == ']') in_class = 0;
+        out[o++] = c;
+    }
+    out[o] = '\0';
+    return out;
+}
+
+static mt_status regex_compile(const char *source, const char *pat, size_t n, int literal,
+                               pcre2_code **out, mt_error *err) {
+    char *rw = NULL;
+    const char *use = pat;
+    size_t use_len = n;
+    if (!literal) {
+        rw = regex_rewrite_ws(pat, n, err);
+        if (!rw) return MT_ERR_NOMEM;
+        use = rw;
+        use_len = strlen(rw);
+    }
+    int code;
+    PCRE2_SIZE off;
+    uint32_t opts = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)use, use_len, opts, &code, &off, NULL);
+    free(rw);
+    if (!re) {
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(code, msg, sizeof msg);
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: regex /%.*s/ does not compile (at offset %zu of its White_Space form): %s",
+                            source, (int)(n > 200 ? 200 : n), pat, (size_t)off, (const char *)msg);
+    }
+    (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* the interpreter serves when JIT is absent */
+    *out = re;
+    return MT_OK;
+}
+
+/* llama.cpp's pre-tokenizer names and the splits they stand for */
+static const char RE_GPT2[] =
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+static const char RE_LLAMA3[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char RE_QWEN2[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+/* ---- freeing ------------------------------------------------------------------ */
+
+void mt_tokenizer_free(mt_tokenizer *tok) {
+    if (!tok) return;
+    if (tok->text)
+        for (int32_t i = 0; i < tok->n_ids; i++) free(tok->text[i]);
+    free(tok->text);
+    free(tok->text_len);
+    free(tok->special);
+    free(tok->vocab.slots);
+    free(tok->merges.keys);
+    free(tok->merges.rank);
+    free(tok->merges.merged);
+    for (size_t i = 0; i < tok->n_added; i++) free(tok->added[i].content);
+    free(tok->added);
+    free(tok->added_order);
+    for (int i = 0; i < tok->n_norm; i++) {
+        free(tok->norm[i].a);
+        free(tok->norm[i].b);
+    }
+    for (int i = 0; i < tok->n_pre; i++) pcre2_code_free(tok->pre[i].re);
+    for (int i = 0; i < tok->n_dec; i++) {
+        free(tok->dec[i].a);
+        free(tok->dec[i].b);
+    }
+    free(tok->chat_template);
+    free(tok->source);
+    free(tok);
+}
+
+static char *dup_n(const char *s, size_t n, mt_error *err) {
+    char *p = mt_malloc(n + 1, "tokenizer string", err);
+    if (!p) return NULL;
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+static mt_tokenizer *tok_new(const char *source, mt_error *err) {
+    mt_tokenizer *tok = mt_calloc(1, sizeof *tok, "tokenizer", err);
+    if (!tok) return NULL;
+    tok->source = mt_strdup(source, "tokenizer path", err);
+    if (!tok->source) {
+        free(tok);
+        return NULL;
+    }
+    tok->unk = tok->bos = tok->eos = tok->pad = -1;
+    return tok;
+}
+
+static mt_status ids_alloc(mt_tokenizer *tok, int32_t n, mt_error *err) {
+    tok->n_ids = n;
+    tok->text = mt_calloc((size_t)n + 1, sizeof(char *), "tokenizer vocabulary", err);
+    tok->text_len = mt_calloc((size_t)n + 1, sizeof(uint32_t), "tokenizer vocabulary", err);
+    tok->special = mt_calloc((size_t)n + 1, 1, "tokenizer vocabulary", err);
+    return (tok->text && tok->text_len && tok->special) ? MT_OK : MT_ERR_NOMEM;
+}
+
+static mt_status set_text(mt_tokenizer *tok, int32_t id, const char *s, size_t n, mt_error *err) {
+    if (tok->text[id]) return MT_OK; /* an added token naming a vocab entry keeps it */
+    tok->text[id] = dup_n(s, n, err);
+    if (!tok->text[id]) return MT_ERR_NOMEM;
+    tok->text_len[id] = (uint32_t)n;
+    return MT_OK;
+}
+
+/* Tables that follow from the vocabulary: byte alphabet ids, <0xNN> ids, the
+ * first-byte index of the added tokens matched on raw text. */
+static mt_status finish_tables(mt_tokenizer *tok, mt_error *err) {
+    for (int i = 0; i < 324; i++) tok->cp_byte[i] = -1;
+    for (int b = 0; b < 256; b++) {
+        tok->byte_cp[b] = (uint16_t)byte_to_cp(b);
+        tok->cp_byte[tok->byte_cp[b]] = (int16_t)b;
+    }
+    for (int b = 0; b < 256; b++) {
+        char s[8];
+        size_t n = utf8_put(s, byte_to_cp(b));
+        tok->byte_id[b] = vocab_find(tok, s, n);
+        snprintf(s, sizeof s, "<0x%02X>", b);
+        tok->fallback_id[b] = vocab_find(tok, s, 6);
+    }
+    tok->added_order = mt_calloc(tok->n_added + 1, sizeof(uint32_t), "tokenizer added tokens", err);
+    if (!tok->added_order) return MT_ERR_NOMEM;
+    size_t k = 0;
+    for (int b = 0; b < 256; b++) {
+        tok->added_first[b] = (uint32_t)k;
+        size_t first = k;
+        for (size_t i = 0; i < tok->n_added; i++) {
+            const added_token *a = &tok->added[i];
+            if (a->len == 0 || (unsigned char)a->content[0] != b) continue;
+            if (a->normalized && tok->n_norm > 0) continue;
+            size_t j = k++;
+            while (j > first && tok->added[tok->added_order[j - 1]].len < a->len) {
+                tok->added_order[j] = tok->added_order[j - 1];
+                j--;
+            }
+            tok->added_order[j] = (uint32_t)i;
+        }
+    }
+    tok->added_first[256] = (uint32_t)k;
+    tok->has_normalized_added = 0;
+    for (size_t i = 0; i < tok->n_added; i++)
+        if (tok->added[i].normalized && tok->n_norm > 0 && tok->added[i].len) tok->has_normalized_added = 1;
+    return MT_OK;
+}
+
+/* ---- tokenizer.json ----------------------------------------------------------- */
+
+static const char *jstr(json_t *obj, const char *key) {
+    json_t *v = json_object_get(obj, key);
+    return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+static int jbool(json_t *obj, const char *key, int dflt) {
+    json_t *v = json_object_get(obj, key);
+    return json_is_boolean(v) ? json_is_true(v) : dflt;
+}
+
+/* A pattern object {"String": s} or {"Regex": r} */
+static mt_status json_pattern(const char *path, json_t *p, const char **s, size_t *n, int *is_regex,
+                              mt_error *err) {
+    json_t *v;
+    if ((v = json_object_get(p, "String")) && json_is_string(v)) *is_regex = 0;
+    else if ((v = json_object_get(p, "Regex")) && json_is_string(v)) *is_regex = 1;
+    else return mt_error_set(err, MT_ERR_FORMAT, "%s: pattern must be {\"String\": ...} or {\"Regex\": ...}", path);
+    *s = json_string_value(v);
+    *n = json_string_length(v);
+    return MT_OK;
+}
+
+static mt_status parse_normalizer(mt_tokenizer *tok, json_t *n, mt_error *err) {
+    if (!n || json_is_null(n)) return MT_OK;
+    const char *type = jstr(n, "type");
+    if (!type) return mt_error_set(err, MT_ERR_FORMAT, "%s: normalizer without a \"type\"", tok->source);
+    if (strcmp(type, "Sequence") == 0) {
+        json_t *list = json_object_get(n, "normalizers");
+        if (!json_is_array(list))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: Sequence normalizer without \"normalizers\"", tok->source);
+        size_t i;
+        json_t *e;
+        json_array_foreach(list, i, e) {
+            mt_status st = parse_normalizer(tok, e, err);
+            if (st) return st;
+        }
+        return MT_OK;
+    }
+    if (tok->n_norm >= MT_TOK_MAX_STAGES)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: more than %d normalizers", tok->source, MT_TOK_MAX_STAGES);
+    norm_stage *s = &tok->norm[tok->n_norm];
+    if (strcmp(type, "Prepend") == 0) {
+        json_t *p = json_object_get(n, "prepend");
+        if (!json_is_string(p)) return mt_error_set(err, MT_ERR_FORMAT, "%s: Prepend normalizer without \"prepend\"", tok->source);
+        s->type = NORM_PREPEND;
+        s->alen = json_string_length(p);
+        if (!(s->a = dup_n(json_string_value(p), s->alen, err))) return MT_ERR_NOMEM;
+    } else if (strcmp(type, "Replace") == 0) {
+        const char *pat = NULL;
+        size_t plen = 0;
+        int is_regex = 0;
+        mt_status st = json_pattern(tok->source, json_object_get(n, "pattern"), &pat, &plen, &is_regex, err);
+        if (st) return st;
+        json_t *c = json_object_get(n, "content");
+        if (is_regex || !json_is_string(c) || plen == 0)
+            return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: Replace normalizer: only a non-empty String pattern and a string content are supported", tok->source);
+        s->type = NORM_REPLACE;
+        s->alen = plen;
+        s->blen = json_string_length(c);
+        if (!(s->a = dup_n(pat, plen, err)) || !(s->b = dup_n(json_string_value(c), s->blen, err))) return MT_ERR_NOMEM;
+    } else if (strcmp(type, "NFC") == 0) {
+        s->type = NORM_NFC; /* text below U+0300 is its own NFC form; beyond that encode refuses */
+    } else {
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: normalizer type \"%s\" is not supported (Prepend, Replace, NFC, Sequence are)", tok->source, type);
+    }
+    tok->n_norm++;
+    return MT_OK;
+}
+
+static mt_status parse_split_behavior(const char *path, const char *b, int *out, mt_error *err) {
+    static const struct { const char *name; int v; } names[] = {
+        {"Removed", SPLIT_REMOVED}, {"Isolated", SPLIT_ISOLATED}, {"MergedWithPrevious", SPLIT_MERGED_PREV},
+        {"MergedWithNext", SPLIT_MERGED_NEXT}, {"Contiguous", SPLIT_CONTIGUOUS}};
+    for (size_t i = 0; b && i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(b, names[i].name) == 0) {
+            *out = names[i].v;
+            return MT_OK;
+        }
+    return mt_error_set(err, MT_ERR_FORMAT, "%s: Split behavior \"%s\" is not one of Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous", path, b ? b : "(none)");
+}
+
+static mt_status parse_prepend_scheme(const char *path, json_t *obj, int *out, mt_error *err) {
+    const char *s = jstr(obj, "prepend_scheme");
+    if (!s) {
+        *out = jbool(obj, "add_prefix_space", 1) ? PREPEND_ALWAYS : PREPEND_NEVER;
+        return MT_OK;
+    }
+    if (strcmp(s, "always") == 0) *out = PREPEND_ALWAYS;
+    else if (strcmp(s, "first") == 0) *out = PREPEND_FIRST;
+    else if (strcmp(s, "never") == 0) *out = PREPEND_NEVER;
+    else return mt_error_set(err, MT_ERR_FORMAT, "%s: prepend_scheme \"%s\" is not always, first or never", path, s);
+    return MT_OK;
+}
+
+static mt_status parse_replacement(const char *path, json_t *obj, char *buf, size_t *len, mt_error *err) {
+    const char *r = jstr(obj, "replacement");
+    if (!r) r = "\xE2\x96\x81";
+    size_t n = strlen(r);
+    if (n == 0 || n > 4 || utf8_valid_len((const unsigned char *)r, n) != n)
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: Metaspace replacement must be one character", path);
+    memcpy(buf, r, n);
+    *len = n;
+    return MT_OK;
+}
+
+static mt_status parse_pre_tokenizer(mt_tokenizer *tok, json_t *p, mt_error *err) {
+    if (!p || json_is_null(p)) return MT_OK;
+    const char *type = jstr(p, "type");
+    if (!type) return mt_error_set(err, MT_ERR_FORMAT, "%s: pre_tokenizer without a \"type\"", tok->source);
+    if (strcmp(type, "Sequence") == 0) {
+        json_t *list = json_object_get(p, "pretokenizers");
+        if (!json_is_array(list))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: Sequence pre_tokenizer without \"pretokenizers\"", tok->source);
+        size_t i;
+        json_t *e;
+        json_array_foreach(list, i, e) {
+            mt_status st = parse_pre_tokenizer(tok, e, err);
+            if (st) return st;
+        }
+        return MT_OK;
+    }
+    if (tok->byte_level)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: a pre_tokenizer (%s) after ByteLevel is not supported", tok->source, type);
+    if (tok->n_pre >= MT_TOK_MAX_STAGES)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: more than %d pre_tokenizers", tok->source, MT_TOK_MAX_STAGES);
+    pt_stage *s = &tok->pre[tok->n_pre];
+    mt_status st = MT_OK;
+    if (strcmp(type, "Split") == 0) {
+        const char *pat = NULL;
+        size_t plen = 0;
+        int is_regex = 0;
+        if ((st = json_pattern(tok->source, json_object_get(p, "pattern"), &pat, &plen, &is_regex, err))) return st;
+        if ((st = parse_split_behavior(tok->source, jstr(p, "behavior"), &s->behavior, err))) return st;
+        s->type = PT_SPLIT;
+        s->invert = jbool(p, "invert", 0);
+        st = regex_compile(tok->source, pat, plen, !is_regex, &s->re, err);
+    } else if (strcmp(type, "Digits") == 0) {
+        s->type = PT_SPLIT;
+        s->behavior = SPLIT_ISOLATED;
+        const char *re = jbool(p, "individual_digits", 0) ? "\\p{N}" : "\\p{N}+";
+        st = regex_compile(tok->source, re, strlen(re), 0, &s->re, err);
+    } else if (strcmp(type, "ByteLevel") == 0) {
+        s->type = PT_BYTELEVEL;
+        s->add_prefix_space = jbool(p, "add_prefix_space", 1);
+        s->behavior = SPLIT_ISOLATED;
+        if (jbool(p, "use_regex", 1)) st = regex_compile(tok->source, RE_GPT2, strlen(RE_GPT2), 0, &s->re, err);
+        tok->byte_level = 1;
+    } else if (strcmp(type, "Metaspace") == 0) {
+        s->type = PT_METASPACE;
+        s->split = jbool(p, "split", 1);
+        if ((st = parse_replacement(tok->source, p, s->repl, &s->repl_len, err))) return st;
+        st = parse_prepend_scheme(tok->source, p, &s->prepend_scheme, err);
+    } else {
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: pre_tokenizer type \"%s\" is not supported (Split, Digits, ByteLevel, Metaspace, Sequence are)", tok->source, type);
+    }
+    if (st) return st;
+    tok->n_pre++;
+    return MT_OK;
+}
+
+static mt_status parse_decoder(mt_tokenizer *tok, json_t *d, mt_error *err) {
+    if (!d || json_is_null(d)) return MT_OK;
+    const char *type = jstr(d, "type");
+    if (!type) return mt_error_set(err, MT_ERR_FORMAT, "%s: decoder without a \"type\"", tok->source);
+    tok->has_decoder = 1;
+    if (strcmp(type, "Sequence") == 0) {
+        json_t *list = json_object_get(d, "decoders");
+        if (!json_is_array(list)) return mt_error_set(err, MT_ERR_FORMAT, "%s: Sequence decoder without \"decoders\"", tok->source);
+        size_t i;
+        json_t *e;
+        json_array_foreach(list, i, e) {
+            mt_status st = parse_decoder(tok, e, err);
+            if (st) return st;
+        }
+        return MT_OK;
+    }
+    if (tok->n_dec >= MT_TOK_MAX_STAGES)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: more than %d decoders", tok->source, MT_TOK_MAX_STAGES);
+    dec_stage *s = &tok->dec[tok->n_dec];
+    if (strcmp(type, "ByteLevel") == 0) s->type = DEC_BYTELEVEL;
+    else if (strcmp(type, "ByteFallback") == 0) s->type = DEC_BYTEFALLBACK;
+    else if (strcmp(type, "Fuse") == 0) s->type = DEC_FUSE;
+    else if (strcmp(type, "Replace") == 0) {
+        const char *pat = NULL;
+        size_t plen = 0;
+        int is_regex = 0;
+        mt_status st = json_pattern(tok->source, json_object_get(d, "pattern"), &pat, &plen, &is_regex, err);
+        if (st) return st;
+        json_t *c = json_object_get(d, "content");
+        if (is_regex || !json_is_string(c) || plen == 0)
+            return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: Replace decoder: only a non-empty String pattern is supported", tok->source);
+        s->type = DEC_REPLACE;
+        s->alen = plen;
+        s->blen = json_string_length(c);
+        if (!(s->a = dup_n(pat, plen, err)) || !(s->b = dup_n(json_string_value(c), s->blen, err))) return MT_ERR_NOMEM;
+    } else if (strcmp(type, "Strip") == 0) {
+        const char *c = jstr(d, "content");
+        json_t *start = json_object_get(d, "start"), *stop = json_object_get(d, "stop");
+        if (!c || !json_is_integer(start) || !json_is_integer(stop) ||
+            utf8_valid_len((const unsigned char *)c, strlen(c)) != strlen(c) || !*c)
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: Strip decoder needs a one-character \"content\", \"start\" and \"stop\"", tok->source);
+        s->type = DEC_STRIP;
+        s->alen = strlen(c);
+        if (!(s->a = dup_n(c, s->alen, err))) return MT_ERR_NOMEM;
+        s->start = (int)json_integer_value(start);
+        s->stop = (int)json_integer_value(stop);
+    } else if (strcmp(type, "Metaspace") == 0) {
+        char r[8];
+        size_t rl;
+        mt_status st = parse_replacement(tok->source, d, r, &rl, err);
+        if (!st) st = parse_prepend_scheme(tok->source, d, &s->prepend_scheme, err);
+        if (st) return st;
+        s->type = DEC_METASPACE;
+        s->alen = rl;
+        if (!(s->a = dup_n(r, rl, err))) return MT_ERR_NOMEM;
+    } else {
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: decoder type \"%s\" is not supported (ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, Sequence are)", tok->source, type);
+    }
+    tok->n_dec++;
+    return MT_OK;
+}
+
+/* The ids a TemplateProcessing "single" template puts before and after $A. */
+static mt_status parse_post_processor(mt_tokenizer *tok, json_t *p, mt_error *err) {
+    if (!p || json_is_null(p)) return MT_OK;
+    const char *type = jstr(p, "type");
+    if (!type) return mt_error_set(err, MT_ERR_FORMAT, "%s: post_processor without a \"type\"", tok->source);
+    if (strcmp(type, "Sequence") == 0) {
+        json_t *list = json_object_get(p, "processors");
+        size_t i;
+        json_t *e;
+        json_array_foreach(list, i, e) {
+            mt_status st = parse_post_processor(tok, e, err);
+            if (st) return st;
+        }
+        return MT_OK;
+    }
+    if (strcmp(type, "ByteLevel") == 0) return MT_OK; /* offsets only */
+    if (strcmp(type, "TemplateProcessing") != 0)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: post_processor type \"%s\" is not supported (TemplateProcessing, ByteLevel, Sequence are)", tok->source, type);
+    json_t *single = json_object_get(p, "single"), *specials = json_object_get(p, "special_tokens");
+    if (!json_is_array(single)) return mt_error_set(err, MT_ERR_FORMAT, "%s: TemplateProcessing without \"single\"", tok->source);
+    int seen_a = 0;
+    tok->n_prefix = tok->n_suffix = 0;
+    size_t i;
+    json_t *e;
+    json_array_foreach(single, i, e) {
+        if (json_object_get(e, "Sequence")) {
+            seen_a = 1;
+            continue;
+        }
+        json_t *st = json_object_get(e, "SpecialToken");
+        const char *name = st ? jstr(st, "id") : NULL;
+        json_t *entry = name ? json_object_get(specials, name) : NULL;
+        json_t *ids = json_object_get(entry, "ids");
+        if (!json_is_array(ids))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: TemplateProcessing names special token \"%s\" that special_tokens does not define", tok->source, name ? name : "?");
+        size_t k;
+        json_t *idv;
+        json_array_foreach(ids, k, idv) {
+            json_int_t id = json_integer_value(idv);
+            if (!json_is_integer(idv) || id < 0 || id >= tok->n_ids)
+                return mt_error_set(err, MT_ERR_FORMAT, "%s: TemplateProcessing special token \"%s\" has an id outside the vocabulary", tok->source, name);
+            int32_t *dst = seen_a ? tok->suffix : tok->prefix;
+            int *n = seen_a ? &tok->n_suffix : &tok->n_prefix;
+            if (*n >= 4) return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: more than 4 template special tokens on one side", tok->source);
+            dst[(*n)++] = (int32_t)id;
+        }
+    }
+    return MT_OK;
+}
+
+static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
+    const char *path = tok->source;
+    json_t *model = json_object_get(root, "model");
+    if (!json_is_object(model)) return mt_error_set(err, MT_ERR_FORMAT, "%s: no \"model\" object", path);
+    const char *type = jstr(model, "type");
+    if (type && strcmp(type, "BPE") != 0)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: model type \"%s\" is not supported (only BPE is)", path, type);
+    json_t *vocab = json_object_get(model, "vocab"), *merges = json_object_get(model, "merges");
+    if (!json_is_object(vocab)) return mt_error_set(err, MT_ERR_FORMAT, "%s: model has no \"vocab\" object", path);
+    if (!type && !json_is_array(merges))
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: model has no \"type\" and no \"merges\"; only BPE is supported", path);
+    if (merges && !json_is_array(merges)) return mt_error_set(err, MT_ERR_FORMAT, "%s: model \"merges\" is not an array", path);
+    const char *csp = jstr(model, "continuing_subword_prefix"), *eows = jstr(model, "end_of_word_suffix");
+    if ((csp && *csp) || (eows && *eows))
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: BPE continuing_subword_prefix / end_of_word_suffix are not supported", path);
+    json_t *dropout = json_object_get(model, "dropout");
+    if (json_is_number(dropout) && json_number_value(dropout) > 0.0)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: BPE dropout is not supported when encoding", path);
+    tok->byte_fallback = jbool(model, "byte_fallback", 0);
+    tok->fuse_unk = jbool(model, "fuse_unk", 0);
+    tok->ignore_merges = jbool(model, "ignore_merges", 0);
+
+    /* ids: the vocab's and the added tokens' together */
+    json_int_t max_id = -1;
+    const char *key;
+    json_t *v;
+    json_object_foreach(vocab, key, v) {
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > INT32_MAX - 2)
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: vocab entry \"%s\" has no valid id", path, key);
+        if (json_integer_value(v) > max_id) max_id = json_integer_value(v);
+    }
+    json_t *added = json_object_get(root, "added_tokens");
+    if (added && !json_is_array(added)) return mt_error_set(err, MT_ERR_FORMAT, "%s: \"added_tokens\" is not an array", path);
+    size_t i;
+    json_t *e;
+    json_array_foreach(added, i, e) {
+        json_t *id = json_object_get(e, "id");
+        if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) > INT32_MAX - 2 || !jstr(e, "content"))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: added_tokens[%zu] needs an \"id\" and a \"content\"", path, i);
+        if (json_integer_value(id) > max_id) max_id = json_integer_value(id);
+    }
+    if (max_id < 0) return mt_error_set(err, MT_ERR_FORMAT, "%s: the vocabulary is empty", path);
+    mt_status st = ids_alloc(tok, (int32_t)max_id + 1, err);
+    if (st) return st;
+    json_object_foreach(vocab, key, v) {
+        int32_t id = (int32_t)json_integer_value(v);
+        if (tok->text[id])
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: vocab id %d is given to both \"%s\" and \"%s\"", path, id, tok->text[id], key);
+        if ((st = set_text(tok, id, key, strlen(key), err))) return st;
+    }
+    size_t n_added = json_array_size(added);
+    tok->added = mt_calloc(n_added + 1, sizeof(added_token), "tokenizer added tokens", err);
+    if (!tok->added) return MT_ERR_NOMEM;
+    json_array_foreach(added, i, e) {
+        added_token *a = &tok->added[tok->n_added++];
+        json_t *c = json_object_get(e, "content");
+        a->id = (int32_t)json_integer_value(json_object_get(e, "id"));
+        a->len = json_string_length(c);
+        if (!(a->content = dup_n(json_string_value(c), a->len, err))) return MT_ERR_NOMEM;
+        a->special = jbool(e, "special", 0);
+        a->lstrip = jbool(e, "lstrip", 0);
+        a->rstrip = jbool(e, "rstrip", 0);
+        a->single_word = jbool(e, "single_word", 0);
+        a->normalized = jbool(e, "normalized", !a->special);
+        if ((st = set_text(tok, a->id, a->content, a->len, err))) return st;
+        if (a->special) tok->special[a->id] = 1;
+    }
+    if ((st = vocab_build(tok, err))) return st;
+
+    const char *unk = jstr(model, "unk_token");
+    if (unk) {
+        tok->unk = vocab_find(tok, unk, strlen(unk));
+        if (tok->unk < 0) return mt_error_set(err, MT_ERR_FORMAT, "%s: unk_token \"%s\" is not in the vocab", path, unk);
+    }
+
+    size_t n_merges = json_array_size(merges);
+    if ((st = merges_init(&tok->merges, n_merges, err))) return st;
+    char *cat = NULL;
+    size_t cat_cap = 0;
+    json_array_foreach(merges, i, e) {
+        const char *a, *b;
+        size_t al, bl;
+        if (json_is_string(e)) {
+            a = json_string_value(e);
+            const char *sp = strchr(a, ' ');
+            if (!sp || sp == a || !sp[1]) {
+                free(cat);
+                return mt_error_set(err, MT_ERR_FORMAT, "%s: merge %zu (\"%s\") is not two tokens separated by a space", path, i, a);
+            }
+            al = (size_t)(sp - a);
+            b = sp + 1;
+            bl = strlen(b);
+        } else if (json_is_array(e) && json_array_size(e) == 2 && json_is_string(json_array_get(e, 0)) &&
+                   json_is_string(json_array_get(e, 1))) {
+            a = json_string_value(json_array_get(e, 0));
+            b = json_string_value(json_array_get(e, 1));
+            al = json_string_length(json_array_get(e, 0));
+            bl = json_string_length(json_array_get(e, 1));
+        } else {
+            free(cat);
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: merge %zu is neither \"a b\" nor [\"a\", \"b\"]", path, i);
+        }
+        int32_t ia = vocab_find(tok, a, al), ib = vocab_find(tok, b, bl);
+        if (al + bl + 1 > cat_cap) {
+            free(cat);
+            cat_cap = (al + bl + 1) * 2;
+            if (!(cat = mt_malloc(cat_cap, "tokenizer merge", err))) return MT_ERR_NOMEM;
+        }
+        memcpy(cat, a, al);
+        memcpy(cat + al, b, bl);
+        int32_t im = vocab_find(tok, cat, al + bl);
+        if (ia < 0 || ib < 0 || im < 0) {
+            const char *which = ia < 0 ? a : ib < 0 ? b : cat;
+            int wl = (int)(ia < 0 ? al : ib < 0 ? bl : al + bl);
+            mt_error_set(err, MT_ERR_FORMAT, "%s: merge %zu (\"%.*s\" + \"%.*s\") names a token not in the vocab: \"%.*s\"",
+                         path, i, (int)al, a, (int)bl, b, wl, which);
+            free(cat);
+            return MT_ERR_FORMAT;
+        }
+        merges_put(&tok->merges, ia, ib, (int32_t)i, im);
+    }
+    free(cat);
+    return MT_OK;
+}
+
+static int32_t config_token(const mt_tokenizer *tok, json_t *cfg, const char *key, int *present) {
+    json_t *v = json_object_get(cfg, key);
+    *present = v != NULL;
+    if (json_is_object(v)) v = json_object_get(v, "content");
+    if (!json_is_string(v)) return -1;
+    return vocab_find(tok, json_string_value(v), json_string_length(v));
+}
+
+static mt_status apply_config(mt_tokenizer *tok, const char *cfg_path, mt_error *err) {
+    /* defaults from the post-processor template */
+    if (tok->n_prefix) tok->bos = tok->prefix[0];
+    if (tok->n_suffix) tok->eos = tok->suffix[tok->n_suffix - 1];
+    if (!cfg_path) return MT_OK;
+    char *buf;
+    size_t len;
+    mt_status st = mt_read_file(cfg_path, &buf, &len, err);
+    if (st) return st;
+    json_error_t je;
+    /* model_max_length is often 1e30 written as an integer: read numbers as reals */
+    json_t *cfg = json_loadb(buf, len, JSON_REJECT_DUPLICATES | JSON_DECODE_INT_AS_REAL, &je);
+    free(buf);
+    if (!json_is_object(cfg)) {
+        json_decref(cfg);
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: not a JSON object (line %d, column %d: %s)", cfg_path, je.line, je.column, je.text);
+    }
+    int present;
+    int32_t id = config_token(tok, cfg, "bos_token", &present);
+    if (present) tok->bos = id;
+    id = config_token(tok, cfg, "eos_token", &present);
+    if (present) tok->eos = id;
+    id = config_token(tok, cfg, "pad_token", &present);
+    if (present) tok->pad = id;
+    json_t *ab = json_object_get(cfg, "add_bos_token"), *ae = json_object_get(cfg, "add_eos_token");
+    if (json_is_boolean(ab)) {
+        tok->n_prefix = 0;
+        if (json_is_true(ab) && tok->bos >= 0) tok->prefix[tok->n_prefix++] = tok->bos;
+    }
+    if (json_is_boolean(ae)) {
+        tok->n_suffix = 0;
+        if (json_is_true(ae) && tok->eos >= 0) tok->suffix[tok->n_suffix++] = tok->eos;
+    }
+    json_t *ct = json_object_get(cfg, "chat_template");
+    const char *tmpl = NULL;
+    if (json_is_string(ct)) tmpl = json_string_value(ct);
+    else if (json_is_array(ct)) { /* [{"name": ..., "template": ...}]: "default", else the first */
+        size_t i;
+        json_t *e;
+        json_array_foreach(ct, i, e) {
+            const char *name = jstr(e, "name");
+            if (!tmpl || (name && strcmp(name, "default") == 0)) tmpl = jstr(e, "template");
+        }
+    }
+    if (tmpl && !(tok->chat_template = mt_strdup(tmpl, "chat template", err))) st = MT_ERR_NOMEM;
+    json_decref(cfg);
+    return st;
+}
+
+mt_status mt_tokenizer_load_json(const char *tokenizer_json, const char *tokenizer_config,
+                                 mt_tokenizer **out, mt_error *err) {
+    *out = NULL;
+    char *buf;
+    size_t len;
+    mt_status st = mt_read_file(tokenizer_json, &buf, &len, err);
+    if (st) return st;
+    json_error_t je;
+    json_t *root = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &je);
+    free(buf);
+    if (!root) return mt_error_set(err, MT_ERR_FORMAT, "%s: not valid JSON (line %d, column %d: %s)", tokenizer_json, je.line, je.column, je.text);
+    if (!json_is_object(root)) {
+        json_decref(root);
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: not a JSON object", tokenizer_json);
+    }
+    mt_tokenizer *tok = tok_new(tokenizer_json, err);
+    if (!tok) {
+        json_decref(root);
+        return MT_ERR_NOMEM;
+    }
+    st = parse_model(tok, root, err);
+    if (!st) st = parse_normalizer(tok, json_object_get(root, "normalizer"), err);
+    if (!st) st = parse_pre_tokenizer(tok, json_object_get(root, "pre_tokenizer"), err);
+    if (!st) st = parse_decoder(tok, json_object_get(root, "decoder"), err);
+    if (!st) st = parse_post_processor(tok, json_object_get(root, "post_processor"), err);
+    json_decref(root);
+    if (!st) st = finish_tables(tok, err);
+    if (!st) st = apply_config(tok, tokenizer_config, err);
+    if (st) {
+        mt_tokenizer_free(tok);
+        return st;
+    }
+    tok->family = tok->byte_level ? MT_TOK_BYTE_LEVEL_BPE : MT_TOK_SENTENCEPIECE_BPE;
+    *out = tok;
+    return MT_OK;
+}
+
+static int file_exists(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
+mt_status mt_tokenizer_load_dir(const char *dir, mt_tokenizer **out, mt_error *err) {
+    *out = NULL;
+    char *tj = mt_path_join(dir, "tokenizer.json", err);
+    char *tc = tj ? mt_path_join(dir, "tokenizer_config.json", err) : NULL;
+    char *jj = tc ? mt_path_join(dir, "chat_template.jinja", err) : NULL;
+    mt_status st = jj ? MT_OK : MT_ERR_NOMEM;
+    if (!st) st = mt_tokenizer_load_json(tj, file_exists(tc) ? tc : NULL, out, err);
+    if (!st && !(*out)->chat_template && file_exists(jj)) {
+        char *t;
+        size_t n;
+        st = mt_read_file(jj, &t, &n, err);
+        if (!st) (*out)->chat_template = t;
+    }
+    if (st && *out) {
+        mt_tokenizer_free(*out);
+        *out = NULL;
+    }
+    free(tj);
+    free(tc);
+    free(jj);
+    return st;
+}
+
+/* ---- GGUF ------------------------------------------------------------------------ */
+
+static int gguf_bool(const mt_gguf *g, const char *key, int dflt) {
+    const mt_gguf_value *v = mt_gguf_get(g, key);
+    if (!v) return dflt;
+    if (v->type == MT_GGUF_BOOL) return v->num.boolean != 0;
+    if (v->type <= MT_GGUF_INT32 || v->type >= MT_GGUF_UINT64) return v->num.u64 != 0;
+    return dflt;
+}
+
+static int32_t gguf_id(const mt_gguf *g, const char *key, int32_t n_ids) {
+    int64_t v;
+    if (!mt_gguf_get(g, key) || mt_gguf_get_int(g, key, &v, NULL) != MT_OK) return -1;
+    return (v >= 0 && v < n_ids) ? (int32_t)v : -1;
+}
+
+static int64_t arr_int(const mt_gguf_value *v, uint64_t i) {
+    const unsigned char *p = v->arr_data;
+    switch (v->arr_type) {
+    case MT_GGUF_INT32: { int32_t x; memcpy(&x, p + 4 * i, 4); return x; }
+    case MT_GGUF_UINT32: { uint32_t x; memcpy(&x, p + 4 * i, 4); return x; }
+    case MT_GGUF_INT8: return ((const int8_t *)p)[i];
+    case MT_GGUF_UINT8: return p[i];
+    case MT_GGUF_INT16: { int16_t x; memcpy(&x, p + 2 * i, 2); return x; }
+    case MT_GGUF_UINT16: { uint16_t x; memcpy(&x, p + 2 * i, 2); return x; }
+    case MT_GGUF_INT64: case MT_GGUF_UINT64: { int64_t x; memcpy(&x, p + 8 * i, 8); return x; }
+    default: return 0;
+    }
+}
+
+static double arr_float(const mt_gguf_value *v, uint64_t i) {
+    const unsigned char *p = v->arr_data;
+    if (v->arr_type == MT_GGUF_FLOAT32) { float x; memcpy(&x, p + 4 * i, 4); return x; }
+    if (v->arr_type == MT_GGUF_FLOAT64) { double x; memcpy(&x, p + 8 * i, 8); return x; }
+    return (double)arr_int(v, i);
+}
+
+static mt_status add_stage_regex(mt_tokenizer *tok, const char *re, int type, mt_error *err) {
+    pt_stage *s = &tok->pre[tok->n_pre];
+    s->type = type;
+    s->behavior = SPLIT_ISOLATED;
+    mt_status st = regex_compile(tok->source, re, strlen(re), 0, &s->re, err);
+    if (!st) tok->n_pre++;
+    return st;
+}
+
+/* Merges for a SentencePiece vocabulary without a merge list: every split of a token
+ * into two tokens merges into it, ranked by the token's score (higher first). */
+typedef struct scored { double score; int32_t id; } scored;
+static int cmp_score(const void *a, const void *b) {
+    const scored *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+static mt_status merges_from_scores(mt_tokenizer *tok, const mt_gguf *g, mt_error *err) {
+    const mt_gguf_value *sv = mt_gguf_get(g, "tokenizer.ggml.scores");
+    if (!sv || sv->type != MT_GGUF_ARRAY || sv->arr_len != (uint64_t)tok->n_ids)
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: tokenizer.ggml.merges is absent and tokenizer.ggml.scores does not give one score per token", tok->source);
+    double *scores = mt_malloc((size_t)tok->n_ids * sizeof(double), "token scores", err);
+    scored *order = mt_malloc((size_t)tok->n_ids * sizeof(scored), "token scores", err);
+    mt_status st = (scores && order) ? MT_OK : MT_ERR_NOMEM;
+    size_t n_pairs = 0;
+    if (!st) {
+        for (int32_t i = 0; i < tok->n_ids; i++) {
+            scores[i] = arr_float(sv, (uint64_t)i);
+            order[i] = (scored){scores[i], i};
+            n_pairs += tok->text_len[i];
+        }
+        qsort(order, (size_t)tok->n_ids, sizeof(scored), cmp_score);
+        st = merges_init(&tok->merges, n_pairs, err);
+    }
+    for (int32_t r = 0; !st && r < tok->n_ids; r++) {
+        int32_t id = order[r].id;
+        const char *t = tok->text[id];
+        size_t n = tok->text_len[id];
+        if (!t || tok->special[id]) continue;
+        for (size_t k = 1; k < n; k++) {
+            if (((unsigned char)t[k] & 0xC0) == 0x80) continue;
+            int32_t a = vocab_find(tok, t, k), b = vocab_find(tok, t + k, n - k);
+            if (a >= 0 && b >= 0) {
+                int32_t rk, m;
+                if (!merges_get(&tok->merges, a, b, &rk, &m)) merges_put(&tok->merges, a, b, r, id);
+            }
+        }
+    }
+    free(scores);
+    free(order);
+    return st;
+}
+
+mt_status mt_tokenizer_load_gguf(const char *gguf_path, mt_tokenizer **out, mt_error *err) {
+    *out = NULL;
+    mt_gguf *g;
+    mt_status st = mt_gguf_open(gguf_path, &g, err);
+    if (st) return st;
+    mt_tokenizer *tok = tok_new(gguf_path, err);
+    char *model = NULL, *pre = NULL;
+    if (!tok) st = MT_ERR_NOMEM;
+    if (!st) st = mt_gguf_get_string(g, "tokenizer.ggml.model", &model, err);
+    const mt_gguf_value *tv = mt_gguf_get(g, "tokenizer.ggml.tokens");
+    if (!st && (!tv || tv->type != MT_GGUF_ARRAY || tv->arr_type != MT_GGUF_STRING || tv->arr_len == 0 || tv->arr_len > INT32_MAX - 2))
+        st = mt_error_set(err, MT_ERR_FORMAT, "%s: tokenizer.ggml.tokens is missing or not a non-empty string array", gguf_path);
+    int spm = 0;
+    if (!st) {
+        if (strcmp(model, "gpt2") == 0) spm = 0;
+        else if (strcmp(model, "llama") == 0) spm = 1;
+        else st = mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: tokenizer.ggml.model \"%s\" is not supported (gpt2, llama are)", gguf_path, model);
+    }
+    if (!st) st = ids_alloc(tok, (int32_t)tv->arr_len, err);
+    for (uint64_t i = 0; !st && i < tv->arr_len; i++) {
+        uint64_t n;
+        const char *s = mt_gguf_array_string(g, tv, i, &n);
+        if (!s || n > UINT32_MAX) st = mt_error_set(err, MT_ERR_FORMAT, "%s: tokenizer.ggml.tokens[%llu] is unreadable", gguf_path, (unsigned long long)i);
+        else st = set_text(tok, (int32_t)i, s, (size_t)n, err);
+    }
+    if (!st) st = vocab_build(tok, err);
+    const mt_gguf_value *tt = mt_gguf_get(g, "tokenizer.ggml.token_type");
+    if (!st && tt && (tt->type != MT_GGUF_ARRAY || tt->arr_len != tv->arr_len))
+        st = mt_error_set(err, MT_ERR_FORMAT, "%s: tokenizer.ggml.token_type does not give one type per token", gguf_path);
+    if (!st && tt) {
+        size_t n = 0;
+        for (uint64_t i = 0; i < tt->arr_len; i++) {
+            int64_t t = arr_int(tt, i);
+            n += (t == 2 || t == 3 || t == 4);
+        }
+        tok->added = mt_calloc(n + 1, sizeof(added_token), "tokenizer added tokens", err);
+        if (!tok->added) st = MT_ERR_NOMEM;
+        for (uint64_t i = 0; !st && i < tt->arr_len; i++) {
+            int64_t t = arr_int(tt, i);
+            if (t != 2 && t != 3 && t != 4) continue; /* unknown, control, user defined */
+            added_token *a = &tok->added[tok->n_added++];
+            a->id = (int32_t)i;
+            a->len = tok->text_len[i];
+            a->special = t != 4;
+            if (!(a->content = dup_n(tok->text[i], a->len, err))) st = MT_ERR_NOMEM;
+            tok->special[i] = (uint8_t)a->special;
+        }
+    }
+    const mt_gguf_value *mv = mt_gguf_get(g, "tokenizer.ggml.merges");
+    if (!st && mv && mv->arr_len > 0) {
+        if (mv->type != MT_GGUF_ARRAY || mv->arr_type != MT_GGUF_STRING)
+            st = mt_error_set(err, MT_ERR_FORMAT, "%s: tokenizer.ggml.merges is not a string array", gguf_path);
+        if (!st) st = merges_init(&tok->merges, (size_t)mv->arr_len, err);
+        char *cat = NULL;
+        for (uint64_t i = 0; !st && i < mv->arr_len; i++) {
+            uint64_t n;
+            const char *s = mt_gguf_array_string(g, mv, i, &n);
+            const char *sp = s ? memchr(s, ' ', (size_t)n) : NULL;
+            if (!sp || sp == s || sp + 1 == s + n) {
+                st = mt_error_set(err, MT_ERR_FORMAT, "%s: tokenizer.ggml.merges[%llu] is not two tokens separated by a space", gguf_path, (unsigned long long)i);
+                break;
+            }
+            size_t al = (size_t)(sp - s), bl = (size_t)n - al - 1;
+            free(cat);
+            if (!(cat = mt_malloc(al + bl + 1, "tokenizer merge", err))) { st = MT_ERR_NOMEM; break; }
+            memcpy(cat, s, al);
+            memcpy(cat + al, sp + 1, bl);
+            int32_t a = vocab_find(tok, s, al), b = vocab_find(tok, sp + 1, bl), m = vocab_find(tok, cat, al + bl);
+            if (a < 0 || b < 0 || m < 0)
+                st = mt_error_set(err, MT_ERR_FORMAT, "%s: tokenizer.ggml.merges[%llu] (\"%.*s\") names a token not in the vocab", gguf_path, (unsigned long long)i, (int)n, s);
+            else merges_put(&tok->merges, a, b, (int32_t)i, m);
+        }
+        free(cat);
+    } else if (!st && spm) {
+        st = merges_from_scores(tok, g, err);
+    } else if (!st) {
+        st = mt_error_set(err, MT_ERR_FORMAT, "%s: tokenizer.ggml.merges is missing", gguf_path);
+    }
+    if (!st && !spm) {
+        if (mt_gguf_get(g, "tokenizer.ggml.pre")) st = mt_gguf_get_string(g, "tokenizer.ggml.pre", &pre, err);
+        const char *p = pre ? pre : "default";
+        if (!st) {
+            if (!strcmp(p, "smollm") || !strcmp(p, "starcoder") || !strcmp(p, "refact") || !strcmp(p, "command-r") ||
+                !strcmp(p, "codeshell") || !strcmp(p, "exaone") || !strcmp(p, "minerva-7b")) {
+                st = add_stage_regex(tok, "\\p{N}", PT_SPLIT, err);
+                if (!st) st = add_stage_regex(tok, RE_GPT2, PT_BYTELEVEL, err);
+            } else if (!strcmp(p, "gpt-2") || !strcmp(p, "gpt2") || !strcmp(p, "mpt") || !strcmp(p, "olmo") ||
+                       !strcmp(p, "jais") || !strcmp(p, "default")) {
+                st = add_stage_regex(tok, RE_GPT2, PT_BYTELEVEL, err);
+            } else if (!strcmp(p, "llama-bpe") || !strcmp(p, "llama3") || !strcmp(p, "falcon3") || !strcmp(p, "pixtral")) {
+                st = add_stage_regex(tok, RE_LLAMA3, PT_BYTELEVEL, err);
+                tok->ignore_merges = 1; /* as Llama 3's tokenizer.json says, and llama.cpp does */
+            } else if (!strcmp(p, "qwen2") || !strcmp(p, "stablelm2") || !strcmp(p, "deepseek-r1-qwen")) {
+                st = add_stage_regex(tok, RE_QWEN2, PT_BYTELEVEL, err);
+            } else {
+                st = mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: tokenizer.ggml.pre \"%s\" is not supported (smollm, starcoder, gpt-2, llama-bpe, qwen2 and their kin are)", gguf_path, p);
+            }
+        }
+        tok->byte_level = 1;
+        tok->dec[tok->n_dec++].type = DEC_BYTELEVEL;
+        tok->has_decoder = 1;
+        tok->family = MT_TOK_BYTE_LEVEL_BPE;
+    } else if (!st) {
+        int space_prefix = gguf_bool(g, "tokenizer.ggml.add_space_prefix", 1);
+        norm_stage *n = tok->norm;
+        if (space_prefix) {
+            n[tok->n_norm].type = NORM_PREPEND;
+            n[tok->n_norm].alen = 3;
+            if (!(n[tok->n_norm++].a = dup_n("\xE2\x96\x81", 3, err))) st = MT_ERR_NOMEM;
+        }
+        n[tok->n_norm].type = NORM_REPLACE;
+        n[tok->n_norm].alen = 1;
+        n[tok->n_norm].blen = 3;
+        if (!(n[tok->n_norm].a = dup_n(" ", 1, err)) || !(n[tok->n_norm].b = dup_n("\xE2\x96\x81", 3, err))) st = MT_ERR_NOMEM;
+        tok->n_norm++;
+        dec_stage *d = tok->dec;
+        d[0].type = DEC_REPLACE;
+        d[0].alen = 3;
+        d[0].blen = 1;
+        if (!st && (!(d[0].a = dup_n("\xE2\x96\x81", 3, err)) || !(d[0].b = dup_n(" ", 1, err)))) st = MT_ERR_NOMEM;
+        d[1].type = DEC_BYTEFALLBACK;
+        d[2].type = DEC_FUSE;
+        tok->n_dec = 3;
+        if (space_prefix && !st) {
+            d[3].type = DEC_STRIP;
+            d[3].alen = 1;
+            d[3].start = 1;
+            if (!(d[3].a = dup_n(" ", 1, err))) st = MT_ERR_NOMEM;
+            tok->n_dec = 4;
+        }
+        tok->has_decoder = 1;
+        tok->byte_fallback = 1;
+        tok->fuse_unk = 1;
+        tok->unk = gguf_id(g, "tokenizer.ggml.unknown_token_id", tok->n_ids);
+        tok->family = MT_TOK_SENTENCEPIECE_BPE;
+    }
+    if (!st) st = finish_tables(tok, err);
+    if (!st) {
+        tok->bos = gguf_id(g, "tokenizer.ggml.bos_token_id", tok->n_ids);
+        tok->eos = gguf_id(g, "tokenizer.ggml.eos_token_id", tok->n_ids);
+        tok->pad = gguf_id(g, "tokenizer.ggml.padding_token_id", tok->n_ids);
+        if (gguf_bool(g, "tokenizer.ggml.add_bos_token", spm) && tok->bos >= 0) tok->prefix[tok->n_prefix++] = tok->bos;
+        if (gguf_bool(g, "tokenizer.ggml.add_eos_token", 0) && tok->eos >= 0) tok->suffix[tok->n_suffix++] = tok->eos;
+        if (mt_gguf_get(g, "tokenizer.chat_template"))
+            st = mt_gguf_get_string(g, "tokenizer.chat_template", &tok->chat_template, err);
+    }
+    free(model);
+    free(pre);
+    mt_gguf_close(g);
+    if (st) {
+        mt_tokenizer_free(tok);
+        return st;
+    }
+    *out = tok;
+    return MT_OK;
+}
+
+/* ---- accessors ------------------------------------------------------------------- */
+
+mt_tokenizer_family mt_tokenizer_get_family(const mt_tokenizer *tok) { return tok->family; }
+int mt_tokenizer_vocab_size(const mt_tokenizer *tok) { return tok->n_ids; }
+int32_t mt_tokenizer_bos(const mt_tokenizer *tok) { return tok->bos; }
+int32_t mt_tokenizer_eos(const mt_tokenizer *tok) { return tok->eos; }
+int32_t mt_tokenizer_pad(const mt_tokenizer *tok) { return tok->pad; }
+const char *mt_tokenizer_chat_template(const mt_tokenizer *tok) { return tok->chat_template; }
+
+int mt_tokenizer_adds_bos(const mt_tokenizer *tok) {
+    for (int i = 0; i < tok->n_prefix; i++)
+        if (tok->prefix[i] == tok->bos) return 1;
+    return 0;
+}
+
+int mt_tokenizer_adds_eos(const mt_tokenizer *tok) {
+    for (int i = 0; i < tok->n_suffix; i++)
+        if (tok->suffix[i] == tok->eos) return 1;
+    return 0;
+}
+
+int32_t mt_tokenizer_token_id(const mt_tokenizer *tok, const char *token) {
+    return vocab_find(tok, token, strlen(token));
+}
+
+const char *mt_tokenizer_token_text(const mt_tokenizer *tok, int32_t id) {
+    return (id >= 0 && id < tok->n_ids) ? tok->text[id] : NULL;
+}
+
+int mt_tokenizer_is_special(const mt_tokenizer *tok, int32_t id) {
+    return id >= 0 && id < tok->n_ids && tok->special[id];
+}
+
+void mt_token_list_free(mt_token_list *list) {
+    if (!list) return;
+    free(list->ids);
+    free(list->offsets);
+    list->ids = list->offsets = NULL;
+    list->n = list->cap = 0;
+}
+
+/* ---- encoding -------------------------------------------------------------------- */
+
+typedef struct piece {
+    size_t off, len; /* in the arena */
+    int32_t fixed;   /* an added token's id, or -1 */
+} piece;
+
+typedef struct sym {
+    int32_t id;
+    uint32_t start, len;
+    int32_t prev, next;
+} sym;
+
+typedef struct heap_item {
+    uint64_t key; /* rank << 32 | position */
+    int32_t merged;
+} heap_item;
+
+typedef struct enc_ctx {
+    const mt_tokenizer *tok;
+    const char *input;
+    char *buf; /* normalized text, all segments */
+    size_t *orig; /* per byte of buf: the input offset it came from */
+    size_t len, cap, ocap;
+    char *nb[2]; /* normalizer ping-pong */
+    size_t *no[2];
+    size_t nbcap[2], nocap[2];
+    piece *pc[2];
+    size_t npc[2], pccap[2];
+    sym *syms;
+    size_t symcap;
+    heap_item *heap;
+    size_t heapcap;
+    char *word; /* byte-level text of a piece, for ignore_merges */
+    size_t wordcap;
+    pcre2_match_data *md;
+    mt_token_list *list;
+    mt_error *err;
+} enc_ctx;
+
+static int grow(void **p, size_t *cap, size_t need, size_t elem, mt_error *err) {
+    if (need <= *cap) return 1;
+    size_t c = *cap ? *cap : 64;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, c * elem);
+    if (!q) {
+        mt_error_set(err, MT_ERR_NOMEM, "out of memory while tokenizing (%zu elements)", need);
+        return 0;
+    }
+    *p = q;
+    *cap = c;
+    return 1;
+}
+
+static int arena_reserve(enc_ctx *c, size_t extra) {
+    return grow((void **)&c->buf, &c->cap, c->len + extra, 1, c->err) &&
+           grow((void **)&c->orig, &c->ocap, c->len + extra, sizeof(size_t), c->err);
+}
+
+static int list_push(enc_ctx *c, int32_t id, size_t offset) {
+    mt_token_list *l = c->list;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 256;
+        int32_t *ids = realloc(l->ids, cap * sizeof(int32_t));
+        if (!ids) return mt_error_set(c->err, MT_ERR_NOMEM, "out of memory growing a token list"), 0;
+        l->ids = ids;
+        int32_t *offs = realloc(l->offsets, cap * sizeof(int32_t));
+        if (!offs) return mt_error_set(c->err, MT_ERR_NOMEM, "out of memory growing a token list"), 0;
+        l->offsets = offs;
+        l->cap = cap;
+    }
+    l->ids[l->n] = id;
+    l->offsets[l->n] = (int32_t)(offset > INT32_MAX ? INT32_MAX : offset);
+    l->n++;
+    return 1;
+}
+
+static int piece_push(enc_ctx *c, int which, size_t off, size_t len, int32_t fixed) {
+    if (len == 0) return 1;
+    if (!grow((void **)&c->pc[which], &c->pccap[which], c->npc[which] + 1, sizeof(piece), c->err)) return 0;
+    c->pc[which][c->npc[which]++] = (piece){off, len, fixed};
+    return 1;
+}
+
+static int is_word_byte(unsigned char b) {
+    return (b >= '0' && b <= '9') || (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') || b == '_' || b >= 0x80;
+}
+
+/* Finds the next added-token match in s[from, n): leftmost, longest at that position,
+ * with single_word honoured (a refused match is skipped, not shortened). On a match,
+ * [*ms, *me) is its extent after lstrip/rstrip, never reaching below floor. */
+static const added_token *find_added(const mt_tokenizer *tok, const char *s, size_t n, size_t from,
+                                     size_t floor, int normalized, size_t *ms, size_t *me) {
+    for (size_t i = from; i < n; i++) {
+        unsigned char b = (unsigned char)s[i];
+        const added_token *hit = NULL;
+        if (!normalized) {
+            for (uint32_t k = tok->added_first[b]; k < tok->added_first[b + 1]; k++) {
+                const added_token *a = &tok->added[tok->added_order[k]];
+                if (a->len <= n - i && memcmp(s + i, a->content, a->len) == 0) {
+                    hit = a;
+                    break;
+                }
+            }
+        } else {
+            for (size_t k = 0; k < tok->n_added; k++) {
+                const added_token *a = &tok->added[k];
+                if (a->normalized && a->len && a->len <= n - i && (unsigned char)a->content[0] == b &&
+                    memcmp(s + i, a->content, a->len) == 0 && (!hit || a->len > hit->len))
+                    hit = a;
+            }
+        }
+        if (!hit) continue;
+        size_t start = i, stop = i + hit->len;
+        if (hit->single_word &&
+            ((start > 0 && is_word_byte((unsigned char)s[start - 1])) || (stop < n && is_word_byte((unsigned char)s[stop])))) {
+            i = stop - 1;
+            continue;
+        }
+        if (hit->lstrip) {
+            while (start > floor) {
+                size_t p = utf8_prev((const unsigned char *)s, start);
+                if (!cp_is_space(utf8_decode((const unsigned char *)s + p, start - p))) break;
+                start = p;
+            }
+        }
+        if (hit->rstrip) {
+            while (stop < n) {
+                size_t l = utf8_valid_len((const unsigned char *)s + stop, n - stop);
+                if (!l || !cp_is_space(utf8_decode((const unsigned char *)s + stop, l))) break;
+                stop += l;
+            }
+        }
+        *ms = start;
+        *me = stop;
+        return hit;
+    }
+    return NULL;
+}
+
+/* Characters that NFC maps to themselves whatever surrounds them: assigned in
+ * Unicode 14, combining class 0, their own NFC form, and never the second half of a
+ * canonical composition (NFC_Quick_Check = Yes). A string made only of these is its
+ * own NFC form, which is how the NFC normalizer (Qwen2) is served without the
+ * composition tables; other text is refused. Generated with Python's unicodedata:
+ * inclusive ranges, ascending. */
+static const uint32_t nfc_inert_ranges[][2] = {
+    {0x0, 0x2FF}, {0x34F, 0x34F}, {0x370, 0x373}, {0x375, 0x377}, {0x37A, 0x37D}, {0x37F, 0x37F},
+    {0x384, 0x386}, {0x388, 0x38A}, {0x38C, 0x38C}, {0x38E, 0x3A1}, {0x3A3, 0x482}, {0x488, 0x52F},
+    {0x531, 0x556}, {0x559, 0x58A}, {0x58D, 0x58F}, {0x5BE, 0x5BE}, {0x5C0, 0x5C0}, {0x5C3, 0x5C3},
+    {0x5C6, 0x5C6}, {0x5D0, 0x5EA}, {0x5EF, 0x5F4}, {0x600, 0x60F}, {0x61B, 0x64A}, {0x660, 0x66F},
+    {0x671, 0x6D5}, {0x6DD, 0x6DE}, {0x6E5, 0x6E6}, {0x6E9, 0x6E9}, {0x6EE, 0x70D}, {0x70F, 0x710},
+    {0x712, 0x72F}, {0x74D, 0x7B1}, {0x7C0, 0x7EA}, {0x7F4, 0x7FA}, {0x7FE, 0x815}, {0x81A, 0x81A},
+    {0x824, 0x824}, {0x828, 0x828}, {0x830, 0x83E}, {0x840, 0x858}, {0x85E, 0x85E}, {0x860, 0x86A},
+    {0x870, 0x88E}, {0x890, 0x891}, {0x8A0, 0x8C9}, {0x8E2, 0x8E2}, {0x900, 0x93B}, {0x93D, 0x94C},
+    {0x94E, 0x950}, {0x955, 0x957}, {0x960, 0x983}, {0x985, 0x98C}, {0x98F, 0x990}, {0x993, 0x9A8},
+    {0x9AA, 0x9B0}, {0x9B2, 0x9B2}, {0x9B6, 0x9B9}, {0x9BD, 0x9BD}, {0x9BF, 0x9C4}, {0x9C7, 0x9C8},
+    {0x9CB, 0x9CC}, {0x9CE, 0x9CE}, {0x9E0, 0x9E3}, {0x9E6, 0x9FD}, {0xA01, 0xA03}, {0xA05, 0xA0A},
+    {0xA0F, 0xA10}, {0xA13, 0xA28}, {0xA2A, 0xA30}, {0xA32, 0xA32}, {0xA35, 0xA35}, {0xA38, 0xA39},
+    {0xA3E, 0xA42}, {0xA47, 0xA48}, {0xA4B, 0xA4C}, {0xA51, 0xA51}, {0xA5C, 0xA5C}, {0xA66, 0xA76},
+    {0xA81, 0xA83}, {0xA85, 0xA8D}, {0xA8F, 0xA91}, {0xA93, 0xAA8}, {0xAAA, 0xAB0}, {0xAB2, 0xAB3},
+    {0xAB5, 0xAB9}, {0xABD, 0xAC5}, {0xAC7, 0xAC9}, {0xACB, 0xACC}, {0xAD0, 0xAD0}, {0xAE0, 0xAE3},
+    {0xAE6, 0xAF1}, {0xAF9, 0xAFF}, {0xB01, 0xB03}, {0xB05, 0xB0C}, {0xB0F, 0xB10}, {0xB13, 0xB28},
+    {0xB2A, 0xB30}, {0xB32, 0xB33}, {0xB35, 0xB39}, {0xB3D, 0xB3D}, {0xB3F, 0xB44}, {0xB47, 0xB48},
+    {0xB4B, 0xB4C}, {0xB55, 0xB55}, {0xB5F, 0xB63}, {0xB66, 0xB77}, {0xB82, 0xB83}, {0xB85, 0xB8A},
+    {0xB8E, 0xB90}, {0xB92, 0xB95}, {0xB99, 0xB9A}, {0xB9C, 0xB9C}, {0xB9E, 0xB9F}, {0xBA3, 0xBA4},
+    {0xBA8, 0xBAA}, {0xBAE, 0xBB9}, {0xBBF, 0xBC2}, {0xBC6, 0xBC8}, {0xBCA, 0xBCC}, {0xBD0, 0xBD0},
+    {0xBE6, 0xBFA}, {0xC00, 0xC0C}, {0xC0E, 0xC10}, {0xC12, 0xC28}, {0xC2A, 0xC39}, {0xC3D, 0xC44},
+    {0xC46, 0xC48}, {0xC4A, 0xC4C}, {0xC58, 0xC5A}, {0xC5D, 0xC5D}, {0xC60, 0xC63}, {0xC66, 0xC6F},
+    {0xC77, 0xC8C}, {0xC8E, 0xC90}, {0xC92, 0xCA8}, {0xCAA, 0xCB3}, {0xCB5, 0xCB9}, {0xCBD, 0xCC1},
+    {0xCC3, 0xCC4}, {0xCC6, 0xCC8}, {0xCCA, 0xCCC}, {0xCDD, 0xCDE}, {0xCE0, 0xCE3}, {0xCE6, 0xCEF},
+    {0xCF1, 0xCF2}, {0xD00, 0xD0C}, {0xD0E, 0xD10}, {0xD12, 0xD3A}, {0xD3D, 0xD3D}, {0xD3F, 0xD44},
+    {0xD46, 0xD48}, {0xD4A, 0xD4C}, {0xD4E, 0xD4F}, {0xD54, 0xD56}, {0xD58, 0xD63}, {0xD66, 0xD7F},
+    {0xD81, 0xD83}, {0xD85, 0xD96}, {0xD9A, 0xDB1}, {0xDB3, 0xDBB}, {0xDBD, 0xDBD}, {0xDC0, 0xDC6},
+    {0xDD0, 0xDD4}, {0xDD6, 0xDD6}, {0xDD8, 0xDDE}, {0xDE6, 0xDEF}, {0xDF2, 0xDF4}, {0xE01, 0xE37},
+    {0xE3F, 0xE47}, {0xE4C, 0xE5B}, {0xE81, 0xE82}, {0xE84, 0xE84}, {0xE86, 0xE8A}, {0xE8C, 0xEA3},
+    {0xEA5, 0xEA5}, {0xEA7, 0xEB7}, {0xEBB, 0xEBD}, {0xEC0, 0xEC4}, {0xEC6, 0xEC6}, {0xECC, 0xECD},
+    {0xED0, 0xED9}, {0xEDC, 0xEDF}, {0xF00, 0xF17}, {0xF1A, 0xF34}, {0xF36, 0xF36}, {0xF38, 0xF38},
+    {0xF3A, 0xF42}, {0xF44, 0xF47}, {0xF49, 0xF4C}, {0xF4E, 0xF51}, {0xF53, 0xF56}, {0xF58, 0xF5B},
+    {0xF5D, 0xF68}, {0xF6A, 0xF6C}, {0xF77, 0xF77}, {0xF79, 0xF79}, {0xF7E, 0xF7F}, {0xF85, 0xF85},
+    {0xF88, 0xF92}, {0xF94, 0xF97}, {0xF99, 0xF9C}, {0xF9E, 0xFA1}, {0xFA3, 0xFA6}, {0xFA8, 0xFAB},
+    {0xFAD, 0xFB8}, {0xFBA, 0xFBC}, {0xFBE, 0xFC5}, {0xFC7, 0xFCC}, {0xFCE, 0xFDA},
+    {0x1000, 0x102D}, {0x102F, 0x1036}, {0x1038, 0x1038}, {0x103B, 0x108C}, {0x108E, 0x10C5},
+    {0x10C7, 0x10C7}, {0x10CD, 0x10CD}, {0x10D0, 0x1160}, {0x1176, 0x11A7}, {0x11C3, 0x1248},
+    {0x124A, 0x124D}, {0x1250, 0x1256}, {0x1258, 0x1258}, {0x125A, 0x125D}, {0x1260, 0x1288},
+    {0x128A, 0x128D}, {0x1290, 0x12B0}, {0x12B2, 0x12B5}, {0x12B8, 0x12BE}, {0x12C0, 0x12C0},
+    {0x12C2, 0x12C5}, {0x12C8, 0x12D6}, {0x12D8, 0x1310}, {0x1312, 0x1315}, {0x1318, 0x135A},
+    {0x1360, 0x137C}, {0x1380, 0x1399}, {0x13A0, 0x13F5}, {0x13F8, 0x13FD}, {0x1400, 0x169C},
+    {0x16A0, 0x16F8}, {0x1700, 0x1713}, {0x171F, 0x1733}, {0x1735, 0x1736}, {0x1740, 0x1753},
+    {0x1760, 0x176C}, {0x176E, 0x1770}, {0x1772, 0x1773}, {0x1780, 0x17D1}, {0x17D3, 0x17DC},
+    {0x17E0, 0x17E9}, {0x17F0, 0x17F9}, {0x1800, 0x1819}, {0x1820, 0x1878}, {0x1880, 0x18A8},
+    {0x18AA, 0x18AA}, {0x18B0, 0x18F5}, {0x1900, 0x191E}, {0x1920, 0x192B}, {0x1930, 0x1938},
+    {0x1940, 0x1940}, {0x1944, 0x196D}, {0x1970, 0x1974}, {0x1980, 0x19AB}, {0x19B0, 0x19C9},
+    {0x19D0, 0x19DA}, {0x19DE, 0x1A16}, {0x1A19, 0x1A1B}, {0x1A1E, 0x1A5E}, {0x1A61, 0x1A74},
+    {0x1A80, 0x1A89}, {0x1A90, 0x1A99}, {0x1AA0, 0x1AAD}, {0x1ABE, 0x1ABE}, {0x1B00, 0x1B33},
+    {0x1B36, 0x1B43}, {0x1B45, 0x1B4C}, {0x1B50, 0x1B6A}, {0x1B74, 0x1B7E}, {0x1B80, 0x1BA9},
+    {0x1BAC, 0x1BE5}, {0x1BE7, 0x1BF1}, {0x1BFC, 0x1C36}, {0x1C3B, 0x1C49}, {0x1C4D, 0x1C88},
+    {0x1C90, 0x1CBA}, {0x1CBD, 0x1CC7}, {0x1CD3, 0x1CD3}, {0x1CE1, 0x1CE1}, {0x1CE9, 0x1CEC},
+    {0x1CEE, 0x1CF3}, {0x1CF5, 0x1CF7}, {0x1CFA, 0x1CFA}, {0x1D00, 0x1DBF}, {0x1E00, 0x1F15},
+    {0x1F18, 0x1F1D}, {0x1F20, 0x1F45}, {0x1F48, 0x1F4D}, {0x1F50, 0x1F57}, {0x1F59, 0x1F59},
+    {0x1F5B, 0x1F5B}, {0x1F5D, 0x1F5D}, {0x1F5F, 0x1F70}, {0x1F72, 0x1F72}, {0x1F74, 0x1F74},
+    {0x1F76, 0x1F76}, {0x1F78, 0x1F78}, {0x1F7A, 0x1F7A}, {0x1F7C, 0x1F7C}, {0x1F80, 0x1FB4},
+    {0x1FB6, 0x1FBA}, {0x1FBC, 0x1FBD}, {0x1FBF, 0x1FC4}, {0x1FC6, 0x1FC8}, {0x1FCA, 0x1FCA},
+    {0x1FCC, 0x1FD2}, {0x1FD6, 0x1FDA}, {0x1FDD, 0x1FE2}, {0x1FE4, 0x1FEA}, {0x1FEC, 0x1FED},
+    {0x1FF2, 0x1FF4}, {0x1FF6, 0x1FF8}, {0x1FFA, 0x1FFA}, {0x1FFC, 0x1FFC}, {0x1FFE, 0x1FFE},
+    {0x2002, 0x2064}, {0x2066, 0x2071}, {0x2074, 0x208E}, {0x2090, 0x209C}, {0x20A0, 0x20C0},
+    {0x20DD, 0x20E0}, {0x20E2, 0x20E4}, {0x2100, 0x2125}, {0x2127, 0x2129}, {0x212C, 0x218B},
+    {0x2190, 0x2328}, {0x232B, 0x2426}, {0x2440, 0x244A}, {0x2460, 0x2ADB}, {0x2ADD, 0x2B73},
+    {0x2B76, 0x2B95}, {0x2B97, 0x2CEE}, {0x2CF2, 0x2CF3}, {0x2CF9, 0x2D25}, {0x2D27, 0x2D27},
+    {0x2D2D, 0x2D2D}, {0x2D30, 0x2D67}, {0x2D6F, 0x2D70}, {0x2D80, 0x2D96}, {0x2DA0, 0x2DA6},
+    {0x2DA8, 0x2DAE}, {0x2DB0, 0x2DB6}, {0x2DB8, 0x2DBE}, {0x2DC0, 0x2DC6}, {0x2DC8, 0x2DCE},
+    {0x2DD0, 0x2DD6}, {0x2DD8, 0x2DDE}, {0x2E00, 0x2E5D}, {0x2E80, 0x2E99}, {0x2E9B, 0x2EF3},
+    {0x2F00, 0x2FD5}, {0x2FF0, 0x2FFB}, {0x3000, 0x3029}, {0x3030, 0x303F}, {0x3041, 0x3096},
+    {0x309B, 0x30FF}, {0x3105, 0x312F}, {0x3131, 0x318E}, {0x3190, 0x31E3}, {0x31F0, 0x321E},
+    {0x3220, 0xA48C}, {0xA490, 0xA4C6}, {0xA4D0, 0xA62B}, {0xA640, 0xA66E}, {0xA670, 0xA673},
+    {0xA67E, 0xA69D}, {0xA6A0, 0xA6EF}, {0xA6F2, 0xA6F7}, {0xA700, 0xA7CA}, {0xA7D0, 0xA7D1},
+    {0xA7D3, 0xA7D3}, {0xA7D5, 0xA7D9}, {0xA7F2, 0xA805}, {0xA807, 0xA82B}, {0xA830, 0xA839},
+    {0xA840, 0xA877}, {0xA880, 0xA8C3}, {0xA8C5, 0xA8C5}, {0xA8CE, 0xA8D9}, {0xA8F2, 0xA92A},
+    {0xA92E, 0xA952}, {0xA95F, 0xA97C}, {0xA980, 0xA9B2}, {0xA9B4, 0xA9BF}, {0xA9C1, 0xA9CD},
+    {0xA9CF, 0xA9D9}, {0xA9DE, 0xA9FE}, {0xAA00, 0xAA36}, {0xAA40, 0xAA4D}, {0xAA50, 0xAA59},
+    {0xAA5C, 0xAAAF}, {0xAAB1, 0xAAB1}, {0xAAB5, 0xAAB6}, {0xAAB9, 0xAABD}, {0xAAC0, 0xAAC0},
+    {0xAAC2, 0xAAC2}, {0xAADB, 0xAAF5}, {0xAB01, 0xAB06}, {0xAB09, 0xAB0E}, {0xAB11, 0xAB16},
+    {0xAB20, 0xAB26}, {0xAB28, 0xAB2E}, {0xAB30, 0xAB6B}, {0xAB70, 0xABEC}, {0xABF0, 0xABF9},
+    {0xAC00, 0xD7A3}, {0xD7B0, 0xD7C6}, {0xD7CB, 0xD7FB}, {0xE000, 0xF8FF}, {0xFA0E, 0xFA0F},
+    {0xFA11, 0xFA11}, {0xFA13, 0xFA14}, {0xFA1F, 0xFA1F}, {0xFA21, 0xFA21}, {0xFA23, 0xFA24},
+    {0xFA27, 0xFA29}, {0xFB00, 0xFB06}, {0xFB13, 0xFB17}, {0xFB20, 0xFB29}, {0xFB4F, 0xFBC2},
+    {0xFBD3, 0xFD8F}, {0xFD92, 0xFDC7}, {0xFDCF, 0xFDCF}, {0xFDF0, 0xFE19}, {0xFE30, 0xFE52},
+    {0xFE54, 0xFE66}, {0xFE68, 0xFE6B}, {0xFE70, 0xFE74}, {0xFE76, 0xFEFC}, {0xFEFF, 0xFEFF},
+    {0xFF01, 0xFFBE}, {0xFFC2, 0xFFC7}, {0xFFCA, 0xFFCF}, {0xFFD2, 0xFFD7}, {0xFFDA, 0xFFDC},
+    {0xFFE0, 0xFFE6}, {0xFFE8, 0xFFEE}, {0xFFF9, 0xFFFD}, {0x10000, 0x1000B}, {0x1000D, 0x10026},
+    {0x10028, 0x1003A}, {0x1003C, 0x1003D}, {0x1003F, 0x1004D}, {0x10050, 0x1005D},
+    {0x10080, 0x100FA}, {0x10100, 0x10102}, {0x10107, 0x10133}, {0x10137, 0x1018E},
+    {0x10190, 0x1019C}, {0x101A0, 0x101A0}, {0x101D0, 0x101FC}, {0x10280, 0x1029C},
+    {0x102A0, 0x102D0}, {0x102E1, 0x102FB}, {0x10300, 0x10323}, {0x1032D, 0x1034A},
+    {0x10350, 0x10375}, {0x10380, 0x1039D}, {0x1039F, 0x103C3}, {0x103C8, 0x103D5},
+    {0x10400, 0x1049D}, {0x104A0, 0x104A9}, {0x104B0, 0x104D3}, {0x104D8, 0x104FB},
+    {0x10500, 0x10527}, {0x10530, 0x10563}, {0x1056F, 0x1057A}, {0x1057C, 0x1058A},
+    {0x1058C, 0x10592}, {0x10594, 0x10595}, {0x10597, 0x105A1}, {0x105A3, 0x105B1},
+    {0x105B3, 0x105B9}, {0x105BB, 0x105BC}, {0x10600, 0x10736}, {0x10740, 0x10755},
+    {0x10760, 0x10767}, {0x10780, 0x10785}, {0x10787, 0x107B0}, {0x107B2, 0x107BA},
+    {0x10800, 0x10805}, {0x10808, 0x10808}, {0x1080A, 0x10835}, {0x10837, 0x10838},
+    {0x1083C, 0x1083C}, {0x1083F, 0x10855}, {0x10857, 0x1089E}, {0x108A7, 0x108AF},
+    {0x108E0, 0x108F2}, {0x108F4, 0x108F5}, {0x108FB, 0x1091B}, {0x1091F, 0x10939},
+    {0x1093F, 0x1093F}, {0x10980, 0x109B7}, {0x109BC, 0x109CF}, {0x109D2, 0x10A03},
+    {0x10A05, 0x10A06}, {0x10A0C, 0x10A0C}, {0x10A0E, 0x10A0E}, {0x10A10, 0x10A13},
+    {0x10A15, 0x10A17}, {0x10A19, 0x10A35}, {0x10A40, 0x10A48}, {0x10A50, 0x10A58},
+    {0x10A60, 0x10A9F}, {0x10AC0, 0x10AE4}, {0x10AEB, 0x10AF6}, {0x10B00, 0x10B35},
+    {0x10B39, 0x10B55}, {0x10B58, 0x10B72}, {0x10B78, 0x10B91}, {0x10B99, 0x10B9C},
+    {0x10BA9, 0x10BAF}, {0x10C00, 0x10C48}, {0x10C80, 0x10CB2}, {0x10CC0, 0x10CF2},
+    {0x10CFA, 0x10D23}, {0x10D30, 0x10D39}, {0x10E60, 0x10E7E}, {0x10E80, 0x10EA9},
+    {0x10EAD, 0x10EAD}, {0x10EB0, 0x10EB1}, {0x10F00, 0x10F27}, {0x10F30, 0x10F45},
+    {0x10F51, 0x10F59}, {0x10F70, 0x10F81}, {0x10F86, 0x10F89}, {0x10FB0, 0x10FCB},
+    {0x10FE0, 0x10FF6}, {0x11000, 0x11045}, {0x11047, 0x1104D}, {0x11052, 0x1106F},
+    {0x11071, 0x11075}, {0x11080, 0x110B8}, {0x110BB, 0x110C2}, {0x110CD, 0x110CD},
+    {0x110D0, 0x110E8}, {0x110F0, 0x110F9}, {0x11103, 0x11126}, {0x11128, 0x11132},
+    {0x11136, 0x11147}, {0x11150, 0x11172}, {0x11174, 0x11176}, {0x11180, 0x111BF},
+    {0x111C1, 0x111C9}, {0x111CB, 0x111DF}, {0x111E1, 0x111F4}, {0x11200, 0x11211},
+    {0x11213, 0x11234}, {0x11237, 0x1123E}, {0x11280, 0x11286}, {0x11288, 0x11288},
+    {0x1128A, 0x1128D}, {0x1128F, 0x1129D}, {0x1129F, 0x112A9}, {0x112B0, 0x112E8},
+    {0x112F0, 0x112F9}, {0x11300, 0x11303}, {0x11305, 0x1130C}, {0x1130F, 0x11310},
+    {0x11313, 0x11328}, {0x1132A, 0x11330}, {0x11332, 0x11333}, {0x11335, 0x11339},
+    {0x1133D, 0x1133D}, {0x1133F, 0x11344}, {0x11347, 0x11348}, {0x1134B, 0x1134C},
+    {0x11350, 0x11350}, {0x1135D, 0x11363}, {0x11400, 0x11441}, {0x11443, 0x11445},
+    {0x11447, 0x1145B}, {0x1145D, 0x1145D}, {0x1145F, 0x11461}, {0x11480, 0x114AF},
+    {0x114B1, 0x114B9}, {0x114BB, 0x114BC}, {0x114BE, 0x114C1}, {0x114C4, 0x114C7},
+    {0x114D0, 0x114D9}, {0x11580, 0x115AE}, {0x115B0, 0x115B5}, {0x115B8, 0x115BE},
+    {0x115C1, 0x115DD}, {0x11600, 0x1163E}, {0x11640, 0x11644}, {0x11650, 0x11659},
+    {0x11660, 0x1166C}, {0x11680, 0x116B5}, {0x116B8, 0x116B9}, {0x116C0, 0x116C9},
+    {0x11700, 0x1171A}, {0x1171D, 0x1172A}, {0x11730, 0x11746}, {0x11800, 0x11838},
+    {0x1183B, 0x1183B}, {0x118A0, 0x118F2}, {0x118FF, 0x11906}, {0x11909, 0x11909},
+    {0x1190C, 0x11913}, {0x11915, 0x11916}, {0x11918, 0x1192F}, {0x11931, 0x11935},
+    {0x11937, 0x11938}, {0x1193B, 0x1193C}, {0x1193F, 0x11942}, {0x11944, 0x11946},
+    {0x11950, 0x11959}, {0x119A0, 0x119A7}, {0x119AA, 0x119D7}, {0x119DA, 0x119DF},
+    {0x119E1, 0x119E4}, {0x11A00, 0x11A33}, {0x11A35, 0x11A46}, {0x11A50, 0x11A98},
+    {0x11A9A, 0x11AA2}, {0x11AB0, 0x11AF8}, {0x11C00, 0x11C08}, {0x11C0A, 0x11C36},
+    {0x11C38, 0x11C3E}, {0x11C40, 0x11C45}, {0x11C50, 0x11C6C}, {0x11C70, 0x11C8F},
+    {0x11C92, 0x11CA7}, {0x11CA9, 0x11CB6}, {0x11D00, 0x11D06}, {0x11D08, 0x11D09},
+    {0x11D0B, 0x11D36}, {0x11D3A, 0x11D3A}, {0x11D3C, 0x11D3D}, {0x11D3F, 0x11D41},
+    {0x11D43, 0x11D43}, {0x11D46, 0x11D47}, {0x11D50, 0x11D59}, {0x11D60, 0x11D65},
+    {0x11D67, 0x11D68}, {0x11D6A, 0x11D8E}, {0x11D90, 0x11D91}, {0x11D93, 0x11D96},
+    {0x11D98, 0x11D98}, {0x11DA0, 0x11DA9}, {0x11EE0, 0x11EF8}, {0x11FB0, 0x11FB0},
+    {0x11FC0, 0x11FF1}, {0x11FFF, 0x12399}, {0x12400, 0x1246E}, {0x12470, 0x12474},
+    {0x12480, 0x12543}, {0x12F90, 0x12FF2}, {0x13000, 0x1342E}, {0x13430, 0x13438},
+    {0x14400, 0x14646}, {0x16800, 0x16A38}, {0x16A40, 0x16A5E}, {0x16A60, 0x16A69},
+    {0x16A6E, 0x16ABE}, {0x16AC0, 0x16AC9}, {0x16AD0, 0x16AED}, {0x16AF5, 0x16AF5},
+    {0x16B00, 0x16B2F}, {0x16B37, 0x16B45}, {0x16B50, 0x16B59}, {0x16B5B, 0x16B61},
+    {0x16B63, 0x16B77}, {0x16B7D, 0x16B8F}, {0x16E40, 0x16E9A}, {0x16F00, 0x16F4A},
+    {0x16F4F, 0x16F87}, {0x16F8F, 0x16F9F}, {0x16FE0, 0x16FE4}, {0x17000, 0x187F7},
+    {0x18800, 0x18CD5}, {0x18D00, 0x18D08}, {0x1AFF0, 0x1AFF3}, {0x1AFF5, 0x1AFFB},
+    {0x1AFFD, 0x1AFFE}, {0x1B000, 0x1B122}, {0x1B150, 0x1B152}, {0x1B164, 0x1B167},
+    {0x1B170, 0x1B2FB}, {0x1BC00, 0x1BC6A}, {0x1BC70, 0x1BC7C}, {0x1BC80, 0x1BC88},
+    {0x1BC90, 0x1BC99}, {0x1BC9C, 0x1BC9D}, {0x1BC9F, 0x1BCA3}, {0x1CF00, 0x1CF2D},
+    {0x1CF30, 0x1CF46}, {0x1CF50, 0x1CFC3}, {0x1D000, 0x1D0F5}, {0x1D100, 0x1D126},
+    {0x1D129, 0x1D15D}, {0x1D16A, 0x1D16C}, {0x1D173, 0x1D17A}, {0x1D183, 0x1D184},
+    {0x1D18C, 0x1D1A9}, {0x1D1AE, 0x1D1BA}, {0x1D1C1, 0x1D1EA}, {0x1D200, 0x1D241},
+    {0x1D245, 0x1D245}, {0x1D2E0, 0x1D2F3}, {0x1D300, 0x1D356}, {0x1D360, 0x1D378},
+    {0x1D400, 0x1D454}, {0x1D456, 0x1D49C}, {0x1D49E, 0x1D49F}, {0x1D4A2, 0x1D4A2},
+    {0x1D4A5, 0x1D4A6}, {0x1D4A9, 0x1D4AC}, {0x1D4AE, 0x1D4B9}, {0x1D4BB, 0x1D4BB},
+    {0x1D4BD, 0x1D4C3}, {0x1D4C5, 0x1D505}, {0x1D507, 0x1D50A}, {0x1D50D, 0x1D514},
+    {0x1D516, 0x1D51C}, {0x1D51E, 0x1D539}, {0x1D53B, 0x1D53E}, {0x1D540, 0x1D544},
+    {0x1D546, 0x1D546}, {0x1D54A, 0x1D550}, {0x1D552, 0x1D6A5}, {0x1D6A8, 0x1D7CB},
+    {0x1D7CE, 0x1DA8B}, {0x1DA9B, 0x1DA9F}, {0x1DAA1, 0x1DAAF}, {0x1DF00, 0x1DF1E},
+    {0x1E100, 0x1E12C}, {0x1E137, 0x1E13D}, {0x1E140, 0x1E149}, {0x1E14E, 0x1E14F},
+    {0x1E290, 0x1E2AD}, {0x1E2C0, 0x1E2EB}, {0x1E2F0, 0x1E2F9}, {0x1E2FF, 0x1E2FF},
+    {0x1E7E0, 0x1E7E6}, {0x1E7E8, 0x1E7EB}, {0x1E7ED, 0x1E7EE}, {0x1E7F0, 0x1E7FE},
+    {0x1E800, 0x1E8C4}, {0x1E8C7, 0x1E8CF}, {0x1E900, 0x1E943}, {0x1E94B, 0x1E94B},
+    {0x1E950, 0x1E959}, {0x1E95E, 0x1E95F}, {0x1EC71, 0x1ECB4}, {0x1ED01, 0x1ED3D},
+    {0x1EE00, 0x1EE03}, {0x1EE05, 0x1EE1F}, {0x1EE21, 0x1EE22}, {0x1EE24, 0x1EE24},
+    {0x1EE27, 0x1EE27}, {0x1EE29, 0x1EE32}, {0x1EE34, 0x1EE37}, {0x1EE39, 0x1EE39},
+    {0x1EE3B, 0x1EE3B}, {0x1EE42, 0x1EE42}, {0x1EE47, 0x1EE47}, {0x1EE49, 0x1EE49},
+    {0x1EE4B, 0x1EE4B}, {0x1EE4D, 0x1EE4F}, {0x1EE51, 0x1EE52}, {0x1EE54, 0x1EE54},
+    {0x1EE57, 0x1EE57}, {0x1EE59, 0x1EE59}, {0x1EE5B, 0x1EE5B}, {0x1EE5D, 0x1EE5D},
+    {0x1EE5F, 0x1EE5F}, {0x1EE61, 0x1EE62}, {0x1EE64, 0x1EE64}, {0x1EE67, 0x1EE6A},
+    {0x1EE6C, 0x1EE72}, {0x1EE74, 0x1EE77}, {0x1EE79, 0x1EE7C}, {0x1EE7E, 0x1EE7E},
+    {0x1EE80, 0x1EE89}, {0x1EE8B, 0x1EE9B}, {0x1EEA1, 0x1EEA3}, {0x1EEA5, 0x1EEA9},
+    {0x1EEAB, 0x1EEBB}, {0x1EEF0, 0x1EEF1}, {0x1F000, 0x1F02B}, {0x1F030, 0x1F093},
+    {0x1F0A0, 0x1F0AE}, {0x1F0B1, 0x1F0BF}, {0x1F0C1, 0x1F0CF}, {0x1F0D1, 0x1F0F5},
+    {0x1F100, 0x1F1AD}, {0x1F1E6, 0x1F202}, {0x1F210, 0x1F23B}, {0x1F240, 0x1F248},
+    {0x1F250, 0x1F251}, {0x1F260, 0x1F265}, {0x1F300, 0x1F6D7}, {0x1F6DD, 0x1F6EC},
+    {0x1F6F0, 0x1F6FC}, {0x1F700, 0x1F773}, {0x1F780, 0x1F7D8}, {0x1F7E0, 0x1F7EB},
+    {0x1F7F0, 0x1F7F0}, {0x1F800, 0x1F80B}, {0x1F810, 0x1F847}, {0x1F850, 0x1F859},
+    {0x1F860, 0x1F887}, {0x1F890, 0x1F8AD}, {0x1F8B0, 0x1F8B1}, {0x1F900, 0x1FA53},
+    {0x1FA60, 0x1FA6D}, {0x1FA70, 0x1FA74}, {0x1FA78, 0x1FA7C}, {0x1FA80, 0x1FA86},
+    {0x1FA90, 0x1FAAC}, {0x1FAB0, 0x1FABA}, {0x1FAC0, 0x1FAC5}, {0x1FAD0, 0x1FAD9},
+    {0x1FAE0, 0x1FAE7}, {0x1FAF0, 0x1FAF6}, {0x1FB00, 0x1FB92}, {0x1FB94, 0x1FBCA},
+    {0x1FBF0, 0x1FBF9}, {0x20000, 0x2A6DF}, {0x2A700, 0x2B738}, {0x2B740, 0x2B81D},
+    {0x2B820, 0x2CEA1}, {0x2CEB0, 0x2EBE0}, {0x30000, 0x3134A}, {0xE0001, 0xE0001},
+    {0xE0020, 0xE007F}, {0xE0100, 0xE01EF}, {0xF0000, 0xFFFFD}, {0x100000, 0x10FFFD},
+};
+
+static int nfc_inert(uint32_t c) {
+    if (c < 0x300) return 1;
+    size_t lo = 0, hi = sizeof nfc_inert_ranges / sizeof nfc_inert_ranges[0];
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (c < nfc_inert_ranges[mid][0]) hi = mid;
+        else if (c > nfc_inert_ranges[mid][1]) lo = mid + 1;
+        else return 1;
+    }
+    return 0;
+}
+
+/* Applies the normalizers to input[s, e) and appends the result to the arena. */
+static int normalize_segment(enc_ctx *c, size_t s, size_t e) {
+    const mt_tokenizer *tok = c->tok;
+    size_t n = e - s;
+    if (tok->n_norm == 0) {
+        if (!arena_reserve(c, n)) return 0;
+        memcpy(c->buf + c->len, c->input + s, n);
+        for (size_t i = 0; i < n; i++) c->orig[c->len + i] = s + i;
+        c->len += n;
+        return 1;
+    }
+    /* worst growth: each Replace multiplies, each Prepend adds */
+    size_t need = n + 16;
+    for (int k = 0; k < tok->n_norm; k++) {
+        const norm_stage *ns = &tok->norm[k];
+        if (ns->type == NORM_PREPEND) need += ns->alen;
+        if (ns->type == NORM_REPLACE && ns->blen > ns->alen) need = need * (ns->blen / ns->alen + 1);
+    }
+    for (int w = 0; w < 2; w++)
+        if (!grow((void **)&c->nb[w], &c->nbcap[w], need, 1, c->err) ||
+            !grow((void **)&c->no[w], &c->nocap[w], need, sizeof(size_t), c->err))
+            return 0;
+    char *cur = c->nb[0];
+    size_t *co = c->no[0];
+    memcpy(cur, c->input + s, n);
+    for (size_t i = 0; i < n; i++) co[i] = s + i;
+    int which = 0;
+    for (int k = 0; k < tok->n_norm; k++) {
+        const norm_stage *ns = &tok->norm[k];
+        char *dst = c->nb[!which];
+        size_t *dso = c->no[!which];
+        size_t m = 0;
+        if (ns->type == NORM_NFC) {
+            for (size_t i = 0; i < n;) {
+                size_t l = utf8_valid_len((const unsigned char *)cur + i, n - i);
+                uint32_t cp = utf8_decode((const unsigned char *)cur + i, l ? l : 1);
+                if (!nfc_inert(cp)) {
+                    mt_error_set(c->err, MT_ERR_UNSUPPORTED, "%s: the NFC normalizer is implemented only for characters NFC leaves alone in any context; U+%04X at byte offset %zu is not one of them", tok->source, (unsigned)cp, co[i]);
+                    return 0;
+                }
+                i += l ? l : 1;
+            }
+            continue;
+        }
+        if (ns->type == NORM_PREPEND) {
+            if (n == 0) continue;
+            memcpy(dst, ns->a, ns->alen);
+            for (size_t i = 0; i < ns->alen; i++) dso[i] = co[0];
+            memcpy(dst + ns->alen, cur, n);
+            memcpy(dso + ns->alen, co, n * sizeof(size_t));
+            m = n + ns->alen;
+        } else { /* NORM_REPLACE */
+            for (size_t i = 0; i < n;) {
+                if (i + ns->alen <= n && memcmp(cur + i, ns->a, ns->alen) == 0) {
+                    memcpy(dst + m, ns->b, ns->blen);
+                    for (size_t j = 0; j < ns->blen; j++) dso[m + j] = co[i];
+                    m += ns->blen;
+                    i += ns->alen;
+                } else {
+                    dst[m] = cur[i];
+                    dso[m++] = co[i++];
+                }
+            }
+        }
+        which = !which;
+        cur = dst;
+        co = dso;
+        n = m;
+    }
+    if (!arena_reserve(c, n)) return 0;
+    memcpy(c->buf + c->len, cur, n);
+    memcpy(c->orig + c->len, co, n * sizeof(size_t));
+    c->len += n;
+    return 1;
+}
+
+/* Appends piece text with a prefix and/or a ' ' -> repl replacement into the arena. */
+static int arena_copy_piece(enc_ctx *c, const piece *p, const char *prefix, size_t plen, const char *repl,
+                            size_t rlen, piece *out) {
+    size_t need = plen + p->len * (rlen ? rlen : 1);
+    if (!arena_reserve(c, need)) return 0;
+    size_t start = c->len, o = c->len;
+    size_t first = c->orig[p->off];
+    for (size_t i = 0; i < plen; i++) {
+        c->buf[o] = prefix[i];
+        c->orig[o++] = first;
+    }
+    for (size_t i = 0; i < p->len; i++) {
+        char ch = c->buf[p->off + i];
+        size_t org = c->orig[p->off + i];
+        if (rlen && ch == ' ') {
+            for (size_t j = 0; j < rlen; j++) {
+                c->buf[o] = repl[j];
+                c->orig[o++] = org;
+            }
+        } else {
+            c->buf[o] = ch;
+            c->orig[o++] = org;
+        }
+    }
+    c->len = o;
+    *out = (piece){start, o - start, -1};
+    return 1;
+}
+
+/* Splits piece p by a regex (or, with re NULL, by the character repl) into list `to`. */
+static int split_piece(enc_ctx *c, const piece *p, const pcre2_code *re, const char *ch, size_t chlen,
+                       int behavior, int invert, int to) {
+    /* collect (start, end, is_match) ranges relative to p */
+    size_t first_new = c->npc[to];
+    size_t prev = 0;
+    const char *s = c->buf + p->off;
+    size_t n = p->len;
+    int prev_match = 0;
+    /* emit one range, folding it by behavior as the `tokenizers` library does */
+#define EMIT(a, b, m)                                                                               \
+    do {                                                                                            \
+        size_t ra_ = (a), rb_ = (b);                                                                \
+        int im_ = (m) != invert;                                                                    \
+        piece *last_ = c->npc[to] > first_new ? &c->pc[to][c->npc[to] - 1] : NULL;                  \
+        if (behavior == SPLIT_REMOVED) {                                                            \
+            if (!im_ && !piece_push(c, to, p->off + ra_, rb_ - ra_, -1)) return 0;                  \
+        } else if (behavior == SPLIT_ISOLATED) {                                                    \
+            if (!piece_push(c, to, p->off + ra_, rb_ - ra_, -1)) return 0;                          \
+        } else if (behavior == SPLIT_MERGED_PREV) {                                                 \
+            if (im_ && !prev_match && last_) last_->len = p->off + rb_ - last_->off;                \
+            else if (!piece_push(c, to, p->off + ra_, rb_ - ra_, -1)) return 0;                     \
+        } else if (behavior == SPLIT_CONTIGUOUS) {                                                  \
+            if (im_ == prev_match && last_) last_->len = p->off + rb_ - last_->off;                 \
+            else if (!piece_push(c, to, p->off + ra_, rb_ - ra_, -1)) return 0;                     \
+        } else { /* MergedWithNext: a match takes the non-match after it */                      \
+            if (!im_ && prev_match && last_) last_->len = p->off + rb_ - last_->off;                \
+            else if (!piece_push(c, to, p->off + ra_, rb_ - ra_, -1)) return 0;                     \
+        }                                                                                           \
+        if (rb_ > ra_) prev_match = im_;                                                            \
+    } while (0)
+    if (re) {
+        size_t at = 0;
+        while (at <= n) {
+            int rc = pcre2_match(re, (PCRE2_SPTR)s, n, at, PCRE2_NO_UTF_CHECK, c->md, NULL);
+            if (rc == PCRE2_ERROR_JIT_STACKLIMIT || rc == PCRE2_ERROR_MATCHLIMIT || rc == PCRE2_ERROR_DEPTHLIMIT ||
+                rc == PCRE2_ERROR_HEAPLIMIT)
+                rc = pcre2_match(re, (PCRE2_SPTR)s, n, at, PCRE2_NO_UTF_CHECK | PCRE2_NO_JIT, c->md, NULL);
+            if (rc == PCRE2_ERROR_NOMATCH) break;
+            if (rc < 0) {
+                PCRE2_UCHAR msg[128];
+                pcre2_get_error_message(rc, msg, sizeof msg);
+                mt_error_set(c->err, MT_ERR_BACKEND, "%s: regex match failed: %s", c->tok->source, (const char *)msg);
+                return 0;
+            }
+            PCRE2_SIZE *ov = pcre2_get_ovector_pointer(c->md);
+            size_t ms = ov[0], me = ov[1];
+            if (ms > prev) EMIT(prev, ms, 0);
+            if (me > ms) EMIT(ms, me, 1);
+            prev = me;
+            if (me == ms) { /* empty match: step one character */
+                if (me >= n) break;
+                size_t l = utf8_valid_len((const unsigned char *)s + me, n - me);
+                at = me + (l ? l : 1);
+            } else at = me;
+        }
+    } else {
+        for (size_t i = 0; i + chlen <= n;) {
+            if (memcmp(s + i, ch, chlen) == 0) {
+                if (i > prev) EMIT(prev, i, 0);
+                EMIT(i, i + chlen, 1);
+                i += chlen;
+                prev = i;
+            } else i++;
+        }
+    }
+    if (prev < n) EMIT(prev, n, 0);
+#undef EMIT
+    return 1;
+}
+
+/* Merges the symbols of one piece by rank and appends the resulting ids. */
+static int bpe_piece(enc_ctx *c, const piece *p) {
+    const mt_tokenizer *tok = c->tok;
+    const unsigned char *s = (const unsigned char *)c->buf + p->off;
+    size_t n = p->len;
+    if (tok->ignore_merges) {
+        int32_t id;
+        if (tok->byte_level) {
+            if (!grow((void **)&c->word, &c->wordcap, n * 2 + 1, 1, c->err)) return 0;
+            size_t w = 0;
+            for (size_t i = 0; i < n; i++) w += utf8_put(c->word + w, tok->byte_cp[s[i]]);
+            id = vocab_find(tok, c->word, w);
+        } else id = vocab_find(tok, (const char *)s, n);
+        if (id >= 0) return list_push(c, id, c->orig[p->off]);
+    }
+    if (!grow((void **)&c->syms, &c->symcap, n + 1, sizeof(sym), c->err)) return 0;
+    sym *sy = c->syms;
+    int32_t ns = 0;
+    int last_unk = 0;
+    for (size_t i = 0; i < n;) {
+        size_t l = tok->byte_level ? 1 : utf8_valid_len(s + i, n - i);
+        if (!l) l = 1;
+        int32_t id = tok->byte_level ? tok->byte_id[s[i]] : vocab_find(tok, (const char *)s + i, l);
+        if (id >= 0) {
+            sy[ns++] = (sym){id, (uint32_t)i, (uint32_t)l, 0, 0};
+            last_unk = 0;
+        } else {
+            int fell_back = 0;
+            if (tok->byte_fallback) {
+                fell_back = 1;
+                for (size_t k = 0; k < l; k++)
+                    if (tok->fallback_id[s[i + k]] < 0) fell_back = 0;
+                if (fell_back) {
+                    if (!grow((void **)&c->syms, &c->symcap, (size_t)ns + (n - i) * 4 + 1, sizeof(sym), c->err)) return 0;
+                    sy = c->syms;
+                    for (size_t k = 0; k < l; k++)
+                        sy[ns++] = (sym){tok->fallback_id[s[i + k]], (uint32_t)(i + k), 1, 0, 0};
+                    last_unk = 0;
+                }
+            }
+            if (!fell_back && tok->unk >= 0) {
+                if (tok->fuse_unk && last_unk) sy[ns - 1].len += (uint32_t)l;
+                else sy[ns++] = (sym){tok->unk, (uint32_t)i, (uint32_t)l, 0, 0};
+                last_unk = 1;
+            }
+        }
+        i += l;
+    }
+    for (int32_t k = 0; k < ns; k++) {
+        sy[k].prev = k - 1;
+        sy[k].next = k + 1 < ns ? k + 1 : -1;
+    }
+    /* the heap of candidate merges, lowest rank first, leftmost on ties */
+    size_t nh = 0;
+    if (ns > 1 && !grow((void **)&c->heap, &c->heapcap, (size_t)ns * 2 + 4, sizeof(heap_item), c->err)) return 0;
+    heap_item *h = c->heap;
+#define HEAP_PUSH(pos)                                                                          \
+    do {                                                                                        \
+        int32_t r_, m_;                                                                         \
+        int32_t q_ = (pos);                                                                     \
+        if (sy[q_].next >= 0 && merges_get(&tok->merges, sy[q_].id, sy[sy[q_].next].id, &r_, &m_)) { \
+            if (nh == c->heapcap) {                                                             \
+                if (!grow((void **)&c->heap, &c->heapcap, nh + 1, sizeof(heap_item), c->err)) return 0; \
+                h = c->heap;                                                                    \
+            }                                                                                   \
+            size_t j_ = nh++;                                                                   \
+            heap_item it_ = {((uint64_t)(uint32_t)r_ << 32) | (uint32_t)q_, m_};                 \
+            while (j_ > 0 && h[(j_ - 1) / 2].key > it_.key) {                                   \
+                h[j_] = h[(j_ - 1) / 2];                                                        \
+                j_ = (j_ - 1) / 2;                                                              \
+            }                                                                                   \
+            h[j_] = it_;                                                                        \
+        }                                                                                       \
+    } while (0)
+    for (int32_t k = 0; k + 1 < ns; k++) HEAP_PUSH(k);
+    while (nh > 0) {
+        heap_item top = h[0];
+        heap_item last = h[--nh];
+        size_t j = 0;
+        for (;;) {
+            size_t l = 2 * j + 1;
+            if (l >= nh) break;
+            if (l + 1 < nh && h[l + 1].key < h[l].key) l++;
+            if (h[l].key >= last.key) break;
+            h[j] = h[l];
+            j = l;
+        }
+        if (nh > 0) h[j] = last;
+        int32_t pos = (int32_t)(top.key & 0xFFFFFFFFu);
+        if (sy[pos].len == 0 || sy[pos].next < 0) continue;
+        int32_t nx = sy[pos].next;
+        int32_t r, m;
+        if (!merges_get(&tok->merges, sy[pos].id, sy[nx].id, &r, &m) || m != top.merged) continue;
+        sy[pos].id = m;
+        sy[pos].len += sy[nx].len;
+        sy[pos].next = sy[nx].next;
+        sy[nx].len = 0;
+        if (sy[pos].next >= 0) sy[sy[pos].next].prev = pos;
+        if (sy[pos].prev >= 0) HEAP_PUSH(sy[pos].prev);
+        HEAP_PUSH(pos);
+    }
+#undef HEAP_PUSH
+    for (int32_t k = ns > 0 ? 0 : -1; k >= 0; k = sy[k].next)
+        if (!list_push(c, sy[k].id, c->orig[p->off + sy[k].start])) return 0;
+    return 1;
+}
+
+/* Normalizes, pre-tokenizes and merges input[s, e). */
+static int encode_segment(enc_ctx *c, size_t s, size_t e) {
+    const mt_tokenizer *tok = c->tok;
+    c->len = 0;
+    if (!normalize_segment(c, s, e)) return 0;
+    int cur = 0;
+    c->npc[0] = c->npc[1] = 0;
+    if (tok->has_normalized_added) {
+        size_t at = 0, ms, me;
+        const added_token *a;
+        while ((a = find_added(tok, c->buf, c->len, at, at, 1, &ms, &me)) != NULL) {
+            if (!piece_push(c, cur, at, ms - at, -1) || !piece_push(c, cur, ms, me - ms, a->id)) return 0;
+            at = me;
+        }
+        if (!piece_push(c, cur, at, c->len - at, -1)) return 0;
+    } else if (!piece_push(c, cur, 0, c->len, -1)) return 0;
+
+    for (int k = 0; k < tok->n_pre; k++) {
+        const pt_stage *st = &tok->pre[k];
+        int to = !cur;
+        c->npc[to] = 0;
+        for (size_t i = 0; i < c->npc[cur]; i++) {
+            piece p = c->pc[cur][i];
+            if (p.fixed >= 0) {
+                if (!piece_push(c, to, p.off, p.len, p.fixed)) return 0;
+                continue;
+            }
+            if (st->type == PT_BYTELEVEL && st->add_prefix_space && c->buf[p.off] != ' ') {
+                if (!arena_copy_piece(c, &p, " ", 1, NULL, 0, &p)) return 0;
+            } else if (st->type == PT_METASPACE) {
+                int starts = p.len >= st->repl_len && memcmp(c->buf + p.off, st->repl, st->repl_len) == 0;
+                int first_char_space = c->buf[p.off] == ' ';
+                int prepend = 0;
+                if (!starts && !first_char_space) {
+                    if (st->prepend_scheme == PREPEND_ALWAYS) prepend = 1;
+                    if (st->prepend_scheme == PREPEND_FIRST && c->orig[p.off] == 0) prepend = 1;
+                }
+                if (!arena_copy_piece(c, &p, st->repl, prepend ? st->repl_len : 0, st->repl, st->repl_len, &p)) return 0;
+                if (st->split) {
+                    if (!split_piece(c, &p, NULL, st->repl, st->repl_len, SPLIT_MERGED_NEXT, 0, to)) return 0;
+                } else if (!piece_push(c, to, p.off, p.len, -1)) return 0;
+                continue;
+            }
+            if (st->re) {
+                if (!split_piece(c, &p, st->re, NULL, 0, st->behavior, st->invert, to)) return 0;
+            } else if (!piece_push(c, to, p.off, p.len, -1)) return 0;
+        }
+        cur = to;
+    }
+    for (size_t i = 0; i < c->npc[cur]; i++) {
+        const piece *p = &c->pc[cur][i];
+        if (p->fixed >= 0) {
+            if (!list_push(c, p->fixed, c->orig[p->off])) return 0;
+        } else if (!bpe_piece(c, p)) return 0;
+    }
+    return 1;
+}
+
+mt_status mt_tokenizer_encode(const mt_tokenizer *tok, const char *text, size_t len,
+                              int add_special, mt_token_list *list, mt_error *err) {
+    if (!tok || !list || (!text && len))
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "mt_tokenizer_encode: NULL argument");
+    for (size_t i = 0; i < len;) {
+        unsigned char b = (unsigned char)text[i];
+        if (b < 0x80) {
+            i++;
+            continue;
+        }
+        size_t l = utf8_valid_len((const unsigned char *)text + i, len - i);
+        if (!l) return mt_error_set(err, MT_ERR_INVALID_ARG, "text is not valid UTF-8 at byte offset %zu (byte 0x%02X)", i, b);
+        i += l;
+    }
+    if (len > INT32_MAX) return mt_error_set(err, MT_ERR_INVALID_ARG, "text of %zu bytes is too long to encode at once", len);
+    enc_ctx c;
+    memset(&c, 0, sizeof c);
+    c.tok = tok;
+    c.input = text;
+    c.list = list;
+    c.err = err;
+    size_t n0 = list->n;
+    int ok = 1;
+    if (tok->n_pre > 0) {
+        c.md = pcre2_match_data_create(1, NULL);
+        if (!c.md) ok = 0, mt_error_set(err, MT_ERR_NOMEM, "out of memory for regex match data");
+    }
+    if (ok && add_special)
+        for (int k = 0; ok && k < tok->n_prefix; k++) ok = list_push(&c, tok->prefix[k], 0);
+    size_t at = 0, ms, me;
+    const added_token *a;
+    while (ok && at < len && (a = find_added(tok, text, len, at, at, 0, &ms, &me)) != NULL) {
+        if (ms > at) ok = encode_segment(&c, at, ms);
+        if (ok) ok = list_push(&c, a->id, ms);
+        at = me;
+    }
+    if (ok && at < len) ok = encode_segment(&c, at, len);
+    if (ok && add_special)
+        for (int k = 0; ok && k < tok->n_suffix; k++) ok = list_push(&c, tok->suffix[k], len);
+    free(c.buf);
+    free(c.orig);
+    free(c.nb[0]);
+    free(c.nb[1]);
+    free(c.no[0]);
+    free(c.no[1]);
+    free(c.pc[0]);
+    free(c.pc[1]);
+    free(c.syms);
+    free(c.heap);
+    free(c.word);
+    pcre2_match_data_free(c.md);
+    if (!ok) {
+        list->n = n0;
+        return err ? err->status : MT_ERR_NOMEM;
+    }
+    return MT_OK;
+}
+
+/* ---- decoding --------------------------------------------------------------------- */
+
+typedef struct strbuf {
+    char *p;
+    size_t n, cap;
+} strbuf;
+
+static int sb_add(strbuf *b, const char *s, size_t n) {
+    if (b->n + n + 1 > b->cap) {
+        size_t c = b->cap ? b->cap : 64;
+        while (c < b->n + n + 1) c *= 2;
+        char *q = realloc(b->p, c);
+        if (!q) return 0;
+        b->p = q;
+        b->cap = c;
+    }
+    if (n) memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = '\0';
+    return 1;
+}
+
+typedef struct toklist {
+    strbuf *t;
+    size_t n, cap;
+} toklist;
+
+static void tl_free(toklist *l) {
+    for (size_t i = 0; i < l->n; i++) free(l->t[i].p);
+    free(l->t);
+    l->t = NULL;
+    l->n = l->cap = 0;
+}
+
+static int tl_push(toklist *l, const char *s, size_t n) {
+    if (l->n == l->cap) {
+        size_t c = l->cap ? l->cap * 2 : 16;
+        strbuf *q = realloc(l->t, c * sizeof(strbuf));
+        if (!q) return 0;
+        l->t = q;
+        l->cap = c;
+    }
+    l->t[l->n] = (strbuf){NULL, 0, 0};
+    if (!sb_add(&l->t[l->n], s, n)) return 0;
+    l->n++;
+    return 1;
+}
+
+/* Appends bytes to b, replacing each maximal invalid UTF-8 prefix with U+FFFD. */
+static int sb_add_lossy(strbuf *b, const unsigned char *s, size_t n) {
+    for (size_t i = 0; i < n;) {
+        size_t l = utf8_valid_len(s + i, n - i);
+        if (l) {
+            if (!sb_add(b, (const char *)s + i, l)) return 0;
+            i += l;
+        } else {
+            if (!sb_add(b, "\xEF\xBF\xBD", 3)) return 0;
+            i += utf8_invalid_len(s + i, n - i);
+        }
+    }
+    return 1;
+}
+
+static int parse_byte_token(const char *s, size_t n) {
+    if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>') return -1;
+    int v = 0;
+    for (int k = 3; k < 5; k++) {
+        char ch = s[k];
+        int d = ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+static int dec_apply(const mt_tokenizer *tok, const dec_stage *d, toklist *l) {
+    toklist out = {0};
+    int ok = 1;
+    if (d->type == DEC_BYTELEVEL) {
+        strbuf raw = {0}, res = {0};
+        for (size_t i = 0; ok && i < l->n; i++) {
+            const unsigned char *s = (const unsigned char *)l->t[i].p;
+            size_t n = l->t[i].n, mark = raw.n;
+            int all = 1;
+            for (size_t k = 0; k < n && all;) {
+                size_t cl = utf8_valid_len(s + k, n - k);
+                uint32_t cp = cl ? utf8_decode(s + k, cl) : 0xFFFFFFFFu;
+                int b = cp < 324 ? tok->cp_byte[cp] : -1;
+                if (b < 0) all = 0;
+                else {
+                    unsigned char bb = (unsigned char)b;
+                    ok = sb_add(&raw, (const char *)&bb, 1);
+                    k += cl;
+                }
+            }
+            if (!all) {
+                raw.n = mark;
+                ok = sb_add(&raw, (const char *)s, n);
+            }
+        }
+        if (ok) ok = sb_add(&res, "", 0) && sb_add_lossy(&res, (const unsigned char *)raw.p, raw.n);
+        free(raw.p);
+        if (ok) ok = tl_push(&out, res.p ? res.p : "", res.n);
+        free(res.p);
+    } else if (d->type == DEC_FUSE) {
+        strbuf all = {0};
+        ok = sb_add(&all, "", 0);
+        for (size_t i = 0; ok && i < l->n; i++) ok = sb_add(&all, l->t[i].p, l->t[i].n);
+        if (ok) ok = tl_push(&out, all.p, all.n);
+        free(all.p);
+    } else if (d->type == DEC_BYTEFALLBACK) {
+        strbuf bytes = {0};
+        size_t nb = 0;
+        for (size_t i = 0; ok && i <= l->n; i++) {
+            int b = i < l->n ? parse_byte_token(l->t[i].p, l->t[i].n) : -1;
+            if (b >= 0) {
+                unsigned char bb = (unsigned char)b;
+                ok = sb_add(&bytes, (const char *)&bb, 1);
+                nb++;
+                continue;
+            }
+            if (nb) {
+                size_t k = 0, valid = 1;
+                while (k < bytes.n) {
+                    size_t cl = utf8_valid_len((const unsigned char *)bytes.p + k, bytes.n - k);
+                    if (!cl) { valid = 0; break; }
+                    k += cl;
+                }
+                if (valid) ok = tl_push(&out, bytes.p, bytes.n);
+                else
+                    for (size_t k2 = 0; ok && k2 < nb; k2++) ok = tl_push(&out, "\xEF\xBF\xBD", 3);
+                bytes.n = 0;
+                nb = 0;
+            }
+            if (ok && i < l->n) ok = tl_push(&out, l->t[i].p, l->t[i].n);
+        }
+        free(bytes.p);
+    } else {
+        for (size_t i = 0; ok && i < l->n; i++) {
+            const char *s = l->t[i].p;
+            size_t n = l->t[i].n;
+            strbuf r = {0};
+            ok = sb_add(&r, "", 0);
+            if (d->type == DEC_REPLACE) {
+                for (size_t k = 0; ok && k < n;) {
+                    if (k + d->alen <= n && memcmp(s + k, d->a, d->alen) == 0) {
+                        ok = sb_add(&r, d->b, d->blen);
+                        k += d->alen;
+                    } else ok = sb_add(&r, s + k++, 1);
+                }
+            } else if (d->type == DEC_STRIP) {
+                size_t a = 0, b = n;
+                for (int k = 0; k < d->start && a + d->alen <= b && memcmp(s + a, d->a, d->alen) == 0; k++) a += d->alen;
+                for (int k = 0; k < d->stop && b >= a + d->alen && memcmp(s + b - d->alen, d->a, d->alen) == 0; k++) b -= d->alen;
+                ok = sb_add(&r, s + a, b - a);
+            } else { /* DEC_METASPACE: the first token loses every replacement character */
+                for (size_t k = 0; ok && k < n;) {
+                    if (k + d->alen <= n && memcmp(s + k, d->a, d->alen) == 0) {
+                        if (!(i == 0 && d->prepend_scheme != PREPEND_NEVER)) ok = sb_add(&r, " ", 1);
+                        k += d->alen;
+                    } else ok = sb_add(&r, s + k++, 1);
+                }
+            }
+            if (ok) ok = tl_push(&out, r.p, r.n);
+            free(r.p);
+        }
+    }
+    tl_free(l);
+    *l = out;
+    return ok;
+}
+
+mt_status mt_tokenizer_decode(const mt_tokenizer *tok, const int32_t *ids, size_t n,
+                              int skip_special, char **text, size_t *len, mt_error *err) {
+    *text = NULL;
+    if (len) *len = 0;
+    toklist l = {0};
+    int ok = 1;
+    for (size_t i = 0; ok && i < n; i++) {
+        int32_t id = ids[i];
+        if (id < 0 || id >= tok->n_ids || !tok->text[id]) {
+            tl_free(&l);
+            return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: cannot decode id %d at position %zu: not in the vocabulary of %d ids", tok->source, id, i, tok->n_ids);
+        }
+        if (skip_special && tok->special[id]) continue;
+        ok = tl_push(&l, tok->text[id], tok->text_len[id]);
+    }
+    for (int k = 0; ok && k < tok->n_dec; k++) ok = dec_apply(tok, &tok->dec[k], &l);
+    strbuf out = {0};
+    if (ok) ok = sb_add(&out, "", 0);
+    for (size_t i = 0; ok && i < l.n; i++) {
+        if (!tok->has_decoder && i > 0) ok = sb_add(&out, " ", 1);
+        if (ok) ok = sb_add(&out, l.t[i].p, l.t[i].n);
+    }
+    tl_free(&l);
+    if (!ok) {
+        free(out.p);
+        return mt_error_set(err, MT_ERR_NOMEM, "out of memory decoding %zu ids", n);
+    }
+    *text = out.p;
+    if (len) *len = out.n;
+    return MT_OK;
+}

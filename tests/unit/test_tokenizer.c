@@ -1,0 +1,444 @@
+/* test_tokenizer.c — the tokenizers against the `tokenizers` library's ids
+ * (tests/parity/make_tokenizer_reference.py wrote tests/fixtures/tokenizer/), the
+ * GGUF-built SmolLM2 tokenizer against the tokenizer.json one, throughput, and the
+ * errors malformed tokenizer files give. */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "testutil.h"
+#include "internal.h"
+#include "tokenizer.h"
+
+#define TOK_DIR MT_FIXTURE_DIR "/tokenizer"
+
+typedef struct corpus {
+    char **line;
+    size_t *len;
+    size_t n;
+    char *raw;
+} corpus;
+
+/* The corpus escapes: \n \t \r \\ ; any other backslash is literal. */
+static void corpus_load(corpus *c) {
+    size_t len;
+    mt_error err;
+    assert_int_equal(mt_read_file(TOK_DIR "/corpus.txt", &c->raw, &len, &err), MT_OK);
+    c->n = 0;
+    for (size_t i = 0; i < len; i++) c->n += c->raw[i] == '\n';
+    c->line = calloc(c->n, sizeof(char *));
+    c->len = calloc(c->n, sizeof(size_t));
+    assert_non_null(c->line);
+    char *p = c->raw;
+    for (size_t k = 0; k < c->n; k++) {
+        char *nl = strchr(p, '\n');
+        assert_non_null(nl);
+        char *out = malloc((size_t)(nl - p) + 1);
+        assert_non_null(out);
+        size_t o = 0;
+        for (char *q = p; q < nl; q++) {
+            if (*q == '\\' && q + 1 < nl && strchr("ntr\\", q[1])) {
+                q++;
+                out[o++] = *q == 'n' ? '\n' : *q == 't' ? '\t' : *q == 'r' ? '\r' : '\\';
+            } else out[o++] = *q;
+        }
+        out[o] = '\0';
+        c->line[k] = out;
+        c->len[k] = o;
+        p = nl + 1;
+    }
+}
+
+static void corpus_free(corpus *c) {
+    for (size_t k = 0; k < c->n; k++) free(c->line[k]);
+    free(c->line);
+    free(c->len);
+    free(c->raw);
+}
+
+static int ids_equal(const mt_token_list *l, json_t *arr) {
+    if (l->n != json_array_size(arr)) return 0;
+    for (size_t i = 0; i < l->n; i++)
+        if (l->ids[i] != json_integer_value(json_array_get(arr, i))) return 0;
+    return 1;
+}
+
+static void print_mismatch(const char *name, size_t k, const char *text, const mt_token_list *l, json_t *arr) {
+    fprintf(stderr, "%s: line %zu differs: \"%.80s\"\n  got     ", name, k + 1, text);
+    for (size_t i = 0; i < l->n && i < 40; i++) fprintf(stderr, " %d", l->ids[i]);
+    if (!arr) {
+        fprintf(stderr, "\n");
+        return;
+    }
+    fprintf(stderr, "\n  expected");
+    for (size_t i = 0; i < json_array_size(arr) && i < 40; i++)
+        fprintf(stderr, " %d", (int)json_integer_value(json_array_get(arr, i)));
+    fprintf(stderr, "\n");
+}
+
+/* Every line of the corpus: ids with and without special tokens, decode strings,
+ * offsets in order; byte-level tokenizers must round-trip exactly. */
+static void check_parity(const char *name) {
+    char dir[512], exp_path[600];
+    snprintf(dir, sizeof dir, "%s/%s", TOK_DIR, name);
+    snprintf(exp_path, sizeof exp_path, "%s/expected.json", dir);
+    mt_error err;
+    mt_tokenizer *tok;
+    mt_status st = mt_tokenizer_load_dir(dir, &tok, &err);
+    if (st) fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(st, MT_OK);
+    json_error_t je;
+    json_t *exp = json_load_file(exp_path, 0, &je);
+    assert_non_null(exp);
+    json_t *samples = json_object_get(exp, "samples");
+    corpus c;
+    corpus_load(&c);
+    assert_int_equal(json_array_size(samples), c.n);
+    size_t ok_ids = 0, ok_special = 0, ok_dec = 0, ok_skip = 0, ok_rt = 0, ok_offs = 0, refused = 0;
+    for (size_t k = 0; k < c.n; k++) {
+        json_t *s = json_array_get(samples, k);
+        mt_token_list l = {0}, ls = {0};
+        st = mt_tokenizer_encode(tok, c.line[k], c.len[k], 0, &l, &err);
+        if (st == MT_ERR_UNSUPPORTED && strstr(err.msg, "NFC")) { /* see nfc_inert in tokenizer.c */
+            refused++;
+            mt_token_list_free(&l); /* a failed encode leaves the list's length, not its buffer */
+            continue;
+        }
+        if (st) fprintf(stderr, "%s line %zu: %s\n", name, k + 1, err.msg);
+        assert_int_equal(st, MT_OK);
+        assert_int_equal(mt_tokenizer_encode(tok, c.line[k], c.len[k], 1, &ls, &err), MT_OK);
+        if (ids_equal(&l, json_object_get(s, "ids"))) ok_ids++;
+        else print_mismatch(name, k, c.line[k], &l, json_object_get(s, "ids"));
+        if (ids_equal(&ls, json_object_get(s, "ids_special"))) ok_special++;
+        else print_mismatch(name, k, c.line[k], &ls, json_object_get(s, "ids_special"));
+        int offs = 1;
+        for (size_t i = 0; i < ls.n; i++)
+            if (ls.offsets[i] < 0 || (size_t)ls.offsets[i] > c.len[k] || (i && ls.offsets[i] < ls.offsets[i - 1])) offs = 0;
+        ok_offs += offs;
+        char *text;
+        size_t tl;
+        assert_int_equal(mt_tokenizer_decode(tok, l.ids, l.n, 0, &text, &tl, &err), MT_OK);
+        assert_int_equal(strlen(text), tl);
+        const char *want = json_string_value(json_object_get(s, "decoded"));
+        if (strcmp(text, want) == 0) ok_dec++;
+        else fprintf(stderr, "%s: line %zu decodes to \"%.80s\", expected \"%.80s\"\n", name, k + 1, text, want);
+        if (tl == c.len[k] && memcmp(text, c.line[k], tl) == 0) ok_rt++;
+        free(text);
+        assert_int_equal(mt_tokenizer_decode(tok, ls.ids, ls.n, 1, &text, &tl, &err), MT_OK);
+        want = json_string_value(json_object_get(s, "decoded_skip"));
+        if (strcmp(text, want) == 0) ok_skip++;
+        else fprintf(stderr, "%s: line %zu decodes (skipping special) to \"%.80s\", expected \"%.80s\"\n", name, k + 1, text, want);
+        free(text);
+        mt_token_list_free(&l);
+        mt_token_list_free(&ls);
+    }
+    size_t ref_rt = 0;
+    for (size_t k = 0; k < c.n; k++)
+        ref_rt += strcmp(json_string_value(json_object_get(json_array_get(samples, k), "decoded")), c.line[k]) == 0;
+    size_t m = c.n - refused;
+    printf("tokenizer %-9s: %zu lines; ids %zu/%zu, ids+special %zu/%zu, decode %zu/%zu, decode(skip special) %zu/%zu, "
+           "offsets ordered %zu/%zu, round trip %zu/%zu (tokenizers: %zu)",
+           name, c.n, ok_ids, m, ok_special, m, ok_dec, m, ok_skip, m, ok_offs, m, ok_rt, m, ref_rt);
+    if (refused) printf("; %zu lines refused: not NFC-inert", refused);
+    printf("\n");
+    assert_int_equal(ok_ids, m);
+    assert_int_equal(ok_special, m);
+    assert_int_equal(ok_dec, m);
+    assert_int_equal(ok_skip, m);
+    assert_int_equal(ok_offs, m);
+    if (mt_tokenizer_get_family(tok) == MT_TOK_BYTE_LEVEL_BPE && !refused) assert_int_equal(ok_rt, c.n);
+    /* only the NFC normalizer (qwen2) refuses text: lines with combining marks or
+     * characters NFC would change; the rest must still be most of the corpus */
+    if (refused) assert_true(refused < c.n / 2 && strcmp(name, "qwen2") == 0);
+    corpus_free(&c);
+    json_decref(exp);
+    mt_tokenizer_free(tok);
+}
+
+static void test_parity_smollm2(void **state) { (void)state; check_parity("smollm2"); }
+static void test_parity_llama3(void **state) { (void)state; check_parity("llama3"); }
+static void test_parity_qwen2(void **state) { (void)state; check_parity("qwen2"); }
+static void test_parity_spm(void **state) { (void)state; check_parity("spm"); }
+static void test_parity_metaspace(void **state) { (void)state; check_parity("metaspace"); }
+
+static void test_properties(void **state) {
+    (void)state;
+    mt_error err;
+    mt_tokenizer *tok;
+    assert_int_equal(mt_tokenizer_load_dir(TOK_DIR "/smollm2", &tok, &err), MT_OK);
+    assert_int_equal(mt_tokenizer_get_family(tok), MT_TOK_BYTE_LEVEL_BPE);
+    assert_int_equal(mt_tokenizer_vocab_size(tok), 49152);
+    assert_int_equal(mt_tokenizer_token_id(tok, "<|im_end|>"), 2);
+    assert_int_equal(mt_tokenizer_bos(tok), 1);
+    assert_int_equal(mt_tokenizer_eos(tok), 2);
+    assert_int_equal(mt_tokenizer_pad(tok), 2);
+    assert_false(mt_tokenizer_adds_bos(tok));
+    assert_false(mt_tokenizer_adds_eos(tok));
+    assert_true(mt_tokenizer_is_special(tok, 1));
+    assert_false(mt_tokenizer_is_special(tok, 100));
+    assert_string_equal(mt_tokenizer_token_text(tok, 2), "<|im_end|>");
+    assert_null(mt_tokenizer_token_text(tok, 49152));
+    assert_non_null(mt_tokenizer_chat_template(tok));
+    assert_non_null(strstr(mt_tokenizer_chat_template(tok), "<|im_start|>"));
+    /* special tokens in the text, offsets at their starts */
+    const char *t = "hi<|im_end|>";
+    mt_token_list l = {0};
+    assert_int_equal(mt_tokenizer_encode(tok, t, strlen(t), 1, &l, &err), MT_OK);
+    assert_int_equal(l.ids[l.n - 1], 2);
+    assert_int_equal(l.offsets[l.n - 1], 2);
+    /* invalid UTF-8 is an error naming the offset, and leaves the list as it was */
+    size_t n0 = l.n;
+    assert_int_equal(mt_tokenizer_encode(tok, "ab\xC3(", 4, 0, &l, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "byte offset 2"));
+    assert_int_equal(l.n, n0);
+    int32_t bad = 49152;
+    char *text;
+    assert_int_not_equal(mt_tokenizer_decode(tok, &bad, 1, 0, &text, NULL, &err), MT_OK);
+    assert_null(text);
+    mt_token_list_free(&l);
+    mt_tokenizer_free(tok);
+
+    assert_int_equal(mt_tokenizer_load_dir(TOK_DIR "/spm", &tok, &err), MT_OK);
+    assert_int_equal(mt_tokenizer_get_family(tok), MT_TOK_SENTENCEPIECE_BPE);
+    assert_true(mt_tokenizer_adds_bos(tok));
+    assert_false(mt_tokenizer_adds_eos(tok));
+    assert_int_equal(mt_tokenizer_bos(tok), mt_tokenizer_token_id(tok, "<s>"));
+    assert_int_equal(mt_tokenizer_eos(tok), mt_tokenizer_token_id(tok, "</s>"));
+    assert_int_equal(mt_tokenizer_pad(tok), -1);
+    assert_non_null(mt_tokenizer_chat_template(tok));
+    mt_tokenizer_free(tok);
+
+    assert_int_equal(mt_tokenizer_load_dir(TOK_DIR "/metaspace", &tok, &err), MT_OK);
+    assert_true(mt_tokenizer_adds_bos(tok));
+    assert_true(mt_tokenizer_adds_eos(tok));
+    assert_null(mt_tokenizer_chat_template(tok));
+    assert_int_equal(mt_tokenizer_encode(tok, "a", 1, 1, &l, &err), MT_OK);
+    assert_int_equal(l.ids[0], mt_tokenizer_bos(tok));
+    assert_int_equal(l.ids[l.n - 1], mt_tokenizer_eos(tok));
+    assert_int_equal(l.offsets[l.n - 1], 1);
+    mt_token_list_free(&l);
+    mt_tokenizer_free(tok);
+
+    assert_int_equal(mt_tokenizer_load_dir(TOK_DIR "/qwen2", &tok, &err), MT_OK);
+    assert_int_equal(mt_tokenizer_bos(tok), -1); /* "bos_token": null */
+    assert_int_equal(mt_tokenizer_eos(tok), mt_tokenizer_token_id(tok, "<|im_end|>"));
+    assert_int_equal(mt_tokenizer_pad(tok), mt_tokenizer_token_id(tok, "<|endoftext|>"));
+    assert_false(mt_tokenizer_adds_bos(tok));
+    /* NFC is served for text NFC leaves alone; a combining mark is refused by name */
+    assert_int_equal(mt_tokenizer_encode(tok, "\xE4\xB8\xAD caf\xC3\xA9", 9, 0, &l, &err), MT_OK);
+    mt_token_list_free(&l);
+    assert_int_equal(mt_tokenizer_encode(tok, "cafe\xCC\x81", 6, 0, &l, &err), MT_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err.msg, "U+0301"));
+    mt_tokenizer_free(tok);
+
+    assert_int_equal(mt_tokenizer_load_dir(TOK_DIR "/llama3", &tok, &err), MT_OK);
+    assert_true(mt_tokenizer_adds_bos(tok)); /* from the TemplateProcessing post-processor */
+    assert_int_equal(mt_tokenizer_bos(tok), mt_tokenizer_token_id(tok, "<|begin_of_text|>"));
+    mt_tokenizer_free(tok);
+}
+
+/* The SmolLM2 tokenizer built from GGUF metadata encodes the corpus as the
+ * tokenizer.json one does. */
+static void test_gguf_matches_json(void **state) {
+    (void)state;
+    const char *path = mt_test_smollm2_gguf();
+    if (!path) skip();
+    mt_error err;
+    mt_tokenizer *g, *j;
+    mt_status st = mt_tokenizer_load_gguf(path, &g, &err);
+    if (st) fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(st, MT_OK);
+    assert_int_equal(mt_tokenizer_load_dir(TOK_DIR "/smollm2", &j, &err), MT_OK);
+    assert_int_equal(mt_tokenizer_get_family(g), MT_TOK_BYTE_LEVEL_BPE);
+    assert_int_equal(mt_tokenizer_vocab_size(g), mt_tokenizer_vocab_size(j));
+    assert_int_equal(mt_tokenizer_bos(g), mt_tokenizer_bos(j));
+    assert_int_equal(mt_tokenizer_eos(g), mt_tokenizer_eos(j));
+    assert_int_equal(mt_tokenizer_pad(g), mt_tokenizer_pad(j));
+    assert_int_equal(mt_tokenizer_adds_bos(g), mt_tokenizer_adds_bos(j));
+    assert_non_null(mt_tokenizer_chat_template(g));
+    assert_string_equal(mt_tokenizer_chat_template(g), mt_tokenizer_chat_template(j));
+    corpus c;
+    corpus_load(&c);
+    size_t same = 0, same_dec = 0;
+    for (size_t k = 0; k < c.n; k++) {
+        mt_token_list a = {0}, b = {0};
+        assert_int_equal(mt_tokenizer_encode(g, c.line[k], c.len[k], 1, &a, &err), MT_OK);
+        assert_int_equal(mt_tokenizer_encode(j, c.line[k], c.len[k], 1, &b, &err), MT_OK);
+        if (a.n == b.n && memcmp(a.ids, b.ids, a.n * sizeof(int32_t)) == 0) same++;
+        else fprintf(stderr, "gguf: line %zu differs from tokenizer.json\n", k + 1);
+        char *text;
+        size_t tl;
+        assert_int_equal(mt_tokenizer_decode(g, a.ids, a.n, 0, &text, &tl, &err), MT_OK);
+        same_dec += tl == c.len[k] && memcmp(text, c.line[k], tl) == 0;
+        free(text);
+        mt_token_list_free(&a);
+        mt_token_list_free(&b);
+    }
+    printf("tokenizer gguf     : %zu lines; ids equal to tokenizer.json %zu/%zu, round trip %zu/%zu\n", c.n, same, c.n,
+           same_dec, c.n);
+    assert_int_equal(same, c.n);
+    assert_int_equal(same_dec, c.n);
+    corpus_free(&c);
+    mt_tokenizer_free(g);
+    mt_tokenizer_free(j);
+}
+
+/* A fixture tokenizer written as llama.cpp stores it (tests/parity/
+ * make_tokenizer_reference.py: spm with scores and no merges, llama3 as "llama-bpe",
+ * qwen2 as "qwen2") gives the ids and decodes of its tokenizer.json. GGUF carries no
+ * normalizer, so the lines the qwen2 tokenizer.json refuses (NFC) are left out. */
+static void check_gguf(const char *name, mt_tokenizer_family family) {
+    char dir[512], path[600];
+    snprintf(dir, sizeof dir, "%s/%s", TOK_DIR, name);
+    snprintf(path, sizeof path, "%s/tokenizer.gguf", dir);
+    mt_error err;
+    mt_tokenizer *g, *j;
+    mt_status st = mt_tokenizer_load_gguf(path, &g, &err);
+    if (st) fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(st, MT_OK);
+    assert_int_equal(mt_tokenizer_load_dir(dir, &j, &err), MT_OK);
+    assert_int_equal(mt_tokenizer_get_family(g), family);
+    assert_int_equal(mt_tokenizer_bos(g), mt_tokenizer_bos(j) >= 0 ? mt_tokenizer_bos(j) : mt_tokenizer_bos(g));
+    assert_int_equal(mt_tokenizer_adds_bos(g), mt_tokenizer_adds_bos(j));
+    assert_int_equal(mt_tokenizer_adds_eos(g), mt_tokenizer_adds_eos(j));
+    corpus c;
+    corpus_load(&c);
+    size_t same = 0, same_dec = 0, n = 0;
+    for (size_t k = 0; k < c.n; k++) {
+        mt_token_list a = {0}, b = {0};
+        if (mt_tokenizer_encode(j, c.line[k], c.len[k], 1, &b, &err) != MT_OK) {
+            mt_token_list_free(&b);
+            continue;
+        }
+        n++;
+        assert_int_equal(mt_tokenizer_encode(g, c.line[k], c.len[k], 1, &a, &err), MT_OK);
+        if (a.n == b.n && memcmp(a.ids, b.ids, a.n * sizeof(int32_t)) == 0) same++;
+        else print_mismatch(path, k, c.line[k], &a, NULL);
+        char *t1, *t2;
+        size_t l1, l2;
+        assert_int_equal(mt_tokenizer_decode(g, b.ids, b.n, 1, &t1, &l1, &err), MT_OK);
+        assert_int_equal(mt_tokenizer_decode(j, b.ids, b.n, 1, &t2, &l2, &err), MT_OK);
+        same_dec += l1 == l2 && memcmp(t1, t2, l1) == 0;
+        free(t1);
+        free(t2);
+        mt_token_list_free(&a);
+        mt_token_list_free(&b);
+    }
+    printf("tokenizer gguf %-9s: %zu lines; ids equal to tokenizer.json %zu/%zu, decode equal %zu/%zu\n", name, n,
+           same, n, same_dec, n);
+    assert_true(n > c.n / 2);
+    assert_int_equal(same, n);
+    assert_int_equal(same_dec, n);
+    corpus_free(&c);
+    mt_tokenizer_free(g);
+    mt_tokenizer_free(j);
+}
+
+static void test_gguf_fixtures(void **state) {
+    (void)state;
+    check_gguf("spm", MT_TOK_SENTENCEPIECE_BPE);
+    check_gguf("llama3", MT_TOK_BYTE_LEVEL_BPE);
+    check_gguf("qwen2", MT_TOK_BYTE_LEVEL_BPE);
+}
+
+static void test_throughput(void **state) {
+    (void)state;
+    mt_error err;
+    mt_tokenizer *tok;
+    assert_int_equal(mt_tokenizer_load_dir(TOK_DIR "/smollm2", &tok, &err), MT_OK);
+    corpus c;
+    corpus_load(&c);
+    size_t bytes = 0, ids = 0;
+    mt_token_list l = {0};
+    double t0 = mt_now_seconds(), t;
+    do {
+        for (size_t k = 0; k < c.n; k++) {
+            l.n = 0;
+            assert_int_equal(mt_tokenizer_encode(tok, c.line[k], c.len[k], 0, &l, &err), MT_OK);
+            bytes += c.len[k];
+            ids += l.n;
+        }
+        t = mt_now_seconds() - t0;
+    } while (t < 0.5);
+    printf("tokenizer throughput (smollm2, one thread): %.2f MB/s, %.0f tokens/s\n", bytes / t / 1e6, ids / t);
+    mt_token_list_free(&l);
+    corpus_free(&c);
+    mt_tokenizer_free(tok);
+}
+
+/* A malformed tokenizer.json fails with a message naming the file and the fault. */
+static void expect_bad(const char *dir, const char *content, const char *needle) {
+    char *path = mt_path_join(dir, "tokenizer.json", NULL);
+    assert_non_null(path);
+    mt_test_write_file(path, content, strlen(content));
+    mt_error err;
+    mt_tokenizer *tok = (mt_tokenizer *)1;
+    mt_status st = mt_tokenizer_load_json(path, NULL, &tok, &err);
+    assert_int_not_equal(st, MT_OK);
+    assert_null(tok);
+    if (!strstr(err.msg, path) || !strstr(err.msg, needle))
+        fail_msg("message \"%s\" should name %s and say \"%s\"", err.msg, path, needle);
+    free(path);
+}
+
+static void test_bad_input(void **state) {
+    (void)state;
+    char *dir = mt_test_tmpdir("tok");
+    const char *vocab = "\"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}";
+    char buf[1024];
+    expect_bad(dir, "{\"model\": ", "not valid JSON");
+    expect_bad(dir, "[1, 2]", "not a JSON object");
+    expect_bad(dir, "{\"version\": \"1.0\"}", "no \"model\"");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"Unigram\", %s}}", vocab);
+    expect_bad(dir, buf, "model type \"Unigram\" is not supported");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": [\"a b\", \"a c\"]}}", vocab);
+    expect_bad(dir, buf, "merge 1 (\"a\" + \"c\") names a token not in the vocab: \"c\"");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": [[\"a\", \"b\"], [\"b\", \"a\"]]}}", vocab);
+    expect_bad(dir, buf, "merge 1 (\"b\" + \"a\") names a token not in the vocab: \"ba\"");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": [\"ab\"]}}", vocab);
+    expect_bad(dir, buf, "merge 0 (\"ab\") is not two tokens");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": []}, \"pre_tokenizer\": {\"type\": \"BertPreTokenizer\"}}", vocab);
+    expect_bad(dir, buf, "pre_tokenizer type \"BertPreTokenizer\" is not supported");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": []}, \"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"(\"}, \"behavior\": \"Isolated\"}}", vocab);
+    expect_bad(dir, buf, "does not compile");
+    expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"a\": 1}, \"merges\": []}}", "not valid JSON");
+    /* a good minimal one loads and merges */
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": [\"a b\"]}}", vocab);
+    char *path = mt_path_join(dir, "tokenizer.json", NULL);
+    mt_test_write_file(path, buf, strlen(buf));
+    mt_error err;
+    mt_tokenizer *tok;
+    assert_int_equal(mt_tokenizer_load_json(path, NULL, &tok, &err), MT_OK);
+    mt_token_list l = {0};
+    assert_int_equal(mt_tokenizer_encode(tok, "abba", 4, 1, &l, &err), MT_OK);
+    assert_int_equal(l.n, 3);
+    assert_int_equal(l.ids[0], 2);
+    assert_int_equal(l.ids[1], 1);
+    assert_int_equal(l.ids[2], 0);
+    assert_int_equal(l.offsets[2], 3);
+    mt_token_list_free(&l);
+    mt_tokenizer_free(tok);
+    free(path);
+    mt_tokenizer *none;
+    assert_int_equal(mt_tokenizer_load_json("/nonexistent/tokenizer.json", NULL, &none, &err), MT_ERR_IO);
+    assert_non_null(strstr(err.msg, "/nonexistent/tokenizer.json"));
+    mt_test_rmtree(dir);
+    free(dir);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_parity_smollm2),
+        cmocka_unit_test(test_parity_llama3),
+        cmocka_unit_test(test_parity_qwen2),
+        cmocka_unit_test(test_parity_spm),
+        cmocka_unit_test(test_parity_metaspace),
+        cmocka_unit_test(test_properties),
+        cmocka_unit_test(test_gguf_matches_json),
+        cmocka_unit_test(test_gguf_fixtures),
+        cmocka_unit_test(test_throughput),
+        cmocka_unit_test(test_bad_input),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
