@@ -1,0 +1,814 @@
+/* test_dataset.c — JSONL records in every format, bad input, span masking, truncation,
+ * packing, shuffling, splits, the batcher's cursor, statistics, and one end-to-end
+ * example through the SmolLM2 tokenizer. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "dataset.h"
+#include "internal.h"
+#include "testutil.h"
+#include "tokenizer.h"
+
+#define DATA_DIR MT_FIXTURE_DIR "/data"
+#define SMOLLM2_TOKENIZER MT_FIXTURE_DIR "/tokenizer/smollm2/tokenizer.json"
+
+static void load_ok(const char *file, mt_data_format fmt, const mt_data_fields *fields,
+                    mt_record_set *set) {
+    mt_jsonl_options opt = {fmt, fields, MT_BAD_RECORD_ERROR};
+    mt_error err = {0};
+    mt_record_set_init(set);
+    mt_status st = mt_records_load_jsonl(file, &opt, set, &err);
+    if (st) fprintf(stderr, "%s\n", err.msg);
+    assert_int_equal(st, MT_OK);
+}
+
+static void assert_msg(const mt_message *m, const char *role, const char *content) {
+    assert_string_equal(m->role, role);
+    assert_string_equal(m->content, content);
+}
+
+/* ---- formats -------------------------------------------------------------------- */
+
+static void test_alpaca(void **state) {
+    (void)state;
+    mt_record_set s;
+    load_ok(DATA_DIR "/alpaca.jsonl", MT_DATA_AUTO, NULL, &s);
+    assert_int_equal(s.format, MT_DATA_ALPACA);
+    assert_int_equal(s.n, 3);
+    assert_int_equal(s.records[0].line, 1);
+    assert_int_equal(s.records[1].line, 3); /* the empty line 2 is skipped, lines still count */
+    assert_int_equal(s.records[2].line, 4);
+    assert_int_equal(s.records[0].n_messages, 2);
+    assert_msg(&s.records[0].messages[0], "user", "Name a primary colour."); /* empty input */
+    assert_msg(&s.records[0].messages[1], "assistant", "Red.");
+    assert_msg(&s.records[1].messages[0], "user", "Translate to French.\n\ncheese");
+    assert_msg(&s.records[1].messages[1], "assistant", "fromage");
+    assert_string_equal(s.files[s.records[2].file], DATA_DIR "/alpaca.jsonl");
+    mt_record_set_free(&s);
+}
+
+static void test_chat_and_text_and_prompt_completion(void **state) {
+    (void)state;
+    mt_record_set s;
+    load_ok(DATA_DIR "/chat.jsonl", MT_DATA_CHAT, NULL, &s);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.records[0].n_messages, 3);
+    assert_msg(&s.records[0].messages[0], "system", "Be brief.");
+    assert_int_equal(s.records[1].n_messages, 4);
+    assert_msg(&s.records[1].messages[3], "assistant", "6");
+    /* a second file appends, with its own file index */
+    mt_jsonl_options opt = {MT_DATA_AUTO, NULL, MT_BAD_RECORD_ERROR};
+    mt_error err = {0};
+    assert_int_equal(mt_records_load_jsonl(DATA_DIR "/text.jsonl", &opt, &s, &err), MT_OK);
+    assert_int_equal(s.n, 5);
+    assert_int_equal(s.format, MT_DATA_TEXT);
+    assert_int_equal(s.records[4].file, 1);
+    assert_int_equal(s.records[4].line, 3);
+    assert_string_equal(s.records[4].text, "café — naïve");
+    assert_null(s.records[4].messages);
+    mt_record_set_free(&s);
+
+    load_ok(DATA_DIR "/prompt_completion.jsonl", MT_DATA_AUTO, NULL, &s);
+    assert_int_equal(s.format, MT_DATA_PROMPT_COMPLETION);
+    assert_int_equal(s.n, 2);
+    assert_msg(&s.records[0].messages[0], "user", "The capital of France is");
+    assert_msg(&s.records[0].messages[1], "assistant", " Paris.");
+    assert_msg(&s.records[1].messages[1], "assistant", "Rome.");
+    mt_record_set_free(&s);
+}
+
+static void test_preference(void **state) {
+    (void)state;
+    mt_record_set s;
+    load_ok(DATA_DIR "/preference.jsonl", MT_DATA_AUTO, NULL, &s);
+    assert_int_equal(s.format, MT_DATA_PREFERENCE);
+    assert_int_equal(s.n, 2);
+    const mt_record *r = &s.records[0];
+    assert_int_equal(r->n_messages, 1);
+    assert_msg(&r->messages[0], "user", "Is the sky blue?");
+    assert_int_equal(r->n_chosen, 1);
+    assert_msg(&r->chosen[0], "assistant", "Yes, on a clear day.");
+    assert_msg(&r->rejected[0], "assistant", "No.");
+    r = &s.records[1];
+    assert_int_equal(r->n_messages, 2);
+    assert_msg(&r->messages[0], "system", "Be kind.");
+    assert_msg(&r->chosen[0], "assistant", "It has vivid images.");
+    assert_msg(&r->rejected[0], "assistant", "Bad.");
+    mt_record_set_free(&s);
+}
+
+static void test_custom_field_map(void **state) {
+    (void)state;
+    mt_data_fields f = {0};
+    f.messages = "conversations";
+    f.role = "from";
+    f.content = "value";
+    mt_record_set s;
+    load_ok(DATA_DIR "/sharegpt.jsonl", MT_DATA_AUTO, &f, &s);
+    assert_int_equal(s.format, MT_DATA_CHAT);
+    assert_int_equal(s.n, 2);
+    assert_msg(&s.records[0].messages[0], "user", "Hello?");
+    assert_msg(&s.records[0].messages[1], "assistant", "Hi there.");
+    assert_msg(&s.records[1].messages[0], "system", "Rhyme.");
+    mt_record_set_free(&s);
+
+    mt_data_fields g = {0};
+    g.instruction = "q";
+    g.output = "a";
+    const char *data = "{\"q\": \"Why?\", \"a\": \"Because.\"}\n";
+    mt_jsonl_options opt = {MT_DATA_ALPACA, &g, MT_BAD_RECORD_ERROR};
+    mt_error err = {0};
+    mt_record_set_init(&s);
+    assert_int_equal(mt_records_parse_jsonl("qa.jsonl", data, strlen(data), &opt, &s, &err), MT_OK);
+    assert_msg(&s.records[0].messages[0], "user", "Why?");
+    assert_msg(&s.records[0].messages[1], "assistant", "Because.");
+    mt_record_set_free(&s);
+}
+
+static void test_format_names(void **state) {
+    (void)state;
+    for (int f = MT_DATA_AUTO; f <= MT_DATA_PREFERENCE; f++)
+        assert_int_equal(mt_data_format_parse(mt_data_format_name((mt_data_format)f)), f);
+    assert_int_equal(mt_data_format_parse("sharegpt"), -1);
+}
+
+/* ---- bad input ------------------------------------------------------------------- */
+
+typedef struct bad_case {
+    mt_data_format fmt;
+    const char *line2; /* the second line; line 1 is a good record of fmt */
+    const char *expect1, *expect2;
+} bad_case;
+
+static const char *good_line(mt_data_format f) {
+    switch (f) {
+    case MT_DATA_ALPACA: return "{\"instruction\": \"a\", \"output\": \"b\"}";
+    case MT_DATA_CHAT:
+        return "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": "
+               "\"assistant\", \"content\": \"b\"}]}";
+    case MT_DATA_PROMPT_COMPLETION: return "{\"prompt\": \"a\", \"completion\": \"b\"}";
+    case MT_DATA_TEXT: return "{\"text\": \"a\"}";
+    case MT_DATA_PREFERENCE: return "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}";
+    default: return "";
+    }
+}
+
+static void test_bad_records_name_file_line_field(void **state) {
+    (void)state;
+    static const bad_case cases[] = {
+        {MT_DATA_ALPACA, "{\"instruction\": \"a\", \"output\": ", "malformed JSON", NULL},
+        {MT_DATA_ALPACA, "{\"instruction\": \"a\"}", "field 'output'", "missing"},
+        {MT_DATA_ALPACA, "{\"instruction\": 3, \"output\": \"b\"}", "field 'instruction'",
+         "expected a string, found a number"},
+        {MT_DATA_ALPACA, "{\"instruction\": \"a\", \"output\": \"  \"}", "field 'output'",
+         "empty response"},
+        {MT_DATA_ALPACA, "{\"instruction\": \"a\", \"input\": [], \"output\": \"b\"}",
+         "field 'input'", "found an array"},
+        {MT_DATA_ALPACA, "{\"instruction\": \"\", \"output\": \"b\"}", "field 'instruction'",
+         "empty prompt"},
+        {MT_DATA_ALPACA, "{\"instruction\": \"caf\xC3\", \"output\": \"b\"}", "invalid UTF-8", NULL},
+        {MT_DATA_ALPACA, "{\"instruction\": \"\xED\xA0\x80\", \"output\": \"b\"}", "invalid UTF-8",
+         NULL},
+        {MT_DATA_ALPACA, "{\"instruction\": \"\\ud800\", \"output\": \"b\"}", "malformed JSON", NULL},
+        {MT_DATA_ALPACA, "{\"instruction\": \"a\\u0000b\", \"output\": \"b\"}", "malformed JSON",
+         NULL},
+        {MT_DATA_ALPACA, "{\"instruction\": \"a\", \"instruction\": \"b\", \"output\": \"c\"}",
+         "malformed JSON", "duplicate"},
+        {MT_DATA_ALPACA, "[\"instruction\"]", "expected a JSON object", "found an array"},
+        {MT_DATA_CHAT, "{\"messages\": {}}", "field 'messages'", "found an object"},
+        {MT_DATA_CHAT, "{\"messages\": []}", "field 'messages'", "empty list"},
+        {MT_DATA_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}",
+         "field 'messages'", "no assistant message"},
+        {MT_DATA_CHAT, "{\"messages\": [{\"role\": \"user\"}]}", "field 'messages[0].content'",
+         "missing"},
+        {MT_DATA_CHAT, "{\"messages\": [{\"role\": \"user\", \"content\": null}]}",
+         "field 'messages[0].content'", "found null"},
+        {MT_DATA_CHAT, "{\"messages\": [{\"role\": \"wizard\", \"content\": \"a\"}]}",
+         "field 'messages[0].role'", "unknown role 'wizard'"},
+        {MT_DATA_CHAT, "{\"messages\": [7]}", "field 'messages[0]'", "found a number"},
+        {MT_DATA_CHAT,
+         "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", "
+         "\"content\": \"\"}]}",
+         "field 'messages[1].content'", "empty response"},
+        {MT_DATA_PROMPT_COMPLETION, "{\"prompt\": \"a\"}", "field 'completion'", "missing"},
+        {MT_DATA_PROMPT_COMPLETION, "{\"prompt\": \"a\", \"completion\": true}",
+         "field 'completion'", "found a boolean"},
+        {MT_DATA_PROMPT_COMPLETION, "{\"prompt\": \"a\", \"completion\": \"\"}",
+         "field 'completion'", "empty response"},
+        {MT_DATA_TEXT, "{\"text\": \"\"}", "field 'text'", "empty text"},
+        {MT_DATA_TEXT, "{\"txt\": \"a\"}", "field 'text'", "missing"},
+        {MT_DATA_PREFERENCE, "{\"prompt\": \"a\", \"chosen\": \"b\"}", "field 'rejected'",
+         "missing"},
+        {MT_DATA_PREFERENCE, "{\"prompt\": \"a\", \"chosen\": \"\", \"rejected\": \"c\"}",
+         "field 'chosen'", "empty response"},
+        {MT_DATA_PREFERENCE, "{\"prompt\": 1, \"chosen\": \"b\", \"rejected\": \"c\"}",
+         "field 'prompt'", "found a number"},
+        {MT_DATA_PREFERENCE,
+         "{\"prompt\": \"a\", \"chosen\": [{\"role\": \"user\", \"content\": \"x\"}], "
+         "\"rejected\": \"c\"}",
+         "field 'chosen'", "no assistant message"},
+        {MT_DATA_PREFERENCE, "{\"prompt\": \"\", \"chosen\": \"b\", \"rejected\": \"c\"}",
+         "field 'prompt'", "empty prompt"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        for (int autodetect = 0; autodetect < 2; autodetect++) {
+            char data[1024];
+            snprintf(data, sizeof data, "%s\n%s\n%s\n", good_line(cases[i].fmt), cases[i].line2,
+                     good_line(cases[i].fmt));
+            mt_jsonl_options opt = {autodetect ? MT_DATA_AUTO : cases[i].fmt, NULL,
+                                    MT_BAD_RECORD_ERROR};
+            mt_record_set s;
+            mt_record_set_init(&s);
+            mt_error err = {0};
+            mt_status st = mt_records_parse_jsonl("in.jsonl", data, strlen(data), &opt, &s, &err);
+            if (st != MT_ERR_FORMAT || !strstr(err.msg, "in.jsonl:2: ") ||
+                !strstr(err.msg, cases[i].expect1) ||
+                (cases[i].expect2 && !strstr(err.msg, cases[i].expect2)))
+                fail_msg("case %zu (%s): status %d, message '%s'", i, cases[i].line2, (int)st,
+                         err.msg);
+            assert_int_equal(s.n, 0); /* the load is all or nothing */
+            assert_int_equal(s.n_files, 0);
+            mt_record_set_free(&s);
+        }
+    }
+}
+
+static void test_unknown_shape_and_formats(void **state) {
+    (void)state;
+    const char *data = "\xEF\xBB\xBF{\"foo\": 1}\r\n";
+    mt_record_set s;
+    mt_record_set_init(&s);
+    mt_error err = {0};
+    assert_int_equal(mt_records_parse_jsonl("x.jsonl", data, strlen(data), NULL, &s, &err),
+                     MT_ERR_FORMAT);
+    assert_non_null(strstr(err.msg, "x.jsonl:1: cannot tell the format"));
+    /* a BOM and CRLF line ends are fine, blank lines are skipped */
+    data = "\xEF\xBB\xBF{\"text\": \"a\"}\r\n   \r\n\t\n{\"text\": \"b\"}";
+    assert_int_equal(mt_records_parse_jsonl("x.jsonl", data, strlen(data), NULL, &s, &err), MT_OK);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.records[1].line, 4);
+    assert_string_equal(s.records[1].text, "b");
+    mt_record_set_free(&s);
+    mt_jsonl_options opt = {(mt_data_format)42, NULL, MT_BAD_RECORD_ERROR};
+    assert_int_equal(mt_records_parse_jsonl("x.jsonl", data, strlen(data), &opt, &s, &err),
+                     MT_ERR_INVALID_ARG);
+    mt_record_set_free(&s);
+}
+
+static void test_missing_file(void **state) {
+    (void)state;
+    mt_record_set s;
+    mt_record_set_init(&s);
+    mt_error err = {0};
+    assert_int_equal(mt_records_load_jsonl(DATA_DIR "/no_such_file.jsonl", NULL, &s, &err),
+                     MT_ERR_IO);
+    assert_non_null(strstr(err.msg, "no_such_file.jsonl"));
+    assert_int_equal(s.n_files, 0);
+    mt_record_set_free(&s);
+}
+
+static void test_bad_record_in_file_names_path(void **state) {
+    (void)state;
+    mt_record_set s;
+    mt_record_set_init(&s);
+    mt_error err = {0};
+    assert_int_equal(mt_records_load_jsonl(DATA_DIR "/mixed_bad.jsonl", NULL, &s, &err),
+                     MT_ERR_FORMAT);
+    assert_non_null(strstr(err.msg, DATA_DIR "/mixed_bad.jsonl:2: malformed JSON"));
+    mt_record_set_free(&s);
+}
+
+static void test_skip_policy_counts_and_lists(void **state) {
+    (void)state;
+    mt_jsonl_options opt = {MT_DATA_AUTO, NULL, MT_BAD_RECORD_SKIP};
+    mt_record_set s;
+    mt_record_set_init(&s);
+    mt_error err = {0};
+    assert_int_equal(mt_records_load_jsonl(DATA_DIR "/mixed_bad.jsonl", &opt, &s, &err), MT_OK);
+    assert_int_equal(s.n, 3);
+    assert_int_equal(s.records[0].line, 1);
+    assert_int_equal(s.records[1].line, 7);
+    assert_int_equal(s.records[2].line, 11);
+    assert_string_equal(s.records[2].text, "good three");
+    assert_int_equal(s.n_bad, 7); /* lines 2, 3, 5, 6, 8, 9, 10 */
+    assert_int_equal(s.n_bad_kept, MT_BAD_RECORDS_KEPT);
+    static const int64_t lines[] = {2, 3, 5, 6, 8};
+    static const char *const what[] = {"malformed JSON", "field 'text': expected a string",
+                                       "field 'text': empty text", "field 'text': missing",
+                                       "invalid UTF-8"};
+    for (int i = 0; i < MT_BAD_RECORDS_KEPT; i++) {
+        assert_int_equal(s.bad[i].line, lines[i]);
+        assert_int_equal(s.bad[i].file, 0);
+        if (!strstr(s.bad[i].msg, what[i]) || !strstr(s.bad[i].msg, "mixed_bad.jsonl:"))
+            fail_msg("bad[%d]: '%s'", i, s.bad[i].msg);
+    }
+    char *dir = mt_test_tmpdir("dataset");
+    char *path = mt_path_join(dir, "report.txt", NULL);
+    FILE *f = fopen(path, "w+");
+    assert_non_null(f);
+    mt_record_set_print_bad(&s, f);
+    rewind(f);
+    char buf[4096];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    assert_non_null(strstr(buf, "skipped 7 bad records (the first 5 follow)"));
+    assert_non_null(strstr(buf, "mixed_bad.jsonl:8: invalid UTF-8"));
+    free(path);
+    mt_test_rmtree(dir);
+    free(dir);
+    mt_record_set_free(&s);
+}
+
+/* ---- masks, targets, truncation ---------------------------------------------------- */
+
+static void test_mask_from_spans(void **state) {
+    (void)state;
+    /* text of 20 bytes; tokens start at these offsets; the last one (offset 20) is an
+     * EOS added after the text */
+    const int32_t offsets[] = {0, 3, 5, 8, 10, 12, 15, 18, 20};
+    const mt_span spans[] = {{4, 10}, {15, 20}};
+    uint8_t m[9];
+    mt_mask_from_spans(offsets, 9, 20, spans, 2, m);
+    /* 3 straddles the start of [4,10): not trainable; 8 starts inside: trainable; 10 is the
+     * exclusive end: not trainable; EOS: a span ends at the text's end */
+    const uint8_t expect[] = {0, 0, 1, 1, 0, 0, 1, 1, 1};
+    assert_memory_equal(m, expect, sizeof expect);
+    const mt_span spans2[] = {{4, 10}};
+    mt_mask_from_spans(offsets, 9, 20, spans2, 1, m);
+    assert_int_equal(m[8], 0);
+    mt_mask_from_spans(offsets, 9, 20, NULL, 0, m);
+    for (int i = 0; i < 9; i++) assert_int_equal(m[i], 0);
+}
+
+static void test_targets(void **state) {
+    (void)state;
+    int32_t ids[] = {10, 11, 12, 13, 14};
+    uint8_t tr[] = {0, 0, 1, 1, 0};
+    mt_example e = {ids, tr, 5, 0, 1};
+    int32_t t[5];
+    mt_example_targets(&e, t);
+    const int32_t expect[] = {-100, 12, 13, -100, -100};
+    assert_memory_equal(t, expect, sizeof expect);
+}
+
+static void make_example(int32_t *ids, uint8_t *tr, int n, int prompt, int32_t base) {
+    for (int i = 0; i < n; i++) {
+        ids[i] = base + i;
+        tr[i] = i >= prompt;
+    }
+}
+
+static void test_truncation(void **state) {
+    (void)state;
+    int32_t ids[64];
+    uint8_t tr[64];
+    int32_t start, len;
+    make_example(ids, tr, 12, 8, 0);
+    assert_int_equal(mt_truncate_window(tr, 12, 16, MT_TRUNCATE_LEFT, &start, &len), 0);
+    assert_true(start == 0 && len == 12);
+    assert_int_equal(mt_truncate_window(tr, 12, 10, MT_TRUNCATE_LEFT, &start, &len), 1);
+    assert_true(start == 2 && len == 10); /* 6 prompt tokens left, the 4 response tokens */
+    assert_int_equal(mt_truncate_window(tr, 12, 10, MT_TRUNCATE_DROP, &start, &len), -1);
+    make_example(ids, tr, 30, 6, 0); /* response of 24 > 10 */
+    assert_int_equal(mt_truncate_window(tr, 30, 10, MT_TRUNCATE_LEFT, &start, &len), 2);
+    assert_true(start == 1 && len == 10); /* last 5 prompt tokens + the first 5 of the response */
+    make_example(ids, tr, 30, 2, 0);
+    assert_int_equal(mt_truncate_window(tr, 30, 10, MT_TRUNCATE_LEFT, &start, &len), 2);
+    assert_true(start == 0 && len == 10);
+
+    mt_example_options o = {.seq_len = 10, .truncation = MT_TRUNCATE_LEFT};
+    mt_example_set s;
+    mt_error err = {0};
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    make_example(ids, tr, 12, 8, 100);
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 12, 0, 1, &err), MT_OK);
+    make_example(ids, tr, 30, 6, 200);
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 30, 0, 2, &err), MT_OK);
+    make_example(ids, tr, 5, 2, 300);
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 5, 0, 3, &err), MT_OK);
+    make_example(ids, tr, 5, 5, 400); /* nothing to train */
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 5, 0, 4, &err), MT_OK);
+    make_example(ids, tr, 5, 4, 500); /* one trainable token: a target */
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 5, 0, 5, &err), MT_OK);
+    make_example(ids, tr, 30, 25, 600); /* a long prompt: left-truncated to the last 5 prompt tokens */
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 30, 0, 6, &err), MT_OK);
+    assert_int_equal(s.n, 5);
+    assert_int_equal(s.ex[0].n, 10);
+    assert_int_equal(s.ex[0].ids[0], 102);
+    assert_int_equal(s.ex[0].line, 1);
+    assert_int_equal(s.ex[1].ids[0], 201);
+    assert_int_equal(s.ex[1].trainable[4], 0);
+    assert_int_equal(s.ex[1].trainable[5], 1);
+    assert_int_equal(s.ex[4].ids[0], 620);
+    assert_int_equal(s.ex[4].line, 6);
+    assert_int_equal(s.n_truncated_prompt, 2);
+    assert_int_equal(s.n_truncated_response, 1);
+    assert_int_equal(s.n_dropped_no_target, 1);
+    assert_int_equal(s.n_dropped_too_long, 0);
+    mt_example_set_free(&s);
+
+    o.truncation = MT_TRUNCATE_DROP;
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    make_example(ids, tr, 12, 8, 100);
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 12, 0, 1, &err), MT_OK);
+    make_example(ids, tr, 10, 8, 100);
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 10, 0, 2, &err), MT_OK);
+    assert_int_equal(s.n, 1);
+    assert_int_equal(s.n_dropped_too_long, 1);
+    assert_int_equal(s.n_truncated_prompt + s.n_truncated_response, 0);
+    mt_example_set_free(&s);
+
+    o.seq_len = 1;
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_ERR_INVALID_ARG);
+}
+
+/* ---- batches ----------------------------------------------------------------------- */
+
+/* n examples of lengths 2..maxlen; example i's tokens are i*1000 + position, the first
+ * two prompt tokens masked. */
+static void make_set(mt_example_set *s, int n, int maxlen, uint64_t seed) {
+    mt_example_options o = {.seq_len = maxlen, .truncation = MT_TRUNCATE_LEFT, .pad_id = 7};
+    mt_error err = {0};
+    assert_int_equal(mt_example_set_init(s, &o, &err), MT_OK);
+    int32_t ids[256];
+    uint8_t tr[256];
+    uint64_t r = seed;
+    for (int i = 0; i < n; i++) {
+        int len = 3 + (int)(mt_test_rand_u64(&r) % (uint64_t)(maxlen - 2));
+        for (int j = 0; j < len; j++) {
+            ids[j] = i * 1000 + j;
+            tr[j] = j >= 2;
+        }
+        assert_int_equal(mt_example_set_add(s, ids, tr, (size_t)len, 0, i + 1, &err), MT_OK);
+    }
+    assert_int_equal((int)s->n, n);
+}
+
+typedef struct batch_buf {
+    int32_t *tok, *pos, *seg, *tgt;
+} batch_buf;
+
+static batch_buf buf_new(int B, int T) {
+    batch_buf b = {malloc(sizeof(int32_t) * (size_t)(B * T)), malloc(sizeof(int32_t) * (size_t)(B * T)),
+                   malloc(sizeof(int32_t) * (size_t)(B * T)), malloc(sizeof(int32_t) * (size_t)(B * T))};
+    assert_true(b.tok && b.pos && b.seg && b.tgt);
+    return b;
+}
+
+static void buf_free(batch_buf *b) {
+    free(b->tok);
+    free(b->pos);
+    free(b->seg);
+    free(b->tgt);
+}
+
+/* Runs one epoch and checks the packing invariants; records the order in which examples
+ * appear (by index) into order_out. Returns the number of batches. */
+static int check_epoch(mt_batcher *bt, const mt_example_set *s, int B, int T, int pack,
+                       int *order_out) {
+    batch_buf b = buf_new(B, T);
+    int *seen = calloc(s->n, sizeof *seen);
+    int batches = 0, k = 0;
+    mt_error err = {0};
+    for (;;) {
+        mt_batch_info info;
+        assert_int_equal(mt_batcher_next(bt, b.tok, b.pos, b.seg, b.tgt, &info, &err), MT_OK);
+        batches++;
+        int found = 0;
+        int64_t ntgt = 0;
+        for (int r = 0; r < B; r++) {
+            const int32_t *tok = b.tok + r * T, *pos = b.pos + r * T, *seg = b.seg + r * T,
+                          *tgt = b.tgt + r * T;
+            int t = 0, expect_seg = 0, in_row = 0;
+            while (t < T && seg[t] != MT_PAD_SEGMENT) {
+                /* one example: positions from 0, one segment id, tokens in order */
+                int ex = tok[t] / 1000;
+                assert_true(ex >= 0 && ex < (int)s->n);
+                assert_int_equal(tok[t] % 1000, 0); /* whole: starts at its first token */
+                const mt_example *e = &s->ex[ex];
+                assert_true(t + e->n <= T);
+                for (int j = 0; j < e->n; j++) {
+                    assert_int_equal(tok[t + j], e->ids[j]);
+                    assert_int_equal(pos[t + j], j);
+                    assert_int_equal(seg[t + j], expect_seg);
+                    int32_t want = j + 1 < e->n && e->trainable[j + 1] ? e->ids[j + 1] : -100;
+                    assert_int_equal(tgt[t + j], want);
+                    ntgt += want != -100;
+                }
+                seen[ex]++;
+                order_out[k++] = ex;
+                found++;
+                in_row++;
+                expect_seg++;
+                t += e->n;
+            }
+            if (!pack) assert_true(in_row <= 1);
+            for (int p = t; p < T; p++) { /* padding */
+                assert_int_equal(seg[p], MT_PAD_SEGMENT);
+                assert_int_equal(tgt[p], -100);
+                assert_int_equal(tok[p], 7);
+                assert_int_equal(pos[p], p - t);
+            }
+        }
+        assert_int_equal(found, info.examples);
+        assert_int_equal(ntgt, info.targets);
+        if (info.epoch_end) break;
+    }
+    for (size_t i = 0; i < s->n; i++) assert_int_equal(seen[i], 1); /* once per epoch */
+    assert_int_equal(k, (int)s->n);
+    free(seen);
+    buf_free(&b);
+    return batches;
+}
+
+static void test_packing_invariants(void **state) {
+    (void)state;
+    mt_example_set s;
+    make_set(&s, 57, 24, 11);
+    const int B = 3, T = 32;
+    mt_batcher *bt;
+    mt_error err = {0};
+    assert_int_equal(mt_batcher_create(&s, B, T, 1, 1234, 1, &bt, &err), MT_OK);
+    int order0[57], order1[57];
+    int64_t planned = mt_batcher_batches_per_epoch(bt, 0);
+    int batches = check_epoch(bt, &s, B, T, 1, order0);
+    assert_int_equal(batches, planned);
+    assert_int_equal(mt_batcher_get_cursor(bt).epoch, 1);
+    assert_int_equal(mt_batcher_get_cursor(bt).position, 0);
+    check_epoch(bt, &s, B, T, 1, order1);
+    assert_true(memcmp(order0, order1, sizeof order0) != 0); /* epochs reshuffle */
+    /* packing puts more than one example per row */
+    assert_true(batches < (57 + B - 1) / B);
+    mt_batcher_free(bt);
+
+    /* unpacked: one example per row, batches of B */
+    assert_int_equal(mt_batcher_create(&s, B, T, 0, 1234, 1, &bt, &err), MT_OK);
+    batches = check_epoch(bt, &s, B, T, 0, order0);
+    assert_int_equal(batches, (57 + B - 1) / B);
+    mt_batcher_free(bt);
+
+    /* unshuffled: the set's order */
+    assert_int_equal(mt_batcher_create(&s, 2, T, 0, 1234, 0, &bt, &err), MT_OK);
+    check_epoch(bt, &s, 2, T, 0, order0);
+    for (int i = 0; i < 57; i++) assert_int_equal(order0[i], i);
+    mt_batcher_free(bt);
+
+    /* too long for T */
+    assert_int_equal(mt_batcher_create(&s, 2, 8, 1, 1, 1, &bt, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "more than T=8"));
+    assert_null(bt);
+    mt_example_set_free(&s);
+}
+
+static void test_shuffle_deterministic(void **state) {
+    (void)state;
+    size_t a[100], b[100], c[100];
+    for (size_t i = 0; i < 100; i++) a[i] = b[i] = c[i] = i;
+    mt_shuffle_indices(a, 100, 42);
+    mt_shuffle_indices(b, 100, 42);
+    mt_shuffle_indices(c, 100, 43);
+    assert_memory_equal(a, b, sizeof a);
+    assert_true(memcmp(a, c, sizeof a) != 0);
+    int hit[100] = {0};
+    for (size_t i = 0; i < 100; i++) hit[a[i]]++;
+    for (size_t i = 0; i < 100; i++) assert_int_equal(hit[i], 1);
+    /* the stream is fixed across platforms: splitmix64 of 0 */
+    uint64_t st = 0;
+    assert_true(mt_splitmix64(&st) == 0xE220A8397B1DCDAFull);
+
+    mt_example_set s;
+    make_set(&s, 30, 16, 5);
+    int o1[30], o2[30], o3[30];
+    mt_batcher *x, *y, *z;
+    mt_error err = {0};
+    assert_int_equal(mt_batcher_create(&s, 2, 16, 1, 9, 1, &x, &err), MT_OK);
+    assert_int_equal(mt_batcher_create(&s, 2, 16, 1, 9, 1, &y, &err), MT_OK);
+    assert_int_equal(mt_batcher_create(&s, 2, 16, 1, 10, 1, &z, &err), MT_OK);
+    check_epoch(x, &s, 2, 16, 1, o1);
+    check_epoch(y, &s, 2, 16, 1, o2);
+    check_epoch(z, &s, 2, 16, 1, o3);
+    assert_memory_equal(o1, o2, sizeof o1);
+    assert_true(memcmp(o1, o3, sizeof o1) != 0);
+    mt_batcher_free(x);
+    mt_batcher_free(y);
+    mt_batcher_free(z);
+    mt_example_set_free(&s);
+}
+
+static void test_split(void **state) {
+    (void)state;
+    size_t *tr, *ev, ntr, nev, *tr2, *ev2, ntr2, nev2;
+    mt_error err = {0};
+    assert_int_equal(mt_split_indices(200, 0.1, 7, &tr, &ntr, &ev, &nev, &err), MT_OK);
+    assert_int_equal(nev, 20);
+    assert_int_equal(ntr, 180);
+    int hit[200] = {0};
+    for (size_t i = 0; i < ntr; i++) hit[tr[i]]++;
+    for (size_t i = 0; i < nev; i++) hit[ev[i]]++;
+    for (int i = 0; i < 200; i++) assert_int_equal(hit[i], 1); /* disjoint and complete */
+    for (size_t i = 1; i < nev; i++) assert_true(ev[i - 1] < ev[i]);
+    assert_int_equal(mt_split_indices(200, 0.1, 7, &tr2, &ntr2, &ev2, &nev2, &err), MT_OK);
+    assert_memory_equal(ev, ev2, nev * sizeof *ev);
+    free(tr2);
+    free(ev2);
+    assert_int_equal(mt_split_indices(200, 0.1, 8, &tr2, &ntr2, &ev2, &nev2, &err), MT_OK);
+    assert_true(memcmp(ev, ev2, nev * sizeof *ev) != 0);
+    free(tr2);
+    free(ev2);
+    free(tr);
+    free(ev);
+    assert_int_equal(mt_split_indices(7, 0.25, 1, &tr, &ntr, &ev, &nev, &err), MT_OK);
+    assert_int_equal(nev, 2); /* round(1.75) */
+    free(tr);
+    free(ev);
+    assert_int_equal(mt_split_indices(7, 1.0, 1, &tr, &ntr, &ev, &nev, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_split_indices(7, -0.1, 1, &tr, &ntr, &ev, &nev, &err), MT_ERR_INVALID_ARG);
+
+    /* records move into the two sets */
+    mt_record_set all, train, eval;
+    load_ok(DATA_DIR "/text.jsonl", MT_DATA_AUTO, NULL, &all);
+    assert_int_equal(mt_record_set_split(&all, 0.34, 3, &train, &eval, &err), MT_OK);
+    assert_int_equal(all.n, 0);
+    assert_int_equal(train.n, 2);
+    assert_int_equal(eval.n, 1);
+    assert_int_equal(train.n_files, 1);
+    assert_true(train.records[0].line < train.records[1].line);
+    int lines = (int)(train.records[0].line + train.records[1].line + eval.records[0].line);
+    assert_int_equal(lines, 1 + 2 + 3);
+    mt_record_set_free(&train);
+    mt_record_set_free(&eval);
+}
+
+static void test_cursor_resume(void **state) {
+    (void)state;
+    mt_example_set s;
+    make_set(&s, 23, 20, 99);
+    const int B = 2, T = 24;
+    const size_t BT = (size_t)(B * T);
+    mt_error err = {0};
+    for (int pack = 0; pack < 2; pack++) {
+        /* uninterrupted: 15 batches, across epoch boundaries */
+        int32_t ref[15][4][48];
+        int ref_n[15];
+        mt_batcher *a;
+        assert_int_equal(mt_batcher_create(&s, B, T, pack, 2024, 1, &a, &err), MT_OK);
+        mt_cursor at5 = {0, 0};
+        for (int i = 0; i < 15; i++) {
+            mt_batch_info info;
+            assert_int_equal(mt_batcher_next(a, ref[i][0], ref[i][1], ref[i][2], ref[i][3], &info,
+                                             &err),
+                             MT_OK);
+            ref_n[i] = info.examples;
+            if (i == 4) at5 = mt_batcher_get_cursor(a);
+        }
+        mt_batcher_free(a);
+        /* resumed: a fresh batcher set to the cursor saved after batch 5 */
+        mt_batcher *b2;
+        assert_int_equal(mt_batcher_create(&s, B, T, pack, 2024, 1, &b2, &err), MT_OK);
+        assert_int_equal(mt_batcher_set_cursor(b2, at5, &err), MT_OK);
+        for (int i = 5; i < 15; i++) {
+            int32_t got[4][48];
+            mt_batch_info info;
+            assert_int_equal(mt_batcher_next(b2, got[0], got[1], got[2], got[3], &info, &err),
+                             MT_OK);
+            assert_int_equal(info.examples, ref_n[i]);
+            for (int k = 0; k < 4; k++) assert_memory_equal(got[k], ref[i][k], BT * sizeof(int32_t));
+        }
+        mt_cursor bad = {0, 24};
+        assert_int_equal(mt_batcher_set_cursor(b2, bad, &err), MT_ERR_INVALID_ARG);
+        mt_batcher_free(b2);
+    }
+    mt_example_set_free(&s);
+}
+
+static void test_stats(void **state) {
+    (void)state;
+    mt_example_options o = {.seq_len = 8, .truncation = MT_TRUNCATE_LEFT};
+    mt_example_set s;
+    mt_error err = {0};
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    int32_t ids[16];
+    uint8_t tr[16];
+    make_example(ids, tr, 4, 2, 0); /* 4 tokens, targets at 1,2 -> trainable[2], [3]: 2 */
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 4, 0, 1, &err), MT_OK);
+    make_example(ids, tr, 6, 3, 0); /* 6 tokens, 3 targets */
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 6, 0, 2, &err), MT_OK);
+    make_example(ids, tr, 10, 6, 0); /* truncated to 8: 4 targets */
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 10, 0, 3, &err), MT_OK);
+    make_example(ids, tr, 3, 3, 0); /* nothing to train */
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 3, 0, 4, &err), MT_OK);
+    mt_record_set rs;
+    mt_record_set_init(&rs);
+    mt_jsonl_options jo = {MT_DATA_AUTO, NULL, MT_BAD_RECORD_SKIP};
+    assert_int_equal(mt_records_load_jsonl(DATA_DIR "/mixed_bad.jsonl", &jo, &rs, &err), MT_OK);
+    mt_dataset_stats st;
+    mt_dataset_stats_compute(&rs, &s, &st);
+    assert_int_equal(st.records, 3);
+    assert_int_equal(st.bad_skipped, 7);
+    assert_int_equal(st.examples, 3);
+    assert_int_equal(st.tokens, 18);
+    assert_true(st.mean_len == 6.0);
+    assert_int_equal(st.max_len, 8);
+    assert_int_equal(st.trained_tokens, 9);
+    assert_true(st.trained_fraction == 9.0 / 18.0);
+    assert_int_equal(st.truncated_prompt, 1);
+    assert_int_equal(st.truncated_response, 0);
+    assert_int_equal(st.dropped_no_target, 1);
+    assert_int_equal(st.seq_len, 8);
+    char *dir = mt_test_tmpdir("dataset");
+    char *path = mt_path_join(dir, "stats.txt", NULL);
+    FILE *f = fopen(path, "w+");
+    mt_dataset_stats_print(&st, "train", f);
+    rewind(f);
+    char buf[2048];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    assert_non_null(strstr(buf, "dataset: train"));
+    assert_non_null(strstr(buf, "(7 bad records skipped)"));
+    assert_non_null(strstr(buf, "tokens           18 (mean 6.0, max 8"));
+    assert_non_null(strstr(buf, "trained tokens   9 (50.0%)"));
+    free(path);
+    mt_test_rmtree(dir);
+    free(dir);
+    mt_record_set_free(&rs);
+    mt_example_set_free(&s);
+}
+
+/* ---- end to end through the real tokenizer ------------------------------------------- */
+
+static void test_smollm2_end_to_end(void **state) {
+    (void)state;
+    if (access(SMOLLM2_TOKENIZER, R_OK) != 0) {
+        printf("SKIP test_smollm2_end_to_end: %s is not there yet\n", SMOLLM2_TOKENIZER);
+        return;
+    }
+    mt_tokenizer *tok;
+    mt_error err = {0};
+    assert_int_equal(mt_tokenizer_load_json(SMOLLM2_TOKENIZER, NULL, &tok, &err), MT_OK);
+    const char *text = "<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+                       "<|im_start|>assistant\nFour, of course.<|im_end|>\n";
+    const char *reply = "Four, of course.<|im_end|>";
+    size_t start = (size_t)(strstr(text, reply) - text);
+    mt_span span = {start, start + strlen(reply)};
+    mt_example_options o = {.seq_len = 128, .truncation = MT_TRUNCATE_LEFT};
+    mt_example_set s;
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    mt_status st = mt_example_set_add_text(&s, tok, text, strlen(text), &span, 1, 0, 1, &err);
+    if (st) fail_msg("%s", err.msg);
+    assert_int_equal(s.n, 1);
+    const mt_example *e = &s.ex[0];
+    int32_t ids[128];
+    size_t n = 0;
+    for (int i = 0; i < e->n; i++)
+        if (e->trainable[i]) ids[n++] = e->ids[i];
+    char *dec = NULL;
+    size_t dlen = 0;
+    assert_int_equal(mt_tokenizer_decode(tok, ids, n, 0, &dec, &dlen, &err), MT_OK);
+    assert_string_equal(dec, reply); /* exactly the reply and its end-of-turn token */
+    free(dec);
+    assert_int_equal(e->ids[e->n - 2], mt_tokenizer_token_id(tok, "<|im_end|>"));
+    assert_int_equal(e->trainable[e->n - 1], 0); /* the final "\n" */
+    /* a bad span is refused */
+    mt_span wild = {5, 9999};
+    assert_int_equal(mt_example_set_add_text(&s, tok, text, strlen(text), &wild, 1, 0, 2, &err),
+                     MT_ERR_INVALID_ARG);
+    /* train_on_inputs marks everything */
+    mt_example_set s2;
+    o.train_on_inputs = 1;
+    assert_int_equal(mt_example_set_init(&s2, &o, &err), MT_OK);
+    assert_int_equal(mt_example_set_add_text(&s2, tok, text, strlen(text), &span, 1, 0, 1, &err),
+                     MT_OK);
+    for (int i = 0; i < s2.ex[0].n; i++) assert_int_equal(s2.ex[0].trainable[i], 1);
+    mt_example_set_free(&s2);
+    mt_example_set_free(&s);
+    mt_tokenizer_free(tok);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_alpaca),
+        cmocka_unit_test(test_chat_and_text_and_prompt_completion),
+        cmocka_unit_test(test_preference),
+        cmocka_unit_test(test_custom_field_map),
+        cmocka_unit_test(test_format_names),
+        cmocka_unit_test(test_bad_records_name_file_line_field),
+        cmocka_unit_test(test_unknown_shape_and_formats),
+        cmocka_unit_test(test_missing_file),
+        cmocka_unit_test(test_bad_record_in_file_names_path),
+        cmocka_unit_test(test_skip_policy_counts_and_lists),
+        cmocka_unit_test(test_mask_from_spans),
+        cmocka_unit_test(test_targets),
+        cmocka_unit_test(test_truncation),
+        cmocka_unit_test(test_packing_invariants),
+        cmocka_unit_test(test_shuffle_deterministic),
+        cmocka_unit_test(test_split),
+        cmocka_unit_test(test_cursor_resume),
+        cmocka_unit_test(test_stats),
+        cmocka_unit_test(test_smollm2_end_to_end),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
