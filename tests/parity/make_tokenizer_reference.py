@@ -18,6 +18,9 @@ line, the ids without and with special tokens and the `tokenizers` decode string
             byte_fallback, <unk> <s> </s>, BOS added), vocab 600, merges written as
             "a b" strings.
   qwen2     a Qwen2-style byte-level BPE (NFC, the Qwen2 split regex), vocab 1000.
+            The library's NFC tables are Unicode 9.0 (unicode-normalization-
+            alignments 0.1.12), moontune's 13.0 (tools/gen_unicode_nfc.py): the
+            corpus holds none of the characters whose data differs between them.
   llama3/tokenizer.gguf, qwen2/tokenizer.gguf, spm/tokenizer.gguf: the same
             tokenizers as llama.cpp stores them in GGUF metadata (no tensors).
   metaspace the spm model with the Metaspace pre-tokenizer (prepend_scheme first)
