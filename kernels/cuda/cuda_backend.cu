@@ -276,26 +276,26 @@ static void cuda_matmul(mt_backend *be, float *c, const float *a, const float *b
                                                      (int64_t)N)))
         goto done;
     if (!CUBLAS_CHECK(cx, cublasLtMatmulPreferenceCreate(&pref))) goto done;
-    if (!CUBLAS_CHECK(cx, cublasLtMatmulPreferenceSetAttribute(
-                              pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
-                              sizeof workspace)))
-        goto done;
-    if (!CUBLAS_CHECK(cx, cublasLtMatmulPreferenceSetAttribute(
-                              pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_b,
-                              sizeof align_b)))
-        goto done;
-    if (!CUBLAS_CHECK(cx, cublasLtMatmulPreferenceSetAttribute(
-                              pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_a,
-                              sizeof align_a)))
-        goto done;
-    if (!CUBLAS_CHECK(cx, cublasLtMatmulPreferenceSetAttribute(
-                              pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c,
-                              sizeof align_c)))
-        goto done;
-    if (!CUBLAS_CHECK(cx, cublasLtMatmulPreferenceSetAttribute(
-                              pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c,
-                              sizeof align_c)))
-        goto done;
+    {
+        /* the workspace bound, then each operand's real alignment (operands are swapped:
+         * cuBLASLt's A is our b) */
+        const struct {
+            cublasLtMatmulPreferenceAttributes_t attr;
+            const void *value;
+            size_t size;
+        } prefs[] = {
+            {CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof workspace},
+            {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_b, sizeof align_b},
+            {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_a, sizeof align_a},
+            {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof align_c},
+            {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof align_c},
+        };
+        for (size_t i = 0; i < sizeof prefs / sizeof prefs[0]; i++)
+            if (!CUBLAS_CHECK(cx, cublasLtMatmulPreferenceSetAttribute(pref, prefs[i].attr,
+                                                                       prefs[i].value,
+                                                                       prefs[i].size)))
+                goto done;
+    }
     if (!CUBLAS_CHECK(cx, cublasLtMatmulAlgoGetHeuristic(cx->lt, op, lb, la, lc, lc, pref, 1,
                                                          &heur, &found)))
         goto done;
