@@ -44,12 +44,6 @@ typedef struct data_args {
     int batch;
 } data_args;
 
-static mt_status load_tokenizer(const char *path, mt_tokenizer **tok, mt_error *err) {
-    size_t n = strlen(path);
-    if (n > 5 && !strcmp(path + n - 5, ".gguf")) return mt_tokenizer_load_gguf(path, tok, err);
-    return mt_tokenizer_load_dir(path, tok, err);
-}
-
 /* Examples of one record set, statistics printed under `title`. */
 static mt_status report(lua_State *L, const mt_tokenizer *tok, const data_args *a,
                         const mt_record_set *records, const char *title, mt_error *err) {
@@ -83,7 +77,7 @@ static int run(const data_args *a) {
     mt_record_set_init(&train);
     mt_record_set_init(&heldout);
     int rc = 1;
-    mt_status st = load_tokenizer(a->tokenizer, &tok, &err);
+    mt_status st = mt_tokenizer_load(a->tokenizer, &tok, &err);
     for (int i = 0; !st && i < a->n_files; i++) st = mt_records_load_jsonl(a->files[i], &a->jsonl, &all, &err);
     if (!st && a->heldout_file) st = mt_records_load_jsonl(a->heldout_file, &a->jsonl, &heldout, &err);
     if (st) goto done;

@@ -30,6 +30,20 @@ static inline int mt_add_size(size_t a, size_t b, size_t *out) {
     return 1;
 }
 
+/* Carves consecutive 64-byte aligned regions out of one allocation. A first pass with
+ * base == NULL only adds up the size; a second pass with the allocation hands out the
+ * same regions (llm.c's "one allocation, named arrays" planning). */
+typedef struct mt_carver {
+    char *base;
+    size_t offset;
+} mt_carver;
+
+static inline void *mt_carve(mt_carver *cv, size_t count, size_t elem) {
+    void *p = cv->base ? cv->base + cv->offset : NULL;
+    cv->offset += (count * elem + 63) & ~(size_t)63;
+    return p;
+}
+
 /* Checked allocation helpers: NULL and an MT_ERR_NOMEM message naming `what` on failure. */
 void *mt_malloc(size_t bytes, const char *what, mt_error *err);
 void *mt_calloc(size_t count, size_t size, const char *what, mt_error *err);
@@ -44,6 +58,9 @@ char *mt_path_join(const char *dir, const char *name, mt_error *err);
 /* Writes `bytes` to path atomically: a temporary file in the same directory,
  * fsync, rename over path, fsync of the directory. */
 mt_status mt_write_file_atomic(const char *path, const void *data, size_t bytes, mt_error *err);
+
+/* Whether a path names a GGUF file (by its .gguf suffix). */
+int mt_path_is_gguf(const char *path);
 
 /* Monotonic wall-clock seconds. */
 double mt_now_seconds(void);

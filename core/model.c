@@ -537,62 +537,50 @@ mt_status mt_model_load_hf(const char *dir, mt_backend *be, mt_model **out, mt_e
 
 /* ---- planning ----------------------------------------------------------- */
 
-/* Carves consecutive 64-byte aligned regions out of one allocation; with base ==
- * NULL it only adds up the size. */
-typedef struct carver {
-    char *base;
-    size_t offset;
-} carver;
-
-static void *carve(carver *cv, size_t count, size_t elem) {
-    void *p = cv->base ? cv->base + cv->offset : NULL;
-    cv->offset += (count * elem + 63) & ~(size_t)63;
-    return p;
-}
-
-static void carve_plan(mt_model *m, carver *cv) {
+/* The activation plan: one allocation carved into the arrays of model.h. */
+static void carve_plan(mt_model *m, mt_carver *cv) {
     const mt_model_config *c = &m->cfg;
     const size_t BT = (size_t)m->plan_B * m->plan_T, C = c->hidden_size, F = c->intermediate_size;
     const size_t QD = (size_t)c->num_heads * c->head_dim, KVD = (size_t)c->num_kv_heads * c->head_dim;
     const size_t f = sizeof(float);
     for (int l = 0; l < c->num_layers; l++) {
         mt_layer_acts *a = &m->acts[l];
-        a->res_in = carve(cv, BT * C, f);
-        a->ln1 = carve(cv, BT * C, f);
-        a->ln1_rstd = carve(cv, BT, f);
-        a->q = carve(cv, BT * QD, f);
-        a->k = carve(cv, BT * KVD, f);
-        a->v = carve(cv, BT * KVD, f);
-        a->att = carve(cv, BT * QD, f);
-        a->lse = carve(cv, BT * (size_t)c->num_heads, f);
-        a->res_mid = carve(cv, BT * C, f);
-        a->ln2 = carve(cv, BT * C, f);
-        a->ln2_rstd = carve(cv, BT, f);
-        a->gate = carve(cv, BT * F, f);
-        a->up = carve(cv, BT * F, f);
-        a->act = carve(cv, BT * F, f);
+        a->res_in = mt_carve(cv, BT * C, f);
+        a->ln1 = mt_carve(cv, BT * C, f);
+        a->ln1_rstd = mt_carve(cv, BT, f);
+        a->q = mt_carve(cv, BT * QD, f);
+        a->k = mt_carve(cv, BT * KVD, f);
+        a->v = mt_carve(cv, BT * KVD, f);
+        a->att = mt_carve(cv, BT * QD, f);
+        a->lse = mt_carve(cv, BT * (size_t)c->num_heads, f);
+        a->res_mid = mt_carve(cv, BT * C, f);
+        a->ln2 = mt_carve(cv, BT * C, f);
+        a->ln2_rstd = mt_carve(cv, BT, f);
+        a->gate = mt_carve(cv, BT * F, f);
+        a->up = mt_carve(cv, BT * F, f);
+        a->act = mt_carve(cv, BT * F, f);
     }
-    m->res_out = carve(cv, BT * C, f);
-    m->lnf = carve(cv, BT * C, f);
-    m->lnf_rstd = carve(cv, BT, f);
-    m->rope_cos = carve(cv, (size_t)m->plan_T * c->head_dim / 2, f);
-    m->rope_sin = carve(cv, (size_t)m->plan_T * c->head_dim / 2, f);
-    m->tokens = carve(cv, BT, sizeof(int32_t));
-    m->positions = carve(cv, BT, sizeof(int32_t));
-    m->segments = carve(cv, BT, sizeof(int32_t));
-    m->targets = carve(cv, BT, sizeof(int32_t));
-    m->logits_chunk = carve(cv, (size_t)m->plan_chunk * c->vocab_size, f);
-    m->chunk_losses = carve(cv, (size_t)m->plan_chunk, f);
-    m->d_res = carve(cv, BT * C, f);
-    m->d_ln = carve(cv, BT * C, f);
-    m->d_att = carve(cv, BT * QD, f);
-    m->d_q = carve(cv, BT * QD, f);
-    m->d_k = carve(cv, BT * KVD, f);
-    m->d_v = carve(cv, BT * KVD, f);
-    m->d_act = carve(cv, BT * F, f);
-    m->d_gate = carve(cv, BT * F, f);
-    m->d_up = carve(cv, BT * F, f);
-    m->att_work = carve(cv, m->be->ops->attention_work_bytes(m->be, m->plan_B, m->plan_T,
+    m->res_out = mt_carve(cv, BT * C, f);
+    m->lnf = mt_carve(cv, BT * C, f);
+    m->lnf_rstd = mt_carve(cv, BT, f);
+    m->rope_cos = mt_carve(cv, (size_t)m->plan_T * c->head_dim / 2, f);
+    m->rope_sin = mt_carve(cv, (size_t)m->plan_T * c->head_dim / 2, f);
+    m->tokens = mt_carve(cv, BT, sizeof(int32_t));
+    m->positions = mt_carve(cv, BT, sizeof(int32_t));
+    m->segments = mt_carve(cv, BT, sizeof(int32_t));
+    m->targets = mt_carve(cv, BT, sizeof(int32_t));
+    m->logits_chunk = mt_carve(cv, (size_t)m->plan_chunk * c->vocab_size, f);
+    m->chunk_losses = mt_carve(cv, (size_t)m->plan_chunk, f);
+    m->d_res = mt_carve(cv, BT * C, f);
+    m->d_ln = mt_carve(cv, BT * C, f);
+    m->d_att = mt_carve(cv, BT * QD, f);
+    m->d_q = mt_carve(cv, BT * QD, f);
+    m->d_k = mt_carve(cv, BT * KVD, f);
+    m->d_v = mt_carve(cv, BT * KVD, f);
+    m->d_act = mt_carve(cv, BT * F, f);
+    m->d_gate = mt_carve(cv, BT * F, f);
+    m->d_up = mt_carve(cv, BT * F, f);
+    m->att_work = mt_carve(cv, m->be->ops->attention_work_bytes(m->be, m->plan_B, m->plan_T,
                                                              c->num_heads, c->num_kv_heads,
                                                              c->head_dim),
                         1);
@@ -627,7 +615,7 @@ mt_status mt_model_plan(mt_model *m, int B, int T, int chunk, mt_error *err) {
         free_plan(m);
         return MT_ERR_NOMEM;
     }
-    carver size = {0};
+    mt_carver size = {0};
     carve_plan(m, &size);
     m->act_bytes = size.offset;
     m->act_memory = m->be->ops->alloc(m->be, m->act_bytes);
@@ -639,7 +627,7 @@ mt_status mt_model_plan(mt_model *m, int B, int T, int chunk, mt_error *err) {
                             "(%zu bytes)",
                             m->be->name, B, T, bytes);
     }
-    carver fill = {.base = m->act_memory};
+    mt_carver fill = {.base = m->act_memory};
     carve_plan(m, &fill);
 
     /* rotary tables cos/sin (T, D/2), computed as transformers does in fp32 */

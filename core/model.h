@@ -195,6 +195,11 @@ void mt_model_free(mt_model *m);
 
 /* Loads a Hugging Face directory (config.json + model.safetensors or sharded). */
 mt_status mt_model_load_hf(const char *dir, mt_backend *be, mt_model **out, mt_error *err);
+/* Loads a GGUF file (llama, mistral, qwen2): config from its metadata, every tensor
+ * dequantized to fp32 (llama's permuted q/k rows restored to transformers' order). */
+mt_status mt_model_load_gguf(const char *path, mt_backend *be, mt_model **out, mt_error *err);
+/* A .gguf file or a Hugging Face model directory. */
+mt_status mt_model_load(const char *path, mt_backend *be, mt_model **out, mt_error *err);
 /* Loads weights from an opened safetensors set into an existing model; every
  * parameter must be present with its exact shape; unknown tensors are refused. */
 struct mt_safetensors;

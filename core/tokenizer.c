@@ -1014,6 +1014,11 @@ static int file_exists(const char *path) {
     return f != NULL;
 }
 
+mt_status mt_tokenizer_load(const char *path, mt_tokenizer **out, mt_error *err) {
+    return mt_path_is_gguf(path) ? mt_tokenizer_load_gguf(path, out, err)
+                                 : mt_tokenizer_load_dir(path, out, err);
+}
+
 mt_status mt_tokenizer_load_dir(const char *dir, mt_tokenizer **out, mt_error *err) {
     *out = NULL;
     char *tj = mt_path_join(dir, "tokenizer.json", err);

@@ -25,6 +25,8 @@ mt_status mt_tokenizer_load_json(const char *tokenizer_json, const char *tokeniz
 mt_status mt_tokenizer_load_dir(const char *dir, mt_tokenizer **out, mt_error *err);
 /* Builds the tokenizer from a GGUF file's tokenizer.ggml.* metadata. */
 mt_status mt_tokenizer_load_gguf(const char *gguf_path, mt_tokenizer **out, mt_error *err);
+/* A .gguf file (its metadata) or a model directory (tokenizer.json). */
+mt_status mt_tokenizer_load(const char *path, mt_tokenizer **out, mt_error *err);
 void mt_tokenizer_free(mt_tokenizer *tok);
 
 mt_tokenizer_family mt_tokenizer_get_family(const mt_tokenizer *tok);

@@ -246,6 +246,11 @@ mt_status mt_write_file_atomic(const char *path, const void *data, size_t bytes,
     return fsync_parent_dir(path, err);
 }
 
+int mt_path_is_gguf(const char *path) {
+    size_t n = strlen(path);
+    return n > 5 && !strcmp(path + n - 5, ".gguf");
+}
+
 double mt_now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -27,6 +27,14 @@ void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, i
         for (size_t i = 0; i < (size_t)M * N; i++) c[i] = beta == 0.0f ? 0.0f : beta * c[i];
         return;
     }
+    if (M == 1) { // one row (decoding a token): a matrix-vector product reads b once
+        // a holds K contiguous values either way; c (N) = op(b)^T-shaped product with a
+        if (trans_b) // b is (N,K): c = b · a
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, N, K, alpha, b, K, a, 1, beta, c, 1);
+        else // b is (K,N): c = b^T · a
+            cblas_sgemv(CblasRowMajor, CblasTrans, K, N, alpha, b, N, a, 1, beta, c, 1);
+        return;
+    }
     int lda = trans_a ? M : K;
     int ldb = trans_b ? K : N;
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,

@@ -136,10 +136,13 @@ static void test_memory(void **state) {
 static void test_matmul_forward(void **state) {
     (void)state;
     uint64_t rng = 2;
-    const int M = 7, N = 5, K = 9;
-    float *a = frand(M * K, &rng, -1, 1), *b = frand(K * N, &rng, -1, 1);
-    float *c0 = frand(M * N, &rng, -1, 1);
+    const int N = 5, K = 9, M_max = 7;
+    int M = M_max;
+    float *a = frand(M_max * K, &rng, -1, 1), *b = frand(K * N, &rng, -1, 1);
+    float *c0 = frand(M_max * N, &rng, -1, 1);
     const float alpha = 0.7f, beta = 0.3f;
+    // M = 1 (one decoded token) takes the matrix-vector path
+    for (int mcase = 0; mcase < 2; mcase++, M = 1)
     for (int ta = 0; ta < 2; ta++) {
         for (int tb = 0; tb < 2; tb++) {
             float *c = fcopy(c0, M * N);
@@ -158,16 +161,18 @@ static void test_matmul_forward(void **state) {
                 }
             }
             double err = mt_test_rel_err_d(got, ref, M * N);
-            printf("  matmul trans_a=%d trans_b=%d rel err %.2e\n", ta, tb, err);
+            printf("  matmul M=%d trans_a=%d trans_b=%d rel err %.2e\n", M, ta, tb, err);
             assert_true(err < 1e-6);
             free(c);
         }
     }
-    // beta = 0 must not read c (NaN there stays out of the result)
-    float *c = fnan(M * N);
-    be.ops->matmul(&be, c, a, b, M, N, K, 0, 0, 1.0f, 0.0f);
-    for (int i = 0; i < M * N; i++) assert_false(isnan(c[i]));
-    free(c);
+    // beta = 0 must not read c (NaN there stays out of the result), on both paths
+    for (M = M_max; M >= 1; M -= M_max - 1) {
+        float *c = fnan(M * N);
+        be.ops->matmul(&be, c, a, b, M, N, K, 0, 0, 1.0f, 0.0f);
+        for (int i = 0; i < M * N; i++) assert_false(isnan(c[i]));
+        free(c);
+    }
     free(a);
     free(b);
     free(c0);

@@ -1,0 +1,543 @@
+/* test_generate.c — the GGUF model loader, the KV-cache decoder, sampling and generation.
+ *
+ * Against tests/fixtures/generate/reference.json (tests/parity/make_generate_reference.py:
+ * transformers on the SmolLM2-135M-Instruct Q4_1 GGUF): the rendered prompt ids, the
+ * first-step top-5 logits and 40 greedy tokens per prompt. The decoder is also checked
+ * against the training forward (mt_model_forward) on SmolLM2 and on tiny_gqa. */
+#include <jansson.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "generate.h"
+#include "internal.h"
+#include "lua_env.h"
+#include "model.h"
+#include "render.h"
+#include "testutil.h"
+
+#define REFERENCE MT_FIXTURE_DIR "/generate/reference.json"
+#define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"
+
+/* MOONTUNE_GENERATE_TOKENS lowers the 40 greedy tokens per prompt (sanitizer builds). */
+static int new_tokens(int reference) {
+    const char *s = getenv("MOONTUNE_GENERATE_TOKENS");
+    int n = s ? atoi(s) : reference;
+    return n > 0 && n < reference ? n : reference;
+}
+
+/* The chat template (auto-detected) renders messages with add_generation_prompt. */
+static char *render(const mt_tokenizer *tok, json_t *messages) {
+    mt_error err = {0};
+    lua_State *L = mt_lua_open(&err);
+    if (!L) fail_msg("%s", err.msg);
+    const char *resolved = NULL;
+    if (mt_chat_template_push(L, tok, "auto", &resolved, &err)) fail_msg("%s", err.msg);
+    lua_newtable(L);
+    for (size_t i = 0; i < json_array_size(messages); i++) {
+        json_t *msg = json_array_get(messages, i);
+        lua_createtable(L, 0, 2);
+        lua_pushstring(L, json_string_value(json_object_get(msg, "role")));
+        lua_setfield(L, -2, "role");
+        lua_pushstring(L, json_string_value(json_object_get(msg, "content")));
+        lua_setfield(L, -2, "content");
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_newtable(L);
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "add_generation_prompt");
+    if (mt_lua_pcall(L, 2, 2, &err)) fail_msg("%s", err.msg);
+    char *text = strdup(lua_tostring(L, -2));
+    lua_close(L);
+    return text;
+}
+
+static int32_t *json_ids(json_t *arr, int *n) {
+    *n = (int)json_array_size(arr);
+    int32_t *ids = malloc((size_t)*n * sizeof *ids);
+    for (int i = 0; i < *n; i++) ids[i] = (int32_t)json_integer_value(json_array_get(arr, (size_t)i));
+    return ids;
+}
+
+/* Logits of every row of one full forward over ids (n), as mt_model_forward computes them. */
+static float *full_logits(mt_model *m, const int32_t *ids, int n) {
+    mt_error err = {0};
+    if (mt_model_plan(m, 1, n, 0, &err) || mt_model_forward(m, ids, NULL, NULL, 1, n, &err))
+        fail_msg("%s", err.msg);
+    float *logits = malloc((size_t)n * m->cfg.vocab_size * sizeof(float));
+    if (mt_model_logits(m, 0, n, logits, &err)) fail_msg("%s", err.msg);
+    return logits;
+}
+
+typedef struct streamed {
+    char buf[4096];
+    size_t len;
+    int calls;
+} streamed;
+
+static int collect(void *user, const char *piece, size_t len) {
+    streamed *s = user;
+    assert_true(s->len + len < sizeof s->buf);
+    memcpy(s->buf + s->len, piece, len);
+    s->len += len;
+    s->buf[s->len] = '\0';
+    s->calls++;
+    return 0;
+}
+
+static void test_smollm2_matches_transformers(void **state) {
+    (void)state;
+    const char *path = mt_test_smollm2_gguf();
+    if (!path) {
+        printf("  (skipped: no SmolLM2 GGUF; set MOONTUNE_SMOLLM2_GGUF)\n");
+        skip();
+    }
+    mt_error err = {0};
+    mt_backend be;
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    mt_tokenizer *tok = NULL;
+    double t0 = mt_now_seconds();
+    if (mt_model_load_gguf(path, &be, &m, &err)) fail_msg("%s", err.msg);
+    if (mt_tokenizer_load_gguf(path, &tok, &err)) fail_msg("%s", err.msg);
+    printf("  loaded %s in %.2f s\n", path, mt_now_seconds() - t0);
+    const mt_model_config *c = &m->cfg;
+    assert_int_equal(c->hidden_size, 576);
+    assert_int_equal(c->num_layers, 30);
+    assert_int_equal(c->num_heads, 9);
+    assert_int_equal(c->num_kv_heads, 3);
+    assert_int_equal(c->head_dim, 64);
+    assert_int_equal(c->intermediate_size, 1536);
+    assert_int_equal(c->vocab_size, 49152);
+    assert_int_equal(c->max_position_embeddings, 8192);
+    assert_true(c->tie_word_embeddings && c->rope_theta == 100000.0);
+    assert_true(fabsf(c->rms_norm_eps - 1e-5f) < 1e-9f);
+
+    json_error_t jerr;
+    json_t *ref = json_load_file(REFERENCE, 0, &jerr);
+    if (!ref) fail_msg("%s: %s", REFERENCE, jerr.text);
+    json_t *prompts = json_object_get(ref, "prompts");
+    assert_int_equal(json_array_size(prompts), 3);
+    const int V = c->vocab_size;
+    float *logits = malloc((size_t)V * sizeof(float));
+    double tok_s_sum = 0.0;
+    for (size_t p = 0; p < json_array_size(prompts); p++) {
+        json_t *pr = json_array_get(prompts, p);
+        /* template + tokenizer */
+        char *text = render(tok, json_object_get(pr, "messages"));
+        assert_string_equal(text, json_string_value(json_object_get(pr, "text")));
+        mt_token_list list = {0};
+        if (mt_tokenizer_encode(tok, text, strlen(text), 0, &list, &err)) fail_msg("%s", err.msg);
+        int n_prompt, n_ref;
+        int32_t *prompt = json_ids(json_object_get(pr, "prompt_ids"), &n_prompt);
+        int32_t *ref_ids = json_ids(json_object_get(pr, "generated_ids"), &n_ref);
+        assert_int_equal((int)list.n, n_prompt);
+        assert_memory_equal(list.ids, prompt, (size_t)n_prompt * sizeof(int32_t));
+
+        /* first step: top-5 ids and logits */
+        mt_kv_decoder *d = NULL;
+        if (mt_kv_decoder_create(m, n_prompt + n_ref, 0, &d, &err)) fail_msg("%s", err.msg);
+        if (mt_kv_decoder_feed(d, prompt, n_prompt, logits, &err)) fail_msg("%s", err.msg);
+        json_t *top_ids = json_object_get(pr, "top5_ids"), *top_vals = json_object_get(pr, "top5_logits");
+        double worst = 0.0;
+        float *scratch = malloc((size_t)V * sizeof(float));
+        memcpy(scratch, logits, (size_t)V * sizeof(float));
+        for (size_t k = 0; k < 5; k++) {
+            int32_t id = mt_argmax(scratch, V);
+            double want = json_real_value(json_array_get(top_vals, k));
+            assert_int_equal(id, json_integer_value(json_array_get(top_ids, k)));
+            double rel = fabs(logits[id] - want) / fabs(want);
+            if (rel > worst) worst = rel;
+            scratch[id] = -INFINITY;
+        }
+        free(scratch);
+        assert_true(worst < 1e-3);
+
+        /* greedy generation: 40 tokens, EOS not stopping the run (as the reference) */
+        int n_gen = new_tokens(n_ref);
+        mt_generate_options opt = {.max_new_tokens = n_gen};
+        mt_generation gen;
+        if (mt_generate(m, NULL, prompt, n_prompt, &opt, &gen, &err)) fail_msg("%s", err.msg);
+        assert_int_equal(gen.n_ids, n_gen);
+        int match = 0;
+        while (match < n_gen && gen.ids[match] == ref_ids[match]) match++;
+        double tok_s = (gen.n_ids - 1) / gen.decode_seconds;
+        tok_s_sum += tok_s;
+        printf("  prompt %zu: %d prompt tokens, top-5 logits max rel err %.2e, greedy %d/%d tokens "
+               "match; prefill %.0f tok/s, generation %.1f tok/s\n",
+               p, n_prompt, worst, match, n_gen, n_prompt / gen.prefill_seconds, tok_s);
+        assert_true(match >= (n_gen < 32 ? n_gen : 32));
+
+        if (p == 0) {
+            /* the cache against a full forward over prompt + generated tokens */
+            int n_all = n_prompt + n_gen;
+            int32_t *all = malloc((size_t)n_all * sizeof *all);
+            memcpy(all, prompt, (size_t)n_prompt * sizeof *all);
+            memcpy(all + n_prompt, gen.ids, (size_t)n_gen * sizeof *all);
+            float *full = full_logits(m, all, n_all);
+            double cache_err = mt_test_rel_err(logits, full + (size_t)(n_prompt - 1) * V, (size_t)V);
+            for (int t = n_prompt; t < n_all - 1; t++) {
+                if (mt_kv_decoder_feed(d, &all[t], 1, logits, &err)) fail_msg("%s", err.msg);
+                double e = mt_test_rel_err(logits, full + (size_t)t * V, (size_t)V);
+                if (e > cache_err) cache_err = e;
+            }
+            printf("  KV cache vs full forward over %d positions: max rel err %.2e\n",
+                   n_all - n_prompt, cache_err);
+            assert_true(cache_err < 1e-4);
+            free(full);
+            free(all);
+
+            /* streaming, EOS and stop strings on the same prompt */
+            int32_t eos = mt_tokenizer_eos(tok);
+            streamed s = {.len = 0};
+            mt_generate_options o2 = {.max_new_tokens = 16, .stop_ids = &eos, .n_stop_ids = 1,
+                                      .on_text = collect, .user = &s};
+            mt_generation g2;
+            if (mt_generate(m, tok, prompt, n_prompt, &o2, &g2, &err)) fail_msg("%s", err.msg);
+            printf("  streamed: \"%s\" (%d pieces)\n", s.buf, s.calls);
+            assert_int_equal(g2.reason, MT_STOP_EOS);
+            assert_int_equal(g2.ids[g2.n_ids - 1], eos);
+            assert_string_equal(g2.text, "The capital of France is Paris.");
+            assert_string_equal(s.buf, g2.text);
+            mt_generation_free(&g2);
+            const char *stop = "Paris";
+            streamed s3 = {.len = 0};
+            mt_generate_options o3 = {.max_new_tokens = 16, .stop_strings = &stop,
+                                      .n_stop_strings = 1, .on_text = collect, .user = &s3};
+            if (mt_generate(m, tok, prompt, n_prompt, &o3, &g2, &err)) fail_msg("%s", err.msg);
+            assert_int_equal(g2.reason, MT_STOP_STRING);
+            assert_string_equal(g2.text, "The capital of France is ");
+            assert_string_equal(s3.buf, g2.text);
+            mt_generation_free(&g2);
+        }
+        mt_generation_free(&gen);
+        mt_kv_decoder_free(d);
+        free(prompt);
+        free(ref_ids);
+        mt_token_list_free(&list);
+        free(text);
+    }
+    printf("  SmolLM2-135M generation: %.1f tokens/s (mean of 3 prompts, %d threads)\n",
+           tok_s_sum / 3.0, be.num_threads);
+    free(logits);
+    json_decref(ref);
+    mt_tokenizer_free(tok);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+}
+
+static mt_model *load_tiny(mt_backend *be) {
+    mt_error err = {0};
+    assert_int_equal(mt_backend_cpu_init(be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    if (mt_model_load_hf(GQA_DIR, be, &m, &err)) fail_msg("%s", err.msg);
+    return m;
+}
+
+static void test_tiny_prefill_and_steps_match_forward(void **state) {
+    (void)state;
+    mt_backend be;
+    mt_model *m = load_tiny(&be);
+    mt_error err = {0};
+    const int T = 23, V = m->cfg.vocab_size;
+    int32_t ids[23];
+    uint64_t rng = 11;
+    for (int i = 0; i < T; i++) ids[i] = (int32_t)(mt_test_rand_u64(&rng) % (uint64_t)V);
+    float *full = full_logits(m, ids, T);
+    float *logits = malloc((size_t)V * sizeof(float));
+    /* prefill of the whole sequence in chunks of 5 rows */
+    mt_kv_decoder *d = NULL;
+    assert_int_equal(mt_kv_decoder_create(m, T, 5, &d, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_feed(d, ids, T, logits, &err), MT_OK);
+    double e = mt_test_rel_err(logits, full + (size_t)(T - 1) * V, (size_t)V);
+    printf("  tiny_gqa prefill vs forward: %.2e\n", e);
+    assert_true(e < 1e-5);
+    /* a full cache refuses more */
+    assert_int_equal(mt_kv_decoder_feed(d, ids, 1, logits, &err), MT_ERR_INVALID_ARG);
+    /* then token by token after a 7-token prefill */
+    mt_kv_decoder_reset(d);
+    assert_int_equal(mt_kv_decoder_feed(d, ids, 7, logits, &err), MT_OK);
+    double worst = mt_test_rel_err(logits, full + 6 * (size_t)V, (size_t)V);
+    for (int t = 7; t < T; t++) {
+        assert_int_equal(mt_kv_decoder_feed(d, &ids[t], 1, logits, &err), MT_OK);
+        e = mt_test_rel_err(logits, full + (size_t)t * V, (size_t)V);
+        if (e > worst) worst = e;
+    }
+    printf("  tiny_gqa token-by-token vs forward: %.2e\n", worst);
+    assert_true(worst < 1e-5);
+    assert_int_equal(mt_kv_decoder_length(d), T);
+    int32_t bad = V;
+    mt_kv_decoder_reset(d);
+    assert_int_equal(mt_kv_decoder_feed(d, &bad, 1, logits, &err), MT_ERR_INVALID_ARG);
+    mt_kv_decoder_free(d);
+    free(logits);
+    free(full);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+}
+
+static void gen_ids(mt_model *m, const mt_sampling *s, int32_t *out, int n) {
+    mt_error err = {0};
+    const int32_t prompt[4] = {1, 17, 42, 5};
+    mt_generate_options opt = {.max_new_tokens = n, .sampling = *s};
+    mt_generation g;
+    if (mt_generate(m, NULL, prompt, 4, &opt, &g, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(g.n_ids, n);
+    memcpy(out, g.ids, (size_t)n * sizeof *out);
+    mt_generation_free(&g);
+}
+
+static void test_sampling(void **state) {
+    (void)state;
+    mt_backend be;
+    mt_model *m = load_tiny(&be);
+    enum { N = 24 };
+    int32_t greedy[N], a[N], b[N], c[N];
+    gen_ids(m, &(mt_sampling){.temperature = 0.0f}, greedy, N);
+    /* same seed, same output */
+    mt_sampling s = {.temperature = 1.3f, .top_k = 30, .top_p = 0.95f, .seed = 7};
+    gen_ids(m, &s, a, N);
+    gen_ids(m, &s, b, N);
+    assert_memory_equal(a, b, sizeof a);
+    s.seed = 8;
+    gen_ids(m, &s, c, N);
+    assert_true(memcmp(a, c, sizeof a) != 0); /* another seed draws otherwise (24 draws) */
+    /* top_k 1 and a vanishing nucleus are greedy whatever the temperature */
+    gen_ids(m, &(mt_sampling){.temperature = 2.0f, .top_k = 1, .seed = 3}, a, N);
+    assert_memory_equal(a, greedy, sizeof a);
+    gen_ids(m, &(mt_sampling){.temperature = 2.0f, .top_p = 1e-6f, .seed = 3}, a, N);
+    assert_memory_equal(a, greedy, sizeof a);
+    gen_ids(m, &(mt_sampling){.temperature = -1.0f, .top_k = 50, .seed = 3}, a, N);
+    assert_memory_equal(a, greedy, sizeof a);
+
+    /* the draw follows the distribution: p = (1/8, 3/8, 4/8) */
+    float logits[3];
+    void *work = malloc(mt_sample_work_bytes(3));
+    int count[3] = {0};
+    uint64_t rng = 5;
+    for (int i = 0; i < 8000; i++) {
+        logits[0] = logf(1.0f);
+        logits[1] = logf(3.0f);
+        logits[2] = logf(4.0f);
+        count[mt_sample(logits, 3, &(mt_sampling){.temperature = 1.0f}, &rng, work)]++;
+    }
+    assert_true(abs(count[0] - 1000) < 150 && abs(count[1] - 3000) < 200 && abs(count[2] - 4000) < 200);
+    /* top_p 0.6: tokens 2 (0.5) and 1 (the probability above it is 0.5 < 0.6) */
+    count[0] = count[1] = count[2] = 0;
+    for (int i = 0; i < 4000; i++) {
+        logits[0] = logf(1.0f);
+        logits[1] = logf(3.0f);
+        logits[2] = logf(4.0f);
+        count[mt_sample(logits, 3, &(mt_sampling){.temperature = 1.0f, .top_p = 0.6f}, &rng, work)]++;
+    }
+    assert_int_equal(count[0], 0);
+    assert_true(abs(count[1] - 4000 * 3 / 7) < 200);
+    /* top_k 2 the same */
+    count[0] = count[1] = count[2] = 0;
+    for (int i = 0; i < 4000; i++) {
+        logits[0] = logf(1.0f);
+        logits[1] = logf(3.0f);
+        logits[2] = logf(4.0f);
+        count[mt_sample(logits, 3, &(mt_sampling){.temperature = 1.0f, .top_k = 2}, &rng, work)]++;
+    }
+    assert_int_equal(count[0], 0);
+    assert_true(abs(count[1] - 4000 * 3 / 7) < 200);
+    free(work);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+}
+
+
+/* ---- a GGUF writer for round trips: F32 tensors, llama.cpp's names and q/k order ---- */
+
+typedef struct buf {
+    unsigned char *p;
+    size_t n, cap;
+} buf;
+
+static void put(buf *b, const void *data, size_t n) {
+    if (b->n + n > b->cap) {
+        b->cap = (b->n + n) * 2;
+        b->p = realloc(b->p, b->cap);
+    }
+    memcpy(b->p + b->n, data, n);
+    b->n += n;
+}
+static void put_u32(buf *b, uint32_t v) { put(b, &v, 4); }
+static void put_u64(buf *b, uint64_t v) { put(b, &v, 8); }
+static void put_str(buf *b, const char *s) {
+    put_u64(b, strlen(s));
+    put(b, s, strlen(s));
+}
+static void kv_u32(buf *b, const char *arch, const char *key, uint32_t v) {
+    char full[96];
+    snprintf(full, sizeof full, "%s.%s", arch, key);
+    put_str(b, full);
+    put_u32(b, 4); /* UINT32 */
+    put_u32(b, v);
+}
+static void kv_f32(buf *b, const char *arch, const char *key, float v) {
+    char full[96];
+    snprintf(full, sizeof full, "%s.%s", arch, key);
+    put_str(b, full);
+    put_u32(b, 6); /* FLOAT32 */
+    put(b, &v, 4);
+}
+
+/* llama.cpp's tensor name of a Hugging Face parameter name */
+static void gguf_name_of(const char *hf, char *out, size_t size) {
+    static const char *map[][2] = {
+        {"self_attn.q_proj", "attn_q"},   {"self_attn.k_proj", "attn_k"},
+        {"self_attn.v_proj", "attn_v"},   {"self_attn.o_proj", "attn_output"},
+        {"mlp.gate_proj", "ffn_gate"},    {"mlp.up_proj", "ffn_up"},
+        {"mlp.down_proj", "ffn_down"},    {"input_layernorm", "attn_norm"},
+        {"post_attention_layernorm", "ffn_norm"}};
+    int layer, used = 0;
+    if (!strcmp(hf, "model.embed_tokens.weight")) snprintf(out, size, "token_embd.weight");
+    else if (!strcmp(hf, "model.norm.weight")) snprintf(out, size, "output_norm.weight");
+    else if (!strcmp(hf, "lm_head.weight")) snprintf(out, size, "output.weight");
+    else if (sscanf(hf, "model.layers.%d.%n", &layer, &used) == 1 && used) {
+        for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
+            size_t n = strlen(map[i][0]);
+            if (!strncmp(hf + used, map[i][0], n))
+                snprintf(out, size, "blk.%d.%s.%s", layer, map[i][1], hf + used + n + 1);
+        }
+    }
+}
+
+/* Writes model m as a GGUF of architecture arch (llama: q/k rows permuted as
+ * llama.cpp's converter does: row h*D + 2i + j <- row h*D + j*D/2 + i). */
+static void write_gguf(const char *path, const mt_model *m, const char *arch, int permute) {
+    const mt_model_config *c = &m->cfg;
+    buf b = {0}, data = {0};
+    put(&b, "GGUF", 4);
+    put_u32(&b, 3);
+    put_u64(&b, m->num_params);
+    put_u64(&b, 11);
+    put_str(&b, "general.architecture");
+    put_u32(&b, 8); /* STRING */
+    put_str(&b, arch);
+    kv_u32(&b, arch, "embedding_length", (uint32_t)c->hidden_size);
+    kv_u32(&b, arch, "feed_forward_length", (uint32_t)c->intermediate_size);
+    kv_u32(&b, arch, "block_count", (uint32_t)c->num_layers);
+    kv_u32(&b, arch, "attention.head_count", (uint32_t)c->num_heads);
+    kv_u32(&b, arch, "attention.head_count_kv", (uint32_t)c->num_kv_heads);
+    kv_u32(&b, arch, "attention.key_length", (uint32_t)c->head_dim);
+    kv_u32(&b, arch, "attention.value_length", (uint32_t)c->head_dim);
+    kv_u32(&b, arch, "context_length", (uint32_t)c->max_position_embeddings);
+    kv_f32(&b, arch, "rope.freq_base", (float)c->rope_theta);
+    kv_f32(&b, arch, "attention.layer_norm_rms_epsilon", c->rms_norm_eps);
+    const int D = c->head_dim, half = D / 2;
+    for (size_t i = 0; i < m->num_params; i++) {
+        const mt_param *p = &m->params[i];
+        char name[128] = "";
+        gguf_name_of(p->name, name, sizeof name);
+        put_str(&b, name);
+        put_u32(&b, (uint32_t)p->ndim);
+        if (p->ndim == 2) {
+            put_u64(&b, (uint64_t)p->shape[1]);
+            put_u64(&b, (uint64_t)p->shape[0]);
+        } else {
+            put_u64(&b, (uint64_t)p->shape[0]);
+        }
+        put_u32(&b, 0); /* F32 */
+        put_u64(&b, data.n);
+        size_t cols = p->ndim == 2 ? (size_t)p->shape[1] : 1;
+        int is_q = strstr(name, "attn_q.") != NULL, is_k = strstr(name, "attn_k.") != NULL;
+        if (permute && (is_q || is_k)) {
+            int heads = is_q ? c->num_heads : c->num_kv_heads;
+            for (int h = 0; h < heads; h++)
+                for (int r = 0; r < D; r++) /* gguf row h*D + r, r = 2i + j */
+                    put(&data, p->data + ((size_t)h * D + (size_t)(r % 2) * half + r / 2) * cols,
+                        cols * sizeof(float));
+        } else {
+            put(&data, p->data, p->numel * sizeof(float));
+        }
+        while (data.n % 32) put(&data, "", 1);
+    }
+    while (b.n % 32) put(&b, "", 1);
+    put(&b, data.p, data.n);
+    mt_test_write_file(path, b.p, b.n);
+    free(b.p);
+    free(data.p);
+}
+
+/* HF directory -> GGUF -> mt_model_load_gguf gives the same parameters, bit for bit. */
+static void roundtrip(const char *dir, const char *arch, int permute, int check_logits) {
+    mt_error err = {0};
+    mt_backend be;
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *hf = NULL, *gg = NULL;
+    if (mt_model_load_hf(dir, &be, &hf, &err)) fail_msg("%s", err.msg);
+    char *tmp = mt_test_tmpdir("gguf");
+    char path[512];
+    snprintf(path, sizeof path, "%s/model.gguf", tmp);
+    write_gguf(path, hf, arch, permute);
+    if (mt_model_load_gguf(path, &be, &gg, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(gg->num_params, hf->num_params);
+    assert_int_equal(gg->cfg.tie_word_embeddings, hf->cfg.tie_word_embeddings);
+    assert_int_equal(gg->cfg.qkv_bias, hf->cfg.qkv_bias);
+    for (size_t i = 0; i < hf->num_params; i++) {
+        assert_string_equal(gg->params[i].name, hf->params[i].name);
+        if (memcmp(gg->params[i].data, hf->params[i].data, hf->params[i].numel * sizeof(float)))
+            fail_msg("%s differs after the GGUF round trip", hf->params[i].name);
+    }
+    if (check_logits) { /* same config too: the same logits through the decoder */
+        const int32_t ids[6] = {3, 9, 27, 81, 50, 2};
+        const int V = hf->cfg.vocab_size;
+        float *full = full_logits(hf, ids, 6), *logits = malloc((size_t)V * sizeof(float));
+        mt_kv_decoder *d = NULL;
+        assert_int_equal(mt_kv_decoder_create(gg, 6, 0, &d, &err), MT_OK);
+        assert_int_equal(mt_kv_decoder_feed(d, ids, 6, logits, &err), MT_OK);
+        assert_true(mt_test_rel_err(logits, full + 5 * (size_t)V, (size_t)V) < 1e-5);
+        mt_kv_decoder_free(d);
+        free(logits);
+        free(full);
+    }
+    mt_model_free(gg);
+    mt_model_free(hf);
+    mt_test_rmtree(tmp);
+    free(tmp);
+    mt_backend_cpu_shutdown(&be);
+}
+
+static void test_gguf_roundtrip_llama_unpermutes_qk(void **state) {
+    (void)state;
+    roundtrip(GQA_DIR, "llama", 1, 0); /* tiny_gqa's llama3 rope has no GGUF metadata here */
+}
+
+static void test_gguf_roundtrip_qwen2_biases_untied(void **state) {
+    (void)state;
+    roundtrip(MT_FIXTURE_DIR "/tiny_bias", "qwen2", 0, 1);
+}
+
+static void test_gguf_errors(void **state) {
+    (void)state;
+    mt_error err = {0};
+    mt_backend be;
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    /* the small GGUF fixture has no llama metadata: the error names file and key */
+    assert_int_not_equal(mt_model_load_gguf(MT_FIXTURE_DIR "/gguf/small.gguf", &be, &m, &err), MT_OK);
+    assert_null(m);
+    assert_non_null(strstr(err.msg, "small.gguf"));
+    printf("  %s\n", err.msg);
+    assert_int_not_equal(mt_model_load_gguf(MT_FIXTURE_DIR "/gguf/absent.gguf", &be, &m, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "absent.gguf"));
+    mt_backend_cpu_shutdown(&be);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tiny_prefill_and_steps_match_forward),
+        cmocka_unit_test(test_sampling),
+        cmocka_unit_test(test_gguf_errors),
+        cmocka_unit_test(test_gguf_roundtrip_llama_unpermutes_qk),
+        cmocka_unit_test(test_gguf_roundtrip_qwen2_biases_untied),
+        cmocka_unit_test(test_smollm2_matches_transformers),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
