@@ -268,7 +268,8 @@ static void wire_grads(mt_model *m) {
     m->lm_head.grad_bias = grad_of(m, m->lm_head.bias);
 }
 
-mt_status mt_model_set_trainable(mt_model *m, mt_param *p, int trainable, mt_error *err) {
+/* Allocates or frees one parameter's gradient; the caller rewires the layers. */
+static mt_status set_trainable_unwired(mt_model *m, mt_param *p, int trainable, mt_error *err) {
     if (trainable && !p->grad) {
         p->grad = m->be->ops->alloc(m->be, p->numel * sizeof(float));
         if (!p->grad)
@@ -279,16 +280,21 @@ mt_status mt_model_set_trainable(mt_model *m, mt_param *p, int trainable, mt_err
         p->grad = NULL;
     }
     p->trainable = trainable;
-    wire_grads(m);
     return MT_OK;
 }
 
+mt_status mt_model_set_trainable(mt_model *m, mt_param *p, int trainable, mt_error *err) {
+    mt_status st = set_trainable_unwired(m, p, trainable, err);
+    wire_grads(m);
+    return st;
+}
+
 mt_status mt_model_set_all_trainable(mt_model *m, mt_error *err) {
-    for (size_t i = 0; i < m->num_params; i++) {
-        mt_status st = mt_model_set_trainable(m, &m->params[i], 1, err);
-        if (st) return st;
-    }
-    return MT_OK;
+    mt_status st = MT_OK;
+    for (size_t i = 0; i < m->num_params && !st; i++)
+        st = set_trainable_unwired(m, &m->params[i], 1, err);
+    wire_grads(m);
+    return st;
 }
 
 void mt_model_zero_grad(mt_model *m) {
