@@ -5,6 +5,7 @@
 
 #include "bench.h"
 #include "cmd_data.h"
+#include "cmd_eval.h"
 #include "cmd_generate.h"
 #include "cmd_plugins.h"
 #include "options.h"
@@ -21,6 +22,7 @@ static void usage(FILE *out) {
             "  plugins   list the optimizer, loss, adapter and scheduler plugins found; --describe NAME\n"
             "  data      read, template and tokenize a dataset and print its statistics\n"
             "  generate  generate text from a model (GGUF or Hugging Face directory)\n"
+            "  eval      held-out loss and perplexity of a model on a dataset\n"
             "  version   print the version\n"
             "  help      this text; `moontune COMMAND --help` for a command's options\n",
             MT_VERSION_STRING);
@@ -153,6 +155,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "plugins")) return mt_cmd_plugins(argc - 1, argv + 1);
     if (!strcmp(cmd, "data")) return mt_cmd_data(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return mt_cmd_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval")) return mt_cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("moontune %s\n", MT_VERSION_STRING);
         return 0;

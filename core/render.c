@@ -153,3 +153,21 @@ mt_status mt_examples_from_records(lua_State *L, const mt_tokenizer *tok,
     }
     return MT_OK;
 }
+
+mt_status mt_examples_from_files(const char *const *paths, int n_paths,
+                                 const mt_jsonl_options *jsonl, const mt_tokenizer *tok,
+                                 const char *template_name, mt_example_set *out,
+                                 mt_record_set *records, mt_error *err) {
+    mt_record_set local;
+    mt_record_set *set = records ? records : &local;
+    if (!records) mt_record_set_init(&local);
+    mt_status st = MT_OK;
+    for (int i = 0; i < n_paths && !st; i++) st = mt_records_load_jsonl(paths[i], jsonl, set, err);
+    lua_State *L = NULL;
+    if (!st && !(L = mt_lua_open(err))) st = MT_ERR_NOMEM;
+    if (!st && !(st = mt_chat_template_push(L, tok, template_name, NULL, err)))
+        st = mt_examples_from_records(L, tok, set, out, err);
+    if (L) lua_close(L);
+    if (!records) mt_record_set_free(&local);
+    return st;
+}

@@ -23,4 +23,12 @@ mt_status mt_examples_from_records(lua_State *L, const mt_tokenizer *tok,
                                    const mt_record_set *records, mt_example_set *out,
                                    mt_error *err);
 
+/* Loads JSONL files and turns their records into examples through the chat template
+ * `template_name` ("auto": detected from the tokenizer). records (optional) receives
+ * the records read. */
+mt_status mt_examples_from_files(const char *const *paths, int n_paths,
+                                 const mt_jsonl_options *jsonl, const mt_tokenizer *tok,
+                                 const char *template_name, mt_example_set *out,
+                                 mt_record_set *records, mt_error *err);
+
 #endif

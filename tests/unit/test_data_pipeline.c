@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "dataset.h"
+#include "evaluate.h"
 #include "model.h"
 #include "testutil.h"
 
@@ -97,7 +98,57 @@ static void test_packed_loss_equals_alone(void **state) {
     mt_backend_cpu_shutdown(&be);
 }
 
+/* mt_evaluate's loss is the token-weighted mean of each example's loss run alone, and
+ * its perplexity the exponential of that. */
+static void test_evaluate_is_token_weighted_mean(void **state) {
+    (void)state;
+    mt_error err = {0};
+    mt_backend be;
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_gqa", &be, &m, &err)) fail_msg("%s", err.msg);
+    mt_example_options opt = {.seq_len = T, .truncation = MT_TRUNCATE_LEFT};
+    mt_example_set set;
+    assert_int_equal(mt_example_set_init(&set, &opt, &err), MT_OK);
+    uint64_t seed = 11;
+    const int lens[5] = {6, 13, 4, 9, 17};
+    for (int e = 0; e < 5; e++) {
+        int32_t ids[T];
+        uint8_t trainable[T];
+        for (int i = 0; i < lens[e]; i++) {
+            ids[i] = (int32_t)(mt_test_rand_u64(&seed) % (uint64_t)m->cfg.vocab_size);
+            trainable[i] = i >= 2;
+        }
+        assert_int_equal(mt_example_set_add(&set, ids, trainable, (size_t)lens[e], 0, e + 1, &err), MT_OK);
+    }
+    double weighted = 0.0;
+    int64_t total = 0;
+    assert_int_equal(mt_model_plan(m, B, T, 0, &err), MT_OK);
+    for (size_t e = 0; e < set.n; e++) {
+        int32_t targets[T];
+        float loss;
+        int64_t n;
+        mt_example_targets(&set.ex[e], targets);
+        assert_int_equal(mt_model_forward(m, set.ex[e].ids, NULL, NULL, 1, set.ex[e].n, &err), MT_OK);
+        assert_int_equal(mt_model_cross_entropy(m, targets, 0, &loss, &n, &err), MT_OK);
+        weighted += (double)loss * (double)n;
+        total += n;
+    }
+    mt_eval_result r;
+    assert_int_equal(mt_evaluate(m, &set, B, T, &r, &err), MT_OK);
+    printf("evaluate: loss %.7f over %lld tokens; token-weighted alone %.7f over %lld\n", r.loss,
+           (long long)r.tokens, weighted / (double)total, (long long)total);
+    assert_int_equal(r.tokens, total);
+    assert_int_equal(r.examples, 5);
+    assert_true(fabs(r.loss - weighted / (double)total) < 1e-5 * r.loss);
+    assert_true(fabs(r.perplexity - exp(r.loss)) < 1e-9 * r.perplexity);
+    mt_example_set_free(&set);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_packed_loss_equals_alone)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_packed_loss_equals_alone),
+                                       cmocka_unit_test(test_evaluate_is_token_weighted_mean)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,50 @@
+/* evaluate.c — held-out loss and perplexity. */
+#include "evaluate.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T,
+                      mt_eval_result *result, mt_error *err) {
+    *result = (mt_eval_result){0};
+    if (examples->n == 0)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "evaluation: the held-out set is empty");
+    mt_batcher *batcher = NULL;
+    mt_status st = mt_batcher_create(examples, B, T, 1, 0, 0, &batcher, err);
+    if (st) return st;
+    size_t n = (size_t)B * T;
+    int32_t *buf = mt_malloc(4 * n * sizeof(int32_t), "evaluation batch", err);
+    if (!buf) {
+        mt_batcher_free(batcher);
+        return MT_ERR_NOMEM;
+    }
+    int32_t *tokens = buf, *positions = buf + n, *segments = buf + 2 * n, *targets = buf + 3 * n;
+    double t0 = mt_now_seconds(), weighted = 0.0;
+    int64_t seen_tokens = 0;
+    mt_model_set_training(m, 0);
+    for (;;) {
+        mt_batch_info info;
+        float loss;
+        int64_t count;
+        if ((st = mt_batcher_next(batcher, tokens, positions, segments, targets, &info, err)) ||
+            (st = mt_model_forward(m, tokens, positions, segments, B, T, err)) ||
+            (st = mt_model_cross_entropy(m, targets, 0, &loss, &count, err)))
+            break;
+        weighted += (double)loss * (double)count; /* token-weighted, not batch-weighted */
+        result->tokens += count;
+        result->examples += info.examples;
+        seen_tokens += info.tokens;
+        if (info.epoch_end) break;
+    }
+    mt_model_set_training(m, 1);
+    free(buf);
+    mt_batcher_free(batcher);
+    if (st) return st;
+    result->seconds = mt_now_seconds() - t0;
+    result->loss = result->tokens ? weighted / (double)result->tokens : 0.0;
+    result->perplexity = exp(result->loss);
+    result->tokens_per_second = result->seconds > 0 ? (double)seen_tokens / result->seconds : 0.0;
+    return MT_OK;
+}
