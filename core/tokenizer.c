@@ -2065,3 +2065,358 @@ mt_status mt_tokenizer_decode(const mt_tokenizer *tok, const int32_t *ids, size_
     if (len) *len = out.n;
     return MT_OK;
 }
+
+/* ---- accessors for the GGUF exporter (core/export_gguf.c) ------------------------- */
+
+int32_t mt_tokenizer_unk(const mt_tokenizer *tok) { return tok->unk; }
+
+const char *mt_tokenizer_token_bytes(const mt_tokenizer *tok, int32_t id, size_t *len) {
+    if (id < 0 || id >= tok->n_ids || !tok->text[id]) {
+        if (len) *len = 0;
+        return NULL;
+    }
+    if (len) *len = tok->text_len[id];
+    return tok->text[id];
+}
+
+int mt_tokenizer_gguf_token_type(const mt_tokenizer *tok, int32_t id) {
+    if (id < 0 || id >= tok->n_ids) return 1;
+    if (tok->special[id]) return id == tok->unk ? 2 : 3;
+    for (size_t i = 0; i < tok->n_added; i++)
+        if (tok->added[i].id == id) return 4;
+    if (tok->family == MT_TOK_SENTENCEPIECE_BPE && tok->text[id] && tok->text_len[id] == 6 &&
+        !memcmp(tok->text[id], "<0x", 3) && tok->text[id][5] == '>')
+        return 6;
+    return id == tok->unk ? 2 : 1;
+}
+
+int mt_tokenizer_adds_space_prefix(const mt_tokenizer *tok) {
+    for (int i = 0; i < tok->n_norm; i++)
+        if (tok->norm[i].type == NORM_PREPEND) return 1;
+    for (int i = 0; i < tok->n_pre; i++)
+        if (tok->pre[i].type == PT_METASPACE && tok->pre[i].prepend_scheme != PREPEND_NEVER) return 1;
+    return 0;
+}
+
+typedef struct ranked_pair { int32_t rank, a, b; } ranked_pair;
+static int cmp_ranked_pair(const void *x, const void *y) {
+    const ranked_pair *p = x, *q = y;
+    return (p->rank > q->rank) - (p->rank < q->rank);
+}
+
+mt_status mt_tokenizer_merge_list(const mt_tokenizer *tok, int32_t **pairs, size_t *count,
+                                  mt_error *err) {
+    *pairs = NULL;
+    *count = 0;
+    const merge_map *m = &tok->merges;
+    if (!m->keys) return MT_OK;
+    size_t n = 0;
+    for (size_t i = 0; i <= m->mask; i++) n += m->keys[i] != UINT64_MAX;
+    ranked_pair *r = mt_malloc((n ? n : 1) * sizeof *r, "merge list", err);
+    int32_t *out = mt_malloc((n ? n : 1) * 2 * sizeof(int32_t), "merge list", err);
+    if (!r || !out) {
+        free(r);
+        free(out);
+        return MT_ERR_NOMEM;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i <= m->mask; i++) {
+        if (m->keys[i] == UINT64_MAX) continue;
+        r[k++] = (ranked_pair){m->rank[i], (int32_t)(uint32_t)(m->keys[i] >> 32),
+                               (int32_t)(uint32_t)m->keys[i]};
+    }
+    qsort(r, n, sizeof *r, cmp_ranked_pair);
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = r[i].a;
+        out[2 * i + 1] = r[i].b;
+    }
+    free(r);
+    *pairs = out;
+    *count = n;
+    return MT_OK;
+}
+
+/* The spans a regex matches in probe text, as "start:end," pairs. */
+static void regex_spans(const pcre2_code *re, const char *s, size_t n, char *out, size_t size) {
+    size_t used = 0;
+    out[0] = '\0';
+    pcre2_match_data *md = pcre2_match_data_create_from_pattern(re, NULL);
+    if (!md) return;
+    size_t off = 0;
+    while (off <= n && used + 32 < size) {
+        int rc = pcre2_match(re, (PCRE2_SPTR)s, n, off, 0, md, NULL);
+        if (rc < 0) break;
+        PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
+        used += (size_t)snprintf(out + used, size - used, "%zu:%zu,", (size_t)ov[0], (size_t)ov[1]);
+        off = ov[1] > ov[0] ? ov[1] : ov[1] + 1;
+    }
+    pcre2_match_data_free(md);
+}
+
+static int regex_same(const pcre2_code *re, const char *candidate) {
+    static const char probe[] = "Hello World's 'S 'LL x12345 y 6\n\n  \t z!!?  \r\n\xc3\xbc\xc3\x9f 3a \xe4\xb8\xad\xe6\x96\x87 ";
+    pcre2_code *c = NULL;
+    if (regex_compile("probe", candidate, strlen(candidate), 0, &c, NULL) != MT_OK) return 0;
+    char a[2048], b[2048];
+    regex_spans(re, probe, sizeof probe - 1, a, sizeof a);
+    regex_spans(c, probe, sizeof probe - 1, b, sizeof b);
+    pcre2_code_free(c);
+    return strcmp(a, b) == 0;
+}
+
+const char *mt_tokenizer_pre_name(const mt_tokenizer *tok) {
+    if (tok->family != MT_TOK_BYTE_LEVEL_BPE) return NULL;
+    const pt_stage *p = tok->pre;
+    if (tok->n_pre == 1 && p[0].type == PT_BYTELEVEL && p[0].re && regex_same(p[0].re, RE_GPT2))
+        return "gpt-2";
+    if (tok->n_pre != 2 || p[0].type != PT_SPLIT || p[0].behavior != SPLIT_ISOLATED ||
+        p[0].invert || p[1].type != PT_BYTELEVEL)
+        return NULL;
+    if (p[1].re && regex_same(p[1].re, RE_GPT2) && regex_same(p[0].re, "\\p{N}")) return "smollm";
+    if (p[1].re) return NULL;
+    if (regex_same(p[0].re, RE_LLAMA3)) return "llama-bpe";
+    if (regex_same(p[0].re, RE_QWEN2)) return "qwen2";
+    return NULL;
+}
+
+/* ---- writing tokenizer.json (core/export_hf.c) ------------------------------------ */
+
+/* The regex of a Split / ByteLevel stage, recognised among the patterns moontune
+ * compiles (the compiled code keeps no text); NULL when none matches. */
+static const char *save_regex_text(const pcre2_code *re) {
+    static const char *const known[] = {RE_GPT2, RE_LLAMA3, RE_QWEN2, "\\p{N}", "\\p{N}+"};
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+        if (regex_same(re, known[i])) return known[i];
+    return NULL;
+}
+
+static const char *save_prepend_name(int scheme) {
+    return scheme == PREPEND_FIRST ? "first" : scheme == PREPEND_NEVER ? "never" : "always";
+}
+
+static json_t *save_str(const char *s, size_t n) {
+    json_t *v = json_stringn(s, n);
+    return v ? v : json_string("");
+}
+
+static json_t *save_seq(json_t *list, const char *type, const char *key) {
+    size_t n = json_array_size(list);
+    if (n == 0) {
+        json_decref(list);
+        return json_null();
+    }
+    if (n == 1) {
+        json_t *one = json_incref(json_array_get(list, 0));
+        json_decref(list);
+        return one;
+    }
+    return json_pack("{s:s, s:o}", "type", type, key, list);
+}
+
+static mt_status save_pre_tokenizer(const mt_tokenizer *tok, json_t **out, mt_error *err) {
+    json_t *list = json_array();
+    for (int i = 0; i < tok->n_pre; i++) {
+        const pt_stage *s = &tok->pre[i];
+        if (s->type == PT_METASPACE) {
+            json_array_append_new(list, json_pack("{s:s, s:o, s:s, s:b}", "type", "Metaspace",
+                                                  "replacement", save_str(s->repl, s->repl_len),
+                                                  "prepend_scheme", save_prepend_name(s->prepend_scheme),
+                                                  "split", s->split));
+            continue;
+        }
+        const char *pat = s->re ? save_regex_text(s->re) : NULL;
+        if (s->re && !pat) {
+            json_decref(list);
+            return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: a pre-tokenizer regex that moontune cannot write back", tok->source);
+        }
+        if (s->type == PT_BYTELEVEL) {
+            int own = pat && strcmp(pat, RE_GPT2) != 0; /* llama-bpe, qwen2: Split, then ByteLevel without regex */
+            if (own)
+                json_array_append_new(list, json_pack("{s:s, s:{s:s}, s:s, s:b}", "type", "Split", "pattern", "Regex", pat,
+                                                      "behavior", "Isolated", "invert", 0));
+            json_array_append_new(list, json_pack("{s:s, s:b, s:b, s:b}", "type", "ByteLevel", "add_prefix_space",
+                                                  s->add_prefix_space, "trim_offsets", 1, "use_regex", s->re && !own));
+        } else if (s->behavior == SPLIT_ISOLATED && !s->invert && pat && (!strcmp(pat, "\\p{N}") || !strcmp(pat, "\\p{N}+"))) {
+            json_array_append_new(list, json_pack("{s:s, s:b}", "type", "Digits", "individual_digits", !strcmp(pat, "\\p{N}")));
+        } else {
+            static const char *const beh[] = {"", "Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"};
+            if (!pat || s->behavior < 1 || s->behavior > 5) {
+                json_decref(list);
+                return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: a Split pre-tokenizer that moontune cannot write back", tok->source);
+            }
+            json_array_append_new(list, json_pack("{s:s, s:{s:s}, s:s, s:b}", "type", "Split", "pattern", "Regex", pat,
+                                                  "behavior", beh[s->behavior], "invert", s->invert));
+        }
+    }
+    *out = save_seq(list, "Sequence", "pretokenizers");
+    return MT_OK;
+}
+
+static json_t *save_normalizer(const mt_tokenizer *tok) {
+    json_t *list = json_array();
+    for (int i = 0; i < tok->n_norm; i++) {
+        const norm_stage *s = &tok->norm[i];
+        if (s->type == NORM_PREPEND)
+            json_array_append_new(list, json_pack("{s:s, s:o}", "type", "Prepend", "prepend", save_str(s->a, s->alen)));
+        else if (s->type == NORM_REPLACE)
+            json_array_append_new(list, json_pack("{s:s, s:{s:o}, s:o}", "type", "Replace", "pattern", "String",
+                                                  save_str(s->a, s->alen), "content", save_str(s->b, s->blen)));
+        else if (s->type == NORM_NFC)
+            json_array_append_new(list, json_pack("{s:s}", "type", "NFC"));
+    }
+    return save_seq(list, "Sequence", "normalizers");
+}
+
+static json_t *save_decoder(const mt_tokenizer *tok) {
+    if (!tok->has_decoder) return json_null();
+    json_t *list = json_array();
+    for (int i = 0; i < tok->n_dec; i++) {
+        const dec_stage *s = &tok->dec[i];
+        json_t *d = NULL;
+        switch (s->type) {
+        case DEC_BYTELEVEL:
+            d = json_pack("{s:s, s:b, s:b, s:b}", "type", "ByteLevel", "add_prefix_space", 1, "trim_offsets", 1, "use_regex", 1);
+            break;
+        case DEC_REPLACE:
+            d = json_pack("{s:s, s:{s:o}, s:o}", "type", "Replace", "pattern", "String", save_str(s->a, s->alen), "content",
+                          save_str(s->b, s->blen));
+            break;
+        case DEC_BYTEFALLBACK: d = json_pack("{s:s}", "type", "ByteFallback"); break;
+        case DEC_FUSE: d = json_pack("{s:s}", "type", "Fuse"); break;
+        case DEC_STRIP:
+            d = json_pack("{s:s, s:o, s:i, s:i}", "type", "Strip", "content", save_str(s->a, s->alen), "start", s->start,
+                          "stop", s->stop);
+            break;
+        case DEC_METASPACE:
+            d = json_pack("{s:s, s:o, s:s, s:b}", "type", "Metaspace", "replacement", save_str(s->a, s->alen),
+                          "prepend_scheme", save_prepend_name(s->prepend_scheme), "split", 1);
+            break;
+        default: break;
+        }
+        if (d) json_array_append_new(list, d);
+    }
+    return save_seq(list, "Sequence", "decoders");
+}
+
+/* TemplateProcessing from the ids added around a sequence, or ByteLevel (offsets only). */
+static json_t *save_post_processor(const mt_tokenizer *tok) {
+    if (!tok->n_prefix && !tok->n_suffix)
+        return tok->byte_level ? json_pack("{s:s, s:b, s:b, s:b}", "type", "ByteLevel", "add_prefix_space", 0,
+                                           "trim_offsets", 0, "use_regex", 1)
+                               : json_null();
+    json_t *single = json_array(), *pair = json_array(), *specials = json_object();
+    for (int pass = 0; pass < 2; pass++) {
+        const char *seq = pass ? "B" : "A";
+        for (int i = 0; i < tok->n_prefix; i++) {
+            const char *t = tok->text[tok->prefix[i]];
+            json_t *e = json_pack("{s:{s:s, s:i}}", "SpecialToken", "id", t, "type_id", pass);
+            if (!pass) json_array_append(single, e);
+            json_array_append_new(pair, e);
+        }
+        json_t *e = json_pack("{s:{s:s, s:i}}", "Sequence", "id", seq, "type_id", pass);
+        if (!pass) json_array_append(single, e);
+        json_array_append_new(pair, e);
+        for (int i = 0; i < tok->n_suffix; i++) {
+            const char *t = tok->text[tok->suffix[i]];
+            e = json_pack("{s:{s:s, s:i}}", "SpecialToken", "id", t, "type_id", pass);
+            if (!pass) json_array_append(single, e);
+            json_array_append_new(pair, e);
+        }
+    }
+    for (int i = 0; i < tok->n_prefix + tok->n_suffix; i++) {
+        int32_t id = i < tok->n_prefix ? tok->prefix[i] : tok->suffix[i - tok->n_prefix];
+        json_object_set_new(specials, tok->text[id],
+                            json_pack("{s:s, s:[i], s:[s]}", "id", tok->text[id], "ids", id, "tokens", tok->text[id]));
+    }
+    return json_pack("{s:s, s:o, s:o, s:o}", "type", "TemplateProcessing", "single", single, "pair", pair,
+                     "special_tokens", specials);
+}
+
+static json_t *save_token_or_null(const mt_tokenizer *tok, int32_t id) {
+    return id >= 0 && id < tok->n_ids && tok->text[id] ? save_str(tok->text[id], tok->text_len[id]) : json_null();
+}
+
+static mt_status save_json_file(json_t *root, const char *path, mt_error *err) {
+    char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_decref(root);
+    if (!text) return mt_error_set(err, MT_ERR_NOMEM, "%s: out of memory writing JSON", path);
+    size_t n = strlen(text);
+    char *buf = realloc(text, n + 2);
+    if (buf) {
+        buf[n++] = '\n';
+        buf[n] = '\0';
+        text = buf;
+    }
+    mt_status st = mt_write_file_atomic(path, text, n, err);
+    free(text);
+    return st;
+}
+
+mt_status mt_tokenizer_save_json(const mt_tokenizer *tok, const char *tokenizer_json_path,
+                                 const char *tokenizer_config_path, mt_error *err) {
+    json_t *pre = NULL;
+    mt_status st = save_pre_tokenizer(tok, &pre, err);
+    if (st) return st;
+    json_t *added = json_array();
+    for (size_t i = 0; i < tok->n_added; i++) {
+        const added_token *a = &tok->added[i];
+        json_array_append_new(added, json_pack("{s:i, s:o, s:b, s:b, s:b, s:b, s:b}", "id", a->id, "content",
+                                               save_str(a->content, a->len), "single_word", a->single_word, "lstrip",
+                                               a->lstrip, "rstrip", a->rstrip, "normalized", a->normalized, "special",
+                                               a->special));
+    }
+    json_t *vocab = json_object();
+    for (int32_t id = 0; id < tok->n_ids; id++) {
+        if (!tok->text[id] || vocab_find(tok, tok->text[id], tok->text_len[id]) != id) continue; /* duplicates: first wins */
+        if (memchr(tok->text[id], '\0', tok->text_len[id])) continue;
+        json_object_set_new(vocab, tok->text[id], json_integer(id));
+    }
+    int32_t *pairs = NULL;
+    size_t n_pairs = 0;
+    if ((st = mt_tokenizer_merge_list(tok, &pairs, &n_pairs, err))) {
+        json_decref(pre);
+        json_decref(added);
+        json_decref(vocab);
+        return st;
+    }
+    json_t *merges = json_array();
+    for (size_t i = 0; i < n_pairs; i++)
+        json_array_append_new(merges, json_pack("[o, o]", save_str(tok->text[pairs[2 * i]], tok->text_len[pairs[2 * i]]),
+                                                save_str(tok->text[pairs[2 * i + 1]], tok->text_len[pairs[2 * i + 1]])));
+    free(pairs);
+    json_t *model = json_pack("{s:s, s:n, s:o, s:n, s:n, s:b, s:b, s:b, s:o, s:o}", "type", "BPE", "dropout", "unk_token",
+                              save_token_or_null(tok, tok->unk), "continuing_subword_prefix", "end_of_word_suffix",
+                              "fuse_unk", tok->fuse_unk, "byte_fallback", tok->byte_fallback, "ignore_merges",
+                              tok->ignore_merges, "vocab", vocab, "merges", merges);
+    json_t *root = json_pack("{s:s, s:n, s:n, s:o, s:o, s:o, s:o, s:o, s:o}", "version", "1.0", "truncation", "padding",
+                             "added_tokens", added, "normalizer", save_normalizer(tok), "pre_tokenizer", pre,
+                             "post_processor", save_post_processor(tok), "decoder", save_decoder(tok), "model", model);
+    if (!root) return mt_error_set(err, MT_ERR_NOMEM, "%s: cannot build tokenizer.json", tokenizer_json_path);
+    if ((st = save_json_file(root, tokenizer_json_path, err))) return st;
+    if (!tokenizer_config_path) return MT_OK;
+
+    json_t *cfg = json_object();
+    json_object_set_new(cfg, "add_bos_token", json_boolean(mt_tokenizer_adds_bos(tok)));
+    json_object_set_new(cfg, "add_eos_token", json_boolean(mt_tokenizer_adds_eos(tok)));
+    json_t *decoder = json_object();
+    for (size_t i = 0; i < tok->n_added; i++) {
+        const added_token *a = &tok->added[i];
+        char key[16];
+        snprintf(key, sizeof key, "%d", a->id);
+        json_object_set_new(decoder, key, json_pack("{s:o, s:b, s:b, s:b, s:b, s:b}", "content", save_str(a->content, a->len),
+                                                    "lstrip", a->lstrip, "normalized", a->normalized, "rstrip", a->rstrip,
+                                                    "single_word", a->single_word, "special", a->special));
+    }
+    json_object_set_new(cfg, "added_tokens_decoder", decoder);
+    json_object_set_new(cfg, "bos_token", save_token_or_null(tok, tok->bos));
+    json_object_set_new(cfg, "eos_token", save_token_or_null(tok, tok->eos));
+    json_object_set_new(cfg, "pad_token", save_token_or_null(tok, tok->pad));
+    json_object_set_new(cfg, "unk_token", save_token_or_null(tok, tok->unk));
+    if (tok->chat_template) json_object_set_new(cfg, "chat_template", json_string(tok->chat_template));
+    json_object_set_new(cfg, "clean_up_tokenization_spaces", json_false());
+    json_object_set_new(cfg, "model_max_length", json_integer(1000000000));
+    json_object_set_new(cfg, "tokenizer_class", json_string("PreTrainedTokenizerFast"));
+    return save_json_file(cfg, tokenizer_config_path, err);
+}
+
+const char *mt_tokenizer_source(const mt_tokenizer *tok) { return tok->source; }

@@ -70,3 +70,37 @@ mt_status mt_tokenizer_decode(const mt_tokenizer *tok, const int32_t *ids, size_
                               int skip_special, char **text, size_t *len, mt_error *err);
 
 #endif
+
+/* ---- accessors for the GGUF exporter (core/export_gguf.c) ------------------------ */
+#ifndef MT_TOKENIZER_EXPORT_ACCESSORS
+#define MT_TOKENIZER_EXPORT_ACCESSORS
+/* The unknown token's id, -1 when none. */
+int32_t mt_tokenizer_unk(const mt_tokenizer *tok);
+/* A token's text (the vocabulary's form: GPT-2 alphabet for byte-level BPE, '▁' for
+ * SentencePiece) and its length in bytes; NULL for an id out of range. */
+const char *mt_tokenizer_token_bytes(const mt_tokenizer *tok, int32_t id, size_t *len);
+/* The token's type as GGUF's tokenizer.ggml.token_type states it: 1 normal, 2 unknown,
+ * 3 control (special), 4 user defined (added, not special), 6 byte (<0xNN>). */
+int mt_tokenizer_gguf_token_type(const mt_tokenizer *tok, int32_t id);
+/* Whether a SentencePiece tokenizer prepends '▁' to the text (add_space_prefix). */
+int mt_tokenizer_adds_space_prefix(const mt_tokenizer *tok);
+/* The merges, best rank first, as pairs of ids (pairs[2i], pairs[2i+1]); the caller
+ * frees *pairs. SentencePiece vocabularies without a merge list give derived merges. */
+mt_status mt_tokenizer_merge_list(const mt_tokenizer *tok, int32_t **pairs, size_t *count,
+                                  mt_error *err);
+/* llama.cpp's name for the byte-level pre-tokenizer (tokenizer.ggml.pre): "smollm",
+ * "gpt-2", "llama-bpe" or "qwen2", recognized from the pre-tokenizer's splits; NULL
+ * when it is none of these (or for SentencePiece). */
+const char *mt_tokenizer_pre_name(const mt_tokenizer *tok);
+
+/* Writes the tokenizer as a Hugging Face tokenizer.json (BPE model, vocab, merges, added
+ * tokens, normalizer, pre-tokenizer, post-processor and decoder as configured) and, when
+ * tokenizer_config_path is not NULL, a tokenizer_config.json (bos/eos/pad/unk tokens,
+ * add_bos_token / add_eos_token, chat_template). Both written atomically. A tokenizer
+ * loaded back from them encodes and decodes as this one does. */
+mt_status mt_tokenizer_save_json(const mt_tokenizer *tok, const char *tokenizer_json_path,
+                                 const char *tokenizer_config_path, mt_error *err);
+/* The file the tokenizer was loaded from (tokenizer.json or a .gguf). */
+const char *mt_tokenizer_source(const mt_tokenizer *tok);
+
+#endif
