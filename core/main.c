@@ -8,6 +8,7 @@
 #include "cmd_eval.h"
 #include "cmd_generate.h"
 #include "cmd_plugins.h"
+#include "cmd_run.h"
 #include "options.h"
 #include "moontune/moontune.h"
 
@@ -18,6 +19,7 @@ static void usage(FILE *out) {
             "usage: moontune COMMAND [options]\n"
             "\n"
             "commands:\n"
+            "  run       run a Lua recipe: moontune run RECIPE.lua [--set k=v] [--resume] [--unsafe]\n"
             "  bench     forward+backward throughput on random weights (tokens/s, GFLOP/s, memory)\n"
             "  plugins   list the optimizer, loss, adapter and scheduler plugins found; --describe NAME\n"
             "  data      read, template and tokenize a dataset and print its statistics\n"
@@ -151,6 +153,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *cmd = argv[1];
+    if (!strcmp(cmd, "run")) return mt_cmd_run(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "plugins")) return mt_cmd_plugins(argc - 1, argv + 1);
     if (!strcmp(cmd, "data")) return mt_cmd_data(argc - 1, argv + 1);

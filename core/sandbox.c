@@ -165,6 +165,10 @@ mt_status mt_sandbox_allow_write(lua_State *L, const char *path, mt_error *err) 
     return sb_allow(L, "write", path, err);
 }
 
+void mt_sandbox_check_path(lua_State *L, const char *path, int write, const char *what) {
+    if (mt_sandbox_active(L)) sb_check(L, path, write, what);
+}
+
 int mt_sandbox_active(lua_State *L) {
     int active = sb_push_state(L);
     lua_pop(L, 1);

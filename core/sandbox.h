@@ -45,6 +45,11 @@ mt_status mt_sandbox_install(lua_State *L, const mt_sandbox_paths *paths, mt_err
 mt_status mt_sandbox_allow_read(lua_State *L, const char *path, mt_error *err);
 mt_status mt_sandbox_allow_write(lua_State *L, const char *path, mt_error *err);
 
+/* For the C functions a recipe calls that write (or read) files themselves, such as
+ * checkpoints: raises the sandbox's Lua error unless the path is allowed; does nothing
+ * without a sandbox. */
+void mt_sandbox_check_path(lua_State *L, const char *path, int write, const char *what);
+
 /* 1 when mt_sandbox_install has run on L. */
 int mt_sandbox_active(lua_State *L);
 

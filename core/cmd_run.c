@@ -1,0 +1,171 @@
+/* cmd_run.c — `moontune run RECIPE.lua`: a Lua state with the moontune library, the
+ * global `arg` describing the command line, and the recipe run under one protected call
+ * with a traceback handler. Interpreting --set and --resume is the Lua layer's policy. */
+#define _DEFAULT_SOURCE /* realpath */
+#include "cmd_run.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <limits.h>
+#include <lua.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lua_env.h"
+#include "lua_moontune.h"
+#include "sandbox.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: moontune run RECIPE.lua [--unsafe] [--resume [PATH]] [--set key=value ...]\n"
+            "\n"
+            "Runs a Lua recipe with the moontune library (require(\"moontune\")).\n"
+            "  --unsafe           run without the recipe sandbox (full io/os access)\n"
+            "  --resume [PATH]    continue from PATH, or from the run's latest checkpoint\n"
+            "  --set key=value    override a recipe setting (repeatable)\n");
+}
+
+/* Sets the global `arg`: {[0] = recipe, recipe = recipe, set = {"k=v", ...},
+ * resume = path | true | nil, unsafe = bool}. */
+static void push_arg(lua_State *L, const char *recipe, const char *const *sets, int n_sets,
+                     const char *resume_path, int resume, int unsafe) {
+    lua_newtable(L);
+    lua_pushstring(L, recipe);
+    lua_rawseti(L, -2, 0);
+    lua_pushstring(L, recipe);
+    lua_setfield(L, -2, "recipe");
+    lua_createtable(L, n_sets, 0);
+    for (int i = 0; i < n_sets; i++) {
+        lua_pushstring(L, sets[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "set");
+    if (resume) {
+        if (resume_path) lua_pushstring(L, resume_path);
+        else lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "resume");
+    }
+    lua_pushboolean(L, unsafe);
+    lua_setfield(L, -2, "unsafe");
+    lua_setglobal(L, "arg");
+}
+
+/* Prepends the recipe's directory to package.path. */
+static void add_recipe_dir(lua_State *L, const char *recipe) {
+    const char *slash = strrchr(recipe, '/');
+    lua_getglobal(L, "package");
+    if (slash) {
+        lua_pushlstring(L, recipe, (size_t)(slash - recipe) + 1);
+        const char *dir = lua_tostring(L, -1);
+        lua_getfield(L, -2, "path");
+        lua_pushfstring(L, "%s?.lua;%s?/init.lua;%s", dir, dir, lua_tostring(L, -1));
+        lua_setfield(L, -4, "path");
+        lua_pop(L, 2);
+    } else {
+        lua_getfield(L, -1, "path");
+        lua_pushfstring(L, "./?.lua;./?/init.lua;%s", lua_tostring(L, -1));
+        lua_setfield(L, -3, "path");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+int mt_cmd_run(int argc, char **argv) {
+    const char *recipe = NULL, *resume_path = NULL;
+    int resume = 0, unsafe = 0, n_sets = 0;
+    const char **sets = calloc((size_t)(argc > 0 ? argc : 1), sizeof *sets);
+    if (!sets) {
+        fprintf(stderr, "moontune run: out of memory\n");
+        return 1;
+    }
+    for (int i = 1; i < argc; i++) {
+        const char *o = argv[i];
+        if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
+            usage(stdout);
+            free(sets);
+            return 0;
+        } else if (!strcmp(o, "--unsafe")) {
+            unsafe = 1;
+        } else if (!strcmp(o, "--resume")) {
+            resume = 1;
+            /* an optional path: the next word, unless it is an option or the recipe */
+            if (i + 1 < argc && argv[i + 1][0] != '-') {
+                size_t n = strlen(argv[i + 1]);
+                int is_lua = n > 4 && !strcmp(argv[i + 1] + n - 4, ".lua");
+                if (recipe || !is_lua) resume_path = argv[++i];
+            }
+        } else if (!strcmp(o, "--set")) {
+            if (i + 1 >= argc || !strchr(argv[i + 1], '=')) {
+                fprintf(stderr, "moontune run: --set needs key=value\n");
+                usage(stderr);
+                free(sets);
+                return 2;
+            }
+            sets[n_sets++] = argv[++i];
+        } else if (!strncmp(o, "--set=", 6) && strchr(o + 6, '=')) {
+            sets[n_sets++] = o + 6;
+        } else if (o[0] == '-') {
+            fprintf(stderr, "moontune run: unknown option '%s'\n", o);
+            usage(stderr);
+            free(sets);
+            return 2;
+        } else if (!recipe) {
+            recipe = o;
+        } else {
+            fprintf(stderr, "moontune run: more than one recipe ('%s' and '%s')\n", recipe, o);
+            free(sets);
+            return 2;
+        }
+    }
+    if (!recipe) {
+        usage(stderr);
+        free(sets);
+        return 2;
+    }
+    mt_error err = {0};
+    lua_State *L = mt_lua_open(&err);
+    if (!L) {
+        fprintf(stderr, "moontune run: %s\n", err.msg);
+        free(sets);
+        return 1;
+    }
+    mt_lua_register(L);
+    push_arg(L, recipe, sets, n_sets, resume_path, resume, unsafe);
+    mt_lua_set_overrides(L, sets, n_sets);
+    free(sets);
+    add_recipe_dir(L, recipe);
+
+    int rc = 0;
+    if (!unsafe) { /* shared recipes run sandboxed; --unsafe trusts this one */
+        char resolved[PATH_MAX];
+        if (!realpath(recipe, resolved)) {
+            fprintf(stderr, "moontune run: %s: %s\n", recipe, strerror(errno));
+            lua_close(L);
+            return 1;
+        }
+        char *slash = strrchr(resolved, '/');
+        if (slash) *slash = '\0';
+        mt_sandbox_paths paths = {.recipe_dir = resolved[0] ? resolved : "/"};
+        if (mt_sandbox_install(L, &paths, &err) ||
+            (resume_path && mt_sandbox_allow_read(L, resume_path, &err))) {
+            fprintf(stderr, "moontune run: %s\n", err.msg);
+            lua_close(L);
+            return 1;
+        }
+    }
+    if (luaL_loadfile(L, recipe) != LUA_OK) {
+        /* the message names the file and line (or says the file cannot be read) */
+        fprintf(stderr, "moontune run: %s\n", lua_tostring(L, -1));
+        rc = 1;
+    } else if (mt_lua_pcall(L, 0, 0, &err)) {
+        fprintf(stderr, "moontune run: %s\n", err.msg);
+        rc = 1;
+    } else if (mt_lua_overrides_unused(L)) {
+        fprintf(stderr, "moontune run: --set was given but %s never reads a config table "
+                        "(mt.config)\n", recipe);
+        rc = 1;
+    }
+    lua_close(L);
+    return rc;
+}

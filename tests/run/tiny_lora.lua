@@ -1,0 +1,51 @@
+-- A recipe run by `moontune run` in the test suite (tests/run/check_run.sh): LoRA on the
+-- tiny test model through moontune.trainer, with evaluation, early stopping and
+-- checkpoints, inside the sandbox. The paths come from --set.
+local mt = require("moontune")
+
+local cfg = mt.config({
+  fixtures = "",      -- tests/fixtures
+  plugins = "",       -- the build's plugin directory
+  out_dir = "run-out",
+  steps = 12,
+  lr = 0.02,
+  lora = { r = 4, alpha = 8 },
+})
+local out = mt.output_dir(cfg.out_dir)
+local PLUGINS = { paths = { cfg.plugins } }
+
+-- token-id examples for the tiny model's vocabulary of 96: a pattern it can learn
+local items = {}
+for i = 1, 32 do
+  local ids, trainable = {}, {}
+  for t = 1, 8 + (i % 5) do
+    ids[t] = 3 + ((i + t * 7) % 90)
+    trainable[t] = t > 3
+  end
+  items[#items + 1] = { ids = ids, trainable = trainable }
+end
+local examples = mt.examples_from_ids(items, { seq_len = 16 })
+local train, heldout = examples:split(0.25, 7)
+
+local model = mt.model(cfg.fixtures .. "/tiny_gqa")
+model:attach(mt.plugin("adapter", "lora", { r = cfg.lora.r, alpha = cfg.lora.alpha,
+                                            target_modules = "all-linear" }, PLUGINS))
+model:plan(2, 16)
+
+local result = mt.trainer.run({
+  model = model,
+  loss = mt.plugin("loss", "cross_entropy", {}, PLUGINS),
+  optimizer = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 }, PLUGINS),
+  scheduler = mt.plugin("scheduler", "cosine", { warmup_steps = 2 }, PLUGINS),
+  batcher = mt.batcher(train, { batch = 2, seq_len = 16, seed = 1 }),
+  eval_examples = heldout,
+  eval_every = 4,
+  lr = cfg.lr,
+  max_steps = cfg.steps,
+  out_dir = out,
+  save_every = 4,
+  early_stopping = { metric = "eval_loss", mode = "min", patience = 2 },
+  progress = false,
+}, mt)
+print(string.format("tiny_lora: %d steps, best eval_loss %.4f", result.steps,
+                    result.best and result.best.value or -1))
