@@ -4,6 +4,7 @@
 #define _DEFAULT_SOURCE /* realpath */
 #include "cmd_run.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <lauxlib.h>
 #include <limits.h>
@@ -11,9 +12,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "lua_env.h"
 #include "lua_moontune.h"
+#include "internal.h"
 #include "sandbox.h"
 
 static void usage(FILE *f) {
@@ -133,6 +136,7 @@ int mt_cmd_run(int argc, char **argv) {
     mt_lua_register(L);
     push_arg(L, recipe, sets, n_sets, resume_path, resume, unsafe);
     mt_lua_set_overrides(L, sets, n_sets);
+    mt_lua_set_validating(L, argc > 0 && !strcmp(argv[0], "validate"));
     free(sets);
     add_recipe_dir(L, recipe);
 
@@ -168,4 +172,95 @@ int mt_cmd_run(int argc, char **argv) {
     }
     lua_close(L);
     return rc;
+}
+
+static int compare_names(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The shipped recipes: recipes/ next to the Lua library (the source tree's, or the
+ * installed share/moontune/recipes). */
+static void recipes_dir(char *out, size_t size) {
+    snprintf(out, size, "%s/../recipes", mt_lua_dir());
+}
+
+int mt_cmd_ls(int argc, char **argv) {
+    (void)argc;
+    (void)argv;
+    char dir[PATH_MAX];
+    recipes_dir(dir, sizeof dir);
+    char cmd_dir[PATH_MAX];
+    if (!realpath(dir, cmd_dir)) {
+        fprintf(stderr, "moontune ls: no recipes directory at %s\n", dir);
+        return 1;
+    }
+    DIR *d = opendir(cmd_dir);
+    if (!d) {
+        fprintf(stderr, "moontune ls: %s: %s\n", cmd_dir, strerror(errno));
+        return 1;
+    }
+    char *names[256];
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d)) && n < 256;) {
+        size_t len = strlen(e->d_name);
+        if (len > 4 && !strcmp(e->d_name + len - 4, ".lua")) names[n++] = strdup(e->d_name);
+    }
+    closedir(d);
+    qsort(names, (size_t)n, sizeof *names, compare_names);
+    printf("recipes in %s (copy one with: moontune cp NAME DEST):\n", cmd_dir);
+    for (int i = 0; i < n; i++) {
+        if (!names[i]) continue;
+        /* the first comment line of the recipe says what it is */
+        char path[PATH_MAX + 256], line[256] = "";
+        snprintf(path, sizeof path, "%s/%s", cmd_dir, names[i]);
+        FILE *f = fopen(path, "r");
+        if (f) {
+            if (fgets(line, sizeof line, f)) line[strcspn(line, "\n")] = '\0';
+            fclose(f);
+        }
+        names[i][strlen(names[i]) - 4] = '\0';
+        printf("  %-14s %s\n", names[i], line[0] == '-' ? line + strspn(line, "- ") : "");
+        free(names[i]);
+    }
+    return 0;
+}
+
+int mt_cmd_cp(int argc, char **argv) {
+    if (argc != 3) {
+        fprintf(stderr, "usage: moontune cp NAME DEST   (NAME from `moontune ls`; DEST a file or directory)\n");
+        return 2;
+    }
+    char dir[PATH_MAX], src[PATH_MAX + 64], dest[PATH_MAX + 64];
+    recipes_dir(dir, sizeof dir);
+    const char *name = argv[1];
+    size_t len = strlen(name);
+    snprintf(src, sizeof src, "%s/%s%s", dir, name, len > 4 && !strcmp(name + len - 4, ".lua") ? "" : ".lua");
+    if (strchr(name, '/')) {
+        fprintf(stderr, "moontune cp: '%s' is not a recipe name (see moontune ls)\n", name);
+        return 2;
+    }
+    struct stat st;
+    if (stat(argv[2], &st) == 0 && S_ISDIR(st.st_mode))
+        snprintf(dest, sizeof dest, "%s/%s", argv[2], strrchr(src, '/') + 1);
+    else
+        snprintf(dest, sizeof dest, "%s", argv[2]);
+    if (stat(dest, &st) == 0) {
+        fprintf(stderr, "moontune cp: %s exists; not overwriting it\n", dest);
+        return 1;
+    }
+    char *text;
+    size_t n;
+    mt_error err = {0};
+    if (mt_read_file(src, &text, &n, &err)) {
+        fprintf(stderr, "moontune cp: no recipe named '%s' (%s); see moontune ls\n", name, err.msg);
+        return 1;
+    }
+    mt_status rc = mt_write_file_atomic(dest, text, n, &err);
+    free(text);
+    if (rc) {
+        fprintf(stderr, "moontune cp: %s\n", err.msg);
+        return 1;
+    }
+    printf("copied %s to %s\n", src, dest);
+    return 0;
 }

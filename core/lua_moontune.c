@@ -433,6 +433,16 @@ static int model_info(lua_State *L) {
     set_int(L, "heads", c->num_heads);
     set_int(L, "kv_heads", c->num_kv_heads);
     set_int(L, "max_positions", c->max_position_embeddings);
+    /* memory, for `moontune validate`'s estimate: parameters, gradients of what trains,
+     * and the activations planned for (B,T) */
+    size_t grads = 0;
+    for (size_t i = 0; i < u->m->num_params; i++)
+        if (u->m->params[i].grad) grads += u->m->params[i].numel * sizeof(float);
+    for (size_t i = 0; i < u->m->num_extra; i++)
+        grads += (size_t)mt_tensor_numel(&u->m->extra_params[i].grad) * 2 * sizeof(float);
+    set_int(L, "param_bytes", (lua_Integer)(u->m->total_numel * sizeof(float)));
+    set_int(L, "trainable_bytes", (lua_Integer)grads);
+    set_int(L, "activation_bytes", (lua_Integer)mt_model_plan_bytes(u->m));
     return 1;
 }
 
@@ -1299,6 +1309,20 @@ static int l_generate(lua_State *L) {
     return 2;
 }
 
+/* `moontune validate`: the recipe runs up to the training loop, which only reports. */
+static const char validating_key = 0;
+
+void mt_lua_set_validating(lua_State *L, int validating) {
+    lua_pushboolean(L, validating);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &validating_key);
+}
+
+static int l_validating(lua_State *L) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &validating_key);
+    lua_pushboolean(L, lua_toboolean(L, -1));
+    return 1;
+}
+
 /* The --set overrides of `moontune run`, kept in the registry where a recipe cannot
  * reach them (the sandbox removes the debug library). */
 static const char overrides_key = 0;
@@ -1444,6 +1468,7 @@ static const luaL_Reg moontune_core[] = {
     {"sha256", l_sha256},
     {"output_dir", l_output_dir},
     {"config", l_config},
+    {"validating", l_validating},
     {NULL, NULL},
 };
 

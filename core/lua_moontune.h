@@ -16,4 +16,7 @@ void mt_lua_set_overrides(lua_State *L, const char *const *sets, int n_sets);
 /* 1 when overrides were given but the recipe never called mt.config. */
 int mt_lua_overrides_unused(lua_State *L);
 
+/* moontune validate: mt.validating() is true and the trainer reports instead of training. */
+void mt_lua_set_validating(lua_State *L, int validating);
+
 #endif

@@ -20,6 +20,8 @@ static void usage(FILE *out) {
             "\n"
             "commands:\n"
             "  run       run a Lua recipe: moontune run RECIPE.lua [--set k=v] [--resume] [--unsafe]\n"
+            "  validate  everything short of training: config, plugins, data statistics, memory\n"
+            "  ls        list the shipped recipes;  cp NAME DEST  copy one to edit\n"
             "  bench     forward+backward throughput on random weights (tokens/s, GFLOP/s, memory)\n"
             "  plugins   list the optimizer, loss, adapter and scheduler plugins found; --describe NAME\n"
             "  data      read, template and tokenize a dataset and print its statistics\n"
@@ -153,7 +155,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *cmd = argv[1];
-    if (!strcmp(cmd, "run")) return mt_cmd_run(argc - 1, argv + 1);
+    if (!strcmp(cmd, "run") || !strcmp(cmd, "validate")) return mt_cmd_run(argc - 1, argv + 1);
+    if (!strcmp(cmd, "ls")) return mt_cmd_ls(argc - 1, argv + 1);
+    if (!strcmp(cmd, "cp")) return mt_cmd_cp(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "plugins")) return mt_cmd_plugins(argc - 1, argv + 1);
     if (!strcmp(cmd, "data")) return mt_cmd_data(argc - 1, argv + 1);

@@ -7,6 +7,8 @@
 -- pass a fake. The loop calls, per optimizer step, batcher:next() grad_accum times and
 -- then mt.train_step once; Lua never runs per token.
 --
+-- cfg (a plain table; * = required). train_examples (optional) only feeds the
+-- statistics `moontune validate` prints.
 -- cfg (a plain table; * = required):
 --   model*, loss*, optimizer*   the core objects handed to mt.train_step and checkpoints
 --   batcher*                    mt.batcher(...): next(), cursor(), set_cursor(),
@@ -198,6 +200,41 @@ function M.run(cfg, mt)
   local steps_per_epoch = math.max(1, bpe // grad_accum)
   local total = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch
   if math.type(total) ~= "integer" or total < 1 then fail("the step budget must be an integer >= 1, got %s", tostring(total)) end
+
+  -- `moontune validate`: everything above has been checked; report and stop short of training
+  if mt.validating and mt.validating() then
+    local mib = function(b) return (b or 0) / 1048576 end
+    local info = cfg.model:info()
+    output:write(string.format("validate: %s model, %d parameters, %d layers, vocabulary %d\n",
+                               info.model_type, info.params, info.layers, info.vocab))
+    for _, kind in ipairs({ "loss", "optimizer", "scheduler" }) do
+      local p = cfg[kind]
+      if p and p.describe then
+        local d = p:describe()
+        output:write(string.format("validate: %s %s %s (%s)\n", d.kind, d.name, d.version, d.file))
+      end
+    end
+    output:write(string.format("validate: %d optimizer steps (%d batches per epoch, accumulation %d)\n",
+                               total, bpe, grad_accum))
+    for name, ex in pairs({ training = cfg.train_examples, ["held-out"] = cfg.eval_examples }) do
+      if ex and ex.stats then
+        local st = ex:stats()
+        output:write(string.format("validate: %s data: %d examples, %d tokens (mean %.1f, max %d), " ..
+                                   "%d trained (%.1f%%), %d truncated, %d dropped\n", name,
+                                   st.examples, st.tokens, st.mean_len, st.max_len, st.trained_tokens,
+                                   100 * st.trained_fraction, st.truncated_prompt + st.truncated_response,
+                                   st.dropped_too_long + st.dropped_no_target))
+      end
+    end
+    -- AdamW keeps two moments per trained value
+    local total_bytes = info.param_bytes + 3 * info.trainable_bytes + info.activation_bytes
+    output:write(string.format("validate: memory estimate %.0f MiB (parameters %.0f, trainable and " ..
+                               "optimizer state %.0f, activations %.0f)\n", mib(total_bytes),
+                               mib(info.param_bytes), mib(3 * info.trainable_bytes),
+                               mib(info.activation_bytes)))
+    output:write("validate: ok\n")
+    return { validated = true, steps = 0, total_steps = total }
+  end
 
   local state = { step = 0, total_steps = total, epoch = 1, loss = nil, lr = cfg.lr, grad_norm = nil,
                   tokens = 0, metrics = {}, best = nil, bad_steps = 0, stopped_early = false }

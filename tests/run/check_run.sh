@@ -15,6 +15,27 @@ grep -q "tiny_lora: 8 steps" out.txt
 test -s run-out/metrics.jsonl && test -s run-out/loss.svg
 ls -d run-out/checkpoints/step-* > /dev/null
 
+# validate: everything short of training, then stop
+"$moontune" validate "$recipe" "${sets[@]}" --set out_dir=validate-out | tee out.txt
+grep -q "validate: ok" out.txt && grep -q "memory estimate" out.txt && grep -q "training data: 24 examples" out.txt
+test ! -e validate-out/metrics.jsonl
+# ... and refuses a wrong plugin name, a wrong option type, a missing data file
+if "$moontune" validate "$recipe" "${sets[@]}" --set optimizer=adamx 2> err.txt; then exit 1; fi
+grep -q "no optimizer plugin named 'adamx'" err.txt
+if "$moontune" validate "$source_dir/tests/run/bad_option.lua" --set plugins="$build_dir/plugins" 2> err.txt; then exit 1; fi
+grep -q "option 'r': expected an integer" err.txt
+if "$moontune" validate "$source_dir/tests/run/bad_data.lua" \
+     --set tokenizer="$source_dir/tests/fixtures/tokenizer/smollm2" 2> err.txt; then exit 1; fi
+grep -q "missing.jsonl" err.txt
+
+# a run stopped after a checkpoint and resumed gives the uninterrupted run's losses
+"$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=full > /dev/null
+"$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=killed --set stop_at=4 > /dev/null
+"$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=killed --set resume=true > /dev/null
+losses() { grep '"type":"step"' "$1/metrics.jsonl" | sed 's/.*"loss":\([^,]*\).*"step":\([0-9]*\).*/\2 \1/' | sort -n | uniq; }
+diff <(losses full) <(losses killed)
+echo "resume: per-step losses equal the uninterrupted run's"
+
 # a wrong --set key and a wrong type are refused, naming the key
 if "$moontune" run "$recipe" "${sets[@]}" --set lora.rank=2 2> err.txt; then exit 1; fi
 grep -q "lora.rank" err.txt

@@ -9,6 +9,9 @@ local cfg = mt.config({
   out_dir = "run-out",
   steps = 12,
   lr = 0.02,
+  optimizer = "adamw",
+  stop_at = 0,        -- > 0: a callback stops the run after this step (a "killed" run)
+  resume = false,
   lora = { r = 4, alpha = 8 },
 })
 local out = mt.output_dir(cfg.out_dir)
@@ -35,10 +38,15 @@ model:plan(2, 16)
 local result = mt.trainer.run({
   model = model,
   loss = mt.plugin("loss", "cross_entropy", {}, PLUGINS),
-  optimizer = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 }, PLUGINS),
+  optimizer = mt.plugin("optimizer", cfg.optimizer, { weight_decay = 0.0 }, PLUGINS),
   scheduler = mt.plugin("scheduler", "cosine", { warmup_steps = 2 }, PLUGINS),
   batcher = mt.batcher(train, { batch = 2, seq_len = 16, seed = 1 }),
+  train_examples = train,
   eval_examples = heldout,
+  resume = cfg.resume or nil,
+  callbacks = { on_step_end = function(state, control)
+    if cfg.stop_at > 0 and state.step == cfg.stop_at then control:save(); control:stop() end
+  end },
   eval_every = 4,
   lr = cfg.lr,
   max_steps = cfg.steps,
