@@ -334,6 +334,10 @@ static int l_plugin(lua_State *L) {
     const char **dirs = NULL;
     int n_dirs = 0;
     if (opt_field(L, 4, "paths") != LUA_TNIL) {
+        if (mt_sandbox_active(L)) /* a plugin is native code: loading one is not sandboxable */
+            return luaL_error(L, "sandbox: a recipe cannot name plugin directories (plugins are "
+                                 "native code); put them on MOONTUNE_PLUGIN_PATH or run with "
+                                 "--unsafe to trust this recipe");
         if (lua_type(L, -1) == LUA_TSTRING) {
             dirs = scratch(L, sizeof *dirs);
             dirs[0] = lua_tostring(L, -2);

@@ -8,7 +8,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 recipe=$source_dir/tests/run/tiny_lora.lua
-sets=(--set fixtures="$source_dir/tests/fixtures" --set plugins="$build_dir/plugins")
+sets=(--set fixtures="$source_dir/tests/fixtures")
 
 "$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set lora.r=2 | tee out.txt
 grep -q "tiny_lora: 8 steps" out.txt
@@ -22,7 +22,7 @@ test ! -e validate-out/metrics.jsonl
 # ... and refuses a wrong plugin name, a wrong option type, a missing data file
 if "$moontune" validate "$recipe" "${sets[@]}" --set optimizer=adamx 2> err.txt; then exit 1; fi
 grep -q "no optimizer plugin named 'adamx'" err.txt
-if "$moontune" validate "$source_dir/tests/run/bad_option.lua" --set plugins="$build_dir/plugins" 2> err.txt; then exit 1; fi
+if "$moontune" validate "$source_dir/tests/run/bad_option.lua" 2> err.txt; then exit 1; fi
 grep -q "option 'r': expected an integer" err.txt
 if "$moontune" validate "$source_dir/tests/run/bad_data.lua" \
      --set tokenizer="$source_dir/tests/fixtures/tokenizer/smollm2" 2> err.txt; then exit 1; fi
@@ -46,4 +46,18 @@ grep -q "steps" err.txt
 if "$moontune" run "$source_dir/tests/run/escape.lua" 2> err.txt; then exit 1; fi
 grep -q "os.execute is not allowed" err.txt && grep -q "escape.lua:2" err.txt
 "$moontune" run --unsafe "$source_dir/tests/run/escape.lua" | grep -q escaped
+# a recipe may not load plugins from directories it names (native code) unless trusted
+cat > plugin_path.lua <<'LUA'
+local mt = require("moontune")
+mt.plugin("optimizer", "adamw", {}, { paths = { "." } })
+LUA
+if "$moontune" run plugin_path.lua 2> err.txt; then exit 1; fi
+grep -q "cannot name plugin directories" err.txt
+"$moontune" run --unsafe plugin_path.lua
+# the shipped recipes: listed, and copied for editing (never over an existing file)
+"$moontune" ls | tee out.txt
+grep -q "lora_sft" out.txt && grep -q "qlora_sft" out.txt && grep -q "full_sft" out.txt
+"$moontune" cp lora_sft mine.lua && cmp mine.lua "$source_dir/recipes/lora_sft.lua"
+if "$moontune" cp lora_sft mine.lua 2> err.txt; then exit 1; fi
+grep -q "exists" err.txt
 echo "moontune run: all checks passed"

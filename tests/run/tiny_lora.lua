@@ -5,7 +5,6 @@ local mt = require("moontune")
 
 local cfg = mt.config({
   fixtures = "",      -- tests/fixtures
-  plugins = "",       -- the build's plugin directory
   out_dir = "run-out",
   steps = 12,
   lr = 0.02,
@@ -15,7 +14,8 @@ local cfg = mt.config({
   lora = { r = 4, alpha = 8 },
 })
 local out = mt.output_dir(cfg.out_dir)
-local PLUGINS = { paths = { cfg.plugins } }
+-- plugins come from the built-in directory (next to the moontune binary)
+local PLUGINS = {}
 
 -- token-id examples for the tiny model's vocabulary of 96: a pattern it can learn
 local items = {}

@@ -1,0 +1,120 @@
+-- full_sft.lua — full supervised fine-tuning of a chat model: every weight
+-- trains (the "full" adapter), with a lower learning rate than LoRA. Needs memory for
+-- the weights, their gradients and two AdamW moments: about 4x the model in float32.
+--
+--   moontune run recipes/full_sft.lua --set model=path/to/SmolLM2-135M-Instruct
+--
+-- Copy this file and edit the values below, or override any of them on the command
+-- line with --set key=value (nested keys as --set full.train_embeddings=false). Resume an interrupted run
+-- with `moontune run recipes/full_sft.lua --resume` (the latest checkpoint in out_dir).
+--
+-- What you would change:
+--   model          Hugging Face model directory or .gguf file. "" = must come from
+--                  --set model=...
+--   data           training data: a JSONL file (chat "messages", alpaca, sharegpt,
+--                  prompt/completion or text records; the format is detected)
+--   heldout        held-out JSONL for evaluation ("" = split heldout_fraction off data)
+--   heldout_fraction  share of the training examples held out when heldout is ""
+--   template       chat template: "auto" (the tokenizer's own), or a name such as
+--                  "chatml", "llama3", "qwen2", "mistral"
+--   train_on_inputs  false = loss on the assistant replies only
+--   seq_len        tokens per example (longer ones are truncated on the left)
+--   batch          rows per micro-batch; grad_accum micro-batches per optimizer step
+--   epochs         passes over the data ...
+--   max_steps      ... or an optimizer-step budget (0 = use epochs; > 0 wins)
+--   lr             peak learning rate (full fine-tuning wants a low one: 2e-5)
+--   warmup_ratio   linear warmup as a fraction of the steps, then cosine decay ...
+--   min_lr_ratio   ... down to lr * min_lr_ratio
+--   weight_decay   AdamW weight decay; max_grad_norm: gradient clipping (0 = none)
+--   full           target_modules: projections that train ("all-linear" = all but
+--                  lm_head, or a comma list: "q_proj,k_proj,v_proj,o_proj,...");
+--                  train_embeddings, train_norms: whether those train too
+--   eval_every     evaluate on the held-out set every N steps (and at the end)
+--   patience       early stopping: evaluations without a better eval_loss before
+--                  training stops (0 = never stop early); the best checkpoint is
+--                  restored at the end
+--   save_every     checkpoint every N steps (and at the end); keep_last: how many
+--                  recent checkpoints are kept besides the best
+--   out_dir        run directory (under the current directory): metrics.jsonl,
+--                  loss.svg and checkpoints/
+--   seed           data order
+local mt = require("moontune")
+
+local cfg = mt.config({
+  model = "",
+  data = "data/quickstart/train.jsonl",
+  heldout = "data/quickstart/heldout.jsonl",
+  heldout_fraction = 0.1,
+  template = "auto",
+  train_on_inputs = false,
+  seq_len = 512,
+  batch = 4,
+  grad_accum = 4,
+  epochs = 3,
+  max_steps = 0,
+  lr = 2e-5,
+  warmup_ratio = 0.03,
+  min_lr_ratio = 0.0,
+  weight_decay = 0.01,
+  max_grad_norm = 1.0,
+  full = { target_modules = "all-linear", train_embeddings = true, train_norms = true },
+  eval_every = 50,
+  patience = 3,
+  save_every = 100,
+  keep_last = 2,
+  out_dir = "runs/full_sft",
+  seed = 42,
+})
+assert(cfg.model ~= "", "full_sft: set the model: --set model=path/to/model")
+local out = mt.output_dir(cfg.out_dir)
+
+-- data: the chat records rendered with the template, masked to the replies
+local tok = mt.tokenizer(cfg.model)
+local data_opts = { template = cfg.template, seq_len = cfg.seq_len,
+                    train_on_inputs = cfg.train_on_inputs }
+local train, heldout
+if cfg.heldout ~= "" then
+  train = mt.examples(cfg.data, tok, data_opts)
+  heldout = mt.examples(cfg.heldout, tok, data_opts)
+else
+  train, heldout = mt.examples(cfg.data, tok, data_opts):split(cfg.heldout_fraction, cfg.seed)
+end
+print(string.format("full_sft: %d training examples, %d held out",
+                    train:count(), heldout:count()))
+
+-- the model, its weights made trainable by the "full" adapter
+local model = mt.model(cfg.model)
+model:attach(mt.plugin("adapter", "full", {
+  target_modules = cfg.full.target_modules, train_embeddings = cfg.full.train_embeddings,
+  train_norms = cfg.full.train_norms,
+}))
+model:plan(cfg.batch, cfg.seq_len)
+
+local result = mt.trainer.run({
+  model = model,
+  loss = mt.plugin("loss", "cross_entropy", {}),
+  optimizer = mt.plugin("optimizer", "adamw", { weight_decay = cfg.weight_decay }),
+  scheduler = mt.plugin("scheduler", "cosine", { warmup_ratio = cfg.warmup_ratio,
+                                                 min_lr_ratio = cfg.min_lr_ratio }),
+  batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed }),
+  eval_examples = heldout,
+  eval_opts = { batch = cfg.batch, seq_len = cfg.seq_len },
+  eval_every = cfg.eval_every,
+  early_stopping = cfg.patience > 0 and
+    { metric = "eval_loss", mode = "min", patience = cfg.patience } or nil,
+  lr = cfg.lr,
+  epochs = cfg.epochs,
+  max_steps = cfg.max_steps > 0 and cfg.max_steps or nil,
+  grad_accum = cfg.grad_accum,
+  max_grad_norm = cfg.max_grad_norm > 0 and cfg.max_grad_norm or false,
+  save_every = cfg.save_every,
+  keep_last = cfg.keep_last,
+  out_dir = out,
+  resume = arg and arg.resume or nil,
+}, mt)
+
+print(string.format("full_sft: %d steps%s, best eval_loss %s, run in %s", result.steps,
+                    result.stopped_early and " (stopped early)" or "",
+                    result.best and string.format("%.4f at step %d", result.best.value,
+                                                  result.best.step) or "n/a",
+                    result.out_dir or out))

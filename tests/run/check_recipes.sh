@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The shipped recipes (recipes/lora_sft.lua, qlora_sft.lua, full_sft.lua) train end to
+# end through `moontune run` on the tiny chat model (tests/fixtures/tiny_chat, made by
+# tests/parity/make_tiny_chat.py) with the tiny chat data: exit 0, metrics.jsonl and
+# checkpoints written, the summary names the steps. The plugins come from the build's
+# plugin directory next to the binary, as for a user.
+#   check_recipes.sh <moontune binary> <source dir> <build dir>
+set -euo pipefail
+moontune=$1; source_dir=$2; build_dir=$3
+: "$build_dir"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+fixtures=$source_dir/tests/fixtures
+
+for name in lora_sft qlora_sft full_sft; do
+  echo "== $name"
+  "$moontune" run "$source_dir/recipes/$name.lua" \
+    --set model="$fixtures/tiny_chat" \
+    --set data="$fixtures/data/tiny_chat_train.jsonl" \
+    --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
+    --set max_steps=6 --set seq_len=64 --set batch=2 --set grad_accum=1 \
+    --set eval_every=3 --set save_every=3 \
+    --set out_dir="out-$name" > "$name.txt" 2>&1 || { cat "$name.txt"; exit 1; }
+  cat "$name.txt"
+  grep -q "^$name: 6 steps" "$name.txt"
+  grep -q "eval_loss" "$name.txt"
+  test -s "out-$name/metrics.jsonl"
+  grep -q '"eval_loss"' "out-$name/metrics.jsonl"
+  ls -d "out-$name"/checkpoints/step-00000006 > /dev/null
+done
+
+# a missing model is reported, not a crash
+if "$moontune" run "$source_dir/recipes/lora_sft.lua" 2> err.txt; then exit 1; fi
+grep -q "set model" err.txt
+echo "recipes: all checks passed"
