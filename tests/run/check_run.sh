@@ -15,6 +15,14 @@ grep -q "tiny_lora: 8 steps" out.txt
 test -s run-out/metrics.jsonl && test -s run-out/loss.svg
 ls -d run-out/checkpoints/step-* > /dev/null
 
+# early stopping on a held-out loss that gets worse after a callback raises the learning
+# rate: training stops and the best weights come back (evaluated again: the same loss)
+"$moontune" run "$recipe" "${sets[@]}" --set steps=40 --set spike_at=4 --set out_dir=spike | tee out.txt
+grep -q "stopped early" out.txt
+best=$(sed -n 's/.*best \([^,]*\), evaluated again \(.*\)/\1/p' out.txt)
+again=$(sed -n 's/.*best \([^,]*\), evaluated again \(.*\)/\2/p' out.txt)
+test -n "$best" && test "$best" = "$again"
+
 # validate: everything short of training, then stop
 "$moontune" validate "$recipe" "${sets[@]}" --set out_dir=validate-out | tee out.txt
 grep -q "validate: ok" out.txt && grep -q "memory estimate" out.txt && grep -q "training data: 24 examples" out.txt

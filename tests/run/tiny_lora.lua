@@ -10,6 +10,8 @@ local cfg = mt.config({
   lr = 0.02,
   optimizer = "adamw",
   stop_at = 0,        -- > 0: a callback stops the run after this step (a "killed" run)
+  spike_at = 0,       -- > 0: a callback raises the learning rate to 1 after this step, so the
+                      -- held-out loss gets worse and early stopping must restore the best
   resume = false,
   lora = { r = 4, alpha = 8 },
 })
@@ -46,6 +48,7 @@ local result = mt.trainer.run({
   resume = cfg.resume or nil,
   callbacks = { on_step_end = function(state, control)
     if cfg.stop_at > 0 and state.step == cfg.stop_at then control:save(); control:stop() end
+    if cfg.spike_at > 0 and state.step == cfg.spike_at then control:set_lr(1.0) end
   end },
   eval_every = 4,
   lr = cfg.lr,
@@ -55,5 +58,11 @@ local result = mt.trainer.run({
   early_stopping = { metric = "eval_loss", mode = "min", patience = 2 },
   progress = false,
 }, mt)
-print(string.format("tiny_lora: %d steps, best eval_loss %.4f", result.steps,
-                    result.best and result.best.value or -1))
+print(string.format("tiny_lora: %d steps, best eval_loss %.4f at step %d%s", result.steps,
+                    result.best and result.best.value or -1, result.best and result.best.step or -1,
+                    result.stopped_early and ", stopped early" or ""))
+-- the weights now in the model are the best checkpoint's: evaluating them again gives
+-- exactly the best held-out loss
+local again = mt.evaluate(model, heldout)
+print(string.format("tiny_lora: best %.17g, evaluated again %.17g",
+                    result.best and result.best.value or -1, again.loss))
