@@ -45,7 +45,7 @@ diff <(losses full) <(losses killed)
 echo "resume: per-step losses equal the uninterrupted run's"
 
 # a wrong --set key and a wrong type are refused, naming the key
-if "$moontune" run "$recipe" "${sets[@]}" --set lora.rank=2 2> err.txt; then exit 1; fi
+if "$moontune" validate "$recipe" "${sets[@]}" --set lora.rank=2 2> err.txt; then exit 1; fi
 grep -q "lora.rank" err.txt
 if "$moontune" run "$recipe" "${sets[@]}" --set steps=2.5 2> err.txt; then exit 1; fi
 grep -q "steps" err.txt
