@@ -226,6 +226,10 @@ int mt_cmd_ls(int argc, char **argv) {
 }
 
 int mt_cmd_cp(int argc, char **argv) {
+    if (argc == 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+        printf("usage: moontune cp NAME DEST   (NAME from `moontune ls`; DEST a file or directory)\n");
+        return 0;
+    }
     if (argc != 3) {
         fprintf(stderr, "usage: moontune cp NAME DEST   (NAME from `moontune ls`; DEST a file or directory)\n");
         return 2;
