@@ -113,46 +113,6 @@ typedef struct out_tensor {
     uint64_t offset;
 } out_tensor;
 
-/* The GGUF name of a parameter (as core/model_gguf.c maps it); *n_head receives the
- * head count of q (num_heads) and k (num_kv_heads) projections, 0 otherwise. */
-static int gguf_name(const mt_model *m, const mt_param *p, char *out, size_t size, int *n_head) {
-    static const struct {
-        const char *hf, *gguf;
-    } map[] = {
-        {"self_attn.q_proj", "attn_q"},        {"self_attn.k_proj", "attn_k"},
-        {"self_attn.v_proj", "attn_v"},        {"self_attn.o_proj", "attn_output"},
-        {"mlp.gate_proj", "ffn_gate"},         {"mlp.up_proj", "ffn_up"},
-        {"mlp.down_proj", "ffn_down"},         {"input_layernorm", "attn_norm"},
-        {"post_attention_layernorm", "ffn_norm"},
-    };
-    *n_head = 0;
-    if (!strcmp(p->name, "model.embed_tokens.weight"))
-        return snprintf(out, size, "token_embd.weight") > 0;
-    if (!strcmp(p->name, "model.norm.weight")) return snprintf(out, size, "output_norm.weight") > 0;
-    if (!strcmp(p->name, "lm_head.weight")) return snprintf(out, size, "output.weight") > 0;
-    int layer, used = 0;
-    if (sscanf(p->name, "model.layers.%d.%n", &layer, &used) != 1 || !used) return 0;
-    const char *rest = p->name + used;
-    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
-        size_t n = strlen(map[i].hf);
-        if (strncmp(rest, map[i].hf, n) || rest[n] != '.') continue;
-        if (i == 0) *n_head = m->cfg.num_heads;
-        if (i == 1) *n_head = m->cfg.num_kv_heads;
-        return snprintf(out, size, "blk.%d.%s.%s", layer, map[i].gguf, rest + n + 1) > 0;
-    }
-    return 0;
-}
-
-/* GGUF row h*D + 2*i + j  <-  HF row h*D + j*D/2 + i, rows of `cols` floats. */
-static void permute_rows(float *dst, const float *src, int n_head, int D, size_t cols) {
-    const int half = D / 2;
-    for (int h = 0; h < n_head; h++)
-        for (int j = 0; j < 2; j++)
-            for (int i = 0; i < half; i++)
-                memcpy(dst + ((size_t)h * D + 2 * (size_t)i + j) * cols,
-                       src + ((size_t)h * D + (size_t)j * half + i) * cols, cols * sizeof(float));
-}
-
 /* Llama 3.1's per-frequency rope factors, as llama.cpp's converter computes them. */
 static void llama3_rope_factors(const mt_model_config *c, float *out) {
     const int half = c->head_dim / 2;
@@ -325,7 +285,7 @@ static mt_status tensor_bytes(const mt_model *m, const out_tensor *t, float *f32
     }
     if (t->n_head > 0) {
         size_t cols = t->n_dims == 2 ? (size_t)t->ne[0] : 1;
-        permute_rows(perm, src, t->n_head, m->cfg.head_dim, cols);
+        mt_gguf_permute_qk(perm, src, t->n_head, m->cfg.head_dim, cols, 1);
         src = perm;
     }
     if (t->type == MT_GGML_F32) {
@@ -386,7 +346,7 @@ mt_status mt_export_gguf(const mt_model *m, const mt_tokenizer *tok, const char 
         } else {
             const mt_param *p = &m->params[i];
             if (cfg->tie_word_embeddings && !strcmp(p->name, "lm_head.weight")) continue;
-            if (!gguf_name(m, p, t->name, sizeof t->name, &t->n_head)) {
+            if (!mt_gguf_param_name(m, p, t->name, sizeof t->name, &t->n_head)) {
                 st = mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: no GGUF tensor name for parameter %s",
                                   path, p->name);
                 break;

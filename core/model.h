@@ -198,6 +198,14 @@ mt_status mt_model_load_hf(const char *dir, mt_backend *be, mt_model **out, mt_e
 /* Loads a GGUF file (llama, mistral, qwen2): config from its metadata, every tensor
  * dequantized to fp32 (llama's permuted q/k rows restored to transformers' order). */
 mt_status mt_model_load_gguf(const char *path, mt_backend *be, mt_model **out, mt_error *err);
+/* The GGUF name of a parameter ("blk.3.attn_q.weight" for
+ * model.layers.3.self_attn.q_proj.weight); 0 when it has none. *n_head receives the
+ * head count of q (num_heads) and k (num_kv_heads) projections, whose rows llama.cpp
+ * permutes, and 0 otherwise. */
+int mt_gguf_param_name(const mt_model *m, const mt_param *p, char *out, size_t size, int *n_head);
+/* llama.cpp's row order for rotary q/k weights: HF row h*D + j*D/2 + i is GGUF row
+ * h*D + 2i + j. to_gguf applies it, otherwise undoes it; rows of `cols` floats. */
+void mt_gguf_permute_qk(float *dst, const float *src, int n_head, int D, size_t cols, int to_gguf);
 /* A .gguf file or a Hugging Face model directory. */
 mt_status mt_model_load(const char *path, mt_backend *be, mt_model **out, mt_error *err);
 /* Loads weights from an opened safetensors set into an existing model; every

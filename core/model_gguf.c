@@ -157,19 +157,19 @@ done:
     return st;
 }
 
-/* HF row h*D + j*D/2 + i  <-  GGUF row h*D + 2*i + j, for rows of `cols` floats. */
-static void unpermute_rows(float *dst, const float *src, int n_head, int D, size_t cols) {
+void mt_gguf_permute_qk(float *dst, const float *src, int n_head, int D, size_t cols,
+                        int to_gguf) {
     const int half = D / 2;
     for (int h = 0; h < n_head; h++)
         for (int j = 0; j < 2; j++)
-            for (int i = 0; i < half; i++)
-                memcpy(dst + ((size_t)h * D + (size_t)j * half + i) * cols,
-                       src + ((size_t)h * D + 2 * (size_t)i + j) * cols, cols * sizeof(float));
+            for (int i = 0; i < half; i++) {
+                size_t hf = (size_t)h * D + (size_t)j * half + i, gguf = (size_t)h * D + 2 * (size_t)i + j;
+                memcpy(dst + (to_gguf ? gguf : hf) * cols, src + (to_gguf ? hf : gguf) * cols,
+                       cols * sizeof(float));
+            }
 }
 
-/* The GGUF name of a parameter: "blk.3.attn_q.weight" for model.layers.3.self_attn.q_proj.weight.
- * *n_head receives the head count of a permuted q/k tensor, 0 otherwise. */
-static int gguf_name(const mt_model *m, const mt_param *p, char *out, size_t size, int *n_head) {
+int mt_gguf_param_name(const mt_model *m, const mt_param *p, char *out, size_t size, int *n_head) {
     static const struct {
         const char *hf, *gguf;
     } map[] = {
@@ -207,7 +207,7 @@ static mt_status load_tensors(mt_model *m, const mt_gguf *g, int permute_qk, mt_
     for (size_t i = 0; i < m->num_params; i++) {
         int n_head = 0;
         char name[128];
-        if (!gguf_name(m, &m->params[i], name, sizeof name, &n_head)) continue;
+        if (!mt_gguf_param_name(m, &m->params[i], name, sizeof name, &n_head)) continue;
         int staged = !cpu || (permute_qk && n_head > 0);
         if (staged && m->params[i].numel > max_numel) max_numel = m->params[i].numel;
     }
@@ -225,7 +225,7 @@ static mt_status load_tensors(mt_model *m, const mt_gguf *g, int permute_qk, mt_
         mt_param *p = &m->params[i];
         char name[128];
         int n_head = 0;
-        if (!gguf_name(m, p, name, sizeof name, &n_head)) {
+        if (!mt_gguf_param_name(m, p, name, sizeof name, &n_head)) {
             st = mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: no GGUF tensor name for parameter %s",
                               path, p->name);
             break;
@@ -269,8 +269,8 @@ static mt_status load_tensors(mt_model *m, const mt_gguf *g, int permute_qk, mt_
                 break;
             }
             float *out = cpu ? p->data : perm;
-            unpermute_rows(out, stage, n_head, m->cfg.head_dim,
-                           p->ndim == 2 ? (size_t)p->shape[1] : 1);
+            mt_gguf_permute_qk(out, stage, n_head, m->cfg.head_dim,
+                               p->ndim == 2 ? (size_t)p->shape[1] : 1, 0);
             dst = out;
         }
         if (!cpu && (st = be->ops->upload(be, p->data, dst, p->numel * sizeof(float))))
@@ -285,7 +285,7 @@ static mt_status load_tensors(mt_model *m, const mt_gguf *g, int permute_qk, mt_
             int found = 0;
             for (size_t j = 0; j < m->num_params && !found; j++) {
                 int nh;
-                found = gguf_name(m, &m->params[j], want, sizeof want, &nh) && !strcmp(want, tn);
+                found = mt_gguf_param_name(m, &m->params[j], want, sizeof want, &nh) && !strcmp(want, tn);
             }
             if (!found && !(m->cfg.tie_word_embeddings && !strcmp(tn, "output.weight"))) {
                 st = mt_error_set(err, MT_ERR_UNSUPPORTED,

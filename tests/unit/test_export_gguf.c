@@ -178,33 +178,6 @@ static void test_tiny_bias_qwen2_untied(void **state) {
     tiny("tiny_bias", "qwen2");
 }
 
-/* The corpus escapes: \n \t \r \\ ; any other backslash is literal. Lines in *out. */
-static size_t corpus_lines(char ***out) {
-    size_t len;
-    char *raw;
-    mt_error err = {0};
-    assert_int_equal(mt_read_file(MT_FIXTURE_DIR "/tokenizer/corpus.txt", &raw, &len, &err), MT_OK);
-    size_t n = 0;
-    for (size_t i = 0; i < len; i++) n += raw[i] == '\n';
-    char **lines = calloc(n + 1, sizeof *lines);
-    char *p = raw;
-    for (size_t k = 0; k < n; k++) {
-        char *nl = strchr(p, '\n');
-        char *o = lines[k] = malloc((size_t)(nl - p) + 1);
-        for (char *q = p; q < nl; q++) {
-            if (*q == '\\' && q + 1 < nl && strchr("ntr\\", q[1])) {
-                q++;
-                *o++ = *q == 'n' ? '\n' : *q == 't' ? '\t' : *q == 'r' ? '\r' : '\\';
-            } else *o++ = *q;
-        }
-        *o = '\0';
-        p = nl + 1;
-    }
-    free(raw);
-    *out = lines;
-    return n;
-}
-
 static void encode(const mt_tokenizer *tok, const char *s, int special, mt_token_list *l) {
     mt_error err = {0};
     l->n = 0;
@@ -249,8 +222,10 @@ static void test_smollm2_f16(void **state) {
     assert_int_equal(mt_tokenizer_adds_eos(tok2), mt_tokenizer_adds_eos(tok));
     assert_non_null(mt_tokenizer_chat_template(tok));
     assert_string_equal(mt_tokenizer_chat_template(tok2), mt_tokenizer_chat_template(tok));
-    char **lines;
-    size_t n_lines = corpus_lines(&lines);
+    mt_test_corpus corpus;
+    mt_test_corpus_load(&corpus);
+    size_t n_lines = corpus.n;
+    char **lines = corpus.line;
     mt_token_list a = {0}, b = {0};
     size_t n_ids = 0;
     for (size_t k = 0; k < n_lines; k++) {
@@ -261,9 +236,8 @@ static void test_smollm2_f16(void **state) {
                 fail_msg("corpus line %zu encodes differently after the export", k + 1);
             n_ids += a.n;
         }
-        free(lines[k]);
     }
-    free(lines);
+    mt_test_corpus_free(&corpus);
     printf("  tokenizer: %zu corpus lines, %zu ids, identical\n", n_lines, n_ids);
 
     /* greedy generation for a fixed chat prompt (generate/reference.json's first) */

@@ -257,49 +257,6 @@ static void test_export_tiny_bias(void **state) {
 
 /* ---- tokenizer round trip ---- */
 
-typedef struct corpus {
-    char **line;
-    size_t *len;
-    size_t n;
-    char *raw;
-} corpus;
-
-/* The corpus escapes (as test_tokenizer.c): \n \t \r \\ ; any other backslash is literal. */
-static void corpus_load(corpus *c) {
-    size_t len;
-    mt_error err = {0};
-    assert_int_equal(mt_read_file(TOK_DIR "/corpus.txt", &c->raw, &len, &err), MT_OK);
-    c->n = 0;
-    for (size_t i = 0; i < len; i++) c->n += c->raw[i] == '\n';
-    c->line = calloc(c->n, sizeof(char *));
-    c->len = calloc(c->n, sizeof(size_t));
-    assert_non_null(c->line);
-    char *p = c->raw;
-    for (size_t k = 0; k < c->n; k++) {
-        char *nl = strchr(p, '\n');
-        assert_non_null(nl);
-        char *out = malloc((size_t)(nl - p) + 1);
-        assert_non_null(out);
-        size_t o = 0;
-        for (char *q = p; q < nl; q++) {
-            if (*q == '\\' && q + 1 < nl && strchr("ntr\\", q[1])) {
-                q++;
-                out[o++] = *q == 'n' ? '\n' : *q == 't' ? '\t' : *q == 'r' ? '\r' : '\\';
-            } else out[o++] = *q;
-        }
-        out[o] = '\0';
-        c->line[k] = out;
-        c->len[k] = o;
-        p = nl + 1;
-    }
-}
-
-static void corpus_free(corpus *c) {
-    for (size_t k = 0; k < c->n; k++) free(c->line[k]);
-    free(c->line);
-    free(c->len);
-    free(c->raw);
-}
 
 static void check_same_tokenizer(const mt_tokenizer *a, const mt_tokenizer *b, const char *what) {
     assert_int_equal(mt_tokenizer_vocab_size(a), mt_tokenizer_vocab_size(b));
@@ -314,8 +271,8 @@ static void check_same_tokenizer(const mt_tokenizer *a, const mt_tokenizer *b, c
     if (ca) assert_string_equal(ca, cb);
     for (int32_t id = 0; id < mt_tokenizer_vocab_size(a); id++)
         assert_int_equal(mt_tokenizer_is_special(a, id), mt_tokenizer_is_special(b, id));
-    corpus c;
-    corpus_load(&c);
+    mt_test_corpus c;
+    mt_test_corpus_load(&c);
     size_t total = 0;
     for (size_t k = 0; k < c.n; k++) {
         for (int special = 0; special < 2; special++) {
@@ -340,7 +297,7 @@ static void check_same_tokenizer(const mt_tokenizer *a, const mt_tokenizer *b, c
         }
     }
     printf("  %s: %zu corpus lines, %zu ids, identical after the round trip\n", what, c.n, total);
-    corpus_free(&c);
+    mt_test_corpus_free(&c);
 }
 
 /* Saves tok, loads it back (directly, and from a merged export's directory). */

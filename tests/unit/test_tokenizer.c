@@ -14,49 +14,6 @@
 
 #define TOK_DIR MT_FIXTURE_DIR "/tokenizer"
 
-typedef struct corpus {
-    char **line;
-    size_t *len;
-    size_t n;
-    char *raw;
-} corpus;
-
-/* The corpus escapes: \n \t \r \\ ; any other backslash is literal. */
-static void corpus_load(corpus *c) {
-    size_t len;
-    mt_error err;
-    assert_int_equal(mt_read_file(TOK_DIR "/corpus.txt", &c->raw, &len, &err), MT_OK);
-    c->n = 0;
-    for (size_t i = 0; i < len; i++) c->n += c->raw[i] == '\n';
-    c->line = calloc(c->n, sizeof(char *));
-    c->len = calloc(c->n, sizeof(size_t));
-    assert_non_null(c->line);
-    char *p = c->raw;
-    for (size_t k = 0; k < c->n; k++) {
-        char *nl = strchr(p, '\n');
-        assert_non_null(nl);
-        char *out = malloc((size_t)(nl - p) + 1);
-        assert_non_null(out);
-        size_t o = 0;
-        for (char *q = p; q < nl; q++) {
-            if (*q == '\\' && q + 1 < nl && strchr("ntr\\", q[1])) {
-                q++;
-                out[o++] = *q == 'n' ? '\n' : *q == 't' ? '\t' : *q == 'r' ? '\r' : '\\';
-            } else out[o++] = *q;
-        }
-        out[o] = '\0';
-        c->line[k] = out;
-        c->len[k] = o;
-        p = nl + 1;
-    }
-}
-
-static void corpus_free(corpus *c) {
-    for (size_t k = 0; k < c->n; k++) free(c->line[k]);
-    free(c->line);
-    free(c->len);
-    free(c->raw);
-}
 
 static int ids_equal(const mt_token_list *l, json_t *arr) {
     if (l->n != json_array_size(arr)) return 0;
@@ -93,8 +50,8 @@ static void check_parity(const char *name) {
     json_t *exp = json_load_file(exp_path, 0, &je);
     assert_non_null(exp);
     json_t *samples = json_object_get(exp, "samples");
-    corpus c;
-    corpus_load(&c);
+    mt_test_corpus c;
+    mt_test_corpus_load(&c);
     assert_int_equal(json_array_size(samples), c.n);
     size_t ok_ids = 0, ok_special = 0, ok_dec = 0, ok_skip = 0, ok_rt = 0, ok_offs = 0;
     for (size_t k = 0; k < c.n; k++) {
@@ -145,7 +102,7 @@ static void check_parity(const char *name) {
     /* byte-level tokenizers round-trip, except where NFC (qwen2) changed the text */
     if (mt_tokenizer_get_family(tok) == MT_TOK_BYTE_LEVEL_BPE) assert_int_equal(ok_rt, ref_rt);
     if (mt_tokenizer_get_family(tok) == MT_TOK_BYTE_LEVEL_BPE && strcmp(name, "qwen2") != 0) assert_int_equal(ok_rt, c.n);
-    corpus_free(&c);
+    mt_test_corpus_free(&c);
     json_decref(exp);
     mt_tokenizer_free(tok);
 }
@@ -259,8 +216,8 @@ static void test_gguf_matches_json(void **state) {
     assert_int_equal(mt_tokenizer_adds_bos(g), mt_tokenizer_adds_bos(j));
     assert_non_null(mt_tokenizer_chat_template(g));
     assert_string_equal(mt_tokenizer_chat_template(g), mt_tokenizer_chat_template(j));
-    corpus c;
-    corpus_load(&c);
+    mt_test_corpus c;
+    mt_test_corpus_load(&c);
     size_t same = 0, same_dec = 0;
     for (size_t k = 0; k < c.n; k++) {
         mt_token_list a = {0}, b = {0};
@@ -280,7 +237,7 @@ static void test_gguf_matches_json(void **state) {
            same_dec, c.n);
     assert_int_equal(same, c.n);
     assert_int_equal(same_dec, c.n);
-    corpus_free(&c);
+    mt_test_corpus_free(&c);
     mt_tokenizer_free(g);
     mt_tokenizer_free(j);
 }
@@ -303,8 +260,8 @@ static void check_gguf(const char *name, mt_tokenizer_family family) {
     assert_int_equal(mt_tokenizer_bos(g), mt_tokenizer_bos(j) >= 0 ? mt_tokenizer_bos(j) : mt_tokenizer_bos(g));
     assert_int_equal(mt_tokenizer_adds_bos(g), mt_tokenizer_adds_bos(j));
     assert_int_equal(mt_tokenizer_adds_eos(g), mt_tokenizer_adds_eos(j));
-    corpus c;
-    corpus_load(&c);
+    mt_test_corpus c;
+    mt_test_corpus_load(&c);
     size_t same = 0, same_dec = 0, n = 0;
     for (size_t k = 0; k < c.n; k++) {
         mt_token_list a = {0}, b = {0};
@@ -336,7 +293,7 @@ static void check_gguf(const char *name, mt_tokenizer_family family) {
     assert_true(n > c.n / 2);
     assert_int_equal(same, n);
     assert_int_equal(same_dec, n);
-    corpus_free(&c);
+    mt_test_corpus_free(&c);
     mt_tokenizer_free(g);
     mt_tokenizer_free(j);
 }
@@ -411,8 +368,8 @@ static void test_throughput(void **state) {
     mt_error err;
     mt_tokenizer *tok;
     assert_int_equal(mt_tokenizer_load_dir(TOK_DIR "/smollm2", &tok, &err), MT_OK);
-    corpus c;
-    corpus_load(&c);
+    mt_test_corpus c;
+    mt_test_corpus_load(&c);
     size_t bytes = 0, ids = 0;
     mt_token_list l = {0};
     double t0 = mt_now_seconds(), t;
@@ -427,7 +384,7 @@ static void test_throughput(void **state) {
     } while (t < 0.5);
     printf("tokenizer throughput (smollm2, one thread): %.2f MB/s, %.0f tokens/s\n", bytes / t / 1e6, ids / t);
     mt_token_list_free(&l);
-    corpus_free(&c);
+    mt_test_corpus_free(&c);
     mt_tokenizer_free(tok);
 }
 

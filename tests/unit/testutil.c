@@ -88,3 +88,48 @@ const char *mt_test_smollm2_gguf(void) {
     printf("  skipped: %s is not present (scripts/fetch-model fetches it)\n", path);
     return NULL;
 }
+
+void mt_test_corpus_load(mt_test_corpus *c) {
+    FILE *f = fopen(MT_FIXTURE_DIR "/tokenizer/corpus.txt", "rb");
+    assert_non_null(f);
+    size_t cap = 0;
+    c->n = 0;
+    c->line = NULL;
+    c->len = NULL;
+    char *raw = NULL;
+    size_t raw_cap = 0;
+    ssize_t got;
+    while ((got = getline(&raw, &raw_cap, f)) > 0) {
+        if (raw[got - 1] == '\n') got--;
+        if (c->n == cap) {
+            cap = cap ? 2 * cap : 256;
+            c->line = realloc(c->line, cap * sizeof *c->line);
+            c->len = realloc(c->len, cap * sizeof *c->len);
+            assert_non_null(c->line);
+            assert_non_null(c->len);
+        }
+        char *out = malloc((size_t)got + 1);
+        assert_non_null(out);
+        size_t o = 0;
+        for (ssize_t i = 0; i < got; i++) {
+            if (raw[i] == '\\' && i + 1 < got && strchr("ntr\\", raw[i + 1])) {
+                char e = raw[++i];
+                out[o++] = e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : '\\';
+            } else {
+                out[o++] = raw[i];
+            }
+        }
+        out[o] = '\0';
+        c->line[c->n] = out;
+        c->len[c->n++] = o;
+    }
+    free(raw);
+    fclose(f);
+    assert_true(c->n > 0);
+}
+
+void mt_test_corpus_free(mt_test_corpus *c) {
+    for (size_t k = 0; k < c->n; k++) free(c->line[k]);
+    free(c->line);
+    free(c->len);
+}

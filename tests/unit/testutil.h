@@ -32,4 +32,15 @@ void mt_test_rmtree(const char *path);
  * CI does) an absent file fails the test instead of skipping it. */
 const char *mt_test_smollm2_gguf(void);
 
+/* The tokenizer corpus (tests/fixtures/tokenizer/corpus.txt), one sample a line, with
+ * the escapes \n \t \r \\ (any other backslash is literal) undone. */
+typedef struct mt_test_corpus {
+    char **line;
+    size_t *len;
+    size_t n;
+} mt_test_corpus;
+
+void mt_test_corpus_load(mt_test_corpus *c);
+void mt_test_corpus_free(mt_test_corpus *c);
+
 #endif
