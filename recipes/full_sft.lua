@@ -65,22 +65,10 @@ local cfg = mt.config({
   out_dir = "runs/full_sft",
   seed = 42,
 })
-assert(cfg.model ~= "", "full_sft: set the model: --set model=path/to/model")
-local out = mt.output_dir(cfg.out_dir)
+local sft = require("moontune.sft")
 
 -- data: the chat records rendered with the template, masked to the replies
-local tok = mt.tokenizer(cfg.model)
-local data_opts = { template = cfg.template, seq_len = cfg.seq_len,
-                    train_on_inputs = cfg.train_on_inputs }
-local train, heldout
-if cfg.heldout ~= "" then
-  train = mt.examples(cfg.data, tok, data_opts)
-  heldout = mt.examples(cfg.heldout, tok, data_opts)
-else
-  train, heldout = mt.examples(cfg.data, tok, data_opts):split(cfg.heldout_fraction, cfg.seed)
-end
-print(string.format("full_sft: %d training examples, %d held out",
-                    train:count(), heldout:count()))
+local train, heldout = sft.examples(mt, cfg, "full_sft")
 
 -- the model, its weights made trainable by the "full" adapter
 local model = mt.model(cfg.model)
@@ -88,33 +76,6 @@ model:attach(mt.plugin("adapter", "full", {
   target_modules = cfg.full.target_modules, train_embeddings = cfg.full.train_embeddings,
   train_norms = cfg.full.train_norms,
 }))
-model:plan(cfg.batch, cfg.seq_len)
 
-local result = mt.trainer.run({
-  model = model,
-  loss = mt.plugin("loss", "cross_entropy", {}),
-  optimizer = mt.plugin("optimizer", "adamw", { weight_decay = cfg.weight_decay }),
-  scheduler = mt.plugin("scheduler", "cosine", { warmup_ratio = cfg.warmup_ratio,
-                                                 min_lr_ratio = cfg.min_lr_ratio }),
-  batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed }),
-  eval_examples = heldout,
-  eval_opts = { batch = cfg.batch, seq_len = cfg.seq_len },
-  eval_every = cfg.eval_every,
-  early_stopping = cfg.patience > 0 and
-    { metric = "eval_loss", mode = "min", patience = cfg.patience } or nil,
-  lr = cfg.lr,
-  epochs = cfg.epochs,
-  max_steps = cfg.max_steps > 0 and cfg.max_steps or nil,
-  grad_accum = cfg.grad_accum,
-  max_grad_norm = cfg.max_grad_norm > 0 and cfg.max_grad_norm or false,
-  save_every = cfg.save_every,
-  keep_last = cfg.keep_last,
-  out_dir = out,
-  resume = arg and arg.resume or nil,
-}, mt)
-
-print(string.format("full_sft: %d steps%s, best eval_loss %s, run in %s", result.steps,
-                    result.stopped_early and " (stopped early)" or "",
-                    result.best and string.format("%.4f at step %d", result.best.value,
-                                                  result.best.step) or "n/a",
-                    result.out_dir or out))
+-- train: AdamW, cosine schedule, evaluation, early stopping, checkpoints (moontune.sft)
+sft.train(mt, cfg, model, train, heldout, "full_sft")
