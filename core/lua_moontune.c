@@ -1412,6 +1412,12 @@ static int l_output_dir(lua_State *L) {
     return 1;
 }
 
+/* mt.now() -> monotonic wall-clock seconds (the trainer's tokens/s and ETA) */
+static int l_now(lua_State *L) {
+    lua_pushnumber(L, mt_now_seconds());
+    return 1;
+}
+
 static int l_sha256(lua_State *L) {
     size_t n;
     const char *s = luaL_checklstring(L, 1, &n);
@@ -1470,6 +1476,7 @@ static const luaL_Reg moontune_core[] = {
     {"checkpoint_prune", l_checkpoint_prune},
     {"generate", l_generate},
     {"sha256", l_sha256},
+    {"now", l_now},
     {"output_dir", l_output_dir},
     {"config", l_config},
     {"validating", l_validating},

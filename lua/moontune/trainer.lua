@@ -49,7 +49,7 @@
 --                               not "dumb")
 --   log_every = 10              plain log line every N steps (not on a terminal)
 --   output = io.stdout          where progress and log lines go (anything with :write)
---   clock = os.clock            function() -> seconds, for tokens/s, ETA and time
+--   clock = mt.now or os.clock  function() -> seconds, for tokens/s, ETA and time
 --   plot = true                 write <out_dir>/loss.svg at the end
 --
 -- Callbacks: each hook is called as hook(state, control [, extra]); on_save gets the
@@ -171,7 +171,9 @@ function M.run(cfg, mt)
   if max_grad_norm == nil then max_grad_norm = 1.0 end
   local max_bad = cfg.max_bad_steps or 5
   local keep_last = cfg.keep_last or 2
-  local clock = cfg.clock or os.clock
+  -- wall-clock seconds from the core when it offers them (os.clock is CPU time, which
+  -- counts every thread and so overstates the time of a multi-threaded step)
+  local clock = cfg.clock or mt.now or os.clock
   local output = cfg.output or io.stdout
   local metric_fns = cfg.metrics or {}
   local hooks = hooks_of(cfg.callbacks)
