@@ -154,19 +154,14 @@ static void host_linear_base_backward(mt_linear_handle *h, float *dx, const floa
     mt_linear_base_backward(LINEAR(h), dx, dy, x, N);
 }
 
-static mt_param *param_of(mt_model *m, const float *data) {
-    for (size_t i = 0; data && i < m->num_params; i++)
-        if (m->params[i].data == data) return &m->params[i];
-    return NULL;
-}
-
 static mt_status host_linear_set_trainable(mt_linear_handle *h, int trainable, mt_error *err) {
     mt_linear *lin = LINEAR(h);
     if (!lin->weight)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
                             "%s: the base weight was released (quantized) and cannot train",
                             lin->name);
-    mt_param *w = param_of(lin->model, lin->weight_memory), *b = param_of(lin->model, lin->bias);
+    mt_param *w = mt_model_param_of(lin->model, lin->weight_memory),
+             *b = mt_model_param_of(lin->model, lin->bias);
     mt_status st = w ? mt_model_set_trainable(lin->model, w, trainable, err) : MT_OK;
     if (!st && b) st = mt_model_set_trainable(lin->model, b, trainable, err);
     return st;

@@ -243,11 +243,15 @@ mt_param *mt_model_find_param(mt_model *m, const char *name) {
 }
 
 /* The gradient that belongs to a parameter's data, or NULL when it is frozen. */
-static float *grad_of(mt_model *m, const float *data) {
-    if (!data) return NULL;
-    for (size_t i = 0; i < m->num_params; i++)
-        if (m->params[i].data == data) return m->params[i].grad;
+mt_param *mt_model_param_of(mt_model *m, const float *data) {
+    for (size_t i = 0; data && i < m->num_params; i++)
+        if (m->params[i].data == data) return &m->params[i];
     return NULL;
+}
+
+static float *grad_of(mt_model *m, const float *data) {
+    mt_param *p = mt_model_param_of(m, data);
+    return p ? p->grad : NULL;
 }
 
 /* Points every layer's gradient slots at the gradients of trainable parameters. */

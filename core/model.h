@@ -217,6 +217,8 @@ mt_status mt_model_load_weights(mt_model *m, const struct mt_safetensors *st, mt
 mt_status mt_model_init_random(mt_model *m, uint64_t seed, float std, mt_error *err);
 
 mt_param *mt_model_find_param(mt_model *m, const char *name);
+/* The parameter whose memory starts at data (a layer's weight or bias), or NULL. */
+mt_param *mt_model_param_of(mt_model *m, const float *data);
 /* Marks every parameter trainable (full fine-tuning), allocating gradients. */
 mt_status mt_model_set_all_trainable(mt_model *m, mt_error *err);
 /* Makes one parameter trainable or frozen; a trainable one gets a zeroed gradient. */
