@@ -1,11 +1,16 @@
-/* generate.h — text generation with a key/value cache, for one sequence.
+/* generate.h — text generation with a key/value cache, for one sequence or many.
  *
  * The training forward (mt_model_forward) plans full (B,T) activations and keeps no
  * cache; generation runs its own incremental decoder over the same parameters: a
  * prefill of the prompt, then one token at a time, each new token attending to the
  * keys and values cached for every earlier position. Every projection goes through
  * mt_linear_forward, so attached adapters apply (put them in evaluation mode first:
- * mt_model_set_training(m, 0)). */
+ * mt_model_set_training(m, 0)).
+ *
+ * The decoder holds several sequences ("slots"), each with its own cache region and
+ * length. One decode step feeds one token to each of k slots, so the projections are
+ * one matrix product of k rows instead of k matrix-vector products (decoding one token
+ * at a time is bound by reading the weights; k rows read them once). */
 #ifndef MT_CORE_GENERATE_H
 #define MT_CORE_GENERATE_H
 
@@ -19,21 +24,40 @@
 
 typedef struct mt_kv_decoder mt_kv_decoder;
 
-/* A decoder whose cache holds `capacity` positions (<= max_position_embeddings);
- * tokens are fed at most `max_rows` at a time (longer feeds are split; 0 picks 64).
- * All memory is allocated here, once. */
-mt_status mt_kv_decoder_create(mt_model *m, int capacity, int max_rows, mt_kv_decoder **out,
-                               mt_error *err);
+/* A decoder of `slots` sequences whose caches hold `capacity` positions each
+ * (<= max_position_embeddings); tokens are run at most `max_rows` at a time (longer
+ * feeds and steps are split; 0 picks 64). All memory is allocated here, once: the
+ * host cache is 2 * layers * slots * capacity * kv_heads * head_dim floats. */
+mt_status mt_kv_decoder_create(mt_model *m, int slots, int capacity, int max_rows,
+                               mt_kv_decoder **out, mt_error *err);
 void mt_kv_decoder_free(mt_kv_decoder *d);
-/* Empties the cache (the next token is at position 0). */
-void mt_kv_decoder_reset(mt_kv_decoder *d);
-/* Number of positions in the cache. */
-int mt_kv_decoder_length(const mt_kv_decoder *d);
-/* Runs the decoder over tokens (n) at positions length .. length+n-1, appending their
- * keys and values to the cache. logits (V, host memory) receives the next-token
- * logits after the last of them, when not NULL. */
-mt_status mt_kv_decoder_feed(mt_kv_decoder *d, const int32_t *tokens, int n, float *logits,
-                             mt_error *err);
+int mt_kv_decoder_slots(const mt_kv_decoder *d);
+int mt_kv_decoder_capacity(const mt_kv_decoder *d);
+/* Empties the cache of slot (in [0, slots); others are ignored): its next token is at
+ * position 0. */
+void mt_kv_decoder_reset(mt_kv_decoder *d, int slot);
+/* Number of positions in the cache of slot; -1 for a slot outside [0, slots). */
+int mt_kv_decoder_length(const mt_kv_decoder *d, int slot);
+/* Runs the decoder over tokens (n) of one slot at positions length .. length+n-1,
+ * appending their keys and values to its cache (a prompt's prefill). logits (V, host
+ * memory) receives the next-token logits after the last of them, when not NULL. */
+mt_status mt_kv_decoder_feed(mt_kv_decoder *d, int slot, const int32_t *tokens, int n,
+                             float *logits, mt_error *err);
+/* Appends tokens[i] (n) to the cache of slot slots[i], in row order: a slot named r
+ * times takes its next r positions, so one call can prefill some slots while it steps
+ * others, and the rows share each matrix product (max_rows at a time). logits (host
+ * memory), when not NULL, receives the next-token logits of every row i with want[i]
+ * set (want NULL: every row), in row order: (wanted,V). Nothing changes when the
+ * arguments are refused (a slot outside [0, slots), a full cache, a token outside the
+ * vocabulary). */
+mt_status mt_kv_decoder_append(mt_kv_decoder *d, const int *slots, const int32_t *tokens, int n,
+                               const unsigned char *want, float *logits, mt_error *err);
+/* One decode step: tokens[i] (k) is fed to slot slots[i] at that slot's own position
+ * (its length); the k slots are distinct. logits (k,V) (host memory) receives each
+ * row's next-token logits, in the order of slots. Nothing changes when the arguments
+ * are refused. */
+mt_status mt_kv_decoder_step(mt_kv_decoder *d, const int *slots, const int32_t *tokens, int k,
+                             float *logits, mt_error *err);
 
 /* ---- sampling ------------------------------------------------------------ */
 
@@ -90,9 +114,32 @@ typedef struct mt_generation {
 } mt_generation;
 
 /* Generates from the prompt ids with a cache sized for prompt + max_new_tokens.
- * tok may be NULL: then there is no text, no stop strings and no callback. */
+ * tok may be NULL: then there is no text, no stop strings and no callback. The
+ * sampler's generator starts from opt->sampling.seed. */
 mt_status mt_generate(mt_model *m, const mt_tokenizer *tok, const int32_t *prompt, int n_prompt,
                       const mt_generate_options *opt, mt_generation *out, mt_error *err);
+
+/* The default number of sequences mt_generate_batch decodes together. */
+#define MT_GENERATE_SLOTS 16
+
+/* Generates for n prompts (prompts[i] has n_prompt[i] ids) with the same options,
+ * decoding up to `slots` sequences together (<= 0: MT_GENERATE_SLOTS) with continuous
+ * batching: when a sequence ends, its slot takes the next waiting prompt, and that
+ * prompt's prefill rides in the same chunks as the other slots' decode steps (up to
+ * 128 prompt rows a chunk, a long prompt over several). out[i] (n of them) is what
+ * mt_generate gives for prompt i with sampling seed opt->sampling.seed + i: ids, text,
+ * reason, n_prompt. Greedy decoding gives the same ids as mt_generate unless two
+ * logits are within rounding of each other (a matrix product of many rows may round
+ * otherwise than one of a single row). Every slot's cache holds the longest prompt +
+ * max_new_tokens (at most the model's context).
+ * Times: every row of a chunk costs the chunk's wall time (sampling included) divided
+ * by its rows; a sequence's prompt rows add to its prefill_seconds, its generated
+ * tokens' rows to its decode_seconds. The sums over all sequences come to about the
+ * wall time of the call, and sum(n_ids) / sum(prefill + decode) is the throughput.
+ * opt->on_text must be NULL (no streaming). On an error every out[i] is empty. */
+mt_status mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const int32_t *const *prompts,
+                            const int *n_prompt, int n, int slots, const mt_generate_options *opt,
+                            mt_generation *out, mt_error *err);
 void mt_generation_free(mt_generation *g);
 
 #endif /* MT_CORE_GENERATE_H */

@@ -124,6 +124,9 @@ static void test_smollm2_matches_transformers(void **state) {
     const int V = c->vocab_size;
     float *logits = malloc((size_t)V * sizeof(float));
     double tok_s_sum = 0.0;
+    /* each prompt's ids and mt_generate's greedy ids, for the batched run after */
+    int32_t *kept_prompt[3] = {0}, *kept_gen[3] = {0};
+    int kept_n[3] = {0}, kept_gen_n[3] = {0};
     for (size_t p = 0; p < json_array_size(prompts); p++) {
         json_t *pr = json_array_get(prompts, p);
         /* template + tokenizer */
@@ -139,8 +142,8 @@ static void test_smollm2_matches_transformers(void **state) {
 
         /* first step: top-5 ids and logits */
         mt_kv_decoder *d = NULL;
-        if (mt_kv_decoder_create(m, n_prompt + n_ref, 0, &d, &err)) fail_msg("%s", err.msg);
-        if (mt_kv_decoder_feed(d, prompt, n_prompt, logits, &err)) fail_msg("%s", err.msg);
+        if (mt_kv_decoder_create(m, 1, n_prompt + n_ref, 0, &d, &err)) fail_msg("%s", err.msg);
+        if (mt_kv_decoder_feed(d, 0, prompt, n_prompt, logits, &err)) fail_msg("%s", err.msg);
         json_t *top_ids = json_object_get(pr, "top5_ids"), *top_vals = json_object_get(pr, "top5_logits");
         double worst = 0.0;
         float *scratch = malloc((size_t)V * sizeof(float));
@@ -180,7 +183,7 @@ static void test_smollm2_matches_transformers(void **state) {
             float *full = full_logits(m, all, n_all);
             double cache_err = mt_test_rel_err(logits, full + (size_t)(n_prompt - 1) * V, (size_t)V);
             for (int t = n_prompt; t < n_all - 1; t++) {
-                if (mt_kv_decoder_feed(d, &all[t], 1, logits, &err)) fail_msg("%s", err.msg);
+                if (mt_kv_decoder_feed(d, 0, &all[t], 1, logits, &err)) fail_msg("%s", err.msg);
                 double e = mt_test_rel_err(logits, full + (size_t)t * V, (size_t)V);
                 if (e > cache_err) cache_err = e;
             }
@@ -213,15 +216,38 @@ static void test_smollm2_matches_transformers(void **state) {
             assert_string_equal(s3.buf, g2.text);
             mt_generation_free(&g2);
         }
+        kept_prompt[p] = prompt;
+        kept_n[p] = n_prompt;
+        kept_gen[p] = gen.ids;
+        kept_gen_n[p] = gen.n_ids;
+        gen.ids = NULL;
         mt_generation_free(&gen);
         mt_kv_decoder_free(d);
-        free(prompt);
         free(ref_ids);
         mt_token_list_free(&list);
         free(text);
     }
     printf("  SmolLM2-135M generation: %.1f tokens/s (mean of 3 prompts, %d threads)\n",
            tok_s_sum / 3.0, be.num_threads);
+    /* the 3 prompts batched in 2 slots: the same greedy ids as one by one */
+    mt_generate_options bopt = {.max_new_tokens = kept_gen_n[0]};
+    mt_generation batch[3];
+    double t_batch = mt_now_seconds();
+    if (mt_generate_batch(m, NULL, (const int32_t *const *)kept_prompt, kept_n, 3, 2, &bopt, batch,
+                          &err))
+        fail_msg("%s", err.msg);
+    t_batch = mt_now_seconds() - t_batch;
+    int new_ids = 0;
+    for (int p = 0; p < 3; p++) {
+        assert_int_equal(batch[p].n_ids, kept_gen_n[p]);
+        assert_memory_equal(batch[p].ids, kept_gen[p], (size_t)kept_gen_n[p] * sizeof(int32_t));
+        new_ids += batch[p].n_ids;
+        mt_generation_free(&batch[p]);
+        free(kept_prompt[p]);
+        free(kept_gen[p]);
+    }
+    printf("  batched (3 prompts, 2 slots): the same %d greedy ids, %.1f tokens/s overall\n",
+           new_ids, new_ids / t_batch);
     free(logits);
     json_decref(ref);
     mt_tokenizer_free(tok);
@@ -250,28 +276,28 @@ static void test_tiny_prefill_and_steps_match_forward(void **state) {
     float *logits = malloc((size_t)V * sizeof(float));
     /* prefill of the whole sequence in chunks of 5 rows */
     mt_kv_decoder *d = NULL;
-    assert_int_equal(mt_kv_decoder_create(m, T, 5, &d, &err), MT_OK);
-    assert_int_equal(mt_kv_decoder_feed(d, ids, T, logits, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_create(m, 1, T, 5, &d, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_feed(d, 0, ids, T, logits, &err), MT_OK);
     double e = mt_test_rel_err(logits, full + (size_t)(T - 1) * V, (size_t)V);
     printf("  tiny_gqa prefill vs forward: %.2e\n", e);
     assert_true(e < 1e-5);
     /* a full cache refuses more */
-    assert_int_equal(mt_kv_decoder_feed(d, ids, 1, logits, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_kv_decoder_feed(d, 0, ids, 1, logits, &err), MT_ERR_INVALID_ARG);
     /* then token by token after a 7-token prefill */
-    mt_kv_decoder_reset(d);
-    assert_int_equal(mt_kv_decoder_feed(d, ids, 7, logits, &err), MT_OK);
+    mt_kv_decoder_reset(d, 0);
+    assert_int_equal(mt_kv_decoder_feed(d, 0, ids, 7, logits, &err), MT_OK);
     double worst = mt_test_rel_err(logits, full + 6 * (size_t)V, (size_t)V);
     for (int t = 7; t < T; t++) {
-        assert_int_equal(mt_kv_decoder_feed(d, &ids[t], 1, logits, &err), MT_OK);
+        assert_int_equal(mt_kv_decoder_feed(d, 0, &ids[t], 1, logits, &err), MT_OK);
         e = mt_test_rel_err(logits, full + (size_t)t * V, (size_t)V);
         if (e > worst) worst = e;
     }
     printf("  tiny_gqa token-by-token vs forward: %.2e\n", worst);
     assert_true(worst < 1e-5);
-    assert_int_equal(mt_kv_decoder_length(d), T);
+    assert_int_equal(mt_kv_decoder_length(d, 0), T);
     int32_t bad = V;
-    mt_kv_decoder_reset(d);
-    assert_int_equal(mt_kv_decoder_feed(d, &bad, 1, logits, &err), MT_ERR_INVALID_ARG);
+    mt_kv_decoder_reset(d, 0);
+    assert_int_equal(mt_kv_decoder_feed(d, 0, &bad, 1, logits, &err), MT_ERR_INVALID_ARG);
     mt_kv_decoder_free(d);
     free(logits);
     free(full);
@@ -348,6 +374,309 @@ static void test_sampling(void **state) {
     free(work);
     mt_model_free(m);
     mt_backend_cpu_shutdown(&be);
+}
+
+
+/* ---- several sequences: the decoder's slots and batched generation ---- */
+
+/* A decoder of 5 slots whose rows chunk by 4: prefills of different lengths, then
+ * steps over subsets of the slots in shuffled order (a step of 5 rows runs as 4 + 1),
+ * and a slot reset and refilled mid-way. Each row's logits agree with a one-slot
+ * decoder fed the same tokens within a relative error of 1e-5 (the largest absolute
+ * difference over the largest logit: the k-row matrix product may round otherwise
+ * than the one-row product). */
+static void test_decoder_step_matches_single_slot(void **state) {
+    (void)state;
+    mt_backend be;
+    mt_model *m = load_tiny(&be);
+    mt_error err = {0};
+    enum { S = 5, CAP = 40, STEPS = 9 };
+    const int V = m->cfg.vocab_size, len[S] = {3, 9, 1, 6, 12};
+    uint64_t rng = 21;
+    int32_t ids[S][CAP];
+    for (int s = 0; s < S; s++)
+        for (int t = 0; t < CAP; t++) ids[s][t] = (int32_t)(mt_test_rand_u64(&rng) % (uint64_t)V);
+    mt_kv_decoder *d = NULL, *one[S] = {0};
+    assert_int_equal(mt_kv_decoder_create(m, S, CAP, 4, &d, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_slots(d), S);
+    assert_int_equal(mt_kv_decoder_capacity(d), CAP);
+    float *logits = malloc((size_t)S * V * sizeof(float)), *ref = malloc((size_t)V * sizeof(float));
+    double worst = 0.0;
+    int pos[S], rows_checked = 0;
+    for (int s = 0; s < S; s++) {
+        assert_int_equal(mt_kv_decoder_create(m, 1, CAP, 4, &one[s], &err), MT_OK);
+        assert_int_equal(mt_kv_decoder_feed(d, s, ids[s], len[s], logits, &err), MT_OK);
+        assert_int_equal(mt_kv_decoder_feed(one[s], 0, ids[s], len[s], ref, &err), MT_OK);
+        double e = mt_test_rel_err(logits, ref, (size_t)V);
+        if (e > worst) worst = e;
+        pos[s] = len[s];
+        assert_int_equal(mt_kv_decoder_length(d, s), len[s]);
+    }
+    /* the slots of each step, in the order given; -1 ends a list */
+    static const int order[STEPS][S + 1] = {
+        {4, 0, 2, -1},    {0, 1, 2, 3, 4, -1}, {3, 1, 4, 0, 2, -1}, {2, -1},       {1, 3, -1},
+        {4, 3, 2, 1, 0, -1}, {0, 2, 4, -1},    {1, 0, -1},          {3, 4, 2, 0, 1, -1}};
+    for (int step = 0; step < STEPS; step++) {
+        if (step == 4) { /* slot 2 starts over with another prompt */
+            mt_kv_decoder_reset(d, 2);
+            mt_kv_decoder_reset(one[2], 0);
+            assert_int_equal(mt_kv_decoder_length(d, 2), 0);
+            for (int t = 0; t < CAP; t++) ids[2][t] = (int32_t)((ids[2][t] * 7 + 3) % V);
+            assert_int_equal(mt_kv_decoder_feed(d, 2, ids[2], 5, logits, &err), MT_OK);
+            assert_int_equal(mt_kv_decoder_feed(one[2], 0, ids[2], 5, ref, &err), MT_OK);
+            double e = mt_test_rel_err(logits, ref, (size_t)V);
+            if (e > worst) worst = e;
+            pos[2] = 5;
+        }
+        int slots[S], k = 0;
+        int32_t toks[S];
+        for (; order[step][k] >= 0; k++) {
+            slots[k] = order[step][k];
+            toks[k] = ids[slots[k]][pos[slots[k]]];
+        }
+        assert_int_equal(mt_kv_decoder_step(d, slots, toks, k, logits, &err), MT_OK);
+        for (int r = 0; r < k; r++) {
+            const int s = slots[r];
+            assert_int_equal(mt_kv_decoder_feed(one[s], 0, &toks[r], 1, ref, &err), MT_OK);
+            double e = mt_test_rel_err(logits + (size_t)r * V, ref, (size_t)V);
+            if (e > worst) worst = e;
+            pos[s]++;
+            rows_checked++;
+            assert_int_equal(mt_kv_decoder_length(d, s), pos[s]);
+        }
+    }
+    /* a mixed append: slot 1 takes 3 tokens, slot 0 two, slot 3 one, interleaved; the
+     * logits of the rows marked, in row order (6 rows run as 4 + 2) */
+    {
+        const int ms[6] = {1, 3, 1, 0, 1, 0};
+        const int ahead[6] = {0, 0, 1, 0, 2, 1}; /* the row's place among its slot's rows */
+        const unsigned char want[6] = {0, 1, 0, 0, 1, 1};
+        int32_t mt[6];
+        for (int r = 0; r < 6; r++) mt[r] = ids[ms[r]][pos[ms[r]] + ahead[r]];
+        assert_int_equal(mt_kv_decoder_append(d, ms, mt, 6, want, logits, &err), MT_OK);
+        int w = 0;
+        for (int r = 0; r < 6; r++) {
+            const int s = ms[r];
+            assert_int_equal(mt[r], ids[s][pos[s]]);
+            assert_int_equal(mt_kv_decoder_feed(one[s], 0, &mt[r], 1, ref, &err), MT_OK);
+            pos[s]++;
+            if (!want[r]) continue;
+            double e = mt_test_rel_err(logits + (size_t)w++ * V, ref, (size_t)V);
+            if (e > worst) worst = e;
+            rows_checked++;
+        }
+        for (int s = 0; s < S; s++) assert_int_equal(mt_kv_decoder_length(d, s), pos[s]);
+    }
+    printf("  5 slots, %d step rows vs one-slot decoders: max rel err %.2e\n", rows_checked, worst);
+    assert_true(worst < 1e-5);
+
+    /* refused steps change nothing */
+    int32_t tok2[2] = {1, 2}, bad_tok[2] = {1, (int32_t)V};
+    assert_int_equal(mt_kv_decoder_step(d, (int[]){1, 1}, tok2, 2, logits, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "twice"));
+    assert_int_equal(mt_kv_decoder_step(d, (int[]){0, S}, tok2, 2, logits, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_kv_decoder_step(d, (int[]){0, -1}, tok2, 2, logits, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_kv_decoder_step(d, (int[]){0, 1}, bad_tok, 2, logits, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_kv_decoder_step(d, (int[]){0}, tok2, 0, logits, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_kv_decoder_step(d, (int[]){0, 1, 2, 3, 4, 0}, (int32_t[]){1, 1, 1, 1, 1, 1},
+                                        S + 1, logits, &err),
+                     MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_kv_decoder_feed(d, S, tok2, 1, logits, &err), MT_ERR_INVALID_ARG);
+    for (int s = 0; s < S; s++) assert_int_equal(mt_kv_decoder_length(d, s), pos[s]);
+    assert_int_equal(mt_kv_decoder_length(d, S), -1);
+    /* a full slot refuses a step; the others still step (the marks were cleared) */
+    int32_t fill[CAP] = {0};
+    assert_int_equal(mt_kv_decoder_feed(d, 0, fill, CAP - pos[0], NULL, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_step(d, (int[]){1, 0}, tok2, 2, logits, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "full"));
+    assert_int_equal(mt_kv_decoder_step(d, (int[]){1, 3}, tok2, 2, logits, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_length(d, 1), pos[1] + 1);
+    mt_kv_decoder *none = NULL;
+    assert_int_equal(mt_kv_decoder_create(m, 0, CAP, 4, &none, &err), MT_ERR_INVALID_ARG);
+    assert_null(none);
+    for (int s = 0; s < S; s++) mt_kv_decoder_free(one[s]);
+    mt_kv_decoder_free(d);
+    free(logits);
+    free(ref);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+}
+
+#define CHAT_DIR MT_FIXTURE_DIR "/tiny_chat"
+enum { N_BATCH = 7 };
+
+typedef struct batch_fixture {
+    mt_backend be;
+    mt_model *m;
+    mt_tokenizer *tok;
+    int32_t ids[N_BATCH][200];
+    const int32_t *prompts[N_BATCH];
+    int n_prompt[N_BATCH];
+} batch_fixture;
+
+/* tiny_chat (a tokenizer, so texts and stop strings) and 7 prompts of 1 .. 200 ids (the
+ * longest is prefilled over two chunks of the batch, which take 128 prompt rows). */
+static void batch_fixture_open(batch_fixture *f) {
+    mt_error err = {0};
+    assert_int_equal(mt_backend_cpu_init(&f->be, 0, &err), MT_OK);
+    if (mt_model_load_hf(CHAT_DIR, &f->be, &f->m, &err)) fail_msg("%s", err.msg);
+    if (mt_tokenizer_load_dir(CHAT_DIR, &f->tok, &err)) fail_msg("%s", err.msg);
+    static const int lens[N_BATCH] = {5, 1, 17, 3, 200, 9, 12};
+    uint64_t rng = 5;
+    for (int i = 0; i < N_BATCH; i++) {
+        for (int t = 0; t < lens[i]; t++)
+            f->ids[i][t] = (int32_t)(3 + mt_test_rand_u64(&rng) % (uint64_t)(f->m->cfg.vocab_size - 3));
+        f->prompts[i] = f->ids[i];
+        f->n_prompt[i] = lens[i];
+    }
+}
+
+static void batch_fixture_close(batch_fixture *f) {
+    mt_tokenizer_free(f->tok);
+    mt_model_free(f->m);
+    mt_backend_cpu_shutdown(&f->be);
+}
+
+/* mt_generate_batch with `slots` gives what mt_generate gives per prompt (seed + i);
+ * counts[reason] += the reasons seen. */
+static void batch_vs_single(batch_fixture *f, const mt_generate_options *opt, int slots,
+                            int counts[5]) {
+    mt_error err = {0};
+    mt_generation got[N_BATCH];
+    if (mt_generate_batch(f->m, f->tok, f->prompts, f->n_prompt, N_BATCH, slots, opt, got, &err))
+        fail_msg("%s", err.msg);
+    for (int i = 0; i < N_BATCH; i++) {
+        mt_generate_options one = *opt;
+        one.sampling.seed = opt->sampling.seed + (uint64_t)i;
+        mt_generation want;
+        if (mt_generate(f->m, f->tok, f->prompts[i], f->n_prompt[i], &one, &want, &err))
+            fail_msg("%s", err.msg);
+        assert_int_equal(got[i].n_prompt, f->n_prompt[i]);
+        assert_int_equal(got[i].reason, want.reason);
+        assert_int_equal(got[i].n_ids, want.n_ids);
+        assert_memory_equal(got[i].ids, want.ids, (size_t)want.n_ids * sizeof(int32_t));
+        assert_non_null(got[i].text);
+        assert_int_equal(got[i].text_len, want.text_len);
+        assert_string_equal(got[i].text, want.text);
+        assert_true(got[i].prefill_seconds > 0.0 && got[i].decode_seconds >= 0.0);
+        counts[got[i].reason]++;
+        mt_generation_free(&want);
+        mt_generation_free(&got[i]);
+    }
+}
+
+/* Greedy (and seeded sampling) batched output equals mt_generate's, token for token,
+ * with fewer slots than prompts (slots are refilled) and every stop condition. */
+static void test_batch_matches_generate(void **state) {
+    (void)state;
+    batch_fixture f;
+    batch_fixture_open(&f);
+    mt_error err = {0};
+    int counts[5] = {0};
+    /* max_new_tokens only: every sequence runs to the length */
+    mt_generate_options opt = {.max_new_tokens = 10, .skip_special = 1};
+    batch_vs_single(&f, &opt, 3, counts);
+    assert_int_equal(counts[MT_STOP_LENGTH], N_BATCH);
+
+    /* a stop id: the third greedy token of prompt 2 ends that one early */
+    mt_generation g;
+    if (mt_generate(f.m, f.tok, f.prompts[2], f.n_prompt[2], &opt, &g, &err)) fail_msg("%s", err.msg);
+    int32_t stop_id = g.ids[2];
+    /* a stop string: two ASCII characters from the middle of the first such text */
+    mt_generation_free(&g);
+    char stop_str[3] = "";
+    for (int p = 0; p < N_BATCH && !stop_str[0]; p++) {
+        if (mt_generate(f.m, f.tok, f.prompts[p], f.n_prompt[p], &opt, &g, &err)) fail_msg("%s", err.msg);
+        for (size_t j = g.text_len / 2; j + 1 < g.text_len && !stop_str[0]; j++)
+            if (g.text[j] > ' ' && g.text[j] < 0x7f && g.text[j + 1] > ' ' && g.text[j + 1] < 0x7f) {
+                stop_str[0] = g.text[j];
+                stop_str[1] = g.text[j + 1];
+                printf("  stop id %d, stop string \"%s\" (from prompt %d's \"%s\")\n", stop_id,
+                       stop_str, p, g.text);
+            }
+        mt_generation_free(&g);
+    }
+    assert_true(stop_str[0] != 0);
+    memset(counts, 0, sizeof counts);
+    mt_generate_options stops = opt;
+    stops.stop_ids = &stop_id;
+    stops.n_stop_ids = 1;
+    batch_vs_single(&f, &stops, 3, counts);
+    assert_true(counts[MT_STOP_EOS] >= 1);
+    const char *strs[1] = {stop_str};
+    stops.stop_strings = strs;
+    stops.n_stop_strings = 1;
+    stops.max_new_tokens = 14;
+    memset(counts, 0, sizeof counts);
+    batch_vs_single(&f, &stops, 2, counts);
+    printf("  stops: %d length, %d stop id, %d stop string\n", counts[MT_STOP_LENGTH],
+           counts[MT_STOP_EOS], counts[MT_STOP_STRING]);
+    assert_true(counts[MT_STOP_EOS] >= 1 && counts[MT_STOP_STRING] >= 1);
+
+    /* one slot, the default (16 > 7 prompts), no new tokens at all */
+    memset(counts, 0, sizeof counts);
+    batch_vs_single(&f, &opt, 1, counts);
+    batch_vs_single(&f, &opt, 0, counts);
+    mt_generate_options none = {.max_new_tokens = 0};
+    batch_vs_single(&f, &none, 4, counts);
+    assert_int_equal(counts[MT_STOP_LENGTH], 3 * N_BATCH);
+
+    /* seeded sampling: sequence i draws as mt_generate does with seed + i */
+    mt_generate_options sample = {.max_new_tokens = 12, .sampling = {.temperature = 1.5f, .top_k = 40, .top_p = 0.9f, .seed = 99}};
+    batch_vs_single(&f, &sample, 3, counts);
+    batch_fixture_close(&f);
+}
+
+static int never(void *user, const char *piece, size_t len) {
+    (void)user, (void)piece, (void)len;
+    return 0;
+}
+
+static void test_batch_refuses_bad_arguments(void **state) {
+    (void)state;
+    batch_fixture f;
+    batch_fixture_open(&f);
+    mt_error err = {0};
+    mt_generation out[N_BATCH];
+    mt_generate_options opt = {.max_new_tokens = 4};
+    assert_int_equal(mt_generate_batch(f.m, f.tok, f.prompts, f.n_prompt, 0, 2, &opt, out, &err),
+                     MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_generate_batch(f.m, f.tok, f.prompts, f.n_prompt, -3, 2, &opt, out, &err),
+                     MT_ERR_INVALID_ARG);
+    /* an empty prompt, one too long, an id outside the vocabulary: the error names it */
+    int n_prompt[N_BATCH];
+    memcpy(n_prompt, f.n_prompt, sizeof n_prompt);
+    n_prompt[3] = 0;
+    assert_int_equal(mt_generate_batch(f.m, f.tok, f.prompts, n_prompt, N_BATCH, 2, &opt, out, &err),
+                     MT_ERR_INVALID_ARG);
+    printf("  %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "prompts[3]"));
+    assert_non_null(strstr(err.msg, "empty"));
+    n_prompt[3] = f.m->cfg.max_position_embeddings;
+    assert_int_equal(mt_generate_batch(f.m, f.tok, f.prompts, n_prompt, N_BATCH, 2, &opt, out, &err),
+                     MT_ERR_INVALID_ARG);
+    int32_t bad[2] = {1, (int32_t)f.m->cfg.vocab_size};
+    const int32_t *prompts[N_BATCH];
+    memcpy(prompts, f.prompts, sizeof prompts);
+    prompts[5] = bad;
+    n_prompt[3] = f.n_prompt[3];
+    n_prompt[5] = 2;
+    assert_int_equal(mt_generate_batch(f.m, f.tok, prompts, n_prompt, N_BATCH, 2, &opt, out, &err),
+                     MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "prompts[5]"));
+    assert_non_null(strstr(err.msg, "vocabulary"));
+    /* streaming is refused */
+    opt.on_text = never;
+    assert_int_equal(mt_generate_batch(f.m, f.tok, f.prompts, f.n_prompt, N_BATCH, 2, &opt, out, &err),
+                     MT_ERR_INVALID_ARG);
+    printf("  %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "on_text"));
+    for (int i = 0; i < N_BATCH; i++) assert_null(out[i].ids);
+    opt.on_text = NULL;
+    opt.max_new_tokens = -1;
+    assert_int_equal(mt_generate_batch(f.m, f.tok, f.prompts, f.n_prompt, N_BATCH, 2, &opt, out, &err),
+                     MT_ERR_INVALID_ARG);
+    batch_fixture_close(&f);
 }
 
 
@@ -490,8 +819,8 @@ static void roundtrip(const char *dir, const char *arch, int permute, int check_
         const int V = hf->cfg.vocab_size;
         float *full = full_logits(hf, ids, 6), *logits = malloc((size_t)V * sizeof(float));
         mt_kv_decoder *d = NULL;
-        assert_int_equal(mt_kv_decoder_create(gg, 6, 0, &d, &err), MT_OK);
-        assert_int_equal(mt_kv_decoder_feed(d, ids, 6, logits, &err), MT_OK);
+        assert_int_equal(mt_kv_decoder_create(gg, 1, 6, 0, &d, &err), MT_OK);
+        assert_int_equal(mt_kv_decoder_feed(d, 0, ids, 6, logits, &err), MT_OK);
         assert_true(mt_test_rel_err(logits, full + 5 * (size_t)V, (size_t)V) < 1e-5);
         mt_kv_decoder_free(d);
         free(logits);
@@ -534,6 +863,9 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_prefill_and_steps_match_forward),
         cmocka_unit_test(test_sampling),
+        cmocka_unit_test(test_decoder_step_matches_single_slot),
+        cmocka_unit_test(test_batch_matches_generate),
+        cmocka_unit_test(test_batch_refuses_bad_arguments),
         cmocka_unit_test(test_gguf_errors),
         cmocka_unit_test(test_gguf_roundtrip_llama_unpermutes_qk),
         cmocka_unit_test(test_gguf_roundtrip_qwen2_biases_untied),
