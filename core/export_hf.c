@@ -343,24 +343,57 @@ static mt_status export_weights(mt_model *m, const char *dir, mt_error *err) {
     return st;
 }
 
+/* An adapter instance whose vtable can merge into (and unmerge from) the base weights. */
+static mt_status check_mergeable(const mt_plugin_instance *adapter, mt_error *err) {
+    if (adapter->desc->kind != MT_PLUGIN_ADAPTER)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "export: %s is not an adapter",
+                            adapter->desc->name);
+    const mt_adapter_vtable *vt = adapter->desc->vtable;
+    if (!vt->merge || !vt->unmerge)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                            "export: adapter %s cannot merge into the base weights",
+                            adapter->desc->name);
+    return MT_OK;
+}
+
+mt_status mt_with_merged_adapter(const mt_plugin_instance *adapter,
+                                 mt_status (*write)(void *ctx, mt_error *err), void *ctx,
+                                 mt_error *err) {
+    if (!adapter) return write(ctx, err);
+    mt_status st = check_mergeable(adapter, err);
+    if (st) return st;
+    const mt_adapter_vtable *vt = adapter->desc->vtable;
+    st = vt->merge(adapter->state, err);
+    if (st) return st;
+    st = write(ctx, err);
+    mt_error uerr = {0};
+    mt_status ust = vt->unmerge(adapter->state, &uerr);
+    if (ust && !st) {
+        if (err) *err = uerr;
+        st = ust;
+    }
+    return st;
+}
+
+typedef struct weights_job {
+    mt_model *model;
+    const char *out_dir;
+} weights_job;
+
+static mt_status write_weights_job(void *ctx, mt_error *err) {
+    weights_job *job = ctx;
+    return export_weights(job->model, job->out_dir, err);
+}
+
 mt_status mt_export_merged_hf(mt_model *model, const mt_plugin_instance *adapter,
                               const mt_tokenizer *tokenizer, const char *out_dir, mt_error *err) {
-    const mt_adapter_vtable *vt = NULL;
-    if (adapter) {
-        if (adapter->desc->kind != MT_PLUGIN_ADAPTER)
-            return mt_error_set(err, MT_ERR_INVALID_ARG, "export: %s is not an adapter",
-                                adapter->desc->name);
-        vt = adapter->desc->vtable;
-        if (!vt->merge || !vt->unmerge)
-            return mt_error_set(err, MT_ERR_UNSUPPORTED,
-                                "export: adapter %s cannot merge into the base weights",
-                                adapter->desc->name);
-    }
+    mt_status st = adapter ? check_mergeable(adapter, err) : MT_OK; /* before any write */
+    if (st) return st;
     const int32_t bos = tokenizer ? mt_tokenizer_bos(tokenizer) : -1;
     const int32_t eos = tokenizer ? mt_tokenizer_eos(tokenizer) : -1;
     char *config = mt_export_hf_config_json(&model->cfg, bos, eos, err);
     if (!config) return MT_ERR_NOMEM;
-    mt_status st = export_mkdirs(out_dir, err);
+    st = export_mkdirs(out_dir, err);
     if (!st) {
         char *path = mt_path_join(out_dir, "config.json", err);
         size_t n = strlen(config);
@@ -377,15 +410,6 @@ mt_status mt_export_merged_hf(mt_model *model, const mt_plugin_instance *adapter
     }
     if (!st && tokenizer) st = export_tokenizer(tokenizer, out_dir, err);
     if (st) return st;
-    if (vt && (st = vt->merge(adapter->state, err))) return st;
-    st = export_weights(model, out_dir, err);
-    if (vt) {
-        mt_error uerr = {0};
-        mt_status ust = vt->unmerge(adapter->state, &uerr);
-        if (ust && !st) {
-            if (err) *err = uerr;
-            st = ust;
-        }
-    }
-    return st;
+    weights_job job = {model, out_dir};
+    return mt_with_merged_adapter(adapter, write_weights_job, &job, err);
 }

@@ -35,6 +35,13 @@ mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
 mt_status mt_export_merged_hf(mt_model *model, const mt_plugin_instance *adapter,
                               const mt_tokenizer *tokenizer, const char *out_dir, mt_error *err);
 
+/* Calls write(ctx) with the adapter (an attached instance, or NULL: none) merged into
+ * the base weights, and unmerges it afterwards whatever write returned, so the model in
+ * memory is unchanged: the merged GGUF export goes through here. */
+mt_status mt_with_merged_adapter(const mt_plugin_instance *adapter,
+                                 mt_status (*write)(void *ctx, mt_error *err), void *ctx,
+                                 mt_error *err);
+
 /* The config.json text for a model configuration (fresh string, caller frees);
  * bos/eos < 0 are written as null. */
 char *mt_export_hf_config_json(const mt_model_config *cfg, int32_t bos, int32_t eos,

@@ -22,6 +22,7 @@
 #include <lauxlib.h>
 #include <limits.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <math.h>
@@ -32,6 +33,8 @@
 #include "config_override.h"
 #include "dataset.h"
 #include "evaluate.h"
+#include "export_gguf.h"
+#include "export_hf.h"
 #include "generate.h"
 #include "internal.h"
 #include "lua_env.h"
@@ -49,6 +52,7 @@
 #define EXAMPLES_MT "moontune.Examples"
 #define BATCHER_MT "moontune.Batcher"
 #define BATCH_MT "moontune.Batch"
+#define RECORDS_MT "moontune.Records"
 #define SENTINEL_MT "moontune.Registries"
 #define SENTINEL_KEY "moontune.registries"
 
@@ -417,6 +421,8 @@ static int l_model(lua_State *L) {
     memset(u, 0, sizeof *u);
     luaL_setmetatable(L, MODEL_MT);
     lua_newtable(L);
+    lua_pushstring(L, path);
+    lua_setfield(L, -2, "path"); /* the base model's name in exported adapters */
     lua_setiuservalue(L, -2, 1);
     mt_error err = {0};
     if (mt_backend_cpu_init(&u->be, threads, &err)) return lraise(L, &err);
@@ -612,6 +618,90 @@ static int tok_vocab_size(lua_State *L) {
     return 1;
 }
 
+/* ---- exports -------------------------------------------------------------------- */
+
+/* The one attached adapter, or NULL when none; several are refused (which to export?). */
+static const mt_plugin_instance *export_adapter(lua_State *L, lmodel *u, const char *what) {
+    if (u->n_adapters > 1)
+        luaL_error(L, "%s: the model has %d adapters attached; export works with one", what,
+                   u->n_adapters);
+    return u->n_adapters ? u->adapters[0]->inst : NULL;
+}
+
+/* The option 'tokenizer' of the table at opts: a Tokenizer or nil. */
+static const mt_tokenizer *opt_tokenizer(lua_State *L, int opts) {
+    const mt_tokenizer *tok = NULL;
+    if (opt_field(L, opts, "tokenizer") != LUA_TNIL) tok = check_tok(L, lua_gettop(L))->tok;
+    lua_pop(L, 1);
+    return tok;
+}
+
+/* model:export_peft(dir, {base_model=}) -> dir: the attached LoRA adapter as a PEFT
+ * adapter directory; base_model defaults to the path the model was loaded from. */
+static int model_export_peft(lua_State *L) {
+    lmodel *u = check_model(L, 1);
+    const char *dir = luaL_checkstring(L, 2);
+    check_opts(L, 3);
+    mt_sandbox_check_path(L, dir, 1, "export_peft");
+    const mt_plugin_instance *adapter = export_adapter(L, u, "export_peft");
+    if (!adapter) return luaL_error(L, "export_peft: the model has no adapter attached");
+    lua_getiuservalue(L, 1, 1);
+    lua_getfield(L, -1, "path");
+    const char *base = opt_str(L, 3, "base_model", lua_tostring(L, -1));
+    mt_error err = {0};
+    if (mt_export_peft(u->m, adapter, base, dir, &err)) return lraise(L, &err);
+    lua_pushvalue(L, 2);
+    return 1;
+}
+
+/* model:export_merged(dir, {tokenizer=}) -> dir: a transformers model directory with the
+ * attached adapter (if any) merged in; the model in memory is unchanged. */
+static int model_export_merged(lua_State *L) {
+    lmodel *u = check_model(L, 1);
+    const char *dir = luaL_checkstring(L, 2);
+    check_opts(L, 3);
+    mt_sandbox_check_path(L, dir, 1, "export_merged");
+    const mt_tokenizer *tok = opt_tokenizer(L, 3);
+    const mt_plugin_instance *adapter = export_adapter(L, u, "export_merged");
+    mt_error err = {0};
+    if (mt_export_merged_hf(u->m, adapter, tok, dir, &err)) return lraise(L, &err);
+    lua_pushvalue(L, 2);
+    return 1;
+}
+
+typedef struct gguf_job {
+    const mt_model *m;
+    const mt_tokenizer *tok;
+    const char *path, *name;
+    mt_dtype dtype;
+} gguf_job;
+
+static mt_status write_gguf_job(void *ctx, mt_error *err) {
+    const gguf_job *job = ctx;
+    return mt_export_gguf(job->m, job->tok, job->path, job->dtype, job->name, err);
+}
+
+/* model:export_gguf(path, {tokenizer=, dtype="f16"|"f32", name=}) -> path: one GGUF file
+ * with the attached adapter (if any) merged in, and the tokenizer and chat template. */
+static int model_export_gguf(lua_State *L) {
+    lmodel *u = check_model(L, 1);
+    const char *path = luaL_checkstring(L, 2);
+    check_opts(L, 3);
+    mt_sandbox_check_path(L, path, 1, "export_gguf");
+    gguf_job job = {.m = u->m, .path = path};
+    job.tok = opt_tokenizer(L, 3);
+    const char *dtype = opt_str(L, 3, "dtype", "f16");
+    if (!strcmp(dtype, "f16")) job.dtype = MT_F16;
+    else if (!strcmp(dtype, "f32")) job.dtype = MT_F32;
+    else return luaL_error(L, "export_gguf: option 'dtype': expected \"f16\" or \"f32\", found \"%s\"", dtype);
+    job.name = opt_str(L, 3, "name", NULL);
+    const mt_plugin_instance *adapter = export_adapter(L, u, "export_gguf");
+    mt_error err = {0};
+    if (mt_with_merged_adapter(adapter, write_gguf_job, &job, &err)) return lraise(L, &err);
+    lua_pushvalue(L, 2);
+    return 1;
+}
+
 /* ---- Examples ------------------------------------------------------------------ */
 
 typedef struct lexamples {
@@ -670,67 +760,80 @@ static void read_example_options(lua_State *L, int opts, mt_example_options *ex)
     ex->train_on_inputs = opt_bool(L, opts, "train_on_inputs", 0);
 }
 
+/* The files argument at idx: a path or a list of paths (held by the Lua values). */
+static const char **read_files_arg(lua_State *L, int idx, int *n_paths) {
+    const char **paths;
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        paths = scratch(L, sizeof *paths);
+        paths[0] = lua_tostring(L, idx);
+        *n_paths = 1;
+        return paths;
+    }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int n = (int)lua_rawlen(L, idx);
+    paths = scratch(L, (size_t)n * sizeof *paths);
+    for (int i = 0; i < n; i++) {
+        if (lua_rawgeti(L, idx, i + 1) != LUA_TSTRING)
+            luaL_error(L, "files: item %d: expected a path, found %s", i + 1, luaL_typename(L, -1));
+        paths[i] = lua_tostring(L, -1); /* held by the files table */
+        lua_pop(L, 1);
+    }
+    *n_paths = n;
+    return paths;
+}
+
+/* The JSONL reading options {format=, fields=, on_bad_record=} of the table at opts;
+ * the field names stay referenced from the stack. */
+static void read_jsonl_options(lua_State *L, int opts, mt_jsonl_options *jsonl) {
+    memset(jsonl, 0, sizeof *jsonl);
+    const char *fmt = opt_str(L, opts, "format", "auto");
+    int f = mt_data_format_parse(fmt);
+    if (f < 0) luaL_error(L, "option 'format': unknown data format \"%s\"", fmt);
+    jsonl->format = (mt_data_format)f;
+    const char *bad = opt_str(L, opts, "on_bad_record", "error");
+    if (!strcmp(bad, "error")) jsonl->on_bad_record = MT_BAD_RECORD_ERROR;
+    else if (!strcmp(bad, "skip")) jsonl->on_bad_record = MT_BAD_RECORD_SKIP;
+    else luaL_error(L, "option 'on_bad_record': expected \"error\" or \"skip\", found \"%s\"", bad);
+    mt_data_fields *fields = scratch(L, sizeof *fields);
+    if (opt_field(L, opts, "fields") == LUA_TNIL) return;
+    luaL_checktype(L, -1, LUA_TTABLE);
+    int ft = lua_gettop(L);
+    struct {
+        const char *name;
+        const char **slot;
+    } names[] = {
+        {"instruction", &fields->instruction}, {"input", &fields->input},
+        {"output", &fields->output},           {"messages", &fields->messages},
+        {"role", &fields->role},               {"content", &fields->content},
+        {"prompt", &fields->prompt},           {"completion", &fields->completion},
+        {"text", &fields->text},               {"chosen", &fields->chosen},
+        {"rejected", &fields->rejected},
+    };
+    lua_pushnil(L);
+    while (lua_next(L, ft)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        size_t j = 0;
+        while (k && j < sizeof names / sizeof names[0] && strcmp(names[j].name, k)) j++;
+        if (!k || j == sizeof names / sizeof names[0])
+            luaL_error(L, "option 'fields': unknown field '%s'", k ? k : "?");
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "option 'fields.%s': expected a string, found %s", k, luaL_typename(L, -1));
+        *names[j].slot = lua_tostring(L, -1); /* held by the fields table */
+        lua_pop(L, 1);
+    }
+    jsonl->fields = fields; /* the fields table stays on the stack */
+}
+
 /* mt.examples(files, tok, {format=, fields=, on_bad_record=, template=, seq_len=,
  * truncation=, train_on_inputs=}) */
 static int l_examples(lua_State *L) {
-    /* files */
-    const char **paths;
+    lua_settop(L, 3); /* an absent options table stays a nil slot below the scratch values */
     int n_paths;
-    if (lua_type(L, 1) == LUA_TSTRING) {
-        paths = scratch(L, sizeof *paths);
-        paths[0] = lua_tostring(L, 1);
-        n_paths = 1;
-    } else {
-        luaL_checktype(L, 1, LUA_TTABLE);
-        n_paths = (int)lua_rawlen(L, 1);
-        paths = scratch(L, (size_t)n_paths * sizeof *paths);
-        for (int i = 0; i < n_paths; i++) {
-            if (lua_rawgeti(L, 1, i + 1) != LUA_TSTRING)
-                return luaL_error(L, "files: item %d: expected a path, found %s", i + 1, luaL_typename(L, -1));
-            paths[i] = lua_tostring(L, -1); /* held by the files table */
-            lua_pop(L, 1);
-        }
-    }
+    const char **paths = read_files_arg(L, 1, &n_paths);
     ltok *t = check_tok(L, 2);
     check_opts(L, 3);
-    mt_jsonl_options jsonl = {0};
-    const char *fmt = opt_str(L, 3, "format", "auto");
-    int f = mt_data_format_parse(fmt);
-    if (f < 0) return luaL_error(L, "option 'format': unknown data format \"%s\"", fmt);
-    jsonl.format = (mt_data_format)f;
-    const char *bad = opt_str(L, 3, "on_bad_record", "error");
-    if (!strcmp(bad, "error")) jsonl.on_bad_record = MT_BAD_RECORD_ERROR;
-    else if (!strcmp(bad, "skip")) jsonl.on_bad_record = MT_BAD_RECORD_SKIP;
-    else return luaL_error(L, "option 'on_bad_record': expected \"error\" or \"skip\", found \"%s\"", bad);
-    mt_data_fields *fields = scratch(L, sizeof *fields);
-    if (opt_field(L, 3, "fields") != LUA_TNIL) {
-        luaL_checktype(L, -1, LUA_TTABLE);
-        int ft = lua_gettop(L);
-        struct {
-            const char *name;
-            const char **slot;
-        } names[] = {
-            {"instruction", &fields->instruction}, {"input", &fields->input},
-            {"output", &fields->output},           {"messages", &fields->messages},
-            {"role", &fields->role},               {"content", &fields->content},
-            {"prompt", &fields->prompt},           {"completion", &fields->completion},
-            {"text", &fields->text},               {"chosen", &fields->chosen},
-            {"rejected", &fields->rejected},
-        };
-        lua_pushnil(L);
-        while (lua_next(L, ft)) {
-            const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
-            size_t j = 0;
-            while (k && j < sizeof names / sizeof names[0] && strcmp(names[j].name, k)) j++;
-            if (!k || j == sizeof names / sizeof names[0])
-                return luaL_error(L, "option 'fields': unknown field '%s'", k ? k : "?");
-            if (lua_type(L, -1) != LUA_TSTRING)
-                return luaL_error(L, "option 'fields.%s': expected a string, found %s", k, luaL_typename(L, -1));
-            *names[j].slot = lua_tostring(L, -1); /* held by the fields table */
-            lua_pop(L, 1);
-        }
-        jsonl.fields = fields;
-    } /* the fields table stays on the stack */
+    mt_jsonl_options jsonl;
+    read_jsonl_options(L, 3, &jsonl);
     mt_example_options ex;
     read_example_options(L, 3, &ex);
     int32_t pad = mt_tokenizer_pad(t->tok);
@@ -753,6 +856,67 @@ static int l_examples(lua_State *L) {
         return lraise(L, &err);
     if (mt_examples_from_records(L, t->tok, &e->records, &e->set, &err)) return lraise(L, &err);
     lua_settop(L, eidx);
+    return 1;
+}
+
+/* ---- Records -------------------------------------------------------------------- */
+
+/* A record set owned by Lua while mt.records converts it, so an error frees it. */
+static int records_gc(lua_State *L) {
+    mt_record_set_free(luaL_checkudata(L, 1, RECORDS_MT));
+    return 0;
+}
+
+static void push_messages(lua_State *L, const mt_message *msgs, int n) {
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 2);
+        set_str(L, "role", msgs[i].role);
+        set_str(L, "content", msgs[i].content);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+/* mt.records(files, {format=, fields=, on_bad_record=}) -> list of records, each
+ * {format=, file=, line=, messages=, text=, chosen=, rejected=}: the records as the data
+ * loader normalises them (alpaca and prompt/completion become messages), so a recipe
+ * can read held-out prompts and reference answers without a JSON parser of its own. */
+static int l_records(lua_State *L) {
+    lua_settop(L, 2); /* an absent options table stays a nil slot below the scratch values */
+    int n_paths;
+    const char **paths = read_files_arg(L, 1, &n_paths);
+    check_opts(L, 2);
+    mt_jsonl_options jsonl;
+    read_jsonl_options(L, 2, &jsonl);
+    mt_record_set *set = lua_newuserdatauv(L, sizeof *set, 0);
+    mt_record_set_init(set);
+    luaL_setmetatable(L, RECORDS_MT);
+    mt_error err = {0};
+    for (int i = 0; i < n_paths; i++)
+        if (mt_records_load_jsonl(paths[i], &jsonl, set, &err)) return lraise(L, &err);
+    if (set->n_bad) mt_record_set_print_bad(set, stderr);
+    lua_createtable(L, (int)set->n, 0);
+    for (size_t i = 0; i < set->n; i++) {
+        const mt_record *r = &set->records[i];
+        lua_createtable(L, 0, 6);
+        set_str(L, "format", mt_data_format_name(r->format));
+        set_str(L, "file", set->files[r->file]);
+        set_int(L, "line", (lua_Integer)r->line);
+        if (r->text) set_str(L, "text", r->text);
+        if (r->n_messages) {
+            push_messages(L, r->messages, r->n_messages);
+            lua_setfield(L, -2, "messages");
+        }
+        if (r->n_chosen) {
+            push_messages(L, r->chosen, r->n_chosen);
+            lua_setfield(L, -2, "chosen");
+        }
+        if (r->n_rejected) {
+            push_messages(L, r->rejected, r->n_rejected);
+            lua_setfield(L, -2, "rejected");
+        }
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
     return 1;
 }
 
@@ -1206,13 +1370,96 @@ static int l_checkpoint_prune(lua_State *L) {
     return 1;
 }
 
+/* Pushes the chat template opts.template names (a name, default "auto", or a
+ * function) and returns its index; 0 for template = "none" (the raw prompt), where a
+ * system message is refused. */
+static int generate_template(lua_State *L, ltok *t, int opts, const char *system) {
+    int tt = opt_field(L, opts, "template"); /* stays on the stack */
+    if (tt == LUA_TSTRING && !strcmp(lua_tostring(L, -1), "none")) {
+        if (system) return luaL_error(L, "option 'system' needs a chat template");
+        return 0;
+    }
+    if (tt != LUA_TFUNCTION && tt != LUA_TNIL && tt != LUA_TSTRING)
+        return luaL_error(L, "option 'template': expected a name, a function or \"none\"");
+    mt_error err = {0};
+    if (tt == LUA_TFUNCTION) lua_pushvalue(L, -1);
+    else if (mt_chat_template_push(L, t->tok, tt == LUA_TSTRING ? lua_tostring(L, -1) : "auto", NULL, &err))
+        return lraise(L, &err);
+    return lua_gettop(L);
+}
+
+/* The ids of the prompt text at index `prompt`: rendered as the user message (after
+ * the system message, when not NULL) by the template function at index fn, or raw
+ * when fn is 0; in scratch memory left on the stack. */
+static int32_t *generate_prompt_ids(lua_State *L, ltok *t, int fn, const char *system, int prompt,
+                                    int *n_ids) {
+    size_t plen;
+    const char *text = lua_tolstring(L, prompt, &plen);
+    const int top = lua_gettop(L);
+    if (fn) {
+        lua_pushvalue(L, fn);
+        lua_newtable(L);
+        int n = 0;
+        if (system) {
+            lua_createtable(L, 0, 2);
+            set_str(L, "role", "system");
+            set_str(L, "content", system);
+            lua_rawseti(L, -2, ++n);
+        }
+        lua_createtable(L, 0, 2);
+        set_str(L, "role", "user");
+        lua_pushlstring(L, text, plen);
+        lua_setfield(L, -2, "content");
+        lua_rawseti(L, -2, ++n);
+        lua_createtable(L, 0, 3);
+        set_bool(L, "add_generation_prompt", 1);
+        int32_t bos = mt_tokenizer_bos(t->tok), eos = mt_tokenizer_eos(t->tok);
+        if (bos >= 0) set_str(L, "bos", mt_tokenizer_token_text(t->tok, bos));
+        if (eos >= 0) set_str(L, "eos", mt_tokenizer_token_text(t->tok, eos));
+        lua_call(L, 2, 2);
+        lua_pop(L, 1); /* spans */
+        if (!lua_isstring(L, -1)) {
+            luaL_error(L, "the chat template returned no text");
+            return NULL;
+        }
+        text = lua_tolstring(L, -1, &plen); /* held until the ids are made */
+    }
+    mt_token_list ids = {0};
+    mt_error err = {0};
+    if (mt_tokenizer_encode(t->tok, text, plen, !fn, &ids, &err)) {
+        mt_token_list_free(&ids);
+        lraise(L, &err);
+        return NULL;
+    }
+    int32_t *out = scratch(L, ids.n * sizeof *out);
+    if (ids.n) memcpy(out, ids.ids, ids.n * sizeof *out);
+    *n_ids = (int)ids.n;
+    mt_token_list_free(&ids);
+    if (fn) lua_remove(L, top + 1); /* the rendered text */
+    return out;
+}
+
+/* Pushes a generation's text and info table. */
+static void push_generation(lua_State *L, const mt_generation *g) {
+    static const char *const reasons[] = {"length", "eos", "stop_string", "callback", "context"};
+    lua_pushlstring(L, g->text ? g->text : "", g->text ? g->text_len : 0);
+    lua_createtable(L, 0, 5);
+    set_int(L, "prompt_tokens", g->n_prompt);
+    set_int(L, "new_tokens", g->n_ids);
+    set_str(L, "reason", (unsigned)g->reason < 5 ? reasons[g->reason] : "?");
+    set_num(L, "prefill_seconds", g->prefill_seconds);
+    set_num(L, "decode_seconds", g->decode_seconds);
+}
+
 /* mt.generate(model, tok, prompt, {template=, system=, max_new_tokens=, temperature=,
- * top_k=, top_p=, seed=, stop={...}}) -> text, info */
+ * top_k=, top_p=, seed=, stop={...}, batch=}) -> text, info
+ * mt.generate(model, tok, {prompt, ...}, opts) -> {text, ...}, {info, ...}: decoded
+ * together, opts.batch (default 16) sequences at a time; prompt i samples with seed + i - 1. */
 static int l_generate(lua_State *L) {
     lmodel *u = check_model(L, 1);
     ltok *t = check_tok(L, 2);
-    size_t plen;
-    const char *prompt = luaL_checklstring(L, 3, &plen);
+    const int many = lua_type(L, 3) == LUA_TTABLE;
+    if (!many) luaL_checkstring(L, 3);
     check_opts(L, 4);
     const char *system = opt_str(L, 4, "system", NULL);
     mt_generate_options go;
@@ -1223,6 +1470,8 @@ static int l_generate(lua_State *L) {
     go.sampling.top_p = (float)opt_num(L, 4, "top_p", 1);
     go.sampling.seed = (uint64_t)opt_int(L, 4, "seed", 0);
     go.skip_special = 1;
+    lua_Integer slots = opt_int(L, 4, "batch", MT_GENERATE_SLOTS);
+    if (slots < 1) return luaL_error(L, "option 'batch': %I sequences at a time: must be >= 1", slots);
     const char **stops = NULL;
     int n_stops = 0;
     if (opt_field(L, 4, "stop") == LUA_TTABLE) {
@@ -1238,50 +1487,7 @@ static int l_generate(lua_State *L) {
     } /* the stop table stays on the stack */
     go.stop_strings = stops;
     go.n_stop_strings = n_stops;
-    /* the prompt text: rendered by the chat template unless template = "none" */
-    int tt = opt_field(L, 4, "template");
-    int templated = !(tt == LUA_TSTRING && !strcmp(lua_tostring(L, -1), "none"));
-    if (templated && tt != LUA_TFUNCTION && tt != LUA_TNIL && tt != LUA_TSTRING)
-        return luaL_error(L, "option 'template': expected a name, a function or \"none\"");
-    mt_error err = {0};
-    if (templated) {
-        if (tt == LUA_TFUNCTION) lua_pushvalue(L, -1);
-        else if (mt_chat_template_push(L, t->tok, tt == LUA_TSTRING ? lua_tostring(L, -1) : "auto", NULL, &err))
-            return lraise(L, &err);
-        lua_newtable(L);
-        int n = 0;
-        if (system) {
-            lua_createtable(L, 0, 2);
-            set_str(L, "role", "system");
-            set_str(L, "content", system);
-            lua_rawseti(L, -2, ++n);
-        }
-        lua_createtable(L, 0, 2);
-        set_str(L, "role", "user");
-        lua_pushlstring(L, prompt, plen);
-        lua_setfield(L, -2, "content");
-        lua_rawseti(L, -2, ++n);
-        lua_createtable(L, 0, 3);
-        set_bool(L, "add_generation_prompt", 1);
-        int32_t bos = mt_tokenizer_bos(t->tok), eos = mt_tokenizer_eos(t->tok);
-        if (bos >= 0) set_str(L, "bos", mt_tokenizer_token_text(t->tok, bos));
-        if (eos >= 0) set_str(L, "eos", mt_tokenizer_token_text(t->tok, eos));
-        lua_call(L, 2, 2);
-        lua_pop(L, 1); /* spans */
-        if (!lua_isstring(L, -1)) return luaL_error(L, "the chat template returned no text");
-        prompt = lua_tolstring(L, -1, &plen); /* stays on the stack */
-    } else if (system) {
-        return luaL_error(L, "option 'system' needs a chat template");
-    }
-    mt_token_list ids = {0};
-    if (mt_tokenizer_encode(t->tok, prompt, plen, !templated, &ids, &err)) {
-        mt_token_list_free(&ids);
-        return lraise(L, &err);
-    }
-    int32_t *prompt_ids = scratch(L, ids.n * sizeof *prompt_ids);
-    if (ids.n) memcpy(prompt_ids, ids.ids, ids.n * sizeof *prompt_ids);
-    int n_prompt = (int)ids.n;
-    mt_token_list_free(&ids);
+    const int fn = generate_template(L, t, 4, system);
     int32_t stop_ids[8];
     int n_stop_ids = 0;
     if (mt_tokenizer_eos(t->tok) >= 0) stop_ids[n_stop_ids++] = mt_tokenizer_eos(t->tok);
@@ -1295,21 +1501,47 @@ static int l_generate(lua_State *L) {
     }
     go.stop_ids = stop_ids;
     go.n_stop_ids = n_stop_ids;
-    mt_generation g;
-    memset(&g, 0, sizeof g);
-    if (mt_generate(u->m, t->tok, prompt_ids, n_prompt, &go, &g, &err)) {
+    mt_error err = {0};
+    if (!many) {
+        int n_prompt = 0;
+        int32_t *prompt_ids = generate_prompt_ids(L, t, fn, system, 3, &n_prompt);
+        mt_generation g;
+        memset(&g, 0, sizeof g);
+        if (mt_generate(u->m, t->tok, prompt_ids, n_prompt, &go, &g, &err)) {
+            mt_generation_free(&g);
+            return lraise(L, &err);
+        }
+        push_generation(L, &g);
         mt_generation_free(&g);
-        return lraise(L, &err);
+        return 2;
     }
-    static const char *const reasons[] = {"length", "eos", "stop_string", "callback", "context"};
-    lua_pushlstring(L, g.text ? g.text : "", g.text ? g.text_len : 0);
-    lua_createtable(L, 0, 5);
-    set_int(L, "prompt_tokens", g.n_prompt);
-    set_int(L, "new_tokens", g.n_ids);
-    set_str(L, "reason", (unsigned)g.reason < 5 ? reasons[g.reason] : "?");
-    set_num(L, "prefill_seconds", g.prefill_seconds);
-    set_num(L, "decode_seconds", g.decode_seconds);
-    mt_generation_free(&g);
+    /* a list of prompts: their ids are anchored in a table, so the stack stays small */
+    const int n = (int)lua_rawlen(L, 3), max_pos = u->m->cfg.max_position_embeddings;
+    const int32_t **prompts = scratch(L, (size_t)n * sizeof *prompts);
+    int *n_prompt = scratch(L, (size_t)n * sizeof *n_prompt);
+    mt_generation *out = scratch(L, (size_t)n * sizeof *out);
+    lua_createtable(L, n, 0);
+    const int anchor = lua_gettop(L);
+    for (int i = 0; i < n; i++) {
+        if (lua_rawgeti(L, 3, i + 1) != LUA_TSTRING)
+            return luaL_error(L, "prompt %d: expected a string, found %s", i + 1, luaL_typename(L, -1));
+        prompts[i] = generate_prompt_ids(L, t, fn, system, lua_gettop(L), &n_prompt[i]);
+        if (n_prompt[i] < 1 || n_prompt[i] >= max_pos)
+            return luaL_error(L, "prompt %d has %d tokens: must be in [1, %d) (the model's context)",
+                              i + 1, n_prompt[i], max_pos);
+        lua_rawseti(L, anchor, i + 1); /* the ids */
+        lua_pop(L, 1);                 /* the prompt */
+    }
+    if (n > 0 && mt_generate_batch(u->m, t->tok, prompts, n_prompt, n, (int)slots, &go, out, &err))
+        return lraise(L, &err);
+    lua_createtable(L, n, 0);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        push_generation(L, &out[i]);
+        lua_rawseti(L, -3, i + 1);
+        lua_rawseti(L, -3, i + 1);
+        mt_generation_free(&out[i]);
+    }
     return 2;
 }
 
@@ -1418,6 +1650,14 @@ static int l_now(lua_State *L) {
     return 1;
 }
 
+/* mt.peak_memory() -> the process's peak resident set size in bytes (getrusage) */
+static int l_peak_memory(lua_State *L) {
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) return luaL_error(L, "peak_memory: %s", strerror(errno));
+    lua_pushinteger(L, (lua_Integer)ru.ru_maxrss * 1024); /* Linux reports KiB */
+    return 1;
+}
+
 static int l_sha256(lua_State *L) {
     size_t n;
     const char *s = luaL_checklstring(L, 1, &n);
@@ -1433,6 +1673,8 @@ static const luaL_Reg model_methods[] = {
     {"info", model_info},         {"attach", model_attach},
     {"plan", model_plan},         {"trainable", model_trainable},
     {"set_training", model_set_training}, {"close", model_close},
+    {"export_peft", model_export_peft},   {"export_merged", model_export_merged},
+    {"export_gguf", model_export_gguf},
     {NULL, NULL},
 };
 static const luaL_Reg tok_methods[] = {
@@ -1460,12 +1702,15 @@ static const luaL_Reg batch_methods[] = {
     {NULL, NULL},
 };
 
+static const luaL_Reg records_methods[] = {{NULL, NULL}};
+
 static const luaL_Reg moontune_core[] = {
     {"model", l_model},
     {"tokenizer", l_tokenizer},
     {"plugin", l_plugin},
     {"examples", l_examples},
     {"examples_from_ids", l_examples_from_ids},
+    {"records", l_records},
     {"batcher", l_batcher},
     {"train_step", l_train_step},
     {"evaluate", l_evaluate},
@@ -1477,6 +1722,7 @@ static const luaL_Reg moontune_core[] = {
     {"generate", l_generate},
     {"sha256", l_sha256},
     {"now", l_now},
+    {"peak_memory", l_peak_memory},
     {"output_dir", l_output_dir},
     {"config", l_config},
     {"validating", l_validating},
@@ -1521,6 +1767,7 @@ int luaopen_moontune_core(lua_State *L) {
     new_class(L, EXAMPLES_MT, examples_methods, examples_gc, NULL);
     new_class(L, BATCHER_MT, batcher_methods, batcher_close, NULL);
     new_class(L, BATCH_MT, batch_methods, NULL, NULL);
+    new_class(L, RECORDS_MT, records_methods, records_gc, NULL);
     /* an explicit close of in-use examples raises; __close behaves as close() */
     luaL_getmetatable(L, EXAMPLES_MT);
     lua_pushcfunction(L, examples_close);

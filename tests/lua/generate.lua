@@ -16,5 +16,30 @@ local raw = mt.generate(model, tok, "The capital of France is", { template = "no
 check(type(raw) == "string", "raw prompt")
 local ok, err = pcall(mt.generate, model, tok, "x", { template = "none", system = "s" })
 check(not ok and err:find("system", 1, true), "system without template")
-print(string.format("generate: %q (%s)", text, info.reason))
+-- a list of prompts: decoded together (2 slots for 3 prompts: a slot is refilled);
+-- each text and info as the single form gives them (greedy)
+local prompts = { "What is the capital of France?", "Name a colour.", "What is 2 + 2?" }
+local texts, infos = mt.generate(model, tok, prompts, { max_new_tokens = 12, batch = 2 })
+check(#texts == 3 and #infos == 3, "one text and one info per prompt")
+for i, p in ipairs(prompts) do
+  local one, one_info = mt.generate(model, tok, p, { max_new_tokens = 12 })
+  check(texts[i] == one, string.format("prompt %d: batched %q, alone %q", i, texts[i], one))
+  check(infos[i].new_tokens == one_info.new_tokens and infos[i].reason == one_info.reason
+        and infos[i].prompt_tokens == one_info.prompt_tokens, "prompt " .. i .. ": info")
+  check(infos[i].prefill_seconds > 0 and infos[i].decode_seconds >= 0, "times")
+end
+check(texts[1] == text, "the first prompt as above")
+-- a stop string and template = "none" apply to every prompt; an empty list gives empty lists
+local raws = mt.generate(model, tok, { "The capital of France is", "One, two," },
+  { template = "none", max_new_tokens = 6, stop = { "," } })
+check(#raws == 2 and not raws[2]:find(",", 1, true), "stop string in a batch")
+local none, none_info = mt.generate(model, tok, {}, {})
+check(#none == 0 and #none_info == 0, "no prompts")
+ok, err = pcall(mt.generate, model, tok, { "a", 7 }, {})
+check(not ok and err:find("prompt 2", 1, true), "a prompt that is not a string")
+ok, err = pcall(mt.generate, model, tok, { "a" }, { batch = 0 })
+check(not ok and err:find("batch", 1, true), "batch = 0")
+ok, err = pcall(mt.generate, model, tok, { "" }, { template = "none" })
+check(not ok and err:find("prompt 1", 1, true), "an empty prompt")
+print(string.format("generate: %q (%s); batched: %q, %q", text, info.reason, texts[2], texts[3]))
 return "ok"

@@ -69,6 +69,11 @@ static void test_tokenizer_and_data(void **state) {
     run_script("tokenizer.lua");
 }
 
+static void test_records_tasks_exports(void **state) {
+    (void)state;
+    run_script("export.lua");
+}
+
 static void test_generate_smollm2(void **state) {
     (void)state;
     if (!mt_test_smollm2_gguf()) {
@@ -100,6 +105,7 @@ int main(void) {
         cmocka_unit_test(test_errors_and_close),
         cmocka_unit_test(test_tokenizer_and_data),
         cmocka_unit_test(test_train_end_to_end),
+        cmocka_unit_test(test_records_tasks_exports),
         cmocka_unit_test(test_generate_smollm2),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
