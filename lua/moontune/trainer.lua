@@ -25,7 +25,7 @@
 --                               neither: constant lr
 --   eval_examples = nil         held-out Examples for mt.evaluate
 --   eval_opts = {}              options for mt.evaluate ({batch=, seq_len=})
---   eval_every = nil            evaluate every N steps (and always at the end when
+--   eval_every = nil            evaluate every N steps (nil or 0: only at the end; always at the end when
 --                               eval_examples or metrics are given)
 --   metrics = {}                name -> function(state) -> number, run at each evaluation
 --                               after mt.evaluate; the value lands in state.metrics[name]
@@ -39,7 +39,7 @@
 --   callbacks = nil             { on_train_begin=, on_step_end=, on_evaluate=, on_save=,
 --                                 on_train_end= } or a list of such tables (see below)
 --   max_bad_steps = 5           non-finite / skipped steps in a row before an error
---   save_every = nil            checkpoint every N steps (and always at the end)
+--   save_every = nil            checkpoint every N steps (nil or 0: only at the end; always at the end)
 --   keep_last = 2               checkpoints kept by mt.checkpoint_prune besides the best
 --   resume = nil                a checkpoint path, or true = mt.checkpoint_latest(out_dir)
 --                               (true with no checkpoint starts fresh)
@@ -65,7 +65,13 @@
 --   control:save()        save a checkpoint after this step
 --
 -- Result: { steps, best, stopped_early, history = { train = {{step, loss}...},
---           eval = {{step, metrics}...} }, out_dir, seconds, restored_best }
+--           eval = {{step, metrics}...} }, out_dir, seconds, restored_best,
+--           tokens, step_seconds, tokens_per_second }
+-- tokens counts what the model ran in training steps (prompt and reply tokens, no
+-- padding; the batcher's info.tokens), step_seconds the time inside those steps (not
+-- evaluations or checkpoints), and tokens_per_second is their ratio — as in the progress
+-- line and metrics.jsonl ("tokens" there is the step's loss tokens, "input_tokens" what
+-- it ran).
 --
 -- Checkpoint metrics carry, besides the evaluation's numbers, trainer_bad_evals,
 -- trainer_lr_override, trainer_best_value/_step/_saved so that a resumed run keeps its
@@ -180,6 +186,16 @@ function M.run(cfg, mt)
   if math.type(grad_accum) ~= "integer" or grad_accum < 1 then
     fail("cfg.grad_accum must be an integer >= 1, got %s", tostring(grad_accum))
   end
+  -- intervals: a positive integer, or nil / 0 for "only at the end"
+  local function interval(key)
+    local v = cfg[key]
+    if v == nil or v == 0 then return nil end
+    if math.type(v) ~= "integer" or v < 0 then
+      fail("cfg.%s must be an integer >= 0 (0 or nil: only at the end), got %s", key, tostring(v))
+    end
+    return v
+  end
+  local eval_every, save_every = interval("eval_every"), interval("save_every")
 
   local es = cfg.early_stopping
   if es ~= nil then
@@ -389,7 +405,9 @@ function M.run(cfg, mt)
   end
 
   local t0 = clock()
-  local tokens_run = 0
+  -- throughput counts the tokens the model ran (prompt and reply, no padding) over the
+  -- time spent in training steps, so evaluations and checkpoints do not dilute it
+  local tokens_run, step_seconds = 0, 0
   local last_eval = nil
   fire("on_train_begin")
 
@@ -402,19 +420,22 @@ function M.run(cfg, mt)
     else lr = cfg.lr end
     if not is_finite(lr) then fail("the schedule gave lr %s at step %d", tostring(lr), step) end
 
-    local batches, epoch = {}, state.epoch
+    local step_started = clock()
+    local batches, epoch, input_tokens = {}, state.epoch, 0
     for i = 1, grad_accum do
       local b, info = batcher:next()
       batches[i] = b
       if info and info.epoch then epoch = info.epoch end
+      input_tokens = input_tokens + (info and info.tokens or 0)
     end
     local r = mt.train_step(cfg.model, cfg.loss, cfg.optimizer, batches,
                             { lr = lr, step = step, max_grad_norm = max_grad_norm or nil })
+    step_seconds = step_seconds + (clock() - step_started)
     local bad = r.skipped or not is_finite(r.loss)
     state.step, state.epoch = step, epoch
     state.loss, state.grad_norm, state.lr = r.loss, r.grad_norm, r.lr or lr
     state.tokens = r.tokens or 0
-    tokens_run = tokens_run + state.tokens
+    tokens_run = tokens_run + input_tokens
     if bad then
       state.bad_steps = state.bad_steps + 1
       if state.bad_steps >= max_bad then
@@ -428,9 +449,10 @@ function M.run(cfg, mt)
     end
 
     local elapsed = clock() - t0
-    local tps = elapsed > 0 and tokens_run / elapsed or 0
+    local tps = step_seconds > 0 and tokens_run / step_seconds or 0
     log_json({ type = "step", step = step, epoch = epoch, loss = r.loss, lr = state.lr, grad_norm = r.grad_norm,
-               tokens = state.tokens, tokens_per_second = tps, skipped = bad and true or false })
+               tokens = state.tokens, input_tokens = input_tokens, tokens_per_second = tps,
+               skipped = bad and true or false })
     local done = step - start_step + 1
     local eta = elapsed / done * (total - step)
     if bar then
@@ -447,13 +469,13 @@ function M.run(cfg, mt)
     end
 
     fire("on_step_end")
-    if has_eval and (req.evaluate or (cfg.eval_every and step % cfg.eval_every == 0)) then
+    if has_eval and (req.evaluate or (eval_every and step % eval_every == 0)) then
       evaluate()
       last_eval = step
     elseif req.evaluate then
       say(string.format("step %d: evaluation requested but there is nothing to evaluate (no eval_examples or metrics)", step))
     end
-    if req.save or (cfg.save_every and step % cfg.save_every == 0) then save() end
+    if req.save or (save_every and step % save_every == 0) then save() end
     req.evaluate, req.save = false, false
     step = step + 1
   end
@@ -489,7 +511,9 @@ function M.run(cfg, mt)
   for _, l in ipairs(lines) do say(l) end
 
   return { steps = state.step, best = state.best, stopped_early = state.stopped_early, history = history,
-           out_dir = out_dir, seconds = seconds, restored_best = restored }
+           out_dir = out_dir, seconds = seconds, restored_best = restored,
+           tokens = tokens_run, step_seconds = step_seconds,
+           tokens_per_second = step_seconds > 0 and tokens_run / step_seconds or 0 }
 end
 
 return M
