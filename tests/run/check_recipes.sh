@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The shipped recipes (recipes/lora_sft.lua, qlora_sft.lua, full_sft.lua) train end to
+# The shipped recipes (recipes/lora_sft.lua, qlora_sft.lua, full_sft.lua, quickstart.lua) train end to
 # end through `moontune run` on the tiny chat model (tests/fixtures/tiny_chat, made by
 # tests/parity/make_tiny_chat.py) with the tiny chat data: exit 0, metrics.jsonl and
 # checkpoints written, the summary names the steps. The plugins come from the build's
@@ -29,6 +29,30 @@ for name in lora_sft qlora_sft full_sft; do
   grep -q '"eval_loss"' "out-$name/metrics.jsonl"
   ls -d "out-$name"/checkpoints/step-00000006 > /dev/null
 done
+
+# the quickstart (the README's main job) end to end on the tiny model: before/after
+# numbers, the comparison table, the three exports, the reloaded GGUF, summary.json
+echo "== quickstart"
+"$moontune" run "$source_dir/recipes/quickstart.lua" \
+  --set model="$fixtures/tiny_chat" \
+  --set data="$fixtures/data/tiny_chat_train.jsonl" \
+  --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
+  --set general="$fixtures/data/text.jsonl" \
+  --set seq_len=96 --set batch=4 --set eval_every=4 --set max_new_tokens=8 \
+  --set out_dir=out-quickstart > quickstart.txt 2>&1 || { cat quickstart.txt; exit 1; }
+cat quickstart.txt
+grep -q "^before: held-out loss [0-9.]*, task accuracy" quickstart.txt
+grep -q "^after: held-out loss [0-9.]*, task accuracy" quickstart.txt
+grep -q "^general-text perplexity" quickstart.txt
+grep -q "^model.gguf reloaded: answers" quickstart.txt
+test -s out-quickstart/adapter/adapter_config.json
+test -s out-quickstart/adapter/adapter_model.safetensors
+test -s out-quickstart/merged/config.json
+test -s out-quickstart/merged/model.safetensors
+test -s out-quickstart/merged/tokenizer.json
+test -s out-quickstart/model.gguf
+python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); assert s["after"]["heldout_loss"] < s["before"]["heldout_loss"], s' \
+  out-quickstart/summary.json
 
 # a missing model is reported, not a crash
 if "$moontune" run "$source_dir/recipes/lora_sft.lua" 2> err.txt; then exit 1; fi
