@@ -96,10 +96,7 @@ local function measure(label, heldout_loss)
            general_perplexity = gen.perplexity, outputs = task.outputs }
 end
 
-local before = measure("before")
-
-local train_started = mt.now()
-local result = mt.trainer.run({
+local trainer_cfg = {
   model = model,
   loss = mt.plugin("loss", "cross_entropy", {}),
   optimizer = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 }),
@@ -115,7 +112,16 @@ local result = mt.trainer.run({
   grad_accum = cfg.grad_accum,
   save_every = 0,
   out_dir = out,
-}, mt)
+}
+if mt.validating() then -- `moontune validate`: the trainer reports; nothing is generated or trained
+  mt.trainer.run(trainer_cfg, mt)
+  return
+end
+
+local before = measure("before")
+
+local train_started = mt.now()
+local result = mt.trainer.run(trainer_cfg, mt)
 local train_seconds = mt.now() - train_started
 
 -- the trainer evaluated the held-out loss last on the model it leaves: the best

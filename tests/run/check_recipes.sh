@@ -54,6 +54,16 @@ test -s out-quickstart/model.gguf
 python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); assert s["after"]["heldout_loss"] < s["before"]["heldout_loss"], s' \
   out-quickstart/summary.json
 
+# validate: the trainer reports, the quickstart neither generates nor trains
+"$moontune" validate "$source_dir/recipes/quickstart.lua" \
+  --set model="$fixtures/tiny_chat" \
+  --set data="$fixtures/data/tiny_chat_train.jsonl" \
+  --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
+  --set general="$fixtures/data/text.jsonl" --set out_dir=out-validate > validate.txt 2>&1 \
+  || { cat validate.txt; exit 1; }
+grep -q "validate: ok" validate.txt
+if grep -q "^before:" validate.txt; then cat validate.txt; exit 1; fi
+
 # a missing model is reported, not a crash
 if "$moontune" run "$source_dir/recipes/lora_sft.lua" 2> err.txt; then exit 1; fi
 grep -q "set model" err.txt
