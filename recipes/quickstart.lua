@@ -70,10 +70,11 @@ print(string.format("quickstart: %d training examples, %d held out, %d general-t
                     train:count(), heldout:count(), general:count()))
 
 local model = mt.model(cfg.model)
-model:attach(mt.plugin("adapter", "lora", {
+local lora = mt.plugin("adapter", "lora", {
   r = cfg.lora.r, alpha = cfg.lora.alpha, dropout = cfg.lora.dropout,
   target_modules = cfg.lora.target_modules, seed = cfg.seed,
-}))
+})
+model:attach(lora)
 model:plan(cfg.batch, cfg.seq_len)
 
 -- held-out loss, task accuracy and general perplexity of the model as it is now;
@@ -96,11 +97,24 @@ local function measure(label, heldout_loss)
            general_perplexity = gen.perplexity, outputs = task.outputs }
 end
 
+-- the recipe's text and plugins go into every checkpoint, to say what made it
+local function recipe_text()
+  local f = arg and arg[0] and io.open(arg[0], "rb")
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+local loss = mt.plugin("loss", "cross_entropy", {})
+local optimizer = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 })
+local scheduler = mt.plugin("scheduler", "cosine", { warmup_ratio = cfg.warmup_ratio })
 local trainer_cfg = {
   model = model,
-  loss = mt.plugin("loss", "cross_entropy", {}),
-  optimizer = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 }),
-  scheduler = mt.plugin("scheduler", "cosine", { warmup_ratio = cfg.warmup_ratio }),
+  loss = loss,
+  optimizer = optimizer,
+  scheduler = scheduler,
+  recipe = recipe_text(),
+  plugins = { lora, loss, optimizer, scheduler },
   batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed }),
   train_examples = train,
   eval_examples = heldout,
