@@ -7,6 +7,7 @@
 
 #include "evaluate.h"
 #include "internal.h"
+#include "peft.h"
 #include "render.h"
 #include "tokenizer.h"
 
@@ -18,6 +19,8 @@ static void usage(FILE *out) {
             "(responses only for conversations; every token for plain text).\n"
             "\n"
             "  --model PATH      a .gguf file or a Hugging Face model directory\n"
+            "  --adapter DIR     a PEFT LoRA adapter directory (adapter_config.json +\n"
+            "                    adapter_model.safetensors) applied on top of --model\n"
             "  --template NAME   chat template (default auto: detected from the tokenizer)\n"
             "  --format F        auto | alpaca | chat | prompt_completion | text (default auto)\n"
             "  --seq N           sequence length (default 512)\n"
@@ -26,7 +29,7 @@ static void usage(FILE *out) {
 }
 
 int mt_cmd_eval(int argc, char **argv) {
-    const char *files[16], *model_path = NULL, *template_name = "auto";
+    const char *files[16], *model_path = NULL, *adapter_dir = NULL, *template_name = "auto";
     int n_files = 0, seq = 512, batch = 4, threads = 0;
     mt_jsonl_options jsonl = {.format = MT_DATA_AUTO, .on_bad_record = MT_BAD_RECORD_ERROR};
     for (int i = 1; i < argc; i++) {
@@ -43,6 +46,7 @@ int mt_cmd_eval(int argc, char **argv) {
         }
         if (!v) goto bad;
         if (!strcmp(o, "--model")) model_path = v;
+        else if (!strcmp(o, "--adapter")) adapter_dir = v;
         else if (!strcmp(o, "--template")) template_name = v;
         else if (!strcmp(o, "--format") && mt_data_format_parse(v) >= 0)
             jsonl.format = (mt_data_format)mt_data_format_parse(v);
@@ -67,6 +71,8 @@ int mt_cmd_eval(int argc, char **argv) {
     mt_backend be;
     mt_tokenizer *tok = NULL;
     mt_model *m = NULL;
+    mt_registry *reg = NULL;
+    mt_plugin_instance *adapter = NULL;
     mt_example_set examples;
     mt_example_options ex_opt = {.seq_len = seq, .truncation = MT_TRUNCATE_LEFT};
     int rc = 1, have_be = 0, have_examples = 0;
@@ -75,6 +81,7 @@ int mt_cmd_eval(int argc, char **argv) {
     have_be = 1;
     if ((st = mt_tokenizer_load(model_path, &tok, &err)) ||
         (st = mt_model_load(model_path, &be, &m, &err)) ||
+        (adapter_dir && (st = mt_peft_load(m, adapter_dir, &reg, &adapter, &err))) ||
         (st = mt_example_set_init(&examples, &ex_opt, &err)))
         goto done;
     have_examples = 1;
@@ -85,15 +92,17 @@ int mt_cmd_eval(int argc, char **argv) {
         goto done;
     mt_eval_result r;
     if ((st = mt_evaluate(m, &examples, batch, seq, &r, &err))) goto done;
-    printf("moontune eval: %s on %d file(s): %lld examples, %lld trained tokens\n", model_path,
-           n_files, (long long)r.examples, (long long)r.tokens);
+    printf("moontune eval: %s%s%s on %d file(s): %lld examples, %lld trained tokens\n",
+           model_path, adapter_dir ? " + adapter " : "", adapter_dir ? adapter_dir : "", n_files, (long long)r.examples, (long long)r.tokens);
     printf("  loss %.4f  perplexity %.3f  (%.1f s, %.0f tokens/s)\n", r.loss, r.perplexity,
            r.seconds, r.tokens_per_second);
     rc = 0;
 done:
     if (rc) fprintf(stderr, "moontune eval: %s\n", err.msg);
     if (have_examples) mt_example_set_free(&examples);
-    mt_model_free(m);
+    mt_model_free(m); /* before the adapter its projections point into */
+    mt_plugin_instance_free(adapter);
+    mt_registry_close(reg);
     mt_tokenizer_free(tok);
     if (have_be) mt_backend_cpu_shutdown(&be);
     return rc;

@@ -9,6 +9,7 @@
 #include "generate.h"
 #include "internal.h"
 #include "lua_env.h"
+#include "peft.h"
 #include "render.h"
 
 static void usage(FILE *out) {
@@ -19,6 +20,8 @@ static void usage(FILE *out) {
             "streams the generated text to stdout (statistics go to stderr).\n"
             "\n"
             "  --model PATH           a .gguf file or a Hugging Face model directory\n"
+            "  --adapter DIR          a PEFT LoRA adapter directory (adapter_config.json +\n"
+            "                         adapter_model.safetensors) applied on top of --model\n"
             "  --prompt TEXT          the user message (or the raw text with --template none)\n"
             "  --system TEXT          a system message before it\n"
             "  --template NAME        chatml | smollm2 | qwen2 | llama3 | llama2 | mistral |\n"
@@ -34,7 +37,7 @@ static void usage(FILE *out) {
 }
 
 typedef struct gen_args {
-    const char *model, *prompt, *system, *template_name;
+    const char *model, *adapter, *prompt, *system, *template_name;
     const char *stops[8];
     int n_stops;
     int max_new_tokens, threads;
@@ -110,6 +113,8 @@ static int run(const gen_args *a) {
     mt_backend be;
     int have_be = 0, rc = 1;
     mt_model *m = NULL;
+    mt_registry *reg = NULL;
+    mt_plugin_instance *adapter = NULL;
     mt_tokenizer *tok = NULL;
     char *text = NULL;
     mt_token_list ids = {0};
@@ -121,6 +126,7 @@ static int run(const gen_args *a) {
     if ((st = mt_tokenizer_load(a->model, &tok, &err)) ||
         (st = mt_model_load(a->model, &be, &m, &err)))
         goto done;
+    if (a->adapter && (st = mt_peft_load(m, a->adapter, &reg, &adapter, &err))) goto done;
     double t_load = mt_now_seconds() - t0;
     char resolved[64] = "none";
     size_t len = 0;
@@ -154,9 +160,10 @@ static int run(const gen_args *a) {
                                .n_stop_strings = a->n_stops,
                                .skip_special = 1,
                                .on_text = stream};
-    fprintf(stderr, "moontune generate: %s (%s, %zu parameters, loaded in %.1f s), template %s, "
+    fprintf(stderr, "moontune generate: %s%s%s (%s, %zu parameters, loaded in %.1f s), template %s, "
             "%zu prompt tokens, %d threads\n",
-            a->model, m->cfg.model_type, mt_config_num_params(&m->cfg), t_load, resolved, ids.n,
+            a->model, a->adapter ? " + adapter " : "", a->adapter ? a->adapter : "",
+            m->cfg.model_type, mt_config_num_params(&m->cfg), t_load, resolved, ids.n,
             be.num_threads);
     if ((st = mt_generate(m, tok, ids.ids, (int)ids.n, &opt, &gen, &err))) goto done;
     static const char *const reasons[] = {"length", "eos", "stop string", "callback", "context"};
@@ -174,7 +181,9 @@ done:
     mt_token_list_free(&ids);
     free(text);
     mt_tokenizer_free(tok);
-    mt_model_free(m);
+    mt_model_free(m); /* before the adapter its projections point into */
+    mt_plugin_instance_free(adapter);
+    mt_registry_close(reg);
     if (have_be) mt_backend_cpu_shutdown(&be);
     return rc;
 }
@@ -193,6 +202,8 @@ int mt_cmd_generate(int argc, char **argv) {
             return 2;
         } else if (!strcmp(o, "--model")) {
             a.model = v;
+        } else if (!strcmp(o, "--adapter")) {
+            a.adapter = v;
         } else if (!strcmp(o, "--prompt")) {
             a.prompt = v;
         } else if (!strcmp(o, "--system")) {

@@ -75,6 +75,9 @@ static json_t *export_id(int32_t id) { return id >= 0 ? json_integer(id) : json_
 
 /* ---- PEFT -------------------------------------------------------------------------- */
 
+const char *const mt_peft_modules[MT_PEFT_NUM_MODULES] = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+
 static int ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), k = strlen(suffix);
     return n >= k && !strcmp(s + n - k, suffix);
@@ -87,9 +90,8 @@ mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
         return mt_error_set(err, MT_ERR_INVALID_ARG,
                             "export peft: the adapter must be a lora or qlora instance (got %s)",
                             lora ? lora->desc->name : "none");
-    static const char *const modules[] = {"q_proj", "k_proj", "v_proj", "o_proj",
-                                          "gate_proj", "up_proj", "down_proj"};
-    int wrapped[7] = {0};
+    const char *const *modules = mt_peft_modules;
+    int wrapped[MT_PEFT_NUM_MODULES] = {0};
     size_t n = 0;
     for (size_t i = 0; i < model->num_extra; i++) {
         const char *name = model->extra_params[i].name;
@@ -123,7 +125,7 @@ mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
         k++;
         if (is_a) { /* "....<module>.lora_A.weight": the module is the last name before */
             size_t base = strlen(v->name) - strlen(".lora_A.weight");
-            for (int m = 0; m < 7; m++) {
+            for (int m = 0; m < MT_PEFT_NUM_MODULES; m++) {
                 size_t ml = strlen(modules[m]);
                 if (base > ml && v->name[base - ml - 1] == '.' &&
                     !strncmp(v->name + base - ml, modules[m], ml))
@@ -141,7 +143,7 @@ mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
     if (!st) {
         const mt_options *o = lora->options;
         json_t *targets = json_array();
-        for (int m = 0; m < 7; m++)
+        for (int m = 0; m < MT_PEFT_NUM_MODULES; m++)
             if (wrapped[m]) json_array_append_new(targets, json_string(modules[m]));
         double alpha = mt_options_float(o, "alpha");
         json_t *root = json_object();

@@ -25,6 +25,12 @@
 #include "plugin_host.h"
 #include "tokenizer.h"
 
+/* The projections a PEFT LoRA adapter of ours can target, in PEFT's (and the lora
+ * plugin's) order: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj. The export
+ * writes them as target_modules and mt_peft_attach (peft.h) accepts exactly these. */
+#define MT_PEFT_NUM_MODULES 7
+extern const char *const mt_peft_modules[MT_PEFT_NUM_MODULES];
+
 /* lora: an instance of the "lora" or "qlora" adapter attached to model.
  * base_model_name_or_path: written into adapter_config.json (may be NULL: null). */
 mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,

@@ -39,6 +39,7 @@
 #include "internal.h"
 #include "lua_env.h"
 #include "model.h"
+#include "peft.h"
 #include "plugin_host.h"
 #include "render.h"
 #include "sandbox.h"
@@ -325,6 +326,18 @@ static mt_kv *options_to_kv(lua_State *L, int idx, const char *plugin, size_t *n
     return kv;
 }
 
+/* A new Plugin userdata on the stack, with no instance yet; it keeps the registries'
+ * sentinel (at index sentinel) alive as its uservalue. */
+static lplugin *new_plugin(lua_State *L, int sentinel) {
+    lplugin *p = lua_newuserdatauv(L, sizeof *p, 1);
+    p->inst = NULL;
+    p->attached = 0;
+    luaL_setmetatable(L, PLUGIN_MT);
+    lua_pushvalue(L, sentinel);
+    lua_setiuservalue(L, -2, 1);
+    return p;
+}
+
 /* mt.plugin(kind, name, options, {paths={dir,...}}) */
 static int l_plugin(lua_State *L) {
     const char *kind_name = luaL_checkstring(L, 1);
@@ -369,12 +382,7 @@ static int l_plugin(lua_State *L) {
     if (!pl) return lraise(L, &err);
     size_t n_kv;
     mt_kv *kv = options_to_kv(L, 3, name, &n_kv);
-    lplugin *p = lua_newuserdatauv(L, sizeof *p, 1);
-    p->inst = NULL;
-    p->attached = 0;
-    luaL_setmetatable(L, PLUGIN_MT);
-    lua_pushvalue(L, sentinel);
-    lua_setiuservalue(L, -2, 1);
+    lplugin *p = new_plugin(L, sentinel);
     if (mt_plugin_instantiate(pl, kv, n_kv, &p->inst, &err)) return lraise(L, &err);
     return 1;
 }
@@ -456,6 +464,18 @@ static int model_info(lua_State *L) {
     return 1;
 }
 
+/* The model (at index 1) takes an attached adapter Plugin p (at index idx): it frees
+ * the instance after itself and keeps the userdata in its uservalue table. The caller
+ * has made room in u->adapters. */
+static void own_adapter(lua_State *L, lmodel *u, lplugin *p, int idx) {
+    u->adapters[u->n_adapters++] = p;
+    p->attached = 1;
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, idx);
+    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+    lua_pop(L, 1);
+}
+
 static int model_attach(lua_State *L) {
     lmodel *u = check_model(L, 1);
     lplugin *p = check_plugin(L, 2);
@@ -470,12 +490,32 @@ static int model_attach(lua_State *L) {
     u->adapters = na;
     mt_error err = {0};
     if (mt_model_attach_adapter(u->m, p->inst->desc->vtable, p->inst->state, &err)) return lraise(L, &err);
-    u->adapters[u->n_adapters++] = p;
-    p->attached = 1;
-    lua_getiuservalue(L, 1, 1);
-    lua_pushvalue(L, 2);
-    lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+    own_adapter(L, u, p, 2);
     return 0;
+}
+
+/* model:attach_peft(dir) -> the attached "lora" Plugin: a PEFT adapter directory
+ * (adapter_config.json + adapter_model.safetensors) loaded onto the model
+ * (core/peft.h). The model owns the instance as with attach. On a refusal nothing is
+ * attached; only a failure after the attach (see mt_peft_attach) leaves the adapter on
+ * the model, owned by it, before the error is raised. */
+static int model_attach_peft(lua_State *L) {
+    lmodel *u = check_model(L, 1);
+    const char *dir = luaL_checkstring(L, 2);
+    lplugin **na = realloc(u->adapters, (size_t)(u->n_adapters + 1) * sizeof *na);
+    if (!na) return luaL_error(L, "out of memory");
+    u->adapters = na;
+    registries *r = push_sentinel(L);
+    int sentinel = lua_gettop(L);
+    mt_registry *reg = get_registry(L, r, NULL, 0);
+    lplugin *p = new_plugin(L, sentinel);
+    int plugin = lua_gettop(L);
+    mt_error err = {0};
+    mt_status st = mt_peft_attach(u->m, reg, dir, &p->inst, &err);
+    if (p->inst) own_adapter(L, u, p, plugin); /* attached, even when the weights failed */
+    if (st) return lraise(L, &err);
+    lua_pushvalue(L, plugin);
+    return 1;
 }
 
 /* model:plan(B, T [, chunk]) */
@@ -1671,6 +1711,7 @@ static int l_sha256(lua_State *L) {
 
 static const luaL_Reg model_methods[] = {
     {"info", model_info},         {"attach", model_attach},
+    {"attach_peft", model_attach_peft},
     {"plan", model_plan},         {"trainable", model_trainable},
     {"set_training", model_set_training}, {"close", model_close},
     {"export_peft", model_export_peft},   {"export_merged", model_export_merged},

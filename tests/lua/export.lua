@@ -1,7 +1,8 @@
 -- mt.records, moontune.tasks and the model's export methods on the tiny chat model:
 -- after a few LoRA steps (so the adapter is not zero), the merged transformers export
 -- and the F32 GGUF export, loaded back, give the adapted model's held-out loss and its
--- greedy answers; the F16 GGUF is close; the PEFT directory has PEFT's files.
+-- greedy answers; the F16 GGUF is close; the PEFT directory has PEFT's files and, loaded
+-- back with model:attach_peft, gives the adapted model's loss and answers.
 local mt = require("moontune")
 local tasks = require("moontune.tasks")
 local PLUGINS = { paths = { BUILD_DIR .. "/plugins" } }
@@ -112,6 +113,18 @@ end
 reload(TMP .. "/merged", 1e-5, "merged", true)
 reload(TMP .. "/m32.gguf", 1e-5, "GGUF f32", true)
 reload(TMP .. "/m16.gguf", 2e-2, "GGUF f16", false)
+-- the PEFT directory loaded onto the base model again: the adapted model's loss and answers
+do
+  local m <close> = mt.model(MODEL)
+  local a = m:attach_peft(TMP .. "/adapter")
+  check(tostring(a):find("lora", 1, true), "attach_peft returns the lora Plugin: " .. tostring(a))
+  m:plan(2, 96)
+  close_to(mt.evaluate(m, heldout).loss, adapted, 1e-6, "attach_peft loss")
+  local got = answers(m, tok)
+  for i = 1, #want do check(got[i] == want[i], "attach_peft answer " .. i) end
+  local ok_again, aerr = pcall(m.attach_peft, m, TMP .. "/adapter")
+  check(not ok_again and aerr:find("already has an adapter"), "second attach_peft: " .. tostring(aerr))
+end
 local ok_dt, derr = pcall(model.export_gguf, model, TMP .. "/bad.gguf", { dtype = "q4" })
 check(not ok_dt and derr:find("dtype"), "bad dtype: " .. tostring(derr))
 return "ok"

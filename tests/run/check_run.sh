@@ -23,6 +23,14 @@ best=$(sed -n 's/.*best \([^,]*\), evaluated again \(.*\)/\1/p' out.txt)
 again=$(sed -n 's/.*best \([^,]*\), evaluated again \(.*\)/\2/p' out.txt)
 test -n "$best" && test "$best" = "$again"
 
+# generate/eval --adapter: a PEFT directory made for another model (tiny_gqa's) is refused,
+# naming the file and the tensor (test_peft and tests/lua/export.lua load good ones)
+for cmd in "generate --prompt hi" "eval $source_dir/tests/fixtures/data/tiny_chat_heldout.jsonl"; do
+  if "$moontune" $cmd --model "$source_dir/tests/fixtures/tiny_chat" \
+       --adapter "$source_dir/tests/fixtures/peft_adapter" 2> err.txt; then exit 1; fi
+  grep -q "adapter_model.safetensors: tensor base_model.model.model.layers.0" err.txt
+done
+
 # validate: everything short of training, then stop
 "$moontune" validate "$recipe" "${sets[@]}" --set out_dir=validate-out | tee out.txt
 grep -q "validate: ok" out.txt && grep -q "memory estimate" out.txt && grep -q "training data: 24 examples" out.txt
