@@ -179,6 +179,10 @@ if cfg.export then
   print(string.format("model.gguf reloaded: %s\n  -> %s", answer == after.outputs[1] and
                       "answers the first held-out request as the trained model does" or
                       "answers the first held-out request differently (F16 rounding)", answer))
+  print(string.format("try it:\n  moontune generate --model %s --adapter %s --system %q --prompt %q\n" ..
+                      "  moontune generate --model %s --system %q --prompt %q",
+                      cfg.model, exports.adapter, items[1].system or "", items[1].prompt,
+                      exports.gguf, items[1].system or "", items[1].prompt))
 end
 
 local total = mt.now() - started
