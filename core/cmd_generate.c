@@ -141,17 +141,8 @@ static int run(const gen_args *a) {
         if ((st = mt_tokenizer_encode(tok, text, len, 0, &ids, &err))) goto done;
     }
     /* generation ends at EOS and at the end-of-turn markers chat models emit */
-    int32_t stop_ids[8];
-    int n_stop_ids = 0;
-    if (mt_tokenizer_eos(tok) >= 0) stop_ids[n_stop_ids++] = mt_tokenizer_eos(tok);
-    static const char *const turn_ends[] = {"<|im_end|>", "<|eot_id|>", "<|end_of_text|>",
-                                            "<|endoftext|>", "</s>"};
-    for (size_t i = 0; i < sizeof turn_ends / sizeof turn_ends[0]; i++) {
-        int32_t id = mt_tokenizer_token_id(tok, turn_ends[i]);
-        int dup = id < 0 || !mt_tokenizer_is_special(tok, id);
-        for (int k = 0; k < n_stop_ids && !dup; k++) dup = stop_ids[k] == id;
-        if (!dup) stop_ids[n_stop_ids++] = id;
-    }
+    int32_t stop_ids[MT_CHAT_STOP_IDS_MAX];
+    int n_stop_ids = mt_chat_stop_ids(tok, stop_ids);
     mt_generate_options opt = {.max_new_tokens = a->max_new_tokens,
                                .sampling = a->sampling,
                                .stop_ids = stop_ids,

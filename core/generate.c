@@ -661,6 +661,20 @@ static int cache_positions(const mt_model *m, int n_prompt, const mt_generate_op
     return want > m->cfg.max_position_embeddings ? m->cfg.max_position_embeddings : (int)want;
 }
 
+int mt_chat_stop_ids(const mt_tokenizer *tok, int32_t *ids) {
+    static const char *const turn_ends[] = {"<|im_end|>", "<|eot_id|>", "<|end_of_text|>",
+                                            "<|endoftext|>", "</s>"};
+    int n = 0;
+    if (mt_tokenizer_eos(tok) >= 0) ids[n++] = mt_tokenizer_eos(tok);
+    for (size_t i = 0; i < sizeof turn_ends / sizeof turn_ends[0]; i++) {
+        int32_t id = mt_tokenizer_token_id(tok, turn_ends[i]);
+        int dup = id < 0 || !mt_tokenizer_is_special(tok, id);
+        for (int k = 0; k < n && !dup; k++) dup = ids[k] == id;
+        if (!dup) ids[n++] = id;
+    }
+    return n;
+}
+
 mt_status mt_generate(mt_model *m, const mt_tokenizer *tok, const int32_t *prompt, int n_prompt,
                       const mt_generate_options *opt, mt_generation *out, mt_error *err) {
     memset(out, 0, sizeof *out);

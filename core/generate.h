@@ -78,6 +78,13 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, uint64_t *rng, voi
 
 /* ---- generation ---------------------------------------------------------- */
 
+/* The ids generation stops at for a chat model: EOS and the end-of-turn markers chat
+ * templates emit (<|im_end|>, <|eot_id|>, <|end_of_text|>, <|endoftext|>, </s>) when the
+ * tokenizer has them as special tokens, each once. ids holds MT_CHAT_STOP_IDS_MAX;
+ * returns how many were written. */
+#define MT_CHAT_STOP_IDS_MAX 8
+int mt_chat_stop_ids(const mt_tokenizer *tok, int32_t *ids);
+
 typedef enum mt_stop_reason {
     MT_STOP_LENGTH = 0, /* max_new_tokens generated */
     MT_STOP_EOS,        /* a stop id (EOS, end of turn) was generated */

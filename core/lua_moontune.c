@@ -1528,17 +1528,8 @@ static int l_generate(lua_State *L) {
     go.stop_strings = stops;
     go.n_stop_strings = n_stops;
     const int fn = generate_template(L, t, 4, system);
-    int32_t stop_ids[8];
-    int n_stop_ids = 0;
-    if (mt_tokenizer_eos(t->tok) >= 0) stop_ids[n_stop_ids++] = mt_tokenizer_eos(t->tok);
-    static const char *const turn_ends[] = {"<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>",
-                                            "</s>"};
-    for (size_t i = 0; i < sizeof turn_ends / sizeof turn_ends[0]; i++) {
-        int32_t id = mt_tokenizer_token_id(t->tok, turn_ends[i]);
-        int dup = id < 0 || !mt_tokenizer_is_special(t->tok, id);
-        for (int k = 0; k < n_stop_ids && !dup; k++) dup = stop_ids[k] == id;
-        if (!dup) stop_ids[n_stop_ids++] = id;
-    }
+    int32_t stop_ids[MT_CHAT_STOP_IDS_MAX];
+    int n_stop_ids = mt_chat_stop_ids(t->tok, stop_ids);
     go.stop_ids = stop_ids;
     go.n_stop_ids = n_stop_ids;
     mt_error err = {0};
