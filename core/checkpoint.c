@@ -45,6 +45,7 @@ enum { N_DATA_FILES = 3 };
 void mt_ckpt_state_clear(mt_ckpt_state *s) {
     if (!s) return;
     free((void *)s->recipe); /* only load allocates: a caller's own struct is never cleared */
+    free((void *)s->run);
     memset(s, 0, sizeof *s);
 }
 
@@ -447,8 +448,12 @@ done:
 }
 
 static json_t *state_to_json(const mt_ckpt_state *s, const char *recipe_sha,
-                             const file_sum sums[N_DATA_FILES]) {
+                             const file_sum sums[N_DATA_FILES], json_t *run,
+                             const char *fingerprint) {
     json_t *root = json_object();
+    if (run) json_object_set(root, "run", run);
+    if (fingerprint && fingerprint[0])
+        json_object_set_new(root, "model", json_pack("{s:s}", "fingerprint", fingerprint));
     json_object_set_new(root, "format", json_string(MT_CKPT_FORMAT));
     json_object_set_new(root, "format_version", json_integer(MT_CKPT_FORMAT_VERSION));
     json_object_set_new(root, "step", json_integer(s->step));
@@ -518,6 +523,17 @@ mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_ins
                             optimizer->desc->name);
     mt_status st = validate_state(state, err);
     if (st) return st;
+    json_t *run = NULL;
+    if (state->run) {
+        json_error_t jerr;
+        run = json_loads(state->run, 0, &jerr);
+        if (!run || !json_is_object(run)) {
+            json_decref(run);
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "mt_checkpoint_save: state.run must be a JSON object (%s)",
+                                run ? "found another JSON value" : jerr.text);
+        }
+    }
 
     char name[64], tmp_name[80], old_name[80];
     snprintf(name, sizeof name, "step-%08" PRId64, state->step);
@@ -562,7 +578,7 @@ mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_ins
     mt_sha256_hex(recipe, recipe_len, recipe_sha);
 
     /* state.json and its checksum */
-    json = state_to_json(state, recipe_sha, sums);
+    json = state_to_json(state, recipe_sha, sums, run, model->fingerprint);
     json_text = json ? json_dumps(json, JSON_INDENT(2) | JSON_REAL_PRECISION(17)) : NULL;
     if (!json_text) {
         st = mt_error_set(err, MT_ERR_NOMEM, "%s: cannot encode the checkpoint state", state_path);
@@ -611,6 +627,7 @@ done:
     }
     free(json_text);
     json_decref(json);
+    json_decref(run);
     free(state_path);
     free(sum_path);
     for (int i = 0; i < N_DATA_FILES; i++)
@@ -702,6 +719,20 @@ static mt_status parse_state(const json_t *root, const char *path, mt_ckpt_state
         mt_error perr = {0};
         if (put_plugin(s, k, n, v, &perr))
             return mt_error_set(err, MT_ERR_FORMAT, "%s: key 'plugins': %s", path, perr.msg);
+    }
+    const json_t *model = json_object_get(root, "model");
+    if (model) {
+        const char *fp = json_string_value(json_object_get(model, "fingerprint"));
+        if (!json_is_object(model) || !is_hex64(fp))
+            return bad_key(err, path, "model", "{\"fingerprint\": 64 lowercase hex digits}");
+        memcpy(s->model_fingerprint, fp, MT_SHA256_HEX);
+    }
+    const json_t *run = json_object_get(root, "run");
+    if (run) {
+        if (!json_is_object(run)) return bad_key(err, path, "run", "an object");
+        char *text = json_dumps(run, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
+        if (!text) return mt_error_set(err, MT_ERR_NOMEM, "%s: key 'run': out of memory", path);
+        s->run = text;
     }
     return MT_OK;
 }
@@ -798,11 +829,12 @@ static mt_status verify_dir(const char *dir, verified *out, mt_error *err) {
         goto done;
     }
     const json_t *version = json_object_get(out->json, "format_version");
-    if (!json_is_integer(version) || json_integer_value(version) != MT_CKPT_FORMAT_VERSION) {
+    if (!json_is_integer(version) || json_integer_value(version) < 1 ||
+        json_integer_value(version) > MT_CKPT_FORMAT_VERSION) {
         if (json_is_integer(version))
             st = mt_error_set(err, MT_ERR_UNSUPPORTED,
                               "%s: checkpoint format version %" JSON_INTEGER_FORMAT
-                              " is not supported: expected %d",
+                              " is not supported: expected 1 to %d",
                               state_path, json_integer_value(version), MT_CKPT_FORMAT_VERSION);
         else
             st = bad_key(err, state_path, "format_version", "an integer");
@@ -917,6 +949,16 @@ mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instanc
         (st = all_f32(wst, wpath, &max_w, err)) || (st = all_f32(ost, opath, &max_o, err)))
         goto done;
 
+    /* the base model it was trained from (checkpoints of format 1 do not say) */
+    if (model && model->fingerprint[0] && v.state.model_fingerprint[0] &&
+        strcmp(model->fingerprint, v.state.model_fingerprint) != 0) {
+        st = mt_error_set(err, MT_ERR_FORMAT,
+                          "%s/" STATE_FILE ": the checkpoint was trained from another base model "
+                          "(fingerprint %.16s..., this model's is %.16s...): load the model it was "
+                          "made from",
+                          dir, v.state.model_fingerprint, model->fingerprint);
+        goto done;
+    }
     /* the weights must be exactly the model's trainable parameters */
     if (model) {
         if ((st = mt_model_trainable_params(model, &params, &n_params, err))) goto done;
@@ -1051,12 +1093,19 @@ mt_status mt_checkpoint_latest(const char *run_dir, char **out_path, mt_error *e
 mt_status mt_checkpoint_prune(const char *run_dir, int keep_last, int64_t best_step, int *deleted,
                               mt_error *err) {
     if (deleted) *deleted = 0;
-    if (keep_last < 1) return MT_OK;
     char *root = mt_path_join(run_dir, CKPT_SUBDIR, err);
     if (!root) return MT_ERR_NOMEM;
+    /* first the remains of an interrupted save or prune (a process killed mid-way) */
+    struct stat sb;
+    mt_status st = MT_OK;
+    if (stat(root, &sb) == 0 && S_ISDIR(sb.st_mode)) st = remove_leftovers(root, err);
+    if (st || keep_last < 1) {
+        free(root);
+        return st;
+    }
     ckpt_entry *v;
     size_t n;
-    mt_status st = list_checkpoints(root, &v, &n, err);
+    st = list_checkpoints(root, &v, &n, err);
     for (size_t i = 0; st == MT_OK && i + (size_t)keep_last < n; i++) {
         if (v[i].step == best_step) continue;
         char tmp_name[96];

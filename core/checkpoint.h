@@ -9,8 +9,10 @@
  *   recipe.lua              the recipe text (may be empty)
  *   state.json              format and version, step, epoch, data cursor, random state,
  *                           scheduler position, learning rate, metrics, the recipe's SHA-256,
- *                           the plugins (kind, name, version), and "files": name ->
- *                           {bytes, sha256} of the three files above
+ *                           the plugins (kind, name, version), "run" (a JSON object the
+ *                           caller gives: the resolved settings a resume compares),
+ *                           "model": {"fingerprint"} of the base model it was trained
+ *                           from, and "files": name -> {bytes, sha256} of the three files above
  *   state.json.sha256       "<sha256>  state.json\n" (sha256sum's format): its checksum
  *
  * Writing: everything goes into <run_dir>/checkpoints/.tmp-step-<step>/, each file is
@@ -20,8 +22,9 @@
  * replaces it (the old one is moved aside to a .tmp-* name first, then removed).
  *
  * Loading verifies before it changes anything: the format version, every file's size and
- * SHA-256 (a mismatch names the file, the expected and the found value), and that the
- * weights hold exactly the model's trainable parameters with their shapes. Then it
+ * SHA-256 (a mismatch names the file, the expected and the found value), that the base
+ * model's fingerprint is the one the checkpoint was trained from (when both are known),
+ * and that the weights hold exactly the model's trainable parameters with their shapes. Then it
  * restores the optimizer state (through the plugin's state_set) and the weights.
  *
  * Policy (when to save, how many to keep, which is best) is the caller's: the Lua
@@ -38,7 +41,7 @@
 #include "sha256.h"
 
 #define MT_CKPT_FORMAT "moontune-checkpoint"
-#define MT_CKPT_FORMAT_VERSION 1
+#define MT_CKPT_FORMAT_VERSION 2     /* 2 added "run" and "model"; version 1 still loads */
 #define MT_CKPT_MAX_RNG 8      /* 64-bit words of random state */
 #define MT_CKPT_MAX_METRICS 16
 #define MT_CKPT_MAX_PLUGINS 8
@@ -72,6 +75,8 @@ typedef struct mt_ckpt_state {
     char recipe_sha256[MT_SHA256_HEX]; /* filled by save and load */
     int n_plugins;
     mt_ckpt_plugin plugins[MT_CKPT_MAX_PLUGINS];
+    const char *run;     /* a JSON object's text (NULL: none); allocated by load */
+    char model_fingerprint[65]; /* filled by load ("" when the checkpoint has none) */
 } mt_ckpt_state;
 
 /* Frees what load allocated (the recipe) and zeroes the struct. */
@@ -106,8 +111,9 @@ mt_status mt_checkpoint_verify(const char *dir, mt_error *err);
  * (caller frees); *out_path is NULL when there is none (not an error). */
 mt_status mt_checkpoint_latest(const char *run_dir, char **out_path, mt_error *err);
 
-/* Deletes complete checkpoints under <run_dir>/checkpoints except the keep_last newest
- * and the one of step best_step (-1: none); keep_last < 1 keeps them all. Each is first
+/* Removes the .tmp-* remains of an interrupted save or prune, then deletes complete
+ * checkpoints under <run_dir>/checkpoints except the keep_last newest and the one of
+ * step best_step (-1: none); keep_last < 1 keeps them all. Each is first
  * renamed to a .tmp-* name, so a crash mid-way leaves nothing half-deleted behind a
  * valid name. *deleted (optional) receives the number removed. */
 mt_status mt_checkpoint_prune(const char *run_dir, int keep_last, int64_t best_step,

@@ -16,16 +16,22 @@
 
 #include "lua_env.h"
 #include "lua_moontune.h"
+#include "lua_run.h"
 #include "internal.h"
 #include "sandbox.h"
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: moontune run RECIPE.lua [--unsafe] [--resume [PATH]] [--set key=value ...]\n"
+            "usage: moontune run RECIPE.lua [--unsafe] [--resume [PATH]] [--allow-changes]\n"
+            "                    [--overwrite] [--set key=value ...]\n"
             "\n"
             "Runs a Lua recipe with the moontune library (require(\"moontune\")).\n"
             "  --unsafe           run without the recipe sandbox (full io/os access)\n"
             "  --resume [PATH]    continue from PATH, or from the run's latest checkpoint\n"
+            "  --allow-changes    resume although the recipe or its settings changed since the\n"
+            "                     checkpoint (the changes are printed and logged)\n"
+            "  --overwrite        start afresh in an output directory that holds an earlier run,\n"
+            "                     after moving that run aside (to DIR.old-TIME; nothing is deleted)\n"
             "  --set key=value    override a recipe setting (repeatable)\n");
 }
 
@@ -76,7 +82,7 @@ static void add_recipe_dir(lua_State *L, const char *recipe) {
 
 int mt_cmd_run(int argc, char **argv) {
     const char *recipe = NULL, *resume_path = NULL;
-    int resume = 0, unsafe = 0, n_sets = 0;
+    int resume = 0, unsafe = 0, n_sets = 0, overwrite = 0, allow_changes = 0;
     const char **sets = calloc((size_t)(argc > 0 ? argc : 1), sizeof *sets);
     if (!sets) {
         fprintf(stderr, "moontune run: out of memory\n");
@@ -90,6 +96,10 @@ int mt_cmd_run(int argc, char **argv) {
             return 0;
         } else if (!strcmp(o, "--unsafe")) {
             unsafe = 1;
+        } else if (!strcmp(o, "--overwrite")) {
+            overwrite = 1;
+        } else if (!strcmp(o, "--allow-changes")) {
+            allow_changes = 1;
         } else if (!strcmp(o, "--resume")) {
             resume = 1;
             /* an optional path: the next word, unless it is an option or the recipe */
@@ -126,14 +136,41 @@ int mt_cmd_run(int argc, char **argv) {
         free(sets);
         return 2;
     }
+    if (overwrite && resume) {
+        fprintf(stderr, "moontune run: --overwrite and --resume contradict each other\n");
+        free(sets);
+        return 2;
+    }
     mt_error err = {0};
-    lua_State *L = mt_lua_open(&err);
-    if (!L) {
+    /* the recipe as source text: the text checkpoints record, and the only form loaded
+     * (a precompiled chunk bypasses the parser's checks and can crash the VM) */
+    char *text = NULL;
+    size_t text_len = 0;
+    if (mt_read_file(recipe, &text, &text_len, &err)) {
         fprintf(stderr, "moontune run: %s\n", err.msg);
         free(sets);
         return 1;
     }
+    if (text_len > 0 && text[0] == LUA_SIGNATURE[0]) {
+        fprintf(stderr,
+                "moontune run: %s: is a precompiled (binary) Lua chunk; recipes are loaded as "
+                "Lua source text only\n",
+                recipe);
+        free(text);
+        free(sets);
+        return 1;
+    }
+    lua_State *L = mt_lua_open(&err);
+    if (!L) {
+        fprintf(stderr, "moontune run: %s\n", err.msg);
+        free(text);
+        free(sets);
+        return 1;
+    }
     mt_lua_register(L);
+    mt_run_flags flags = {.recipe = recipe, .resume = resume, .overwrite = overwrite,
+                          .allow_changes = allow_changes};
+    mt_lua_set_run(L, &flags, text, text_len);
     push_arg(L, recipe, sets, n_sets, resume_path, resume, unsafe);
     mt_lua_set_overrides(L, sets, n_sets);
     mt_lua_set_validating(L, argc > 0 && !strcmp(argv[0], "validate"));
@@ -146,6 +183,7 @@ int mt_cmd_run(int argc, char **argv) {
         if (!realpath(recipe, resolved)) {
             fprintf(stderr, "moontune run: %s: %s\n", recipe, strerror(errno));
             lua_close(L);
+            free(text);
             return 1;
         }
         char *slash = strrchr(resolved, '/');
@@ -155,12 +193,32 @@ int mt_cmd_run(int argc, char **argv) {
             (resume_path && mt_sandbox_allow_read(L, resume_path, &err))) {
             fprintf(stderr, "moontune run: %s\n", err.msg);
             lua_close(L);
+            free(text);
             return 1;
         }
     }
-    if (luaL_loadfile(L, recipe) != LUA_OK) {
-        /* the message names the file and line (or says the file cannot be read) */
-        fprintf(stderr, "moontune run: %s\n", lua_tostring(L, -1));
+    /* the text read above, loaded under the file's name ("@recipe"), in text mode; a
+     * first line starting with '#' is skipped as luaL_loadfile does (a shebang) */
+    const char *body = text;
+    size_t body_len = text_len;
+    int shebang = body_len > 0 && body[0] == '#';
+    if (shebang) {
+        while (body_len > 0 && *body != '\n') body++, body_len--;
+    }
+    lua_pushfstring(L, "@%s", recipe);
+    int load = luaL_loadbufferx(L, body, body_len, lua_tostring(L, -1), "t");
+    lua_remove(L, -2);
+    free(text);
+    text = NULL;
+    if (load != LUA_OK) {
+        /* the message names the file and line; a binary chunk after a '#' line is
+         * refused by the mode, whose message names neither */
+        const char *msg = lua_tostring(L, -1);
+        if (msg && strstr(msg, "binary chunk"))
+            fprintf(stderr, "moontune run: %s: is a precompiled (binary) Lua chunk; recipes are "
+                            "loaded as Lua source text only\n", recipe);
+        else
+            fprintf(stderr, "moontune run: %s\n", msg ? msg : "cannot load the recipe");
         rc = 1;
     } else if (mt_lua_pcall(L, 0, 0, &err)) {
         fprintf(stderr, "moontune run: %s\n", err.msg);

@@ -17,6 +17,7 @@
  * - A Batch holds its (B,T) arrays inline; it owns nothing else. */
 #define _DEFAULT_SOURCE /* realpath */
 #include "lua_moontune.h"
+#include "lua_run.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -1326,6 +1327,9 @@ static int l_checkpoint_save(lua_State *L) {
         }
     }
     lua_pop(L, 1);
+    /* run: the settings a resume compares, any JSON-able table (held on the stack) */
+    if (opt_field(L, 4, "run") == LUA_TTABLE) s->run = mt_lua_json_encode(L, -1);
+    else if (!lua_isnil(L, -1)) return luaL_error(L, "checkpoint state: run must be a table");
     char *path = NULL;
     if (mt_checkpoint_save(run_dir, u->m, opt, s, &path, &err)) return lraise(L, &err);
     lua_pushstring(L, path);
@@ -1334,6 +1338,12 @@ static int l_checkpoint_save(lua_State *L) {
 }
 
 /* mt.checkpoint_load(path, model, optimizer) -> state */
+static int decode_run(lua_State *L) {
+    const char *text = lua_touserdata(L, 1);
+    mt_lua_json_decode(L, text, strlen(text), "checkpoint state.json run");
+    return 1;
+}
+
 static int l_checkpoint_load(lua_State *L) {
     const char *dir = luaL_checkstring(L, 1);
     mt_sandbox_check_path(L, dir, 0, "checkpoint_load");
@@ -1382,6 +1392,18 @@ static int l_checkpoint_load(lua_State *L) {
     }
     lua_setfield(L, -2, "plugins");
     set_str(L, "path", dir);
+    if (s.model_fingerprint[0]) set_str(L, "model_fingerprint", s.model_fingerprint);
+    if (s.run) {
+        /* a protected decode: the state's allocations must be freed either way */
+        lua_pushcfunction(L, decode_run);
+        lua_pushlightuserdata(L, (void *)s.run);
+        int rc = lua_pcall(L, 1, 1, 0);
+        if (rc != LUA_OK) {
+            mt_ckpt_state_clear(&s);
+            return lua_error(L);
+        }
+        lua_setfield(L, -2, "run");
+    }
     mt_ckpt_state_clear(&s);
     return 1;
 }
@@ -1623,6 +1645,7 @@ static int l_config(lua_State *L) {
     if (!lua_istable(L, -1)) {
         lua_pop(L, 1);
         lua_settop(L, 1);
+        mt_lua_run_note_config(L, 1);
         return 1;
     }
     int list = lua_gettop(L);
@@ -1638,40 +1661,7 @@ static int l_config(lua_State *L) {
     lua_pushboolean(L, 1);
     lua_setfield(L, list, "applied");
     lua_settop(L, 1);
-    return 1;
-}
-
-/* mt.output_dir(path) -> absolute path: creates the run's output directory and lets the
- * recipe write under it. Inside the sandbox the directory must lie under the directory
- * moontune was started in, so a shared recipe cannot pick a place like ~/.ssh. */
-static int l_output_dir(lua_State *L) {
-    const char *path = luaL_checkstring(L, 1);
-    char partial[PATH_MAX];
-    size_t n = strlen(path);
-    if (n == 0 || n >= sizeof partial) return luaL_error(L, "output_dir: bad path '%s'", path);
-    memcpy(partial, path, n + 1);
-    for (char *p = partial + 1; *p; p++) { /* mkdir -p */
-        if (*p != '/') continue;
-        *p = '\0';
-        mkdir(partial, 0755);
-        *p = '/';
-    }
-    if (mkdir(partial, 0755) != 0 && errno != EEXIST)
-        return luaL_error(L, "output_dir: cannot create %s: %s", path, strerror(errno));
-    char resolved[PATH_MAX], cwd[PATH_MAX];
-    if (!realpath(path, resolved)) return luaL_error(L, "output_dir: %s: %s", path, strerror(errno));
-    if (mt_sandbox_active(L)) {
-        size_t c;
-        if (!getcwd(cwd, sizeof cwd) || (c = strlen(cwd), strncmp(resolved, cwd, c) != 0) ||
-            (resolved[c] != '/' && resolved[c] != '\0'))
-            return luaL_error(L,
-                              "sandbox: output_dir %s lies outside the directory moontune runs in "
-                              "(%s); run with --unsafe to trust this recipe",
-                              resolved, cwd);
-        mt_error err = {0};
-        if (mt_sandbox_allow_write(L, resolved, &err)) return lraise(L, &err);
-    }
-    lua_pushstring(L, resolved);
+    mt_lua_run_note_config(L, 1);
     return 1;
 }
 
@@ -1755,7 +1745,6 @@ static const luaL_Reg moontune_core[] = {
     {"sha256", l_sha256},
     {"now", l_now},
     {"peak_memory", l_peak_memory},
-    {"output_dir", l_output_dir},
     {"config", l_config},
     {"validating", l_validating},
     {NULL, NULL},
@@ -1806,6 +1795,7 @@ int luaopen_moontune_core(lua_State *L) {
     lua_setfield(L, -2, "__close");
     lua_pop(L, 1);
     luaL_newlib(L, moontune_core);
+    mt_lua_run_funcs(L);
     return 1;
 }
 

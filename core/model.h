@@ -186,6 +186,9 @@ typedef struct mt_model {
     int32_t *host_positions; /* (BT) default positions staged for upload */
     int cur_B, cur_T;     /* shape of the last forward */
     int forward_done;     /* a forward ran; backward may follow */
+    /* the base model's identity as loaded (core/model_identity.c), 64 hex digits, or ""
+     * for a model not loaded from files; checkpoints record it and refuse another base */
+    char fingerprint[65];
 } mt_model;
 
 /* Builds the parameter table and allocates parameters (zero) on the backend. */

@@ -22,6 +22,7 @@
 #include "gguf.h"
 #include "internal.h"
 #include "model.h"
+#include "model_identity.h"
 
 /* A metadata integer "<arch>.<key>"; absent keys keep *out when optional. */
 static mt_status arch_int(const mt_gguf *g, const char *arch, const char *key, int required,
@@ -320,6 +321,8 @@ mt_status mt_model_load_gguf(const char *path, mt_backend *be, mt_model **out, m
 }
 
 mt_status mt_model_load(const char *path, mt_backend *be, mt_model **out, mt_error *err) {
-    return mt_path_is_gguf(path) ? mt_model_load_gguf(path, be, out, err)
-                                 : mt_model_load_hf(path, be, out, err);
+    mt_status st = mt_path_is_gguf(path) ? mt_model_load_gguf(path, be, out, err)
+                                         : mt_model_load_hf(path, be, out, err);
+    if (st == MT_OK) mt_model_fingerprint(*out, (*out)->fingerprint);
+    return st;
 }

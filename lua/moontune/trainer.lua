@@ -42,8 +42,15 @@
 --   save_every = nil            checkpoint every N steps (nil or 0: only at the end; always at the end)
 --   keep_last = 2               checkpoints kept by mt.checkpoint_prune besides the best
 --   resume = nil                a checkpoint path, or true = mt.checkpoint_latest(out_dir)
---                               (true with no checkpoint starts fresh)
---   recipe = nil, plugins = nil, rng = nil   stored in every checkpoint as they are
+--                               (true with no checkpoint starts fresh). A resume refuses a
+--                               checkpoint whose recipe text or settings (the resolved
+--                               mt.config table and this cfg's lr, step budget,
+--                               accumulation, clipping, intervals, early stopping, batches
+--                               per epoch) differ from this run's, listing the differences
+--   allow_changes = nil         resume anyway and log the differences (default: the
+--                               command line's --allow-changes)
+--   recipe = nil, plugins = nil, rng = nil   stored in every checkpoint as they are (recipe
+--                               defaults to the text of the recipe `moontune run` runs)
 --   progress = true             a \r progress bar on a terminal; false = plain lines
 --   is_tty = nil                override terminal detection (default: $TERM set and
 --                               not "dumb")
@@ -156,6 +163,68 @@ local function improves(v, best, mode, min_delta)
   return v < best - min_delta
 end
 
+-- Flattens nested tables into "a.b.c" -> scalar (JSON-like values only).
+local function flatten(t, prefix, out)
+  out = out or {}
+  if type(t) ~= "table" then
+    out[prefix] = t
+    return out
+  end
+  for k, v in pairs(t) do
+    local key = prefix and (prefix .. "." .. tostring(k)) or tostring(k)
+    if type(v) == "table" then flatten(v, key, out)
+    elseif type(v) ~= "function" and type(v) ~= "userdata" then out[key] = v end
+  end
+  return out
+end
+
+local function show(v)
+  if v == nil then return "(none)" end
+  if type(v) == "string" then return string.format("%q", v) end
+  return tostring(v)
+end
+
+-- The differences between the settings a checkpoint recorded and this run's, as lines
+-- "key: old -> new", sorted.
+local function setting_changes(old, new)
+  local a, b = flatten(old or {}), flatten(new or {})
+  local keys, seen = {}, {}
+  for k in pairs(a) do keys[#keys + 1] = k; seen[k] = true end
+  for k in pairs(b) do if not seen[k] then keys[#keys + 1] = k end end
+  table.sort(keys)
+  local out = {}
+  for _, k in ipairs(keys) do
+    local x, y = a[k], b[k]
+    local same = x == y or (type(x) == "number" and type(y) == "number" and x ~= x and y ~= y)
+    if not same then out[#out + 1] = string.format("%s: %s -> %s", k, show(x), show(y)) end
+  end
+  return out
+end
+
+-- On resume from `last_step`: keeps the records of metrics.jsonl up to that step (the
+-- steps after the checkpoint will run again) and drops a line torn by a kill, rewriting
+-- the file atomically. Returns the kept records (nil when mt cannot decode JSON).
+local function rewind_metrics(mt, mpath, last_step)
+  if not (mt.json_decode and mt.write_file) then return nil end
+  local f = io.open(mpath, "r")
+  if not f then return {} end
+  local text = f:read("a")
+  f:close()
+  local kept, records, torn, lineno = {}, {}, 0, 0
+  for line in text:gmatch("[^\n]+") do
+    lineno = lineno + 1
+    local ok, rec = pcall(mt.json_decode, line, mpath .. ":" .. lineno)
+    if not ok or type(rec) ~= "table" then
+      torn = torn + 1
+    elseif not (math.type(rec.step) == "integer" and rec.step > last_step) then
+      kept[#kept + 1] = line
+      records[#records + 1] = rec
+    end
+  end
+  mt.write_file(mpath, #kept > 0 and table.concat(kept, "\n") .. "\n" or "")
+  return records, torn
+end
+
 -- ---------------------------------------------------------------------------
 -- the loop
 
@@ -261,6 +330,29 @@ function M.run(cfg, mt)
   local bad_evals = 0
   local saved = {} -- step -> path
 
+  -- what this run is: the recipe's text and the settings a resume must find unchanged
+  local info = mt.run_info and mt.run_info() or {}
+  local allow_changes = cfg.allow_changes
+  if allow_changes == nil then allow_changes = info.allow_changes end
+  local recipe_text = cfg.recipe or info.recipe_text
+  -- the config's own resume switch is the one setting a resume changes by design
+  local config = info.config
+  if type(config) == "table" and config.resume ~= nil then
+    local c = {}
+    for k, v in pairs(config) do if k ~= "resume" then c[k] = v end end
+    config = c
+  end
+  local run_settings = {
+    config = config,
+    trainer = { lr = cfg.lr, total_steps = total, grad_accum = grad_accum,
+                max_grad_norm = max_grad_norm or false, epochs = cfg.epochs or 1,
+                max_steps = cfg.max_steps or false, batches_per_epoch = bpe,
+                eval_every = eval_every or 0,
+                early_stopping = es and { metric = es.metric, mode = es.mode, patience = es.patience,
+                                          min_delta = es.min_delta, restore_best = es.restore_best } or false },
+  }
+  local resumed_from, changes, rewound = nil, nil, nil
+
   -- resume
   local start_step = 1
   if cfg.resume then
@@ -269,6 +361,21 @@ function M.run(cfg, mt)
     if path then
       local st = mt.checkpoint_load(path, cfg.model, cfg.optimizer)
       if type(st) ~= "table" or math.type(st.step) ~= "integer" then fail("checkpoint %s has no step", tostring(path)) end
+      changes = {}
+      if st.run then
+        changes = setting_changes(st.run, run_settings)
+      end
+      if recipe_text and st.recipe and st.recipe ~= "" and st.recipe ~= recipe_text then
+        table.insert(changes, 1, string.format("recipe text: sha256 %s -> %s (the checkpoint holds the old one in recipe.lua)",
+                                               st.recipe_sha256 and st.recipe_sha256:sub(1, 12) or "?",
+                                               mt.sha256 and mt.sha256(recipe_text):sub(1, 12) or "?"))
+      end
+      if #changes > 0 and not allow_changes then
+        -- the weights are restored already but nothing was written: refusing is safe
+        fail("resume: %s was made with other settings than this run:\n  %s\n" ..
+             "resuming would silently change the result; undo the changes, or pass --allow-changes " ..
+             "(cfg.allow_changes) to resume with them", tostring(path), table.concat(changes, "\n  "))
+      end
       if st.cursor then batcher:set_cursor(st.cursor) end
       start_step = st.step + 1
       state.step, state.epoch = st.step, st.epoch or 1
@@ -289,12 +396,19 @@ function M.run(cfg, mt)
         end
       end
       saved[st.step] = path
+      resumed_from = path
     end
+  end
+  -- the remains of a run killed while saving or pruning go before anything else
+  if mt.checkpoint_prune then
+    mt.checkpoint_prune(out_dir, keep_last, es and state.best and state.best.step or nil)
   end
 
   -- output
   local mode = start_step > 1 and "a" or "w"
   local mpath = out_dir .. "/metrics.jsonl"
+  local torn = 0
+  if start_step > 1 then rewound, torn = rewind_metrics(mt, mpath, start_step - 1) end
   local mfile, merr = io.open(mpath, mode)
   if not mfile then fail("cannot write %s: %s (does out_dir exist?)", mpath, tostring(merr)) end
   local function log_json(rec)
@@ -311,6 +425,28 @@ function M.run(cfg, mt)
   local function say(line)
     if bar_shown then output:write("\n"); bar_shown = false end
     output:write(line, "\n")
+  end
+
+  if rewound then
+    -- the plot and the history cover the whole run, not only this segment
+    for _, rec in ipairs(rewound) do
+      if rec.type == "step" and not rec.skipped and type(rec.loss) == "number" then
+        history.train[#history.train + 1] = { step = rec.step, loss = rec.loss }
+      elseif rec.type == "eval" then
+        local em = {}
+        for k, v in pairs(rec) do
+          if type(v) == "number" and k ~= "step" and k ~= "epoch" then em[k] = v end
+        end
+        history.eval[#history.eval + 1] = { step = rec.step, metrics = em }
+      end
+    end
+  end
+  if resumed_from then
+    say(string.format("resumed from %s at step %d of %d%s", tostring(resumed_from), start_step - 1, total,
+                      (torn or 0) > 0 and string.format(" (dropped %d unreadable line(s) of metrics.jsonl)", torn) or ""))
+    for _, c in ipairs(changes or {}) do say("resume: changed since the checkpoint: " .. c) end
+    log_json({ type = "resume", step = start_step - 1, path = tostring(resumed_from),
+               changes = (changes and #changes > 0) and changes or nil })
   end
 
   -- control
@@ -343,7 +479,8 @@ function M.run(cfg, mt)
       m.trainer_best_saved = state.best.path and 1 or 0
     end
     return { step = state.step, epoch = state.epoch, cursor = batcher:cursor(), rng = cfg.rng, lr = state.lr,
-             total_steps = total, metrics = m, recipe = cfg.recipe, plugins = cfg.plugins }
+             total_steps = total, metrics = m, recipe = recipe_text, plugins = cfg.plugins,
+             run = run_settings }
   end
 
   local function save()

@@ -71,3 +71,31 @@ eq(logG.steps[1], 7, "resumed at 7")
 eq(rG.stopped_early, true, "patience carried over: one more bad eval stops")
 eq(rG.best.step, 4, "best carried over")
 eq(logG.loads[2], fake.ckpt(4), "best restored after resume")
+
+-- a resume with other settings or another recipe text is refused, naming what changed;
+-- allow_changes resumes and reports the changes
+local function refused(extra, want)
+  local mt, _ = fake.new{ per_epoch = 4, losses = loss, store = logB.saved, latest = logB.latest }
+  local ok, err = pcall(trainer.run, fake.cfg(mt, with(extra)), mt)
+  if ok then error("resume with " .. want .. " was accepted", 2) end
+  if not tostring(err):find(want, 1, true) then error("refusal does not name " .. want .. ": " .. tostring(err), 2) end
+  if not tostring(err):find("--allow-changes", 1, true) then error("refusal does not say how to proceed: " .. tostring(err), 2) end
+end
+refused({ resume = true, lr = 0.2 }, "trainer.lr: 0.1 -> 0.2")
+refused({ resume = true, epochs = 5 }, "trainer.total_steps: 8 -> 10")
+refused({ resume = true, grad_accum = 1 }, "trainer.grad_accum: 2 -> 1")
+refused({ resume = true, recipe = "-- edited recipe text" }, "recipe text")
+local said = {}
+local out = { write = function(_, ...) for _, s in ipairs({ ... }) do said[#said + 1] = s end end, flush = function() end }
+local mtH, logH = fake.new{ per_epoch = 4, losses = loss, store = logB.saved, latest = logB.latest }
+local cfgH = fake.cfg(mtH, with{ resume = true, lr = 0.2, allow_changes = true })
+cfgH.output = out
+trainer.run(cfgH, mtH)
+eq(logH.steps[1], 6, "allow_changes resumes")
+local text = table.concat(said)
+assert(text:find("resumed from " .. fake.ckpt(5) .. " at step 5 of 8", 1, true), "says which checkpoint: " .. text)
+assert(text:find("changed since the checkpoint: trainer.lr: 0.1 -> 0.2", 1, true), "logs the change: " .. text)
+-- a checkpoint of a run with save_every differs in nothing that changes the result
+local mtI, logI = fake.new{ per_epoch = 4, losses = loss, store = logB.saved, latest = logB.latest }
+trainer.run(fake.cfg(mtI, with{ resume = true, save_every = 2 }), mtI)
+eq(logI.steps[1], 6, "save_every is not a change")

@@ -36,7 +36,7 @@ done
 grep -q "validate: ok" out.txt && grep -q "memory estimate" out.txt && grep -q "training data: 24 examples" out.txt
 test ! -e validate-out/metrics.jsonl
 # ... and refuses a wrong plugin name, a wrong option type, a missing data file
-if "$moontune" validate "$recipe" "${sets[@]}" --set optimizer=adamx 2> err.txt; then exit 1; fi
+if "$moontune" validate "$recipe" "${sets[@]}" --set optimizer=adamx --set out_dir=adamx 2> err.txt; then exit 1; fi
 grep -q "no optimizer plugin named 'adamx'" err.txt
 if "$moontune" validate "$source_dir/tests/run/bad_option.lua" 2> err.txt; then exit 1; fi
 grep -q "option 'r': expected an integer" err.txt
@@ -47,10 +47,49 @@ grep -q "missing.jsonl" err.txt
 # a run stopped after a checkpoint and resumed gives the uninterrupted run's losses
 "$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=full > /dev/null
 "$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=killed --set stop_at=4 > /dev/null
-"$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=killed --set resume=true > /dev/null
-losses() { grep '"type":"step"' "$1/metrics.jsonl" | sed 's/.*"loss":\([^,]*\).*"step":\([0-9]*\).*/\2 \1/' | sort -n | uniq; }
+# the stop_at hook differs from the first run's config: a resume refuses the change
+# unless told --allow-changes, and then says what changed and which checkpoint it loaded
+if "$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=killed --set resume=true 2> err.txt; then exit 1; fi
+grep -q "stop_at: 4 -> 0" err.txt && grep -q "allow-changes" err.txt
+"$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=killed --set resume=true --allow-changes > out.txt
+grep -q "resumed from .*killed/checkpoints/step-00000004 at step 4 of 8" out.txt
+grep -q "changed since the checkpoint: config.stop_at: 4 -> 0" out.txt
+losses() { grep '"type":"step"' "$1/metrics.jsonl" | sed 's/.*"loss":\([^,]*\).*"step":\([0-9]*\).*/\2 \1/' | sort -n; }
 diff <(losses full) <(losses killed)
-echo "resume: per-step losses equal the uninterrupted run's"
+echo "resume: per-step losses equal the uninterrupted run's, each step once"
+
+# a fresh run into a directory holding an earlier run is refused, and changes nothing;
+# --overwrite moves the earlier run aside (nothing deleted) and starts afresh
+sum_before=$(find full -type f | sort | xargs sha256sum)
+if "$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=full 2> err.txt; then exit 1; fi
+grep -q "holds an earlier run; continue it with --resume, or start over with --overwrite" err.txt
+test "$sum_before" = "$(find full -type f | sort | xargs sha256sum)"
+"$moontune" run "$recipe" "${sets[@]}" --set steps=8 --set out_dir=full --overwrite 2> err.txt > /dev/null
+grep -q "moved the earlier run" err.txt
+old=$(ls -d full.old-*)
+test "$(echo "$sum_before" | sed 's| full/| X/|')" = "$(find "$old" -type f | sort | xargs sha256sum | sed "s| $old/| X/|")"
+diff <(losses "$old") <(losses full)
+
+# the output directory is never the working directory or one with the user's files
+cat > here.lua <<'LUA'
+local mt = require("moontune")
+mt.output_dir(".")
+LUA
+if "$moontune" run here.lua 2> err.txt; then exit 1; fi
+grep -q "here.lua:2: output_dir: '.' is the directory moontune runs in" err.txt
+mkdir -p users && echo keep > users/notes.txt
+cat > users.lua <<'LUA'
+local mt = require("moontune")
+mt.output_dir("users")
+LUA
+if "$moontune" run --unsafe users.lua 2> err.txt; then exit 1; fi
+grep -q "users holds files that moontune did not write" err.txt
+test "$(cat users/notes.txt)" = keep
+
+# a recipe that is a precompiled Lua chunk is refused before anything runs
+printf '\033LuaT\000\031\223\r\n\032\n' > binary.lua
+if "$moontune" run binary.lua 2> err.txt; then exit 1; fi
+grep -q "binary.lua: is a precompiled (binary) Lua chunk" err.txt
 
 # a wrong --set key and a wrong type are refused, naming the key
 if "$moontune" validate "$recipe" "${sets[@]}" --set lora.rank=2 2> err.txt; then exit 1; fi

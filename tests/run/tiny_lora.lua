@@ -15,7 +15,7 @@ local cfg = mt.config({
   resume = false,
   lora = { r = 4, alpha = 8 },
 })
-local out = mt.output_dir(cfg.out_dir)
+local out = mt.output_dir(cfg.out_dir, { resume = cfg.resume })
 -- plugins come from the built-in directory (next to the moontune binary)
 local PLUGINS = {}
 

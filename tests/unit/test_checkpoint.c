@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+#include "model_identity.h"
 #include "internal.h"
 #include "model.h"
 #include "plugin_host.h"
@@ -445,8 +446,8 @@ static void test_corruption_is_refused(void **state) {
 
     /* an unknown format version (with state.json's checksum made to agree) */
     ck = save(&r, run, 1);
-    rewrite_state(ck, "\"format_version\": 1", "\"format_version\": 2", 1);
-    expect_refused(&r, ck, "format version 2", "expected 1");
+    rewrite_state(ck, "\"format_version\": 2", "\"format_version\": 3", 1);
+    expect_refused(&r, ck, "format version 3", "expected 1 to 2");
     free(ck);
 
     /* state.json edited behind its checksum */
@@ -551,9 +552,14 @@ static void test_latest_leftovers_and_prune(void **state) {
     assert_true(exists(run, "step-00000005"));
     assert_true(exists(run, "step-00000008")); /* not a complete checkpoint: left alone */
 
-    /* keep_last < 1 keeps everything */
+    /* keep_last < 1 keeps everything, but removes what a killed save or prune left */
+    snprintf(path, sizeof path, "%s/checkpoints/.tmp-del-step-00000003", run);
+    assert_int_equal(mkdir(path, 0755), 0);
     assert_int_equal(mt_checkpoint_prune(run, 0, -1, &deleted, &err), MT_OK);
     assert_int_equal(deleted, 0);
+    assert_false(exists(run, ".tmp-del-step-00000003"));
+    assert_false(exists(run, ".tmp-step-00000009"));
+    assert_true(exists(run, "step-00000004"));
 
     /* the next save cleans up the leftovers; step 10 becomes the latest */
     free(save(&r, run, 10));
@@ -574,8 +580,86 @@ static void test_latest_leftovers_and_prune(void **state) {
     free(run);
 }
 
+/* state.run comes back as it went in (as compact JSON); the base model's fingerprint is
+ * recorded, and a checkpoint refuses to load onto a model with another one, before it
+ * changes anything; a format-1 checkpoint (no run, no fingerprint) still loads. */
+static void test_run_settings_and_model_identity(void **state) {
+    (void)state;
+    rig r;
+    rig_up(&r, "full", "adamw");
+    double losses[1];
+    train(&r, 1, 1, losses);
+    char *run = mt_test_tmpdir("ckpt-identity");
+    mt_model_fingerprint(r.model, r.model->fingerprint);
+    char own[65];
+    memcpy(own, r.model->fingerprint, sizeof own);
+
+    /* the fingerprint follows the weights: one sampled value changed changes it */
+    char other[65];
+    float *w0 = &r.model->params[0].data[0];
+    const float keep = *w0;
+    *w0 = keep + 1.0f;
+    mt_model_fingerprint(r.model, other);
+    *w0 = keep;
+    assert_string_not_equal(own, other);
+    char again[65];
+    mt_model_fingerprint(r.model, again);
+    assert_string_equal(own, again);
+
+    mt_ckpt_state s;
+    fill_state(&r, &s, 1);
+    s.run = "{\"trainer\": {\"lr\": 0.001, \"total_steps\": 8}, \"config\": {\"seed\": 3}}";
+    char *ck = NULL;
+    mt_error err = {0};
+    if (mt_checkpoint_save(run, r.model, r.opt, &s, &ck, &err)) fail_msg("%s", err.msg);
+    mt_ckpt_state loaded;
+    memset(&loaded, 0, sizeof loaded);
+    if (mt_checkpoint_load(ck, r.model, r.opt, &loaded, &err)) fail_msg("%s", err.msg);
+    assert_non_null(loaded.run);
+    assert_string_equal(loaded.run, "{\"config\":{\"seed\":3},\"trainer\":{\"lr\":0.001,\"total_steps\":8}}");
+    assert_string_equal(loaded.model_fingerprint, own);
+    mt_ckpt_state_clear(&loaded);
+
+    /* another base model of the same shapes */
+    const float before = first_weight(r.model);
+    memcpy(r.model->fingerprint, other, sizeof other);
+    char own16[17];
+    memcpy(own16, own, 16);
+    own16[16] = '\0';
+    expect_refused(&r, ck, "another base model", own16);
+    assert_true(first_weight(r.model) == before);
+    memcpy(r.model->fingerprint, own, sizeof own);
+
+    /* a format-1 checkpoint (no run, no model): nothing to compare, it loads */
+    free(ck);
+    ck = NULL;
+    mt_ckpt_state s1;
+    fill_state(&r, &s1, 2);
+    memset(r.model->fingerprint, 0, sizeof r.model->fingerprint);
+    if (mt_checkpoint_save(run, r.model, r.opt, &s1, &ck, &err)) fail_msg("%s", err.msg);
+    rewrite_state(ck, "\"format_version\": 2", "\"format_version\": 1", 1);
+    memcpy(r.model->fingerprint, other, sizeof other);
+    memset(&loaded, 0, sizeof loaded);
+    if (mt_checkpoint_load(ck, r.model, r.opt, &loaded, &err)) fail_msg("%s", err.msg);
+    assert_null(loaded.run);
+    assert_string_equal(loaded.model_fingerprint, "");
+    mt_ckpt_state_clear(&loaded);
+    free(ck);
+
+    /* run must be a JSON object */
+    fill_state(&r, &s, 3);
+    s.run = "[1, 2]";
+    assert_int_not_equal(mt_checkpoint_save(run, r.model, r.opt, &s, NULL, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "state.run must be a JSON object"));
+
+    rig_down(&r);
+    mt_test_rmtree(run);
+    free(run);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_run_settings_and_model_identity),
         cmocka_unit_test(test_sha256_vectors),
         cmocka_unit_test(test_round_trip_is_exact),
         cmocka_unit_test(test_resume_equals_uninterrupted_full),
