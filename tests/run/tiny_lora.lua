@@ -13,6 +13,7 @@ local cfg = mt.config({
   spike_at = 0,       -- > 0: a callback raises the learning rate to 1 after this step, so the
                       -- held-out loss gets worse and early stopping must restore the best
   resume = false,
+  save_every = 4,
   lora = { r = 4, alpha = 8 },
 })
 local out = mt.output_dir(cfg.out_dir, { resume = cfg.resume })
@@ -54,7 +55,7 @@ local result = mt.trainer.run({
   lr = cfg.lr,
   max_steps = cfg.steps,
   out_dir = out,
-  save_every = 4,
+  save_every = cfg.save_every,
   early_stopping = { metric = "eval_loss", mode = "min", patience = 2 },
   progress = false,
 }, mt)
