@@ -115,4 +115,17 @@ grep -q "lora_sft" out.txt && grep -q "qlora_sft" out.txt && grep -q "full_sft" 
 "$moontune" cp lora_sft mine.lua && cmp mine.lua "$source_dir/recipes/lora_sft.lua"
 if "$moontune" cp lora_sft mine.lua 2> err.txt; then exit 1; fi
 grep -q "exists" err.txt
+# errors say where in the recipe: error() with a table, a stack overflow inside C
+# functions, and (outside the sanitizer build, whose allocator ignores ulimit) a memory error
+printf 'local x = 1\nerror({code = 7})\n' > err_table.lua
+if "$moontune" run err_table.lua 2> err.txt; then exit 1; fi
+grep -q "err_table.lua:2: an error was raised with a table value instead of a message" err.txt
+printf 'local t = setmetatable({}, {__tostring = function(t) return tostring(t) end})\nprint(tostring(t))\n' > err_overflow.lua
+if "$moontune" run err_overflow.lua 2> err.txt; then exit 1; fi
+grep -q "err_overflow.lua:1: C stack overflow" err.txt
+if ! ldd "$moontune" | grep -q libasan; then
+  printf 'local t = {}\nfor i = 1, 1e9 do t[i] = i end\n' > err_memory.lua
+  if (ulimit -v 2000000; "$moontune" run err_memory.lua) 2> err.txt; then exit 1; fi
+  grep -q "err_memory.lua:2: not enough memory (a request for [0-9.]* MiB failed)" err.txt
+fi
 echo "moontune run: all checks passed"
