@@ -399,7 +399,7 @@ static void write_marker(lua_State *L, const char *dir) {
         mt_write_file_atomic(path, text, strlen(text), &err)) {
         free(text);
         free(path);
-        if (!err.msg[0]) snprintf(err.msg, sizeof err.msg, "%s: out of memory", dir);
+        if (!err.msg[0]) mt_error_set(&err, MT_ERR_NOMEM, "out of memory");
         luaL_error(L, "output_dir: cannot mark %s as a run directory: %s", dir, err.msg);
     }
     free(text);

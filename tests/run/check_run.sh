@@ -56,6 +56,7 @@ grep -q "resumed from .*killed/checkpoints/step-00000004 at step 4 of 8" out.txt
 grep -q "changed since the checkpoint: config.stop_at: 4 -> 0" out.txt
 losses() { grep '"type":"step"' "$1/metrics.jsonl" | sed 's/.*"loss":\([^,]*\).*"step":\([0-9]*\).*/\2 \1/' | sort -n; }
 diff <(losses full) <(losses killed)
+cmp full/loss.svg killed/loss.svg # the plot covers the steps before the resume too
 echo "resume: per-step losses equal the uninterrupted run's, each step once"
 
 # a fresh run into a directory holding an earlier run is refused, and changes nothing;
