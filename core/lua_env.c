@@ -37,6 +37,17 @@ const char *mt_lua_dir(void) {
     return dir;
 }
 
+/* The first frame from `level` up that runs Lua code: "file:line", or "" when none. */
+static void lua_location(lua_State *L, int level, char *out, size_t size) {
+    lua_Debug ar;
+    out[0] = '\0';
+    for (; level < 64 && lua_getstack(L, level, &ar); level++) {
+        if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0) continue;
+        snprintf(out, size, "%s:%d", ar.short_src, ar.currentline);
+        return;
+    }
+}
+
 /* The Lua heap's allocator: the C library's, plus a note of the last failed request
  * and of the Lua line that made it. A memory error unwinds without calling the
  * message handler, so this note is the only way to say where it happened. */
@@ -50,16 +61,6 @@ typedef struct lua_heap {
  * buffers a recipe builds, made while the frames are consistent (Lua 5.4 allocates a
  * grown stack beside the old one). Small ones may come from the VM's own structures. */
 #define HEAP_LOCATE_MIN (1u << 20)
-
-static void heap_locate(lua_heap *h) {
-    lua_Debug ar;
-    h->failed_where[0] = '\0';
-    for (int level = 0; level < 64 && lua_getstack(h->L, level, &ar); level++) {
-        if (!lua_getinfo(h->L, "Sl", &ar) || ar.currentline <= 0) continue;
-        snprintf(h->failed_where, sizeof h->failed_where, "%s:%d", ar.short_src, ar.currentline);
-        return;
-    }
-}
 
 static void *heap_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     (void)osize;
@@ -76,7 +77,7 @@ static void *heap_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     if (!p) {
         h->failed_bytes = nsize;
         h->failed_where[0] = '\0';
-        if (nsize >= HEAP_LOCATE_MIN && h->L) heap_locate(h);
+        if (nsize >= HEAP_LOCATE_MIN && h->L) lua_location(h->L, 0, h->failed_where, sizeof h->failed_where);
     }
     return p;
 }
@@ -101,17 +102,6 @@ lua_State *mt_lua_open(mt_error *err) {
     lua_setfield(L, -2, "path");
     lua_pop(L, 1);
     return L;
-}
-
-/* The first frame from `level` up that runs Lua code: "file:line", or "" when none. */
-static void lua_location(lua_State *L, int level, char *out, size_t size) {
-    lua_Debug ar;
-    out[0] = '\0';
-    for (; level < 64 && lua_getstack(L, level, &ar); level++) {
-        if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0) continue;
-        snprintf(out, size, "%s:%d", ar.short_src, ar.currentline);
-        return;
-    }
 }
 
 /* Does msg start with "chunk:line:" (the position Lua adds to errors raised in Lua)? */
