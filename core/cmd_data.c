@@ -9,6 +9,7 @@
 #include "dataset.h"
 #include "internal.h"
 #include "lua_env.h"
+#include "numparse.h"
 #include "render.h"
 #include "tokenizer.h"
 
@@ -115,7 +116,7 @@ int mt_cmd_data(int argc, char **argv) {
     a.ex.truncation = MT_TRUNCATE_LEFT;
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        char *end = NULL;
+        mt_error perr = {0};
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
             usage(stdout);
             return 0;
@@ -149,13 +150,18 @@ int mt_cmd_data(int argc, char **argv) {
             a.ex.truncation = !strcmp(v, "left") ? MT_TRUNCATE_LEFT : MT_TRUNCATE_DROP;
         } else if (!strcmp(o, "--on-bad-record") && (!strcmp(v, "error") || !strcmp(v, "skip"))) {
             a.jsonl.on_bad_record = !strcmp(v, "skip") ? MT_BAD_RECORD_SKIP : MT_BAD_RECORD_ERROR;
-        } else if (!strcmp(o, "--seq") && (a.ex.seq_len = (int)strtol(v, &end, 10)) > 1 && !*end) {
-        } else if (!strcmp(o, "--batch") && (a.batch = (int)strtol(v, &end, 10)) > 0 && !*end) {
+        } else if (!strcmp(o, "--seq")) {
+            if (mt_parse_int_into(o, v, &MT_LIMIT_SEQ_LEN, &a.ex.seq_len, &perr)) goto refused;
+        } else if (!strcmp(o, "--batch")) {
+            if (mt_parse_int_into(o, v, &MT_LIMIT_BATCH, &a.batch, &perr)) goto refused;
         } else if (!strcmp(o, "--seed")) {
-            a.seed = strtoull(v, &end, 10);
-            if (*end) goto bad;
-        } else if (!strcmp(o, "--heldout") && (a.heldout = strtod(v, &end)) >= 0.0 &&
-                   a.heldout < 1.0 && !*end) {
+            uint64_t seed;
+            if (mt_parse_u64(o, v, &seed, &perr)) goto refused;
+            a.seed = seed;
+        } else if (!strcmp(o, "--heldout")) {
+            double x;
+            if (mt_parse_real(o, v, &MT_LIMIT_FRACTION, &x, &perr)) goto refused;
+            a.heldout = x;
         } else {
             goto bad;
         }
@@ -164,6 +170,9 @@ int mt_cmd_data(int argc, char **argv) {
     bad:
         fprintf(stderr, "moontune data: bad option or value: %s %s\n", o, v ? v : "");
         usage(stderr);
+        return 2;
+    refused:
+        fprintf(stderr, "moontune data: %s\n", perr.msg);
         return 2;
     }
     if (!a.n_files || !a.tokenizer) {

@@ -7,6 +7,7 @@
 
 #include "evaluate.h"
 #include "internal.h"
+#include "numparse.h"
 #include "peft.h"
 #include "render.h"
 #include "tokenizer.h"
@@ -34,7 +35,6 @@ int mt_cmd_eval(int argc, char **argv) {
     mt_jsonl_options jsonl = {.format = MT_DATA_AUTO, .on_bad_record = MT_BAD_RECORD_ERROR};
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        char *end = NULL;
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
             usage(stdout);
             return 0;
@@ -50,9 +50,15 @@ int mt_cmd_eval(int argc, char **argv) {
         else if (!strcmp(o, "--template")) template_name = v;
         else if (!strcmp(o, "--format") && mt_data_format_parse(v) >= 0)
             jsonl.format = (mt_data_format)mt_data_format_parse(v);
-        else if (!strcmp(o, "--seq") && (seq = (int)strtol(v, &end, 10)) > 1 && !*end) {
-        } else if (!strcmp(o, "--batch") && (batch = (int)strtol(v, &end, 10)) > 0 && !*end) {
-        } else if (!strcmp(o, "--threads") && (threads = (int)strtol(v, &end, 10)) >= 0 && !*end) {
+        else if (!strcmp(o, "--seq") || !strcmp(o, "--batch") || !strcmp(o, "--threads")) {
+            mt_error perr = {0};
+            if (mt_parse_int_into(o, v, !strcmp(o, "--seq") ? &MT_LIMIT_SEQ_LEN
+                                     : !strcmp(o, "--batch") ? &MT_LIMIT_BATCH : &MT_LIMIT_THREADS,
+                               !strcmp(o, "--seq") ? &seq : !strcmp(o, "--batch") ? &batch : &threads,
+                               &perr)) {
+                fprintf(stderr, "moontune eval: %s\n", perr.msg);
+                return 2;
+            }
         } else
             goto bad;
         i++;

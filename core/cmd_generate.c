@@ -8,6 +8,7 @@
 
 #include "generate.h"
 #include "internal.h"
+#include "numparse.h"
 #include "lua_env.h"
 #include "peft.h"
 #include "render.h"
@@ -184,7 +185,7 @@ int mt_cmd_generate(int argc, char **argv) {
     a.sampling = (mt_sampling){.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 42};
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        char *end = NULL;
+        mt_error perr = {0};
         if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
             usage(stdout);
             return 0;
@@ -203,19 +204,18 @@ int mt_cmd_generate(int argc, char **argv) {
             a.template_name = v;
         } else if (!strcmp(o, "--stop") && a.n_stops < 8 && *v) {
             a.stops[a.n_stops++] = v;
-        } else if (!strcmp(o, "--max-new-tokens") &&
-                   (a.max_new_tokens = (int)strtol(v, &end, 10)) >= 0 && !*end &&
-                   a.max_new_tokens <= (1 << 20)) {
-        } else if (!strcmp(o, "--threads") && (a.threads = (int)strtol(v, &end, 10)) >= 0 && !*end) {
-        } else if (!strcmp(o, "--top-k") && (a.sampling.top_k = (int)strtol(v, &end, 10)) >= 0 &&
-                   !*end) {
-        } else if (!strcmp(o, "--temperature") &&
-                   (a.sampling.temperature = strtof(v, &end)) >= 0.0f && !*end) {
-        } else if (!strcmp(o, "--top-p") && (a.sampling.top_p = strtof(v, &end)) > 0.0f &&
-                   a.sampling.top_p <= 1.0f && !*end) {
+        } else if (!strcmp(o, "--max-new-tokens")) {
+            if (mt_parse_int_into(o, v, &MT_LIMIT_MAX_NEW_TOKENS, &a.max_new_tokens, &perr)) goto refused;
+        } else if (!strcmp(o, "--threads")) {
+            if (mt_parse_int_into(o, v, &MT_LIMIT_THREADS, &a.threads, &perr)) goto refused;
+        } else if (!strcmp(o, "--top-k")) {
+            if (mt_parse_int_into(o, v, &MT_LIMIT_TOP_K, &a.sampling.top_k, &perr)) goto refused;
+        } else if (!strcmp(o, "--temperature")) {
+            if (mt_parse_float_into(o, v, &MT_LIMIT_TEMPERATURE, &a.sampling.temperature, &perr)) goto refused;
+        } else if (!strcmp(o, "--top-p")) {
+            if (mt_parse_float_into(o, v, &MT_LIMIT_TOP_P, &a.sampling.top_p, &perr)) goto refused;
         } else if (!strcmp(o, "--seed")) {
-            a.sampling.seed = strtoull(v, &end, 10);
-            if (*end || !*v) goto bad;
+            if (mt_parse_u64(o, v, &a.sampling.seed, &perr)) goto refused;
         } else {
             goto bad;
         }
@@ -224,6 +224,9 @@ int mt_cmd_generate(int argc, char **argv) {
     bad:
         fprintf(stderr, "moontune generate: bad option or value: %s %s\n", o, v ? v : "");
         usage(stderr);
+        return 2;
+    refused:
+        fprintf(stderr, "moontune generate: %s\n", perr.msg);
         return 2;
     }
     if (!a.model || !a.prompt) {

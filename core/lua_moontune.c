@@ -18,6 +18,7 @@
 #define _DEFAULT_SOURCE /* realpath */
 #include "lua_moontune.h"
 #include "lua_run.h"
+#include "numparse.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -94,6 +95,38 @@ static double opt_num(lua_State *L, int opts, const char *key, double def) {
         v = lua_tonumber(L, -1);
     }
     lua_pop(L, 1);
+    return v;
+}
+
+/* opt_int / opt_num within a shared limit (core/numparse.c): the Lua API accepts the
+ * values the commands accept, and nothing is cut to 32 bits on the way. */
+static lua_Integer opt_int_in(lua_State *L, int opts, const char *key, lua_Integer def,
+                              const mt_int_limit *lim) {
+    if (opt_field(L, opts, key) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return def; /* the caller's default: not the user's value */
+    }
+    lua_pop(L, 1);
+    lua_Integer v = opt_int(L, opts, key, def);
+    mt_error err = {0};
+    char name[80];
+    snprintf(name, sizeof name, "option '%s'", key);
+    if (mt_check_int(name, (int64_t)v, lim, &err)) luaL_error(L, "%s", err.msg);
+    return v;
+}
+
+static double opt_num_in(lua_State *L, int opts, const char *key, double def,
+                         const mt_real_limit *lim) {
+    if (opt_field(L, opts, key) == LUA_TNIL) {
+        lua_pop(L, 1);
+        return def;
+    }
+    lua_pop(L, 1);
+    double v = opt_num(L, opts, key, def);
+    mt_error err = {0};
+    char name[80];
+    snprintf(name, sizeof name, "option '%s'", key);
+    if (mt_check_real(name, v, lim, &err)) luaL_error(L, "%s", err.msg);
     return v;
 }
 
@@ -425,7 +458,7 @@ static int model_close(lua_State *L) {
 static int l_model(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     check_opts(L, 2);
-    int threads = (int)opt_int(L, 2, "threads", 0);
+    int threads = (int)opt_int_in(L, 2, "threads", 0, &MT_LIMIT_THREADS);
     lmodel *u = lua_newuserdatauv(L, sizeof *u, 1);
     memset(u, 0, sizeof *u);
     luaL_setmetatable(L, MODEL_MT);
@@ -793,7 +826,7 @@ static lexamples *new_examples(lua_State *L, const mt_example_options *opt) {
 
 static void read_example_options(lua_State *L, int opts, mt_example_options *ex) {
     memset(ex, 0, sizeof *ex);
-    ex->seq_len = (int)opt_int(L, opts, "seq_len", 512);
+    ex->seq_len = (int)opt_int_in(L, opts, "seq_len", 512, &MT_LIMIT_SEQ_LEN);
     const char *tr = opt_str(L, opts, "truncation", "left");
     if (!strcmp(tr, "left")) ex->truncation = MT_TRUNCATE_LEFT;
     else if (!strcmp(tr, "drop")) ex->truncation = MT_TRUNCATE_DROP;
@@ -1088,8 +1121,8 @@ static int batcher_close(lua_State *L) {
 static int l_batcher(lua_State *L) {
     lexamples *e = check_examples(L, 1);
     check_opts(L, 2);
-    int B = (int)opt_int(L, 2, "batch", 1);
-    int T = (int)opt_int(L, 2, "seq_len", e->set.opt.seq_len);
+    int B = (int)opt_int_in(L, 2, "batch", 1, &MT_LIMIT_BATCH);
+    int T = (int)opt_int_in(L, 2, "seq_len", e->set.opt.seq_len, &MT_LIMIT_SEQ_LEN);
     int pack = opt_bool(L, 2, "pack", 1);
     lua_Integer seed = opt_int(L, 2, "seed", 0);
     int shuffle = opt_bool(L, 2, "shuffle", 1);
@@ -1237,8 +1270,8 @@ static int l_evaluate(lua_State *L) {
     lmodel *u = check_model(L, 1);
     lexamples *e = check_examples(L, 2);
     check_opts(L, 3);
-    int B = (int)opt_int(L, 3, "batch", u->m->plan_B);
-    int T = (int)opt_int(L, 3, "seq_len", u->m->plan_T);
+    int B = (int)opt_int_in(L, 3, "batch", u->m->plan_B, &MT_LIMIT_BATCH);
+    int T = (int)opt_int_in(L, 3, "seq_len", u->m->plan_T, &MT_LIMIT_SEQ_LEN);
     mt_eval_result r;
     mt_error err = {0};
     if (mt_evaluate(u->m, &e->set, B, T, &r, &err)) return lraise(L, &err);
@@ -1256,6 +1289,12 @@ static int l_schedule(lua_State *L) {
     mt_plugin_instance *s = check_kind(L, 1, MT_PLUGIN_SCHEDULER, "schedule");
     lua_Integer step = luaL_checkinteger(L, 2), total = luaL_checkinteger(L, 3);
     double base = luaL_checknumber(L, 4);
+    /* schedulers count steps from 0 (transformers' lambdas); a base lr is finite, >= 0 */
+    if (total < 1) return luaL_error(L, "schedule: total steps %I: must be >= 1", total);
+    if (step < 0 || step > total)
+        return luaL_error(L, "schedule: step %I is out of range (expected 0 to the total, %I)", step, total);
+    if (!isfinite(base) || base < 0)
+        return luaL_error(L, "schedule: base learning rate %f: must be finite and >= 0", base);
     lua_pushnumber(L, mt_schedule_lr(s, (int64_t)step, (int64_t)total, base));
     return 1;
 }
@@ -1526,13 +1565,13 @@ static int l_generate(lua_State *L) {
     const char *system = opt_str(L, 4, "system", NULL);
     mt_generate_options go;
     memset(&go, 0, sizeof go);
-    go.max_new_tokens = (int)opt_int(L, 4, "max_new_tokens", 256);
-    go.sampling.temperature = (float)opt_num(L, 4, "temperature", 0);
-    go.sampling.top_k = (int)opt_int(L, 4, "top_k", 0);
-    go.sampling.top_p = (float)opt_num(L, 4, "top_p", 1);
+    go.max_new_tokens = (int)opt_int_in(L, 4, "max_new_tokens", 256, &MT_LIMIT_MAX_NEW_TOKENS);
+    go.sampling.temperature = (float)opt_num_in(L, 4, "temperature", 0, &MT_LIMIT_TEMPERATURE);
+    go.sampling.top_k = (int)opt_int_in(L, 4, "top_k", 0, &MT_LIMIT_TOP_K);
+    go.sampling.top_p = (float)opt_num_in(L, 4, "top_p", 1, &MT_LIMIT_TOP_P);
     go.sampling.seed = (uint64_t)opt_int(L, 4, "seed", 0);
     go.skip_special = 1;
-    lua_Integer slots = opt_int(L, 4, "batch", MT_GENERATE_SLOTS);
+    lua_Integer slots = opt_int_in(L, 4, "batch", MT_GENERATE_SLOTS, &MT_LIMIT_GENERATE_SLOTS);
     if (slots < 1) return luaL_error(L, "option 'batch': %I sequences at a time: must be >= 1", slots);
     const char **stops = NULL;
     int n_stops = 0;

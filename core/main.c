@@ -9,6 +9,7 @@
 #include "cmd_generate.h"
 #include "cmd_plugins.h"
 #include "cmd_run.h"
+#include "numparse.h"
 #include "options.h"
 #include "moontune/moontune.h"
 
@@ -53,15 +54,13 @@ static void bench_usage(FILE *out) {
             "                   target_modules=all-linear, r=16\n");
 }
 
-static int parse_int(const char *flag, const char *value, int *out) {
-    char *end;
-    long v = value ? strtol(value, &end, 10) : 0;
-    if (!value || *end || v < 0 || v > 1 << 24) {
-        fprintf(stderr, "moontune bench: %s expects a non-negative integer, got \"%s\"\n", flag,
-                value ? value : "");
+/* A bench value through the shared parser and limits (core/numparse.c). */
+static int parse_int(const char *flag, const char *value, const mt_int_limit *lim, int *out) {
+    mt_error err = {0};
+    if (mt_parse_int_into(flag, value, lim, out, &err)) {
+        fprintf(stderr, "moontune bench: %s\n", err.msg);
         return 0;
     }
-    *out = (int)v;
     return 1;
 }
 
@@ -116,15 +115,15 @@ static int cmd_bench(int argc, char **argv) {
                 return 2;
             }
         } else if (!strcmp(a, "--batch") && v) {
-            if (!parse_int(a, v, &opt.batch)) return 2;
+            if (!parse_int(a, v, &MT_LIMIT_BATCH, &opt.batch)) return 2;
         } else if (!strcmp(a, "--seq") && v) {
-            if (!parse_int(a, v, &opt.seq)) return 2;
+            if (!parse_int(a, v, &MT_LIMIT_SEQ_LEN, &opt.seq)) return 2;
         } else if (!strcmp(a, "--steps") && v) {
-            if (!parse_int(a, v, &opt.steps)) return 2;
+            if (!parse_int(a, v, &MT_LIMIT_STEPS, &opt.steps)) return 2;
         } else if (!strcmp(a, "--warmup") && v) {
-            if (!parse_int(a, v, &opt.warmup)) return 2;
+            if (!parse_int(a, v, &MT_LIMIT_STEPS, &opt.warmup)) return 2;
         } else if (!strcmp(a, "--threads") && v) {
-            if (!parse_int(a, v, &opt.threads)) return 2;
+            if (!parse_int(a, v, &MT_LIMIT_THREADS, &opt.threads)) return 2;
         } else if (!strcmp(a, "--adapter") && v) {
             opt.adapter = v;
         } else if (!strcmp(a, "--adapter-option") && v) {

@@ -74,6 +74,11 @@ static void test_records_tasks_exports(void **state) {
     run_script("export.lua");
 }
 
+static void test_numbers(void **state) {
+    (void)state;
+    run_script("numbers.lua");
+}
+
 static void test_generate_smollm2(void **state) {
     (void)state;
     if (!mt_test_smollm2_gguf()) {
@@ -107,6 +112,7 @@ int main(void) {
         cmocka_unit_test(test_train_end_to_end),
         cmocka_unit_test(test_records_tasks_exports),
         cmocka_unit_test(test_generate_smollm2),
+        cmocka_unit_test(test_numbers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,153 @@
+/* test_numparse.c — the shared number parser (core/numparse.c) and the commands that
+ * use it: every value the issue found cut to 32 bits or unchecked is refused, with the
+ * option, the text and the accepted range in the message. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "numparse.h"
+#include "testutil.h"
+
+static void expect_int(const char *text, const mt_int_limit *lim, int64_t want) {
+    int64_t v = -12345;
+    mt_error err = {0};
+    if (mt_parse_int("--x", text, lim, &v, &err)) fail_msg("'%s' refused: %s", text, err.msg);
+    assert_int_equal(v, want);
+}
+
+static void expect_int_refused(const char *text, const mt_int_limit *lim, const char *part) {
+    int64_t v = 77;
+    mt_error err = {0};
+    assert_int_not_equal(mt_parse_int("--x", text, lim, &v, &err), MT_OK);
+    assert_int_equal(v, 77); /* untouched */
+    if (!strstr(err.msg, part)) fail_msg("'%s': message '%s' lacks '%s'", text, err.msg, part);
+    assert_non_null(strstr(err.msg, "--x"));
+}
+
+static void test_integers(void **state) {
+    (void)state;
+    const mt_int_limit *seq = &MT_LIMIT_SEQ_LEN;
+    expect_int("2", seq, 2);
+    expect_int("1048576", seq, 1048576);
+    expect_int("0512", seq, 512); /* decimal, not octal */
+    expect_int_refused("1", seq, "out of range (expected an integer from 2 to 1048576)");
+    expect_int_refused("1048577", seq, "out of range");
+    expect_int_refused("4294967298", seq, "'4294967298' is out of range"); /* was 2 */
+    expect_int_refused("4294967297", &MT_LIMIT_BATCH, "out of range");    /* was 1 */
+    expect_int_refused("4294967296", &MT_LIMIT_MAX_NEW_TOKENS, "out of range"); /* was 0 */
+    expect_int_refused("4294967296", &MT_LIMIT_TOP_K, "out of range");          /* was 0 */
+    expect_int_refused("100000", &MT_LIMIT_THREADS, "from 0 to 1024");
+    expect_int_refused("99999999999999999999999", seq, "out of range"); /* ERANGE */
+    expect_int_refused("-99999999999999999999999", seq, "out of range");
+    expect_int_refused("", seq, "is not an integer");
+    expect_int_refused(" 8", seq, "is not an integer");
+    expect_int_refused("8 ", seq, "is not an integer");
+    expect_int_refused("8x", seq, "is not an integer");
+    expect_int_refused("0x10", seq, "is not an integer");
+    expect_int_refused("8.0", seq, "is not an integer");
+    expect_int_refused("1e3", seq, "is not an integer");
+    expect_int_refused(NULL, seq, "is not an integer");
+    expect_int("-0", &MT_LIMIT_THREADS, 0);
+    expect_int("+7", &MT_LIMIT_THREADS, 7);
+}
+
+static void test_reals(void **state) {
+    (void)state;
+    double v = 0;
+    mt_error err = {0};
+    assert_int_equal(mt_parse_real("--top-p", "1", &MT_LIMIT_TOP_P, &v, &err), MT_OK);
+    assert_true(v == 1.0);
+    assert_int_equal(mt_parse_real("--top-p", "1e-9", &MT_LIMIT_TOP_P, &v, &err), MT_OK);
+    const char *bad_top_p[] = {"0", "-0", "1.0000001", "5", "nan", "inf", "-inf", "", "0.5x", " 0.5"};
+    for (size_t i = 0; i < sizeof bad_top_p / sizeof bad_top_p[0]; i++) {
+        v = 42;
+        assert_int_not_equal(mt_parse_real("--top-p", bad_top_p[i], &MT_LIMIT_TOP_P, &v, &err), MT_OK);
+        assert_true(v == 42);
+        assert_non_null(strstr(err.msg, "--top-p"));
+        assert_non_null(strstr(err.msg, "> 0 and <= 1"));
+    }
+    assert_int_not_equal(mt_parse_real("--temperature", "inf", &MT_LIMIT_TEMPERATURE, &v, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "'inf' is not finite"));
+    assert_int_not_equal(mt_parse_real("--temperature", "1e309", &MT_LIMIT_TEMPERATURE, &v, &err), MT_OK);
+    assert_int_equal(mt_parse_real("--temperature", "0", &MT_LIMIT_TEMPERATURE, &v, &err), MT_OK);
+    assert_int_not_equal(mt_parse_real("--heldout", "1", &MT_LIMIT_FRACTION, &v, &err), MT_OK);
+    assert_non_null(strstr(err.msg, ">= 0 and < 1"));
+    assert_int_equal(mt_parse_real("--heldout", "0", &MT_LIMIT_FRACTION, &v, &err), MT_OK);
+    /* already numbers (the Lua API) */
+    assert_int_not_equal(mt_check_real("option 'top_p'", 5.0, &MT_LIMIT_TOP_P, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "option 'top_p': 5 is out of range"));
+    assert_int_not_equal(mt_check_real("t", NAN, &MT_LIMIT_TEMPERATURE, &err), MT_OK);
+    assert_int_not_equal(mt_check_int("option 'top_k'", -1, &MT_LIMIT_TOP_K, &err), MT_OK);
+    assert_int_equal(mt_check_int("option 'top_k'", 0, &MT_LIMIT_TOP_K, &err), MT_OK);
+}
+
+static void test_seeds(void **state) {
+    (void)state;
+    uint64_t v = 0;
+    mt_error err = {0};
+    assert_int_equal(mt_parse_u64("--seed", "18446744073709551615", &v, &err), MT_OK);
+    assert_true(v == UINT64_MAX);
+    assert_int_not_equal(mt_parse_u64("--seed", "18446744073709551616", &v, &err), MT_OK);
+    assert_int_not_equal(mt_parse_u64("--seed", "-1", &v, &err), MT_OK); /* strtoull wraps it */
+    assert_int_not_equal(mt_parse_u64("--seed", "", &v, &err), MT_OK);
+    assert_int_not_equal(mt_parse_u64("--seed", "1x", &v, &err), MT_OK);
+}
+
+/* The commands themselves: each value the issue reported is refused with exit 2 and a
+ * message naming the option (never run with a truncated value). */
+static void expect_command_refuses(const char *args, const char *part) {
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/moontune %s 2>&1 >/dev/null", MT_BUILD_DIR, args);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    char out[4096] = "";
+    size_t n = fread(out, 1, sizeof out - 1, p);
+    out[n] = '\0';
+    int status = pclose(p);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 2)
+        fail_msg("moontune %s: expected exit 2, got status %d: %s", args, status, out);
+    if (!strstr(out, part)) fail_msg("moontune %s: '%s' lacks '%s'", args, out, part);
+}
+
+static void test_commands(void **state) {
+    (void)state;
+    const char *m = MT_FIXTURE_DIR "/tiny_chat", *d = MT_FIXTURE_DIR "/data/tiny_chat_heldout.jsonl";
+    char a[1024];
+    snprintf(a, sizeof a, "eval --model %s --seq 4294967298 %s", m, d);
+    expect_command_refuses(a, "--seq: '4294967298' is out of range");
+    snprintf(a, sizeof a, "eval --model %s --batch 4294967297 %s", m, d);
+    expect_command_refuses(a, "--batch: '4294967297' is out of range");
+    snprintf(a, sizeof a, "eval --model %s --threads 100000 %s", m, d);
+    expect_command_refuses(a, "--threads: '100000' is out of range");
+    snprintf(a, sizeof a, "generate --model %s --prompt hi --max-new-tokens 4294967296", m);
+    expect_command_refuses(a, "--max-new-tokens: '4294967296' is out of range");
+    snprintf(a, sizeof a, "generate --model %s --prompt hi --top-k 4294967296", m);
+    expect_command_refuses(a, "--top-k: '4294967296' is out of range");
+    snprintf(a, sizeof a, "generate --model %s --prompt hi --temperature inf", m);
+    expect_command_refuses(a, "--temperature: 'inf' is not finite");
+    snprintf(a, sizeof a, "generate --model %s --prompt hi --top-p 5", m);
+    expect_command_refuses(a, "--top-p: '5' is out of range");
+    snprintf(a, sizeof a, "generate --model %s --prompt hi --threads 100000", m);
+    expect_command_refuses(a, "--threads: '100000' is out of range");
+    snprintf(a, sizeof a, "generate --model %s --prompt hi --seed -1", m);
+    expect_command_refuses(a, "--seed: '-1' is not an unsigned integer");
+    snprintf(a, sizeof a, "data %s --tokenizer %s --seq 4294967298", d, m);
+    expect_command_refuses(a, "--seq: '4294967298' is out of range");
+    snprintf(a, sizeof a, "data %s --tokenizer %s --heldout 1", d, m);
+    expect_command_refuses(a, "--heldout: '1' is out of range");
+    expect_command_refuses("bench --seq 4294967298", "--seq: '4294967298' is out of range");
+    expect_command_refuses("bench --threads 100000", "--threads: '100000' is out of range");
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_integers),
+        cmocka_unit_test(test_reals),
+        cmocka_unit_test(test_seeds),
+        cmocka_unit_test(test_commands),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
