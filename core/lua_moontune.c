@@ -661,9 +661,10 @@ static int32_t *read_ids(lua_State *L, int idx, size_t *n, const char *what) {
 /* tok:decode(ids [, skip_special = false]) */
 static int tok_decode(lua_State *L) {
     ltok *t = check_tok(L, 1);
+    /* read before read_ids, whose scratch buffer is pushed where an absent flag was */
+    int skip = lua_toboolean(L, 3);
     size_t n;
     int32_t *ids = read_ids(L, 2, &n, "decode");
-    int skip = lua_toboolean(L, 3);
     char *text = NULL;
     size_t len = 0;
     mt_error err = {0};
