@@ -35,6 +35,7 @@
 
 #include "tokenizer.h"
 
+#include <inttypes.h>
 #include <jansson.h>
 #include <pcre2.h>
 #include <stdio.h>
@@ -789,10 +790,27 @@ static mt_status parse_post_processor(mt_tokenizer *tok, json_t *p, mt_error *er
     return MT_OK;
 }
 
+/* A JSON value's kind, for errors that say what was found. */
+static const char *json_kind(const json_t *j) {
+    switch (json_typeof(j)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER: return "an integer";
+    case JSON_REAL: return "a number";
+    case JSON_TRUE: case JSON_FALSE: return "a boolean";
+    default: return "null";
+    }
+}
+
 static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     const char *path = tok->source;
     json_t *model = json_object_get(root, "model");
     if (!json_is_object(model)) return mt_error_set(err, MT_ERR_FORMAT, "%s: no \"model\" object", path);
+    json_t *jtype = json_object_get(model, "type");
+    if (jtype && !json_is_string(jtype))
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key 'model.type': expected a string such as \"BPE\", found %s",
+                            path, json_kind(jtype));
     const char *type = jstr(model, "type");
     if (type && strcmp(type, "BPE") != 0)
         return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: model type \"%s\" is not supported (only BPE is)", path, type);
@@ -811,26 +829,41 @@ static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     tok->fuse_unk = jbool(model, "fuse_unk", 0);
     tok->ignore_merges = jbool(model, "ignore_merges", 0);
 
-    /* ids: the vocab's and the added tokens' together */
+    /* ids: the vocab's and the added tokens' together. Ids index dense tables, so an id
+     * far past the number of tokens (a typo, or a hostile file) would allocate gigabytes:
+     * gaps are allowed (reserved ids) up to ID_SLACK beyond the count. */
+    if (json_object_size(vocab) == 0)
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key 'model.vocab' is empty: a tokenizer needs a vocabulary", path);
+    json_t *added = json_object_get(root, "added_tokens");
+    if (added && !json_is_array(added)) return mt_error_set(err, MT_ERR_FORMAT, "%s: \"added_tokens\" is not an array", path);
+    const json_int_t ID_SLACK = 1 << 20;
+    const json_int_t id_limit = (json_int_t)json_object_size(vocab) + (json_int_t)json_array_size(added) + ID_SLACK;
     json_int_t max_id = -1;
     const char *key;
     json_t *v;
     json_object_foreach(vocab, key, v) {
-        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > INT32_MAX - 2)
-            return mt_error_set(err, MT_ERR_FORMAT, "%s: vocab entry \"%s\" has no valid id", path, key);
+        if (!json_is_integer(v) || json_integer_value(v) < 0)
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: vocab entry \"%s\" has no valid id (expected an integer >= 0)", path, key);
+        if (json_integer_value(v) >= id_limit)
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: vocab entry \"%s\": id %" JSON_INTEGER_FORMAT " is far beyond the vocabulary's %zu "
+                                "entries (ids must be below %" JSON_INTEGER_FORMAT ")",
+                                path, key, json_integer_value(v), json_object_size(vocab), id_limit);
         if (json_integer_value(v) > max_id) max_id = json_integer_value(v);
     }
-    json_t *added = json_object_get(root, "added_tokens");
-    if (added && !json_is_array(added)) return mt_error_set(err, MT_ERR_FORMAT, "%s: \"added_tokens\" is not an array", path);
     size_t i;
     json_t *e;
     json_array_foreach(added, i, e) {
         json_t *id = json_object_get(e, "id");
-        if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) > INT32_MAX - 2 || !jstr(e, "content"))
-            return mt_error_set(err, MT_ERR_FORMAT, "%s: added_tokens[%zu] needs an \"id\" and a \"content\"", path, i);
+        if (!json_is_integer(id) || json_integer_value(id) < 0 || !jstr(e, "content"))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: added_tokens[%zu] needs an \"id\" (an integer >= 0) and a \"content\"", path, i);
+        if (json_integer_value(id) >= id_limit)
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: added_tokens[%zu] \"%s\": id %" JSON_INTEGER_FORMAT " is far beyond the vocabulary's "
+                                "%zu entries (ids must be below %" JSON_INTEGER_FORMAT ")",
+                                path, i, jstr(e, "content"), json_integer_value(id), json_object_size(vocab), id_limit);
         if (json_integer_value(id) > max_id) max_id = json_integer_value(id);
     }
-    if (max_id < 0) return mt_error_set(err, MT_ERR_FORMAT, "%s: the vocabulary is empty", path);
     mt_status st = ids_alloc(tok, (int32_t)max_id + 1, err);
     if (st) return st;
     json_object_foreach(vocab, key, v) {
@@ -1052,10 +1085,22 @@ static int gguf_bool(const mt_gguf *g, const char *key, int dflt) {
     return dflt;
 }
 
-static int32_t gguf_id(const mt_gguf *g, const char *key, int32_t n_ids) {
+/* A special token id from the GGUF metadata into *out: -1 when the key is absent; an id
+ * outside the vocabulary is an error (dropped silently, an EOS id would let generation
+ * run to its limit). */
+static mt_status gguf_id(const mt_gguf *g, const char *path, const char *key, int32_t n_ids,
+                         int32_t *out, mt_error *err) {
+    *out = -1;
+    if (!mt_gguf_get(g, key)) return MT_OK;
     int64_t v;
-    if (!mt_gguf_get(g, key) || mt_gguf_get_int(g, key, &v, NULL) != MT_OK) return -1;
-    return (v >= 0 && v < n_ids) ? (int32_t)v : -1;
+    if (mt_gguf_get_int(g, key, &v, NULL) != MT_OK)
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key '%s': expected an integer token id", path, key);
+    if (v < 0 || v >= n_ids)
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: key '%s': token id %" PRId64 " is outside the vocabulary (0 to %d)", path,
+                            key, v, n_ids - 1);
+    *out = (int32_t)v;
+    return MT_OK;
 }
 
 static int64_t arr_int(const mt_gguf_value *v, uint64_t i) {
@@ -1266,14 +1311,16 @@ mt_status mt_tokenizer_load_gguf(const char *gguf_path, mt_tokenizer **out, mt_e
         tok->has_decoder = 1;
         tok->byte_fallback = 1;
         tok->fuse_unk = 1;
-        tok->unk = gguf_id(g, "tokenizer.ggml.unknown_token_id", tok->n_ids);
+        if (!st) st = gguf_id(g, gguf_path, "tokenizer.ggml.unknown_token_id", tok->n_ids, &tok->unk, err);
         tok->family = MT_TOK_SENTENCEPIECE_BPE;
     }
     if (!st) st = finish_tables(tok, err);
     if (!st) {
-        tok->bos = gguf_id(g, "tokenizer.ggml.bos_token_id", tok->n_ids);
-        tok->eos = gguf_id(g, "tokenizer.ggml.eos_token_id", tok->n_ids);
-        tok->pad = gguf_id(g, "tokenizer.ggml.padding_token_id", tok->n_ids);
+        st = gguf_id(g, gguf_path, "tokenizer.ggml.bos_token_id", tok->n_ids, &tok->bos, err);
+        if (!st) st = gguf_id(g, gguf_path, "tokenizer.ggml.eos_token_id", tok->n_ids, &tok->eos, err);
+        if (!st) st = gguf_id(g, gguf_path, "tokenizer.ggml.padding_token_id", tok->n_ids, &tok->pad, err);
+    }
+    if (!st) {
         if (gguf_bool(g, "tokenizer.ggml.add_bos_token", spm) && tok->bos >= 0) tok->prefix[tok->n_prefix++] = tok->bos;
         if (gguf_bool(g, "tokenizer.ggml.add_eos_token", 0) && tok->eos >= 0) tok->suffix[tok->n_suffix++] = tok->eos;
         if (mt_gguf_get(g, "tokenizer.chat_template"))

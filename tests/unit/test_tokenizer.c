@@ -441,9 +441,58 @@ static void test_bad_input(void **state) {
     mt_token_list_free(&l);
     mt_tokenizer_free(tok);
     free(path);
+    /* model.type that is not a string is refused, not taken for BPE */
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": 7, %s, \"merges\": []}}", vocab);
+    expect_bad(dir, buf, "key 'model.type': expected a string such as \"BPE\", found an integer");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": null, %s, \"merges\": []}}", vocab);
+    expect_bad(dir, buf, "key 'model.type': expected a string");
+    /* an id far past the vocabulary would size the tables by it (8 GB for 2e9) */
+    expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 2000000000}, \"merges\": []}}",
+               "vocab entry \"a\": id 2000000000 is far beyond the vocabulary's 1 entries");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": []}, \"added_tokens\": "
+             "[{\"id\": 2000000000, \"content\": \"<x>\", \"special\": true}]}", vocab);
+    expect_bad(dir, buf, "added_tokens[0] \"<x>\": id 2000000000 is far beyond");
+    expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": -1}, \"merges\": []}}",
+               "vocab entry \"a\" has no valid id");
+    /* an empty vocabulary (even with added tokens) would make ordinary text vanish */
+    expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}, \"added_tokens\": "
+               "[{\"id\": 0, \"content\": \"<s>\", \"special\": true}]}", "key 'model.vocab' is empty");
     mt_tokenizer *none;
     assert_int_equal(mt_tokenizer_load_json("/nonexistent/tokenizer.json", NULL, &none, &err), MT_ERR_IO);
     assert_non_null(strstr(err.msg, "/nonexistent/tokenizer.json"));
+    mt_test_rmtree(dir);
+    free(dir);
+}
+
+/* A GGUF whose eos_token_id lies outside the vocabulary is refused, naming the file,
+ * the key and the id (dropped silently, generation would never stop). */
+static void test_gguf_special_id_outside_vocab(void **state) {
+    (void)state;
+    char *bytes;
+    size_t len;
+    assert_int_equal(mt_read_file(MT_FIXTURE_DIR "/tokenizer/llama3/tokenizer.gguf", &bytes, &len, NULL), MT_OK);
+    static const char key[] = "tokenizer.ggml.eos_token_id";
+    char *at = NULL;
+    for (size_t i = 0; i + sizeof key < len && !at; i++)
+        if (!memcmp(bytes + i, key, sizeof key - 1)) at = bytes + i;
+    assert_non_null(at);
+    uint32_t type;
+    memcpy(&type, at + sizeof key - 1, 4);
+    assert_true(type == 4 || type == 5); /* UINT32 or INT32 */
+    const uint32_t huge = 2000000000u;
+    memcpy(at + sizeof key - 1 + 4, &huge, 4);
+    char *dir = mt_test_tmpdir("tok-gguf");
+    char *path = mt_path_join(dir, "tokenizer.gguf", NULL);
+    mt_test_write_file(path, bytes, len);
+    mt_tokenizer *tok = NULL;
+    mt_error err = {0};
+    assert_int_not_equal(mt_tokenizer_load_gguf(path, &tok, &err), MT_OK);
+    assert_null(tok);
+    printf("refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, path));
+    assert_non_null(strstr(err.msg, "key 'tokenizer.ggml.eos_token_id': token id 2000000000 is outside the vocabulary"));
+    free(path);
+    free(bytes);
     mt_test_rmtree(dir);
     free(dir);
 }
@@ -461,6 +510,7 @@ int main(void) {
         cmocka_unit_test(test_gguf_fixtures),
         cmocka_unit_test(test_throughput),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_gguf_special_id_outside_vocab),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
