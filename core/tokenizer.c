@@ -28,8 +28,8 @@
  * composed one to its starter, the first character composed into it), and where
  * canonical ordering moved a mark ahead of earlier ones, to the smallest offset at or
  * after it, so offsets never decrease. A token's offset is that of its first byte.
- * Limits: single_word treats every
- * non-ASCII byte as a word character; regex-pattern Replace normalizers/decoders
+ * single_word decides word characters as `tokenizers` does (Unicode \w, the table in
+ * core/unicode_word.c). Limits: regex-pattern Replace normalizers/decoders
  * and the WordPiece/Unigram/WordLevel models are refused at load. */
 #define PCRE2_CODE_UNIT_WIDTH 8
 
@@ -45,6 +45,7 @@
 #include "gguf.h"
 #include "internal.h"
 #include "unicode_nfc.h"
+#include "unicode_word.h"
 
 /* ---- small containers ---------------------------------------------------- */
 
@@ -373,13 +374,125 @@ static char *regex_rewrite_ws(const char *pat, size_t n, mt_error *err) {
     return out;
 }
 
+/* Length of an interval quantifier at p ("{n}", "{n,}", "{n,m}" or "{,m}"), 0 if p
+ * does not start one (then "{" is a literal in both dialects). */
+static size_t interval_len(const char *p, int *no_min) {
+    size_t i = 1, lo = 0, hi = 0;
+    while (p[i] >= '0' && p[i] <= '9') i++, lo++;
+    *no_min = 0;
+    if (p[i] == '}') return lo ? i + 1 : 0;
+    if (p[i] != ',') return 0;
+    i++;
+    while (p[i] >= '0' && p[i] <= '9') i++, hi++;
+    if (p[i] != '}' || (!lo && !hi)) return 0;
+    *no_min = lo == 0;
+    return i + 1;
+}
+
+/* `tokenizers` compiles split patterns with Oniguruma's Ruby syntax, where X{n,m}+ is
+ * an interval followed by a "+" repeat, (?:X{n,m})+, and X{,m} means X{0,m}; PCRE2
+ * reads the first as a possessive interval and the second as literal text. (The
+ * possessive ?+ *+ ++ mean the same in both.) This rewrites those two forms; everything
+ * else is copied. Returns a new string, or NULL when out of memory. */
+static char *regex_onig_to_pcre2(const char *pat, mt_error *err) {
+    size_t n = strlen(pat);
+    char *out = mt_malloc(3 * n + 1, "tokenizer regex", err); /* a wrap adds 4 bytes to >= 5 */
+    if (!out) return NULL;
+    size_t o = 0, i = 0, atom = SIZE_MAX, groups[256];
+    int depth = 0;
+    while (i < n) {
+        const char c = pat[i];
+        size_t start = o;
+        if (c == '\\' && i + 1 < n) {
+            const char d = pat[i + 1];
+            size_t len = 2;
+            if (strchr("pPxNkg", d) && i + 2 < n && (pat[i + 2] == '{' || pat[i + 2] == '<')) {
+                const char close = pat[i + 2] == '{' ? '}' : '>';
+                const char *end = memchr(pat + i + 2, close, n - i - 2);
+                len = end ? (size_t)(end - (pat + i)) + 1 : n - i;
+            } else {
+                while (i + len < n && ((unsigned char)pat[i + len] & 0xC0) == 0x80) len++;
+            }
+            memcpy(out + o, pat + i, len);
+            o += len, i += len, atom = start;
+        } else if (c == '[') {
+            int nest = 0;
+            do { /* copy the class, with escapes, POSIX [:name:] and Oniguruma's nested classes */
+                if (pat[i] == '\\' && i + 1 < n) {
+                    out[o++] = pat[i++];
+                } else if (pat[i] == '[' && i + 1 < n && pat[i + 1] == ':') {
+                    const char *end = strstr(pat + i + 2, ":]");
+                    if (end) {
+                        size_t len = (size_t)(end - (pat + i)) + 2;
+                        memcpy(out + o, pat + i, len);
+                        o += len, i += len;
+                        continue;
+                    }
+                } else if (pat[i] == '[') {
+                    nest++;
+                    out[o++] = pat[i++];
+                    if (i < n && pat[i] == '^') out[o++] = pat[i++];
+                    if (i < n && pat[i] == ']') out[o++] = pat[i++]; /* a leading ] is literal */
+                    continue;
+                } else if (pat[i] == ']') {
+                    nest--;
+                }
+                out[o++] = pat[i++];
+            } while (i < n && nest > 0);
+            atom = start;
+        } else if (c == '(') {
+            if (depth < (int)(sizeof groups / sizeof groups[0])) groups[depth] = o;
+            depth++;
+            out[o++] = pat[i++];
+            atom = SIZE_MAX;
+        } else if (c == ')') {
+            out[o++] = pat[i++];
+            atom = depth > 0 && depth <= (int)(sizeof groups / sizeof groups[0]) ? groups[depth - 1] : SIZE_MAX;
+            if (depth > 0) depth--;
+        } else if (c == '{') {
+            int no_min;
+            size_t len = interval_len(pat + i, &no_min);
+            if (!len) {
+                out[o++] = pat[i++];
+                atom = start;
+                continue;
+            }
+            const int wrap = i + len < n && pat[i + len] == '+' && atom != SIZE_MAX;
+            if (wrap) {
+                memmove(out + atom + 3, out + atom, o - atom);
+                memcpy(out + atom, "(?:", 3);
+                o += 3;
+            }
+            out[o++] = '{';
+            if (no_min) out[o++] = '0';
+            memcpy(out + o, pat + i + 1, len - 1);
+            o += len - 1, i += len;
+            if (wrap) out[o++] = ')';
+        } else if (c == '|' || c == '^' || c == '$') {
+            out[o++] = pat[i++];
+            atom = SIZE_MAX;
+        } else if (c == '*' || c == '+' || c == '?') {
+            out[o++] = pat[i++]; /* a quantifier: the atom stays the quantified one */
+        } else {
+            out[o++] = pat[i++];
+            while (i < n && ((unsigned char)pat[i] & 0xC0) == 0x80) out[o++] = pat[i++];
+            atom = start;
+        }
+    }
+    out[o] = '\0';
+    return out;
+}
+
 static mt_status regex_compile(const char *source, const char *pat, size_t n, int literal,
                                pcre2_code **out, mt_error *err) {
     char *rw = NULL;
     const char *use = pat;
     size_t use_len = n;
     if (!literal) {
-        rw = regex_rewrite_ws(pat, n, err);
+        char *ws = regex_rewrite_ws(pat, n, err);
+        if (!ws) return MT_ERR_NOMEM;
+        rw = regex_onig_to_pcre2(ws, err);
+        free(ws);
         if (!rw) return MT_ERR_NOMEM;
         use = rw;
         use_len = strlen(rw);
@@ -1462,8 +1575,19 @@ static int piece_push(enc_ctx *c, int which, size_t off, size_t len, int32_t fix
     return 1;
 }
 
-static int is_word_byte(unsigned char b) {
-    return (b >= '0' && b <= '9') || (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') || b == '_' || b >= 0x80;
+/* Is the character ending at s[end) / starting at s[start] a word character, as
+ * `tokenizers` decides for single_word (Unicode \w: core/unicode_word.c)? The text is
+ * valid UTF-8 here. */
+static int word_before(const char *s, size_t end) {
+    const unsigned char *u = (const unsigned char *)s;
+    size_t start = utf8_prev(u, end);
+    return mt_unicode_is_word(utf8_decode(u + start, end - start));
+}
+
+static int word_after(const char *s, size_t start, size_t n) {
+    const unsigned char *u = (const unsigned char *)s;
+    size_t len = utf8_valid_len(u + start, n - start);
+    return len ? mt_unicode_is_word(utf8_decode(u + start, len)) : 0;
 }
 
 /* Finds the next added-token match in s[from, n): leftmost, longest at that position,
@@ -1493,7 +1617,7 @@ static const added_token *find_added(const mt_tokenizer *tok, const char *s, siz
         if (!hit) continue;
         size_t start = i, stop = i + hit->len;
         if (hit->single_word &&
-            ((start > 0 && is_word_byte((unsigned char)s[start - 1])) || (stop < n && is_word_byte((unsigned char)s[stop])))) {
+            ((start > 0 && word_before(s, start)) || (stop < n && word_after(s, stop, n)))) {
             i = stop - 1;
             continue;
         }

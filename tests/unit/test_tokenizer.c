@@ -464,6 +464,43 @@ static void test_bad_input(void **state) {
     free(dir);
 }
 
+/* Reading tokenizer.json as `tokenizers` does where the dialects differ: single_word
+ * added tokens next to non-ASCII characters (Unicode \w decides), and Oniguruma split
+ * patterns (X{n,m}+ is an interval then a repeat, {,m} is {0,m}). Expected ids come
+ * from `tokenizers` (tests/parity/make_tokenizer_dialect.py). */
+static void test_dialect_parity(void **state) {
+    (void)state;
+    json_error_t je;
+    json_t *exp = json_load_file(TOK_DIR "/dialect/expected.json", 0, &je);
+    assert_non_null(exp);
+    size_t f;
+    json_t *fx;
+    size_t total = 0, same = 0;
+    json_array_foreach(json_object_get(exp, "fixtures"), f, fx) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/dialect/%s", TOK_DIR, json_string_value(json_object_get(fx, "file")));
+        mt_tokenizer *tok;
+        mt_error err = {0};
+        if (mt_tokenizer_load_json(path, NULL, &tok, &err)) fail_msg("%s", err.msg);
+        size_t k;
+        json_t *sample;
+        json_array_foreach(json_object_get(fx, "samples"), k, sample) {
+            const char *text = json_string_value(json_object_get(sample, "text"));
+            mt_token_list l = {0};
+            if (mt_tokenizer_encode(tok, text, strlen(text), 0, &l, &err)) fail_msg("%s", err.msg);
+            total++;
+            if (ids_equal(&l, json_object_get(sample, "ids"))) same++;
+            else print_mismatch(json_string_value(json_object_get(fx, "file")), k, text, &l, json_object_get(sample, "ids"));
+            mt_token_list_free(&l);
+        }
+        mt_tokenizer_free(tok);
+    }
+    printf("dialect parity: %zu/%zu texts give the ids of tokenizers\n", same, total);
+    json_decref(exp);
+    assert_true(total > 100);
+    assert_int_equal(same, total);
+}
+
 /* A GGUF whose eos_token_id lies outside the vocabulary is refused, naming the file,
  * the key and the id (dropped silently, generation would never stop). */
 static void test_gguf_special_id_outside_vocab(void **state) {
@@ -511,6 +548,7 @@ int main(void) {
         cmocka_unit_test(test_throughput),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_gguf_special_id_outside_vocab),
+        cmocka_unit_test(test_dialect_parity),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
