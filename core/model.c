@@ -519,10 +519,37 @@ mt_status mt_model_load_weights(mt_model *m, const mt_safetensors *st, mt_error 
         }
         float *dst = staging ? staging : p->data;
         status = mt_st_read_f32(t, dst, err);
+        if (!status) status = mt_check_finite(t->file, t->name, dst, p->numel, err);
         if (!status) status = put_param(m, p, dst, err);
     }
     free(staging);
     return status;
+}
+
+mt_status mt_check_finite(const char *file, const char *tensor, const float *x, size_t n,
+                          mt_error *err) {
+    /* one pass, branch-free in the common case: NaN and infinity are the floats whose
+     * exponent bits are all ones */
+    size_t bad = n;
+    for (size_t i = 0; i < n && bad == n; i += 4096) {
+        size_t end = i + 4096 < n ? i + 4096 : n;
+        unsigned any = 0;
+        for (size_t j = i; j < end; j++) {
+            uint32_t b;
+            memcpy(&b, &x[j], 4);
+            any |= (b & 0x7F800000u) == 0x7F800000u;
+        }
+        if (any)
+            for (size_t j = i; j < end && bad == n; j++)
+                if (!isfinite(x[j])) bad = j;
+    }
+    if (bad == n) return MT_OK;
+    size_t count = 0;
+    for (size_t j = bad; j < n; j++) count += !isfinite(x[j]);
+    return mt_error_set(err, MT_ERR_FORMAT,
+                        "%s: tensor \"%s\": %zu non-finite value%s (the first, %g, at index %zu of %zu): "
+                        "the weights are damaged",
+                        file, tensor, count, count == 1 ? "" : "s", (double)x[bad], bad, n);
 }
 
 mt_status mt_model_load_hf(const char *dir, mt_backend *be, mt_model **out, mt_error *err) {

@@ -196,6 +196,11 @@ mt_status mt_model_create(const mt_model_config *cfg, mt_backend *be, mt_model *
                           mt_error *err);
 void mt_model_free(mt_model *m);
 
+/* MT_OK when every value of x is finite; otherwise an error naming the file, the
+ * tensor, the count and the first non-finite value's index (weights are checked on load:
+ * a NaN there would only show as NaN losses or garbage text later). */
+mt_status mt_check_finite(const char *file, const char *tensor, const float *x, size_t n,
+                          mt_error *err);
 /* Loads a Hugging Face directory (config.json + model.safetensors or sharded). */
 mt_status mt_model_load_hf(const char *dir, mt_backend *be, mt_model **out, mt_error *err);
 /* Loads a GGUF file (llama, mistral, qwen2): config from its metadata, every tensor

@@ -262,6 +262,7 @@ static mt_status load_tensors(mt_model *m, const mt_gguf *g, int permute_qk, mt_
         int permute = permute_qk && n_head > 0;
         float *dst = !permute && cpu ? p->data : stage;
         if ((st = mt_gguf_dequantize(g, t, dst, err))) break;
+        if ((st = mt_check_finite(path, name, dst, p->numel, err))) break;
         if (permute) {
             if ((int64_t)n_head * m->cfg.head_dim != p->shape[0]) {
                 st = mt_error_set(err, MT_ERR_FORMAT,

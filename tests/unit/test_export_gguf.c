@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "export_gguf.h"
+#include "export_hf.h"
 #include "generate.h"
 #include "gguf.h"
 #include "internal.h"
@@ -272,11 +273,45 @@ static void test_smollm2_f16(void **state) {
     mt_backend_cpu_shutdown(&be);
 }
 
+/* Weights holding NaN or infinity are refused on load, from a Hugging Face directory
+ * and from a GGUF file, naming the file, the tensor, the count and the first index. */
+static void test_nonfinite_weights_refused(void **state) {
+    (void)state;
+    mt_error err = {0};
+    mt_backend be;
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_bias", &be, &m, &err)) fail_msg("%s", err.msg);
+    mt_param *p = mt_model_find_param(m, "model.layers.1.mlp.up_proj.weight");
+    assert_non_null(p);
+    p->data[5] = NAN;
+    p->data[7] = INFINITY;
+    char *dir = mt_test_tmpdir("nonfinite"), path[1024];
+    snprintf(path, sizeof path, "%s/hf", dir);
+    if (mt_export_merged_hf(m, NULL, NULL, path, &err)) fail_msg("%s", err.msg);
+    mt_model *bad = NULL;
+    assert_int_not_equal(mt_model_load_hf(path, &be, &bad, &err), MT_OK);
+    assert_null(bad);
+    printf("refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "model.safetensors: tensor \"model.layers.1.mlp.up_proj.weight\": 2 non-finite values"));
+    assert_non_null(strstr(err.msg, "at index 5"));
+    snprintf(path, sizeof path, "%s/nan.gguf", dir);
+    if (mt_export_gguf(m, NULL, path, MT_F32, "nan", &err)) fail_msg("%s", err.msg);
+    assert_int_not_equal(mt_model_load_gguf(path, &be, &bad, &err), MT_OK);
+    printf("refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "nan.gguf: tensor \"blk.1.ffn_up.weight\": 2 non-finite values"));
+    mt_model_free(m);
+    mt_test_rmtree(dir);
+    free(dir);
+    mt_backend_cpu_shutdown(&be);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_gqa_llama_tied),
         cmocka_unit_test(test_tiny_bias_qwen2_untied),
         cmocka_unit_test(test_smollm2_f16),
+        cmocka_unit_test(test_nonfinite_weights_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
