@@ -21,7 +21,7 @@ static mt_status get_int(json_t *obj, const char *key, int required, int *out, c
         return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": expected an integer", source, key);
     json_int_t x = json_integer_value(v);
     if (x < 0 || x > 0x7fffffff)
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": %lld is out of range", source,
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": %lld is out of range (expected 0 to 2147483647)", source,
                             key, (long long)x);
     *out = (int)x;
     return MT_OK;
@@ -149,7 +149,16 @@ mt_status mt_config_parse(const char *text, size_t len, const char *source, mt_m
         goto done;
     cfg->rms_norm_eps = (float)eps;
     if (cfg->num_kv_heads < 0) cfg->num_kv_heads = cfg->num_heads;
-    if (cfg->head_dim < 0 && cfg->num_heads > 0) cfg->head_dim = cfg->hidden_size / cfg->num_heads;
+    if (cfg->head_dim < 0 && cfg->num_heads > 0) {
+        if (cfg->hidden_size % cfg->num_heads != 0) {
+            st = mt_error_set(err, MT_ERR_FORMAT,
+                              "%s: key \"hidden_size\": %d is not a multiple of num_attention_heads (%d), "
+                              "and there is no head_dim",
+                              source, cfg->hidden_size, cfg->num_heads);
+            goto done;
+        }
+        cfg->head_dim = cfg->hidden_size / cfg->num_heads;
+    }
     if (!strcmp(model_type, "qwen2")) {
         cfg->qkv_bias = 1; /* Qwen2 always has q/k/v biases and none on o_proj */
     } else {
@@ -199,24 +208,50 @@ mt_status mt_config_validate(const mt_model_config *c, const char *source, mt_er
                     {"max_position_embeddings", c->max_position_embeddings}};
     for (size_t i = 0; i < sizeof positive / sizeof positive[0]; i++)
         if (positive[i].value <= 0)
-            return mt_error_set(err, MT_ERR_FORMAT, "%s: %s must be positive, found %d", source,
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": must be positive, found %d", source,
                                 positive[i].key, positive[i].value);
     if (c->num_heads % c->num_kv_heads != 0)
         return mt_error_set(err, MT_ERR_FORMAT,
-                            "%s: num_attention_heads (%d) must be a multiple of "
-                            "num_key_value_heads (%d)",
-                            source, c->num_heads, c->num_kv_heads);
+                            "%s: key \"num_key_value_heads\": %d does not divide num_attention_heads (%d)",
+                            source, c->num_kv_heads, c->num_heads);
     if (c->head_dim % 2 != 0)
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: head_dim must be even, found %d", source,
-                            c->head_dim);
-    if (!(c->rms_norm_eps > 0.0f) || !(c->rope_theta > 0.0))
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: rms_norm_eps and rope_theta must be positive",
-                            source);
-    /* Sizes of the largest products must fit the int arguments of the kernels. */
-    if ((int64_t)c->num_heads * c->head_dim > (1 << 20) || c->vocab_size > (1 << 24) ||
-        c->hidden_size > (1 << 20) || c->intermediate_size > (1 << 22))
-        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: model dimensions exceed supported sizes",
-                            source);
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"head_dim\": must be even (rotary pairs), found %d",
+                            source, c->head_dim);
+    if (!(c->rms_norm_eps > 0.0f) || !isfinite(c->rms_norm_eps))
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"rms_norm_eps\": must be a positive number, found %g",
+                            source, (double)c->rms_norm_eps);
+    if (!(c->rope_theta > 0.0) || !isfinite(c->rope_theta))
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"rope_theta\": must be a positive number, found %g",
+                            source, c->rope_theta);
+    /* Sizes the kernels take as int, and that keep a lying config from planning an
+     * allocation of terabytes: each key against its bound, then the products. */
+    struct {
+        const char *key;
+        int64_t value, max;
+    } bounded[] = {{"hidden_size", c->hidden_size, 1 << 20},
+                   {"intermediate_size", c->intermediate_size, 1 << 22},
+                   {"vocab_size", c->vocab_size, 1 << 24},
+                   {"num_hidden_layers", c->num_layers, 4096},
+                   {"num_attention_heads", c->num_heads, 1 << 14},
+                   {"head_dim", c->head_dim, 1 << 14},
+                   {"num_attention_heads x head_dim", (int64_t)c->num_heads * c->head_dim, 1 << 20}};
+    for (size_t i = 0; i < sizeof bounded / sizeof bounded[0]; i++)
+        if (bounded[i].value > bounded[i].max)
+            return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                                "%s: key \"%s\": %lld exceeds the supported maximum %lld", source,
+                                bounded[i].key, (long long)bounded[i].value, (long long)bounded[i].max);
+    /* parameters of one layer and of the whole model, in 64 bits: at most 2^40 values
+     * (4 TiB of fp32; a 70B model has 2^36) */
+    const int64_t C = c->hidden_size, F = c->intermediate_size, HD = (int64_t)c->num_heads * c->head_dim,
+                  KVD = (int64_t)c->num_kv_heads * c->head_dim;
+    const int64_t per_layer = C * HD + 2 * C * KVD + HD * C + 3 * C * F + 2 * C;
+    const int64_t total = per_layer * c->num_layers + 2 * (int64_t)c->vocab_size * C;
+    if (total > ((int64_t)1 << 40))
+        return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                            "%s: the sizes (hidden_size %d, intermediate_size %d, num_hidden_layers %d, "
+                            "vocab_size %d) make %lld parameters, more than the supported 2^40",
+                            source, c->hidden_size, c->intermediate_size, c->num_layers, c->vocab_size,
+                            (long long)total);
     return MT_OK;
 }
 

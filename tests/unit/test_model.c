@@ -2,6 +2,7 @@
  * the frozen path, and bad batch inputs. (Numerical parity with PyTorch is
  * test_parity.c.) */
 #include <math.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,24 @@ static mt_status parse(const char *json, mt_model_config *cfg, mt_error *err) {
 static const char *BASE_FIELDS =
     "\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 128,"
     " \"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"vocab_size\": 100";
+
+/* BASE_FIELDS with the keys of `extra` replaced (config.json refuses duplicate keys). */
+static mt_status parse_with(const char *extra, mt_model_config *cfg, mt_error *err) {
+    char text[1024];
+    snprintf(text, sizeof text, "{%s}", BASE_FIELDS);
+    json_t *base = json_loads(text, 0, NULL);
+    snprintf(text, sizeof text, "{%s}", extra);
+    json_t *more = json_loads(text, 0, NULL);
+    assert_non_null(base);
+    assert_non_null(more);
+    json_object_update(base, more);
+    char *merged = json_dumps(base, 0);
+    mt_status st = parse(merged, cfg, err);
+    free(merged);
+    json_decref(base);
+    json_decref(more);
+    return st;
+}
 
 static void test_config_defaults_and_legacy_rope_scaling(void **state) {
     (void)state;
@@ -68,6 +87,38 @@ static void test_config_errors_name_file_and_key(void **state) {
     assert_non_null(strstr(err.msg, "gpt2"));
     assert_int_equal(parse("{\"hidden_size\": ", &cfg, &err), MT_ERR_FORMAT);
     assert_non_null(strstr(err.msg, "line 1"));
+
+    /* every size error names the file, the key and the value */
+    struct {
+        const char *extra, *want;
+    } sizes[] = {
+        {"\"hidden_size\": 0", "key \"hidden_size\": must be positive, found 0"},
+        {"\"num_hidden_layers\": -3", "key \"num_hidden_layers\": -3 is out of range"},
+        {"\"vocab_size\": 4294967296", "key \"vocab_size\": 4294967296 is out of range"},
+        {"\"vocab_size\": 100000000", "key \"vocab_size\": 100000000 exceeds the supported maximum 16777216"},
+        {"\"hidden_size\": 2000000", "key \"hidden_size\": 2000000 exceeds the supported maximum"},
+        {"\"intermediate_size\": 8000000", "key \"intermediate_size\": 8000000 exceeds"},
+        {"\"num_hidden_layers\": 100000", "key \"num_hidden_layers\": 100000 exceeds the supported maximum 4096"},
+        {"\"head_dim\": 7", "key \"head_dim\": must be even"},
+        {"\"head_dim\": 65536", "key \"head_dim\": 65536 exceeds"},
+        {"\"num_key_value_heads\": 0", "key \"num_key_value_heads\": must be positive, found 0"},
+        {"\"rms_norm_eps\": 0", "key \"rms_norm_eps\": must be a positive number, found 0"},
+        {"\"rope_theta\": -1", "rope_theta"},
+        {"\"hidden_size\": 65536, \"intermediate_size\": 4000000, \"num_hidden_layers\": 4096",
+         "parameters, more than the supported 2^40"}, /* refused before anything is planned */
+    };
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        mt_status st = parse_with(sizes[i].extra, &cfg, &err);
+        printf("refused: %s\n", err.msg);
+        assert_int_not_equal(st, MT_OK);
+        assert_non_null(strstr(err.msg, "test/config.json"));
+        if (!strstr(err.msg, sizes[i].want)) fail_msg("'%s' lacks '%s'", err.msg, sizes[i].want);
+    }
+    /* hidden_size not a multiple of the heads, without head_dim */
+    assert_int_equal(parse("{\"model_type\": \"llama\", \"hidden_size\": 65, \"intermediate_size\": 8, "
+                           "\"num_hidden_layers\": 1, \"num_attention_heads\": 4, \"vocab_size\": 10, "
+                           "\"max_position_embeddings\": 8}", &cfg, &err), MT_ERR_FORMAT);
+    assert_non_null(strstr(err.msg, "key \"hidden_size\": 65 is not a multiple of num_attention_heads (4)"));
 }
 
 static void test_presets(void **state) {
