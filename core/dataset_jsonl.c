@@ -515,6 +515,10 @@ static mt_status begin(const char *name, const mt_jsonl_options *opt, mt_record_
 
 static mt_status finish(loader *L, const saved *sv, mt_status st) {
     mt_record_set *set = L->set;
+    if (st == MT_OK && set->n == sv->n) /* named here: later, "the held-out set is empty" could not say which file */
+        st = mt_error_set(L->c.err, MT_ERR_FORMAT, "%s: no records (%s)", L->c.name,
+                          set->n_bad > sv->n_bad ? "every record was bad and skipped"
+                                                 : "the file is empty or holds only blank lines");
     if (st == MT_OK) {
         set->format = L->format;
         return MT_OK;

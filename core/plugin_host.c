@@ -9,6 +9,7 @@
 
 #include <dirent.h>
 #include <dlfcn.h>
+#include <elf.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -266,6 +267,59 @@ static mt_status check_descriptor(const char *path, const mt_plugin_descriptor *
 
 /* ---- one file --------------------------------------------------------------------- */
 
+/* The ELF machine this build runs on, and its name. */
+#if defined(__x86_64__)
+#define HOST_MACHINE EM_X86_64
+#define HOST_MACHINE_NAME "x86-64"
+#elif defined(__aarch64__)
+#define HOST_MACHINE EM_AARCH64
+#define HOST_MACHINE_NAME "AArch64"
+#endif
+
+static const char *machine_name(unsigned m) {
+    switch (m) {
+    case EM_386: return "x86 (32-bit)";
+    case EM_X86_64: return "x86-64";
+    case EM_AARCH64: return "AArch64";
+    case EM_ARM: return "ARM (32-bit)";
+    case EM_RISCV: return "RISC-V";
+    case EM_PPC64: return "POWER";
+    case EM_S390: return "s390";
+    default: return "another machine";
+    }
+}
+
+/* Reads the ELF header before dlopen, whose messages for a file of another
+ * architecture or kind ("No such file or directory", "invalid ELF header") mislead. */
+static mt_status check_elf(const char *path, mt_error *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return mt_error_set(err, MT_ERR_IO, "%s: cannot open plugin: %s", path, strerror(errno));
+    unsigned char h[64];
+    size_t n = fread(h, 1, sizeof h, f);
+    fclose(f);
+    if (n < 20 || memcmp(h, ELFMAG, SELFMAG) != 0)
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: not a plugin: not an ELF shared object (%s)", path,
+                            n < 4 ? "the file is too short" : "no ELF magic number");
+    const int is64 = h[EI_CLASS] == ELFCLASS64, little = h[EI_DATA] == ELFDATA2LSB;
+    const unsigned type = little ? (unsigned)(h[16] | h[17] << 8) : (unsigned)(h[16] << 8 | h[17]);
+    const unsigned machine = little ? (unsigned)(h[18] | h[19] << 8) : (unsigned)(h[18] << 8 | h[19]);
+#ifdef HOST_MACHINE
+    if (machine != HOST_MACHINE || !is64 || !little)
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: not a plugin for this machine: it was built for %s (ELF machine %u, "
+                            "%d-bit), this is %s: rebuild it here",
+                            path, machine_name(machine), machine, is64 ? 64 : 32, HOST_MACHINE_NAME);
+#else
+    (void)is64;
+    (void)machine;
+#endif
+    if (type != ET_DYN)
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: not a plugin: an ELF %s, not a shared object (build it with -shared)",
+                            path, type == ET_EXEC ? "executable" : type == ET_REL ? "object file" : "file");
+    return MT_OK;
+}
+
 mt_status mt_plugin_load(const char *path, mt_plugin **out, mt_error *err) {
     *out = NULL;
     if (!path || !*path) return mt_error_set(err, MT_ERR_INVALID_ARG, "plugin path is empty");
@@ -274,6 +328,8 @@ mt_status mt_plugin_load(const char *path, mt_plugin **out, mt_error *err) {
         return mt_error_set(err, MT_ERR_IO, "%s: cannot open plugin: %s", path, strerror(errno));
     if (!S_ISREG(sb.st_mode))
         return mt_error_set(err, MT_ERR_FORMAT, "%s: not a shared object (not a regular file)", path);
+    mt_status est = check_elf(path, err);
+    if (est) return est;
 
     mt_plugin *p = mt_calloc(1, sizeof *p, "plugin", err);
     if (!p) return MT_ERR_NOMEM;

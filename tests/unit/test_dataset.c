@@ -788,9 +788,33 @@ static void test_smollm2_end_to_end(void **state) {
     mt_tokenizer_free(tok);
 }
 
+/* A data file without records is refused at load, naming it (later, an empty held-out
+ * set could not say which file it came from); the record set is left as it was. */
+static void test_empty_file_is_named(void **state) {
+    (void)state;
+    const char *texts[] = {"", "\n\n  \n", "{\"bad\": 1}\n"};
+    const char *want[] = {"no records (the file is empty or holds only blank lines)",
+                          "no records (the file is empty or holds only blank lines)",
+                          "no records (every record was bad and skipped)"};
+    for (int i = 0; i < 3; i++) {
+        mt_record_set s;
+        memset(&s, 0, sizeof s);
+        mt_jsonl_options opt = {MT_DATA_AUTO, NULL, i == 2 ? MT_BAD_RECORD_SKIP : MT_BAD_RECORD_ERROR};
+        mt_error err = {0};
+        assert_int_not_equal(mt_records_parse_jsonl("heldout.jsonl", texts[i], strlen(texts[i]), &opt, &s, &err), MT_OK);
+        printf("refused: %s\n", err.msg);
+        assert_non_null(strstr(err.msg, "heldout.jsonl: "));
+        assert_non_null(strstr(err.msg, want[i]));
+        assert_int_equal(s.n, 0);
+        assert_int_equal(s.n_files, 0);
+        mt_record_set_free(&s);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_alpaca),
+        cmocka_unit_test(test_empty_file_is_named),
         cmocka_unit_test(test_chat_and_text_and_prompt_completion),
         cmocka_unit_test(test_preference),
         cmocka_unit_test(test_custom_field_map),

@@ -5,6 +5,7 @@
  *
  * The test plugins are the sources in tests/plugins, built into MT_BUILD_DIR/test_plugins. */
 #define _GNU_SOURCE /* RTLD_NOLOAD */
+#include "internal.h"
 #include "testutil.h"
 
 #include <dlfcn.h>
@@ -85,7 +86,33 @@ static void expect_refusal(const char *path, mt_status want, const char *const *
 static void test_refuse_not_elf(void **state) {
     (void)state;
     expect_refusal(TP "/bad_not_elf.so", MT_ERR_FORMAT,
-                   (const char *[]){"not a shared object", NULL});
+                   (const char *[]){"not an ELF shared object", NULL});
+}
+
+/* A real plugin with its ELF header claiming another machine, or another kind of ELF
+ * file: the refusal says so (dlopen itself says "No such file or directory" or
+ * "invalid ELF header"). */
+static void test_refuse_wrong_architecture(void **state) {
+    (void)state;
+    char *bytes;
+    size_t len;
+    assert_int_equal(mt_read_file(MT_BUILD_DIR "/plugins/adamw.so", &bytes, &len, NULL), MT_OK);
+    char *dir = mt_test_tmpdir("plugin-arch");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/adamw_aarch64.so", dir);
+    bytes[18] = (char)183; /* e_machine = EM_AARCH64, little-endian */
+    bytes[19] = 0;
+    mt_test_write_file(path, bytes, len);
+    expect_refusal(path, MT_ERR_FORMAT,
+                   (const char *[]){"not a plugin for this machine: it was built for AArch64 (ELF machine 183, 64-bit)", NULL});
+    snprintf(path, sizeof path, "%s/adamw_object.so", dir);
+    bytes[18] = 62; /* back to x86-64 */
+    bytes[16] = 1;  /* e_type = ET_REL */
+    mt_test_write_file(path, bytes, len);
+    expect_refusal(path, MT_ERR_FORMAT, (const char *[]){"an ELF object file, not a shared object", NULL});
+    free(bytes);
+    mt_test_rmtree(dir);
+    free(dir);
 }
 
 static void test_refuse_missing_file(void **state) {
@@ -507,7 +534,7 @@ static void test_cmd_list(void **state) {
     const char *a = strstr(c.out, " cosine "), *b = strstr(c.out, " test_sched ");
     assert_true(a && b && a < b);
     assert_contains(c.err, "warning: " TP "/bad_abi.so: plugin ABI version mismatch");
-    assert_contains(c.err, "warning: " TP "/bad_not_elf.so: not a shared object");
+    assert_contains(c.err, "warning: " TP "/bad_not_elf.so: not a plugin: not an ELF shared object");
     captured_free(&c);
 }
 
@@ -581,6 +608,7 @@ static void test_cmd_usage(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_refuse_not_elf),
+        cmocka_unit_test(test_refuse_wrong_architecture),
         cmocka_unit_test(test_refuse_missing_file),
         cmocka_unit_test(test_refuse_no_entry),
         cmocka_unit_test(test_refuse_abi_mismatch),
