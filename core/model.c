@@ -504,8 +504,8 @@ mt_status mt_model_load_weights(mt_model *m, const mt_safetensors *st, mt_error 
         char expected[96], found[96];
         format_shape(expected, sizeof expected, p->ndim, p->shape);
         if (!t) {
-            status = mt_error_set(err, MT_ERR_FORMAT, "checkpoint has no tensor \"%s\" (shape %s)",
-                                  p->name, expected);
+            status = mt_error_set(err, MT_ERR_FORMAT, "%s: no tensor \"%s\" (shape %s from config.json)",
+                                  mt_st_source(st), p->name, expected);
             break;
         }
         int shape_ok = t->ndim == p->ndim && t->shape[0] == p->shape[0] &&

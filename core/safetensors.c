@@ -763,6 +763,11 @@ void mt_st_close(mt_safetensors *s) {
 
 size_t mt_st_count(const mt_safetensors *s) { return s ? s->count : 0; }
 
+const char *mt_st_source(const mt_safetensors *st) {
+    if (!st || st->nfiles == 0) return "(no file)";
+    return st->nfiles == 1 ? st->files[0].path : "the sharded safetensors files";
+}
+
 const mt_st_tensor *mt_st_at(const mt_safetensors *s, size_t index) {
     return s && index < s->count ? &s->tensors[index] : NULL;
 }

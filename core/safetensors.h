@@ -43,6 +43,8 @@ mt_status mt_st_open(const char *path, mt_safetensors **out, mt_error *err);
 void mt_st_close(mt_safetensors *st);
 
 size_t mt_st_count(const mt_safetensors *st);
+/* The file the set was read from (for errors), or a description of a sharded set. */
+const char *mt_st_source(const mt_safetensors *st);
 const mt_st_tensor *mt_st_at(const mt_safetensors *st, size_t index); /* sorted by name */
 const mt_st_tensor *mt_st_find(const mt_safetensors *st, const char *name);
 /* A value of the __metadata__ object (string to string), NULL when absent. */

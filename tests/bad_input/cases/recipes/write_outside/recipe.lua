@@ -1,0 +1,1 @@
+io.open('../escaped.txt', 'w')
