@@ -155,6 +155,17 @@ uint16_t mt_f32_to_bf16(float f) {
 mt_status mt_read_file(const char *path, char **out, size_t *len, mt_error *err) {
     FILE *f = fopen(path, "rb");
     if (!f) return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    /* a directory opens for reading on Linux and "seeks" to a huge end */
+    struct stat sb;
+    if (fstat(fileno(f), &sb) != 0) {
+        fclose(f);
+        return mt_error_set(err, MT_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        fclose(f);
+        return mt_error_set(err, MT_ERR_IO, "%s: not a regular file%s", path,
+                            S_ISDIR(sb.st_mode) ? " (a directory)" : "");
+    }
     if (fseek(f, 0, SEEK_END) != 0) {
         fclose(f);
         return mt_error_set(err, MT_ERR_IO, "%s: cannot seek: %s", path, strerror(errno));

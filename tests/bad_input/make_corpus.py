@@ -79,14 +79,19 @@ COPY_CHAT = "cp \"$FIX\"/tiny_chat/* \"$CASE\"/"
 base_cfg = json.load(open(os.path.join(FIX, "tiny_chat", "config.json")))
 
 
-def cfg_with(**kw):
-    c = dict(base_cfg)
+def with_keys(base, **kw):
+    """base (a dict) as JSON text with keys replaced; None removes a key."""
+    c = dict(base)
     for k, v in kw.items():
         if v is None:
             c.pop(k, None)
         else:
             c[k] = v
     return json.dumps(c)
+
+
+def cfg_with(**kw):
+    return with_keys(base_cfg, **kw)
 
 
 configs = {
@@ -295,13 +300,7 @@ acfg = json.load(open(os.path.join(FIX, "peft_adapter", "adapter_config.json")))
 
 
 def acfg_with(**kw):
-    c = dict(acfg)
-    for k, v in kw.items():
-        if v is None:
-            c.pop(k, None)
-        else:
-            c[k] = v
-    return json.dumps(c)
+    return with_keys(acfg, **kw)
 
 
 pefts = {

@@ -10,7 +10,7 @@
  *   mkdir -p /tmp/gguf-corpus && cp tests/fixtures/gguf/small.gguf tests/fixtures/gguf/align64.gguf \
  *       /tmp/gguf-corpus/
  *   /tmp/fuzz_gguf -max_total_time=60 -max_len=4096 /tmp/gguf-corpus */
-#define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* mkstemps */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -18,30 +18,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fuzz_tmpfile.h"
 #include "gguf.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-static char tmp_path[64];
-
-static void remove_tmp(void) {
-    if (tmp_path[0]) unlink(tmp_path);
-}
-
-static int write_input(const uint8_t *data, size_t size) {
-    if (!tmp_path[0]) {
-        snprintf(tmp_path, sizeof tmp_path, "/tmp/fuzz-gguf-%ld-XXXXXX", (long)getpid());
-        int fd = mkstemp(tmp_path);
-        if (fd < 0) abort();
-        close(fd);
-        atexit(remove_tmp);
-    }
-    FILE *f = fopen(tmp_path, "wb");
-    if (!f) abort();
-    if (size && fwrite(data, 1, size, f) != size) abort();
-    if (fclose(f) != 0) abort();
-    return 0;
-}
 
 /* Reads every byte a value points at, so that ASan sees any out-of-bounds pointer. */
 static volatile unsigned sink;
@@ -71,7 +51,7 @@ static size_t elem_size(mt_gguf_type t) {
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    write_input(data, size);
+    const char *tmp_path = fuzz_write_tmp("gguf", "", data, size);
     mt_gguf *g = NULL;
     mt_error err = {MT_OK, ""};
     if (mt_gguf_open(tmp_path, &g, &err) != MT_OK) {

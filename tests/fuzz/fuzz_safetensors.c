@@ -11,34 +11,15 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fuzz_tmpfile.h"
 #include "safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static char tmp_path[80];
-
-static void remove_tmp(void) {
-    if (tmp_path[0]) unlink(tmp_path);
-}
-
-static void write_input(const uint8_t *data, size_t size) {
-    if (!tmp_path[0]) {
-        snprintf(tmp_path, sizeof tmp_path, "/tmp/fuzz-st-%ld-XXXXXX.safetensors", (long)getpid());
-        int fd = mkstemps(tmp_path, 12);
-        if (fd < 0) abort();
-        close(fd);
-        atexit(remove_tmp);
-    }
-    FILE *f = fopen(tmp_path, "wb");
-    if (!f) abort();
-    if (size && fwrite(data, 1, size, f) != size) abort();
-    if (fclose(f) != 0) abort();
-}
-
 static volatile unsigned sink;
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    write_input(data, size);
+    const char *tmp_path = fuzz_write_tmp("st", ".safetensors", data, size);
     mt_safetensors *st = NULL;
     mt_error err = {MT_OK, ""};
     if (mt_st_open(tmp_path, &st, &err) != MT_OK) {

@@ -11,28 +11,13 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fuzz_tmpfile.h"
 #include "tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static char tmp_path[80];
-
-static void remove_tmp(void) {
-    if (tmp_path[0]) unlink(tmp_path);
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    if (!tmp_path[0]) {
-        snprintf(tmp_path, sizeof tmp_path, "/tmp/fuzz-tok-%ld-XXXXXX.json", (long)getpid());
-        int fd = mkstemps(tmp_path, 5);
-        if (fd < 0) abort();
-        close(fd);
-        atexit(remove_tmp);
-    }
-    FILE *f = fopen(tmp_path, "wb");
-    if (!f) abort();
-    if (size && fwrite(data, 1, size, f) != size) abort();
-    if (fclose(f) != 0) abort();
+    const char *tmp_path = fuzz_write_tmp("tok", ".json", data, size);
     mt_tokenizer *tok = NULL;
     mt_error err = {MT_OK, ""};
     if (mt_tokenizer_load_json(tmp_path, NULL, &tok, &err) != MT_OK) {
