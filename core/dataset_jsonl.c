@@ -70,20 +70,6 @@ static mt_status bad(const ctx *c, const char *fmt, ...) {
     return mt_error_set(c->err, MT_ERR_FORMAT, "%s:%lld: %s", c->name, (long long)c->line, what);
 }
 
-static const char *type_name(const json_t *v) {
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER:
-    case JSON_REAL: return "a number";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
-    }
-    return "an unknown value";
-}
-
 static char *dupn(const char *s, size_t n, mt_error *err) {
     char *p = mt_malloc(n + 1, "dataset string", err);
     if (p) {
@@ -163,7 +149,7 @@ static mt_status get_string(const ctx *c, json_t *obj, const char *key, int requ
         return MT_OK;
     }
     if (!json_is_string(v))
-        return bad(c, "field '%s': expected a string, found %s", key, type_name(v));
+        return bad(c, "field '%s': expected a string, found %s", key, mt_json_kind(v));
     *s = json_string_value(v);
     *n = json_string_length(v);
     if (nonempty && is_blank(*s, *n)) return bad(c, "field '%s': %s", key, blank_what);
@@ -205,18 +191,18 @@ static mt_status parse_messages(const ctx *c, json_t *arr, const char *key, int 
         json_t *e = json_array_get(arr, i);
         if (!json_is_object(e)) {
             st = bad(c, "field '%s[%zu]': expected an object with '%s' and '%s', found %s", key,
-                     i, c->f.role, c->f.content, type_name(e));
+                     i, c->f.role, c->f.content, mt_json_kind(e));
             break;
         }
         json_t *r = json_object_get(e, c->f.role), *t = json_object_get(e, c->f.content);
         if (!r) st = bad(c, "field '%s[%zu].%s': missing", key, i, c->f.role);
         else if (!json_is_string(r))
             st = bad(c, "field '%s[%zu].%s': expected a string, found %s", key, i, c->f.role,
-                     type_name(r));
+                     mt_json_kind(r));
         else if (!t) st = bad(c, "field '%s[%zu].%s': missing", key, i, c->f.content);
         else if (!json_is_string(t))
             st = bad(c, "field '%s[%zu].%s': expected a string, found %s", key, i, c->f.content,
-                     type_name(t));
+                     mt_json_kind(t));
         if (st) break;
         const char *role = normal_role(json_string_value(r));
         if (!role) {
@@ -260,7 +246,7 @@ static mt_status parse_turns(const ctx *c, json_t *obj, const char *key, const c
     if (json_is_array(v)) return parse_messages(c, v, key, reply, reply, out, n_out);
     if (!json_is_string(v))
         return bad(c, "field '%s': expected a string or a list of messages, found %s", key,
-                   type_name(v));
+                   mt_json_kind(v));
     const char *s = json_string_value(v);
     size_t n = json_string_length(v);
     if (reply && is_blank(s, n)) return bad(c, "field '%s': empty response", key);
@@ -335,7 +321,7 @@ static mt_status parse_chat(const ctx *c, json_t *o, mt_record *r) {
     if (!v) return bad(c, "field '%s': missing", c->f.messages);
     if (!json_is_array(v))
         return bad(c, "field '%s': expected a list of messages, found %s", c->f.messages,
-                   type_name(v));
+                   mt_json_kind(v));
     return parse_messages(c, v, c->f.messages, 1, 0, &r->messages, &r->n_messages);
 }
 
@@ -401,7 +387,7 @@ static mt_status parse_record(loader *L, const char *s, size_t n, mt_record *r) 
     if (!o) return bad(c, "malformed JSON at column %d: %s", jerr.column, jerr.text);
     mt_status st = MT_OK;
     if (!json_is_object(o)) {
-        st = bad(c, "expected a JSON object, found %s", type_name(o));
+        st = bad(c, "expected a JSON object, found %s", mt_json_kind(o));
         json_decref(o);
         return st;
     }

@@ -50,6 +50,10 @@ void *mt_calloc(size_t count, size_t size, const char *what, mt_error *err);
 char *mt_strdup(const char *s, const char *what, mt_error *err);
 
 /* Reads a whole (small) file into a NUL-terminated buffer; *len excludes the NUL. */
+/* What kind of JSON value v is, for errors that say what was found ("an integer"). */
+struct json_t;
+const char *mt_json_kind(const struct json_t *v);
+
 mt_status mt_read_file(const char *path, char **out, size_t *len, mt_error *err);
 
 /* Joins dir and name with one '/', into a fresh allocation. */

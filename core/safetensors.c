@@ -83,20 +83,6 @@ static const char *shape_str(const int64_t *shape, int ndim, char *buf, size_t c
     return buf;
 }
 
-static const char *json_kind(const json_t *v) {
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real number";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
-    }
-    return "an unknown JSON value";
-}
-
 /* What a JSON value is, for "expected X, found Y": the number itself when it is one. */
 static const char *json_found(const json_t *v, char *buf, size_t cap) {
     if (json_is_integer(v)) {
@@ -107,7 +93,7 @@ static const char *json_found(const json_t *v, char *buf, size_t cap) {
         snprintf(buf, cap, "the real number %g", json_real_value(v));
         return buf;
     }
-    return json_kind(v);
+    return mt_json_kind(v);
 }
 
 /* Strict UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF), as
@@ -240,7 +226,7 @@ static mt_status parse_entry(const char *path, const char *name, const json_t *v
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: tensor '%s': expected an object with dtype, shape and "
                             "data_offsets, found %s",
-                            path, name, json_kind(v));
+                            path, name, mt_json_kind(v));
 
     const json_t *jd = json_object_get(v, "dtype");
     if (!jd)
@@ -248,7 +234,7 @@ static mt_status parse_entry(const char *path, const char *name, const json_t *v
     if (!json_is_string(jd))
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: tensor '%s': \"dtype\" must be a string, found %s", path, name,
-                            json_kind(jd));
+                            mt_json_kind(jd));
     if (!dtype_from_name(json_string_value(jd), &w->t.dtype))
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: tensor '%s': unknown dtype '%s' (expected one of BOOL, U8, I8, "
@@ -262,7 +248,7 @@ static mt_status parse_entry(const char *path, const char *name, const json_t *v
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: tensor '%s': \"shape\" must be an array of non-negative "
                             "integers, found %s",
-                            path, name, json_kind(js));
+                            path, name, mt_json_kind(js));
     size_t rank = json_array_size(js);
     if (rank > MT_MAX_DIMS)
         return mt_error_set(err, MT_ERR_UNSUPPORTED,
@@ -300,7 +286,7 @@ static mt_status parse_entry(const char *path, const char *name, const json_t *v
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: tensor '%s': \"data_offsets\" must be an array [begin, end], "
                             "found %s",
-                            path, name, json_kind(jo));
+                            path, name, mt_json_kind(jo));
     if (json_array_size(jo) != 2)
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: tensor '%s': \"data_offsets\" must hold 2 integers [begin, end], "
@@ -415,7 +401,7 @@ static mt_status parse_header(st_file *f, size_t *header_len, mt_error *err) {
                             jerr.text, jerr.line, jerr.column);
     if (!json_is_object(f->header))
         return mt_error_set(err, MT_ERR_FORMAT, "%s: header must be a JSON object, found %s",
-                            f->path, json_kind(f->header));
+                            f->path, mt_json_kind(f->header));
     *header_len = hlen;
     return MT_OK;
 }
@@ -451,7 +437,7 @@ static mt_status st_file_open(const char *path, st_file *f, mt_st_tensor **out, 
             if (!json_is_object(value)) {
                 st = mt_error_set(err, MT_ERR_FORMAT,
                                   "%s: \"__metadata__\" must be an object of strings, found %s",
-                                  f->path, json_kind(value));
+                                  f->path, mt_json_kind(value));
                 goto fail;
             }
             const char *mk;
@@ -461,7 +447,7 @@ static mt_status st_file_open(const char *path, st_file *f, mt_st_tensor **out, 
                     st = mt_error_set(err, MT_ERR_FORMAT,
                                       "%s: __metadata__ value for key '%s' must be a string, "
                                       "found %s",
-                                      f->path, mk, json_kind(mv));
+                                      f->path, mk, mt_json_kind(mv));
                     goto fail;
                 }
             }
@@ -542,13 +528,13 @@ static mt_status open_index(const char *path, mt_safetensors *s, mt_error *err) 
     }
     if (!json_is_object(root)) {
         st = mt_error_set(err, MT_ERR_FORMAT, "%s: expected a JSON object, found %s", path,
-                          json_kind(root));
+                          mt_json_kind(root));
         goto done;
     }
     const json_t *meta = json_object_get(root, "metadata");
     if (meta && !json_is_object(meta) && !json_is_null(meta)) {
         st = mt_error_set(err, MT_ERR_FORMAT, "%s: \"metadata\" must be an object, found %s", path,
-                          json_kind(meta));
+                          mt_json_kind(meta));
         goto done;
     }
     json_t *wmap = json_object_get(root, "weight_map");
@@ -556,7 +542,7 @@ static mt_status open_index(const char *path, mt_safetensors *s, mt_error *err) 
         st = mt_error_set(err, MT_ERR_FORMAT,
                           "%s: expected a \"weight_map\" object (tensor name -> shard file), "
                           "found %s",
-                          path, wmap ? json_kind(wmap) : "none");
+                          path, wmap ? mt_json_kind(wmap) : "none");
         goto done;
     }
 
@@ -573,7 +559,7 @@ static mt_status open_index(const char *path, mt_safetensors *s, mt_error *err) 
             st = mt_error_set(err, MT_ERR_FORMAT,
                               "%s: weight_map entry for tensor '%s' must be a shard file name, "
                               "found %s",
-                              path, key, json_kind(value));
+                              path, key, mt_json_kind(value));
             goto done;
         }
         if (!shard_name_ok(json_string_value(value))) {

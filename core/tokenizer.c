@@ -903,19 +903,6 @@ static mt_status parse_post_processor(mt_tokenizer *tok, json_t *p, mt_error *er
     return MT_OK;
 }
 
-/* A JSON value's kind, for errors that say what was found. */
-static const char *json_kind(const json_t *j) {
-    switch (json_typeof(j)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a number";
-    case JSON_TRUE: case JSON_FALSE: return "a boolean";
-    default: return "null";
-    }
-}
-
 static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     const char *path = tok->source;
     json_t *model = json_object_get(root, "model");
@@ -923,7 +910,7 @@ static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     json_t *jtype = json_object_get(model, "type");
     if (jtype && !json_is_string(jtype))
         return mt_error_set(err, MT_ERR_FORMAT, "%s: key 'model.type': expected a string such as \"BPE\", found %s",
-                            path, json_kind(jtype));
+                            path, mt_json_kind(jtype));
     const char *type = jstr(model, "type");
     if (type && strcmp(type, "BPE") != 0)
         return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: model type \"%s\" is not supported (only BPE is)", path, type);

@@ -161,7 +161,7 @@ static void test_bad_records_name_file_line_field(void **state) {
         {MT_DATA_ALPACA, "{\"instruction\": \"a\", \"output\": ", "malformed JSON", NULL},
         {MT_DATA_ALPACA, "{\"instruction\": \"a\"}", "field 'output'", "missing"},
         {MT_DATA_ALPACA, "{\"instruction\": 3, \"output\": \"b\"}", "field 'instruction'",
-         "expected a string, found a number"},
+         "expected a string, found an integer"},
         {MT_DATA_ALPACA, "{\"instruction\": \"a\", \"output\": \"  \"}", "field 'output'",
          "empty response"},
         {MT_DATA_ALPACA, "{\"instruction\": \"a\", \"input\": [], \"output\": \"b\"}",
@@ -187,7 +187,7 @@ static void test_bad_records_name_file_line_field(void **state) {
          "field 'messages[0].content'", "found null"},
         {MT_DATA_CHAT, "{\"messages\": [{\"role\": \"wizard\", \"content\": \"a\"}]}",
          "field 'messages[0].role'", "unknown role 'wizard'"},
-        {MT_DATA_CHAT, "{\"messages\": [7]}", "field 'messages[0]'", "found a number"},
+        {MT_DATA_CHAT, "{\"messages\": [7]}", "field 'messages[0]'", "found an integer"},
         {MT_DATA_CHAT,
          "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", "
          "\"content\": \"\"}]}",
@@ -204,7 +204,7 @@ static void test_bad_records_name_file_line_field(void **state) {
         {MT_DATA_PREFERENCE, "{\"prompt\": \"a\", \"chosen\": \"\", \"rejected\": \"c\"}",
          "field 'chosen'", "empty response"},
         {MT_DATA_PREFERENCE, "{\"prompt\": 1, \"chosen\": \"b\", \"rejected\": \"c\"}",
-         "field 'prompt'", "found a number"},
+         "field 'prompt'", "found an integer"},
         {MT_DATA_PREFERENCE,
          "{\"prompt\": \"a\", \"chosen\": [{\"role\": \"user\", \"content\": \"x\"}], "
          "\"rejected\": \"c\"}",
