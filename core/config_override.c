@@ -1,7 +1,10 @@
 /* config_override.c — type-checked --set key=value overrides of a recipe's config table. */
 #include "config_override.h"
 
+#include <ctype.h>
+#include <errno.h>
 #include <lauxlib.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,6 +84,24 @@ static int co_is_string_list(lua_State *L, int idx) {
     return count == n;
 }
 
+/* Whether the integer literal `text` lies outside 64 bits. Lua reads it anyway, and not
+ * as written: a hex integer wraps modulo 2^64 (0x10000000000000003 becomes 3) and a
+ * decimal one becomes a float. */
+static int co_int_overflows(const char *text) {
+    while (isspace((unsigned char)*text)) text++;
+    if (*text == '-' || *text == '+') text++;
+    if (text[0] == '0' && (text[1] == 'x' || text[1] == 'X')) {
+        text += 2;
+        while (*text == '0') text++;
+        int digits = 0;
+        while (isxdigit((unsigned char)text[digits])) digits++;
+        return digits > 16;
+    }
+    errno = 0;
+    (void)strtoll(text, NULL, 10);
+    return errno == ERANGE;
+}
+
 /* Pushes the new value for the current value at top (type-checked), or returns an error. */
 static mt_status co_convert(lua_State *L, const char *set, const char *key, const char *value, mt_error *err) {
     int cur = lua_gettop(L);
@@ -89,6 +110,12 @@ static mt_status co_convert(lua_State *L, const char *set, const char *key, cons
         if (lua_stringtonumber(L, value) == 0)
             return mt_error_set(err, MT_ERR_INVALID_ARG, "--set %s: %s: expected a%s number, found '%s'", set, key,
                                 lua_isinteger(L, cur) ? "n integer" : "", value);
+        if (lua_isinteger(L, cur) && co_int_overflows(value)) {
+            lua_pop(L, 1);
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "--set %s: %s: '%s' is out of range (expected an integer from %lld to %lld)",
+                                set, key, value, (long long)LUA_MININTEGER, (long long)LUA_MAXINTEGER);
+        }
         if (lua_isinteger(L, cur) && !lua_isinteger(L, -1)) {
             lua_pop(L, 1);
             return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -98,6 +125,11 @@ static mt_status co_convert(lua_State *L, const char *set, const char *key, cons
         if (!lua_isinteger(L, cur)) {
             lua_Number d = lua_tonumber(L, -1);
             lua_pop(L, 1);
+            /* 1e400 reads as inf: no recipe value (a learning rate, a fraction) means that */
+            if (!isfinite(d))
+                return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                    "--set %s: %s: '%s' is out of range (expected a finite number)", set, key,
+                                    value);
             lua_pushnumber(L, d);
         }
         return MT_OK;

@@ -130,6 +130,60 @@ static double opt_num_in(lua_State *L, int opts, const char *key, double def,
     return v;
 }
 
+/* opt_num_in for a value kept as a float (sampling): also refused when the rounding to
+ * float leaves the limit (top_p = 1e-50 would become 0), as the command refuses it. */
+static float opt_float_in(lua_State *L, int opts, const char *key, float def, const mt_real_limit *lim) {
+    double v = opt_num_in(L, opts, key, def, lim);
+    mt_error err = {0};
+    char name[80];
+    snprintf(name, sizeof name, "option '%s'", key);
+    float f = def;
+    if (mt_check_float(name, v, lim, &f, &err)) luaL_error(L, "%s", err.msg);
+    return f;
+}
+
+/* The seed at stack index idx (`name` for errors): an integer >= 0, or a decimal string
+ * for the seeds past 2^63 - 1 that a Lua integer cannot hold, so that the Lua API takes
+ * exactly the seeds `--seed` takes (0 .. 2^64 - 1); a negative seed is refused, not
+ * wrapped. */
+static uint64_t seed_at(lua_State *L, int idx, const char *name) {
+    mt_error err = {0};
+    uint64_t seed = 0;
+    mt_status st;
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        st = mt_parse_u64(name, lua_tostring(L, idx), &seed, &err);
+    } else {
+        int ok = 0;
+        lua_Integer v = lua_tointegerx(L, idx, &ok);
+        if (!ok)
+            return (uint64_t)luaL_error(L, "%s: expected an integer or a decimal string, found %s", name,
+                                        luaL_typename(L, idx));
+        st = mt_check_seed(name, (int64_t)v, &seed, &err);
+    }
+    if (st) luaL_error(L, "%s", err.msg);
+    return seed;
+}
+
+/* A positional integer argument within a shared limit: luaL_checkinteger then (int)
+ * would turn 4294967297 into 1. */
+static lua_Integer arg_int_in(lua_State *L, int idx, const char *name, const mt_int_limit *lim) {
+    lua_Integer v = luaL_checkinteger(L, idx);
+    mt_error err = {0};
+    if (mt_check_int(name, (int64_t)v, lim, &err)) luaL_error(L, "%s", err.msg);
+    return v;
+}
+
+static uint64_t opt_seed(lua_State *L, int opts, const char *key, uint64_t def) {
+    uint64_t seed = def;
+    if (opt_field(L, opts, key) != LUA_TNIL) {
+        char name[80];
+        snprintf(name, sizeof name, "option '%s'", key);
+        seed = seed_at(L, lua_gettop(L), name);
+    }
+    lua_pop(L, 1);
+    return seed;
+}
+
 static int opt_bool(lua_State *L, int opts, const char *key, int def) {
     int t = opt_field(L, opts, key);
     int v = def;
@@ -555,8 +609,10 @@ static int model_attach_peft(lua_State *L) {
 /* model:plan(B, T [, chunk]) */
 static int model_plan(lua_State *L) {
     lmodel *u = check_model(L, 1);
-    int B = (int)luaL_checkinteger(L, 2), T = (int)luaL_checkinteger(L, 3);
-    int chunk = (int)luaL_optinteger(L, 4, 0);
+    static const mt_int_limit chunk_rows = {"chunk", 0, INT32_MAX}; /* 0: the default */
+    int B = (int)arg_int_in(L, 2, "plan: batch", &MT_LIMIT_BATCH);
+    int T = (int)arg_int_in(L, 3, "plan: sequence length", &MT_LIMIT_SEQ_LEN);
+    int chunk = lua_isnoneornil(L, 4) ? 0 : (int)arg_int_in(L, 4, "plan: chunk", &chunk_rows);
     mt_error err = {0};
     if (mt_model_plan(u->m, B, T, chunk, &err)) return lraise(L, &err);
     return 0;
@@ -1063,7 +1119,7 @@ static int examples_stats(lua_State *L) {
 static int examples_split(lua_State *L) {
     lexamples *e = check_examples(L, 1);
     double fraction = luaL_checknumber(L, 2);
-    lua_Integer seed = luaL_optinteger(L, 3, 0);
+    uint64_t seed = lua_isnoneornil(L, 3) ? 0 : seed_at(L, 3, "split: seed");
     size_t *tr = NULL, *ev = NULL, n_tr = 0, n_ev = 0;
     mt_error err = {0};
     if (mt_split_indices(e->set.n, fraction, (uint64_t)seed, &tr, &n_tr, &ev, &n_ev, &err)) return lraise(L, &err);
@@ -1125,7 +1181,7 @@ static int l_batcher(lua_State *L) {
     int B = (int)opt_int_in(L, 2, "batch", 1, &MT_LIMIT_BATCH);
     int T = (int)opt_int_in(L, 2, "seq_len", e->set.opt.seq_len, &MT_LIMIT_SEQ_LEN);
     int pack = opt_bool(L, 2, "pack", 1);
-    lua_Integer seed = opt_int(L, 2, "seed", 0);
+    uint64_t seed = opt_seed(L, 2, "seed", 0);
     int shuffle = opt_bool(L, 2, "shuffle", 1);
     lbatcher *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->b = NULL;
@@ -1567,10 +1623,10 @@ static int l_generate(lua_State *L) {
     mt_generate_options go;
     memset(&go, 0, sizeof go);
     go.max_new_tokens = (int)opt_int_in(L, 4, "max_new_tokens", 256, &MT_LIMIT_MAX_NEW_TOKENS);
-    go.sampling.temperature = (float)opt_num_in(L, 4, "temperature", 0, &MT_LIMIT_TEMPERATURE);
+    go.sampling.temperature = opt_float_in(L, 4, "temperature", 0, &MT_LIMIT_TEMPERATURE);
     go.sampling.top_k = (int)opt_int_in(L, 4, "top_k", 0, &MT_LIMIT_TOP_K);
-    go.sampling.top_p = (float)opt_num_in(L, 4, "top_p", 1, &MT_LIMIT_TOP_P);
-    go.sampling.seed = (uint64_t)opt_int(L, 4, "seed", 0);
+    go.sampling.top_p = opt_float_in(L, 4, "top_p", 1, &MT_LIMIT_TOP_P);
+    go.sampling.seed = opt_seed(L, 4, "seed", 0);
     go.skip_special = 1;
     lua_Integer slots = opt_int_in(L, 4, "batch", MT_GENERATE_SLOTS, &MT_LIMIT_GENERATE_SLOTS);
     if (slots < 1) return luaL_error(L, "option 'batch': %I sequences at a time: must be >= 1", slots);

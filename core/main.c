@@ -119,9 +119,9 @@ static int cmd_bench(int argc, char **argv) {
         } else if (!strcmp(a, "--seq") && v) {
             if (!parse_int(a, v, &MT_LIMIT_SEQ_LEN, &opt.seq)) return 2;
         } else if (!strcmp(a, "--steps") && v) {
-            if (!parse_int(a, v, &MT_LIMIT_STEPS, &opt.steps)) return 2;
+            if (!parse_int(a, v, &MT_LIMIT_BENCH_STEPS, &opt.steps)) return 2;
         } else if (!strcmp(a, "--warmup") && v) {
-            if (!parse_int(a, v, &MT_LIMIT_STEPS, &opt.warmup)) return 2;
+            if (!parse_int(a, v, &MT_LIMIT_BENCH_WARMUP, &opt.warmup)) return 2;
         } else if (!strcmp(a, "--threads") && v) {
             if (!parse_int(a, v, &MT_LIMIT_THREADS, &opt.threads)) return 2;
         } else if (!strcmp(a, "--adapter") && v) {

@@ -8,6 +8,10 @@
 #include <string.h>
 #include <sys/wait.h>
 
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "config_override.h"
 #include "numparse.h"
 #include "testutil.h"
 
@@ -84,6 +88,43 @@ static void test_reals(void **state) {
     assert_int_equal(mt_check_int("option 'top_k'", 0, &MT_LIMIT_TOP_K, &err), MT_OK);
 }
 
+/* Values strtod reads but that are not what the user wrote: hex floats, values that
+ * round to 0 (as a double or as the float the sampler keeps), and the error text. */
+static void test_real_rounding(void **state) {
+    (void)state;
+    double v = 42;
+    float f = 42;
+    mt_error err = {0};
+    assert_int_not_equal(mt_parse_real("--top-p", "0x1p-1", &MT_LIMIT_TOP_P, &v, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "--top-p: '0x1p-1' is not a decimal number"));
+    assert_int_not_equal(mt_parse_real("--temperature", "0X10", &MT_LIMIT_TEMPERATURE, &v, &err), MT_OK);
+    /* 1e-400 underflows to 0: temperature 0 would silently mean greedy decoding */
+    assert_int_not_equal(mt_parse_real("--temperature", "1e-400", &MT_LIMIT_TEMPERATURE, &v, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "'1e-400' is out of range"));
+    assert_int_not_equal(mt_parse_real("--temperature", "1e309", &MT_LIMIT_TEMPERATURE, &v, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "'1e309' is out of range"));
+    assert_true(v == 42);
+    /* a double inside (0, 1] that is 0 as a float: top_p 0 is what the limit excludes */
+    assert_int_not_equal(mt_parse_float_into("--top-p", "1e-50", &MT_LIMIT_TOP_P, &f, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "--top-p: '1e-50' is out of range for a 32-bit float"));
+    assert_true(f == 42);
+    assert_int_not_equal(mt_check_float("option 'top_p'", 1e-50, &MT_LIMIT_TOP_P, &f, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "option 'top_p': 1e-50 is out of range for a 32-bit float"));
+    assert_int_not_equal(mt_check_float("option 'temperature'", 1e-60, &MT_LIMIT_TEMPERATURE, &f, &err), MT_OK);
+    assert_int_equal(mt_parse_float_into("--top-p", "1e-30", &MT_LIMIT_TOP_P, &f, &err), MT_OK);
+    assert_true(f > 0);
+    assert_int_equal(mt_parse_float_into("--temperature", "-0", &MT_LIMIT_TEMPERATURE, &f, &err), MT_OK);
+    assert_true(f == 0);
+    assert_int_equal(mt_check_float("t", 0.7, &MT_LIMIT_TEMPERATURE, &f, &err), MT_OK);
+    assert_true(f == 0.7f);
+    /* the value as written, not 1000.1000000000000227 */
+    assert_int_not_equal(mt_check_real("option 'temperature'", 1000.1, &MT_LIMIT_TEMPERATURE, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "option 'temperature': 1000.1 is out of range (expected a number >= 0 and <= 1000)"));
+    /* but never rounded onto the bound it exceeds */
+    assert_int_not_equal(mt_check_real("p", 1.0000000000000002, &MT_LIMIT_TOP_P, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "p: 1.0000000000000002 is out of range"));
+}
+
 static void test_seeds(void **state) {
     (void)state;
     uint64_t v = 0;
@@ -94,6 +135,49 @@ static void test_seeds(void **state) {
     assert_int_not_equal(mt_parse_u64("--seed", "-1", &v, &err), MT_OK); /* strtoull wraps it */
     assert_int_not_equal(mt_parse_u64("--seed", "", &v, &err), MT_OK);
     assert_int_not_equal(mt_parse_u64("--seed", "1x", &v, &err), MT_OK);
+    /* already integers (the Lua API): a negative seed is refused, not wrapped */
+    assert_int_not_equal(mt_check_seed("option 'seed'", -1, &v, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "option 'seed': -1 is out of range (expected an integer from 0 to 18446744073709551615)"));
+    assert_int_equal(mt_check_seed("option 'seed'", INT64_MAX, &v, &err), MT_OK);
+    assert_true(v == (uint64_t)INT64_MAX);
+}
+
+/* --set overrides (core/config_override.c) read numbers as Lua does, but not the two
+ * readings that change the value: a hex integer past 64 bits wraps, 1e400 is inf. */
+static void expect_set(const char *set, const char *part) {
+    lua_State *L = luaL_newstate();
+    assert_non_null(L);
+    assert_int_equal(luaL_dostring(L, "return { epochs = 3, lr = 2e-4 }"), LUA_OK);
+    const char *sets[] = {set};
+    mt_error err = {0};
+    mt_status st = mt_config_apply_overrides(L, -1, sets, 1, &err);
+    if (part) {
+        if (st == MT_OK) fail_msg("--set %s was accepted", set);
+        if (!strstr(err.msg, part)) fail_msg("--set %s: '%s' lacks '%s'", set, err.msg, part);
+        /* nothing changed */
+        lua_getfield(L, -1, "epochs");
+        assert_int_equal(lua_tointeger(L, -1), 3);
+        lua_pop(L, 1);
+    } else if (st != MT_OK) {
+        fail_msg("--set %s refused: %s", set, err.msg);
+    }
+    lua_close(L);
+}
+
+static void test_set_overrides(void **state) {
+    (void)state;
+    expect_set("epochs=0x10000000000000003", "epochs: '0x10000000000000003' is out of range");
+    expect_set("epochs=-0x10000000000000003", "is out of range");
+    expect_set("epochs=99999999999999999999", "epochs: '99999999999999999999' is out of range "
+                                              "(expected an integer from -9223372036854775808 to 9223372036854775807)");
+    expect_set("lr=1e400", "lr: '1e400' is out of range (expected a finite number)");
+    expect_set("lr=-1e400", "expected a finite number");
+    expect_set("epochs=0xffffffffffffffff", NULL); /* 16 digits: Lua's -1, as before */
+    expect_set("epochs=00000000000000000000012", NULL);
+    expect_set("epochs=0x00000000000000000010", NULL);
+    expect_set("epochs=9223372036854775807", NULL);
+    expect_set("lr=1e-400", NULL); /* 0: a learning rate of 0 is a value a recipe may mean */
+    expect_set("lr=1e308", NULL);
 }
 
 /* The commands themselves: each value the issue reported is refused with exit 2 and a
@@ -130,6 +214,10 @@ static void test_commands(void **state) {
     expect_command_refuses(a, "--temperature: 'inf' is not finite");
     snprintf(a, sizeof a, "generate --model %s --prompt hi --top-p 5", m);
     expect_command_refuses(a, "--top-p: '5' is out of range");
+    snprintf(a, sizeof a, "generate --model %s --prompt hi --top-p 1e-50", m);
+    expect_command_refuses(a, "--top-p: '1e-50' is out of range for a 32-bit float");
+    snprintf(a, sizeof a, "generate --model %s --prompt hi --temperature 0x1p3", m);
+    expect_command_refuses(a, "--temperature: '0x1p3' is not a decimal number");
     snprintf(a, sizeof a, "generate --model %s --prompt hi --threads 100000", m);
     expect_command_refuses(a, "--threads: '100000' is out of range");
     snprintf(a, sizeof a, "generate --model %s --prompt hi --seed -1", m);
@@ -140,13 +228,20 @@ static void test_commands(void **state) {
     expect_command_refuses(a, "--heldout: '1' is out of range");
     expect_command_refuses("bench --seq 4294967298", "--seq: '4294967298' is out of range");
     expect_command_refuses("bench --threads 100000", "--threads: '100000' is out of range");
+    /* warmup + steps was an int sum: 2^31-1 twice overflowed */
+    expect_command_refuses("bench --steps 2147483647 --warmup 2147483647",
+                           "--steps: '2147483647' is out of range (expected an integer from 1 to 1000000)");
+    expect_command_refuses("bench --steps 0", "--steps: '0' is out of range");
+    expect_command_refuses("bench --warmup 1000001", "--warmup: '1000001' is out of range");
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_integers),
         cmocka_unit_test(test_reals),
+        cmocka_unit_test(test_real_rounding),
         cmocka_unit_test(test_seeds),
+        cmocka_unit_test(test_set_overrides),
         cmocka_unit_test(test_commands),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
