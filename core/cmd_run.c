@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "lua_env.h"
 #include "lua_moontune.h"
@@ -135,6 +136,12 @@ int mt_cmd_run(int argc, char **argv) {
         usage(stderr);
         free(sets);
         return 2;
+    }
+    if (resume_path && access(resume_path, F_OK) != 0) {
+        /* refused here: a recipe that never reads arg.resume would otherwise train afresh */
+        fprintf(stderr, "moontune run: --resume %s: %s\n", resume_path, strerror(errno));
+        free(sets);
+        return 1;
     }
     if (overwrite && resume) {
         fprintf(stderr, "moontune run: --overwrite and --resume contradict each other\n");

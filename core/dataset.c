@@ -23,6 +23,13 @@ mt_status mt_example_set_init(mt_example_set *set, const mt_example_options *opt
     return MT_OK;
 }
 
+static void free_files(mt_example_set *set) {
+    for (int i = 0; i < set->n_files; i++) free(set->files[i]);
+    free(set->files);
+    set->files = NULL;
+    set->n_files = 0;
+}
+
 void mt_example_set_free(mt_example_set *set) {
     if (!set) return;
     for (size_t i = 0; i < set->n; i++) {
@@ -30,7 +37,48 @@ void mt_example_set_free(mt_example_set *set) {
         free(set->ex[i].trainable);
     }
     free(set->ex);
+    free_files(set);
     memset(set, 0, sizeof *set);
+}
+
+mt_status mt_example_set_set_files(mt_example_set *set, char *const *files, int n_files,
+                                   mt_error *err) {
+    if (files == set->files) return MT_OK;
+    char **copy = NULL;
+    if (n_files > 0) {
+        copy = mt_calloc((size_t)n_files, sizeof *copy, "example source files", err);
+        if (!copy) return MT_ERR_NOMEM;
+        for (int i = 0; i < n_files; i++)
+            if (!(copy[i] = mt_strdup(files[i] ? files[i] : "?", "example source file", err))) {
+                for (int k = 0; k < i; k++) free(copy[k]);
+                free(copy);
+                return MT_ERR_NOMEM;
+            }
+    }
+    free_files(set);
+    set->files = copy;
+    set->n_files = n_files > 0 ? n_files : 0;
+    return MT_OK;
+}
+
+const char *mt_example_set_source(const mt_example_set *set, char *buf, size_t cap) {
+    if (!set || set->n_files <= 0 || cap == 0) return NULL;
+    if (set->n_files == 1) snprintf(buf, cap, "%s", set->files[0]);
+    else if (set->n_files == 2) snprintf(buf, cap, "%s, %s", set->files[0], set->files[1]);
+    else
+        snprintf(buf, cap, "%s and %d more files", set->files[0], set->n_files - 1);
+    return buf;
+}
+
+const char *mt_example_where(const mt_example_set *set, int32_t file, int64_t line, char *buf,
+                             size_t cap) {
+    if (set && file >= 0 && file < set->n_files && line > 0)
+        snprintf(buf, cap, "%s:%lld", set->files[file], (long long)line);
+    else if (set && file >= 0 && file < set->n_files)
+        snprintf(buf, cap, "%s", set->files[file]);
+    else if (line > 0) snprintf(buf, cap, "line %lld", (long long)line);
+    else snprintf(buf, cap, "an example");
+    return buf;
 }
 
 void mt_mask_from_spans(const int32_t *offsets, size_t n_tokens, size_t text_len,
@@ -77,9 +125,10 @@ mt_status mt_example_set_add(mt_example_set *set, const int32_t *ids, const uint
                              size_t n, int32_t file, int64_t line, mt_error *err) {
     if (set->opt.seq_len < 2)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "examples: the set was not initialised");
+    char where[600];
     if (n > INT32_MAX)
-        return mt_error_set(err, MT_ERR_INVALID_ARG, "line %lld: example of %zu tokens is too long",
-                            (long long)line, n);
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: example of %zu tokens is too long",
+                            mt_example_where(set, file, line, where, sizeof where), n);
     int32_t start, len;
     int kind = mt_truncate_window(trainable, (int32_t)n, set->opt.seq_len, set->opt.truncation,
                                   &start, &len);
@@ -120,18 +169,21 @@ mt_status mt_example_set_add(mt_example_set *set, const int32_t *ids, const uint
 mt_status mt_example_set_add_text(mt_example_set *set, const mt_tokenizer *tok, const char *text,
                                   size_t len, const mt_span *spans, size_t n_spans, int32_t file,
                                   int64_t line, mt_error *err) {
+    char where[600];
     for (size_t s = 0; s < n_spans; s++)
         if (spans[s].start > spans[s].end || spans[s].end > len)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
-                                "line %lld: trainable span %zu is [%zu, %zu), outside the text "
+                                "%s: trainable span %zu is [%zu, %zu), outside the text "
                                 "of %zu bytes",
-                                (long long)line, s, spans[s].start, spans[s].end, len);
+                                mt_example_where(set, file, line, where, sizeof where), s,
+                                spans[s].start, spans[s].end, len);
     mt_token_list list = {0};
     mt_error local = {0};
     mt_status st = mt_tokenizer_encode(tok, text, len, set->opt.add_special, &list, &local);
     if (st) {
         mt_token_list_free(&list);
-        return mt_error_set(err, st, "line %lld: %s", (long long)line, local.msg);
+        return mt_error_set(err, st, "%s: %s", mt_example_where(set, file, line, where, sizeof where),
+                            local.msg);
     }
     uint8_t *mask = mt_malloc(list.n, "token mask", err);
     if (!mask) {
@@ -170,13 +222,19 @@ mt_status mt_batcher_create(const mt_example_set *examples, int B, int T, int pa
     if (B < 1 || T < 2)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
                             "batcher: expected B >= 1 and T >= 2, found B=%d T=%d", B, T);
-    if (!examples || examples->n == 0)
-        return mt_error_set(err, MT_ERR_INVALID_ARG, "batcher: the dataset has no examples");
+    char where[600];
+    if (!examples || examples->n == 0) {
+        const char *from = mt_example_set_source(examples, where, sizeof where);
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s%sbatcher: the dataset has no examples",
+                            from ? from : "", from ? ": " : "");
+    }
     for (size_t i = 0; i < examples->n; i++)
         if (examples->ex[i].n > T)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
-                                "batcher: example %zu (line %lld) has %d tokens, more than T=%d",
-                                i, (long long)examples->ex[i].line, examples->ex[i].n, T);
+                                "batcher: example %zu (%s) has %d tokens, more than T=%d", i,
+                                mt_example_where(examples, examples->ex[i].file,
+                                                 examples->ex[i].line, where, sizeof where),
+                                examples->ex[i].n, T);
     mt_batcher *b = mt_calloc(1, sizeof *b, "batcher", err);
     if (!b) return MT_ERR_NOMEM;
     b->set = examples;

@@ -193,10 +193,27 @@ typedef struct mt_example_set {
     int64_t n_truncated_response; /* response alone too long: its end cut */
     int64_t n_dropped_too_long;   /* DROP policy */
     int64_t n_dropped_no_target;  /* nothing left to train on */
+    /* where the examples came from: the files their `file` indexes name (copies, set by
+     * mt_example_set_set_files; n_files 0 when made in memory), so that messages about
+     * an example, or about an empty set, can name the file */
+    char **files;
+    int n_files;
 } mt_example_set;
 
 mt_status mt_example_set_init(mt_example_set *set, const mt_example_options *opt, mt_error *err);
 void mt_example_set_free(mt_example_set *set);
+/* Records the source files (an mt_record_set's `files`, which the examples' `file`
+ * indexes name), replacing any recorded before; copies the strings. Call it when the
+ * set is made from records, and on a split's parts with the source set's files. */
+mt_status mt_example_set_set_files(mt_example_set *set, char *const *files, int n_files,
+                                   mt_error *err);
+/* Where the set came from, for a message: "a.jsonl", "a.jsonl, b.jsonl" or "a.jsonl and
+ * 3 more files" in buf; NULL when the set has no files recorded. */
+const char *mt_example_set_source(const mt_example_set *set, char *buf, size_t cap);
+/* "a.jsonl:7" for an example's file index and line when the file is recorded, else
+ * "line 7" (or "an example" without a line), in buf. */
+const char *mt_example_where(const mt_example_set *set, int32_t file, int64_t line, char *buf,
+                             size_t cap);
 
 /* Pure: trainable[i] = 1 when offsets[i] lies in a span (see the rule at the top);
  * text_len is the rendered text's length (tokens at offset >= text_len were added

@@ -2,15 +2,32 @@
 #include "evaluate.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
 mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T,
                       mt_eval_result *result, mt_error *err) {
     *result = (mt_eval_result){0};
-    if (examples->n == 0)
-        return mt_error_set(err, MT_ERR_INVALID_ARG, "evaluation: the held-out set is empty");
+    if (examples->n == 0) {
+        /* name the file and say why: every example was dropped, or there were none */
+        char from[600], too_long[96] = "", no_target[96] = "", why[200] = "";
+        const char *src = mt_example_set_source(examples, from, sizeof from);
+        const long long n_long = examples->n_dropped_too_long, n_none = examples->n_dropped_no_target;
+        if (n_long > 0)
+            snprintf(too_long, sizeof too_long, "%lld example%s longer than seq_len %d dropped by "
+                     "truncation \"drop\"", n_long, n_long == 1 ? "" : "s", examples->opt.seq_len);
+        if (n_none > 0)
+            snprintf(no_target, sizeof no_target, "%lld example%s with nothing to train on", n_none,
+                     n_none == 1 ? "" : "s");
+        if (n_long > 0 || n_none > 0)
+            snprintf(why, sizeof why, " (%s%s%s)", too_long, n_long > 0 && n_none > 0 ? "; " : "",
+                     no_target);
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s%sevaluation: the held-out set is empty%s",
+                            src ? src : "", src ? ": " : "", why);
+    }
     mt_batcher *batcher = NULL;
     mt_status st = mt_batcher_create(examples, B, T, 1, 0, 0, &batcher, err);
     if (st) return st;

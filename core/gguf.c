@@ -12,7 +12,8 @@
  *
  * Validation follows ggml's gguf.cpp and then some: bounded key, string and
  * array lengths, every count checked against the bytes left before anything is
- * allocated, no nested arrays, bools of 0 or 1, unique keys and tensor names,
+ * allocated, no nested arrays, bools of 0 or 1, unique keys and tensor names in
+ * well-formed UTF-8,
  * n_dims <= 4, element counts and byte sizes overflow-checked, ne[0] a multiple
  * of the block size, tensor data aligned, inside the file and not overlapping.
  * Every error names the file and the key or tensor, and says what was expected
@@ -156,6 +157,36 @@ static const char *clip(const char *s, size_t n, char *buf, size_t cap) {
     }
     buf[o] = '\0';
     return buf;
+}
+
+/* The offset of the first byte of s[0, n) that does not belong to a well-formed UTF-8
+ * sequence (no overlong forms, no surrogates, at most U+10FFFF), or n when all do. */
+static size_t utf8_bad_at(const unsigned char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = s[i];
+        size_t len;
+        unsigned lo = 0x80, hi = 0xbf; /* the allowed range of the second byte */
+        if (c < 0x80) {
+            i++;
+            continue;
+        } else if (c >= 0xc2 && c <= 0xdf) len = 2;
+        else if (c >= 0xe0 && c <= 0xef) {
+            len = 3;
+            if (c == 0xe0) lo = 0xa0;
+            if (c == 0xed) hi = 0x9f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            len = 4;
+            if (c == 0xf0) lo = 0x90;
+            if (c == 0xf4) hi = 0x8f;
+        } else
+            return i;
+        if (n - i < len || s[i + 1] < lo || s[i + 1] > hi) return i;
+        for (size_t k = 2; k < len; k++)
+            if ((s[i + k] & 0xc0) != 0x80) return i;
+        i += len;
+    }
+    return n;
 }
 
 /* ---- a bounds-checked cursor over the mapping
@@ -467,6 +498,13 @@ static mt_status parse_kvs(mt_gguf *g, cursor *c, uint64_t nkv, mt_error *err) {
             return mt_error_set(err, MT_ERR_FORMAT,
                                 "%s: kv %zu: key '%s' holds a NUL byte (expected a plain string)",
                                 c->path, i, clip(key, (size_t)klen, name, sizeof name));
+        size_t bad = utf8_bad_at((const unsigned char *)key, (size_t)klen);
+        if (bad < (size_t)klen)
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: kv %zu: the key at byte %zu is not valid UTF-8 (byte 0x%02x at "
+                                "offset %zu of the key, after '%s')",
+                                c->path, i, c->pos - (size_t)klen, (unsigned)(unsigned char)key[bad],
+                                bad, clip(key, bad, name, sizeof name));
         kv->key = malloc((size_t)klen + 1);
         if (!kv->key)
             return mt_error_set(err, MT_ERR_NOMEM, "%s: out of memory copying a key", c->path);
@@ -531,6 +569,13 @@ static mt_status parse_tensor_info(mt_gguf *g, cursor *c, size_t i, gguf_tinfo *
                             "%s: tensor %zu '%s': the name holds a NUL byte (expected a plain "
                             "string)",
                             c->path, i, clip(name, (size_t)nlen, nm, sizeof nm));
+    size_t bad = utf8_bad_at((const unsigned char *)name, (size_t)nlen);
+    if (bad < (size_t)nlen)
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: tensor %zu: the name at byte %zu is not valid UTF-8 (byte 0x%02x "
+                            "at offset %zu of the name, after '%s')",
+                            c->path, i, c->pos - (size_t)nlen, (unsigned)(unsigned char)name[bad],
+                            bad, clip(name, bad, nm, sizeof nm));
     char *copy = malloc((size_t)nlen + 1);
     if (!copy) return mt_error_set(err, MT_ERR_NOMEM, "%s: out of memory copying a name", c->path);
     memcpy(copy, name, (size_t)nlen);

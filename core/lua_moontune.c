@@ -1131,6 +1131,10 @@ static int examples_split(lua_State *L) {
     free(ev);
     lexamples *a = new_examples(L, &e->set.opt);
     lexamples *b = new_examples(L, &e->set.opt);
+    /* both parts name the files their examples came from */
+    if (mt_example_set_set_files(&a->set, e->set.files, e->set.n_files, &err) ||
+        mt_example_set_set_files(&b->set, e->set.files, e->set.n_files, &err))
+        return lraise(L, &err);
     for (size_t i = 0; i < n_tr + n_ev; i++) {
         const mt_example *x = &e->set.ex[idx[i]];
         if (mt_example_set_add(i < n_tr ? &a->set : &b->set, x->ids, x->trainable, (size_t)x->n, x->file,

@@ -15,6 +15,7 @@
  * i.e. GGUF row h*D + 2*i + j holds HF row h*D + j*D/2 + i (j in {0,1}, i < D/2),
  * with n_head = head_count for q and head_count_kv for k. The loader undoes it, so
  * the model computes exactly what transformers computes (which undoes it too). */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,7 +46,13 @@ static mt_status arch_float(const mt_gguf *g, const char *arch, const char *key,
     char full[128];
     snprintf(full, sizeof full, "%s.%s", arch, key);
     if (!mt_gguf_get(g, full)) return MT_OK;
-    return mt_gguf_get_float(g, full, out, err);
+    mt_status st = mt_gguf_get_float(g, full, out, err);
+    /* every float of the architecture (epsilon, RoPE base and scale) is a positive,
+     * finite number: refused here under its GGUF key, which config.json's names would hide */
+    if (!st && !(isfinite(*out) && *out > 0))
+        st = mt_error_set(err, MT_ERR_FORMAT, "%s: key '%s': must be a positive number, found %g",
+                          mt_gguf_path(g), full, *out);
+    return st;
 }
 
 /* Config from the metadata; vocab and tying come from the tensor directory. */

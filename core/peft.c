@@ -123,6 +123,7 @@ static mt_status read_config(const char *path, peft_config *c, mt_error *err) {
     const char *type = json_string_value(json_object_get(root, "peft_type"));
     const json_t *r = json_object_get(root, "r"), *alpha = json_object_get(root, "lora_alpha");
     const json_t *bias = json_object_get(root, "bias"), *rs = json_object_get(root, "use_rslora");
+    const json_t *task = json_object_get(root, "task_type");
     if (!json_is_object(root)) {
         st = mt_error_set(err, MT_ERR_FORMAT, "%s: not a JSON object", path);
     } else if (!type || strcmp(type, "LORA") != 0) {
@@ -138,6 +139,16 @@ static mt_status read_config(const char *path, peft_config *c, mt_error *err) {
                           "%s: bias must be \"none\" (trained biases are not supported)", path);
     } else if (rs && !json_is_boolean(rs) && !json_is_null(rs)) {
         st = mt_error_set(err, MT_ERR_FORMAT, "%s: use_rslora must be true or false", path);
+    } else if (task && !json_is_null(task) &&
+               (!json_is_string(task) || strcmp(json_string_value(task), "CAUSAL_LM") != 0)) {
+        /* another task's adapter (SEQ_CLS, TOKEN_CLS, ...) comes with a head this model
+         * does not have, and was trained for another output */
+        st = json_is_string(task)
+                 ? mt_error_set(err, MT_ERR_UNSUPPORTED,
+                                "%s: task_type is \"%s\", only \"CAUSAL_LM\" (or none) is "
+                                "supported", path, json_string_value(task))
+                 : mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: task_type must be a string such as \"CAUSAL_LM\"", path);
     }
     for (size_t i = 0; !st && i < sizeof refused_keys / sizeof refused_keys[0]; i++) {
         const json_t *v = json_object_get(root, refused_keys[i].key);
@@ -185,10 +196,20 @@ static mt_status check_tensors(mt_model *m, const peft_config *c, const mt_safet
                                 "(base_model.model.<module>.lora_A/lora_B.weight)", path, t->name);
         snprintf(name, sizeof name, "%.*s.weight", (int)(len - pl - sl), t->name + pl);
         const mt_param *base = mt_model_find_param(m, name);
-        if (!base || base->ndim != 2 || targeted_weight(c, name) < 0)
+        const int module = module_index(name, strlen(name) - strlen(".weight"));
+        if (module < 0)
             return mt_error_set(err, MT_ERR_FORMAT,
-                                "%s: tensor %s: %s is not a projection target_modules names in "
-                                "this model", path, t->name, name);
+                                "%s: tensor %s: %.*s is not a projection LoRA can target (q_proj, "
+                                "k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj)",
+                                path, t->name, (int)(strlen(name) - strlen(".weight")), name);
+        if (!base || base->ndim != 2)
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: tensor %s: this model has no parameter %s (was the adapter "
+                                "made for another model?)", path, t->name, name);
+        if (targeted_weight(c, name) < 0)
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: tensor %s: %s is not among the target_modules of "
+                                "adapter_config.json", path, t->name, mt_peft_modules[module]);
         int64_t rows = is_a ? c->r : base->shape[0], cols = is_a ? base->shape[1] : c->r;
         if (t->ndim != 2 || t->shape[0] != rows || t->shape[1] != cols) {
             char got[64] = "()";
@@ -202,6 +223,14 @@ static mt_status check_tensors(mt_model *m, const peft_config *c, const mt_safet
             return mt_error_set(err, MT_ERR_UNSUPPORTED,
                                 "%s: tensor %s is %s (F32, F16 or BF16 expected)", path, t->name,
                                 mt_st_dtype_name(t->dtype));
+        /* a NaN or an infinity here would only show up later, as garbage text or NaN
+         * losses; checked now, before anything is attached */
+        float *values = mt_malloc((size_t)(rows * cols) * sizeof *values, "adapter tensor", err);
+        if (!values) return MT_ERR_NOMEM;
+        mt_status fs = mt_st_read_f32(t, values, err);
+        if (!fs) fs = mt_check_finite(t->file, t->name, values, (size_t)(rows * cols), err);
+        free(values);
+        if (fs) return fs;
     }
     for (size_t i = 0; i < m->num_params; i++) {
         const mt_param *p = &m->params[i];

@@ -289,9 +289,16 @@ static const char *machine_name(unsigned m) {
     }
 }
 
+/* The little-endian unsigned integer of n bytes at p. */
+static uint64_t elf_le(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = n; i-- > 0;) v = v << 8 | p[i];
+    return v;
+}
+
 /* Reads the ELF header before dlopen, whose messages for a file of another
  * architecture or kind ("No such file or directory", "invalid ELF header") mislead. */
-static mt_status check_elf(const char *path, mt_error *err) {
+static mt_status check_elf(const char *path, uint64_t size, mt_error *err) {
     FILE *f = fopen(path, "rb");
     if (!f) return mt_error_set(err, MT_ERR_IO, "%s: cannot open plugin: %s", path, strerror(errno));
     unsigned char h[64];
@@ -304,11 +311,18 @@ static mt_status check_elf(const char *path, mt_error *err) {
     const unsigned type = little ? (unsigned)(h[16] | h[17] << 8) : (unsigned)(h[16] << 8 | h[17]);
     const unsigned machine = little ? (unsigned)(h[18] | h[19] << 8) : (unsigned)(h[18] << 8 | h[19]);
 #ifdef HOST_MACHINE
-    if (machine != HOST_MACHINE || !is64 || !little)
+    if (machine != HOST_MACHINE)
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: not a plugin for this machine: it was built for %s (ELF machine %u, "
-                            "%d-bit), this is %s: rebuild it here",
-                            path, machine_name(machine), machine, is64 ? 64 : 32, HOST_MACHINE_NAME);
+                            "%d-bit%s), this is %s: rebuild it here",
+                            path, machine_name(machine), machine, is64 ? 64 : 32,
+                            little ? "" : " big-endian", HOST_MACHINE_NAME);
+    if (!is64 || !little) /* the right machine number in a 32-bit or big-endian file */
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: not a plugin for this machine: it is a %s%s%s ELF file (ELF machine "
+                            "%u), this is 64-bit little-endian %s: rebuild it here",
+                            path, is64 ? "" : "32-bit", !is64 && !little ? ", " : "",
+                            little ? "" : "big-endian", machine, HOST_MACHINE_NAME);
 #else
     (void)is64;
     (void)machine;
@@ -317,6 +331,24 @@ static mt_status check_elf(const char *path, mt_error *err) {
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: not a plugin: an ELF %s, not a shared object (build it with -shared)",
                             path, type == ET_EXEC ? "executable" : type == ET_REL ? "object file" : "file");
+    if (is64 && little && n >= 64) {
+        /* the program and section header tables lie inside the file, the section headers
+         * usually at its very end: a cut-off copy shows here (dlopen: "cannot read file
+         * data") */
+        const uint64_t phoff = elf_le(h + 32, 8), shoff = elf_le(h + 40, 8);
+        const uint64_t phentsize = elf_le(h + 54, 2), phnum = elf_le(h + 56, 2);
+        const uint64_t shentsize = elf_le(h + 58, 2), shnum = elf_le(h + 60, 2);
+        uint64_t need = 0;
+        if (phnum && phoff <= UINT64_MAX - phnum * phentsize) need = phoff + phnum * phentsize;
+        if (shnum && shoff <= UINT64_MAX - shnum * shentsize && shoff + shnum * shentsize > need)
+            need = shoff + shnum * shentsize;
+        if (need > size)
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: not a plugin moontune can load: the file is truncated: its ELF "
+                                "header places tables up to byte %llu, but the file has %llu bytes "
+                                "(an interrupted copy or build?)",
+                                path, (unsigned long long)need, (unsigned long long)size);
+    }
     return MT_OK;
 }
 
@@ -328,7 +360,7 @@ mt_status mt_plugin_load(const char *path, mt_plugin **out, mt_error *err) {
         return mt_error_set(err, MT_ERR_IO, "%s: cannot open plugin: %s", path, strerror(errno));
     if (!S_ISREG(sb.st_mode))
         return mt_error_set(err, MT_ERR_FORMAT, "%s: not a shared object (not a regular file)", path);
-    mt_status est = check_elf(path, err);
+    mt_status est = check_elf(path, (uint64_t)sb.st_size, err);
     if (est) return est;
 
     mt_plugin *p = mt_calloc(1, sizeof *p, "plugin", err);

@@ -99,6 +99,9 @@ mt_status mt_examples_from_records(lua_State *L, const mt_tokenizer *tok,
                                    const mt_record_set *records, mt_example_set *out,
                                    mt_error *err) {
     int render = lua_gettop(L);
+    /* the set names its source files in later messages (an empty held-out set, ...) */
+    mt_status fst = mt_example_set_set_files(out, records->files, records->n_files, err);
+    if (fst) return fst;
     const char *bos = mt_tokenizer_bos(tok) >= 0 ? mt_tokenizer_token_text(tok, mt_tokenizer_bos(tok)) : NULL;
     const char *eos = mt_tokenizer_eos(tok) >= 0 ? mt_tokenizer_token_text(tok, mt_tokenizer_eos(tok)) : NULL;
     for (size_t r = 0; r < records->n; r++) {

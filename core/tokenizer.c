@@ -925,6 +925,13 @@ static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     json_t *dropout = json_object_get(model, "dropout");
     if (json_is_number(dropout) && json_number_value(dropout) > 0.0)
         return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: BPE dropout is not supported when encoding", path);
+    static const char *const model_flags[] = {"byte_fallback", "fuse_unk", "ignore_merges"};
+    for (size_t f = 0; f < sizeof model_flags / sizeof model_flags[0]; f++) {
+        json_t *flag = json_object_get(model, model_flags[f]);
+        if (flag && !json_is_boolean(flag) && !json_is_null(flag))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: key 'model.%s': expected true or false, found %s", path,
+                                model_flags[f], mt_json_kind(flag));
+    }
     tok->byte_fallback = jbool(model, "byte_fallback", 0);
     tok->fuse_unk = jbool(model, "fuse_unk", 0);
     tok->ignore_merges = jbool(model, "ignore_merges", 0);

@@ -170,9 +170,9 @@ hlen = struct.unpack("<Q", real[:8])[0]
 hdr = json.loads(real[8:8 + hlen])
 name0 = sorted(k for k in hdr if k != "__metadata__" and hdr[k]["dtype"] == "F32")[0]
 off = 8 + hlen + hdr[name0]["data_offsets"][0] + 4 * 3
-nan_file = real[:off] + struct.pack("<f", float("nan")) + real[off + 4:]
 case("safetensors", "nan_weight", EVAL, ["model.safetensors", name0, "non-finite"],
-     {"model.safetensors": nan_file}, setup=COPY_CHAT)
+     setup=COPY_CHAT + "\nprintf '\\000\\000\\300\\177' | dd of=\"$CASE\"/model.safetensors bs=1 seek=%d "
+     "conv=notrunc 2>/dev/null" % off)
 
 # ---- GGUF (structure: mutations of the small fixture; ids: the llama3 tokenizer GGUF) ---
 small = open(os.path.join(FIX, "gguf", "small.gguf"), "rb").read()
@@ -333,7 +333,7 @@ ADAMW = "cp \"$BUILD\"/plugins/adamw.so \"$CASE\"/bad.so"
 plugins = {
     "not_elf": (None, {"bad.so": "this is text, not a shared object\n"}, ["bad.so", "not an ELF shared object"]),
     "empty_file": (None, {"bad.so": ""}, ["bad.so"]),
-    "truncated_elf": (ADAMW + "\ntruncate -s 300 \"$CASE\"/bad.so", None, ["bad.so"]),
+    "truncated_elf": (ADAMW + "\ntruncate -s 300 \"$CASE\"/bad.so", None, ["bad.so", "the file is truncated"]),
     "wrong_arch_aarch64": (ADAMW + "\nprintf '\\267\\000' | dd of=\"$CASE\"/bad.so bs=1 seek=18 conv=notrunc 2>/dev/null",
                            None, ["bad.so", "not a plugin for this machine", "AArch64"]),
     "wrong_arch_riscv": (ADAMW + "\nprintf '\\363\\000' | dd of=\"$CASE\"/bad.so bs=1 seek=18 conv=notrunc 2>/dev/null",
@@ -431,6 +431,473 @@ clis = {
 }
 for name, (cmd, exp) in clis.items():
     case("cli", name, cmd, exp)
+
+
+# =========================================================================================
+# Added for issue 13 (hardening): more of each category, GGUF model files, sharded
+# safetensors indexes, plugins through MOONTUNE_PLUGIN_PATH and recipes, --resume PATH.
+# =========================================================================================
+
+# ---- JSONL, more ---------------------------------------------------------------------
+jsonl2 = {
+    "message_not_object": ('{"messages": [7]}\n', ["data.jsonl:1", "field 'messages[0]'"]),
+    "message_role_missing": ('{"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}\n',
+                             ["data.jsonl:1", "field 'messages[0].role': missing"]),
+    "message_role_number": ('{"messages": [{"role": 1, "content": "x"}, {"role": "assistant", "content": "y"}]}\n',
+                            ["data.jsonl:1", "field 'messages[0].role'"]),
+    "no_assistant_message": ('{"messages": [{"role": "user", "content": "hi"}]}\n',
+                             ["data.jsonl:1", "no assistant message"]),
+    "preference_chosen_number": ('{"prompt": "p", "chosen": 3, "rejected": "r"}\n', ["data.jsonl:1", "'chosen'"]),
+    "preference_rejected_empty": ('{"prompt": "p", "chosen": "c", "rejected": " "}\n',
+                                  ["data.jsonl:1", "field 'rejected'", "empty response"]),
+    "escaped_nul": ('{"instruction": "a\\u0000b", "output": "x"}\n', ["data.jsonl:1", "column"]),
+    "lone_surrogate_escape": ('{"instruction": "a\\ud800b", "output": "x"}\n', ["data.jsonl:1", "Unicode"]),
+    "utf8_surrogate_bytes": (b'{"instruction": "a\xed\xa0\x80b", "output": "x"}\n', ["data.jsonl:1", "invalid UTF-8"]),
+    "utf8_overlong": (b'{"instruction": "a\xc0\xafb", "output": "x"}\n', ["data.jsonl:1", "invalid UTF-8"]),
+    "number_overflow": ('{"instruction": "a", "output": "x", "n": 1e999}\n', ["data.jsonl:1", "overflow"]),
+    "bad_line_after_many": ((good * 40) + '{"instruction": "a", "output": 5}\n', ["data.jsonl:41", "field 'output'"]),
+}
+for name, (text, exp) in jsonl2.items():
+    case("jsonl", name, DATA, exp, {"data.jsonl": text})
+# a 16 MB line that never closes: made at test time (the corpus stays small)
+case("jsonl", "huge_unterminated_line", DATA, ["data.jsonl:2", "malformed JSON"],
+     setup="{ printf '%s\\n' '" + good.strip() + "'; printf '{\"instruction\": \"'; "
+           "head -c 16000000 /dev/zero | tr '\\0' 'a'; echo; } > \"$CASE\"/data.jsonl")
+case("jsonl", "bad_heldout_file", DATA + ["--heldout-file", "@CASE@/heldout.jsonl"], ["heldout.jsonl:1", "field 'output'"],
+     {"data.jsonl": good, "heldout.jsonl": '{"instruction": "a", "output": false}\n'})
+case("jsonl", "second_file_bad", ["eval", "--model", "@FIX@/tiny_chat", "--seq", "64", "@FIX@/data/tiny_chat_heldout.jsonl",
+                                   "@CASE@/b.jsonl"], ["b.jsonl:2", "malformed JSON"], {"b.jsonl": good + "{\n"})
+case("jsonl", "eval_empty_file", ["eval", "--model", "@FIX@/tiny_chat", "--seq", "64", "@CASE@/heldout.jsonl"],
+     ["heldout.jsonl: no records"], {"heldout.jsonl": ""})
+case("jsonl", "eval_preference", ["eval", "--model", "@FIX@/tiny_chat", "--seq", "64", "@CASE@/p.jsonl"],
+     ["p.jsonl:1", "preference"], {"p.jsonl": '{"prompt": "a", "chosen": "x", "rejected": "y"}\n'})
+case("jsonl", "train_empty_file", RUN, ["empty.jsonl: no records"],
+     {"empty.jsonl": "", "recipe.lua": MT + "local tok = mt.tokenizer('@FIX@/tiny_chat')\n"
+                                           "mt.examples('@CASE@/empty.jsonl', tok, {})\n"})
+
+# ---- config.json, more -------------------------------------------------------------------
+configs2 = {
+    "rms_eps_zero": (cfg_with(rms_norm_eps=0), ["config.json", "key \"rms_norm_eps\""]),
+    "max_position_zero": (cfg_with(max_position_embeddings=0), ["config.json", "key \"max_position_embeddings\""]),
+    "tie_embeddings_string": (cfg_with(tie_word_embeddings="yes"), ["config.json", "key \"tie_word_embeddings\""]),
+    "rope_llama3_incomplete": (cfg_with(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+                               ["config.json", "original_max_position_embeddings"]),
+    "rope_scaling_string": (cfg_with(rope_scaling="linear"), ["config.json", "key \"rope_scaling\""]),
+    "heads_zero": (cfg_with(num_attention_heads=0), ["config.json", "key \"num_attention_heads\""]),
+    "intermediate_huge": (cfg_with(intermediate_size=1 << 40), ["config.json", "key \"intermediate_size\""]),
+    "head_dim_huge": (cfg_with(head_dim=1 << 31), ["config.json", "key \"head_dim\""]),
+    "attention_bias_string": (cfg_with(attention_bias="no"), ["config.json", "key \"attention_bias\""]),
+    "rope_theta_overflow": (cfg_with(rope_theta=1.0).replace("\"rope_theta\": 1.0", "\"rope_theta\": 1e999"),
+                            ["config.json", "line 1"]),
+    "vocab_smaller_than_weights": (cfg_with(vocab_size=100), ["model.safetensors", "model.embed_tokens.weight"]),
+    "hidden_not_matching_weights": (cfg_with(hidden_size=50), ["model.safetensors", "model.embed_tokens.weight"]),
+    "empty_file": ("", ["config.json"]),
+}
+for name, (text, exp) in configs2.items():
+    case("config", name, EVAL, exp, {"config.json": text}, setup=COPY_CHAT)
+case("config", "missing_file", EVAL, ["config.json", "cannot open"], setup=COPY_CHAT + "\nrm \"$CASE\"/config.json")
+case("config", "is_a_directory", EVAL, ["config.json"],
+     setup=COPY_CHAT + "\nrm \"$CASE\"/config.json && mkdir \"$CASE\"/config.json")
+
+# ---- safetensors, more ---------------------------------------------------------------------
+real_h = {k: v for k, v in hdr.items()}
+real_data = real[8 + hlen:]
+
+
+def real_with(edit=None, raw=None, extra=""):
+    """(files, setup): the tiny chat model whose safetensors header is replaced, the data
+    section kept. Only the new header is committed (header.bin, length prefix included);
+    the setup splices it onto the fixture's data at test time, then runs `extra`."""
+    h = json.loads(json.dumps(real_h))
+    if edit:
+        edit(h)
+    hb = raw if raw is not None else json.dumps(h).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    setup = (COPY_CHAT + "\n{ cat \"$CASEDIR\"/header.bin; tail -c +%d \"$FIX\"/tiny_chat/model.safetensors; } "
+             "> \"$CASE\"/model.safetensors" % (8 + hlen + 1))
+    return {"header.bin": struct.pack("<Q", len(hb)) + hb}, setup + ("\n" + extra if extra else "")
+
+
+def set_field(name, key, value):
+    def f(h):
+        h[name][key] = value
+    return f
+
+
+def rename(old, new):
+    def f(h):
+        h[new] = h.pop(old)
+    return f
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+sts2 = {
+    "duplicate_name": (real_with(raw=json.dumps(real_h).encode()[:-1] + b', "' + W.encode()
+                                 + b'": {"dtype": "F32", "shape": [48], "data_offsets": [0, 192]}}'),
+                       ["model.safetensors", "duplicate", W]),
+    "dtype_int": (real_with(set_field(W, "dtype", "I32")), ["model.safetensors", W, "I32"]),
+    "dtype_not_string": (real_with(set_field(W, "dtype", 7)), ["model.safetensors", W, "dtype"]),
+    "shape_not_array": (real_with(set_field(W, "shape", "48")), ["model.safetensors", W, "shape"]),
+    "offsets_one_entry": (real_with(set_field(W, "data_offsets", [0])), ["model.safetensors", W, "data_offsets"]),
+    "offsets_real_number": (real_with(set_field(W, "data_offsets", [0.5, 1])), ["model.safetensors", W, "data_offsets"]),
+    "unknown_tensor_name": (real_with(rename(Q, Q + "X")), ["model.safetensors", Q + "X"]),
+    "shape_overflow": (real_with(set_field(W, "shape", [1 << 62, 1 << 62])), ["model.safetensors", W, "overflow"]),
+    "trailing_bytes": (real_with(extra="printf xxxxxxx >> \"$CASE\"/model.safetensors"),
+                       ["model.safetensors", "trailing bytes"]),
+    "wrong_shape_same_size": (real_with(set_field(W, "shape", [6, 8])), ["model.safetensors", W, "[6, 8]"]),
+}
+for name, ((files, setup), exp) in sts2.items():
+    case("safetensors", name, EVAL, exp, files, setup=setup)
+
+# sharded: model.safetensors.index.json naming shard1.safetensors (a copy of the weights)
+COPY_SHARDED = ("cp \"$FIX\"/tiny_chat/config.json \"$FIX\"/tiny_chat/tokenizer*.json \"$CASE\"/ && "
+                "cp \"$FIX\"/tiny_chat/model.safetensors \"$CASE\"/shard1.safetensors")
+wm = {k: "shard1.safetensors" for k in real_h if k != "__metadata__"}
+
+
+def index_with(edit):
+    ix = {"metadata": {"total_size": len(real)}, "weight_map": dict(wm)}
+    edit(ix)
+    return json.dumps(ix)
+
+
+IDX = "model.safetensors.index.json"
+indexes = {
+    "index_not_json": ("{", [IDX, "not valid JSON"]),
+    "index_missing_shard": (index_with(lambda ix: ix["weight_map"].__setitem__(W, "missing.safetensors")),
+                            [IDX, "missing.safetensors"]),
+    "index_shard_escapes_up": (index_with(lambda ix: ix["weight_map"].__setitem__(W, "../../etc/passwd")),
+                               [IDX, "../../etc/passwd"]),
+    "index_shard_absolute": (index_with(lambda ix: ix["weight_map"].__setitem__(W, "/etc/passwd")), [IDX, "/etc/passwd"]),
+    "index_tensor_not_in_shard": (index_with(lambda ix: ix["weight_map"].__setitem__("model.extra.weight",
+                                                                                    "shard1.safetensors")),
+                                  [IDX, "model.extra.weight"]),
+    "index_tensor_missing_from_map": (index_with(lambda ix: ix["weight_map"].pop(W)), [IDX, W]),
+    "index_weight_map_array": (index_with(lambda ix: ix.__setitem__("weight_map", [])), [IDX, "weight_map"]),
+    "index_entry_number": (index_with(lambda ix: ix["weight_map"].__setitem__(W, 3)), [IDX, W]),
+}
+for name, (text, exp) in indexes.items():
+    case("safetensors", name, EVAL, exp, {IDX: text}, setup=COPY_SHARDED)
+
+# ---- GGUF, more structure (the small fixture; `moontune data --tokenizer FILE`) ------------
+def find_key(blob, key):
+    """Offset just past a key's bytes (where its u32 value type starts)."""
+    return blob.index(key.encode()) + len(key)
+
+
+def find_tensor(blob, name):
+    """Offset of a tensor info's n_dims (just past its name)."""
+    return blob.index(name.encode() + struct.pack("<I", 2 if "matrix" in name else 3 if "cube" in name else 1)) + len(name)
+
+
+at_str = find_key(small, "test.str") + 4            # u64 length of the string value
+at_arr = find_key(small, "test.arr_str") + 4        # u32 element type, then u64 count
+at_bool = find_key(small, "test.bool_true") + 4
+t_m = find_tensor(small, "f32.matrix")             # u32 n_dims, u64 ne[2], u32 type, u64 offset
+t_c = find_tensor(small, "f32.cube")
+t_q8 = find_tensor(small, "q8_0.matrix")
+ggufs2 = {
+    "string_length_huge": (patch(small, at_str, struct.pack("<Q", 1 << 40)), ["t.gguf", "key 'test.str'"]),
+    "array_count_huge": (patch(small, at_arr + 4, struct.pack("<Q", 1 << 58)), ["t.gguf", "key 'test.arr_str'"]),
+    "array_of_arrays": (patch(small, at_arr, struct.pack("<I", 9)), ["t.gguf", "key 'test.arr_str'"]),
+    "array_type_unknown": (patch(small, at_arr, struct.pack("<I", 55)), ["t.gguf", "key 'test.arr_str'"]),
+    "bool_value_2": (patch(small, at_bool, b"\x02"), ["t.gguf", "key 'test.bool_true'"]),
+    "duplicate_key": (small.replace(b"test.i8", b"test.u8", 1), ["t.gguf", "duplicate key"]),
+    "key_not_utf8": (small.replace(b"general.name", b"general.\xffame", 1), ["t.gguf", "kv 1", "not valid UTF-8"]),
+    "tensor_name_not_utf8": (small.replace(b"f32.cube", b"f32.\xe2ube", 1), ["t.gguf", "tensor 1", "not valid UTF-8"]),
+    "n_dims_5": (patch(small, t_m, struct.pack("<I", 5)), ["t.gguf", "tensor 'f32.matrix'"]),
+    "tensor_offset_misaligned": (patch(small, t_c + 4 + 24 + 4, struct.pack("<Q", 65)), ["t.gguf", "tensor 'f32.cube'"]),
+    "tensor_offsets_overlap": (patch(small, t_c + 4 + 24 + 4, struct.pack("<Q", 32)), ["t.gguf", "f32.cube", "overlaps"]),
+    "tensor_ne_overflow": (patch(small, t_m + 4, struct.pack("<QQ", 1 << 62, 1 << 62)), ["t.gguf", "tensor 'f32.matrix'"]),
+    "quant_row_not_blocks": (patch(small, t_q8 + 4, struct.pack("<Q", 48)), ["t.gguf", "tensor 'q8_0.matrix'"]),
+    "tensor_name_duplicate": (small.replace(b"f16.matrix", b"f32.matrix", 1), ["t.gguf", "f32.matrix", "duplicate"]),
+}
+for name, (blob, exp) in ggufs2.items():
+    case("gguf", name, GG, exp, {"t.gguf": blob})
+
+# ---- GGUF model files: the tiny chat model exported to GGUF by run.sh (@GGUF@), damaged
+# at the bytes found by key or tensor name; `moontune generate --model FILE` -----------------
+GEN_G = ["generate", "--model", "@CASE@/m.gguf", "--prompt", "hi", "--max-new-tokens", "1"]
+GG_PRE = ('cp "$GGUF" "$CASE"/m.gguf\n'
+          'at() { o=$(grep -obUaF -- "$1" "$CASE"/m.gguf | head -n 1 | cut -d: -f1); [ -n "$o" ]; echo "$o"; }\n'
+          'put() { printf "$2" | dd of="$CASE"/m.gguf bs=1 seek="$1" conv=notrunc 2>/dev/null; }\n')
+
+
+def kv_u32_patch(key, hexbytes):
+    return GG_PRE + f'o=$(at {key}); put $((o + {len(key)} + 4)) \'{hexbytes}\''
+
+
+def tensor_patch(name, n_dims, field_off, hexbytes):
+    # after the name: u32 n_dims, u64 ne[n_dims], u32 type, u64 offset
+    return GG_PRE + f'o=$(at {name}); put $((o + {len(name)} + {field_off})) \'{hexbytes}\''
+
+
+gmodels = {
+    "block_count_99": (kv_u32_patch("llama.block_count", r"\x63\x00\x00\x00"), ["m.gguf", "blk.2"]),
+    "embedding_length_0": (kv_u32_patch("llama.embedding_length", r"\x00\x00\x00\x00"), ["m.gguf", "llama.embedding_length"]),
+    "context_length_0": (kv_u32_patch("llama.context_length", r"\x00\x00\x00\x00"), ["m.gguf", "llama.context_length"]),
+    "head_count_5": (kv_u32_patch("llama.attention.head_count", r"\x05\x00\x00\x00"), ["m.gguf", "num_attention_heads (5)"]),
+    "head_count_kv_3": (kv_u32_patch("llama.attention.head_count_kv", r"\x03\x00\x00\x00"), ["m.gguf", "num_key_value_heads"]),
+    "vocab_size_700": (kv_u32_patch("llama.vocab_size", r"\xbc\x02\x00\x00"), ["m.gguf", "token_embd.weight"]),
+    "rope_freq_base_negative": (kv_u32_patch("llama.rope.freq_base", r"\x00\x00\x80\xbf"), ["m.gguf", "llama.rope.freq_base"]),
+    "rms_epsilon_nan": (kv_u32_patch("llama.attention.layer_norm_rms_epsilon", r"\x00\x00\xc0\x7f"),
+                        ["m.gguf", "llama.attention.layer_norm_rms_epsilon"]),
+    "architecture_unknown": (GG_PRE + 'o=$(at general.architecture); put $((o + 20 + 4 + 8 + 4)) b', ["m.gguf", "llamb"]),
+    "alignment_3": (kv_u32_patch("general.alignment", r"\x03\x00\x00\x00"), ["m.gguf", "general.alignment"]),
+    "tokenizer_model_unknown": (GG_PRE + 'o=$(at tokenizer.ggml.model); put $((o + 20 + 4 + 8)) xxxx',
+                                ["m.gguf", "tokenizer.ggml.model", "xxxx"]),
+    "tokens_count_huge": (GG_PRE + r"o=$(at tokenizer.ggml.tokens); put $((o + 21 + 4 + 4)) '\x00\x00\x00\x00\x00\x01'",
+                          ["m.gguf", "tokenizer.ggml.tokens"]),
+    "token_length_huge": (GG_PRE + r"o=$(at tokenizer.ggml.tokens); put $((o + 21 + 4 + 4 + 8)) '\x00\x00\x00\x00\x00\x01'",
+                          ["m.gguf", "tokenizer.ggml.tokens"]),
+    "tensor_renamed": (GG_PRE + 'o=$(at output_norm.weight); put $((o + 5)) z', ["m.gguf", "output_norm.weight", "missing"]),
+    "tensor_duplicate": (GG_PRE + 'o=$(at blk.1.attn_q.weight); put $((o + 4)) 0', ["m.gguf", "blk.0.attn_q.weight", "duplicate"]),
+    "tensor_type_99": (tensor_patch("token_embd.weight", 2, 4 + 16, r"\x63"), ["m.gguf", "token_embd.weight", "99"]),
+    "tensor_dim_changed": (tensor_patch("token_embd.weight", 2, 4, r"\x31"), ["m.gguf", "token_embd.weight"]),
+    "tensor_offset_misaligned": (tensor_patch("blk.0.attn_q.weight", 2, 4 + 16 + 4, r"\x01\x10\x02"),
+                                 ["m.gguf", "blk.0.attn_q.weight", "alignment"]),
+    "tensor_offset_past_end": (tensor_patch("output_norm.weight", 1, 4 + 8 + 4, r"\x00\x00\x00\x00\x00\x01"),
+                               ["m.gguf", "output_norm.weight", "past the end"]),
+    "truncated_in_data": (GG_PRE + 'truncate -s 300000 "$CASE"/m.gguf', ["m.gguf", "blk.1.ffn_up.weight", "truncated"]),
+    "truncated_in_header": (GG_PRE + 'truncate -s 5000 "$CASE"/m.gguf', ["m.gguf", "tokenizer.ggml"]),
+    "nan_weight": (GG_PRE + r"""put $(( $(stat -c %s "$CASE"/m.gguf) - 192 + 8 )) '\x00\x00\xc0\x7f'""",
+                   ["m.gguf", "output_norm.weight", "non-finite"]),
+    "eos_outside_vocab": (kv_u32_patch("tokenizer.ggml.eos_token_id", r"\x00\x10\x00\x00"),
+                          ["m.gguf", "tokenizer.ggml.eos_token_id", "outside the vocabulary"]),
+}
+for name, (setup, exp) in gmodels.items():
+    case("gguf", "model_" + name, GEN_G, exp, setup=setup)
+
+# ---- tokenizer.json, more --------------------------------------------------------------------
+tokenizers2 = {
+    "empty_file": ("", ["tokenizer.json", "not valid JSON"]),
+    "merge_not_pair": (tok_with(["model", "merges"], [["a"]]), ["tokenizer.json", "merge 0"]),
+    "added_token_id_huge": (tok_with(["added_tokens"], [{"id": 1 << 40, "content": "<x>"}]),
+                            ["tokenizer.json", "added_tokens[0]", "1099511627776"]),
+    "added_token_content_number": (tok_with(["added_tokens"], [{"id": 5, "content": 7}]), ["tokenizer.json", "added_tokens[0]"]),
+    "vocab_id_string": (tok_with(["model", "vocab"], dict(tok["model"]["vocab"], zz="5")), ["tokenizer.json", "zz"]),
+    "vocab_id_shared": (tok_with(["model", "vocab"], {"a": 0, "b": 0}), ["tokenizer.json", "vocab id 0"]),
+    "normalizer_unknown": (tok_with(["normalizer"], {"type": "Lowercase2"}), ["tokenizer.json", "Lowercase2"]),
+    "decoder_unknown": (tok_with(["decoder"], {"type": "WordPiece"}), ["tokenizer.json", "decoder type \"WordPiece\""]),
+    "model_type_unigram": (tok_with(["model", "type"], "Unigram"), ["tokenizer.json", "Unigram"]),
+    "post_processor_unknown": (tok_with(["post_processor"], {"type": "Weird"}), ["tokenizer.json", "Weird"]),
+    "sequence_without_list": (tok_with(["pre_tokenizer"], {"type": "Sequence", "pretokenizers": "x"}),
+                              ["tokenizer.json", "pretokenizers"]),
+    "byte_fallback_string": (tok_with(["model", "byte_fallback"], "yes"), ["tokenizer.json", "byte_fallback"]),
+}
+for name, (text, exp) in tokenizers2.items():
+    case("tokenizer", name, GEN, exp, {"tokenizer.json": text}, setup=COPY_CHAT)
+case("tokenizer", "missing_file", GEN, ["tokenizer.json", "cannot open"], setup=COPY_CHAT + "\nrm \"$CASE\"/tokenizer.json")
+
+# ---- recipes, more ------------------------------------------------------------------------------
+TOK = "local tok = mt.tokenizer('@FIX@/tiny_chat')\n"
+recipes2 = {
+    "package_loadlib": ("package.loadlib('/lib/x86_64-linux-gnu/libc.so.6', '*')\n",
+                        ["recipe.lua:1", "package.loadlib is not allowed"]),
+    "dofile_outside": ("dofile('/etc/hostname')\n", ["recipe.lua:1", "/etc/hostname"]),
+    "write_absolute": ("io.open('/tmp/moontune-bad-input-escape.txt', 'w')\n", ["recipe.lua:1", "sandbox"]),
+    "output_dir_absolute": (MT + "mt.output_dir('/tmp')\n", ["recipe.lua:2", "output_dir"]),
+    "output_dir_empty": (MT + "mt.output_dir('')\n", ["recipe.lua:2", "output_dir"]),
+    "plugin_paths_sandboxed": (MT + "mt.plugin('optimizer', 'adamw', {}, {paths = '@CASE@'})\n",
+                               ["recipe.lua:2", "cannot name plugin directories"]),
+    "plugin_option_out_of_range": (MT + "mt.plugin('optimizer', 'adamw', {beta1 = 7})\n", ["recipe.lua:2", "beta1"]),
+    "plugin_option_wrong_type": (MT + "mt.plugin('optimizer', 'adamw', {beta1 = 'fast'})\n",
+                                 ["recipe.lua:2", "option 'beta1': expected a number"]),
+    "plugin_kind_unknown": (MT + "mt.plugin('optimiser', 'adamw', {})\n", ["recipe.lua:2", "optimiser"]),
+    "examples_seq_len_string": (MT + TOK + "mt.examples('@FIX@/data/tiny_chat_heldout.jsonl', tok, {seq_len = 'x'})\n",
+                                ["recipe.lua:3", "seq_len"]),
+    "examples_truncation_unknown": (MT + TOK + "mt.examples('@FIX@/data/tiny_chat_heldout.jsonl', tok, {truncation = 'mid'})\n",
+                                    ["recipe.lua:3", "truncation"]),
+    "examples_format_unknown": (MT + TOK + "mt.examples('@FIX@/data/tiny_chat_heldout.jsonl', tok, {format = 'yaml'})\n",
+                                ["recipe.lua:3", "yaml"]),
+    "examples_bad_file_line": (MT + TOK + "mt.examples('@CASE@/d.jsonl', tok, {})\n", ["d.jsonl:2", "field 'output'"]),
+    "model_is_jsonl_file": (MT + "mt.model('@FIX@/data/tiny_chat_heldout.jsonl')\n", ["recipe.lua:2", "tiny_chat_heldout.jsonl"]),
+    "evaluate_all_dropped": (MT + TOK + "local m = mt.model('@FIX@/tiny_chat')\n"
+                             "local ex = mt.examples('@FIX@/data/tiny_chat_heldout.jsonl', tok, {seq_len = 4, truncation = 'drop'})\n"
+                             "m:plan(2, 16)\nmt.evaluate(m, ex, {batch = 2, seq_len = 16})\n",
+                             ["recipe.lua:6", "tiny_chat_heldout.jsonl: evaluation: the held-out set is empty",
+                              "longer than seq_len 4"]),
+    "evaluate_split_empty": (MT + TOK + "local m = mt.model('@FIX@/tiny_chat')\n"
+                             "local ex = mt.examples('@FIX@/data/tiny_chat_heldout.jsonl', tok, {seq_len = 64})\n"
+                             "local train, held = ex:split(0.0001, 1)\n"
+                             "m:plan(2, 64)\nmt.evaluate(m, held, {batch = 2, seq_len = 64})\n",
+                             ["recipe.lua:7", "tiny_chat_heldout.jsonl: evaluation: the held-out set is empty"]),
+    "set_wrong_type_bool": (MT + "local cfg = mt.config({ lr = 1 })\n", ["recipe.lua:2", "lr"]),
+    "set_number_inf": (MT + "local cfg = mt.config({ lr = 1 })\n", ["recipe.lua:2", "lr=inf"]),
+}
+sets2 = {"set_wrong_type_bool": ["--set", "lr=true"], "set_number_inf": ["--set", "lr=inf"]}
+for name, (text, exp) in recipes2.items():
+    files = {"recipe.lua": text}
+    if name == "examples_bad_file_line":
+        files["d.jsonl"] = good + '{"instruction": "a", "output": []}\n'
+    case("recipes", name, RUN + sets2.get(name, []), exp, files)
+
+# ---- PEFT, more (built from the fixture adapter) -------------------------------------------------
+pa = open(os.path.join(FIX, "peft_adapter", "adapter_model.safetensors"), "rb").read()
+pa_hlen = struct.unpack("<Q", pa[:8])[0]
+pa_h = json.loads(pa[8:8 + pa_hlen])
+pa_data = pa[8 + pa_hlen:]
+A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def adapter_with(edit=None, data_edit=None):
+    h = json.loads(json.dumps(pa_h))
+    data = bytearray(pa_data)
+    if edit:
+        edit(h)
+    if data_edit:
+        data_edit(h, data)
+    hb = json.dumps(h).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    return struct.pack("<Q", len(hb)) + hb + bytes(data)
+
+
+def nan_at_a0(h, data):
+    o = h[A0]["data_offsets"][0] + 4 * 5
+    data[o:o + 4] = struct.pack("<f", float("nan"))
+
+
+pweights = {
+    "tensor_for_missing_layer": (adapter_with(rename(A0, A0.replace("layers.0", "layers.9"))),
+                                 ["adapter_model.safetensors", "this model has no parameter model.layers.9"]),
+    "tensor_for_unknown_module": (adapter_with(rename(A0, A0.replace("q_proj", "qq_proj"))),
+                                  ["adapter_model.safetensors", "qq_proj is not a projection"]),
+    "tensor_not_targeted": (adapter_with(rename(A0, A0.replace("q_proj", "k_proj"))),
+                            ["adapter_model.safetensors", "k_proj is not among the target_modules"]),
+    "tensor_not_lora": (adapter_with(rename(A0, "foo.weight")), ["adapter_model.safetensors", "foo.weight"]),
+    "tensor_dtype_int": (adapter_with(set_field(A0, "dtype", "I32")), ["adapter_model.safetensors", A0, "I32"]),
+    "nan_weight": (adapter_with(data_edit=nan_at_a0), ["adapter_model.safetensors", A0, "non-finite"]),
+    "no_tensors": (struct.pack("<Q", 8) + b"{}      ", ["adapter_model.safetensors", "missing"]),
+}
+for name, (blob, exp) in pweights.items():
+    # run.sh copies the case's files after its setup: adapter/ lands on the fixture's copy
+    case("peft", name, RUN, exp, {"recipe.lua": ATTACH}, setup=COPY_PEFT)
+    os.makedirs(os.path.join(OUT, "peft", name, "adapter"))
+    with open(os.path.join(OUT, "peft", name, "adapter", "adapter_model.safetensors"), "wb") as f:
+        f.write(blob)
+pconfigs = {
+    "task_type_seq_cls": (acfg_with(task_type="SEQ_CLS"), ["adapter_config.json", "task_type is \"SEQ_CLS\""]),
+    "target_modules_number": (acfg_with(target_modules=7), ["adapter_config.json", "target_modules"]),
+    "target_modules_empty": (acfg_with(target_modules=[]), ["adapter_config.json", "target_modules"]),
+    "layers_to_transform": (acfg_with(layers_to_transform=[0]), ["adapter_config.json", "layers_to_transform"]),
+    "modules_to_save": (acfg_with(modules_to_save=["lm_head"]), ["adapter_config.json", "modules_to_save"]),
+    "rank_pattern": (acfg_with(rank_pattern={"q_proj": 8}), ["adapter_config.json", "rank_pattern"]),
+    "rank_huge": (acfg_with(r=1 << 40), ["adapter_config.json", "r must be"]),
+    "rank_missing": (acfg_with(r=None), ["adapter_config.json", "r must be"]),
+    "fan_in_fan_out": (acfg_with(fan_in_fan_out=True), ["adapter_config.json", "fan_in_fan_out"]),
+    "alpha_negative": (acfg_with(lora_alpha=-1), ["adapter_config.json", "lora_alpha"]),
+    "rslora_string": (acfg_with(use_rslora="yes"), ["adapter_config.json", "use_rslora"]),
+    "target_modules_all_linear": (acfg_with(target_modules="all-linear"), ["adapter_model.safetensors", "k_proj", "missing"]),
+}
+for name, (text, exp) in pconfigs.items():
+    case("peft", name, RUN, exp, {"recipe.lua": ATTACH}, setup=COPY_PEFT + "\ncat > \"$CASE\"/adapter/adapter_config.json <<'JSON'\n"
+         + text + "\nJSON")
+case("peft", "config_missing", RUN, ["adapter_config.json", "cannot open"], {"recipe.lua": ATTACH},
+     setup=COPY_PEFT + "\nrm \"$CASE\"/adapter/adapter_config.json")
+case("peft", "eval_adapter_for_another_model", ["eval", "--model", "@FIX@/tiny_chat", "--seq", "64", "--adapter",
+                                                "@CASE@/adapter", "@FIX@/data/tiny_chat_heldout.jsonl"],
+     ["adapter_model.safetensors", "tensor"], setup=COPY_PEFT)
+case("peft", "adapter_is_a_file", ["generate", "--model", "@FIX@/tiny_gqa", "--adapter", "@CASE@/file",
+                                   "--prompt", "hi"], ["file"], {"file": "not a directory\n"})
+
+# ---- plugins, more: MOONTUNE_PLUGIN_PATH, recipes, other ELF damage -------------------------------
+ENVP = ["MOONTUNE_PLUGIN_PATH=@CASE@"]
+plugins2 = {
+    "big_endian": (ADAMW + "\nprintf '\\002' | dd of=\"$CASE\"/bad.so bs=1 seek=5 conv=notrunc 2>/dev/null",
+                   ["bad.so", "big-endian"]),
+    "bad_name": ("cp \"$BUILD\"/test_plugins/bad_name.so \"$CASE\"/bad.so", ["bad.so"]),
+    "bad_schema_default": ("cp \"$BUILD\"/test_plugins/bad_schema_default.so \"$CASE\"/bad.so", ["bad.so"]),
+}
+for name, (setup, exp) in plugins2.items():
+    case("plugins", name, PLUG, exp, setup=setup)
+case("plugins", "env_wrong_arch", ["plugins", "--describe", "bad"],
+     ["bad.so", "not a plugin for this machine", "AArch64"], env=ENVP,
+     setup=ADAMW + "\nprintf '\\267\\000' | dd of=\"$CASE\"/bad.so bs=1 seek=18 conv=notrunc 2>/dev/null")
+case("plugins", "env_not_elf", ["plugins", "--describe", "bad"], ["bad.so", "not an ELF shared object"], env=ENVP,
+     files={"bad.so": "#!/bin/sh\necho not a plugin\n"})
+case("plugins", "env_truncated", ["plugins", "--describe", "bad"], ["bad.so", "truncated"], env=ENVP,
+     setup=ADAMW + "\ntruncate -s 4000 \"$CASE\"/bad.so")
+case("plugins", "recipe_wrong_arch", RUN, ["recipe.lua:2", "a file of that name was refused", "bad.so",
+                                           "not a plugin for this machine"], env=ENVP,
+     files={"recipe.lua": MT + "mt.plugin('optimizer', 'bad', {})\n"},
+     setup=ADAMW + "\nprintf '\\267\\000' | dd of=\"$CASE\"/bad.so bs=1 seek=18 conv=notrunc 2>/dev/null")
+case("plugins", "recipe_no_entry", RUN, ["recipe.lua:2", "bad.so", "entry symbol"], env=ENVP,
+     files={"recipe.lua": MT + "mt.plugin('optimizer', 'bad', {})\n"},
+     setup="cp \"$BUILD\"/test_plugins/bad_no_entry.so \"$CASE\"/bad.so")
+case("plugins", "kind_unknown", ["plugins", "--kind", "wizard"], ["--kind", "wizard"])
+case("plugins", "describe_unknown", ["plugins", "--describe", "nosuch"], ["nosuch"])
+
+# ---- checkpoints, more: `--resume PATH` on a damaged copy, loaded by path --------------------------
+LOADP = ["run", "@CASE@/recipe.lua", "--resume", "@CKPT@"]
+ckpts2 = {
+    "path_weights_flipped": ("printf 'X' | dd of=\"$CKPT\"/weights.safetensors bs=1 seek=300 conv=notrunc 2>/dev/null",
+                             ["weights.safetensors", "SHA-256 mismatch"]),
+    "path_weights_truncated": ("truncate -s 1000 \"$CKPT\"/weights.safetensors", ["weights.safetensors", "size mismatch"]),
+    "path_weights_missing": ("rm \"$CKPT\"/weights.safetensors", ["weights.safetensors"]),
+    "path_optimizer_missing": ("rm \"$CKPT\"/optimizer.safetensors", ["optimizer.safetensors"]),
+    "path_sum_other_file": ("sed -i 's/state.json/other.json/' \"$CKPT\"/state.json.sha256", ["state.json.sha256"]),
+    "path_state_edited": ("sed -i 's/\"step\": 4/\"step\": 5/' \"$CKPT\"/state.json", ["state.json", "SHA-256 mismatch"]),
+}
+for name, (setup, exp) in ckpts2.items():
+    case("checkpoints", name, LOADP, exp, {"recipe.lua": LOAD}, setup=setup)
+case("checkpoints", "path_is_runs_directory", ["run", "@CASE@/recipe.lua", "--resume", "@PREV@/checkpoints"],
+     ["checkpoints"], {"recipe.lua": LOAD})
+case("checkpoints", "path_is_a_file", ["run", "@CASE@/recipe.lua", "--resume", "@PREV@/metrics.jsonl"],
+     ["metrics.jsonl"], {"recipe.lua": LOAD})
+case("checkpoints", "path_missing", ["run", "@CASE@/recipe.lua", "--resume", "@CASE@/none"], ["none"],
+     {"recipe.lua": LOAD})
+# a recipe that never reads arg.resume: a --resume PATH that does not exist must not start a fresh run
+case("checkpoints", "path_missing_not_read_by_recipe", RESUME[:-2] + ["--set", "out_dir=fresh", "--resume", "@CASE@/none"],
+     ["none"])
+
+# ---- command-line values, more ----------------------------------------------------------------
+G = ["generate", "--model", M, "--prompt", "hi"]
+clis2 = {
+    "data_batch_huge": (["data", H, "--tokenizer", M, "--batch", "4294967297"], ["--batch", "4294967297"]),
+    "data_heldout_nan": (["data", H, "--tokenizer", M, "--heldout", "nan"], ["--heldout", "nan"]),
+    "data_heldout_negative": (["data", H, "--tokenizer", M, "--heldout", "-0.5"], ["--heldout", "-0.5"]),
+    "data_truncation_unknown": (["data", H, "--tokenizer", M, "--truncation", "sideways"], ["--truncation", "sideways"]),
+    "data_on_bad_record_unknown": (["data", H, "--tokenizer", M, "--on-bad-record", "ignore"], ["--on-bad-record", "ignore"]),
+    "data_format_unknown": (["data", H, "--tokenizer", M, "--format", "yaml"], ["--format", "yaml"]),
+    "data_heldout_file_missing": (["data", H, "--tokenizer", M, "--heldout-file", "@CASE@/none.jsonl"], ["none.jsonl"]),
+    "data_template_unknown": (["data", H, "--tokenizer", M, "--template", "nosuch"], ["nosuch"]),
+    "data_tokenizer_missing": (["data", H, "--tokenizer", "@CASE@/none"], ["none"]),
+    "data_no_tokenizer": (["data", H], ["--tokenizer"]),
+    "bench_steps_zero": (["bench", "--steps", "0"], ["--steps"]),
+    "bench_steps_huge": (["bench", "--steps", "4294967297"], ["--steps", "4294967297"]),
+    "bench_warmup_negative": (["bench", "--warmup", "-1"], ["--warmup", "-1"]),
+    "bench_shape_unknown": (["bench", "--shape", "gpt5"], ["gpt5"]),
+    "bench_config_missing": (["bench", "--config", "@CASE@/none/config.json"], ["none/config.json"]),
+    "bench_config_bad": (["bench", "--config", "@CASE@/config.json"], ["config.json", "key \"hidden_size\""]),
+    "bench_mode_unknown": (["bench", "--mode", "turbo"], ["--mode", "turbo"]),
+    "bench_adapter_unknown": (["bench", "--adapter", "nosuch"], ["nosuch"]),
+    "bench_adapter_option_type": (["bench", "--adapter", "lora", "--adapter-option", "r=abc"], ["option 'r'"]),
+    "bench_adapter_option_no_value": (["bench", "--adapter", "lora", "--adapter-option", "r"], ["--adapter-option"]),
+    "bench_batch_huge": (["bench", "--batch", "4294967297"], ["--batch", "4294967297"]),
+    "gen_max_new_negative": (G + ["--max-new-tokens", "-1"], ["--max-new-tokens", "-1"]),
+    "gen_max_new_fraction": (G + ["--max-new-tokens", "1.5"], ["--max-new-tokens", "1.5"]),
+    "gen_temperature_negative": (G + ["--temperature", "-1"], ["--temperature", "-1"]),
+    "gen_temperature_overflow": (G + ["--temperature", "1e400"], ["--temperature", "1e400"]),
+    "gen_top_p_subnormal": (G + ["--top-p", "0x1p-2000"], ["--top-p"]),
+    "gen_top_k_empty": (G + ["--top-k", ""], ["--top-k"]),
+    "gen_threads_space": (G + ["--threads", " 4"], ["--threads"]),
+    "gen_template_unknown": (G + ["--template", "nosuch"], ["nosuch"]),
+    "gen_no_prompt": (["generate", "--model", M], ["--prompt"]),
+    "gen_stop_empty": (G + ["--stop", ""], ["--stop"]),
+    "gen_prompt_too_long": (["generate", "--model", M, "--prompt", "word " * 400], ["1209 tokens", "context of 256"]),
+    "gen_model_gguf_missing": (["generate", "--model", "@CASE@/none.gguf", "--prompt", "hi"], ["none.gguf"]),
+    "eval_threads_negative": (["eval", "--model", M, "--threads", "-1", H], ["--threads", "-1"]),
+    "eval_format_unknown": (["eval", "--model", M, "--format", "yaml", H], ["--format", "yaml"]),
+    "eval_no_files": (["eval", "--model", M], ["FILE.jsonl"]),
+    "eval_model_is_file": (["eval", "--model", "@FIX@/tiny_chat/model.safetensors", H], ["model.safetensors"]),
+    "eval_seq_past_context": (["eval", "--model", M, H], ["512", "max_position_embeddings 256"]),
+    "run_no_recipe": (["run"], ["usage"]),
+    "run_set_lr_inf": (["run", "@SRC@/tests/run/tiny_lora.lua", "--set", "fixtures=@FIX@", "--set", "lr=inf",
+                        "--set", "out_dir=new"], ["lr=inf"]),
+}
+for name, (cmd, exp) in clis2.items():
+    files = {"config.json": cfg_with(hidden_size="big")} if name == "bench_config_bad" else None
+    case("cli", name, cmd, exp, files)
 
 total = sum(count.values())
 print("bad_input corpus:", ", ".join(f"{k} {v}" for k, v in sorted(count.items())), f"= {total} cases")

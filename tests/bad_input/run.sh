@@ -7,7 +7,7 @@
 # and a previous run's output directory with its checkpoints.
 #   run.sh <moontune> <source dir> <build dir> [case-dir-pattern]
 set -uo pipefail
-moontune=$1; src=$(cd "$2" && pwd); build=$(cd "$3" && pwd); only=${4:-}
+moontune=$(cd "$(dirname "$1")" && pwd)/$(basename "$1"); src=$(cd "$2" && pwd); build=$(cd "$3" && pwd); only=${4:-}
 fix=$src/tests/fixtures
 cases_dir=$src/tests/bad_input/cases
 bound=${MT_BAD_INPUT_SECONDS:-60}
@@ -22,6 +22,11 @@ prev_sets=(--set fixtures="$fix" --set steps=4 --set save_every=2)
 (cd "$work" && "$moontune" run "$src/tests/run/tiny_lora.lua" "${prev_sets[@]}" --set out_dir=prev > prev.txt 2>&1) || {
   echo "bad_input: the previous run could not be made:"; cat "$work/prev.txt"; exit 1; }
 
+# a tiny GGUF model (the tiny chat model exported), which the gguf_model cases damage
+(cd "$work" && "$moontune" run "$src/tests/bad_input/make_gguf.lua" --set fixtures="$fix" --set out_dir=gguf \
+  > gguf.txt 2>&1) || { echo "bad_input: the GGUF model could not be made:"; cat "$work/gguf.txt"; exit 1; }
+gguf=$work/gguf/model.gguf
+
 snapshot() { (cd "$1" && find . -type f -print0 | sort -z | xargs -0 -r sha256sum); }
 
 passed=0 failed=0
@@ -34,10 +39,11 @@ while IFS= read -r dir; do
   cp -r "$work/prev" "$s/prev"
   ckpt=$(ls -d "$s"/prev/checkpoints/step-* | sort | tail -n 1)
   subst() { sed -e "s|@CASE@|$s/case|g" -e "s|@PREV@|$s/prev|g" -e "s|@CKPT@|$ckpt|g" -e "s|@FIX@|$fix|g" \
-                -e "s|@SRC@|$src|g" -e "s|@BUILD@|$build|g" "$1"; }
+                -e "s|@SRC@|$src|g" -e "s|@BUILD@|$build|g" -e "s|@GGUF@|$gguf|g" "$1"; }
   why=""
   if [ -f "$dir/setup" ]; then
-    (cd "$s" && CASE=$s/case PREV=$s/prev CKPT=$ckpt FIX=$fix SRC=$src BUILD=$build bash -e "$dir/setup") \
+    (cd "$s" && CASE=$s/case CASEDIR=$dir PREV=$s/prev CKPT=$ckpt FIX=$fix SRC=$src BUILD=$build GGUF=$gguf \
+       bash -e "$dir/setup") \
       > "$s/setup.log" 2>&1 || why="setup failed: $(tail -n 3 "$s/setup.log")"
   fi
   for f in "$dir"/*; do
@@ -72,6 +78,10 @@ while IFS= read -r dir; do
   fi
   if [ -z "$why" ]; then
     passed=$((passed + 1))
+    if [ -n "${MT_BAD_INPUT_SHOW:-}" ]; then
+      echo "ok   $rel (${ms} ms, exit $rc)"
+      sed 's/^/    | /' "$s/err.txt" | head -n 4
+    fi
   else
     failed=$((failed + 1))
     echo "FAIL $rel (${ms} ms): $why"

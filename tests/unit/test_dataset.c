@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "dataset.h"
+#include "evaluate.h"
 #include "internal.h"
 #include "testutil.h"
 #include "tokenizer.h"
@@ -811,8 +812,55 @@ static void test_empty_file_is_named(void **state) {
     }
 }
 
+/* An example set remembers the files it came from: an empty held-out set, an example
+ * too long for the batch and a set without examples name the file ("evaluation: the
+ * held-out set is empty" named none), and say why the set is empty. */
+static void test_examples_name_their_source(void **state) {
+    (void)state;
+    mt_example_options opt = {.seq_len = 4, .truncation = MT_TRUNCATE_DROP};
+    mt_example_set s;
+    mt_error err = {0};
+    assert_int_equal(mt_example_set_init(&s, &opt, &err), MT_OK);
+    char buf[256];
+    assert_null(mt_example_set_source(&s, buf, sizeof buf));
+    assert_string_equal(mt_example_where(&s, 0, 7, buf, sizeof buf), "line 7");
+    char *files[] = {"data/a.jsonl", "data/heldout.jsonl", "c.jsonl"};
+    assert_int_equal(mt_example_set_set_files(&s, files + 1, 1, &err), MT_OK);
+    assert_string_equal(mt_example_set_source(&s, buf, sizeof buf), "data/heldout.jsonl");
+    assert_string_equal(mt_example_where(&s, 0, 7, buf, sizeof buf), "data/heldout.jsonl:7");
+    /* an example longer than seq_len under "drop", and one with nothing to train on */
+    const int32_t ids[6] = {1, 2, 3, 4, 5, 6};
+    const uint8_t all[6] = {1, 1, 1, 1, 1, 1}, none[3] = {0, 0, 0};
+    assert_int_equal(mt_example_set_add(&s, ids, all, 6, 0, 3, &err), MT_OK);
+    assert_int_equal(mt_example_set_add(&s, ids, none, 3, 0, 4, &err), MT_OK);
+    assert_int_equal(s.n, 0);
+    mt_eval_result r;
+    assert_int_not_equal(mt_evaluate(NULL, &s, 2, 8, &r, &err), MT_OK);
+    printf("refused: %s\n", err.msg);
+    assert_string_equal(err.msg, "data/heldout.jsonl: evaluation: the held-out set is empty (1 example "
+                                 "longer than seq_len 4 dropped by truncation \"drop\"; 1 example "
+                                 "with nothing to train on)");
+    mt_batcher *b = NULL;
+    assert_int_not_equal(mt_batcher_create(&s, 2, 8, 1, 0, 0, &b, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "data/heldout.jsonl: batcher: the dataset has no examples"));
+    /* several files; an example too long for the batch is named by file and line */
+    assert_int_equal(mt_example_set_set_files(&s, files, 3, &err), MT_OK);
+    assert_string_equal(mt_example_set_source(&s, buf, sizeof buf), "data/a.jsonl and 2 more files");
+    assert_int_equal(mt_example_set_add(&s, ids, all, 4, 2, 9, &err), MT_OK);
+    assert_int_equal(mt_batcher_create(&s, 2, 3, 1, 0, 0, &b, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "(c.jsonl:9) has 4 tokens, more than T=3"));
+    mt_example_set_free(&s);
+    assert_int_equal(s.n_files, 0);
+    /* without files: no name, and the plain message */
+    assert_int_equal(mt_example_set_init(&s, &opt, &err), MT_OK);
+    assert_int_not_equal(mt_evaluate(NULL, &s, 2, 8, &r, &err), MT_OK);
+    assert_string_equal(err.msg, "evaluation: the held-out set is empty");
+    mt_example_set_free(&s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_examples_name_their_source),
         cmocka_unit_test(test_alpaca),
         cmocka_unit_test(test_empty_file_is_named),
         cmocka_unit_test(test_chat_and_text_and_prompt_completion),

@@ -846,6 +846,39 @@ static void test_bad_counts_and_names(void **state) {
     expect_refused(&b, "nul-key", "kv 0", "NUL byte");
 }
 
+/* Keys and tensor names are UTF-8 (gguf-py decodes them as such): a byte that is not
+ * was accepted, and a damaged key then only surfaced as "key ... is missing". */
+static void test_bad_utf8_names(void **state) {
+    (void)state;
+    bytes b = {0};
+    header(&b, 3, 0, 1);
+    kv_u32(&b, "general.\xffname", 1);
+    expect_refused(&b, "utf8-key", "kv 0", "not valid UTF-8 (byte 0xff at offset 8 of the key");
+    header(&b, 3, 0, 1);
+    kv_u32(&b, "caf\xc3", 1); /* a truncated two-byte sequence */
+    expect_refused(&b, "utf8-key-cut", "kv 0", "not valid UTF-8 (byte 0xc3 at offset 3");
+    header(&b, 3, 0, 1);
+    kv_u32(&b, "over\xc0\xaflong", 1); /* an overlong '/' */
+    expect_refused(&b, "utf8-overlong", "kv 0", "not valid UTF-8");
+    header(&b, 3, 1, 0);
+    uint64_t ne[1] = {1};
+    tinfo(&b, "blk.0.\xe2\x82", 1, ne, MT_GGML_F32, 0);
+    pad_to(&b, 32);
+    put_zeros(&b, 32);
+    expect_refused(&b, "utf8-tensor", "tensor 0", "not valid UTF-8 (byte 0xe2 at offset 6");
+    /* valid multi-byte names stay accepted */
+    header(&b, 3, 1, 1);
+    kv_u32(&b, "test.h\xc3\xa9llo.\xe2\x9c\x93", 1);
+    tinfo(&b, "t\xc3\xa9", 1, ne, MT_GGML_F32, 0);
+    pad_to(&b, 32);
+    put_zeros(&b, 32);
+    crafted c = write_crafted(&b, "utf8-good");
+    mt_gguf *g = open_ok(c.path);
+    assert_non_null(mt_gguf_get(g, "test.h\xc3\xa9llo.\xe2\x9c\x93"));
+    mt_gguf_close(g);
+    crafted_done(&c, &b);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fixture_metadata),
@@ -868,6 +901,7 @@ int main(void) {
         cmocka_unit_test(test_bad_duplicates),
         cmocka_unit_test(test_bad_ne),
         cmocka_unit_test(test_bad_counts_and_names),
+        cmocka_unit_test(test_bad_utf8_names),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -10,6 +10,7 @@
  *   model is left without an adapter: peft_type PROMPT_TUNING, bias "all", malformed
  *   JSON, no adapter_model.safetensors, a missing tensor, a wrong shape, an extra tensor,
  *   a target outside the projections. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -276,11 +277,79 @@ static void test_peft_refusals(void **state) {
     free(tmp);
 }
 
+/* What the corpus found (tests/bad_input/cases/peft): a NaN in the adapter's weights
+ * and another task's adapter were accepted, and a tensor for a layer the model does not
+ * have, or for a projection outside target_modules, got one muddled message. */
+static void test_peft_refusals_say_why(void **state) {
+    (void)state;
+    char *tmp = mt_test_tmpdir("peft_why");
+    mt_model *m = load_gqa();
+    const char *A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    struct {
+        const char *tag, *from, *to, *extra, *what;
+    } cases[] = {
+        {"seqcls", "\"task_type\": \"CAUSAL_LM\"", "\"task_type\": \"SEQ_CLS\"", NULL,
+         "task_type is \"SEQ_CLS\""},
+        {"tasknum", "\"task_type\": \"CAUSAL_LM\"", "\"task_type\": 3", NULL,
+         "task_type must be a string"},
+        {"layer9", NULL, NULL, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight",
+         "this model has no parameter model.layers.9.self_attn.q_proj.weight"},
+        {"untargeted", NULL, NULL, "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight",
+         "k_proj is not among the target_modules of adapter_config.json"},
+        {"foo", NULL, NULL, "base_model.model.model.layers.0.mlp.foo.lora_B.weight",
+         "model.layers.0.mlp.foo is not a projection LoRA can target"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *dir = bad_dir(tmp, cases[i].tag, cases[i].from, cases[i].to, NULL, NULL,
+                            cases[i].extra, 0);
+        expect_refused(m, dir, cases[i].extra ? "adapter_model.safetensors" : "adapter_config.json",
+                       cases[i].what);
+        free(dir);
+    }
+    /* a NaN in lora_A of layer 0's q_proj: refused naming the file, tensor and index */
+    mt_error err = {0};
+    mt_safetensors *st = NULL;
+    if (mt_st_open(PEFT_DIR "/adapter_model.safetensors", &st, &err)) fail_msg("%s", err.msg);
+    size_t n = mt_st_count(st);
+    mt_st_entry *e = calloc(n, sizeof *e);
+    float *nan_copy = NULL;
+    assert_non_null(e);
+    for (size_t i = 0; i < n; i++) {
+        const mt_st_tensor *t = mt_st_at(st, i);
+        e[i] = (mt_st_entry){.name = t->name, .dtype = t->dtype, .ndim = 2,
+                             .shape = {t->shape[0], t->shape[1]}, .data = t->data};
+        if (!strcmp(t->name, A0)) {
+            size_t numel = (size_t)(t->shape[0] * t->shape[1]);
+            assert_int_equal(t->dtype, MT_ST_F32);
+            nan_copy = malloc(numel * sizeof *nan_copy);
+            assert_non_null(nan_copy);
+            memcpy(nan_copy, t->data, numel * sizeof *nan_copy);
+            nan_copy[5] = NAN;
+            e[i].data = nan_copy;
+        }
+    }
+    assert_non_null(nan_copy);
+    char *dir = bad_dir(tmp, "nan", NULL, NULL, NULL, NULL, NULL, 1);
+    char *path = join(dir, "adapter_model.safetensors");
+    if (mt_st_write(path, e, n, NULL, &err)) fail_msg("%s", err.msg);
+    expect_refused(m, dir, "adapter_model.safetensors", A0);
+    expect_refused(m, dir, "adapter_model.safetensors", "non-finite value (the first, nan, at index 5");
+    free(path);
+    free(dir);
+    free(nan_copy);
+    free(e);
+    mt_st_close(st);
+    mt_model_free(m);
+    mt_test_rmtree(tmp);
+    free(tmp);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_peft_parity),
         cmocka_unit_test(test_peft_round_trip),
         cmocka_unit_test(test_peft_refusals),
+        cmocka_unit_test(test_peft_refusals_say_why),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

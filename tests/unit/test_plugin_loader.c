@@ -9,6 +9,7 @@
 #include "testutil.h"
 
 #include <dlfcn.h>
+#include <elf.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
@@ -110,6 +111,38 @@ static void test_refuse_wrong_architecture(void **state) {
     bytes[16] = 1;  /* e_type = ET_REL */
     mt_test_write_file(path, bytes, len);
     expect_refusal(path, MT_ERR_FORMAT, (const char *[]){"an ELF object file, not a shared object", NULL});
+    free(bytes);
+    mt_test_rmtree(dir);
+    free(dir);
+}
+
+/* A real plugin for this machine as a 32-bit or big-endian ELF file, and cut short:
+ * "it was built for x86-64 (ELF machine 62, 32-bit), this is x86-64" and dlopen's
+ * "cannot read file data" did not say what was wrong. */
+static void test_refuse_class_and_truncation(void **state) {
+    (void)state;
+    char *bytes;
+    size_t len;
+    assert_int_equal(mt_read_file(MT_BUILD_DIR "/plugins/adamw.so", &bytes, &len, NULL), MT_OK);
+    char *dir = mt_test_tmpdir("plugin-class");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/adamw_cut.so", dir);
+    mt_test_write_file(path, bytes, len / 2);
+    char want[160];
+    snprintf(want, sizeof want, "but the file has %zu bytes", len / 2);
+    expect_refusal(path, MT_ERR_FORMAT,
+                   (const char *[]){"not a plugin moontune can load: the file is truncated", want, NULL});
+    snprintf(path, sizeof path, "%s/adamw_cut_more.so", dir);
+    mt_test_write_file(path, bytes, 300); /* the program headers cut too */
+    expect_refusal(path, MT_ERR_FORMAT, (const char *[]){"the file is truncated", "has 300 bytes", NULL});
+#if defined(__x86_64__) || defined(__aarch64__)
+    snprintf(path, sizeof path, "%s/adamw_32.so", dir);
+    bytes[EI_CLASS] = ELFCLASS32;
+    mt_test_write_file(path, bytes, len);
+    expect_refusal(path, MT_ERR_FORMAT,
+                   (const char *[]){"not a plugin for this machine: it is a 32-bit ELF file",
+                                    "this is 64-bit little-endian", NULL});
+#endif
     free(bytes);
     mt_test_rmtree(dir);
     free(dir);
@@ -609,6 +642,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_refuse_not_elf),
         cmocka_unit_test(test_refuse_wrong_architecture),
+        cmocka_unit_test(test_refuse_class_and_truncation),
         cmocka_unit_test(test_refuse_missing_file),
         cmocka_unit_test(test_refuse_no_entry),
         cmocka_unit_test(test_refuse_abi_mismatch),

@@ -1,0 +1,2 @@
+local mt = require("moontune")
+mt.checkpoint_load(arg.resume)

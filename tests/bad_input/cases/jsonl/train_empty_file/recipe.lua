@@ -1,0 +1,3 @@
+local mt = require("moontune")
+local tok = mt.tokenizer('@FIX@/tiny_chat')
+mt.examples('@CASE@/empty.jsonl', tok, {})

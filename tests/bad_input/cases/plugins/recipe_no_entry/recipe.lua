@@ -1,0 +1,2 @@
+local mt = require("moontune")
+mt.plugin('optimizer', 'bad', {})

@@ -1,0 +1,6 @@
+local mt = require("moontune")
+local tok = mt.tokenizer('@FIX@/tiny_chat')
+local m = mt.model('@FIX@/tiny_chat')
+local ex = mt.examples('@FIX@/data/tiny_chat_heldout.jsonl', tok, {seq_len = 4, truncation = 'drop'})
+m:plan(2, 16)
+mt.evaluate(m, ex, {batch = 2, seq_len = 16})

@@ -1,0 +1,7 @@
+local mt = require("moontune")
+local tok = mt.tokenizer('@FIX@/tiny_chat')
+local m = mt.model('@FIX@/tiny_chat')
+local ex = mt.examples('@FIX@/data/tiny_chat_heldout.jsonl', tok, {seq_len = 64})
+local train, held = ex:split(0.0001, 1)
+m:plan(2, 64)
+mt.evaluate(m, held, {batch = 2, seq_len = 64})

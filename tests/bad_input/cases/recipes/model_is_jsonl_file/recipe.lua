@@ -1,0 +1,2 @@
+local mt = require("moontune")
+mt.model('@FIX@/data/tiny_chat_heldout.jsonl')

@@ -1,0 +1,2 @@
+local mt = require("moontune")
+local cfg = mt.config({ lr = 1 })

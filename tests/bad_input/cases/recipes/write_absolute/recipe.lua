@@ -1,0 +1,1 @@
+io.open('/tmp/moontune-bad-input-escape.txt', 'w')
