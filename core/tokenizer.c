@@ -14,8 +14,9 @@
  * Decoding runs the decoder chain (ByteLevel, Replace, ByteFallback, Fuse, Strip,
  * Metaspace) over token strings, then joins them.
  *
- * Regexes written with \s are rewritten to the Unicode White_Space set, which is what
- * the `tokenizers` library's Oniguruma matches (PCRE2's \s also takes U+180E).
+ * Split patterns are Oniguruma regexes in `tokenizers`; they are translated to PCRE2
+ * where the dialects differ (\s is White_Space, \w, \b, intervals, POSIX classes,
+ * line anchors, options, nested classes: see regex_onig_to_pcre2).
  *
  * Like `tokenizers`, a character (or byte) the vocabulary lacks, with no byte fallback
  * and no unk token, is dropped: SmolLM2's alphabet lacks 0x04, 0x06, 0x13, 0x14,
@@ -336,151 +337,359 @@ static int merges_get(const merge_map *m, int32_t a, int32_t b, int32_t *rank, i
 
 /* ---- regexes ---------------------------------------------------------------- */
 
-#define WS_CLASS "\\x{9}-\\x{d}\\x{20}\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}"
+/* `tokenizers` compiles Split patterns with Oniguruma (its default syntax, close to
+ * Ruby's) on UTF-8 text; moontune compiles them with PCRE2 (UTF + UCP). Where the two
+ * dialects read the same text differently, the pattern is translated before compiling
+ * (each rule was checked against `tokenizers` 0.23.3, tests/fixtures/tokenizer/dialect):
+ *   - X{n,m}+ and X{n}+ are an interval then a "+" repeat, (?:X{n,m})+ (PCRE2: a
+ *     possessive interval); X{n}? is (?:X{n})? (PCRE2: a lazy, i.e. plain, X{n}); X{,m}
+ *     is X{0,m} (PCRE2: literal text). ?+ *+ ++ are possessive in both.
+ *   - \s is Unicode White_Space; \w (and [[:word:]]) is Alphabetic, marks, decimal
+ *     digits and connector punctuation, and outside a class also the Latin-1 ² ³ ¹ ¼ ½
+ *     ¾; \b and \B use that \w; \h is a hex digit; \v is U+000B alone; \uHHHH is a
+ *     code point; a letter that is no escape (\Q \E \V \U \i ...) is the letter.
+ *     PCRE2's UCP \w is letters, all numbers and "_", \h horizontal space, \v
+ *     vertical space, \Q...\E quoting.
+ *   - POSIX classes: alpha, upper, lower are the Unicode properties Alphabetic,
+ *     Uppercase, Lowercase; alnum is Alphabetic + Nd; punct is P + S.
+ *   - ^ and $ match at every line start and end (PCRE2 needs MULTILINE); the option m
+ *     is PCRE2's s (dot matches newline) and Oniguruma has no option s.
+ *   - An isolated option (?i) reaches to the end of its group across later
+ *     alternatives: a(?i)b|c is a(?i:b|c) (PCRE2: (?:a(?i)b)|(?i)c).
+ *   - A class nested in a class, [a[bc]], is their union; written out flat.
+ * A nested negated class, class intersection (&&) and a negated class shorthand or
+ * POSIX class PCRE2 cannot express inside a class are refused with an error rather
+ * than matched differently. Both libraries' Unicode tables differ in version (PCRE2's
+ * may lack the newest characters' properties). */
 
-/* Rewrites \s and \S (outside classes) and \s (inside classes) to White_Space. */
-static char *regex_rewrite_ws(const char *pat, size_t n, mt_error *err) {
-    size_t cap = n * (sizeof(WS_CLASS) + 4) + 1;
-    char *out = mt_malloc(cap, "tokenizer regex", err);
-    if (!out) return NULL;
-    size_t o = 0;
-    int in_class = 0;
-    for (size_t i = 0; i < n; i++) {
-        char c = pat[i];
-        if (c == '\\' && i + 1 < n) {
-            char d = pat[i + 1];
-            if (d == 's' || (d == 'S' && !in_class)) {
-                const char *open = in_class ? "" : (d == 's' ? "[" : "[^");
-                const char *close = in_class ? "" : "]";
-                o += (size_t)sprintf(out + o, "%s%s%s", open, WS_CLASS, close);
-            } else {
-                out[o++] = c;
-                out[o++] = d;
-            }
-            i++;
-            continue;
-        }
-        if (!in_class && c == '[') {
-            in_class = 1;
-            out[o++] = c;
-            if (i + 1 < n && pat[i + 1] == '^') out[o++] = pat[++i];
-            if (i + 1 < n && pat[i + 1] == ']') out[o++] = pat[++i]; /* a leading ] is literal */
-            continue;
-        }
-        if (in_class && c == ']') in_class = 0;
-        out[o++] = c;
+#define WS_ITEMS "\\x{9}-\\x{d}\\x{20}\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}"
+#define WORD_ITEMS "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}"
+#define BSW_ITEMS WORD_ITEMS "\\x{b2}\\x{b3}\\x{b9}\\x{bc}-\\x{be}" /* \w: [[:word:]] and Latin-1 ² ³ ¹ ¼ ½ ¾ */
+#define BSW_CLASS "[" BSW_ITEMS "]"
+
+/* A growing output string; on allocation failure it keeps failing and `nomem` is set. */
+typedef struct {
+    char *s;
+    size_t n, cap;
+    int nomem;
+} rx_buf;
+
+static void rx_reserve(rx_buf *b, size_t more) {
+    if (b->nomem || b->n + more + 1 <= b->cap) return;
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap < b->n + more + 1) cap *= 2;
+    char *s = realloc(b->s, cap);
+    if (!s) {
+        b->nomem = 1;
+        return;
     }
-    out[o] = '\0';
-    return out;
+    b->s = s;
+    b->cap = cap;
 }
 
-/* Length of an interval quantifier at p ("{n}", "{n,}", "{n,m}" or "{,m}"), 0 if p
- * does not start one (then "{" is a literal in both dialects). */
-static size_t interval_len(const char *p, int *no_min) {
+static void rx_put(rx_buf *b, const char *p, size_t n) {
+    rx_reserve(b, n);
+    if (b->nomem) return;
+    memcpy(b->s + b->n, p, n);
+    b->n += n;
+    b->s[b->n] = '\0';
+}
+
+static void rx_puts(rx_buf *b, const char *p) { rx_put(b, p, strlen(p)); }
+
+static void rx_insert(rx_buf *b, size_t at, const char *p, size_t n) {
+    rx_reserve(b, n);
+    if (b->nomem) return;
+    memmove(b->s + at + n, b->s + at, b->n - at);
+    memcpy(b->s + at, p, n);
+    b->n += n;
+    b->s[b->n] = '\0';
+}
+
+/* Length of an interval quantifier at p[0..n) ("{n}", "{n,}", "{n,m}" or "{,m}"), 0 if
+ * p does not start one (then "{" is a literal in both dialects). */
+static size_t interval_len(const char *p, size_t n, int *no_min, int *fixed) {
     size_t i = 1, lo = 0, hi = 0;
-    while (p[i] >= '0' && p[i] <= '9') i++, lo++;
-    *no_min = 0;
-    if (p[i] == '}') return lo ? i + 1 : 0;
-    if (p[i] != ',') return 0;
+    while (i < n && p[i] >= '0' && p[i] <= '9') i++, lo++;
+    *no_min = *fixed = 0;
+    if (i < n && p[i] == '}') {
+        *fixed = 1;
+        return lo ? i + 1 : 0;
+    }
+    if (i >= n || p[i] != ',') return 0;
     i++;
-    while (p[i] >= '0' && p[i] <= '9') i++, hi++;
-    if (p[i] != '}' || (!lo && !hi)) return 0;
+    while (i < n && p[i] >= '0' && p[i] <= '9') i++, hi++;
+    if (i >= n || p[i] != '}' || (!lo && !hi)) return 0;
     *no_min = lo == 0;
     return i + 1;
 }
 
-/* `tokenizers` compiles split patterns with Oniguruma's Ruby syntax, where X{n,m}+ is
- * an interval followed by a "+" repeat, (?:X{n,m})+, and X{,m} means X{0,m}; PCRE2
- * reads the first as a possessive interval and the second as literal text. (The
- * possessive ?+ *+ ++ mean the same in both.) This rewrites those two forms; everything
- * else is copied. Returns a new string, or NULL when out of memory. */
-static char *regex_onig_to_pcre2(const char *pat, mt_error *err) {
-    size_t n = strlen(pat);
-    char *out = mt_malloc(3 * n + 1, "tokenizer regex", err); /* a wrap adds 4 bytes to >= 5 */
-    if (!out) return NULL;
-    size_t o = 0, i = 0, atom = SIZE_MAX, groups[256];
-    int depth = 0;
-    while (i < n) {
-        const char c = pat[i];
-        size_t start = o;
-        if (c == '\\' && i + 1 < n) {
-            const char d = pat[i + 1];
-            size_t len = 2;
-            if (strchr("pPxNkg", d) && i + 2 < n && (pat[i + 2] == '{' || pat[i + 2] == '<')) {
-                const char close = pat[i + 2] == '{' ? '}' : '>';
-                const char *end = memchr(pat + i + 2, close, n - i - 2);
-                len = end ? (size_t)(end - (pat + i)) + 1 : n - i;
-            } else {
-                while (i + len < n && ((unsigned char)pat[i + len] & 0xC0) == 0x80) len++;
-            }
-            memcpy(out + o, pat + i, len);
-            o += len, i += len, atom = start;
-        } else if (c == '[') {
-            int nest = 0;
-            do { /* copy the class, with escapes, POSIX [:name:] and Oniguruma's nested classes */
-                if (pat[i] == '\\' && i + 1 < n) {
-                    out[o++] = pat[i++];
-                } else if (pat[i] == '[' && i + 1 < n && pat[i + 1] == ':') {
-                    const char *end = strstr(pat + i + 2, ":]");
-                    if (end) {
-                        size_t len = (size_t)(end - (pat + i)) + 2;
-                        memcpy(out + o, pat + i, len);
-                        o += len, i += len;
-                        continue;
-                    }
-                } else if (pat[i] == '[') {
-                    nest++;
-                    out[o++] = pat[i++];
-                    if (i < n && pat[i] == '^') out[o++] = pat[i++];
-                    if (i < n && pat[i] == ']') out[o++] = pat[i++]; /* a leading ] is literal */
-                    continue;
-                } else if (pat[i] == ']') {
-                    nest--;
+/* Length of the escape at p[0..n) (p[0] is the backslash): \p{..} \x{..} \k<..> and the
+ * like as one unit, else the backslash and one (UTF-8) character. */
+static size_t escape_len(const char *p, size_t n) {
+    if (n < 2) return n;
+    if (strchr("pPxokg", p[1]) && n > 2 && (p[2] == '{' || p[2] == '<' || p[2] == '\'')) {
+        const char close = p[2] == '{' ? '}' : p[2] == '<' ? '>' : '\'';
+        const char *end = memchr(p + 3, close, n - 3);
+        return end ? (size_t)(end - p) + 1 : n;
+    }
+    size_t len = 2;
+    while (len < n && ((unsigned char)p[len] & 0xC0) == 0x80) len++;
+    return len;
+}
+
+static int is_hex4(const char *p, size_t n) {
+    if (n < 4) return 0;
+    for (int i = 0; i < 4; i++)
+        if (!strchr("0123456789abcdefABCDEF", p[i]) || !p[i]) return 0;
+    return 1;
+}
+
+/* The PCRE2 class items for an Oniguruma POSIX bracket [:name:] inside a class; NULL
+ * when there is no faithful translation. Names PCRE2 reads as Oniguruma does are
+ * copied as they are (*same = 1). */
+static const char *posix_items(const char *name, size_t len, int *same) {
+    static const struct { const char *name, *items; } map[] = {
+        {"alpha", "\\p{Alphabetic}"}, {"^alpha", "\\P{Alphabetic}"}, {"upper", "\\p{Uppercase}"},
+        {"^upper", "\\P{Uppercase}"}, {"lower", "\\p{Lowercase}"}, {"^lower", "\\P{Lowercase}"},
+        {"alnum", "\\p{Alphabetic}\\p{Nd}"}, {"word", WORD_ITEMS}, {"punct", "\\p{P}\\p{S}"},
+        {"digit", "\\p{Nd}"}, {"^digit", "\\P{Nd}"}, {"space", WS_ITEMS}, {"xdigit", "\\p{AHex}"},
+        {"^xdigit", "\\P{AHex}"}};
+    static const char *const same_names[] = {"blank", "cntrl", "graph", "print", "ascii"};
+    *same = 0;
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
+        if (strlen(map[i].name) == len && !memcmp(map[i].name, name, len)) return map[i].items;
+    for (size_t i = 0; i < sizeof same_names / sizeof same_names[0]; i++)
+        if (strlen(same_names[i]) == len && !memcmp(same_names[i], name, len)) {
+            *same = 1;
+            return "";
+        }
+    return NULL;
+}
+
+/* Translates an escape that means something else in PCRE2; 0 when it is to be copied.
+ * *bad is set (with a description) for one that cannot be translated. */
+static int escape_translate(rx_buf *b, const char *p, size_t n, int in_class, const char **bad) {
+    switch (p[1]) {
+    case 's': rx_puts(b, in_class ? WS_ITEMS : "[" WS_ITEMS "]"); return 1;
+    case 'S':
+        if (in_class) return 0; /* PCRE2's \S differs from non-White_Space only at U+180E */
+        rx_puts(b, "[^" WS_ITEMS "]");
+        return 1;
+    case 'w': rx_puts(b, in_class ? WORD_ITEMS : BSW_CLASS); return 1; /* Latin-1 No only outside */
+    case 'W':
+        if (in_class) {
+            *bad = "\\W inside a character class";
+            return 1;
+        }
+        rx_puts(b, "[^" BSW_ITEMS "]");
+        return 1;
+    case 'b':
+        if (in_class) return 0; /* a backspace in both */
+        rx_puts(b, "(?:(?<=" BSW_CLASS ")(?!" BSW_CLASS ")|(?<!" BSW_CLASS ")(?=" BSW_CLASS "))");
+        return 1;
+    case 'B':
+        if (in_class) return 0;
+        rx_puts(b, "(?:(?<=" BSW_CLASS ")(?=" BSW_CLASS ")|(?<!" BSW_CLASS ")(?!" BSW_CLASS "))");
+        return 1;
+    case 'h': rx_puts(b, "\\p{AHex}"); return 1;
+    case 'H': rx_puts(b, "\\P{AHex}"); return 1;
+    case 'v': rx_puts(b, "\\x{0b}"); return 1;
+    case 'u':
+        if (!is_hex4(p + 2, n - 2)) return 0;
+        rx_puts(b, "\\x{");
+        rx_put(b, p + 2, 4);
+        rx_puts(b, "}");
+        return 1;
+    case 'C':
+    case 'M':
+        *bad = "a \\C-x or \\M-x escape";
+        return 1;
+    default:
+        /* letters that are no escape in Oniguruma stand for themselves (PCRE2 reads
+         * \Q \E \V \U as escapes and refuses the rest) */
+        if (p[1] && strchr("EFIiJjLlmQqTUV", p[1])) {
+            rx_put(b, p + 1, 1);
+            return 1;
+        }
+        return 0;
+    }
+}
+
+/* Copies (translating) a character class starting at pat[*i] == '['. */
+static void class_translate(rx_buf *b, const char *pat, size_t n, size_t *i, const char **bad, size_t *bad_at) {
+    int nest = 0;
+    size_t k = *i;
+    while (k < n && !*bad) {
+        const char c = pat[k];
+        if (c == '\\' && k + 1 < n) {
+            size_t len = escape_len(pat + k, n - k);
+            if (!escape_translate(b, pat + k, n - k, 1, bad)) rx_put(b, pat + k, len);
+            else if (*bad) *bad_at = k;
+            if (pat[k + 1] == 'u' && is_hex4(pat + k + 2, n - k - 2)) len = 6;
+            k += len;
+        } else if (c == '[' && nest > 0 && k + 1 < n && pat[k + 1] == ':') {
+            const char *end = NULL;
+            for (size_t j = k + 2; j + 1 < n; j++)
+                if (pat[j] == ':' && pat[j + 1] == ']') {
+                    end = pat + j;
+                    break;
                 }
-                out[o++] = pat[i++];
-            } while (i < n && nest > 0);
+            if (!end) { /* not a POSIX bracket: a nested class starting with ':' */
+                nest++;
+                if (nest > 1) k++;
+                else rx_put(b, pat + k++, 1);
+                continue;
+            }
+            int same;
+            const char *items = posix_items(pat + k + 2, (size_t)(end - (pat + k + 2)), &same);
+            const size_t len = (size_t)(end - (pat + k)) + 2;
+            if (!items) {
+                *bad = "this POSIX bracket";
+                *bad_at = k;
+            } else if (same) {
+                rx_put(b, pat + k, len);
+            } else {
+                rx_puts(b, items);
+            }
+            k += len;
+        } else if (c == '[') {
+            nest++;
+            size_t open = k++;
+            if (nest == 1) rx_put(b, "[", 1);
+            if (k < n && pat[k] == '^') {
+                if (nest > 1) {
+                    *bad = "a negated class nested in a class";
+                    *bad_at = open;
+                    break;
+                }
+                rx_put(b, "^", 1), k++;
+            }
+            if (k < n && pat[k] == ']') rx_put(b, "\\]", 2), k++; /* a leading ] is literal */
+        } else if (c == ']') {
+            nest--;
+            if (nest == 0) rx_put(b, "]", 1);
+            k++;
+            if (nest == 0) break;
+        } else if (c == '&' && k + 1 < n && pat[k + 1] == '&') {
+            *bad = "class intersection (&&)";
+            *bad_at = k;
+        } else {
+            rx_put(b, pat + k++, 1);
+        }
+    }
+    *i = k;
+}
+
+/* Translates pat[0..n) from Oniguruma to PCRE2 into *out (NUL-terminated, *out_len
+ * bytes). Refuses what it cannot translate, naming the file, the pattern and the offset. */
+static mt_status regex_onig_to_pcre2(const char *source, const char *pat, size_t n, char **out, size_t *out_len,
+                                     mt_error *err) {
+    rx_buf b = {0};
+    enum { MAX_DEPTH = 256 };
+    size_t group_at[MAX_DEPTH];  /* output offset of each open group's "(" */
+    int implicit[MAX_DEPTH];     /* 1 for a group opened for an isolated option */
+    int depth = 0;
+    size_t i = 0, atom = SIZE_MAX; /* output offset of the last quantifiable item */
+    const char *bad = NULL;
+    size_t bad_at = 0;
+    rx_reserve(&b, n + 16);
+    while (i < n && !bad && !b.nomem) {
+        const char c = pat[i];
+        size_t start = b.n;
+        if (c == '\\' && i + 1 < n) {
+            size_t len = escape_len(pat + i, n - i);
+            if (!escape_translate(&b, pat + i, n - i, 0, &bad)) rx_put(&b, pat + i, len);
+            else if (bad) bad_at = i;
+            if (pat[i + 1] == 'u' && is_hex4(pat + i + 2, n - i - 2)) len = 6;
+            i += len;
+            atom = strchr("AzZGbB", pat[i - len + 1]) && len == 2 ? SIZE_MAX : start;
+        } else if (c == '[') {
+            class_translate(&b, pat, n, &i, &bad, &bad_at);
             atom = start;
         } else if (c == '(') {
-            if (depth < (int)(sizeof groups / sizeof groups[0])) groups[depth] = o;
+            /* an option group: (?imx-imx) or (?imx-imx:...) */
+            size_t j = i + 1, letters = 0;
+            int has_s = 0, other = 0;
+            if (j < n && pat[j] == '?') {
+                for (j++; j < n && ((pat[j] >= 'a' && pat[j] <= 'z') || (pat[j] >= 'A' && pat[j] <= 'Z') || pat[j] == '-'); j++) {
+                    letters++;
+                    if (pat[j] == 's') has_s = 1;
+                    else if (!strchr("imx-", pat[j])) other = 1;
+                }
+            }
+            const int option = letters && j < n && (pat[j] == ')' || pat[j] == ':');
+            if (option && (has_s || other)) {
+                bad = has_s ? "the option s (Oniguruma has none; its m is dot-matches-newline)" : "this option";
+                bad_at = i;
+                break;
+            }
+            if (depth >= MAX_DEPTH) {
+                bad = "groups nested this deep";
+                bad_at = i;
+                break;
+            }
+            group_at[depth] = b.n;
+            implicit[depth] = option && pat[j] == ')';
             depth++;
-            out[o++] = pat[i++];
+            if (option) {
+                rx_puts(&b, "(?");
+                for (size_t k = i + 2; k < j; k++) rx_put(&b, pat[k] == 'm' ? "s" : pat + k, 1);
+                rx_puts(&b, ":");
+                i = j + 1;
+            } else {
+                rx_put(&b, pat + i++, 1);
+            }
             atom = SIZE_MAX;
         } else if (c == ')') {
-            out[o++] = pat[i++];
-            atom = depth > 0 && depth <= (int)(sizeof groups / sizeof groups[0]) ? groups[depth - 1] : SIZE_MAX;
+            while (depth > 0 && implicit[depth - 1]) depth--, rx_puts(&b, ")");
+            rx_put(&b, pat + i++, 1);
+            atom = depth > 0 ? group_at[depth - 1] : SIZE_MAX;
             if (depth > 0) depth--;
         } else if (c == '{') {
-            int no_min;
-            size_t len = interval_len(pat + i, &no_min);
+            int no_min, fixed;
+            size_t len = interval_len(pat + i, n - i, &no_min, &fixed);
             if (!len) {
-                out[o++] = pat[i++];
+                rx_put(&b, pat + i++, 1);
                 atom = start;
                 continue;
             }
-            const int wrap = i + len < n && pat[i + len] == '+' && atom != SIZE_MAX;
-            if (wrap) {
-                memmove(out + atom + 3, out + atom, o - atom);
-                memcpy(out + atom, "(?:", 3);
-                o += 3;
-            }
-            out[o++] = '{';
-            if (no_min) out[o++] = '0';
-            memcpy(out + o, pat + i + 1, len - 1);
-            o += len - 1, i += len;
-            if (wrap) out[o++] = ')';
+            const char next = i + len < n ? pat[i + len] : 0;
+            const int wrap = atom != SIZE_MAX && (next == '+' || (fixed && next == '?'));
+            if (wrap) rx_insert(&b, atom, "(?:", 3);
+            rx_puts(&b, "{");
+            if (no_min) rx_puts(&b, "0");
+            rx_put(&b, pat + i + 1, len - 1);
+            i += len;
+            if (wrap) rx_puts(&b, ")");
         } else if (c == '|' || c == '^' || c == '$') {
-            out[o++] = pat[i++];
+            rx_put(&b, pat + i++, 1);
             atom = SIZE_MAX;
         } else if (c == '*' || c == '+' || c == '?') {
-            out[o++] = pat[i++]; /* a quantifier: the atom stays the quantified one */
+            rx_put(&b, pat + i++, 1); /* a quantifier: the atom stays the quantified one */
         } else {
-            out[o++] = pat[i++];
-            while (i < n && ((unsigned char)pat[i] & 0xC0) == 0x80) out[o++] = pat[i++];
+            rx_put(&b, pat + i++, 1);
+            while (i < n && ((unsigned char)pat[i] & 0xC0) == 0x80) rx_put(&b, pat + i++, 1);
             atom = start;
         }
     }
-    out[o] = '\0';
-    return out;
+    while (depth > 0) { /* isolated options open at the top level, and unbalanced groups */
+        if (implicit[depth - 1]) rx_puts(&b, ")");
+        depth--;
+    }
+    if (b.nomem) {
+        free(b.s);
+        return mt_error_set(err, MT_ERR_NOMEM, "%s: out of memory translating a regex", source);
+    }
+    if (bad) {
+        free(b.s);
+        return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                            "%s: regex /%.*s/: %s (at offset %zu) is Oniguruma syntax that PCRE2 cannot match the same way",
+                            source, (int)(n > 200 ? 200 : n), pat, bad, bad_at);
+    }
+    *out = b.s;
+    *out_len = b.n;
+    return MT_OK;
 }
 
 static mt_status regex_compile(const char *source, const char *pat, size_t n, int literal,
@@ -489,23 +698,29 @@ static mt_status regex_compile(const char *source, const char *pat, size_t n, in
     const char *use = pat;
     size_t use_len = n;
     if (!literal) {
-        char *ws = regex_rewrite_ws(pat, n, err);
-        if (!ws) return MT_ERR_NOMEM;
-        rw = regex_onig_to_pcre2(ws, err);
-        free(ws);
-        if (!rw) return MT_ERR_NOMEM;
+        mt_status st = regex_onig_to_pcre2(source, pat, n, &rw, &use_len, err);
+        if (st) return st;
         use = rw;
-        use_len = strlen(rw);
     }
+    /* Oniguruma's newline is "\n" alone: "." excludes it and ^ $ match around it */
+    pcre2_compile_context *cc = pcre2_compile_context_create(NULL);
+    if (!cc) {
+        free(rw);
+        return mt_error_set(err, MT_ERR_NOMEM, "%s: out of memory compiling a regex", source);
+    }
+    pcre2_set_newline(cc, PCRE2_NEWLINE_LF);
     int code;
     PCRE2_SIZE off;
-    uint32_t opts = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
-    pcre2_code *re = pcre2_compile((PCRE2_SPTR)use, use_len, opts, &code, &off, NULL);
+    /* PCRE2_LITERAL refuses PCRE2_UCP (and every option that only shapes regex syntax):
+     * with it a {"String": ...} Split never compiled */
+    uint32_t opts = literal ? PCRE2_UTF | PCRE2_LITERAL : PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE;
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)use, use_len, opts, &code, &off, cc);
+    pcre2_compile_context_free(cc);
     free(rw);
     if (!re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(code, msg, sizeof msg);
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: regex /%.*s/ does not compile (at offset %zu of its White_Space form): %s",
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: regex /%.*s/ does not compile (at offset %zu of its PCRE2 form): %s",
                             source, (int)(n > 200 ? 200 : n), pat, (size_t)off, (const char *)msg);
     }
     (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* the interpreter serves when JIT is absent */
@@ -903,6 +1118,13 @@ static mt_status parse_post_processor(mt_tokenizer *tok, json_t *p, mt_error *er
     return MT_OK;
 }
 
+/* What an id that is not a non-negative integer was, for the error: "-1", "a real
+ * number", "a string", "nothing". */
+static void id_found(const json_t *v, char *buf, size_t size) {
+    if (json_is_integer(v)) snprintf(buf, size, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+    else snprintf(buf, size, "%s", mt_json_kind(v));
+}
+
 static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     const char *path = tok->source;
     json_t *model = json_object_get(root, "model");
@@ -925,12 +1147,13 @@ static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     json_t *dropout = json_object_get(model, "dropout");
     if (json_is_number(dropout) && json_number_value(dropout) > 0.0)
         return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: BPE dropout is not supported when encoding", path);
-    static const char *const model_flags[] = {"byte_fallback", "fuse_unk", "ignore_merges"};
-    for (size_t f = 0; f < sizeof model_flags / sizeof model_flags[0]; f++) {
-        json_t *flag = json_object_get(model, model_flags[f]);
-        if (flag && !json_is_boolean(flag) && !json_is_null(flag))
-            return mt_error_set(err, MT_ERR_FORMAT, "%s: key 'model.%s': expected true or false, found %s", path,
-                                model_flags[f], mt_json_kind(flag));
+    /* these change the ids: a value of another type ("yes") is refused, not read as false */
+    static const char *const flags[] = {"byte_fallback", "fuse_unk", "ignore_merges"};
+    for (size_t f = 0; f < sizeof flags / sizeof flags[0]; f++) {
+        json_t *b = json_object_get(model, flags[f]);
+        if (b && !json_is_boolean(b) && !json_is_null(b))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: key 'model.%s': expected true or false, found %s", path, flags[f],
+                                mt_json_kind(b));
     }
     tok->byte_fallback = jbool(model, "byte_fallback", 0);
     tok->fuse_unk = jbool(model, "fuse_unk", 0);
@@ -949,8 +1172,12 @@ static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     const char *key;
     json_t *v;
     json_object_foreach(vocab, key, v) {
-        if (!json_is_integer(v) || json_integer_value(v) < 0)
-            return mt_error_set(err, MT_ERR_FORMAT, "%s: vocab entry \"%s\" has no valid id (expected an integer >= 0)", path, key);
+        if (!json_is_integer(v) || json_integer_value(v) < 0) {
+            char found[64];
+            id_found(v, found, sizeof found);
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: vocab entry \"%s\": expected an integer id >= 0, found %s", path,
+                                key, found);
+        }
         if (json_integer_value(v) >= id_limit)
             return mt_error_set(err, MT_ERR_FORMAT,
                                 "%s: vocab entry \"%s\": id %" JSON_INTEGER_FORMAT " is far beyond the vocabulary's %zu "
@@ -962,8 +1189,15 @@ static mt_status parse_model(mt_tokenizer *tok, json_t *root, mt_error *err) {
     json_t *e;
     json_array_foreach(added, i, e) {
         json_t *id = json_object_get(e, "id");
-        if (!json_is_integer(id) || json_integer_value(id) < 0 || !jstr(e, "content"))
-            return mt_error_set(err, MT_ERR_FORMAT, "%s: added_tokens[%zu] needs an \"id\" (an integer >= 0) and a \"content\"", path, i);
+        if (!jstr(e, "content"))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: added_tokens[%zu]: key 'content': expected a string, found %s", path,
+                                i, mt_json_kind(json_object_get(e, "content")));
+        if (!json_is_integer(id) || json_integer_value(id) < 0) {
+            char found[64];
+            id_found(id, found, sizeof found);
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: added_tokens[%zu] \"%s\": key 'id': expected an integer >= 0, found %s",
+                                path, i, jstr(e, "content"), found);
+        }
         if (json_integer_value(id) >= id_limit)
             return mt_error_set(err, MT_ERR_FORMAT,
                                 "%s: added_tokens[%zu] \"%s\": id %" JSON_INTEGER_FORMAT " is far beyond the vocabulary's "
@@ -1204,8 +1438,8 @@ static mt_status gguf_id(const mt_gguf *g, const char *path, const char *key, in
         return mt_error_set(err, MT_ERR_FORMAT, "%s: key '%s': expected an integer token id", path, key);
     if (v < 0 || v >= n_ids)
         return mt_error_set(err, MT_ERR_FORMAT,
-                            "%s: key '%s': token id %" PRId64 " is outside the vocabulary (0 to %d)", path,
-                            key, v, n_ids - 1);
+                            "%s: key '%s': token id %" PRId64 " is outside the vocabulary of %d tokens (ids 0 to %d)",
+                            path, key, v, n_ids, n_ids - 1);
     *out = (int32_t)v;
     return MT_OK;
 }

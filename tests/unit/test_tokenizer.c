@@ -453,7 +453,25 @@ static void test_bad_input(void **state) {
              "[{\"id\": 2000000000, \"content\": \"<x>\", \"special\": true}]}", vocab);
     expect_bad(dir, buf, "added_tokens[0] \"<x>\": id 2000000000 is far beyond");
     expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": -1}, \"merges\": []}}",
-               "vocab entry \"a\" has no valid id");
+               "vocab entry \"a\": expected an integer id >= 0, found -1");
+    expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 1.5}, \"merges\": []}}",
+               "vocab entry \"a\": expected an integer id >= 0, found a real number");
+    expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": \"0\"}, \"merges\": []}}",
+               "vocab entry \"a\": expected an integer id >= 0, found a string");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": []}, \"added_tokens\": "
+             "[{\"id\": -3, \"content\": \"<x>\", \"special\": true}]}", vocab);
+    expect_bad(dir, buf, "added_tokens[0] \"<x>\": key 'id': expected an integer >= 0, found -3");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": []}, \"added_tokens\": "
+             "[{\"id\": 2.0, \"content\": \"<x>\", \"special\": true}]}", vocab);
+    expect_bad(dir, buf, "added_tokens[0] \"<x>\": key 'id': expected an integer >= 0, found a real number");
+    snprintf(buf, sizeof buf, "{\"model\": {\"type\": \"BPE\", %s, \"merges\": []}, \"added_tokens\": "
+             "[{\"id\": 2, \"special\": true}]}", vocab);
+    expect_bad(dir, buf, "added_tokens[0]: key 'content': expected a string, found nothing");
+    /* a model flag of another type would silently read as false */
+    expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [], \"byte_fallback\": \"yes\"}}",
+               "key 'model.byte_fallback': expected true or false, found a string");
+    expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [], \"ignore_merges\": 1}}",
+               "key 'model.ignore_merges': expected true or false, found an integer");
     /* an empty vocabulary (even with added tokens) would make ordinary text vanish */
     expect_bad(dir, "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}, \"added_tokens\": "
                "[{\"id\": 0, \"content\": \"<s>\", \"special\": true}]}", "key 'model.vocab' is empty");
@@ -501,6 +519,88 @@ static void test_dialect_parity(void **state) {
     assert_int_equal(same, total);
 }
 
+/* Split patterns read as Oniguruma reads them (`tokenizers`' engine), not as PCRE2
+ * would: each pattern of dialect/regex_expected.json goes into the Split of
+ * dialect/pieces.json, whose vocabulary holds every substring of the texts and which
+ * sets ignore_merges, so each id is one pre-tokenizer piece. Patterns PCRE2 cannot
+ * express are refused with an error naming the file and the construct.
+ * (tests/parity/make_tokenizer_hardening_reference.py) */
+static void test_split_dialect(void **state) {
+    (void)state;
+    json_error_t je;
+    json_t *exp = json_load_file(TOK_DIR "/dialect/regex_expected.json", 0, &je);
+    json_t *base = json_load_file(TOK_DIR "/dialect/pieces.json", 0, &je);
+    assert_non_null(exp);
+    assert_non_null(base);
+    json_t *split = json_array_get(json_object_get(json_object_get(base, "pre_tokenizer"), "pretokenizers"), 0);
+    json_t *texts = json_object_get(exp, "texts");
+    char *dir = mt_test_tmpdir("tok-dialect");
+    char *path = mt_path_join(dir, "tokenizer.json", NULL);
+    size_t f, total = 0, same = 0, refused = 0;
+    json_t *fx;
+    json_array_foreach(json_object_get(exp, "patterns"), f, fx) {
+        const char *name = json_string_value(json_object_get(fx, "name"));
+        json_t *string = json_object_get(fx, "string"); /* a {"String": ...} pattern */
+        json_object_set_new(split, "pattern", string ? json_pack("{sO}", "String", string)
+                                                     : json_pack("{sO}", "Regex", json_object_get(fx, "pattern")));
+        assert_int_equal(json_dump_file(base, path, JSON_COMPACT), 0);
+        mt_tokenizer *tok = NULL;
+        mt_error err = {0};
+        const char *want_error = json_string_value(json_object_get(fx, "error"));
+        mt_status st = mt_tokenizer_load_json(path, NULL, &tok, &err);
+        if (want_error) {
+            if (st == MT_OK) {
+                fprintf(stderr, "%s: pattern accepted, expected a refusal: %s\n", name, want_error);
+                mt_tokenizer_free(tok);
+            } else if (!strstr(err.msg, path) || !strstr(err.msg, want_error)) {
+                fprintf(stderr, "%s: error does not name the file and \"%s\": %s\n", name, want_error, err.msg);
+            } else {
+                refused++;
+            }
+            continue;
+        }
+        if (st) { /* counted as texts split wrongly, so that one run shows every difference */
+            fprintf(stderr, "%s: %s\n", name, err.msg);
+            total += json_array_size(texts);
+            continue;
+        }
+        size_t k;
+        json_t *text;
+        json_array_foreach(texts, k, text) {
+            mt_token_list l = {0};
+            if (mt_tokenizer_encode(tok, json_string_value(text), json_string_length(text), 0, &l, &err))
+                fail_msg("%s: %s", name, err.msg);
+            total++;
+            json_t *ids = json_array_get(json_object_get(fx, "ids"), k);
+            if (ids_equal(&l, ids)) {
+                same++;
+            } else {
+                fprintf(stderr, "%s /%s/ on \"%s\":\n  pieces:", name,
+                        json_string_value(string ? string : json_object_get(fx, "pattern")),
+                        json_string_value(text));
+                for (size_t i = 0; i < l.n; i++) fprintf(stderr, " [%s]", mt_tokenizer_token_text(tok, l.ids[i]));
+                fprintf(stderr, "\n  tokenizers:");
+                size_t e;
+                json_t *piece;
+                json_array_foreach(json_array_get(json_object_get(fx, "pieces"), k), e, piece)
+                    fprintf(stderr, " [%s]", json_string_value(piece));
+                fprintf(stderr, "\n");
+            }
+            mt_token_list_free(&l);
+        }
+        mt_tokenizer_free(tok);
+    }
+    printf("split dialect: %zu/%zu texts split as tokenizers splits them; %zu patterns refused\n", same, total, refused);
+    json_decref(exp);
+    json_decref(base);
+    mt_test_rmtree(dir);
+    free(dir);
+    free(path);
+    assert_true(total >= 1100);
+    assert_int_equal(same, total);
+    assert_int_equal(refused, 5);
+}
+
 /* A GGUF whose eos_token_id lies outside the vocabulary is refused, naming the file,
  * the key and the id (dropped silently, generation would never stop). */
 static void test_gguf_special_id_outside_vocab(void **state) {
@@ -508,26 +608,42 @@ static void test_gguf_special_id_outside_vocab(void **state) {
     char *bytes;
     size_t len;
     assert_int_equal(mt_read_file(MT_FIXTURE_DIR "/tokenizer/llama3/tokenizer.gguf", &bytes, &len, NULL), MT_OK);
-    static const char key[] = "tokenizer.ggml.eos_token_id";
-    char *at = NULL;
-    for (size_t i = 0; i + sizeof key < len && !at; i++)
-        if (!memcmp(bytes + i, key, sizeof key - 1)) at = bytes + i;
-    assert_non_null(at);
-    uint32_t type;
-    memcpy(&type, at + sizeof key - 1, 4);
-    assert_true(type == 4 || type == 5); /* UINT32 or INT32 */
-    const uint32_t huge = 2000000000u;
-    memcpy(at + sizeof key - 1 + 4, &huge, 4);
     char *dir = mt_test_tmpdir("tok-gguf");
     char *path = mt_path_join(dir, "tokenizer.gguf", NULL);
-    mt_test_write_file(path, bytes, len);
-    mt_tokenizer *tok = NULL;
-    mt_error err = {0};
-    assert_int_not_equal(mt_tokenizer_load_gguf(path, &tok, &err), MT_OK);
-    assert_null(tok);
-    printf("refused: %s\n", err.msg);
-    assert_non_null(strstr(err.msg, path));
-    assert_non_null(strstr(err.msg, "key 'tokenizer.ggml.eos_token_id': token id 2000000000 is outside the vocabulary"));
+    /* each special-token key the fixture has, set in turn to 2e9 and to the vocabulary
+     * size (one past the last id) */
+    static const char *const keys[] = {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id",
+                                       "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id"};
+    int tested = 0;
+    for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+        const size_t klen = strlen(keys[k]);
+        size_t at = SIZE_MAX;
+        for (size_t i = 0; i + klen + 8 < len && at == SIZE_MAX; i++)
+            if (!memcmp(bytes + i, keys[k], klen)) at = i + klen;
+        if (at == SIZE_MAX) continue;
+        uint32_t type, orig;
+        memcpy(&type, bytes + at, 4);
+        assert_true(type == 4 || type == 5); /* UINT32 or INT32 */
+        memcpy(&orig, bytes + at + 4, 4);
+        const uint32_t bad[] = {2000000000u, 1000u}; /* the fixture's vocabulary has 1000 tokens */
+        for (int b = 0; b < 2; b++) {
+            memcpy(bytes + at + 4, &bad[b], 4);
+            mt_test_write_file(path, bytes, len);
+            mt_tokenizer *tok = NULL;
+            mt_error err = {0};
+            assert_int_not_equal(mt_tokenizer_load_gguf(path, &tok, &err), MT_OK);
+            assert_null(tok);
+            printf("refused: %s\n", err.msg);
+            char want[160];
+            snprintf(want, sizeof want, "key '%s': token id %u is outside the vocabulary of 1000 tokens (ids 0 to 999)",
+                     keys[k], bad[b]);
+            assert_non_null(strstr(err.msg, path));
+            assert_non_null(strstr(err.msg, want));
+        }
+        memcpy(bytes + at + 4, &orig, 4);
+        tested++;
+    }
+    assert_true(tested >= 2);
     free(path);
     free(bytes);
     mt_test_rmtree(dir);
@@ -549,6 +665,7 @@ int main(void) {
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_gguf_special_id_outside_vocab),
         cmocka_unit_test(test_dialect_parity),
+        cmocka_unit_test(test_split_dialect),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
