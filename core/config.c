@@ -1,5 +1,6 @@
 /* config.c — the model configuration: Hugging Face config.json, named presets,
  * validation, and the rotary frequencies. */
+#include <float.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdlib.h>
@@ -17,12 +18,21 @@ static mt_status get_int(json_t *obj, const char *key, int required, int *out, c
             return mt_error_set(err, MT_ERR_FORMAT, "%s: missing required key \"%s\"", source, key);
         return MT_OK;
     }
-    if (!json_is_integer(v))
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": expected an integer", source, key);
+    if (!json_is_integer(v)) {
+        if (json_is_real(v))
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": expected an integer, found %g",
+                                source, key, json_real_value(v));
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": expected an integer, found %s", source,
+                            key, mt_json_kind(v));
+    }
+    /* every integer key is a size, which the kernels take as int; 0 passes here so that
+     * mt_config_validate says "must be positive" for it as for a size left unset */
     json_int_t x = json_integer_value(v);
     if (x < 0 || x > 0x7fffffff)
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": %lld is out of range (expected 0 to 2147483647)", source,
-                            key, (long long)x);
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: key \"%s\": %lld is out of range (expected a positive integer up to "
+                            "2147483647)",
+                            source, key, (long long)x);
     *out = (int)x;
     return MT_OK;
 }
@@ -32,7 +42,8 @@ static mt_status get_num(json_t *obj, const char *key, double *out, const char *
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return MT_OK;
     if (!json_is_number(v))
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": expected a number", source, key);
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": expected a number, found %s", source,
+                            key, mt_json_kind(v));
     *out = json_number_value(v);
     return MT_OK;
 }
@@ -63,8 +74,13 @@ static mt_status parse_rope(json_t *root, mt_model_config *cfg, const char *sour
     if (!json_is_object(rope))
         return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s\": expected an object", source, key);
     if ((st = get_num(rope, "rope_theta", &cfg->rope_theta, source, err))) return st;
-    json_t *type = json_object_get(rope, "rope_type");
-    if (!type) type = json_object_get(rope, "type");
+    const char *type_key = "rope_type";
+    json_t *type = json_object_get(rope, type_key);
+    if (!type) type = json_object_get(rope, type_key = "type");
+    /* a type that is not a string would otherwise silently mean "default" */
+    if (type && !json_is_null(type) && !json_is_string(type))
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"%s.%s\": expected a string, found %s",
+                            source, key, type_key, mt_json_kind(type));
     const char *name = type && json_is_string(type) ? json_string_value(type) : "default";
     if (strcmp(name, "default") == 0) {
         cfg->rope_type = MT_ROPE_DEFAULT;
@@ -72,8 +88,10 @@ static mt_status parse_rope(json_t *root, mt_model_config *cfg, const char *sour
     }
     cfg->rope_factor = 1.0;
     if ((st = get_num(rope, "factor", &cfg->rope_factor, source, err))) return st;
-    if (!(cfg->rope_factor > 0.0))
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: %s.factor must be positive", source, key);
+    if (!(cfg->rope_factor >= MT_ROPE_FACTOR_MIN && cfg->rope_factor <= MT_ROPE_FACTOR_MAX))
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: key \"%s.factor\": expected a number from %g to %g, found %g", source,
+                            key, MT_ROPE_FACTOR_MIN, MT_ROPE_FACTOR_MAX, cfg->rope_factor);
     if (strcmp(name, "linear") == 0) {
         cfg->rope_type = MT_ROPE_LINEAR;
         return MT_OK;
@@ -87,6 +105,22 @@ static mt_status parse_rope(json_t *root, mt_model_config *cfg, const char *sour
             (st = get_int(rope, "original_max_position_embeddings", 1,
                           &cfg->rope_original_max_position_embeddings, source, err)))
             return st;
+        const struct {
+            const char *name;
+            double value;
+        } freq[] = {{"low_freq_factor", cfg->rope_low_freq_factor},
+                    {"high_freq_factor", cfg->rope_high_freq_factor}};
+        for (int i = 0; i < 2; i++)
+            if (!(freq[i].value >= MT_ROPE_FACTOR_MIN && freq[i].value <= MT_ROPE_FACTOR_MAX))
+                return mt_error_set(err, MT_ERR_FORMAT,
+                                    "%s: key \"%s.%s\": expected a number from %g to %g, found %g",
+                                    source, key, freq[i].name, MT_ROPE_FACTOR_MIN, MT_ROPE_FACTOR_MAX,
+                                    freq[i].value);
+        if (cfg->rope_original_max_position_embeddings <= 0)
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: key \"%s.original_max_position_embeddings\": must be positive, "
+                                "found %d",
+                                source, key, cfg->rope_original_max_position_embeddings);
         if (!(cfg->rope_high_freq_factor > cfg->rope_low_freq_factor))
             return mt_error_set(err, MT_ERR_FORMAT,
                                 "%s: %s: high_freq_factor (%g) must exceed low_freq_factor (%g)",
@@ -147,6 +181,14 @@ mt_status mt_config_parse(const char *text, size_t len, const char *source, mt_m
         (st = get_bool(root, "mlp_bias", &cfg->mlp_bias, source, err)) ||
         (st = parse_rope(root, cfg, source, err)))
         goto done;
+    /* checked as written: 1e-50 would become 0 in fp32 and be reported as "found 0" */
+    if (!(eps > 0.0) || !((float)eps > 0.0f) || !isfinite((float)eps)) {
+        st = mt_error_set(err, MT_ERR_FORMAT,
+                          "%s: key \"rms_norm_eps\": must be a positive number that fp32 holds (%g "
+                          "to %g), found %g",
+                          source, (double)FLT_TRUE_MIN, (double)FLT_MAX, eps);
+        goto done;
+    }
     cfg->rms_norm_eps = (float)eps;
     if (cfg->num_kv_heads < 0) cfg->num_kv_heads = cfg->num_heads;
     if (cfg->head_dim < 0 && cfg->num_heads > 0) {
@@ -220,9 +262,32 @@ mt_status mt_config_validate(const mt_model_config *c, const char *source, mt_er
     if (!(c->rms_norm_eps > 0.0f) || !isfinite(c->rms_norm_eps))
         return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"rms_norm_eps\": must be a positive number, found %g",
                             source, (double)c->rms_norm_eps);
-    if (!(c->rope_theta > 0.0) || !isfinite(c->rope_theta))
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: key \"rope_theta\": must be a positive number, found %g",
-                            source, c->rope_theta);
+    /* the frequencies 1 / rope_theta^(2i/head_dim) are computed in fp32: a base of at
+     * least 1 keeps them at most 1, and one past FLT_MAX would be an infinity */
+    if (!(c->rope_theta >= 1.0 && c->rope_theta <= FLT_MAX))
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: key \"rope_theta\": must be a positive number from 1 to %g (fp32), "
+                            "found %g",
+                            source, (double)FLT_MAX, c->rope_theta);
+    if (c->rope_type != MT_ROPE_DEFAULT && c->rope_type != MT_ROPE_LINEAR && c->rope_type != MT_ROPE_LLAMA3)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: rope type %d is not one of default, linear, llama3",
+                            source, (int)c->rope_type);
+    /* parse_rope reports these with their exact key; configs from GGUF metadata or built
+     * in code meet the same bounds here */
+    if (c->rope_type != MT_ROPE_DEFAULT &&
+        !(c->rope_factor >= MT_ROPE_FACTOR_MIN && c->rope_factor <= MT_ROPE_FACTOR_MAX))
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: key \"rope_scaling.factor\": expected a number from %g to %g, found %g",
+                            source, MT_ROPE_FACTOR_MIN, MT_ROPE_FACTOR_MAX, c->rope_factor);
+    if (c->rope_type == MT_ROPE_LLAMA3 &&
+        (!(c->rope_low_freq_factor >= MT_ROPE_FACTOR_MIN && c->rope_low_freq_factor <= MT_ROPE_FACTOR_MAX) ||
+         !(c->rope_high_freq_factor > c->rope_low_freq_factor && c->rope_high_freq_factor <= MT_ROPE_FACTOR_MAX) ||
+         c->rope_original_max_position_embeddings <= 0))
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: llama3 rope scaling: expected %g <= low_freq_factor < high_freq_factor <= %g "
+                            "and a positive original_max_position_embeddings, found %g, %g and %d",
+                            source, MT_ROPE_FACTOR_MIN, MT_ROPE_FACTOR_MAX, c->rope_low_freq_factor,
+                            c->rope_high_freq_factor, c->rope_original_max_position_embeddings);
     /* Sizes the kernels take as int, and that keep a lying config from planning an
      * allocation of terabytes: each key against its bound, then the products. */
     struct {

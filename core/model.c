@@ -82,10 +82,13 @@ float *mt_linear_restore_weight(mt_linear *lin) {
 
 /* ---- parameter layout --------------------------------------------------- */
 
-/* Walks the parameters in transformers' named_parameters() order. With base ==
- * NULL it only counts; otherwise it fills m->params and returns the pointers. */
+/* Walks the parameters in transformers' named_parameters() order. Without fill it
+ * only counts; with fill it names and shapes m->params, and with base too it hands out
+ * the pointers. (Loaders fill without base first: the weights on disk are checked
+ * against the names and shapes before any parameter memory exists.) */
 typedef struct layout {
     mt_model *m;
+    int fill;
     float *base;
     size_t offset; /* in floats; each parameter starts 64-byte aligned */
     size_t index;
@@ -98,7 +101,7 @@ static float *lay(layout *L, int no_decay, int ndim, int64_t d0, int64_t d1, con
                   ...) {
     size_t numel = (size_t)d0 * (size_t)(ndim == 2 ? d1 : 1);
     float *data = NULL;
-    if (L->base) {
+    if (L->fill) {
         mt_param *p = &L->m->params[L->index];
         va_list ap;
         va_start(ap, fmt);
@@ -108,7 +111,7 @@ static float *lay(layout *L, int no_decay, int ndim, int64_t d0, int64_t d1, con
         p->shape[0] = d0;
         p->shape[1] = ndim == 2 ? d1 : 0;
         p->numel = numel;
-        p->data = data = L->base + L->offset;
+        p->data = data = L->base ? L->base + L->offset : NULL;
         p->no_decay = no_decay;
     }
     L->index++;
@@ -120,7 +123,7 @@ static void lay_linear(layout *L, mt_linear *lin, mt_module module, int layer, i
                        int has_bias, const char *prefix) {
     lin->weight = lay(L, 0, 2, out, in, "%s.%s.weight", prefix, module_names[module]);
     lin->bias = has_bias ? lay(L, 1, 1, out, 0, "%s.%s.bias", prefix, module_names[module]) : NULL;
-    if (L->base) {
+    if (L->fill) {
         snprintf(lin->name, sizeof lin->name, "%s.%s", prefix, module_names[module]);
         lin->module = module;
         lin->layer = layer;
@@ -155,7 +158,7 @@ static void lay_model(layout *L) {
     }
     m->final_norm = lay(L, 1, 1, C, 0, "model.norm.weight");
     if (c->tie_word_embeddings) {
-        if (L->base) {
+        if (L->fill) {
             mt_linear *h = &m->lm_head;
             snprintf(h->name, sizeof h->name, "lm_head");
             h->module = MT_MOD_LM_HEAD;
@@ -168,7 +171,7 @@ static void lay_model(layout *L) {
         }
     } else {
         lay_linear(L, &m->lm_head, MT_MOD_LM_HEAD, -1, C, c->vocab_size, 0, "");
-        if (L->base) {
+        if (L->fill) {
             /* lay_linear's prefix form would give ".lm_head": name it as transformers does */
             snprintf(m->lm_head.name, sizeof m->lm_head.name, "lm_head");
             snprintf(m->params[L->index - 1].name, sizeof m->params[0].name, "lm_head.weight");
@@ -176,8 +179,9 @@ static void lay_model(layout *L) {
     }
 }
 
-mt_status mt_model_create(const mt_model_config *cfg, mt_backend *be, mt_model **out,
-                          mt_error *err) {
+mt_status mt_model_create_table(const mt_model_config *cfg, mt_backend *be, mt_model **out,
+                                mt_error *err) {
+    *out = NULL;
     mt_status st = mt_config_validate(cfg, "model config", err);
     if (st) return st;
     mt_model *m = mt_calloc(1, sizeof *m, "model", err);
@@ -193,20 +197,38 @@ mt_status mt_model_create(const mt_model_config *cfg, mt_backend *be, mt_model *
     m->total_numel = count.offset;
     m->params = mt_calloc(m->num_params, sizeof *m->params, "parameter table", err);
     if (!m->params) goto fail;
-    size_t bytes;
-    if (!mt_mul_size(m->total_numel, sizeof(float), &bytes) ||
-        !(m->param_memory = be->ops->alloc(be, bytes))) {
-        mt_error_set(err, MT_ERR_NOMEM, "out of %s memory allocating %zu parameters", be->name,
-                     m->total_numel);
-        goto fail;
-    }
-    layout fill = {.m = m, .base = m->param_memory};
-    lay_model(&fill);
+    layout names = {.m = m, .fill = 1};
+    lay_model(&names);
     *out = m;
     return MT_OK;
 fail:
     mt_model_free(m);
     return MT_ERR_NOMEM;
+}
+
+mt_status mt_model_alloc_params(mt_model *m, mt_error *err) {
+    if (m->param_memory) return MT_OK;
+    size_t bytes;
+    if (!mt_mul_size(m->total_numel, sizeof(float), &bytes) ||
+        !(m->param_memory = m->be->ops->alloc(m->be, bytes)))
+        return mt_error_set(err, MT_ERR_NOMEM, "out of %s memory allocating %zu parameters",
+                            m->be->name, m->total_numel);
+    layout fill = {.m = m, .fill = 1, .base = m->param_memory};
+    lay_model(&fill);
+    return MT_OK;
+}
+
+mt_status mt_model_create(const mt_model_config *cfg, mt_backend *be, mt_model **out,
+                          mt_error *err) {
+    mt_model *m = NULL;
+    mt_status st = mt_model_create_table(cfg, be, &m, err);
+    if (!st) st = mt_model_alloc_params(m, err);
+    if (st) {
+        mt_model_free(m);
+        return st;
+    }
+    *out = m;
+    return MT_OK;
 }
 
 static void free_plan(mt_model *m) {
@@ -479,7 +501,12 @@ static int is_ignorable_tensor(const mt_model *m, const char *name) {
     return m->cfg.tie_word_embeddings && !strcmp(name, "lm_head.weight");
 }
 
-mt_status mt_model_load_weights(mt_model *m, const mt_safetensors *st, mt_error *err) {
+/* Every tensor of the file is a parameter (or one that is safe to ignore), and every
+ * parameter is in the file with its exact shape. Needs only the parameter table, so
+ * loaders run it before allocating: the sizes in config.json are then backed by the
+ * bytes of the file, and a config that lies about them fails here, naming the tensor,
+ * instead of first allocating (and zeroing) whatever it claims. */
+static mt_status check_weights(mt_model *m, const mt_safetensors *st, mt_error *err) {
     size_t n = mt_st_count(st);
     for (size_t i = 0; i < n; i++) {
         const mt_st_tensor *t = mt_st_at(st, i);
@@ -489,6 +516,29 @@ mt_status mt_model_load_weights(mt_model *m, const mt_safetensors *st, mt_error 
                                 "(check config.json against the checkpoint)",
                                 t->file, t->name, m->cfg.model_type);
     }
+    for (size_t i = 0; i < m->num_params; i++) {
+        const mt_param *p = &m->params[i];
+        const mt_st_tensor *t = mt_st_find(st, p->name);
+        char expected[96], found[96];
+        format_shape(expected, sizeof expected, p->ndim, p->shape);
+        if (!t)
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: no tensor \"%s\" (shape %s from config.json)",
+                                mt_st_source(st), p->name, expected);
+        int shape_ok = t->ndim == p->ndim && t->shape[0] == p->shape[0] &&
+                       (p->ndim == 1 || t->shape[1] == p->shape[1]);
+        if (!shape_ok) {
+            format_shape(found, sizeof found, t->ndim, t->shape);
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: tensor \"%s\": expected shape %s from config.json, found %s",
+                                t->file, t->name, expected, found);
+        }
+    }
+    return MT_OK;
+}
+
+mt_status mt_model_load_weights(mt_model *m, const mt_safetensors *st, mt_error *err) {
+    mt_status status = check_weights(m, st, err);
+    if (status) return status;
     float *staging = NULL;
     if (m->be->device != MT_DEVICE_CPU) {
         size_t max_numel = 0;
@@ -497,29 +547,12 @@ mt_status mt_model_load_weights(mt_model *m, const mt_safetensors *st, mt_error 
         staging = mt_malloc(max_numel * sizeof(float), "weight staging buffer", err);
         if (!staging) return MT_ERR_NOMEM;
     }
-    mt_status status = MT_OK;
     for (size_t i = 0; i < m->num_params && !status; i++) {
         mt_param *p = &m->params[i];
         const mt_st_tensor *t = mt_st_find(st, p->name);
-        char expected[96], found[96];
-        format_shape(expected, sizeof expected, p->ndim, p->shape);
-        if (!t) {
-            status = mt_error_set(err, MT_ERR_FORMAT, "%s: no tensor \"%s\" (shape %s from config.json)",
-                                  mt_st_source(st), p->name, expected);
-            break;
-        }
-        int shape_ok = t->ndim == p->ndim && t->shape[0] == p->shape[0] &&
-                       (p->ndim == 1 || t->shape[1] == p->shape[1]);
-        if (!shape_ok) {
-            format_shape(found, sizeof found, t->ndim, t->shape);
-            status = mt_error_set(err, MT_ERR_FORMAT,
-                                  "%s: tensor \"%s\": expected shape %s from config.json, found %s",
-                                  t->file, t->name, expected, found);
-            break;
-        }
         float *dst = staging ? staging : p->data;
-        status = mt_st_read_f32(t, dst, err);
-        if (!status) status = mt_check_finite(t->file, t->name, dst, p->numel, err);
+        /* refuses NaN and infinities as it converts, naming the tensor and the index */
+        status = mt_st_read_f32_finite(t, dst, err);
         if (!status) status = put_param(m, p, dst, err);
     }
     free(staging);
@@ -548,7 +581,7 @@ mt_status mt_check_finite(const char *file, const char *tensor, const float *x, 
     for (size_t j = bad; j < n; j++) count += !isfinite(x[j]);
     return mt_error_set(err, MT_ERR_FORMAT,
                         "%s: tensor \"%s\": %zu non-finite value%s (the first, %g, at index %zu of %zu): "
-                        "the weights are damaged",
+                        "expected finite values; the weights are damaged",
                         file, tensor, count, count == 1 ? "" : "s", (double)x[bad], bad, n);
 }
 
@@ -562,7 +595,10 @@ mt_status mt_model_load_hf(const char *dir, mt_backend *be, mt_model **out, mt_e
     mt_safetensors *weights = NULL;
     if ((st = mt_st_open(dir, &weights, err))) return st;
     mt_model *m = NULL;
-    if (!(st = mt_model_create(&cfg, be, &m, err))) st = mt_model_load_weights(m, weights, err);
+    /* names and shapes first, checked against the file, and only then the memory */
+    if (!(st = mt_model_create_table(&cfg, be, &m, err)) && !(st = check_weights(m, weights, err)) &&
+        !(st = mt_model_alloc_params(m, err)))
+        st = mt_model_load_weights(m, weights, err);
     mt_st_close(weights);
     if (st) {
         mt_model_free(m);

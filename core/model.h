@@ -51,7 +51,14 @@ mt_status mt_config_parse(const char *text, size_t len, const char *source, mt_m
                           mt_error *err);
 /* Named shapes for benchmarks: "tiny", "smollm2-135m", "llama-1b". */
 mt_status mt_config_preset(const char *name, mt_model_config *cfg, mt_error *err);
-/* Checks sizes are positive and consistent (heads divide, head_dim even, ...). */
+/* Rope scaling factors (factor, and llama3's low/high_freq_factor) in use run from 1 to
+ * 64; outside this range they would only underflow or overflow the fp32 frequencies. */
+#define MT_ROPE_FACTOR_MIN 1e-6
+#define MT_ROPE_FACTOR_MAX 1e6
+/* Checks sizes are positive and consistent (heads divide, head_dim even, ...), each
+ * against a bound, and the parameter count (in 64 bits) against 2^40; rope settings
+ * within the ranges that keep the fp32 frequencies finite. Errors name the key, the
+ * value found and what was expected. */
 mt_status mt_config_validate(const mt_model_config *cfg, const char *source, mt_error *err);
 /* Fills inv_freq (head_dim/2) exactly as transformers computes it in fp32,
  * including the rope scaling type. */
@@ -194,6 +201,13 @@ typedef struct mt_model {
 /* Builds the parameter table and allocates parameters (zero) on the backend. */
 mt_status mt_model_create(const mt_model_config *cfg, mt_backend *be, mt_model **out,
                           mt_error *err);
+/* mt_model_create in two steps, for the loaders: the parameter table alone (names,
+ * shapes, no memory; data pointers NULL), so that the weights on disk can be checked
+ * against it first — a config.json or GGUF header that lies about its sizes is then
+ * refused naming the tensor instead of allocating what it claims — then the memory. */
+mt_status mt_model_create_table(const mt_model_config *cfg, mt_backend *be, mt_model **out,
+                                mt_error *err);
+mt_status mt_model_alloc_params(mt_model *m, mt_error *err);
 void mt_model_free(mt_model *m);
 
 /* MT_OK when every value of x is finite; otherwise an error naming the file, the

@@ -15,6 +15,7 @@
  * i.e. GGUF row h*D + 2*i + j holds HF row h*D + j*D/2 + i (j in {0,1}, i < D/2),
  * with n_head = head_count for q and head_count_kv for k. The loader undoes it, so
  * the model computes exactly what transformers computes (which undoes it too). */
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,8 +36,8 @@ static mt_status arch_int(const mt_gguf *g, const char *arch, const char *key, i
     mt_status st = mt_gguf_get_int(g, full, &v, err);
     if (st) return st;
     if (v <= 0 || v > (1 << 30))
-        return mt_error_set(err, MT_ERR_FORMAT, "%s: %s must be a positive size, found %lld",
-                            mt_gguf_path(g), full, (long long)v);
+        return mt_error_set(err, MT_ERR_FORMAT, "%s: %s must be a positive size up to %d, found %lld",
+                            mt_gguf_path(g), full, 1 << 30, (long long)v);
     *out = (int)v;
     return MT_OK;
 }
@@ -46,13 +47,7 @@ static mt_status arch_float(const mt_gguf *g, const char *arch, const char *key,
     char full[128];
     snprintf(full, sizeof full, "%s.%s", arch, key);
     if (!mt_gguf_get(g, full)) return MT_OK;
-    mt_status st = mt_gguf_get_float(g, full, out, err);
-    /* every float of the architecture (epsilon, RoPE base and scale) is a positive,
-     * finite number: refused here under its GGUF key, which config.json's names would hide */
-    if (!st && !(isfinite(*out) && *out > 0))
-        st = mt_error_set(err, MT_ERR_FORMAT, "%s: key '%s': must be a positive number, found %g",
-                          mt_gguf_path(g), full, *out);
-    return st;
+    return mt_gguf_get_float(g, full, out, err);
 }
 
 /* Config from the metadata; vocab and tying come from the tensor directory. */
@@ -93,9 +88,35 @@ static mt_status read_config(const mt_gguf *g, mt_model_config *cfg, int *permut
         (st = arch_float(g, arch, "rope.freq_base", &cfg->rope_theta, err)) ||
         (st = arch_float(g, arch, "attention.layer_norm_rms_epsilon", &eps, err)))
         goto done;
+    /* named by their GGUF keys here; mt_config_validate would say "rms_norm_eps" and
+     * "rope_theta", which this file does not have */
+    if (!(eps > 0.0) || !((float)eps > 0.0f) || !isfinite((float)eps)) {
+        st = mt_error_set(err, MT_ERR_FORMAT,
+                          "%s: %s.attention.layer_norm_rms_epsilon must be a positive number that fp32 "
+                          "holds, found %g",
+                          path, arch, eps);
+        goto done;
+    }
+    if (!(cfg->rope_theta >= 1.0 && cfg->rope_theta <= FLT_MAX)) {
+        st = mt_error_set(err, MT_ERR_FORMAT,
+                          "%s: %s.rope.freq_base must be a number from 1 to %g (fp32), found %g", path,
+                          arch, (double)FLT_MAX, cfg->rope_theta);
+        goto done;
+    }
     cfg->rms_norm_eps = (float)eps;
     if (cfg->num_kv_heads < 0) cfg->num_kv_heads = cfg->num_heads;
-    if (cfg->head_dim < 0) cfg->head_dim = cfg->hidden_size / cfg->num_heads;
+    if (cfg->head_dim < 0) {
+        /* as config.json without head_dim: the heads must split the width evenly, or
+         * the rounded-down head size would silently describe another model */
+        if (cfg->hidden_size % cfg->num_heads != 0) {
+            st = mt_error_set(err, MT_ERR_FORMAT,
+                              "%s: %s.embedding_length (%d) is not a multiple of %s.attention.head_count "
+                              "(%d), and there is no %s.attention.key_length",
+                              path, arch, cfg->hidden_size, arch, cfg->num_heads, arch);
+            goto done;
+        }
+        cfg->head_dim = cfg->hidden_size / cfg->num_heads;
+    }
 
     /* rope scaling: none, or linear (positions divided by factor) */
     char key[128];
@@ -121,9 +142,10 @@ static mt_status read_config(const mt_gguf *g, mt_model_config *cfg, int *permut
         if (factor > 0.0 && factor != 1.0) cfg->rope_type = MT_ROPE_LINEAR;
     }
     if (cfg->rope_type == MT_ROPE_LINEAR) {
-        if (!(factor > 0.0)) {
-            st = mt_error_set(err, MT_ERR_FORMAT, "%s: linear rope scaling needs a positive "
-                              "%s.rope.scaling.factor, found %g", path, arch, factor);
+        if (!(factor >= MT_ROPE_FACTOR_MIN && factor <= MT_ROPE_FACTOR_MAX)) {
+            st = mt_error_set(err, MT_ERR_FORMAT, "%s: linear rope scaling needs a %s.rope.scaling.factor "
+                              "from %g to %g, found %g", path, arch, MT_ROPE_FACTOR_MIN,
+                              MT_ROPE_FACTOR_MAX, factor);
             goto done;
         }
         cfg->rope_factor = factor;
@@ -205,6 +227,67 @@ int mt_gguf_param_name(const mt_model *m, const mt_param *p, char *out, size_t s
     return 0;
 }
 
+/* Every parameter has its tensor with the right shape, and every tensor is a parameter.
+ * Needs only the parameter table, so it runs before the parameters are allocated: the
+ * sizes the metadata claims must then be backed by the tensors in the file. */
+static mt_status check_tensors(const mt_model *m, const mt_gguf *g, int permute_qk, mt_error *err) {
+    const char *path = mt_gguf_path(g);
+    for (size_t i = 0; i < m->num_params; i++) {
+        const mt_param *p = &m->params[i];
+        char name[128];
+        int n_head = 0;
+        if (!mt_gguf_param_name(m, p, name, sizeof name, &n_head))
+            return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: no GGUF tensor name for parameter %s",
+                                path, p->name);
+        const mt_gguf_tensor *t = mt_gguf_find_tensor(g, name);
+        if (!t)
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: tensor %s (for %s) is missing", path, name,
+                                p->name);
+        /* ggml ne = (in, out) for matrices, (n) for vectors */
+        int ok = t->n_dims == p->ndim &&
+                 (p->ndim == 1 ? t->ne[0] == p->shape[0]
+                               : t->ne[0] == p->shape[1] && t->ne[1] == p->shape[0]);
+        if (!ok) {
+            char found[96], expected[64];
+            size_t len = (size_t)snprintf(found, sizeof found, "[");
+            for (int d = 0; d < t->n_dims && len < sizeof found; d++)
+                len += (size_t)snprintf(found + len, sizeof found - len, "%s%lld", d ? ", " : "",
+                                        (long long)t->ne[d]);
+            if (len < sizeof found) snprintf(found + len, sizeof found - len, "]");
+            if (p->ndim == 2)
+                snprintf(expected, sizeof expected, "[%lld, %lld]", (long long)p->shape[1],
+                         (long long)p->shape[0]);
+            else
+                snprintf(expected, sizeof expected, "[%lld]", (long long)p->shape[0]);
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s: tensor %s has ne %s; expected %s for %s from the metadata",
+                                path, name, found, expected, p->name);
+        }
+        if (permute_qk && n_head > 0 && (int64_t)n_head * m->cfg.head_dim != p->shape[0])
+            return mt_error_set(err, MT_ERR_FORMAT, "%s: tensor %s has %lld rows, not %d heads x %d",
+                                path, name, (long long)p->shape[0], n_head, m->cfg.head_dim);
+    }
+    /* anything left over would be silently ignored weights: refuse it. Each parameter
+     * found a tensor of its own (gguf.c refuses duplicate names), so equal counts mean
+     * none is left over. */
+    size_t n = mt_gguf_tensor_count(g);
+    for (size_t i = 0; i < n && m->num_params < n; i++) {
+        const char *tn = mt_gguf_tensor_at(g, i)->name;
+        char want[128];
+        int found = 0;
+        for (size_t j = 0; j < m->num_params && !found; j++) {
+            int nh;
+            found = mt_gguf_param_name(m, &m->params[j], want, sizeof want, &nh) && !strcmp(want, tn);
+        }
+        if (!found && !(m->cfg.tie_word_embeddings && !strcmp(tn, "output.weight")))
+            return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                                "%s: tensor %s is not a parameter of this %s model", path, tn,
+                                m->cfg.model_type);
+    }
+    return MT_OK;
+}
+
+/* Dequantizes every tensor into its parameter; check_tensors has passed. */
 static mt_status load_tensors(mt_model *m, const mt_gguf *g, int permute_qk, mt_error *err) {
     const char *path = mt_gguf_path(g);
     mt_backend *be = m->be;
@@ -228,55 +311,19 @@ static mt_status load_tensors(mt_model *m, const mt_gguf *g, int permute_qk, mt_
         st = MT_ERR_NOMEM;
         goto done;
     }
-    size_t used_tensors = 0;
     for (size_t i = 0; i < m->num_params && !st; i++) {
         mt_param *p = &m->params[i];
         char name[128];
         int n_head = 0;
-        if (!mt_gguf_param_name(m, p, name, sizeof name, &n_head)) {
-            st = mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: no GGUF tensor name for parameter %s",
-                              path, p->name);
-            break;
-        }
+        (void)mt_gguf_param_name(m, p, name, sizeof name, &n_head);
         const mt_gguf_tensor *t = mt_gguf_find_tensor(g, name);
-        if (!t) {
-            st = mt_error_set(err, MT_ERR_FORMAT, "%s: tensor %s (for %s) is missing", path, name,
-                              p->name);
-            break;
-        }
-        /* ggml ne = (in, out) for matrices, (n) for vectors */
-        int ok = t->n_dims == p->ndim &&
-                 (p->ndim == 1 ? t->ne[0] == p->shape[0]
-                               : t->ne[0] == p->shape[1] && t->ne[1] == p->shape[0]);
-        if (!ok) {
-            char found[96], expected[64];
-            size_t len = (size_t)snprintf(found, sizeof found, "[");
-            for (int d = 0; d < t->n_dims && len < sizeof found; d++)
-                len += (size_t)snprintf(found + len, sizeof found - len, "%s%lld", d ? ", " : "",
-                                        (long long)t->ne[d]);
-            if (len < sizeof found) snprintf(found + len, sizeof found - len, "]");
-            if (p->ndim == 2)
-                snprintf(expected, sizeof expected, "[%lld, %lld]", (long long)p->shape[1],
-                         (long long)p->shape[0]);
-            else
-                snprintf(expected, sizeof expected, "[%lld]", (long long)p->shape[0]);
-            st = mt_error_set(err, MT_ERR_FORMAT,
-                              "%s: tensor %s has ne %s; expected %s for %s from the metadata",
-                              path, name, found, expected, p->name);
-            break;
-        }
-        used_tensors++;
         int permute = permute_qk && n_head > 0;
         float *dst = !permute && cpu ? p->data : stage;
         if ((st = mt_gguf_dequantize(g, t, dst, err))) break;
+        /* gguf.c dequantizes whole tensors, so this is a second pass over each; it is a
+         * bit test per value on data still mostly in cache (measured: see mt_check_finite) */
         if ((st = mt_check_finite(path, name, dst, p->numel, err))) break;
         if (permute) {
-            if ((int64_t)n_head * m->cfg.head_dim != p->shape[0]) {
-                st = mt_error_set(err, MT_ERR_FORMAT,
-                                  "%s: tensor %s has %lld rows, not %d heads x %d", path, name,
-                                  (long long)p->shape[0], n_head, m->cfg.head_dim);
-                break;
-            }
             float *out = cpu ? p->data : perm;
             mt_gguf_permute_qk(out, stage, n_head, m->cfg.head_dim,
                                p->ndim == 2 ? (size_t)p->shape[1] : 1, 0);
@@ -284,25 +331,6 @@ static mt_status load_tensors(mt_model *m, const mt_gguf *g, int permute_qk, mt_
         }
         if (!cpu && (st = be->ops->upload(be, p->data, dst, p->numel * sizeof(float))))
             st = mt_error_set(err, st, "%s: uploading %s failed", path, name);
-    }
-    if (!st) {
-        /* anything left over would be silently ignored weights: refuse it */
-        size_t n = mt_gguf_tensor_count(g);
-        for (size_t i = 0; i < n && used_tensors < n; i++) {
-            const char *tn = mt_gguf_tensor_at(g, i)->name;
-            char want[128];
-            int found = 0;
-            for (size_t j = 0; j < m->num_params && !found; j++) {
-                int nh;
-                found = mt_gguf_param_name(m, &m->params[j], want, sizeof want, &nh) && !strcmp(want, tn);
-            }
-            if (!found && !(m->cfg.tie_word_embeddings && !strcmp(tn, "output.weight"))) {
-                st = mt_error_set(err, MT_ERR_UNSUPPORTED,
-                                  "%s: tensor %s is not a parameter of this %s model", path, tn,
-                                  m->cfg.model_type);
-                break;
-            }
-        }
     }
 done:
     free(stage);
@@ -317,7 +345,10 @@ mt_status mt_model_load_gguf(const char *path, mt_backend *be, mt_model **out, m
     mt_model_config cfg;
     int permute_qk = 0;
     mt_model *m = NULL;
-    if (!(st = read_config(g, &cfg, &permute_qk, err)) && !(st = mt_model_create(&cfg, be, &m, err)))
+    /* the parameter table first, checked against the tensors, and only then the memory */
+    if (!(st = read_config(g, &cfg, &permute_qk, err)) &&
+        !(st = mt_model_create_table(&cfg, be, &m, err)) &&
+        !(st = check_tensors(m, g, permute_qk, err)) && !(st = mt_model_alloc_params(m, err)))
         st = load_tensors(m, g, permute_qk, err);
     mt_gguf_close(g);
     if (st) {

@@ -56,6 +56,12 @@ size_t mt_st_dtype_size(mt_st_dtype dtype);
 /* Converts an F32/F16/BF16 tensor to fp32 into dst (numel floats). Any other
  * dtype is refused with an error naming the file and the tensor. */
 mt_status mt_st_read_f32(const mt_st_tensor *t, float *dst, mt_error *err);
+/* As mt_st_read_f32, and refuses a tensor holding NaN or an infinity with an error
+ * naming the file, the tensor, how many values are not finite, and the index (and
+ * coordinates) of the first. The check runs inside the conversion, block by block, so
+ * it costs no extra pass over memory. Model weights are read with it: a NaN there
+ * would otherwise only show up later as NaN losses or garbage text. */
+mt_status mt_st_read_f32_finite(const mt_st_tensor *t, float *dst, mt_error *err);
 
 /* ---- writing ---- */
 

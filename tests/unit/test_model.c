@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "export_gguf.h"
 #include "internal.h"
 #include "model.h"
 #include "safetensors.h"
@@ -93,7 +94,40 @@ static void test_config_errors_name_file_and_key(void **state) {
         const char *extra, *want;
     } sizes[] = {
         {"\"hidden_size\": 0", "key \"hidden_size\": must be positive, found 0"},
-        {"\"num_hidden_layers\": -3", "key \"num_hidden_layers\": -3 is out of range"},
+        {"\"num_hidden_layers\": -3",
+         "key \"num_hidden_layers\": -3 is out of range (expected a positive integer up to 2147483647)"},
+        {"\"hidden_size\": 576.5", "key \"hidden_size\": expected an integer, found 576.5"},
+        {"\"vocab_size\": \"big\"", "key \"vocab_size\": expected an integer, found a string"},
+        {"\"rms_norm_eps\": [1]", "key \"rms_norm_eps\": expected a number, found an array"},
+        {"\"max_position_embeddings\": 0", "key \"max_position_embeddings\": must be positive, found 0"},
+        {"\"num_attention_heads\": 20000, \"head_dim\": 2",
+         "key \"num_attention_heads\": 20000 exceeds the supported maximum 16384"},
+        {"\"num_attention_heads\": 4096, \"head_dim\": 512",
+         "key \"num_attention_heads x head_dim\": 2097152 exceeds the supported maximum 1048576"},
+        /* the value as written, not as fp32 rounds it (to 0) */
+        {"\"rms_norm_eps\": 1e-50", "key \"rms_norm_eps\": must be a positive number that fp32 holds"
+                                    " (1.4013e-45 to 3.40282e+38), found 1e-50"},
+        {"\"rope_theta\": 0.5", "key \"rope_theta\": must be a positive number from 1 to 3.40282e+38 (fp32), "
+                                "found 0.5"},
+        {"\"rope_theta\": 1e39", "key \"rope_theta\": must be a positive number from 1 to 3.40282e+38 (fp32), "
+                                 "found 1e+39"},
+        /* rope scaling: each key by its full name */
+        {"\"rope_scaling\": {\"type\": 5, \"factor\": 2}",
+         "key \"rope_scaling.type\": expected a string, found an integer"},
+        {"\"rope_parameters\": {\"rope_type\": \"linear\", \"factor\": 0}",
+         "key \"rope_parameters.factor\": expected a number from 1e-06 to 1e+06, found 0"},
+        {"\"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": 1e7}",
+         "key \"rope_scaling.factor\": expected a number from 1e-06 to 1e+06, found 1e+07"},
+        {"\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8, \"low_freq_factor\": -1,"
+         " \"high_freq_factor\": 4, \"original_max_position_embeddings\": 64}",
+         "key \"rope_scaling.low_freq_factor\": expected a number from 1e-06 to 1e+06, found -1"},
+        {"\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8, \"original_max_position_embeddings\": 0}",
+         "key \"rope_scaling.original_max_position_embeddings\": must be positive, found 0"},
+        {"\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8}",
+         "missing required key \"original_max_position_embeddings\""},
+        {"\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8, \"low_freq_factor\": 4,"
+         " \"high_freq_factor\": 4, \"original_max_position_embeddings\": 64}",
+         "high_freq_factor (4) must exceed low_freq_factor (4)"},
         {"\"vocab_size\": 4294967296", "key \"vocab_size\": 4294967296 is out of range"},
         {"\"vocab_size\": 100000000", "key \"vocab_size\": 100000000 exceeds the supported maximum 16777216"},
         {"\"hidden_size\": 2000000", "key \"hidden_size\": 2000000 exceeds the supported maximum"},
@@ -102,7 +136,7 @@ static void test_config_errors_name_file_and_key(void **state) {
         {"\"head_dim\": 7", "key \"head_dim\": must be even"},
         {"\"head_dim\": 65536", "key \"head_dim\": 65536 exceeds"},
         {"\"num_key_value_heads\": 0", "key \"num_key_value_heads\": must be positive, found 0"},
-        {"\"rms_norm_eps\": 0", "key \"rms_norm_eps\": must be a positive number, found 0"},
+        {"\"rms_norm_eps\": 0", "key \"rms_norm_eps\": must be a positive number that fp32 holds (1.4013e-45 to 3.40282e+38), found 0"},
         {"\"rope_theta\": -1", "rope_theta"},
         {"\"hidden_size\": 65536, \"intermediate_size\": 4000000, \"num_hidden_layers\": 4096",
          "parameters, more than the supported 2^40"}, /* refused before anything is planned */
@@ -119,6 +153,26 @@ static void test_config_errors_name_file_and_key(void **state) {
                            "\"num_hidden_layers\": 1, \"num_attention_heads\": 4, \"vocab_size\": 10, "
                            "\"max_position_embeddings\": 8}", &cfg, &err), MT_ERR_FORMAT);
     assert_non_null(strstr(err.msg, "key \"hidden_size\": 65 is not a multiple of num_attention_heads (4)"));
+
+    /* configs that do not come from config.json (GGUF metadata, code) meet the same
+     * bounds in mt_config_validate */
+    assert_int_equal(parse_with("", &cfg, &err), MT_OK);
+    mt_model_config bad = cfg;
+    bad.rope_type = MT_ROPE_LINEAR;
+    bad.rope_factor = 0.0;
+    assert_int_equal(mt_config_validate(&bad, "code", &err), MT_ERR_FORMAT);
+    assert_non_null(strstr(err.msg, "code: key \"rope_scaling.factor\": expected a number from 1e-06 to 1e+06, found 0"));
+    bad = cfg;
+    bad.rope_type = MT_ROPE_LLAMA3;
+    bad.rope_factor = 8.0;
+    bad.rope_low_freq_factor = 1.0;
+    bad.rope_high_freq_factor = 4.0;
+    assert_int_equal(mt_config_validate(&bad, "code", &err), MT_ERR_FORMAT); /* no original length */
+    assert_non_null(strstr(err.msg, "a positive original_max_position_embeddings, found 1, 4 and 0"));
+    bad.rope_original_max_position_embeddings = 64;
+    assert_int_equal(mt_config_validate(&bad, "code", &err), MT_OK);
+    bad.rope_type = (mt_rope_type)7;
+    assert_int_equal(mt_config_validate(&bad, "code", &err), MT_ERR_INVALID_ARG);
 }
 
 static void test_presets(void **state) {
@@ -206,6 +260,252 @@ static void test_load_errors_name_the_tensor(void **state) {
     if (mt_model_load_hf(dir, &be, &m, &err)) fail_msg("%s", err.msg);
     mt_model_free(m);
     mt_backend_cpu_shutdown(&be);
+    mt_test_rmtree(dir);
+    free(dir);
+}
+
+/* A copy of a fixture model in a fresh directory: config.json with the keys of
+ * `cfg_edits` (JSON object text, or NULL) replaced, and model.safetensors with `value`
+ * written at index `at` of tensor `poke` (NULL: the weights as they are). */
+static char *copy_fixture(const char *fixture, const char *cfg_edits, const char *poke, size_t at,
+                          float value) {
+    char *dir = mt_test_tmpdir("model-copy"), path[1024];
+    mt_error err = {0};
+    snprintf(path, sizeof path, "%s/config.json", fixture);
+    json_t *cfg = json_load_file(path, 0, NULL);
+    assert_non_null(cfg);
+    if (cfg_edits) {
+        json_t *edits = json_loads(cfg_edits, 0, NULL);
+        assert_non_null(edits);
+        json_object_update(cfg, edits);
+        json_decref(edits);
+    }
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    assert_int_equal(json_dump_file(cfg, path, JSON_INDENT(2)), 0);
+    json_decref(cfg);
+    snprintf(path, sizeof path, "%s/model.safetensors", fixture);
+    mt_safetensors *st;
+    if (mt_st_open(path, &st, &err)) fail_msg("%s", err.msg);
+    size_t n = mt_st_count(st);
+    mt_st_entry *entries = calloc(n, sizeof *entries);
+    assert_non_null(entries);
+    float *poked = NULL;
+    for (size_t i = 0; i < n; i++) {
+        const mt_st_tensor *t = mt_st_at(st, i);
+        entries[i] = (mt_st_entry){.name = t->name, .dtype = t->dtype, .ndim = t->ndim, .data = t->data};
+        memcpy(entries[i].shape, t->shape, sizeof entries[i].shape);
+        if (poke && !strcmp(t->name, poke)) {
+            assert_int_equal(t->dtype, MT_ST_F32);
+            assert_true(at < t->nbytes / 4);
+            assert_non_null(poked = malloc(t->nbytes));
+            memcpy(poked, t->data, t->nbytes);
+            poked[at] = value;
+            entries[i].data = poked;
+        }
+    }
+    assert_true(!poke || poked);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (mt_st_write(path, entries, n, NULL, &err)) fail_msg("%s", err.msg);
+    free(poked);
+    free(entries);
+    mt_st_close(st);
+    return dir;
+}
+
+/* Loading `path` fails with `status`, no model, and a message holding each `want`. */
+static void expect_model_refused(const char *path, mt_status status, const char *want1,
+                                 const char *want2) {
+    mt_backend be;
+    mt_error err = {0};
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *m = (mt_model *)&err; /* must come back untouched or NULL */
+    mt_model *none = NULL;
+    mt_status st = mt_model_load(path, &be, &none, &err);
+    (void)m;
+    printf("refused: %s\n", err.msg);
+    if (st != status) fail_msg("status %d, expected %d: %s", st, status, err.msg);
+    assert_null(none);
+    if (!strstr(err.msg, want1)) fail_msg("message \"%s\" lacks \"%s\"", err.msg, want1);
+    if (want2 && !strstr(err.msg, want2)) fail_msg("message \"%s\" lacks \"%s\"", err.msg, want2);
+    mt_backend_cpu_shutdown(&be);
+}
+
+/* Weights holding NaN or an infinity are refused on load, from safetensors (checked as
+ * they are converted) and from GGUF (after dequantization), naming the file, the tensor,
+ * the count and the index of the first. */
+static void test_nonfinite_weights_refused(void **state) {
+    (void)state;
+    /* k_proj is [32, 48]: index 100 is row 2, column 4 */
+    char *dir = copy_fixture(GQA_DIR, NULL, "model.layers.1.self_attn.k_proj.weight", 100, NAN);
+    expect_model_refused(dir, MT_ERR_FORMAT,
+                         "model.safetensors: tensor \"model.layers.1.self_attn.k_proj.weight\": 1 "
+                         "non-finite value (the first, nan, at index 100 of 1536, element [2, 4])",
+                         "expected finite F32 values");
+    mt_test_rmtree(dir);
+    free(dir);
+    dir = copy_fixture(GQA_DIR, NULL, "model.norm.weight", 47, -INFINITY);
+    expect_model_refused(dir, MT_ERR_FORMAT, "tensor \"model.norm.weight\": 1 non-finite value",
+                         "(the first, -inf, at index 47 of 48)");
+    mt_test_rmtree(dir);
+    free(dir);
+
+    /* GGUF: a model exported with an infinity in one tensor */
+    mt_backend be;
+    mt_error err = {0};
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_bias", &be, &m, &err)) fail_msg("%s", err.msg);
+    mt_param *p = mt_model_find_param(m, "model.layers.0.mlp.down_proj.weight");
+    assert_non_null(p);
+    p->data[3] = INFINITY;
+    p->data[4000] = NAN;
+    dir = mt_test_tmpdir("nonfinite-gguf");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/inf.gguf", dir);
+    if (mt_export_gguf(m, NULL, path, MT_F32, "inf", &err)) fail_msg("%s", err.msg);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+    expect_model_refused(path, MT_ERR_FORMAT,
+                         "inf.gguf: tensor \"blk.0.ffn_down.weight\": 2 non-finite values",
+                         "(the first, inf, at index 3 of 4608)");
+    mt_test_rmtree(dir);
+    free(dir);
+}
+
+/* Sets the integer value of GGUF metadata key `key` in the file at path, in place. */
+static void patch_gguf_int(const char *path, const char *key, uint64_t value) {
+    mt_error err = {0};
+    char *buf;
+    size_t n;
+    assert_int_equal(mt_read_file(path, &buf, &n, &err), MT_OK);
+    const size_t klen = strlen(key);
+    size_t at = 0;
+    for (size_t i = 8; i + klen + 8 <= n && !at; i++) {
+        uint64_t len;
+        memcpy(&len, buf + i - 8, 8);
+        if (len == klen && !memcmp(buf + i, key, klen)) at = i + klen;
+    }
+    if (!at) fail_msg("%s: no key %s", path, key);
+    uint32_t type;
+    memcpy(&type, buf + at, 4);
+    if (type == 4 || type == 5) { /* UINT32, INT32 */
+        uint32_t v = (uint32_t)value;
+        memcpy(buf + at + 4, &v, 4);
+    } else if (type == 10 || type == 11) { /* UINT64, INT64 */
+        memcpy(buf + at + 4, &value, 8);
+    } else {
+        fail_msg("%s: key %s has type %u", path, key, type);
+    }
+    mt_test_write_file(path, buf, n);
+    free(buf);
+}
+
+/* Sets the FLOAT32 value of GGUF metadata key `key` in the file at path, in place. */
+static void patch_gguf_f32(const char *path, const char *key, float value) {
+    mt_error err = {0};
+    char *buf;
+    size_t n;
+    assert_int_equal(mt_read_file(path, &buf, &n, &err), MT_OK);
+    const size_t klen = strlen(key);
+    size_t at = 0;
+    for (size_t i = 8; i + klen + 8 <= n && !at; i++) {
+        uint64_t len;
+        memcpy(&len, buf + i - 8, 8);
+        if (len == klen && !memcmp(buf + i, key, klen)) at = i + klen;
+    }
+    if (!at) fail_msg("%s: no key %s", path, key);
+    uint32_t type;
+    memcpy(&type, buf + at, 4);
+    if (type != 6) fail_msg("%s: key %s has type %u, not FLOAT32", path, key, type);
+    memcpy(buf + at + 4, &value, 4);
+    mt_test_write_file(path, buf, n);
+    free(buf);
+}
+
+/* Replaces the bytes `from` with `to` (of the same length) once in the file at path. */
+static void patch_bytes(const char *path, const char *from, const char *to) {
+    mt_error err = {0};
+    char *buf;
+    size_t n;
+    assert_int_equal(mt_read_file(path, &buf, &n, &err), MT_OK);
+    size_t k = strlen(from);
+    assert_int_equal(strlen(to), k);
+    size_t i = 0;
+    while (i + k <= n && memcmp(buf + i, from, k)) i++;
+    if (i + k > n) fail_msg("%s: no \"%s\"", path, from);
+    memcpy(buf + i, to, k);
+    mt_test_write_file(path, buf, n);
+    free(buf);
+}
+
+/* A config.json (or GGUF header) that claims sizes its weights do not have is refused
+ * naming the first tensor that disagrees, before the parameters are allocated: here the
+ * claim is 1024 layers with intermediate_size 4,000,000 (2.4 TB of fp32 parameters, under
+ * the 2^40-parameter bound), which would otherwise fail as out of memory at best, or be
+ * allocated and zeroed when it fits. */
+static void test_lying_config_refused_before_allocation(void **state) {
+    (void)state;
+    char *dir = copy_fixture(GQA_DIR, "{\"intermediate_size\": 4000000, \"num_hidden_layers\": 1024}",
+                             NULL, 0, 0);
+    expect_model_refused(dir, MT_ERR_FORMAT,
+                         "model.safetensors: tensor \"model.layers.0.mlp.gate_proj.weight\": expected "
+                         "shape [4000000, 48] from config.json, found [96, 48]",
+                         NULL);
+    mt_test_rmtree(dir);
+    free(dir);
+    /* a vocabulary that is not there */
+    dir = copy_fixture(GQA_DIR, "{\"vocab_size\": 16000000}", NULL, 0, 0);
+    expect_model_refused(dir, MT_ERR_FORMAT,
+                         "tensor \"model.embed_tokens.weight\": expected shape [16000000, 48] from "
+                         "config.json, found [96, 48]",
+                         NULL);
+    mt_test_rmtree(dir);
+    free(dir);
+
+    /* the same lie in a GGUF header */
+    mt_backend be;
+    mt_error err = {0};
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_bias", &be, &m, &err)) fail_msg("%s", err.msg);
+    dir = mt_test_tmpdir("lying-gguf");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/lie.gguf", dir);
+    if (mt_export_gguf(m, NULL, path, MT_F32, "lie", &err)) fail_msg("%s", err.msg);
+    char path2[1024];
+    snprintf(path2, sizeof path2, "%s/heads.gguf", dir);
+    if (mt_export_gguf(m, NULL, path2, MT_F32, "heads", &err)) fail_msg("%s", err.msg);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+    patch_gguf_int(path, "qwen2.feed_forward_length", 4000000);
+    patch_gguf_int(path, "qwen2.block_count", 1024);
+    expect_model_refused(path, MT_ERR_FORMAT,
+                         "lie.gguf: tensor blk.0.ffn_gate.weight has ne [48, 96]; expected [48, 4000000]",
+                         NULL);
+    /* float settings are named by their GGUF keys, not config.json's */
+    char path3[1024];
+    snprintf(path3, sizeof path3, "%s/eps.gguf", dir);
+    {
+        char *bytes;
+        size_t len;
+        assert_int_equal(mt_read_file(path2, &bytes, &len, &err), MT_OK);
+        mt_test_write_file(path3, bytes, len);
+        free(bytes);
+    }
+    patch_gguf_f32(path3, "qwen2.attention.layer_norm_rms_epsilon", NAN);
+    expect_model_refused(path3, MT_ERR_FORMAT,
+                         "eps.gguf: qwen2.attention.layer_norm_rms_epsilon must be a positive number", "found nan");
+    patch_gguf_f32(path3, "qwen2.attention.layer_norm_rms_epsilon", 1e-6f);
+    patch_gguf_f32(path3, "qwen2.rope.freq_base", -1.0f);
+    expect_model_refused(path3, MT_ERR_FORMAT, "eps.gguf: qwen2.rope.freq_base must be a number from 1",
+                         "found -1");
+    /* heads that do not split the width, with no key_length to say the head size */
+    patch_bytes(path2, "qwen2.attention.key_length", "qwen2.attention.xey_length");
+    patch_gguf_int(path2, "qwen2.attention.head_count", 5);
+    expect_model_refused(path2, MT_ERR_FORMAT,
+                         "heads.gguf: qwen2.embedding_length (48) is not a multiple of "
+                         "qwen2.attention.head_count (5), and there is no qwen2.attention.key_length",
+                         NULL);
     mt_test_rmtree(dir);
     free(dir);
 }
@@ -333,6 +633,8 @@ int main(void) {
         cmocka_unit_test(test_packed_row_equals_separate_rows),
         cmocka_unit_test(test_frozen_path_input_gradient),
         cmocka_unit_test(test_bad_batch_inputs),
+        cmocka_unit_test(test_nonfinite_weights_refused),
+        cmocka_unit_test(test_lying_config_refused_before_allocation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

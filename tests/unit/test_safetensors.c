@@ -831,6 +831,77 @@ static void test_reference_fixture(void **state) {
 }
 
 /* The HF save_pretrained checkpoints that other tests use, when present. */
+/* mt_st_read_f32_finite converts as mt_st_read_f32 does and refuses NaN and infinities
+ * in every dtype, naming the file, the tensor, the count and where the first one is,
+ * also past the first 4096-value block; the largest finite values pass. */
+static void test_read_f32_finite(void **state) {
+    (void)state;
+    char *dir = mt_test_tmpdir("st-finite");
+    char *path = join(dir, "w.safetensors");
+    enum { R = 100, K = 100, N = R * K };
+    float *f = malloc(N * sizeof *f), *out = malloc(N * sizeof *out);
+    uint16_t *h = malloc(N * sizeof *h), *b = malloc(N * sizeof *b);
+    assert_true(f && out && h && b);
+    uint64_t rng = 7;
+    mt_test_fill_uniform(f, N, &rng, -1.0f, 1.0f);
+    for (int i = 0; i < N; i++) h[i] = mt_f32_to_f16(f[i]), b[i] = mt_f32_to_bf16(f[i]);
+    float ok_f[2] = {3.4028235e38f, -3.4028235e38f};
+    uint16_t ok_h[2] = {0x7BFF, 0xFBFF}, ok_b[2] = {0x7F7F, 0xFF7F}; /* +-max finite */
+    float *bad_f = malloc(N * sizeof *bad_f);
+    uint16_t *bad_h = malloc(N * sizeof *bad_h), *bad_b = malloc(N * sizeof *bad_b);
+    assert_true(bad_f && bad_h && bad_b);
+    memcpy(bad_f, f, N * sizeof *f);
+    memcpy(bad_h, h, N * sizeof *h);
+    memcpy(bad_b, b, N * sizeof *b);
+    bad_f[9000] = NAN;           /* past the first block: row 90, column 0 */
+    bad_f[9999] = -INFINITY;
+    bad_h[4097] = 0x7C00;        /* +inf in F16 */
+    bad_b[0] = 0x7FC0;           /* NaN in BF16 */
+    bad_b[17] = 0xFF80;          /* -inf */
+    bad_b[18] = 0x7F81;          /* a signalling NaN */
+    const int64_t mat[2] = {R, K}, vec[1] = {N}, two[1] = {2};
+    mt_st_entry e[] = {
+        entry("bad.bf16", MT_ST_BF16, 1, vec, bad_b), entry("bad.f16", MT_ST_F16, 2, mat, bad_h),
+        entry("bad.f32", MT_ST_F32, 2, mat, bad_f),   entry("good.bf16", MT_ST_BF16, 2, mat, b),
+        entry("good.f16", MT_ST_F16, 2, mat, h),      entry("good.f32", MT_ST_F32, 2, mat, f),
+        entry("max.bf16", MT_ST_BF16, 1, two, ok_b),  entry("max.f16", MT_ST_F16, 1, two, ok_h),
+        entry("max.f32", MT_ST_F32, 1, two, ok_f),
+    };
+    mt_error err = {MT_OK, ""};
+    if (mt_st_write(path, e, sizeof e / sizeof e[0], NULL, &err)) fail_msg("%s", err.msg);
+    mt_safetensors *st = open_ok(path);
+    const char *good[] = {"good.bf16", "good.f16", "good.f32", "max.bf16", "max.f16", "max.f32"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        const mt_st_tensor *t = mt_st_find(st, good[i]);
+        if (mt_st_read_f32_finite(t, out, &err)) fail_msg("%s: %s", good[i], err.msg);
+    }
+    assert_true(out[0] == 3.4028235e38f && out[1] == -3.4028235e38f);
+    assert_int_equal(mt_st_read_f32_finite(mt_st_find(st, "good.f32"), out, &err), MT_OK);
+    assert_memory_equal(out, f, N * sizeof *f);
+    struct {
+        const char *name, *want[3];
+    } bad[] = {
+        {"bad.f32", {"tensor \"bad.f32\": 2 non-finite values (the first, nan, at index 9000 of 10000, "
+                     "element [90, 0])", "expected finite F32 values", NULL}},
+        {"bad.f16", {"tensor \"bad.f16\": 1 non-finite value (the first, inf, at index 4097 of 10000, "
+                     "element [40, 97])", "F16", NULL}},
+        {"bad.bf16", {"tensor \"bad.bf16\": 3 non-finite values (the first, nan, at index 0 of 10000)",
+                      "BF16", NULL}},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const mt_st_tensor *t = mt_st_find(st, bad[i].name);
+        /* the plain reader converts whatever is there; the checked one refuses */
+        assert_int_equal(mt_st_read_f32(t, out, &err), MT_OK);
+        assert_int_equal(mt_st_read_f32_finite(t, out, &err), MT_ERR_FORMAT);
+        printf("refused: %s\n", err.msg);
+        expect_msg_has(&err, path);
+        for (int k = 0; k < 3; k++) expect_msg_has(&err, bad[i].want[k]);
+    }
+    mt_st_close(st);
+    free(f), free(out), free(h), free(b), free(bad_f), free(bad_h), free(bad_b);
+    done_dir(dir, path);
+}
+
 static void test_hf_fixtures(void **state) {
     (void)state;
     const struct {
@@ -891,6 +962,7 @@ int main(void) {
         cmocka_unit_test(test_bad_misc),
         cmocka_unit_test(test_reference_fixture),
         cmocka_unit_test(test_hf_fixtures),
+        cmocka_unit_test(test_read_f32_finite),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
