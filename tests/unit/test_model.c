@@ -372,22 +372,29 @@ static void test_nonfinite_weights_refused(void **state) {
     free(dir);
 }
 
+/* Reads the GGUF file at path and finds metadata key `key`: *at is the offset of its
+ * u32 type, which the value follows. The caller frees *buf. */
+static void find_gguf_key(const char *path, const char *key, char **buf, size_t *n, size_t *at,
+                          uint32_t *type) {
+    mt_error err = {0};
+    assert_int_equal(mt_read_file(path, buf, n, &err), MT_OK);
+    const size_t klen = strlen(key);
+    *at = 0;
+    for (size_t i = 8; i + klen + 8 <= *n && !*at; i++) {
+        uint64_t len;
+        memcpy(&len, *buf + i - 8, 8);
+        if (len == klen && !memcmp(*buf + i, key, klen)) *at = i + klen;
+    }
+    if (!*at) fail_msg("%s: no key %s", path, key);
+    memcpy(type, *buf + *at, 4);
+}
+
 /* Sets the integer value of GGUF metadata key `key` in the file at path, in place. */
 static void patch_gguf_int(const char *path, const char *key, uint64_t value) {
-    mt_error err = {0};
     char *buf;
-    size_t n;
-    assert_int_equal(mt_read_file(path, &buf, &n, &err), MT_OK);
-    const size_t klen = strlen(key);
-    size_t at = 0;
-    for (size_t i = 8; i + klen + 8 <= n && !at; i++) {
-        uint64_t len;
-        memcpy(&len, buf + i - 8, 8);
-        if (len == klen && !memcmp(buf + i, key, klen)) at = i + klen;
-    }
-    if (!at) fail_msg("%s: no key %s", path, key);
+    size_t n, at;
     uint32_t type;
-    memcpy(&type, buf + at, 4);
+    find_gguf_key(path, key, &buf, &n, &at, &type);
     if (type == 4 || type == 5) { /* UINT32, INT32 */
         uint32_t v = (uint32_t)value;
         memcpy(buf + at + 4, &v, 4);
@@ -402,20 +409,10 @@ static void patch_gguf_int(const char *path, const char *key, uint64_t value) {
 
 /* Sets the FLOAT32 value of GGUF metadata key `key` in the file at path, in place. */
 static void patch_gguf_f32(const char *path, const char *key, float value) {
-    mt_error err = {0};
     char *buf;
-    size_t n;
-    assert_int_equal(mt_read_file(path, &buf, &n, &err), MT_OK);
-    const size_t klen = strlen(key);
-    size_t at = 0;
-    for (size_t i = 8; i + klen + 8 <= n && !at; i++) {
-        uint64_t len;
-        memcpy(&len, buf + i - 8, 8);
-        if (len == klen && !memcmp(buf + i, key, klen)) at = i + klen;
-    }
-    if (!at) fail_msg("%s: no key %s", path, key);
+    size_t n, at;
     uint32_t type;
-    memcpy(&type, buf + at, 4);
+    find_gguf_key(path, key, &buf, &n, &at, &type);
     if (type != 6) fail_msg("%s: key %s has type %u, not FLOAT32", path, key, type);
     memcpy(buf + at + 4, &value, 4);
     mt_test_write_file(path, buf, n);
