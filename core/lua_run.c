@@ -296,72 +296,6 @@ static int l_run_info(lua_State *L) {
 
 /* ---- the output directory ---------------------------------------------------------- */
 
-/* Lexically resolves `path` against cwd into an absolute path without "." or ".."
- * components (out must hold PATH_MAX). 0 on success. */
-static int lexical_abs(const char *cwd, const char *path, char *out) {
-    char buf[PATH_MAX * 2];
-    if (path[0] == '/') snprintf(buf, sizeof buf, "%s", path);
-    else snprintf(buf, sizeof buf, "%s/%s", cwd, path);
-    size_t n = 0;
-    out[0] = '\0';
-    char *save = NULL;
-    for (char *part = strtok_r(buf, "/", &save); part; part = strtok_r(NULL, "/", &save)) {
-        if (!strcmp(part, ".")) continue;
-        if (!strcmp(part, "..")) {
-            while (n > 0 && out[n - 1] != '/') n--;
-            if (n > 0) n--;
-            out[n] = '\0';
-            continue;
-        }
-        size_t len = strlen(part);
-        if (n + 1 + len + 1 > PATH_MAX) return -1;
-        out[n++] = '/';
-        memcpy(out + n, part, len + 1);
-        n += len;
-    }
-    if (n == 0) strcpy(out, "/");
-    return 0;
-}
-
-/* The real path `path` will have: realpath of its longest existing ancestor, plus the
- * components that do not exist yet (which, not existing, cannot be links). */
-static int future_realpath(const char *abs, char *out) {
-    char head[PATH_MAX];
-    snprintf(head, sizeof head, "%s", abs);
-    size_t n = strlen(head);
-    for (;;) {
-        char real[PATH_MAX];
-        if (realpath(head, real)) {
-            const char *rest = abs + n;
-            size_t a = strlen(real), b = strlen(rest);
-            if (a == 1 && real[0] == '/' && rest[0] == '/') a = 0; /* "/" + "/x" */
-            if (a + b + 1 > PATH_MAX) return -1;
-            memcpy(out, real, a);
-            memcpy(out + a, rest, b + 1);
-            return 0;
-        }
-        if (errno != ENOENT && errno != ENOTDIR) return -1;
-        char *slash = strrchr(head, '/');
-        if (!slash) return -1;
-        if (slash == head) {
-            head[1] = '\0';
-            n = 1;
-            if (!realpath(head, real)) return -1;
-            snprintf(out, PATH_MAX, "%s", abs);
-            return 0;
-        }
-        *slash = '\0';
-        n = (size_t)(slash - head);
-    }
-}
-
-/* Is `inner` equal to `outer` or below it? */
-static int path_within(const char *inner, const char *outer) {
-    size_t n = strlen(outer);
-    if (n == 1 && outer[0] == '/') return 1;
-    return !strncmp(inner, outer, n) && (inner[n] == '/' || inner[n] == '\0');
-}
-
 /* What an existing directory holds: 0 empty, 1 only moontune's marker (and runs'
  * files, *has_run set when anything besides the marker is there), -1 files without
  * the marker. */
@@ -465,11 +399,11 @@ static int l_output_dir(lua_State *L) {
     int overwrite = run_flag(L, "overwrite");
     size_t n = strlen(path);
     if (n == 0 || n >= PATH_MAX) return luaL_error(L, "output_dir: bad path '%s'", path);
-    char cwd[PATH_MAX], cwd_real[PATH_MAX], abs[PATH_MAX], target[PATH_MAX];
+    char cwd[PATH_MAX], cwd_real[PATH_MAX], target[PATH_MAX];
     if (!getcwd(cwd, sizeof cwd) || !realpath(cwd, cwd_real))
         return luaL_error(L, "output_dir: cannot find the working directory: %s", strerror(errno));
-    if (lexical_abs(cwd_real, path, abs) || future_realpath(abs, target))
-        return luaL_error(L, "output_dir: cannot resolve '%s': %s", path, strerror(errno ? errno : ENAMETOOLONG));
+    const char *why = mt_path_resolve(path, target);
+    if (why) return luaL_error(L, "output_dir: cannot resolve '%s': %s", path, why);
 
     /* the same directory again in this run */
     push_run(L);
@@ -481,14 +415,14 @@ static int l_output_dir(lua_State *L) {
     }
     lua_pop(L, 3);
 
-    if (path_within(cwd_real, target))
+    if (mt_path_under(cwd_real, target))
         return luaL_error(L,
                           "output_dir: '%s' is %s (%s); a run writes into a directory of its own, "
                           "for example runs/NAME",
                           path, strcmp(cwd_real, target) ? "a directory above the one moontune runs in"
                                                          : "the directory moontune runs in",
                           target);
-    if (mt_sandbox_active(L) && !path_within(target, cwd_real))
+    if (mt_sandbox_active(L) && !mt_path_under(target, cwd_real))
         return luaL_error(L,
                           "sandbox: output_dir %s lies outside the directory moontune runs in "
                           "(%s); run with --unsafe to trust this recipe",

@@ -29,7 +29,7 @@ static const char sb_key = 0; /* registry[&sb_key] = { read = {roots}, write = {
  * the longest existing prefix through realpath, the rest appended as is. Returns NULL
  * on success, else a reason. The non-existing rest may hold no "." or ".." and may not
  * start at a dangling symlink (opening it would follow the link). */
-static const char *sb_resolve(const char *path, char *out) {
+const char *mt_path_resolve(const char *path, char *out) {
     char abs[PATH_MAX];
     if (!path || !*path) return "empty path";
     if (path[0] == '/') {
@@ -70,7 +70,7 @@ static const char *sb_resolve(const char *path, char *out) {
     return NULL;
 }
 
-static int sb_under(const char *resolved, const char *root) {
+int mt_path_under(const char *resolved, const char *root) {
     size_t n = strlen(root);
     if (n == 1 && root[0] == '/') return 1;
     return strncmp(resolved, root, n) == 0 && (resolved[n] == '\0' || resolved[n] == '/');
@@ -88,7 +88,7 @@ static int sb_in_list(lua_State *L, int state, const char *field, const char *re
     lua_Integer n = luaL_len(L, -1);
     for (lua_Integer i = 1; i <= n && !found; i++) {
         lua_rawgeti(L, -1, i);
-        found = sb_under(resolved, lua_tostring(L, -1));
+        found = mt_path_under(resolved, lua_tostring(L, -1));
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
@@ -115,7 +115,7 @@ static void sb_push_roots(lua_State *L, int state, const char *field, const char
 /* Raises a Lua error unless path may be read (write == 0) or written (write == 1). */
 static void sb_check(lua_State *L, const char *path, int write, const char *what) {
     char resolved[PATH_MAX];
-    const char *why = sb_resolve(path, resolved);
+    const char *why = mt_path_resolve(path, resolved);
     if (why) luaL_error(L, "sandbox: %s: cannot resolve %s safely: %s", what, path, why);
     if (!sb_push_state(L)) luaL_error(L, "sandbox: state missing");
     int state = lua_gettop(L);
@@ -136,7 +136,7 @@ static void sb_check(lua_State *L, const char *path, int write, const char *what
 }
 
 static const char *sb_add_root(lua_State *L, int state, const char *field, const char *path, char *resolved) {
-    const char *why = sb_resolve(path, resolved);
+    const char *why = mt_path_resolve(path, resolved);
     if (why) return why;
     lua_getfield(L, state, field);
     lua_pushstring(L, resolved);

@@ -50,6 +50,14 @@ mt_status mt_sandbox_allow_write(lua_State *L, const char *path, mt_error *err);
  * without a sandbox. */
 void mt_sandbox_check_path(lua_State *L, const char *path, int write, const char *what);
 
+/* Resolves path into out (PATH_MAX bytes) as the sandbox does: absolute against the
+ * working directory, the longest existing prefix through realpath, the rest appended as
+ * is (it may hold no "." or ".." and not start at a dangling symlink). NULL on success,
+ * else the reason. */
+const char *mt_path_resolve(const char *path, char *out);
+/* 1 when the resolved path is root itself or lies below it. */
+int mt_path_under(const char *resolved, const char *root);
+
 /* 1 when mt_sandbox_install has run on L. */
 int mt_sandbox_active(lua_State *L);
 
