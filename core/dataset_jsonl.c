@@ -87,38 +87,6 @@ static int is_blank(const char *s, size_t n) {
     return 1;
 }
 
-/* Strict UTF-8 (no overlongs, no surrogates, at most U+10FFFF). Returns the offset of the
- * first bad byte, or n when all is well. */
-static size_t utf8_check(const unsigned char *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t k;
-        unsigned lo = 0x80, hi = 0xBF;
-        if (c >= 0xC2 && c <= 0xDF) k = 1;
-        else if (c >= 0xE0 && c <= 0xEF) {
-            k = 2;
-            if (c == 0xE0) lo = 0xA0;
-            if (c == 0xED) hi = 0x9F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            k = 3;
-            if (c == 0xF0) lo = 0x90;
-            if (c == 0xF4) hi = 0x8F;
-        } else
-            return i;
-        if (n - i <= k) return i;
-        if (s[i + 1] < lo || s[i + 1] > hi) return i;
-        for (size_t j = 2; j <= k; j++)
-            if (s[i + j] < 0x80 || s[i + j] > 0xBF) return i;
-        i += k + 1;
-    }
-    return n;
-}
-
 /* ---- records ---------------------------------------------------------------- */
 
 static void messages_free(mt_message *m, int n) {
@@ -378,7 +346,7 @@ static mt_status push_record(mt_record_set *set, mt_record *r, mt_error *err) {
 
 static mt_status parse_record(loader *L, const char *s, size_t n, mt_record *r) {
     const ctx *c = &L->c;
-    size_t badbyte = utf8_check((const unsigned char *)s, n);
+    size_t badbyte = mt_utf8_bad_at((const unsigned char *)s, n);
     if (badbyte != n)
         return bad(c, "invalid UTF-8 at byte %zu of the line (0x%02X)", badbyte + 1,
                    (unsigned)(unsigned char)s[badbyte]);

@@ -159,36 +159,6 @@ static const char *clip(const char *s, size_t n, char *buf, size_t cap) {
     return buf;
 }
 
-/* The offset of the first byte of s[0, n) that does not belong to a well-formed UTF-8
- * sequence (no overlong forms, no surrogates, at most U+10FFFF), or n when all do. */
-static size_t utf8_bad_at(const unsigned char *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        size_t len;
-        unsigned lo = 0x80, hi = 0xbf; /* the allowed range of the second byte */
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if (c >= 0xc2 && c <= 0xdf) len = 2;
-        else if (c >= 0xe0 && c <= 0xef) {
-            len = 3;
-            if (c == 0xe0) lo = 0xa0;
-            if (c == 0xed) hi = 0x9f;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            len = 4;
-            if (c == 0xf0) lo = 0x90;
-            if (c == 0xf4) hi = 0x8f;
-        } else
-            return i;
-        if (n - i < len || s[i + 1] < lo || s[i + 1] > hi) return i;
-        for (size_t k = 2; k < len; k++)
-            if ((s[i + k] & 0xc0) != 0x80) return i;
-        i += len;
-    }
-    return n;
-}
-
 /* ---- a bounds-checked cursor over the mapping
  * ------------------------------------ */
 
@@ -498,7 +468,7 @@ static mt_status parse_kvs(mt_gguf *g, cursor *c, uint64_t nkv, mt_error *err) {
             return mt_error_set(err, MT_ERR_FORMAT,
                                 "%s: kv %zu: key '%s' holds a NUL byte (expected a plain string)",
                                 c->path, i, clip(key, (size_t)klen, name, sizeof name));
-        size_t bad = utf8_bad_at((const unsigned char *)key, (size_t)klen);
+        size_t bad = mt_utf8_bad_at((const unsigned char *)key, (size_t)klen);
         if (bad < (size_t)klen)
             return mt_error_set(err, MT_ERR_FORMAT,
                                 "%s: kv %zu: the key at byte %zu is not valid UTF-8 (byte 0x%02x at "
@@ -569,7 +539,7 @@ static mt_status parse_tensor_info(mt_gguf *g, cursor *c, size_t i, gguf_tinfo *
                             "%s: tensor %zu '%s': the name holds a NUL byte (expected a plain "
                             "string)",
                             c->path, i, clip(name, (size_t)nlen, nm, sizeof nm));
-    size_t bad = utf8_bad_at((const unsigned char *)name, (size_t)nlen);
+    size_t bad = mt_utf8_bad_at((const unsigned char *)name, (size_t)nlen);
     if (bad < (size_t)nlen)
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: tensor %zu: the name at byte %zu is not valid UTF-8 (byte 0x%02x "

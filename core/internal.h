@@ -50,6 +50,10 @@ void *mt_calloc(size_t count, size_t size, const char *what, mt_error *err);
 char *mt_strdup(const char *s, const char *what, mt_error *err);
 
 /* Reads a whole (small) file into a NUL-terminated buffer; *len excludes the NUL. */
+/* Strict UTF-8 (no overlongs, no surrogates, at most U+10FFFF): the offset of the first
+ * byte that starts no valid character, or n when all of s is valid. */
+size_t mt_utf8_bad_at(const unsigned char *s, size_t n);
+
 /* What kind of JSON value v is, for errors that say what was found ("an integer"). */
 struct json_t;
 const char *mt_json_kind(const struct json_t *v);
