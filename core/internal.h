@@ -50,6 +50,9 @@ void *mt_calloc(size_t count, size_t size, const char *what, mt_error *err);
 char *mt_strdup(const char *s, const char *what, mt_error *err);
 
 /* Reads a whole (small) file into a NUL-terminated buffer; *len excludes the NUL. */
+/* The index of the first NaN or infinity among x[0, n), or n when all are finite. */
+size_t mt_first_nonfinite(const float *x, size_t n);
+
 /* Strict UTF-8 (no overlongs, no surrogates, at most U+10FFFF): the offset of the first
  * byte that starts no valid character, or n when all of s is valid. */
 size_t mt_utf8_bad_at(const unsigned char *s, size_t n);

@@ -561,21 +561,7 @@ mt_status mt_model_load_weights(mt_model *m, const mt_safetensors *st, mt_error 
 
 mt_status mt_check_finite(const char *file, const char *tensor, const float *x, size_t n,
                           mt_error *err) {
-    /* one pass, branch-free in the common case: NaN and infinity are the floats whose
-     * exponent bits are all ones */
-    size_t bad = n;
-    for (size_t i = 0; i < n && bad == n; i += 4096) {
-        size_t end = i + 4096 < n ? i + 4096 : n;
-        unsigned any = 0;
-        for (size_t j = i; j < end; j++) {
-            uint32_t b;
-            memcpy(&b, &x[j], 4);
-            any |= (b & 0x7F800000u) == 0x7F800000u;
-        }
-        if (any)
-            for (size_t j = i; j < end && bad == n; j++)
-                if (!isfinite(x[j])) bad = j;
-    }
+    const size_t bad = mt_first_nonfinite(x, n);
     if (bad == n) return MT_OK;
     size_t count = 0;
     for (size_t j = bad; j < n; j++) count += !isfinite(x[j]);

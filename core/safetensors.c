@@ -784,8 +784,8 @@ const char *mt_st_metadata(const mt_safetensors *s, const char *key) {
     return NULL;
 }
 
-/* Whether a float's bits are NaN or an infinity: all exponent bits set. A bit test, so
- * that the block check below has no branch and vectorizes. */
+/* Whether a float's bits are NaN or an infinity: all exponent bits set (the error path
+ * counts them in the source bytes). */
 static inline uint32_t f32_bits_nonfinite(uint32_t b) { return (b & 0x7F800000u) == 0x7F800000u; }
 
 static uint32_t src_nonfinite(mt_st_dtype dtype, const unsigned char *p, size_t i) {
@@ -862,15 +862,8 @@ static mt_status read_f32(const mt_st_tensor *t, float *dst, int finite, mt_erro
             }
         }
         if (!finite) continue;
-        uint32_t any = 0;
-        for (size_t i = i0; i < i1; i++) {
-            uint32_t b;
-            memcpy(&b, dst + i, sizeof b);
-            any |= f32_bits_nonfinite(b);
-        }
-        if (any)
-            for (size_t i = i0; i < i1; i++)
-                if (!isfinite(dst[i])) return nonfinite_error(t, i, dst[i], n, err);
+        const size_t bad = i0 + mt_first_nonfinite(dst + i0, i1 - i0);
+        if (bad < i1) return nonfinite_error(t, bad, dst[bad], n, err);
     }
     return MT_OK;
 }

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -312,6 +313,25 @@ size_t mt_utf8_bad_at(const unsigned char *s, size_t n) {
         for (size_t j = 2; j <= k; j++)
             if (s[i + j] < 0x80 || s[i + j] > 0xBF) return i;
         i += k + 1;
+    }
+    return n;
+}
+
+size_t mt_first_nonfinite(const float *x, size_t n) {
+    /* a bit test per value (NaN and infinity have every exponent bit set), branch-free
+     * so it vectorizes; the exact index is looked for only in a block that has one */
+    enum { BLOCK = 4096 };
+    for (size_t i0 = 0; i0 < n; i0 += BLOCK) {
+        const size_t i1 = n - i0 < BLOCK ? n : i0 + BLOCK;
+        uint32_t any = 0;
+        for (size_t i = i0; i < i1; i++) {
+            uint32_t b;
+            memcpy(&b, x + i, sizeof b);
+            any |= (b & 0x7F800000u) == 0x7F800000u;
+        }
+        if (any)
+            for (size_t i = i0; i < i1; i++)
+                if (!isfinite(x[i])) return i;
     }
     return n;
 }
