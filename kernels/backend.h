@@ -128,6 +128,24 @@ struct mt_backend {
 /* The CPU backend (kernels/cpu). num_threads <= 0 uses OpenMP's default. */
 mt_status mt_backend_cpu_init(mt_backend *be, int num_threads, mt_error *err);
 void mt_backend_cpu_shutdown(mt_backend *be);
+/* The CPU backend's matrix product on host memory (the ops->matmul contract): ABI 1's
+ * host table hands it to plugins, whose tensors all live in host memory. */
+void mt_backend_cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K,
+                           int trans_a, int trans_b, float alpha, float beta);
+
+/* ---- what the core provides to backends --------------------------------------
+ * Kernels include no core header: these few core functions (core/base/util.c) are
+ * part of the backend interface. */
+/* Sets err (when not NULL) to status and the formatted message; returns status. */
+mt_status mt_error_set(mt_error *err, mt_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+/* calloc that names what it allocates in err when memory runs out. */
+void *mt_calloc(size_t count, size_t size, const char *what, mt_error *err);
+/* Zero-filled, 64-byte aligned memory (size rounded up); free() releases it. */
+void *mt_alloc_aligned(size_t bytes);
 
 /* The CUDA backend (kernels/cuda), present when the build found nvcc. */
 #ifdef MT_HAVE_CUDA

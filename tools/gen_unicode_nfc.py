@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Generates the Unicode NFC tables of core/unicode_nfc.c from Python's unicodedata.
+"""Generates the Unicode NFC tables of core/text/unicode_nfc.c from Python's unicodedata.
 
 Rewrites the region between the "BEGIN GENERATED TABLES" and "END GENERATED TABLES"
-lines of core/unicode_nfc.c (or, with --check, exits 1 when that region is stale).
+lines of core/text/unicode_nfc.c (or, with --check, exits 1 when that region is stale).
 Every table is derived from unicodedata alone:
 
   canonical combining classes  unicodedata.combining, as ranges of equal class;
@@ -142,7 +142,7 @@ def render():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true", help="exit 1 when core/unicode_nfc.c is stale")
+    ap.add_argument("--check", action="store_true", help="exit 1 when core/text/unicode_nfc.c is stale")
     args = ap.parse_args()
     with open(TARGET, encoding="utf-8") as f:
         text = f.read()
@@ -151,7 +151,7 @@ def main():
     new = text[:i] + region + text[j:]
     if args.check:
         if new != text:
-            print("core/unicode_nfc.c: generated tables are stale (or from another Unicode version)")
+            print("core/text/unicode_nfc.c: generated tables are stale (or from another Unicode version)")
             sys.exit(1)
         return
     with open(TARGET, "w", encoding="utf-8") as f:

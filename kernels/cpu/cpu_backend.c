@@ -11,21 +11,12 @@
 #include <string.h>
 
 #include "cpu_kernels.h"
-#include "internal.h"
-
-#define CPU_ALIGN 64
 
 /* ---- memory ---- */
 
 static void *cpu_alloc(mt_backend *be, size_t bytes) {
     (void)be;
-    size_t rounded;
-    if (!mt_add_size(bytes, CPU_ALIGN - 1, &rounded)) return NULL;
-    rounded = rounded / CPU_ALIGN * CPU_ALIGN;
-    if (rounded == 0) rounded = CPU_ALIGN;
-    void *p = aligned_alloc(CPU_ALIGN, rounded);
-    if (p) memset(p, 0, rounded);
-    return p;
+    return mt_alloc_aligned(bytes);
 }
 
 static void cpu_free(mt_backend *be, void *ptr) {
@@ -57,6 +48,11 @@ static mt_status cpu_sync(mt_backend *be) {
 }
 
 /* ---- wrappers: the backend argument is not needed by the CPU kernels ---- */
+
+void mt_backend_cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K,
+                           int trans_a, int trans_b, float alpha, float beta) {
+    cpu_matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
+}
 
 static void op_matmul(mt_backend *be, float *c, const float *a, const float *b, int M, int N, int K,
                       int trans_a, int trans_b, float alpha, float beta) {

@@ -36,7 +36,6 @@
 #include "moontune/moontune.h"
 
 extern "C" {
-#include "internal.h"
 }
 #include "cuda_backend.h" /* includes backend.h with C linkage */
 

@@ -388,7 +388,7 @@ function M.run(cfg, mt)
       if m.trainer_best_value then
         local bstep = math.tointeger(m.trainer_best_step)
         state.best = { metric = best_metric, value = m.trainer_best_value, step = bstep }
-        -- checkpoints are <run_dir>/checkpoints/step-%08d (core/checkpoint.c): the best
+        -- checkpoints are <run_dir>/checkpoints/step-%08d (core/store/checkpoint.c): the best
         -- one is the resumed one's sibling
         local parent = tostring(path):match("^(.-)step%-%d+/?$")
         if es and bstep and m.trainer_best_saved == 1 and parent then

@@ -133,21 +133,14 @@ static int lora_module_index(const char *module) {
 
 /* ---- random numbers ---- */
 
-static uint64_t lora_mix(uint64_t x) { /* splitmix64's finaliser */
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
 /* Stream keys: one for the initialisation of each projection, one per (projection,
  * pass) for dropout; the counter is the element's index. */
 static uint64_t lora_init_key(const lora *lo, int index) {
-    return lora_mix(lo->seed ^ lora_mix(0x4C6F5241496E6974ull ^ (uint64_t)index));
+    return mt_mix64(lo->seed ^ mt_mix64(0x4C6F5241496E6974ull ^ (uint64_t)index));
 }
 
 static uint64_t lora_dropout_key(const lora *lo, int index, uint64_t pass) {
-    return lora_mix(lo->seed ^ lora_mix(0x4C6F524144726F70ull ^ ((uint64_t)index << 40) ^ pass));
+    return mt_mix64(lo->seed ^ mt_mix64(0x4C6F524144726F70ull ^ ((uint64_t)index << 40) ^ pass));
 }
 
 /* xd (nt,in) = dropout(x) for rows [row0, row0+nt) of the pass `pass`. */

@@ -15,7 +15,7 @@
 #include <string.h>
 
 #include "backend.h"
-#include "model.h"
+#include "model/model.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -5,7 +5,7 @@
  *
  * Build and run (from the repository root; not part of the CMake build):
  *   clang -g -O1 -std=c11 -D_POSIX_C_SOURCE=200809L -fsanitize=fuzzer,address,undefined \
- *       -Icore -Icore/include tests/fuzz/fuzz_gguf.c core/gguf.c core/util.c \
+ *       -Icore -Icore/include tests/fuzz/fuzz_gguf.c core/formats/gguf.c core/base/util.c \
  *       -ljansson -lm -o /tmp/fuzz_gguf
  *   mkdir -p /tmp/gguf-corpus && cp tests/fixtures/gguf/small.gguf tests/fixtures/gguf/align64.gguf \
  *       /tmp/gguf-corpus/
@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "fuzz_tmpfile.h"
-#include "gguf.h"
+#include "formats/gguf.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

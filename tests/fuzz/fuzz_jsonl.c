@@ -1,4 +1,4 @@
-/* fuzz_jsonl.c — libFuzzer target for the JSONL record reader (core/dataset_jsonl.c).
+/* fuzz_jsonl.c — libFuzzer target for the JSONL record reader (core/text/dataset_jsonl.c).
  * The first byte picks the format (auto or one of the five), the bad-record policy and
  * default or custom field names; the rest is the file. The input is read twice into one
  * set: once as chosen, once with the error policy (which exercises the roll-back of a
@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "dataset.h"
+#include "text/dataset.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -20,7 +20,7 @@
 
 #include "fuzz_tmpfile.h"
 #include "moontune/moontune.h"
-#include "safetensors.h"
+#include "formats/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

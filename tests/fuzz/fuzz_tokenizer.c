@@ -10,7 +10,7 @@
  *
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_POSIX_C_SOURCE=200809L \
  *     -DMT_FIXTURE_DIR="\"$PWD/tests/fixtures\"" -Icore -Icore/include \
- *     tests/fuzz/fuzz_tokenizer.c core/tokenizer.c core/gguf.c core/util.c \
+ *     tests/fuzz/fuzz_tokenizer.c core/text/tokenizer.c core/formats/gguf.c core/base/util.c \
  *     $(pkg-config --cflags --libs jansson libpcre2-8) -lm -o fuzz_tokenizer
  *   ./fuzz_tokenizer -max_total_time=60 -max_len=4096
  */
@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 #ifndef MT_FIXTURE_DIR
 #define MT_FIXTURE_DIR "tests/fixtures"

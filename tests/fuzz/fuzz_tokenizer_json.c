@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 #include "fuzz_tmpfile.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

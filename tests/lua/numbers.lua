@@ -1,4 +1,4 @@
--- The Lua API accepts the numbers the commands accept (core/numparse.c's limits):
+-- The Lua API accepts the numbers the commands accept (core/base/numparse.c's limits):
 -- generation options, schedules and thread counts out of range are refused by name.
 local mt = require("moontune")
 local function refused(what, want, f, ...)

@@ -60,7 +60,7 @@ function F.new(o)
   local nsave = 0
   function mt.checkpoint_save(dir, model, optimizer, state)
     nsave = nsave + 1
-    -- what core/lua_moontune.c accepts: metrics map names to numbers, at most 16
+    -- what core/lua/bindings.c accepts: metrics map names to numbers, at most 16
     local nm = 0
     for k, v in pairs(state.metrics or {}) do
       assert(type(k) == "string" and #k < 64 and type(v) == "number", "checkpoint metric " .. tostring(k))
@@ -93,7 +93,7 @@ function F.new(o)
   return mt, log
 end
 
--- The path of step N's checkpoint, named as core/checkpoint.c names it.
+-- The path of step N's checkpoint, named as core/store/checkpoint.c names it.
 function F.ckpt(step, dir)
   return string.format("%s/checkpoints/step-%08d", dir or OUT_DIR, step)
 end

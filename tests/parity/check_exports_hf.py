@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""check_exports_hf.py — the PEFT and merged exports of core/export_hf.c against
+"""check_exports_hf.py — the PEFT and merged exports of core/store/export_hf.c against
 transformers and PEFT themselves. Run by hand (not part of ctest):
 
     cmake --build build && python3 tests/parity/check_exports_hf.py [--build build]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PEFT-made LoRA adapter directories, for loading them with mt_peft_attach (core/peft.c).
+"""PEFT-made LoRA adapter directories, for loading them with mt_peft_attach (core/store/peft.c).
 
     pip install torch transformers safetensors peft    # CPU is enough
     python3 tests/parity/make_peft_fixture.py

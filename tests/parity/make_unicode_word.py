@@ -1,4 +1,4 @@
-"""Writes core/unicode_word.c: the code points `tokenizers` treats as word characters
+"""Writes core/text/unicode_word.c: the code points `tokenizers` treats as word characters
 when it honours an added token's `single_word` (Rust regex's Unicode \\w: Alphabetic,
 marks, decimal digits, connector punctuation, join controls).
 

@@ -9,14 +9,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "checkpoint.h"
-#include "model_identity.h"
-#include "internal.h"
-#include "model.h"
-#include "plugin_host.h"
-#include "sha256.h"
+#include "store/checkpoint.h"
+#include "model/model_identity.h"
+#include "base/internal.h"
+#include "model/model.h"
+#include "plugin/registry.h"
+#include "formats/sha256.h"
 #include "testutil.h"
-#include "train.h"
+#include "model/train.h"
 
 #define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"
 #define ROWS 2

@@ -6,9 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "dataset.h"
-#include "evaluate.h"
-#include "model.h"
+#include "text/dataset.h"
+#include "model/evaluate.h"
+#include "model/model.h"
 #include "testutil.h"
 
 #define B 2

@@ -6,11 +6,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "dataset.h"
-#include "evaluate.h"
-#include "internal.h"
+#include "text/dataset.h"
+#include "model/evaluate.h"
+#include "base/internal.h"
 #include "testutil.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 #define DATA_DIR MT_FIXTURE_DIR "/data"
 #define SMOLLM2_TOKENIZER MT_FIXTURE_DIR "/tokenizer/smollm2/tokenizer.json"

@@ -18,14 +18,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "export_gguf.h"
-#include "export_hf.h"
-#include "generate.h"
-#include "gguf.h"
-#include "internal.h"
-#include "model.h"
+#include "store/export_gguf.h"
+#include "store/export_hf.h"
+#include "model/generate.h"
+#include "formats/gguf.h"
+#include "base/internal.h"
+#include "model/model.h"
 #include "testutil.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 static const int32_t IDS[6] = {3, 9, 27, 81, 50, 2};
 

@@ -1,4 +1,4 @@
-/* test_export_hf.c — PEFT adapter and merged transformers exports (core/export_hf.c)
+/* test_export_hf.c — PEFT adapter and merged transformers exports (core/store/export_hf.c)
  * and writing tokenizer.json (mt_tokenizer_save_json).
  *
  * On tests/fixtures/tiny_gqa (llama, tied, GQA, llama3 rope) and tiny_bias (qwen2,
@@ -21,13 +21,13 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "export_hf.h"
-#include "internal.h"
-#include "model.h"
-#include "plugin_host.h"
-#include "safetensors.h"
+#include "store/export_hf.h"
+#include "base/internal.h"
+#include "model/model.h"
+#include "plugin/registry.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
-#include "tokenizer.h"
+#include "text/tokenizer.h"
 
 #define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"
 #define BIAS_DIR MT_FIXTURE_DIR "/tiny_bias"

@@ -12,11 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "generate.h"
-#include "internal.h"
-#include "lua_env.h"
-#include "model.h"
-#include "render.h"
+#include "model/generate.h"
+#include "base/internal.h"
+#include "lua/lua_state.h"
+#include "model/model.h"
+#include "lua/chat_render.h"
 #include "testutil.h"
 
 #define REFERENCE MT_FIXTURE_DIR "/generate/reference.json"

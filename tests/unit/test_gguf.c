@@ -13,8 +13,8 @@
 
 #include <jansson.h>
 
-#include "gguf.h"
-#include "safetensors.h"
+#include "formats/gguf.h"
+#include "formats/safetensors.h"
 
 #ifndef MT_FIXTURE_DIR
 #define MT_FIXTURE_DIR "tests/fixtures"

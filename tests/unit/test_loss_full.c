@@ -7,9 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model.h"
-#include "plugin_host.h"
-#include "safetensors.h"
+#include "model/model.h"
+#include "plugin/registry.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
 
 #define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"

@@ -1,4 +1,4 @@
-/* test_lua_api.c — the moontune Lua library (core/lua_moontune.c) end to end: each
+/* test_lua_api.c — the moontune Lua library (core/lua/bindings.c) end to end: each
  * test runs one script of tests/lua/ in a state from mt_lua_open + mt_lua_register,
  * with the globals FIXTURE_DIR, BUILD_DIR, ROOT (the source tree), TMP (a fresh
  * directory) and SMOLLM2_GGUF (when the model is cached). A script fails by raising an error; the test prints it with its traceback. */
@@ -9,8 +9,8 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "lua_env.h"
-#include "lua_moontune.h"
+#include "lua/lua_state.h"
+#include "lua/bindings.h"
 #include "testutil.h"
 
 #define LUA_TEST_DIR MT_FIXTURE_DIR "/../lua"

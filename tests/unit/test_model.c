@@ -7,10 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "export_gguf.h"
-#include "internal.h"
-#include "model.h"
-#include "safetensors.h"
+#include "store/export_gguf.h"
+#include "base/internal.h"
+#include "model/model.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
 
 #define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"

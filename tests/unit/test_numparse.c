@@ -1,4 +1,4 @@
-/* test_numparse.c — the shared number parser (core/numparse.c) and the commands that
+/* test_numparse.c — the shared number parser (core/base/numparse.c) and the commands that
  * use it: every value the issue found cut to 32 bits or unchecked is refused, with the
  * option, the text and the accepted range in the message. */
 #include <math.h>
@@ -11,8 +11,8 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
-#include "config_override.h"
-#include "numparse.h"
+#include "lua/recipe_overrides.h"
+#include "base/numparse.h"
 #include "testutil.h"
 
 static void expect_int(const char *text, const mt_int_limit *lim, int64_t want) {
@@ -142,7 +142,7 @@ static void test_seeds(void **state) {
     assert_true(v == (uint64_t)INT64_MAX);
 }
 
-/* --set overrides (core/config_override.c) read numbers as Lua does, but not the two
+/* --set overrides (core/lua/recipe_overrides.c) read numbers as Lua does, but not the two
  * readings that change the value: a hex integer past 64 bits wraps, 1e400 is inf. */
 static void expect_set(const char *set, const char *part) {
     lua_State *L = luaL_newstate();

@@ -13,9 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "options.h"
-#include "plugin_host.h"
-#include "safetensors.h"
+#include "plugin/options.h"
+#include "plugin/registry.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
 
 #ifndef MT_FIXTURE_DIR

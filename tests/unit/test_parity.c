@@ -7,8 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model.h"
-#include "safetensors.h"
+#include "model/model.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
 
 #define LOGITS_RTOL 1e-5

@@ -1,4 +1,4 @@
-/* test_peft.c — loading PEFT LoRA adapter directories (core/peft.c).
+/* test_peft.c — loading PEFT LoRA adapter directories (core/store/peft.c).
  *
  * - PEFT's own save_pretrained output (tests/fixtures/peft_adapter: r=4 alpha=8 on
  *   q/v/down_proj; peft_adapter_rslora: all-linear with use_rslora, saved as full module
@@ -16,12 +16,12 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "export_hf.h"
-#include "internal.h"
-#include "model.h"
-#include "peft.h"
-#include "plugin_host.h"
-#include "safetensors.h"
+#include "store/export_hf.h"
+#include "base/internal.h"
+#include "model/model.h"
+#include "store/peft.h"
+#include "plugin/registry.h"
+#include "formats/safetensors.h"
 #include "testutil.h"
 
 #define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"

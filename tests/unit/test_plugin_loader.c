@@ -5,7 +5,7 @@
  *
  * The test plugins are the sources in tests/plugins, built into MT_BUILD_DIR/test_plugins. */
 #define _GNU_SOURCE /* RTLD_NOLOAD */
-#include "internal.h"
+#include "base/internal.h"
 #include "testutil.h"
 
 #include <dlfcn.h>
@@ -17,8 +17,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cmd_plugins.h"
-#include "plugin_host.h"
+#include "cli/cmd_plugins.h"
+#include "plugin/registry.h"
 
 #ifndef MT_BUILD_DIR
 #define MT_BUILD_DIR "build"

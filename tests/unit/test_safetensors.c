@@ -13,7 +13,7 @@
 
 #include <jansson.h>
 
-#include "safetensors.h"
+#include "formats/safetensors.h"
 
 #ifndef MT_FIXTURE_DIR
 #define MT_FIXTURE_DIR "tests/fixtures"

@@ -1,4 +1,4 @@
-/* test_sandbox.c — the recipe sandbox (core/sandbox.c) and --set overrides (core/config_override.c). */
+/* test_sandbox.c — the recipe sandbox (core/lua/sandbox.c) and --set overrides (core/lua/recipe_overrides.c). */
 #define _XOPEN_SOURCE 700 /* symlink */
 #include <lauxlib.h>
 #include <limits.h>
@@ -8,10 +8,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "config_override.h"
-#include "internal.h"
-#include "lua_env.h"
-#include "sandbox.h"
+#include "lua/recipe_overrides.h"
+#include "base/internal.h"
+#include "lua/lua_state.h"
+#include "lua/sandbox.h"
 #include "testutil.h"
 
 typedef struct fixture {

@@ -8,9 +8,9 @@
 #include <string.h>
 
 #include "testutil.h"
-#include "internal.h"
-#include "tokenizer.h"
-#include "unicode_nfc.h"
+#include "base/internal.h"
+#include "text/tokenizer.h"
+#include "text/unicode_nfc.h"
 
 #define TOK_DIR MT_FIXTURE_DIR "/tokenizer"
 

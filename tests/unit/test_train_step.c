@@ -6,10 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model.h"
-#include "plugin_host.h"
+#include "model/model.h"
+#include "plugin/registry.h"
 #include "testutil.h"
-#include "train.h"
+#include "model/train.h"
 
 #define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"
 #define ROWS 2

@@ -11,7 +11,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "lua_env.h"
+#include "lua/lua_state.h"
 
 #ifndef MT_FIXTURE_DIR
 #define MT_FIXTURE_DIR "tests/fixtures"

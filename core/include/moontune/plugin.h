@@ -52,6 +52,15 @@ typedef enum mt_plugin_kind {
     MT_PLUGIN_SCHEDULER = 4,
 } mt_plugin_kind;
 
+/* splitmix64's finaliser: the mix behind host->random_uniform, for plugins that derive
+ * their own stream keys from a seed (as LoRA does for each projection and pass). */
+static inline uint64_t mt_mix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
 /* ---- options ------------------------------------------------------------- */
 
 typedef enum mt_option_type {

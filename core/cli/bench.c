@@ -1,0 +1,146 @@
+/* bench.c — forward+backward steps on random weights for a named shape or a
+ * config.json, reporting tokens/s, achieved GFLOP/s and memory. Numbers are
+ * reported, never asserted: timing belongs in benchmarks, not tests. */
+#include "cli/bench.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "base/internal.h"
+#include "model/model.h"
+#include "plugin/options.h"
+#include "plugin/registry.h"
+
+size_t mt_peak_rss_bytes(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    size_t kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %zu kB", &kb) == 1) break;
+    fclose(f);
+    return kb * 1024;
+}
+
+static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
+
+/* Times forward + loss + backward steps with whatever is trainable now. backward_linear
+ * is how many times the linear layers' FLOPs the backward costs (1: input gradients
+ * only; 2: also weight gradients). */
+static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const char *label,
+                             double backward_linear, const int32_t *tokens,
+                             const int32_t *targets, mt_error *err) {
+    const int B = opt->batch, T = opt->seq;
+    double linear, attention;
+    mt_model_forward_flops(&m->cfg, B, T, &linear, &attention);
+    /* backward: attention costs twice its forward */
+    double step_flops = linear + attention + 2.0 * attention + backward_linear * linear;
+    double t_total = 0.0, loss_sum = 0.0;
+    mt_status st;
+    for (int s = 0; s < opt->warmup + opt->steps; s++) {
+        double t0 = mt_now_seconds();
+        float loss;
+        mt_model_zero_grad(m);
+        if ((st = mt_model_forward(m, tokens, NULL, NULL, B, T, err)) ||
+            (st = mt_model_cross_entropy(m, targets, 1, &loss, NULL, err)) ||
+            (st = mt_model_backward(m, err)))
+            return st;
+        double dt = mt_now_seconds() - t0;
+        if (s >= opt->warmup) {
+            t_total += dt;
+            loss_sum += loss;
+        }
+    }
+    double per_step = t_total / opt->steps;
+    printf("%-22s %10.1f tokens/s %9.1f GFLOP/s %8.3f s/step  loss %.4f  peak RSS %.0f MiB\n",
+           label, (double)B * T / per_step, step_flops / per_step * 1e-9, per_step,
+           loss_sum / opt->steps, mib(mt_peak_rss_bytes()));
+    return MT_OK;
+}
+
+/* Loads the adapter plugin by name from the plugin search path and attaches it. */
+static mt_status attach_adapter(mt_model *m, const mt_bench_options *opt, mt_registry **reg,
+                                mt_plugin_instance **inst, mt_error *err) {
+    mt_status st = mt_registry_open(NULL, 0, reg, err);
+    if (st) return st;
+    const mt_plugin *p = mt_registry_find(*reg, MT_PLUGIN_ADAPTER, opt->adapter, err);
+    if (!p) return MT_ERR_INVALID_ARG;
+    if ((st = mt_plugin_instantiate(p, opt->adapter_options, opt->n_adapter_options, inst, err)))
+        return st;
+    return mt_model_attach_adapter(m, (*inst)->desc->vtable, (*inst)->state, err);
+}
+
+mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
+    mt_model_config cfg;
+    mt_status st = opt->config_path ? mt_config_load(opt->config_path, &cfg, err)
+                                    : mt_config_preset(opt->shape ? opt->shape : "tiny", &cfg, err);
+    if (st) return st;
+    if (opt->batch <= 0 || opt->seq <= 0 || opt->steps <= 0 || opt->warmup < 0)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "batch, seq and steps must be positive, warmup non-negative");
+    mt_backend be;
+    if ((st = mt_backend_cpu_init(&be, opt->threads, err))) return st;
+    mt_model *m = NULL;
+    mt_registry *registry = NULL;
+    mt_plugin_instance *adapter = NULL;
+    int32_t *tokens = NULL, *targets = NULL;
+    if ((st = mt_model_create(&cfg, &be, &m, err))) goto done;
+    if ((st = mt_model_init_random(m, 1234, 0.02f, err))) goto done;
+    size_t rss_before_adapter = mt_peak_rss_bytes();
+    if (opt->adapter && (st = attach_adapter(m, opt, &registry, &adapter, err))) goto done;
+    if ((st = mt_model_plan(m, opt->batch, opt->seq, 0, err))) goto done;
+    size_t BT = (size_t)opt->batch * opt->seq;
+    tokens = mt_malloc(BT * sizeof(int32_t), "tokens", err);
+    targets = mt_malloc(BT * sizeof(int32_t), "targets", err);
+    if (!tokens || !targets) {
+        st = MT_ERR_NOMEM;
+        goto done;
+    }
+    uint64_t s = 42;
+    for (size_t i = 0; i < BT; i++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        tokens[i] = (int32_t)((s >> 33) % (uint64_t)cfg.vocab_size);
+    }
+    for (size_t i = 0; i < BT; i++)
+        targets[i] = (i + 1) % (size_t)opt->seq ? tokens[i + 1] : -100;
+    double linear, attention;
+    mt_model_forward_flops(&cfg, opt->batch, opt->seq, &linear, &attention);
+    printf("moontune bench: %s, %zu parameters, batch %d x sequence %d, %d threads (%s backend)\n",
+           opt->config_path ? opt->config_path : opt->shape, mt_config_num_params(&cfg), opt->batch,
+           opt->seq, be.num_threads, be.name);
+    printf("forward: %.2f GFLOP (linear %.2f, attention %.2f); parameters %.1f MiB, "
+           "activations %.1f MiB\n",
+           (linear + attention) * 1e-9, linear * 1e-9, attention * 1e-9,
+           mib(m->total_numel * sizeof(float)), mib(mt_model_plan_bytes(m)));
+    if (opt->adapter) {
+        char label[64];
+        snprintf(label, sizeof label, "adapter %s", opt->adapter);
+        /* the base's weight gradients are not computed: count the frozen step's FLOPs
+         * (the adapter's own small products are not counted) */
+        if ((st = bench_steps(m, opt, label, 1.0, tokens, targets, err))) goto done;
+        printf("peak resident memory %.1f MiB (%.1f MiB before the adapter attached)\n",
+               mib(mt_peak_rss_bytes()), mib(rss_before_adapter));
+        goto done;
+    }
+    if ((opt->mode & MT_BENCH_FROZEN) &&
+        (st = bench_steps(m, opt, "input gradients only", 1.0, tokens, targets, err)))
+        goto done;
+    if ((opt->mode & MT_BENCH_FULL) &&
+        (!(st = mt_model_set_all_trainable(m, err))) &&
+        (st = bench_steps(m, opt, "full fine-tuning", 2.0, tokens, targets, err)))
+        goto done;
+    if (st) goto done;
+    printf("gradients %.1f MiB (full fine-tuning only); peak resident memory %.1f MiB\n",
+           opt->mode & MT_BENCH_FULL ? mib(m->total_numel * sizeof(float)) : 0.0,
+           mib(mt_peak_rss_bytes()));
+done:
+    free(tokens);
+    free(targets);
+    mt_model_free(m);
+    mt_plugin_instance_free(adapter);
+    mt_registry_close(registry);
+    mt_backend_cpu_shutdown(&be);
+    return st;
+}

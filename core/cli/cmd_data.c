@@ -1,0 +1,184 @@
+/* cmd_data.c — `moontune data FILE.jsonl --tokenizer PATH ...`. */
+#include "cli/cmd_data.h"
+
+#include <lua.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "text/dataset.h"
+#include "base/internal.h"
+#include "lua/lua_state.h"
+#include "base/numparse.h"
+#include "lua/chat_render.h"
+#include "text/tokenizer.h"
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: moontune data FILE.jsonl [FILE.jsonl ...] --tokenizer PATH [options]\n"
+            "\n"
+            "Reads the records, renders them with the chat template, tokenizes them with the\n"
+            "loss mask and prints the statistics a training run would start from.\n"
+            "\n"
+            "  --tokenizer PATH       a model directory (tokenizer.json) or a .gguf file\n"
+            "  --template NAME        chatml | smollm2 | qwen2 | llama3 | llama2 | mistral |\n"
+            "                         alpaca | auto (detect from the tokenizer; default)\n"
+            "  --format F             auto | alpaca | chat | prompt_completion | text (default auto)\n"
+            "  --seq N                sequence length (default 512)\n"
+            "  --truncation P         left (drop prompt tokens, keep the response) | drop\n"
+            "  --on-bad-record P      error | skip (default error)\n"
+            "  --heldout FRACTION     held-out fraction of the records (default 0)\n"
+            "  --heldout-file FILE    held-out records from their own file instead\n"
+            "  --seed N               shuffling and split seed (default 42)\n"
+            "  --train-on-inputs      train on every token, not just the responses\n"
+            "  --batch B              rows per batch, to count packed batches (default 8)\n");
+}
+
+typedef struct data_args {
+    const char *files[16];
+    int n_files;
+    const char *tokenizer, *template_name, *heldout_file;
+    mt_jsonl_options jsonl;
+    mt_example_options ex;
+    double heldout;
+    uint64_t seed;
+    int batch;
+} data_args;
+
+/* Examples of one record set, statistics printed under `title`. */
+static mt_status report(lua_State *L, const mt_tokenizer *tok, const data_args *a,
+                        const mt_record_set *records, const char *title, mt_error *err) {
+    mt_example_set examples;
+    mt_status st = mt_example_set_init(&examples, &a->ex, err);
+    if (st) return st;
+    if (!(st = mt_examples_from_records(L, tok, records, &examples, err))) {
+        mt_dataset_stats stats;
+        mt_dataset_stats_compute(records, &examples, &stats);
+        mt_dataset_stats_print(&stats, title, stdout);
+        mt_batcher *b = NULL;
+        if (examples.n > 0 &&
+            !(st = mt_batcher_create(&examples, a->batch, a->ex.seq_len, 1, a->seed, 1, &b, err))) {
+            int64_t packed = mt_batcher_batches_per_epoch(b, 0);
+            printf("  packed batches per epoch  %lld of %d x %d (unpacked: %lld)\n",
+                   (long long)packed, a->batch, a->ex.seq_len,
+                   (long long)((examples.n + (size_t)a->batch - 1) / (size_t)a->batch));
+            mt_batcher_free(b);
+        }
+    }
+    mt_example_set_free(&examples);
+    return st;
+}
+
+static int run(const data_args *a) {
+    mt_error err = {0};
+    mt_tokenizer *tok = NULL;
+    lua_State *L = NULL;
+    mt_record_set all, train, heldout;
+    mt_record_set_init(&all);
+    mt_record_set_init(&train);
+    mt_record_set_init(&heldout);
+    int rc = 1;
+    mt_status st = mt_tokenizer_load(a->tokenizer, &tok, &err);
+    for (int i = 0; !st && i < a->n_files; i++) st = mt_records_load_jsonl(a->files[i], &a->jsonl, &all, &err);
+    if (!st && a->heldout_file) st = mt_records_load_jsonl(a->heldout_file, &a->jsonl, &heldout, &err);
+    if (st) goto done;
+    mt_record_set_print_bad(&all, stderr);
+    if (!(L = mt_lua_open(&err))) goto done;
+    const char *resolved = NULL;
+    if ((st = mt_chat_template_push(L, tok, a->template_name, &resolved, &err))) goto done;
+    printf("moontune data: %d file(s), tokenizer %s, template %s, sequence length %d\n",
+           a->n_files, a->tokenizer, resolved ? resolved : "(recipe function)", a->ex.seq_len);
+    if (!a->heldout_file && a->heldout > 0.0) {
+        if ((st = mt_record_set_split(&all, a->heldout, a->seed, &train, &heldout, &err))) goto done;
+        if ((st = report(L, tok, a, &train, "training", &err)) ||
+            (st = report(L, tok, a, &heldout, "held-out", &err)))
+            goto done;
+    } else {
+        if ((st = report(L, tok, a, &all, "training", &err))) goto done;
+        if (a->heldout_file && (st = report(L, tok, a, &heldout, "held-out", &err))) goto done;
+    }
+    rc = 0;
+done:
+    if (rc) fprintf(stderr, "moontune data: %s\n", err.msg);
+    if (L) lua_close(L);
+    mt_record_set_free(&all);
+    mt_record_set_free(&train);
+    mt_record_set_free(&heldout);
+    mt_tokenizer_free(tok);
+    return rc;
+}
+
+int mt_cmd_data(int argc, char **argv) {
+    data_args a = {.template_name = "auto", .seed = 42, .batch = 8};
+    a.jsonl.format = MT_DATA_AUTO;
+    a.jsonl.on_bad_record = MT_BAD_RECORD_ERROR;
+    a.ex.seq_len = 512;
+    a.ex.truncation = MT_TRUNCATE_LEFT;
+    for (int i = 1; i < argc; i++) {
+        const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        mt_error perr = {0};
+        if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(o, "--train-on-inputs")) {
+            a.ex.train_on_inputs = 1;
+            continue;
+        } else if (o[0] != '-') {
+            if (a.n_files == 16) {
+                fprintf(stderr, "moontune data: at most 16 files\n");
+                return 2;
+            }
+            a.files[a.n_files++] = o;
+            continue;
+        } else if (!v) {
+            fprintf(stderr, "moontune data: %s needs a value\n", o);
+            return 2;
+        } else if (!strcmp(o, "--tokenizer")) {
+            a.tokenizer = v;
+        } else if (!strcmp(o, "--template")) {
+            a.template_name = v;
+        } else if (!strcmp(o, "--heldout-file")) {
+            a.heldout_file = v;
+        } else if (!strcmp(o, "--format")) {
+            int f = mt_data_format_parse(v);
+            if (f < 0) {
+                fprintf(stderr, "moontune data: unknown --format %s\n", v);
+                return 2;
+            }
+            a.jsonl.format = (mt_data_format)f;
+        } else if (!strcmp(o, "--truncation") && (!strcmp(v, "left") || !strcmp(v, "drop"))) {
+            a.ex.truncation = !strcmp(v, "left") ? MT_TRUNCATE_LEFT : MT_TRUNCATE_DROP;
+        } else if (!strcmp(o, "--on-bad-record") && (!strcmp(v, "error") || !strcmp(v, "skip"))) {
+            a.jsonl.on_bad_record = !strcmp(v, "skip") ? MT_BAD_RECORD_SKIP : MT_BAD_RECORD_ERROR;
+        } else if (!strcmp(o, "--seq")) {
+            if (mt_parse_int_into(o, v, &MT_LIMIT_SEQ_LEN, &a.ex.seq_len, &perr)) goto refused;
+        } else if (!strcmp(o, "--batch")) {
+            if (mt_parse_int_into(o, v, &MT_LIMIT_BATCH, &a.batch, &perr)) goto refused;
+        } else if (!strcmp(o, "--seed")) {
+            uint64_t seed;
+            if (mt_parse_u64(o, v, &seed, &perr)) goto refused;
+            a.seed = seed;
+        } else if (!strcmp(o, "--heldout")) {
+            double x;
+            if (mt_parse_real(o, v, &MT_LIMIT_FRACTION, &x, &perr)) goto refused;
+            a.heldout = x;
+        } else {
+            goto bad;
+        }
+        i++;
+        continue;
+    bad:
+        fprintf(stderr, "moontune data: bad option or value: %s %s\n", o, v ? v : "");
+        usage(stderr);
+        return 2;
+    refused:
+        fprintf(stderr, "moontune data: %s\n", perr.msg);
+        return 2;
+    }
+    if (!a.n_files || !a.tokenizer) {
+        fprintf(stderr, "moontune data: give at least one FILE.jsonl and --tokenizer\n");
+        usage(stderr);
+        return 2;
+    }
+    return run(&a);
+}

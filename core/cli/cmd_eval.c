@@ -1,0 +1,115 @@
+/* cmd_eval.c — `moontune eval --model PATH FILE.jsonl ...`. */
+#include "cli/cmd_eval.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/evaluate.h"
+#include "base/internal.h"
+#include "base/numparse.h"
+#include "store/peft.h"
+#include "lua/chat_render.h"
+#include "text/tokenizer.h"
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: moontune eval --model PATH FILE.jsonl [FILE.jsonl ...] [options]\n"
+            "\n"
+            "Mean cross-entropy per trained token and perplexity of the model on the records\n"
+            "(responses only for conversations; every token for plain text).\n"
+            "\n"
+            "  --model PATH      a .gguf file or a Hugging Face model directory\n"
+            "  --adapter DIR     a PEFT LoRA adapter directory (adapter_config.json +\n"
+            "                    adapter_model.safetensors) applied on top of --model\n"
+            "  --template NAME   chat template (default auto: detected from the tokenizer)\n"
+            "  --format F        auto | alpaca | chat | prompt_completion | text (default auto)\n"
+            "  --seq N           sequence length (default 512)\n"
+            "  --batch B         rows per batch (default 4)\n"
+            "  --threads N       CPU threads\n");
+}
+
+int mt_cmd_eval(int argc, char **argv) {
+    const char *files[16], *model_path = NULL, *adapter_dir = NULL, *template_name = "auto";
+    int n_files = 0, seq = 512, batch = 4, threads = 0;
+    mt_jsonl_options jsonl = {.format = MT_DATA_AUTO, .on_bad_record = MT_BAD_RECORD_ERROR};
+    for (int i = 1; i < argc; i++) {
+        const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        if (o[0] != '-') {
+            if (n_files == 16) goto bad;
+            files[n_files++] = o;
+            continue;
+        }
+        if (!v) goto bad;
+        if (!strcmp(o, "--model")) model_path = v;
+        else if (!strcmp(o, "--adapter")) adapter_dir = v;
+        else if (!strcmp(o, "--template")) template_name = v;
+        else if (!strcmp(o, "--format") && mt_data_format_parse(v) >= 0)
+            jsonl.format = (mt_data_format)mt_data_format_parse(v);
+        else if (!strcmp(o, "--seq") || !strcmp(o, "--batch") || !strcmp(o, "--threads")) {
+            mt_error perr = {0};
+            if (mt_parse_int_into(o, v, !strcmp(o, "--seq") ? &MT_LIMIT_SEQ_LEN
+                                     : !strcmp(o, "--batch") ? &MT_LIMIT_BATCH : &MT_LIMIT_THREADS,
+                               !strcmp(o, "--seq") ? &seq : !strcmp(o, "--batch") ? &batch : &threads,
+                               &perr)) {
+                fprintf(stderr, "moontune eval: %s\n", perr.msg);
+                return 2;
+            }
+        } else
+            goto bad;
+        i++;
+        continue;
+    bad:
+        fprintf(stderr, "moontune eval: bad option or value: %s %s\n", o, v ? v : "");
+        usage(stderr);
+        return 2;
+    }
+    if (!model_path || !n_files) {
+        fprintf(stderr, "moontune eval: give --model and at least one FILE.jsonl\n");
+        usage(stderr);
+        return 2;
+    }
+    mt_error err = {0};
+    mt_backend be;
+    mt_tokenizer *tok = NULL;
+    mt_model *m = NULL;
+    mt_registry *reg = NULL;
+    mt_plugin_instance *adapter = NULL;
+    mt_example_set examples;
+    mt_example_options ex_opt = {.seq_len = seq, .truncation = MT_TRUNCATE_LEFT};
+    int rc = 1, have_be = 0, have_examples = 0;
+    mt_status st;
+    if ((st = mt_backend_cpu_init(&be, threads, &err))) goto done;
+    have_be = 1;
+    if ((st = mt_tokenizer_load(model_path, &tok, &err)) ||
+        (st = mt_model_load(model_path, &be, &m, &err)) ||
+        (adapter_dir && (st = mt_peft_load(m, adapter_dir, &reg, &adapter, &err))) ||
+        (st = mt_example_set_init(&examples, &ex_opt, &err)))
+        goto done;
+    have_examples = 1;
+    if (jsonl.format == MT_DATA_TEXT) examples.opt.add_special = 1; /* plain text: BOS/EOS */
+    if ((st = mt_examples_from_files(files, n_files, &jsonl, tok, template_name, &examples, NULL,
+                                     &err)) ||
+        (st = mt_model_plan(m, batch, seq, 0, &err)))
+        goto done;
+    mt_eval_result r;
+    if ((st = mt_evaluate(m, &examples, batch, seq, &r, &err))) goto done;
+    printf("moontune eval: %s%s%s on %d file(s): %lld examples, %lld trained tokens\n",
+           model_path, adapter_dir ? " + adapter " : "", adapter_dir ? adapter_dir : "", n_files, (long long)r.examples, (long long)r.tokens);
+    printf("  loss %.4f  perplexity %.3f  (%.1f s, %.0f tokens/s)\n", r.loss, r.perplexity,
+           r.seconds, r.tokens_per_second);
+    rc = 0;
+done:
+    if (rc) fprintf(stderr, "moontune eval: %s\n", err.msg);
+    if (have_examples) mt_example_set_free(&examples);
+    mt_model_free(m); /* before the adapter its projections point into */
+    mt_plugin_instance_free(adapter);
+    mt_registry_close(reg);
+    mt_tokenizer_free(tok);
+    if (have_be) mt_backend_cpu_shutdown(&be);
+    return rc;
+}

@@ -1,0 +1,176 @@
+/* chat_render.c — chat template (Lua) + tokenizer + span mask = training examples. */
+#include "lua/chat_render.h"
+
+#include <lauxlib.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/internal.h"
+#include "lua/lua_state.h"
+
+mt_status mt_chat_template_push(lua_State *L, const mt_tokenizer *tok, const char *name,
+                                const char **resolved, mt_error *err) {
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "moontune.chat");
+    mt_status st = mt_lua_pcall(L, 1, 1, err);
+    if (st) return st;
+    int chat = lua_gettop(L);
+    if (!name || !strcmp(name, "auto")) {
+        const char *tmpl = mt_tokenizer_chat_template(tok);
+        if (!tmpl) {
+            lua_pop(L, 1);
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "the tokenizer carries no chat_template: name a template "
+                                "(chatml, smollm2, qwen2, llama3, llama2, mistral, alpaca)");
+        }
+        lua_getfield(L, chat, "detect");
+        lua_pushstring(L, tmpl);
+        if ((st = mt_lua_pcall(L, 1, 2, err))) {
+            lua_pop(L, 1);
+            return st;
+        }
+        if (lua_isnil(L, -2)) {
+            st = mt_error_set(err, MT_ERR_INVALID_ARG, "%s", lua_tostring(L, -1));
+            lua_pop(L, 3);
+            return st;
+        }
+        lua_pop(L, 1); /* the reason */
+    } else {
+        lua_pushstring(L, name);
+    }
+    /* stack: chat, name */
+    lua_getfield(L, chat, "get");
+    lua_pushvalue(L, -2);
+    if ((st = mt_lua_pcall(L, 1, 1, err))) {
+        lua_pop(L, 2);
+        return st;
+    }
+    /* stack: chat, name, render */
+    if (resolved) *resolved = lua_tostring(L, -2); /* stays valid: the chat module keeps names */
+    lua_remove(L, chat + 1);
+    lua_remove(L, chat);
+    return MT_OK;
+}
+
+static void push_messages(lua_State *L, const mt_message *msgs, int n) {
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 2);
+        lua_pushstring(L, msgs[i].role);
+        lua_setfield(L, -2, "role");
+        lua_pushstring(L, msgs[i].content);
+        lua_setfield(L, -2, "content");
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+/* Reads the spans table at stack index idx into a fresh array. */
+static mt_status read_spans(lua_State *L, int idx, size_t text_len, mt_span **out, size_t *n,
+                            const char *where, mt_error *err) {
+    if (!lua_istable(L, idx))
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: the chat template returned no spans table",
+                            where);
+    size_t count = (size_t)lua_rawlen(L, idx);
+    mt_span *spans = mt_calloc(count ? count : 1, sizeof *spans, "spans", err);
+    if (!spans) return MT_ERR_NOMEM;
+    for (size_t i = 0; i < count; i++) {
+        lua_rawgeti(L, idx, (lua_Integer)i + 1);
+        lua_rawgeti(L, -1, 1);
+        lua_rawgeti(L, -2, 2);
+        int ok = lua_isinteger(L, -2) && lua_isinteger(L, -1);
+        lua_Integer a = lua_tointeger(L, -2), b = lua_tointeger(L, -1);
+        lua_pop(L, 3);
+        if (!ok || a < 0 || b < a || (size_t)b > text_len) {
+            free(spans);
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "%s: span %zu of the chat template is not {start, stop} with "
+                                "0 <= start <= stop <= %zu",
+                                where, i + 1, text_len);
+        }
+        spans[i].start = (size_t)a;
+        spans[i].end = (size_t)b;
+    }
+    *out = spans;
+    *n = count;
+    return MT_OK;
+}
+
+mt_status mt_examples_from_records(lua_State *L, const mt_tokenizer *tok,
+                                   const mt_record_set *records, mt_example_set *out,
+                                   mt_error *err) {
+    int render = lua_gettop(L);
+    /* the set names its source files in later messages (an empty held-out set, ...) */
+    mt_status fst = mt_example_set_set_files(out, records->files, records->n_files, err);
+    if (fst) return fst;
+    const char *bos = mt_tokenizer_bos(tok) >= 0 ? mt_tokenizer_token_text(tok, mt_tokenizer_bos(tok)) : NULL;
+    const char *eos = mt_tokenizer_eos(tok) >= 0 ? mt_tokenizer_token_text(tok, mt_tokenizer_eos(tok)) : NULL;
+    for (size_t r = 0; r < records->n; r++) {
+        const mt_record *rec = &records->records[r];
+        char where[600];
+        snprintf(where, sizeof where, "%s:%lld",
+                 rec->file >= 0 && rec->file < records->n_files ? records->files[rec->file] : "?",
+                 (long long)rec->line);
+        mt_status st;
+        if (rec->format == MT_DATA_PREFERENCE)
+            return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                                "%s: preference pairs (prompt/chosen/rejected) need a preference "
+                                "loss such as dpo, not supervised fine-tuning",
+                                where);
+        if (rec->text) {
+            size_t len = strlen(rec->text);
+            mt_span whole = {0, len};
+            st = mt_example_set_add_text(out, tok, rec->text, len, &whole, 1, rec->file, rec->line, err);
+            if (st) return st;
+            continue;
+        }
+        lua_pushvalue(L, render);
+        push_messages(L, rec->messages, rec->n_messages);
+        lua_createtable(L, 0, 2);
+        if (bos) {
+            lua_pushstring(L, bos);
+            lua_setfield(L, -2, "bos");
+        }
+        if (eos) {
+            lua_pushstring(L, eos);
+            lua_setfield(L, -2, "eos");
+        }
+        if ((st = mt_lua_pcall(L, 2, 2, err))) {
+            char msg[MT_ERROR_MSG_MAX];
+            snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+            return mt_error_set(err, st, "%s: chat template: %s", where, msg);
+        }
+        size_t len;
+        const char *text = lua_tolstring(L, -2, &len);
+        if (!text) {
+            lua_pop(L, 2);
+            return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: the chat template returned no text",
+                                where);
+        }
+        mt_span *spans = NULL;
+        size_t n_spans = 0;
+        st = read_spans(L, lua_gettop(L), len, &spans, &n_spans, where, err);
+        if (!st) st = mt_example_set_add_text(out, tok, text, len, spans, n_spans, rec->file, rec->line, err);
+        free(spans);
+        lua_pop(L, 2);
+        if (st) return st;
+    }
+    return MT_OK;
+}
+
+mt_status mt_examples_from_files(const char *const *paths, int n_paths,
+                                 const mt_jsonl_options *jsonl, const mt_tokenizer *tok,
+                                 const char *template_name, mt_example_set *out,
+                                 mt_record_set *records, mt_error *err) {
+    mt_record_set local;
+    mt_record_set *set = records ? records : &local;
+    if (!records) mt_record_set_init(&local);
+    mt_status st = MT_OK;
+    for (int i = 0; i < n_paths && !st; i++) st = mt_records_load_jsonl(paths[i], jsonl, set, err);
+    lua_State *L = NULL;
+    if (!st && !(L = mt_lua_open(err))) st = MT_ERR_NOMEM;
+    if (!st && !(st = mt_chat_template_push(L, tok, template_name, NULL, err)))
+        st = mt_examples_from_records(L, tok, set, out, err);
+    if (L) lua_close(L);
+    if (!records) mt_record_set_free(&local);
+    return st;
+}

@@ -1,0 +1,306 @@
+/* model.h — the Llama-family decoder (Llama 2/3, SmolLM2, Qwen2, Mistral).
+ *
+ * Explicit forward and backward in the style of llm.c: parameters, gradients
+ * and activations are plain named arrays carved out of a few allocations made
+ * up front; a training step allocates nothing. Every projection (q, k, v, o,
+ * gate, up, down and lm_head) is called through mt_linear, the one interface
+ * adapter plugins wrap. */
+#ifndef MT_CORE_MODEL_H
+#define MT_CORE_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "moontune/moontune.h"
+
+/* ---- configuration (from a Hugging Face config.json) -------------------- */
+
+typedef enum mt_rope_type {
+    MT_ROPE_DEFAULT = 0,
+    MT_ROPE_LINEAR,  /* positions divided by factor */
+    MT_ROPE_LLAMA3,  /* Llama 3.1 frequency bands */
+} mt_rope_type;
+
+typedef struct mt_model_config {
+    char model_type[32]; /* "llama", "qwen2", "mistral", ... */
+    int hidden_size;       /* C */
+    int intermediate_size; /* F */
+    int num_layers;        /* L */
+    int num_heads;         /* H */
+    int num_kv_heads;      /* KVH */
+    int head_dim;          /* D */
+    int vocab_size;        /* V */
+    int max_position_embeddings;
+    float rms_norm_eps;
+    double rope_theta;
+    mt_rope_type rope_type;
+    double rope_factor;
+    double rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_max_position_embeddings;
+    int tie_word_embeddings;
+    int qkv_bias; /* q/k/v projections carry biases (Qwen2, or Llama attention_bias) */
+    int o_bias;   /* o_proj carries a bias (Llama attention_bias) */
+    int mlp_bias; /* gate/up/down carry biases (Llama mlp_bias) */
+} mt_model_config;
+
+/* Parses a config.json; the error names the file and the key. */
+mt_status mt_config_load(const char *path, mt_model_config *cfg, mt_error *err);
+/* Parses config.json text; `source` names it in errors. */
+mt_status mt_config_parse(const char *text, size_t len, const char *source, mt_model_config *cfg,
+                          mt_error *err);
+/* Named shapes for benchmarks: "tiny", "smollm2-135m", "llama-1b". */
+mt_status mt_config_preset(const char *name, mt_model_config *cfg, mt_error *err);
+/* Rope scaling factors (factor, and llama3's low/high_freq_factor) in use run from 1 to
+ * 64; outside this range they would only underflow or overflow the fp32 frequencies. */
+#define MT_ROPE_FACTOR_MIN 1e-6
+#define MT_ROPE_FACTOR_MAX 1e6
+/* Checks sizes are positive and consistent (heads divide, head_dim even, ...), each
+ * against a bound, and the parameter count (in 64 bits) against 2^40; rope settings
+ * within the ranges that keep the fp32 frequencies finite. Errors name the key, the
+ * value found and what was expected. */
+mt_status mt_config_validate(const mt_model_config *cfg, const char *source, mt_error *err);
+/* Fills inv_freq (head_dim/2) exactly as transformers computes it in fp32,
+ * including the rope scaling type. */
+void mt_rope_inv_freq(const mt_model_config *cfg, float *inv_freq);
+
+/* ---- the linear-layer interface ---------------------------------------- */
+
+typedef enum mt_module {
+    MT_MOD_Q, MT_MOD_K, MT_MOD_V, MT_MOD_O, MT_MOD_GATE, MT_MOD_UP, MT_MOD_DOWN, MT_MOD_LM_HEAD,
+    MT_MOD_COUNT
+} mt_module;
+
+/* "q_proj", ..., "lm_head" as Hugging Face and PEFT name them. */
+const char *mt_module_name(mt_module module);
+
+typedef struct mt_linear mt_linear;
+
+/* What an adapter installs in place of a projection (moontune/plugin.h). */
+struct mt_linear_impl;
+
+struct mt_linear {
+    char name[64]; /* e.g. "model.layers.3.self_attn.q_proj" */
+    mt_module module;
+    int layer;     /* -1 for lm_head */
+    int in, out;
+    mt_backend *be;
+    struct mt_model *model; /* the model this projection belongs to */
+    float *weight; /* (out,in); NULL while released (QLoRA keeps its own copy) */
+    float *bias;   /* (out) or NULL */
+    float *grad_weight; /* (out,in) or NULL when frozen */
+    float *grad_bias;   /* (out) or NULL */
+    float *weight_memory; /* where weight lives when not released */
+    /* An adapter's computation replacing this projection, or NULL for the base layer. */
+    const struct mt_linear_impl *impl;
+    void *impl_self;
+};
+
+/* y (N,out) = x (N,in) · W^T + b, through the adapter when one wraps the layer. */
+void mt_linear_forward(mt_linear *lin, float *y, const float *x, int N);
+/* dx (N,in) += dy (N,out) · W; when the layer trains, also dW (out,in) += dy^T · x
+ * and db (out) += column sums of dy. A frozen layer computes only dx. */
+void mt_linear_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N);
+/* The base layer alone, for adapters that wrap it. */
+void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N);
+void mt_linear_base_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N);
+
+/* ---- parameters --------------------------------------------------------- */
+
+typedef struct mt_param {
+    char name[96]; /* Hugging Face name, e.g. "model.layers.0.mlp.up_proj.weight" */
+    int ndim;
+    int64_t shape[2];
+    size_t numel;
+    float *data;
+    float *grad; /* NULL unless trainable (allocated when it becomes trainable) */
+    int trainable;
+    int no_decay; /* norms and biases: excluded from weight decay by default */
+} mt_param;
+
+typedef struct mt_layer {
+    float *attn_norm; /* (C) input_layernorm.weight */
+    float *attn_norm_grad, *mlp_norm_grad; /* (C) or NULL when frozen */
+    mt_linear q, k, v, o;
+    float *mlp_norm;  /* (C) post_attention_layernorm.weight */
+    mt_linear gate, up, down;
+} mt_layer;
+
+/* Saved activations of one layer for one planned (B,T); BT = B*T rows. */
+typedef struct mt_layer_acts {
+    float *res_in;    /* (BT,C) the residual stream entering the layer */
+    float *ln1;       /* (BT,C) */
+    float *ln1_rstd;  /* (BT) */
+    float *q;         /* (BT,H*D) after rotary embedding */
+    float *k;         /* (BT,KVH*D) after rotary embedding */
+    float *v;         /* (BT,KVH*D) */
+    float *att;       /* (BT,H*D) attention output */
+    float *lse;       /* (B,H,T) attention log-sum-exp */
+    float *res_mid;   /* (BT,C) res_in + o_proj(att) */
+    float *ln2;       /* (BT,C) */
+    float *ln2_rstd;  /* (BT) */
+    float *gate;      /* (BT,F) */
+    float *up;        /* (BT,F) */
+    float *act;       /* (BT,F) silu(gate) * up */
+} mt_layer_acts;
+
+typedef struct mt_model {
+    mt_model_config cfg;
+    mt_backend *be;
+
+    /* parameters: one allocation, described by params[] */
+    mt_param *params;
+    size_t num_params;
+    size_t total_numel;
+    float *param_memory;
+    /* parameters adapters registered (LoRA A and B, ...): memory owned by the adapter */
+    struct mt_param_view *extra_params;
+    size_t num_extra, cap_extra;
+    /* adapters attached to this model, for set_enabled (a reference pass without them) */
+    struct mt_attached_adapter {
+        const struct mt_adapter_vtable *vtable;
+        void *state;
+    } *adapters;
+    size_t num_adapters;
+    int adapters_enabled; /* as last set by mt_model_set_adapters_enabled (1 at creation) */
+    float *embed;       /* (V,C) */
+    float *final_norm;  /* (C) */
+    float *embed_grad, *final_norm_grad; /* NULL when frozen */
+    mt_layer *layers;   /* (L) */
+    mt_linear lm_head;  /* weight aliases embed when tied */
+
+    /* plan for one (B,T) shape */
+    int plan_B, plan_T, plan_chunk;
+    void *act_memory;
+    size_t act_bytes;
+    mt_layer_acts *acts;  /* (L) */
+    float *res_out;       /* (BT,C) residual after the last layer */
+    float *lnf;           /* (BT,C) final norm output */
+    float *lnf_rstd;      /* (BT) */
+    float *rope_cos, *rope_sin; /* (T, D/2) */
+    int32_t *tokens, *positions, *segments, *targets; /* (BT) copies of the batch */
+    int has_segments;
+    float *logits_chunk;  /* (chunk,V) */
+    float *chunk_losses;  /* (chunk) */
+    /* backward scratch shared by all layers */
+    float *d_res;   /* (BT,C) gradient of the residual stream */
+    float *d_ln;    /* (BT,C) */
+    float *d_att;   /* (BT,H*D) */
+    float *d_q, *d_k, *d_v; /* (BT,H*D), (BT,KVH*D), (BT,KVH*D) */
+    float *d_act, *d_gate, *d_up; /* (BT,F) */
+    void *att_work;
+    float *host_losses;   /* (chunk) host copy of chunk_losses */
+    int32_t *host_positions; /* (BT) default positions staged for upload */
+    int cur_B, cur_T;     /* shape of the last forward */
+    int forward_done;     /* a forward ran; backward may follow */
+    /* the base model's identity as loaded (core/model/model_identity.c), 64 hex digits, or ""
+     * for a model not loaded from files; checkpoints record it and refuse another base */
+    char fingerprint[65];
+} mt_model;
+
+/* Builds the parameter table and allocates parameters (zero) on the backend. */
+mt_status mt_model_create(const mt_model_config *cfg, mt_backend *be, mt_model **out,
+                          mt_error *err);
+/* mt_model_create in two steps, for the loaders: the parameter table alone (names,
+ * shapes, no memory; data pointers NULL), so that the weights on disk can be checked
+ * against it first — a config.json or GGUF header that lies about its sizes is then
+ * refused naming the tensor instead of allocating what it claims — then the memory. */
+mt_status mt_model_create_table(const mt_model_config *cfg, mt_backend *be, mt_model **out,
+                                mt_error *err);
+mt_status mt_model_alloc_params(mt_model *m, mt_error *err);
+void mt_model_free(mt_model *m);
+
+/* MT_OK when every value of x is finite; otherwise an error naming the file, the
+ * tensor, the count and the first non-finite value's index (weights are checked on load:
+ * a NaN there would only show as NaN losses or garbage text later). */
+mt_status mt_check_finite(const char *file, const char *tensor, const float *x, size_t n,
+                          mt_error *err);
+/* Loads a Hugging Face directory (config.json + model.safetensors or sharded). */
+mt_status mt_model_load_hf(const char *dir, mt_backend *be, mt_model **out, mt_error *err);
+/* Loads a GGUF file (llama, mistral, qwen2): config from its metadata, every tensor
+ * dequantized to fp32 (llama's permuted q/k rows restored to transformers' order). */
+mt_status mt_model_load_gguf(const char *path, mt_backend *be, mt_model **out, mt_error *err);
+/* The GGUF name of a parameter ("blk.3.attn_q.weight" for
+ * model.layers.3.self_attn.q_proj.weight); 0 when it has none. *n_head receives the
+ * head count of q (num_heads) and k (num_kv_heads) projections, whose rows llama.cpp
+ * permutes, and 0 otherwise. */
+int mt_gguf_param_name(const mt_model *m, const mt_param *p, char *out, size_t size, int *n_head);
+/* llama.cpp's row order for rotary q/k weights: HF row h*D + j*D/2 + i is GGUF row
+ * h*D + 2i + j. to_gguf applies it, otherwise undoes it; rows of `cols` floats. */
+void mt_gguf_permute_qk(float *dst, const float *src, int n_head, int D, size_t cols, int to_gguf);
+/* A .gguf file or a Hugging Face model directory. */
+mt_status mt_model_load(const char *path, mt_backend *be, mt_model **out, mt_error *err);
+/* Loads weights from an opened safetensors set into an existing model; every
+ * parameter must be present with its exact shape; unknown tensors are refused. */
+struct mt_safetensors;
+mt_status mt_model_load_weights(mt_model *m, const struct mt_safetensors *st, mt_error *err);
+/* Fills parameters the way transformers initialises them: normal(0, std) for
+ * matrices, ones for norms, zeros for biases. Deterministic from seed. */
+mt_status mt_model_init_random(mt_model *m, uint64_t seed, float std, mt_error *err);
+
+mt_param *mt_model_find_param(mt_model *m, const char *name);
+/* The parameter whose memory starts at data (a layer's weight or bias), or NULL. */
+mt_param *mt_model_param_of(mt_model *m, const float *data);
+/* Marks every parameter trainable (full fine-tuning), allocating gradients. */
+mt_status mt_model_set_all_trainable(mt_model *m, mt_error *err);
+/* Makes one parameter trainable or frozen; a trainable one gets a zeroed gradient. */
+mt_status mt_model_set_trainable(mt_model *m, mt_param *p, int trainable, mt_error *err);
+/* Zeroes the gradients of every trainable parameter, adapters' included. */
+void mt_model_zero_grad(mt_model *m);
+/* Every trainable parameter: the base ones, then those adapters registered. The array
+ * is the caller's to free; names and tensors point into the model. */
+mt_status mt_model_trainable_params(mt_model *m, struct mt_param_view **out, size_t *count,
+                                    mt_error *err);
+/* Registers an adapter-owned trainable tensor (the name is copied). */
+mt_status mt_model_add_param(mt_model *m, const struct mt_param_view *param, mt_error *err);
+/* Global L2 norm of all trainable gradients; when max_norm > 0 and the norm exceeds
+ * it, scales every gradient by max_norm / norm (torch.nn.utils.clip_grad_norm_). */
+double mt_model_clip_grad_norm(mt_model *m, double max_norm);
+/* Attaches an adapter instance: calls its attach() and remembers it. */
+mt_status mt_model_attach_adapter(mt_model *m, const struct mt_adapter_vtable *vtable,
+                                  void *state, mt_error *err);
+/* Turns every attached adapter off or on (where the adapter supports it). */
+void mt_model_set_adapters_enabled(mt_model *m, int enabled);
+/* Training (dropout active) or evaluation mode for every attached adapter. */
+void mt_model_set_training(mt_model *m, int training);
+/* Releases / restores the fp32 base weight memory of a projection (CPU: pages go back
+ * to the system and come back zero-filled). */
+void mt_linear_release_weight(mt_linear *lin);
+float *mt_linear_restore_weight(mt_linear *lin);
+
+/* Allocates activation memory for batches of B rows of T tokens; chunk is the
+ * number of rows whose logits are held at once (0 picks a default). */
+mt_status mt_model_plan(mt_model *m, int B, int T, int chunk, mt_error *err);
+/* Bytes planned for activations and scratch. */
+size_t mt_model_plan_bytes(const mt_model *m);
+
+/* Runs the decoder to the final norm. tokens (B,T); positions (B,T) or NULL for
+ * 0..T-1 in every row; segments (B,T) or NULL (packed rows: attention stays
+ * within equal segment ids). B and T must not exceed the plan. */
+mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *positions,
+                           const int32_t *segments, int B, int T, mt_error *err);
+/* logits (nrows,V) for rows [row0, row0+nrows) of the last forward (row = b*T+t). */
+mt_status mt_model_logits(mt_model *m, int row0, int nrows, float *logits, mt_error *err);
+/* Mean cross-entropy over targets (B,T) of the last forward (negative = ignored),
+ * computed chunk by chunk so that all logits are never held at once. When
+ * backward is set, also propagates d(mean loss) into the final hidden state
+ * and lm_head gradients; then call mt_model_backward. *n_targets (optional)
+ * receives the number of unmasked targets. */
+mt_status mt_model_cross_entropy(mt_model *m, const int32_t *targets, int backward, float *loss,
+                                 int64_t *n_targets, mt_error *err);
+/* Accumulates into the final hidden gradient from dlogits (nrows,V) of rows
+ * [row0, row0+nrows), for losses that compute their own dlogits. */
+mt_status mt_model_backward_logits(mt_model *m, int row0, int nrows, const float *dlogits,
+                                   mt_error *err);
+/* Back-propagates from the final hidden gradient to every trainable parameter
+ * (and the input gradients of every frozen layer); resets the hidden gradient. */
+mt_status mt_model_backward(mt_model *m, mt_error *err);
+
+/* Matrix-product FLOPs of one forward pass over B*T tokens: the linear layers
+ * (lm_head included) and causal attention (QK^T and PV), counted separately
+ * because a frozen backward repeats only part of them. */
+void mt_model_forward_flops(const mt_model_config *cfg, int B, int T, double *linear,
+                            double *attention);
+size_t mt_config_num_params(const mt_model_config *cfg);
+
+#endif /* MT_CORE_MODEL_H */

@@ -1,0 +1,420 @@
+/* dataset.c — tokenized examples with a loss mask, truncation, the (packing) batcher
+ * with a resumable cursor, and dataset statistics. The rules are at the top of
+ * dataset.h. */
+#include "text/dataset.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/internal.h"
+#include "text/tokenizer.h"
+
+/* ---- examples ----------------------------------------------------------------- */
+
+mt_status mt_example_set_init(mt_example_set *set, const mt_example_options *opt, mt_error *err) {
+    memset(set, 0, sizeof *set);
+    if (!opt || opt->seq_len < 2)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "examples: seq_len must be at least 2, found %d", opt ? opt->seq_len : 0);
+    if (opt->truncation != MT_TRUNCATE_LEFT && opt->truncation != MT_TRUNCATE_DROP)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "examples: unknown truncation policy %d",
+                            (int)opt->truncation);
+    set->opt = *opt;
+    return MT_OK;
+}
+
+static void free_files(mt_example_set *set) {
+    for (int i = 0; i < set->n_files; i++) free(set->files[i]);
+    free(set->files);
+    set->files = NULL;
+    set->n_files = 0;
+}
+
+void mt_example_set_free(mt_example_set *set) {
+    if (!set) return;
+    for (size_t i = 0; i < set->n; i++) {
+        free(set->ex[i].ids);
+        free(set->ex[i].trainable);
+    }
+    free(set->ex);
+    free_files(set);
+    memset(set, 0, sizeof *set);
+}
+
+mt_status mt_example_set_set_files(mt_example_set *set, char *const *files, int n_files,
+                                   mt_error *err) {
+    if (files == set->files) return MT_OK;
+    char **copy = NULL;
+    if (n_files > 0) {
+        copy = mt_calloc((size_t)n_files, sizeof *copy, "example source files", err);
+        if (!copy) return MT_ERR_NOMEM;
+        for (int i = 0; i < n_files; i++)
+            if (!(copy[i] = mt_strdup(files[i] ? files[i] : "?", "example source file", err))) {
+                for (int k = 0; k < i; k++) free(copy[k]);
+                free(copy);
+                return MT_ERR_NOMEM;
+            }
+    }
+    free_files(set);
+    set->files = copy;
+    set->n_files = n_files > 0 ? n_files : 0;
+    return MT_OK;
+}
+
+const char *mt_example_set_source(const mt_example_set *set, char *buf, size_t cap) {
+    if (!set || set->n_files <= 0 || cap == 0) return NULL;
+    if (set->n_files == 1) snprintf(buf, cap, "%s", set->files[0]);
+    else if (set->n_files == 2) snprintf(buf, cap, "%s, %s", set->files[0], set->files[1]);
+    else
+        snprintf(buf, cap, "%s and %d more files", set->files[0], set->n_files - 1);
+    return buf;
+}
+
+const char *mt_example_where(const mt_example_set *set, int32_t file, int64_t line, char *buf,
+                             size_t cap) {
+    if (set && file >= 0 && file < set->n_files && line > 0)
+        snprintf(buf, cap, "%s:%lld", set->files[file], (long long)line);
+    else if (set && file >= 0 && file < set->n_files)
+        snprintf(buf, cap, "%s", set->files[file]);
+    else if (line > 0) snprintf(buf, cap, "line %lld", (long long)line);
+    else snprintf(buf, cap, "an example");
+    return buf;
+}
+
+void mt_mask_from_spans(const int32_t *offsets, size_t n_tokens, size_t text_len,
+                        const mt_span *spans, size_t n_spans, uint8_t *trainable) {
+    int ends_at_end = 0;
+    for (size_t s = 0; s < n_spans; s++)
+        if (spans[s].end == text_len && spans[s].start < spans[s].end) ends_at_end = 1;
+    for (size_t i = 0; i < n_tokens; i++) {
+        size_t o = offsets[i] < 0 ? 0 : (size_t)offsets[i];
+        uint8_t t = 0;
+        if (o >= text_len) t = (uint8_t)ends_at_end; /* added after the text (EOS) */
+        else
+            for (size_t s = 0; s < n_spans && !t; s++)
+                if (spans[s].start <= o && o < spans[s].end) t = 1;
+        trainable[i] = t;
+    }
+}
+
+int mt_truncate_window(const uint8_t *trainable, int32_t n, int seq_len, mt_truncation policy,
+                       int32_t *start, int32_t *len) {
+    *start = 0;
+    *len = n;
+    if (n <= seq_len) return 0;
+    if (policy == MT_TRUNCATE_DROP) return -1;
+    int32_t r = 0; /* first trainable token: where the response starts */
+    while (r < n && !trainable[r]) r++;
+    *len = seq_len;
+    if (n - r <= seq_len) {
+        *start = n - seq_len; /* drop prompt tokens from the left */
+        return 1;
+    }
+    int32_t k = r < seq_len / 2 ? r : seq_len / 2; /* prompt tokens kept */
+    *start = r - k;
+    return 2;
+}
+
+static int64_t count_targets(const uint8_t *trainable, int32_t n) {
+    int64_t c = 0;
+    for (int32_t i = 1; i < n; i++) c += trainable[i] != 0;
+    return c;
+}
+
+mt_status mt_example_set_add(mt_example_set *set, const int32_t *ids, const uint8_t *trainable,
+                             size_t n, int32_t file, int64_t line, mt_error *err) {
+    if (set->opt.seq_len < 2)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "examples: the set was not initialised");
+    char where[600];
+    if (n > INT32_MAX)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: example of %zu tokens is too long",
+                            mt_example_where(set, file, line, where, sizeof where), n);
+    int32_t start, len;
+    int kind = mt_truncate_window(trainable, (int32_t)n, set->opt.seq_len, set->opt.truncation,
+                                  &start, &len);
+    if (kind < 0) {
+        set->n_dropped_too_long++;
+        return MT_OK;
+    }
+    if (count_targets(trainable + start, len) == 0) {
+        set->n_dropped_no_target++;
+        return MT_OK;
+    }
+    if (set->n == set->cap) {
+        size_t cap = set->cap ? set->cap * 2 : 64;
+        mt_example *p = realloc(set->ex, cap * sizeof *p);
+        if (!p) return mt_error_set(err, MT_ERR_NOMEM, "out of memory growing the example list");
+        set->ex = p;
+        set->cap = cap;
+    }
+    mt_example e = {0};
+    e.ids = mt_malloc((size_t)len * sizeof *e.ids, "example ids", err);
+    e.trainable = mt_malloc((size_t)len, "example mask", err);
+    if (!e.ids || !e.trainable) {
+        free(e.ids);
+        free(e.trainable);
+        return MT_ERR_NOMEM;
+    }
+    memcpy(e.ids, ids + start, (size_t)len * sizeof *e.ids);
+    memcpy(e.trainable, trainable + start, (size_t)len);
+    e.n = len;
+    e.file = file;
+    e.line = line;
+    set->ex[set->n++] = e;
+    if (kind == 1) set->n_truncated_prompt++;
+    if (kind == 2) set->n_truncated_response++;
+    return MT_OK;
+}
+
+mt_status mt_example_set_add_text(mt_example_set *set, const mt_tokenizer *tok, const char *text,
+                                  size_t len, const mt_span *spans, size_t n_spans, int32_t file,
+                                  int64_t line, mt_error *err) {
+    char where[600];
+    for (size_t s = 0; s < n_spans; s++)
+        if (spans[s].start > spans[s].end || spans[s].end > len)
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "%s: trainable span %zu is [%zu, %zu), outside the text "
+                                "of %zu bytes",
+                                mt_example_where(set, file, line, where, sizeof where), s,
+                                spans[s].start, spans[s].end, len);
+    mt_token_list list = {0};
+    mt_error local = {0};
+    mt_status st = mt_tokenizer_encode(tok, text, len, set->opt.add_special, &list, &local);
+    if (st) {
+        mt_token_list_free(&list);
+        return mt_error_set(err, st, "%s: %s", mt_example_where(set, file, line, where, sizeof where),
+                            local.msg);
+    }
+    uint8_t *mask = mt_malloc(list.n, "token mask", err);
+    if (!mask) {
+        mt_token_list_free(&list);
+        return MT_ERR_NOMEM;
+    }
+    if (set->opt.train_on_inputs) memset(mask, 1, list.n);
+    else mt_mask_from_spans(list.offsets, list.n, len, spans, n_spans, mask);
+    st = mt_example_set_add(set, list.ids, mask, list.n, file, line, err);
+    free(mask);
+    mt_token_list_free(&list);
+    return st;
+}
+
+void mt_example_targets(const mt_example *ex, int32_t *targets) {
+    for (int32_t t = 0; t < ex->n; t++)
+        targets[t] = t + 1 < ex->n && ex->trainable[t + 1] ? ex->ids[t + 1] : MT_IGNORE_INDEX;
+}
+
+/* ---- the batcher ----------------------------------------------------------------- */
+
+struct mt_batcher {
+    const mt_example_set *set;
+    int B, T, pack, shuffle;
+    uint64_t seed;
+    size_t *order;         /* (n) the epoch's order */
+    uint64_t order_epoch;  /* epoch `order` holds */
+    int have_order;
+    int32_t *used, *nseg;  /* (B) scratch: tokens and segments per row */
+    mt_cursor cur;
+};
+
+mt_status mt_batcher_create(const mt_example_set *examples, int B, int T, int pack,
+                            uint64_t seed, int shuffle, mt_batcher **out, mt_error *err) {
+    *out = NULL;
+    if (B < 1 || T < 2)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "batcher: expected B >= 1 and T >= 2, found B=%d T=%d", B, T);
+    char where[600];
+    if (!examples || examples->n == 0) {
+        const char *from = mt_example_set_source(examples, where, sizeof where);
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s%sbatcher: the dataset has no examples",
+                            from ? from : "", from ? ": " : "");
+    }
+    for (size_t i = 0; i < examples->n; i++)
+        if (examples->ex[i].n > T)
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "batcher: example %zu (%s) has %d tokens, more than T=%d", i,
+                                mt_example_where(examples, examples->ex[i].file,
+                                                 examples->ex[i].line, where, sizeof where),
+                                examples->ex[i].n, T);
+    mt_batcher *b = mt_calloc(1, sizeof *b, "batcher", err);
+    if (!b) return MT_ERR_NOMEM;
+    b->set = examples;
+    b->B = B;
+    b->T = T;
+    b->pack = pack != 0;
+    b->shuffle = shuffle != 0;
+    b->seed = seed;
+    b->order = mt_malloc(examples->n * sizeof *b->order, "batch order", err);
+    b->used = mt_calloc((size_t)B, sizeof *b->used, "batch rows", err);
+    b->nseg = mt_calloc((size_t)B, sizeof *b->nseg, "batch rows", err);
+    if (!b->order || !b->used || !b->nseg) {
+        mt_batcher_free(b);
+        return MT_ERR_NOMEM;
+    }
+    *out = b;
+    return MT_OK;
+}
+
+void mt_batcher_free(mt_batcher *b) {
+    if (!b) return;
+    free(b->order);
+    free(b->used);
+    free(b->nseg);
+    free(b);
+}
+
+static void ensure_order(mt_batcher *b, uint64_t epoch) {
+    if (b->have_order && b->order_epoch == epoch) return;
+    size_t n = b->set->n;
+    for (size_t i = 0; i < n; i++) b->order[i] = i;
+    if (b->shuffle) mt_shuffle_indices(b->order, n, b->seed + epoch);
+    b->order_epoch = epoch;
+    b->have_order = 1;
+}
+
+/* Places examples from order[pos…] into the B rows (arrays may be NULL to plan only);
+ * returns how many were placed. */
+static size_t place(mt_batcher *b, size_t pos, int32_t *tokens, int32_t *positions,
+                    int32_t *segments, int32_t *targets, int *rows_used) {
+    const mt_example_set *set = b->set;
+    const int T = b->T;
+    int rows = 0;
+    size_t placed = 0;
+    memset(b->used, 0, (size_t)b->B * sizeof *b->used);
+    memset(b->nseg, 0, (size_t)b->B * sizeof *b->nseg);
+    while (pos + placed < set->n) {
+        const mt_example *e = &set->ex[b->order[pos + placed]];
+        int r = -1;
+        if (b->pack) {
+            for (int i = 0; i < b->B && r < 0; i++)
+                if (b->used[i] + e->n <= T) r = i;
+        } else if (rows < b->B) {
+            r = rows;
+        }
+        if (r < 0) break;
+        size_t at = (size_t)r * (size_t)T + (size_t)b->used[r];
+        if (tokens) memcpy(tokens + at, e->ids, (size_t)e->n * sizeof *tokens);
+        if (targets) mt_example_targets(e, targets + at);
+        for (int32_t t = 0; t < e->n; t++) {
+            if (positions) positions[at + (size_t)t] = t;
+            if (segments) segments[at + (size_t)t] = b->nseg[r];
+        }
+        if (b->used[r] == 0) rows++;
+        b->used[r] += e->n;
+        b->nseg[r]++;
+        placed++;
+    }
+    if (rows_used) *rows_used = rows;
+    return placed;
+}
+
+mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, int32_t *segments,
+                          int32_t *targets, mt_batch_info *info, mt_error *err) {
+    if (!tokens || !targets)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "batcher: tokens and targets are required");
+    const int32_t pad = b->set->opt.pad_id;
+    ensure_order(b, b->cur.epoch);
+    int rows = 0;
+    size_t pos = (size_t)b->cur.position;
+    size_t placed = place(b, pos, tokens, positions, segments, targets, &rows);
+    if (placed == 0) /* cannot happen: every example fits in an empty row */
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "batcher: no example fits a row");
+    int64_t ntok = 0, ntgt = 0;
+    for (int r = 0; r < b->B; r++) {
+        size_t row = (size_t)r * (size_t)b->T;
+        ntok += b->used[r];
+        for (int t = 0; t < b->used[r]; t++) ntgt += targets[row + (size_t)t] != MT_IGNORE_INDEX;
+        for (int t = b->used[r]; t < b->T; t++) { /* padding: its own segment */
+            tokens[row + (size_t)t] = pad;
+            targets[row + (size_t)t] = MT_IGNORE_INDEX;
+            if (positions) positions[row + (size_t)t] = t - b->used[r];
+            if (segments) segments[row + (size_t)t] = MT_PAD_SEGMENT;
+        }
+    }
+    mt_batch_info in = {0};
+    in.examples = (int)placed;
+    in.rows = rows;
+    in.tokens = ntok;
+    in.targets = ntgt;
+    in.epoch = b->cur.epoch;
+    pos += placed;
+    if (pos >= b->set->n) {
+        in.epoch_end = 1;
+        b->cur.epoch++;
+        b->cur.position = 0;
+    } else {
+        b->cur.position = pos;
+    }
+    if (info) *info = in;
+    return MT_OK;
+}
+
+mt_cursor mt_batcher_get_cursor(const mt_batcher *b) { return b->cur; }
+
+mt_status mt_batcher_set_cursor(mt_batcher *b, mt_cursor c, mt_error *err) {
+    if (c.position > b->set->n)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "batcher: cursor position %llu is past the %zu examples",
+                            (unsigned long long)c.position, b->set->n);
+    if (c.position == b->set->n) {
+        c.epoch++;
+        c.position = 0;
+    }
+    b->cur = c;
+    return MT_OK;
+}
+
+int64_t mt_batcher_batches_per_epoch(mt_batcher *b, uint64_t epoch) {
+    ensure_order(b, epoch);
+    int64_t batches = 0;
+    size_t pos = 0;
+    while (pos < b->set->n) {
+        size_t placed = place(b, pos, NULL, NULL, NULL, NULL, NULL);
+        if (placed == 0) break;
+        pos += placed;
+        batches++;
+    }
+    return batches;
+}
+
+/* ---- statistics ------------------------------------------------------------------- */
+
+void mt_dataset_stats_compute(const mt_record_set *records, const mt_example_set *examples,
+                              mt_dataset_stats *st) {
+    memset(st, 0, sizeof *st);
+    if (records) {
+        st->records = (int64_t)records->n;
+        st->bad_skipped = records->n_bad;
+    }
+    if (!examples) return;
+    st->examples = (int64_t)examples->n;
+    for (size_t i = 0; i < examples->n; i++) {
+        const mt_example *e = &examples->ex[i];
+        st->tokens += e->n;
+        if (e->n > st->max_len) st->max_len = e->n;
+        st->trained_tokens += count_targets(e->trainable, e->n);
+    }
+    st->mean_len = st->examples ? (double)st->tokens / (double)st->examples : 0.0;
+    st->trained_fraction = st->tokens ? (double)st->trained_tokens / (double)st->tokens : 0.0;
+    st->truncated_prompt = examples->n_truncated_prompt;
+    st->truncated_response = examples->n_truncated_response;
+    st->dropped_too_long = examples->n_dropped_too_long;
+    st->dropped_no_target = examples->n_dropped_no_target;
+    st->seq_len = examples->opt.seq_len;
+}
+
+void mt_dataset_stats_print(const mt_dataset_stats *st, const char *title, FILE *f) {
+    fprintf(f, "dataset%s%s\n", title ? ": " : "", title ? title : "");
+    fprintf(f, "  records          %lld", (long long)st->records);
+    if (st->bad_skipped) fprintf(f, " (%lld bad records skipped)", (long long)st->bad_skipped);
+    fputc('\n', f);
+    fprintf(f, "  examples         %lld\n", (long long)st->examples);
+    fprintf(f, "  tokens           %lld (mean %.1f, max %d per example; seq_len %d)\n",
+            (long long)st->tokens, st->mean_len, st->max_len, st->seq_len);
+    fprintf(f, "  trained tokens   %lld (%.1f%%)\n", (long long)st->trained_tokens,
+            100.0 * st->trained_fraction);
+    fprintf(f, "  truncated        %lld prompt%s, %lld response%s\n", (long long)st->truncated_prompt,
+            st->truncated_prompt == 1 ? "" : "s", (long long)st->truncated_response,
+            st->truncated_response == 1 ? "" : "s");
+    fprintf(f, "  dropped          %lld too long, %lld with nothing to train\n",
+            (long long)st->dropped_too_long, (long long)st->dropped_no_target);
+}
