@@ -146,6 +146,17 @@ mt_status mt_atomic_write(mt_atomic_file *f, const void *data, size_t bytes, mt_
 mt_status mt_atomic_commit(mt_atomic_file *f, mt_error *err);
 void mt_atomic_abort(mt_atomic_file *f);
 
+/* Splits a command-line "key=value": the key (non-empty, shorter than key_size) into
+ * key, *value at what follows the first '='. MT_ERR_INVALID_ARG with a message naming
+ * `what` ("--set", "--adapter-option") otherwise. */
+mt_status mt_split_kv(const char *what, const char *arg, char *key, size_t key_size,
+                      const char **value, mt_error *err);
+
+/* Whether s ends with suffix. */
+int mt_ends_with(const char *s, const char *suffix);
+/* Whether path names a directory (following links). */
+int mt_is_dir(const char *path);
+
 /* Whether a path names a GGUF file (by its .gguf suffix). */
 int mt_path_is_gguf(const char *path);
 

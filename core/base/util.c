@@ -310,6 +310,31 @@ mt_status mt_write_file_atomic(const char *path, const void *data, size_t bytes,
     return st == MT_OK ? mt_atomic_commit(&f, err) : st;
 }
 
+mt_status mt_split_kv(const char *what, const char *arg, char *key, size_t key_size,
+                      const char **value, mt_error *err) {
+    const char *eq = strchr(arg, '=');
+    if (!eq || eq == arg)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s %s: expected key=value", what, arg);
+    size_t n = (size_t)(eq - arg);
+    if (n >= key_size)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s %.64s...: the key is longer than %zu bytes",
+                            what, arg, key_size - 1);
+    memcpy(key, arg, n);
+    key[n] = '\0';
+    *value = eq + 1;
+    return MT_OK;
+}
+
+int mt_ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !memcmp(s + n - k, suffix, k);
+}
+
+int mt_is_dir(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+}
+
 int mt_path_is_gguf(const char *path) {
     size_t n = strlen(path);
     return n > 5 && !strcmp(path + n - 5, ".gguf");

@@ -10,6 +10,7 @@
 #include "base/internal.h"
 #include "lua/lua_state.h"
 #include "base/numparse.h"
+#include "cli/cli_args.h"
 #include "lua/chat_render.h"
 #include "text/tokenizer.h"
 
@@ -108,72 +109,93 @@ done:
     return rc;
 }
 
+enum { OPT_TRAIN_ON_INPUTS = 256, OPT_TOKENIZER, OPT_TEMPLATE, OPT_HELDOUT_FILE, OPT_FORMAT,
+       OPT_TRUNCATION, OPT_ON_BAD_RECORD, OPT_SEQ, OPT_BATCH, OPT_SEED, OPT_HELDOUT };
+
+static const struct option options[] = {
+    {"help", no_argument, NULL, MT_CLI_HELP},
+    {"train-on-inputs", no_argument, NULL, OPT_TRAIN_ON_INPUTS},
+    {"tokenizer", required_argument, NULL, OPT_TOKENIZER},
+    {"template", required_argument, NULL, OPT_TEMPLATE},
+    {"heldout-file", required_argument, NULL, OPT_HELDOUT_FILE},
+    {"format", required_argument, NULL, OPT_FORMAT},
+    {"truncation", required_argument, NULL, OPT_TRUNCATION},
+    {"on-bad-record", required_argument, NULL, OPT_ON_BAD_RECORD},
+    {"seq", required_argument, NULL, OPT_SEQ},
+    {"batch", required_argument, NULL, OPT_BATCH},
+    {"seed", required_argument, NULL, OPT_SEED},
+    {"heldout", required_argument, NULL, OPT_HELDOUT},
+    {NULL, 0, NULL, 0},
+};
+
 int mt_cmd_data(int argc, char **argv) {
+    static const mt_cli cli = {"moontune data", options, usage};
     data_args a = {.template_name = "auto", .seed = 42, .batch = 8};
     a.jsonl.format = MT_DATA_AUTO;
     a.jsonl.on_bad_record = MT_BAD_RECORD_ERROR;
     a.ex.seq_len = 512;
     a.ex.truncation = MT_TRUNCATE_LEFT;
-    for (int i = 1; i < argc; i++) {
-        const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        mt_error perr = {0};
-        if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
-            usage(stdout);
-            return 0;
-        } else if (!strcmp(o, "--train-on-inputs")) {
-            a.ex.train_on_inputs = 1;
-            continue;
-        } else if (o[0] != '-') {
+    mt_error perr = {0};
+    const char *v, *flag;
+    int c;
+    mt_cli_begin();
+    while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
+        switch (c) {
+        case MT_CLI_HELP: usage(stdout); return 0;
+        case MT_CLI_REFUSED: return 2;
+        case MT_CLI_POSITIONAL:
             if (a.n_files == 16) {
                 fprintf(stderr, "moontune data: at most 16 files\n");
                 return 2;
             }
-            a.files[a.n_files++] = o;
-            continue;
-        } else if (!v) {
-            fprintf(stderr, "moontune data: %s needs a value\n", o);
-            return 2;
-        } else if (!strcmp(o, "--tokenizer")) {
-            a.tokenizer = v;
-        } else if (!strcmp(o, "--template")) {
-            a.template_name = v;
-        } else if (!strcmp(o, "--heldout-file")) {
-            a.heldout_file = v;
-        } else if (!strcmp(o, "--format")) {
+            a.files[a.n_files++] = v;
+            break;
+        case OPT_TRAIN_ON_INPUTS: a.ex.train_on_inputs = 1; break;
+        case OPT_TOKENIZER: a.tokenizer = v; break;
+        case OPT_TEMPLATE: a.template_name = v; break;
+        case OPT_HELDOUT_FILE: a.heldout_file = v; break;
+        case OPT_FORMAT: {
             int f = mt_data_format_parse(v);
             if (f < 0) {
                 fprintf(stderr, "moontune data: unknown --format %s\n", v);
                 return 2;
             }
             a.jsonl.format = (mt_data_format)f;
-        } else if (!strcmp(o, "--truncation") && (!strcmp(v, "left") || !strcmp(v, "drop"))) {
-            a.ex.truncation = !strcmp(v, "left") ? MT_TRUNCATE_LEFT : MT_TRUNCATE_DROP;
-        } else if (!strcmp(o, "--on-bad-record") && (!strcmp(v, "error") || !strcmp(v, "skip"))) {
-            a.jsonl.on_bad_record = !strcmp(v, "skip") ? MT_BAD_RECORD_SKIP : MT_BAD_RECORD_ERROR;
-        } else if (!strcmp(o, "--seq")) {
-            if (mt_parse_int_into(o, v, &MT_LIMIT_SEQ_LEN, &a.ex.seq_len, &perr)) goto refused;
-        } else if (!strcmp(o, "--batch")) {
-            if (mt_parse_int_into(o, v, &MT_LIMIT_BATCH, &a.batch, &perr)) goto refused;
-        } else if (!strcmp(o, "--seed")) {
-            uint64_t seed;
-            if (mt_parse_u64(o, v, &seed, &perr)) goto refused;
-            a.seed = seed;
-        } else if (!strcmp(o, "--heldout")) {
-            double x;
-            if (mt_parse_real(o, v, &MT_LIMIT_FRACTION, &x, &perr)) goto refused;
-            a.heldout = x;
-        } else {
-            goto bad;
+            break;
         }
-        i++;
-        continue;
-    bad:
-        fprintf(stderr, "moontune data: bad option or value: %s %s\n", o, v ? v : "");
-        usage(stderr);
-        return 2;
-    refused:
-        fprintf(stderr, "moontune data: %s\n", perr.msg);
-        return 2;
+        case OPT_TRUNCATION:
+            if (strcmp(v, "left") && strcmp(v, "drop")) {
+                fprintf(stderr, "moontune data: --truncation expects left or drop, got \"%s\"\n", v);
+                return 2;
+            }
+            a.ex.truncation = !strcmp(v, "left") ? MT_TRUNCATE_LEFT : MT_TRUNCATE_DROP;
+            break;
+        case OPT_ON_BAD_RECORD:
+            if (strcmp(v, "error") && strcmp(v, "skip")) {
+                fprintf(stderr, "moontune data: --on-bad-record expects error or skip, got \"%s\"\n", v);
+                return 2;
+            }
+            a.jsonl.on_bad_record = !strcmp(v, "skip") ? MT_BAD_RECORD_SKIP : MT_BAD_RECORD_ERROR;
+            break;
+        case OPT_SEQ:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_SEQ_LEN, &a.ex.seq_len, &perr)) goto refused;
+            break;
+        case OPT_BATCH:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_BATCH, &a.batch, &perr)) goto refused;
+            break;
+        case OPT_SEED: {
+            uint64_t seed;
+            if (mt_parse_u64(flag, v, &seed, &perr)) goto refused;
+            a.seed = seed;
+            break;
+        }
+        case OPT_HELDOUT: {
+            double x;
+            if (mt_parse_real(flag, v, &MT_LIMIT_FRACTION, &x, &perr)) goto refused;
+            a.heldout = x;
+            break;
+        }
+        }
     }
     if (!a.n_files || !a.tokenizer) {
         fprintf(stderr, "moontune data: give at least one FILE.jsonl and --tokenizer\n");
@@ -181,4 +203,7 @@ int mt_cmd_data(int argc, char **argv) {
         return 2;
     }
     return run(&a);
+refused:
+    fprintf(stderr, "moontune data: %s\n", perr.msg);
+    return 2;
 }

@@ -8,6 +8,7 @@
 #include "model/evaluate.h"
 #include "base/internal.h"
 #include "base/numparse.h"
+#include "cli/cli_args.h"
 #include "store/peft.h"
 #include "lua/chat_render.h"
 #include "text/tokenizer.h"
@@ -29,44 +30,60 @@ static void usage(FILE *out) {
             "  --threads N       CPU threads\n");
 }
 
+enum { OPT_MODEL = 256, OPT_ADAPTER, OPT_TEMPLATE, OPT_FORMAT, OPT_SEQ, OPT_BATCH, OPT_THREADS };
+
+static const struct option options[] = {
+    {"help", no_argument, NULL, MT_CLI_HELP},
+    {"model", required_argument, NULL, OPT_MODEL},
+    {"adapter", required_argument, NULL, OPT_ADAPTER},
+    {"template", required_argument, NULL, OPT_TEMPLATE},
+    {"format", required_argument, NULL, OPT_FORMAT},
+    {"seq", required_argument, NULL, OPT_SEQ},
+    {"batch", required_argument, NULL, OPT_BATCH},
+    {"threads", required_argument, NULL, OPT_THREADS},
+    {NULL, 0, NULL, 0},
+};
+
 int mt_cmd_eval(int argc, char **argv) {
+    static const mt_cli cli = {"moontune eval", options, usage};
     const char *files[16], *model_path = NULL, *adapter_dir = NULL, *template_name = "auto";
     int n_files = 0, seq = 512, batch = 4, threads = 0;
     mt_jsonl_options jsonl = {.format = MT_DATA_AUTO, .on_bad_record = MT_BAD_RECORD_ERROR};
-    for (int i = 1; i < argc; i++) {
-        const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (o[0] != '-') {
-            if (n_files == 16) goto bad;
-            files[n_files++] = o;
-            continue;
-        }
-        if (!v) goto bad;
-        if (!strcmp(o, "--model")) model_path = v;
-        else if (!strcmp(o, "--adapter")) adapter_dir = v;
-        else if (!strcmp(o, "--template")) template_name = v;
-        else if (!strcmp(o, "--format") && mt_data_format_parse(v) >= 0)
-            jsonl.format = (mt_data_format)mt_data_format_parse(v);
-        else if (!strcmp(o, "--seq") || !strcmp(o, "--batch") || !strcmp(o, "--threads")) {
-            mt_error perr = {0};
-            if (mt_parse_int_into(o, v, !strcmp(o, "--seq") ? &MT_LIMIT_SEQ_LEN
-                                     : !strcmp(o, "--batch") ? &MT_LIMIT_BATCH : &MT_LIMIT_THREADS,
-                               !strcmp(o, "--seq") ? &seq : !strcmp(o, "--batch") ? &batch : &threads,
-                               &perr)) {
-                fprintf(stderr, "moontune eval: %s\n", perr.msg);
+    mt_error perr = {0};
+    const char *v, *flag;
+    int c;
+    mt_cli_begin();
+    while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
+        switch (c) {
+        case MT_CLI_HELP: usage(stdout); return 0;
+        case MT_CLI_REFUSED: return 2;
+        case MT_CLI_POSITIONAL:
+            if (n_files == 16) {
+                fprintf(stderr, "moontune eval: at most 16 files\n");
                 return 2;
             }
-        } else
-            goto bad;
-        i++;
-        continue;
-    bad:
-        fprintf(stderr, "moontune eval: bad option or value: %s %s\n", o, v ? v : "");
-        usage(stderr);
-        return 2;
+            files[n_files++] = v;
+            break;
+        case OPT_MODEL: model_path = v; break;
+        case OPT_ADAPTER: adapter_dir = v; break;
+        case OPT_TEMPLATE: template_name = v; break;
+        case OPT_FORMAT:
+            if (mt_data_format_parse(v) < 0) {
+                fprintf(stderr, "moontune eval: unknown --format %s\n", v);
+                return 2;
+            }
+            jsonl.format = (mt_data_format)mt_data_format_parse(v);
+            break;
+        case OPT_SEQ:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_SEQ_LEN, &seq, &perr)) goto refused;
+            break;
+        case OPT_BATCH:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_BATCH, &batch, &perr)) goto refused;
+            break;
+        case OPT_THREADS:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_THREADS, &threads, &perr)) goto refused;
+            break;
+        }
     }
     if (!model_path || !n_files) {
         fprintf(stderr, "moontune eval: give --model and at least one FILE.jsonl\n");
@@ -112,4 +129,7 @@ done:
     mt_tokenizer_free(tok);
     if (have_be) mt_backend_cpu_shutdown(&be);
     return rc;
+refused:
+    fprintf(stderr, "moontune eval: %s\n", perr.msg);
+    return 2;
 }

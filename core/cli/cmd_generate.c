@@ -9,6 +9,7 @@
 #include "model/generate.h"
 #include "base/internal.h"
 #include "base/numparse.h"
+#include "cli/cli_args.h"
 #include "lua/lua_state.h"
 #include "store/peft.h"
 #include "lua/chat_render.h"
@@ -180,54 +181,74 @@ done:
     return rc;
 }
 
+enum { OPT_MODEL = 256, OPT_ADAPTER, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE, OPT_STOP,
+       OPT_MAX_NEW_TOKENS, OPT_THREADS, OPT_TOP_K, OPT_TEMPERATURE, OPT_TOP_P, OPT_SEED };
+
+static const struct option options[] = {
+    {"help", no_argument, NULL, MT_CLI_HELP},
+    {"model", required_argument, NULL, OPT_MODEL},
+    {"adapter", required_argument, NULL, OPT_ADAPTER},
+    {"prompt", required_argument, NULL, OPT_PROMPT},
+    {"system", required_argument, NULL, OPT_SYSTEM},
+    {"template", required_argument, NULL, OPT_TEMPLATE},
+    {"stop", required_argument, NULL, OPT_STOP},
+    {"max-new-tokens", required_argument, NULL, OPT_MAX_NEW_TOKENS},
+    {"threads", required_argument, NULL, OPT_THREADS},
+    {"top-k", required_argument, NULL, OPT_TOP_K},
+    {"temperature", required_argument, NULL, OPT_TEMPERATURE},
+    {"top-p", required_argument, NULL, OPT_TOP_P},
+    {"seed", required_argument, NULL, OPT_SEED},
+    {NULL, 0, NULL, 0},
+};
+
 int mt_cmd_generate(int argc, char **argv) {
+    static const mt_cli cli = {"moontune generate", options, usage};
     gen_args a = {.template_name = "auto", .max_new_tokens = 256};
     a.sampling = (mt_sampling){.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 42};
-    for (int i = 1; i < argc; i++) {
-        const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        mt_error perr = {0};
-        if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
-            usage(stdout);
-            return 0;
-        } else if (!v) {
-            fprintf(stderr, "moontune generate: %s needs a value\n", o);
+    mt_error perr = {0};
+    const char *v, *flag;
+    int c;
+    mt_cli_begin();
+    while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
+        switch (c) {
+        case MT_CLI_HELP: usage(stdout); return 0;
+        case MT_CLI_REFUSED: return 2;
+        case MT_CLI_POSITIONAL:
+            fprintf(stderr, "moontune generate: unexpected argument '%s' (the prompt goes after --prompt)\n", v);
+            usage(stderr);
             return 2;
-        } else if (!strcmp(o, "--model")) {
-            a.model = v;
-        } else if (!strcmp(o, "--adapter")) {
-            a.adapter = v;
-        } else if (!strcmp(o, "--prompt")) {
-            a.prompt = v;
-        } else if (!strcmp(o, "--system")) {
-            a.system = v;
-        } else if (!strcmp(o, "--template")) {
-            a.template_name = v;
-        } else if (!strcmp(o, "--stop") && a.n_stops < 8 && *v) {
+        case OPT_MODEL: a.model = v; break;
+        case OPT_ADAPTER: a.adapter = v; break;
+        case OPT_PROMPT: a.prompt = v; break;
+        case OPT_SYSTEM: a.system = v; break;
+        case OPT_TEMPLATE: a.template_name = v; break;
+        case OPT_STOP:
+            if (!*v || a.n_stops == 8) {
+                fprintf(stderr, "moontune generate: --stop takes a non-empty string, at most 8 times\n");
+                return 2;
+            }
             a.stops[a.n_stops++] = v;
-        } else if (!strcmp(o, "--max-new-tokens")) {
-            if (mt_parse_int_into(o, v, &MT_LIMIT_MAX_NEW_TOKENS, &a.max_new_tokens, &perr)) goto refused;
-        } else if (!strcmp(o, "--threads")) {
-            if (mt_parse_int_into(o, v, &MT_LIMIT_THREADS, &a.threads, &perr)) goto refused;
-        } else if (!strcmp(o, "--top-k")) {
-            if (mt_parse_int_into(o, v, &MT_LIMIT_TOP_K, &a.sampling.top_k, &perr)) goto refused;
-        } else if (!strcmp(o, "--temperature")) {
-            if (mt_parse_float_into(o, v, &MT_LIMIT_TEMPERATURE, &a.sampling.temperature, &perr)) goto refused;
-        } else if (!strcmp(o, "--top-p")) {
-            if (mt_parse_float_into(o, v, &MT_LIMIT_TOP_P, &a.sampling.top_p, &perr)) goto refused;
-        } else if (!strcmp(o, "--seed")) {
-            if (mt_parse_u64(o, v, &a.sampling.seed, &perr)) goto refused;
-        } else {
-            goto bad;
+            break;
+        case OPT_MAX_NEW_TOKENS:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_MAX_NEW_TOKENS, &a.max_new_tokens, &perr)) goto refused;
+            break;
+        case OPT_THREADS:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_THREADS, &a.threads, &perr)) goto refused;
+            break;
+        case OPT_TOP_K:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_TOP_K, &a.sampling.top_k, &perr)) goto refused;
+            break;
+        case OPT_TEMPERATURE:
+            if (mt_parse_float_into(flag, v, &MT_LIMIT_TEMPERATURE, &a.sampling.temperature, &perr))
+                goto refused;
+            break;
+        case OPT_TOP_P:
+            if (mt_parse_float_into(flag, v, &MT_LIMIT_TOP_P, &a.sampling.top_p, &perr)) goto refused;
+            break;
+        case OPT_SEED:
+            if (mt_parse_u64(flag, v, &a.sampling.seed, &perr)) goto refused;
+            break;
         }
-        i++;
-        continue;
-    bad:
-        fprintf(stderr, "moontune generate: bad option or value: %s %s\n", o, v ? v : "");
-        usage(stderr);
-        return 2;
-    refused:
-        fprintf(stderr, "moontune generate: %s\n", perr.msg);
-        return 2;
     }
     if (!a.model || !a.prompt) {
         fprintf(stderr, "moontune generate: give --model and --prompt\n");
@@ -235,4 +256,7 @@ int mt_cmd_generate(int argc, char **argv) {
         return 2;
     }
     return run(&a);
+refused:
+    fprintf(stderr, "moontune generate: %s\n", perr.msg);
+    return 2;
 }

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/cli_args.h"
 #include "plugin/registry.h"
 
 static void usage(FILE *out) {
@@ -166,22 +167,18 @@ static int describe_plugins(const mt_registry *r, const char *name, mt_plugin_ki
 }
 
 /* "--flag VALUE" or "--flag=VALUE": the value, advancing *i past it; NULL when absent. */
-static const char *flag_value(int argc, char **argv, int *i, const char *flag) {
-    size_t n = strlen(flag);
-    const char *a = argv[*i];
-    if (strncmp(a, flag, n)) return NULL;
-    if (a[n] == '=') return a + n + 1;
-    if (a[n] != '\0') return NULL;
-    if (*i + 1 >= argc) return NULL;
-    return argv[++*i];
-}
+enum { OPT_DESCRIBE = 256, OPT_KIND, OPT_PATH };
 
-static int is_flag(const char *a, const char *flag) {
-    size_t n = strlen(flag);
-    return !strncmp(a, flag, n) && (a[n] == '\0' || a[n] == '=');
-}
+static const struct option options[] = {
+    {"help", no_argument, NULL, MT_CLI_HELP},
+    {"describe", required_argument, NULL, OPT_DESCRIBE},
+    {"kind", required_argument, NULL, OPT_KIND},
+    {"path", required_argument, NULL, OPT_PATH},
+    {NULL, 0, NULL, 0},
+};
 
 int mt_cmd_plugins(int argc, char **argv) {
+    static const mt_cli cli = {"moontune plugins", options, usage};
     const char *describe_name = NULL;
     mt_plugin_kind kind = (mt_plugin_kind)0;
     const char **dirs = calloc(argc > 0 ? (size_t)argc : 1, sizeof *dirs);
@@ -191,40 +188,44 @@ int mt_cmd_plugins(int argc, char **argv) {
         return 1;
     }
     int status = -1;
-    for (int i = 1; i < argc && status < 0; i++) {
-        const char *a = argv[i];
-        const char *v;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+    const char *v, *flag;
+    int c;
+    mt_cli_begin();
+    while (status < 0 && (c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
+        switch (c) {
+        case MT_CLI_HELP:
             usage(stdout);
             status = 0;
-        } else if (is_flag(a, "--describe")) {
-            if (!(v = flag_value(argc, argv, &i, "--describe")) || !*v) {
+            break;
+        case MT_CLI_REFUSED: status = 2; break;
+        case MT_CLI_POSITIONAL:
+            fprintf(stderr, "moontune plugins: unexpected argument '%s' (see moontune plugins --help)\n", v);
+            status = 2;
+            break;
+        case OPT_DESCRIBE:
+            if (!*v) {
                 fprintf(stderr, "moontune plugins: --describe expects a plugin name\n");
                 status = 2;
-            } else {
-                describe_name = v;
             }
-        } else if (is_flag(a, "--kind")) {
-            if (!(v = flag_value(argc, argv, &i, "--kind")) || !mt_plugin_kind_parse(v)) {
+            describe_name = v;
+            break;
+        case OPT_KIND:
+            if (!mt_plugin_kind_parse(v)) {
                 fprintf(stderr,
                         "moontune plugins: --kind expects optimizer, loss, adapter or scheduler, "
                         "got \"%s\"\n",
-                        v ? v : "");
+                        v);
                 status = 2;
-            } else {
-                kind = mt_plugin_kind_parse(v);
             }
-        } else if (is_flag(a, "--path")) {
-            if (!(v = flag_value(argc, argv, &i, "--path")) || !*v) {
+            kind = mt_plugin_kind_parse(v);
+            break;
+        case OPT_PATH:
+            if (!*v) {
                 fprintf(stderr, "moontune plugins: --path expects a directory\n");
                 status = 2;
-            } else {
-                dirs[n_dirs++] = v;
             }
-        } else {
-            fprintf(stderr, "moontune plugins: unknown argument \"%s\" (see moontune plugins --help)\n",
-                    a);
-            status = 2;
+            dirs[n_dirs++] = v;
+            break;
         }
     }
     if (status >= 0) {

@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cli/cli_args.h"
 #include "lua/lua_state.h"
 #include "lua/bindings.h"
 #include "lua/run_dir.h"
@@ -81,7 +82,20 @@ static void add_recipe_dir(lua_State *L, const char *recipe) {
     lua_pop(L, 1);
 }
 
+enum { OPT_UNSAFE = 256, OPT_OVERWRITE, OPT_ALLOW_CHANGES, OPT_RESUME, OPT_SET };
+
+static const struct option options[] = {
+    {"help", no_argument, NULL, MT_CLI_HELP},
+    {"unsafe", no_argument, NULL, OPT_UNSAFE},
+    {"overwrite", no_argument, NULL, OPT_OVERWRITE},
+    {"allow-changes", no_argument, NULL, OPT_ALLOW_CHANGES},
+    {"resume", optional_argument, NULL, OPT_RESUME},
+    {"set", required_argument, NULL, OPT_SET},
+    {NULL, 0, NULL, 0},
+};
+
 int mt_cmd_run(int argc, char **argv) {
+    static const mt_cli cli = {"moontune run", options, usage};
     const char *recipe = NULL, *resume_path = NULL;
     int resume = 0, unsafe = 0, n_sets = 0, overwrite = 0, allow_changes = 0;
     const char **sets = calloc((size_t)(argc > 0 ? argc : 1), sizeof *sets);
@@ -89,47 +103,46 @@ int mt_cmd_run(int argc, char **argv) {
         fprintf(stderr, "moontune run: out of memory\n");
         return 1;
     }
-    for (int i = 1; i < argc; i++) {
-        const char *o = argv[i];
-        if (!strcmp(o, "--help") || !strcmp(o, "-h")) {
+    mt_cli_begin();
+    const char *v, *flag;
+    int c;
+    while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
+        switch (c) {
+        case MT_CLI_HELP:
             usage(stdout);
             free(sets);
             return 0;
-        } else if (!strcmp(o, "--unsafe")) {
-            unsafe = 1;
-        } else if (!strcmp(o, "--overwrite")) {
-            overwrite = 1;
-        } else if (!strcmp(o, "--allow-changes")) {
-            allow_changes = 1;
-        } else if (!strcmp(o, "--resume")) {
+        case MT_CLI_REFUSED: free(sets); return 2;
+        case OPT_UNSAFE: unsafe = 1; break;
+        case OPT_OVERWRITE: overwrite = 1; break;
+        case OPT_ALLOW_CHANGES: allow_changes = 1; break;
+        case OPT_RESUME:
             resume = 1;
-            /* an optional path: the next word, unless it is an option or the recipe */
-            if (i + 1 < argc && argv[i + 1][0] != '-') {
-                size_t n = strlen(argv[i + 1]);
-                int is_lua = n > 4 && !strcmp(argv[i + 1] + n - 4, ".lua");
-                if (recipe || !is_lua) resume_path = argv[++i];
+            if (v) {
+                resume_path = v;
+            } else if (optind < argc && argv[optind][0] != '-' &&
+                       (recipe || !mt_ends_with(argv[optind], ".lua"))) {
+                /* an optional path: the next word, unless it is an option or the recipe */
+                resume_path = argv[optind++];
             }
-        } else if (!strcmp(o, "--set")) {
-            if (i + 1 >= argc || !strchr(argv[i + 1], '=')) {
+            break;
+        case OPT_SET:
+            if (!strchr(v, '=')) {
                 fprintf(stderr, "moontune run: --set needs key=value\n");
                 usage(stderr);
                 free(sets);
                 return 2;
             }
-            sets[n_sets++] = argv[++i];
-        } else if (!strncmp(o, "--set=", 6) && strchr(o + 6, '=')) {
-            sets[n_sets++] = o + 6;
-        } else if (o[0] == '-') {
-            fprintf(stderr, "moontune run: unknown option '%s'\n", o);
-            usage(stderr);
-            free(sets);
-            return 2;
-        } else if (!recipe) {
-            recipe = o;
-        } else {
-            fprintf(stderr, "moontune run: more than one recipe ('%s' and '%s')\n", recipe, o);
-            free(sets);
-            return 2;
+            sets[n_sets++] = v;
+            break;
+        case MT_CLI_POSITIONAL:
+            if (recipe) {
+                fprintf(stderr, "moontune run: more than one recipe ('%s' and '%s')\n", recipe, v);
+                free(sets);
+                return 2;
+            }
+            recipe = v;
+            break;
         }
     }
     if (!recipe) {

@@ -72,18 +72,6 @@ static const char *dtype_label(mt_st_dtype dtype) {
 
 /* ---- small helpers for messages ------------------------------------------ */
 
-/* "[3, 4]" into buf (always NUL-terminated, truncated if it must be). */
-static const char *shape_str(const int64_t *shape, int ndim, char *buf, size_t cap) {
-    size_t used = 0;
-    buf[0] = '\0';
-    used += (size_t)snprintf(buf, cap, "[");
-    for (int i = 0; i < ndim && used < cap; i++)
-        used +=
-            (size_t)snprintf(buf + used, cap - used, i ? ", %lld" : "%lld", (long long)shape[i]);
-    if (used < cap) snprintf(buf + used, cap - used, "]");
-    return buf;
-}
-
 /* What a JSON value is, for "expected X, found Y": the number itself when it is one. */
 static const char *json_found(const json_t *v, char *buf, size_t cap) {
     if (json_is_integer(v)) {
@@ -235,9 +223,9 @@ static mt_status parse_entry(const char *path, const char *name, const json_t *v
         if (d > SIZE_MAX || !mt_mul_size(numel, (size_t)d, &numel))
             return mt_error_set(err, MT_ERR_FORMAT,
                                 "%s: tensor '%s': shape %s...: the element count overflows", path,
-                                name, shape_str(w->t.shape, w->t.ndim, shp, sizeof shp));
+                                name, mt_shape_format(shp, sizeof shp, w->t.ndim, w->t.shape));
     }
-    shape_str(w->t.shape, w->t.ndim, shp, sizeof shp);
+    mt_shape_format(shp, sizeof shp, w->t.ndim, w->t.shape);
     if (!mt_mul_size(numel, st_dtypes[w->t.dtype].size, &nbytes))
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: tensor '%s': shape %s of %s: the byte count overflows", path, name,
@@ -649,11 +637,6 @@ static int is_regular(const char *path) {
     return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-static int ends_with(const char *s, const char *suffix) {
-    size_t a = strlen(s), b = strlen(suffix);
-    return a >= b && strcmp(s + a - b, suffix) == 0;
-}
-
 static mt_status open_dir(const char *path, mt_safetensors *s, mt_error *err) {
     char *index = mt_path_join(path, ST_INDEX_NAME, err);
     char *single = index ? mt_path_join(path, ST_SINGLE_NAME, err) : NULL;
@@ -692,7 +675,7 @@ mt_status mt_st_open(const char *path, mt_safetensors **out, mt_error *err) {
         st = mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     else if (S_ISDIR(sb.st_mode))
         st = open_dir(path, s, err);
-    else if (ends_with(path, ".json"))
+    else if (mt_ends_with(path, ".json"))
         st = open_index(path, s, err);
     else
         st = open_single(path, s, err);
@@ -778,7 +761,7 @@ static mt_status nonfinite_error(const mt_st_tensor *t, size_t first, float valu
             rest = t->shape[d] ? rest / (size_t)t->shape[d] : 0;
         }
         char c[128];
-        snprintf(where, sizeof where, ", element %s", shape_str(coord, t->ndim, c, sizeof c));
+        snprintf(where, sizeof where, ", element %s", mt_shape_format(c, sizeof c, t->ndim, coord));
     }
     return mt_error_set(err, MT_ERR_FORMAT,
                         "%s: tensor \"%s\": %zu non-finite value%s (the first, %g, at index %zu "
@@ -891,20 +874,20 @@ static mt_status check_entries(const char *where, const mt_st_entry *entries, si
             if (e->shape[d] < 0)
                 return mt_error_set(err, MT_ERR_INVALID_ARG,
                                     "%s: tensor '%s': shape %s has a negative dimension", where,
-                                    e->name, shape_str(e->shape, e->ndim, shp, sizeof shp));
+                                    e->name, mt_shape_format(shp, sizeof shp, e->ndim, e->shape));
             overflow |=
                 (uint64_t)e->shape[d] > SIZE_MAX || !mt_mul_size(n, (size_t)e->shape[d], &n);
         }
         if (overflow || !mt_mul_size(n, st_dtypes[e->dtype].size, &n))
             return mt_error_set(err, MT_ERR_INVALID_ARG,
                                 "%s: tensor '%s': shape %s of %s: the byte count overflows", where,
-                                e->name, shape_str(e->shape, e->ndim, shp, sizeof shp),
+                                e->name, mt_shape_format(shp, sizeof shp, e->ndim, e->shape),
                                 st_dtypes[e->dtype].name);
         if (n > 0 && !e->data)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
                                 "%s: tensor '%s': %zu bytes of %s %s but data is NULL", where,
                                 e->name, n, st_dtypes[e->dtype].name,
-                                shape_str(e->shape, e->ndim, shp, sizeof shp));
+                                mt_shape_format(shp, sizeof shp, e->ndim, e->shape));
         if (!mt_add_size(sum, n, &sum) || sum > (size_t)INT64_MAX)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
                                 "%s: the tensors' total byte count overflows", where);

@@ -12,11 +12,6 @@
 
 #include "base/internal.h"
 
-static int is_dir(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
-}
-
 const char *mt_lua_dir(void) {
     static char dir[PATH_MAX];
     const char *env = getenv("MOONTUNE_LUA_PATH");
@@ -30,7 +25,7 @@ const char *mt_lua_dir(void) {
             if (slash) *slash = '\0';
             char candidate[PATH_MAX + 32];
             snprintf(candidate, sizeof candidate, "%s/../share/moontune/lua", exe);
-            if (is_dir(candidate) && strlen(candidate) < sizeof dir) strcpy(dir, candidate);
+            if (mt_is_dir(candidate) && strlen(candidate) < sizeof dir) strcpy(dir, candidate);
         }
         if (!dir[0]) snprintf(dir, sizeof dir, "%s", MT_LUA_SOURCE_DIR);
     }

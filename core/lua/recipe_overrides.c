@@ -170,15 +170,11 @@ static mt_status co_convert(lua_State *L, const char *set, const char *key, cons
 }
 
 static mt_status co_apply_one(lua_State *L, int cfg, const char *set, mt_error *err) {
-    const char *eq = strchr(set, '=');
-    if (!eq || eq == set)
-        return mt_error_set(err, MT_ERR_INVALID_ARG, "--set %s: expected key=value (e.g. lora.r=16)", set);
-    size_t klen = (size_t)(eq - set);
-    if (klen >= CO_KEY_MAX) return mt_error_set(err, MT_ERR_INVALID_ARG, "--set %.64s...: key too long", set);
     char key[CO_KEY_MAX];
-    memcpy(key, set, klen);
-    key[klen] = '\0';
-    const char *value = eq + 1;
+    const char *value;
+    mt_status split = mt_split_kv("--set", set, key, sizeof key, &value, err);
+    if (split != MT_OK) return split;
+    size_t klen = strlen(key);
 
     lua_pushvalue(L, cfg);
     char *part = key;

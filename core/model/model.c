@@ -484,19 +484,8 @@ mt_status mt_model_init_random(mt_model *m, uint64_t seed, float std, mt_error *
     return st;
 }
 
-/* "[576, 49152]" */
-static void format_shape(char *buf, size_t size, int ndim, const int64_t *shape) {
-    size_t len = (size_t)snprintf(buf, size, "[");
-    for (int d = 0; d < ndim && len < size; d++)
-        len += (size_t)snprintf(buf + len, size - len, "%s%lld", d ? ", " : "", (long long)shape[d]);
-    if (len < size) snprintf(buf + len, size - len, "]");
-}
-
 static int is_ignorable_tensor(const mt_model *m, const char *name) {
-    size_t n = strlen(name);
-    const char *suffix = "rotary_emb.inv_freq"; /* a buffer older checkpoints carry */
-    size_t k = strlen(suffix);
-    if (n >= k && !strcmp(name + n - k, suffix)) return 1;
+    if (mt_ends_with(name, "rotary_emb.inv_freq")) return 1; /* a buffer older checkpoints carry */
     /* Tied models use the embedding; some checkpoints still store a copy. */
     return m->cfg.tie_word_embeddings && !strcmp(name, "lm_head.weight");
 }
@@ -520,14 +509,14 @@ static mt_status check_weights(mt_model *m, const mt_safetensors *st, mt_error *
         const mt_param *p = &m->params[i];
         const mt_st_tensor *t = mt_st_find(st, p->name);
         char expected[96], found[96];
-        format_shape(expected, sizeof expected, p->ndim, p->shape);
+        mt_shape_format(expected, sizeof expected, p->ndim, p->shape);
         if (!t)
             return mt_error_set(err, MT_ERR_FORMAT, "%s: no tensor \"%s\" (shape %s from config.json)",
                                 mt_st_source(st), p->name, expected);
         int shape_ok = t->ndim == p->ndim && t->shape[0] == p->shape[0] &&
                        (p->ndim == 1 || t->shape[1] == p->shape[1]);
         if (!shape_ok) {
-            format_shape(found, sizeof found, t->ndim, t->shape);
+            mt_shape_format(found, sizeof found, t->ndim, t->shape);
             return mt_error_set(err, MT_ERR_FORMAT,
                                 "%s: tensor \"%s\": expected shape %s from config.json, found %s",
                                 t->file, t->name, expected, found);

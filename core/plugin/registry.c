@@ -467,18 +467,8 @@ static mt_status add_refusal(mt_registry *r, mt_error *err, const char *fmt, ...
     return MT_OK;
 }
 
-static int has_suffix(const char *s, const char *suffix) {
-    size_t a = strlen(s), b = strlen(suffix);
-    return a >= b && !strcmp(s + a - b, suffix);
-}
-
 static int compare_strings(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static int is_dir(const char *path) {
-    struct stat sb;
-    return stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
 }
 
 /* dir + rel when that is a directory (canonical, so messages show no "/../"), else NULL. */
@@ -488,7 +478,7 @@ static char *existing_dir(const char *dir, size_t dir_len, const char *rel) {
     if (!path) return NULL;
     memcpy(path, dir, dir_len);
     memcpy(path + dir_len, rel, r + 1);
-    char *canon = is_dir(path) ? realpath(path, NULL) : NULL;
+    char *canon = mt_is_dir(path) ? realpath(path, NULL) : NULL;
     free(path);
     return canon;
 }
@@ -607,7 +597,7 @@ static mt_status scan_dir(mt_registry *r, const char *dir, const char *origin, m
     mt_status st = MT_OK;
     struct dirent *e;
     while ((e = readdir(dh)) != NULL) {
-        if (e->d_name[0] == '.' || !has_suffix(e->d_name, ".so")) continue;
+        if (e->d_name[0] == '.' || !mt_ends_with(e->d_name, ".so")) continue;
         char *name = strdup(e->d_name);
         if (!name || !push((void ***)&names, &n, &cap, name)) {
             free(name);

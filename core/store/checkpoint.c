@@ -895,15 +895,6 @@ mt_status mt_checkpoint_verify(const char *dir, mt_error *err) {
     return MT_OK;
 }
 
-static const char *shape_str(char *buf, size_t size, int ndim, const int64_t *shape) {
-    size_t len = (size_t)snprintf(buf, size, "[");
-    for (int i = 0; i < ndim && len < size; i++)
-        len +=
-            (size_t)snprintf(buf + len, size - len, "%s%lld", i ? ", " : "", (long long)shape[i]);
-    if (len < size) snprintf(buf + len, size - len, "]");
-    return buf;
-}
-
 static int same_shape(const mt_st_tensor *t, const mt_tensor *v) {
     if (t->ndim != v->ndim) return 0;
     for (int i = 0; i < t->ndim; i++)
@@ -975,8 +966,8 @@ mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instanc
                 st = mt_error_set(
                     err, MT_ERR_FORMAT, "%s: parameter '%s': expected shape %s, found %s", wpath,
                     params[i].name,
-                    shape_str(a, sizeof a, params[i].value.ndim, params[i].value.shape),
-                    shape_str(b, sizeof b, t->ndim, t->shape));
+                    mt_shape_format(a, sizeof a, params[i].value.ndim, params[i].value.shape),
+                    mt_shape_format(b, sizeof b, t->ndim, t->shape));
                 goto done;
             }
             if (params[i].value.dtype != MT_F32 || !params[i].value.data) {

@@ -78,11 +78,6 @@ static json_t *export_id(int32_t id) { return id >= 0 ? json_integer(id) : json_
 const char *const mt_peft_modules[MT_PEFT_NUM_MODULES] = {
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
 
-static int ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), k = strlen(suffix);
-    return n >= k && !strcmp(s + n - k, suffix);
-}
-
 mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
                          const char *base_model_name_or_path, const char *out_dir, mt_error *err) {
     if (!lora || lora->desc->kind != MT_PLUGIN_ADAPTER ||
@@ -95,7 +90,7 @@ mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
     size_t n = 0;
     for (size_t i = 0; i < model->num_extra; i++) {
         const char *name = model->extra_params[i].name;
-        if (ends_with(name, ".lora_A.weight") || ends_with(name, ".lora_B.weight")) n++;
+        if (mt_ends_with(name, ".lora_A.weight") || mt_ends_with(name, ".lora_B.weight")) n++;
     }
     if (n == 0)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -106,8 +101,8 @@ mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
     size_t k = 0;
     for (size_t i = 0; !st && i < model->num_extra; i++) {
         const mt_param_view *v = &model->extra_params[i];
-        int is_a = ends_with(v->name, ".lora_A.weight");
-        if (!is_a && !ends_with(v->name, ".lora_B.weight")) continue;
+        int is_a = mt_ends_with(v->name, ".lora_A.weight");
+        if (!is_a && !mt_ends_with(v->name, ".lora_B.weight")) continue;
         if (v->value.dtype != MT_F32 || v->value.device != MT_DEVICE_CPU || v->value.ndim != 2) {
             st = mt_error_set(err, MT_ERR_UNSUPPORTED,
                               "export peft: %s is not a 2-D F32 tensor in CPU memory", v->name);
@@ -282,7 +277,7 @@ static int export_file_exists(const char *path) {
 
 static mt_status export_tokenizer(const mt_tokenizer *tok, const char *dir, mt_error *err) {
     const char *src = mt_tokenizer_source(tok);
-    if (src && ends_with(src, "tokenizer.json") && export_file_exists(src)) {
+    if (src && mt_ends_with(src, "tokenizer.json") && export_file_exists(src)) {
         /* loaded from a Hugging Face directory: copy its files as they are */
         size_t dl = strlen(src) - strlen("tokenizer.json");
         static const char *const files[] = {"tokenizer.json", "tokenizer_config.json",

@@ -81,16 +81,6 @@ static char *optim_join(const char *a, const char *b) {
     return s;
 }
 
-static const char *optim_shape_str(char *buf, size_t size, int ndim, const int64_t *shape) {
-    size_t len = 0;
-    len += (size_t)snprintf(buf, size, "[");
-    for (int i = 0; i < ndim && len < size; i++)
-        len +=
-            (size_t)snprintf(buf + len, size - len, "%s%lld", i ? ", " : "", (long long)shape[i]);
-    if (len < size) snprintf(buf + len, size - len, "]");
-    return buf;
-}
-
 static int optim_same_shape(const optim_slot *s, const mt_tensor *t) {
     if (s->ndim != t->ndim) return 0;
     for (int i = 0; i < s->ndim; i++)
@@ -212,8 +202,8 @@ static mt_status optim_restore(void *state, const char *name, int kind, const mt
     if (!optim_same_shape(s, tensor))
         return host->error(err, MT_ERR_INVALID_ARG,
                            NAME ": state '%s': expected shape %s, found %s", name,
-                           optim_shape_str(a, sizeof a, s->ndim, s->shape),
-                           optim_shape_str(b, sizeof b, tensor->ndim, tensor->shape));
+                           mt_shape_format(a, sizeof a, s->ndim, s->shape),
+                           mt_shape_format(b, sizeof b, tensor->ndim, tensor->shape));
     memcpy(s->buf[kind], tensor->data, (size_t)s->numel * sizeof(float));
     s->started = 1;
     s->restored |= 1u << kind;
@@ -255,8 +245,8 @@ static mt_status optim_step(void *state, mt_param_view *params, size_t count, do
         if (optim_numel(&p->grad) != optim_numel(&p->value))
             return host->error(err, MT_ERR_INVALID_ARG,
                                NAME ": parameter '%s': gradient %s does not match value %s", name,
-                               optim_shape_str(a, sizeof a, p->grad.ndim, p->grad.shape),
-                               optim_shape_str(b, sizeof b, p->value.ndim, p->value.shape));
+                               mt_shape_format(a, sizeof a, p->grad.ndim, p->grad.shape),
+                               mt_shape_format(b, sizeof b, p->value.ndim, p->value.shape));
         long k = optim_find_slot(st, name, i);
         if (k < 0) {
             if (st->restoring)
@@ -276,8 +266,8 @@ static mt_status optim_step(void *state, mt_param_view *params, size_t count, do
             return host->error(
                 err, MT_ERR_INVALID_ARG,
                 NAME ": parameter '%s': its optimizer state has shape %s, the parameter %s", name,
-                optim_shape_str(a, sizeof a, s->ndim, s->shape),
-                optim_shape_str(b, sizeof b, p->value.ndim, p->value.shape));
+                mt_shape_format(a, sizeof a, s->ndim, s->shape),
+                mt_shape_format(b, sizeof b, p->value.ndim, p->value.shape));
         if (st->restoring)
             for (int kind = 0; kind < st->n_kinds; kind++)
                 if (!(s->restored & (1u << kind)))

@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -77,6 +78,17 @@ typedef struct mt_tensor {
     int64_t shape[MT_MAX_DIMS];
     void *data;
 } mt_tensor;
+
+/* "[576, 49152]" into buf (always NUL-terminated, truncated if it must be): the shape
+ * for a message; returns buf. Inline, so plugins use it without linking the core. */
+static inline const char *mt_shape_format(char *buf, size_t size, int ndim, const int64_t *shape) {
+    if (!size) return buf;
+    size_t len = (size_t)snprintf(buf, size, "[");
+    for (int i = 0; i < ndim && len < size; i++)
+        len += (size_t)snprintf(buf + len, size - len, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (len < size) snprintf(buf + len, size - len, "]");
+    return buf;
+}
 
 /* Size in bytes of one element; 0 for an invalid dtype. */
 MT_API size_t mt_dtype_size(mt_dtype dtype);

@@ -1,0 +1,143 @@
+/* cmd_bench.c — `moontune bench [--shape NAME | --config PATH] [options]`. */
+#include "cli/cmd_bench.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/internal.h"
+#include "base/numparse.h"
+#include "cli/bench.h"
+#include "cli/cli_args.h"
+#include "plugin/options.h"
+
+#define MAX_ADAPTER_OPTIONS 32
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: moontune bench [--shape NAME | --config config.json] [options]\n"
+            "\n"
+            "Runs forward+backward steps of a Llama-family model with random weights and\n"
+            "reports tokens/s, achieved GFLOP/s (matrix-product FLOPs) and peak memory.\n"
+            "\n"
+            "  --shape NAME     tiny | smollm2-135m | llama-1b          (default tiny)\n"
+            "  --config PATH    a Hugging Face config.json instead of a named shape\n"
+            "  --batch N        rows per batch                          (default 4)\n"
+            "  --seq N          tokens per row                          (default 256)\n"
+            "  --mode MODE      frozen (input gradients only) | full (every weight\n"
+            "                   trainable) | both                       (default both)\n"
+            "  --steps N        timed steps                             (default 3)\n"
+            "  --warmup N       untimed steps first                     (default 1)\n"
+            "  --threads N      CPU threads (default: OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n"
+            "  --adapter NAME   attach an adapter plugin (lora, qlora, full) instead of --mode\n"
+            "  --adapter-option KEY=VALUE   an option of that adapter (repeatable), e.g.\n"
+            "                   target_modules=all-linear, r=16\n");
+}
+
+/* An adapter option's value: true/false, a number, or a string. */
+static void typed_value(const char *value, mt_kv *kv) {
+    char *end;
+    double num = strtod(value, &end);
+    if (!strcmp(value, "true") || !strcmp(value, "false")) {
+        kv->type = MT_KV_BOOL;
+        kv->boolean = !strcmp(value, "true");
+    } else if (*value && !*end) {
+        kv->type = MT_KV_NUMBER;
+        kv->number = num;
+    } else {
+        kv->type = MT_KV_STRING;
+        kv->string = value;
+    }
+}
+
+enum { OPT_SHAPE = 256, OPT_CONFIG, OPT_MODE, OPT_BATCH, OPT_SEQ, OPT_STEPS, OPT_WARMUP,
+       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION };
+
+static const struct option options[] = {
+    {"help", no_argument, NULL, MT_CLI_HELP},
+    {"shape", required_argument, NULL, OPT_SHAPE},
+    {"config", required_argument, NULL, OPT_CONFIG},
+    {"mode", required_argument, NULL, OPT_MODE},
+    {"batch", required_argument, NULL, OPT_BATCH},
+    {"seq", required_argument, NULL, OPT_SEQ},
+    {"steps", required_argument, NULL, OPT_STEPS},
+    {"warmup", required_argument, NULL, OPT_WARMUP},
+    {"threads", required_argument, NULL, OPT_THREADS},
+    {"adapter", required_argument, NULL, OPT_ADAPTER},
+    {"adapter-option", required_argument, NULL, OPT_ADAPTER_OPTION},
+    {NULL, 0, NULL, 0},
+};
+
+int mt_cmd_bench(int argc, char **argv) {
+    static const mt_cli cli = {"moontune bench", options, usage};
+    mt_bench_options opt = {.shape = "tiny", .batch = 4, .seq = 256, .steps = 3, .warmup = 1,
+                            .mode = MT_BENCH_BOTH};
+    mt_kv adapter_kv[MAX_ADAPTER_OPTIONS];
+    char adapter_keys[MAX_ADAPTER_OPTIONS][64];
+    mt_error err = {0};
+    const char *v, *flag;
+    int c;
+    mt_cli_begin();
+    while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
+        switch (c) {
+        case MT_CLI_HELP: usage(stdout); return 0;
+        case MT_CLI_REFUSED: return 2;
+        case MT_CLI_POSITIONAL:
+            fprintf(stderr, "moontune bench: unexpected argument '%s'\n", v);
+            usage(stderr);
+            return 2;
+        case OPT_SHAPE:
+            opt.shape = v;
+            opt.config_path = NULL;
+            break;
+        case OPT_CONFIG: opt.config_path = v; break;
+        case OPT_MODE:
+            if (!strcmp(v, "frozen")) opt.mode = MT_BENCH_FROZEN;
+            else if (!strcmp(v, "full")) opt.mode = MT_BENCH_FULL;
+            else if (!strcmp(v, "both")) opt.mode = MT_BENCH_BOTH;
+            else {
+                fprintf(stderr, "moontune bench: --mode expects frozen, full or both, got \"%s\"\n", v);
+                return 2;
+            }
+            break;
+        case OPT_BATCH:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_BATCH, &opt.batch, &err)) goto refused;
+            break;
+        case OPT_SEQ:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_SEQ_LEN, &opt.seq, &err)) goto refused;
+            break;
+        case OPT_STEPS:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_BENCH_STEPS, &opt.steps, &err)) goto refused;
+            break;
+        case OPT_WARMUP:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_BENCH_WARMUP, &opt.warmup, &err)) goto refused;
+            break;
+        case OPT_THREADS:
+            if (mt_parse_int_into(flag, v, &MT_LIMIT_THREADS, &opt.threads, &err)) goto refused;
+            break;
+        case OPT_ADAPTER: opt.adapter = v; break;
+        case OPT_ADAPTER_OPTION: {
+            int k = opt.n_adapter_options;
+            if (k == MAX_ADAPTER_OPTIONS) {
+                fprintf(stderr, "moontune bench: at most %d --adapter-option\n", MAX_ADAPTER_OPTIONS);
+                return 2;
+            }
+            const char *value;
+            if (mt_split_kv(flag, v, adapter_keys[k], sizeof adapter_keys[k], &value, &err)) goto refused;
+            adapter_kv[k] = (mt_kv){.key = adapter_keys[k]};
+            typed_value(value, &adapter_kv[k]);
+            opt.n_adapter_options++;
+            break;
+        }
+        }
+    }
+    opt.adapter_options = adapter_kv;
+    if (mt_bench_run(&opt, &err)) {
+        fprintf(stderr, "moontune bench: %s\n", err.msg);
+        return 1;
+    }
+    return 0;
+refused:
+    fprintf(stderr, "moontune bench: %s\n", err.msg);
+    return 2;
+}
