@@ -1,0 +1,469 @@
+/* bind_data.c — moontune.core's data objects: Examples, Records, Batcher and Batch. */
+#include "lua/bind_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "lua/chat_render.h"
+
+/* ---- Examples ------------------------------------------------------------------ */
+
+lexamples *bind_check_examples(lua_State *L, int idx) {
+    lexamples *e = luaL_checkudata(L, idx, EXAMPLES_MT);
+    if (!e->open) luaL_error(L, "the examples are closed");
+    return e;
+}
+
+static void examples_free(lexamples *e) {
+    if (!e->open) return;
+    mt_example_set_free(&e->set);
+    mt_record_set_free(&e->records);
+    e->open = 0;
+}
+
+static int examples_gc(lua_State *L) {
+    examples_free(luaL_checkudata(L, 1, EXAMPLES_MT));
+    return 0;
+}
+
+static int examples_close(lua_State *L) {
+    lexamples *e = luaL_checkudata(L, 1, EXAMPLES_MT);
+    if (e->open && e->users > 0)
+        return luaL_error(L, "the examples are in use by %d open batcher(s); close those first", e->users);
+    examples_free(e);
+    return 0;
+}
+
+/* A new, initialised Examples userdata on the stack. */
+static lexamples *new_examples(lua_State *L, const mt_example_options *opt) {
+    lexamples *e = lua_newuserdatauv(L, sizeof *e, 0);
+    memset(e, 0, sizeof *e);
+    luaL_setmetatable(L, EXAMPLES_MT);
+    mt_error err = {0};
+    if (mt_example_set_init(&e->set, opt, &err)) bind_raise(L, &err);
+    mt_record_set_init(&e->records);
+    e->open = 1;
+    return e;
+}
+
+static void read_example_options(lua_State *L, int opts, mt_example_options *ex) {
+    memset(ex, 0, sizeof *ex);
+    ex->seq_len = (int)bind_opt_int_in(L, opts, "seq_len", 512, &MT_LIMIT_SEQ_LEN);
+    const char *tr = bind_opt_str(L, opts, "truncation", "left");
+    if (!strcmp(tr, "left")) ex->truncation = MT_TRUNCATE_LEFT;
+    else if (!strcmp(tr, "drop")) ex->truncation = MT_TRUNCATE_DROP;
+    else luaL_error(L, "option 'truncation': expected \"left\" or \"drop\", found \"%s\"", tr);
+    ex->train_on_inputs = bind_opt_bool(L, opts, "train_on_inputs", 0);
+}
+
+/* The files argument at idx: a path or a list of paths (held by the Lua values). */
+static const char **read_files_arg(lua_State *L, int idx, int *n_paths) {
+    const char **paths;
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        paths = bind_scratch(L, sizeof *paths);
+        paths[0] = lua_tostring(L, idx);
+        *n_paths = 1;
+        return paths;
+    }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int n = (int)lua_rawlen(L, idx);
+    paths = bind_scratch(L, (size_t)n * sizeof *paths);
+    for (int i = 0; i < n; i++) {
+        if (lua_rawgeti(L, idx, i + 1) != LUA_TSTRING)
+            luaL_error(L, "files: item %d: expected a path, found %s", i + 1, luaL_typename(L, -1));
+        paths[i] = lua_tostring(L, -1); /* held by the files table */
+        lua_pop(L, 1);
+    }
+    *n_paths = n;
+    return paths;
+}
+
+/* The JSONL reading options {format=, fields=, on_bad_record=} of the table at opts;
+ * the field names stay referenced from the stack. */
+static void read_jsonl_options(lua_State *L, int opts, mt_jsonl_options *jsonl) {
+    memset(jsonl, 0, sizeof *jsonl);
+    const char *fmt = bind_opt_str(L, opts, "format", "auto");
+    int f = mt_data_format_parse(fmt);
+    if (f < 0) luaL_error(L, "option 'format': unknown data format \"%s\"", fmt);
+    jsonl->format = (mt_data_format)f;
+    const char *bad = bind_opt_str(L, opts, "on_bad_record", "error");
+    if (!strcmp(bad, "error")) jsonl->on_bad_record = MT_BAD_RECORD_ERROR;
+    else if (!strcmp(bad, "skip")) jsonl->on_bad_record = MT_BAD_RECORD_SKIP;
+    else luaL_error(L, "option 'on_bad_record': expected \"error\" or \"skip\", found \"%s\"", bad);
+    mt_data_fields *fields = bind_scratch(L, sizeof *fields);
+    if (bind_opt_field(L, opts, "fields") == LUA_TNIL) return;
+    luaL_checktype(L, -1, LUA_TTABLE);
+    int ft = lua_gettop(L);
+    struct {
+        const char *name;
+        const char **slot;
+    } names[] = {
+        {"instruction", &fields->instruction}, {"input", &fields->input},
+        {"output", &fields->output},           {"messages", &fields->messages},
+        {"role", &fields->role},               {"content", &fields->content},
+        {"prompt", &fields->prompt},           {"completion", &fields->completion},
+        {"text", &fields->text},               {"chosen", &fields->chosen},
+        {"rejected", &fields->rejected},
+    };
+    lua_pushnil(L);
+    while (lua_next(L, ft)) {
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        size_t j = 0;
+        while (k && j < sizeof names / sizeof names[0] && strcmp(names[j].name, k)) j++;
+        if (!k || j == sizeof names / sizeof names[0])
+            luaL_error(L, "option 'fields': unknown field '%s'", k ? k : "?");
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "option 'fields.%s': expected a string, found %s", k, luaL_typename(L, -1));
+        *names[j].slot = lua_tostring(L, -1); /* held by the fields table */
+        lua_pop(L, 1);
+    }
+    jsonl->fields = fields; /* the fields table stays on the stack */
+}
+
+/* mt.examples(files, tok, {format=, fields=, on_bad_record=, template=, seq_len=,
+ * truncation=, train_on_inputs=}) */
+static int l_examples(lua_State *L) {
+    lua_settop(L, 3); /* an absent options table stays a nil slot below the bind_scratch values */
+    int n_paths;
+    const char **paths = read_files_arg(L, 1, &n_paths);
+    ltok *t = bind_check_tok(L, 2);
+    bind_check_opts(L, 3);
+    mt_jsonl_options jsonl;
+    read_jsonl_options(L, 3, &jsonl);
+    mt_example_options ex;
+    read_example_options(L, 3, &ex);
+    int32_t pad = mt_tokenizer_pad(t->tok);
+    ex.pad_id = pad >= 0 ? pad : 0;
+    int tmpl_type = bind_opt_field(L, 3, "template");
+    if (tmpl_type != LUA_TNIL && tmpl_type != LUA_TSTRING && tmpl_type != LUA_TFUNCTION)
+        return luaL_error(L, "option 'template': expected a name or a function, found %s", luaL_typename(L, -1));
+    int tmpl = lua_gettop(L);
+
+    lexamples *e = new_examples(L, &ex);
+    int eidx = lua_gettop(L);
+    mt_error err = {0};
+    for (int i = 0; i < n_paths; i++)
+        if (mt_records_load_jsonl(paths[i], &jsonl, &e->records, &err)) return bind_raise(L, &err);
+    e->has_records = 1;
+    if (e->records.format == MT_DATA_TEXT) e->set.opt.add_special = 1; /* plain text: BOS/EOS */
+    if (tmpl_type == LUA_TFUNCTION) lua_pushvalue(L, tmpl);
+    else if (mt_chat_template_push(L, t->tok, tmpl_type == LUA_TSTRING ? lua_tostring(L, tmpl) : "auto",
+                                   NULL, &err))
+        return bind_raise(L, &err);
+    if (mt_examples_from_records(L, t->tok, &e->records, &e->set, &err)) return bind_raise(L, &err);
+    lua_settop(L, eidx);
+    return 1;
+}
+
+/* ---- Records -------------------------------------------------------------------- */
+
+/* A record set owned by Lua while mt.records converts it, so an error frees it. */
+static int records_gc(lua_State *L) {
+    mt_record_set_free(luaL_checkudata(L, 1, RECORDS_MT));
+    return 0;
+}
+
+static void push_messages(lua_State *L, const mt_message *msgs, int n) {
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 2);
+        bind_set_str(L, "role", msgs[i].role);
+        bind_set_str(L, "content", msgs[i].content);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+/* mt.records(files, {format=, fields=, on_bad_record=}) -> list of records, each
+ * {format=, file=, line=, messages=, text=, chosen=, rejected=}: the records as the data
+ * loader normalises them (alpaca and prompt/completion become messages), so a recipe
+ * can read held-out prompts and reference answers without a JSON parser of its own. */
+static int l_records(lua_State *L) {
+    lua_settop(L, 2); /* an absent options table stays a nil slot below the bind_scratch values */
+    int n_paths;
+    const char **paths = read_files_arg(L, 1, &n_paths);
+    bind_check_opts(L, 2);
+    mt_jsonl_options jsonl;
+    read_jsonl_options(L, 2, &jsonl);
+    mt_record_set *set = lua_newuserdatauv(L, sizeof *set, 0);
+    mt_record_set_init(set);
+    luaL_setmetatable(L, RECORDS_MT);
+    mt_error err = {0};
+    for (int i = 0; i < n_paths; i++)
+        if (mt_records_load_jsonl(paths[i], &jsonl, set, &err)) return bind_raise(L, &err);
+    if (set->n_bad) mt_record_set_print_bad(set, stderr);
+    lua_createtable(L, (int)set->n, 0);
+    for (size_t i = 0; i < set->n; i++) {
+        const mt_record *r = &set->records[i];
+        lua_createtable(L, 0, 6);
+        bind_set_str(L, "format", mt_data_format_name(r->format));
+        bind_set_str(L, "file", set->files[r->file]);
+        bind_set_int(L, "line", (lua_Integer)r->line);
+        if (r->text) bind_set_str(L, "text", r->text);
+        if (r->n_messages) {
+            push_messages(L, r->messages, r->n_messages);
+            lua_setfield(L, -2, "messages");
+        }
+        if (r->n_chosen) {
+            push_messages(L, r->chosen, r->n_chosen);
+            lua_setfield(L, -2, "chosen");
+        }
+        if (r->n_rejected) {
+            push_messages(L, r->rejected, r->n_rejected);
+            lua_setfield(L, -2, "rejected");
+        }
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+/* mt.examples_from_ids({ {ids={...}, trainable={...}}, ... }, {seq_len=, truncation=, pad_id=}) */
+static int l_examples_from_ids(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    bind_check_opts(L, 2);
+    mt_example_options ex;
+    read_example_options(L, 2, &ex);
+    ex.pad_id = (int32_t)bind_opt_int(L, 2, "pad_id", 0);
+    lexamples *e = new_examples(L, &ex);
+    int eidx = lua_gettop(L);
+    int n = (int)lua_rawlen(L, 1);
+    for (int i = 0; i < n; i++) {
+        lua_settop(L, eidx);
+        if (lua_rawgeti(L, 1, i + 1) != LUA_TTABLE)
+            return luaL_error(L, "example %d: expected a table {ids=, trainable=}", i + 1);
+        int item = lua_gettop(L);
+        if (lua_getfield(L, item, "ids") != LUA_TTABLE)
+            return luaL_error(L, "example %d: field 'ids': expected a list of ids", i + 1);
+        size_t len;
+        int32_t *ids = bind_read_ids(L, item + 1, &len, "ids");
+        uint8_t *tr = bind_scratch(L, len);
+        int tt = lua_getfield(L, item, "trainable");
+        if (tt == LUA_TNIL) memset(tr, 1, len);
+        else if (tt != LUA_TTABLE || lua_rawlen(L, -1) != len)
+            return luaL_error(L, "example %d: field 'trainable': expected a list as long as ids", i + 1);
+        else
+            for (size_t k = 0; k < len; k++) {
+                lua_rawgeti(L, -1, (lua_Integer)k + 1);
+                tr[k] = lua_isboolean(L, -1) ? (uint8_t)lua_toboolean(L, -1) : lua_tointeger(L, -1) != 0;
+                lua_pop(L, 1);
+            }
+        mt_error err = {0};
+        if (mt_example_set_add(&e->set, ids, tr, len, -1, 0, &err)) return bind_raise(L, &err);
+    }
+    lua_settop(L, eidx);
+    return 1;
+}
+
+static int examples_count(lua_State *L) {
+    lua_pushinteger(L, (lua_Integer)bind_check_examples(L, 1)->set.n);
+    return 1;
+}
+
+static int examples_stats(lua_State *L) {
+    lexamples *e = bind_check_examples(L, 1);
+    mt_dataset_stats st;
+    mt_dataset_stats_compute(e->has_records ? &e->records : NULL, &e->set, &st);
+    lua_createtable(L, 0, 14);
+    bind_set_int(L, "records", st.records);
+    bind_set_int(L, "bad_skipped", st.bad_skipped);
+    bind_set_int(L, "examples", st.examples);
+    bind_set_int(L, "tokens", st.tokens);
+    bind_set_num(L, "mean_len", st.mean_len);
+    bind_set_int(L, "max_len", st.max_len);
+    bind_set_int(L, "trained_tokens", st.trained_tokens);
+    bind_set_num(L, "trained_fraction", st.trained_fraction);
+    bind_set_int(L, "truncated_prompt", st.truncated_prompt);
+    bind_set_int(L, "truncated_response", st.truncated_response);
+    bind_set_int(L, "dropped_too_long", st.dropped_too_long);
+    bind_set_int(L, "dropped_no_target", st.dropped_no_target);
+    bind_set_int(L, "seq_len", st.seq_len);
+    return 1;
+}
+
+/* examples:split(fraction, seed) -> train, heldout: the examples (already rendered and
+ * fitted) are split by mt_split_indices; the train part keeps the truncation counts. */
+static int examples_split(lua_State *L) {
+    lexamples *e = bind_check_examples(L, 1);
+    double fraction = luaL_checknumber(L, 2);
+    uint64_t seed = lua_isnoneornil(L, 3) ? 0 : bind_seed_at(L, 3, "split: seed");
+    size_t *tr = NULL, *ev = NULL, n_tr = 0, n_ev = 0;
+    mt_error err = {0};
+    if (mt_split_indices(e->set.n, fraction, (uint64_t)seed, &tr, &n_tr, &ev, &n_ev, &err)) return bind_raise(L, &err);
+    /* the index lists go into bind_scratch memory so that an error below frees them */
+    size_t *idx = bind_scratch(L, (n_tr + n_ev) * sizeof *idx);
+    if (n_tr) memcpy(idx, tr, n_tr * sizeof *idx);
+    if (n_ev) memcpy(idx + n_tr, ev, n_ev * sizeof *idx);
+    free(tr);
+    free(ev);
+    lexamples *a = new_examples(L, &e->set.opt);
+    lexamples *b = new_examples(L, &e->set.opt);
+    /* both parts name the files their examples came from */
+    if (mt_example_set_set_files(&a->set, e->set.files, e->set.n_files, &err) ||
+        mt_example_set_set_files(&b->set, e->set.files, e->set.n_files, &err))
+        return bind_raise(L, &err);
+    for (size_t i = 0; i < n_tr + n_ev; i++) {
+        const mt_example *x = &e->set.ex[idx[i]];
+        if (mt_example_set_add(i < n_tr ? &a->set : &b->set, x->ids, x->trainable, (size_t)x->n, x->file,
+                               x->line, &err))
+            return bind_raise(L, &err);
+    }
+    a->set.n_truncated_prompt = e->set.n_truncated_prompt;
+    a->set.n_truncated_response = e->set.n_truncated_response;
+    a->set.n_dropped_too_long = e->set.n_dropped_too_long;
+    a->set.n_dropped_no_target = e->set.n_dropped_no_target;
+    return 2;
+}
+
+/* ---- Batcher and Batch ----------------------------------------------------------- */
+
+typedef struct lbatcher {
+    mt_batcher *b;
+    int B, T;
+} lbatcher;
+
+static lbatcher *check_batcher(lua_State *L, int idx) {
+    lbatcher *b = luaL_checkudata(L, idx, BATCHER_MT);
+    if (!b->b) luaL_error(L, "the batcher is closed");
+    return b;
+}
+
+static int batcher_close(lua_State *L) {
+    lbatcher *b = luaL_checkudata(L, 1, BATCHER_MT);
+    if (b->b) {
+        mt_batcher_free(b->b);
+        b->b = NULL;
+        lua_getiuservalue(L, 1, 1);
+        lexamples *e = luaL_testudata(L, -1, EXAMPLES_MT);
+        if (e && e->users > 0) e->users--;
+    }
+    return 0;
+}
+
+/* mt.batcher(examples, {batch=, seq_len=, pack=true, seed=, shuffle=true}) */
+static int l_batcher(lua_State *L) {
+    lexamples *e = bind_check_examples(L, 1);
+    bind_check_opts(L, 2);
+    int B = (int)bind_opt_int_in(L, 2, "batch", 1, &MT_LIMIT_BATCH);
+    int T = (int)bind_opt_int_in(L, 2, "seq_len", e->set.opt.seq_len, &MT_LIMIT_SEQ_LEN);
+    int pack = bind_opt_bool(L, 2, "pack", 1);
+    uint64_t seed = bind_opt_seed(L, 2, "seed", 0);
+    int shuffle = bind_opt_bool(L, 2, "shuffle", 1);
+    lbatcher *b = lua_newuserdatauv(L, sizeof *b, 1);
+    b->b = NULL;
+    b->B = B;
+    b->T = T;
+    luaL_setmetatable(L, BATCHER_MT);
+    mt_error err = {0};
+    if (mt_batcher_create(&e->set, B, T, pack, (uint64_t)seed, shuffle, &b->b, &err)) return bind_raise(L, &err);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1);
+    e->users++;
+    return 1;
+}
+
+static int batcher_next(lua_State *L) {
+    lbatcher *b = check_batcher(L, 1);
+    size_t bt = (size_t)b->B * (size_t)b->T;
+    lbatch *x = lua_newuserdatauv(L, sizeof *x + 4 * bt * sizeof(int32_t), 0);
+    x->B = b->B;
+    x->T = b->T;
+    luaL_setmetatable(L, BATCH_MT);
+    mt_batch_info info;
+    mt_error err = {0};
+    if (mt_batcher_next(b->b, x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, &info, &err))
+        return bind_raise(L, &err);
+    lua_createtable(L, 0, 6);
+    bind_set_int(L, "examples", info.examples);
+    bind_set_int(L, "rows", info.rows);
+    bind_set_int(L, "tokens", info.tokens);
+    bind_set_int(L, "targets", info.targets);
+    bind_set_int(L, "epoch", (lua_Integer)info.epoch);
+    bind_set_bool(L, "epoch_end", info.epoch_end);
+    return 2;
+}
+
+static int batcher_cursor(lua_State *L) {
+    mt_cursor c = mt_batcher_get_cursor(check_batcher(L, 1)->b);
+    lua_createtable(L, 0, 2);
+    bind_set_int(L, "epoch", (lua_Integer)c.epoch);
+    bind_set_int(L, "position", (lua_Integer)c.position);
+    return 1;
+}
+
+static int batcher_set_cursor(lua_State *L) {
+    lbatcher *b = check_batcher(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    mt_cursor c = {(uint64_t)bind_opt_int(L, 2, "epoch", 0), (uint64_t)bind_opt_int(L, 2, "position", 0)};
+    mt_error err = {0};
+    if (mt_batcher_set_cursor(b->b, c, &err)) return bind_raise(L, &err);
+    return 0;
+}
+
+/* batcher:batches_per_epoch([epoch]) (default: the cursor's epoch) */
+static int batcher_batches_per_epoch(lua_State *L) {
+    lbatcher *b = check_batcher(L, 1);
+    lua_Integer epoch = luaL_optinteger(L, 2, (lua_Integer)mt_batcher_get_cursor(b->b).epoch);
+    lua_pushinteger(L, (lua_Integer)mt_batcher_batches_per_epoch(b->b, (uint64_t)epoch));
+    return 1;
+}
+
+static int batch_shape(lua_State *L) {
+    lbatch *x = luaL_checkudata(L, 1, BATCH_MT);
+    lua_pushinteger(L, x->B);
+    lua_pushinteger(L, x->T);
+    return 2;
+}
+
+/* batch:tokens() / batch:targets(): flat (B*T) lists, for inspection */
+static int batch_list(lua_State *L, int which) {
+    lbatch *x = luaL_checkudata(L, 1, BATCH_MT);
+    size_t bt = (size_t)x->B * (size_t)x->T;
+    lua_createtable(L, (int)bt, 0);
+    for (size_t i = 0; i < bt; i++) {
+        lua_pushinteger(L, x->data[(size_t)which * bt + i]);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+static int batch_tokens(lua_State *L) { return batch_list(L, 0); }
+static int batch_targets(lua_State *L) { return batch_list(L, 3); }
+
+/* ---- registration ---- */
+
+static const luaL_Reg examples_methods[] = {
+    {"stats", examples_stats}, {"count", examples_count}, {"split", examples_split},
+    {"close", examples_close}, {NULL, NULL},
+};
+static const luaL_Reg batcher_methods[] = {
+    {"next", batcher_next},
+    {"cursor", batcher_cursor},
+    {"set_cursor", batcher_set_cursor},
+    {"batches_per_epoch", batcher_batches_per_epoch},
+    {"close", batcher_close},
+    {NULL, NULL},
+};
+static const luaL_Reg batch_methods[] = {
+    {"shape", batch_shape}, {"tokens", batch_tokens}, {"targets", batch_targets}, {"close", bind_noop},
+    {NULL, NULL},
+};
+static const luaL_Reg records_methods[] = {{NULL, NULL}};
+
+static const luaL_Reg functions[] = {
+    {"examples", l_examples},
+    {"examples_from_ids", l_examples_from_ids},
+    {"records", l_records},
+    {"batcher", l_batcher},
+    {NULL, NULL},
+};
+
+void mt_bind_data_open(lua_State *L) {
+    bind_new_class(L, EXAMPLES_MT, examples_methods, examples_gc, NULL);
+    bind_new_class(L, BATCHER_MT, batcher_methods, batcher_close, NULL);
+    bind_new_class(L, BATCH_MT, batch_methods, NULL, NULL);
+    bind_new_class(L, RECORDS_MT, records_methods, records_gc, NULL);
+    /* an explicit close of in-use examples raises; __close behaves as close() */
+    luaL_getmetatable(L, EXAMPLES_MT);
+    lua_pushcfunction(L, examples_close);
+    lua_setfield(L, -2, "__close");
+    lua_pop(L, 1);
+    luaL_setfuncs(L, functions, 0);
+}
