@@ -167,9 +167,12 @@ static int l_checkpoint_save(lua_State *L) {
         }
     }
     lua_pop(L, 1);
-    /* run: the settings a resume compares, any JSON-able table (held on the stack) */
+    /* run: the settings a resume compares; trainer: the workflow's own state. Any
+     * JSON-able tables (their text is held on the stack). */
     if (bind_opt_field(L, 4, "run") == LUA_TTABLE) s->run = mt_lua_json_encode(L, -1);
     else if (!lua_isnil(L, -1)) return luaL_error(L, "checkpoint state: run must be a table");
+    if (bind_opt_field(L, 4, "trainer") == LUA_TTABLE) s->trainer = mt_lua_json_encode(L, -1);
+    else if (!lua_isnil(L, -1)) return luaL_error(L, "checkpoint state: trainer must be a table");
     char *path = NULL;
     if (mt_checkpoint_save(run_dir, u->m, opt, s, &path, &err)) return bind_raise(L, &err);
     lua_pushstring(L, path);
@@ -178,9 +181,11 @@ static int l_checkpoint_save(lua_State *L) {
 }
 
 /* mt.checkpoint_load(path, model, optimizer) -> state */
-static int decode_run(lua_State *L) {
+static int decode_object(lua_State *L) {
     const char *text = lua_touserdata(L, 1);
-    mt_lua_json_decode(L, text, strlen(text), "checkpoint state.json run");
+    const char *field = lua_touserdata(L, 2);
+    lua_pushfstring(L, "checkpoint state.json %s", field);
+    mt_lua_json_decode(L, text, strlen(text), lua_tostring(L, -1));
     return 1;
 }
 
@@ -233,16 +238,19 @@ static int l_checkpoint_load(lua_State *L) {
     lua_setfield(L, -2, "plugins");
     bind_set_str(L, "path", dir);
     if (s.model_fingerprint[0]) bind_set_str(L, "model_fingerprint", s.model_fingerprint);
-    if (s.run) {
+    const char *const objects[][2] = {{"run", s.run}, {"trainer", s.trainer}};
+    for (size_t i = 0; i < sizeof objects / sizeof objects[0]; i++) {
+        if (!objects[i][1]) continue;
         /* a protected decode: the state's allocations must be freed either way */
-        lua_pushcfunction(L, decode_run);
-        lua_pushlightuserdata(L, (void *)s.run);
-        int rc = lua_pcall(L, 1, 1, 0);
+        lua_pushcfunction(L, decode_object);
+        lua_pushlightuserdata(L, (void *)objects[i][1]);
+        lua_pushlightuserdata(L, (void *)objects[i][0]);
+        int rc = lua_pcall(L, 2, 1, 0);
         if (rc != LUA_OK) {
             mt_ckpt_state_clear(&s);
             return lua_error(L);
         }
-        lua_setfield(L, -2, "run");
+        lua_setfield(L, -2, objects[i][0]);
     }
     mt_ckpt_state_clear(&s);
     return 1;

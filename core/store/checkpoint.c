@@ -46,6 +46,7 @@ void mt_ckpt_state_clear(mt_ckpt_state *s) {
     if (!s) return;
     free((void *)s->recipe); /* only load allocates: a caller's own struct is never cleared */
     free((void *)s->run);
+    free((void *)s->trainer);
     memset(s, 0, sizeof *s);
 }
 
@@ -448,10 +449,11 @@ done:
 }
 
 static json_t *state_to_json(const mt_ckpt_state *s, const char *recipe_sha,
-                             const file_sum sums[N_DATA_FILES], json_t *run,
+                             const file_sum sums[N_DATA_FILES], json_t *run, json_t *trainer,
                              const char *fingerprint) {
     json_t *root = json_object();
     if (run) json_object_set(root, "run", run);
+    if (trainer) json_object_set(root, "trainer", trainer);
     if (fingerprint && fingerprint[0])
         json_object_set_new(root, "model", json_pack("{s:s}", "fingerprint", fingerprint));
     json_object_set_new(root, "format", json_string(MT_CKPT_FORMAT));
@@ -491,6 +493,22 @@ static json_t *state_to_json(const mt_ckpt_state *s, const char *recipe_sha,
     return root;
 }
 
+/* The JSON object text of a state field (run, trainer) as a tree; NULL text: none. */
+static mt_status parse_object(const char *text, const char *field, json_t **out, mt_error *err) {
+    *out = NULL;
+    if (!text) return MT_OK;
+    json_error_t jerr;
+    json_t *j = json_loads(text, 0, &jerr);
+    if (!j || !json_is_object(j)) {
+        json_decref(j);
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "mt_checkpoint_save: state.%s must be a JSON object (%s)", field,
+                            j ? "found another JSON value" : jerr.text);
+    }
+    *out = j;
+    return MT_OK;
+}
+
 static mt_status validate_state(const mt_ckpt_state *s, mt_error *err) {
     if (s->step < 0)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "checkpoint: step %" PRId64 " is negative",
@@ -523,16 +541,11 @@ mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_ins
                             optimizer->desc->name);
     mt_status st = validate_state(state, err);
     if (st) return st;
-    json_t *run = NULL;
-    if (state->run) {
-        json_error_t jerr;
-        run = json_loads(state->run, 0, &jerr);
-        if (!run || !json_is_object(run)) {
-            json_decref(run);
-            return mt_error_set(err, MT_ERR_INVALID_ARG,
-                                "mt_checkpoint_save: state.run must be a JSON object (%s)",
-                                run ? "found another JSON value" : jerr.text);
-        }
+    json_t *run = NULL, *trainer = NULL;
+    if ((st = parse_object(state->run, "run", &run, err))) return st;
+    if ((st = parse_object(state->trainer, "trainer", &trainer, err))) {
+        json_decref(run);
+        return st;
     }
 
     char name[64], tmp_name[80], old_name[80];
@@ -578,7 +591,7 @@ mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_ins
     mt_sha256_hex(recipe, recipe_len, recipe_sha);
 
     /* state.json and its checksum */
-    json = state_to_json(state, recipe_sha, sums, run, model->fingerprint);
+    json = state_to_json(state, recipe_sha, sums, run, trainer, model->fingerprint);
     json_text = json ? json_dumps(json, JSON_INDENT(2) | JSON_REAL_PRECISION(17)) : NULL;
     if (!json_text) {
         st = mt_error_set(err, MT_ERR_NOMEM, "%s: cannot encode the checkpoint state", state_path);
@@ -628,6 +641,7 @@ done:
     free(json_text);
     json_decref(json);
     json_decref(run);
+    json_decref(trainer);
     free(state_path);
     free(sum_path);
     for (int i = 0; i < N_DATA_FILES; i++)
@@ -649,6 +663,18 @@ typedef struct verified {
 
 static mt_status bad_key(mt_error *err, const char *path, const char *key, const char *expected) {
     return mt_error_set(err, MT_ERR_FORMAT, "%s: key '%s': expected %s", path, key, expected);
+}
+
+/* The object under `key` of state.json as compact text in *out (allocated); absent: NULL. */
+static mt_status object_text(const json_t *root, const char *key, const char *path, const char **out,
+                             mt_error *err) {
+    const json_t *v = json_object_get(root, key);
+    if (!v) return MT_OK;
+    if (!json_is_object(v)) return bad_key(err, path, key, "an object");
+    char *text = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
+    if (!text) return mt_error_set(err, MT_ERR_NOMEM, "%s: key '%s': out of memory", path, key);
+    *out = text;
+    return MT_OK;
 }
 
 static mt_status get_int(const json_t *obj, const char *key, const char *path, const char *shown,
@@ -727,14 +753,8 @@ static mt_status parse_state(const json_t *root, const char *path, mt_ckpt_state
             return bad_key(err, path, "model", "{\"fingerprint\": 64 lowercase hex digits}");
         memcpy(s->model_fingerprint, fp, MT_SHA256_HEX);
     }
-    const json_t *run = json_object_get(root, "run");
-    if (run) {
-        if (!json_is_object(run)) return bad_key(err, path, "run", "an object");
-        char *text = json_dumps(run, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(17));
-        if (!text) return mt_error_set(err, MT_ERR_NOMEM, "%s: key 'run': out of memory", path);
-        s->run = text;
-    }
-    return MT_OK;
+    if ((st = object_text(root, "run", path, &s->run, err))) return st;
+    return object_text(root, "trainer", path, &s->trainer, err);
 }
 
 /* Size and checksum of one file against its "files" entry. */

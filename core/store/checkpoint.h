@@ -12,7 +12,9 @@
  *                           the plugins (kind, name, version), "run" (a JSON object the
  *                           caller gives: the resolved settings a resume compares),
  *                           "model": {"fingerprint"} of the base model it was trained
- *                           from, and "files": name -> {bytes, sha256} of the three files above
+ *                           from, "trainer" (a JSON object the caller gives: the
+ *                           workflow's own state, such as early stopping's), and
+ *                           "files": name -> {bytes, sha256} of the three files above
  *   state.json.sha256       "<sha256>  state.json\n" (sha256sum's format): its checksum
  *
  * Writing: everything goes into <run_dir>/checkpoints/.tmp-step-<step>/, each file is
@@ -41,7 +43,7 @@
 #include "formats/sha256.h"
 
 #define MT_CKPT_FORMAT "moontune-checkpoint"
-#define MT_CKPT_FORMAT_VERSION 2     /* 2 added "run" and "model"; version 1 still loads */
+#define MT_CKPT_FORMAT_VERSION 3     /* 2 added "run" and "model", 3 "trainer"; 1 and 2 still load */
 #define MT_CKPT_MAX_RNG 8      /* 64-bit words of random state */
 #define MT_CKPT_MAX_METRICS 16
 #define MT_CKPT_MAX_PLUGINS 8
@@ -76,6 +78,8 @@ typedef struct mt_ckpt_state {
     int n_plugins;
     mt_ckpt_plugin plugins[MT_CKPT_MAX_PLUGINS];
     const char *run;     /* a JSON object's text (NULL: none); allocated by load */
+    const char *trainer; /* the workflow's state, a JSON object's text (NULL: none);
+                            allocated by load */
     char model_fingerprint[65]; /* filled by load ("" when the checkpoint has none) */
 } mt_ckpt_state;
 

@@ -80,54 +80,19 @@
 -- line and metrics.jsonl ("tokens" there is the step's loss tokens, "input_tokens" what
 -- it ran).
 --
--- Checkpoint metrics carry, besides the evaluation's numbers, trainer_bad_evals,
--- trainer_lr_override, trainer_best_value/_step/_saved so that a resumed run keeps its
--- early-stopping state and set_lr (the core keeps at most 16 metrics in all).
+-- A checkpoint keeps the last evaluation's numbers as its metrics and the trainer's own
+-- state (early stopping's count and best, a set_lr override) as one JSON object,
+-- state.trainer, so that a resumed run goes on exactly where it stopped. Checkpoints of
+-- earlier versions kept that state in trainer_* metrics; a resume still reads them.
+--
+-- JSON goes through mt.json_encode (the core's encoder, jansson), the one encoder of
+-- metrics.jsonl and checkpoints.
 
 local M = {}
-
--- ---------------------------------------------------------------------------
--- JSON (just enough for metrics.jsonl)
 
 local function is_finite(x)
   return type(x) == "number" and x == x and x ~= math.huge and x ~= -math.huge
 end
-
-local function json_string(s)
-  return '"' .. s:gsub('[%c"\\]', function(c)
-    local named = { ['"'] = '\\"', ['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
-    return named[c] or string.format("\\u%04x", c:byte())
-  end) .. '"'
-end
-
-local function json_encode(v)
-  local t = type(v)
-  if t == "number" then
-    if math.type(v) == "integer" then return string.format("%d", v) end
-    if not is_finite(v) then return "null" end
-    return string.format("%.17g", v)
-  elseif t == "string" then
-    return json_string(v)
-  elseif t == "boolean" then
-    return tostring(v)
-  elseif t == "table" then
-    if #v > 0 then
-      local out = {}
-      for i = 1, #v do out[i] = json_encode(v[i]) end
-      return "[" .. table.concat(out, ",") .. "]"
-    end
-    local keys = {}
-    for k in pairs(v) do
-      if type(k) == "string" then keys[#keys + 1] = k end
-    end
-    table.sort(keys)
-    local out = {}
-    for i, k in ipairs(keys) do out[i] = json_string(k) .. ":" .. json_encode(v[k]) end
-    return "{" .. table.concat(out, ",") .. "}"
-  end
-  return "null"
-end
-M.json_encode = json_encode
 
 -- ---------------------------------------------------------------------------
 -- helpers
@@ -226,34 +191,31 @@ local function rewind_metrics(mt, mpath, last_step)
 end
 
 -- ---------------------------------------------------------------------------
--- the loop
+-- the run, in named steps. `R` holds what the checks resolved from cfg (read only);
+-- `T` is the run in progress: state, history, early stopping, outputs, hooks.
 
-function M.run(cfg, mt)
+-- Checks cfg and resolves its defaults; fails with a message naming the key.
+local function resolve(cfg, mt)
   if type(cfg) ~= "table" then fail("run(cfg, mt): cfg must be a table") end
   if type(mt) ~= "table" then fail("run(cfg, mt): mt must be the moontune module") end
   for _, key in ipairs({ "model", "loss", "optimizer", "batcher", "lr", "out_dir" }) do
     if cfg[key] == nil then fail("cfg.%s is required", key) end
   end
+  if type(mt.json_encode) ~= "function" then fail("mt.json_encode is required (the moontune module's JSON encoder)") end
   if type(cfg.lr) ~= "number" or cfg.lr <= 0 then fail("cfg.lr must be a positive number, got %s", tostring(cfg.lr)) end
   if cfg.schedule ~= nil and type(cfg.schedule) ~= "function" then
     fail("cfg.schedule must be a function(step, total, base_lr), got %s", type(cfg.schedule))
   end
-
-  local batcher = cfg.batcher
-  local out_dir = cfg.out_dir
-  local grad_accum = cfg.grad_accum or 1
-  local max_grad_norm = cfg.max_grad_norm
-  if max_grad_norm == nil then max_grad_norm = 1.0 end
-  local max_bad = cfg.max_bad_steps or 5
-  local keep_last = cfg.keep_last or 2
-  -- wall-clock seconds from the core when it offers them (os.clock is CPU time, which
-  -- counts every thread and so overstates the time of a multi-threaded step)
-  local clock = cfg.clock or mt.now or os.clock
-  local output = cfg.output or io.stdout
-  local metric_fns = cfg.metrics or {}
-  local hooks = hooks_of(cfg.callbacks)
-  if math.type(grad_accum) ~= "integer" or grad_accum < 1 then
-    fail("cfg.grad_accum must be an integer >= 1, got %s", tostring(grad_accum))
+  local R = { batcher = cfg.batcher, out_dir = cfg.out_dir, grad_accum = cfg.grad_accum or 1,
+              max_grad_norm = cfg.max_grad_norm, max_bad = cfg.max_bad_steps or 5,
+              keep_last = cfg.keep_last or 2,
+              -- wall-clock seconds from the core when it offers them (os.clock is CPU time,
+              -- which counts every thread and so overstates a multi-threaded step)
+              clock = cfg.clock or mt.now or os.clock, output = cfg.output or io.stdout,
+              metric_fns = cfg.metrics or {}, hooks = hooks_of(cfg.callbacks) }
+  if R.max_grad_norm == nil then R.max_grad_norm = 1.0 end
+  if math.type(R.grad_accum) ~= "integer" or R.grad_accum < 1 then
+    fail("cfg.grad_accum must be an integer >= 1, got %s", tostring(R.grad_accum))
   end
   -- intervals: a positive integer, or nil / 0 for "only at the end"
   local function interval(key)
@@ -264,7 +226,7 @@ function M.run(cfg, mt)
     end
     return v
   end
-  local eval_every, save_every = interval("eval_every"), interval("save_every")
+  R.eval_every, R.save_every = interval("eval_every"), interval("save_every")
 
   local es = cfg.early_stopping
   if es ~= nil then
@@ -275,66 +237,64 @@ function M.run(cfg, mt)
       fail("cfg.early_stopping.mode must be \"min\" or \"max\", got %s", tostring(es.mode))
     end
   end
-  local best_metric = es and es.metric or "eval_loss"
-  local best_mode = es and es.mode or "min"
-  local best_delta = es and es.min_delta or 0
+  R.es = es
+  R.best_metric = es and es.metric or "eval_loss"
+  R.best_mode = es and es.mode or "min"
+  R.best_delta = es and es.min_delta or 0
+  R.has_eval = cfg.eval_examples ~= nil or next(R.metric_fns) ~= nil
+  if es and not R.has_eval then fail("cfg.early_stopping needs cfg.eval_examples or cfg.metrics") end
 
-  local has_eval = cfg.eval_examples ~= nil or next(metric_fns) ~= nil
-  if es and not has_eval then fail("cfg.early_stopping needs cfg.eval_examples or cfg.metrics") end
-
-  -- total steps
-  local bpe = batcher:batches_per_epoch()
-  local steps_per_epoch = math.max(1, bpe // grad_accum)
-  local total = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch
-  if math.type(total) ~= "integer" or total < 1 then fail("the step budget must be an integer >= 1, got %s", tostring(total)) end
-
-  -- `moontune validate`: everything above has been checked; report and stop short of training
-  if mt.validating and mt.validating() then
-    local mib = function(b) return (b or 0) / 1048576 end
-    local info = cfg.model:info()
-    output:write(string.format("validate: %s model, %d parameters, %d layers, vocabulary %d\n",
-                               info.model_type, info.params, info.layers, info.vocab))
-    for _, kind in ipairs({ "loss", "optimizer", "scheduler" }) do
-      local p = cfg[kind]
-      if p and p.describe then
-        local d = p:describe()
-        output:write(string.format("validate: %s %s %s (%s)\n", d.kind, d.name, d.version, d.file))
-      end
-    end
-    output:write(string.format("validate: %d optimizer steps (%d batches per epoch, accumulation %d)\n",
-                               total, bpe, grad_accum))
-    for name, ex in pairs({ training = cfg.train_examples, ["held-out"] = cfg.eval_examples }) do
-      if ex and ex.stats then
-        local st = ex:stats()
-        output:write(string.format("validate: %s data: %d examples, %d tokens (mean %.1f, max %d), " ..
-                                   "%d trained (%.1f%%), %d truncated, %d dropped\n", name,
-                                   st.examples, st.tokens, st.mean_len, st.max_len, st.trained_tokens,
-                                   100 * st.trained_fraction, st.truncated_prompt + st.truncated_response,
-                                   st.dropped_too_long + st.dropped_no_target))
-      end
-    end
-    -- AdamW keeps two moments per trained value
-    local total_bytes = info.param_bytes + 3 * info.trainable_bytes + info.activation_bytes
-    output:write(string.format("validate: memory estimate %.0f MiB (parameters %.0f, trainable and " ..
-                               "optimizer state %.0f, activations %.0f)\n", mib(total_bytes),
-                               mib(info.param_bytes), mib(3 * info.trainable_bytes),
-                               mib(info.activation_bytes)))
-    output:write("validate: ok\n")
-    return { validated = true, steps = 0, total_steps = total }
+  -- the step budget
+  R.bpe = R.batcher:batches_per_epoch()
+  local steps_per_epoch = math.max(1, R.bpe // R.grad_accum)
+  R.total = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch
+  if math.type(R.total) ~= "integer" or R.total < 1 then
+    fail("the step budget must be an integer >= 1, got %s", tostring(R.total))
   end
+  return R
+end
 
-  local state = { step = 0, total_steps = total, epoch = 1, loss = nil, lr = cfg.lr, grad_norm = nil,
-                  tokens = 0, metrics = {}, best = nil, bad_steps = 0, stopped_early = false }
-  local history = { train = {}, eval = {} }
-  local lr_override = nil
-  local bad_evals = 0
-  local saved = {} -- step -> path
+-- `moontune validate`: everything has been checked; report and stop short of training.
+local function validate_report(cfg, R)
+  local output = R.output
+  local mib = function(b) return (b or 0) / 1048576 end
+  local info = cfg.model:info()
+  output:write(string.format("validate: %s model, %d parameters, %d layers, vocabulary %d\n",
+                             info.model_type, info.params, info.layers, info.vocab))
+  for _, kind in ipairs({ "loss", "optimizer", "scheduler" }) do
+    local p = cfg[kind]
+    if p and p.describe then
+      local d = p:describe()
+      output:write(string.format("validate: %s %s %s (%s)\n", d.kind, d.name, d.version, d.file))
+    end
+  end
+  output:write(string.format("validate: %d optimizer steps (%d batches per epoch, accumulation %d)\n",
+                             R.total, R.bpe, R.grad_accum))
+  for name, ex in pairs({ training = cfg.train_examples, ["held-out"] = cfg.eval_examples }) do
+    if ex and ex.stats then
+      local st = ex:stats()
+      output:write(string.format("validate: %s data: %d examples, %d tokens (mean %.1f, max %d), " ..
+                                 "%d trained (%.1f%%), %d truncated, %d dropped\n", name,
+                                 st.examples, st.tokens, st.mean_len, st.max_len, st.trained_tokens,
+                                 100 * st.trained_fraction, st.truncated_prompt + st.truncated_response,
+                                 st.dropped_too_long + st.dropped_no_target))
+    end
+  end
+  -- AdamW keeps two moments per trained value
+  local total_bytes = info.param_bytes + 3 * info.trainable_bytes + info.activation_bytes
+  output:write(string.format("validate: memory estimate %.0f MiB (parameters %.0f, trainable and " ..
+                             "optimizer state %.0f, activations %.0f)\n", mib(total_bytes),
+                             mib(info.param_bytes), mib(3 * info.trainable_bytes),
+                             mib(info.activation_bytes)))
+  output:write("validate: ok\n")
+  return { validated = true, steps = 0, total_steps = R.total }
+end
 
-  -- what this run is: the recipe's text and the settings a resume must find unchanged
+-- What this run is: the recipe's text and the settings a resume must find unchanged.
+local function run_identity(cfg, mt, R)
   local info = mt.run_info and mt.run_info() or {}
   local allow_changes = cfg.allow_changes
   if allow_changes == nil then allow_changes = info.allow_changes end
-  local recipe_text = cfg.recipe or info.recipe_text
   -- the config's own resume switch is the one setting a resume changes by design
   local config = info.config
   if type(config) == "table" and config.resume ~= nil then
@@ -342,77 +302,96 @@ function M.run(cfg, mt)
     for k, v in pairs(config) do if k ~= "resume" then c[k] = v end end
     config = c
   end
-  local run_settings = {
+  local es = R.es
+  local settings = {
     config = config,
-    trainer = { lr = cfg.lr, total_steps = total, grad_accum = grad_accum,
-                max_grad_norm = max_grad_norm or false, epochs = cfg.epochs or 1,
-                max_steps = cfg.max_steps or false, batches_per_epoch = bpe,
-                eval_every = eval_every or 0,
+    trainer = { lr = cfg.lr, total_steps = R.total, grad_accum = R.grad_accum,
+                max_grad_norm = R.max_grad_norm or false, epochs = cfg.epochs or 1,
+                max_steps = cfg.max_steps or false, batches_per_epoch = R.bpe,
+                eval_every = R.eval_every or 0,
                 early_stopping = es and { metric = es.metric, mode = es.mode, patience = es.patience,
                                           min_delta = es.min_delta, restore_best = es.restore_best } or false },
   }
-  local resumed_from, changes, rewound = nil, nil, nil
+  return { recipe_text = cfg.recipe or info.recipe_text, allow_changes = allow_changes, settings = settings }
+end
 
-  -- resume
-  local start_step = 1
-  if cfg.resume then
-    local path = cfg.resume
-    if path == true then path = mt.checkpoint_latest(out_dir) end
-    if path then
-      local st = mt.checkpoint_load(path, cfg.model, cfg.optimizer)
-      if type(st) ~= "table" or math.type(st.step) ~= "integer" then fail("checkpoint %s has no step", tostring(path)) end
-      changes = {}
-      if st.run then
-        changes = setting_changes(st.run, run_settings)
-      end
-      if recipe_text and st.recipe and st.recipe ~= "" and st.recipe ~= recipe_text then
-        table.insert(changes, 1, string.format("recipe text: sha256 %s -> %s (the checkpoint holds the old one in recipe.lua)",
-                                               st.recipe_sha256 and st.recipe_sha256:sub(1, 12) or "?",
-                                               mt.sha256 and mt.sha256(recipe_text):sub(1, 12) or "?"))
-      end
-      if #changes > 0 and not allow_changes then
-        -- the weights are restored already but nothing was written: refusing is safe
-        fail("resume: %s was made with other settings than this run:\n  %s\n" ..
-             "resuming would silently change the result; undo the changes, or pass --allow-changes " ..
-             "(cfg.allow_changes) to resume with them", tostring(path), table.concat(changes, "\n  "))
-      end
-      if st.cursor then batcher:set_cursor(st.cursor) end
-      start_step = st.step + 1
-      state.step, state.epoch = st.step, st.epoch or 1
-      local m = st.metrics or {}
-      for k, v in pairs(m) do
-        if not k:match("^trainer_") then state.metrics[k] = v end
-      end
-      lr_override = m.trainer_lr_override
-      bad_evals = m.trainer_bad_evals or 0
-      if m.trainer_best_value then
-        local bstep = math.tointeger(m.trainer_best_step)
-        state.best = { metric = best_metric, value = m.trainer_best_value, step = bstep }
-        -- checkpoints are <run_dir>/checkpoints/step-%08d (core/store/checkpoint.c): the best
-        -- one is the resumed one's sibling
-        local parent = tostring(path):match("^(.-)step%-%d+/?$")
-        if es and bstep and m.trainer_best_saved == 1 and parent then
-          state.best.path = parent .. string.format("step-%08d", bstep)
-        end
-      end
-      saved[st.step] = path
-      resumed_from = path
+-- The trainer's own state as a checkpoint keeps it (state.trainer), and back.
+local function trainer_state(T)
+  local best = T.state.best
+  return { bad_evals = T.bad_evals, lr_override = T.lr_override,
+           best = best and { metric = best.metric, value = best.value, step = best.step,
+                             saved = best.path ~= nil } or nil }
+end
+
+-- From a checkpoint's state.trainer, or from the trainer_* metrics of the checkpoints
+-- written before it existed.
+local function restore_trainer_state(st)
+  if type(st.trainer) == "table" then return st.trainer end
+  local m = st.metrics or {}
+  return { bad_evals = m.trainer_bad_evals, lr_override = m.trainer_lr_override,
+           best = m.trainer_best_value and { value = m.trainer_best_value,
+                                             step = math.tointeger(m.trainer_best_step),
+                                             saved = m.trainer_best_saved == 1 } or nil }
+end
+
+-- Loads the checkpoint cfg.resume names (true: the latest) and refuses one made with
+-- other settings unless changes are allowed. Sets T.start_step, T.resumed_from, T.changes.
+local function resume(cfg, mt, R, T)
+  T.start_step = 1
+  if not cfg.resume then return end
+  local path = cfg.resume
+  if path == true then path = mt.checkpoint_latest(R.out_dir) end
+  if not path then return end
+  local st = mt.checkpoint_load(path, cfg.model, cfg.optimizer)
+  if type(st) ~= "table" or math.type(st.step) ~= "integer" then fail("checkpoint %s has no step", tostring(path)) end
+  local changes = st.run and setting_changes(st.run, T.identity.settings) or {}
+  local recipe_text = T.identity.recipe_text
+  if recipe_text and st.recipe and st.recipe ~= "" and st.recipe ~= recipe_text then
+    table.insert(changes, 1, string.format("recipe text: sha256 %s -> %s (the checkpoint holds the old one in recipe.lua)",
+                                           st.recipe_sha256 and st.recipe_sha256:sub(1, 12) or "?",
+                                           mt.sha256 and mt.sha256(recipe_text):sub(1, 12) or "?"))
+  end
+  if #changes > 0 and not T.identity.allow_changes then
+    -- the weights are restored already but nothing was written: refusing is safe
+    fail("resume: %s was made with other settings than this run:\n  %s\n" ..
+         "resuming would silently change the result; undo the changes, or pass --allow-changes " ..
+         "(cfg.allow_changes) to resume with them", tostring(path), table.concat(changes, "\n  "))
+  end
+  if st.cursor then R.batcher:set_cursor(st.cursor) end
+  T.start_step = st.step + 1
+  local state = T.state
+  state.step, state.epoch = st.step, st.epoch or 1
+  for k, v in pairs(st.metrics or {}) do
+    if not k:match("^trainer_") then state.metrics[k] = v end
+  end
+  local saved_state = restore_trainer_state(st)
+  T.lr_override = saved_state.lr_override
+  T.bad_evals = saved_state.bad_evals or 0
+  local best = saved_state.best
+  if best and best.value ~= nil then
+    state.best = { metric = R.best_metric, value = best.value, step = best.step }
+    -- checkpoints are <run_dir>/checkpoints/step-%08d (core/store/checkpoint.c): the best
+    -- one is the resumed one's sibling
+    local parent = tostring(path):match("^(.-)step%-%d+/?$")
+    if R.es and best.step and best.saved and parent then
+      state.best.path = parent .. string.format("step-%08d", best.step)
     end
   end
-  -- the remains of a run killed while saving or pruning go before anything else
-  if mt.checkpoint_prune then
-    mt.checkpoint_prune(out_dir, keep_last, es and state.best and state.best.step or nil)
-  end
+  T.saved[st.step] = path
+  T.resumed_from, T.changes = path, changes
+end
 
-  -- output
-  local mode = start_step > 1 and "a" or "w"
-  local mpath = out_dir .. "/metrics.jsonl"
-  local torn = 0
-  if start_step > 1 then rewound, torn = rewind_metrics(mt, mpath, start_step - 1) end
-  local mfile, merr = io.open(mpath, mode)
+-- Opens metrics.jsonl (rewound to the resumed step), the progress output and the
+-- history the plot draws; announces a resume.
+local function open_outputs(cfg, mt, R, T)
+  local mpath = R.out_dir .. "/metrics.jsonl"
+  local rewound, torn = nil, 0
+  if T.start_step > 1 then rewound, torn = rewind_metrics(mt, mpath, T.start_step - 1) end
+  local mfile, merr = io.open(mpath, T.start_step > 1 and "a" or "w")
   if not mfile then fail("cannot write %s: %s (does out_dir exist?)", mpath, tostring(merr)) end
-  local function log_json(rec)
-    mfile:write(json_encode(rec), "\n")
+  T.mfile = mfile
+  function T.log_json(rec)
+    mfile:write(mt.json_encode(rec), "\n")
     mfile:flush()
   end
   local tty = cfg.is_tty
@@ -420,237 +399,262 @@ function M.run(cfg, mt)
     local term = os.getenv("TERM")
     tty = term ~= nil and term ~= "" and term ~= "dumb"
   end
-  local bar = cfg.progress ~= false and tty
-  local bar_shown = false
-  local function say(line)
-    if bar_shown then output:write("\n"); bar_shown = false end
-    output:write(line, "\n")
+  T.bar = cfg.progress ~= false and tty
+  T.bar_shown = false
+  function T.say(line)
+    if T.bar_shown then R.output:write("\n"); T.bar_shown = false end
+    R.output:write(line, "\n")
   end
-
   if rewound then
     -- the plot and the history cover the whole run, not only this segment
     for _, rec in ipairs(rewound) do
       if rec.type == "step" and not rec.skipped and type(rec.loss) == "number" then
-        history.train[#history.train + 1] = { step = rec.step, loss = rec.loss }
+        T.history.train[#T.history.train + 1] = { step = rec.step, loss = rec.loss }
       elseif rec.type == "eval" then
         local em = {}
         for k, v in pairs(rec) do
           if type(v) == "number" and k ~= "step" and k ~= "epoch" then em[k] = v end
         end
-        history.eval[#history.eval + 1] = { step = rec.step, metrics = em }
+        T.history.eval[#T.history.eval + 1] = { step = rec.step, metrics = em }
       end
     end
   end
-  if resumed_from then
-    say(string.format("resumed from %s at step %d of %d%s", tostring(resumed_from), start_step - 1, total,
-                      (torn or 0) > 0 and string.format(" (dropped %d unreadable line(s) of metrics.jsonl)", torn) or ""))
-    for _, c in ipairs(changes or {}) do say("resume: changed since the checkpoint: " .. c) end
-    log_json({ type = "resume", step = start_step - 1, path = tostring(resumed_from),
-               changes = (changes and #changes > 0) and changes or nil })
+  if T.resumed_from then
+    T.say(string.format("resumed from %s at step %d of %d%s", tostring(T.resumed_from), T.start_step - 1, R.total,
+                        (torn or 0) > 0 and string.format(" (dropped %d unreadable line(s) of metrics.jsonl)", torn) or ""))
+    for _, c in ipairs(T.changes or {}) do T.say("resume: changed since the checkpoint: " .. c) end
+    T.log_json({ type = "resume", step = T.start_step - 1, path = tostring(T.resumed_from),
+                 changes = (T.changes and #T.changes > 0) and T.changes or nil })
   end
+end
 
-  -- control
+-- The control handed to callbacks, and fire(hook) to call them.
+local function make_control(R, T)
   local req = { stop = false, evaluate = false, save = false }
   local control = {}
   function control:stop() req.stop = true end
   function control:set_lr(x)
     if not is_finite(x) or x < 0 then error("control:set_lr: want a finite lr >= 0, got " .. tostring(x), 2) end
-    lr_override = x
+    T.lr_override = x
   end
   function control:evaluate() req.evaluate = true end
   function control:save() req.save = true end
-  local function fire(name, extra)
-    for _, cb in ipairs(hooks) do
+  T.req = req
+  function T.fire(name, extra)
+    for _, cb in ipairs(R.hooks) do
       local f = cb[name]
-      if f then f(state, control, extra) end
+      if f then f(T.state, control, extra) end
     end
   end
+end
 
-  local function checkpoint_state()
-    local m = {}
-    for k, v in pairs(state.metrics) do
-      if type(v) == "number" then m[k] = v end
-    end
-    m.trainer_bad_evals = bad_evals
-    m.trainer_lr_override = lr_override
-    if state.best then
-      m.trainer_best_value = state.best.value
-      m.trainer_best_step = state.best.step
-      m.trainer_best_saved = state.best.path and 1 or 0
-    end
-    return { step = state.step, epoch = state.epoch, cursor = batcher:cursor(), rng = cfg.rng, lr = state.lr,
-             total_steps = total, metrics = m, recipe = recipe_text, plugins = cfg.plugins,
-             run = run_settings }
+-- Saves a checkpoint of the current step (once per step), then prunes.
+local function save(cfg, mt, R, T)
+  local state = T.state
+  if T.saved[state.step] then return T.saved[state.step] end
+  local m = {}
+  for k, v in pairs(state.metrics) do
+    if type(v) == "number" then m[k] = v end
   end
+  local path = mt.checkpoint_save(R.out_dir, cfg.model, cfg.optimizer, {
+    step = state.step, epoch = state.epoch, cursor = R.batcher:cursor(), rng = cfg.rng, lr = state.lr,
+    total_steps = R.total, metrics = m, recipe = T.identity.recipe_text, plugins = cfg.plugins,
+    run = T.identity.settings, trainer = trainer_state(T) })
+  T.saved[state.step] = path
+  T.log_json({ type = "checkpoint", step = state.step, path = path })
+  T.fire("on_save", path)
+  mt.checkpoint_prune(R.out_dir, R.keep_last, R.es and state.best and state.best.step or nil)
+  return path
+end
 
-  local function save()
-    if saved[state.step] then return saved[state.step] end
-    local path = mt.checkpoint_save(out_dir, cfg.model, cfg.optimizer, checkpoint_state())
-    saved[state.step] = path
-    log_json({ type = "checkpoint", step = state.step, path = path })
-    fire("on_save", path)
-    local best_step = es and state.best and state.best.step or nil
-    mt.checkpoint_prune(out_dir, keep_last, best_step)
-    return path
+-- Runs the held-out evaluation and the metrics, logs them, and applies early stopping.
+local function evaluate(cfg, mt, R, T)
+  local state = T.state
+  local m = {}
+  state.metrics = m
+  if cfg.eval_examples ~= nil then
+    local r = mt.evaluate(cfg.model, cfg.eval_examples, cfg.eval_opts or {})
+    m.eval_loss = r.loss
+    m.eval_perplexity = r.perplexity
+    m.eval_tokens_per_second = r.tokens_per_second
   end
-
-  local function evaluate()
-    local m = {}
-    state.metrics = m
-    if cfg.eval_examples ~= nil then
-      local r = mt.evaluate(cfg.model, cfg.eval_examples, cfg.eval_opts or {})
-      m.eval_loss = r.loss
-      m.eval_perplexity = r.perplexity
-      m.eval_tokens_per_second = r.tokens_per_second
-    end
-    for name, f in pairs(metric_fns) do
-      local v = f(state)
-      if type(v) ~= "number" then fail("metric '%s' returned %s, want a number", name, type(v)) end
-      m[name] = v
-    end
-    history.eval[#history.eval + 1] = { step = state.step, metrics = m }
-    local rec = { type = "eval", step = state.step, epoch = state.epoch }
-    for k, v in pairs(m) do rec[k] = v end
-    log_json(rec)
-    local parts = {}
-    for k, v in pairs(m) do parts[#parts + 1] = string.format("%s %.6g", k, v) end
-    table.sort(parts)
-    say(string.format("eval step %d: %s", state.step, table.concat(parts, ", ")))
-
-    local v = m[best_metric]
-    local improved = false
-    if v ~= nil then
-      if improves(v, state.best and state.best.value, best_mode, best_delta) then
-        improved = true
-        state.best = { metric = best_metric, value = v, step = state.step }
-        bad_evals = 0
-      else
-        bad_evals = bad_evals + 1
-      end
-    elseif es then
-      fail("early_stopping.metric '%s' is not among the evaluation's metrics", best_metric)
-    end
-    if es then
-      if improved then state.best.path = save() end
-      if not improved and bad_evals >= es.patience then
-        state.stopped_early = true
-        say(string.format("early stopping at step %d: %s has not improved by more than %g for %d evaluations (best %.6g at step %d)",
-                          state.step, best_metric, es.min_delta, bad_evals, state.best.value, state.best.step))
-      end
-    end
-    fire("on_evaluate")
+  for name, f in pairs(R.metric_fns) do
+    local v = f(state)
+    if type(v) ~= "number" then fail("metric '%s' returned %s, want a number", name, type(v)) end
+    m[name] = v
   end
+  T.history.eval[#T.history.eval + 1] = { step = state.step, metrics = m }
+  local rec = { type = "eval", step = state.step, epoch = state.epoch }
+  for k, v in pairs(m) do rec[k] = v end
+  T.log_json(rec)
+  local parts = {}
+  for k, v in pairs(m) do parts[#parts + 1] = string.format("%s %.6g", k, v) end
+  table.sort(parts)
+  T.say(string.format("eval step %d: %s", state.step, table.concat(parts, ", ")))
 
-  local t0 = clock()
-  -- throughput counts the tokens the model ran (prompt and reply, no padding) over the
-  -- time spent in training steps, so evaluations and checkpoints do not dilute it
-  local tokens_run, step_seconds = 0, 0
-  local last_eval = nil
-  fire("on_train_begin")
-
-  local step = start_step
-  while step <= total and not req.stop and not state.stopped_early do
-    local lr
-    if lr_override then lr = lr_override
-    elseif cfg.schedule then lr = cfg.schedule(step, total, cfg.lr)
-    elseif cfg.scheduler then lr = mt.schedule(cfg.scheduler, step, total, cfg.lr)
-    else lr = cfg.lr end
-    if not is_finite(lr) then fail("the schedule gave lr %s at step %d", tostring(lr), step) end
-
-    local step_started = clock()
-    local batches, epoch, input_tokens = {}, state.epoch, 0
-    for i = 1, grad_accum do
-      local b, info = batcher:next()
-      batches[i] = b
-      if info and info.epoch then epoch = info.epoch end
-      input_tokens = input_tokens + (info and info.tokens or 0)
-    end
-    local r = mt.train_step(cfg.model, cfg.loss, cfg.optimizer, batches,
-                            { lr = lr, step = step, max_grad_norm = max_grad_norm or nil })
-    step_seconds = step_seconds + (clock() - step_started)
-    local bad = r.skipped or not is_finite(r.loss)
-    state.step, state.epoch = step, epoch
-    state.loss, state.grad_norm, state.lr = r.loss, r.grad_norm, r.lr or lr
-    state.tokens = r.tokens or 0
-    tokens_run = tokens_run + input_tokens
-    if bad then
-      state.bad_steps = state.bad_steps + 1
-      if state.bad_steps >= max_bad then
-        mfile:close()
-        error(string.format("%d non-finite steps in a row at step %d: stopping (lower the learning rate or check the data)",
-                            state.bad_steps, step), 0)
-      end
+  local v = m[R.best_metric]
+  local improved = false
+  if v ~= nil then
+    if improves(v, state.best and state.best.value, R.best_mode, R.best_delta) then
+      improved = true
+      state.best = { metric = R.best_metric, value = v, step = state.step }
+      T.bad_evals = 0
     else
-      state.bad_steps = 0
-      history.train[#history.train + 1] = { step = step, loss = r.loss }
+      T.bad_evals = T.bad_evals + 1
     end
+  elseif R.es then
+    fail("early_stopping.metric '%s' is not among the evaluation's metrics", R.best_metric)
+  end
+  local es = R.es
+  if es then
+    if improved then state.best.path = save(cfg, mt, R, T) end
+    if not improved and T.bad_evals >= es.patience then
+      state.stopped_early = true
+      T.say(string.format("early stopping at step %d: %s has not improved by more than %g for %d evaluations (best %.6g at step %d)",
+                          state.step, R.best_metric, es.min_delta, T.bad_evals, state.best.value, state.best.step))
+    end
+  end
+  T.fire("on_evaluate")
+end
 
-    local elapsed = clock() - t0
-    local tps = step_seconds > 0 and tokens_run / step_seconds or 0
-    log_json({ type = "step", step = step, epoch = epoch, loss = r.loss, lr = state.lr, grad_norm = r.grad_norm,
+-- One optimizer step: the learning rate, grad_accum micro-batches, mt.train_step, the
+-- NaN guard, metrics.jsonl and the progress output.
+local function train_step(cfg, mt, R, T, step)
+  local state, total = T.state, R.total
+  local lr
+  if T.lr_override then lr = T.lr_override
+  elseif cfg.schedule then lr = cfg.schedule(step, total, cfg.lr)
+  elseif cfg.scheduler then lr = mt.schedule(cfg.scheduler, step, total, cfg.lr)
+  else lr = cfg.lr end
+  if not is_finite(lr) then fail("the schedule gave lr %s at step %d", tostring(lr), step) end
+
+  local step_started = R.clock()
+  local batches, epoch, input_tokens = {}, state.epoch, 0
+  for i = 1, R.grad_accum do
+    local b, info = R.batcher:next()
+    batches[i] = b
+    if info and info.epoch then epoch = info.epoch end
+    input_tokens = input_tokens + (info and info.tokens or 0)
+  end
+  local r = mt.train_step(cfg.model, cfg.loss, cfg.optimizer, batches,
+                          { lr = lr, step = step, max_grad_norm = R.max_grad_norm or nil })
+  T.step_seconds = T.step_seconds + (R.clock() - step_started)
+  local bad = r.skipped or not is_finite(r.loss)
+  state.step, state.epoch = step, epoch
+  state.loss, state.grad_norm, state.lr = r.loss, r.grad_norm, r.lr or lr
+  state.tokens = r.tokens or 0
+  T.tokens_run = T.tokens_run + input_tokens
+  if bad then
+    state.bad_steps = state.bad_steps + 1
+    if state.bad_steps >= R.max_bad then
+      T.mfile:close()
+      error(string.format("%d non-finite steps in a row at step %d: stopping (lower the learning rate or check the data)",
+                          state.bad_steps, step), 0)
+    end
+  else
+    state.bad_steps = 0
+    T.history.train[#T.history.train + 1] = { step = step, loss = r.loss }
+  end
+
+  local elapsed = R.clock() - T.t0
+  local tps = T.step_seconds > 0 and T.tokens_run / T.step_seconds or 0
+  T.log_json({ type = "step", step = step, epoch = epoch, loss = r.loss, lr = state.lr, grad_norm = r.grad_norm,
                tokens = state.tokens, input_tokens = input_tokens, tokens_per_second = tps,
                skipped = bad and true or false })
-    local done = step - start_step + 1
-    local eta = elapsed / done * (total - step)
-    if bar then
-      local width, filled = 20, math.floor(20 * step / total)
-      output:write(string.format("\r[%s%s] %d/%d loss %s lr %s %.0f tok/s ETA %s   ",
+  local done = step - T.start_step + 1
+  local eta = elapsed / done * (total - step)
+  if T.bar then
+    local width, filled = 20, math.floor(20 * step / total)
+    R.output:write(string.format("\r[%s%s] %d/%d loss %s lr %s %.0f tok/s ETA %s   ",
                                  string.rep("#", filled), string.rep(".", width - filled), step, total,
                                  fmt_num(r.loss, "%.4f"), fmt_num(state.lr, "%.2e"), tps, format_time(eta)))
-      output:flush()
-      bar_shown = true
-    elseif step == start_step or step % (cfg.log_every or 10) == 0 or step == total or bad then
-      say(string.format("step %d/%d epoch %d loss %s lr %s grad_norm %s %.0f tok/s ETA %s%s", step, total, epoch,
+    R.output:flush()
+    T.bar_shown = true
+  elseif step == T.start_step or step % (cfg.log_every or 10) == 0 or step == total or bad then
+    T.say(string.format("step %d/%d epoch %d loss %s lr %s grad_norm %s %.0f tok/s ETA %s%s", step, total, epoch,
                         fmt_num(r.loss, "%.4f"), fmt_num(state.lr, "%.2e"), fmt_num(r.grad_norm or 0 / 0, "%.3f"),
                         tps, format_time(eta), bad and " (skipped: non-finite)" or ""))
-    end
-
-    fire("on_step_end")
-    if has_eval and (req.evaluate or (eval_every and step % eval_every == 0)) then
-      evaluate()
-      last_eval = step
-    elseif req.evaluate then
-      say(string.format("step %d: evaluation requested but there is nothing to evaluate (no eval_examples or metrics)", step))
-    end
-    if req.save or (save_every and step % save_every == 0) then save() end
-    req.evaluate, req.save = false, false
-    step = step + 1
   end
+end
 
-  -- the end: final evaluation, final checkpoint, best restored
-  if has_eval and last_eval ~= state.step and state.step >= start_step then evaluate() end
-  if state.step >= start_step then save() end
+-- The end: final evaluation and checkpoint, the best restored, the plot and summary.
+local function finish(cfg, mt, R, T)
+  local state = T.state
+  if R.has_eval and T.last_eval ~= state.step and state.step >= T.start_step then evaluate(cfg, mt, R, T) end
+  if state.step >= T.start_step then save(cfg, mt, R, T) end
   local restored = false
+  local es = R.es
   if es and es.restore_best and state.best and state.best.path and state.best.step ~= state.step then
     mt.checkpoint_load(state.best.path, cfg.model, cfg.optimizer)
     restored = true
   end
-  mfile:close()
+  T.mfile:close()
 
-  local seconds = clock() - t0
+  local seconds = R.clock() - T.t0
   if cfg.plot ~= false then
     local plot = require("moontune.plot")
     local evals = {}
-    for _, e in ipairs(history.eval) do
+    for _, e in ipairs(T.history.eval) do
       if e.metrics.eval_loss then evals[#evals + 1] = { step = e.step, loss = e.metrics.eval_loss } end
     end
-    plot.loss_svg(out_dir .. "/loss.svg", history.train, evals)
+    plot.loss_svg(R.out_dir .. "/loss.svg", T.history.train, evals)
   end
 
-  fire("on_train_end")
-  local lines = { string.format("trained %d steps of %d in %s%s", state.step, total, format_time(seconds),
-                                state.stopped_early and " (stopped early)" or (req.stop and " (stopped by a callback)" or "")) }
+  T.fire("on_train_end")
+  local lines = { string.format("trained %d steps of %d in %s%s", state.step, R.total, format_time(seconds),
+                                state.stopped_early and " (stopped early)" or (T.req.stop and " (stopped by a callback)" or "")) }
   if state.best then
     lines[#lines + 1] = string.format("best %s %.6g at step %d%s", state.best.metric, state.best.value, state.best.step,
                                       restored and " (restored)" or "")
   end
-  lines[#lines + 1] = string.format("outputs in %s: metrics.jsonl%s, checkpoints", out_dir, cfg.plot ~= false and ", loss.svg" or "")
-  for _, l in ipairs(lines) do say(l) end
+  lines[#lines + 1] = string.format("outputs in %s: metrics.jsonl%s, checkpoints", R.out_dir,
+                                    cfg.plot ~= false and ", loss.svg" or "")
+  for _, l in ipairs(lines) do T.say(l) end
 
-  return { steps = state.step, best = state.best, stopped_early = state.stopped_early, history = history,
-           out_dir = out_dir, seconds = seconds, restored_best = restored,
-           tokens = tokens_run, step_seconds = step_seconds,
-           tokens_per_second = step_seconds > 0 and tokens_run / step_seconds or 0 }
+  return { steps = state.step, best = state.best, stopped_early = state.stopped_early, history = T.history,
+           out_dir = R.out_dir, seconds = seconds, restored_best = restored,
+           tokens = T.tokens_run, step_seconds = T.step_seconds,
+           tokens_per_second = T.step_seconds > 0 and T.tokens_run / T.step_seconds or 0 }
+end
+
+function M.run(cfg, mt)
+  local R = resolve(cfg, mt)
+  if mt.validating and mt.validating() then return validate_report(cfg, R) end
+
+  local T = { state = { step = 0, total_steps = R.total, epoch = 1, loss = nil, lr = cfg.lr, grad_norm = nil,
+                        tokens = 0, metrics = {}, best = nil, bad_steps = 0, stopped_early = false },
+              history = { train = {}, eval = {} }, lr_override = nil, bad_evals = 0, saved = {},
+              identity = run_identity(cfg, mt, R),
+              -- throughput counts the tokens the model ran (prompt and reply, no padding)
+              -- over the time spent in training steps, so evaluations and checkpoints do
+              -- not dilute it
+              tokens_run = 0, step_seconds = 0, last_eval = nil }
+  resume(cfg, mt, R, T)
+  -- the remains of a run killed while saving or pruning go before anything else
+  if mt.checkpoint_prune then
+    mt.checkpoint_prune(R.out_dir, R.keep_last, R.es and T.state.best and T.state.best.step or nil)
+  end
+  open_outputs(cfg, mt, R, T)
+  make_control(R, T)
+
+  T.t0 = R.clock()
+  T.fire("on_train_begin")
+  local req = T.req
+  local step = T.start_step
+  while step <= R.total and not req.stop and not T.state.stopped_early do
+    train_step(cfg, mt, R, T, step)
+    T.fire("on_step_end")
+    if R.has_eval and (req.evaluate or (R.eval_every and step % R.eval_every == 0)) then
+      evaluate(cfg, mt, R, T)
+      T.last_eval = step
+    elseif req.evaluate then
+      T.say(string.format("step %d: evaluation requested but there is nothing to evaluate (no eval_examples or metrics)", step))
+    end
+    if req.save or (R.save_every and step % R.save_every == 0) then save(cfg, mt, R, T) end
+    req.evaluate, req.save = false, false
+    step = step + 1
+  end
+  return finish(cfg, mt, R, T)
 end
 
 return M

@@ -367,7 +367,7 @@ ckpts = {
     "state_sum_garbage": ("echo nonsense > \"$CKPT\"/state.json.sha256", ["state.json.sha256"]),
     "state_not_json": ("echo '{' > \"$CKPT\"/state.json && sha256sum \"$CKPT\"/state.json | sed 's| .*|  state.json|' "
                        "> \"$CKPT\"/state.json.sha256", ["state.json"]),
-    "state_future_version": ("sed -i 's/\"format_version\": 2/\"format_version\": 9/' \"$CKPT\"/state.json && "
+    "state_future_version": ("sed -i 's/\"format_version\": [0-9]*/\"format_version\": 9/' \"$CKPT\"/state.json && "
                              "(cd \"$CKPT\" && sha256sum state.json > state.json.sha256)",
                              ["state.json", "format version 9"]),
     "recipe_edited": ("echo '-- edited' >> \"$CKPT\"/recipe.lua", ["recipe.lua"]),

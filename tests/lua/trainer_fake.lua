@@ -31,7 +31,9 @@ function F.new(o)
   function batcher:set_cursor(c) epoch, pos = c.epoch, c.position end
   function batcher:batches_per_epoch() return per_epoch end
 
-  local mt = { batcher_obj = batcher }
+  -- JSON is the real core's (test_trainer_lua.c preloads moontune.core): the one encoder
+  local core = require("moontune.core")
+  local mt = { batcher_obj = batcher, json_encode = core.json_encode }
   function mt.train_step(model, loss, optimizer, batches, opts)
     assert(model == "model" and loss == "loss" and optimizer == "optimizer", "objects passed through")
     log.calls[#log.calls + 1] = "train_step"

@@ -106,7 +106,7 @@ eq(evals, 4, "a line per evaluation")
 eq(ckpts, 1, "final checkpoint")
 
 -- JSON escaping
-local enc = trainer.json_encode({ s = 'a "q"\n\1', n = 0.1, i = 3, b = true, l = { 1, 2 } })
+local enc = mt.json_encode({ s = 'a "q"\n\1', n = 0.1, i = 3, b = true, l = { 1, 2 } })
 local back = parse(enc)
 eq(back.s, 'a "q"\n\1', "string escapes")
 eq(back.n, 0.1, "%.17g round-trip")

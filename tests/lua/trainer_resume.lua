@@ -72,6 +72,38 @@ eq(rG.stopped_early, true, "patience carried over: one more bad eval stops")
 eq(rG.best.step, 4, "best carried over")
 eq(logG.loads[2], fake.ckpt(4), "best restored after resume")
 
+-- that state is the checkpoint's trainer object, not smuggled through its metrics
+local ck6 = logF.saved[fake.ckpt(6)]
+eq(ck6.trainer.lr_override, 0.003, "lr override in state.trainer")
+eq(ck6.trainer.bad_evals, 1, "bad evaluations in state.trainer")
+eq(ck6.trainer.best.step, 4, "best step in state.trainer")
+eq(ck6.trainer.best.saved, true, "best saved in state.trainer")
+for k in pairs(ck6.metrics) do
+  assert(not k:match("^trainer_"), "no trainer_ metric in a checkpoint: " .. k)
+end
+
+-- a checkpoint of an earlier version kept that state in trainer_* metrics: it still resumes
+local old = {}
+for path, s in pairs(logF.saved) do
+  local c = {}
+  for k, v in pairs(s) do c[k] = v end
+  if c.trainer then
+    local t = c.trainer
+    c.metrics = { eval_loss = s.metrics.eval_loss, trainer_lr_override = t.lr_override,
+                  trainer_bad_evals = t.bad_evals, trainer_best_value = t.best and t.best.value,
+                  trainer_best_step = t.best and t.best.step, trainer_best_saved = t.best and t.best.saved and 1 or 0 }
+    c.trainer = nil
+  end
+  old[path] = c
+end
+local mtH, logH = fake.new{ per_epoch = 4, losses = loss, evals = { 0.95 }, store = old, latest = logF.latest }
+local rH = trainer.run(fake.cfg(mtH, with{ resume = true, eval_every = 2, eval_examples = "h",
+  early_stopping = { patience = 2 } }), mtH)
+eq(logH.lrs[1], 0.003, "old format: lr override restored")
+eq(rH.stopped_early, true, "old format: patience carried over")
+eq(rH.best.step, 4, "old format: best carried over")
+eq(logH.loads[2], fake.ckpt(4), "old format: best restored after resume")
+
 -- a resume with other settings or another recipe text is refused, naming what changed;
 -- allow_changes resumes and reports the changes
 local function refused(extra, want)

@@ -446,8 +446,8 @@ static void test_corruption_is_refused(void **state) {
 
     /* an unknown format version (with state.json's checksum made to agree) */
     ck = save(&r, run, 1);
-    rewrite_state(ck, "\"format_version\": 2", "\"format_version\": 3", 1);
-    expect_refused(&r, ck, "format version 3", "expected 1 to 2");
+    rewrite_state(ck, "\"format_version\": 3", "\"format_version\": 4", 1);
+    expect_refused(&r, ck, "format version 4", "expected 1 to 3");
     free(ck);
 
     /* state.json edited behind its checksum */
@@ -580,9 +580,10 @@ static void test_latest_leftovers_and_prune(void **state) {
     free(run);
 }
 
-/* state.run comes back as it went in (as compact JSON); the base model's fingerprint is
- * recorded, and a checkpoint refuses to load onto a model with another one, before it
- * changes anything; a format-1 checkpoint (no run, no fingerprint) still loads. */
+/* state.run and state.trainer come back as they went in (as compact JSON); the base
+ * model's fingerprint is recorded, and a checkpoint refuses to load onto a model with
+ * another one, before it changes anything; a format-1 checkpoint (no run, no trainer,
+ * no fingerprint) still loads. */
 static void test_run_settings_and_model_identity(void **state) {
     (void)state;
     rig r;
@@ -609,6 +610,7 @@ static void test_run_settings_and_model_identity(void **state) {
     mt_ckpt_state s;
     fill_state(&r, &s, 1);
     s.run = "{\"trainer\": {\"lr\": 0.001, \"total_steps\": 8}, \"config\": {\"seed\": 3}}";
+    s.trainer = "{\"bad_evals\": 2, \"best\": {\"step\": 4, \"value\": 0.5, \"saved\": true}}";
     char *ck = NULL;
     mt_error err = {0};
     if (mt_checkpoint_save(run, r.model, r.opt, &s, &ck, &err)) fail_msg("%s", err.msg);
@@ -617,6 +619,8 @@ static void test_run_settings_and_model_identity(void **state) {
     if (mt_checkpoint_load(ck, r.model, r.opt, &loaded, &err)) fail_msg("%s", err.msg);
     assert_non_null(loaded.run);
     assert_string_equal(loaded.run, "{\"config\":{\"seed\":3},\"trainer\":{\"lr\":0.001,\"total_steps\":8}}");
+    assert_non_null(loaded.trainer);
+    assert_string_equal(loaded.trainer, "{\"bad_evals\":2,\"best\":{\"saved\":true,\"step\":4,\"value\":0.5}}");
     assert_string_equal(loaded.model_fingerprint, own);
     mt_ckpt_state_clear(&loaded);
 
@@ -637,11 +641,12 @@ static void test_run_settings_and_model_identity(void **state) {
     fill_state(&r, &s1, 2);
     memset(r.model->fingerprint, 0, sizeof r.model->fingerprint);
     if (mt_checkpoint_save(run, r.model, r.opt, &s1, &ck, &err)) fail_msg("%s", err.msg);
-    rewrite_state(ck, "\"format_version\": 2", "\"format_version\": 1", 1);
+    rewrite_state(ck, "\"format_version\": 3", "\"format_version\": 1", 1);
     memcpy(r.model->fingerprint, other, sizeof other);
     memset(&loaded, 0, sizeof loaded);
     if (mt_checkpoint_load(ck, r.model, r.opt, &loaded, &err)) fail_msg("%s", err.msg);
     assert_null(loaded.run);
+    assert_null(loaded.trainer);
     assert_string_equal(loaded.model_fingerprint, "");
     mt_ckpt_state_clear(&loaded);
     free(ck);
@@ -651,6 +656,11 @@ static void test_run_settings_and_model_identity(void **state) {
     s.run = "[1, 2]";
     assert_int_not_equal(mt_checkpoint_save(run, r.model, r.opt, &s, NULL, &err), MT_OK);
     assert_non_null(strstr(err.msg, "state.run must be a JSON object"));
+    /* so must trainer */
+    fill_state(&r, &s, 3);
+    s.trainer = "3";
+    assert_int_not_equal(mt_checkpoint_save(run, r.model, r.opt, &s, NULL, &err), MT_OK);
+    assert_non_null(strstr(err.msg, "state.trainer must be a JSON object"));
 
     rig_down(&r);
     mt_test_rmtree(run);

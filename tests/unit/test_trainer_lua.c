@@ -2,7 +2,8 @@
  * module (tests/lua/trainer_fake.lua): early stopping, callbacks and control, the NaN
  * guard, resume, metrics.jsonl and loss.svg. Each script runs in a fresh state from
  * mt_lua_open with OUT_DIR set to a temporary directory; any Lua error fails the test
- * with its traceback. No moontune.core needed. */
+ * with its traceback. moontune.core is preloaded only for its JSON encoder, which the
+ * fake hands the trainer. */
 #include "testutil.h"
 
 #include <stdio.h>
@@ -11,6 +12,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "lua/bindings.h"
 #include "lua/lua_state.h"
 
 #ifndef MT_FIXTURE_DIR
@@ -22,6 +24,7 @@ static void run_script(const char *name) {
     mt_error err = {0};
     lua_State *L = mt_lua_open(&err);
     if (!L) fail_msg("mt_lua_open: %s", err.msg);
+    mt_lua_register(L);
     char *dir = mt_test_tmpdir("trainer_lua");
     assert_non_null(dir);
 
