@@ -3,6 +3,8 @@
 
 #include <string.h>
 
+#include "base/internal.h"
+
 static int past_options; /* after "--": the rest is positional */
 
 void mt_cli_begin(void) {
@@ -17,7 +19,20 @@ static const char *option_name(const mt_cli *cli, int val) {
     return NULL;
 }
 
-int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, const char **name) {
+/* Parses the value of a numeric option into its target; MT_OK or the parser's message. */
+static mt_status parse_number(const mt_cli_number *n, const char *flag, const char *value,
+                              mt_error *err) {
+    switch (n->type) {
+    case MT_CLI_INT: return mt_parse_int_into(flag, value, n->limit, n->out, err);
+    case MT_CLI_FLOAT: return mt_parse_float_into(flag, value, n->limit, n->out, err);
+    case MT_CLI_DOUBLE: return mt_parse_real(flag, value, n->limit, n->out, err);
+    case MT_CLI_SEED: return mt_parse_u64(flag, value, n->out, err);
+    }
+    return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: no parser for this option", flag);
+}
+
+static int next_option(const mt_cli *cli, int argc, char **argv, const char **value,
+                       const char **name) {
     static char flag[80];
     int index = -1;
     *value = NULL;
@@ -35,7 +50,10 @@ int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, co
         *value = optarg;
         return MT_CLI_POSITIONAL;
     }
-    if (c == MT_CLI_HELP) return MT_CLI_HELP;
+    if (c == MT_CLI_HELP) {
+        cli->usage(stdout);
+        return MT_CLI_HELP;
+    }
     if (c == ':' || c == '?') {
         const char *known = optopt ? option_name(cli, optopt) : NULL;
         if (c == ':' && known)
@@ -51,4 +69,19 @@ int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, co
     snprintf(flag, sizeof flag, "--%s", long_name ? long_name : "?");
     *value = optarg;
     return c;
+}
+
+int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, const char **name) {
+    for (;;) {
+        int c = next_option(cli, argc, argv, value, name);
+        const mt_cli_number *number = NULL;
+        for (size_t i = 0; i < cli->n_numbers && c > MT_CLI_POSITIONAL; i++)
+            if (cli->numbers[i].val == c) number = &cli->numbers[i];
+        if (!number) return c;
+        mt_error err = {0};
+        if (parse_number(number, *name, *value, &err)) {
+            fprintf(stderr, "%s: %s\n", cli->command, err.msg);
+            return MT_CLI_REFUSED;
+        }
+    }
 }

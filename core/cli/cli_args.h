@@ -13,7 +13,19 @@
 #include <stddef.h>
 #include <stdio.h>
 
+#include "base/numparse.h"
 #include "moontune/moontune.h"
+
+/* A numeric option that mt_cli_next parses itself, through the shared parser and its
+ * limits (base/numparse.h), into *out: an int, a float or a double within `limit`
+ * (an mt_int_limit or an mt_real_limit), or a uint64_t seed (no limit). */
+typedef enum { MT_CLI_INT, MT_CLI_FLOAT, MT_CLI_DOUBLE, MT_CLI_SEED } mt_cli_number_type;
+typedef struct mt_cli_number {
+    int val; /* the option's val in the table */
+    mt_cli_number_type type;
+    const void *limit;
+    void *out;
+} mt_cli_number;
 
 /* The option table of one command, and how to name it in messages. */
 typedef struct mt_cli {
@@ -21,6 +33,8 @@ typedef struct mt_cli {
     const struct option *options; /* getopt_long's table, {0} terminated, with
                                    {"help", no_argument, NULL, MT_CLI_HELP} */
     void (*usage)(FILE *out);
+    const mt_cli_number *numbers; /* options parsed here; NULL-able */
+    size_t n_numbers;
 } mt_cli;
 
 /* getopt_long's return for --help and -h. */
@@ -35,10 +49,13 @@ typedef struct mt_cli {
 void mt_cli_begin(void);
 
 /* The next option's `val` with its argument in *value (NULL for a flag), or
- * MT_CLI_POSITIONAL with the word in *value; -1 after the last argument. An unknown option, a missing value or a value given to a flag
- * prints "<command>: ..." and the usage to stderr and returns MT_CLI_REFUSED. --help
- * and -h return MT_CLI_HELP. *name receives the option's name as "--seq" (for
- * messages; it lives in a static buffer until the next call). */
+ * MT_CLI_POSITIONAL with the word in *value; -1 after the last argument. Options of
+ * cli->numbers are parsed into their targets and not returned. An unknown option, a
+ * missing value, a value given to a flag or a number refused by its limit prints
+ * "<command>: ..." (and the usage for the first three) to stderr and returns
+ * MT_CLI_REFUSED. --help and -h print the usage to stdout and return MT_CLI_HELP.
+ * *name receives the option's name as "--seq" (for messages; it lives in a static
+ * buffer until the next call). */
 int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, const char **name);
 
 #endif /* MT_CLI_ARGS_H */

@@ -69,9 +69,16 @@ static const struct option options[] = {
 };
 
 int mt_cmd_bench(int argc, char **argv) {
-    static const mt_cli cli = {"moontune bench", options, usage};
     mt_bench_options opt = {.shape = "tiny", .batch = 4, .seq = 256, .steps = 3, .warmup = 1,
                             .mode = MT_BENCH_BOTH};
+    const mt_cli_number numbers[] = {
+        {OPT_BATCH, MT_CLI_INT, &MT_LIMIT_BATCH, &opt.batch},
+        {OPT_SEQ, MT_CLI_INT, &MT_LIMIT_SEQ_LEN, &opt.seq},
+        {OPT_STEPS, MT_CLI_INT, &MT_LIMIT_BENCH_STEPS, &opt.steps},
+        {OPT_WARMUP, MT_CLI_INT, &MT_LIMIT_BENCH_WARMUP, &opt.warmup},
+        {OPT_THREADS, MT_CLI_INT, &MT_LIMIT_THREADS, &opt.threads},
+    };
+    const mt_cli cli = {"moontune bench", options, usage, numbers, sizeof numbers / sizeof *numbers};
     mt_kv adapter_kv[MAX_ADAPTER_OPTIONS];
     char adapter_keys[MAX_ADAPTER_OPTIONS][64];
     mt_error err = {0};
@@ -80,7 +87,7 @@ int mt_cmd_bench(int argc, char **argv) {
     mt_cli_begin();
     while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
         switch (c) {
-        case MT_CLI_HELP: usage(stdout); return 0;
+        case MT_CLI_HELP: return 0;
         case MT_CLI_REFUSED: return 2;
         case MT_CLI_POSITIONAL:
             fprintf(stderr, "moontune bench: unexpected argument '%s'\n", v);
@@ -99,21 +106,6 @@ int mt_cmd_bench(int argc, char **argv) {
                 fprintf(stderr, "moontune bench: --mode expects frozen, full or both, got \"%s\"\n", v);
                 return 2;
             }
-            break;
-        case OPT_BATCH:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_BATCH, &opt.batch, &err)) goto refused;
-            break;
-        case OPT_SEQ:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_SEQ_LEN, &opt.seq, &err)) goto refused;
-            break;
-        case OPT_STEPS:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_BENCH_STEPS, &opt.steps, &err)) goto refused;
-            break;
-        case OPT_WARMUP:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_BENCH_WARMUP, &opt.warmup, &err)) goto refused;
-            break;
-        case OPT_THREADS:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_THREADS, &opt.threads, &err)) goto refused;
             break;
         case OPT_ADAPTER: opt.adapter = v; break;
         case OPT_ADAPTER_OPTION: {

@@ -129,19 +129,24 @@ static const struct option options[] = {
 };
 
 int mt_cmd_data(int argc, char **argv) {
-    static const mt_cli cli = {"moontune data", options, usage};
     data_args a = {.template_name = "auto", .seed = 42, .batch = 8};
+    const mt_cli_number numbers[] = {
+        {OPT_SEQ, MT_CLI_INT, &MT_LIMIT_SEQ_LEN, &a.ex.seq_len},
+        {OPT_BATCH, MT_CLI_INT, &MT_LIMIT_BATCH, &a.batch},
+        {OPT_SEED, MT_CLI_SEED, NULL, &a.seed},
+        {OPT_HELDOUT, MT_CLI_DOUBLE, &MT_LIMIT_FRACTION, &a.heldout},
+    };
+    const mt_cli cli = {"moontune data", options, usage, numbers, sizeof numbers / sizeof *numbers};
     a.jsonl.format = MT_DATA_AUTO;
     a.jsonl.on_bad_record = MT_BAD_RECORD_ERROR;
     a.ex.seq_len = 512;
     a.ex.truncation = MT_TRUNCATE_LEFT;
-    mt_error perr = {0};
     const char *v, *flag;
     int c;
     mt_cli_begin();
     while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
         switch (c) {
-        case MT_CLI_HELP: usage(stdout); return 0;
+        case MT_CLI_HELP: return 0;
         case MT_CLI_REFUSED: return 2;
         case MT_CLI_POSITIONAL:
             if (a.n_files == 16) {
@@ -177,24 +182,6 @@ int mt_cmd_data(int argc, char **argv) {
             }
             a.jsonl.on_bad_record = !strcmp(v, "skip") ? MT_BAD_RECORD_SKIP : MT_BAD_RECORD_ERROR;
             break;
-        case OPT_SEQ:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_SEQ_LEN, &a.ex.seq_len, &perr)) goto refused;
-            break;
-        case OPT_BATCH:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_BATCH, &a.batch, &perr)) goto refused;
-            break;
-        case OPT_SEED: {
-            uint64_t seed;
-            if (mt_parse_u64(flag, v, &seed, &perr)) goto refused;
-            a.seed = seed;
-            break;
-        }
-        case OPT_HELDOUT: {
-            double x;
-            if (mt_parse_real(flag, v, &MT_LIMIT_FRACTION, &x, &perr)) goto refused;
-            a.heldout = x;
-            break;
-        }
         }
     }
     if (!a.n_files || !a.tokenizer) {
@@ -203,7 +190,4 @@ int mt_cmd_data(int argc, char **argv) {
         return 2;
     }
     return run(&a);
-refused:
-    fprintf(stderr, "moontune data: %s\n", perr.msg);
-    return 2;
 }

@@ -45,17 +45,21 @@ static const struct option options[] = {
 };
 
 int mt_cmd_eval(int argc, char **argv) {
-    static const mt_cli cli = {"moontune eval", options, usage};
     const char *files[16], *model_path = NULL, *adapter_dir = NULL, *template_name = "auto";
     int n_files = 0, seq = 512, batch = 4, threads = 0;
+    const mt_cli_number numbers[] = {
+        {OPT_SEQ, MT_CLI_INT, &MT_LIMIT_SEQ_LEN, &seq},
+        {OPT_BATCH, MT_CLI_INT, &MT_LIMIT_BATCH, &batch},
+        {OPT_THREADS, MT_CLI_INT, &MT_LIMIT_THREADS, &threads},
+    };
+    const mt_cli cli = {"moontune eval", options, usage, numbers, sizeof numbers / sizeof *numbers};
     mt_jsonl_options jsonl = {.format = MT_DATA_AUTO, .on_bad_record = MT_BAD_RECORD_ERROR};
-    mt_error perr = {0};
     const char *v, *flag;
     int c;
     mt_cli_begin();
     while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
         switch (c) {
-        case MT_CLI_HELP: usage(stdout); return 0;
+        case MT_CLI_HELP: return 0;
         case MT_CLI_REFUSED: return 2;
         case MT_CLI_POSITIONAL:
             if (n_files == 16) {
@@ -73,15 +77,6 @@ int mt_cmd_eval(int argc, char **argv) {
                 return 2;
             }
             jsonl.format = (mt_data_format)mt_data_format_parse(v);
-            break;
-        case OPT_SEQ:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_SEQ_LEN, &seq, &perr)) goto refused;
-            break;
-        case OPT_BATCH:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_BATCH, &batch, &perr)) goto refused;
-            break;
-        case OPT_THREADS:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_THREADS, &threads, &perr)) goto refused;
             break;
         }
     }
@@ -129,7 +124,4 @@ done:
     mt_tokenizer_free(tok);
     if (have_be) mt_backend_cpu_shutdown(&be);
     return rc;
-refused:
-    fprintf(stderr, "moontune eval: %s\n", perr.msg);
-    return 2;
 }

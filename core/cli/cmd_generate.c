@@ -202,16 +202,23 @@ static const struct option options[] = {
 };
 
 int mt_cmd_generate(int argc, char **argv) {
-    static const mt_cli cli = {"moontune generate", options, usage};
     gen_args a = {.template_name = "auto", .max_new_tokens = 256};
     a.sampling = (mt_sampling){.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 42};
-    mt_error perr = {0};
+    const mt_cli_number numbers[] = {
+        {OPT_MAX_NEW_TOKENS, MT_CLI_INT, &MT_LIMIT_MAX_NEW_TOKENS, &a.max_new_tokens},
+        {OPT_THREADS, MT_CLI_INT, &MT_LIMIT_THREADS, &a.threads},
+        {OPT_TOP_K, MT_CLI_INT, &MT_LIMIT_TOP_K, &a.sampling.top_k},
+        {OPT_TEMPERATURE, MT_CLI_FLOAT, &MT_LIMIT_TEMPERATURE, &a.sampling.temperature},
+        {OPT_TOP_P, MT_CLI_FLOAT, &MT_LIMIT_TOP_P, &a.sampling.top_p},
+        {OPT_SEED, MT_CLI_SEED, NULL, &a.sampling.seed},
+    };
+    const mt_cli cli = {"moontune generate", options, usage, numbers, sizeof numbers / sizeof *numbers};
     const char *v, *flag;
     int c;
     mt_cli_begin();
     while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
         switch (c) {
-        case MT_CLI_HELP: usage(stdout); return 0;
+        case MT_CLI_HELP: return 0;
         case MT_CLI_REFUSED: return 2;
         case MT_CLI_POSITIONAL:
             fprintf(stderr, "moontune generate: unexpected argument '%s' (the prompt goes after --prompt)\n", v);
@@ -229,25 +236,6 @@ int mt_cmd_generate(int argc, char **argv) {
             }
             a.stops[a.n_stops++] = v;
             break;
-        case OPT_MAX_NEW_TOKENS:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_MAX_NEW_TOKENS, &a.max_new_tokens, &perr)) goto refused;
-            break;
-        case OPT_THREADS:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_THREADS, &a.threads, &perr)) goto refused;
-            break;
-        case OPT_TOP_K:
-            if (mt_parse_int_into(flag, v, &MT_LIMIT_TOP_K, &a.sampling.top_k, &perr)) goto refused;
-            break;
-        case OPT_TEMPERATURE:
-            if (mt_parse_float_into(flag, v, &MT_LIMIT_TEMPERATURE, &a.sampling.temperature, &perr))
-                goto refused;
-            break;
-        case OPT_TOP_P:
-            if (mt_parse_float_into(flag, v, &MT_LIMIT_TOP_P, &a.sampling.top_p, &perr)) goto refused;
-            break;
-        case OPT_SEED:
-            if (mt_parse_u64(flag, v, &a.sampling.seed, &perr)) goto refused;
-            break;
         }
     }
     if (!a.model || !a.prompt) {
@@ -256,7 +244,4 @@ int mt_cmd_generate(int argc, char **argv) {
         return 2;
     }
     return run(&a);
-refused:
-    fprintf(stderr, "moontune generate: %s\n", perr.msg);
-    return 2;
 }

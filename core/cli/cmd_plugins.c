@@ -178,7 +178,7 @@ static const struct option options[] = {
 };
 
 int mt_cmd_plugins(int argc, char **argv) {
-    static const mt_cli cli = {"moontune plugins", options, usage};
+    static const mt_cli cli = {"moontune plugins", options, usage, NULL, 0};
     const char *describe_name = NULL;
     mt_plugin_kind kind = (mt_plugin_kind)0;
     const char **dirs = calloc(argc > 0 ? (size_t)argc : 1, sizeof *dirs);
@@ -193,10 +193,7 @@ int mt_cmd_plugins(int argc, char **argv) {
     mt_cli_begin();
     while (status < 0 && (c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
         switch (c) {
-        case MT_CLI_HELP:
-            usage(stdout);
-            status = 0;
-            break;
+        case MT_CLI_HELP: status = 0; break;
         case MT_CLI_REFUSED: status = 2; break;
         case MT_CLI_POSITIONAL:
             fprintf(stderr, "moontune plugins: unexpected argument '%s' (see moontune plugins --help)\n", v);

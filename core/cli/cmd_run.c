@@ -95,7 +95,7 @@ static const struct option options[] = {
 };
 
 int mt_cmd_run(int argc, char **argv) {
-    static const mt_cli cli = {"moontune run", options, usage};
+    static const mt_cli cli = {"moontune run", options, usage, NULL, 0};
     const char *recipe = NULL, *resume_path = NULL;
     int resume = 0, unsafe = 0, n_sets = 0, overwrite = 0, allow_changes = 0;
     const char **sets = calloc((size_t)(argc > 0 ? argc : 1), sizeof *sets);
@@ -108,10 +108,7 @@ int mt_cmd_run(int argc, char **argv) {
     int c;
     while ((c = mt_cli_next(&cli, argc, argv, &v, &flag)) != -1) {
         switch (c) {
-        case MT_CLI_HELP:
-            usage(stdout);
-            free(sets);
-            return 0;
+        case MT_CLI_HELP: free(sets); return 0;
         case MT_CLI_REFUSED: free(sets); return 2;
         case OPT_UNSAFE: unsafe = 1; break;
         case OPT_OVERWRITE: overwrite = 1; break;

@@ -1,6 +1,7 @@
 /* test_cli_args.c — the commands' shared argument reader (core/cli/cli_args.c) and the
  * key=value splitter (core/base): every GNU form, arguments in order, and a refusal
  * for each kind of mistake. */
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -22,7 +23,7 @@ static void no_usage(FILE *out) { (void)out; }
 
 /* Reads argv and writes what came back as "seq(--seq)=5 pos=a flag ..." into out. */
 static int read_all(int argc, const char **argv, char *out, size_t size) {
-    static const mt_cli cli = {"moontune test", options, no_usage};
+    static const mt_cli cli = {"moontune test", options, no_usage, NULL, 0};
     out[0] = '\0';
     const char *v, *flag;
     int c;
@@ -78,6 +79,31 @@ static void test_refusals(void **state) {
     REFUSES("a", "--nope", "b");
 }
 
+/* Numeric options are parsed by the reader into their targets, within their limits. */
+static void test_numbers(void **state) {
+    (void)state;
+    int seq = -1;
+    uint64_t seed = 0;
+    const mt_cli_number numbers[] = {{OPT_SEQ, MT_CLI_INT, &MT_LIMIT_SEQ_LEN, &seq},
+                                     {OPT_MAYBE, MT_CLI_SEED, NULL, &seed}};
+    const mt_cli cli = {"moontune test", options, no_usage, numbers, 2};
+    const char *ok[] = {"test", "--seq", "128", "pos", "--maybe=18446744073709551615", "--flag"};
+    const char *v, *flag;
+    int c, seen = 0;
+    mt_cli_begin();
+    while ((c = mt_cli_next(&cli, 6, (char **)ok, &v, &flag)) != -1) {
+        assert_true(c == MT_CLI_POSITIONAL || c == OPT_FLAG); /* numbers are not returned */
+        seen++;
+    }
+    assert_int_equal(seen, 2);
+    assert_int_equal(seq, 128);
+    assert_true(seed == UINT64_MAX);
+    const char *big[] = {"test", "--seq", "4294967298"};
+    mt_cli_begin();
+    assert_int_equal(mt_cli_next(&cli, 3, (char **)big, &v, &flag), MT_CLI_REFUSED);
+    assert_int_equal(seq, 128); /* untouched when refused */
+}
+
 static void test_split_kv(void **state) {
     (void)state;
     char key[8];
@@ -103,6 +129,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_forms),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_numbers),
         cmocka_unit_test(test_split_kv),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
