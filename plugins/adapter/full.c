@@ -77,18 +77,11 @@ static const mt_adapter_vtable vtable = {
     .attach = full_attach,
 };
 
-static const mt_plugin_descriptor descriptor = {
-    .abi_version = MT_PLUGIN_ABI_VERSION,
-    .kind = MT_PLUGIN_ADAPTER,
-    .name = "full",
-    .version = "1.0.0",
-    .description = "full fine-tuning: the chosen base weights, embeddings and norms train",
-    .options = options,
-    .n_options = sizeof options / sizeof options[0],
-    .vtable = &vtable,
-};
-
-MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *h) {
-    host = h;
-    return &descriptor;
-}
+MT_PLUGIN_DEFINE(host,
+                 .kind = MT_PLUGIN_ADAPTER,
+                 .name = "full",
+                 .version = "1.0.0",
+                 .description = "full fine-tuning: the chosen base weights, embeddings and norms train",
+                 .options = options,
+                 .n_options = sizeof options / sizeof options[0],
+                 .vtable = &vtable)

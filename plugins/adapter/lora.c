@@ -480,20 +480,13 @@ static const mt_adapter_vtable lora_vtable = {
     .set_training = lora_set_training,
 };
 
-static const mt_plugin_descriptor lora_descriptor = {
-    .abi_version = MT_PLUGIN_ABI_VERSION,
-    .kind = MT_PLUGIN_ADAPTER,
-    .name = "lora",
-    .version = "1.0.0",
-    .description = "LoRA: frozen base plus a trainable low-rank update s·B·A (PEFT-compatible)",
-    .options = lora_options,
-    .n_options = sizeof lora_options / sizeof lora_options[0],
-    .vtable = &lora_vtable,
-};
-
-MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *h) {
-    host = h;
-    return &lora_descriptor;
-}
+MT_PLUGIN_DEFINE(host,
+                 .kind = MT_PLUGIN_ADAPTER,
+                 .name = "lora",
+                 .version = "1.0.0",
+                 .description = "LoRA: frozen base plus a trainable low-rank update s·B·A (PEFT-compatible)",
+                 .options = lora_options,
+                 .n_options = sizeof lora_options / sizeof lora_options[0],
+                 .vtable = &lora_vtable)
 
 #endif /* LORA_NO_ENTRY */

@@ -149,19 +149,12 @@ static const mt_loss_vtable vtable = {
     .compute = ce_compute,
 };
 
-static const mt_plugin_descriptor descriptor = {
-    .abi_version = MT_PLUGIN_ABI_VERSION,
-    .kind = MT_PLUGIN_LOSS,
-    .name = "cross_entropy",
-    .version = "1.0.0",
-    .description = "mean token cross-entropy over unmasked targets, chunked over rows; "
-                   "optional label smoothing and z-loss",
-    .options = options,
-    .n_options = sizeof options / sizeof options[0],
-    .vtable = &vtable,
-};
-
-MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *h) {
-    host = h;
-    return &descriptor;
-}
+MT_PLUGIN_DEFINE(host,
+                 .kind = MT_PLUGIN_LOSS,
+                 .name = "cross_entropy",
+                 .version = "1.0.0",
+                 .description = "mean token cross-entropy over unmasked targets, chunked over rows; "
+                 "optional label smoothing and z-loss",
+                 .options = options,
+                 .n_options = sizeof options / sizeof options[0],
+                 .vtable = &vtable)

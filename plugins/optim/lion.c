@@ -101,19 +101,12 @@ static const mt_optimizer_vtable vtable = {
     .state_set = opt_state_set,
 };
 
-static const mt_plugin_descriptor descriptor = {
-    .abi_version = MT_PLUGIN_ABI_VERSION,
-    .kind = MT_PLUGIN_OPTIMIZER,
-    .name = NAME,
-    .version = "1.0.0",
-    .description =
-        "Lion: the sign of interpolated momentum, decoupled weight decay (Chen et al. 2023)",
-    .options = options,
-    .n_options = sizeof options / sizeof options[0],
-    .vtable = &vtable,
-};
-
-MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *h) {
-    host = h;
-    return &descriptor;
-}
+MT_PLUGIN_DEFINE(host,
+                 .kind = MT_PLUGIN_OPTIMIZER,
+                 .name = NAME,
+                 .version = "1.0.0",
+                 .description =
+                     "Lion: the sign of interpolated momentum, decoupled weight decay (Chen et al. 2023)",
+                 .options = options,
+                 .n_options = sizeof options / sizeof options[0],
+                 .vtable = &vtable)

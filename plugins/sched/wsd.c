@@ -118,18 +118,11 @@ static const mt_scheduler_vtable vtable = {
     .lr = sched_lr,
 };
 
-static const mt_plugin_descriptor descriptor = {
-    .abi_version = MT_PLUGIN_ABI_VERSION,
-    .kind = MT_PLUGIN_SCHEDULER,
-    .name = NAME,
-    .version = "1.0.0",
-    .description = "warmup, stable, decay (transformers' get_wsd_schedule)",
-    .options = options,
-    .n_options = sizeof options / sizeof options[0],
-    .vtable = &vtable,
-};
-
-MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *h) {
-    host = h;
-    return &descriptor;
-}
+MT_PLUGIN_DEFINE(host,
+                 .kind = MT_PLUGIN_SCHEDULER,
+                 .name = NAME,
+                 .version = "1.0.0",
+                 .description = "warmup, stable, decay (transformers' get_wsd_schedule)",
+                 .options = options,
+                 .n_options = sizeof options / sizeof options[0],
+                 .vtable = &vtable)

@@ -291,6 +291,25 @@ typedef const mt_plugin_descriptor *(*mt_plugin_entry_fn)(const mt_host *host);
  * with -Wmissing-prototypes). */
 MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *host);
 
+/* The descriptor and the entry point in one place. The entry keeps the host table in
+ * HOST_VAR (a `static const mt_host *` of the plugin) and returns a descriptor of this
+ * ABI version with the given fields:
+ *
+ *     static const mt_host *host;
+ *     ...
+ *     MT_PLUGIN_DEFINE(host, .kind = MT_PLUGIN_SCHEDULER, .name = "constant",
+ *                      .version = "1.0.0", .description = "...", .options = options,
+ *                      .n_options = sizeof options / sizeof options[0], .vtable = &vtable)
+ *
+ * A plugin that must do more when it is loaded writes its entry by hand. */
+#define MT_PLUGIN_DEFINE(HOST_VAR, ...)                                                       \
+    static const mt_plugin_descriptor mt_plugin_descriptor_ = {                             \
+        .abi_version = MT_PLUGIN_ABI_VERSION, __VA_ARGS__};                                  \
+    MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *h) {    \
+        HOST_VAR = h;                                                                        \
+        return &mt_plugin_descriptor_;                                                       \
+    }
+
 #ifdef __cplusplus
 }
 #endif
