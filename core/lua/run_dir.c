@@ -298,7 +298,9 @@ static int l_run_info(lua_State *L) {
 
 /* What an existing directory holds: 0 empty, 1 only moontune's marker (and runs'
  * files, *has_run set when anything besides the marker is there), -1 files without
- * the marker. */
+ * the marker. The temporary file of a marker whose writing was killed (before its
+ * rename) is removed: the directory was made by moontune, which died before marking
+ * it. */
 static int dir_contents(const char *dir, int *has_run) {
     DIR *d = opendir(dir);
     if (!d) return -2;
@@ -306,8 +308,15 @@ static int dir_contents(const char *dir, int *has_run) {
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        if (!strcmp(e->d_name, RUN_MARKER)) marker = 1;
-        else other = 1;
+        if (!strcmp(e->d_name, RUN_MARKER)) {
+            marker = 1;
+        } else if (!strncmp(e->d_name, RUN_MARKER ".tmp.", sizeof RUN_MARKER ".tmp." - 1)) {
+            char path[PATH_MAX + 256];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if (unlink(path) != 0) other = 1;
+        } else {
+            other = 1;
+        }
     }
     closedir(d);
     *has_run = other;
