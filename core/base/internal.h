@@ -122,6 +122,14 @@ size_t mt_utf8_bad_at(const unsigned char *s, size_t n);
 struct json_t;
 const char *mt_json_kind(const struct json_t *v);
 
+/* Maps a whole regular file read-only: *map and *len (NULL and 0 for an empty file,
+ * which mmap refuses; the caller's format check reports it). Errors name the path, and
+ * `what` ("GGUF", "safetensors") when the path is not a regular file. Release with
+ * mt_unmap_file. */
+mt_status mt_map_file(const char *path, const char *what, const unsigned char **map, size_t *len,
+                      mt_error *err);
+void mt_unmap_file(const unsigned char *map, size_t len);
+
 /* Reads a whole (small) file into a NUL-terminated buffer; *len excludes the NUL. */
 mt_status mt_read_file(const char *path, char **out, size_t *len, mt_error *err);
 

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -323,6 +324,47 @@ mt_status mt_split_kv(const char *what, const char *arg, char *key, size_t key_s
     key[n] = '\0';
     *value = eq + 1;
     return MT_OK;
+}
+
+mt_status mt_map_file(const char *path, const char *what, const unsigned char **map, size_t *len,
+                      mt_error *err) {
+    *map = NULL;
+    *len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        mt_status st = mt_error_set(err, MT_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+        close(fd);
+        return st;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        close(fd);
+        return mt_error_set(err, MT_ERR_IO, "%s: expected a regular %s file, found %s", path, what,
+                            S_ISDIR(sb.st_mode) ? "a directory" : "a special file");
+    }
+    if ((uint64_t)sb.st_size > (uint64_t)SIZE_MAX) { /* only on 32-bit hosts */
+        close(fd);
+        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: file of %lld bytes is too large to map",
+                            path, (long long)sb.st_size);
+    }
+    size_t n = (size_t)sb.st_size;
+    if (n == 0) { /* mmap refuses 0 bytes */
+        close(fd);
+        return MT_OK;
+    }
+    void *p = mmap(NULL, n, PROT_READ, MAP_PRIVATE, fd, 0);
+    int saved = errno;
+    close(fd);
+    if (p == MAP_FAILED)
+        return mt_error_set(err, MT_ERR_IO, "%s: cannot map %zu bytes: %s", path, n, strerror(saved));
+    *map = p;
+    *len = n;
+    return MT_OK;
+}
+
+void mt_unmap_file(const unsigned char *map, size_t len) {
+    if (map) munmap((void *)map, len);
 }
 
 int mt_ends_with(const char *s, const char *suffix) {

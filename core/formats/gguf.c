@@ -26,15 +26,10 @@
 #define _POSIX_C_SOURCE 200809L
 #include "formats/gguf.h"
 
-#include <errno.h>
-#include <fcntl.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "base/internal.h"
 
@@ -365,40 +360,7 @@ static int cmp_tinfo(const void *a, const void *b) {
 }
 
 static mt_status map_file(mt_gguf *g, mt_error *err) {
-    int fd = open(g->path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", g->path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        mt_status st =
-            mt_error_set(err, MT_ERR_IO, "%s: cannot stat: %s", g->path, strerror(errno));
-        close(fd);
-        return st;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return mt_error_set(err, MT_ERR_IO, "%s: expected a regular GGUF file, found %s", g->path,
-                            S_ISDIR(sb.st_mode) ? "a directory" : "a special file");
-    }
-    if ((uint64_t)sb.st_size > (uint64_t)SIZE_MAX) { /* only on 32-bit hosts */
-        close(fd);
-        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: file of %lld bytes is too large to map",
-                            g->path, (long long)sb.st_size);
-    }
-    size_t len = (size_t)sb.st_size;
-    if (len == 0) { /* mmap refuses 0 bytes; the header check reports the empty file */
-        close(fd);
-        return MT_OK;
-    }
-    void *p = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
-    int saved = errno;
-    close(fd);
-    if (p == MAP_FAILED)
-        return mt_error_set(err, MT_ERR_IO, "%s: cannot map %zu bytes: %s", g->path, len,
-                            strerror(saved));
-    g->map = p;
-    g->map_len = len;
-    return MT_OK;
+    return mt_map_file(g->path, "GGUF", &g->map, &g->map_len, err);
 }
 
 static mt_status parse_header(mt_gguf *g, cursor *c, uint64_t *ntensors, uint64_t *nkv,
@@ -742,7 +704,7 @@ void mt_gguf_close(mt_gguf *g) {
     for (size_t i = 0; i < g->ntensors; i++) free((char *)g->tensors[i].name);
     free(g->tensors);
     free(g->t_sorted);
-    if (g->map) munmap((void *)g->map, g->map_len);
+    mt_unmap_file(g->map, g->map_len);
     free(g->path);
     free(g);
 }

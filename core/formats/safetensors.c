@@ -14,14 +14,11 @@
 #include "formats/safetensors.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
-#include <libgen.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -115,50 +112,24 @@ typedef struct st_work {
 } st_work;
 
 static void st_file_release(st_file *f) {
-    if (f->map) munmap((void *)f->map, f->map_len);
+    mt_unmap_file(f->map, f->map_len);
     json_decref(f->header);
     free(f->path);
     memset(f, 0, sizeof *f);
 }
 
 static mt_status map_file(st_file *f, mt_error *err) {
-    int fd = open(f->path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", f->path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        mt_status st =
-            mt_error_set(err, MT_ERR_IO, "%s: cannot stat: %s", f->path, strerror(errno));
-        close(fd);
-        return st;
+    mt_status st = mt_map_file(f->path, "safetensors", &f->map, &f->map_len, err);
+    if (st == MT_OK && f->map_len < 8) {
+        st = mt_error_set(err, MT_ERR_FORMAT,
+                          "%s: file is %zu bytes, shorter than the 8-byte header length that "
+                          "starts every safetensors file",
+                          f->path, f->map_len);
+        mt_unmap_file(f->map, f->map_len);
+        f->map = NULL;
+        f->map_len = 0;
     }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return mt_error_set(err, MT_ERR_IO, "%s: expected a regular safetensors file, found %s",
-                            f->path, S_ISDIR(sb.st_mode) ? "a directory" : "a special file");
-    }
-    if (sb.st_size < 8) {
-        close(fd);
-        return mt_error_set(err, MT_ERR_FORMAT,
-                            "%s: file is %lld bytes, shorter than the 8-byte header length that "
-                            "starts every safetensors file",
-                            f->path, (long long)sb.st_size);
-    }
-    if ((uint64_t)sb.st_size > (uint64_t)SIZE_MAX) { /* only on 32-bit hosts */
-        close(fd);
-        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: file of %lld bytes is too large to map",
-                            f->path, (long long)sb.st_size);
-    }
-    size_t len = (size_t)sb.st_size;
-    void *p = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
-    int saved = errno;
-    close(fd);
-    if (p == MAP_FAILED)
-        return mt_error_set(err, MT_ERR_IO, "%s: cannot map %zu bytes: %s", f->path, len,
-                            strerror(saved));
-    f->map = p;
-    f->map_len = len;
-    return MT_OK;
+    return st;
 }
 
 /* Reads a JSON integer >= 0 (the only thing a shape entry or an offset may be). */
