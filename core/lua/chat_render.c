@@ -38,13 +38,19 @@ mt_status mt_chat_template_push(lua_State *L, const mt_tokenizer *tok, const cha
     } else {
         lua_pushstring(L, name);
     }
-    /* stack: chat, name */
-    lua_getfield(L, chat, "get");
+    /* stack: chat, name; an unknown name is the user's mistake, told without a traceback */
+    lua_getfield(L, chat, "lookup");
     lua_pushvalue(L, -2);
-    if ((st = mt_lua_pcall(L, 1, 1, err))) {
+    if ((st = mt_lua_pcall(L, 1, 2, err))) {
         lua_pop(L, 2);
         return st;
     }
+    if (lua_isnil(L, -2)) {
+        st = mt_error_set(err, MT_ERR_INVALID_ARG, "%s", lua_tostring(L, -1));
+        lua_pop(L, 4);
+        return st;
+    }
+    lua_pop(L, 1); /* no reason */
     /* stack: chat, name, render */
     if (resolved) *resolved = lua_tostring(L, -2); /* stays valid: the chat module keeps names */
     lua_remove(L, chat + 1);

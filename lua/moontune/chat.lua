@@ -301,17 +301,25 @@ M.names = { "chatml", "smollm2", "qwen2", "llama3", "llama2", "mistral", "mistra
 M.templates = {}
 for _, name in ipairs(M.names) do M.templates[name] = M[name] end
 
--- Returns the render function for a name, or the recipe's own function unchanged.
-function M.get(name_or_function)
+-- The render function for a name, or the recipe's own function unchanged; nil and
+-- the reason for anything else (the commands report it as it is).
+function M.lookup(name_or_function)
   local t = type(name_or_function)
   if t == "function" then return name_or_function end
   if t == "string" and M.templates[name_or_function] then
     return M.templates[name_or_function]
   end
-  error(string.format("unknown chat template %s; known templates: %s "
-                      .. "(or pass a function(messages, opts) -> text, spans)",
-                      t == "string" and ("'" .. name_or_function .. "'") or ("(a " .. t .. ")"),
-                      table.concat(M.names, ", ")), 2)
+  return nil, string.format("unknown chat template %s; known templates: %s "
+                            .. "(or pass a function(messages, opts) -> text, spans)",
+                            t == "string" and ("'" .. name_or_function .. "'") or ("(a " .. t .. ")"),
+                            table.concat(M.names, ", "))
+end
+
+-- The same, raising the reason as an error at the caller.
+function M.get(name_or_function)
+  local render, why = M.lookup(name_or_function)
+  if not render then error(why, 2) end
+  return render
 end
 
 -- ---------------------------------------------------------------------------

@@ -64,6 +64,9 @@ while IFS= read -r dir; do
     if [ "$rc" -eq 0 ]; then why="exit status 0"
     elif [ "$rc" -ge 124 ]; then why="exit status $rc (a signal or the ${bound} s bound)"
     elif grep -qE "runtime error:|AddressSanitizer|LeakSanitizer" "$s/err.txt"; then why="sanitizer report"
+    elif [ "${rel%%/*}" = cli ] && [ "${args[0]}" != run ] && grep -q "stack traceback" "$s/err.txt"; then
+      # (a recipe's errors, --set ones included, come with the recipe's traceback)
+      why="a command-line mistake answered with a Lua traceback"
     else
       while IFS= read -r want; do
         [ -z "$want" ] && continue
