@@ -27,6 +27,15 @@
 --   eval_opts = {}              options for mt.evaluate ({batch=, seq_len=})
 --   eval_every = nil            evaluate every N steps (nil or 0: only at the end; always at the end when
 --                               eval_examples or metrics are given)
+--   general_examples = nil      Examples of general text (data/general for chat models):
+--                               their perplexity before training, at each evaluation
+--                               (metrics general_perplexity and general_change, the
+--                               relative change) and after; guards against forgetting
+--   max_general_regression = 0.10   the largest general_change accepted
+--   on_general_regression = "warn"  beyond it: "warn"; "stop" training (the best
+--                               checkpoint within the bound is restored); or "restore":
+--                               train on, but only evaluations within the bound count
+--                               as best, and the best is restored at the end
 --   metrics = {}                name -> function(state) -> number, run at each evaluation
 --                               after mt.evaluate; the value lands in state.metrics[name]
 --   early_stopping = nil        { metric = "eval_loss", mode = "min" | "max", patience = 3,
@@ -241,7 +250,19 @@ local function resolve(cfg, mt)
   R.best_metric = es and es.metric or "eval_loss"
   R.best_mode = es and es.mode or "min"
   R.best_delta = es and es.min_delta or 0
-  R.has_eval = cfg.eval_examples ~= nil or next(R.metric_fns) ~= nil
+  if cfg.general_examples ~= nil then
+    local action = cfg.on_general_regression or "warn"
+    if action ~= "warn" and action ~= "stop" and action ~= "restore" then
+      fail("cfg.on_general_regression must be \"warn\", \"stop\" or \"restore\", got %s", tostring(action))
+    end
+    local bound = cfg.max_general_regression or 0.10
+    if not is_finite(bound) or bound < 0 then
+      fail("cfg.max_general_regression must be a number >= 0, got %s", tostring(bound))
+    end
+    R.general = { examples = cfg.general_examples, bound = bound, action = action,
+                  guard = action ~= "warn" }
+  end
+  R.has_eval = cfg.eval_examples ~= nil or next(R.metric_fns) ~= nil or R.general ~= nil
   if es and not R.has_eval then fail("cfg.early_stopping needs cfg.eval_examples or cfg.metrics") end
 
   -- the step budget
@@ -318,7 +339,7 @@ end
 -- The trainer's own state as a checkpoint keeps it (state.trainer), and back.
 local function trainer_state(T)
   local best = T.state.best
-  return { bad_evals = T.bad_evals, lr_override = T.lr_override,
+  return { bad_evals = T.bad_evals, lr_override = T.lr_override, general_before = T.general_before,
            best = best and { metric = best.metric, value = best.value, step = best.step,
                              saved = best.path ~= nil } or nil }
 end
@@ -367,6 +388,7 @@ local function resume(cfg, mt, R, T)
   local saved_state = restore_trainer_state(st)
   T.lr_override = saved_state.lr_override
   T.bad_evals = saved_state.bad_evals or 0
+  T.general_before = saved_state.general_before
   local best = saved_state.best
   if best and best.value ~= nil then
     state.best = { metric = R.best_metric, value = best.value, step = best.step }
@@ -478,6 +500,12 @@ local function evaluate(cfg, mt, R, T)
     m.eval_perplexity = r.perplexity
     m.eval_tokens_per_second = r.tokens_per_second
   end
+  local over = false -- general text worsened beyond the bound
+  if R.general then
+    m.general_perplexity = mt.evaluate(cfg.model, R.general.examples, cfg.eval_opts or {}).perplexity
+    m.general_change = (m.general_perplexity - T.general_before) / T.general_before
+    over = m.general_change > R.general.bound
+  end
   for name, f in pairs(R.metric_fns) do
     local v = f(state)
     if type(v) ~= "number" then fail("metric '%s' returned %s, want a number", name, type(v)) end
@@ -486,16 +514,47 @@ local function evaluate(cfg, mt, R, T)
   T.history.eval[#T.history.eval + 1] = { step = state.step, metrics = m }
   local rec = { type = "eval", step = state.step, epoch = state.epoch }
   for k, v in pairs(m) do rec[k] = v end
+  -- overfitting: the training loss since the last evaluation beside the held-out loss
+  local train_loss = T.train_n > 0 and T.train_sum / T.train_n or nil
+  T.train_sum, T.train_n = 0, 0
+  if train_loss and m.eval_loss then
+    rec.train_loss, rec.loss_gap = train_loss, m.eval_loss - train_loss
+  end
   T.log_json(rec)
   local parts = {}
   for k, v in pairs(m) do parts[#parts + 1] = string.format("%s %.6g", k, v) end
   table.sort(parts)
-  T.say(string.format("eval step %d: %s", state.step, table.concat(parts, ", ")))
+  T.say(string.format("eval step %d: %s%s", state.step, table.concat(parts, ", "),
+                      rec.loss_gap and string.format(" (training loss %.6g, gap %.6g)", train_loss, rec.loss_gap) or ""))
+  if m.eval_loss and train_loss then
+    local prev = T.last_losses
+    if prev and m.eval_loss > prev.eval and train_loss < prev.train then T.rising = T.rising + 1
+    else T.rising = 0 end
+    T.last_losses = { eval = m.eval_loss, train = train_loss }
+    local patience = R.es and R.es.patience or 3
+    if T.rising >= patience and not T.overfit_warned then
+      T.overfit_warned = true
+      T.say(string.format("WARNING: overfitting: the held-out loss rose for %d evaluations while the " ..
+                          "training loss fell; the best checkpoint is %s", T.rising,
+                          state.best and state.best.path and string.format("step %d", state.best.step) or
+                          (state.best and string.format("step %d (not saved: set early_stopping to keep it)", state.best.step) or "none")))
+    end
+  end
+  if over then
+    T.say(string.format("WARNING: general-text perplexity %.6g is %.1f%% above %.6g before training, more than " ..
+                        "max_general_regression (%.0f%%): the model may be forgetting%s", m.general_perplexity,
+                        100 * m.general_change, T.general_before, 100 * R.general.bound,
+                        R.general.action == "stop" and "; stopping" or ""))
+    if R.general.action == "stop" then state.stopped_early = true end
+  end
+  T.general_over = over
 
   local v = m[R.best_metric]
   local improved = false
   if v ~= nil then
-    if improves(v, state.best and state.best.value, R.best_mode, R.best_delta) then
+    if R.general and R.general.guard and over then
+      T.bad_evals = T.bad_evals + 1 -- beyond the general bound nothing counts as best
+    elseif improves(v, state.best and state.best.value, R.best_mode, R.best_delta) then
       improved = true
       state.best = { metric = R.best_metric, value = v, step = state.step }
       T.bad_evals = 0
@@ -506,6 +565,7 @@ local function evaluate(cfg, mt, R, T)
     fail("early_stopping.metric '%s' is not among the evaluation's metrics", R.best_metric)
   end
   local es = R.es
+  if improved and not es and R.general and R.general.guard then state.best.path = save(cfg, mt, R, T) end
   if es then
     if improved then state.best.path = save(cfg, mt, R, T) end
     if not improved and T.bad_evals >= es.patience then
@@ -554,6 +614,7 @@ local function train_step(cfg, mt, R, T, step)
   else
     state.bad_steps = 0
     T.history.train[#T.history.train + 1] = { step = step, loss = r.loss }
+    T.train_sum, T.train_n = T.train_sum + r.loss, T.train_n + 1
   end
 
   local elapsed = R.clock() - T.t0
@@ -584,7 +645,8 @@ local function finish(cfg, mt, R, T)
   if state.step >= T.start_step then save(cfg, mt, R, T) end
   local restored = false
   local es = R.es
-  if es and es.restore_best and state.best and state.best.path and state.best.step ~= state.step then
+  local restore = (es and es.restore_best) or (R.general and R.general.guard and T.general_over)
+  if restore and state.best and state.best.path and state.best.step ~= state.step then
     mt.checkpoint_load(state.best.path, cfg.model, cfg.optimizer)
     restored = true
   end
@@ -607,6 +669,20 @@ local function finish(cfg, mt, R, T)
     lines[#lines + 1] = string.format("best %s %.6g at step %d%s", state.best.metric, state.best.value, state.best.step,
                                       restored and " (restored)" or "")
   end
+  if R.general then
+    local last
+    for i = #T.history.eval, 1, -1 do
+      local e = T.history.eval[i]
+      if e.metrics.general_perplexity and (not restored or e.step == state.best.step) then last = e; break end
+    end
+    if last then
+      lines[#lines + 1] = string.format("general-text perplexity %.6g before, %.6g after (%+.1f%%%s)",
+                                        T.general_before, last.metrics.general_perplexity,
+                                        100 * last.metrics.general_change,
+                                        last.metrics.general_change > R.general.bound and
+                                          ", beyond max_general_regression" or "")
+    end
+  end
   lines[#lines + 1] = string.format("outputs in %s: metrics.jsonl%s, checkpoints", R.out_dir,
                                     cfg.plot ~= false and ", loss.svg" or "")
   for _, l in ipairs(lines) do T.say(l) end
@@ -628,7 +704,10 @@ function M.run(cfg, mt)
               -- throughput counts the tokens the model ran (prompt and reply, no padding)
               -- over the time spent in training steps, so evaluations and checkpoints do
               -- not dilute it
-              tokens_run = 0, step_seconds = 0, last_eval = nil }
+              tokens_run = 0, step_seconds = 0, last_eval = nil,
+              -- the training loss since the last evaluation, and rises of the held-out
+              -- loss while it falls (overfitting)
+              train_sum = 0, train_n = 0, rising = 0 }
   resume(cfg, mt, R, T)
   -- the remains of a run killed while saving or pruning go before anything else
   if mt.checkpoint_prune then
@@ -636,6 +715,11 @@ function M.run(cfg, mt)
   end
   open_outputs(cfg, mt, R, T)
   make_control(R, T)
+  if R.general and not T.general_before then -- a resumed run keeps the first run's
+    T.general_before = mt.evaluate(cfg.model, R.general.examples, cfg.eval_opts or {}).perplexity
+    T.say(string.format("general text: perplexity %.6g before training", T.general_before))
+    T.log_json({ type = "general", step = T.start_step - 1, general_perplexity = T.general_before })
+  end
 
   T.t0 = R.clock()
   T.fire("on_train_begin")

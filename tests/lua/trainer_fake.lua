@@ -1,9 +1,11 @@
 -- trainer_fake.lua — a fake `moontune` module for the trainer tests, plus small asserts.
 --
--- fake.new{ per_epoch = 4, losses = {...} or function(step, lr, batches), evals = {...} }
+-- fake.new{ per_epoch = 4, losses = {...} or function(step, lr, batches), evals = {...},
+--           general = {...} }
 -- returns mt, log. The batcher hands out batches { id = epoch * 100 + position } with
 -- 10 tokens each; train_step returns the scripted loss (NaN entries are reported as
--- skipped); evaluate returns the scripted eval losses in order (the last one repeats);
+-- skipped); evaluate returns the scripted eval losses in order (the last one repeats),
+-- and for the examples "general" the scripted general perplexities;
 -- checkpoints are kept in memory (log.saved[path] = a copy of the state) and every
 -- call is recorded in log.calls / log.lrs / log.steps.
 
@@ -50,6 +52,14 @@ function F.new(o)
     return { loss = l, grad_norm = 0.5, lr = opts.lr, tokens = 10 * #batches, skipped = skipped }
   end
   function mt.evaluate(model, examples, opts)
+    if examples == "general" then -- general text: the scripted perplexities in order
+      log.general_evals = (log.general_evals or 0) + 1
+      local g = o.general or { 10.0 }
+      local p = g[math.min(log.general_evals, #g)]
+      log.calls[#log.calls + 1] = "general"
+      return { loss = math.log(p), perplexity = p, tokens = 100, examples = 5, seconds = 0.1,
+               tokens_per_second = 1000 }
+    end
     log.evals = log.evals + 1
     log.calls[#log.calls + 1] = "evaluate"
     local evals = o.evals or { 1.0 }

@@ -62,6 +62,8 @@ static void test_callbacks(void **state) { (void)state; run_script("trainer_call
 static void test_nan_guard(void **state) { (void)state; run_script("trainer_nan_guard.lua"); }
 static void test_resume(void **state) { (void)state; run_script("trainer_resume.lua"); }
 static void test_logging(void **state) { (void)state; run_script("trainer_logging.lua"); }
+static void test_general(void **state) { (void)state; run_script("trainer_general.lua"); }
+static void test_checks(void **state) { (void)state; run_script("checks.lua"); }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
@@ -70,6 +72,8 @@ int main(void) {
         cmocka_unit_test(test_nan_guard),
         cmocka_unit_test(test_resume),
         cmocka_unit_test(test_logging),
+        cmocka_unit_test(test_general),
+        cmocka_unit_test(test_checks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,90 @@
+-- The guards of every run: general-text perplexity before, at each evaluation and after
+-- (warn, stop or restore beyond max_general_regression), and the overfitting warning.
+local fake = require("trainer_fake")
+local trainer = require("moontune.trainer")
+local eq = fake.eq
+
+local function capture()
+  local lines = {}
+  return { write = function(_, ...) for _, s in ipairs({ ... }) do lines[#lines + 1] = s end end,
+           flush = function() end }, lines
+end
+local function has(lines, pattern)
+  return table.concat(lines):find(pattern) ~= nil
+end
+
+-- warn: training goes on; the before/after line and the warning are printed
+do
+  local mt, log = fake.new{ per_epoch = 4, evals = { 1.0, 0.9, 0.8 }, general = { 10, 10.5, 12, 13 } }
+  local out, lines = capture()
+  local r = trainer.run(fake.cfg(mt, { epochs = 2, eval_every = 3, eval_examples = "heldout",
+    general_examples = "general", max_general_regression = 0.10, output = out }), mt)
+  eq(r.steps, 8, "warn trains to the end")
+  eq(log.calls[1], "general", "general text measured before the first step")
+  eq(log.general_evals, 4, "before + three evaluations")
+  eq(r.history.eval[1].metrics.general_perplexity, 10.5, "general perplexity in the metrics")
+  fake.near(r.history.eval[2].metrics.general_change, 0.2, "general_change is relative to before")
+  assert(has(lines, "general text: perplexity 10 before training"), table.concat(lines))
+  assert(has(lines, "WARNING: general%-text perplexity 12 is 20.0%% above 10"), table.concat(lines))
+  assert(has(lines, "general%-text perplexity 10 before, 13 after %(%+30.0%%, beyond max_general_regression%)"),
+         table.concat(lines))
+  eq(#log.loads, 0, "warn restores nothing")
+end
+
+-- stop: training stops at the first evaluation beyond the bound and the best
+-- checkpoint within it is restored
+do
+  local mt, log = fake.new{ per_epoch = 4, evals = { 1.0, 0.9, 0.8 }, general = { 10, 10.5, 10.8, 12 } }
+  local out, lines = capture()
+  local r = trainer.run(fake.cfg(mt, { epochs = 4, eval_every = 2, eval_examples = "heldout",
+    general_examples = "general", on_general_regression = "stop", output = out }), mt)
+  eq(r.steps, 6, "stopped at the evaluation beyond the bound")
+  eq(r.stopped_early, true, "reported as stopped early")
+  eq(r.best.step, 4, "the best is within the bound, not the better eval_loss beyond it")
+  eq(log.loads[#log.loads], fake.ckpt(4), "the best within the bound restored")
+  eq(r.restored_best, true, "restored")
+  assert(has(lines, "; stopping"), table.concat(lines))
+end
+
+-- restore: training goes on; only evaluations within the bound count as best, and the
+-- best is restored when the run ends beyond the bound
+do
+  local mt, log = fake.new{ per_epoch = 4, evals = { 1.0, 0.9, 0.5, 0.4 }, general = { 10, 10.2, 10.4, 12, 12 } }
+  local r = trainer.run(fake.cfg(mt, { epochs = 2, eval_every = 2, eval_examples = "heldout",
+    general_examples = "general", on_general_regression = "restore" }), mt)
+  eq(r.steps, 8, "restore trains to the end")
+  eq(r.best.step, 4, "evaluations beyond the bound are never best")
+  eq(log.loads[#log.loads], fake.ckpt(4), "best within the bound restored at the end")
+end
+
+-- a resume keeps the first run's "before" (the trainer state of the checkpoint)
+do
+  local mtA, logA = fake.new{ per_epoch = 4, evals = { 1.0 }, general = { 10, 10.1, 10.2 } }
+  trainer.run(fake.cfg(mtA, { epochs = 2, eval_every = 2, save_every = 2, eval_examples = "heldout",
+    general_examples = "general", callbacks = { on_step_end = function(s, c) if s.step == 4 then c:stop() end end } }), mtA)
+  eq(logA.saved[fake.ckpt(4)].trainer.general_before, 10, "general_before in state.trainer")
+  local mtB, logB = fake.new{ per_epoch = 4, evals = { 1.0 }, general = { 10.3 }, store = logA.saved, latest = logA.latest }
+  local rB = trainer.run(fake.cfg(mtB, { epochs = 2, eval_every = 2, save_every = 2, eval_examples = "heldout",
+    general_examples = "general", resume = true }), mtB)
+  eq(logB.calls[1], "load:" .. fake.ckpt(4), "resumed")
+  eq(logB.calls[2], "train_step", "no new 'before' measurement after a resume")
+  fake.near(rB.history.eval[#rB.history.eval].metrics.general_change, 0.03, "change against the first run's before")
+end
+
+-- overfitting: held-out loss rising while the training loss falls, `patience` times
+do
+  local mt, _ = fake.new{ per_epoch = 4, losses = function(step) return 2.0 / step end,
+                          evals = { 1.0, 1.1, 1.2, 1.3 } }
+  local out, lines = capture()
+  trainer.run(fake.cfg(mt, { epochs = 2, eval_every = 2, eval_examples = "heldout", output = out }), mt)
+  assert(has(lines, "WARNING: overfitting: the held%-out loss rose for 3 evaluations while the training loss fell"),
+         table.concat(lines))
+  assert(has(lines, "training loss"), "the gap is printed")
+end
+do -- and not when both fall
+  local mt, _ = fake.new{ per_epoch = 4, losses = function(step) return 2.0 / step end,
+                          evals = { 1.0, 0.9, 0.8, 0.7 } }
+  local out, lines = capture()
+  trainer.run(fake.cfg(mt, { epochs = 2, eval_every = 2, eval_examples = "heldout", output = out }), mt)
+  assert(not has(lines, "overfitting"), table.concat(lines))
+end
