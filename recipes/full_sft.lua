@@ -23,9 +23,12 @@
 --   epochs         passes over the data ...
 --   max_steps      ... or an optimizer-step budget (0 = use epochs; > 0 wins)
 --   lr             peak learning rate (full fine-tuning wants a low one: 2e-5)
---   warmup_ratio   linear warmup as a fraction of the steps, then cosine decay ...
---   min_lr_ratio   ... down to lr * min_lr_ratio
---   weight_decay   AdamW weight decay; max_grad_norm: gradient clipping (0 = none)
+--   optimizer, scheduler, loss   the plugins by name with their options, validated by
+--                  the plugin (`moontune plugins --describe NAME` lists them):
+--                  --set optimizer=lion, --set scheduler.warmup_ratio=0.1; the default
+--                  is AdamW, a linear warmup then cosine decay to lr * min_lr_ratio,
+--                  and cross-entropy on the replies
+--   max_grad_norm  gradient clipping (0 = none)
 --   full           target_modules: projections that train ("all-linear" = all but
 --                  lm_head, or a comma list: "q_proj,k_proj,v_proj,o_proj,...");
 --                  train_embeddings, train_norms: whether those train too
@@ -33,6 +36,18 @@
 --   patience       early stopping: evaluations without a better eval_loss before
 --                  training stops (0 = never stop early); the best checkpoint is
 --                  restored at the end
+--   early_stopping_metric  "eval_loss" (held-out loss, lower is better) or
+--                  "task_accuracy" (the held-out generation metric at each evaluation)
+--   general        general-text JSONL ("text" records) whose perplexity is measured
+--                  before, at each evaluation and after ("" = none): forgetting shows
+--                  as a rise; max_general_regression: the rise accepted (0.10 = 10%);
+--                  on_general_regression: "warn", "stop" (and restore the best
+--                  checkpoint within the bound) or "restore" (train on, restore it)
+--   task_eval      generate an answer for each held-out chat request before and after
+--                  training and report the exact-match accuracy; task_samples: how
+--                  many (0 = all); max_new_tokens, gen_batch: answer length, batch
+--   allow_leakage  accept held-out examples that also occur in the training data (the
+--                  data checks refuse them otherwise)
 --   save_every     checkpoint every N steps (and at the end); keep_last: how many
 --                  recent checkpoints are kept besides the best
 --   out_dir        run directory (under the current directory): metrics.jsonl,
@@ -53,13 +68,22 @@ local cfg = mt.config({
   epochs = 3,
   max_steps = 0,
   lr = 2e-5,
-  warmup_ratio = 0.03,
-  min_lr_ratio = 0.0,
-  weight_decay = 0.01,
+  optimizer = { name = "adamw", weight_decay = 0.01 },
+  scheduler = { name = "cosine", warmup_ratio = 0.03, min_lr_ratio = 0.0 },
+  loss = { name = "cross_entropy" },
   max_grad_norm = 1.0,
   full = { target_modules = "all-linear", train_embeddings = true, train_norms = true },
   eval_every = 50,
   patience = 3,
+  early_stopping_metric = "eval_loss",
+  general = "data/general/general.jsonl",
+  max_general_regression = 0.10,
+  on_general_regression = "warn",
+  task_eval = true,
+  task_samples = 0,
+  max_new_tokens = 128,
+  gen_batch = 16,
+  allow_leakage = false,
   save_every = 100,
   keep_last = 2,
   out_dir = "runs/full_sft",
@@ -68,7 +92,7 @@ local cfg = mt.config({
 local sft = require("moontune.sft")
 
 -- data: the chat records rendered with the template, masked to the replies
-local train, heldout = sft.examples(mt, cfg, "full_sft")
+local train, heldout, _, data = sft.examples(mt, cfg, "full_sft")
 
 -- the model, its weights made trainable by the "full" adapter
 local model = mt.model(cfg.model)
@@ -78,4 +102,4 @@ model:attach(mt.plugin("adapter", "full", {
 }))
 
 -- train: AdamW, cosine schedule, evaluation, early stopping, checkpoints (moontune.sft)
-sft.train(mt, cfg, model, train, heldout, "full_sft")
+sft.train(mt, cfg, model, train, heldout, "full_sft", data)

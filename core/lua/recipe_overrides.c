@@ -155,7 +155,16 @@ static mt_status co_convert(lua_State *L, const char *set, const char *key, cons
                 if (!*p) break;
             }
             return MT_OK;
+        } else if (lua_getfield(L, cur, "name") == LUA_TSTRING) {
+            /* a plugin choice {name = "adamw", option = ...}: --set optimizer=lion names
+             * another plugin; its options stay and the plugin validates them */
+            lua_pop(L, 1);
+            lua_pushvalue(L, cur);
+            lua_pushstring(L, value);
+            lua_setfield(L, -2, "name");
+            return MT_OK;
         } else {
+            lua_pop(L, 1);
             char known[320];
             co_suggest(L, cur, "", "", known, sizeof known);
             return mt_error_set(err, MT_ERR_INVALID_ARG,

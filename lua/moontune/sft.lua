@@ -1,49 +1,126 @@
--- moontune.sft — the supervised fine-tuning steps the shipped recipes share: the chat
--- data rendered with the model's template and masked to the replies, then the trainer
--- with AdamW, a cosine schedule, evaluation, early stopping and checkpoints. A recipe
--- picks the model and its adapter in between; copy these two functions into a recipe to
--- change what they do. Both read the standard settings of the recipes' config table
--- (documented at the top of recipes/lora_sft.lua).
+-- moontune.sft — the supervised fine-tuning workflow the shipped recipes share: the chat
+-- data rendered with the model's template and masked to the replies, checked before
+-- training (moontune.checks); held-out task accuracy and general-text perplexity before
+-- and after (catastrophic forgetting); the trainer with the optimizer, scheduler and
+-- loss the config names, evaluation, early stopping and checkpoints. A recipe picks the
+-- model and its adapter in between; copy these functions into a recipe to change what
+-- they do. Both read the standard settings of the recipes' config table (documented at
+-- the top of recipes/lora_sft.lua).
+local checks = require("moontune.checks")
+local tasks = require("moontune.tasks")
+
 local M = {}
 
--- Returns the training and held-out examples (and the tokenizer).
+-- Returns the training and held-out examples, the tokenizer, and `data`: the records
+-- (for the checks and the task evaluation) and the general-text examples.
 function M.examples(mt, cfg, name)
   assert(cfg.model ~= "", name .. ": set the model: --set model=path/to/model")
   local tok = mt.tokenizer(cfg.model)
   local opts = { template = cfg.template, seq_len = cfg.seq_len,
                  train_on_inputs = cfg.train_on_inputs }
+  local data = { tok = tok, train_records = mt.records(cfg.data) }
   local train, heldout
   if cfg.heldout ~= "" then
     train = mt.examples(cfg.data, tok, opts)
     heldout = mt.examples(cfg.heldout, tok, opts)
+    data.heldout_records = mt.records(cfg.heldout)
   else
     train, heldout = mt.examples(cfg.data, tok, opts):split(cfg.heldout_fraction, cfg.seed)
   end
-  print(string.format("%s: %d training examples, %d held out", name, train:count(),
-                      heldout:count()))
-  return train, heldout, tok
+  if (cfg.general or "") ~= "" then
+    data.general = mt.examples(cfg.general, tok, { format = "text", seq_len = cfg.seq_len })
+  end
+  print(string.format("%s: %d training examples, %d held out%s", name, train:count(),
+                      heldout:count(), data.general and
+                        string.format(", %d general-text paragraphs", data.general:count()) or ""))
+  data.train, data.heldout = train, heldout
+  return train, heldout, tok, data
 end
 
--- Plans the model and trains it; prints and returns the trainer's result.
-function M.train(mt, cfg, model, train, heldout, name)
+-- A plugin the config chooses: { name = "adamw", option = value, ... } (or a name).
+function M.plugin(mt, kind, choice)
+  if type(choice) == "string" then return mt.plugin(kind, choice, {}) end
+  assert(type(choice) == "table" and type(choice.name) == "string",
+         kind .. ": expected { name = \"...\", options... } in the config")
+  local opts = {}
+  for k, v in pairs(choice) do if k ~= "name" then opts[k] = v end end
+  return mt.plugin(kind, choice.name, opts)
+end
+
+-- The held-out task items (chat records ending in an assistant reply), at most
+-- cfg.task_samples of them (0: all); nil when there are none or task_eval is off.
+local function task_items(cfg, data)
+  if not (cfg.task_eval and data and data.heldout_records) then return nil end
+  local ok, items = pcall(tasks.items, data.heldout_records)
+  if not ok or #items == 0 then return nil end
+  local n = (cfg.task_samples or 0) > 0 and math.min(cfg.task_samples, #items) or #items
+  local chosen = {}
+  for i = 1, n do chosen[i] = items[i] end
+  return chosen
+end
+
+-- Plans the model, checks the data, measures before, trains, measures after; prints
+-- and returns the trainer's result (with .before and .after when measured).
+function M.train(mt, cfg, model, train, heldout, name, data)
   local out = mt.output_dir(cfg.out_dir)
   model:plan(cfg.batch, cfg.seq_len)
+  local batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed })
+  local max_steps = cfg.max_steps > 0 and cfg.max_steps or nil
+  local steps = max_steps or cfg.epochs * math.max(1, batcher:batches_per_epoch() // cfg.grad_accum)
+
+  -- the data checks, before anything runs (and in `moontune validate`)
+  if data then
+    local report = checks.data(data.train_records, data.heldout_records,
+                               { train = train, steps = steps, batch = cfg.batch * cfg.grad_accum })
+    checks.print(report, io.stdout, name)
+    checks.refuse_leakage(report, cfg.allow_leakage)
+  end
+
+  local items = task_items(cfg, data)
+  local function task_accuracy(label)
+    local r = tasks.evaluate(mt, model, data.tok, items, { max_new_tokens = cfg.max_new_tokens,
+                                                          batch = cfg.gen_batch, template = cfg.template })
+    print(string.format("%s: %s: task accuracy %.1f%% (%d/%d exact) [%.0f s]", name, label,
+                        100 * r.accuracy, r.correct, r.n, r.seconds))
+    return r.accuracy
+  end
+  local es_metric = cfg.early_stopping_metric or "eval_loss"
+  local metrics = nil
+  if es_metric == "task_accuracy" then
+    assert(items, name .. ": early_stopping_metric = \"task_accuracy\" needs task_eval and a chat held-out file")
+    metrics = { task_accuracy = function() return task_accuracy("evaluation") end }
+  end
+
+  local before = nil
+  if not mt.validating() then
+    before = { heldout_loss = mt.evaluate(model, heldout, { batch = cfg.batch, seq_len = cfg.seq_len }).loss }
+    if items then before.accuracy = task_accuracy("before training") end
+  end
+
+  local loss = M.plugin(mt, "loss", cfg.loss or "cross_entropy")
+  local optimizer = M.plugin(mt, "optimizer", cfg.optimizer)
+  local scheduler = M.plugin(mt, "scheduler", cfg.scheduler)
   local result = mt.trainer.run({
     model = model,
-    loss = mt.plugin("loss", "cross_entropy", {}),
-    optimizer = mt.plugin("optimizer", "adamw", { weight_decay = cfg.weight_decay }),
-    scheduler = mt.plugin("scheduler", "cosine", { warmup_ratio = cfg.warmup_ratio,
-                                                   min_lr_ratio = cfg.min_lr_ratio }),
-    batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed }),
+    loss = loss,
+    optimizer = optimizer,
+    scheduler = scheduler,
+    plugins = { loss, optimizer, scheduler },
+    batcher = batcher,
     train_examples = train,
     eval_examples = heldout,
     eval_opts = { batch = cfg.batch, seq_len = cfg.seq_len },
     eval_every = cfg.eval_every,
+    metrics = metrics,
+    general_examples = data and data.general or nil,
+    max_general_regression = cfg.max_general_regression,
+    on_general_regression = cfg.on_general_regression,
     early_stopping = cfg.patience > 0 and
-      { metric = "eval_loss", mode = "min", patience = cfg.patience } or nil,
+      { metric = es_metric, mode = es_metric == "eval_loss" and "min" or "max",
+        patience = cfg.patience } or nil,
     lr = cfg.lr,
     epochs = cfg.epochs,
-    max_steps = cfg.max_steps > 0 and cfg.max_steps or nil,
+    max_steps = max_steps,
     grad_accum = cfg.grad_accum,
     max_grad_norm = cfg.max_grad_norm > 0 and cfg.max_grad_norm or false,
     save_every = cfg.save_every,
@@ -51,8 +128,25 @@ function M.train(mt, cfg, model, train, heldout, name)
     out_dir = out,
     resume = arg and arg.resume or nil,
   }, mt)
-  print(string.format("%s: %d steps%s, best eval_loss %s, run in %s", name, result.steps,
+  if result.validated then return result end
+
+  -- after: the model the trainer leaves (the best checkpoint when it restored one)
+  local after = { heldout_loss = mt.evaluate(model, heldout, { batch = cfg.batch, seq_len = cfg.seq_len }).loss }
+  if items then after.accuracy = task_accuracy("after training") end
+  result.before, result.after = before, after
+  print(string.format("%-28s %12s %12s", "", "before", "after"))
+  print(string.format("%-28s %12.4f %12.4f", "held-out loss", before.heldout_loss, after.heldout_loss))
+  if items then
+    print(string.format("%-28s %11.1f%% %11.1f%%", "held-out task accuracy", 100 * before.accuracy,
+                        100 * after.accuracy))
+  end
+  if result.general then
+    print(string.format("%-28s %12.3f %12.3f  (%+.1f%%)", "general-text perplexity", result.general.before,
+                        result.general.after, 100 * result.general.change))
+  end
+  print(string.format("%s: %d steps%s, best %s %s, run in %s", name, result.steps,
                       result.stopped_early and " (stopped early)" or "",
+                      result.best and result.best.metric or es_metric,
                       result.best and string.format("%.4f at step %d", result.best.value,
                                                     result.best.step) or "n/a",
                       result.out_dir or out))

@@ -82,6 +82,7 @@
 --
 -- Result: { steps, best, stopped_early, history = { train = {{step, loss}...},
 --           eval = {{step, metrics}...} }, out_dir, seconds, restored_best,
+--           general = { before, after, change } (with general_examples),
 --           tokens, step_seconds, tokens_per_second }
 -- tokens counts what the model ran in training steps (prompt and reply tokens, no
 -- padding; the batcher's info.tokens), step_seconds the time inside those steps (not
@@ -669,6 +670,7 @@ local function finish(cfg, mt, R, T)
     lines[#lines + 1] = string.format("best %s %.6g at step %d%s", state.best.metric, state.best.value, state.best.step,
                                       restored and " (restored)" or "")
   end
+  local general = nil
   if R.general then
     local last
     for i = #T.history.eval, 1, -1 do
@@ -676,6 +678,8 @@ local function finish(cfg, mt, R, T)
       if e.metrics.general_perplexity and (not restored or e.step == state.best.step) then last = e; break end
     end
     if last then
+      general = { before = T.general_before, after = last.metrics.general_perplexity,
+                  change = last.metrics.general_change }
       lines[#lines + 1] = string.format("general-text perplexity %.6g before, %.6g after (%+.1f%%%s)",
                                         T.general_before, last.metrics.general_perplexity,
                                         100 * last.metrics.general_change,
@@ -688,7 +692,7 @@ local function finish(cfg, mt, R, T)
   for _, l in ipairs(lines) do T.say(l) end
 
   return { steps = state.step, best = state.best, stopped_early = state.stopped_early, history = T.history,
-           out_dir = R.out_dir, seconds = seconds, restored_best = restored,
+           out_dir = R.out_dir, seconds = seconds, restored_best = restored, general = general,
            tokens = T.tokens_run, step_seconds = T.step_seconds,
            tokens_per_second = T.step_seconds > 0 and T.tokens_run / T.step_seconds or 0 }
 end

@@ -19,11 +19,22 @@ for name in lora_sft qlora_sft full_sft; do
     --set model="$fixtures/tiny_chat" \
     --set data="$fixtures/data/tiny_chat_train.jsonl" \
     --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
+    --set general="$fixtures/data/text.jsonl" --set max_new_tokens=8 \
     --set max_steps=6 --set seq_len=64 --set batch=2 --set grad_accum=1 \
     --set eval_every=3 --set save_every=3 \
     --set out_dir="out-$name" > "$name.txt" 2>&1 || { cat "$name.txt"; exit 1; }
   cat "$name.txt"
   grep -q "^$name: 6 steps" "$name.txt"
+  # the workflow's guards: data checks, task accuracy and general text before and after
+  grep -q "^$name: [0-9]* training examples, [0-9]* held out; [0-9]* duplicates" "$name.txt"
+  grep -q "^$name: WARNING: only [0-9]* training examples" "$name.txt" # the tiny set is tiny
+  grep -q "^$name: before training: task accuracy" "$name.txt"
+  grep -q "^$name: after training: task accuracy" "$name.txt"
+  grep -q "^general text: perplexity [0-9.]* before training" "$name.txt"
+  grep -q "^held-out task accuracy " "$name.txt"
+  grep -q "^general-text perplexity " "$name.txt"
+  grep -q '"general_perplexity"' "out-$name/metrics.jsonl"
+  grep -q '"loss_gap"' "out-$name/metrics.jsonl"
   grep -q "eval_loss" "$name.txt"
   test -s "out-$name/metrics.jsonl"
   grep -q '"eval_loss"' "out-$name/metrics.jsonl"
@@ -63,6 +74,31 @@ python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); assert s["after"]["
   || { cat validate.txt; exit 1; }
 grep -q "validate: ok" validate.txt
 if grep -q "^before:" validate.txt; then cat validate.txt; exit 1; fi
+
+# the recipes' plugins come from the config: --set optimizer=lion switches plugins (and
+# the plugin checks the options it is given); validate prints the data checks
+tiny=(--set model="$fixtures/tiny_chat" --set data="$fixtures/data/tiny_chat_train.jsonl"
+      --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" --set general="$fixtures/data/text.jsonl"
+      --set seq_len=64 --set batch=2 --set grad_accum=1)
+"$moontune" validate "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" --set optimizer=lion \
+  --set optimizer.weight_decay=0.1 --set scheduler.warmup_ratio=0.2 --set out_dir=out-lion > lion.txt 2>&1 \
+  || { cat lion.txt; exit 1; }
+grep -q "^validate: optimizer lion " lion.txt
+grep -q "^validate: scheduler cosine " lion.txt
+grep -q "^lora_sft: WARNING: only" lion.txt
+if "$moontune" validate "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" --set optimizer=nosuch \
+     --set out_dir=out-nosuch 2> err.txt > /dev/null; then exit 1; fi
+grep -q "nosuch" err.txt
+if "$moontune" validate "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" --set scheduler=constant \
+     --set out_dir=out-constant 2> err.txt > /dev/null; then exit 1; fi
+grep -q "min_lr_ratio" err.txt # cosine's option is not one of constant's: refused by the plugin
+
+# held-out examples that occur in the training data are refused, unless allowed
+if "$moontune" validate "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" \
+     --set heldout="$fixtures/data/tiny_chat_train.jsonl" --set out_dir=out-leak 2> err.txt > /dev/null; then exit 1; fi
+grep -q "held-out examples also occur in the training data" err.txt
+"$moontune" validate "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" --set allow_leakage=true \
+  --set heldout="$fixtures/data/tiny_chat_train.jsonl" --set out_dir=out-leak > /dev/null
 
 # a missing model is reported, not a crash
 if "$moontune" run "$source_dir/recipes/lora_sft.lua" 2> err.txt; then exit 1; fi

@@ -285,7 +285,8 @@ static void test_error_traceback(void **state) {
 static const char *const config_src =
     "return { lr = 2e-4, epochs = 3, name = 'run', bf16 = true, seed = 1,\n"
     "  lora = { r = 8, alpha = 16.0, dropout = 0.05, targets = { 'q_proj', 'v_proj' } },\n"
-    "  optimizer = { lr = 1e-3, kind = 'adamw' }, hook = print }";
+    "  optimizer = { lr = 1e-3, kind = 'adamw' }, hook = print,\n"
+    "  sched = { name = 'cosine', warmup_ratio = 0.1 } }";
 
 static lua_State *config_state(void) {
     mt_error err = {0};
@@ -338,6 +339,12 @@ static void test_override_types(void **state) {
     /* a string list */
     assert_int_equal(set1(L, "lora.targets=q_proj,k_proj,v_proj", &err), MT_OK);
     expect_config(L, "#C.lora.targets == 3 and C.lora.targets[2] == 'k_proj'");
+    /* a plugin choice {name = ..., options}: a plain value names another plugin and
+     * keeps the options */
+    assert_int_equal(set1(L, "sched=linear", &err), MT_OK);
+    expect_config(L, "C.sched.name == 'linear' and C.sched.warmup_ratio == 0.1");
+    assert_int_equal(set1(L, "sched.warmup_ratio=0.2", &err), MT_OK);
+    expect_config(L, "C.sched.name == 'linear' and C.sched.warmup_ratio == 0.2");
     lua_close(L);
 }
 
@@ -352,7 +359,7 @@ static void test_override_refusals(void **state) {
     expect_set_refused(L, "bf16=1", "expected a boolean");
     expect_set_refused(L, "lora.rank=16", "unknown key 'lora.rank' (did you mean lora.r?)");
     expect_set_refused(L, "lora.dropuot=0.1", "did you mean lora.dropout?");
-    expect_set_refused(L, "zzz=1", "unknown key 'zzz' (known keys: bf16, epochs, hook, lora, lr, name, optimizer, seed)");
+    expect_set_refused(L, "zzz=1", "unknown key 'zzz' (known keys: bf16, epochs, hook, lora, lr, name, optimizer, sched, seed)");
     expect_set_refused(L, "lora", "--set lora: expected key=value");
     expect_set_refused(L, "=3", "expected key=value");
     expect_set_refused(L, "lora..r=1", "empty component");
