@@ -571,8 +571,10 @@ local function evaluate(cfg, mt, R, T)
     if improved then state.best.path = save(cfg, mt, R, T) end
     if not improved and T.bad_evals >= es.patience then
       state.stopped_early = true
-      T.say(string.format("early stopping at step %d: %s has not improved by more than %g for %d evaluations (best %.6g at step %d)",
-                          state.step, R.best_metric, es.min_delta, T.bad_evals, state.best.value, state.best.step))
+      T.say(string.format("early stopping at step %d: %s has not improved by more than %g for %d evaluations (%s)",
+                          state.step, R.best_metric, es.min_delta, T.bad_evals,
+                          state.best and string.format("best %.6g at step %d", state.best.value, state.best.step) or
+                          "no evaluation within max_general_regression"))
     end
   end
   T.fire("on_evaluate")

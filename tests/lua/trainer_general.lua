@@ -88,3 +88,15 @@ do -- and not when both fall
   trainer.run(fake.cfg(mt, { epochs = 2, eval_every = 2, eval_examples = "heldout", output = out }), mt)
   assert(not has(lines, "overfitting"), table.concat(lines))
 end
+
+-- every evaluation beyond the bound, with early stopping: it stops without a best
+do
+  local mt, _ = fake.new{ per_epoch = 4, evals = { 1.0, 0.9, 0.8 }, general = { 10, 12, 13, 14 } }
+  local out, lines = capture()
+  local r = trainer.run(fake.cfg(mt, { epochs = 4, eval_every = 2, eval_examples = "heldout",
+    general_examples = "general", on_general_regression = "restore",
+    early_stopping = { patience = 2 }, output = out }), mt)
+  eq(r.best, nil, "no best beyond the bound")
+  eq(r.stopped_early, true, "patience ran out")
+  assert(has(lines, "no evaluation within max_general_regression"), table.concat(lines))
+end
