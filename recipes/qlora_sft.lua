@@ -42,7 +42,8 @@
 --                  before, at each evaluation and after ("" = none): forgetting shows
 --                  as a rise; max_general_regression: the rise accepted (0.10 = 10%);
 --                  on_general_regression: "warn", "stop" (and restore the best
---                  checkpoint within the bound) or "restore" (train on, restore it)
+--                  checkpoint within the bound) or "restore" (train on; when the
+--                  run ends beyond the bound, restore that checkpoint)
 --   task_eval      generate an answer for each held-out chat request before and after
 --                  training and report the exact-match accuracy; task_samples: how
 --                  many (0 = all); max_new_tokens, gen_batch: answer length, batch

@@ -35,7 +35,8 @@
 --   on_general_regression = "warn"  beyond it: "warn"; "stop" training (the best
 --                               checkpoint within the bound is restored); or "restore":
 --                               train on, but only evaluations within the bound count
---                               as best, and the best is restored at the end
+--                               as best, and when the run ends beyond the bound the
+--                               best is restored
 --   metrics = {}                name -> function(state) -> number, run at each evaluation
 --                               after mt.evaluate; the value lands in state.metrics[name]
 --   early_stopping = nil        { metric = "eval_loss", mode = "min" | "max", patience = 3,
