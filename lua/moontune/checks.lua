@@ -51,8 +51,9 @@ local function where(rec)
 end
 
 -- The report on the training records (and the held-out ones, when given).
--- opts: train (Examples, for truncation and token counts), epochs, steps (the
--- optimizer-step budget), batch (rows per step, accumulation included).
+-- opts: train (Examples, for truncation and token counts), steps (the optimizer-step
+-- budget) with steps_per_epoch (the batcher's batches per epoch over the
+-- accumulation: exact when examples are packed), or else batch (examples per step).
 function M.data(train_records, heldout_records, opts)
   opts = opts or {}
   local r = { examples = #train_records, heldout = heldout_records and #heldout_records or 0,
@@ -133,12 +134,12 @@ function M.data(train_records, heldout_records, opts)
     r.trained_tokens = st.trained_tokens
   end
   if opts.steps then
-    local epochs = opts.epochs or 1
-    r.budget = { steps = opts.steps, epochs = epochs, examples_seen = opts.steps * (opts.batch or 1),
-                 passes = r.examples > 0 and opts.steps * (opts.batch or 1) / r.examples or 0 }
-    note("budget: %d optimizer steps of %d examples = %.1f passes over %d examples%s", opts.steps,
-         opts.batch or 1, r.budget.passes, r.examples,
-         r.trained_tokens and string.format(", %d trained tokens per pass", r.trained_tokens) or "")
+    local passes
+    if opts.steps_per_epoch and opts.steps_per_epoch > 0 then passes = opts.steps / opts.steps_per_epoch
+    else passes = r.examples > 0 and opts.steps * (opts.batch or 1) / r.examples or 0 end
+    r.budget = { steps = opts.steps, passes = passes }
+    note("budget: %d optimizer steps = %.1f passes over %d examples%s", opts.steps, passes, r.examples,
+         r.trained_tokens and string.format(" (%d trained tokens per pass)", r.trained_tokens) or "")
     if r.budget.passes < 0.5 then
       warn("the step budget covers only %.0f%% of the training examples once", 100 * r.budget.passes)
     end

@@ -66,12 +66,13 @@ function M.train(mt, cfg, model, train, heldout, name, data)
   model:plan(cfg.batch, cfg.seq_len)
   local batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed })
   local max_steps = cfg.max_steps > 0 and cfg.max_steps or nil
-  local steps = max_steps or cfg.epochs * math.max(1, batcher:batches_per_epoch() // cfg.grad_accum)
+  local steps_per_epoch = math.max(1, batcher:batches_per_epoch() // cfg.grad_accum)
+  local steps = max_steps or cfg.epochs * steps_per_epoch
 
   -- the data checks, before anything runs (and in `moontune validate`)
   if data then
     local report = checks.data(data.train_records, data.heldout_records,
-                               { train = train, steps = steps, batch = cfg.batch * cfg.grad_accum })
+                               { train = train, steps = steps, steps_per_epoch = steps_per_epoch })
     checks.print(report, io.stdout, name)
     checks.refuse_leakage(report, cfg.allow_leakage)
   end

@@ -17,8 +17,11 @@ for i = 1, 600 do clean[i] = chat("question " .. i, "answer " .. i, i) end
 local r = checks.data(clean, { chat("other question", "other answer", 1) }, { steps = 150, batch = 4 })
 assert(#r.warnings == 0, "clean data warns: " .. table.concat(r.warnings, "; "))
 assert(r.duplicates == 0 and r.near_duplicates == 0 and r.leaked == 0, "clean counts")
-assert(find(r.notes, "budget: 150 optimizer steps of 4 examples = 1.0 passes over 600 examples"),
+assert(find(r.notes, "budget: 150 optimizer steps = 1.0 passes over 600 examples"),
        table.concat(r.notes, "; "))
+-- with packing the batcher's steps per epoch decide, not the examples per step
+local rp = checks.data(clean, nil, { steps = 75, steps_per_epoch = 75, batch = 4 })
+assert(find(rp.notes, "budget: 75 optimizer steps = 1.0 passes over 600 examples"), table.concat(rp.notes, "; "))
 checks.refuse_leakage(r) -- nothing leaked: no error
 
 -- too few examples warn; a few hundred get a note
