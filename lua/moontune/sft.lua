@@ -48,11 +48,19 @@ function M.plugin(mt, kind, choice)
 end
 
 -- The held-out task items (chat records ending in an assistant reply), at most
--- cfg.task_samples of them (0: all); nil when there are none or task_eval is off.
-local function task_items(cfg, data)
-  if not (cfg.task_eval and data and data.heldout_records) then return nil end
+-- cfg.task_samples of them (0: all); nil when task_eval is off or impossible (said).
+local function task_items(cfg, data, name)
+  if not cfg.task_eval then return nil end
+  if not (data and data.heldout_records) then
+    print(name .. ": note: no task accuracy: it needs a held-out file (heldout), not a split")
+    return nil
+  end
   local ok, items = pcall(tasks.items, data.heldout_records)
-  if not ok or #items == 0 then return nil end
+  if not ok or #items == 0 then
+    print(string.format("%s: note: no task accuracy: %s", name,
+                        ok and "the held-out file has no records" or tostring(items)))
+    return nil
+  end
   local n = (cfg.task_samples or 0) > 0 and math.min(cfg.task_samples, #items) or #items
   local chosen = {}
   for i = 1, n do chosen[i] = items[i] end
@@ -77,7 +85,7 @@ function M.train(mt, cfg, model, train, heldout, name, data)
     checks.refuse_leakage(report, cfg.allow_leakage)
   end
 
-  local items = task_items(cfg, data)
+  local items = task_items(cfg, data, name)
   local function task_accuracy(label)
     local r = tasks.evaluate(mt, model, data.tok, items, { max_new_tokens = cfg.max_new_tokens,
                                                           batch = cfg.gen_batch, template = cfg.template })

@@ -110,6 +110,11 @@ grep -q "^best eval_loss [0-9.]* at step 3 (restored)" forget.txt
 grep -q "^lora_sft: 9 steps, best eval_loss [0-9.]* at step 3" forget2.txt
 if grep -q "(restored)" forget2.txt; then cat forget2.txt; exit 1; fi
 
+# with a split instead of a held-out file there is no task accuracy, and it says so
+"$moontune" validate "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" --set heldout="" \
+  --set out_dir=out-split > split.txt 2>&1 || { cat split.txt; exit 1; }
+grep -q "^lora_sft: note: no task accuracy: it needs a held-out file" split.txt
+
 # held-out examples that occur in the training data are refused, unless allowed
 if "$moontune" validate "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" \
      --set heldout="$fixtures/data/tiny_chat_train.jsonl" --set out_dir=out-leak 2> err.txt > /dev/null; then exit 1; fi
