@@ -1774,8 +1774,8 @@ static int word_before(const char *s, size_t end) {
 
 static int word_after(const char *s, size_t start, size_t n) {
     const unsigned char *u = (const unsigned char *)s;
-    size_t len = utf8_valid_len(u + start, n - start);
-    return len ? mt_unicode_is_word(utf8_decode(u + start, len)) : 0;
+    uint32_t cp;
+    return mt_utf8_decode(u + start, n - start, &cp) ? mt_unicode_is_word(cp) : 0;
 }
 
 /* Finds the next added-token match in s[from, n): leftmost, longest at that position,
@@ -1818,8 +1818,9 @@ static const added_token *find_added(const mt_tokenizer *tok, const char *s, siz
         }
         if (hit->rstrip) {
             while (stop < n) {
-                size_t l = utf8_valid_len((const unsigned char *)s + stop, n - stop);
-                if (!l || !cp_is_space(utf8_decode((const unsigned char *)s + stop, l))) break;
+                uint32_t cp;
+                size_t l = mt_utf8_decode((const unsigned char *)s + stop, n - stop, &cp);
+                if (!l || !cp_is_space(cp)) break;
                 stop += l;
             }
         }
@@ -2306,8 +2307,8 @@ static int dec_apply(const mt_tokenizer *tok, const dec_stage *d, toklist *l) {
             size_t n = l->t[i].n, mark = raw.n;
             int all = 1;
             for (size_t k = 0; k < n && all;) {
-                size_t cl = utf8_valid_len(s + k, n - k);
-                uint32_t cp = cl ? utf8_decode(s + k, cl) : 0xFFFFFFFFu;
+                uint32_t cp = 0xFFFFFFFFu;
+                size_t cl = mt_utf8_decode(s + k, n - k, &cp);
                 int b = cp < 324 ? tok->cp_byte[cp] : -1;
                 if (b < 0) all = 0;
                 else {
