@@ -177,43 +177,60 @@ uint16_t mt_f32_to_bf16(float f) {
     return (uint16_t)(x >> 16);
 }
 
-mt_status mt_read_file(const char *path, char **out, size_t *len, mt_error *err) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    /* a directory opens for reading on Linux and "seeks" to a huge end */
+/* Opens path read-only, refusing anything but a regular file (a directory opens for
+ * reading on Linux): its descriptor and size. `what` names the kind expected in the
+ * refusal ("GGUF"), or NULL for any file. */
+static mt_status open_regular(const char *path, const char *what, int *fd_out, size_t *size,
+                              mt_error *err) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat sb;
-    if (fstat(fileno(f), &sb) != 0) {
-        fclose(f);
-        return mt_error_set(err, MT_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    mt_status st = MT_OK;
+    if (fstat(fd, &sb) != 0)
+        st = mt_error_set(err, MT_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    else if (!S_ISREG(sb.st_mode) && what)
+        st = mt_error_set(err, MT_ERR_IO, "%s: expected a regular %s file, found %s", path, what,
+                          S_ISDIR(sb.st_mode) ? "a directory" : "a special file");
+    else if (!S_ISREG(sb.st_mode))
+        st = mt_error_set(err, MT_ERR_IO, "%s: not a regular file%s", path,
+                          S_ISDIR(sb.st_mode) ? " (a directory)" : "");
+    else if ((uint64_t)sb.st_size >= (uint64_t)SIZE_MAX) /* only on 32-bit hosts */
+        st = mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: file of %lld bytes is too large to map",
+                          path, (long long)sb.st_size);
+    if (st != MT_OK) {
+        close(fd);
+        return st;
     }
-    if (!S_ISREG(sb.st_mode)) {
-        fclose(f);
-        return mt_error_set(err, MT_ERR_IO, "%s: not a regular file%s", path,
-                            S_ISDIR(sb.st_mode) ? " (a directory)" : "");
-    }
-    if (fseek(f, 0, SEEK_END) != 0) {
-        fclose(f);
-        return mt_error_set(err, MT_ERR_IO, "%s: cannot seek: %s", path, strerror(errno));
-    }
-    long size = ftell(f);
-    if (size < 0 || fseek(f, 0, SEEK_SET) != 0) {
-        fclose(f);
-        return mt_error_set(err, MT_ERR_IO, "%s: cannot determine size", path);
-    }
-    char *buf = mt_malloc((size_t)size + 1, path, err);
+    *fd_out = fd;
+    *size = (size_t)sb.st_size;
+    return MT_OK;
+}
+
+mt_status mt_read_file(const char *path, char **out, size_t *len, mt_error *err) {
+    int fd = -1;
+    size_t size = 0;
+    mt_status st = open_regular(path, NULL, &fd, &size, err);
+    if (st != MT_OK) return st;
+    char *buf = mt_malloc(size + 1, path, err);
     if (!buf) {
-        fclose(f);
+        close(fd);
         return MT_ERR_NOMEM;
     }
-    size_t got = fread(buf, 1, (size_t)size, f);
-    fclose(f);
-    if (got != (size_t)size) {
+    size_t got = 0;
+    while (got < size) {
+        ssize_t r = read(fd, buf + got, size - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        got += (size_t)r;
+    }
+    close(fd);
+    if (got != size) {
         free(buf);
-        return mt_error_set(err, MT_ERR_IO, "%s: short read (%zu of %ld bytes)", path, got, size);
+        return mt_error_set(err, MT_ERR_IO, "%s: short read (%zu of %zu bytes)", path, got, size);
     }
     buf[size] = '\0';
     *out = buf;
-    if (len) *len = (size_t)size;
+    if (len) *len = size;
     return MT_OK;
 }
 
@@ -330,25 +347,10 @@ mt_status mt_map_file(const char *path, const char *what, const unsigned char **
                       mt_error *err) {
     *map = NULL;
     *len = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        mt_status st = mt_error_set(err, MT_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-        close(fd);
-        return st;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return mt_error_set(err, MT_ERR_IO, "%s: expected a regular %s file, found %s", path, what,
-                            S_ISDIR(sb.st_mode) ? "a directory" : "a special file");
-    }
-    if ((uint64_t)sb.st_size > (uint64_t)SIZE_MAX) { /* only on 32-bit hosts */
-        close(fd);
-        return mt_error_set(err, MT_ERR_UNSUPPORTED, "%s: file of %lld bytes is too large to map",
-                            path, (long long)sb.st_size);
-    }
-    size_t n = (size_t)sb.st_size;
+    int fd = -1;
+    size_t n = 0;
+    mt_status st = open_regular(path, what, &fd, &n, err);
+    if (st != MT_OK) return st;
     if (n == 0) { /* mmap refuses 0 bytes */
         close(fd);
         return MT_OK;
