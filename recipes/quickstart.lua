@@ -138,12 +138,9 @@ local train_started = mt.now()
 local result = mt.trainer.run(trainer_cfg, mt)
 local train_seconds = mt.now() - train_started
 
--- the trainer evaluated the held-out loss last on the model it leaves: the best
--- checkpoint when early stopping restored it, else the final step
-local final_eval = result.history.eval[#result.history.eval]
-local after = measure("after", result.restored_best and result.best.value or
-                               (final_eval and final_eval.step == result.steps and
-                                final_eval.metrics.eval_loss or nil))
+-- the trainer evaluated the held-out loss of the model it leaves (the best checkpoint
+-- when early stopping restored it, else the final step)
+local after = measure("after", result.metrics and result.metrics.eval_loss)
 
 local change = tasks.relative_change(before.general_perplexity, after.general_perplexity)
 print("")

@@ -139,8 +139,10 @@ function M.train(mt, cfg, model, train, heldout, name, data)
   }, mt)
   if result.validated then return result end
 
-  -- after: the model the trainer leaves (the best checkpoint when it restored one)
-  local after = { heldout_loss = mt.evaluate(model, heldout, { batch = cfg.batch, seq_len = cfg.seq_len }).loss }
+  -- after: the model the trainer leaves (the best checkpoint when it restored one),
+  -- whose held-out loss the trainer has measured already
+  local after = { heldout_loss = result.metrics and result.metrics.eval_loss or
+                                 mt.evaluate(model, heldout, { batch = cfg.batch, seq_len = cfg.seq_len }).loss }
   if items then after.accuracy = task_accuracy("after training") end
   result.before, result.after = before, after
   print(string.format("%-28s %12s %12s", "", "before", "after"))

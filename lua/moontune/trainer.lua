@@ -84,6 +84,8 @@
 -- Result: { steps, best, stopped_early, history = { train = {{step, loss}...},
 --           eval = {{step, metrics}...} }, out_dir, seconds, restored_best,
 --           general = { before, after, change } (with general_examples),
+--           metrics (the evaluation of the model it leaves: the restored best's, or the
+--           last one when made at the final step; nil otherwise),
 --           tokens, step_seconds, tokens_per_second }
 -- tokens counts what the model ran in training steps (prompt and reply tokens, no
 -- padding; the batcher's info.tokens), step_seconds the time inside those steps (not
@@ -673,22 +675,20 @@ local function finish(cfg, mt, R, T)
     lines[#lines + 1] = string.format("best %s %.6g at step %d%s", state.best.metric, state.best.value, state.best.step,
                                       restored and " (restored)" or "")
   end
+  -- the evaluation of the model the trainer leaves: the restored best's, or the last
+  -- one when it was made at the final step
+  local left = nil
+  local left_step = restored and state.best.step or state.step
+  for i = #T.history.eval, 1, -1 do
+    if T.history.eval[i].step == left_step then left = T.history.eval[i].metrics; break end
+  end
   local general = nil
-  if R.general then
-    local last
-    for i = #T.history.eval, 1, -1 do
-      local e = T.history.eval[i]
-      if e.metrics.general_perplexity and (not restored or e.step == state.best.step) then last = e; break end
-    end
-    if last then
-      general = { before = T.general_before, after = last.metrics.general_perplexity,
-                  change = last.metrics.general_change }
-      lines[#lines + 1] = string.format("general-text perplexity %.6g before, %.6g after (%+.1f%%%s)",
-                                        T.general_before, last.metrics.general_perplexity,
-                                        100 * last.metrics.general_change,
-                                        last.metrics.general_change > R.general.bound and
-                                          ", beyond max_general_regression" or "")
-    end
+  if R.general and left and left.general_perplexity then
+    general = { before = T.general_before, after = left.general_perplexity, change = left.general_change }
+    lines[#lines + 1] = string.format("general-text perplexity %.6g before, %.6g after (%+.1f%%%s)",
+                                      T.general_before, left.general_perplexity, 100 * left.general_change,
+                                      left.general_change > R.general.bound and
+                                        ", beyond max_general_regression" or "")
   end
   lines[#lines + 1] = string.format("outputs in %s: metrics.jsonl%s, checkpoints", R.out_dir,
                                     cfg.plot ~= false and ", loss.svg" or "")
@@ -696,6 +696,7 @@ local function finish(cfg, mt, R, T)
 
   return { steps = state.step, best = state.best, stopped_early = state.stopped_early, history = T.history,
            out_dir = R.out_dir, seconds = seconds, restored_best = restored, general = general,
+           metrics = left,
            tokens = T.tokens_run, step_seconds = T.step_seconds,
            tokens_per_second = T.step_seconds > 0 and T.tokens_run / T.step_seconds or 0 }
 end

@@ -16,6 +16,7 @@ do
   eq(log.evals, 6, "evaluations")
   eq(#log.loads, 1, "one load")
   eq(log.loads[1], fake.ckpt(6), "best checkpoint restored")
+  eq(r.metrics.eval_loss, 0.7, "the result's metrics are the restored best's evaluation")
   eq(log.calls[#log.calls], "load:" .. fake.ckpt(6), "restore is the last call")
   -- best checkpoints saved at each improvement, prune keeps the best
   assert(log.saved[fake.ckpt(2)] and log.saved[fake.ckpt(4)], "saved at improvements")

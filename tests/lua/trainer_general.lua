@@ -29,6 +29,8 @@ do
   assert(has(lines, "general%-text perplexity 10 before, 13 after %(%+30.0%%, beyond max_general_regression%)"),
          table.concat(lines))
   eq(#log.loads, 0, "warn restores nothing")
+  eq(r.metrics.general_perplexity, 13, "the result's metrics are the final evaluation's")
+  eq(r.general.after, 13, "general after: the final evaluation")
 end
 
 -- stop: training stops at the first evaluation beyond the bound and the best
@@ -43,6 +45,8 @@ do
   eq(r.best.step, 4, "the best is within the bound, not the better eval_loss beyond it")
   eq(log.loads[#log.loads], fake.ckpt(4), "the best within the bound restored")
   eq(r.restored_best, true, "restored")
+  eq(r.metrics.general_perplexity, 10.8, "the result's metrics are the restored best's")
+  eq(r.general.after, 10.8, "general after: the restored best's")
   assert(has(lines, "; stopping"), table.concat(lines))
 end
 
