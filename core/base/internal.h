@@ -153,6 +153,9 @@ mt_status mt_atomic_open(mt_atomic_file *f, const char *path, mt_error *err);
 mt_status mt_atomic_write(mt_atomic_file *f, const void *data, size_t bytes, mt_error *err);
 mt_status mt_atomic_commit(mt_atomic_file *f, mt_error *err);
 void mt_atomic_abort(mt_atomic_file *f);
+/* Whether the file name `name` is a temporary file of an atomic write of `final_name`
+ * (the remains of a writer killed before its rename). */
+int mt_atomic_is_tmp_of(const char *name, const char *final_name);
 
 /* Splits a command-line "key=value": the key (non-empty, shorter than key_size) into
  * key, *value at what follows the first '='. MT_ERR_INVALID_ARG with a message naming

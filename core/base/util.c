@@ -257,6 +257,14 @@ static void fsync_parent_dir(const char *path) {
     close(fd);
 }
 
+/* A temporary file is named <final name>.tmp.<pid>. */
+#define ATOMIC_TMP_INFIX ".tmp."
+
+int mt_atomic_is_tmp_of(const char *name, const char *final_name) {
+    size_t n = strlen(final_name);
+    return !strncmp(name, final_name, n) && !strncmp(name + n, ATOMIC_TMP_INFIX, strlen(ATOMIC_TMP_INFIX));
+}
+
 mt_status mt_atomic_open(mt_atomic_file *f, const char *path, mt_error *err) {
     memset(f, 0, sizeof *f);
     f->fd = -1;
@@ -265,7 +273,7 @@ mt_status mt_atomic_open(mt_atomic_file *f, const char *path, mt_error *err) {
         mt_atomic_abort(f);
         return MT_ERR_NOMEM;
     }
-    snprintf(f->tmp, n, "%s.tmp.%ld", path, (long)getpid());
+    snprintf(f->tmp, n, "%s" ATOMIC_TMP_INFIX "%ld", path, (long)getpid());
     f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (f->fd < 0) {
         mt_status st = mt_error_set(err, MT_ERR_IO, "%s: cannot create: %s", f->tmp, strerror(errno));

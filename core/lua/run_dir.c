@@ -310,7 +310,7 @@ static int dir_contents(const char *dir, int *has_run) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         if (!strcmp(e->d_name, RUN_MARKER)) {
             marker = 1;
-        } else if (!strncmp(e->d_name, RUN_MARKER ".tmp.", sizeof RUN_MARKER ".tmp." - 1)) {
+        } else if (mt_atomic_is_tmp_of(e->d_name, RUN_MARKER)) {
             char path[PATH_MAX + 256];
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             if (unlink(path) != 0) other = 1;
