@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "moontune/moontune.h"
+#include "moontune/plugin.h" /* mt_mix64 */
 
 typedef struct mt_backend mt_backend;
 
@@ -115,6 +116,49 @@ typedef struct mt_backend_ops {
     /* ---- reductions ---- */
     /* Sum of squares of x (n), accumulated in double (for gradient norms and checks). */
     double (*sum_squares)(mt_backend *be, const float *x, size_t n);
+
+    /* ---- plugin ABI 2: the operations optimizers, losses and adapters compute with
+     * (moontune/plugin.h states each one's exact formula; the host table validates the
+     * tensors and calls these with raw device pointers) ---- */
+    /* dst (bytes) = src (bytes), both device memory; they do not overlap. */
+    void (*copy)(mt_backend *be, void *dst, const void *src, size_t bytes);
+    /* x (n) = value. */
+    void (*fill)(mt_backend *be, float *x, float value, size_t n);
+    /* y (n) = alpha * x (n) + beta * y; beta == 0 overwrites y (NaN in y does not survive). */
+    void (*axpby)(mt_backend *be, float *y, float alpha, const float *x, float beta, size_t n);
+    /* y (n) = torch.lerp(y, x, w): y + w (x - y) when |w| < 0.5, else x - (x - y)(1 - w). */
+    void (*lerp)(mt_backend *be, float *y, const float *x, float w, size_t n);
+    /* y (n) = beta * y + alpha * a (n) * b (n), evaluated as (y * beta) + (alpha * a) * b. */
+    void (*addcmul)(mt_backend *be, float *y, float beta, float alpha, const float *a,
+                    const float *b, size_t n);
+    /* y (n) = y + alpha * a (n) / (sqrtf(b (n)) / b_div + eps). */
+    void (*addcdiv_sqrt)(mt_backend *be, float *y, float alpha, const float *a, const float *b,
+                         float b_div, float eps, size_t n);
+    /* y (n) = x (n) when x > y or x is NaN, else y. */
+    void (*maximum)(mt_backend *be, float *y, const float *x, size_t n);
+    /* y (n) += alpha * sign(x (n)), sign(0) = 0, sign(NaN) = NaN. */
+    void (*add_sign)(mt_backend *be, float *y, float alpha, const float *x, size_t n);
+    /* y (n) *= x (n). */
+    void (*mul)(mt_backend *be, float *y, const float *x, size_t n);
+    /* y (n) (= or += when accumulate) u_i >= p ? x_i / (1 - p) : 0, where u_i is
+     * mt_random_uniform(seed, counter0 + i) (below), computed as x_i * (1 / (1 - p)). */
+    void (*dropout)(mt_backend *be, float *y, const float *x, float p, uint64_t seed,
+                    uint64_t counter0, int accumulate, size_t n);
+    /* Per row r of logits (n,V), targets (n) (no target when < 0 or >= V):
+     * lse (n) = log Σ exp, target_logit (n) = x[t] or 0, mean_logit (n) = Σ x / V; the
+     * last two may be NULL. Max-shifted, sums in double. */
+    void (*softmax_stats)(mt_backend *be, float *lse, float *target_logit, float *mean_logit,
+                          const float *logits, const int32_t *targets, int n, int V);
+    /* In place per row r of x (n,V), coefs (n,3): x_j = c0 * exp(x_j - lse_r) + c1, then
+     * x_t += c2 where row r has a target t (0 <= t < V). In double, stored as float. */
+    void (*softmax_backward)(mt_backend *be, float *x, const float *lse, const int32_t *targets,
+                             const float *coefs, int n, int V);
+    /* out (n) = elements [first, first+n) of a 4-bit tensor: code c_i (high nibble of
+     * codes[i/2] for even i, low for odd), scale s_b = table[16 + absmax_q[b]] *
+     * absmax2[b / block2] + offset for block b = i / block, out = table[c_i] * s_b. */
+    void (*dequantize_4bit)(mt_backend *be, float *out, const uint8_t *codes,
+                            const uint8_t *absmax_q, const float *absmax2, const float *table,
+                            float offset, int64_t first, int64_t n, int block, int block2);
 } mt_backend_ops;
 
 struct mt_backend {
@@ -128,10 +172,14 @@ struct mt_backend {
 /* The CPU backend (kernels/cpu). num_threads <= 0 uses OpenMP's default. */
 mt_status mt_backend_cpu_init(mt_backend *be, int num_threads, mt_error *err);
 void mt_backend_cpu_shutdown(mt_backend *be);
-/* The CPU backend's matrix product on host memory (the ops->matmul contract): ABI 1's
- * host table hands it to plugins, whose tensors all live in host memory. */
-void mt_backend_cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K,
-                           int trans_a, int trans_b, float alpha, float beta);
+
+/* The counter-based uniform stream of the plugin ABI (host->random_uniform): the seed
+ * mixed, then mixed with the counter; 24 bits, exactly representable, in [0, 1).
+ * Inline so that every backend's dropout draws the same numbers. */
+static inline float mt_random_uniform(uint64_t seed, uint64_t counter) {
+    uint64_t x = mt_mix64(mt_mix64(seed) ^ counter);
+    return (float)(x >> 40) * (1.0f / 16777216.0f);
+}
 
 /* ---- what the core provides to backends --------------------------------------
  * Kernels include no core header: these few core functions (core/base/util.c) are

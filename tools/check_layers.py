@@ -29,7 +29,7 @@ LOWER = {
 }
 NO_LUA = {"base", "formats", "text", "plugin", "model", "store"}
 LUA_HEADERS = {"lua.h", "lauxlib.h", "lualib.h", "lua.hpp", "luaconf.h"}
-PUBLIC = {"moontune/moontune.h", "moontune/plugin.h"}
+PUBLIC = {"moontune/moontune.h", "moontune/plugin.h", "moontune/types.h"}
 
 INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)
 LITERAL = re.compile(r'"((?:[^"\\\n]|\\.)*)"')

@@ -83,30 +83,13 @@ char *mt_strdup(const char *s, const char *what, mt_error *err) {
     return p;
 }
 
-static const struct {
-    const char *name;
-    size_t size;
-} dtype_info[MT_DTYPE_COUNT] = {
-    [MT_F32] = {"F32", 4}, [MT_F16] = {"F16", 2}, [MT_BF16] = {"BF16", 2},
-    [MT_I32] = {"I32", 4}, [MT_I64] = {"I64", 8}, [MT_U8] = {"U8", 1},
+static const char *const dtype_names[MT_DTYPE_COUNT] = {
+    [MT_F32] = "F32", [MT_F16] = "F16", [MT_BF16] = "BF16",
+    [MT_I32] = "I32", [MT_I64] = "I64", [MT_U8] = "U8",
 };
 
-size_t mt_dtype_size(mt_dtype dtype) {
-    return (unsigned)dtype < MT_DTYPE_COUNT ? dtype_info[dtype].size : 0;
-}
-
 const char *mt_dtype_name(mt_dtype dtype) {
-    return (unsigned)dtype < MT_DTYPE_COUNT ? dtype_info[dtype].name : NULL;
-}
-
-int64_t mt_tensor_numel(const mt_tensor *t) {
-    int64_t n = 1;
-    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
-    return n;
-}
-
-size_t mt_tensor_nbytes(const mt_tensor *t) {
-    return (size_t)mt_tensor_numel(t) * mt_dtype_size(t->dtype);
+    return (unsigned)dtype < MT_DTYPE_COUNT ? dtype_names[dtype] : NULL;
 }
 
 /* IEEE half <-> single, exact for every half value, round-to-nearest-even on the way down. */

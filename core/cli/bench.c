@@ -7,11 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend.h"
 #include "base/internal.h"
 #include "model/model.h"
-#include "plugin/options.h"
-#include "plugin/registry.h"
+#include "store/session.h"
 
 size_t mt_peak_rss_bytes(void) {
     FILE *f = fopen("/proc/self/status", "r");
@@ -60,18 +58,6 @@ static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const cha
     return MT_OK;
 }
 
-/* Loads the adapter plugin by name from the plugin search path and attaches it. */
-static mt_status attach_adapter(mt_model *m, const mt_bench_options *opt, mt_registry **reg,
-                                mt_plugin_instance **inst, mt_error *err) {
-    mt_status st = mt_registry_open(NULL, 0, reg, err);
-    if (st) return st;
-    const mt_plugin *p = mt_registry_find(*reg, MT_PLUGIN_ADAPTER, opt->adapter, err);
-    if (!p) return MT_ERR_INVALID_ARG;
-    if ((st = mt_plugin_instantiate(p, opt->adapter_options, opt->n_adapter_options, inst, err)))
-        return st;
-    return mt_model_attach_adapter(m, (*inst)->desc->vtable, (*inst)->state, err);
-}
-
 mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     mt_model_config cfg;
     mt_status st = opt->config_path ? mt_config_load(opt->config_path, &cfg, err)
@@ -80,16 +66,17 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     if (opt->batch <= 0 || opt->seq <= 0 || opt->steps <= 0 || opt->warmup < 0)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
                             "batch, seq and steps must be positive, warmup non-negative");
-    mt_backend be;
-    if ((st = mt_backend_cpu_init(&be, opt->threads, err))) return st;
-    mt_model *m = NULL;
-    mt_registry *registry = NULL;
-    mt_plugin_instance *adapter = NULL;
+    /* the adapter is attached after the model, to report the memory it adds */
+    const mt_session_options so = {.device = opt->device, .threads = opt->threads,
+                                   .config = &cfg, .random_seed = 1234, .random_std = 0.02f};
+    mt_session *ses = NULL;
+    if ((st = mt_session_open(&so, &ses, err))) return st;
+    mt_model *m = ses->model;
     int32_t *tokens = NULL, *targets = NULL;
-    if ((st = mt_model_create(&cfg, &be, &m, err))) goto done;
-    if ((st = mt_model_init_random(m, 1234, 0.02f, err))) goto done;
     size_t rss_before_adapter = mt_peak_rss_bytes();
-    if (opt->adapter && (st = attach_adapter(m, opt, &registry, &adapter, err))) goto done;
+    if (opt->adapter && (st = mt_session_attach_adapter(ses, opt->adapter, opt->adapter_options,
+                                                        opt->n_adapter_options, err)))
+        goto done;
     if ((st = mt_model_plan(m, opt->batch, opt->seq, 0, err))) goto done;
     size_t BT = (size_t)opt->batch * opt->seq;
     tokens = mt_malloc(BT * sizeof(int32_t), "tokens", err);
@@ -107,9 +94,12 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
         targets[i] = (i + 1) % (size_t)opt->seq ? tokens[i + 1] : -100;
     double linear, attention;
     mt_model_forward_flops(&cfg, opt->batch, opt->seq, &linear, &attention);
-    printf("moontune bench: %s, %zu parameters, batch %d x sequence %d, %d threads (%s backend)\n",
+    char threads[32] = ""; /* the thread count means something on the CPU only */
+    if (ses->be.device == MT_DEVICE_CPU)
+        snprintf(threads, sizeof threads, "%d threads ", ses->be.num_threads);
+    printf("moontune bench: %s, %zu parameters, batch %d x sequence %d, %s(%s backend)\n",
            opt->config_path ? opt->config_path : opt->shape, mt_config_num_params(&cfg), opt->batch,
-           opt->seq, be.num_threads, be.name);
+           opt->seq, threads, ses->device);
     printf("forward: %.2f GFLOP (linear %.2f, attention %.2f); parameters %.1f MiB, "
            "activations %.1f MiB\n",
            (linear + attention) * 1e-9, linear * 1e-9, attention * 1e-9,
@@ -138,9 +128,6 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
 done:
     free(tokens);
     free(targets);
-    mt_model_free(m);
-    mt_plugin_instance_free(adapter);
-    mt_registry_close(registry);
-    mt_backend_cpu_shutdown(&be);
+    mt_session_close(ses);
     return st;
 }

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "base/internal.h"
+#include "model/device_select.h"
 
 static int past_options; /* after "--": the rest is positional */
 
@@ -71,9 +72,25 @@ static int next_option(const mt_cli *cli, int argc, char **argv, const char **va
     return c;
 }
 
+mt_status mt_cli_check_device(const char *flag, const char *value, mt_error *err) {
+    /* "" is the default to the backend layer, but not a value anyone types on purpose */
+    if (!value || !*value)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: expected " MT_DEVICE_CHOICES ", got \"\"",
+                            flag);
+    return mt_device_check_name(flag, value, err);
+}
+
 int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, const char **name) {
     for (;;) {
         int c = next_option(cli, argc, argv, value, name);
+        if (c == MT_CLI_DEVICE) {
+            mt_error err = {0};
+            if (mt_cli_check_device(*name, *value, &err)) {
+                fprintf(stderr, "%s: %s\n", cli->command, err.msg);
+                return MT_CLI_REFUSED;
+            }
+            return c;
+        }
         const mt_cli_number *number = NULL;
         for (size_t i = 0; i < cli->n_numbers && c > MT_CLI_POSITIONAL; i++)
             if (cli->numbers[i].val == c) number = &cli->numbers[i];

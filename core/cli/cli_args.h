@@ -37,6 +37,18 @@ typedef struct mt_cli {
     size_t n_numbers;
 } mt_cli;
 
+/* --device cpu|cuda, the same on every command that computes (run, eval, generate,
+ * bench): with MT_CLI_DEVICE_OPTION in the table, mt_cli_next checks the name
+ * (model/device_select.h: cpu or cuda; a wrong one is refused naming the choices) before
+ * it returns MT_CLI_DEVICE with the name in *value. Whether the device starts is known
+ * only when its backend does (store/session.h). Commands number their own options from
+ * 256; this val stays clear of them. */
+#define MT_CLI_DEVICE 0x1000
+#define MT_CLI_DEVICE_OPTION {"device", required_argument, NULL, MT_CLI_DEVICE}
+/* Checks a --device value as mt_cli_next does: MT_OK, or err says
+ * "--device: expected cpu or cuda, got \"...\"". */
+mt_status mt_cli_check_device(const char *flag, const char *value, mt_error *err);
+
 /* getopt_long's return for --help and -h. */
 #define MT_CLI_HELP 'h'
 /* mt_cli_next's return when the arguments are refused (the message is printed). */

@@ -28,6 +28,7 @@ static void usage(FILE *out) {
             "                   trainable) | both                       (default both)\n"
             "  --steps N        timed steps                             (default 3)\n"
             "  --warmup N       untimed steps first                     (default 1)\n"
+            "  --device D       cpu | cuda (default: cuda where a CUDA device is usable, else cpu)\n"
             "  --threads N      CPU threads (default: OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n"
             "  --adapter NAME   attach an adapter plugin (lora, qlora, full) instead of --mode\n"
             "  --adapter-option KEY=VALUE   an option of that adapter (repeatable), e.g.\n"
@@ -65,6 +66,7 @@ static const struct option options[] = {
     {"threads", required_argument, NULL, OPT_THREADS},
     {"adapter", required_argument, NULL, OPT_ADAPTER},
     {"adapter-option", required_argument, NULL, OPT_ADAPTER_OPTION},
+    MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
 
@@ -108,6 +110,7 @@ int mt_cmd_bench(int argc, char **argv) {
             }
             break;
         case OPT_ADAPTER: opt.adapter = v; break;
+        case MT_CLI_DEVICE: opt.device = v; break;
         case OPT_ADAPTER_OPTION: {
             int k = opt.n_adapter_options;
             if (k == MAX_ADAPTER_OPTIONS) {

@@ -9,8 +9,8 @@
 #include "base/internal.h"
 #include "base/numparse.h"
 #include "cli/cli_args.h"
-#include "store/peft.h"
 #include "lua/chat_render.h"
+#include "store/session.h"
 #include "text/tokenizer.h"
 
 static void usage(FILE *out) {
@@ -27,6 +27,8 @@ static void usage(FILE *out) {
             "  --format F        auto | alpaca | chat | prompt_completion | text (default auto)\n"
             "  --seq N           sequence length (default 512)\n"
             "  --batch B         rows per batch (default 4)\n"
+            "  --device D        cpu | cuda (default: cuda where a CUDA device is usable,\n"
+            "                    else cpu)\n"
             "  --threads N       CPU threads\n");
 }
 
@@ -41,11 +43,13 @@ static const struct option options[] = {
     {"seq", required_argument, NULL, OPT_SEQ},
     {"batch", required_argument, NULL, OPT_BATCH},
     {"threads", required_argument, NULL, OPT_THREADS},
+    MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
 
 int mt_cmd_eval(int argc, char **argv) {
     const char *files[16], *model_path = NULL, *adapter_dir = NULL, *template_name = "auto";
+    const char *device = NULL;
     int n_files = 0, seq = 512, batch = 4, threads = 0;
     const mt_cli_number numbers[] = {
         {OPT_SEQ, MT_CLI_INT, &MT_LIMIT_SEQ_LEN, &seq},
@@ -70,6 +74,7 @@ int mt_cmd_eval(int argc, char **argv) {
             break;
         case OPT_MODEL: model_path = v; break;
         case OPT_ADAPTER: adapter_dir = v; break;
+        case MT_CLI_DEVICE: device = v; break;
         case OPT_TEMPLATE: template_name = v; break;
         case OPT_FORMAT:
             if (mt_data_format_parse(v) < 0) {
@@ -86,23 +91,19 @@ int mt_cmd_eval(int argc, char **argv) {
         return 2;
     }
     mt_error err = {0};
-    mt_backend be;
-    mt_tokenizer *tok = NULL;
-    mt_model *m = NULL;
-    mt_registry *reg = NULL;
-    mt_plugin_instance *adapter = NULL;
+    mt_session *ses = NULL;
     mt_example_set examples;
     mt_example_options ex_opt = {.seq_len = seq, .truncation = MT_TRUNCATE_LEFT};
-    int rc = 1, have_be = 0, have_examples = 0;
+    int rc = 1, have_examples = 0;
     mt_status st;
-    if ((st = mt_backend_cpu_init(&be, threads, &err))) goto done;
-    have_be = 1;
-    if ((st = mt_tokenizer_load(model_path, &tok, &err)) ||
-        (st = mt_model_load(model_path, &be, &m, &err)) ||
-        (adapter_dir && (st = mt_peft_load(m, adapter_dir, &reg, &adapter, &err))) ||
+    const mt_session_options so = {.device = device, .threads = threads, .model_path = model_path,
+                                   .with_tokenizer = 1, .adapter_dir = adapter_dir};
+    if ((st = mt_session_open(&so, &ses, &err)) ||
         (st = mt_example_set_init(&examples, &ex_opt, &err)))
         goto done;
     have_examples = 1;
+    mt_tokenizer *tok = ses->tok;
+    mt_model *m = ses->model;
     if (jsonl.format == MT_DATA_TEXT) examples.opt.add_special = 1; /* plain text: BOS/EOS */
     if ((st = mt_examples_from_files(files, n_files, &jsonl, tok, template_name, &examples, NULL,
                                      &err)) ||
@@ -112,16 +113,12 @@ int mt_cmd_eval(int argc, char **argv) {
     if ((st = mt_evaluate(m, &examples, batch, seq, &r, &err))) goto done;
     printf("moontune eval: %s%s%s on %d file(s): %lld examples, %lld trained tokens\n",
            model_path, adapter_dir ? " + adapter " : "", adapter_dir ? adapter_dir : "", n_files, (long long)r.examples, (long long)r.tokens);
-    printf("  loss %.4f  perplexity %.3f  (%.1f s, %.0f tokens/s)\n", r.loss, r.perplexity,
-           r.seconds, r.tokens_per_second);
+    printf("  loss %.4f  perplexity %.3f  (%.1f s, %.0f tokens/s on %s)\n", r.loss,
+           r.perplexity, r.seconds, r.tokens_per_second, ses->device);
     rc = 0;
 done:
     if (rc) fprintf(stderr, "moontune eval: %s\n", err.msg);
     if (have_examples) mt_example_set_free(&examples);
-    mt_model_free(m); /* before the adapter its projections point into */
-    mt_plugin_instance_free(adapter);
-    mt_registry_close(reg);
-    mt_tokenizer_free(tok);
-    if (have_be) mt_backend_cpu_shutdown(&be);
+    mt_session_close(ses);
     return rc;
 }

@@ -11,8 +11,8 @@
 #include "base/numparse.h"
 #include "cli/cli_args.h"
 #include "lua/lua_state.h"
-#include "store/peft.h"
 #include "lua/chat_render.h"
+#include "store/session.h"
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -35,11 +35,13 @@ static void usage(FILE *out) {
             "  --top-p P              1 = off (default 1)\n"
             "  --seed S               sampling seed (default 42)\n"
             "  --stop STR             stop before this text (repeatable, up to 8)\n"
+            "  --device D             cpu | cuda (default: cuda where a CUDA device is usable,\n"
+            "                         else cpu)\n"
             "  --threads N            CPU threads (default: OpenMP's)\n");
 }
 
 typedef struct gen_args {
-    const char *model, *adapter, *prompt, *system, *template_name;
+    const char *model, *adapter, *prompt, *system, *template_name, *device;
     const char *stops[8];
     int n_stops;
     int max_new_tokens, threads;
@@ -112,23 +114,19 @@ static int stream(void *user, const char *piece, size_t len) {
 
 static int run(const gen_args *a) {
     mt_error err = {0};
-    mt_backend be;
-    int have_be = 0, rc = 1;
-    mt_model *m = NULL;
-    mt_registry *reg = NULL;
-    mt_plugin_instance *adapter = NULL;
-    mt_tokenizer *tok = NULL;
+    int rc = 1;
+    mt_session *ses = NULL;
     char *text = NULL;
     mt_token_list ids = {0};
     mt_generation gen = {0};
     mt_status st;
-    if ((st = mt_backend_cpu_init(&be, a->threads, &err))) goto done;
-    have_be = 1;
     double t0 = mt_now_seconds();
-    if ((st = mt_tokenizer_load(a->model, &tok, &err)) ||
-        (st = mt_model_load(a->model, &be, &m, &err)))
-        goto done;
-    if (a->adapter && (st = mt_peft_load(m, a->adapter, &reg, &adapter, &err))) goto done;
+    const mt_session_options so = {.device = a->device, .threads = a->threads,
+                                   .model_path = a->model, .with_tokenizer = 1,
+                                   .adapter_dir = a->adapter};
+    if ((st = mt_session_open(&so, &ses, &err))) goto done;
+    const mt_tokenizer *tok = ses->tok;
+    mt_model *m = ses->model;
     double t_load = mt_now_seconds() - t0;
     char resolved[64] = "none";
     size_t len = 0;
@@ -154,10 +152,12 @@ static int run(const gen_args *a) {
                                .skip_special = 1,
                                .on_text = stream};
     fprintf(stderr, "moontune generate: %s%s%s (%s, %zu parameters, loaded in %.1f s), template %s, "
-            "%zu prompt tokens, %d threads\n",
+            "%zu prompt tokens, on %s",
             a->model, a->adapter ? " + adapter " : "", a->adapter ? a->adapter : "",
             m->cfg.model_type, mt_config_num_params(&m->cfg), t_load, resolved, ids.n,
-            be.num_threads);
+            ses->device);
+    if (ses->be.device == MT_DEVICE_CPU) fprintf(stderr, " (%d threads)", ses->be.num_threads);
+    fputc('\n', stderr);
     if ((st = mt_generate(m, tok, ids.ids, (int)ids.n, &opt, &gen, &err))) goto done;
     static const char *const reasons[] = {"length", "eos", "stop string", "callback", "context"};
     printf("\n");
@@ -173,11 +173,7 @@ done:
     mt_generation_free(&gen);
     mt_token_list_free(&ids);
     free(text);
-    mt_tokenizer_free(tok);
-    mt_model_free(m); /* before the adapter its projections point into */
-    mt_plugin_instance_free(adapter);
-    mt_registry_close(reg);
-    if (have_be) mt_backend_cpu_shutdown(&be);
+    mt_session_close(ses);
     return rc;
 }
 
@@ -198,6 +194,7 @@ static const struct option options[] = {
     {"temperature", required_argument, NULL, OPT_TEMPERATURE},
     {"top-p", required_argument, NULL, OPT_TOP_P},
     {"seed", required_argument, NULL, OPT_SEED},
+    MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
 
@@ -226,6 +223,7 @@ int mt_cmd_generate(int argc, char **argv) {
             return 2;
         case OPT_MODEL: a.model = v; break;
         case OPT_ADAPTER: a.adapter = v; break;
+        case MT_CLI_DEVICE: a.device = v; break;
         case OPT_PROMPT: a.prompt = v; break;
         case OPT_SYSTEM: a.system = v; break;
         case OPT_TEMPLATE: a.template_name = v; break;

@@ -25,7 +25,7 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: moontune run RECIPE.lua [--unsafe] [--resume [PATH]] [--allow-changes]\n"
-            "                    [--overwrite] [--set key=value ...]\n"
+            "                    [--overwrite] [--device cpu|cuda] [--set key=value ...]\n"
             "\n"
             "Runs a Lua recipe with the moontune library (require(\"moontune\")).\n"
             "  --unsafe           run without the recipe sandbox (full io/os access)\n"
@@ -34,6 +34,9 @@ static void usage(FILE *f) {
             "                     checkpoint (the changes are printed and logged)\n"
             "  --overwrite        start afresh in an output directory that holds an earlier run,\n"
             "                     after moving that run aside (to DIR.old-TIME; nothing is deleted)\n"
+            "  --device D         cpu | cuda: where mt.model puts a model whose recipe names no\n"
+            "                     device (default: cuda where a CUDA device is usable, else\n"
+            "                     cpu); mt.device() returns it\n"
             "  --set key=value    override a recipe setting (repeatable)\n");
 }
 
@@ -91,12 +94,13 @@ static const struct option options[] = {
     {"allow-changes", no_argument, NULL, OPT_ALLOW_CHANGES},
     {"resume", optional_argument, NULL, OPT_RESUME},
     {"set", required_argument, NULL, OPT_SET},
+    MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
 
 int mt_cmd_run(int argc, char **argv) {
+    const char *recipe = NULL, *resume_path = NULL, *device = NULL;
     static const mt_cli cli = {"moontune run", options, usage, NULL, 0};
-    const char *recipe = NULL, *resume_path = NULL;
     int resume = 0, unsafe = 0, n_sets = 0, overwrite = 0, allow_changes = 0;
     const char **sets = calloc((size_t)(argc > 0 ? argc : 1), sizeof *sets);
     if (!sets) {
@@ -112,6 +116,7 @@ int mt_cmd_run(int argc, char **argv) {
         case MT_CLI_REFUSED: free(sets); return 2;
         case OPT_UNSAFE: unsafe = 1; break;
         case OPT_OVERWRITE: overwrite = 1; break;
+        case MT_CLI_DEVICE: device = v; break;
         case OPT_ALLOW_CHANGES: allow_changes = 1; break;
         case OPT_RESUME:
             resume = 1;
@@ -191,6 +196,7 @@ int mt_cmd_run(int argc, char **argv) {
     push_arg(L, recipe, sets, n_sets, resume_path, resume, unsafe);
     mt_lua_set_overrides(L, sets, n_sets);
     mt_lua_set_validating(L, argc > 0 && !strcmp(argv[0], "validate"));
+    mt_lua_set_device(L, device, 1);
     free(sets);
     add_recipe_dir(L, recipe);
 

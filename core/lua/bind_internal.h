@@ -35,10 +35,11 @@ typedef struct lplugin {
     int attached;             /* owned by a Model */
 } lplugin;
 
+struct mt_session;
+
 typedef struct lmodel {
     mt_model *m;
-    mt_backend be;
-    int have_be;
+    struct mt_session *session; /* owns the model and its backend (store/session.h) */
     lplugin **adapters; /* attached adapter Plugins (kept alive by the uservalue table) */
     int n_adapters;
 } lmodel;

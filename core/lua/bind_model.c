@@ -7,6 +7,8 @@
 #include "store/export_gguf.h"
 #include "store/export_hf.h"
 #include "store/peft.h"
+#include "store/session.h"
+#include "lua/lua_state.h"
 #include "lua/sandbox.h"
 
 /* ---- Plugin ---------------------------------------------------------------- */
@@ -181,9 +183,10 @@ lmodel *bind_check_model(lua_State *L, int idx) {
 
 static int model_close(lua_State *L) {
     lmodel *u = luaL_checkudata(L, 1, MODEL_MT);
-    if (u->m) mt_model_free(u->m);
+    /* the model first, then the adapters it calls into, then the backend their device
+     * memory lives on */
+    mt_session_release_model(u->session);
     u->m = NULL;
-    /* adapters after the model that calls into them, the backend last */
     for (int i = 0; i < u->n_adapters; i++) {
         mt_plugin_instance_free(u->adapters[i]->inst);
         u->adapters[i]->inst = NULL;
@@ -191,35 +194,61 @@ static int model_close(lua_State *L) {
     free(u->adapters);
     u->adapters = NULL;
     u->n_adapters = 0;
-    if (u->have_be) mt_backend_cpu_shutdown(&u->be);
-    u->have_be = 0;
+    mt_session_close(u->session);
+    u->session = NULL;
     return 0;
 }
 
-/* mt.model(path, {threads=}) */
+/* mt.model(path, {threads=, device=}): device "cpu" or "cuda"; without one, the device
+ * `moontune run --device` named, else the default (CUDA where it starts, else the CPU). */
 static int l_model(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     bind_check_opts(L, 2);
     int threads = (int)bind_opt_int_in(L, 2, "threads", 0, &MT_LIMIT_THREADS);
-    lmodel *u = lua_newuserdatauv(L, sizeof *u, 1);
-    memset(u, 0, sizeof *u);
+    mt_session_options so = {.threads = threads, .model_path = path};
+    so.device = bind_opt_str(L, 2, "device", NULL); /* held by the options table */
+    so.device_origin = "mt.model: device";
+    int from_command_line = 0;
+    const char *run_device = mt_lua_device(L, &from_command_line);
+    if (!so.device && from_command_line) {
+        so.device = run_device;
+        so.device_origin = "--device";
+    }
+    mt_error err = {0};
+    /* refused before the userdata exists: a misspelt name costs no backend start */
+    if (mt_device_check_name(so.device_origin, so.device, &err)) return bind_raise(L, &err);
+    lmodel *b = lua_newuserdatauv(L, sizeof *b, 1);
+    memset(b, 0, sizeof *b);
     luaL_setmetatable(L, MODEL_MT);
     lua_newtable(L);
     lua_pushstring(L, path);
     lua_setfield(L, -2, "path"); /* the base model's name in exported adapters */
     lua_setiuservalue(L, -2, 1);
-    mt_error err = {0};
-    if (mt_backend_cpu_init(&u->be, threads, &err)) return bind_raise(L, &err);
-    u->have_be = 1;
-    if (mt_model_load(path, &u->be, &u->m, &err)) return bind_raise(L, &err);
+    if (mt_session_open(&so, &b->session, &err)) return bind_raise(L, &err);
+    b->m = b->session->model;
+    /* the default, now known, is the run's device for mt.device() */
+    if (!run_device && (!so.device || !*so.device)) mt_lua_set_device(L, b->session->device, 0);
+    return 1;
+}
+
+/* mt.device() -> "cpu" or "cuda": the run's device, where mt.model puts a model whose
+ * recipe names none (moontune run --device, else the default, found once). */
+static int l_device(lua_State *L) {
+    const char *name = mt_lua_device(L, NULL);
+    if (!name) {
+        name = mt_device_default_name(NULL, 0);
+        mt_lua_set_device(L, name, 0);
+    }
+    lua_pushstring(L, name);
     return 1;
 }
 
 static int model_info(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     const mt_model_config *c = &u->m->cfg;
-    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 12);
     bind_set_str(L, "model_type", c->model_type);
+    bind_set_str(L, "device", u->session->device);
     bind_set_int(L, "params", (lua_Integer)u->m->total_numel);
     bind_set_int(L, "layers", c->num_layers);
     bind_set_int(L, "hidden", c->hidden_size);
@@ -270,14 +299,17 @@ static int model_attach(lua_State *L) {
     return 0;
 }
 
-/* model:attach_peft(dir) -> the attached "lora" Plugin: a PEFT adapter directory
- * (adapter_config.json + adapter_model.safetensors) loaded onto the model
- * (core/store/peft.h). The model owns the instance as with attach. On a refusal nothing is
- * attached; only a failure after the attach (see mt_peft_attach) leaves the adapter on
- * the model, owned by it, before the error is raised. */
+/* model:attach_peft(dir, {adapter=}) -> the attached adapter Plugin: a PEFT adapter
+ * directory (adapter_config.json + adapter_model.safetensors) loaded onto the model
+ * (core/store/peft.h) by the adapter plugin named, or by the first that can load it. The
+ * model owns the instance as with attach. On a refusal nothing is attached; only a
+ * failure in the adapter's load, after the attach (see mt_peft_attach), leaves the
+ * adapter on the model, owned by it, before the error is raised. */
 static int model_attach_peft(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     const char *dir = luaL_checkstring(L, 2);
+    bind_check_opts(L, 3);
+    const char *adapter = bind_opt_str(L, 3, "adapter", NULL); /* held by the options table */
     lplugin **na = realloc(u->adapters, (size_t)(u->n_adapters + 1) * sizeof *na);
     if (!na) return luaL_error(L, "out of memory");
     u->adapters = na;
@@ -287,7 +319,7 @@ static int model_attach_peft(lua_State *L) {
     lplugin *p = new_plugin(L, sentinel);
     int plugin = lua_gettop(L);
     mt_error err = {0};
-    mt_status st = mt_peft_attach(u->m, reg, dir, &p->inst, &err);
+    mt_status st = mt_peft_attach(u->m, reg, adapter, dir, &p->inst, &err);
     if (p->inst) own_adapter(L, u, p, plugin); /* attached, even when the weights failed */
     if (st) return bind_raise(L, &err);
     lua_pushvalue(L, plugin);
@@ -539,6 +571,7 @@ static const luaL_Reg plugin_methods[] = {
 
 static const luaL_Reg functions[] = {
     {"model", l_model},
+    {"device", l_device},
     {"tokenizer", l_tokenizer},
     {"plugin", l_plugin},
     {NULL, NULL},

@@ -39,7 +39,9 @@ static int l_train_step(lua_State *L) {
         mb = bind_scratch(L, sizeof *mb);
         lbatch *x = lua_touserdata(L, 4);
         size_t bt = (size_t)x->B * (size_t)x->T;
-        mb[0] = (mt_batch){x->B, x->T, x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt};
+        mb[0] = (mt_batch){.size = sizeof(mt_batch), .B = x->B, .T = x->T, .tokens = x->data,
+                             .positions = x->data + bt, .segments = x->data + 2 * bt,
+                             .targets = x->data + 3 * bt};
     } else {
         luaL_checktype(L, 4, LUA_TTABLE);
         n = (int)lua_rawlen(L, 4);
@@ -50,7 +52,9 @@ static int l_train_step(lua_State *L) {
             lbatch *x = luaL_testudata(L, -1, BATCH_MT);
             if (!x) return luaL_error(L, "train_step: batches[%d] is not a Batch", i + 1);
             size_t bt = (size_t)x->B * (size_t)x->T;
-            mb[i] = (mt_batch){x->B, x->T, x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt};
+            mb[i] = (mt_batch){.size = sizeof(mt_batch), .B = x->B, .T = x->T, .tokens = x->data,
+                             .positions = x->data + bt, .segments = x->data + 2 * bt,
+                             .targets = x->data + 3 * bt};
             lua_pop(L, 1); /* the batches table keeps it */
         }
     }
@@ -114,6 +118,7 @@ static int l_checkpoint_save(lua_State *L) {
     mt_plugin_instance *opt = opt_optimizer(L, 3);
     luaL_checktype(L, 4, LUA_TTABLE);
     mt_ckpt_state *s = bind_scratch(L, sizeof *s);
+    mt_plugin_instance *loss = NULL; /* the loss among state.plugins: its state is saved too */
     mt_error err = {0};
     s->step = bind_opt_int(L, 4, "step", 0);
     s->epoch = bind_opt_int(L, 4, "epoch", 0);
@@ -163,6 +168,7 @@ static int l_checkpoint_save(lua_State *L) {
             lplugin *p = luaL_testudata(L, -1, PLUGIN_MT);
             if (!p || !p->inst) return luaL_error(L, "checkpoint state: plugins[%d] is not an open Plugin", i + 1);
             if (mt_ckpt_state_add_plugin(s, p->inst, &err)) return bind_raise(L, &err);
+            if (p->inst->desc->kind == MT_PLUGIN_LOSS && !loss) loss = p->inst;
             lua_pop(L, 1);
         }
     }
@@ -174,13 +180,13 @@ static int l_checkpoint_save(lua_State *L) {
     if (bind_opt_field(L, 4, "trainer") == LUA_TTABLE) s->trainer = mt_lua_json_encode(L, -1);
     else if (!lua_isnil(L, -1)) return luaL_error(L, "checkpoint state: trainer must be a table");
     char *path = NULL;
-    if (mt_checkpoint_save(run_dir, u->m, opt, s, &path, &err)) return bind_raise(L, &err);
+    if (mt_checkpoint_save(run_dir, u->m, opt, loss, s, &path, &err)) return bind_raise(L, &err);
     lua_pushstring(L, path);
     free(path);
     return 1;
 }
 
-/* mt.checkpoint_load(path, model, optimizer) -> state */
+/* mt.checkpoint_load(path, model, optimizer[, loss]) -> state */
 static int decode_object(lua_State *L) {
     const char *text = lua_touserdata(L, 1);
     const char *field = lua_touserdata(L, 2);
@@ -194,10 +200,12 @@ static int l_checkpoint_load(lua_State *L) {
     mt_sandbox_check_path(L, dir, 0, "checkpoint_load");
     lmodel *u = lua_isnoneornil(L, 2) ? NULL : bind_check_model(L, 2);
     mt_plugin_instance *opt = opt_optimizer(L, 3);
+    mt_plugin_instance *loss =
+        lua_isnoneornil(L, 4) ? NULL : check_kind(L, 4, MT_PLUGIN_LOSS, "checkpoint_load");
     mt_ckpt_state s;
     memset(&s, 0, sizeof s);
     mt_error err = {0};
-    if (mt_checkpoint_load(dir, u ? u->m : NULL, opt, &s, &err)) {
+    if (mt_checkpoint_load(dir, u ? u->m : NULL, opt, loss, &s, &err)) {
         mt_ckpt_state_clear(&s);
         return bind_raise(L, &err);
     }

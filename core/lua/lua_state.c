@@ -167,3 +167,32 @@ mt_status mt_lua_pcall(lua_State *L, int nargs, int nresults, mt_error *err) {
     lua_pop(L, 1);
     return st;
 }
+
+/* registry: {name = "cpu" | "cuda", from_command_line = bool} */
+static const char device_key = 0;
+
+void mt_lua_set_device(lua_State *L, const char *device, int from_command_line) {
+    if (!device || !*device) return; /* the default: resolved when first needed */
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, device);
+    lua_setfield(L, -2, "name");
+    lua_pushboolean(L, from_command_line);
+    lua_setfield(L, -2, "from_command_line");
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &device_key);
+}
+
+const char *mt_lua_device(lua_State *L, int *from_command_line) {
+    const char *name = NULL;
+    int explicit_device = 0;
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &device_key) == LUA_TTABLE) {
+        lua_getfield(L, -1, "from_command_line");
+        explicit_device = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        lua_getfield(L, -1, "name");
+        name = lua_tostring(L, -1); /* anchored by the table, which the registry holds */
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    if (from_command_line) *from_command_line = name ? explicit_device : 0;
+    return name;
+}

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "base/internal.h"
+#include "plugin/registry.h"
 
 struct mt_kv_decoder {
     mt_model *m;
@@ -323,7 +324,7 @@ static mt_status run_rows(mt_kv_decoder *d, const int32_t *tokens, int n, float 
             return mt_error_set(err, st, "downloading logits failed");
         logits += (size_t)g * V;
     }
-    return MT_OK;
+    return m->num_adapters ? mt_host_check("adapter forward", err) : MT_OK;
 }
 
 static mt_status check_tokens(const mt_kv_decoder *d, const int32_t *tokens, int n, mt_error *err) {

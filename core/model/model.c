@@ -9,8 +9,10 @@
 /* madvise(MADV_DONTNEED) releases the pages of a weight QLoRA no longer needs */
 #define _DEFAULT_SOURCE
 #include "model/model.h"
+#include "model/device.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +21,7 @@
 #include <unistd.h>
 
 #include "base/internal.h"
+#include "plugin/registry.h"
 #include "moontune/plugin.h"
 #include "formats/safetensors.h"
 
@@ -49,14 +52,29 @@ void mt_linear_base_backward(mt_linear *lin, float *dx, const float *dy, const f
     if (lin->grad_bias) be->ops->bias_backward(be, lin->grad_bias, dy, N, lin->out);
 }
 
+/* An (N, cols) activation of this projection as the tensor an adapter receives. */
+static mt_tensor activation(const mt_linear *lin, const float *data, int N, int cols) {
+    return (mt_tensor){.dtype = MT_F32, .device = lin->be->device, .ndim = 2,
+                       .shape = {N, cols}, .data = (void *)data};
+}
+
 void mt_linear_forward(mt_linear *lin, float *y, const float *x, int N) {
-    if (lin->impl) lin->impl->forward(lin->impl_self, y, x, N);
-    else mt_linear_base_forward(lin, y, x, N);
+    if (!lin->impl) {
+        mt_linear_base_forward(lin, y, x, N);
+        return;
+    }
+    mt_tensor ty = activation(lin, y, N, lin->out), tx = activation(lin, x, N, lin->in);
+    lin->impl->forward(lin->impl_self, &ty, &tx);
 }
 
 void mt_linear_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N) {
-    if (lin->impl) lin->impl->backward(lin->impl_self, dx, dy, x, N);
-    else mt_linear_base_backward(lin, dx, dy, x, N);
+    if (!lin->impl) {
+        mt_linear_base_backward(lin, dx, dy, x, N);
+        return;
+    }
+    mt_tensor tdx = activation(lin, dx, N, lin->in), tdy = activation(lin, dy, N, lin->out),
+              tx = activation(lin, x, N, lin->in);
+    lin->impl->backward(lin->impl_self, &tdx, &tdy, &tx);
 }
 
 /* Pages of a released weight go back to the system; the whole pages inside the
@@ -188,6 +206,7 @@ mt_status mt_model_create_table(const mt_model_config *cfg, mt_backend *be, mt_m
     if (!m) return MT_ERR_NOMEM;
     m->cfg = *cfg;
     m->be = be;
+    mt_device_bind(be); /* plugins reach this backend through their tensors' device */
     m->adapters_enabled = 1;
     m->layers = mt_calloc((size_t)cfg->num_layers, sizeof *m->layers, "model layers", err);
     if (!m->layers) goto fail;
@@ -333,6 +352,16 @@ void mt_model_zero_grad(mt_model *m) {
 }
 
 mt_status mt_model_add_param(mt_model *m, const mt_param_view *param, mt_error *err) {
+    if (param->size < offsetof(mt_param_view, no_decay) + sizeof param->no_decay)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "adapter parameter: the view's size (%u bytes) is smaller than an "
+                            "ABI 2 mt_param_view (set .size = sizeof(mt_param_view))",
+                            (unsigned)param->size);
+    if (param->value.device != m->be->device || param->grad.device != m->be->device)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "adapter parameter %s: value and gradient must live on the model's "
+                            "device (%s)",
+                            param->name ? param->name : "(unnamed)", m->be->name);
     if (!param->name || !param->value.data || !param->grad.data ||
         param->value.dtype != MT_F32 || param->grad.dtype != MT_F32 ||
         mt_tensor_numel(&param->value) != mt_tensor_numel(&param->grad))
@@ -355,7 +384,10 @@ mt_status mt_model_add_param(mt_model *m, const mt_param_view *param, mt_error *
         m->cap_extra = cap;
     }
     mt_param_view *v = &m->extra_params[m->num_extra];
-    *v = *param;
+    /* an older plugin's view may be shorter: take what it filled, the rest stays zero */
+    memset(v, 0, sizeof *v);
+    memcpy(v, param, param->size < sizeof *v ? param->size : sizeof *v);
+    v->size = sizeof *v;
     if (!(v->name = mt_strdup(param->name, "parameter name", err))) return MT_ERR_NOMEM;
     m->num_extra++;
     return MT_OK;
@@ -377,6 +409,7 @@ mt_status mt_model_trainable_params(mt_model *m, mt_param_view **out, size_t *co
     for (size_t i = 0; i < m->num_params; i++) {
         mt_param *p = &m->params[i];
         if (!p->trainable) continue;
+        views[k].size = sizeof views[k];
         views[k].name = p->name;
         views[k].value = f32_tensor(p->data, p->ndim, p->shape);
         views[k].grad = f32_tensor(p->grad, p->ndim, p->shape);
@@ -420,6 +453,7 @@ mt_status mt_model_attach_adapter(mt_model *m, const mt_adapter_vtable *vtable, 
     if (!grown) return mt_error_set(err, MT_ERR_NOMEM, "out of memory attaching an adapter");
     m->adapters = grown;
     mt_status st = vtable->attach(state, (mt_model_handle *)m, err);
+    if (!st) st = mt_host_check("adapter attach", err);
     if (st) return st;
     m->adapters[m->num_adapters++] = (struct mt_attached_adapter){vtable, state};
     return MT_OK;
@@ -427,14 +461,14 @@ mt_status mt_model_attach_adapter(mt_model *m, const mt_adapter_vtable *vtable, 
 
 void mt_model_set_training(mt_model *m, int training) {
     for (size_t i = 0; i < m->num_adapters; i++)
-        if (m->adapters[i].vtable->set_training)
+        if (MT_VTABLE_HAS(mt_adapter_vtable, m->adapters[i].vtable, set_training))
             m->adapters[i].vtable->set_training(m->adapters[i].state, training);
 }
 
 void mt_model_set_adapters_enabled(mt_model *m, int enabled) {
     m->adapters_enabled = enabled != 0;
     for (size_t i = 0; i < m->num_adapters; i++)
-        if (m->adapters[i].vtable->set_enabled)
+        if (MT_VTABLE_HAS(mt_adapter_vtable, m->adapters[i].vtable, set_enabled))
             m->adapters[i].vtable->set_enabled(m->adapters[i].state, enabled);
 }
 
@@ -780,7 +814,8 @@ mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *po
     m->cur_B = B;
     m->cur_T = T;
     m->forward_done = 1;
-    return MT_OK;
+    /* an adapter's misuse of a host operation surfaces as the forward's error */
+    return m->num_adapters ? mt_host_check("adapter forward", err) : MT_OK;
 }
 
 static mt_status check_rows(const mt_model *m, int row0, int nrows, mt_error *err) {
@@ -798,7 +833,7 @@ mt_status mt_model_logits(mt_model *m, int row0, int nrows, float *logits, mt_er
     if (st) return st;
     const int C = m->cfg.hidden_size;
     mt_linear_forward(&m->lm_head, logits, m->lnf + (size_t)row0 * C, nrows);
-    return MT_OK;
+    return m->num_adapters ? mt_host_check("adapter forward", err) : MT_OK;
 }
 
 mt_status mt_model_backward_logits(mt_model *m, int row0, int nrows, const float *dlogits,
@@ -807,7 +842,7 @@ mt_status mt_model_backward_logits(mt_model *m, int row0, int nrows, const float
     if (st) return st;
     const size_t off = (size_t)row0 * m->cfg.hidden_size;
     mt_linear_backward(&m->lm_head, m->d_ln + off, dlogits, m->lnf + off, nrows);
-    return MT_OK;
+    return m->num_adapters ? mt_host_check("adapter backward", err) : MT_OK;
 }
 
 mt_status mt_model_cross_entropy(mt_model *m, const int32_t *targets, int backward, float *loss,
@@ -898,5 +933,5 @@ mt_status mt_model_backward(mt_model *m, mt_error *err) {
     m->forward_done = 0;
     mt_status st = be->ops->sync(be);
     if (st) return mt_error_set(err, st, "backend error during backward");
-    return MT_OK;
+    return m->num_adapters ? mt_host_check("adapter backward", err) : MT_OK;
 }

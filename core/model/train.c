@@ -1,10 +1,32 @@
-/* train.c — one optimizer step over micro-batches (gradient accumulation). */
+/* train.c — one optimizer step over micro-batches (gradient accumulation).
+ *
+ * Every item of the step weighs the same, whatever micro-batch it falls in: the loss
+ * plugin counts the items of each micro-batch (its `count`, target tokens by default),
+ * the step's total goes to every micro-batch as step_items, and each micro-batch's loss
+ * and gradient are normalised by that total. The step's loss is then the sum of the
+ * micro-batch losses and its gradient the sum of theirs — what one batch holding every
+ * row would give (transformers' num_items_in_batch, since 4.46). Averaging per-batch
+ * means instead would favour micro-batches with few targets. */
 #include "model/train.h"
 
 #include <math.h>
 #include <stdlib.h>
 
 #include "base/internal.h"
+
+/* Targets >= 0: what a loss without its own count normalises by. */
+static int64_t count_targets(const mt_batch *b) {
+    int64_t n = 0;
+    if (!b->targets) return 0;
+    for (int64_t i = 0; i < (int64_t)b->B * b->T; i++) n += b->targets[i] >= 0;
+    return n;
+}
+
+int64_t mt_loss_count(const mt_plugin_instance *loss, const mt_batch *batch) {
+    const mt_loss_vtable *lv = loss->desc->vtable;
+    return MT_VTABLE_HAS(mt_loss_vtable, lv, count) ? lv->count(loss->state, batch)
+                                                     : count_targets(batch);
+}
 
 mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
                         const mt_batch *micro_batches, int n_micro, double lr, int64_t step,
@@ -20,11 +42,29 @@ mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instanc
     const mt_loss_vtable *lv = loss->desc->vtable;
     const mt_optimizer_vtable *ov = optimizer->desc->vtable;
     *result = (mt_step_result){.lr = lr};
+    int64_t step_items = 0;
+    for (int i = 0; i < n_micro; i++) {
+        int64_t n = mt_loss_count(loss, &micro_batches[i]);
+        if (n < 0)
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "loss %s counted %lld items in micro-batch %d", loss->desc->name,
+                                (long long)n, i + 1);
+        step_items += n;
+    }
     mt_model_zero_grad(m);
     double loss_sum = 0.0;
     for (int i = 0; i < n_micro; i++) {
-        mt_loss_result r;
-        mt_status st = lv->compute(loss->state, (mt_model_handle *)m, &micro_batches[i], 1, &r, err);
+        mt_batch mb = micro_batches[i];
+        mb.size = sizeof mb;
+        mb.step_items = step_items;
+        mt_loss_result r = {.size = sizeof r};
+        mt_status st = lv->compute(loss->state, (mt_model_handle *)m, &mb, 1, &r, err);
+        mt_error check_err;
+        mt_status cst = mt_host_check(loss->desc->name, &check_err);
+        if (!st && cst) {
+            *err = check_err;
+            st = cst;
+        }
         if (st == MT_ERR_NUMERIC) {
             result->skipped = 1;
             result->loss = NAN;
@@ -34,22 +74,18 @@ mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instanc
         loss_sum += r.loss;
         result->n_tokens += r.n_tokens;
     }
-    result->loss = loss_sum / n_micro;
+    /* each micro-batch's loss is its share of the step's: their sum is the step's loss */
+    result->loss = loss_sum;
     mt_param_view *params;
     size_t n_params;
     mt_status st = mt_model_trainable_params(m, &params, &n_params, err);
     if (st) return st;
-    if (n_micro > 1) { /* the mean over micro-batches, as Hugging Face's Trainer does */
-        for (size_t i = 0; i < n_params; i++)
-            m->be->ops->axpy(m->be, params[i].grad.data, params[i].grad.data,
-                             1.0f / (float)n_micro - 1.0f,
-                             (size_t)mt_tensor_numel(&params[i].grad));
-    }
     result->grad_norm = mt_model_clip_grad_norm(m, max_grad_norm);
     if (!isfinite(result->loss) || !isfinite(result->grad_norm)) {
         result->skipped = 1;
     } else {
         st = ov->step(optimizer->state, params, n_params, lr, step, err);
+        if (!st) st = mt_host_check(optimizer->desc->name, err);
     }
     free(params);
     return st;

@@ -7,15 +7,16 @@
 #include "plugin/registry.h"
 
 typedef struct mt_step_result {
-    double loss;      /* mean of the micro-batches' losses */
+    double loss;      /* the step's loss: every item of every micro-batch weighs the same */
     double grad_norm; /* global L2 norm before clipping */
     double lr;        /* the learning rate applied */
     int64_t n_tokens; /* trained tokens over all micro-batches */
     int skipped;      /* 1 when the loss or gradient was not finite: no update was made */
 } mt_step_result;
 
-/* Zeroes the gradients; for each of the n_micro batches runs the loss plugin
- * (forward and backward); averages the gradients over the micro-batches; clips the
+/* Zeroes the gradients; counts the loss' items of all n_micro batches (step_items);
+ * for each batch runs the loss plugin (forward and backward), which normalises by
+ * step_items, so the gradients add up to the whole step's; clips the
  * global norm to max_grad_norm (when > 0); and unless the loss or the norm is not
  * finite, lets the optimizer update every trainable parameter at learning rate lr.
  * step counts optimizer steps from 1. A non-finite loss or gradient is not an
@@ -23,6 +24,9 @@ typedef struct mt_step_result {
 mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
                         const mt_batch *micro_batches, int n_micro, double lr, int64_t step,
                         double max_grad_norm, mt_step_result *result, mt_error *err);
+
+/* The items a loss normalises a batch by: its count slot, or the targets >= 0. */
+int64_t mt_loss_count(const mt_plugin_instance *loss, const mt_batch *batch);
 
 /* The scheduler's learning rate for 0-based step `step` of total_steps. */
 double mt_schedule_lr(mt_plugin_instance *scheduler, int64_t step, int64_t total_steps,

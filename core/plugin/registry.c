@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,6 +106,21 @@ static void lifecycle_slots(const mt_plugin_descriptor *d, create_fn *create, de
     }
     }
 }
+
+/* Bytes of a kind's vtable up to the end of its last mandatory slot: a vtable must reach
+ * that far; optional slots past it are read only when its size reaches them
+ * (MT_VTABLE_HAS). */
+#define SLOT_END(type, slot) (offsetof(type, slot) + sizeof(((type *)0)->slot))
+static size_t vtable_min_size(mt_plugin_kind kind) {
+    switch (kind) {
+    case MT_PLUGIN_OPTIMIZER: return SLOT_END(mt_optimizer_vtable, state_set);
+    case MT_PLUGIN_SCHEDULER: return SLOT_END(mt_scheduler_vtable, lr);
+    case MT_PLUGIN_LOSS: return SLOT_END(mt_loss_vtable, compute);
+    case MT_PLUGIN_ADAPTER: return SLOT_END(mt_adapter_vtable, attach);
+    }
+    return 0;
+}
+#undef SLOT_END
 
 /* The first mandatory slot of the kind's vtable that is NULL, or NULL when all are set.
  * Optional slots (adapter merge, unmerge, set_enabled) are not checked. */
@@ -229,12 +245,25 @@ static mt_status check_descriptor(const char *path, const mt_plugin_descriptor *
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: %s() returned NULL instead of a plugin descriptor", path,
                             MT_PLUGIN_ENTRY_SYMBOL);
-    if (d->abi_version != MT_PLUGIN_ABI_VERSION)
-        return mt_error_set(err, MT_ERR_UNSUPPORTED,
-                            "%s: plugin ABI version mismatch: this moontune expects ABI version "
-                            "%d, the plugin was built for ABI version %u (rebuild it against this "
-                            "moontune's moontune/plugin.h)",
-                            path, MT_PLUGIN_ABI_VERSION, (unsigned)d->abi_version);
+    if (d->abi_version < MT_PLUGIN_ABI_OLDEST || d->abi_version > MT_PLUGIN_ABI_VERSION)
+        return mt_error_set(
+            err, MT_ERR_UNSUPPORTED,
+            "%s: built for plugin ABI %u; this moontune loads ABI %d..%d%s", path,
+            (unsigned)d->abi_version, MT_PLUGIN_ABI_OLDEST, MT_PLUGIN_ABI_VERSION,
+            d->abi_version == 1
+                ? ". ABI 1 plugins compute on host pointers and must be rebuilt against "
+                  "moontune/plugin.h version 2 (docs/plugins.md)"
+                : d->abi_version > MT_PLUGIN_ABI_VERSION
+                      ? " (the plugin is newer than this moontune: update moontune)"
+                      : " (rebuild it against this moontune's moontune/plugin.h)");
+    /* From ABI 2 on every field below is read only as far as the plugin's sizes reach. */
+    if (d->size < sizeof(mt_plugin_descriptor))
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: bad descriptor: its size is %u bytes, an ABI %u descriptor has "
+                            "%zu (set .size = sizeof(mt_plugin_descriptor), as MT_PLUGIN_DEFINE "
+                            "does)",
+                            path, (unsigned)d->size, (unsigned)d->abi_version,
+                            sizeof(mt_plugin_descriptor));
     if (!mt_plugin_kind_name(d->kind))
         return mt_error_set(err, MT_ERR_FORMAT,
                             "%s: invalid plugin kind %d (expected 1 optimizer, 2 loss, 3 adapter "
@@ -257,6 +286,18 @@ static mt_status check_descriptor(const char *path, const mt_plugin_descriptor *
     if (!d->vtable)
         return mt_error_set(err, MT_ERR_FORMAT, "%s: bad descriptor: %s '%s' has no vtable (NULL)",
                             path, kind, d->name);
+    size_t need = vtable_min_size(d->kind), have = *(const uint32_t *)d->vtable;
+    if (have < need)
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: bad descriptor: %s '%s' has a vtable size of %zu bytes, fewer "
+                            "than the %zu its mandatory slots take (set .size = sizeof of the "
+                            "vtable type)",
+                            path, kind, d->name, have, need);
+    if (d->n_options && d->option_size != sizeof(mt_option_spec))
+        return mt_error_set(err, MT_ERR_FORMAT,
+                            "%s: bad descriptor: %s '%s' declares option specs of %u bytes; "
+                            "mt_option_spec has %zu",
+                            path, kind, d->name, (unsigned)d->option_size, sizeof(mt_option_spec));
     const char *slot = missing_slot(d);
     if (slot)
         return mt_error_set(err, MT_ERR_FORMAT,

@@ -11,6 +11,14 @@
 
 /* The host function table handed to every plugin (core/model/host_table.c). */
 const mt_host *mt_host_table(void);
+/* The first failure of a host compute operation since the last check (then cleared),
+ * with queued device work waited for, prefixed with `who` (the plugin call that made
+ * it); MT_OK when none. The core checks after every plugin call that computes. */
+mt_status mt_host_check(const char *who, mt_error *err);
+
+/* Whether vtable v of type T reaches optional slot f and sets it. */
+#define MT_VTABLE_HAS(T, v, f)                                                              \
+    ((v)->size >= offsetof(T, f) + sizeof(((T *)0)->f) && (v)->f != NULL)
 
 /* A loaded plugin: its file, its dlopen handle and its descriptor. */
 typedef struct mt_plugin mt_plugin;

@@ -28,17 +28,22 @@
 
 #include "base/internal.h"
 #include "formats/safetensors.h"
+#include "model/device.h"
 
 #define WEIGHTS_FILE "weights.safetensors"
 #define OPTIMIZER_FILE "optimizer.safetensors"
+#define PLUGIN_STATE_FILE "plugin_state.safetensors"
 #define RECIPE_FILE "recipe.lua"
 #define STATE_FILE "state.json"
 #define STATE_SUM_FILE "state.json.sha256"
 #define CKPT_SUBDIR "checkpoints"
 #define TMP_PREFIX ".tmp-"
 
-static const char *const data_files[] = {WEIGHTS_FILE, OPTIMIZER_FILE, RECIPE_FILE};
-enum { N_DATA_FILES = 3 };
+static const char *const data_files[] = {WEIGHTS_FILE, OPTIMIZER_FILE, RECIPE_FILE,
+                                         PLUGIN_STATE_FILE};
+enum { N_DATA_FILES = 4 };
+/* The data files a checkpoint of a format version has: plugin_state came with 4. */
+static int data_files_of(int64_t format_version) { return format_version >= 4 ? 4 : 3; }
 
 /* ---- the scalar state -------------------------------------------------------- */
 
@@ -408,12 +413,156 @@ done:
     return st;
 }
 
+/* The state tensors of the attached adapters ("adapter<i>/<name>", i in attach order)
+ * and of the loss ("loss/<name>"), in host memory: what makes a resumed run draw the same
+ * random numbers (LoRA's dropout passes). */
+typedef struct plugin_states {
+    mt_st_entry *entries;
+    char **names;
+    host_copies copies;
+    size_t n, cap;
+} plugin_states;
+
+static void plugin_states_free(plugin_states *ps) {
+    for (size_t i = 0; i < ps->n; i++) free(ps->names[i]);
+    free(ps->names);
+    free(ps->entries);
+    host_copies_free(&ps->copies);
+}
+
+static mt_status plugin_states_add(plugin_states *ps, const char *prefix, size_t count,
+                                   mt_status (*get)(void *, size_t, const char **, mt_tensor *,
+                                                    mt_error *),
+                                   void *state, mt_error *err) {
+    for (size_t i = 0; i < count; i++) {
+        if (ps->n == ps->cap) {
+            size_t cap = ps->cap ? 2 * ps->cap : 8;
+            mt_st_entry *e = realloc(ps->entries, cap * sizeof *e);
+            if (e) ps->entries = e;
+            char **nm = e ? realloc(ps->names, cap * sizeof *nm) : NULL;
+            if (nm) ps->names = nm;
+            void **cp = nm ? realloc(ps->copies.ptr, cap * sizeof *cp) : NULL;
+            if (!cp) return mt_error_set(err, MT_ERR_NOMEM, "checkpoint: out of memory for plugin state");
+            ps->copies.ptr = cp;
+            ps->cap = cap;
+        }
+        const char *name = NULL;
+        mt_tensor t;
+        mt_status st = get(state, i, &name, &t, err);
+        if (st) return st;
+        if (!name || !*name || t.ndim < 0 || t.ndim > MT_MAX_DIMS || !mt_dtype_size(t.dtype) ||
+            (!t.data && mt_tensor_numel(&t)))
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "checkpoint: %s state tensor %zu has no name, no data or an "
+                                "invalid shape",
+                                prefix, i);
+        static const mt_st_dtype st_dtype[MT_DTYPE_COUNT] = {
+            [MT_F32] = MT_ST_F32, [MT_F16] = MT_ST_F16, [MT_BF16] = MT_ST_BF16,
+            [MT_I32] = MT_ST_I32, [MT_I64] = MT_ST_I64, [MT_U8] = MT_ST_U8};
+        size_t len = strlen(prefix) + strlen(name) + 2, bytes = mt_tensor_nbytes(&t);
+        char *full = mt_malloc(len, "plugin state name", err);
+        if (!full) return MT_ERR_NOMEM;
+        snprintf(full, len, "%s/%s", prefix, name);
+        ps->names[ps->n] = full;
+        void *host = mt_malloc(bytes ? bytes : 1, full, err); /* a snapshot: views may move */
+        ps->copies.ptr[ps->copies.n++] = host;
+        mt_st_entry *e = &ps->entries[ps->n++];
+        memset(e, 0, sizeof *e);
+        if (!host) return MT_ERR_NOMEM;
+        if ((st = mt_device_download(host, &t, err))) return st;
+        e->name = full;
+        e->dtype = st_dtype[t.dtype];
+        e->ndim = t.ndim;
+        memcpy(e->shape, t.shape, sizeof e->shape);
+        e->data = host;
+    }
+    return MT_OK;
+}
+
+static mt_status write_plugin_state(const char *path, mt_model *model, mt_plugin_instance *loss,
+                                    mt_error *err) {
+    plugin_states ps = {0};
+    mt_status st = MT_OK;
+    for (size_t i = 0; !st && i < model->num_adapters; i++) {
+        const mt_adapter_vtable *vt = model->adapters[i].vtable;
+        if (!MT_VTABLE_HAS(mt_adapter_vtable, vt, state_count)) continue;
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "adapter%zu", i);
+        st = plugin_states_add(&ps, prefix, vt->state_count(model->adapters[i].state),
+                               vt->state_get, model->adapters[i].state, err);
+    }
+    if (!st && loss) {
+        const mt_loss_vtable *vt = loss->desc->vtable;
+        if (MT_VTABLE_HAS(mt_loss_vtable, vt, state_count))
+            st = plugin_states_add(&ps, "loss", vt->state_count(loss->state), vt->state_get,
+                                   loss->state, err);
+    }
+    if (!st) {
+        const char *const meta[] = {"format", MT_CKPT_FORMAT, "content", "plugin state", NULL};
+        st = mt_st_write(path, ps.entries, ps.n, meta, err);
+    }
+    plugin_states_free(&ps);
+    return st;
+}
+
+/* Hands each tensor of plugin_state.safetensors to the adapter or loss it came from. */
+static mt_status restore_plugin_state(const char *path, mt_model *model, mt_plugin_instance *loss,
+                                      mt_error *err) {
+    mt_safetensors *file = NULL;
+    mt_status st = mt_st_open(path, &file, err);
+    for (size_t k = 0; !st && k < mt_st_count(file); k++) {
+        const mt_st_tensor *t = mt_st_at(file, k);
+        const char *slash = strchr(t->name, '/');
+        static const mt_dtype dtypes[MT_ST_DTYPE_COUNT] = {
+            [MT_ST_F32] = MT_F32, [MT_ST_F16] = MT_F16, [MT_ST_BF16] = MT_BF16,
+            [MT_ST_I32] = MT_I32, [MT_ST_I64] = MT_I64, [MT_ST_U8] = MT_U8};
+        mt_tensor view = {.dtype = dtypes[t->dtype], .device = MT_DEVICE_CPU, .ndim = t->ndim,
+                          .data = (void *)t->data};
+        memcpy(view.shape, t->shape, sizeof view.shape);
+        unsigned long index = 0;
+        int n = 0;
+        mt_status (*set)(void *, const char *, const mt_tensor *, mt_error *) = NULL;
+        void *state = NULL;
+        if (slash && sscanf(t->name, "adapter%lu/%n", &index, &n) == 1 && n == slash - t->name + 1 &&
+            index < model->num_adapters &&
+            MT_VTABLE_HAS(mt_adapter_vtable, model->adapters[index].vtable, state_set)) {
+            set = model->adapters[index].vtable->state_set;
+            state = model->adapters[index].state;
+        } else if (slash && loss && !strncmp(t->name, "loss/", 5) &&
+                   MT_VTABLE_HAS(mt_loss_vtable, (const mt_loss_vtable *)loss->desc->vtable,
+                                 state_set)) {
+            set = ((const mt_loss_vtable *)loss->desc->vtable)->state_set;
+            state = loss->state;
+        }
+        if (!set) {
+            if (!strncmp(t->name, "loss/", 5) && !loss) continue; /* the caller gave no loss */
+            st = mt_error_set(err, MT_ERR_FORMAT,
+                              "%s: state tensor '%s' belongs to no attached adapter or loss that "
+                              "keeps state: the checkpoint was written with other plugins",
+                              path, t->name);
+        } else if (t->dtype >= MT_ST_DTYPE_COUNT || (view.dtype == MT_F32 && t->dtype != MT_ST_F32)) {
+            st = mt_error_set(err, MT_ERR_FORMAT, "%s: state tensor '%s' has an unsupported dtype",
+                              path, t->name);
+        } else if ((st = set(state, slash + 1, &view, err))) {
+            char msg[MT_ERROR_MSG_MAX];
+            snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+            mt_error_set(err, st, "%s: %s", path, msg);
+        }
+    }
+    mt_st_close(file);
+    return st;
+}
+
 static mt_status write_optimizer(const char *path, mt_plugin_instance *optimizer, mt_error *err) {
     const mt_optimizer_vtable *vt = optimizer ? optimizer->desc->vtable : NULL;
     size_t n = vt ? vt->state_count(optimizer->state) : 0;
     mt_st_entry *entries = mt_calloc(n ? n : 1, sizeof *entries, "checkpoint optimizer list", err);
-    if (!entries) return MT_ERR_NOMEM;
+    host_copies copies = {mt_calloc(n ? n : 1, sizeof(void *), "checkpoint host copies", err), 0};
     mt_status st = MT_OK;
+    if (!entries || !copies.ptr) {
+        st = MT_ERR_NOMEM;
+        goto done;
+    }
     for (size_t i = 0; i < n; i++) {
         const char *name = NULL;
         mt_tensor t;
@@ -425,16 +574,21 @@ static mt_status write_optimizer(const char *path, mt_plugin_instance *optimizer
             goto done;
         }
         if ((st = check_shape("optimizer state", name, &t, err))) goto done;
-        if (t.device != MT_DEVICE_CPU) {
-            st = mt_error_set(err, MT_ERR_UNSUPPORTED,
-                              "checkpoint: optimizer state '%s' is not in CPU memory", name);
-            goto done;
-        }
         entries[i].name = name;
         entries[i].dtype = MT_ST_F32;
         entries[i].ndim = t.ndim;
         memcpy(entries[i].shape, t.shape, sizeof entries[i].shape);
         entries[i].data = t.data;
+        if (t.device != MT_DEVICE_CPU) { /* state on a device: a host copy to write */
+            void *h = mt_malloc(mt_tensor_nbytes(&t) ? mt_tensor_nbytes(&t) : 1, name, err);
+            if (!h) {
+                st = MT_ERR_NOMEM;
+                goto done;
+            }
+            copies.ptr[copies.n++] = h;
+            entries[i].data = h;
+            if ((st = mt_device_download(h, &t, err))) goto done;
+        }
     }
     {
         const char *const meta[] = {"format",    MT_CKPT_FORMAT,
@@ -444,6 +598,7 @@ static mt_status write_optimizer(const char *path, mt_plugin_instance *optimizer
         st = mt_st_write(path, entries, n, meta, err);
     }
 done:
+    host_copies_free(&copies);
     free(entries);
     return st;
 }
@@ -530,7 +685,8 @@ static mt_status validate_state(const mt_ckpt_state *s, mt_error *err) {
 }
 
 mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_instance *optimizer,
-                             const mt_ckpt_state *state, char **out_path, mt_error *err) {
+                             mt_plugin_instance *loss, const mt_ckpt_state *state,
+                             char **out_path, mt_error *err) {
     if (out_path) *out_path = NULL;
     if (!run_dir || !model || !state)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -582,7 +738,8 @@ mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_ins
     size_t recipe_len = state->recipe ? state->recipe_len : 0;
     if ((st = write_weights(paths[0], model, err)) ||
         (st = write_optimizer(paths[1], optimizer, err)) ||
-        (st = mt_write_file_atomic(paths[2], recipe, recipe_len, err)))
+        (st = mt_write_file_atomic(paths[2], recipe, recipe_len, err)) ||
+        (st = write_plugin_state(paths[3], model, loss, err)))
         goto done;
     file_sum sums[N_DATA_FILES];
     for (int i = 0; i < N_DATA_FILES; i++)
@@ -659,6 +816,7 @@ done:
 typedef struct verified {
     json_t *json;
     mt_ckpt_state state;
+    int n_files; /* data files of its format version */
 } verified;
 
 static mt_status bad_key(mt_error *err, const char *path, const char *key, const char *expected) {
@@ -860,6 +1018,7 @@ static mt_status verify_dir(const char *dir, verified *out, mt_error *err) {
             st = bad_key(err, state_path, "format_version", "an integer");
         goto done;
     }
+    out->n_files = data_files_of(json_integer_value(version));
     if ((st = parse_state(out->json, state_path, &out->state, err))) goto done;
     /* every file */
     const json_t *files = json_object_get(out->json, "files");
@@ -879,7 +1038,9 @@ static mt_status verify_dir(const char *dir, verified *out, mt_error *err) {
             goto done;
         }
     }
-    for (int i = 0; i < N_DATA_FILES; i++)
+    /* a file newer than the format is checked when it is listed (and used then) */
+    if (json_object_get(files, PLUGIN_STATE_FILE)) out->n_files = N_DATA_FILES;
+    for (int i = 0; i < out->n_files; i++)
         if ((st = check_file(dir, data_files[i], files, state_path, err))) goto done;
     /* the recipe text */
     char *recipe = NULL;
@@ -936,7 +1097,7 @@ static mt_status all_f32(const mt_safetensors *st, const char *path, size_t *max
 }
 
 mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instance *optimizer,
-                             mt_ckpt_state *state, mt_error *err) {
+                             mt_plugin_instance *loss, mt_ckpt_state *state, mt_error *err) {
     if (!dir) return mt_error_set(err, MT_ERR_INVALID_ARG, "mt_checkpoint_load: dir is NULL");
     if (optimizer && optimizer->desc->kind != MT_PLUGIN_OPTIMIZER)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -1051,6 +1212,12 @@ mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instanc
                 goto done;
             }
         }
+    }
+    if (model && v.n_files > 3) { /* the adapters' and the loss' own state (format 4) */
+        char *ppath = mt_path_join(dir, PLUGIN_STATE_FILE, err);
+        st = ppath ? restore_plugin_state(ppath, model, loss, err) : MT_ERR_NOMEM;
+        free(ppath);
+        if (st) goto done;
     }
     for (size_t i = 0; i < n_params; i++) {
         const mt_st_tensor *t = mt_st_find(wst, params[i].name);

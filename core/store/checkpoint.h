@@ -7,6 +7,9 @@
  *   optimizer.safetensors   every optimizer state tensor, F32, by its state name
  *                           ("exp_avg/<param>", ...); none before the first step
  *   recipe.lua              the recipe text (may be empty)
+ *   plugin_state.safetensors  the state tensors of the attached adapters ("adapter<i>/<name>",
+ *                           i in attach order) and of the loss ("loss/<name>"), in their own
+ *                           dtypes (format 4; LoRA's dropout passes, so masks resume exactly)
  *   state.json              format and version, step, epoch, data cursor, random state,
  *                           scheduler position, learning rate, metrics, the recipe's SHA-256,
  *                           the plugins (kind, name, version), "run" (a JSON object the
@@ -43,7 +46,7 @@
 #include "formats/sha256.h"
 
 #define MT_CKPT_FORMAT "moontune-checkpoint"
-#define MT_CKPT_FORMAT_VERSION 3     /* 2 added "run" and "model", 3 "trainer"; 1 and 2 still load */
+#define MT_CKPT_FORMAT_VERSION 4 /* 2 added "run" and "model", 3 "trainer", 4 plugin_state; 1-3 still load */
 #define MT_CKPT_MAX_RNG 8      /* 64-bit words of random state */
 #define MT_CKPT_MAX_METRICS 16
 #define MT_CKPT_MAX_PLUGINS 8
@@ -95,18 +98,21 @@ mt_status mt_ckpt_state_add_plugin(mt_ckpt_state *s, const mt_plugin_instance *i
                                    mt_error *err);
 
 /* Writes the checkpoint of `state->step` under <run_dir>/checkpoints (created when
- * needed). optimizer may be NULL (no optimizer.safetensors tensors). *out_path, when
+ * needed). optimizer may be NULL (no optimizer.safetensors tensors), loss too (no loss
+ * state saved). *out_path, when
  * out_path is given, receives the checkpoint's directory (caller frees). */
 mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_instance *optimizer,
-                             const mt_ckpt_state *state, char **out_path, mt_error *err);
+                             mt_plugin_instance *loss, const mt_ckpt_state *state,
+                             char **out_path, mt_error *err);
 
 /* Verifies the checkpoint in `dir` (format, version, sizes and checksums of every file,
  * the safetensors headers) and, when model is given, that its trainable parameters match;
- * then restores the optimizer state (when optimizer is given) and the weights (when
+ * then restores the optimizer state (when optimizer is given), the adapters' state and the
+ * loss' (when given), and the weights (when
  * model is given), and fills *state (when given). The model must have its adapters
  * attached, so that their parameters are trainable parameters. */
 mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instance *optimizer,
-                             mt_ckpt_state *state, mt_error *err);
+                             mt_plugin_instance *loss, mt_ckpt_state *state, mt_error *err);
 
 /* Only the verification: format, version, every file's size and checksum. */
 mt_status mt_checkpoint_verify(const char *dir, mt_error *err);

@@ -3,6 +3,7 @@
 #include "store/export_hf.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 
 #include "base/internal.h"
 #include "formats/safetensors.h"
+#include "store/adapter_dir.h"
 
 #define MT_EXPORT_SHARD_BYTES ((size_t)2 << 30)
 
@@ -75,107 +77,37 @@ static json_t *export_id(int32_t id) { return id >= 0 ? json_integer(id) : json_
 
 /* ---- PEFT -------------------------------------------------------------------------- */
 
-const char *const mt_peft_modules[MT_PEFT_NUM_MODULES] = {
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-
-mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
+mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *adapter,
                          const char *base_model_name_or_path, const char *out_dir, mt_error *err) {
-    if (!lora || lora->desc->kind != MT_PLUGIN_ADAPTER ||
-        (strcmp(lora->desc->name, "lora") != 0 && strcmp(lora->desc->name, "qlora") != 0))
+    if (!adapter || adapter->desc->kind != MT_PLUGIN_ADAPTER)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "export peft: %s is not an adapter",
+                            adapter ? adapter->desc->name : "(none)");
+    const char *name = adapter->desc->name;
+    int attached = 0;
+    for (size_t i = 0; i < model->num_adapters && !attached; i++)
+        attached = model->adapters[i].state == adapter->state;
+    if (!attached)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
-                            "export peft: the adapter must be a lora or qlora instance (got %s)",
-                            lora ? lora->desc->name : "none");
-    const char *const *modules = mt_peft_modules;
-    int wrapped[MT_PEFT_NUM_MODULES] = {0};
-    size_t n = 0;
-    for (size_t i = 0; i < model->num_extra; i++) {
-        const char *name = model->extra_params[i].name;
-        if (mt_ends_with(name, ".lora_A.weight") || mt_ends_with(name, ".lora_B.weight")) n++;
-    }
-    if (n == 0)
-        return mt_error_set(err, MT_ERR_INVALID_ARG,
-                            "export peft: the model has no LoRA parameters (adapter not attached?)");
-    mt_st_entry *entries = mt_calloc(n, sizeof *entries, "export entries", err);
-    char **names = mt_calloc(n, sizeof *names, "export names", err);
-    mt_status st = (entries && names) ? MT_OK : MT_ERR_NOMEM;
-    size_t k = 0;
-    for (size_t i = 0; !st && i < model->num_extra; i++) {
-        const mt_param_view *v = &model->extra_params[i];
-        int is_a = mt_ends_with(v->name, ".lora_A.weight");
-        if (!is_a && !mt_ends_with(v->name, ".lora_B.weight")) continue;
-        if (v->value.dtype != MT_F32 || v->value.device != MT_DEVICE_CPU || v->value.ndim != 2) {
-            st = mt_error_set(err, MT_ERR_UNSUPPORTED,
-                              "export peft: %s is not a 2-D F32 tensor in CPU memory", v->name);
-            break;
-        }
-        size_t len = strlen(v->name) + sizeof "base_model.model.";
-        if (!(names[k] = mt_malloc(len, "export name", err))) {
-            st = MT_ERR_NOMEM;
-            break;
-        }
-        snprintf(names[k], len, "base_model.model.%s", v->name);
-        entries[k] = (mt_st_entry){.name = names[k], .dtype = MT_ST_F32, .ndim = 2,
-                                   .shape = {v->value.shape[0], v->value.shape[1]},
-                                   .data = v->value.data};
-        k++;
-        if (is_a) { /* "....<module>.lora_A.weight": the module is the last name before */
-            size_t base = strlen(v->name) - strlen(".lora_A.weight");
-            for (int m = 0; m < MT_PEFT_NUM_MODULES; m++) {
-                size_t ml = strlen(modules[m]);
-                if (base > ml && v->name[base - ml - 1] == '.' &&
-                    !strncmp(v->name + base - ml, modules[m], ml))
-                    wrapped[m] = 1;
-            }
-        }
-    }
+                            "export peft: adapter %s is not attached to this model", name);
+    const mt_adapter_vtable *vt = adapter->desc->vtable;
+    if (!MT_ADAPTER_VT_HAS(vt, save))
+        return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                            "export peft: adapter %s cannot be saved as an adapter directory; "
+                            "export the merged model instead", name);
+    if (!MT_ADAPTER_VT_HAS(vt, format) || strcmp(vt->format, "peft") != 0)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                            "export peft: adapter %s saves the format \"%s\", not a PEFT adapter "
+                            "directory", name, MT_ADAPTER_VT_HAS(vt, format) ? vt->format : "");
+    mt_adapter_dir *d = NULL;
+    mt_status st = mt_adapter_dir_create(out_dir, base_model_name_or_path, &d, err);
+    if (st) return st;
+    st = vt->save(adapter->state, mt_adapter_dir_io(d), err);
+    /* a failure the plugin's queued device operations recorded */
+    const mt_host *h = mt_host_table();
+    if (!st && h->size >= offsetof(mt_host, check) + sizeof h->check && h->check) st = h->check(err);
     if (!st) st = export_mkdirs(out_dir, err);
-    if (!st) {
-        char *path = mt_path_join(out_dir, "adapter_model.safetensors", err);
-        static const char *const meta[] = {"format", "pt", NULL};
-        st = path ? mt_st_write(path, entries, k, meta, err) : MT_ERR_NOMEM;
-        free(path);
-    }
-    if (!st) {
-        const mt_options *o = lora->options;
-        json_t *targets = json_array();
-        for (int m = 0; m < MT_PEFT_NUM_MODULES; m++)
-            if (wrapped[m]) json_array_append_new(targets, json_string(modules[m]));
-        double alpha = mt_options_float(o, "alpha");
-        json_t *root = json_object();
-        json_object_set_new(root, "alpha_pattern", json_object());
-        json_object_set_new(root, "auto_mapping", json_null());
-        json_object_set_new(root, "base_model_name_or_path",
-                            base_model_name_or_path ? json_string(base_model_name_or_path)
-                                                    : json_null());
-        json_object_set_new(root, "bias", json_string("none"));
-        json_object_set_new(root, "fan_in_fan_out", json_false());
-        json_object_set_new(root, "inference_mode", json_true());
-        json_object_set_new(root, "init_lora_weights", json_true());
-        json_object_set_new(root, "layer_replication", json_null());
-        json_object_set_new(root, "layers_pattern", json_null());
-        json_object_set_new(root, "layers_to_transform", json_null());
-        json_object_set_new(root, "loftq_config", json_object());
-        json_object_set_new(root, "lora_alpha", alpha == (double)(int64_t)alpha
-                                                    ? json_integer((json_int_t)alpha)
-                                                    : json_real(alpha));
-        json_object_set_new(root, "lora_bias", json_false());
-        json_object_set_new(root, "lora_dropout", export_real_f((float)mt_options_float(o, "dropout")));
-        json_object_set_new(root, "megatron_config", json_null());
-        json_object_set_new(root, "megatron_core", json_string("megatron.core"));
-        json_object_set_new(root, "modules_to_save", json_null());
-        json_object_set_new(root, "peft_type", json_string("LORA"));
-        json_object_set_new(root, "r", json_integer((json_int_t)mt_options_int(o, "r")));
-        json_object_set_new(root, "rank_pattern", json_object());
-        json_object_set_new(root, "revision", json_null());
-        json_object_set_new(root, "target_modules", targets);
-        json_object_set_new(root, "task_type", json_string("CAUSAL_LM"));
-        json_object_set_new(root, "use_dora", json_false());
-        json_object_set_new(root, "use_rslora", json_boolean(mt_options_bool(o, "use_rslora")));
-        st = export_write_json(root, out_dir, "adapter_config.json", err);
-    }
-    for (size_t i = 0; names && i < n; i++) free(names[i]);
-    free(names);
-    free(entries);
+    if (!st) st = mt_adapter_dir_commit(d, err);
+    mt_adapter_dir_close(d);
     return st;
 }
 

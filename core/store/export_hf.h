@@ -1,14 +1,11 @@
 /* export_hf.h — exporting a model in Hugging Face formats.
  *
- * mt_export_peft writes a LoRA adapter as PEFT's save_pretrained does, loadable with
- * peft.PeftModel.from_pretrained(base, dir):
- *   adapter_config.json        peft_type "LORA", task_type "CAUSAL_LM", r, lora_alpha,
- *                              lora_dropout, target_modules (the projection names that
- *                              got a branch: "q_proj", ...), use_rslora, bias "none",
- *                              base_model_name_or_path, fan_in_fan_out false,
- *                              inference_mode true, init_lora_weights true, ...
- *   adapter_model.safetensors  "base_model.model.<projection>.lora_A.weight" (r,in) and
- *                              ".lora_B.weight" (out,r), F32
+ * mt_export_peft writes an attached adapter as a PEFT adapter directory, loadable with
+ * peft.PeftModel.from_pretrained(base, dir), through the adapter's vtable (ABI 2's
+ * format "peft" and save): the adapter says which config keys and tensors it has
+ * (store/adapter_dir.h writes them); LoRA and QLoRA write PEFT's LoRA format
+ * (plugins/adapter/lora_peft.h). An adapter without save (full fine-tuning: the
+ * trained weights are the model) is exported merged instead.
  *
  * mt_export_merged_hf writes a plain transformers model directory (LlamaForCausalLM,
  * Qwen2ForCausalLM or MistralForCausalLM): the adapter (optional) is merged into the base
@@ -25,15 +22,9 @@
 #include "plugin/registry.h"
 #include "text/tokenizer.h"
 
-/* The projections a PEFT LoRA adapter of ours can target, in PEFT's (and the lora
- * plugin's) order: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj. The export
- * writes them as target_modules and mt_peft_attach (peft.h) accepts exactly these. */
-#define MT_PEFT_NUM_MODULES 7
-extern const char *const mt_peft_modules[MT_PEFT_NUM_MODULES];
-
-/* lora: an instance of the "lora" or "qlora" adapter attached to model.
+/* adapter: an instance attached to model whose vtable saves the "peft" format.
  * base_model_name_or_path: written into adapter_config.json (may be NULL: null). */
-mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *lora,
+mt_status mt_export_peft(mt_model *model, const mt_plugin_instance *adapter,
                          const char *base_model_name_or_path, const char *out_dir, mt_error *err);
 
 /* adapter: an attached adapter instance to merge, or NULL. tokenizer: or NULL (no

@@ -1,46 +1,40 @@
-/* peft.h — loading a PEFT LoRA adapter directory (what peft's save_pretrained and
- * mt_export_peft write) onto a model.
+/* peft.h — loading a PEFT adapter directory (what peft's save_pretrained and
+ * mt_export_peft write) onto a model, through an adapter plugin's vtable.
  *
- * <dir>/adapter_config.json must say peft_type "LORA"; r, lora_alpha, target_modules
- * and use_rslora are applied (lora_dropout is ignored: loading is for inference, the
- * instance gets dropout 0). target_modules: a list of module names or paths whose last
- * component is one of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (PEFT
- * saves "all-linear" expanded to full paths), or the string "all-linear" or one such
- * name. Refused, with the file and the key named, because the lora plugin cannot apply
- * them: bias other than "none", fan_in_fan_out, modules_to_save, rank_pattern,
- * alpha_pattern, layers_to_transform, use_dora, lora_bias, layer_replication,
- * trainable_token_indices, target_parameters, exclude_modules, alora_invocation_tokens,
- * use_qalora, use_bdlora, megatron_config (any value but null/false/empty), a
- * target_modules regular expression, other modules. Keys PEFT added that change
- * nothing at inference are ignored.
- *
- * <dir>/adapter_model.safetensors must hold "base_model.model.<name>" for every LoRA
- * parameter the lora plugin registers (<proj>.lora_A.weight (r,in), .lora_B.weight
- * (out,r)), F32, F16 or BF16, and nothing else; every projection the targets name in
- * every layer must be there (the plugin cannot wrap some layers only). */
+ * The core reads the directory's format (store/adapter_dir.h: adapter_config.json as a
+ * JSON object whose task_type, when given, is "CAUSAL_LM"; adapter_model.safetensors
+ * with every tensor under "base_model.model." and no NaN or infinity) and checks that
+ * every tensor belongs to a module of this model (a prefix of its name is a module with
+ * a weight). What the keys and tensors mean, and what is refused, is the adapter's: its
+ * import_options reads the config and sets the options an instance needs, its load
+ * reads the tensors into the attached instance. For LoRA: plugins/adapter/lora_peft.h
+ * and docs/plugins.md, "Loading PEFT adapters". */
 #ifndef MT_CORE_PEFT_H
 #define MT_CORE_PEFT_H
 
 #include "model/model.h"
 #include "plugin/registry.h"
 
-/* Instantiates the "lora" plugin of reg with the directory's options, attaches it to
- * m (which must have no adapter yet) and loads the weights; *out_instance receives the
- * instance, which must outlive the model (free the model first, then the instance; the
- * registry last).
+/* Loads the adapter directory `dir` onto m (which must have no adapter yet) with the
+ * adapter plugin `adapter` of reg, or, when adapter is NULL, with the first adapter
+ * plugin in the registry's order whose vtable can load a "peft" directory and whose
+ * import_options accepts this one. The instance is in evaluation mode; *out_instance
+ * receives it, which must outlive the model (free the model first, then the instance;
+ * the registry last).
  *
- * Everything in the directory is checked against the model before the adapter is
- * attached, so an error leaves *out_instance NULL and the model as it was. Only a
- * failure after the attach (out of memory, a plugin registering other parameters than
- * the checks predicted) leaves the adapter attached with partial weights: then
- * *out_instance is set anyway and the caller must free the model, then the instance. */
-mt_status mt_peft_attach(mt_model *m, const mt_registry *reg, const char *dir,
-                         mt_plugin_instance **out_instance, mt_error *err);
+ * The directory's format, its config (import_options) and the tensors' modules are
+ * checked before anything is attached: a refusal there leaves *out_instance NULL and
+ * the model as it was. The adapter's load runs after the attach (ABI 2 has no detach):
+ * a refusal there (a tensor missing or of the wrong shape for this model) leaves the
+ * adapter attached with its initial weights and *out_instance set: the caller frees
+ * the model, then the instance. Errors of the adapter's are prefixed with `dir`. */
+mt_status mt_peft_attach(mt_model *m, const mt_registry *reg, const char *adapter,
+                         const char *dir, mt_plugin_instance **out_instance, mt_error *err);
 
 /* For the commands (--adapter DIR): opens the plugin registry into *reg (the build's or
- * installed plugins) and calls mt_peft_attach. Whatever it returns, the caller frees the
- * model, then mt_plugin_instance_free(*inst), then mt_registry_close(*reg) (both
- * accept NULL). */
+ * installed plugins) and calls mt_peft_attach with no adapter named. Whatever it
+ * returns, the caller frees the model, then mt_plugin_instance_free(*inst), then
+ * mt_registry_close(*reg) (both accept NULL). */
 mt_status mt_peft_load(mt_model *m, const char *dir, mt_registry **reg,
                        mt_plugin_instance **inst, mt_error *err);
 

@@ -1,6 +1,9 @@
 /* inverse_sqrt.c — an out-of-tree scheduler plugin: linear warmup, then decay with
  * the inverse square root of the step (transformers' get_inverse_sqrt_schedule).
  *
+ * A scheduler computes one number per step on the CPU, so it needs nothing of plugin
+ * ABI 2's device rules beyond the sizes of its structs.
+ *
  * Build it against an installed moontune, with nothing but the public header:
  *   cc -std=c11 -shared -fPIC -fvisibility=hidden $(pkg-config --cflags moontune) \
  *      inverse_sqrt.c -o ~/moontune-plugins/inverse_sqrt.so -lm
@@ -41,20 +44,21 @@ static double lr(void *state, int64_t step, int64_t total_steps, double base_lr)
     return base_lr / sqrt(((double)step + shift) / (double)s->timescale);
 }
 
-static const mt_scheduler_vtable vtable = {.create = create, .destroy = destroy, .lr = lr};
-
-static const mt_plugin_descriptor descriptor = {
-    .abi_version = MT_PLUGIN_ABI_VERSION,
-    .kind = MT_PLUGIN_SCHEDULER,
-    .name = "inverse_sqrt",
-    .version = "0.1.0",
-    .description = "linear warmup, then decay by the inverse square root of the step",
-    .options = options,
-    .n_options = sizeof options / sizeof options[0],
-    .vtable = &vtable,
+/* Every struct exchanged with the host starts with its size (plugin ABI 2). */
+static const mt_scheduler_vtable vtable = {
+    MT_VTABLE_SIZE(mt_scheduler_vtable),
+    .create = create,
+    .destroy = destroy,
+    .lr = lr,
 };
 
-MT_PLUGIN_EXPORT const mt_plugin_descriptor *moontune_plugin_entry(const mt_host *h) {
-    host = h;
-    return &descriptor;
-}
+/* The descriptor (ABI version, sizes, kind, name, options, vtable) and the entry point
+ * that hands it to the host and keeps the host table in `host`. */
+MT_PLUGIN_DEFINE(host,
+                 .kind = MT_PLUGIN_SCHEDULER,
+                 .name = "inverse_sqrt",
+                 .version = "0.2.0",
+                 .description = "linear warmup, then decay by the inverse square root of the step",
+                 .options = options,
+                 .n_options = sizeof options / sizeof options[0],
+                 .vtable = &vtable)

@@ -49,11 +49,6 @@ static mt_status cpu_sync(mt_backend *be) {
 
 /* ---- wrappers: the backend argument is not needed by the CPU kernels ---- */
 
-void mt_backend_cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K,
-                           int trans_a, int trans_b, float alpha, float beta) {
-    cpu_matmul(c, a, b, M, N, K, trans_a, trans_b, alpha, beta);
-}
-
 static void op_matmul(mt_backend *be, float *c, const float *a, const float *b, int M, int N, int K,
                       int trans_a, int trans_b, float alpha, float beta) {
     (void)be;
@@ -167,6 +162,80 @@ static double op_sum_squares(mt_backend *be, const float *x, size_t n) {
     return cpu_sum_squares(x, n);
 }
 
+/* ---- plugin ABI 2 ---- */
+
+static void op_copy(mt_backend *be, void *dst, const void *src, size_t bytes) {
+    (void)be;
+    if (bytes) memcpy(dst, src, bytes);
+}
+
+static void op_fill(mt_backend *be, float *x, float value, size_t n) {
+    (void)be;
+    cpu_fill(x, value, n);
+}
+
+static void op_axpby(mt_backend *be, float *y, float alpha, const float *x, float beta, size_t n) {
+    (void)be;
+    cpu_axpby(y, alpha, x, beta, n);
+}
+
+static void op_lerp(mt_backend *be, float *y, const float *x, float w, size_t n) {
+    (void)be;
+    cpu_lerp(y, x, w, n);
+}
+
+static void op_addcmul(mt_backend *be, float *y, float beta, float alpha, const float *a,
+                       const float *b, size_t n) {
+    (void)be;
+    cpu_addcmul(y, beta, alpha, a, b, n);
+}
+
+static void op_addcdiv_sqrt(mt_backend *be, float *y, float alpha, const float *a, const float *b,
+                            float b_div, float eps, size_t n) {
+    (void)be;
+    cpu_addcdiv_sqrt(y, alpha, a, b, b_div, eps, n);
+}
+
+static void op_maximum(mt_backend *be, float *y, const float *x, size_t n) {
+    (void)be;
+    cpu_maximum(y, x, n);
+}
+
+static void op_add_sign(mt_backend *be, float *y, float alpha, const float *x, size_t n) {
+    (void)be;
+    cpu_add_sign(y, alpha, x, n);
+}
+
+static void op_mul(mt_backend *be, float *y, const float *x, size_t n) {
+    (void)be;
+    cpu_mul(y, x, n);
+}
+
+static void op_dropout(mt_backend *be, float *y, const float *x, float p, uint64_t seed,
+                       uint64_t counter0, int accumulate, size_t n) {
+    (void)be;
+    cpu_dropout(y, x, p, seed, counter0, accumulate, n);
+}
+
+static void op_softmax_stats(mt_backend *be, float *lse, float *target_logit, float *mean_logit,
+                             const float *logits, const int32_t *targets, int n, int V) {
+    (void)be;
+    cpu_softmax_stats(lse, target_logit, mean_logit, logits, targets, n, V);
+}
+
+static void op_softmax_backward(mt_backend *be, float *x, const float *lse,
+                                const int32_t *targets, const float *coefs, int n, int V) {
+    (void)be;
+    cpu_softmax_backward(x, lse, targets, coefs, n, V);
+}
+
+static void op_dequantize_4bit(mt_backend *be, float *out, const uint8_t *codes,
+                               const uint8_t *absmax_q, const float *absmax2, const float *table,
+                               float offset, int64_t first, int64_t n, int block, int block2) {
+    (void)be;
+    cpu_dequantize_4bit(out, codes, absmax_q, absmax2, table, offset, first, n, block, block2);
+}
+
 static const mt_backend_ops cpu_ops = {
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -193,6 +262,19 @@ static const mt_backend_ops cpu_ops = {
     .cross_entropy_forward = op_cross_entropy_forward,
     .cross_entropy_backward = op_cross_entropy_backward,
     .sum_squares = op_sum_squares,
+    .copy = op_copy,
+    .fill = op_fill,
+    .axpby = op_axpby,
+    .lerp = op_lerp,
+    .addcmul = op_addcmul,
+    .addcdiv_sqrt = op_addcdiv_sqrt,
+    .maximum = op_maximum,
+    .add_sign = op_add_sign,
+    .mul = op_mul,
+    .dropout = op_dropout,
+    .softmax_stats = op_softmax_stats,
+    .softmax_backward = op_softmax_backward,
+    .dequantize_4bit = op_dequantize_4bit,
 };
 
 mt_status mt_backend_cpu_init(mt_backend *be, int num_threads, mt_error *err) {

@@ -4,12 +4,15 @@
  * over rows with OpenMP. Reductions over rows (parameter gradients) are split
  * over blocks of columns instead, each summing its rows in order, so that the
  * result is the same whatever the number of threads and no two threads write
- * the same element. Attention lives in cpu_attention.c. */
+ * the same element. Attention lives in cpu_attention.c; the operations of plugin ABI 2
+ * (optimizer updates, dropout, softmax rows, 4-bit dequantization) close this file. */
 #include "cpu_kernels.h"
 
 #include <cblas.h>
 #include <math.h>
 #include <string.h>
+
+#include "backend.h" /* mt_random_uniform: dropout draws the plugin ABI's stream */
 
 /* Columns per task in the column-blocked reductions (dbias, dweight, dtable). */
 #define COL_BLOCK 128
@@ -381,4 +384,151 @@ double cpu_sum_squares(const float *x, size_t n) {
     double total = 0.0;
     for (int i = 0; i < nchunks; i++) total += partial[i];
     return total;
+}
+
+/* ---- plugin ABI 2 -----------------------------------------------------------
+ * Elementwise updates for optimizers and adapters, and row statistics for losses.
+ * Each expression is written in the order backend.h states, one rounding per operation:
+ * the build is ISO C (-std=c11), where the compiler does not fuse a * b + c, so these
+ * give the floats of the loops the plugins ran before ABI 2. */
+
+void cpu_fill(float *x, float value, size_t n) {
+    // x is (n)
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) x[i] = value;
+}
+
+void cpu_axpby(float *y, float alpha, const float *x, float beta, size_t n) {
+    // y, x are (n). beta == 0 must not read y: y may hold NaN or garbage (a fresh buffer).
+    if (beta == 0.0f) {
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+        for (size_t i = 0; i < n; i++) y[i] = alpha * x[i];
+        return;
+    }
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) y[i] = alpha * x[i] + beta * y[i];
+}
+
+void cpu_lerp(float *y, const float *x, float w, size_t n) {
+    // y, x are (n). torch's lerp(start=y, end=x, weight=w): the form chosen by |w| keeps
+    // the result exact at both ends (w = 0 gives y, w = 1 gives x).
+    if (fabsf(w) < 0.5f) {
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+        for (size_t i = 0; i < n; i++) y[i] = y[i] + w * (x[i] - y[i]);
+    } else {
+        const float omw = 1.0f - w;
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+        for (size_t i = 0; i < n; i++) y[i] = x[i] - (x[i] - y[i]) * omw;
+    }
+}
+
+void cpu_addcmul(float *y, float beta, float alpha, const float *a, const float *b, size_t n) {
+    // y, a, b are (n); a and b may be the same array (Adam's g * g)
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) y[i] = y[i] * beta + alpha * a[i] * b[i];
+}
+
+void cpu_addcdiv_sqrt(float *y, float alpha, const float *a, const float *b, float b_div,
+                      float eps, size_t n) {
+    // y, a, b are (n): Adam's p + (-lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) y[i] = y[i] + alpha * a[i] / (sqrtf(b[i]) / b_div + eps);
+}
+
+void cpu_maximum(float *y, const float *x, size_t n) {
+    // y, x are (n). torch.maximum: a NaN in either propagates (one in y stays, since
+    // x > NaN is false).
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) y[i] = (x[i] > y[i] || x[i] != x[i]) ? x[i] : y[i];
+}
+
+void cpu_add_sign(float *y, float alpha, const float *x, size_t n) {
+    // y, x are (n). torch.sign: 0 at 0 (either zero), NaN at NaN.
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        const float c = x[i];
+        const float sign = c != c ? c : (float)((c > 0.0f) - (c < 0.0f));
+        y[i] = y[i] + alpha * sign;
+    }
+}
+
+void cpu_mul(float *y, const float *x, size_t n) {
+    // y, x are (n)
+#pragma omp parallel for simd if (parallel : n >= PAR_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++) y[i] = y[i] * x[i];
+}
+
+void cpu_dropout(float *y, const float *x, float p, uint64_t seed, uint64_t counter0,
+                 int accumulate, size_t n) {
+    // y, x are (n). The mask of element i is a pure function of (seed, counter0 + i), so
+    // backward regenerates forward's mask and any split of the elements draws the same.
+    const float keep_scale = 1.0f / (1.0f - p);
+    if (accumulate) {
+#pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+        for (size_t i = 0; i < n; i++)
+            if (mt_random_uniform(seed, counter0 + i) >= p) y[i] += x[i] * keep_scale;
+    } else {
+#pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+        for (size_t i = 0; i < n; i++)
+            y[i] = mt_random_uniform(seed, counter0 + i) >= p ? x[i] * keep_scale : 0.0f;
+    }
+}
+
+void cpu_softmax_stats(float *lse, float *target_logit, float *mean_logit, const float *logits,
+                       const int32_t *targets, int n, int V) {
+    // lse, target_logit, mean_logit are (n), logits is (n,V), targets is (n).
+    // One row per iteration, summed in order: the same bits for any number of threads.
+#pragma omp parallel for if ((size_t)n * V >= PAR_MIN) schedule(static)
+    for (int r = 0; r < n; r++) {
+        const float *x = logits + (size_t)r * V;
+        const double mx = cpu_max(x, V);
+        double sum = 0.0, sum_x = 0.0;
+        for (int j = 0; j < V; j++) {
+            sum += exp((double)x[j] - mx);
+            sum_x += x[j];
+        }
+        lse[r] = (float)(mx + log(sum));
+        const int32_t t = targets[r];
+        if (target_logit) target_logit[r] = t >= 0 && t < V ? x[t] : 0.0f;
+        if (mean_logit) mean_logit[r] = (float)(sum_x / V);
+    }
+}
+
+void cpu_softmax_backward(float *x, const float *lse, const int32_t *targets, const float *coefs,
+                          int n, int V) {
+    // x is (n,V) in place, lse and targets are (n), coefs is (n,3)
+#pragma omp parallel for if ((size_t)n * V >= PAR_MIN) schedule(static)
+    for (int r = 0; r < n; r++) {
+        float *xr = x + (size_t)r * V;
+        const double l = lse[r], c0 = coefs[3 * (size_t)r], c1 = coefs[3 * (size_t)r + 1],
+                     c2 = coefs[3 * (size_t)r + 2];
+        const int32_t t = targets[r];
+        for (int j = 0; j < V; j++) {
+            double v = c0 * exp((double)xr[j] - l) + c1;
+            if (j == t) v += c2; // a target out of [0, V) matches no j
+            xr[j] = (float)v;
+        }
+    }
+}
+
+void cpu_dequantize_4bit(float *out, const uint8_t *codes, const uint8_t *absmax_q,
+                         const float *absmax2, const float *table, float offset, int64_t first,
+                         int64_t n, int block, int block2) {
+    // out is (n); element e = first + i has code codes[e/2] (high nibble for even e), and
+    // the scale of block e / block. The host validated the sizes; a zero block would
+    // divide by zero, so there is nothing to compute.
+    if (n <= 0 || block <= 0 || block2 <= 0) return;
+    const int64_t end = first + n, b_first = first / block, b_last = (end - 1) / block;
+    // One block per iteration: its scale once, then its elements. Blocks write disjoint
+    // ranges of out, so any number of threads gives the same result.
+#pragma omp parallel for if (n >= PAR_MIN) schedule(static)
+    for (int64_t b = b_first; b <= b_last; b++) {
+        const float s = table[16 + absmax_q[b]] * absmax2[b / block2] + offset;
+        const int64_t lo = b * block > first ? b * block : first;
+        const int64_t hi = b * block + block < end ? b * block + block : end;
+        for (int64_t e = lo; e < hi; e++) {
+            const uint8_t byte = codes[e >> 1];
+            out[e - first] = table[(e & 1) ? byte & 15 : byte >> 4] * s;
+        }
+    }
 }

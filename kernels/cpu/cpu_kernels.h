@@ -93,4 +93,45 @@ float cpu_max(const float *x, int n);
 /* Sum of x (n) squared, in double, in a fixed order. */
 double cpu_sum_squares(const float *x, size_t n);
 
+/* ---- plugin ABI 2: what optimizers, losses and adapters compute with -------------
+ * The formulas are those of kernels/backend.h, evaluated in the order written there,
+ * one rounding per operation (no fused multiply-add), so that the plugins that used to
+ * loop over host memory get the same floats through the backend. Elementwise loops run
+ * in parallel for large n; each element is computed alone, so nothing depends on the
+ * number of threads. */
+
+/* x (n) = value. */
+void cpu_fill(float *x, float value, size_t n);
+/* y (n) = alpha * x (n) + beta * y; beta == 0 does not read y. */
+void cpu_axpby(float *y, float alpha, const float *x, float beta, size_t n);
+/* y (n) = torch.lerp(y, x (n), w). */
+void cpu_lerp(float *y, const float *x, float w, size_t n);
+/* y (n) = (y * beta) + (alpha * a (n)) * b (n). */
+void cpu_addcmul(float *y, float beta, float alpha, const float *a, const float *b, size_t n);
+/* y (n) = y + (alpha * a (n)) / (sqrtf(b (n)) / b_div + eps). */
+void cpu_addcdiv_sqrt(float *y, float alpha, const float *a, const float *b, float b_div,
+                      float eps, size_t n);
+/* y (n) = x (n) where x > y or x is NaN. */
+void cpu_maximum(float *y, const float *x, size_t n);
+/* y (n) = y + alpha * sign(x (n)); sign(0) = 0, sign(NaN) = NaN. */
+void cpu_add_sign(float *y, float alpha, const float *x, size_t n);
+/* y (n) *= x (n). */
+void cpu_mul(float *y, const float *x, size_t n);
+/* y (n) = (or += when accumulate) x_i * (1 / (1 - p)) where
+ * mt_random_uniform(seed, counter0 + i) >= p, else 0 (or unchanged). */
+void cpu_dropout(float *y, const float *x, float p, uint64_t seed, uint64_t counter0,
+                 int accumulate, size_t n);
+/* Per row of logits (n,V): lse (n), target_logit (n) or NULL, mean_logit (n) or NULL;
+ * targets (n) < 0 or >= V are no target. Max-shifted, in double. */
+void cpu_softmax_stats(float *lse, float *target_logit, float *mean_logit, const float *logits,
+                       const int32_t *targets, int n, int V);
+/* In place per row r of x (n,V): x_j = c0 exp(x_j - lse_r) + c1 (+ c2 at the target),
+ * coefs (n,3) = (c0, c1, c2); in double, stored as float. */
+void cpu_softmax_backward(float *x, const float *lse, const int32_t *targets, const float *coefs,
+                          int n, int V);
+/* out (n) = elements [first, first + n) of a 4-bit block-quantized tensor (backend.h). */
+void cpu_dequantize_4bit(float *out, const uint8_t *codes, const uint8_t *absmax_q,
+                         const float *absmax2, const float *table, float offset, int64_t first,
+                         int64_t n, int block, int block2);
+
 #endif /* MT_CPU_KERNELS_H */

@@ -5,8 +5,10 @@
  * cleanly (MT_ERR_BACKEND, "no CUDA device ...") on a machine without a GPU or driver.
  * Not yet verified: any run on a GPU. Every op here is a first, straightforward version
  * written for correctness; a later device check runs each op against the CPU backend
- * (kernels/cpu) on random inputs and compares the results. Until that check passes,
- * treat this backend as unproven.
+ * (kernels/cpu) on random inputs and compares the results (tests/unit/test_conformance.c,
+ * run on a GPU by scripts/device-check). Until that check passes, treat this backend as
+ * unproven. The operations of plugin ABI 2 (optimizer updates, dropout, softmax rows,
+ * 4-bit dequantization) close the file, before init.
  *
  * Layout. One context per backend: the device, one non-blocking stream that every op
  * is queued on, a cuBLASLt handle with its workspace, and a small buffer for
@@ -1025,6 +1027,275 @@ static double cuda_sum_squares(mt_backend *be, const float *x, size_t n) {
     return result;
 }
 
+/* ---- plugin ABI 2 ----------------------------------------------------------------------
+ *
+ * The operations optimizers, losses and adapters compute with. The elementwise ones are
+ * written with explicitly rounded intrinsics (__fmul_rn, __fadd_rn, __fsub_rn, __fdiv_rn,
+ * __fsqrt_rn): nvcc fuses a * b + c into one fma by default, which rounds once where the
+ * CPU backend (ISO C, no contraction) rounds twice, and these intrinsics are never fused.
+ * So each element is the CPU backend's float, in the order backend.h states, and an
+ * optimizer step gives the same parameters on either backend. */
+
+#define EW_THREADS 256
+
+/* Launches an elementwise kernel over n items on the context's stream and checks it. */
+#define LAUNCH_ELEMENTWISE(cx, n, kernel, ...)                                                     \
+    do {                                                                                           \
+        kernel<<<grid_for((cx), (n), EW_THREADS), EW_THREADS, 0, (cx)->stream>>>(__VA_ARGS__);     \
+        LAUNCH_CHECK((cx), #kernel);                                                               \
+    } while (0)
+
+__global__ void fill_kernel(float *x, float value, size_t n) { GRID_STRIDE(i, n) x[i] = value; }
+
+/* beta == 0 does not read y (it may hold NaN): the branch is uniform across the grid. */
+__global__ void axpby_kernel(float *y, float alpha, const float *x, float beta, size_t n) {
+    if (beta == 0.0f) {
+        GRID_STRIDE(i, n) y[i] = __fmul_rn(alpha, x[i]);
+    } else {
+        GRID_STRIDE(i, n) y[i] = __fadd_rn(__fmul_rn(alpha, x[i]), __fmul_rn(beta, y[i]));
+    }
+}
+
+/* torch's lerp: y + w (x - y) when |w| < 0.5 (small), else x - (x - y)(1 - w); the host
+ * decides `small` and computes one_minus_w = 1 - w, as the CPU loop does. */
+__global__ void lerp_kernel(float *y, const float *x, float w, float one_minus_w, int small,
+                            size_t n) {
+    GRID_STRIDE(i, n) {
+        float xi = x[i], yi = y[i];
+        y[i] = small ? __fadd_rn(yi, __fmul_rn(w, __fsub_rn(xi, yi)))
+                     : __fsub_rn(xi, __fmul_rn(__fsub_rn(xi, yi), one_minus_w));
+    }
+}
+
+/* y = (y * beta) + (alpha * a) * b; a and b may be the same array. */
+__global__ void addcmul_kernel(float *y, float beta, float alpha, const float *a, const float *b,
+                               size_t n) {
+    GRID_STRIDE(i, n) y[i] = __fadd_rn(__fmul_rn(y[i], beta), __fmul_rn(__fmul_rn(alpha, a[i]), b[i]));
+}
+
+/* y = y + (alpha * a) / (sqrt(b) / b_div + eps) */
+__global__ void addcdiv_sqrt_kernel(float *y, float alpha, const float *a, const float *b,
+                                    float b_div, float eps, size_t n) {
+    GRID_STRIDE(i, n) {
+        float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(b[i]), b_div), eps);
+        y[i] = __fadd_rn(y[i], __fdiv_rn(__fmul_rn(alpha, a[i]), denom));
+    }
+}
+
+/* torch.maximum: NaN in x or y propagates (x > NaN is false, so a NaN in y stays). */
+__global__ void maximum_kernel(float *y, const float *x, size_t n) {
+    GRID_STRIDE(i, n) {
+        float xi = x[i], yi = y[i];
+        y[i] = (xi > yi || xi != xi) ? xi : yi;
+    }
+}
+
+/* y += alpha * sign(x), sign(0) = 0, sign(NaN) = NaN */
+__global__ void add_sign_kernel(float *y, float alpha, const float *x, size_t n) {
+    GRID_STRIDE(i, n) {
+        float c = x[i];
+        float sign = c != c ? c : (float)((c > 0.0f) - (c < 0.0f));
+        y[i] = __fadd_rn(y[i], __fmul_rn(alpha, sign));
+    }
+}
+
+__global__ void mul_kernel(float *y, const float *x, size_t n) {
+    GRID_STRIDE(i, n) y[i] = __fmul_rn(y[i], x[i]);
+}
+
+/* mt_mix64 (moontune/plugin.h) for device code: the header's inline function is host
+ * code only. The two must stay the same function; the conformance test compares
+ * dropout's output with the CPU backend's bit for bit, so a drift fails it. */
+__device__ __forceinline__ uint64_t dev_mix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+/* mt_random_uniform(seed, counter) (backend.h) with seed_mixed = mt_mix64(seed), mixed
+ * once on the host: 24 bits, exactly representable, so no rounding can differ. */
+__device__ __forceinline__ float dev_random_uniform(uint64_t seed_mixed, uint64_t counter) {
+    uint64_t x = dev_mix64(seed_mixed ^ counter);
+    return (float)(x >> 40) * (1.0f / 16777216.0f);
+}
+
+__global__ void dropout_kernel(float *y, const float *x, float p, float keep_scale,
+                               uint64_t seed_mixed, uint64_t counter0, int accumulate, size_t n) {
+    GRID_STRIDE(i, n) {
+        int keep = dev_random_uniform(seed_mixed, counter0 + i) >= p;
+        if (accumulate) {
+            if (keep) y[i] = __fadd_rn(y[i], __fmul_rn(x[i], keep_scale));
+        } else {
+            y[i] = keep ? __fmul_rn(x[i], keep_scale) : 0.0f;
+        }
+    }
+}
+
+/* One block per row of logits (n,V): max, then Σ exp(x - max) and Σ x in double. The
+ * order of the sums differs from the CPU's serial loop, so lse and the mean agree
+ * with it to double rounding, stored as float. */
+__global__ void softmax_stats_kernel(float *lse, float *target_logit, float *mean_logit,
+                                     const float *logits, const int32_t *targets, int V) {
+    __shared__ float sh_f[32];
+    __shared__ double sh_d[32];
+    size_t row = blockIdx.x;
+    const float *x = logits + row * (size_t)V;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, x[j]);
+    mx = block_max(mx, sh_f);
+    double sum = 0.0, sum_x = 0.0;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        sum += exp((double)x[j] - (double)mx);
+        sum_x += (double)x[j];
+    }
+    sum = block_sum(sum, sh_d);
+    sum_x = block_sum(sum_x, sh_d);
+    if (threadIdx.x == 0) {
+        lse[row] = (float)((double)mx + log(sum));
+        int32_t t = targets[row];
+        if (target_logit) target_logit[row] = t >= 0 && t < V ? x[t] : 0.0f;
+        if (mean_logit) mean_logit[row] = (float)(sum_x / (double)V);
+    }
+}
+
+/* One block per row of x (n,V), in place: x_j = c0 exp(x_j - lse) + c1 (+ c2 at the
+ * target), in double with explicit rounding (no fused multiply-add, as on the CPU). */
+__global__ void softmax_backward_kernel(float *x, const float *lse, const int32_t *targets,
+                                        const float *coefs, int V) {
+    size_t row = blockIdx.x;
+    float *xr = x + row * (size_t)V;
+    double l = lse[row], c0 = coefs[3 * row], c1 = coefs[3 * row + 1], c2 = coefs[3 * row + 2];
+    int32_t t = targets[row];
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        double v = __dadd_rn(__dmul_rn(c0, exp((double)xr[j] - l)), c1);
+        if (j == t) v = __dadd_rn(v, c2); /* a target out of [0, V) matches no j */
+        xr[j] = (float)v;
+    }
+}
+
+/* out (n) = elements [first, first + n): code of element e in codes[e/2] (high nibble for
+ * even e), scale (table[16 + absmax_q[b]] * absmax2[b / block2]) + offset for block
+ * b = e / block, out = table[code] * scale, rounded as the CPU and the QLoRA plugin do. */
+__global__ void dequantize_4bit_kernel(float *out, const uint8_t *codes, const uint8_t *absmax_q,
+                                       const float *absmax2, const float *table, float offset,
+                                       int64_t first, size_t n, int block, int block2) {
+    GRID_STRIDE(i, n) {
+        int64_t e = first + (int64_t)i;
+        uint8_t byte = codes[e >> 1];
+        int code = (e & 1) ? byte & 15 : byte >> 4;
+        int64_t b = e / block;
+        float s = __fadd_rn(__fmul_rn(table[16 + absmax_q[b]], absmax2[b / block2]), offset);
+        out[i] = __fmul_rn(table[code], s);
+    }
+}
+
+static void cuda_copy(mt_backend *be, void *dst, const void *src, size_t bytes) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || bytes == 0) return;
+    CUDA_CHECK(cx, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cx->stream));
+}
+
+static void cuda_fill(mt_backend *be, float *x, float value, size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    LAUNCH_ELEMENTWISE(cx, n, fill_kernel, x, value, n);
+}
+
+static void cuda_axpby(mt_backend *be, float *y, float alpha, const float *x, float beta,
+                       size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    LAUNCH_ELEMENTWISE(cx, n, axpby_kernel, y, alpha, x, beta, n);
+}
+
+static void cuda_lerp(mt_backend *be, float *y, const float *x, float w, size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    LAUNCH_ELEMENTWISE(cx, n, lerp_kernel, y, x, w, 1.0f - w, fabsf(w) < 0.5f, n);
+}
+
+static void cuda_addcmul(mt_backend *be, float *y, float beta, float alpha, const float *a,
+                         const float *b, size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    LAUNCH_ELEMENTWISE(cx, n, addcmul_kernel, y, beta, alpha, a, b, n);
+}
+
+static void cuda_addcdiv_sqrt(mt_backend *be, float *y, float alpha, const float *a,
+                              const float *b, float b_div, float eps, size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    LAUNCH_ELEMENTWISE(cx, n, addcdiv_sqrt_kernel, y, alpha, a, b, b_div, eps, n);
+}
+
+static void cuda_maximum(mt_backend *be, float *y, const float *x, size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    LAUNCH_ELEMENTWISE(cx, n, maximum_kernel, y, x, n);
+}
+
+static void cuda_add_sign(mt_backend *be, float *y, float alpha, const float *x, size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    LAUNCH_ELEMENTWISE(cx, n, add_sign_kernel, y, alpha, x, n);
+}
+
+static void cuda_mul(mt_backend *be, float *y, const float *x, size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    LAUNCH_ELEMENTWISE(cx, n, mul_kernel, y, x, n);
+}
+
+static void cuda_dropout(mt_backend *be, float *y, const float *x, float p, uint64_t seed,
+                         uint64_t counter0, int accumulate, size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n == 0) return;
+    /* keep_scale as the CPU computes it, in float on the host */
+    const float keep_scale = 1.0f / (1.0f - p);
+    LAUNCH_ELEMENTWISE(cx, n, dropout_kernel, y, x, p, keep_scale, mt_mix64(seed), counter0,
+                       accumulate, n);
+}
+
+static void cuda_softmax_stats(mt_backend *be, float *lse, float *target_logit,
+                               float *mean_logit, const float *logits, const int32_t *targets,
+                               int n, int V) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n <= 0) return;
+    if (V <= 0) {
+        RECORD(cx, MT_ERR_INVALID_ARG, "softmax_stats: vocabulary size V=%d", V);
+        return;
+    }
+    softmax_stats_kernel<<<(unsigned)n, ROW_THREADS, 0, cx->stream>>>(lse, target_logit,
+                                                                      mean_logit, logits,
+                                                                      targets, V);
+    LAUNCH_CHECK(cx, "softmax_stats_kernel");
+}
+
+static void cuda_softmax_backward(mt_backend *be, float *x, const float *lse,
+                                  const int32_t *targets, const float *coefs, int n, int V) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n <= 0 || V <= 0) return;
+    softmax_backward_kernel<<<(unsigned)n, ROW_THREADS, 0, cx->stream>>>(x, lse, targets, coefs,
+                                                                         V);
+    LAUNCH_CHECK(cx, "softmax_backward_kernel");
+}
+
+static void cuda_dequantize_4bit(mt_backend *be, float *out, const uint8_t *codes,
+                                 const uint8_t *absmax_q, const float *absmax2,
+                                 const float *table, float offset, int64_t first, int64_t n,
+                                 int block, int block2) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK || n <= 0) return;
+    if (block <= 0 || block2 <= 0 || first < 0) {
+        RECORD(cx, MT_ERR_INVALID_ARG, "dequantize_4bit: block=%d block2=%d first=%lld", block,
+               block2, (long long)first);
+        return;
+    }
+    LAUNCH_ELEMENTWISE(cx, (size_t)n, dequantize_4bit_kernel, out, codes, absmax_q, absmax2,
+                       table, offset, first, (size_t)n, block, block2);
+}
+
 /* ---- init and shutdown ------------------------------------------------------------------- */
 
 static mt_backend_ops make_ops(void) {
@@ -1055,6 +1326,19 @@ static mt_backend_ops make_ops(void) {
     o.cross_entropy_forward = cuda_cross_entropy_forward;
     o.cross_entropy_backward = cuda_cross_entropy_backward;
     o.sum_squares = cuda_sum_squares;
+    o.copy = cuda_copy;
+    o.fill = cuda_fill;
+    o.axpby = cuda_axpby;
+    o.lerp = cuda_lerp;
+    o.addcmul = cuda_addcmul;
+    o.addcdiv_sqrt = cuda_addcdiv_sqrt;
+    o.maximum = cuda_maximum;
+    o.add_sign = cuda_add_sign;
+    o.mul = cuda_mul;
+    o.dropout = cuda_dropout;
+    o.softmax_stats = cuda_softmax_stats;
+    o.softmax_backward = cuda_softmax_backward;
+    o.dequantize_4bit = cuda_dequantize_4bit;
     return o;
 }
 

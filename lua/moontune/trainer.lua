@@ -367,7 +367,7 @@ local function resume(cfg, mt, R, T)
   local path = cfg.resume
   if path == true then path = mt.checkpoint_latest(R.out_dir) end
   if not path then return end
-  local st = mt.checkpoint_load(path, cfg.model, cfg.optimizer)
+  local st = mt.checkpoint_load(path, cfg.model, cfg.optimizer, cfg.loss)
   if type(st) ~= "table" or math.type(st.step) ~= "integer" then fail("checkpoint %s has no step", tostring(path)) end
   local changes = st.run and setting_changes(st.run, T.identity.settings) or {}
   local recipe_text = T.identity.recipe_text
@@ -653,7 +653,7 @@ local function finish(cfg, mt, R, T)
   local es = R.es
   local restore = (es and es.restore_best) or (R.general and R.general.guard and T.general_over)
   if restore and state.best and state.best.path and state.best.step ~= state.step then
-    mt.checkpoint_load(state.best.path, cfg.model, cfg.optimizer)
+    mt.checkpoint_load(state.best.path, cfg.model, cfg.optimizer, cfg.loss)
     restored = true
   end
   T.mfile:close()

@@ -3,7 +3,11 @@
  * By default every projection but lm_head (PEFT's "all-linear"), the embeddings and
  * the norms train — the whole model, as torchtune's full recipes do. Each can be
  * narrowed: target_modules picks projections, train_embeddings and train_norms the
- * rest. Nothing is wrapped and nothing needs merging: the weights are the model. */
+ * rest. Nothing is wrapped and nothing needs merging: the weights are the model.
+ *
+ * merge and unmerge therefore succeed doing nothing, so that the merged exports
+ * (model:export_merged, export_gguf) write the trained weights as they are. There is no
+ * save: a full fine-tune has no adapter directory, it is exported as a whole model. */
 #include <moontune/plugin.h>
 #include <string.h>
 
@@ -49,7 +53,7 @@ static mt_status full_attach(void *state, mt_model_handle *model, mt_error *err)
     int n_linear = host->model_linear_count(model);
     for (int i = 0; i < n_linear; i++) {
         mt_linear_handle *lin = host->model_linear(model, i);
-        mt_linear_info info;
+        mt_linear_info info = {.size = sizeof info}; /* ABI 2: the caller sets the size */
         host->linear_info(lin, &info);
         if (targeted(s->opts, info.module) &&
             (st = host->linear_set_trainable(lin, 1, err)))
@@ -71,10 +75,26 @@ static mt_status full_attach(void *state, mt_model_handle *model, mt_error *err)
     return MT_OK;
 }
 
+/* The trained weights are the model's own: there is nothing to fold in or out. */
+static mt_status full_merge(void *state, mt_error *err) {
+    (void)state;
+    (void)err;
+    return MT_OK;
+}
+
+static mt_status full_unmerge(void *state, mt_error *err) {
+    (void)state;
+    (void)err;
+    return MT_OK;
+}
+
 static const mt_adapter_vtable vtable = {
+    MT_VTABLE_SIZE(mt_adapter_vtable),
     .create = full_create,
     .destroy = full_destroy,
     .attach = full_attach,
+    .merge = full_merge,
+    .unmerge = full_unmerge,
 };
 
 MT_PLUGIN_DEFINE(host,

@@ -11,26 +11,35 @@
  *     dB += s · dy^T u,   dA += s · g^T xd
  *
  * Initialisation is PEFT's: A is Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
- * 1/sqrt(in)), from host->random_uniform(seed, ...); B is zero, so the adapted model
- * starts equal to the base. Parameters are registered as PEFT names them in a saved
- * adapter: "<projection>.lora_A.weight" (r,in) and "<projection>.lora_B.weight" (out,r).
+ * 1/sqrt(in)), drawn on the host from host->random_uniform(seed, ...) and uploaded; B is
+ * zero, so the adapted model starts equal to the base. Parameters are registered as
+ * PEFT names them in a saved adapter: "<projection>.lora_A.weight" (r,in) and
+ * "<projection>.lora_B.weight" (out,r).
  *
- * Memory: A, B and their gradients per projection, plus one scratch buffer shared by
- * every wrapped projection (the host never calls two of them at once), allocated in
- * attach and sized for tiles of LORA_TILE rows (LORA_DROPOUT_TILE with dropout, whose
- * scratch holds a tile of dropout(x)). Forward and backward walk the N rows in such
- * tiles, so nothing is allocated after attach, whatever N is. u is not kept
- * from forward to backward: backward recomputes it per tile (N·in·r multiply-adds,
+ * Devices (plugin ABI 2). A, B, their gradients and the scratch live on the model's
+ * device (host->tensor_alloc) and the plugin never reads them: every product is a
+ * host->matmul on tensors, dropout is host->dropout, so the same code runs on the CPU
+ * and on CUDA.
+ *
+ * Memory: A, B and their gradients per projection, plus scratch tensors shared by every
+ * wrapped projection (the host never calls two of them at once), allocated in attach
+ * and sized for tiles of LORA_TILE rows (LORA_DROPOUT_TILE with dropout, whose scratch
+ * holds a tile of dropout(x)). Forward and backward walk the N rows in such tiles
+ * (mt_tensor_rows views), so nothing is allocated after attach, whatever N is. u is not
+ * kept from forward to backward: backward recomputes it per tile (N·in·r multiply-adds,
  * r/out of the base's own cost), which is what makes the scratch independent of N.
  *
  * Dropout (PEFT's nn.Dropout on the branch input: keep with probability 1-p, scale the
- * kept values by 1/(1-p)) draws its mask from host->random_uniform keyed by (seed, the
- * projection, the pass, the element), and backward draws the same mask again instead
- * of storing it. The pass is a per-projection count of forward calls made with the
- * branch active: backward uses the mask of the latest forward, the one whose input the
- * model hands back. So a projection must be run by one forward call per pass, as the
- * model does. Dropout applies in training only: set_training(0) (evaluation, generation)
- * turns it off.
+ * kept values by 1/(1-p)) draws its mask from the host's counter-based stream keyed by
+ * (seed, the projection, the pass) with the element's index as counter, and backward
+ * draws the same mask again (host->dropout accumulating into dx) instead of storing it.
+ * The pass is a per-projection count of forward calls made with the branch active:
+ * backward uses the mask of the latest forward, the one whose input the model hands
+ * back. So a projection must be run by one forward call per pass, as the model does.
+ * Dropout applies in training only: set_training(0) (evaluation, generation) turns it
+ * off. The pass counters are the adapter's checkpoint state (state_get/state_set: one
+ * I64 tensor "dropout_pass", one entry per wrapped projection), so a resumed run draws
+ * the masks the uninterrupted run would have drawn.
  *
  * merge() folds W += s·B·A into the base weights (through linear_info) and unmerge()
  * subtracts it again; while merged, forward and backward are the base layer's only,
@@ -38,7 +47,10 @@
  * reference model); the base still runs. merge() and unmerge() do nothing when the
  * adapter already is in that state (PEFT warns and does nothing).
  *
- * The wrapped projections point into this adapter's state, and ABI 1 has no detach:
+ * Saving and loading the adapter as a PEFT directory (the vtable's save,
+ * import_options and load) are in lora_peft.h, included below for both plugins.
+ *
+ * The wrapped projections point into this adapter's state, and the ABI has no detach:
  * destroy the adapter only once the model is freed or will not run again.
  *
  * qlora.c includes this file (with LORA_NO_ENTRY defined) and replaces the base
@@ -85,11 +97,11 @@ typedef struct lora_layer {
     int index;          /* the projection's index in the model: keys init and dropout */
     int in, out;
     int r;              /* 0: no branch (qlora's quantized projections without LoRA) */
-    float *A, *B;       /* (r,in), (out,r) */
-    float *dA, *dB;     /* gradients, same shapes */
+    mt_tensor A, B;     /* (r,in), (out,r) on the model's device */
+    mt_tensor dA, dB;   /* gradients, same shapes */
     uint64_t pass;      /* forward calls with the branch active: selects the dropout mask */
     void *base;         /* qlora: the quantized base weight */
-    const float *bias;  /* qlora: the base bias (out) or NULL */
+    mt_tensor bias;     /* qlora: the base bias (out), data NULL when none */
     char name_A[112], name_B[112];
 } lora_layer;
 
@@ -103,20 +115,21 @@ struct lora {
     int attached, enabled, merged;
     int training;       /* dropout only while training (set_training) */
     int tile;           /* rows per step: LORA_TILE, or LORA_DROPOUT_TILE with dropout */
+    mt_device device;   /* the model's */
     lora_layer *layers;
     int n_layers;
     int64_t n_trainable;
-    /* scratch shared by every layer, carved out of one allocation in attach */
-    float *scratch;
-    float *xd;          /* (tile, in_max) dropout(x); dropout > 0 only */
-    float *u, *g;       /* (tile, r) */
+    /* scratch shared by every layer, allocated in attach on the model's device */
+    mt_tensor xd;       /* (tile, in_max) dropout(x); data NULL without dropout */
+    mt_tensor u, g;     /* (tile, r) */
+    int64_t *pass_state; /* (n_layers) host copy of the passes, for state_get */
     /* hooks: the base computation, and what attach does to every projection. lora
      * leaves prepare NULL (only targeted projections are wrapped) and calls the host's
      * base layer; qlora wraps every projection but lm_head and quantizes its weight. */
     mt_status (*prepare)(lora *lo, lora_layer *L, const mt_linear_info *info, mt_error *err);
     mt_status (*alloc_extra)(lora *lo, mt_error *err); /* after every prepare: scratch */
-    void (*base_forward)(lora_layer *L, float *y, const float *x, int N);
-    void (*base_backward)(lora_layer *L, float *dx, const float *dy, const float *x, int N);
+    void (*base_forward)(lora_layer *L, mt_tensor *y, const mt_tensor *x);
+    void (*base_backward)(lora_layer *L, mt_tensor *dx, const mt_tensor *dy, const mt_tensor *x);
     void (*free_extra)(lora *lo);
     void *extra;        /* qlora's own state */
 };
@@ -143,99 +156,88 @@ static uint64_t lora_dropout_key(const lora *lo, int index, uint64_t pass) {
     return mt_mix64(lo->seed ^ mt_mix64(0x4C6F524144726F70ull ^ ((uint64_t)index << 40) ^ pass));
 }
 
-/* xd (nt,in) = dropout(x) for rows [row0, row0+nt) of the pass `pass`. */
-static void lora_dropout_rows(const lora_layer *L, uint64_t pass, float *xd, const float *x,
-                              int row0, int nt) {
-    const lora *lo = L->lo;
-    const uint64_t key = lora_dropout_key(lo, L->index, pass);
-    const float p = lo->dropout, keep_scale = 1.0f / (1.0f - lo->dropout);
-    const size_t n = (size_t)nt * L->in, first = (size_t)row0 * L->in;
-    for (size_t i = 0; i < n; i++)
-        xd[i] = host->random_uniform(key, first + i) >= p ? x[i] * keep_scale : 0.0f;
-}
-
-/* dx (nt,in) += t ⊙ mask · 1/(1-p): the gradient through dropout of rows [row0, row0+nt). */
-static void lora_dropout_backward_rows(const lora_layer *L, uint64_t pass, float *dx,
-                                       const float *t, int row0, int nt) {
-    const lora *lo = L->lo;
-    const uint64_t key = lora_dropout_key(lo, L->index, pass);
-    const float p = lo->dropout, keep_scale = 1.0f / (1.0f - lo->dropout);
-    const size_t n = (size_t)nt * L->in, first = (size_t)row0 * L->in;
-    for (size_t i = 0; i < n; i++)
-        if (host->random_uniform(key, first + i) >= p) dx[i] += t[i] * keep_scale;
-}
-
 /* ---- the wrapped projection ---- */
 
 static int lora_branch_active(const lora_layer *L) {
     return L->r > 0 && L->lo->enabled && !L->lo->merged;
 }
 
-static void lora_host_base_forward(lora_layer *L, float *y, const float *x, int N) {
-    host->linear_base_forward(L->lin, y, x, N);
+static void lora_host_base_forward(lora_layer *L, mt_tensor *y, const mt_tensor *x) {
+    host->linear_base_forward(L->lin, y, x);
 }
 
-static void lora_host_base_backward(lora_layer *L, float *dx, const float *dy, const float *x,
-                                    int N) {
-    host->linear_base_backward(L->lin, dx, dy, x, N);
+static void lora_host_base_backward(lora_layer *L, mt_tensor *dx, const mt_tensor *dy,
+                                    const mt_tensor *x) {
+    host->linear_base_backward(L->lin, dx, dy, x);
 }
 
-/* y (N,out) = base(x) + s · dropout(x) A^T B^T */
 /* Dropout is drawn in training passes only. */
 static int lora_drops(const lora *lo) { return lo->training && lo->dropout > 0; }
 
-static void lora_forward(void *self, float *y, const float *x, int N) {
+/* y (N,out) = base(x) + s · dropout(x) A^T B^T */
+static void lora_forward(void *self, mt_tensor *y, const mt_tensor *x) {
     lora_layer *L = self;
     lora *lo = L->lo;
-    lo->base_forward(L, y, x, N);
+    lo->base_forward(L, y, x);
     if (!lora_branch_active(L)) return;
-    const int in = L->in, out = L->out, r = L->r;
-    if (lora_drops(lo)) L->pass++;
-    for (int n0 = 0; n0 < N; n0 += lo->tile) {
-        const int nt = N - n0 < lo->tile ? N - n0 : lo->tile;
-        const float *xt = x + (size_t)n0 * in;
-        if (lora_drops(lo)) {
-            lora_dropout_rows(L, L->pass, lo->xd, xt, n0, nt);
-            xt = lo->xd;
+    const int64_t N = x->shape[0], in = L->in, r = L->r;
+    const int drops = lora_drops(lo);
+    if (drops) L->pass++;
+    const uint64_t key = drops ? lora_dropout_key(lo, L->index, L->pass) : 0;
+    for (int64_t n0 = 0; n0 < N; n0 += lo->tile) {
+        const int64_t nt = N - n0 < lo->tile ? N - n0 : lo->tile;
+        mt_tensor xt = mt_tensor_rows(x, n0, nt), yt = mt_tensor_rows(y, n0, nt);
+        mt_tensor u = mt_tensor_2d(&lo->u, nt, r), xd = mt_tensor_2d(&lo->xd, nt, in);
+        const mt_tensor *src = &xt;
+        if (drops) { /* xd = dropout(x) of rows [n0, n0+nt): counters from element n0·in */
+            host->dropout(&xd, &xt, lo->dropout, key, (uint64_t)(n0 * in), 0);
+            src = &xd;
         }
-        /* u (nt,r) = xt (nt,in) · A^T;  y (nt,out) += s · u · B^T */
-        host->matmul(lo->u, xt, L->A, nt, r, in, 0, 1, 1.0f, 0.0f);
-        host->matmul(y + (size_t)n0 * out, lo->u, L->B, nt, out, r, 0, 1, lo->scaling, 1.0f);
+        host->matmul(&u, src, &L->A, 0, 1, 1.0f, 0.0f);          /* u (nt,r) = xt A^T */
+        host->matmul(&yt, &u, &L->B, 0, 1, lo->scaling, 1.0f);   /* y += s u B^T */
     }
 }
 
 /* dx (N,in) += base'(dy) + s · ((dy B) A) ⊙ mask/(1-p); dA, dB accumulate. */
-static void lora_backward(void *self, float *dx, const float *dy, const float *x, int N) {
+static void lora_backward(void *self, mt_tensor *dx, const mt_tensor *dy, const mt_tensor *x) {
     lora_layer *L = self;
     lora *lo = L->lo;
-    lo->base_backward(L, dx, dy, x, N);
+    lo->base_backward(L, dx, dy, x);
     if (!lora_branch_active(L)) return;
-    const int in = L->in, out = L->out, r = L->r;
+    const int64_t N = x->shape[0], in = L->in, r = L->r;
     const float s = lo->scaling;
-    for (int n0 = 0; n0 < N; n0 += lo->tile) {
-        const int nt = N - n0 < lo->tile ? N - n0 : lo->tile;
-        const float *xt = x + (size_t)n0 * in;
-        const float *dyt = dy + (size_t)n0 * out;
-        float *dxt = dx + (size_t)n0 * in;
-        if (lora_drops(lo)) {
-            lora_dropout_rows(L, L->pass, lo->xd, xt, n0, nt);
-            xt = lo->xd;
+    const int drops = lora_drops(lo);
+    const uint64_t key = drops ? lora_dropout_key(lo, L->index, L->pass) : 0;
+    for (int64_t n0 = 0; n0 < N; n0 += lo->tile) {
+        const int64_t nt = N - n0 < lo->tile ? N - n0 : lo->tile;
+        mt_tensor xt = mt_tensor_rows(x, n0, nt), dyt = mt_tensor_rows(dy, n0, nt),
+                  dxt = mt_tensor_rows(dx, n0, nt);
+        mt_tensor u = mt_tensor_2d(&lo->u, nt, r), g = mt_tensor_2d(&lo->g, nt, r),
+                  xd = mt_tensor_2d(&lo->xd, nt, in);
+        const mt_tensor *src = &xt;
+        if (drops) { /* the forward's mask again: same key, same counters */
+            host->dropout(&xd, &xt, lo->dropout, key, (uint64_t)(n0 * in), 0);
+            src = &xd;
         }
-        host->matmul(lo->u, xt, L->A, nt, r, in, 0, 1, 1.0f, 0.0f);  /* u (nt,r) = xt A^T */
-        host->matmul(lo->g, dyt, L->B, nt, r, out, 0, 0, 1.0f, 0.0f); /* g (nt,r) = dy B */
-        host->matmul(L->dB, dyt, lo->u, out, r, nt, 1, 0, s, 1.0f);    /* dB += s dy^T u */
-        host->matmul(L->dA, lo->g, xt, r, in, nt, 1, 0, s, 1.0f);      /* dA += s g^T xt */
-        if (lora_drops(lo)) {
+        host->matmul(&u, src, &L->A, 0, 1, 1.0f, 0.0f);  /* u (nt,r) = xt A^T */
+        host->matmul(&g, &dyt, &L->B, 0, 0, 1.0f, 0.0f); /* g (nt,r) = dy B */
+        host->matmul(&L->dB, &dyt, &u, 1, 0, s, 1.0f);   /* dB += s dy^T u */
+        host->matmul(&L->dA, &g, src, 1, 0, s, 1.0f);    /* dA += s g^T xt */
+        if (drops) {
             /* xd is free again: t (nt,in) = s g A, then dx += t ⊙ mask/(1-p) */
-            host->matmul(lo->xd, lo->g, L->A, nt, in, r, 0, 0, s, 0.0f);
-            lora_dropout_backward_rows(L, L->pass, dxt, lo->xd, n0, nt);
+            host->matmul(&xd, &g, &L->A, 0, 0, s, 0.0f);
+            host->dropout(&dxt, &xd, lo->dropout, key, (uint64_t)(n0 * in), 1);
         } else {
-            host->matmul(dxt, lo->g, L->A, nt, in, r, 0, 0, s, 1.0f); /* dx += s g A */
+            host->matmul(&dxt, &g, &L->A, 0, 0, s, 1.0f); /* dx += s g A */
         }
     }
 }
 
-static const mt_linear_impl lora_impl = {lora_forward, lora_backward};
+static const mt_linear_impl lora_impl = {
+    MT_VTABLE_SIZE(mt_linear_impl),
+    .forward = lora_forward,
+    .backward = lora_backward,
+};
 
 /* ---- create / destroy ---- */
 
@@ -245,13 +247,16 @@ static void lora_destroy(void *state) {
     if (lo->free_extra) lo->free_extra(lo);
     for (int i = 0; i < lo->n_layers; i++) {
         lora_layer *L = &lo->layers[i];
-        host->free(L->A);
-        host->free(L->B);
-        host->free(L->dA);
-        host->free(L->dB);
+        host->tensor_free(&L->A);
+        host->tensor_free(&L->B);
+        host->tensor_free(&L->dA);
+        host->tensor_free(&L->dB);
     }
+    host->tensor_free(&lo->xd);
+    host->tensor_free(&lo->u);
+    host->tensor_free(&lo->g);
+    host->free(lo->pass_state);
     host->free(lo->layers);
-    host->free(lo->scratch);
     host->free(lo);
 }
 
@@ -304,46 +309,58 @@ static mt_status lora_create_named(const char *plugin, const mt_host *h, const m
 
 /* ---- attach ---- */
 
+static mt_status lora_tensor(const lora *lo, mt_dtype dtype, int64_t rows, int64_t cols,
+                             mt_tensor *t, mt_error *err) {
+    const int64_t shape[2] = {rows, cols};
+    return host->tensor_alloc(lo->device, dtype, 2, shape, t, err);
+}
+
 /* A, B, their gradients and their registration for one targeted projection. */
 static mt_status lora_add_branch(lora *lo, mt_model_handle *model, lora_layer *L,
                                  const char *name, mt_error *err) {
     const int r = lo->r, in = L->in, out = L->out;
     const size_t na = (size_t)r * in, nb = (size_t)out * r;
     L->r = r;
-    L->A = host->alloc(na * sizeof(float));
-    L->B = host->alloc(nb * sizeof(float));
-    L->dA = host->alloc(na * sizeof(float));
-    L->dB = host->alloc(nb * sizeof(float));
-    if (!L->A || !L->B || !L->dA || !L->dB)
-        return host->error(err, MT_ERR_NOMEM, "%s: out of memory for the LoRA weights of %s",
+    mt_status st = lora_tensor(lo, MT_F32, r, in, &L->A, err);
+    if (!st) st = lora_tensor(lo, MT_F32, out, r, &L->B, err); /* B stays zero */
+    if (!st) st = lora_tensor(lo, MT_F32, r, in, &L->dA, err);
+    if (!st) st = lora_tensor(lo, MT_F32, out, r, &L->dB, err);
+    if (st) return st;
+    /* PEFT: kaiming_uniform_(A, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(in),
+     * drawn here on the host (a pure function of seed and element) and uploaded */
+    float *a = host->alloc(na * sizeof(float));
+    if (!a)
+        return host->error(err, MT_ERR_NOMEM, "%s: out of memory initialising the LoRA A of %s",
                            lo->plugin, name);
-    /* PEFT: kaiming_uniform_(A, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(in) */
     const float bound = (float)(1.0 / sqrt((double)in));
     const uint64_t key = lora_init_key(lo, L->index);
-    for (size_t i = 0; i < na; i++)
-        L->A[i] = (2.0f * host->random_uniform(key, i) - 1.0f) * bound;
-    /* B stays zero (host->alloc zero-fills) */
+    for (size_t i = 0; i < na; i++) a[i] = (2.0f * host->random_uniform(key, i) - 1.0f) * bound;
+    st = host->tensor_upload(&L->A, a, err);
+    host->free(a);
+    if (st) return st;
     int na_len = snprintf(L->name_A, sizeof L->name_A, "%s.lora_A.weight", name);
     int nb_len = snprintf(L->name_B, sizeof L->name_B, "%s.lora_B.weight", name);
     if (na_len < 0 || (size_t)na_len >= sizeof L->name_A || nb_len < 0 ||
         (size_t)nb_len >= sizeof L->name_B)
         return host->error(err, MT_ERR_INVALID_ARG, "%s: projection name too long: %s",
                            lo->plugin, name);
-    mt_param_view pa = {
-        .name = L->name_A,
-        .value = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {r, in}, .data = L->A},
-        .grad = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {r, in}, .data = L->dA},
-        .no_decay = 0,
-    };
-    mt_param_view pb = {
-        .name = L->name_B,
-        .value = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {out, r}, .data = L->B},
-        .grad = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {out, r}, .data = L->dB},
-        .no_decay = 0,
-    };
-    mt_status st = host->model_add_param(model, &pa, err);
+    mt_param_view pa = {.size = sizeof(mt_param_view), .name = L->name_A, .value = L->A,
+                        .grad = L->dA, .no_decay = 0};
+    mt_param_view pb = {.size = sizeof(mt_param_view), .name = L->name_B, .value = L->B,
+                        .grad = L->dB, .no_decay = 0};
+    st = host->model_add_param(model, &pa, err);
     if (!st) st = host->model_add_param(model, &pb, err);
     if (!st) lo->n_trainable += (int64_t)(na + nb);
+    return st;
+}
+
+/* The branch's scratch for projections of at most in_max inputs: u and g, and xd with
+ * dropout. */
+static mt_status lora_alloc_scratch(lora *lo, int in_max, mt_error *err) {
+    lo->tile = lo->dropout > 0 ? LORA_DROPOUT_TILE : LORA_TILE;
+    mt_status st = lora_tensor(lo, MT_F32, lo->tile, lo->r, &lo->u, err);
+    if (!st) st = lora_tensor(lo, MT_F32, lo->tile, lo->r, &lo->g, err);
+    if (!st && lo->dropout > 0) st = lora_tensor(lo, MT_F32, lo->tile, in_max, &lo->xd, err);
     return st;
 }
 
@@ -352,23 +369,20 @@ static mt_status lora_attach(void *state, mt_model_handle *model, mt_error *err)
     if (lo->attached)
         return host->error(err, MT_ERR_INVALID_ARG, "%s: already attached to a model", lo->plugin);
     lo->attached = 1;
+    lo->device = host->model_device(model);
     const int n_linear = host->model_linear_count(model);
     lo->layers = host->alloc((size_t)(n_linear > 0 ? n_linear : 1) * sizeof *lo->layers);
-    if (!lo->layers) return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
+    lo->pass_state = host->alloc((size_t)(n_linear > 0 ? n_linear : 1) * sizeof(int64_t));
+    if (!lo->layers || !lo->pass_state)
+        return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
     int in_max = 0, n_branches = 0;
     mt_status st = MT_OK;
     for (int i = 0; !st && i < n_linear; i++) {
         mt_linear_handle *lin = host->model_linear(model, i);
-        mt_linear_info info;
+        mt_linear_info info = {.size = sizeof info};
         host->linear_info(lin, &info);
         const int m = lora_module_index(info.module);
         if (m < 0) continue; /* lm_head: never adapted, never quantized */
-        if (info.weight.device != MT_DEVICE_CPU) {
-            st = host->error(err, MT_ERR_UNSUPPORTED,
-                             "%s: %s is not in CPU memory; ABI 1 adapters run on the CPU",
-                             lo->plugin, info.name);
-            break;
-        }
         const int targeted = (lo->targets >> m) & 1;
         if (!targeted && !lo->prepare) continue;
         lora_layer *L = &lo->layers[lo->n_layers++];
@@ -389,27 +403,20 @@ static mt_status lora_attach(void *state, mt_model_handle *model, mt_error *err)
     if (!n_branches)
         return host->error(err, MT_ERR_INVALID_ARG,
                            "%s: the model has no projection named in target_modules", lo->plugin);
-    lo->tile = lo->dropout > 0 ? LORA_DROPOUT_TILE : LORA_TILE;
-    const size_t tile_x = lo->dropout > 0 ? (size_t)lo->tile * in_max : 0;
-    const size_t tile_r = (size_t)lo->tile * lo->r;
-    lo->scratch = host->alloc((tile_x + 2 * tile_r) * sizeof(float));
-    if (!lo->scratch) return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
-    lo->xd = tile_x ? lo->scratch : NULL;
-    lo->u = lo->scratch + tile_x;
-    lo->g = lo->u + tile_r;
+    if ((st = lora_alloc_scratch(lo, in_max, err))) return st;
     if (lo->alloc_extra && (st = lo->alloc_extra(lo, err))) return st;
     host->log(MT_LOG_INFO, lo->plugin,
               "r=%d alpha=%g scaling=%g dropout=%g on %d projections: %lld trainable parameters",
               lo->r, (double)lo->alpha, (double)lo->scaling, (double)lo->dropout, n_branches,
               (long long)lo->n_trainable);
-    return MT_OK;
+    return host->check(err);
 }
 
 /* ---- merge, unmerge, enable ---- */
 
 /* W (out,in) += sign · s · B (out,r) · A (r,in) */
-static void lora_fold(const lora_layer *L, float *W, float sign) {
-    host->matmul(W, L->B, L->A, L->out, L->in, L->r, 0, 0, sign * L->lo->scaling, 1.0f);
+static void lora_fold(const lora_layer *L, mt_tensor *W, float sign) {
+    host->matmul(W, &L->B, &L->A, 0, 0, sign * L->lo->scaling, 1.0f);
 }
 
 static void lora_set_enabled(void *state, int enabled) {
@@ -422,6 +429,72 @@ static void lora_set_training(void *state, int training) {
     lo->training = training != 0;
 }
 
+/* ---- checkpoint state: the dropout passes ---- */
+
+/* One tensor, the pass of every wrapped projection in attach order: with them a resumed
+ * run draws the masks the uninterrupted one would have. The host copy is plugin
+ * bookkeeping, not parameter memory, so it is handed over in host memory. */
+static const char lora_state_name[] = "dropout_pass";
+
+static size_t lora_state_count(void *state) {
+    const lora *lo = state;
+    return lo->attached && lo->n_layers > 0 ? 1 : 0;
+}
+
+static mt_status lora_state_get(void *state, size_t index, const char **name, mt_tensor *tensor,
+                                mt_error *err) {
+    lora *lo = state;
+    if (index >= lora_state_count(lo))
+        return host->error(err, MT_ERR_INVALID_ARG, "%s: no state tensor %zu (it has %zu)",
+                           lo->plugin, index, lora_state_count(lo));
+    for (int i = 0; i < lo->n_layers; i++) lo->pass_state[i] = (int64_t)lo->layers[i].pass;
+    *name = lora_state_name;
+    memset(tensor, 0, sizeof *tensor);
+    tensor->dtype = MT_I64;
+    tensor->device = MT_DEVICE_CPU;
+    tensor->ndim = 1;
+    tensor->shape[0] = lo->n_layers;
+    tensor->data = lo->pass_state;
+    return MT_OK;
+}
+
+static mt_status lora_state_set(void *state, const char *name, const mt_tensor *tensor,
+                                mt_error *err) {
+    lora *lo = state;
+    if (strcmp(name, lora_state_name) != 0)
+        return host->error(err, MT_ERR_INVALID_ARG, "%s: unknown state tensor '%s' (expected %s)",
+                           lo->plugin, name, lora_state_name);
+    if (!lo->attached)
+        return host->error(err, MT_ERR_INVALID_ARG, "%s: state %s set before attach", lo->plugin,
+                           name);
+    char shape[64];
+    if (tensor->dtype != MT_I64 || tensor->device != MT_DEVICE_CPU || tensor->ndim != 1 ||
+        tensor->shape[0] != lo->n_layers || !tensor->data)
+        return host->error(err, MT_ERR_FORMAT,
+                           "%s: state %s must be I64 of shape [%d] in host memory, got %s %s "
+                           "(saved by another adapter configuration?)",
+                           lo->plugin, name, lo->n_layers,
+                           tensor->dtype == MT_I64 ? "I64" : "another dtype",
+                           mt_shape_format(shape, sizeof shape, tensor->ndim, tensor->shape));
+    /* copied element by element: a view into a file need not be 8-byte aligned */
+    const unsigned char *bytes = tensor->data;
+    for (int apply = 0; apply < 2; apply++) /* check every value, then set them */
+        for (int i = 0; i < lo->n_layers; i++) {
+            int64_t v;
+            memcpy(&v, bytes + (size_t)i * sizeof v, sizeof v);
+            if (v < 0)
+                return host->error(err, MT_ERR_FORMAT,
+                                   "%s: state %s: pass %lld of projection %d is negative",
+                                   lo->plugin, name, (long long)v, i);
+            if (apply) lo->layers[i].pass = (uint64_t)v;
+        }
+    return MT_OK;
+}
+
+/* save, import_options and load of a PEFT directory: lora_save, lora_import_options,
+ * lora_load */
+#include "lora_peft.h"
+
 #ifndef LORA_NO_ENTRY
 
 /* ---- lora's merge, unmerge and descriptor (qlora has its own) ---- */
@@ -430,7 +503,7 @@ static void lora_set_training(void *state, int training) {
 static mt_status lora_fold_all(lora *lo, float sign, mt_error *err) {
     for (int i = 0; i < lo->n_layers; i++) {
         lora_layer *L = &lo->layers[i];
-        mt_linear_info info;
+        mt_linear_info info = {.size = sizeof info};
         host->linear_info(L->lin, &info);
         if (L->r && !info.weight.data)
             return host->error(err, MT_ERR_UNSUPPORTED,
@@ -440,11 +513,11 @@ static mt_status lora_fold_all(lora *lo, float sign, mt_error *err) {
     for (int i = 0; i < lo->n_layers; i++) {
         lora_layer *L = &lo->layers[i];
         if (!L->r) continue;
-        mt_linear_info info;
+        mt_linear_info info = {.size = sizeof info};
         host->linear_info(L->lin, &info);
-        lora_fold(L, info.weight.data, sign);
+        lora_fold(L, &info.weight, sign);
     }
-    return MT_OK;
+    return host->check(err);
 }
 
 static mt_status lora_merge(void *state, mt_error *err) {
@@ -471,6 +544,7 @@ static mt_status lora_create(const mt_host *h, const mt_options *opts, void **st
 }
 
 static const mt_adapter_vtable lora_vtable = {
+    MT_VTABLE_SIZE(mt_adapter_vtable),
     .create = lora_create,
     .destroy = lora_destroy,
     .attach = lora_attach,
@@ -478,12 +552,19 @@ static const mt_adapter_vtable lora_vtable = {
     .unmerge = lora_unmerge,
     .set_enabled = lora_set_enabled,
     .set_training = lora_set_training,
+    .state_count = lora_state_count,
+    .state_get = lora_state_get,
+    .state_set = lora_state_set,
+    .format = "peft",
+    .save = lora_save,
+    .import_options = lora_import_options,
+    .load = lora_load,
 };
 
 MT_PLUGIN_DEFINE(host,
                  .kind = MT_PLUGIN_ADAPTER,
                  .name = "lora",
-                 .version = "1.0.0",
+                 .version = "2.0.0",
                  .description = "LoRA: frozen base plus a trainable low-rank update s·B·A (PEFT-compatible)",
                  .options = lora_options,
                  .n_options = sizeof lora_options / sizeof lora_options[0],

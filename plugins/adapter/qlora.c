@@ -4,7 +4,11 @@
  * attach() quantizes the weight of every projection but lm_head (as loading a model
  * with bitsandbytes' load_in_4bit does), returns the fp32 weight's memory with
  * host->linear_release_weight, and adds a LoRA branch (lora.c, included below) to the
- * projections named in target_modules. The options are lora's.
+ * projections named in target_modules. The options are lora's. Quantization is a
+ * one-time host computation: the fp32 weight is downloaded (host->tensor_download),
+ * quantized here, and the three arrays below are uploaded into device tensors (U8,
+ * U8, F32), with one F32 table tensor of the 16 NF4 values then the 256 of the
+ * dynamic map; from then on the plugin reads no weight memory.
  *
  * The storage of one (out,in) weight, flattened row-major to n = out·in elements,
  * exactly as bitsandbytes' quantize_4bit(w, blocksize=64, quant_type="nf4",
@@ -27,7 +31,8 @@
  *   offset    one fp32.
  *
  * Dequantization: a = dyn_code[absmax_q[b]] · absmax2[b/256] + offset, then
- * w = nf4_code[code] · a, in fp32 and in that order, as dequantize_4bit computes it.
+ * w = nf4_code[code] · a, in fp32 and in that order, as bitsandbytes' dequantize_4bit
+ * computes it and as host->dequantize_4bit does on the device.
  * That is 0.5 + 1/64 + 4/(64·256) bytes per parameter plus 4 bytes per tensor:
  * about 0.516 (logged at attach).
  *
@@ -42,18 +47,25 @@
  * tests/parity/make_lora_reference.py checks both against bitsandbytes.
  *
  * Forward and backward never hold more than QLORA_WTILE floats (4 MiB) of the fp32
- * weight: they dequantize that many rows at a time into scratch shared by all
- * projections and multiply with host->matmul; when a weight takes several bands of
- * rows, the slice of y (or dy) of a band is staged QLORA_NTILE rows of x at a time.
+ * weight: they dequantize that many rows at a time (host->dequantize_4bit) into a
+ * device scratch tensor shared by all projections and multiply with host->matmul. A
+ * weight that fits is one band: y = x W^T and dx += dy W directly, all N rows at once.
+ * A weight of several bands produces a column slice of y (or consumes one of dy) per
+ * band, and tensors have no strides, so for a tile of QLORA_NTILE rows of x the
+ * product is formed transposed, y^T (out, NTILE), whose band rows are contiguous, and
+ * turned back with one product by the first rows of an identity matrix; backward
+ * transposes the dy tile the same way and accumulates the tile's dx over the bands.
+ * The bands are dequantized again for each tile of x (about 1/QLORA_NTILE of the
+ * product's cost) so that the scratch stays independent of N. The bias is added as
+ * the product of a column of ones with it (the host has no broadcast add).
  *
  * merge() restores each fp32 weight (host->linear_restore_weight) and writes
- * dequant(W) + s·B·A into it; forward then runs the host's base layer on it and
- * skips the branch. unmerge() releases the fp32 weights again: the quantized base is
- * untouched by a merge, so unmerging restores it exactly. */
+ * dequant(W) + s·B·A into it (host->dequantize_4bit, then host->matmul); forward then
+ * runs the host's base layer on it and skips the branch. unmerge() releases the fp32
+ * weights again: the quantized base is untouched by a merge, so unmerging restores it
+ * exactly. */
 #define LORA_NO_ENTRY
 #include "lora.c"
-
-#include <stdlib.h>
 
 /* QLORA_WTILE: floats of dequantized weight rows at a time (4 MiB), so the whole
  * weight of a small projection at once, a band of rows of a large one; QLORA_NTILE:
@@ -114,7 +126,7 @@ static void qlora_tables(void) {
     for (int k = 0; k < 255; k++) dyn_mid[k] = (dyn_code[k] + dyn_code[k + 1]) / 2.0f;
 }
 
-/* ---- NF4 with double quantization ---- */
+/* ---- NF4 with double quantization (on the host, at attach) ---- */
 
 typedef struct nf4_tensor {
     int64_t n;              /* elements */
@@ -194,44 +206,53 @@ static void nf4_quantize(const float *w, nf4_tensor *q, float *absmax32) {
     dq8_quantize(absmax32, q->n_blocks, q->absmax_q, q->absmax2);
 }
 
-/* The dequantized absmax of 64-block b. */
-static float nf4_block_scale(const nf4_tensor *q, int64_t b) {
-    float a = dyn_code[q->absmax_q[b]] * q->absmax2[b / DQ_BLOCK];
-    return a + q->offset;
+/* ---- the quantized weight on the device ---- */
+
+typedef struct qlora_weight {
+    int64_t n;          /* elements of the (out,in) weight */
+    mt_tensor codes;    /* U8 ((n+1)/2) */
+    mt_tensor absmax_q; /* U8 (n_blocks) */
+    mt_tensor absmax2;  /* F32 (n_blocks2) */
+    float offset;
+} qlora_weight;
+
+static void qlora_weight_free(qlora_weight *w) {
+    if (!w) return;
+    host->tensor_free(&w->codes);
+    host->tensor_free(&w->absmax_q);
+    host->tensor_free(&w->absmax2);
+    host->free(w);
 }
 
-/* dst (e1 - e0) = the dequantized elements [e0, e1) of the flattened weight. */
-static void nf4_dequantize(const nf4_tensor *q, int64_t e0, int64_t e1, float *dst) {
-    if (e1 <= e0) return;
-    const int64_t b_first = e0 / NF4_BLOCK, b_last = (e1 - 1) / NF4_BLOCK;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (b_last - b_first > 64)
-#endif
-    for (int64_t b = b_first; b <= b_last; b++) {
-        const float a = nf4_block_scale(q, b);
-        const int64_t lo = b * NF4_BLOCK > e0 ? b * NF4_BLOCK : e0;
-        const int64_t hi = b * NF4_BLOCK + NF4_BLOCK < e1 ? b * NF4_BLOCK + NF4_BLOCK : e1;
-        for (int64_t e = lo; e < hi; e++) {
-            const uint8_t byte = q->codes[e >> 1];
-            dst[e - e0] = nf4_code[(e & 1) ? byte & 15 : byte >> 4] * a;
-        }
-    }
+static mt_status qlora_tensor_1d(mt_device device, mt_dtype dtype, int64_t n, const void *src,
+                                 mt_tensor *t, mt_error *err) {
+    const int64_t shape[1] = {n};
+    mt_status st = host->tensor_alloc(device, dtype, 1, shape, t, err);
+    return st ? st : host->tensor_upload(t, src, err);
 }
 
-static void nf4_free(nf4_tensor *q) {
-    if (!q) return;
-    host->free(q->codes);
-    host->free(q->absmax_q);
-    host->free(q->absmax2);
-    host->free(q);
+/* Copies a host quantization into device tensors of w. */
+static mt_status qlora_upload(const nf4_tensor *q, mt_device device, qlora_weight *w,
+                              mt_error *err) {
+    w->n = q->n;
+    w->offset = q->offset;
+    mt_status st = qlora_tensor_1d(device, MT_U8, (q->n + 1) / 2, q->codes, &w->codes, err);
+    if (!st) st = qlora_tensor_1d(device, MT_U8, q->n_blocks, q->absmax_q, &w->absmax_q, err);
+    if (!st) st = qlora_tensor_1d(device, MT_F32, q->n_blocks2, q->absmax2, &w->absmax2, err);
+    return st;
 }
 
 /* ---- the quantized base layer ---- */
 
 typedef struct qlora_extra {
     size_t wtile_floats; /* QLORA_WTILE (tests make it smaller) */
-    float *wtile; /* (rows, in) dequantized rows of one weight: wtile_floats, or one row */
-    float *ytile; /* (QLORA_NTILE, rows) a slice of y or dy */
+    mt_tensor table;     /* F32 (16 + 256): nf4_code, then dyn_code */
+    mt_tensor wtile;     /* F32 dequantized rows of one weight: (rows, in) at most */
+    /* banded weights only (data NULL when every weight is one band): */
+    mt_tensor yt;        /* F32 (out_max, QLORA_NTILE): y^T or dy^T of a tile of rows */
+    mt_tensor xs;        /* F32 (QLORA_NTILE, in_max): a padded x tile, or a dx tile */
+    mt_tensor eye;       /* F32 (QLORA_NTILE, QLORA_NTILE) identity */
+    mt_tensor ones;      /* F32 (LORA_TILE, 1) for the bias; NULL data when no bias */
     int64_t n_params;
     size_t n_bytes;
 } qlora_extra;
@@ -243,63 +264,106 @@ static int qlora_rows(const qlora_extra *qx, int in, int out) {
     return rows < out ? rows : out;
 }
 
+/* out = the elements [first, first + numel(out)) of w, dequantized on the device. */
+static void qlora_dequantize(const qlora_extra *qx, const qlora_weight *w, mt_tensor *out,
+                             int64_t first) {
+    host->dequantize_4bit(out, &w->codes, &w->absmax_q, &w->absmax2, &qx->table, w->offset,
+                          first, NF4_BLOCK, DQ_BLOCK);
+}
+
+/* Rows [r0, r0+nr) of L's weight, dequantized into the weight tile as (nr, in). */
+static mt_tensor qlora_band(lora_layer *L, int r0, int nr) {
+    const qlora_extra *qx = L->lo->extra;
+    mt_tensor wt = mt_tensor_2d(&qx->wtile, nr, L->in);
+    qlora_dequantize(qx, L->base, &wt, (int64_t)r0 * L->in);
+    return wt;
+}
+
+/* y (N,out) += 1 (N,1) · bias (1,out), in tiles of the ones column. */
+static void qlora_add_bias(lora_layer *L, mt_tensor *y) {
+    const qlora_extra *qx = L->lo->extra;
+    const int64_t N = y->shape[0], tile = qx->ones.shape[0];
+    const mt_tensor b = mt_tensor_2d(&L->bias, 1, L->out);
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+        const int64_t nt = N - n0 < tile ? N - n0 : tile;
+        mt_tensor yt = mt_tensor_rows(y, n0, nt), ones = mt_tensor_rows(&qx->ones, 0, nt);
+        host->matmul(&yt, &ones, &b, 0, 0, 1.0f, 1.0f);
+    }
+}
+
 /* y (N,out) = x (N,in) · dequant(W)^T + b */
-static void qlora_base_forward(lora_layer *L, float *y, const float *x, int N) {
+static void qlora_base_forward(lora_layer *L, mt_tensor *y, const mt_tensor *x) {
     lora *lo = L->lo;
     if (lo->merged) {
-        host->linear_base_forward(L->lin, y, x, N);
+        host->linear_base_forward(L->lin, y, x);
         return;
     }
     const qlora_extra *qx = lo->extra;
     const int in = L->in, out = L->out, rows = qlora_rows(qx, in, out);
-    for (int r0 = 0; r0 < out; r0 += rows) {
-        const int nr = out - r0 < rows ? out - r0 : rows;
-        nf4_dequantize(L->base, (int64_t)r0 * in, (int64_t)(r0 + nr) * in, qx->wtile);
-        if (nr == out) {
-            host->matmul(y, x, qx->wtile, N, out, in, 0, 1, 1.0f, 0.0f);
-            break;
-        }
-        for (int n0 = 0; n0 < N; n0 += QLORA_NTILE) {
-            const int nt = N - n0 < QLORA_NTILE ? N - n0 : QLORA_NTILE;
-            host->matmul(qx->ytile, x + (size_t)n0 * in, qx->wtile, nt, nr, in, 0, 1, 1.0f, 0.0f);
-            for (int i = 0; i < nt; i++)
-                memcpy(y + (size_t)(n0 + i) * out + r0, qx->ytile + (size_t)i * nr,
-                       (size_t)nr * sizeof(float));
+    const int64_t N = x->shape[0];
+    if (rows == out) { /* one band: the whole weight */
+        mt_tensor w = qlora_band(L, 0, out);
+        host->matmul(y, x, &w, 0, 1, 1.0f, 0.0f);
+    } else {
+        mt_tensor yT = mt_tensor_2d(&qx->yt, out, QLORA_NTILE),
+                  xs = mt_tensor_2d(&qx->xs, QLORA_NTILE, in);
+        for (int64_t n0 = 0; n0 < N; n0 += QLORA_NTILE) {
+            const int64_t nt = N - n0 < QLORA_NTILE ? N - n0 : QLORA_NTILE;
+            mt_tensor xt = mt_tensor_rows(x, n0, nt), yrows = mt_tensor_rows(y, n0, nt),
+                      eye = mt_tensor_rows(&qx->eye, 0, nt);
+            const mt_tensor *src = &xt;
+            if (nt < QLORA_NTILE) { /* the last tile: zero rows below it */
+                mt_tensor head = mt_tensor_rows(&xs, 0, nt);
+                host->fill(&xs, 0.0f);
+                host->copy(&head, &xt);
+                src = &xs;
+            }
+            for (int r0 = 0; r0 < out; r0 += rows) {
+                const int nr = out - r0 < rows ? out - r0 : rows;
+                mt_tensor w = qlora_band(L, r0, nr), band = mt_tensor_rows(&yT, r0, nr);
+                host->matmul(&band, &w, src, 0, 1, 1.0f, 0.0f); /* y^T rows = W_band x^T */
+            }
+            host->matmul(&yrows, &eye, &yT, 0, 1, 1.0f, 0.0f); /* y = [I 0] (y^T)^T */
         }
     }
-    if (L->bias)
-        for (int i = 0; i < N; i++)
-            for (int o = 0; o < out; o++) y[(size_t)i * out + o] += L->bias[o];
+    if (L->bias.data) qlora_add_bias(L, y);
 }
 
 /* dx (N,in) += dy (N,out) · dequant(W): the frozen base computes input gradients only */
-static void qlora_base_backward(lora_layer *L, float *dx, const float *dy, const float *x,
-                                int N) {
+static void qlora_base_backward(lora_layer *L, mt_tensor *dx, const mt_tensor *dy,
+                                const mt_tensor *x) {
     lora *lo = L->lo;
     if (lo->merged) {
-        host->linear_base_backward(L->lin, dx, dy, x, N);
+        host->linear_base_backward(L->lin, dx, dy, x);
         return;
     }
     const qlora_extra *qx = lo->extra;
     const int in = L->in, out = L->out, rows = qlora_rows(qx, in, out);
-    for (int r0 = 0; r0 < out; r0 += rows) {
-        const int nr = out - r0 < rows ? out - r0 : rows;
-        nf4_dequantize(L->base, (int64_t)r0 * in, (int64_t)(r0 + nr) * in, qx->wtile);
-        if (nr == out) {
-            host->matmul(dx, dy, qx->wtile, N, in, out, 0, 0, 1.0f, 1.0f);
-            break;
+    const int64_t N = dy->shape[0];
+    if (rows == out) {
+        mt_tensor w = qlora_band(L, 0, out);
+        host->matmul(dx, dy, &w, 0, 0, 1.0f, 1.0f);
+        return;
+    }
+    mt_tensor dyT = mt_tensor_2d(&qx->yt, out, QLORA_NTILE),
+              acc = mt_tensor_2d(&qx->xs, QLORA_NTILE, in);
+    for (int64_t n0 = 0; n0 < N; n0 += QLORA_NTILE) {
+        const int64_t nt = N - n0 < QLORA_NTILE ? N - n0 : QLORA_NTILE;
+        mt_tensor dyt = mt_tensor_rows(dy, n0, nt), dxt = mt_tensor_rows(dx, n0, nt),
+                  eye = mt_tensor_rows(&qx->eye, 0, nt), head = mt_tensor_rows(&acc, 0, nt);
+        host->matmul(&dyT, &dyt, &eye, 1, 0, 1.0f, 0.0f); /* dy^T [I 0]: (out, NTILE) */
+        for (int r0 = 0; r0 < out; r0 += rows) {
+            const int nr = out - r0 < rows ? out - r0 : rows;
+            mt_tensor w = qlora_band(L, r0, nr), band = mt_tensor_rows(&dyT, r0, nr);
+            /* acc (NTILE,in) (+)= dy_band (NTILE,nr) · W_band (nr,in) */
+            host->matmul(&acc, &band, &w, 1, 0, 1.0f, r0 ? 1.0f : 0.0f);
         }
-        for (int n0 = 0; n0 < N; n0 += QLORA_NTILE) {
-            const int nt = N - n0 < QLORA_NTILE ? N - n0 : QLORA_NTILE;
-            for (int i = 0; i < nt; i++)
-                memcpy(qx->ytile + (size_t)i * nr, dy + (size_t)(n0 + i) * out + r0,
-                       (size_t)nr * sizeof(float));
-            host->matmul(dx + (size_t)n0 * in, qx->ytile, qx->wtile, nt, in, nr, 0, 0, 1.0f, 1.0f);
-        }
+        host->axpby(&dxt, 1.0f, &head, 1.0f);
     }
 }
 
-/* attach, per projection: quantize the weight, then release the fp32 copy. */
+/* attach, per projection: quantize the weight on the host, upload the result, then
+ * release the fp32 weight. */
 static mt_status qlora_prepare(lora *lo, lora_layer *L, const mt_linear_info *info,
                                mt_error *err) {
     qlora_extra *qx = lo->extra;
@@ -307,43 +371,86 @@ static mt_status qlora_prepare(lora *lo, lora_layer *L, const mt_linear_info *in
         return host->error(err, MT_ERR_INVALID_ARG,
                            "%s: the base weight of %s was already released", lo->plugin,
                            info->name);
-    nf4_tensor *q = host->alloc(sizeof *q);
-    if (!q) return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
-    L->base = q;
-    q->n = (int64_t)info->in * info->out;
-    q->n_blocks = (q->n + NF4_BLOCK - 1) / NF4_BLOCK;
-    q->n_blocks2 = (q->n_blocks + DQ_BLOCK - 1) / DQ_BLOCK;
-    q->codes = host->alloc((size_t)(q->n + 1) / 2);
-    q->absmax_q = host->alloc((size_t)q->n_blocks);
-    q->absmax2 = host->alloc((size_t)q->n_blocks2 * sizeof(float));
-    float *absmax32 = host->alloc((size_t)q->n_blocks * sizeof(float));
-    if (!q->codes || !q->absmax_q || !q->absmax2 || !absmax32) {
-        host->free(absmax32);
-        return host->error(err, MT_ERR_NOMEM, "%s: out of memory quantizing %s", lo->plugin,
-                           info->name);
+    qlora_weight *w = host->alloc(sizeof *w);
+    if (!w) return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
+    L->base = w;
+    nf4_tensor q = {.n = (int64_t)info->in * info->out};
+    q.n_blocks = (q.n + NF4_BLOCK - 1) / NF4_BLOCK;
+    q.n_blocks2 = (q.n_blocks + DQ_BLOCK - 1) / DQ_BLOCK;
+    q.codes = host->alloc((size_t)(q.n + 1) / 2);
+    q.absmax_q = host->alloc((size_t)q.n_blocks);
+    q.absmax2 = host->alloc((size_t)q.n_blocks2 * sizeof(float));
+    float *absmax32 = host->alloc((size_t)q.n_blocks * sizeof(float));
+    float *weight = host->alloc((size_t)q.n * sizeof(float));
+    mt_status st = MT_OK;
+    if (!q.codes || !q.absmax_q || !q.absmax2 || !absmax32 || !weight)
+        st = host->error(err, MT_ERR_NOMEM, "%s: out of memory quantizing %s", lo->plugin,
+                         info->name);
+    if (!st) st = host->tensor_download(weight, &info->weight, err);
+    if (!st) {
+        nf4_quantize(weight, &q, absmax32);
+        st = qlora_upload(&q, lo->device, w, err);
     }
-    nf4_quantize(info->weight.data, q, absmax32);
+    host->free(weight);
     host->free(absmax32);
-    L->bias = info->bias.data;
+    host->free(q.codes);
+    host->free(q.absmax_q);
+    host->free(q.absmax2);
+    if (st) return st;
+    L->bias = info->bias;
     host->linear_release_weight(L->lin);
-    qx->n_params += q->n;
-    qx->n_bytes += nf4_bytes(q);
+    qx->n_params += q.n;
+    qx->n_bytes += nf4_bytes(&q);
     return MT_OK;
 }
 
-/* attach, after every projection: the shared tiles. */
+/* The table tensor of host->dequantize_4bit: the NF4 values, then the dynamic map. */
+static mt_status qlora_table_alloc(qlora_extra *qx, mt_device device, mt_error *err) {
+    float table[16 + 256];
+    memcpy(table, nf4_code, sizeof nf4_code);
+    memcpy(table + 16, dyn_code, sizeof dyn_code);
+    return qlora_tensor_1d(device, MT_F32, 16 + 256, table, &qx->table, err);
+}
+
+/* attach, after every projection: the table and the shared tiles. */
 static mt_status qlora_alloc_extra(lora *lo, mt_error *err) {
     qlora_extra *qx = lo->extra;
-    size_t w = 0, y = 0;
+    size_t w = 1;
+    int64_t out_max = 0, in_max = 0;
+    int any_bias = 0;
     for (int i = 0; i < lo->n_layers; i++) {
         const lora_layer *L = &lo->layers[i];
         const int rows = qlora_rows(qx, L->in, L->out);
         if ((size_t)rows * L->in > w) w = (size_t)rows * L->in;
-        if (rows < L->out && (size_t)QLORA_NTILE * rows > y) y = (size_t)QLORA_NTILE * rows;
+        if (rows < L->out) { /* banded */
+            if (L->out > out_max) out_max = L->out;
+            if (L->in > in_max) in_max = L->in;
+        }
+        any_bias |= L->bias.data != NULL;
     }
-    qx->wtile = host->alloc((w ? w : 1) * sizeof(float));
-    qx->ytile = host->alloc((y ? y : 1) * sizeof(float));
-    if (!qx->wtile || !qx->ytile) return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
+    const int64_t shape_w[1] = {(int64_t)w};
+    mt_status st = qlora_table_alloc(qx, lo->device, err);
+    if (!st) st = host->tensor_alloc(lo->device, MT_F32, 1, shape_w, &qx->wtile, err);
+    if (!st && out_max) {
+        const int64_t shape_yt[2] = {out_max, QLORA_NTILE}, shape_xs[2] = {QLORA_NTILE, in_max},
+                      shape_eye[2] = {QLORA_NTILE, QLORA_NTILE};
+        st = host->tensor_alloc(lo->device, MT_F32, 2, shape_yt, &qx->yt, err);
+        if (!st) st = host->tensor_alloc(lo->device, MT_F32, 2, shape_xs, &qx->xs, err);
+        if (!st) st = host->tensor_alloc(lo->device, MT_F32, 2, shape_eye, &qx->eye, err);
+        float *eye = st ? NULL : host->alloc((size_t)QLORA_NTILE * QLORA_NTILE * sizeof(float));
+        if (!st && !eye) st = host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
+        if (!st) {
+            for (int i = 0; i < QLORA_NTILE; i++) eye[(size_t)i * QLORA_NTILE + i] = 1.0f;
+            st = host->tensor_upload(&qx->eye, eye, err);
+        }
+        host->free(eye);
+    }
+    if (!st && any_bias) {
+        const int64_t shape_ones[2] = {LORA_TILE, 1};
+        st = host->tensor_alloc(lo->device, MT_F32, 2, shape_ones, &qx->ones, err);
+        if (!st) host->fill(&qx->ones, 1.0f);
+    }
+    if (st) return st;
     host->log(MT_LOG_INFO, lo->plugin,
               "%d projections in NF4 with double quantization: %lld parameters in %zu bytes "
               "(%.4f bytes per parameter; fp32 would take %lld)",
@@ -355,10 +462,14 @@ static mt_status qlora_alloc_extra(lora *lo, mt_error *err) {
 
 static void qlora_free_extra(lora *lo) {
     qlora_extra *qx = lo->extra;
-    for (int i = 0; i < lo->n_layers; i++) nf4_free(lo->layers[i].base);
+    for (int i = 0; i < lo->n_layers; i++) qlora_weight_free(lo->layers[i].base);
     if (qx) {
-        host->free(qx->wtile);
-        host->free(qx->ytile);
+        host->tensor_free(&qx->table);
+        host->tensor_free(&qx->wtile);
+        host->tensor_free(&qx->yt);
+        host->tensor_free(&qx->xs);
+        host->tensor_free(&qx->eye);
+        host->tensor_free(&qx->ones);
     }
     host->free(qx);
 }
@@ -391,19 +502,22 @@ static mt_status qlora_merge(void *state, mt_error *err) {
     if (!lo->attached)
         return host->error(err, MT_ERR_INVALID_ARG, "%s: merge before attach", lo->plugin);
     if (lo->merged) return MT_OK;
-    for (int i = 0; i < lo->n_layers; i++) {
-        lora_layer *L = &lo->layers[i];
-        float *W = host->linear_restore_weight(L->lin, err);
-        if (!W) {
-            for (int j = 0; j < i; j++) host->linear_release_weight(lo->layers[j].lin);
-            mt_linear_info info;
-            host->linear_info(L->lin, &info);
-            return host->error(err, MT_ERR_NOMEM,
-                               "%s: cannot restore the fp32 weight of %s to merge; nothing "
-                               "was merged", lo->plugin, info.name);
-        }
-        nf4_dequantize(L->base, 0, (int64_t)L->in * L->out, W);
-        if (L->r) lora_fold(L, W, 1.0f);
+    const qlora_extra *qx = lo->extra;
+    mt_status st = MT_OK;
+    int restored = 0;
+    for (; restored < lo->n_layers; restored++) {
+        lora_layer *L = &lo->layers[restored];
+        mt_tensor W;
+        if ((st = host->linear_restore_weight(L->lin, &W, err))) break;
+        qlora_dequantize(qx, L->base, &W, 0);
+        if (L->r) lora_fold(L, &W, 1.0f);
+    }
+    if (!st) st = host->check(err);
+    if (st) { /* nothing stays merged: the quantized base is still the truth */
+        char why[MT_ERROR_MSG_MAX];
+        snprintf(why, sizeof why, "%s", err->msg);
+        for (int j = 0; j < restored; j++) host->linear_release_weight(lo->layers[j].lin);
+        return host->error(err, st, "%s: merge failed, nothing was merged: %s", lo->plugin, why);
     }
     lo->merged = 1;
     return MT_OK;
@@ -419,6 +533,7 @@ static mt_status qlora_unmerge(void *state, mt_error *err) {
 }
 
 static const mt_adapter_vtable qlora_vtable = {
+    MT_VTABLE_SIZE(mt_adapter_vtable),
     .create = qlora_create,
     .destroy = lora_destroy,
     .attach = lora_attach,
@@ -426,17 +541,27 @@ static const mt_adapter_vtable qlora_vtable = {
     .unmerge = qlora_unmerge,
     .set_enabled = lora_set_enabled,
     .set_training = lora_set_training,
+    .state_count = lora_state_count,
+    .state_get = lora_state_get,
+    .state_set = lora_state_set,
+    .format = "peft",
+    .save = lora_save,
+    .import_options = lora_import_options,
+    .load = lora_load,
 };
 
+/* Written by hand (not MT_PLUGIN_DEFINE): loading also builds the tables. */
 static const mt_plugin_descriptor qlora_descriptor = {
     .abi_version = MT_PLUGIN_ABI_VERSION,
+    .size = sizeof(mt_plugin_descriptor),
     .kind = MT_PLUGIN_ADAPTER,
     .name = "qlora",
-    .version = "1.0.0",
+    .version = "2.0.0",
     .description = "QLoRA: LoRA over a frozen NF4 base with double quantization "
                    "(bitsandbytes' layout, ~0.52 bytes per base parameter)",
     .options = lora_options,
     .n_options = sizeof lora_options / sizeof lora_options[0],
+    .option_size = sizeof(mt_option_spec),
     .vtable = &qlora_vtable,
 };
 

@@ -1,15 +1,34 @@
-/* cross_entropy.c — mean token cross-entropy over unmasked targets, with optional
- * label smoothing and z-loss, computed chunk by chunk over the rows so that the
+/* cross_entropy.c — token cross-entropy over unmasked targets, with optional label
+ * smoothing and z-loss, computed chunk by chunk over the rows so that the
  * (tokens x vocabulary) logits are never held at once.
  *
  * Per unmasked row with logits x, lse = log sum_j exp x_j and target t:
  *   nll     = lse - x_t
  *   smooth  = lse - mean_j x_j                      (= mean_j -log p_j)
  *   loss    = (1 - eps) * nll + eps * smooth + z * lse^2
- * averaged over the unmasked rows: torch's cross_entropy(label_smoothing=eps) plus
- * the z-loss of PaLM. d loss / d x_j = p_j - (1-eps)[j=t] - eps/V + 2 z lse p_j. */
+ * torch's cross_entropy(label_smoothing=eps) plus the z-loss of PaLM.
+ * d loss_row / d x_j = (1 + 2 z lse) p_j - eps/V - (1-eps)[j=t].
+ *
+ * Normalisation (ABI 2). The sum over rows is divided by the target tokens of the whole
+ * optimizer step (batch->step_items, which the host sums over the micro-batches through
+ * `count` below), so the step's loss is the sum of its micro-batches' losses and every
+ * token weighs the same whatever micro-batch it falls in: transformers'
+ * num_items_in_batch since 4.46. Outside training (step_items 0) the batch is
+ * normalised by its own count. The metrics nll and lse_squared are normalised the same
+ * way, so they too sum over a step.
+ *
+ * Devices. The plugin never reads logit memory: per chunk it asks the model for the
+ * logits as a device tensor, uploads the chunk's targets (ignored ones as -1, which
+ * the host's softmax operations treat as "no target"), lets host->softmax_stats
+ * reduce every row to lse, x_t and mean_j x_j, and downloads those three n-row
+ * vectors to form the sums in double here. Backward is then three numbers per row,
+ * (c0, c1, c2) = dloss * ((1 + 2 z lse), -eps/V, -(1-eps)), zero for rows without a
+ * target, uploaded as an (n,3) tensor; host->softmax_backward turns the logits in
+ * place into d loss / d logits, which go back to the model. The chunk tensors are
+ * allocated on the model's device on first use and grown when a plan needs more rows. */
 #include <math.h>
 #include <moontune/plugin.h>
+#include <stddef.h>
 #include <string.h>
 
 static const mt_host *host;
@@ -17,8 +36,16 @@ static const mt_host *host;
 typedef struct ce_state {
     double label_smoothing, z_loss;
     int ignore_index;
-    float *logits;     /* (chunk,V), allocated on first use and kept */
-    size_t logits_cap; /* floats */
+    /* chunk tensors on `device`, for up to cap rows of V logits (cap 0: none yet) */
+    mt_device device;
+    int cap, V;
+    mt_tensor logits;  /* (cap,V) F32 */
+    mt_tensor targets; /* (cap) I32: the target, or -1 for none */
+    mt_tensor lse, target_logit, mean_logit; /* (cap) F32 */
+    mt_tensor coefs;   /* (cap,3) F32 */
+    /* host copies of one chunk's per-row vectors */
+    int32_t *h_targets;
+    float *h_lse, *h_target_logit, *h_mean_logit, *h_coefs;
 } ce_state;
 
 static const mt_option_spec options[] = {
@@ -40,51 +67,113 @@ static mt_status ce_create(const mt_host *h, const mt_options *opts, void **stat
     return MT_OK;
 }
 
+static void ce_free_chunk(ce_state *s) {
+    host->tensor_free(&s->logits);
+    host->tensor_free(&s->targets);
+    host->tensor_free(&s->lse);
+    host->tensor_free(&s->target_logit);
+    host->tensor_free(&s->mean_logit);
+    host->tensor_free(&s->coefs);
+    host->free(s->h_targets);
+    host->free(s->h_lse);
+    host->free(s->h_target_logit);
+    host->free(s->h_mean_logit);
+    host->free(s->h_coefs);
+    s->h_targets = NULL;
+    s->h_lse = s->h_target_logit = s->h_mean_logit = s->h_coefs = NULL;
+    s->cap = 0;
+}
+
 static void ce_destroy(void *state) {
     ce_state *s = state;
     if (!s) return;
-    host->free(s->logits);
+    ce_free_chunk(s);
     host->free(s);
 }
 
 static int is_target(const ce_state *s, int32_t t) { return t >= 0 && t != s->ignore_index; }
 
-/* Loss terms of rows [0, n) of logits (n,V); with backward, overwrites them with
- * dloss * d(loss_row)/d(logits). Returns sums of nll and z terms through out. */
-static void chunk_rows(ce_state *s, float *logits, const int32_t *targets, int n, int V,
-                       int backward, double dloss, double *sum_loss, double *sum_nll,
-                       double *sum_z) {
-    const double eps = s->label_smoothing, z = s->z_loss;
-    double total = 0.0, total_nll = 0.0, total_z = 0.0;
-#pragma omp parallel for reduction(+ : total, total_nll, total_z) schedule(static)
-    for (int r = 0; r < n; r++) {
-        float *x = logits + (size_t)r * V;
-        if (!is_target(s, targets[r])) {
-            if (backward) memset(x, 0, (size_t)V * sizeof(float));
-            continue;
-        }
-        float mx = x[0];
-        for (int j = 1; j < V; j++) mx = x[j] > mx ? x[j] : mx;
-        double sum = 0.0, sum_x = 0.0;
-        for (int j = 0; j < V; j++) {
-            sum += exp((double)x[j] - mx);
-            sum_x += x[j];
-        }
-        double lse = mx + log(sum);
-        double nll = lse - x[targets[r]];
-        double smooth = lse - sum_x / V;
-        total += (1.0 - eps) * nll + eps * smooth + z * lse * lse;
-        total_nll += nll;
-        total_z += lse * lse;
-        if (backward) {
-            double coef = dloss * (1.0 + 2.0 * z * lse), uniform = dloss * eps / V;
-            for (int j = 0; j < V; j++) x[j] = (float)(coef * exp((double)x[j] - lse) - uniform);
-            x[targets[r]] -= (float)(dloss * (1.0 - eps));
-        }
+/* The chunk tensors for `rows` rows of V logits on `device`: kept from the last call
+ * when they fit, else made anew (first use, a larger plan, another model). */
+static mt_status ce_reserve(ce_state *s, mt_device device, int rows, int V, mt_error *err) {
+    if (s->cap >= rows && s->V == V && s->device == device) return MT_OK;
+    ce_free_chunk(s);
+    const int64_t shape_logits[2] = {rows, V}, shape_rows[1] = {rows}, shape_coefs[2] = {rows, 3};
+    mt_status st = host->tensor_alloc(device, MT_F32, 2, shape_logits, &s->logits, err);
+    if (!st) st = host->tensor_alloc(device, MT_I32, 1, shape_rows, &s->targets, err);
+    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &s->lse, err);
+    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &s->target_logit, err);
+    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &s->mean_logit, err);
+    if (!st) st = host->tensor_alloc(device, MT_F32, 2, shape_coefs, &s->coefs, err);
+    if (st) {
+        ce_free_chunk(s);
+        return st;
     }
-    *sum_loss += total;
-    *sum_nll += total_nll;
-    *sum_z += total_z;
+    s->h_targets = host->alloc((size_t)rows * sizeof(int32_t));
+    s->h_lse = host->alloc((size_t)rows * sizeof(float));
+    s->h_target_logit = host->alloc((size_t)rows * sizeof(float));
+    s->h_mean_logit = host->alloc((size_t)rows * sizeof(float));
+    s->h_coefs = host->alloc((size_t)rows * 3 * sizeof(float));
+    if (!s->h_targets || !s->h_lse || !s->h_target_logit || !s->h_mean_logit || !s->h_coefs) {
+        ce_free_chunk(s);
+        return host->error(err, MT_ERR_NOMEM, "cross_entropy: out of memory for %d rows", rows);
+    }
+    s->cap = rows;
+    s->V = V;
+    s->device = device;
+    return MT_OK;
+}
+
+/* The items of a batch: targets the loss trains on. Targets past the vocabulary count
+ * here too; compute refuses them before it uses any count. */
+static int64_t ce_count(void *state, const mt_batch *batch) {
+    const ce_state *s = state;
+    if (!batch->targets) return 0;
+    const int64_t rows = (int64_t)batch->B * batch->T;
+    int64_t count = 0;
+    for (int64_t i = 0; i < rows; i++) count += is_target(s, batch->targets[i]);
+    return count;
+}
+
+typedef struct ce_sums {
+    double loss, nll, z;
+} ce_sums;
+
+/* One chunk of n rows from row0: logits, the row statistics, the sums and, with
+ * backward, d loss / d logits into the model. */
+static mt_status ce_chunk(ce_state *s, mt_model_handle *model, const int32_t *targets, int row0,
+                          int n, int V, int backward, double dloss, ce_sums *sums, mt_error *err) {
+    const double eps = s->label_smoothing, z = s->z_loss;
+    mt_tensor logits = mt_tensor_rows(&s->logits, 0, n), tgt = mt_tensor_rows(&s->targets, 0, n),
+              lse = mt_tensor_rows(&s->lse, 0, n), tl = mt_tensor_rows(&s->target_logit, 0, n),
+              ml = mt_tensor_rows(&s->mean_logit, 0, n), coefs = mt_tensor_rows(&s->coefs, 0, n);
+    for (int r = 0; r < n; r++) s->h_targets[r] = is_target(s, targets[r]) ? targets[r] : -1;
+    mt_status st = host->model_logits(model, row0, n, &logits, err);
+    if (!st) st = host->tensor_upload(&tgt, s->h_targets, err);
+    if (st) return st;
+    host->softmax_stats(&logits, &tgt, &lse, &tl, eps > 0 ? &ml : NULL);
+    if ((st = host->check(err))) return st;
+    if ((st = host->tensor_download(s->h_lse, &lse, err)) ||
+        (st = host->tensor_download(s->h_target_logit, &tl, err)) ||
+        (eps > 0 && (st = host->tensor_download(s->h_mean_logit, &ml, err))))
+        return st;
+    for (int r = 0; r < n; r++) {
+        float *c = s->h_coefs + (size_t)r * 3;
+        c[0] = c[1] = c[2] = 0.0f; /* no target: no gradient */
+        if (s->h_targets[r] < 0) continue;
+        const double l = s->h_lse[r], nll = l - (double)s->h_target_logit[r];
+        const double smooth = eps > 0 ? l - (double)s->h_mean_logit[r] : 0.0;
+        sums->loss += (1.0 - eps) * nll + eps * smooth + z * l * l;
+        sums->nll += nll;
+        sums->z += l * l;
+        c[0] = (float)(dloss * (1.0 + 2.0 * z * l));
+        c[1] = (float)(-dloss * eps / V);
+        c[2] = (float)(-dloss * (1.0 - eps));
+    }
+    if (!backward) return MT_OK;
+    if ((st = host->tensor_upload(&coefs, s->h_coefs, err))) return st;
+    host->softmax_backward(&logits, &lse, &tgt, &coefs);
+    return host->model_backward_logits(model, row0, n, &logits, err);
 }
 
 static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch *batch,
@@ -92,51 +181,52 @@ static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch 
     ce_state *s = state;
     if (!batch->targets)
         return host->error(err, MT_ERR_INVALID_ARG, "cross_entropy: the batch has no targets");
+    if (result->size < sizeof *result)
+        return host->error(err, MT_ERR_INVALID_ARG,
+                           "cross_entropy: the host's loss result has %u bytes, fewer than the "
+                           "%zu of this plugin's ABI", (unsigned)result->size, sizeof *result);
     const int V = host->model_vocab_size(model), rows = batch->B * batch->T;
-    int64_t count = 0;
-    for (int i = 0; i < rows; i++) {
+    for (int i = 0; i < rows; i++)
         if (batch->targets[i] >= V)
             return host->error(err, MT_ERR_INVALID_ARG,
                                "cross_entropy: target %d at row %d, position %d is outside the "
                                "vocabulary (%d)",
                                batch->targets[i], i / batch->T, i % batch->T, V);
-        count += is_target(s, batch->targets[i]);
-    }
+    const int64_t count = ce_count(s, batch);
+    /* the whole step's items when the host says them (a batch struct of ABI 2 or later) */
+    const int64_t step_items =
+        batch->size >= offsetof(mt_batch, step_items) + sizeof batch->step_items
+            ? batch->step_items : 0;
+    if (step_items > 0 && step_items < count)
+        return host->error(err, MT_ERR_INVALID_ARG,
+                           "cross_entropy: the step has %lld items but this batch alone has %lld",
+                           (long long)step_items, (long long)count);
+    const double norm = step_items > 0 ? (double)step_items : (double)count;
     mt_status st = host->model_forward(model, batch, 1, err);
     if (st) return st;
     const int chunk = host->model_chunk_rows(model);
-    if ((size_t)chunk * V > s->logits_cap) { /* first use, or a larger plan */
-        host->free(s->logits);
-        s->logits = host->alloc((size_t)chunk * V * sizeof(float));
-        if (!s->logits) {
-            s->logits_cap = 0;
-            return host->error(err, MT_ERR_NOMEM, "cross_entropy: out of memory for %d x %d logits",
-                               chunk, V);
-        }
-        s->logits_cap = (size_t)chunk * V;
-    }
-    const double dloss = count ? 1.0 / (double)count : 0.0;
-    double sum_loss = 0.0, sum_nll = 0.0, sum_z = 0.0;
+    if (count && (st = ce_reserve(s, host->model_device(model), chunk, V, err))) return st;
+    const double dloss = count ? 1.0 / norm : 0.0;
+    ce_sums sums = {0, 0, 0};
     for (int r0 = 0; r0 < rows && count; r0 += chunk) {
         int n = rows - r0 < chunk ? rows - r0 : chunk;
         int any = 0;
         for (int i = r0; i < r0 + n && !any; i++) any = is_target(s, batch->targets[i]);
         if (!any) continue; /* a masked prompt needs no logits */
-        if ((st = host->model_logits(model, r0, n, s->logits, err))) return st;
-        chunk_rows(s, s->logits, batch->targets + r0, n, V, backward, dloss, &sum_loss, &sum_nll,
-                   &sum_z);
-        if (backward && (st = host->model_backward_logits(model, r0, n, s->logits, err)))
+        if ((st = ce_chunk(s, model, batch->targets + r0, r0, n, V, backward, dloss, &sums, err)))
             return st;
     }
     if (backward && (st = host->model_backward(model, err))) return st;
+    const uint32_t size = result->size;
     memset(result, 0, sizeof *result);
-    result->loss = count ? sum_loss / (double)count : 0.0;
+    result->size = size;
+    result->loss = count ? sums.loss / norm : 0.0;
     result->n_tokens = count;
     result->n_metrics = 2;
     result->metric_names[0] = "nll";
-    result->metrics[0] = count ? sum_nll / (double)count : 0.0;
+    result->metrics[0] = count ? sums.nll / norm : 0.0;
     result->metric_names[1] = "lse_squared";
-    result->metrics[1] = count ? sum_z / (double)count : 0.0;
+    result->metrics[1] = count ? sums.z / norm : 0.0;
     if (!isfinite(result->loss))
         return host->error(err, MT_ERR_NUMERIC, "cross_entropy: the loss is not finite (%g)",
                            result->loss);
@@ -144,17 +234,19 @@ static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch 
 }
 
 static const mt_loss_vtable vtable = {
+    MT_VTABLE_SIZE(mt_loss_vtable),
     .create = ce_create,
     .destroy = ce_destroy,
     .compute = ce_compute,
+    .count = ce_count,
 };
 
 MT_PLUGIN_DEFINE(host,
                  .kind = MT_PLUGIN_LOSS,
                  .name = "cross_entropy",
-                 .version = "1.0.0",
-                 .description = "mean token cross-entropy over unmasked targets, chunked over rows; "
-                 "optional label smoothing and z-loss",
+                 .version = "2.0.0",
+                 .description = "token cross-entropy over unmasked targets, normalised by the "
+                 "step's target tokens, chunked over rows; optional label smoothing and z-loss",
                  .options = options,
                  .n_options = sizeof options / sizeof options[0],
                  .vtable = &vtable)

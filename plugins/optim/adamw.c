@@ -13,8 +13,11 @@
  *     denom = sqrt(v or vm) / sqrt(1 - beta2^t) + eps
  *     p  -= lr / (1 - beta1^t) * m / denom
  *
- * State is created lazily (zeros, the shape of the parameter) on the first step that
- * sees a parameter, or by state_set when a checkpoint is restored.
+ * Parameters must be F32.
+ *
+ * State is created lazily (zeros, the shape of the parameter, on its device) on the first
+ * step that sees a parameter, or by state_set when a checkpoint is restored. The update
+ * is a sequence of host operations (plugin ABI 2), so it runs wherever the model does.
  *
  * The step count: torch keeps a `step` per parameter; here the host's step argument is
  * the one step count. The trainer saves it with its own state in a checkpoint and passes
@@ -32,7 +35,6 @@
 #include <moontune/plugin.h>
 
 #define NAME "adamw"
-#define PARALLEL_MIN 32768 /* elements: smaller parameters are updated by one thread */
 
 static const mt_host *host;
 
@@ -63,39 +65,28 @@ typedef struct adamw {
 
 /* ---- the update of one parameter ---- */
 
-/* torch's lerp: a + w (b - a) for small weights, b - (b - a)(1 - w) otherwise. */
-static inline float lerp(float a, float b, float w) {
-    return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
-}
-
-static void update(const void *self, optim_slot *s, float *p, const float *g, double wd,
-                   double lr, int64_t step) {
+/* Each line of the formula above is one host operation over the whole parameter, in
+ * torch's order and with its fp32 arithmetic (plugin.h states each operation's formula):
+ * the results do not depend on the device's thread count, since every element is
+ * computed on its own. */
+static void update(const void *self, optim_slot *s, mt_tensor *p, const mt_tensor *g,
+                   mt_tensor *scratch, double wd, double lr, int64_t step) {
     const adamw *st = self;
-    const int64_t n = s->numel;
-    float *m = s->buf[EXP_AVG], *v = s->buf[EXP_AVG_SQ], *vmax = s->buf[MAX_EXP_AVG_SQ];
+    (void)scratch;
+    mt_tensor *m = &s->buf[EXP_AVG], *v = &s->buf[EXP_AVG_SQ], *vmax = &s->buf[MAX_EXP_AVG_SQ];
     const double bias_correction1 = 1.0 - pow(st->beta1, (double)step);
     const double bias_correction2 = 1.0 - pow(st->beta2, (double)step);
-    const float decay = (float)(1.0 - lr * wd);
-    const float w1 = (float)(1.0 - st->beta1);
-    const float b2 = (float)st->beta2, w2 = (float)(1.0 - st->beta2);
-    const float bc2_sqrt = (float)pow(bias_correction2, 0.5);
-    const float eps = (float)st->eps;
-    const float neg_step_size = (float)-(lr / bias_correction1);
-    /* element by element, so the result does not depend on the number of threads */
-#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
-    for (int64_t j = 0; j < n; j++) {
-        if (wd != 0.0) p[j] *= decay;
-        m[j] = lerp(m[j], g[j], w1);
-        v[j] = v[j] * b2 + w2 * g[j] * g[j];
-        float second = v[j];
-        if (st->amsgrad) {
-            if (v[j] > vmax[j] || v[j] != v[j])
-                vmax[j] = v[j]; /* NaN propagates, as torch.maximum */
-            second = vmax[j];
-        }
-        const float denom = sqrtf(second) / bc2_sqrt + eps;
-        p[j] = p[j] + neg_step_size * m[j] / denom;
+    /* p = decay * p: axpby with beta 0 overwrites, so this is exactly p * decay */
+    if (wd != 0.0) host->axpby(p, (float)(1.0 - lr * wd), p, 0.0f);
+    host->lerp(m, g, (float)(1.0 - st->beta1));
+    host->addcmul(v, (float)st->beta2, (float)(1.0 - st->beta2), g, g);
+    const mt_tensor *second = v;
+    if (st->amsgrad) {
+        host->maximum(vmax, v); /* NaN propagates, as torch.maximum */
+        second = vmax;
     }
+    host->addcdiv_sqrt(p, (float)-(lr / bias_correction1), m, second,
+                       (float)pow(bias_correction2, 0.5), (float)st->eps);
 }
 
 static const optim_spec spec = {kind_names, MAX_KINDS, update};
@@ -140,6 +131,7 @@ static mt_status opt_state_set(void *state, const char *name, const mt_tensor *t
 }
 
 static const mt_optimizer_vtable vtable = {
+    MT_VTABLE_SIZE(mt_optimizer_vtable),
     .create = opt_create,
     .destroy = optim_destroy,
     .step = optim_step,

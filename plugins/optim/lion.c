@@ -8,8 +8,10 @@
  *     p -= lr * sign(beta1 * m + (1 - beta1) * g)     sign(0) = 0
  *     m  = beta2 * m + (1 - beta2) * g        (state "exp_avg/<param>", zeros at first)
  *
- * The state is created lazily on the first step that sees a parameter, or by state_set
- * when a checkpoint is restored. The step count: Lion does not use it. Restoring
+ * Parameters must be F32. The state is created lazily (on the parameter's device) on the
+ * first step that sees a parameter, or by state_set when a checkpoint is restored; the
+ * update is a sequence of host operations (plugin ABI 2) with one scratch tensor as large
+ * as the largest parameter. The step count: Lion does not use it. Restoring
  * (optim_state.h): state_set may come before or after the first step, and the first step
  * after a restore checks that every parameter got its state and that every restored
  * tensor belongs to a parameter of the same shape. */
@@ -19,7 +21,6 @@
 #include <moontune/plugin.h>
 
 #define NAME "lion"
-#define PARALLEL_MIN 32768 /* elements: smaller parameters are updated by one thread */
 
 static const mt_host *host;
 
@@ -47,24 +48,22 @@ typedef struct lion {
 
 /* ---- the update of one parameter ---- */
 
-static void update(const void *self, optim_slot *s, float *p, const float *g, double wd,
-                   double lr, int64_t step) {
+/* Host operations over the whole parameter (plugin ABI 2), each the fp32 arithmetic of
+ * one line above; c is computed into the scratch tensor, since m is still needed after
+ * it. axpby computes alpha * x + beta * y: the same products and sum as m * b1 + w1 * g. */
+static void update(const void *self, optim_slot *s, mt_tensor *p, const mt_tensor *g,
+                   mt_tensor *c, double wd, double lr, int64_t step) {
     const lion *st = self;
     (void)step;
-    const int64_t n = s->numel;
-    float *m = s->buf[EXP_AVG];
-    const float decay = (float)(1.0 - lr * wd), neg_lr = (float)-lr;
+    mt_tensor *m = &s->buf[EXP_AVG];
     const float b1 = (float)st->beta1, w1 = (float)(1.0 - st->beta1);
     const float b2 = (float)st->beta2, w2 = (float)(1.0 - st->beta2);
-    /* element by element, so the result does not depend on the number of threads */
-#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
-    for (int64_t j = 0; j < n; j++) {
-        if (wd != 0.0) p[j] *= decay;
-        const float c = m[j] * b1 + w1 * g[j];
-        const float sign = c != c ? c : (float)((c > 0.0f) - (c < 0.0f)); /* NaN propagates */
-        p[j] = p[j] + neg_lr * sign;
-        m[j] = m[j] * b2 + w2 * g[j];
-    }
+    /* p = decay * p: axpby with beta 0 overwrites, so this is exactly p * decay */
+    if (wd != 0.0) host->axpby(p, (float)(1.0 - lr * wd), p, 0.0f);
+    host->copy(c, m);
+    host->axpby(c, w1, g, b1);           /* c = beta1 m + (1 - beta1) g */
+    host->add_sign(p, (float)-lr, c);    /* sign(0) = 0; NaN propagates */
+    host->axpby(m, w2, g, b2);           /* m = beta2 m + (1 - beta2) g */
 }
 
 static const optim_spec spec = {kind_names, MAX_KINDS, update};
@@ -78,6 +77,7 @@ static mt_status opt_create(const mt_host *h, const mt_options *opts, void **out
     st->beta2 = h->opt_float(opts, "beta2");
     st->base.weight_decay = h->opt_float(opts, "weight_decay");
     st->base.n_kinds = 1;
+    st->base.needs_scratch = 1; /* c, the interpolation whose sign is the update */
     *out = st;
     return MT_OK;
 }
@@ -93,6 +93,7 @@ static mt_status opt_state_set(void *state, const char *name, const mt_tensor *t
 }
 
 static const mt_optimizer_vtable vtable = {
+    MT_VTABLE_SIZE(mt_optimizer_vtable),
     .create = opt_create,
     .destroy = optim_destroy,
     .step = optim_step,

@@ -11,7 +11,9 @@
  *     d  = d + momentum * b        with nesterov, else d = b
  *     p -= lr * d
  *
- * With momentum 0 there is no buffer and no state. The buffer is created lazily on the
+ * Parameters must be F32. The update is a sequence of host operations (plugin ABI 2), with
+ * one scratch tensor as large as the largest parameter when weight decay or Nesterov
+ * change d. With momentum 0 there is no buffer and no state. The buffer is created lazily on the
  * first step that sees a parameter, or by state_set when a checkpoint is restored, in
  * which case the restored buffer is used as is (no clone of the gradient).
  *
@@ -25,7 +27,6 @@
 #include <moontune/plugin.h>
 
 #define NAME "sgd"
-#define PARALLEL_MIN 32768 /* elements: smaller parameters are updated by one thread */
 
 static const mt_host *host;
 
@@ -56,28 +57,31 @@ typedef struct sgd {
 
 /* ---- the update of one parameter ---- */
 
-/* s->started: the buffer holds a momentum (torch: it is not None), from an earlier step
- * or a restore. */
-static void update(const void *self, optim_slot *s, float *p, const float *g, double wd,
-                   double lr, int64_t step) {
+/* Host operations over the whole parameter (plugin ABI 2). d is the gradient itself when
+ * nothing changes it, else the scratch tensor (the gradient is the host's, not ours to
+ * overwrite). axpby computes alpha * x + beta * y, with the products and sums of the
+ * formulas above (a multiplication by 1 is exact). s->started: the buffer holds a
+ * momentum (torch: it is not None), from an earlier step or a restore. */
+static void update(const void *self, optim_slot *s, mt_tensor *p, const mt_tensor *g,
+                   mt_tensor *scratch, double wd, double lr, int64_t step) {
     const sgd *st = self;
     (void)step;
-    const int64_t n = s->numel;
-    float *b = s->buf[MOMENTUM_BUFFER];
-    const float wdf = (float)wd, momentum = (float)st->momentum;
-    const float keep = (float)(1.0 - st->dampening), neg_lr = (float)-lr;
-    const int started = s->started;
-    /* element by element, so the result does not depend on the number of threads */
-#pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN)
-    for (int64_t j = 0; j < n; j++) {
-        float d = g[j];
-        if (wd != 0.0) d = d + wdf * p[j];
-        if (st->momentum != 0.0) {
-            b[j] = started ? b[j] * momentum + keep * d : d;
-            d = st->nesterov ? d + momentum * b[j] : b[j];
-        }
-        p[j] = p[j] + neg_lr * d;
+    const float momentum = (float)st->momentum;
+    const int has_momentum = st->momentum != 0.0;
+    const mt_tensor *d = g;
+    if (wd != 0.0 || (has_momentum && st->nesterov)) {
+        host->copy(scratch, g);
+        if (wd != 0.0) host->axpby(scratch, (float)wd, p, 1.0f); /* d = g + wd p */
+        d = scratch;
     }
+    if (has_momentum) {
+        mt_tensor *b = &s->buf[MOMENTUM_BUFFER];
+        if (s->started) host->axpby(b, (float)(1.0 - st->dampening), d, momentum);
+        else host->copy(b, d); /* the first step: torch clones d */
+        if (st->nesterov) host->axpby(scratch, momentum, b, 1.0f); /* d = d + momentum b */
+        else d = b;
+    }
+    host->axpby(p, (float)-lr, d, 1.0f); /* p = p - lr d */
 }
 
 static const optim_spec spec = {kind_names, MAX_KINDS, update};
@@ -92,6 +96,8 @@ static mt_status opt_create(const mt_host *h, const mt_options *opts, void **out
     st->nesterov = h->opt_bool(opts, "nesterov");
     st->base.weight_decay = h->opt_float(opts, "weight_decay");
     st->base.n_kinds = st->momentum != 0.0 ? 1 : 0;
+    /* d differs from the gradient with weight decay or Nesterov: it needs its own tensor */
+    st->base.needs_scratch = st->base.weight_decay != 0.0 || st->nesterov;
     if (st->nesterov && (st->momentum <= 0.0 || st->dampening != 0.0)) {
         h->free(st);
         return h->error(err, MT_ERR_INVALID_ARG,
@@ -120,6 +126,7 @@ static mt_status opt_state_set(void *state, const char *name, const mt_tensor *t
 }
 
 static const mt_optimizer_vtable vtable = {
+    MT_VTABLE_SIZE(mt_optimizer_vtable),
     .create = opt_create,
     .destroy = optim_destroy,
     .step = optim_step,

@@ -44,6 +44,7 @@ static mt_status sched_create(const mt_host *h, const mt_options *opts, void **o
 }
 
 static const mt_scheduler_vtable vtable = {
+    MT_VTABLE_SIZE(mt_scheduler_vtable),
     .create = sched_create,
     .destroy = sched_destroy,
     .lr = sched_lr,

@@ -2,7 +2,9 @@
 -- after a few LoRA steps (so the adapter is not zero), the merged transformers export
 -- and the F32 GGUF export, loaded back, give the adapted model's held-out loss and its
 -- greedy answers; the F16 GGUF is close; the PEFT directory has PEFT's files and, loaded
--- back with model:attach_peft, gives the adapted model's loss and answers.
+-- back with model:attach_peft, gives the adapted model's loss and answers. A full
+-- fine-tune (adapter "full") exports merged and as an F32 GGUF that reload with its
+-- held-out loss, and refuses export_peft (it has no adapter directory).
 local mt = require("moontune")
 local tasks = require("moontune.tasks")
 local PLUGINS = { paths = { BUILD_DIR .. "/plugins" } }
@@ -127,4 +129,41 @@ do
 end
 local ok_dt, derr = pcall(model.export_gguf, model, TMP .. "/bad.gguf", { dtype = "q4" })
 check(not ok_dt and derr:find("dtype"), "bad dtype: " .. tostring(derr))
+-- the PEFT directory loaded by the adapter named
+do
+  local m <close> = mt.model(MODEL)
+  local ok_full, ferr = pcall(m.attach_peft, m, TMP .. "/adapter", { adapter = "full" })
+  check(not ok_full and ferr:find("cannot load a PEFT adapter directory", 1, true),
+        "attach_peft with full: " .. tostring(ferr))
+  m:attach_peft(TMP .. "/adapter", { adapter = "lora" })
+  m:plan(2, 96)
+  close_to(mt.evaluate(m, heldout).loss, adapted, 1e-6, "attach_peft {adapter = lora} loss")
+end
+
+-- a full fine-tune: every weight trains, and the exports are the trained model itself
+do
+  local fm <close> = mt.model(MODEL)
+  fm:attach(mt.plugin("adapter", "full", {}, PLUGINS))
+  fm:plan(2, 96)
+  local fopt = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 }, PLUGINS)
+  local fbatch = mt.batcher(train, { batch = 2, seq_len = 96, seed = 2 })
+  for step = 1, 3 do
+    mt.train_step(fm, loss, fopt, fbatch:next(), { lr = 1e-3, step = step })
+  end
+  local trained = mt.evaluate(fm, heldout).loss
+  check(math.abs(trained - base_loss) > 1e-3, "full training moved the loss: " .. base_loss .. " -> " .. trained)
+  local ok_fp, fperr = pcall(fm.export_peft, fm, TMP .. "/full_peft")
+  check(not ok_fp and fperr:find("cannot be saved as an adapter directory", 1, true),
+        "export_peft of a full fine-tune: " .. tostring(fperr))
+  fm:export_merged(TMP .. "/full_merged", { tokenizer = tok })
+  fm:export_gguf(TMP .. "/full32.gguf", { tokenizer = tok, dtype = "f32" })
+  close_to(mt.evaluate(fm, heldout).loss, trained, 1e-6, "full: exports leave the model unchanged")
+  for _, path in ipairs({ TMP .. "/full_merged", TMP .. "/full32.gguf" }) do
+    local m <close> = mt.model(path)
+    local t <close> = mt.tokenizer(path)
+    m:plan(2, 96)
+    local ex <close> = mt.examples(DATA .. "/tiny_chat_heldout.jsonl", t, opts)
+    close_to(mt.evaluate(m, ex).loss, trained, 1e-5, "full fine-tune reloaded from " .. path)
+  end
+end
 return "ok"

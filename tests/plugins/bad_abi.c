@@ -4,6 +4,8 @@
 
 static const mt_plugin_descriptor desc = {
     .abi_version = 999,
+    .size = sizeof(mt_plugin_descriptor),
+    .option_size = sizeof(mt_option_spec),
     .kind = MT_PLUGIN_SCHEDULER,
     .name = "bad_abi",
     .version = "1.0.0",

@@ -3,6 +3,8 @@
 
 static const mt_plugin_descriptor desc = {
     .abi_version = MT_PLUGIN_ABI_VERSION,
+    .size = sizeof(mt_plugin_descriptor),
+    .option_size = sizeof(mt_option_spec),
     .kind = MT_PLUGIN_SCHEDULER,
     .name = "Bad Name",
     .version = "1.0.0",

@@ -9,6 +9,8 @@ static const mt_option_spec options[] = {
 
 static const mt_plugin_descriptor desc = {
     .abi_version = MT_PLUGIN_ABI_VERSION,
+    .size = sizeof(mt_plugin_descriptor),
+    .option_size = sizeof(mt_option_spec),
     .kind = MT_PLUGIN_SCHEDULER,
     .name = "bad_schema_dup",
     .version = "1.0.0",

@@ -7,6 +7,7 @@ static size_t state_count(void *state) {
 }
 
 static const mt_optimizer_vtable vtable = {
+    MT_VTABLE_SIZE(mt_optimizer_vtable),
     .create = tp_create,
     .destroy = tp_destroy,
     .step = NULL,
@@ -15,6 +16,8 @@ static const mt_optimizer_vtable vtable = {
 
 static const mt_plugin_descriptor desc = {
     .abi_version = MT_PLUGIN_ABI_VERSION,
+    .size = sizeof(mt_plugin_descriptor),
+    .option_size = sizeof(mt_option_spec),
     .kind = MT_PLUGIN_OPTIMIZER,
     .name = "bad_vtable",
     .version = "1.0.0",

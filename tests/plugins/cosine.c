@@ -5,6 +5,8 @@
 
 static const mt_plugin_descriptor desc = {
     .abi_version = MT_PLUGIN_ABI_VERSION,
+    .size = sizeof(mt_plugin_descriptor),
+    .option_size = sizeof(mt_option_spec),
     .kind = MT_PLUGIN_SCHEDULER,
     .name = "cosine",
     .version = "0.0.0-test",

@@ -55,10 +55,17 @@ static double lr(void *state, int64_t step, int64_t total_steps, double base_lr)
     return base_lr * (s->min_lr_ratio + (1.0 - s->min_lr_ratio) * f);
 }
 
-static const mt_scheduler_vtable vtable = {create, destroy, lr};
+static const mt_scheduler_vtable vtable = {
+    MT_VTABLE_SIZE(mt_scheduler_vtable),
+    .create = create,
+    .destroy = destroy,
+    .lr = lr,
+};
 
 static const mt_plugin_descriptor desc = {
     .abi_version = MT_PLUGIN_ABI_VERSION,
+    .size = sizeof(mt_plugin_descriptor),
+    .option_size = sizeof(mt_option_spec),
     .kind = MT_PLUGIN_SCHEDULER,
     .name = "test_sched",
     .version = "0.0.1",

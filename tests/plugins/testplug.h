@@ -23,6 +23,11 @@ static inline double tp_lr(void *state, int64_t step, int64_t total_steps, doubl
     return base_lr;
 }
 
-static const mt_scheduler_vtable tp_sched_vtable = {tp_create, tp_destroy, tp_lr};
+static const mt_scheduler_vtable tp_sched_vtable = {
+    MT_VTABLE_SIZE(mt_scheduler_vtable),
+    .create = tp_create,
+    .destroy = tp_destroy,
+    .lr = tp_lr,
+};
 
 #endif

@@ -135,4 +135,54 @@ if [[ "$libs" != *libasan* ]]; then
   if (ulimit -v 2000000; "$moontune" run err_memory.lua) 2> err.txt; then exit 1; fi
   grep -q "err_memory.lua:2: not enough memory (a request for [0-9.]* MiB failed)" err.txt
 fi
+# --device: cpu works everywhere; a wrong name is refused naming the choices (exit 2);
+# cuda works where the default is cuda (mt.device() says which) and otherwise fails at
+# once with the reason and a non-zero exit, never falling back to the CPU
+fix=$source_dir/tests/fixtures
+heldout=$fix/data/tiny_chat_heldout.jsonl
+"$moontune" eval --device cpu --model "$fix/tiny_chat" "$heldout" --seq 64 > out.txt
+grep -q "tokens/s on cpu)" out.txt
+"$moontune" generate --device=cpu --model "$fix/tiny_chat" --prompt hi --max-new-tokens 2 \
+  > /dev/null 2> err.txt
+grep -q ", on cpu (" err.txt
+"$moontune" bench --device cpu --shape tiny --batch 1 --seq 16 --steps 1 --warmup 0 \
+  --mode frozen > out.txt
+grep -q "(cpu backend)" out.txt
+for cmd in "eval --model $fix/tiny_chat $heldout --seq 64" "generate --model $fix/tiny_chat --prompt hi" \
+           "bench" "run $recipe"; do
+  rc=0; "$moontune" $cmd --device gpu > /dev/null 2> err.txt || rc=$?
+  test "$rc" = 2
+  grep -q -- '--device: expected cpu or cuda, got "gpu"' err.txt
+done
+cat > device.lua <<'LUA'
+local mt = require("moontune")
+local cfg = mt.config({ model = "", device = "" })
+print("run device " .. mt.device())
+local m <close> = mt.model(cfg.model, { device = cfg.device ~= "" and cfg.device or nil })
+print("model device " .. m:info().device)
+LUA
+"$moontune" run device.lua --device cpu --set model="$fix/tiny_chat" > out.txt
+grep -qx "run device cpu" out.txt && grep -qx "model device cpu" out.txt
+"$moontune" run device.lua --set model="$fix/tiny_chat" > out.txt # the default
+default=$(sed -n 's/^run device //p' out.txt)
+grep -qx "model device $default" out.txt
+if [ "$default" = cpu ]; then
+  for cmd in "eval --model $fix/tiny_chat $heldout --seq 64" "generate --model $fix/tiny_chat --prompt hi" \
+             "bench --steps 1"; do
+    rc=0; "$moontune" $cmd --device cuda > out.txt 2> err.txt || rc=$?
+    test "$rc" = 1 && test ! -s out.txt
+    grep -Eq -- '^moontune [a-z]+: --device cuda: (no CUDA device|this moontune was built without the CUDA backend \(nvcc was not found at build time\))' err.txt
+  done
+  # run: mt.device() reports the command line's choice; the model it cannot place fails
+  rc=0; "$moontune" run device.lua --device cuda --set model="$fix/tiny_chat" > out.txt 2> err.txt || rc=$?
+  test "$rc" = 1 && grep -qx "run device cuda" out.txt
+  grep -q -- "device.lua:4: --device cuda: " err.txt
+  # ... unless the recipe names the device of the model itself
+  "$moontune" run device.lua --device cuda --set model="$fix/tiny_chat" --set device=cpu > out.txt
+  grep -qx "model device cpu" out.txt
+else
+  "$moontune" eval --device cuda --model "$fix/tiny_chat" "$heldout" --seq 64 > out.txt
+  grep -q "tokens/s on cuda)" out.txt
+fi
+echo "--device: checked (the default here is $default)"
 echo "moontune run: all checks passed"

@@ -186,7 +186,7 @@ static char *save(rig *r, const char *run_dir, int64_t step) {
     fill_state(r, &s, step);
     char *path = NULL;
     mt_error err = {0};
-    if (mt_checkpoint_save(run_dir, r->model, r->opt, &s, &path, &err)) fail_msg("%s", err.msg);
+    if (mt_checkpoint_save(run_dir, r->model, r->opt, NULL, &s, &path, &err)) fail_msg("%s", err.msg);
     assert_non_null(path);
     return path;
 }
@@ -254,7 +254,7 @@ static void test_round_trip_is_exact(void **state) {
     rig_up(&b, "full", "adamw");
     mt_ckpt_state s;
     mt_error err = {0};
-    if (mt_checkpoint_load(path, b.model, b.opt, &s, &err)) fail_msg("%s", err.msg);
+    if (mt_checkpoint_load(path, b.model, b.opt, NULL, &s, &err)) fail_msg("%s", err.msg);
     expect_same_params(a.model, b.model);
     expect_same_optimizer(a.opt, b.opt);
 
@@ -292,7 +292,7 @@ static void test_round_trip_is_exact(void **state) {
 
     /* the files of the layout are there and verify alone */
     const char *files[] = {"weights.safetensors", "optimizer.safetensors", "recipe.lua",
-                           "state.json", "state.json.sha256"};
+                           "plugin_state.safetensors", "state.json", "state.json.sha256"};
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
         char *f = mt_path_join(path, files[i], NULL);
         assert_int_equal(access(f, R_OK), 0);
@@ -331,7 +331,7 @@ static void resume_equivalence(const char *adapter) {
     assert_int_equal(mt_checkpoint_latest(run, &latest, &err), MT_OK);
     assert_non_null(latest);
     mt_ckpt_state s;
-    if (mt_checkpoint_load(latest, r.model, r.opt, &s, &err)) fail_msg("%s", err.msg);
+    if (mt_checkpoint_load(latest, r.model, r.opt, NULL, &s, &err)) fail_msg("%s", err.msg);
     assert_int_equal(s.step, CUT);
     train(&r, s.step + 1, STEPS, resumed);
     mt_ckpt_state_clear(&s);
@@ -399,7 +399,7 @@ static void rewrite_state(const char *ckpt, const char *from, const char *to, in
 static void expect_refused(rig *r, const char *ckpt, const char *part1, const char *part2) {
     mt_error err = {0};
     mt_ckpt_state s;
-    mt_status st = mt_checkpoint_load(ckpt, r->model, r->opt, &s, &err);
+    mt_status st = mt_checkpoint_load(ckpt, r->model, r->opt, NULL, &s, &err);
     printf("refused: %s\n", err.msg);
     assert_int_not_equal(st, MT_OK);
     if (part1 && !strstr(err.msg, part1)) fail_msg("'%s' does not mention '%s'", err.msg, part1);
@@ -446,8 +446,8 @@ static void test_corruption_is_refused(void **state) {
 
     /* an unknown format version (with state.json's checksum made to agree) */
     ck = save(&r, run, 1);
-    rewrite_state(ck, "\"format_version\": 3", "\"format_version\": 4", 1);
-    expect_refused(&r, ck, "format version 4", "expected 1 to 3");
+    rewrite_state(ck, "\"format_version\": 4", "\"format_version\": 5", 1);
+    expect_refused(&r, ck, "format version 5", "expected 1 to 4");
     free(ck);
 
     /* state.json edited behind its checksum */
@@ -613,10 +613,10 @@ static void test_run_settings_and_model_identity(void **state) {
     s.trainer = "{\"bad_evals\": 2, \"best\": {\"step\": 4, \"value\": 0.5, \"saved\": true}}";
     char *ck = NULL;
     mt_error err = {0};
-    if (mt_checkpoint_save(run, r.model, r.opt, &s, &ck, &err)) fail_msg("%s", err.msg);
+    if (mt_checkpoint_save(run, r.model, r.opt, NULL, &s, &ck, &err)) fail_msg("%s", err.msg);
     mt_ckpt_state loaded;
     memset(&loaded, 0, sizeof loaded);
-    if (mt_checkpoint_load(ck, r.model, r.opt, &loaded, &err)) fail_msg("%s", err.msg);
+    if (mt_checkpoint_load(ck, r.model, r.opt, NULL, &loaded, &err)) fail_msg("%s", err.msg);
     assert_non_null(loaded.run);
     assert_string_equal(loaded.run, "{\"config\":{\"seed\":3},\"trainer\":{\"lr\":0.001,\"total_steps\":8}}");
     assert_non_null(loaded.trainer);
@@ -640,11 +640,11 @@ static void test_run_settings_and_model_identity(void **state) {
     mt_ckpt_state s1;
     fill_state(&r, &s1, 2);
     memset(r.model->fingerprint, 0, sizeof r.model->fingerprint);
-    if (mt_checkpoint_save(run, r.model, r.opt, &s1, &ck, &err)) fail_msg("%s", err.msg);
-    rewrite_state(ck, "\"format_version\": 3", "\"format_version\": 1", 1);
+    if (mt_checkpoint_save(run, r.model, r.opt, NULL, &s1, &ck, &err)) fail_msg("%s", err.msg);
+    rewrite_state(ck, "\"format_version\": 4", "\"format_version\": 1", 1);
     memcpy(r.model->fingerprint, other, sizeof other);
     memset(&loaded, 0, sizeof loaded);
-    if (mt_checkpoint_load(ck, r.model, r.opt, &loaded, &err)) fail_msg("%s", err.msg);
+    if (mt_checkpoint_load(ck, r.model, r.opt, NULL, &loaded, &err)) fail_msg("%s", err.msg);
     assert_null(loaded.run);
     assert_null(loaded.trainer);
     assert_string_equal(loaded.model_fingerprint, "");
@@ -654,12 +654,12 @@ static void test_run_settings_and_model_identity(void **state) {
     /* run must be a JSON object */
     fill_state(&r, &s, 3);
     s.run = "[1, 2]";
-    assert_int_not_equal(mt_checkpoint_save(run, r.model, r.opt, &s, NULL, &err), MT_OK);
+    assert_int_not_equal(mt_checkpoint_save(run, r.model, r.opt, NULL, &s, NULL, &err), MT_OK);
     assert_non_null(strstr(err.msg, "state.run must be a JSON object"));
     /* so must trainer */
     fill_state(&r, &s, 3);
     s.trainer = "3";
-    assert_int_not_equal(mt_checkpoint_save(run, r.model, r.opt, &s, NULL, &err), MT_OK);
+    assert_int_not_equal(mt_checkpoint_save(run, r.model, r.opt, NULL, &s, NULL, &err), MT_OK);
     assert_non_null(strstr(err.msg, "state.trainer must be a JSON object"));
 
     rig_down(&r);

@@ -872,6 +872,348 @@ static void test_reductions_deterministic(void **state) {
     free(dout), free(x), free(w), free(rstd), free(tok);
 }
 
+/* ---- plugin ABI 2 -------------------------------------------------------- *
+ * The naive loops below are the formulas the plugins ran on host memory before ABI 2
+ * (adamw.c, lion.c, lora.c's dropout, cross_entropy.c's rows, qlora.c's decoder). The
+ * backend must give the same floats, so the elementwise ops, dropout and the decoder
+ * are compared bit for bit; the softmax rows, which sum in double, against a double
+ * reference. Sizes 1 and 7 take the serial path, 1000003 (odd, above PAR_MIN) the
+ * OpenMP one. */
+
+static const size_t abi2_sizes[] = {1, 7, 1000003};
+
+/* Bitwise equality, except that any NaN equals any NaN. Names the first mismatch. */
+static void assert_same_floats(const char *what, size_t n_case, const float *got,
+                               const float *want, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(got[i]) && isnan(want[i])) continue;
+        if (memcmp(&got[i], &want[i], sizeof(float)) != 0) {
+            fail_msg("%s (n=%zu): element %zu is %.9g, want %.9g", what, n_case, i,
+                     (double)got[i], (double)want[i]);
+        }
+    }
+}
+
+/* x (n) with special values planted at fixed places when n allows: NaN, +0, -0, +inf. */
+static void plant_specials(float *x, size_t n, size_t phase) {
+    const float special[4] = {NAN, 0.0f, -0.0f, INFINITY};
+    for (size_t k = 0; k < 4; k++)
+        if (k * 3 + phase < n) x[k * 3 + phase] = special[k];
+}
+
+static void test_abi2_elementwise(void **state) {
+    (void)state;
+    uint64_t rng = 21;
+    for (size_t k = 0; k < sizeof abi2_sizes / sizeof abi2_sizes[0]; k++) {
+        size_t n = abi2_sizes[k];
+        float *x = frand(n, &rng, -2, 2), *y0 = frand(n, &rng, -2, 2);
+        float *a = frand(n, &rng, -1, 1), *b = frand(n, &rng, 0, 3); // b >= 0: sqrt(b)
+        float *y = fbuf(n), *want = fbuf(n);
+
+        // fill
+        be.ops->fill(&be, y, -3.25f, n);
+        for (size_t i = 0; i < n; i++) want[i] = -3.25f;
+        assert_same_floats("fill", n, y, want, n);
+
+        // axpby, beta != 0, then beta == 0 over NaN (which must not survive)
+        memcpy(y, y0, n * sizeof(float));
+        be.ops->axpby(&be, y, 0.7f, x, -1.3f, n);
+        for (size_t i = 0; i < n; i++) want[i] = 0.7f * x[i] + -1.3f * y0[i];
+        assert_same_floats("axpby", n, y, want, n);
+        for (size_t i = 0; i < n; i++) y[i] = NAN;
+        be.ops->axpby(&be, y, 0.7f, x, 0.0f, n);
+        for (size_t i = 0; i < n; i++) want[i] = 0.7f * x[i];
+        assert_same_floats("axpby beta=0", n, y, want, n);
+
+        // lerp, both of torch's forms, and the exact ends
+        const float ws[] = {0.1f, -0.3f, 0.5f, 0.9f, 1.0f, 0.0f}; // 0.5: the second form
+        for (size_t wi = 0; wi < sizeof ws / sizeof ws[0]; wi++) {
+            const float w = ws[wi];
+            memcpy(y, y0, n * sizeof(float));
+            be.ops->lerp(&be, y, x, w, n);
+            for (size_t i = 0; i < n; i++)
+                want[i] = fabsf(w) < 0.5f ? y0[i] + w * (x[i] - y0[i])
+                                          : x[i] - (x[i] - y0[i]) * (1.0f - w);
+            assert_same_floats("lerp", n, y, want, n);
+            if (w == 1.0f) assert_same_floats("lerp w=1 is x", n, y, x, n);
+            if (w == 0.0f) assert_same_floats("lerp w=0 is y", n, y, y0, n);
+        }
+
+        // addcmul: Adam's v * b2 + w2 * g * g, with a and b the same array too
+        memcpy(y, y0, n * sizeof(float));
+        be.ops->addcmul(&be, y, 0.999f, 0.001f, a, x, n);
+        for (size_t i = 0; i < n; i++) want[i] = y0[i] * 0.999f + 0.001f * a[i] * x[i];
+        assert_same_floats("addcmul", n, y, want, n);
+        memcpy(y, y0, n * sizeof(float));
+        be.ops->addcmul(&be, y, 0.999f, 0.001f, a, a, n);
+        for (size_t i = 0; i < n; i++) want[i] = y0[i] * 0.999f + 0.001f * a[i] * a[i];
+        assert_same_floats("addcmul a*a", n, y, want, n);
+
+        // addcdiv_sqrt: Adam's p + (-lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+        memcpy(y, y0, n * sizeof(float));
+        be.ops->addcdiv_sqrt(&be, y, -1e-3f, a, b, 0.0316f, 1e-8f, n);
+        for (size_t i = 0; i < n; i++) want[i] = y0[i] + -1e-3f * a[i] / (sqrtf(b[i]) / 0.0316f + 1e-8f);
+        assert_same_floats("addcdiv_sqrt", n, y, want, n);
+
+        // maximum: NaN in x or y propagates
+        float *xs = fcopy(x, n), *ys = fcopy(y0, n);
+        plant_specials(xs, n, 0);
+        plant_specials(ys, n, 1);
+        memcpy(y, ys, n * sizeof(float));
+        be.ops->maximum(&be, y, xs, n);
+        for (size_t i = 0; i < n; i++) want[i] = (xs[i] > ys[i] || isnan(xs[i])) ? xs[i] : ys[i];
+        assert_same_floats("maximum", n, y, want, n);
+        for (size_t i = 0; i < n; i++)
+            if (isnan(xs[i]) || isnan(ys[i])) assert_true(isnan(y[i]));
+
+        // add_sign: sign(±0) = 0, sign(NaN) = NaN (Lion's update)
+        memcpy(y, y0, n * sizeof(float));
+        be.ops->add_sign(&be, y, -0.01f, xs, n);
+        for (size_t i = 0; i < n; i++) {
+            float sg = isnan(xs[i]) ? xs[i] : xs[i] > 0.0f ? 1.0f : xs[i] < 0.0f ? -1.0f : 0.0f;
+            want[i] = y0[i] + -0.01f * sg;
+        }
+        assert_same_floats("add_sign", n, y, want, n);
+        if (n > 9) { // planted: xs[0] NaN, xs[3] +0, xs[6] -0, xs[9] +inf
+            assert_true(isnan(y[0]));
+            assert_true(y[3] == y0[3] && y[6] == y0[6]);
+            assert_true(y[9] == y0[9] - 0.01f);
+        }
+
+        // mul
+        memcpy(y, y0, n * sizeof(float));
+        be.ops->mul(&be, y, x, n);
+        for (size_t i = 0; i < n; i++) want[i] = y0[i] * x[i];
+        assert_same_floats("mul", n, y, want, n);
+
+        // copy (bytes, any dtype)
+        be.ops->copy(&be, y, x, n * sizeof(float));
+        assert_memory_equal(y, x, n * sizeof(float));
+
+        free(x), free(y0), free(a), free(b), free(y), free(want), free(xs), free(ys);
+    }
+}
+
+static void test_abi2_dropout(void **state) {
+    (void)state;
+    uint64_t rng = 22;
+    const uint64_t seed = 0x5EED5EEDull, counter0 = 123456789;
+    for (size_t k = 0; k < sizeof abi2_sizes / sizeof abi2_sizes[0]; k++) {
+        size_t n = abi2_sizes[k];
+        float *x = frand(n, &rng, -2, 2), *y0 = frand(n, &rng, -2, 2);
+        float *y = fbuf(n), *want = fbuf(n);
+        const float p = 0.3f, keep_scale = 1.0f / (1.0f - p);
+        size_t kept = 0;
+        for (size_t i = 0; i < n; i++) {
+            int keep = mt_random_uniform(seed, counter0 + i) >= p;
+            kept += keep;
+            want[i] = keep ? x[i] * keep_scale : 0.0f;
+        }
+        for (size_t i = 0; i < n; i++) y[i] = NAN; // "=" overwrites every element
+        be.ops->dropout(&be, y, x, p, seed, counter0, 0, n);
+        assert_same_floats("dropout", n, y, want, n);
+        if (n > 100000) { // the stream is uniform: 70% kept, within 6 standard deviations
+            double frac = (double)kept / (double)n;
+            printf("  dropout p=0.3 kept %.5f of %zu\n", frac, n);
+            assert_true(fabs(frac - 0.7) < 6.0 * sqrt(0.21 / (double)n));
+        }
+
+        // accumulate: y0 plus the kept elements; a dropped element is left as it was
+        memcpy(y, y0, n * sizeof(float));
+        be.ops->dropout(&be, y, x, p, seed, counter0, 1, n);
+        for (size_t i = 0; i < n; i++)
+            want[i] = mt_random_uniform(seed, counter0 + i) >= p ? y0[i] + x[i] * keep_scale : y0[i];
+        assert_same_floats("dropout accumulate", n, y, want, n);
+
+        // the mask is keyed by the element's counter: two calls over a split draw the same
+        if (n > 1) {
+            size_t h = n / 2;
+            float *y2 = fbuf(n);
+            be.ops->dropout(&be, y, x, p, seed, counter0, 0, n);
+            be.ops->dropout(&be, y2, x, p, seed, counter0, 0, h);
+            be.ops->dropout(&be, y2 + h, x + h, p, seed, counter0 + h, 0, n - h);
+            assert_same_floats("dropout split", n, y2, y, n);
+            free(y2);
+        }
+
+        // u == p keeps the element (>=): p set to the draw of element n/2
+        const float p_edge = mt_random_uniform(seed, counter0 + n / 2);
+        be.ops->dropout(&be, y, x, p_edge, seed, counter0, 0, n);
+        assert_true(y[n / 2] == x[n / 2] * (1.0f / (1.0f - p_edge)));
+        memcpy(y, y0, n * sizeof(float));
+        be.ops->dropout(&be, y, x, p_edge, seed, counter0, 1, n);
+        assert_true(y[n / 2] == y0[n / 2] + x[n / 2] * (1.0f / (1.0f - p_edge)));
+
+        // p = 0 keeps everything, scaled by exactly 1
+        be.ops->dropout(&be, y, x, 0.0f, seed, counter0, 0, n);
+        assert_same_floats("dropout p=0", n, y, x, n);
+        free(x), free(y0), free(y), free(want);
+    }
+}
+
+/* targets of the softmax tests: in range, none (< 0) and past the vocabulary (>= V) */
+static int32_t softmax_target(int r, int V) {
+    switch (r % 5) {
+    case 0: return -1;
+    case 1: return V; // no target: at or past the vocabulary
+    case 2: return 0;
+    case 3: return V - 1;
+    default: return (int32_t)((r * 7919) % V);
+    }
+}
+
+static float *softmax_logits(int n, int V, uint64_t *rng) {
+    float *x = frand((size_t)n * V, rng, -20, 20);
+    // one row far from 0 and one with a dominant entry: only a max shift keeps exp finite
+    for (int j = 0; j < V; j++) x[(size_t)1 * V + j] += 1000.0f;
+    x[(size_t)2 * V + V / 2] = 200.0f;
+    return x;
+}
+
+static void test_abi2_softmax_stats(void **state) {
+    (void)state;
+    uint64_t rng = 23;
+    const int n = 41, V = 1001; // n * V above PAR_MIN: rows in parallel
+    float *x = softmax_logits(n, V, &rng);
+    int32_t *t = malloc(n * sizeof(int32_t));
+    assert_non_null(t);
+    for (int r = 0; r < n; r++) t[r] = softmax_target(r, V);
+    float *lse = fnan(n), *tl = fnan(n), *ml = fnan(n);
+    be.ops->softmax_stats(&be, lse, tl, ml, x, t, n, V);
+    double max_err_lse = 0.0, max_err_mean = 0.0;
+    for (int r = 0; r < n; r++) {
+        const float *xr = x + (size_t)r * V;
+        double m = -INFINITY, sum = 0.0, sx = 0.0;
+        for (int j = 0; j < V; j++) m = xr[j] > m ? xr[j] : m;
+        for (int j = 0; j < V; j++) sum += exp((double)xr[j] - m), sx += xr[j];
+        double ref_lse = m + log(sum), ref_mean = sx / V;
+        double e1 = fabs(lse[r] - ref_lse) / fmax(1.0, fabs(ref_lse));
+        double e2 = fabs(ml[r] - ref_mean) / fmax(1.0, fabs(ref_mean));
+        max_err_lse = e1 > max_err_lse ? e1 : max_err_lse;
+        max_err_mean = e2 > max_err_mean ? e2 : max_err_mean;
+        float want_tl = t[r] >= 0 && t[r] < V ? xr[t[r]] : 0.0f;
+        assert_true(tl[r] == want_tl);
+    }
+    printf("  softmax_stats rel err: lse %.2e, mean %.2e\n", max_err_lse, max_err_mean);
+    assert_true(max_err_lse < 2e-7); // float storage of a double result: 6e-8
+    assert_true(max_err_mean < 2e-7);
+    assert_true(fabs(lse[1] - 1000.0f) < 30.0f); // the shifted row stayed finite
+
+    // the optional outputs may be NULL; lse does not change, and one thread gives the same
+    float *lse2 = fnan(n);
+    int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    be.ops->softmax_stats(&be, lse2, NULL, NULL, x, t, n, V);
+    omp_set_num_threads(saved);
+    assert_memory_equal(lse2, lse, n * sizeof(float));
+    free(x), free(t), free(lse), free(tl), free(ml), free(lse2);
+}
+
+static void test_abi2_softmax_backward(void **state) {
+    (void)state;
+    uint64_t rng = 24;
+    const int n = 41, V = 1001;
+    float *x = softmax_logits(n, V, &rng);
+    int32_t *t = malloc(n * sizeof(int32_t));
+    assert_non_null(t);
+    for (int r = 0; r < n; r++) t[r] = softmax_target(r, V);
+    float *coefs = frand((size_t)n * 3, &rng, -2, 2), *lse = fbuf(n);
+    // lse from a double naive, so this test does not lean on softmax_stats
+    for (int r = 0; r < n; r++) {
+        const float *xr = x + (size_t)r * V;
+        double m = -INFINITY, sum = 0.0;
+        for (int j = 0; j < V; j++) m = xr[j] > m ? xr[j] : m;
+        for (int j = 0; j < V; j++) sum += exp((double)xr[j] - m);
+        lse[r] = (float)(m + log(sum));
+    }
+    float *want = fbuf((size_t)n * V), *got = fcopy(x, (size_t)n * V);
+    for (int r = 0; r < n; r++) {
+        const double c0 = coefs[3 * r], c1 = coefs[3 * r + 1], c2 = coefs[3 * r + 2];
+        for (int j = 0; j < V; j++) {
+            double p = exp((double)x[(size_t)r * V + j] - (double)lse[r]);
+            want[(size_t)r * V + j] = (float)(c0 * p + c1 + (j == t[r] ? c2 : 0.0));
+        }
+    }
+    be.ops->softmax_backward(&be, got, lse, t, coefs, n, V);
+    double err = mt_test_rel_err(got, want, (size_t)n * V);
+    printf("  softmax_backward rel err %.2e\n", err);
+    assert_true(err < 1e-6);
+    // rows without a target carry no c2 anywhere, in particular not in the next row's
+    // first element (a target of V would land there): every element within float rounding
+    for (size_t i = 0; i < (size_t)n * V; i++)
+        assert_true(fabs(got[i] - want[i]) <= 1e-6 * fmax(1.0, fabs(want[i])));
+    free(x), free(t), free(coefs), free(lse), free(want), free(got);
+}
+
+/* The decoder of qlora.c's comment, one element at a time. */
+static float dequant_naive(int64_t e, const uint8_t *codes, const uint8_t *absmax_q,
+                           const float *absmax2, const float *table, float offset, int block,
+                           int block2) {
+    uint8_t byte = codes[e / 2];
+    int code = e % 2 == 0 ? byte >> 4 : byte & 0x0F;
+    int64_t b = e / block;
+    float scale = table[16 + absmax_q[b]] * absmax2[b / block2];
+    scale = scale + offset;
+    return table[code] * scale;
+}
+
+static void check_dequant(int64_t first, int64_t n, int block, int block2, uint64_t *rng) {
+    int64_t total = first + n, nb = (total + block - 1) / block, nb2 = (nb + block2 - 1) / block2;
+    uint8_t *codes = malloc((size_t)(total + 1) / 2), *aq = malloc((size_t)nb);
+    assert_non_null(codes);
+    assert_non_null(aq);
+    for (int64_t i = 0; i < (total + 1) / 2; i++) codes[i] = (uint8_t)mt_test_rand_u64(rng);
+    for (int64_t i = 0; i < nb; i++) aq[i] = (uint8_t)mt_test_rand_u64(rng);
+    float *a2 = frand((size_t)nb2, rng, 0.01f, 0.2f), *table = frand(16 + 256, rng, -1, 1);
+    const float offset = 0.037f;
+    float *got = fnan((size_t)n), *want = fbuf((size_t)n);
+    for (int64_t i = 0; i < n; i++)
+        want[i] = dequant_naive(first + i, codes, aq, a2, table, offset, block, block2);
+    be.ops->dequantize_4bit(&be, got, codes, aq, a2, table, offset, first, n, block, block2);
+    assert_same_floats("dequantize_4bit", (size_t)n, got, want, (size_t)n);
+    free(codes), free(aq), free(a2), free(table), free(got), free(want);
+}
+
+static void test_abi2_dequantize_4bit(void **state) {
+    (void)state;
+    uint64_t rng = 25;
+    // the layout by hand: byte 0x1F holds element 0 (code 1, high) and element 1 (code 15)
+    uint8_t codes[1] = {0x1F}, aq[1] = {3};
+    float table[16 + 256] = {0}, a2[1] = {2.0f}, out[2] = {0, 0};
+    table[1] = 0.5f, table[15] = -1.0f, table[16 + 3] = 0.25f;
+    be.ops->dequantize_4bit(&be, out, codes, aq, a2, table, 1.0f, 0, 2, 64, 256);
+    assert_true(out[0] == 0.5f * (0.25f * 2.0f + 1.0f) && out[1] == -1.0f * 1.5f);
+    be.ops->dequantize_4bit(&be, out, codes, aq, a2, table, 1.0f, 1, 1, 64, 256);
+    assert_true(out[0] == -1.5f); // an odd first starts at a low nibble
+
+    // bitsandbytes' blocks (64, 256) from an odd first that is no block boundary, odd n
+    check_dequant(197, 1, 64, 256, &rng);
+    check_dequant(197, 7, 64, 256, &rng);
+    check_dequant(64 * 300 + 5, 1000003, 64, 256, &rng);
+    check_dequant(0, 1000003, 64, 256, &rng);
+    // sizes that divide nothing
+    check_dequant(13, 1001, 5, 3, &rng);
+
+    // the same bits with one thread as with several
+    const int64_t first = 333, n = 200001;
+    int64_t total = first + n, nb = (total + 63) / 64;
+    uint8_t *c = malloc((size_t)(total + 1) / 2), *q = malloc((size_t)nb);
+    assert_non_null(c);
+    assert_non_null(q);
+    for (int64_t i = 0; i < (total + 1) / 2; i++) c[i] = (uint8_t)mt_test_rand_u64(&rng);
+    for (int64_t i = 0; i < nb; i++) q[i] = (uint8_t)mt_test_rand_u64(&rng);
+    float *s2 = frand((size_t)(nb + 255) / 256, &rng, 0.01f, 0.2f), *tb = frand(272, &rng, -1, 1);
+    float *o1 = fbuf((size_t)n), *o2 = fbuf((size_t)n);
+    int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    be.ops->dequantize_4bit(&be, o1, c, q, s2, tb, 0.01f, first, n, 64, 256);
+    omp_set_num_threads(3);
+    be.ops->dequantize_4bit(&be, o2, c, q, s2, tb, 0.01f, first, n, 64, 256);
+    omp_set_num_threads(saved);
+    assert_memory_equal(o1, o2, (size_t)n * sizeof(float));
+    free(c), free(q), free(s2), free(tb), free(o1), free(o2);
+}
+
 static int setup(void **state) {
     (void)state;
     mt_error err = {0};
@@ -907,6 +1249,11 @@ int main(void) {
         cmocka_unit_test(test_exp_shifted),
         cmocka_unit_test(test_sum_squares),
         cmocka_unit_test(test_reductions_deterministic),
+        cmocka_unit_test(test_abi2_elementwise),
+        cmocka_unit_test(test_abi2_dropout),
+        cmocka_unit_test(test_abi2_softmax_stats),
+        cmocka_unit_test(test_abi2_softmax_backward),
+        cmocka_unit_test(test_abi2_dequantize_4bit),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

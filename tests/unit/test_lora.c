@@ -8,7 +8,9 @@
  *   merge gives PEFT's merged weights within 1e-6 and the unmerged logits, unmerge
  *   gives back the base, set_enabled(0) gives the base model's logits;
  * - lora's defaults: PEFT's initialisation (A uniform in ±1/sqrt(in), B zero), seeds;
- * - dropout: gradients by central differences with the masks held fixed;
+ * - dropout: gradients by central differences with the masks held fixed; the
+ *   checkpoint state (the dropout passes) makes a second adapter draw the masks the
+ *   first one would have drawn next (what a resumed run relies on);
  * - qlora equals lora on the dequantized weights (logits within 1e-5, gradients 1e-4),
  *   on tiny_gqa and on tiny_bias (q/k/v biases, untied lm_head); merge / unmerge;
  *   the bytes per parameter of the quantized storage, measured and printed.
@@ -18,9 +20,13 @@
  *   bitsandbytes itself): packed codes, 8-bit absmax codes, state2's absmax and the
  *   dynamic map byte-identical; the offset within one ulp (the plugin takes the
  *   correctly rounded mean, bitsandbytes torch's fp32 mean: see qlora.c); dequantized
- *   values bit-identical given the same offset;
+ *   values (through the plugin's device tensors and host->dequantize_4bit)
+ *   bit-identical given the same offset;
  * - the tiled paths (rows of the weight and of x in tiles) against a plain double
- *   computation, with dropout, on shapes where the tiny models never tile. */
+ *   computation, with dropout, on shapes where the tiny models never tile.
+ *
+ * Plugin tensors live on the model's device: the tests read and write them through
+ * the host's tensor_download / tensor_upload, as the core would on any device. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,6 +64,35 @@ static const uint8_t *read_u8(const mt_safetensors *st, const char *name, size_t
     assert_int_equal(t->dtype, MT_ST_U8);
     *n = t->nbytes;
     return t->data;
+}
+
+static const mt_host *H(void) { return mt_host_table(); }
+
+/* A host copy of a tensor (F32), for comparisons; the caller frees it. */
+static float *to_host(const mt_tensor *t) {
+    size_t n = (size_t)mt_tensor_numel(t);
+    float *out = malloc(n * sizeof(float) + 1);
+    assert_non_null(out);
+    mt_error err = {0};
+    if (H()->tensor_download(out, t, &err)) fail_msg("%s", err.msg);
+    return out;
+}
+
+static void from_host(mt_tensor *t, const float *src) {
+    mt_error err = {0};
+    if (H()->tensor_upload(t, src, &err)) fail_msg("%s", err.msg);
+}
+
+/* No host operation failed since the last check. */
+static void ops_ok(void) {
+    mt_error err = {0};
+    if (H()->check(&err)) fail_msg("%s", err.msg);
+}
+
+/* A CPU tensor over memory the test owns (core internals: weights, fixtures). */
+static mt_tensor cpu_f32(float *data, int64_t rows, int64_t cols) {
+    return (mt_tensor){.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = 2, .shape = {rows, cols},
+                       .data = data};
 }
 
 static mt_plugin *load_plugin(const char *name) {
@@ -159,7 +194,7 @@ static void set_from_reference(run *r, const mt_safetensors *ref, size_t expect)
         size_t numel;
         float *val = read_f32(ref, name, &numel);
         assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].value));
-        memcpy(v[i].value.data, val, numel * sizeof(float));
+        from_host(&v[i].value, val);
         free(val);
     }
     free(v);
@@ -173,8 +208,9 @@ static void copy_adapter_values(run *a, run *b) {
     for (size_t i = 0; i < na; i++) {
         mt_param_view *w = find_view(vb, nb, va[i].name);
         if (!w) fail_msg("%s missing in the second run", va[i].name);
-        memcpy(w->value.data, va[i].value.data,
-               (size_t)mt_tensor_numel(&va[i].value) * sizeof(float));
+        float *x = to_host(&va[i].value);
+        from_host(&w->value, x);
+        free(x);
     }
     free(va);
     free(vb);
@@ -232,9 +268,11 @@ static void test_lora_peft_parity(void **state) {
         size_t numel;
         float *g = read_f32(ref, name, &numel);
         assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].grad));
-        double e = mt_test_rel_err(v[i].grad.data, g, numel);
+        float *mine = to_host(&v[i].grad);
+        double e = mt_test_rel_err(mine, g, numel);
         if (!(e <= 1e-4)) fail_msg("%s: gradient rel err %.3g", v[i].name, e);
         if (e > worst) worst = e;
+        free(mine);
         free(g);
     }
     printf("  %zu LoRA gradients, worst rel err %.3g\n", n, worst);
@@ -301,9 +339,11 @@ static void check_init(run *r, int expect_params) {
     assert_int_equal(n, (size_t)expect_params);
     for (size_t i = 0; i < n; i++) {
         size_t numel = (size_t)mt_tensor_numel(&v[i].value);
-        const float *x = v[i].value.data;
+        float *x = to_host(&v[i].value);
+        assert_int_equal(v[i].value.device, MT_DEVICE_CPU); /* the model's, on this backend */
         if (strstr(v[i].name, ".lora_B.weight")) {
             for (size_t k = 0; k < numel; k++) assert_true(x[k] == 0.0f);
+            free(x);
             continue;
         }
         assert_non_null(strstr(v[i].name, ".lora_A.weight"));
@@ -320,6 +360,7 @@ static void check_init(run *r, int expect_params) {
         double mean = sum / numel, var = sumsq / numel - mean * mean;
         assert_true(fabs(mean) < 0.1 * bound);
         assert_true(fabs(var / (bound * bound / 3.0) - 1.0) < 0.15);
+        free(x);
     }
     free(v);
 }
@@ -346,14 +387,20 @@ static void test_lora_defaults(void **state) {
     int same_seed_equal = 1, other_seed_equal = 1;
     for (size_t i = 0; i < na; i++) {
         size_t bytes = (size_t)mt_tensor_numel(&va[i].value) * sizeof(float);
-        same_seed_equal &= !memcmp(va[i].value.data, vb[i].value.data, bytes);
-        if (strstr(va[i].name, "lora_A"))
-            other_seed_equal &= !memcmp(va[i].value.data, vc[i].value.data, bytes);
+        float *xa = to_host(&va[i].value), *xb = to_host(&vb[i].value), *xc = to_host(&vc[i].value);
+        same_seed_equal &= !memcmp(xa, xb, bytes);
+        if (strstr(va[i].name, "lora_A")) other_seed_equal &= !memcmp(xa, xc, bytes);
+        free(xa);
+        free(xb);
+        free(xc);
     }
     assert_true(same_seed_equal);
     assert_false(other_seed_equal);
     /* two projections never share their A */
-    assert_true(memcmp(va[0].value.data, va[2].value.data, 8 * 48 * sizeof(float)) != 0);
+    float *a0 = to_host(&va[0].value), *a2 = to_host(&va[2].value);
+    assert_true(memcmp(a0, a2, 8 * 48 * sizeof(float)) != 0);
+    free(a0);
+    free(a2);
     /* B = 0: the adapted model starts as the base */
     float *lb = run_step(&base, 0, NULL), *la = run_step(&a, 0, NULL);
     check_rel("fresh adapter vs base model", la, lb, logits_size(&a), 1e-6);
@@ -383,6 +430,16 @@ static void test_lora_defaults(void **state) {
 
 /* ---- dropout: gradients by central differences, masks held fixed ---- */
 
+/* The dropout tests' adapter: r 4 on q_proj and down_proj, dropout 0.3, seed 11. */
+static const char *const dropout_modules[] = {"q_proj", "down_proj"};
+static const mt_kv dropout_kv[] = {
+    {.key = "r", .type = MT_KV_NUMBER, .number = 4},
+    {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
+    {.key = "dropout", .type = MT_KV_NUMBER, .number = 0.3},
+    {.key = "seed", .type = MT_KV_NUMBER, .number = 11},
+    {.key = "target_modules", .type = MT_KV_LIST, .list = dropout_modules,
+     .list_len = 2}};
+
 static void hold_masks(run *r, uint64_t pass) {
     lora *lo = r->inst->state;
     for (int i = 0; i < lo->n_layers; i++) lo->layers[i].pass = pass;
@@ -393,12 +450,7 @@ static void test_lora_dropout_gradients(void **state) {
     mt_error err = {0};
     mt_safetensors *ref = NULL;
     if (mt_st_open(LORA_REF, &ref, &err)) fail_msg("%s", err.msg);
-    const char *mods[] = {"q_proj", "down_proj"};
-    mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
-                  {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
-                  {.key = "dropout", .type = MT_KV_NUMBER, .number = 0.3},
-                  {.key = "seed", .type = MT_KV_NUMBER, .number = 11},
-                  {.key = "target_modules", .type = MT_KV_LIST, .list = mods, .list_len = 2}};
+    const mt_kv *kv = dropout_kv;
     run r;
     run_open(&r, GQA_DIR, "lora", kv, 5, ref);
     set_from_reference(&r, ref, 8);
@@ -427,25 +479,30 @@ static void test_lora_dropout_gradients(void **state) {
     assert_int_equal(n, 8);
     for (size_t i = 0; i < n; i++) {
         size_t numel = (size_t)mt_tensor_numel(&v[i].grad), k = 0;
-        const float *g = v[i].grad.data;
+        float *g = to_host(&v[i].grad);
         for (size_t j = 1; j < numel; j++)
             if (fabsf(g[j]) > fabsf(g[k])) k = j;
         at[i] = k;
         analytic_at[i] = g[k];
+        free(g);
     }
     int checked = 0;
     for (size_t i = 0; i < n; i++) {
-        float *x = v[i].value.data;
+        float *x = to_host(&v[i].value);
         const size_t k = at[i];
         const float analytic = analytic_at[i], keep = x[k], h = 1e-2f;
         float lp, lm;
         x[k] = keep + h;
+        from_host(&v[i].value, x);
         hold_masks(&r, 41);
         free(run_step(&r, 0, &lp));
         x[k] = keep - h;
+        from_host(&v[i].value, x);
         hold_masks(&r, 41);
         free(run_step(&r, 0, &lm));
         x[k] = keep;
+        from_host(&v[i].value, x);
+        free(x);
         double numeric = ((double)lp - lm) / (2.0 * h);
         double e = fabs(numeric - analytic) / fabs(analytic);
         printf("  %-48s d/dx[%zu] analytic %.6g numeric %.6g rel %.2g\n", v[i].name, k,
@@ -459,15 +516,87 @@ static void test_lora_dropout_gradients(void **state) {
     mt_st_close(ref);
 }
 
+/* ---- dropout: the passes as checkpoint state ---- */
+
+static void test_lora_dropout_state(void **state) {
+    (void)state;
+    mt_error err = {0};
+    mt_safetensors *ref = NULL;
+    if (mt_st_open(LORA_REF, &ref, &err)) fail_msg("%s", err.msg);
+    const mt_kv *kv = dropout_kv;
+    run a, b, c;
+    run_open(&a, GQA_DIR, "lora", kv, 5, ref);
+    run_open(&b, GQA_DIR, "lora", kv, 5, ref);
+    run_open(&c, GQA_DIR, "lora", kv, 5, ref);
+    set_from_reference(&a, ref, 8);
+    set_from_reference(&b, ref, 8);
+    set_from_reference(&c, ref, 8);
+    const mt_adapter_vtable *vt = a.vt;
+    assert_true(vt->size >= sizeof(mt_adapter_vtable));
+    assert_non_null(vt->state_count);
+    assert_int_equal(vt->state_count(a.inst->state), 1);
+
+    /* a trains three passes; its state says so for each of its 4 projections */
+    for (int i = 0; i < 3; i++) free(run_step(&a, 1, NULL));
+    const char *name = NULL;
+    mt_tensor t;
+    assert_int_equal(vt->state_get(a.inst->state, 0, &name, &t, &err), MT_OK);
+    assert_string_equal(name, "dropout_pass");
+    assert_int_equal(t.dtype, MT_I64);
+    assert_int_equal(t.device, MT_DEVICE_CPU);
+    assert_int_equal(t.ndim, 1);
+    assert_int_equal(t.shape[0], 4);
+    int64_t saved[4];
+    memcpy(saved, t.data, sizeof saved);
+    for (int i = 0; i < 4; i++) assert_int_equal(saved[i], 3);
+    assert_int_not_equal(vt->state_get(a.inst->state, 1, &name, &t, &err), MT_OK);
+
+    /* b resumes from a's state: its next pass draws exactly a's next masks; c, fresh,
+     * draws the masks of a first pass */
+    mt_tensor in = {.dtype = MT_I64, .device = MT_DEVICE_CPU, .ndim = 1, .shape = {4},
+                    .data = saved};
+    assert_int_equal(vt->state_set(b.inst->state, "dropout_pass", &in, &err), MT_OK);
+    float *la = run_step(&a, 0, NULL), *lb = run_step(&b, 0, NULL), *lc = run_step(&c, 0, NULL);
+    const double resumed = mt_test_rel_err(lb, la, logits_size(&a));
+    const double fresh = mt_test_rel_err(lc, la, logits_size(&a));
+    printf("dropout state: resumed vs uninterrupted logits rel err %.3g, fresh %.3g\n", resumed,
+           fresh);
+    assert_true(resumed == 0.0);
+    assert_true(fresh > 1e-4);
+
+    /* refusals: another name, another shape, another dtype */
+    assert_int_equal(vt->state_set(b.inst->state, "exp_avg", &in, &err), MT_ERR_INVALID_ARG);
+    printf("  %s\n", err.msg);
+    in.shape[0] = 3;
+    assert_int_equal(vt->state_set(b.inst->state, "dropout_pass", &in, &err), MT_ERR_FORMAT);
+    printf("  %s\n", err.msg);
+    in.shape[0] = 4;
+    in.dtype = MT_F32;
+    assert_int_equal(vt->state_set(b.inst->state, "dropout_pass", &in, &err), MT_ERR_FORMAT);
+
+    free(la);
+    free(lb);
+    free(lc);
+    run_close(&a);
+    run_close(&b);
+    run_close(&c);
+    mt_st_close(ref);
+}
+
 /* ---- qlora equals lora on the dequantized weights ---- */
 
 static void fill_random_b(run *r, uint64_t seed) {
     size_t n;
     mt_param_view *v = adapter_params(r, &n);
     for (size_t i = 0; i < n; i++)
-        if (strstr(v[i].name, "lora_B"))
-            mt_test_fill_uniform(v[i].value.data, (size_t)mt_tensor_numel(&v[i].value), &seed,
-                                 -0.2f, 0.2f);
+        if (strstr(v[i].name, "lora_B")) {
+            size_t numel = (size_t)mt_tensor_numel(&v[i].value);
+            float *b = malloc(numel * sizeof(float));
+            assert_non_null(b);
+            mt_test_fill_uniform(b, numel, &seed, -0.2f, 0.2f);
+            from_host(&v[i].value, b);
+            free(b);
+        }
     free(v);
 }
 
@@ -496,8 +625,10 @@ static void qlora_vs_lora(const char *dir, const mt_safetensors *ref_values,
     for (int i = 0; i < lo->n_layers; i++) {
         const lora_layer *L = &lo->layers[i];
         mt_linear *lin = linear_named(l.model, ((mt_linear *)L->lin)->name);
-        nf4_dequantize(L->base, 0, (int64_t)L->in * L->out, lin->weight);
+        mt_tensor w = cpu_f32(lin->weight, L->out, L->in);
+        qlora_dequantize(qx, L->base, &w, 0);
     }
+    ops_ok();
     mt_plugin *lp = load_plugin("lora");
     mt_plugin_instance *li = NULL;
     if (mt_plugin_instantiate(lp, kv, 3, &li, &err)) fail_msg("%s", err.msg);
@@ -518,8 +649,10 @@ static void qlora_vs_lora(const char *dir, const mt_safetensors *ref_values,
     for (size_t i = 0; i < nq; i++) {
         mt_param_view *w = find_view(vl, nl, vq[i].name);
         assert_non_null(w);
-        double e = mt_test_rel_err(vq[i].grad.data, w->grad.data,
-                                   (size_t)mt_tensor_numel(&w->grad));
+        float *gq = to_host(&vq[i].grad), *gl = to_host(&w->grad);
+        double e = mt_test_rel_err(gq, gl, (size_t)mt_tensor_numel(&w->grad));
+        free(gq);
+        free(gl);
         if (!(e <= 1e-4)) fail_msg("%s: qlora gradient rel err %.3g", vq[i].name, e);
         if (e > worst) worst = e;
     }
@@ -601,6 +734,33 @@ static void nf4_release(nf4_tensor *q) {
     free(q->absmax2);
 }
 
+/* The dequantized absmax of 64-block b, as bitsandbytes computes it (fp32, this order). */
+static float block_scale(const nf4_tensor *q, int64_t b) {
+    float a = dyn_code[q->absmax_q[b]] * q->absmax2[b / DQ_BLOCK];
+    return a + q->offset;
+}
+
+/* dst (e1 - e0) = elements [e0, e1) of q dequantized the plugin's way: q uploaded into
+ * device tensors (qlora_upload), host->dequantize_4bit (qlora_dequantize), downloaded. */
+static void dequant_via_host(const nf4_tensor *q, int64_t e0, int64_t e1, float *dst) {
+    mt_error err = {0};
+    qlora_extra qx = {0};
+    qlora_weight w = {0};
+    if (qlora_table_alloc(&qx, MT_DEVICE_CPU, &err) || qlora_upload(q, MT_DEVICE_CPU, &w, &err))
+        fail_msg("%s", err.msg);
+    const int64_t shape[1] = {e1 - e0};
+    mt_tensor out;
+    if (H()->tensor_alloc(MT_DEVICE_CPU, MT_F32, 1, shape, &out, &err)) fail_msg("%s", err.msg);
+    qlora_dequantize(&qx, &w, &out, e0);
+    ops_ok();
+    if (H()->tensor_download(dst, &out, &err)) fail_msg("%s", err.msg);
+    H()->tensor_free(&out);
+    H()->tensor_free(&qx.table);
+    H()->tensor_free(&w.codes);
+    H()->tensor_free(&w.absmax_q);
+    H()->tensor_free(&w.absmax2);
+}
+
 static void test_nf4_bitsandbytes(void **state) {
     (void)state;
     moontune_plugin_entry(mt_host_table()); /* the included copy: host and tables */
@@ -653,18 +813,18 @@ static void test_nf4_bitsandbytes(void **state) {
     /* dequantization: bit-identical with bitsandbytes' offset, within 1e-6 with ours */
     float *deq = read_f32(ref, "dequant", NULL), *mine = malloc(n * sizeof(float));
     assert_non_null(mine);
-    nf4_dequantize(&q, 0, (int64_t)n, mine);
+    dequant_via_host(&q, 0, (int64_t)n, mine);
     double max_abs = 0;
     for (size_t i = 0; i < n; i++) max_abs = fmax(max_abs, fabs((double)mine[i] - deq[i]));
     printf("  dequantized with our offset: max |diff| %.3g\n", max_abs);
     assert_true(max_abs <= 1e-6);
     q.offset = offset[0];
-    nf4_dequantize(&q, 0, (int64_t)n, mine);
+    dequant_via_host(&q, 0, (int64_t)n, mine);
     for (size_t i = 0; i < n; i++)
         if (f32_bits(mine[i]) != f32_bits(deq[i]))
             fail_msg("dequantized %zu: %.9g, bitsandbytes %.9g", i, mine[i], deq[i]);
     /* a range that starts and ends inside blocks */
-    nf4_dequantize(&q, 37, 4133, mine);
+    dequant_via_host(&q, 37, 4133, mine);
     assert_true(!memcmp(mine, deq + 37, (4133 - 37) * sizeof(float)));
 
     /* the 8-bit stage alone, where bitsandbytes' native CPU kernel is not nearest */
@@ -696,9 +856,9 @@ static void test_nf4_bitsandbytes(void **state) {
     mt_test_fill_uniform(small, 127, &seed, -2.0f, 2.0f);
     nf4_quantize(small, &odd, am);
     assert_int_equal(odd.codes[63] & 15, 7);
-    nf4_dequantize(&odd, 0, 127, back);
+    dequant_via_host(&odd, 0, 127, back);
     for (int i = 0; i < 127; i++) {
-        const float a = nf4_block_scale(&odd, i / 64);
+        const float a = block_scale(&odd, i / 64);
         assert_true(fabsf(back[i] - small[i]) <= 0.5f * 0.33f * a + 1e-6f);
     }
     nf4_release(&odd);
@@ -721,61 +881,81 @@ static void test_nf4_bitsandbytes(void **state) {
 
 /* ---- the tiled paths (white-box) ---- */
 
+static mt_tensor cpu_tensor(int64_t rows, int64_t cols, const float *init) {
+    mt_tensor t;
+    mt_error err = {0};
+    const int64_t shape[2] = {rows, cols};
+    if (H()->tensor_alloc(MT_DEVICE_CPU, MT_F32, 2, shape, &t, &err)) fail_msg("%s", err.msg);
+    if (init) from_host(&t, init);
+    return t;
+}
+
 static void test_tiles(void **state) {
     (void)state;
     moontune_plugin_entry(mt_host_table());
     /* a 2^18-float weight tile: rows of the weight in bands (124, 124, 52); N > the
-     * branch's tile with dropout (LORA_DROPOUT_TILE) and > QLORA_NTILE */
+     * branch's tile with dropout (LORA_DROPOUT_TILE) and > QLORA_NTILE, and not a
+     * multiple of it (a padded last tile of x) */
     enum { IN = 2112, OUT = 300, N = 300, R = 3 };
     uint64_t seed = 1234;
     float *w = malloc((size_t)OUT * IN * sizeof(float)), *wdq = malloc((size_t)OUT * IN * sizeof(float));
     float *x = malloc((size_t)N * IN * sizeof(float)), *dy = malloc((size_t)N * OUT * sizeof(float));
-    float *y = malloc((size_t)N * OUT * sizeof(float)), *dx = calloc((size_t)N * IN, sizeof(float));
     float *bias = malloc(OUT * sizeof(float));
-    assert_true(w && wdq && x && dy && y && dx && bias);
+    assert_true(w && wdq && x && dy && bias);
     mt_test_fill_uniform(w, (size_t)OUT * IN, &seed, -0.05f, 0.05f);
     mt_test_fill_uniform(x, (size_t)N * IN, &seed, -1.0f, 1.0f);
     mt_test_fill_uniform(dy, (size_t)N * OUT, &seed, -1.0f, 1.0f);
     mt_test_fill_uniform(bias, OUT, &seed, -0.5f, 0.5f);
 
     lora lo = {.plugin = "test", .r = R, .alpha = 1.4f, .scaling = 0.7f, .dropout = 0.25f,
-               .seed = 5, .enabled = 1, .attached = 1, .training = 1};
-    qlora_extra qx = {0};
-    lo.extra = &qx;
-    qx.wtile_floats = 1 << 18;
-    lo.tile = LORA_DROPOUT_TILE;
+               .seed = 5, .enabled = 1, .attached = 1, .training = 1, .device = MT_DEVICE_CPU};
+    qlora_extra *qx = H()->alloc(sizeof *qx);
+    assert_non_null(qx);
+    lo.extra = qx;
+    qx->wtile_floats = 1 << 18;
     lo.base_forward = qlora_base_forward;
     lo.base_backward = qlora_base_backward;
-    lora_layer L = {.lo = &lo, .index = 3, .in = IN, .out = OUT, .r = R, .bias = bias};
+    lora_layer L = {.lo = &lo, .index = 3, .in = IN, .out = OUT, .r = R};
     lo.layers = &L;
     lo.n_layers = 1;
-    float A[R * IN], B[OUT * R], dA[R * IN] = {0}, dB[OUT * R] = {0};
+    float A[R * IN], B[OUT * R];
     mt_test_fill_uniform(A, R * IN, &seed, -0.02f, 0.02f);
     mt_test_fill_uniform(B, OUT * R, &seed, -0.2f, 0.2f);
-    L.A = A;
-    L.B = B;
-    L.dA = dA;
-    L.dB = dB;
+    L.A = cpu_tensor(R, IN, A);
+    L.B = cpu_tensor(OUT, R, B);
+    L.dA = cpu_tensor(R, IN, NULL);
+    L.dB = cpu_tensor(OUT, R, NULL);
+    L.bias = cpu_tensor(1, OUT, bias);
+    L.bias.ndim = 1;
+    L.bias.shape[0] = OUT;
+    L.bias.shape[1] = 0;
     nf4_tensor q;
     nf4_alloc(&q, (int64_t)OUT * IN);
     float *am = calloc((size_t)q.n_blocks, sizeof(float));
+    assert_non_null(am);
     nf4_quantize(w, &q, am);
-    nf4_dequantize(&q, 0, (int64_t)OUT * IN, wdq);
-    L.base = &q;
+    dequant_via_host(&q, 0, (int64_t)OUT * IN, wdq);
     mt_error err = {0};
-    qx.n_params = q.n;
-    qx.n_bytes = nf4_bytes(&q);
+    qlora_weight *qw = H()->alloc(sizeof *qw);
+    assert_non_null(qw);
+    if (qlora_upload(&q, MT_DEVICE_CPU, qw, &err)) fail_msg("%s", err.msg);
+    L.base = qw;
+    qx->n_params = q.n;
+    qx->n_bytes = nf4_bytes(&q);
+    assert_int_equal(lora_alloc_scratch(&lo, IN, &err), MT_OK);
+    assert_int_equal(lo.tile, LORA_DROPOUT_TILE);
     assert_int_equal(qlora_alloc_extra(&lo, &err), MT_OK);
-    assert_true(qlora_rows(&qx, IN, OUT) < OUT);
+    assert_true(qlora_rows(qx, IN, OUT) < OUT);
     assert_true((int)N > (int)LORA_DROPOUT_TILE && (int)N > (int)QLORA_NTILE);
-    float *scratch = calloc((size_t)lo.tile * (IN + 2 * R), sizeof(float));
-    lo.xd = scratch;
-    lo.u = scratch + (size_t)lo.tile * IN;
-    lo.g = lo.u + (size_t)lo.tile * R;
+    assert_true(N % QLORA_NTILE != 0);
 
-    lora_forward(&L, y, x, N);
-    lora_backward(&L, dx, dy, x, N);
+    mt_tensor tx = cpu_tensor(N, IN, x), tdy = cpu_tensor(N, OUT, dy);
+    mt_tensor ty = cpu_tensor(N, OUT, NULL), tdx = cpu_tensor(N, IN, NULL);
+    lora_forward(&L, &ty, &tx);
+    lora_backward(&L, &tdx, &tdy, &tx);
+    ops_ok();
     assert_int_equal(L.pass, 1);
+    float *y = to_host(&ty), *dx = to_host(&tdx), *dA = to_host(&L.dA), *dB = to_host(&L.dB);
 
     /* the same in double, with the masks drawn independently of the tiling */
     const uint64_t key = lora_dropout_key(&lo, 3, 1);
@@ -829,16 +1009,17 @@ static void test_tiles(void **state) {
             dBr[o * R + k] = (float)(s * acc);
         }
     printf("tiled qlora + lora branch with dropout (N %d, in %d, out %d, %d weight rows per tile):\n",
-           N, IN, OUT, qlora_rows(&qx, IN, OUT));
+           N, IN, OUT, qlora_rows(qx, IN, OUT));
     check_rel("y", y, yr, (size_t)N * OUT, 1e-5);
     check_rel("dx", dx, dxr, (size_t)N * IN, 1e-5);
     check_rel("dA", dA, dAr, R * IN, 1e-4);
     check_rel("dB", dB, dBr, OUT * R, 1e-4);
 
-    host->free(qx.wtile);
-    host->free(qx.ytile);
+    qlora_free_extra(&lo); /* the quantized weight, the tiles and qx */
+    mt_tensor *owned[] = {&L.A, &L.B, &L.dA, &L.dB, &L.bias, &lo.xd, &lo.u, &lo.g,
+                          &tx, &tdy, &ty, &tdx};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) H()->tensor_free(owned[i]);
     nf4_release(&q);
-    free(scratch);
     free(am);
     free(w);
     free(wdq);
@@ -846,6 +1027,8 @@ static void test_tiles(void **state) {
     free(dy);
     free(y);
     free(dx);
+    free(dA);
+    free(dB);
     free(bias);
     free(xd);
     free(mask);
@@ -864,6 +1047,7 @@ int main(void) {
         cmocka_unit_test(test_lora_peft_parity),
         cmocka_unit_test(test_lora_defaults),
         cmocka_unit_test(test_lora_dropout_gradients),
+        cmocka_unit_test(test_lora_dropout_state),
         cmocka_unit_test(test_qlora_vs_lora),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1,12 +1,15 @@
 /* test_loss_full.c — the cross_entropy loss plugin and the full adapter, loaded
  * through dlopen, against the PyTorch references: plain cross-entropy against
  * tests/fixtures/tiny_gqa/reference.safetensors, label smoothing + z-loss against
- * tests/fixtures/loss/reference.safetensors (tests/parity/make_loss_reference.py). */
+ * tests/fixtures/loss/reference.safetensors (tests/parity/make_loss_reference.py).
+ * Plugin ABI 2: the loss' count, and normalisation by the step's items
+ * (batch.step_items) instead of the batch's own. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/device.h"
 #include "model/model.h"
 #include "plugin/registry.h"
 #include "formats/safetensors.h"
@@ -73,15 +76,42 @@ static void teardown(fixture *f) {
     mt_backend_cpu_shutdown(&f->be);
 }
 
-static mt_loss_result run_loss(fixture *f, const int32_t *targets, int backward) {
+/* The loss of one batch normalised by step_items (0: by its own count). */
+static mt_loss_result run_loss_items(fixture *f, const int32_t *targets, int backward,
+                                     int64_t step_items) {
     const mt_loss_vtable *vt = f->loss->desc->vtable;
-    mt_batch batch = {.B = f->B, .T = f->T, .tokens = f->tokens, .targets = targets};
-    mt_loss_result r;
+    mt_batch batch = {.size = sizeof(mt_batch), .B = f->B, .T = f->T, .tokens = f->tokens,
+                      .targets = targets, .step_items = step_items};
+    mt_loss_result r = {.size = sizeof r};
     mt_error err = {0};
     mt_model_zero_grad(f->model);
-    if (vt->compute(f->loss->state, (mt_model_handle *)f->model, &batch, backward, &r, &err))
+    if (vt->compute(f->loss->state, (mt_model_handle *)f->model, &batch, backward, &r, &err) ||
+        mt_host_check("cross_entropy", &err))
         fail_msg("%s", err.msg);
+    assert_int_equal(r.size, sizeof r);
     return r;
+}
+
+static mt_loss_result run_loss(fixture *f, const int32_t *targets, int backward) {
+    return run_loss_items(f, targets, backward, 0);
+}
+
+/* Every trainable gradient of the model, concatenated (the caller frees it). */
+static float *all_grads(fixture *f, size_t *total) {
+    mt_param_view *params;
+    size_t n, numel = 0;
+    mt_error err = {0};
+    assert_int_equal(mt_model_trainable_params(f->model, &params, &n, &err), MT_OK);
+    for (size_t i = 0; i < n; i++) numel += (size_t)mt_tensor_numel(&params[i].grad);
+    float *g = malloc(numel * sizeof(float)), *at = g;
+    assert_non_null(g);
+    for (size_t i = 0; i < n; i++) {
+        if (mt_device_download(at, &params[i].grad, &err)) fail_msg("%s", err.msg);
+        at += mt_tensor_numel(&params[i].grad);
+    }
+    free(params);
+    *total = numel;
+    return g;
 }
 
 /* Compares the loss and the gradient of every trainable parameter with the reference;
@@ -107,9 +137,13 @@ static size_t check_against(fixture *f, const mt_loss_result *r) {
         float *g = malloc(numel * sizeof(float));
         assert_non_null(g);
         assert_int_equal(mt_st_read_f32(t, g, &err), MT_OK);
-        double e = mt_test_rel_err(params[i].grad.data, g, numel);
+        float *mine = malloc(numel * sizeof(float));
+        assert_non_null(mine);
+        if (mt_device_download(mine, &params[i].grad, &err)) fail_msg("%s", err.msg);
+        double e = mt_test_rel_err(mine, g, numel);
         if (!(e < 1e-4)) fail_msg("%s: rel err %.3g", params[i].name, e);
         worst = e > worst ? e : worst;
+        free(mine);
         free(g);
     }
     printf("%zu trainable parameters, worst gradient rel err %.3g\n", n, worst);
@@ -173,15 +207,66 @@ static void test_ignore_index_option(void **state) {
     assert_true(n7 > 0);
     mt_loss_result a = run_loss(&f, custom, 0), b = run_loss(&f, masked, 0);
     assert_true(a.loss == b.loss && a.n_tokens == b.n_tokens);
+    /* the count the host sums over a step is the same as compute's */
+    const mt_loss_vtable *cvt = f.loss->desc->vtable;
+    assert_true(cvt->size >= sizeof(mt_loss_vtable) && cvt->count);
+    mt_batch cb = {.size = sizeof(mt_batch), .B = f.B, .T = f.T, .tokens = f.tokens,
+                   .targets = custom};
+    assert_int_equal(cvt->count(f.loss->state, &cb), a.n_tokens);
+    int n_on = 0;
+    for (int i = 0; i < n; i++) n_on += custom[i] >= 0 && custom[i] != 7;
+    assert_int_equal(a.n_tokens, n_on);
     /* and a target past the vocabulary is refused, naming row and position */
     custom[3] = f.model->cfg.vocab_size;
     const mt_loss_vtable *vt = f.loss->desc->vtable;
-    mt_batch batch = {.B = f.B, .T = f.T, .tokens = f.tokens, .targets = custom};
-    mt_loss_result r;
+    mt_batch batch = {.size = sizeof(mt_batch), .B = f.B, .T = f.T, .tokens = f.tokens,
+                      .targets = custom};
+    mt_loss_result r = {.size = sizeof r};
     mt_error err = {0};
     assert_int_equal(vt->compute(f.loss->state, (mt_model_handle *)f.model, &batch, 0, &r, &err),
                      MT_ERR_INVALID_ARG);
     assert_non_null(strstr(err.msg, "position 3"));
+    teardown(&f);
+}
+
+/* ABI 2: with step_items set, the batch is normalised by the step's items (here as if it
+ * were a quarter of a step of 4 x 16 targets): loss, metrics and gradient are a quarter
+ * of the batch's own mean (a power of two: no rounding beyond run-to-run noise), which
+ * itself matches torch. A step smaller than its own batch is refused. */
+static void test_step_items_normalisation(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, GQA_DIR "/reference.safetensors", NULL, 0, NULL, 0);
+    const mt_loss_vtable *vt = f.loss->desc->vtable;
+    mt_batch cb = {.size = sizeof(mt_batch), .B = f.B, .T = f.T, .tokens = f.tokens,
+                   .targets = f.targets};
+    assert_int_equal(vt->count(f.loss->state, &cb), 16);
+    mt_loss_result own = run_loss_items(&f, f.targets, 1, 0);
+    check_against(&f, &own);
+    size_t n;
+    float *g_own = all_grads(&f, &n);
+    mt_loss_result step = run_loss_items(&f, f.targets, 1, 64);
+    float *g_step = all_grads(&f, &n);
+    printf("step_items 64: loss %.9g, own mean %.9g\n", step.loss, own.loss);
+    assert_int_equal(step.n_tokens, 16);
+    assert_true(fabs(4 * step.loss - own.loss) <= 1e-12 * own.loss);
+    assert_string_equal(step.metric_names[0], "nll");
+    assert_true(fabs(4 * step.metrics[0] - own.metrics[0]) <= 1e-12 * own.metrics[0]);
+    assert_true(fabs(4 * step.metrics[1] - own.metrics[1]) <= 1e-12 * own.metrics[1]);
+    for (size_t i = 0; i < n; i++) g_step[i] *= 4.0f;
+    const double e = mt_test_rel_err(g_step, g_own, n);
+    printf("  gradient x 4 vs the batch's own: rel err %.3g\n", e);
+    assert_true(e <= 1e-6);
+
+    mt_batch small = cb;
+    small.step_items = 15;
+    mt_loss_result r = {.size = sizeof r};
+    mt_error err = {0};
+    assert_int_equal(vt->compute(f.loss->state, (mt_model_handle *)f.model, &small, 0, &r, &err),
+                     MT_ERR_INVALID_ARG);
+    printf("  %s\n", err.msg);
+    free(g_own);
+    free(g_step);
     teardown(&f);
 }
 
@@ -191,6 +276,7 @@ int main(void) {
         cmocka_unit_test(test_label_smoothing_and_z_loss),
         cmocka_unit_test(test_full_adapter_selected_modules),
         cmocka_unit_test(test_ignore_index_option),
+        cmocka_unit_test(test_step_items_normalisation),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,9 +6,14 @@
  *   1e-6 of torch, Lion within 1e-6 of a float64 numpy implementation: per tensor
  *   max|c - ref| / max|ref|, and element-wise |c - ref| <= 1e-6 * max(1, |ref|);
  * - every learning rate of every schedule within 1e-9 (relative) of transformers;
- * - checkpoints: 5 steps, state saved, a fresh instance restored, steps 6..10 bitwise
- *   equal to the uninterrupted run; wrong state names, shapes and dtypes refused. */
+ * - checkpoints: 5 steps, state saved (downloaded through the host table, as the core
+ *   does), a fresh instance restored, steps 6..10 bitwise equal to the uninterrupted run;
+ *   wrong state names, shapes and dtypes refused;
+ * - plugin ABI 2: parameter views walked by their own size (a newer host's wider views
+ *   give the same numbers), too small views, non-F32 parameters and parameters on a
+ *   device without a backend refused before anything changes. */
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,6 +158,7 @@ static void bank_init(bank *b) {
         if (mt_st_read_f32(g, b->grads[i], &err)) fail_msg("%s", err.msg);
 
         mt_param_view *v = &b->views[i];
+        v->size = sizeof *v;
         v->name = PARAM_NAMES[i];
         v->no_decay = !strcmp(PARAM_NAMES[i], NO_DECAY);
         v->value = (mt_tensor){
@@ -312,9 +318,12 @@ static saved save_state(mt_plugin_instance *inst) {
         s.names[i] = strdup(name);
         size_t bytes = mt_tensor_nbytes(&t);
         s.tensors[i] = t;
+        s.tensors[i].device = MT_DEVICE_CPU; /* the copy, as state_set receives it */
         s.tensors[i].data = malloc(bytes + 1);
         assert_true(s.names[i] && s.tensors[i].data);
-        memcpy(s.tensors[i].data, t.data, bytes);
+        /* state_get's view may be device memory: the host downloads it */
+        if (mt_host_table()->tensor_download(s.tensors[i].data, &t, &err))
+            fail_msg("downloading %s: %s", name, err.msg);
     }
     return s;
 }
@@ -334,12 +343,17 @@ static long saved_find(const saved *s, const char *name) {
     return -1;
 }
 
-/* 10 steps straight, against 5 steps, save, a fresh instance, restore, 5 more steps. */
+/* 10 steps straight, against 5 steps, save, a fresh instance, restore, 5 more steps; and
+ * the same restore into an instance that has stepped already (its state exists on the
+ * device, and state_set uploads into it). */
 static void check_resume(const optim_case *c) {
     mt_plugin *p = load(c->plugin, MT_PLUGIN_OPTIMIZER);
-    bank straight, resumed;
+    bank straight, resumed, late;
     bank_init(&straight);
     bank_init(&resumed);
+    bank_init(&late);
+    mt_plugin_instance *d = instantiate(p, c->kv, c->n_kv);
+    step_ok(d, &late, 1); /* state that the restore must replace */
     mt_plugin_instance *a = instantiate(p, c->kv, c->n_kv);
     mt_plugin_instance *b = instantiate(p, c->kv, c->n_kv);
     for (int k = 1; k <= 5; k++) {
@@ -359,15 +373,26 @@ static void check_resume(const optim_case *c) {
         mt_error err = {0};
         if (ovt(b)->state_set(b->state, ckpt.names[i], &ckpt.tensors[i], &err))
             fail_msg("%s: state_set %s: %s", c->ref, ckpt.names[i], err.msg);
+        if (ovt(d)->state_set(d->state, ckpt.names[i], &ckpt.tensors[i], &err))
+            fail_msg("%s: state_set %s after a step: %s", c->ref, ckpt.names[i], err.msg);
     }
+    for (int i = 0; i < NP; i++)
+        memcpy(late.value[i], resumed.value[i], (size_t)late.numel[i] * sizeof(float));
     for (int k = 6; k <= STEPS; k++) {
         step_ok(a, &straight, k);
         step_ok(b, &resumed, k);
-        for (int i = 0; i < NP; i++)
+        step_ok(d, &late, k);
+        for (int i = 0; i < NP; i++) {
             if (memcmp(straight.value[i], resumed.value[i],
                        (size_t)straight.numel[i] * sizeof(float)))
                 fail_msg("%s: after resuming, step %d: %s differs from the uninterrupted run",
                          c->ref, k, PARAM_NAMES[i]);
+            if (memcmp(straight.value[i], late.value[i],
+                       (size_t)straight.numel[i] * sizeof(float)))
+                fail_msg("%s: restored after a step, step %d: %s differs from the "
+                         "uninterrupted run",
+                         c->ref, k, PARAM_NAMES[i]);
+        }
     }
     /* the states agree too, name by name */
     saved sa = save_state(a), sb = save_state(b);
@@ -383,8 +408,10 @@ static void check_resume(const optim_case *c) {
     saved_free(&ckpt);
     mt_plugin_instance_free(a);
     mt_plugin_instance_free(b);
+    mt_plugin_instance_free(d);
     bank_free(&straight);
     bank_free(&resumed);
+    bank_free(&late);
     mt_plugin_unload(p);
 }
 
@@ -409,7 +436,7 @@ static void test_large_parameter_threads(void **s) {
         mt_plugin *p = load(CASES[c].plugin, MT_PLUGIN_OPTIMIZER);
         mt_plugin_instance *whole = instantiate(p, CASES[c].kv, CASES[c].n_kv);
         mt_plugin_instance *parts = instantiate(p, CASES[c].kv, CASES[c].n_kv);
-        mt_param_view one = {.name = "big"}, four[PARTS];
+        mt_param_view one = {.size = sizeof(mt_param_view), .name = "big"}, four[PARTS];
         one.value = (mt_tensor){.dtype = MT_F32, .ndim = 1, .shape = {N}, .data = value};
         one.grad = one.value;
         one.grad.data = grad;
@@ -530,6 +557,106 @@ static void test_state_refusals(void **s) {
     saved_free(&ckpt);
     bank_free(&b);
     mt_plugin_unload(p);
+}
+
+/* ABI 2: a host may fill parameter views larger than this header's mt_param_view (a
+ * newer ABI's fields at their end); the optimizer walks them by their size
+ * (mt_param_at) and computes what it computes on plain views, bit for bit. */
+typedef struct wide_view {
+    mt_param_view view;
+    double newer_fields[3]; /* poisoned: an optimizer must not read them as a view */
+} wide_view;
+
+static void test_wide_param_views(void **s) {
+    (void)s;
+    for (size_t c = 0; c < sizeof CASES / sizeof CASES[0]; c++) {
+        mt_plugin *p = load(CASES[c].plugin, MT_PLUGIN_OPTIMIZER);
+        mt_plugin_instance *plain = instantiate(p, CASES[c].kv, CASES[c].n_kv);
+        mt_plugin_instance *wide = instantiate(p, CASES[c].kv, CASES[c].n_kv);
+        bank a, b;
+        bank_init(&a);
+        bank_init(&b);
+        wide_view views[NP];
+        memset(views, 0xA5, sizeof views);
+        for (int i = 0; i < NP; i++) {
+            views[i].view = b.views[i];
+            views[i].view.size = sizeof(wide_view);
+        }
+        for (int k = 1; k <= 3; k++) {
+            step_ok(plain, &a, k);
+            for (int i = 0; i < NP; i++)
+                memcpy(b.grad[i], b.grads[i] + (size_t)((k - 1) * b.numel[i]),
+                       (size_t)b.numel[i] * sizeof(float));
+            mt_error err = {0};
+            if (ovt(wide)->step(wide->state, &views[0].view, NP, lrs[k - 1], k, &err))
+                fail_msg("%s, wide views, step %d: %s", CASES[c].ref, k, err.msg);
+            for (int i = 0; i < NP; i++)
+                if (memcmp(a.value[i], b.value[i], (size_t)a.numel[i] * sizeof(float)))
+                    fail_msg("%s step %d: %s differs between plain and wide views", CASES[c].ref,
+                             k, PARAM_NAMES[i]);
+        }
+        bank_free(&a);
+        bank_free(&b);
+        mt_plugin_instance_free(plain);
+        mt_plugin_instance_free(wide);
+        mt_plugin_unload(p);
+    }
+}
+
+/* What every optimizer refuses about its parameters, before it changes anything: views
+ * smaller than mt_param_view, dtypes other than F32, tensors on two devices, a device
+ * without a running backend (the state cannot be made there). */
+static void test_param_refusals(void **s) {
+    (void)s;
+    static const char *const plugins[] = {"adamw", "sgd", "lion"};
+    for (size_t c = 0; c < 3; c++) {
+        mt_plugin *p = load(plugins[c], MT_PLUGIN_OPTIMIZER);
+        /* sgd with momentum and weight decay, so that it keeps state and needs scratch */
+        mt_kv kv[] = {NUM("momentum", 0.9), NUM("weight_decay", 0.01)};
+        mt_plugin_instance *inst = instantiate(p, kv, strcmp(plugins[c], "sgd") ? 0 : 2);
+        bank b;
+        bank_init(&b);
+        float before[NP][64];
+        for (int i = 0; i < NP; i++) {
+            assert_true(b.numel[i] <= 64);
+            memcpy(before[i], b.value[i], (size_t)b.numel[i] * sizeof(float));
+        }
+        mt_error err = {0};
+
+        b.views[0].size = (uint32_t)offsetof(mt_param_view, no_decay); /* an older, smaller view */
+        REFUSED(step(inst, &b, 1, &err), "parameter views of");
+        b.views[0].size = sizeof(mt_param_view);
+
+        b.views[2].value.dtype = MT_F16;
+        REFUSED(step(inst, &b, 1, &err), "'norm.weight': value and gradient must be F32");
+        assert_non_null(strstr(err.msg, "found F16 and F32"));
+        b.views[2].value.dtype = MT_F32;
+        b.views[3].grad.dtype = MT_BF16;
+        REFUSED(step(inst, &b, 1, &err), "found F32 and BF16");
+        b.views[3].grad.dtype = MT_F32;
+
+        b.views[1].grad.device = MT_DEVICE_CUDA;
+        REFUSED(step(inst, &b, 1, &err), "gradient on cuda");
+        b.views[1].grad.device = MT_DEVICE_CPU;
+
+#ifndef MT_HAVE_CUDA
+        /* Every tensor claims CUDA: in a build without it the state cannot be allocated
+         * there, and the step says so before it updates anything. (The memory is host
+         * memory: a plugin never dereferences it, so this is safe.) */
+        for (int i = 0; i < NP; i++) b.views[i].value.device = b.views[i].grad.device = MT_DEVICE_CUDA;
+        REFUSED(step(inst, &b, 1, &err), "on cuda");
+        print_message("  %s\n", err.msg);
+        for (int i = 0; i < NP; i++) b.views[i].value.device = b.views[i].grad.device = MT_DEVICE_CPU;
+#endif
+        for (int i = 0; i < NP; i++)
+            if (memcmp(before[i], b.value[i], (size_t)b.numel[i] * sizeof(float)))
+                fail_msg("%s: a refused step changed %s", plugins[c], PARAM_NAMES[i]);
+        /* and it still steps once the views are right */
+        step_ok(inst, &b, 1);
+        bank_free(&b);
+        mt_plugin_instance_free(inst);
+        mt_plugin_unload(p);
+    }
 }
 
 static void test_option_refusals(void **s) {
@@ -677,6 +804,8 @@ int main(void) {
         cmocka_unit_test(test_resume_is_bitwise),
         cmocka_unit_test(test_large_parameter_threads),
         cmocka_unit_test(test_state_refusals),
+        cmocka_unit_test(test_wide_param_views),
+        cmocka_unit_test(test_param_refusals),
         cmocka_unit_test(test_option_refusals),
         cmocka_unit_test(test_schedulers_match_transformers),
         cmocka_unit_test(test_scheduler_edges),

@@ -8,8 +8,14 @@
  *   mt_peft_attach gives the same logits bit for bit;
  * - bad directories are refused with the file and the key or tensor named, and the
  *   model is left without an adapter: peft_type PROMPT_TUNING, bias "all", malformed
- *   JSON, no adapter_model.safetensors, a missing tensor, a wrong shape, an extra tensor,
- *   a target outside the projections. */
+ *   JSON, no adapter_model.safetensors, an extra tensor, a target outside the
+ *   projections, a layer the model lacks; a missing tensor and a wrong shape are found
+ *   by the adapter's load, after the attach (ABI 2 has no detach): the instance comes
+ *   back with no weight of the file written;
+ * - QLoRA saves PEFT's LoRA format: read back through "lora" its A and B are equal bit
+ *   for bit, and through "qlora" by name the logits are;
+ * - the adapter is chosen by name or, unnamed, by the plugins that can load the format:
+ *   "full" (no import_options) is refused by name. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,7 +91,7 @@ static void parity_case(const char *dir, const char *logits_name) {
     const int B = (int)tok->shape[0], T = (int)tok->shape[1];
     mt_model *m = load_gqa();
     mt_plugin_instance *inst = NULL;
-    if (mt_peft_attach(m, reg, dir, &inst, &err)) fail_msg("%s", err.msg);
+    if (mt_peft_attach(m, reg, NULL, dir, &inst, &err)) fail_msg("%s", err.msg);
     assert_non_null(inst);
     float *got = logits_of(m, tok->data, B, T);
     size_t n = (size_t)B * T * m->cfg.vocab_size;
@@ -110,27 +116,35 @@ static void test_peft_parity(void **state) {
     parity_case(PEFT_RS_DIR, "logits_rslora");
 }
 
+/* The GQA model with adapter `name` attached (options kv), in evaluation mode, its
+ * parameters drawn uniformly from seed: an adapter with something in it to save. */
+static mt_model *with_random_adapter(const char *name, const mt_kv *kv, size_t n_kv,
+                                     uint64_t seed, mt_plugin_instance **inst) {
+    mt_error err = {0};
+    mt_model *m = load_gqa();
+    const mt_plugin *p = mt_registry_find(reg, MT_PLUGIN_ADAPTER, name, &err);
+    if (!p) fail_msg("%s", err.msg);
+    if (mt_plugin_instantiate(p, kv, n_kv, inst, &err) ||
+        mt_model_attach_adapter(m, (*inst)->desc->vtable, (*inst)->state, &err))
+        fail_msg("%s", err.msg);
+    mt_model_set_training(m, 0);
+    for (size_t i = 0; i < m->num_extra; i++) {
+        mt_param_view *v = &m->extra_params[i];
+        mt_test_fill_uniform(v->value.data, (size_t)mt_tensor_numel(&v->value), &seed, -0.3f, 0.3f);
+    }
+    return m;
+}
+
 static void test_peft_round_trip(void **state) {
     (void)state;
     mt_error err = {0};
-    mt_model *m = load_gqa();
-    const mt_plugin *p = mt_registry_find(reg, MT_PLUGIN_ADAPTER, "lora", &err);
-    if (!p) fail_msg("%s", err.msg);
     const char *targets[] = {"k_proj", "o_proj", "up_proj"};
     mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 3},
                   {.key = "alpha", .type = MT_KV_NUMBER, .number = 5},
                   {.key = "use_rslora", .type = MT_KV_BOOL, .boolean = 1},
                   {.key = "target_modules", .type = MT_KV_LIST, .list = targets, .list_len = 3}};
     mt_plugin_instance *inst = NULL;
-    if (mt_plugin_instantiate(p, kv, 4, &inst, &err) ||
-        mt_model_attach_adapter(m, inst->desc->vtable, inst->state, &err))
-        fail_msg("%s", err.msg);
-    mt_model_set_training(m, 0);
-    uint64_t seed = 0x9EF7;
-    for (size_t i = 0; i < m->num_extra; i++) {
-        mt_param_view *v = &m->extra_params[i];
-        mt_test_fill_uniform(v->value.data, (size_t)mt_tensor_numel(&v->value), &seed, -0.3f, 0.3f);
-    }
+    mt_model *m = with_random_adapter("lora", kv, 4, 0x9EF7, &inst);
     enum { B = 2, T = 9 };
     int32_t tokens[B * T];
     for (int i = 0; i < B * T; i++) tokens[i] = (int32_t)((i * 29 + 3) % m->cfg.vocab_size);
@@ -141,7 +155,7 @@ static void test_peft_round_trip(void **state) {
 
     mt_model *m2 = load_gqa();
     mt_plugin_instance *inst2 = NULL;
-    if (mt_peft_attach(m2, reg, dir, &inst2, &err)) fail_msg("%s", err.msg);
+    if (mt_peft_attach(m2, reg, "lora", dir, &inst2, &err)) fail_msg("%s", err.msg);
     assert_int_equal(m2->num_extra, m->num_extra);
     float *got = logits_of(m2, tokens, B, T);
     size_t n = (size_t)B * T * m->cfg.vocab_size;
@@ -149,6 +163,58 @@ static void test_peft_round_trip(void **state) {
     assert_memory_equal(got, ref, n * sizeof(float));
     free(got);
     free(ref);
+    mt_model_free(m2);
+    mt_plugin_instance_free(inst2);
+    mt_model_free(m);
+    mt_plugin_instance_free(inst);
+    mt_test_rmtree(tmp);
+    free(dir);
+    free(tmp);
+}
+
+/* QLoRA saves PEFT's LoRA format: the files hold its A and B as they are (read back
+ * through "lora", every parameter equals the QLoRA instance's bit for bit), and loaded
+ * back through "qlora" by name the 4-bit model gives the same logits bit for bit. */
+static void test_peft_qlora_saves_lora(void **state) {
+    (void)state;
+    mt_error err = {0};
+    const char *targets[] = {"q_proj", "v_proj", "down_proj"};
+    mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 2},
+                  {.key = "alpha", .type = MT_KV_NUMBER, .number = 6},
+                  {.key = "target_modules", .type = MT_KV_LIST, .list = targets, .list_len = 3}};
+    mt_plugin_instance *inst = NULL;
+    mt_model *m = with_random_adapter("qlora", kv, 3, 0x41F7, &inst);
+    enum { B = 1, T = 8 };
+    int32_t tokens[B * T];
+    for (int i = 0; i < B * T; i++) tokens[i] = (int32_t)((i * 31 + 7) % m->cfg.vocab_size);
+    float *ref = logits_of(m, tokens, B, T);
+    char *tmp = mt_test_tmpdir("peft_qlora");
+    char *dir = join(tmp, "adapter");
+    if (mt_export_peft(m, inst, NULL, dir, &err)) fail_msg("%s", err.msg);
+
+    mt_model *m2 = load_gqa();
+    mt_plugin_instance *inst2 = NULL;
+    if (mt_peft_attach(m2, reg, "lora", dir, &inst2, &err)) fail_msg("%s", err.msg);
+    assert_string_equal(inst2->desc->name, "lora");
+    assert_int_equal(m2->num_extra, m->num_extra);
+    for (size_t i = 0; i < m->num_extra; i++) {
+        const mt_param_view *a = &m->extra_params[i], *b = &m2->extra_params[i];
+        assert_string_equal(a->name, b->name);
+        assert_int_equal(mt_tensor_nbytes(&a->value), mt_tensor_nbytes(&b->value));
+        assert_memory_equal(a->value.data, b->value.data, mt_tensor_nbytes(&a->value));
+    }
+    mt_model *m3 = load_gqa();
+    mt_plugin_instance *inst3 = NULL;
+    if (mt_peft_attach(m3, reg, "qlora", dir, &inst3, &err)) fail_msg("%s", err.msg);
+    assert_string_equal(inst3->desc->name, "qlora");
+    float *got = logits_of(m3, tokens, B, T);
+    size_t n = (size_t)B * T * m->cfg.vocab_size;
+    printf("  qlora round trip: rel err %.3g\n", mt_test_rel_err(got, ref, n));
+    assert_memory_equal(got, ref, n * sizeof(float));
+    free(got);
+    free(ref);
+    mt_model_free(m3);
+    mt_plugin_instance_free(inst3);
     mt_model_free(m2);
     mt_plugin_instance_free(inst2);
     mt_model_free(m);
@@ -213,17 +279,43 @@ static char *bad_dir(const char *tmp, const char *tag, const char *from, const c
     return dir;
 }
 
-static void expect_refused(mt_model *m, const char *dir, const char *file, const char *what) {
+/* Refused with the file and `what` named. A refusal before the attach (the format, the
+ * config, the tensors' names and modules) leaves *m without an adapter; one in the
+ * adapter's load (after_attach: a tensor missing or misshapen for this model) hands the
+ * attached instance back, with its initial weights: B = 0, so the model computes as the
+ * base; then *m is replaced by a fresh model for the next case. */
+static void expect_refused_at(mt_model **m, const char *dir, const char *file, const char *what,
+                              int after_attach) {
     mt_error err = {0};
     mt_plugin_instance *inst = (mt_plugin_instance *)1;
-    mt_status st = mt_peft_attach(m, reg, dir, &inst, &err);
-    printf("  refused: %s\n", err.msg);
+    mt_status st = mt_peft_attach(*m, reg, NULL, dir, &inst, &err);
+    printf("  refused%s: %s\n", after_attach ? " (after the attach)" : "", err.msg);
     assert_int_not_equal(st, MT_OK);
-    assert_null(inst);
-    assert_int_equal(m->num_adapters, 0); /* nothing attached */
-    assert_int_equal(m->num_extra, 0);
     if (!strstr(err.msg, file)) fail_msg("'%s' does not name %s", err.msg, file);
     if (!strstr(err.msg, what)) fail_msg("'%s' does not name %s", err.msg, what);
+    if (!after_attach) {
+        assert_null(inst);
+        assert_int_equal((*m)->num_adapters, 0); /* nothing attached */
+        assert_int_equal((*m)->num_extra, 0);
+        return;
+    }
+    assert_non_null(inst);
+    assert_int_equal((*m)->num_adapters, 1);
+    /* no weight of the file was written: every lora_B is still zero */
+    for (size_t i = 0; i < (*m)->num_extra; i++) {
+        const mt_param_view *v = &(*m)->extra_params[i];
+        if (!strstr(v->name, ".lora_B.")) continue;
+        const float *b = v->value.data;
+        for (int64_t k = 0; k < mt_tensor_numel(&v->value); k++)
+            if (b[k] != 0.0f) fail_msg("%s[%lld] = %g was written", v->name, (long long)k, (double)b[k]);
+    }
+    mt_model_free(*m);
+    mt_plugin_instance_free(inst);
+    *m = load_gqa();
+}
+
+static void expect_refused(mt_model **m, const char *dir, const char *file, const char *what) {
+    expect_refused_at(m, dir, file, what, 0);
 }
 
 static void test_peft_refusals(void **state) {
@@ -260,16 +352,27 @@ static void test_peft_refusals(void **state) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char *dir = bad_dir(tmp, cases[i].tag, cases[i].from, cases[i].to, cases[i].drop,
                             cases[i].reshape, cases[i].extra, cases[i].no_weights);
-        expect_refused(m, dir, cases[i].file, cases[i].what);
+        /* a missing tensor and a wrong shape need the attached adapter to be seen */
+        const int after_attach = !strcmp(cases[i].tag, "missing") || !strcmp(cases[i].tag, "shape");
+        expect_refused_at(&m, dir, cases[i].file, cases[i].what, after_attach);
         free(dir);
     }
     /* after all those refusals the model still takes the good adapter */
     mt_error err = {0};
     mt_plugin_instance *inst = NULL;
-    if (mt_peft_attach(m, reg, PEFT_DIR, &inst, &err)) fail_msg("%s", err.msg);
+    if (mt_peft_attach(m, reg, NULL, PEFT_DIR, &inst, &err)) fail_msg("%s", err.msg);
     /* and refuses a second one */
+    mt_plugin_instance *inst_full = NULL;
+    mt_model *m3 = load_gqa();
+    assert_int_not_equal(mt_peft_attach(m3, reg, "full", PEFT_DIR, &inst_full, &err), MT_OK);
+    printf("  refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "adapter full"));
+    assert_non_null(strstr(err.msg, "cannot load a PEFT adapter directory"));
+    assert_null(inst_full);
+    assert_int_equal(m3->num_adapters, 0);
+    mt_model_free(m3);
     mt_plugin_instance *inst2 = NULL;
-    assert_int_not_equal(mt_peft_attach(m, reg, PEFT_DIR, &inst2, &err), MT_OK);
+    assert_int_not_equal(mt_peft_attach(m, reg, NULL, PEFT_DIR, &inst2, &err), MT_OK);
     assert_null(inst2);
     mt_model_free(m);
     mt_plugin_instance_free(inst);
@@ -293,7 +396,7 @@ static void test_peft_refusals_say_why(void **state) {
         {"tasknum", "\"task_type\": \"CAUSAL_LM\"", "\"task_type\": 3", NULL,
          "task_type must be a string"},
         {"layer9", NULL, NULL, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight",
-         "this model has no parameter model.layers.9.self_attn.q_proj.weight"},
+         "this model has no parameter model.layers.9.*"},
         {"untargeted", NULL, NULL, "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight",
          "k_proj is not among the target_modules of adapter_config.json"},
         {"foo", NULL, NULL, "base_model.model.model.layers.0.mlp.foo.lora_B.weight",
@@ -302,7 +405,7 @@ static void test_peft_refusals_say_why(void **state) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char *dir = bad_dir(tmp, cases[i].tag, cases[i].from, cases[i].to, NULL, NULL,
                             cases[i].extra, 0);
-        expect_refused(m, dir, cases[i].extra ? "adapter_model.safetensors" : "adapter_config.json",
+        expect_refused(&m, dir, cases[i].extra ? "adapter_model.safetensors" : "adapter_config.json",
                        cases[i].what);
         free(dir);
     }
@@ -332,8 +435,8 @@ static void test_peft_refusals_say_why(void **state) {
     char *dir = bad_dir(tmp, "nan", NULL, NULL, NULL, NULL, NULL, 1);
     char *path = join(dir, "adapter_model.safetensors");
     if (mt_st_write(path, e, n, NULL, &err)) fail_msg("%s", err.msg);
-    expect_refused(m, dir, "adapter_model.safetensors", A0);
-    expect_refused(m, dir, "adapter_model.safetensors", "non-finite value (the first, nan, at index 5");
+    expect_refused(&m, dir, "adapter_model.safetensors", A0);
+    expect_refused(&m, dir, "adapter_model.safetensors", "non-finite value (the first, nan, at index 5");
     free(path);
     free(dir);
     free(nan_copy);
@@ -348,6 +451,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_peft_parity),
         cmocka_unit_test(test_peft_round_trip),
+        cmocka_unit_test(test_peft_qlora_saves_lora),
         cmocka_unit_test(test_peft_refusals),
         cmocka_unit_test(test_peft_refusals_say_why),
     };

@@ -12,6 +12,7 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -160,13 +161,52 @@ static void test_refuse_no_entry(void **state) {
                    (const char *[]){"not a moontune plugin", "'moontune_plugin_entry'", NULL});
 }
 
+/* "<file>: built for plugin ABI <found>; this moontune loads ABI <oldest>..<current>",
+ * with the reason for ABI 1. */
+static const char *supported_range(void) {
+    static char range[64];
+    snprintf(range, sizeof range, "this moontune loads ABI %d..%d", MT_PLUGIN_ABI_OLDEST,
+             MT_PLUGIN_ABI_VERSION);
+    return range;
+}
+
 static void test_refuse_abi_mismatch(void **state) {
     (void)state;
-    char expected[64];
-    snprintf(expected, sizeof expected, "expects ABI version %d", MT_PLUGIN_ABI_VERSION);
     expect_refusal(TP "/bad_abi.so", MT_ERR_UNSUPPORTED,
-                   (const char *[]){"ABI version mismatch", expected, "built for ABI version 999",
+                   (const char *[]){"built for plugin ABI 999", supported_range(), NULL});
+}
+
+/* A plugin built against ABI 1 (its descriptor in ABI 1's layout): refused with the
+ * reason, not read any further. */
+static void test_refuse_abi1(void **state) {
+    (void)state;
+    assert_int_equal(MT_PLUGIN_ABI_OLDEST, 2); /* the day ABI 1 loads again, this test goes */
+    expect_refusal(TP "/bad_abi1.so", MT_ERR_UNSUPPORTED,
+                   (const char *[]){"built for plugin ABI 1;", supported_range(),
+                                    "ABI 1 plugins compute on host pointers and must be rebuilt "
+                                    "against moontune/plugin.h version 2 (docs/plugins.md)",
                                     NULL});
+}
+
+/* A plugin of the next ABI: refused, naming both versions. */
+static void test_refuse_newer_abi(void **state) {
+    (void)state;
+    char found[64];
+    snprintf(found, sizeof found, "built for plugin ABI %d;", MT_PLUGIN_ABI_VERSION + 1);
+    expect_refusal(TP "/bad_abi3.so", MT_ERR_UNSUPPORTED,
+                   (const char *[]){found, supported_range(), NULL});
+}
+
+/* The struct-size rule: a descriptor smaller than ABI 2's, a vtable of size 0. */
+static void test_refuse_small_structs(void **state) {
+    (void)state;
+    char have[32], need[32];
+    snprintf(have, sizeof have, "%zu bytes", offsetof(mt_plugin_descriptor, vtable));
+    snprintf(need, sizeof need, "%zu", sizeof(mt_plugin_descriptor));
+    expect_refusal(TP "/bad_desc_size.so", MT_ERR_FORMAT,
+                   (const char *[]){"size", have, need, NULL});
+    expect_refusal(TP "/bad_vtable_size.so", MT_ERR_FORMAT,
+                   (const char *[]){"'bad_vtable_size'", "vtable size of 0", NULL});
 }
 
 static void test_refuse_bad_kind(void **state) {
@@ -245,9 +285,10 @@ static void test_registry_scan(void **state) {
     assert_string_equal(mt_plugin_path(p), TP "/test_sched.so");
     assert_true(is_loaded(TP "/test_sched.so"));
     /* Every broken file is a refusal naming it, none is fatal, and none stays loaded. */
-    static const char *const bad[] = {"bad_abi", "bad_kind", "bad_name", "bad_no_entry",
-                                      "bad_not_elf", "bad_null", "bad_schema_default",
-                                      "bad_schema_dup", "bad_vtable"};
+    static const char *const bad[] = {"bad_abi", "bad_abi1", "bad_abi3", "bad_desc_size",
+                                      "bad_kind", "bad_name", "bad_no_entry", "bad_not_elf",
+                                      "bad_null", "bad_schema_default", "bad_schema_dup",
+                                      "bad_vtable", "bad_vtable_size"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char path[512];
         snprintf(path, sizeof path, TP "/%s.so", bad[i]);
@@ -292,7 +333,7 @@ static void test_registry_find_by_kind(void **state) {
     /* A miss whose file was refused says why. */
     assert_null(mt_registry_find(r, MT_PLUGIN_SCHEDULER, "bad_abi", &err));
     assert_contains(err.msg, "was refused");
-    assert_contains(err.msg, "ABI version 999");
+    assert_contains(err.msg, "ABI 999");
     mt_registry_close(r);
 }
 
@@ -566,7 +607,8 @@ static void test_cmd_list(void **state) {
      * kind/cosine.so) before scheduler test_sched */
     const char *a = strstr(c.out, " cosine "), *b = strstr(c.out, " test_sched ");
     assert_true(a && b && a < b);
-    assert_contains(c.err, "warning: " TP "/bad_abi.so: plugin ABI version mismatch");
+    assert_contains(c.err, "warning: " TP "/bad_abi.so: built for plugin ABI 999");
+    assert_contains(c.err, "warning: " TP "/bad_abi1.so: built for plugin ABI 1;");
     assert_contains(c.err, "warning: " TP "/bad_not_elf.so: not a plugin: not an ELF shared object");
     captured_free(&c);
 }
@@ -646,6 +688,9 @@ int main(void) {
         cmocka_unit_test(test_refuse_missing_file),
         cmocka_unit_test(test_refuse_no_entry),
         cmocka_unit_test(test_refuse_abi_mismatch),
+        cmocka_unit_test(test_refuse_abi1),
+        cmocka_unit_test(test_refuse_newer_abi),
+        cmocka_unit_test(test_refuse_small_structs),
         cmocka_unit_test(test_refuse_bad_kind),
         cmocka_unit_test(test_refuse_null_descriptor),
         cmocka_unit_test(test_refuse_duplicate_option),

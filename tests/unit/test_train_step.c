@@ -1,6 +1,8 @@
 /* test_train_step.c — one optimizer step through the plugins: a tiny model learns,
- * gradient accumulation equals the large batch, clipping bounds the norm, and a
- * non-finite loss skips the update. */
+ * gradient accumulation equals the large batch (with equal target counts per
+ * micro-batch, and with unequal ones, where every target token must weigh the same:
+ * plugin ABI 2's step_items), clipping bounds the norm, and a non-finite loss skips
+ * the update. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,8 +48,8 @@ static void rig_up(rig *r, const char *optimizer, const mt_kv *opt_kv, size_t n_
         mt_model_attach_adapter(r->model, r->adapter->desc->vtable, r->adapter->state, &err) ||
         mt_model_plan(r->model, ROWS, LEN, 0, &err))
         fail_msg("%s", err.msg);
-    /* every row has the same number of targets (8), so the mean over micro-batches
-     * equals the mean over the whole batch */
+    /* every row has the same number of targets (8): the equal-count case of
+     * accumulation (test_accumulation_unequal_counts makes them differ) */
     for (int i = 0; i < ROWS * LEN; i++) {
         r->tokens[i] = (i * 29 + 3) % r->model->cfg.vocab_size;
         r->targets[i] = i % LEN < 3 || i % LEN == LEN - 1 ? -100 : (i * 17 + 5) % r->model->cfg.vocab_size;
@@ -63,6 +65,12 @@ static void rig_down(rig *r) {
     mt_backend_cpu_shutdown(&r->be);
 }
 
+/* Plans the rig's model for batches of B rows of T tokens, chunk rows of logits at once. */
+static void replan(rig *r, int B, int T, int chunk) {
+    mt_error err = {0};
+    if (mt_model_plan(r->model, B, T, chunk, &err)) fail_msg("%s", err.msg);
+}
+
 static mt_step_result step(rig *r, const mt_batch *batches, int n, double lr, int64_t k,
                            double clip) {
     mt_step_result res;
@@ -76,7 +84,8 @@ static void test_tiny_model_learns_with_adamw(void **state) {
     (void)state;
     rig r;
     rig_up(&r, "adamw", NULL, 0);
-    mt_batch batch = {.B = ROWS, .T = LEN, .tokens = r.tokens, .targets = r.targets};
+    mt_batch batch = {.size = sizeof(mt_batch), .B = ROWS, .T = LEN, .tokens = r.tokens,
+                      .targets = r.targets};
     double first = 0, last = 0;
     for (int k = 1; k <= 30; k++) {
         mt_step_result res = step(&r, &batch, 1, 1e-2, k, 1.0);
@@ -113,9 +122,12 @@ static void test_accumulation_equals_full_batch(void **state) {
     (void)state;
     rig r;
     rig_up(&r, "sgd", NULL, 0);
-    mt_batch whole = {.B = ROWS, .T = LEN, .tokens = r.tokens, .targets = r.targets};
-    mt_batch halves[2] = {{.B = 1, .T = LEN, .tokens = r.tokens, .targets = r.targets},
-                          {.B = 1, .T = LEN, .tokens = r.tokens + LEN, .targets = r.targets + LEN}};
+    mt_batch whole = {.size = sizeof(mt_batch), .B = ROWS, .T = LEN, .tokens = r.tokens,
+                      .targets = r.targets};
+    mt_batch halves[2] = {{.size = sizeof(mt_batch), .B = 1, .T = LEN, .tokens = r.tokens,
+                           .targets = r.targets},
+                          {.size = sizeof(mt_batch), .B = 1, .T = LEN, .tokens = r.tokens + LEN,
+                           .targets = r.targets + LEN}};
     /* lr 0: no update, so both gradients come from the same weights */
     mt_step_result a = step(&r, &whole, 1, 0.0, 1, 0.0);
     float *ga;
@@ -134,11 +146,128 @@ static void test_accumulation_equals_full_batch(void **state) {
     rig_down(&r);
 }
 
+/* ||a - b|| / ||b|| in double: the relative error of a whole vector (the norm-wise
+ * measure numerical analysis uses for a computed vector against its reference). */
+static double norm_rel_err(const float *a, const float *b, size_t n) {
+    double diff = 0.0, ref = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)b[i];
+        diff += d * d;
+        ref += (double)b[i] * b[i];
+    }
+    return ref > 0 ? sqrt(diff / ref) : sqrt(diff);
+}
+
+/* Micro-batches of 1, 7 and 20 target tokens against one batch of the same three rows.
+ * Averaging per-micro-batch means (ABI 1) would weigh the lone target of the first
+ * micro-batch 20 times as much as each of the third's: a difference of order one.
+ * Normalising every micro-batch by the step's 28 targets gives the large batch's loss
+ * and gradient up to summation order. */
+static void test_accumulation_unequal_counts(void **state) {
+    (void)state;
+    enum { B = 3, T = 24 };
+    static const int first[B] = {10, 5, 2}, count[B] = {1, 7, 20};
+    rig r;
+    rig_up(&r, "sgd", NULL, 0);
+    replan(&r, B, T, 5); /* 5 rows of logits at a time: chunks with and without targets */
+    const int V = r.model->cfg.vocab_size;
+    int32_t tokens[B * T], targets[B * T];
+    int total = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const int i = b * T + t;
+            tokens[i] = (i * 29 + 3) % V;
+            const int on = t >= first[b] && t < first[b] + count[b];
+            targets[i] = on ? (i * 17 + 5) % V : -100;
+            total += on;
+        }
+    assert_int_equal(total, 28);
+    mt_batch whole = {.size = sizeof(mt_batch), .B = B, .T = T, .tokens = tokens, .targets = targets};
+    mt_batch micro[B];
+    for (int b = 0; b < B; b++)
+        micro[b] = (mt_batch){.size = sizeof(mt_batch), .B = 1, .T = T, .tokens = tokens + b * T,
+                              .targets = targets + b * T};
+    /* the loss counts what it normalises by: the host sums that over the step */
+    for (int b = 0; b < B; b++) assert_int_equal(mt_loss_count(r.loss, &micro[b]), count[b]);
+
+    /* lr 0: no update, so both gradients come from the same weights */
+    mt_step_result a = step(&r, &whole, 1, 0.0, 1, 0.0);
+    float *ga;
+    size_t n;
+    copy_grads(r.model, &ga, &n);
+    mt_step_result m = step(&r, micro, B, 0.0, 2, 0.0);
+    float *gm;
+    copy_grads(r.model, &gm, &n);
+
+    /* The whole gradient within 1e-6 norm-wise (||g_micro - g_whole|| / ||g_whole||),
+     * and every tensor on its own within 1e-5 (largest error over largest magnitude), so
+     * that a small one cannot hide behind a large one. These bounds are fp32 summation
+     * order, not slack: one batch of three rows and three of one already differ by ~1e-6
+     * elementwise in the model's own forward (the loss by ~1e-8), whatever the loss
+     * does; the ABI 1 averaging misses by O(1). */
+    mt_param_view *params;
+    size_t n_params, off = 0;
+    mt_error err = {0};
+    assert_int_equal(mt_model_trainable_params(r.model, &params, &n_params, &err), MT_OK);
+    double worst = 0.0;
+    for (size_t i = 0; i < n_params; i++) {
+        const size_t k = (size_t)mt_tensor_numel(&params[i].grad);
+        const double e = mt_test_rel_err(gm + off, ga + off, k);
+        if (!(e <= 1e-5)) fail_msg("%s: accumulated gradient rel err %.3g", params[i].name, e);
+        if (e > worst) worst = e;
+        off += k;
+    }
+    assert_int_equal(off, n);
+    const double ge = norm_rel_err(gm, ga, n), le = fabs(m.loss - a.loss) / fabs(a.loss);
+    printf("1 + 7 + 20 targets accumulated vs one batch: loss %.9g vs %.9g (rel %.3g), "
+           "gradient norm-wise rel err %.3g (worst of %zu tensors on its own %.3g)\n",
+           m.loss, a.loss, le, ge, n_params, worst);
+
+    /* The weighting itself, without the shape-dependent summation order: each micro-batch
+     * alone (a step of one, normalised by its own count c_b) gives g_b; the accumulated
+     * step must be the token-weighted sum  sum_b (c_b / 28) g_b  (in double here). Both
+     * sides run the same products on the same row shapes, so this holds to 1e-6. */
+    double *weighted = calloc(n, sizeof *weighted);
+    float *wf = malloc(n * sizeof *wf);
+    assert_non_null(weighted);
+    assert_non_null(wf);
+    for (int b = 0; b < B; b++) {
+        step(&r, &micro[b], 1, 0.0, 3 + b, 0.0);
+        float *gb;
+        size_t nb;
+        copy_grads(r.model, &gb, &nb);
+        assert_int_equal(nb, n);
+        for (size_t i = 0; i < n; i++) weighted[i] += (double)count[b] / 28.0 * gb[i];
+        free(gb);
+    }
+    for (size_t i = 0; i < n; i++) wf[i] = (float)weighted[i];
+    const double we = norm_rel_err(gm, wf, n);
+    printf("accumulated vs the token-weighted sum of the micro-batches alone: norm-wise rel err "
+           "%.3g\n", we);
+    free(weighted);
+    free(wf);
+    assert_int_equal(a.n_tokens, 28);
+    assert_int_equal(m.n_tokens, 28);
+    assert_true(le <= 1e-6);
+    assert_true(we <= 1e-6);
+    /* against the one large batch, fp32's order of summation over rows differs (one
+     * product over 72 rows against three over 24, and OpenBLAS blocks them differently):
+     * measured 1.0e-6 (release) to 1.3e-6 (-O1 sanitizer build) norm-wise on this model;
+     * the ABI 1 average of per-micro-batch means is off by 5.7 */
+    assert_true(ge <= 3e-6);
+    assert_true(fabs(m.grad_norm - a.grad_norm) <= 1e-6 * a.grad_norm);
+    free(params);
+    free(ga);
+    free(gm);
+    rig_down(&r);
+}
+
 static void test_clipping_bounds_the_norm(void **state) {
     (void)state;
     rig r;
     rig_up(&r, "sgd", NULL, 0);
-    mt_batch batch = {.B = ROWS, .T = LEN, .tokens = r.tokens, .targets = r.targets};
+    mt_batch batch = {.size = sizeof(mt_batch), .B = ROWS, .T = LEN, .tokens = r.tokens,
+                      .targets = r.targets};
     mt_step_result res = step(&r, &batch, 1, 0.0, 1, 0.01);
     assert_true(res.grad_norm > 0.01);
     double after = mt_model_clip_grad_norm(r.model, 0.0); /* measures only */
@@ -151,7 +280,8 @@ static void test_non_finite_loss_skips_the_update(void **state) {
     (void)state;
     rig r;
     rig_up(&r, "adamw", NULL, 0);
-    mt_batch batch = {.B = ROWS, .T = LEN, .tokens = r.tokens, .targets = r.targets};
+    mt_batch batch = {.size = sizeof(mt_batch), .B = ROWS, .T = LEN, .tokens = r.tokens,
+                      .targets = r.targets};
     mt_param *norm = mt_model_find_param(r.model, "model.norm.weight");
     assert_non_null(norm);
     norm->data[0] = NAN;
@@ -167,6 +297,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_model_learns_with_adamw),
         cmocka_unit_test(test_accumulation_equals_full_batch),
+        cmocka_unit_test(test_accumulation_unequal_counts),
         cmocka_unit_test(test_clipping_bounds_the_norm),
         cmocka_unit_test(test_non_finite_loss_skips_the_update),
     };
