@@ -7,6 +7,7 @@
 #include "cli/cmd_data.h"
 #include "cli/cmd_eval.h"
 #include "cli/cmd_generate.h"
+#include "cli/cmd_plugin_check.h"
 #include "cli/cmd_plugins.h"
 #include "cli/cmd_run.h"
 #include "moontune/moontune.h"
@@ -23,6 +24,7 @@ static void usage(FILE *out) {
             "  ls        list the shipped recipes;  cp NAME DEST  copy one to edit\n"
             "  bench     forward+backward throughput on random weights (tokens/s, GFLOP/s, memory)\n"
             "  plugins   list the optimizer, loss, adapter and scheduler plugins found; --describe NAME\n"
+            "  plugin    plugin check FILE.so: a plugin's gradient, steps or merge on built-in fixtures\n"
             "  data      read, template and tokenize a dataset and print its statistics\n"
             "  generate  generate text from a model (GGUF or Hugging Face directory)\n"
             "  eval      held-out loss and perplexity of a model on a dataset\n"
@@ -42,6 +44,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "cp")) return mt_cmd_cp(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return mt_cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "plugins")) return mt_cmd_plugins(argc - 1, argv + 1);
+    if (!strcmp(cmd, "plugin")) return mt_cmd_plugin(argc - 1, argv + 1);
     if (!strcmp(cmd, "data")) return mt_cmd_data(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return mt_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return mt_cmd_eval(argc - 1, argv + 1);

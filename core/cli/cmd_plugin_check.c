@@ -1,0 +1,410 @@
+/* cmd_plugin_check.c — `moontune plugin check FILE.so`: loads one plugin and checks it
+ * does what its kind promises, on built-in fixtures, before anyone trains with it.
+ *
+ *   loss       on the "tiny" model shape (random weights, every parameter trainable): the
+ *              gradient along three directions (the gradient itself and two random ones)
+ *              against central finite differences of the loss; a batch without targets
+ *              gives loss 0 and no gradient; doubling step_items halves loss and gradient.
+ *   optimizer  on the quadratic ½|p|² (gradient p) with two parameters of odd shapes: 20
+ *              steps lower it and keep it finite; the state saved after 3 steps and
+ *              restored into a fresh instance continues bit for bit like the original.
+ *   scheduler  finite, non-negative learning rates over a run of 100 steps.
+ *   adapter    attached to the tiny model with its parameters perturbed: the gradient check
+ *              above through the model's own cross-entropy, and, when it merges, the same
+ *              logits merged and unmerged.
+ *
+ * Directional derivatives, not single coordinates: the change of the loss along a unit
+ * direction is large against fp32 rounding, so a tolerance of 2% separates a correct
+ * gradient from one that is scaled, negated or missing a term. */
+#include "cli/cmd_plugin_check.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/internal.h"
+#include "cli/cli_args.h"
+#include "model/device.h"
+#include "model/model.h"
+#include "model/train.h"
+#include "plugin/registry.h"
+
+#define CHECK_B 2
+#define CHECK_T 7
+#define FD_STEP 1e-2
+#define FD_TOLERANCE 2e-2
+
+typedef struct checker {
+    mt_backend be;
+    mt_model *model;
+    int32_t tokens[CHECK_B * CHECK_T], targets[CHECK_B * CHECK_T];
+    int failures;
+} checker;
+
+static void report(checker *c, int ok, const char *fmt, ...) MT_PRINTF(3, 4);
+
+static void report(checker *c, int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("  %s  ", ok ? "pass" : "FAIL");
+    vprintf(fmt, ap);
+    putchar('\n');
+    va_end(ap);
+    if (!ok) c->failures++;
+}
+
+static mt_status tiny_model(checker *c, mt_error *err) {
+    mt_model_config cfg;
+    mt_status st = mt_config_preset("tiny", &cfg, err);
+    if (!st) st = mt_backend_cpu_init(&c->be, 0, err);
+    if (!st) st = mt_model_create(&cfg, &c->be, &c->model, err);
+    if (!st) st = mt_model_init_random(c->model, 7, 0.2f, err);
+    if (!st) st = mt_model_plan(c->model, CHECK_B, CHECK_T, 0, err);
+    uint64_t rng = 12345;
+    for (int i = 0; i < CHECK_B * CHECK_T; i++) {
+        c->tokens[i] = (int32_t)(mt_splitmix64(&rng) % (uint64_t)cfg.vocab_size);
+        /* targets: the first three positions of each row are a masked prompt */
+        c->targets[i] = i % CHECK_T < 3 ? -100 : (int32_t)(mt_splitmix64(&rng) % (uint64_t)cfg.vocab_size);
+    }
+    return st;
+}
+
+/* ---- gradients against finite differences -------------------------------------------- */
+
+typedef double (*loss_fn)(checker *c, void *ctx, int backward, mt_error *err);
+
+/* Adds t·dir to every trainable parameter (dir is one flat vector over them). */
+static void shift_params(mt_param_view *p, size_t n, const double *dir, double t) {
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        float *v = p[i].value.data;
+        for (int64_t j = 0; j < mt_tensor_numel(&p[i].value); j++) v[j] += (float)(t * dir[k++]);
+    }
+}
+
+static int check_gradient(checker *c, loss_fn f, void *ctx, const char *what, mt_error *err) {
+    mt_param_view *p = NULL;
+    size_t n = 0, total = 0;
+    if (mt_model_trainable_params(c->model, &p, &n, err)) return -1;
+    for (size_t i = 0; i < n; i++) total += (size_t)mt_tensor_numel(&p[i].value);
+    double *grad = mt_calloc(total ? total : 1, sizeof *grad, "gradient copy", err);
+    double *dir = mt_calloc(total ? total : 1, sizeof *dir, "direction", err);
+    if (!grad || !dir) {
+        free(grad), free(dir), free(p);
+        return -1;
+    }
+    mt_model_zero_grad(c->model);
+    double loss = f(c, ctx, 1, err);
+    int rc = isnan(loss) ? -1 : 0;
+    size_t k = 0;
+    double norm = 0.0;
+    for (size_t i = 0; !rc && i < n; i++) {
+        const float *g = p[i].grad.data;
+        for (int64_t j = 0; j < mt_tensor_numel(&p[i].grad); j++, k++) {
+            grad[k] = g[j];
+            norm += grad[k] * grad[k];
+        }
+    }
+    norm = sqrt(norm);
+    if (!rc) report(c, isfinite(loss) && norm > 0, "%s: loss %.6g, gradient norm %.6g", what, loss, norm);
+    uint64_t rng = 99;
+    for (int d = 0; !rc && d < 3; d++) {
+        double len = 0.0;
+        for (size_t i = 0; i < total; i++) {
+            /* d = 0: along the gradient; then uniform random directions */
+            dir[i] = d == 0 ? grad[i] : (double)(mt_splitmix64(&rng) >> 11) * 0x1p-53 - 0.5;
+            len += dir[i] * dir[i];
+        }
+        len = sqrt(len);
+        double analytic = 0.0;
+        for (size_t i = 0; i < total; i++) {
+            dir[i] /= len > 0 ? len : 1.0;
+            analytic += grad[i] * dir[i];
+        }
+        shift_params(p, n, dir, FD_STEP);
+        double up = f(c, ctx, 0, err);
+        shift_params(p, n, dir, -2 * FD_STEP);
+        double down = f(c, ctx, 0, err);
+        shift_params(p, n, dir, FD_STEP);
+        if (isnan(up) || isnan(down)) {
+            rc = -1;
+            break;
+        }
+        double numeric = (up - down) / (2 * FD_STEP);
+        double rel = fabs(numeric - analytic) / fmax(fabs(numeric), 1e-6);
+        report(c, rel <= FD_TOLERANCE,
+               "%s: derivative along %s: plugin %.6g, finite differences %.6g (relative error "
+               "%.2g, tolerance %.0e)",
+               what, d == 0 ? "the gradient" : "a random direction", analytic, numeric, rel,
+               FD_TOLERANCE);
+    }
+    free(grad), free(dir), free(p);
+    return rc;
+}
+
+/* ---- losses ------------------------------------------------------------------------------ */
+
+typedef struct loss_ctx {
+    mt_plugin_instance *inst;
+    int64_t step_items; /* 0: the loss' own count */
+    int no_targets;
+} loss_ctx;
+
+static double loss_value(checker *c, void *ctx, int backward, mt_error *err) {
+    loss_ctx *lc = ctx;
+    int32_t none[CHECK_B * CHECK_T];
+    for (int i = 0; i < CHECK_B * CHECK_T; i++) none[i] = -100;
+    mt_batch b = {.size = sizeof b, .B = CHECK_B, .T = CHECK_T, .tokens = c->tokens,
+                  .targets = lc->no_targets ? none : c->targets};
+    b.step_items = lc->step_items ? lc->step_items : mt_loss_count(lc->inst, &b);
+    mt_loss_result r = {.size = sizeof r};
+    const mt_loss_vtable *vt = lc->inst->desc->vtable;
+    mt_status st = vt->compute(lc->inst->state, (mt_model_handle *)c->model, &b, backward, &r, err);
+    if (!st) st = mt_host_check(lc->inst->desc->name, err);
+    return st ? NAN : r.loss;
+}
+
+static int check_loss(checker *c, mt_plugin_instance *inst, mt_error *err) {
+    if (mt_model_set_all_trainable(c->model, err)) return -1;
+    loss_ctx lc = {.inst = inst};
+    if (check_gradient(c, loss_value, &lc, "gradient", err)) return -1;
+    /* no targets: nothing to learn */
+    lc.no_targets = 1;
+    mt_model_zero_grad(c->model);
+    double empty = loss_value(c, &lc, 1, err);
+    if (isnan(empty)) return -1;
+    mt_param_view *p = NULL;
+    size_t n = 0;
+    if (mt_model_trainable_params(c->model, &p, &n, err)) return -1;
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++) sum += c->be.ops->sum_squares(&c->be, p[i].grad.data, (size_t)mt_tensor_numel(&p[i].grad));
+    free(p);
+    report(c, empty == 0.0 && sum == 0.0,
+           "a batch without targets: loss %g, gradient norm %g (both must be 0)", empty, sqrt(sum));
+    /* step_items: twice the items, half the loss */
+    lc.no_targets = 0;
+    mt_batch b = {.size = sizeof b, .B = CHECK_B, .T = CHECK_T, .tokens = c->tokens, .targets = c->targets};
+    int64_t items = mt_loss_count(inst, &b);
+    double one = loss_value(c, &lc, 0, err);
+    lc.step_items = 2 * items;
+    double half = loss_value(c, &lc, 0, err);
+    if (isnan(one) || isnan(half)) return -1;
+    report(c, items > 0 && fabs(half * 2 - one) <= 1e-6 * fabs(one),
+           "normalised by step_items: %lld items give %.8g, twice as many %.8g", (long long)items,
+           one, half);
+    return 0;
+}
+
+/* ---- adapters ---------------------------------------------------------------------------- */
+
+static double model_ce(checker *c, void *ctx, int backward, mt_error *err) {
+    (void)ctx;
+    float loss;
+    mt_status st = mt_model_forward(c->model, c->tokens, NULL, NULL, CHECK_B, CHECK_T, err);
+    if (!st) st = mt_model_cross_entropy(c->model, c->targets, backward, &loss, NULL, err);
+    if (!st && backward) st = mt_model_backward(c->model, err);
+    return st ? NAN : loss;
+}
+
+static int logits_of(checker *c, float *out, mt_error *err) {
+    mt_status st = mt_model_forward(c->model, c->tokens, NULL, NULL, CHECK_B, CHECK_T, err);
+    return st || mt_model_logits(c->model, 0, CHECK_B * CHECK_T, out, err) ? -1 : 0;
+}
+
+static int check_adapter(checker *c, mt_plugin_instance *inst, mt_error *err) {
+    const mt_adapter_vtable *vt = inst->desc->vtable;
+    if (mt_model_attach_adapter(c->model, vt, inst->state, err)) return -1;
+    mt_model_set_training(c->model, 0); /* no dropout: the loss must be a function */
+    mt_param_view *p = NULL;
+    size_t n = 0;
+    if (mt_model_trainable_params(c->model, &p, &n, err)) return -1;
+    report(c, n > 0, "attach: %zu trainable tensors", n);
+    uint64_t rng = 5; /* adapters start as the identity (LoRA's B = 0): move them off it */
+    for (size_t i = 0; i < n; i++) {
+        float *v = p[i].value.data;
+        for (int64_t j = 0; j < mt_tensor_numel(&p[i].value); j++)
+            v[j] += 0.05f * (float)((double)(mt_splitmix64(&rng) >> 11) * 0x1p-53 - 0.5);
+    }
+    free(p);
+    if (n && check_gradient(c, model_ce, NULL, "gradient", err)) return -1;
+    if (!MT_VTABLE_HAS(mt_adapter_vtable, vt, merge) || !MT_VTABLE_HAS(mt_adapter_vtable, vt, unmerge)) {
+        printf("  note  %s does not merge: merge check not run\n", inst->desc->name);
+        return 0;
+    }
+    const size_t nl = (size_t)CHECK_B * CHECK_T * (size_t)c->model->cfg.vocab_size;
+    float *before = mt_calloc(3 * nl, sizeof *before, "logits", err);
+    if (!before) return -1;
+    float *merged = before + nl, *after = merged + nl;
+    int rc = logits_of(c, before, err);
+    if (!rc) rc = vt->merge(inst->state, err) || mt_host_check("merge", err) ? -1 : 0;
+    if (!rc) rc = logits_of(c, merged, err);
+    if (!rc) rc = vt->unmerge(inst->state, err) || mt_host_check("unmerge", err) ? -1 : 0;
+    if (!rc) rc = logits_of(c, after, err);
+    double d1 = 0, d2 = 0;
+    for (size_t i = 0; !rc && i < nl; i++) {
+        d1 = fmax(d1, fabs((double)merged[i] - before[i]));
+        d2 = fmax(d2, fabs((double)after[i] - before[i]));
+    }
+    if (!rc) {
+        report(c, d1 <= 1e-4, "merged logits equal the adapted ones (max difference %.2g)", d1);
+        report(c, d2 <= 1e-4, "unmerged logits equal them again (max difference %.2g)", d2);
+    }
+    free(before);
+    return rc;
+}
+
+/* ---- optimizers and schedulers --------------------------------------------------------- */
+
+enum { OPT_PARAMS = 2 };
+
+typedef struct opt_fixture {
+    float value[OPT_PARAMS][12], grad[OPT_PARAMS][12];
+    mt_param_view views[OPT_PARAMS];
+} opt_fixture;
+
+static void fixture_init(opt_fixture *f) {
+    static const int64_t shapes[OPT_PARAMS][2] = {{5, 1}, {3, 4}};
+    static const char *names[OPT_PARAMS] = {"check.bias", "check.weight"};
+    memset(f, 0, sizeof *f);
+    for (int i = 0; i < OPT_PARAMS; i++) {
+        int64_t n = shapes[i][0] * shapes[i][1];
+        for (int64_t j = 0; j < n; j++) f->value[i][j] = (float)sin(1.0 + 3.0 * i + j) + 0.25f;
+        f->views[i] = (mt_param_view){
+            .size = sizeof(mt_param_view), .name = names[i], .no_decay = i == 0,
+            .value = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = i ? 2 : 1,
+                      .shape = {shapes[i][0], i ? shapes[i][1] : 0}, .data = f->value[i]},
+            .grad = {.dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = i ? 2 : 1,
+                     .shape = {shapes[i][0], i ? shapes[i][1] : 0}, .data = f->grad[i]}};
+    }
+}
+
+static double fixture_step(opt_fixture *f, mt_plugin_instance *inst, int64_t step, mt_error *err) {
+    double q = 0.0;
+    for (int i = 0; i < OPT_PARAMS; i++)
+        for (int j = 0; j < 12; j++) {
+            f->grad[i][j] = f->value[i][j]; /* d/dp ½p² */
+            q += 0.5 * (double)f->value[i][j] * f->value[i][j];
+        }
+    const mt_optimizer_vtable *vt = inst->desc->vtable;
+    if (vt->step(inst->state, f->views, OPT_PARAMS, 1e-2, step, err) ||
+        mt_host_check(inst->desc->name, err))
+        return NAN;
+    return q;
+}
+
+static int check_optimizer(checker *c, const mt_plugin *plugin, mt_plugin_instance *a,
+                           mt_error *err) {
+    opt_fixture fa, fb;
+    fixture_init(&fa);
+    double first = fixture_step(&fa, a, 1, err), q = first;
+    for (int64_t s = 2; s <= 3 && !isnan(q); s++) q = fixture_step(&fa, a, s, err);
+    if (isnan(q)) return -1;
+    /* a fresh instance with the saved state continues exactly like the first */
+    mt_plugin_instance *b = NULL;
+    if (mt_plugin_instantiate(plugin, NULL, 0, &b, err)) return -1;
+    const mt_optimizer_vtable *vt = a->desc->vtable;
+    fixture_init(&fb);
+    memcpy(fb.value, fa.value, sizeof fb.value);
+    int rc = 0;
+    size_t count = vt->state_count(a->state);
+    for (size_t i = 0; !rc && i < count; i++) {
+        const char *name;
+        mt_tensor t;
+        if (vt->state_get(a->state, i, &name, &t, err)) rc = -1;
+        float *host = rc ? NULL : mt_malloc(mt_tensor_nbytes(&t) + 1, "optimizer state", err);
+        if (!host || mt_device_download(host, &t, err)) rc = -1;
+        mt_tensor h = t;
+        h.device = MT_DEVICE_CPU;
+        h.data = host;
+        if (!rc && vt->state_set(b->state, name, &h, err)) rc = -1;
+        free(host);
+    }
+    double qa = 0, qb = 0;
+    for (int64_t s = 4; !rc && s <= 5; s++) {
+        qa = fixture_step(&fa, a, s, err);
+        qb = fixture_step(&fb, b, s, err);
+        if (isnan(qa) || isnan(qb)) rc = -1;
+    }
+    if (!rc) {
+        report(c, !memcmp(fa.value, fb.value, sizeof fa.value),
+               "state: %zu tensors saved after 3 steps and restored into a new instance continue "
+               "identically",
+               count);
+        for (int64_t s = 6; s <= 20 && !isnan(qa); s++) qa = fixture_step(&fa, a, s, err);
+        report(c, isfinite(qa) && qa < first,
+               "descent on ½|p|²: %.6g after 1 step, %.6g after 20", first, qa);
+        if (isnan(qa)) rc = -1;
+    }
+    mt_plugin_instance_free(b);
+    return rc;
+}
+
+static void check_scheduler(checker *c, mt_plugin_instance *inst) {
+    const mt_scheduler_vtable *vt = inst->desc->vtable;
+    double lo = INFINITY, hi = -INFINITY;
+    int ok = 1;
+    for (int64_t s = 0; s <= 100; s++) {
+        double lr = vt->lr(inst->state, s, 100, 1e-3);
+        ok &= isfinite(lr) && lr >= 0;
+        lo = fmin(lo, lr), hi = fmax(hi, lr);
+    }
+    report(c, ok, "learning rates over 100 steps at base 1e-3: from %.3g to %.3g, all finite and >= 0",
+           lo, hi);
+}
+
+/* ---- the command ------------------------------------------------------------------------ */
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: moontune plugin check FILE.so\n"
+            "\n"
+            "Loads one plugin file and checks it on built-in fixtures: a loss's gradient against\n"
+            "finite differences on a tiny random model, an optimizer's descent and state restore,\n"
+            "a scheduler's learning rates, an adapter's gradient and merge. Prints one line per\n"
+            "check; exits 0 when every check passes, 1 when one fails or the plugin is refused.\n");
+}
+
+int mt_cmd_plugin(int argc, char **argv) {
+    if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+        usage(stdout);
+        return 0;
+    }
+    if (argc != 3 || strcmp(argv[1], "check") != 0) {
+        usage(stderr);
+        return 2;
+    }
+    const char *path = argv[2];
+    mt_error err = {0};
+    mt_plugin *plugin = NULL;
+    if (mt_plugin_load(path, &plugin, &err)) {
+        fprintf(stderr, "moontune plugin check: %s\n", err.msg);
+        return 1;
+    }
+    const mt_plugin_descriptor *d = mt_plugin_desc(plugin);
+    printf("%s: %s %s %s (plugin ABI %u)\n", path, mt_plugin_kind_name(d->kind), d->name,
+           d->version, (unsigned)d->abi_version);
+    checker c = {0};
+    mt_plugin_instance *inst = NULL;
+    int rc = mt_plugin_instantiate(plugin, NULL, 0, &inst, &err) ? -1 : 0;
+    if (!rc && (d->kind == MT_PLUGIN_LOSS || d->kind == MT_PLUGIN_ADAPTER))
+        rc = tiny_model(&c, &err) ? -1 : 0;
+    if (!rc) {
+        switch (d->kind) {
+        case MT_PLUGIN_LOSS: rc = check_loss(&c, inst, &err); break;
+        case MT_PLUGIN_ADAPTER: rc = check_adapter(&c, inst, &err); break;
+        case MT_PLUGIN_OPTIMIZER: rc = check_optimizer(&c, plugin, inst, &err); break;
+        case MT_PLUGIN_SCHEDULER: check_scheduler(&c, inst); break;
+        }
+    }
+    if (rc) {
+        fprintf(stderr, "moontune plugin check: %s: %s\n", path, err.msg[0] ? err.msg : "failed");
+        c.failures++;
+    }
+    mt_model_free(c.model);
+    mt_plugin_instance_free(inst);
+    if (c.be.ops) mt_backend_cpu_shutdown(&c.be);
+    mt_plugin_unload(plugin);
+    printf("%s: %s\n", path, c.failures ? "FAILED" : "all checks passed");
+    return c.failures ? 1 : 0;
+}
