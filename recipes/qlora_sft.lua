@@ -49,6 +49,10 @@
 --                  many (0 = all); max_new_tokens, gen_batch: answer length, batch
 --   allow_leakage  accept held-out examples that also occur in the training data (the
 --                  data checks refuse them otherwise)
+--   export         what the trained model becomes under out_dir/export/, a comma list:
+--                  "peft" (adapter directory for peft/transformers; LoRA and QLoRA),
+--                  "merged" (transformers model directory, adapter folded in), "gguf"
+--                  (llama.cpp, export_dtype "f16" or "f32"); "" = nothing
 --   save_every     checkpoint every N steps (and at the end); keep_last: how many
 --                  recent checkpoints are kept besides the best
 --   out_dir        run directory (under the current directory): metrics.jsonl,
@@ -85,6 +89,8 @@ local cfg = mt.config({
   max_new_tokens = 128,
   gen_batch = 16,
   allow_leakage = false,
+  export = "peft",
+  export_dtype = "f16",
   save_every = 100,
   keep_last = 2,
   out_dir = "runs/qlora_sft",

@@ -69,6 +69,32 @@ end
 
 -- Plans the model, checks the data, measures before, trains, measures after; prints
 -- and returns the trainer's result (with .before and .after when measured).
+-- Deployment: cfg.export lists what the trained model becomes under <out>/export/:
+-- "peft" (the adapter as a PEFT directory: adapters that save one), "merged" (a
+-- transformers model directory with the adapter folded in) and "gguf" (one GGUF file,
+-- cfg.export_dtype "f16" or "f32"). "" exports nothing. Returns the written paths.
+function M.export(mt, cfg, model, tok, out, name)
+  local paths = {}
+  local wanted = cfg.export or ""
+  if type(wanted) == "table" then wanted = table.concat(wanted, ",") end
+  for kind in string.gmatch(wanted, "[^,%s]+") do
+    local path
+    if kind == "peft" then
+      path = model:export_peft(out .. "/export/adapter")
+    elseif kind == "merged" then
+      path = model:export_merged(out .. "/export/merged", { tokenizer = tok })
+    elseif kind == "gguf" then
+      path = model:export_gguf(out .. "/export/model.gguf",
+                               { tokenizer = tok, dtype = cfg.export_dtype or "f16" })
+    else
+      error(string.format("%s: export: unknown kind \"%s\" (expected peft, merged or gguf)", name, kind), 0)
+    end
+    paths[kind] = path
+    print(string.format("%s: exported %s to %s", name, kind, path))
+  end
+  return paths
+end
+
 function M.train(mt, cfg, model, train, heldout, name, data)
   local out = mt.output_dir(cfg.out_dir)
   model:plan(cfg.batch, cfg.seq_len)
@@ -155,6 +181,7 @@ function M.train(mt, cfg, model, train, heldout, name, data)
     print(string.format("%-28s %12.3f %12.3f  (%+.1f%%)", "general-text perplexity", result.general.before,
                         result.general.after, 100 * result.general.change))
   end
+  result.exports = M.export(mt, cfg, model, data and data.tok, out, name)
   print(string.format("%s: %d steps%s, best %s %s, run in %s", name, result.steps,
                       result.stopped_early and " (stopped early)" or "",
                       result.best and result.best.metric or es_metric,

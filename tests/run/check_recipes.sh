@@ -39,7 +39,24 @@ for name in lora_sft qlora_sft full_sft; do
   test -s "out-$name/metrics.jsonl"
   grep -q '"eval_loss"' "out-$name/metrics.jsonl"
   ls -d "out-$name"/checkpoints/step-00000006 > /dev/null
+  # deployment: each recipe's default exports
+  case $name in
+    lora_sft) test -s "out-$name/export/adapter/adapter_model.safetensors"
+              test -s "out-$name/export/merged/model.safetensors" ;;
+    qlora_sft) test -s "out-$name/export/adapter/adapter_config.json" ;;
+    full_sft) test -s "out-$name/export/merged/model.safetensors"
+              test -s "out-$name/export/model.gguf" ;;
+  esac
 done
+# the fully fine-tuned model, exported merged, reloads with the held-out loss it was
+# trained to (the summary's "after" column, 4 decimals)
+after=$(awk '/^held-out loss / {print $NF}' full_sft.txt)
+"$moontune" eval --model out-full_sft/export/merged --seq 64 --device cpu \
+  "$fixtures/data/tiny_chat_heldout.jsonl" > full_eval.txt
+cat full_eval.txt
+reloaded=$(grep -o 'loss [0-9.]*' full_eval.txt | head -n 1 | cut -d' ' -f2)
+python3 -c 'import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); assert abs(a - b) <= 1e-4 + 1e-4 * abs(a), (a, b)' \
+  "$after" "$reloaded"
 
 # the quickstart (the README's main job) end to end on the tiny model: before/after
 # numbers, the comparison table, the three exports, the reloaded GGUF, summary.json
