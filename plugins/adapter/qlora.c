@@ -46,10 +46,12 @@
  *   PyTorch reference (nearest code), as its CUDA kernel approximates it.
  * tests/parity/make_lora_reference.py checks both against bitsandbytes.
  *
- * Forward and backward never hold more than QLORA_WTILE floats (4 MiB) of the fp32
+ * Forward and backward never hold more than QLORA_WTILE floats (256 MiB) of the fp32
  * weight: they dequantize that many rows at a time (host->dequantize_4bit) into a
  * device scratch tensor shared by all projections and multiply with host->matmul. A
- * weight that fits is one band: y = x W^T and dx += dy W directly, all N rows at once.
+ * weight that fits is one band: y = x W^T and dx += dy W directly, all N rows at once
+ * (every projection of a model up to Llama-3 8B's 14336 x 4096: dequantize the whole
+ * weight, then one product, as bitsandbytes does).
  * A weight of several bands produces a column slice of y (or consumes one of dy) per
  * band, and tensors have no strides, so for a tile of QLORA_NTILE rows of x the
  * product is formed transposed, y^T (out, NTILE), whose band rows are contiguous, and
@@ -67,10 +69,11 @@
 #define LORA_NO_ENTRY
 #include "lora.c"
 
-/* QLORA_WTILE: floats of dequantized weight rows at a time (4 MiB), so the whole
- * weight of a small projection at once, a band of rows of a large one; QLORA_NTILE:
- * rows of x per product when a weight takes several bands. */
-enum { NF4_BLOCK = 64, DQ_BLOCK = 256, QLORA_WTILE = 1 << 20, QLORA_NTILE = 256 };
+/* QLORA_WTILE: floats of dequantized weight rows at a time (256 MiB), so the whole
+ * weight of any projection up to 8B models at once, a band of rows of a larger one (the
+ * banded path costs an extra transposing product and a dequantization per tile of x);
+ * QLORA_NTILE: rows of x per product when a weight takes several bands. */
+enum { NF4_BLOCK = 64, DQ_BLOCK = 256, QLORA_WTILE = 1 << 26, QLORA_NTILE = 256 };
 
 /* bitsandbytes' NF4 code values (functional.get_4bit_type("nf4")), ascending. */
 static const float nf4_code[16] = {
