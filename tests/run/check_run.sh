@@ -186,3 +186,26 @@ else
 fi
 echo "--device: checked (the default here is $default)"
 echo "moontune run: all checks passed"
+
+# `moontune plugin check` on the build's plugins (this test also runs in the sanitizer
+# build, which the install test skips): every standard plugin passes, a plugin of ABI 1
+# is refused with the reason
+for so in "$build_dir"/plugins/*.so; do
+  "$moontune" plugin check "$so" > check.txt 2>&1 || { cat check.txt; exit 1; }
+  grep -q "all checks passed" check.txt
+done
+# a LoRA whose backward leaves out dA: the whole-model directions barely see it (dB
+# dominates), the per-tensor ones must
+mkdir -p nodA
+cp "$source_dir/plugins/adapter/lora.c" "$source_dir/plugins/adapter/lora_peft.h" nodA/
+grep -q 'host->matmul(&L->dA, &g, src, 1, 0, s, 1.0f);' nodA/lora.c
+sed -i 's/host->matmul(&L->dA, &g, src, 1, 0, s, 1.0f);/(void)src;/' nodA/lora.c
+cc -std=c11 -O1 -shared -fPIC -fvisibility=hidden -I"$source_dir/core/include" nodA/lora.c \
+   -o nodA/lora_nodA.so -lm
+if "$moontune" plugin check nodA/lora_nodA.so > nodA.txt 2>&1; then cat nodA.txt; exit 1; fi
+grep -q "FAIL  gradient of model.layers.0.self_attn.q_proj.lora_A.weight alone" nodA.txt
+if "$moontune" plugin check "$build_dir/test_plugins/bad_abi1.so" 2> abi1.txt; then exit 1; fi
+grep -q "built for plugin ABI 1" abi1.txt
+if "$moontune" plugin check 2> usage.txt; then exit 1; fi
+grep -q "usage: moontune plugin check" usage.txt
+echo "plugin check: ok"
