@@ -144,13 +144,15 @@ typedef struct mt_backend_ops {
      * mt_random_uniform(seed, counter0 + i) (below), computed as x_i * (1 / (1 - p)). */
     void (*dropout)(mt_backend *be, float *y, const float *x, float p, uint64_t seed,
                     uint64_t counter0, int accumulate, size_t n);
-    /* Per row r of logits (n,V), targets (n) (no target when < 0 or >= V):
-     * lse (n) = log Σ exp, target_logit (n) = x[t] or 0, mean_logit (n) = Σ x / V; the
-     * last two may be NULL. Max-shifted, sums in double. */
+    /* Per row r of logits (n,V), targets (n): lse (n) = log Σ exp, target_logit (n) = x[t]
+     * (0 when t >= V: a row without a target), mean_logit (n) = Σ x / V; the last two may
+     * be NULL. A row with t < 0 is skipped: its three values are 0 and its logits are not
+     * read (a loss's masked prompt rows cost nothing). Max-shifted, sums in double. */
     void (*softmax_stats)(mt_backend *be, float *lse, float *target_logit, float *mean_logit,
                           const float *logits, const int32_t *targets, int n, int V);
     /* In place per row r of x (n,V), coefs (n,3): x_j = c0 * exp(x_j - lse_r) + c1, then
-     * x_t += c2 where row r has a target t (0 <= t < V). In double, stored as float. */
+     * x_t += c2 where row r has a target t (0 <= t < V). A row with t < 0 is set to 0
+     * (skipped, as in softmax_stats). In double, stored as float. */
     void (*softmax_backward)(mt_backend *be, float *x, const float *lse, const int32_t *targets,
                              const float *coefs, int n, int V);
     /* out (n) = elements [first, first+n) of a 4-bit tensor: code c_i (high nibble of

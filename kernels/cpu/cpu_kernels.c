@@ -481,6 +481,13 @@ void cpu_softmax_stats(float *lse, float *target_logit, float *mean_logit, const
 #pragma omp parallel for if ((size_t)n * V >= PAR_MIN) schedule(static)
     for (int r = 0; r < n; r++) {
         const float *x = logits + (size_t)r * V;
+        const int32_t t = targets[r];
+        if (t < 0) { // a skipped row: nothing is read
+            lse[r] = 0.0f;
+            if (target_logit) target_logit[r] = 0.0f;
+            if (mean_logit) mean_logit[r] = 0.0f;
+            continue;
+        }
         const double mx = cpu_max(x, V);
         double sum = 0.0, sum_x = 0.0;
         for (int j = 0; j < V; j++) {
@@ -488,8 +495,7 @@ void cpu_softmax_stats(float *lse, float *target_logit, float *mean_logit, const
             sum_x += x[j];
         }
         lse[r] = (float)(mx + log(sum));
-        const int32_t t = targets[r];
-        if (target_logit) target_logit[r] = t >= 0 && t < V ? x[t] : 0.0f;
+        if (target_logit) target_logit[r] = t < V ? x[t] : 0.0f;
         if (mean_logit) mean_logit[r] = (float)(sum_x / V);
     }
 }
@@ -503,6 +509,10 @@ void cpu_softmax_backward(float *x, const float *lse, const int32_t *targets, co
         const double l = lse[r], c0 = coefs[3 * (size_t)r], c1 = coefs[3 * (size_t)r + 1],
                      c2 = coefs[3 * (size_t)r + 2];
         const int32_t t = targets[r];
+        if (t < 0) { // a skipped row: no gradient
+            memset(xr, 0, (size_t)V * sizeof(float));
+            continue;
+        }
         for (int j = 0; j < V; j++) {
             double v = c0 * exp((double)xr[j] - l) + c1;
             if (j == t) v += c2; // a target out of [0, V) matches no j

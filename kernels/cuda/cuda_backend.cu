@@ -1141,6 +1141,15 @@ __global__ void softmax_stats_kernel(float *lse, float *target_logit, float *mea
     __shared__ double sh_d[32];
     size_t row = blockIdx.x;
     const float *x = logits + row * (size_t)V;
+    const int32_t t = targets[row];
+    if (t < 0) { /* a skipped row: the whole block leaves before any barrier */
+        if (threadIdx.x == 0) {
+            lse[row] = 0.0f;
+            if (target_logit) target_logit[row] = 0.0f;
+            if (mean_logit) mean_logit[row] = 0.0f;
+        }
+        return;
+    }
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, x[j]);
     mx = block_max(mx, sh_f);
@@ -1153,8 +1162,7 @@ __global__ void softmax_stats_kernel(float *lse, float *target_logit, float *mea
     sum_x = block_sum(sum_x, sh_d);
     if (threadIdx.x == 0) {
         lse[row] = (float)((double)mx + log(sum));
-        int32_t t = targets[row];
-        if (target_logit) target_logit[row] = t >= 0 && t < V ? x[t] : 0.0f;
+        if (target_logit) target_logit[row] = t < V ? x[t] : 0.0f;
         if (mean_logit) mean_logit[row] = (float)(sum_x / (double)V);
     }
 }
@@ -1167,6 +1175,10 @@ __global__ void softmax_backward_kernel(float *x, const float *lse, const int32_
     float *xr = x + row * (size_t)V;
     double l = lse[row], c0 = coefs[3 * row], c1 = coefs[3 * row + 1], c2 = coefs[3 * row + 2];
     int32_t t = targets[row];
+    if (t < 0) { /* a skipped row: no gradient */
+        for (int j = threadIdx.x; j < V; j += blockDim.x) xr[j] = 0.0f;
+        return;
+    }
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
         double v = __dadd_rn(__dmul_rn(c0, exp((double)xr[j] - l)), c1);
         if (j == t) v = __dadd_rn(v, c2); /* a target out of [0, V) matches no j */

@@ -717,7 +717,7 @@ static void op_dropout(conf_run *r) {
     out_dev(r, "y", dy, EW_N);
 }
 
-/* ---- plugin ABI 2: softmax rows (targets: in range, < 0 and >= V) ---- */
+/* ---- plugin ABI 2: softmax rows (targets: in range, skipped < 0, statistics only >= V) ---- */
 
 static int32_t *softmax_targets(conf_run *r) {
     int32_t *t = h_ints(r, ROWS, VOCAB);
@@ -738,9 +738,10 @@ static void op_softmax_stats(conf_run *r) {
             double m = -INFINITY, s = 0.0, sx = 0.0;
             for (int j = 0; j < VOCAB; j++) m = xr[j] > m ? xr[j] : m;
             for (int j = 0; j < VOCAB; j++) s += exp(xr[j] - m), sx += xr[j];
-            lse[n] = (float)(m + log(s));
-            tl[n] = t[n] >= 0 && t[n] < VOCAB ? xr[t[n]] : 0.0f;
-            ml[n] = (float)(sx / VOCAB);
+            const int skipped = t[n] < 0; /* a skipped row: zeros */
+            lse[n] = skipped ? 0.0f : (float)(m + log(s));
+            tl[n] = !skipped && t[n] < VOCAB ? xr[t[n]] : 0.0f;
+            ml[n] = skipped ? 0.0f : (float)(sx / VOCAB);
         }
         out_host(r, "lse", lse, ROWS);
         out_host(r, "target_logit", tl, ROWS);
@@ -776,7 +777,8 @@ static void op_softmax_backward(conf_run *r) {
         for (int n = 0; n < ROWS; n++)
             for (int j = 0; j < VOCAB; j++) {
                 double v = coefs[3 * n] * exp((double)x[(size_t)n * VOCAB + j] - lse[n]) + coefs[3 * n + 1];
-                ref[(size_t)n * VOCAB + j] = (float)(v + (j == t[n] ? coefs[3 * n + 2] : 0.0));
+                ref[(size_t)n * VOCAB + j] =
+                    t[n] < 0 ? 0.0f : (float)(v + (j == t[n] ? coefs[3 * n + 2] : 0.0));
             }
         out_host(r, "x", ref, (size_t)ROWS * VOCAB);
         return;

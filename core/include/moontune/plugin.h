@@ -271,14 +271,17 @@ typedef struct mt_host {
     double (*sum_squares)(const mt_tensor *x);
 
     /* ---- compute: softmax over rows of logits, for losses ---- */
-    /* For logits (n,V) and targets (n) I32 (a target < 0 or >= V is no target), per row:
-     * lse (n) = log Σ_j exp x_j; target_logit (n) = x_t (0 without a target) or NULL;
-     * mean_logit (n) = Σ_j x_j / V or NULL. Sums in double. */
+    /* For logits (n,V) and targets (n) I32, per row: lse (n) = log Σ_j exp x_j;
+     * target_logit (n) = x_t, or 0 for a target >= V (a row without a target whose
+     * statistics are still wanted), or NULL; mean_logit (n) = Σ_j x_j / V or NULL. Sums in
+     * double. A row whose target is < 0 is skipped: its values are 0 and no work is done
+     * (a loss passes -1 for the masked rows it does not need). */
     void (*softmax_stats)(const mt_tensor *logits, const mt_tensor *targets, mt_tensor *lse,
                           mt_tensor *target_logit, mt_tensor *mean_logit);
     /* In place, per row r of logits (n,V) with coefs (n,3) = (c0, c1, c2):
      * x_j = c0 · exp(x_j - lse_r) + c1 + c2 · [j == t_r]: the gradient of a loss that
-     * is a function of the softmax, its uniform mix and the target's log-probability. */
+     * is a function of the softmax, its uniform mix and the target's log-probability.
+     * A row whose target is < 0 becomes 0 (skipped); t_r >= V adds no c2 term. */
     void (*softmax_backward)(mt_tensor *logits, const mt_tensor *lse, const mt_tensor *targets,
                              const mt_tensor *coefs);
 
