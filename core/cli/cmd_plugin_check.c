@@ -87,6 +87,22 @@ static void shift_params(mt_param_view *p, size_t n, const double *dir, double t
     }
 }
 
+/* The derivative of f along the unit vector dir by central differences, and the part of
+ * it that is fp32 noise: a few ulps of the loss over the step are noise, not error.
+ * The parameters are back where they were afterwards. -1 when f fails. */
+static int central_difference(checker *c, loss_fn f, void *ctx, mt_param_view *p, size_t n,
+                              const double *dir, double *numeric, double *noise, mt_error *err) {
+    shift_params(p, n, dir, FD_STEP);
+    double up = f(c, ctx, 0, err);
+    shift_params(p, n, dir, -2 * FD_STEP);
+    double down = f(c, ctx, 0, err);
+    shift_params(p, n, dir, FD_STEP);
+    if (isnan(up) || isnan(down)) return -1;
+    *numeric = (up - down) / (2 * FD_STEP);
+    *noise = 8 * FLT_EPSILON * fmax(fabs(up), fabs(down)) / (2 * FD_STEP);
+    return 0;
+}
+
 static int check_gradient(checker *c, loss_fn f, void *ctx, const char *what, mt_error *err) {
     mt_param_view *p = NULL;
     size_t n = 0, total = 0;
@@ -134,19 +150,12 @@ static int check_gradient(checker *c, loss_fn f, void *ctx, const char *what, mt
             dir[i] /= len > 0 ? len : 1.0;
             analytic += grad[i] * dir[i];
         }
-        shift_params(p, n, dir, FD_STEP);
-        double up = f(c, ctx, 0, err);
-        shift_params(p, n, dir, -2 * FD_STEP);
-        double down = f(c, ctx, 0, err);
-        shift_params(p, n, dir, FD_STEP);
-        if (isnan(up) || isnan(down)) {
+        double numeric, noise;
+        if (central_difference(c, f, ctx, p, n, dir, &numeric, &noise, err)) {
             rc = -1;
             break;
         }
-        double numeric = (up - down) / (2 * FD_STEP);
         double rel = fabs(numeric - analytic) / fmax(fabs(numeric), 1e-6);
-        /* the loss is fp32 work: a few ulps of it over the step are noise, not error */
-        double noise = 8 * FLT_EPSILON * fmax(fabs(up), fabs(down)) / (2 * FD_STEP);
         report(c, fabs(numeric - analytic) <= FD_TOLERANCE * fabs(numeric) + noise,
                "%s: derivative along %s: plugin %.6g, finite differences %.6g (relative error "
                "%.2g, tolerance %.0e)",
@@ -175,17 +184,11 @@ static int check_gradient(checker *c, loss_fn f, void *ctx, const char *what, mt
             dir[off + i] /= len > 0 ? len : 1.0;
             analytic += grad[off + i] * dir[off + i];
         }
-        shift_params(p, n, dir, FD_STEP);
-        double up = f(c, ctx, 0, err);
-        shift_params(p, n, dir, -2 * FD_STEP);
-        double down = f(c, ctx, 0, err);
-        shift_params(p, n, dir, FD_STEP);
-        if (isnan(up) || isnan(down)) {
+        double numeric, noise;
+        if (central_difference(c, f, ctx, p, n, dir, &numeric, &noise, err)) {
             rc = -1;
             break;
         }
-        double numeric = (up - down) / (2 * FD_STEP);
-        double noise = 8 * FLT_EPSILON * fmax(fabs(up), fabs(down)) / (2 * FD_STEP);
         double miss = fabs(numeric - analytic);
         if (miss > FD_TOLERANCE * fabs(numeric) + noise) {
             bad++;
