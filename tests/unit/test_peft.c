@@ -135,9 +135,27 @@ static mt_model *with_random_adapter(const char *name, const mt_kv *kv, size_t n
     return m;
 }
 
+/* m's adapter exported as PEFT into <new temporary directory>/adapter (returned; *tmp
+ * is the temporary directory, for mt_test_rmtree). */
+static char *export_to_tmp(mt_model *m, mt_plugin_instance *inst, const char *tag, char **tmp) {
+    mt_error err = {0};
+    *tmp = mt_test_tmpdir(tag);
+    char *dir = join(*tmp, "adapter");
+    if (mt_export_peft(m, inst, NULL, dir, &err)) fail_msg("%s", err.msg);
+    return dir;
+}
+
+/* A fresh tiny_gqa with the PEFT directory `dir` attached through the adapter `as`. */
+static mt_model *attach_to_fresh(const char *dir, const char *as, mt_plugin_instance **inst) {
+    mt_error err = {0};
+    mt_model *m = load_gqa();
+    if (mt_peft_attach(m, reg, as, dir, inst, &err)) fail_msg("%s", err.msg);
+    assert_string_equal((*inst)->desc->name, as);
+    return m;
+}
+
 static void test_peft_round_trip(void **state) {
     (void)state;
-    mt_error err = {0};
     const char *targets[] = {"k_proj", "o_proj", "up_proj"};
     mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 3},
                   {.key = "alpha", .type = MT_KV_NUMBER, .number = 5},
@@ -149,13 +167,10 @@ static void test_peft_round_trip(void **state) {
     int32_t tokens[B * T];
     for (int i = 0; i < B * T; i++) tokens[i] = (int32_t)((i * 29 + 3) % m->cfg.vocab_size);
     float *ref = logits_of(m, tokens, B, T);
-    char *tmp = mt_test_tmpdir("peft_rt");
-    char *dir = join(tmp, "adapter");
-    if (mt_export_peft(m, inst, NULL, dir, &err)) fail_msg("%s", err.msg);
-
-    mt_model *m2 = load_gqa();
+    char *tmp;
+    char *dir = export_to_tmp(m, inst, "peft_rt", &tmp);
     mt_plugin_instance *inst2 = NULL;
-    if (mt_peft_attach(m2, reg, "lora", dir, &inst2, &err)) fail_msg("%s", err.msg);
+    mt_model *m2 = attach_to_fresh(dir, "lora", &inst2);
     assert_int_equal(m2->num_extra, m->num_extra);
     float *got = logits_of(m2, tokens, B, T);
     size_t n = (size_t)B * T * m->cfg.vocab_size;
@@ -177,7 +192,6 @@ static void test_peft_round_trip(void **state) {
  * back through "qlora" by name the 4-bit model gives the same logits bit for bit. */
 static void test_peft_qlora_saves_lora(void **state) {
     (void)state;
-    mt_error err = {0};
     const char *targets[] = {"q_proj", "v_proj", "down_proj"};
     mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 2},
                   {.key = "alpha", .type = MT_KV_NUMBER, .number = 6},
@@ -188,14 +202,10 @@ static void test_peft_qlora_saves_lora(void **state) {
     int32_t tokens[B * T];
     for (int i = 0; i < B * T; i++) tokens[i] = (int32_t)((i * 31 + 7) % m->cfg.vocab_size);
     float *ref = logits_of(m, tokens, B, T);
-    char *tmp = mt_test_tmpdir("peft_qlora");
-    char *dir = join(tmp, "adapter");
-    if (mt_export_peft(m, inst, NULL, dir, &err)) fail_msg("%s", err.msg);
-
-    mt_model *m2 = load_gqa();
+    char *tmp;
+    char *dir = export_to_tmp(m, inst, "peft_qlora", &tmp);
     mt_plugin_instance *inst2 = NULL;
-    if (mt_peft_attach(m2, reg, "lora", dir, &inst2, &err)) fail_msg("%s", err.msg);
-    assert_string_equal(inst2->desc->name, "lora");
+    mt_model *m2 = attach_to_fresh(dir, "lora", &inst2);
     assert_int_equal(m2->num_extra, m->num_extra);
     for (size_t i = 0; i < m->num_extra; i++) {
         const mt_param_view *a = &m->extra_params[i], *b = &m2->extra_params[i];
@@ -203,10 +213,8 @@ static void test_peft_qlora_saves_lora(void **state) {
         assert_int_equal(mt_tensor_nbytes(&a->value), mt_tensor_nbytes(&b->value));
         assert_memory_equal(a->value.data, b->value.data, mt_tensor_nbytes(&a->value));
     }
-    mt_model *m3 = load_gqa();
     mt_plugin_instance *inst3 = NULL;
-    if (mt_peft_attach(m3, reg, "qlora", dir, &inst3, &err)) fail_msg("%s", err.msg);
-    assert_string_equal(inst3->desc->name, "qlora");
+    mt_model *m3 = attach_to_fresh(dir, "qlora", &inst3);
     float *got = logits_of(m3, tokens, B, T);
     size_t n = (size_t)B * T * m->cfg.vocab_size;
     printf("  qlora round trip: rel err %.3g\n", mt_test_rel_err(got, ref, n));
