@@ -537,6 +537,13 @@ static int host_model_param_count(const mt_model_handle *h) {
     return (int)((const mt_model *)h)->num_params;
 }
 
+static int host_model_base_frozen(const mt_model_handle *h) {
+    const mt_model *m = (const mt_model *)h;
+    for (size_t i = 0; i < m->num_params; i++)
+        if (m->params[i].trainable) return 0;
+    return 1;
+}
+
 static const char *host_model_param_name(const mt_model_handle *h, int index) {
     const mt_model *m = (const mt_model *)h;
     return index >= 0 && (size_t)index < m->num_params ? m->params[index].name : NULL;
@@ -668,6 +675,7 @@ static const mt_host host_table = {
     .io_tensor_name = host_io_tensor_name,
     .io_get_tensor = host_io_get_tensor,
     .io_set_option = host_io_set_option,
+    .model_base_frozen = host_model_base_frozen,
 };
 
 const mt_host *mt_host_table(void) { return &host_table; }

@@ -371,6 +371,11 @@ typedef struct mt_host {
      * schema as a recipe's value would be). */
     mt_status (*io_set_option)(mt_adapter_io *io, const char *name, const char *value,
                                mt_error *err);
+
+    /* ---- the model (losses), continued ---- */
+    /* 1 when no base parameter is trainable (only adapters train), so that the model with
+     * adapters disabled is a fixed reference (DPO, GRPO's KL); 0 otherwise. */
+    int (*model_base_frozen)(const mt_model_handle *model);
 } mt_host;
 
 /* ---- the four kinds ------------------------------------------------------ */
@@ -408,6 +413,9 @@ typedef struct mt_scheduler_vtable {
     double (*lr)(void *state, int64_t step, int64_t total_steps, double base_lr);
 } mt_scheduler_vtable;
 
+/* DPO reports TRL's seven metrics. */
+#define MT_LOSS_MAX_METRICS 8
+
 typedef struct mt_loss_result {
     uint32_t size; /* set by the host to its sizeof before compute; keep it */
     /* The value minimised (what backward differentiates): with batch->step_items > 0 the
@@ -415,11 +423,11 @@ typedef struct mt_loss_result {
      * is the sum over its micro-batches; otherwise normalised by this batch's items. */
     double loss;
     int64_t n_tokens; /* items of this batch that contributed (the count of `count`) */
-    /* up to 4 extra named metrics (e.g. "nll", "z_loss", "reward_margin"), each
-     * normalised like loss */
+    /* up to MT_LOSS_MAX_METRICS extra named metrics (e.g. "nll", "rewards/margins"),
+     * each normalised like loss, so that a step's value is the sum over its micro-batches */
     int n_metrics;
-    const char *metric_names[4];
-    double metrics[4];
+    const char *metric_names[MT_LOSS_MAX_METRICS];
+    double metrics[MT_LOSS_MAX_METRICS];
 } mt_loss_result;
 
 typedef struct mt_loss_vtable {
