@@ -6,6 +6,9 @@
  *              (twice), and along each tensor's own gradient alone, against central
  *              finite differences of the loss; a batch without targets
  *              gives loss 0 and no gradient; doubling step_items halves loss and gradient.
+ *              A loss that refuses a trainable base (it compares the model with its
+ *              adapters disabled, as DPO does) is checked on a frozen base with a check
+ *              adapter attached instead, and the output says so.
  *   optimizer  on the quadratic ½|p|² (gradient p) with two parameters of odd shapes: 20
  *              steps lower it and keep it finite; the state saved after 3 steps and
  *              restored into a fresh instance continues bit for bit like the original.
@@ -44,6 +47,10 @@ typedef struct checker {
     mt_model *model;
     int32_t tokens[CHECK_B * CHECK_T], targets[CHECK_B * CHECK_T];
     int failures;
+    struct check_adapter_state {
+        int enabled, n;
+        struct check_delta *deltas;
+    } check_adapter; /* for losses that need a frozen base */
 } checker;
 
 static void report(checker *c, int ok, const char *fmt, ...) MT_PRINTF(3, 4);
@@ -206,6 +213,105 @@ static int check_gradient(checker *c, loss_fn f, void *ctx, const char *what, mt
     return rc;
 }
 
+/* ---- the check adapter: a frozen base for reference-model losses ------------------------- */
+
+/* A loss that compares the model with its own adapters disabled (DPO's reference, GRPO's
+ * KL) refuses a trainable base: the reference would move with every step. Such a loss
+ * is checked on a frozen base with this adapter attached: every projection but lm_head
+ * gets a dense trainable delta, y = base(x) + x D^T, with D small and random, so that the
+ * gradient check has parameters to move and "adapters disabled" is a different model.
+ * It reaches the model through the host table, as any adapter plugin does. */
+
+typedef struct check_delta {
+    mt_linear_handle *lin;
+    const int *enabled;
+    mt_tensor delta, grad; /* (out, in) */
+    char name[160];
+} check_delta;
+
+typedef struct check_adapter_state check_adapter_state;
+
+static void delta_forward(void *self, mt_tensor *y, const mt_tensor *x) {
+    const check_delta *d = self;
+    const mt_host *H = mt_host_table();
+    H->linear_base_forward(d->lin, y, x);
+    if (*d->enabled) H->matmul(y, x, &d->delta, 0, 1, 1.0f, 1.0f);
+}
+
+static void delta_backward(void *self, mt_tensor *dx, const mt_tensor *dy, const mt_tensor *x) {
+    check_delta *d = self;
+    const mt_host *H = mt_host_table();
+    H->linear_base_backward(d->lin, dx, dy, x);
+    if (!*d->enabled) return;
+    H->matmul(&d->grad, dy, x, 1, 0, 1.0f, 1.0f); /* dD += dy^T x */
+    H->matmul(dx, dy, &d->delta, 0, 0, 1.0f, 1.0f); /* dx += dy D */
+}
+
+static const mt_linear_impl delta_impl = {
+    MT_VTABLE_SIZE(mt_linear_impl),
+    .forward = delta_forward,
+    .backward = delta_backward,
+};
+
+static mt_status check_adapter_attach(void *state, mt_model_handle *model, mt_error *err) {
+    check_adapter_state *a = state;
+    const mt_host *H = mt_host_table();
+    const int n = H->model_linear_count(model);
+    a->deltas = mt_calloc((size_t)(n > 0 ? n : 1), sizeof *a->deltas, "check adapter", err);
+    if (!a->deltas) return MT_ERR_NOMEM;
+    a->enabled = 1;
+    uint64_t rng = 31;
+    mt_status st = MT_OK;
+    for (int i = 0; i < n && !st; i++) {
+        mt_linear_handle *lin = H->model_linear(model, i);
+        mt_linear_info info = {.size = sizeof info};
+        H->linear_info(lin, &info);
+        if (!strcmp(info.module, "lm_head")) continue;
+        check_delta *d = &a->deltas[a->n++];
+        d->lin = lin;
+        d->enabled = &a->enabled;
+        snprintf(d->name, sizeof d->name, "%s.check_delta", info.name);
+        const int64_t shape[2] = {info.out, info.in};
+        st = H->tensor_alloc(MT_DEVICE_CPU, MT_F32, 2, shape, &d->delta, err);
+        if (!st) st = H->tensor_alloc(MT_DEVICE_CPU, MT_F32, 2, shape, &d->grad, err);
+        if (st) break;
+        float *v = d->delta.data; /* the check's model is on the CPU */
+        for (int64_t j = 0; j < mt_tensor_numel(&d->delta); j++)
+            v[j] = 0.05f * ((float)(mt_splitmix64(&rng) >> 40) * 0x1p-24f - 0.5f);
+        mt_param_view view = {.size = sizeof view, .name = d->name, .value = d->delta,
+                              .grad = d->grad};
+        st = H->model_add_param(model, &view, err);
+        if (!st) st = H->linear_wrap(lin, &delta_impl, d, err);
+    }
+    return st;
+}
+
+static void check_adapter_set_enabled(void *state, int enabled) {
+    ((check_adapter_state *)state)->enabled = enabled;
+}
+
+static const mt_adapter_vtable check_adapter_vtable = {
+    MT_VTABLE_SIZE(mt_adapter_vtable),
+    .attach = check_adapter_attach,
+    .set_enabled = check_adapter_set_enabled,
+};
+
+static void check_adapter_free(check_adapter_state *a) {
+    const mt_host *H = mt_host_table();
+    for (int i = 0; i < a->n; i++) {
+        H->tensor_free(&a->deltas[i].delta);
+        H->tensor_free(&a->deltas[i].grad);
+    }
+    free(a->deltas);
+}
+
+/* Every base parameter frozen, the check adapter attached: only its deltas train. */
+static mt_status freeze_base_with_check_adapter(checker *c, mt_error *err) {
+    for (size_t i = 0; i < c->model->num_params; i++)
+        if (mt_model_set_trainable(c->model, &c->model->params[i], 0, err)) return err->status;
+    return mt_model_attach_adapter(c->model, &check_adapter_vtable, &c->check_adapter, err);
+}
+
 /* ---- losses ------------------------------------------------------------------------------ */
 
 typedef struct loss_ctx {
@@ -231,6 +337,15 @@ static double loss_value(checker *c, void *ctx, int backward, mt_error *err) {
 static int check_loss(checker *c, mt_plugin_instance *inst, mt_error *err) {
     if (mt_model_set_all_trainable(c->model, err)) return -1;
     loss_ctx lc = {.inst = inst};
+    if (isnan(loss_value(c, &lc, 0, err))) {
+        /* a loss may refuse a trainable base (see the check adapter); it is then checked
+         * on a frozen one, and says so */
+        printf("  note  on a trainable base: %s\n"
+               "        checking on a frozen base with a dense delta on every projection\n",
+               err->msg[0] ? err->msg : "the loss is not a number");
+        *err = (mt_error){0};
+        if (freeze_base_with_check_adapter(c, err)) return -1;
+    }
     if (check_gradient(c, loss_value, &lc, "gradient", err)) return -1;
     /* no targets: nothing to learn */
     lc.no_targets = 1;
@@ -465,6 +580,7 @@ int mt_cmd_plugin(int argc, char **argv) {
         c.failures++;
     }
     mt_model_free(c.model);
+    check_adapter_free(&c.check_adapter);
     mt_plugin_instance_free(inst);
     if (c.be.ops) mt_backend_cpu_shutdown(&c.be);
     mt_plugin_unload(plugin);
