@@ -99,7 +99,7 @@ for so in "$prefix"/lib*/moontune/plugins/*.so "$prefix"/lib/*/moontune/plugins/
   checked=$((checked + 1))
 done
 echo "plugin check passed on $checked standard plugins"
-[ "$checked" -ge 11 ] || { echo "expected the 11 standard plugins"; exit 1; }
+[ "$checked" -ge 12 ] || { echo "expected the 12 standard plugins"; exit 1; }
 
 # the installed command finds the standard plugins in the installed plugin directory
 listed=$("$prefix/bin/moontune" plugins)
