@@ -50,32 +50,11 @@ static const char *const metric_names[] = {"rewards/chosen", "rewards/rejected",
 
 static const mt_host *H(void) { return mt_host_table(); }
 
-static float *read_f32(const mt_safetensors *st, const char *name, size_t *numel) {
-    const mt_st_tensor *t = mt_st_find(st, name);
-    if (!t) fail_msg("reference tensor %s missing", name);
-    size_t n = t->nbytes / mt_st_dtype_size(t->dtype);
-    float *out = malloc(n * sizeof(float) + 1);
-    assert_non_null(out);
-    mt_error err = {0};
-    if (mt_st_read_f32(t, out, &err)) fail_msg("%s", err.msg);
-    if (numel) *numel = n;
-    return out;
-}
-
 static double read_scalar(const mt_safetensors *st, const char *name) {
-    float *v = read_f32(st, name, NULL);
+    float *v = mt_test_read_f32(st, name, NULL);
     double x = v[0];
     free(v);
     return x;
-}
-
-static mt_plugin *load_plugin(const char *name) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/plugins/%s.so", MT_BUILD_DIR, name);
-    mt_plugin *p = NULL;
-    mt_error err = {0};
-    if (mt_plugin_load(path, &p, &err)) fail_msg("%s", err.msg);
-    return p;
 }
 
 typedef struct fixture {
@@ -110,7 +89,7 @@ static mt_model *load_model(fixture *f, int with_lora) {
             char name[200];
             snprintf(name, sizeof name, "init.%s", v[i].name);
             size_t numel;
-            float *val = read_f32(f->lora_ref, name, &numel);
+            float *val = mt_test_read_f32(f->lora_ref, name, &numel);
             assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].value));
             if (H()->tensor_upload(&v[i].value, val, &err)) fail_msg("%s", err.msg);
             free(val);
@@ -138,8 +117,8 @@ static int setup(void **state) {
     memcpy(f->tokens, tok->data, tok->nbytes);
     memcpy(f->targets, tgt->data, tgt->nbytes);
     assert_int_equal(mt_backend_cpu_init(&f->be, 0, &err), MT_OK);
-    f->lora = load_plugin("lora");
-    f->dpo = load_plugin("dpo");
+    f->lora = mt_test_load_plugin("lora");
+    f->dpo = mt_test_load_plugin("dpo");
     f->model = load_model(f, 1);
     f->V = f->model->cfg.vocab_size;
     *state = f;
@@ -242,7 +221,7 @@ static void test_dpo_parity(void **state) {
         for (size_t i = 0; i < n; i++) {
             snprintf(name, sizeof name, "%s.grad.%s", c->name, v[i].name);
             size_t numel;
-            float *ref = read_f32(f->ref, name, &numel);
+            float *ref = mt_test_read_f32(f->ref, name, &numel);
             assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].grad));
             float *got = malloc(numel * sizeof(float));
             assert_non_null(got);
@@ -304,7 +283,7 @@ static void test_reference_pass(void **state) {
     const char *names[] = {"base_logps", "ref_logps", "policy_logps"};
     float *logits[] = {base, disabled, policy};
     for (int k = 0; k < 3; k++) {
-        float *want = read_f32(f->ref, names[k], NULL);
+        float *want = mt_test_read_f32(f->ref, names[k], NULL);
         row_logps(f, logits[k], got);
         for (int b = 0; b < f->B; b++) ref[b] = want[b];
         double e = mt_test_rel_err_d(got, ref, (size_t)f->B);

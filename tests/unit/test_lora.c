@@ -46,18 +46,6 @@
 
 /* ---- helpers ---- */
 
-static float *read_f32(const mt_safetensors *st, const char *name, size_t *numel) {
-    const mt_st_tensor *t = mt_st_find(st, name);
-    if (!t) fail_msg("reference tensor %s missing", name);
-    size_t n = t->nbytes / mt_st_dtype_size(t->dtype);
-    float *out = malloc(n * sizeof(float) + 1);
-    assert_non_null(out);
-    mt_error err = {0};
-    if (mt_st_read_f32(t, out, &err)) fail_msg("%s", err.msg);
-    if (numel) *numel = n;
-    return out;
-}
-
 static const uint8_t *read_u8(const mt_safetensors *st, const char *name, size_t *n) {
     const mt_st_tensor *t = mt_st_find(st, name);
     if (!t) fail_msg("reference tensor %s missing", name);
@@ -95,15 +83,6 @@ static mt_tensor cpu_f32(float *data, int64_t rows, int64_t cols) {
                        .data = data};
 }
 
-static mt_plugin *load_plugin(const char *name) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/plugins/%s.so", MT_BUILD_DIR, name);
-    mt_plugin *p = NULL;
-    mt_error err = {0};
-    if (mt_plugin_load(path, &p, &err)) fail_msg("%s", err.msg);
-    return p;
-}
-
 typedef struct run {
     mt_backend be;
     mt_model *model;
@@ -122,7 +101,7 @@ static void run_open(run *r, const char *dir, const char *name, const mt_kv *kv,
     assert_int_equal(mt_backend_cpu_init(&r->be, 0, &err), MT_OK);
     if (mt_model_load_hf(dir, &r->be, &r->model, &err)) fail_msg("%s", err.msg);
     if (name) {
-        r->plugin = load_plugin(name);
+        r->plugin = mt_test_load_plugin(name);
         if (mt_plugin_instantiate(r->plugin, kv, n_kv, &r->inst, &err)) fail_msg("%s", err.msg);
         r->vt = r->inst->desc->vtable;
         if (mt_model_attach_adapter(r->model, r->vt, r->inst->state, &err))
@@ -192,7 +171,7 @@ static void set_from_reference(run *r, const mt_safetensors *ref, size_t expect)
         char name[200];
         snprintf(name, sizeof name, "init.%s", v[i].name);
         size_t numel;
-        float *val = read_f32(ref, name, &numel);
+        float *val = mt_test_read_f32(ref, name, &numel);
         assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].value));
         from_host(&v[i].value, val);
         free(val);
@@ -251,8 +230,8 @@ static void test_lora_peft_parity(void **state) {
 
     float loss;
     float *logits = run_step(&r, 1, &loss);
-    float ref_loss, *ref_logits = read_f32(ref, "logits", NULL);
-    float *l1 = read_f32(ref, "loss", NULL);
+    float ref_loss, *ref_logits = mt_test_read_f32(ref, "logits", NULL);
+    float *l1 = mt_test_read_f32(ref, "loss", NULL);
     ref_loss = l1[0];
     free(l1);
     printf("lora vs PEFT: loss %.9g reference %.9g\n", loss, ref_loss);
@@ -266,7 +245,7 @@ static void test_lora_peft_parity(void **state) {
         char name[200];
         snprintf(name, sizeof name, "grad.%s", v[i].name);
         size_t numel;
-        float *g = read_f32(ref, name, &numel);
+        float *g = mt_test_read_f32(ref, name, &numel);
         assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].grad));
         float *mine = to_host(&v[i].grad);
         double e = mt_test_rel_err(mine, g, numel);
@@ -288,7 +267,7 @@ static void test_lora_peft_parity(void **state) {
         char name[200];
         snprintf(name, sizeof name, "merged.%s", merged[i]);
         size_t numel;
-        float *w = read_f32(ref, name, &numel);
+        float *w = mt_test_read_f32(ref, name, &numel);
         mt_param *p = mt_model_find_param(r.model, merged[i]);
         assert_non_null(p);
         assert_int_equal(numel, p->numel);
@@ -415,7 +394,7 @@ static void test_lora_defaults(void **state) {
     run_close(&base);
 
     /* refusals */
-    mt_plugin *p = load_plugin("lora");
+    mt_plugin *p = mt_test_load_plugin("lora");
     mt_plugin_instance *inst = NULL;
     mt_kv bad_drop[] = {{.key = "dropout", .type = MT_KV_NUMBER, .number = 1.0}};
     assert_int_not_equal(mt_plugin_instantiate(p, bad_drop, 1, &inst, &err), MT_OK);
@@ -629,7 +608,7 @@ static void qlora_vs_lora(const char *dir, const mt_safetensors *ref_values,
         qlora_dequantize(qx, L->base, &w, 0);
     }
     ops_ok();
-    mt_plugin *lp = load_plugin("lora");
+    mt_plugin *lp = mt_test_load_plugin("lora");
     mt_plugin_instance *li = NULL;
     if (mt_plugin_instantiate(lp, kv, 3, &li, &err)) fail_msg("%s", err.msg);
     if (mt_model_attach_adapter(l.model, li->desc->vtable, li->state, &err)) fail_msg("%s", err.msg);
@@ -770,7 +749,7 @@ static void test_nf4_bitsandbytes(void **state) {
     printf("nf4 fixture: %s\n", mt_st_metadata(ref, "source"));
 
     size_t n_code, n_nf4;
-    float *code = read_f32(ref, "code", &n_code), *nf4 = read_f32(ref, "nf4_code", &n_nf4);
+    float *code = mt_test_read_f32(ref, "code", &n_code), *nf4 = mt_test_read_f32(ref, "nf4_code", &n_nf4);
     assert_int_equal(n_code, 256);
     assert_int_equal(n_nf4, 16);
     for (int k = 0; k < 256; k++)
@@ -779,7 +758,7 @@ static void test_nf4_bitsandbytes(void **state) {
     for (int k = 0; k < 16; k++) assert_true(f32_bits(nf4[k]) == f32_bits(nf4_code[k]));
 
     size_t n;
-    float *input = read_f32(ref, "input", &n);
+    float *input = mt_test_read_f32(ref, "input", &n);
     nf4_tensor q;
     nf4_alloc(&q, (int64_t)n);
     float *absmax32 = calloc((size_t)q.n_blocks, sizeof(float));
@@ -798,11 +777,11 @@ static void test_nf4_bitsandbytes(void **state) {
         if (absq[i] != q.absmax_q[i])
             fail_msg("absmax code %zu: %u, bitsandbytes %u", i, q.absmax_q[i], absq[i]);
     size_t n2;
-    float *state2 = read_f32(ref, "state2_absmax", &n2);
+    float *state2 = mt_test_read_f32(ref, "state2_absmax", &n2);
     assert_int_equal(n2, (size_t)q.n_blocks2);
     for (size_t i = 0; i < n2; i++) assert_true(f32_bits(state2[i]) == f32_bits(q.absmax2[i]));
-    float *offset = read_f32(ref, "offset", NULL);
-    float *offset_cr = read_f32(ref, "offset_correctly_rounded", NULL);
+    float *offset = mt_test_read_f32(ref, "offset", NULL);
+    float *offset_cr = mt_test_read_f32(ref, "offset_correctly_rounded", NULL);
     int64_t ulps = (int64_t)f32_bits(q.offset) - (int64_t)f32_bits(offset[0]);
     printf("  %zu codes, %zu absmax codes, %zu state2 absmax identical; offset %.9g, "
            "bitsandbytes %.9g (%lld ulp)\n", n_packed, n_absq, n2, q.offset, offset[0],
@@ -811,7 +790,7 @@ static void test_nf4_bitsandbytes(void **state) {
     assert_true(f32_bits(q.offset) == f32_bits(offset_cr[0]));
 
     /* dequantization: bit-identical with bitsandbytes' offset, within 1e-6 with ours */
-    float *deq = read_f32(ref, "dequant", NULL), *mine = malloc(n * sizeof(float));
+    float *deq = mt_test_read_f32(ref, "dequant", NULL), *mine = malloc(n * sizeof(float));
     assert_non_null(mine);
     dequant_via_host(&q, 0, (int64_t)n, mine);
     double max_abs = 0;
@@ -829,7 +808,7 @@ static void test_nf4_bitsandbytes(void **state) {
 
     /* the 8-bit stage alone, where bitsandbytes' native CPU kernel is not nearest */
     size_t n8;
-    float *x8 = read_f32(ref, "dq8_input", &n8), *a8 = read_f32(ref, "dq8_absmax", NULL);
+    float *x8 = mt_test_read_f32(ref, "dq8_input", &n8), *a8 = mt_test_read_f32(ref, "dq8_absmax", NULL);
     size_t nc8, nn8;
     const uint8_t *c8 = read_u8(ref, "dq8_codes", &nc8), *native8 = read_u8(ref, "dq8_codes_native", &nn8);
     uint8_t *mine8 = malloc(n8);

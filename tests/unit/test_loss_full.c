@@ -27,15 +27,6 @@ typedef struct fixture {
     int B, T;
 } fixture;
 
-static mt_plugin *load_plugin(const char *name) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/plugins/%s.so", MT_BUILD_DIR, name);
-    mt_plugin *p = NULL;
-    mt_error err = {0};
-    if (mt_plugin_load(path, &p, &err)) fail_msg("%s", err.msg);
-    return p;
-}
-
 static void read_batch(fixture *f, const char *ref_path) {
     mt_error err = {0};
     if (mt_st_open(ref_path, &f->ref, &err)) fail_msg("%s", err.msg);
@@ -56,8 +47,8 @@ static void setup(fixture *f, const char *ref_path, const mt_kv *loss_kv, size_t
     assert_int_equal(mt_backend_cpu_init(&f->be, 0, &err), MT_OK);
     if (mt_model_load_hf(GQA_DIR, &f->be, &f->model, &err)) fail_msg("%s", err.msg);
     read_batch(f, ref_path);
-    f->loss_plugin = load_plugin("cross_entropy");
-    f->adapter_plugin = load_plugin("full");
+    f->loss_plugin = mt_test_load_plugin("cross_entropy");
+    f->adapter_plugin = mt_test_load_plugin("full");
     if (mt_plugin_instantiate(f->loss_plugin, loss_kv, n_loss, &f->loss, &err) ||
         mt_plugin_instantiate(f->adapter_plugin, adapter_kv, n_adapter, &f->adapter, &err))
         fail_msg("%s", err.msg);

@@ -14,18 +14,6 @@
 #define LOGITS_RTOL 1e-5
 #define GRAD_RTOL 1e-4
 
-static float *read_f32(const mt_safetensors *st, const char *name, size_t *numel) {
-    const mt_st_tensor *t = mt_st_find(st, name);
-    if (!t) fail_msg("reference tensor %s missing", name);
-    size_t n = t->nbytes / mt_st_dtype_size(t->dtype);
-    float *out = malloc(n * sizeof(float) + 1);
-    assert_non_null(out);
-    mt_error err = {0};
-    if (mt_st_read_f32(t, out, &err)) fail_msg("%s", err.msg);
-    if (numel) *numel = n;
-    return out;
-}
-
 static int32_t *read_i32(const mt_safetensors *st, const char *name, int64_t *rows,
                          int64_t *cols) {
     const mt_st_tensor *t = mt_st_find(st, name);
@@ -54,7 +42,7 @@ static void check_model(const char *fixture) {
 
     /* rotary frequencies, including the llama3 bands */
     size_t n_inv;
-    float *ref_inv = read_f32(ref, "rope_inv_freq", &n_inv);
+    float *ref_inv = mt_test_read_f32(ref, "rope_inv_freq", &n_inv);
     assert_int_equal(n_inv, (size_t)m->cfg.head_dim / 2);
     float inv[256];
     mt_rope_inv_freq(&m->cfg, inv);
@@ -75,7 +63,7 @@ static void check_model(const char *fixture) {
     if (mt_model_forward(m, tokens, NULL, NULL, (int)B, (int)T, &err)) fail_msg("%s", err.msg);
 
     size_t n_logits;
-    float *ref_logits = read_f32(ref, "logits", &n_logits);
+    float *ref_logits = mt_test_read_f32(ref, "logits", &n_logits);
     assert_int_equal(n_logits, (size_t)(B * T * V));
     float *logits = malloc(n_logits * sizeof(float));
     assert_non_null(logits);
@@ -88,7 +76,7 @@ static void check_model(const char *fixture) {
     int64_t n_targets;
     if (mt_model_cross_entropy(m, targets, 1, &loss, &n_targets, &err)) fail_msg("%s", err.msg);
     if (mt_model_backward(m, &err)) fail_msg("%s", err.msg);
-    float *ref_loss = read_f32(ref, "loss", NULL);
+    float *ref_loss = mt_test_read_f32(ref, "loss", NULL);
     double le = fabs((double)loss - ref_loss[0]) / fabs(ref_loss[0]);
     printf("%s: loss %.9g reference %.9g rel err %.3g over %lld targets\n", fixture, loss,
            ref_loss[0], le, (long long)n_targets);
@@ -101,7 +89,7 @@ static void check_model(const char *fixture) {
         char name[128];
         snprintf(name, sizeof name, "grad.%s", p->name);
         size_t n;
-        float *g = read_f32(ref, name, &n);
+        float *g = mt_test_read_f32(ref, name, &n);
         assert_int_equal(n, p->numel);
         double ge = mt_test_rel_err(p->grad, g, n);
         if (!(ge <= GRAD_RTOL)) fail_msg("%s: %s rel err %.3g > %.0e", fixture, name, ge, GRAD_RTOL);

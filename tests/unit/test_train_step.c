@@ -25,23 +25,14 @@ typedef struct rig {
     int32_t tokens[ROWS * LEN], targets[ROWS * LEN];
 } rig;
 
-static mt_plugin *load_plugin(const char *name) {
-    char path[512];
-    snprintf(path, sizeof path, "%s/plugins/%s.so", MT_BUILD_DIR, name);
-    mt_plugin *p = NULL;
-    mt_error err = {0};
-    if (mt_plugin_load(path, &p, &err)) fail_msg("%s", err.msg);
-    return p;
-}
-
 static void rig_up(rig *r, const char *optimizer, const mt_kv *opt_kv, size_t n_opt) {
     memset(r, 0, sizeof *r);
     mt_error err = {0};
     assert_int_equal(mt_backend_cpu_init(&r->be, 0, &err), MT_OK);
     if (mt_model_load_hf(GQA_DIR, &r->be, &r->model, &err)) fail_msg("%s", err.msg);
-    r->plugins[0] = load_plugin("cross_entropy");
-    r->plugins[1] = load_plugin(optimizer);
-    r->plugins[2] = load_plugin("full");
+    r->plugins[0] = mt_test_load_plugin("cross_entropy");
+    r->plugins[1] = mt_test_load_plugin(optimizer);
+    r->plugins[2] = mt_test_load_plugin("full");
     if (mt_plugin_instantiate(r->plugins[0], NULL, 0, &r->loss, &err) ||
         mt_plugin_instantiate(r->plugins[1], opt_kv, n_opt, &r->opt, &err) ||
         mt_plugin_instantiate(r->plugins[2], NULL, 0, &r->adapter, &err) ||

@@ -133,3 +133,24 @@ void mt_test_corpus_free(mt_test_corpus *c) {
     free(c->line);
     free(c->len);
 }
+
+float *mt_test_read_f32(const mt_safetensors *st, const char *name, size_t *numel) {
+    const mt_st_tensor *t = mt_st_find(st, name);
+    if (!t) fail_msg("reference tensor %s missing", name);
+    size_t n = t->nbytes / mt_st_dtype_size(t->dtype);
+    float *out = malloc(n * sizeof(float) + 1);
+    assert_non_null(out);
+    mt_error err = {0};
+    if (mt_st_read_f32(t, out, &err)) fail_msg("%s", err.msg);
+    if (numel) *numel = n;
+    return out;
+}
+
+mt_plugin *mt_test_load_plugin(const char *name) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/plugins/%s.so", MT_BUILD_DIR, name);
+    mt_plugin *p = NULL;
+    mt_error err = {0};
+    if (mt_plugin_load(path, &p, &err)) fail_msg("%s", err.msg);
+    return p;
+}

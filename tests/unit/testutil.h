@@ -8,6 +8,9 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include "formats/safetensors.h"
+#include "plugin/registry.h"
+
 /* Deterministic xorshift64* stream for test data. */
 uint64_t mt_test_rand_u64(uint64_t *state);
 float mt_test_rand_uniform(uint64_t *state, float lo, float hi);
@@ -42,5 +45,13 @@ typedef struct mt_test_corpus {
 
 void mt_test_corpus_load(mt_test_corpus *c);
 void mt_test_corpus_free(mt_test_corpus *c);
+
+/* A tensor of a reference file as float32 (any stored float dtype), newly allocated;
+ * fails the test when it is missing. numel may be NULL. */
+float *mt_test_read_f32(const mt_safetensors *st, const char *name, size_t *numel);
+
+/* A standard plugin of this build (MT_BUILD_DIR/plugins/NAME.so); fails the test when it
+ * does not load. */
+mt_plugin *mt_test_load_plugin(const char *name);
 
 #endif
