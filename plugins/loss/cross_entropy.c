@@ -31,21 +31,14 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "loss_chunk.h"
+
 static const mt_host *host;
 
 typedef struct ce_state {
     double label_smoothing, z_loss;
     int ignore_index;
-    /* chunk tensors on `device`, for up to cap rows of V logits (cap 0: none yet) */
-    mt_device device;
-    int cap, V;
-    mt_tensor logits;  /* (cap,V) F32 */
-    mt_tensor targets; /* (cap) I32: the target, or -1 for none */
-    mt_tensor lse, target_logit, mean_logit; /* (cap) F32 */
-    mt_tensor coefs;   /* (cap,3) F32 */
-    /* host copies of one chunk's per-row vectors */
-    int32_t *h_targets;
-    float *h_lse, *h_target_logit, *h_mean_logit, *h_coefs;
+    loss_chunk chunk;
 } ce_state;
 
 static const mt_option_spec options[] = {
@@ -67,62 +60,14 @@ static mt_status ce_create(const mt_host *h, const mt_options *opts, void **stat
     return MT_OK;
 }
 
-static void ce_free_chunk(ce_state *s) {
-    host->tensor_free(&s->logits);
-    host->tensor_free(&s->targets);
-    host->tensor_free(&s->lse);
-    host->tensor_free(&s->target_logit);
-    host->tensor_free(&s->mean_logit);
-    host->tensor_free(&s->coefs);
-    host->free(s->h_targets);
-    host->free(s->h_lse);
-    host->free(s->h_target_logit);
-    host->free(s->h_mean_logit);
-    host->free(s->h_coefs);
-    s->h_targets = NULL;
-    s->h_lse = s->h_target_logit = s->h_mean_logit = s->h_coefs = NULL;
-    s->cap = 0;
-}
-
 static void ce_destroy(void *state) {
     ce_state *s = state;
     if (!s) return;
-    ce_free_chunk(s);
+    loss_chunk_free(host, &s->chunk);
     host->free(s);
 }
 
 static int is_target(const ce_state *s, int32_t t) { return t >= 0 && t != s->ignore_index; }
-
-/* The chunk tensors for `rows` rows of V logits on `device`: kept from the last call
- * when they fit, else made anew (first use, a larger plan, another model). */
-static mt_status ce_reserve(ce_state *s, mt_device device, int rows, int V, mt_error *err) {
-    if (s->cap >= rows && s->V == V && s->device == device) return MT_OK;
-    ce_free_chunk(s);
-    const int64_t shape_logits[2] = {rows, V}, shape_rows[1] = {rows}, shape_coefs[2] = {rows, 3};
-    mt_status st = host->tensor_alloc(device, MT_F32, 2, shape_logits, &s->logits, err);
-    if (!st) st = host->tensor_alloc(device, MT_I32, 1, shape_rows, &s->targets, err);
-    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &s->lse, err);
-    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &s->target_logit, err);
-    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &s->mean_logit, err);
-    if (!st) st = host->tensor_alloc(device, MT_F32, 2, shape_coefs, &s->coefs, err);
-    if (st) {
-        ce_free_chunk(s);
-        return st;
-    }
-    s->h_targets = host->alloc((size_t)rows * sizeof(int32_t));
-    s->h_lse = host->alloc((size_t)rows * sizeof(float));
-    s->h_target_logit = host->alloc((size_t)rows * sizeof(float));
-    s->h_mean_logit = host->alloc((size_t)rows * sizeof(float));
-    s->h_coefs = host->alloc((size_t)rows * 3 * sizeof(float));
-    if (!s->h_targets || !s->h_lse || !s->h_target_logit || !s->h_mean_logit || !s->h_coefs) {
-        ce_free_chunk(s);
-        return host->error(err, MT_ERR_NOMEM, "cross_entropy: out of memory for %d rows", rows);
-    }
-    s->cap = rows;
-    s->V = V;
-    s->device = device;
-    return MT_OK;
-}
 
 /* The items of a batch: targets the loss trains on. Targets past the vocabulary count
  * here too; compute refuses them before it uses any count. */
@@ -144,25 +89,16 @@ typedef struct ce_sums {
 static mt_status ce_chunk(ce_state *s, mt_model_handle *model, const int32_t *targets, int row0,
                           int n, int V, int backward, double dloss, ce_sums *sums, mt_error *err) {
     const double eps = s->label_smoothing, z = s->z_loss;
-    mt_tensor logits = mt_tensor_rows(&s->logits, 0, n), tgt = mt_tensor_rows(&s->targets, 0, n),
-              lse = mt_tensor_rows(&s->lse, 0, n), tl = mt_tensor_rows(&s->target_logit, 0, n),
-              ml = mt_tensor_rows(&s->mean_logit, 0, n), coefs = mt_tensor_rows(&s->coefs, 0, n);
-    for (int r = 0; r < n; r++) s->h_targets[r] = is_target(s, targets[r]) ? targets[r] : -1;
-    mt_status st = host->model_logits(model, row0, n, &logits, err);
-    if (!st) st = host->tensor_upload(&tgt, s->h_targets, err);
+    loss_chunk *ch = &s->chunk;
+    for (int r = 0; r < n; r++) ch->h_targets[r] = is_target(s, targets[r]) ? targets[r] : -1;
+    mt_status st = loss_chunk_stats(host, ch, model, row0, n, eps > 0, err);
     if (st) return st;
-    host->softmax_stats(&logits, &tgt, &lse, &tl, eps > 0 ? &ml : NULL);
-    if ((st = host->check(err))) return st;
-    if ((st = host->tensor_download(s->h_lse, &lse, err)) ||
-        (st = host->tensor_download(s->h_target_logit, &tl, err)) ||
-        (eps > 0 && (st = host->tensor_download(s->h_mean_logit, &ml, err))))
-        return st;
     for (int r = 0; r < n; r++) {
-        float *c = s->h_coefs + (size_t)r * 3;
+        float *c = ch->h_coefs + (size_t)r * 3;
         c[0] = c[1] = c[2] = 0.0f; /* no target: no gradient */
-        if (s->h_targets[r] < 0) continue;
-        const double l = s->h_lse[r], nll = l - (double)s->h_target_logit[r];
-        const double smooth = eps > 0 ? l - (double)s->h_mean_logit[r] : 0.0;
+        if (ch->h_targets[r] < 0) continue;
+        const double l = ch->h_lse[r], nll = l - (double)ch->h_target_logit[r];
+        const double smooth = eps > 0 ? l - (double)ch->h_mean_logit[r] : 0.0;
         sums->loss += (1.0 - eps) * nll + eps * smooth + z * l * l;
         sums->nll += nll;
         sums->z += l * l;
@@ -170,10 +106,7 @@ static mt_status ce_chunk(ce_state *s, mt_model_handle *model, const int32_t *ta
         c[1] = (float)(-dloss * eps / V);
         c[2] = (float)(-dloss * (1.0 - eps));
     }
-    if (!backward) return MT_OK;
-    if ((st = host->tensor_upload(&coefs, s->h_coefs, err))) return st;
-    host->softmax_backward(&logits, &lse, &tgt, &coefs);
-    return host->model_backward_logits(model, row0, n, &logits, err);
+    return backward ? loss_chunk_backward(host, ch, model, row0, n, err) : MT_OK;
 }
 
 static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch *batch,
@@ -205,7 +138,9 @@ static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch 
     mt_status st = host->model_forward(model, batch, 1, err);
     if (st) return st;
     const int chunk = host->model_chunk_rows(model);
-    if (count && (st = ce_reserve(s, host->model_device(model), chunk, V, err))) return st;
+    if (count && (st = loss_chunk_reserve(host, &s->chunk, host->model_device(model), chunk, V,
+                                          "cross_entropy", err)))
+        return st;
     const double dloss = count ? 1.0 / norm : 0.0;
     ce_sums sums = {0, 0, 0};
     for (int r0 = 0; r0 < rows && count; r0 += chunk) {

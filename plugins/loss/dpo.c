@@ -32,6 +32,8 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "loss_chunk.h"
+
 static const mt_host *host;
 
 enum dpo_type { DPO_SIGMOID, DPO_ROBUST, DPO_HINGE, DPO_IPO };
@@ -54,15 +56,7 @@ static const char *const metric_names[M_COUNT] = {
 typedef struct dpo_state {
     double beta, label_smoothing, rpo_alpha;
     enum dpo_type type;
-    /* chunk tensors on `device`, for up to cap rows of V logits (cap 0: none yet) */
-    mt_device device;
-    int cap, V;
-    mt_tensor logits;            /* (cap,V) F32 */
-    mt_tensor targets;           /* (cap) I32: the target, or -1 for none */
-    mt_tensor lse, target_logit; /* (cap) F32 */
-    mt_tensor coefs;             /* (cap,3) F32 */
-    int32_t *h_targets;
-    float *h_lse, *h_target_logit, *h_coefs;
+    loss_chunk chunk;
     /* per batch, in host memory: the policy's lse of every row (rows_cap), the
      * sequences' log-probabilities, reference log-probabilities, target counts and
      * gradients (seq_cap) */
@@ -100,21 +94,6 @@ static mt_status dpo_create(const mt_host *h, const mt_options *opts, void **sta
     return MT_OK;
 }
 
-static void dpo_free_chunk(dpo_state *s) {
-    host->tensor_free(&s->logits);
-    host->tensor_free(&s->targets);
-    host->tensor_free(&s->lse);
-    host->tensor_free(&s->target_logit);
-    host->tensor_free(&s->coefs);
-    host->free(s->h_targets);
-    host->free(s->h_lse);
-    host->free(s->h_target_logit);
-    host->free(s->h_coefs);
-    s->h_targets = NULL;
-    s->h_lse = s->h_target_logit = s->h_coefs = NULL;
-    s->cap = 0;
-}
-
 static void dpo_free_batch(dpo_state *s) {
     host->free(s->row_lse);
     host->free(s->logp);
@@ -131,38 +110,9 @@ static void dpo_free_batch(dpo_state *s) {
 static void dpo_destroy(void *state) {
     dpo_state *s = state;
     if (!s) return;
-    dpo_free_chunk(s);
+    loss_chunk_free(host, &s->chunk);
     dpo_free_batch(s);
     host->free(s);
-}
-
-/* The chunk tensors for `rows` rows of V logits on `device`, kept when they fit. */
-static mt_status dpo_reserve_chunk(dpo_state *s, mt_device device, int rows, int V,
-                                   mt_error *err) {
-    if (s->cap >= rows && s->V == V && s->device == device) return MT_OK;
-    dpo_free_chunk(s);
-    const int64_t shape_logits[2] = {rows, V}, shape_rows[1] = {rows}, shape_coefs[2] = {rows, 3};
-    mt_status st = host->tensor_alloc(device, MT_F32, 2, shape_logits, &s->logits, err);
-    if (!st) st = host->tensor_alloc(device, MT_I32, 1, shape_rows, &s->targets, err);
-    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &s->lse, err);
-    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &s->target_logit, err);
-    if (!st) st = host->tensor_alloc(device, MT_F32, 2, shape_coefs, &s->coefs, err);
-    if (st) {
-        dpo_free_chunk(s);
-        return st;
-    }
-    s->h_targets = host->alloc((size_t)rows * sizeof(int32_t));
-    s->h_lse = host->alloc((size_t)rows * sizeof(float));
-    s->h_target_logit = host->alloc((size_t)rows * sizeof(float));
-    s->h_coefs = host->alloc((size_t)rows * 3 * sizeof(float));
-    if (!s->h_targets || !s->h_lse || !s->h_target_logit || !s->h_coefs) {
-        dpo_free_chunk(s);
-        return host->error(err, MT_ERR_NOMEM, "dpo: out of memory for %d rows", rows);
-    }
-    s->cap = rows;
-    s->V = V;
-    s->device = device;
-    return MT_OK;
 }
 
 /* Host arrays for a batch of `rows` rows and `seqs` sequences, kept when they fit. */
@@ -224,23 +174,6 @@ static mt_status dpo_check_batch(dpo_state *s, const mt_batch *batch, int V, mt_
     return MT_OK;
 }
 
-/* Rows [row0, row0+n) of the last forward: their logits into s->logits and, per row,
- * lse and the target's logit into s->h_lse / s->h_target_logit (0 for rows without a
- * target, which cost no work). */
-static mt_status dpo_chunk_stats(dpo_state *s, mt_model_handle *model, const int32_t *targets,
-                                 int row0, int n, mt_error *err) {
-    mt_tensor logits = mt_tensor_rows(&s->logits, 0, n), tgt = mt_tensor_rows(&s->targets, 0, n),
-              lse = mt_tensor_rows(&s->lse, 0, n), tl = mt_tensor_rows(&s->target_logit, 0, n);
-    for (int r = 0; r < n; r++) s->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
-    mt_status st = host->model_logits(model, row0, n, &logits, err);
-    if (!st) st = host->tensor_upload(&tgt, s->h_targets, err);
-    if (st) return st;
-    host->softmax_stats(&logits, &tgt, &lse, &tl, NULL);
-    if ((st = host->check(err))) return st;
-    if ((st = host->tensor_download(s->h_lse, &lse, err))) return st;
-    return host->tensor_download(s->h_target_logit, &tl, err);
-}
-
 static int chunk_has_target(const int32_t *targets, int n) {
     for (int r = 0; r < n; r++)
         if (targets[r] >= 0) return 1;
@@ -259,11 +192,13 @@ static mt_status dpo_logps(dpo_state *s, mt_model_handle *model, const mt_batch 
         const int n = rows - r0 < chunk ? rows - r0 : chunk;
         const int32_t *targets = batch->targets + r0;
         if (!chunk_has_target(targets, n)) continue; /* prompts need no logits */
-        if ((st = dpo_chunk_stats(s, model, targets, r0, n, err))) return st;
+        loss_chunk *ch = &s->chunk;
+        for (int r = 0; r < n; r++) ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
+        if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, err))) return st;
         for (int r = 0; r < n; r++) {
             if (targets[r] < 0) continue;
-            logp[(r0 + r) / batch->T] += (double)s->h_target_logit[r] - (double)s->h_lse[r];
-            if (keep_lse) s->row_lse[r0 + r] = s->h_lse[r];
+            logp[(r0 + r) / batch->T] += (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
+            if (keep_lse) s->row_lse[r0 + r] = ch->h_lse[r];
         }
     }
     return MT_OK;
@@ -305,25 +240,24 @@ static mt_status dpo_backward(dpo_state *s, mt_model_handle *model, const mt_bat
         const int n = rows - r0 < chunk ? rows - r0 : chunk;
         const int32_t *targets = batch->targets + r0;
         if (!chunk_has_target(targets, n)) continue;
-        mt_tensor logits = mt_tensor_rows(&s->logits, 0, n),
-                  tgt = mt_tensor_rows(&s->targets, 0, n), lse = mt_tensor_rows(&s->lse, 0, n),
-                  coefs = mt_tensor_rows(&s->coefs, 0, n);
+        loss_chunk *ch = &s->chunk;
         for (int r = 0; r < n; r++) {
             const int b = (r0 + r) / batch->T;
-            float *c = s->h_coefs + (size_t)r * 3;
-            s->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
-            const double g = s->h_targets[r] < 0 ? 0.0 : s->grad[b] - (b % 2 ? 0.0 : nll_coef);
+            float *c = ch->h_coefs + (size_t)r * 3;
+            ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
+            const double g = ch->h_targets[r] < 0 ? 0.0 : s->grad[b] - (b % 2 ? 0.0 : nll_coef);
             c[0] = (float)-g;
             c[1] = 0.0f;
             c[2] = (float)g;
         }
+        /* the chunk's logits again, with the policy pass' targets and lse */
+        mt_tensor logits = mt_tensor_rows(&ch->logits, 0, n),
+                  tgt = mt_tensor_rows(&ch->targets, 0, n), lse = mt_tensor_rows(&ch->lse, 0, n);
         if ((st = host->model_logits(model, r0, n, &logits, err)) ||
-            (st = host->tensor_upload(&tgt, s->h_targets, err)) ||
+            (st = host->tensor_upload(&tgt, ch->h_targets, err)) ||
             (st = host->tensor_upload(&lse, s->row_lse + r0, err)) ||
-            (st = host->tensor_upload(&coefs, s->h_coefs, err)))
+            (st = loss_chunk_backward(host, ch, model, r0, n, err)))
             return st;
-        host->softmax_backward(&logits, &lse, &tgt, &coefs);
-        if ((st = host->model_backward_logits(model, r0, n, &logits, err))) return st;
     }
     return host->model_backward(model, err);
 }
@@ -352,8 +286,8 @@ static mt_status dpo_compute(void *state, mt_model_handle *model, const mt_batch
     const int64_t rows = (int64_t)batch->B * batch->T;
     mt_status st = dpo_reserve_batch(s, rows, batch->B, err);
     if (!st) st = dpo_check_batch(s, batch, V, err);
-    if (!st) st = dpo_reserve_chunk(s, host->model_device(model), host->model_chunk_rows(model),
-                                    V, err);
+    if (!st) st = loss_chunk_reserve(host, &s->chunk, host->model_device(model),
+                                     host->model_chunk_rows(model), V, "dpo", err);
     if (st) return st;
     const int64_t step_items = batch->size >= offsetof(mt_batch, step_items) +
                                                   sizeof batch->step_items

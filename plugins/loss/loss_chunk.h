@@ -1,0 +1,114 @@
+/* loss_chunk.h — the chunk buffers and row statistics that the in-tree losses share
+ * (cross_entropy.c, dpo.c). A loss works over the batch's rows chunk by chunk, so that
+ * the (rows x vocabulary) logits are never held at once; per chunk it asks the model for
+ * the logits as a device tensor, uploads the rows' targets (-1 for none), lets
+ * host->softmax_stats reduce each row to lse, the target's logit and (when asked) the
+ * mean logit, and downloads those n-row vectors. Backward is three coefficients per row
+ * for host->softmax_backward. The tensors live on the model's device and are kept while
+ * they fit. Header-only, so each plugin stays one shared object built from its folder. */
+#ifndef MT_PLUGINS_LOSS_CHUNK_H
+#define MT_PLUGINS_LOSS_CHUNK_H
+
+#include <moontune/plugin.h>
+#include <stddef.h>
+
+typedef struct loss_chunk {
+    /* tensors on `device`, for up to cap rows of V logits (cap 0: none yet) */
+    mt_device device;
+    int cap, V;
+    mt_tensor logits;                        /* (cap,V) F32 */
+    mt_tensor targets;                       /* (cap) I32: the target, or -1 for none */
+    mt_tensor lse, target_logit, mean_logit; /* (cap) F32 */
+    mt_tensor coefs;                         /* (cap,3) F32 */
+    /* host copies of one chunk's per-row vectors */
+    int32_t *h_targets;
+    float *h_lse, *h_target_logit, *h_mean_logit, *h_coefs;
+} loss_chunk;
+
+static inline void loss_chunk_free(const mt_host *host, loss_chunk *c) {
+    host->tensor_free(&c->logits);
+    host->tensor_free(&c->targets);
+    host->tensor_free(&c->lse);
+    host->tensor_free(&c->target_logit);
+    host->tensor_free(&c->mean_logit);
+    host->tensor_free(&c->coefs);
+    host->free(c->h_targets);
+    host->free(c->h_lse);
+    host->free(c->h_target_logit);
+    host->free(c->h_mean_logit);
+    host->free(c->h_coefs);
+    c->h_targets = NULL;
+    c->h_lse = c->h_target_logit = c->h_mean_logit = c->h_coefs = NULL;
+    c->cap = 0;
+}
+
+/* The chunk for `rows` rows of V logits on `device`: kept from the last call when it
+ * fits, else made anew (first use, a larger plan, another model). `who` names the loss
+ * in the out-of-memory message. */
+static inline mt_status loss_chunk_reserve(const mt_host *host, loss_chunk *c, mt_device device,
+                                           int rows, int V, const char *who, mt_error *err) {
+    if (c->cap >= rows && c->V == V && c->device == device) return MT_OK;
+    loss_chunk_free(host, c);
+    const int64_t shape_logits[2] = {rows, V}, shape_rows[1] = {rows}, shape_coefs[2] = {rows, 3};
+    mt_status st = host->tensor_alloc(device, MT_F32, 2, shape_logits, &c->logits, err);
+    if (!st) st = host->tensor_alloc(device, MT_I32, 1, shape_rows, &c->targets, err);
+    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &c->lse, err);
+    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &c->target_logit, err);
+    if (!st) st = host->tensor_alloc(device, MT_F32, 1, shape_rows, &c->mean_logit, err);
+    if (!st) st = host->tensor_alloc(device, MT_F32, 2, shape_coefs, &c->coefs, err);
+    if (st) {
+        loss_chunk_free(host, c);
+        return st;
+    }
+    c->h_targets = host->alloc((size_t)rows * sizeof(int32_t));
+    c->h_lse = host->alloc((size_t)rows * sizeof(float));
+    c->h_target_logit = host->alloc((size_t)rows * sizeof(float));
+    c->h_mean_logit = host->alloc((size_t)rows * sizeof(float));
+    c->h_coefs = host->alloc((size_t)rows * 3 * sizeof(float));
+    if (!c->h_targets || !c->h_lse || !c->h_target_logit || !c->h_mean_logit || !c->h_coefs) {
+        loss_chunk_free(host, c);
+        return host->error(err, MT_ERR_NOMEM, "%s: out of memory for %d rows", who, rows);
+    }
+    c->cap = rows;
+    c->V = V;
+    c->device = device;
+    return MT_OK;
+}
+
+/* Rows [row0, row0+n) of the model's last forward, whose targets the caller has put in
+ * c->h_targets (-1: none): their logits into c->logits, the targets uploaded, and per
+ * row lse and the target's logit (and the mean logit when with_mean) into the host
+ * copies. Rows without a target cost no work in softmax_stats. */
+static inline mt_status loss_chunk_stats(const mt_host *host, loss_chunk *c,
+                                         mt_model_handle *model, int row0, int n, int with_mean,
+                                         mt_error *err) {
+    mt_tensor logits = mt_tensor_rows(&c->logits, 0, n), tgt = mt_tensor_rows(&c->targets, 0, n),
+              lse = mt_tensor_rows(&c->lse, 0, n), tl = mt_tensor_rows(&c->target_logit, 0, n),
+              ml = mt_tensor_rows(&c->mean_logit, 0, n);
+    mt_status st = host->model_logits(model, row0, n, &logits, err);
+    if (!st) st = host->tensor_upload(&tgt, c->h_targets, err);
+    if (st) return st;
+    host->softmax_stats(&logits, &tgt, &lse, &tl, with_mean ? &ml : NULL);
+    if ((st = host->check(err))) return st;
+    if ((st = host->tensor_download(c->h_lse, &lse, err)) ||
+        (st = host->tensor_download(c->h_target_logit, &tl, err)) ||
+        (with_mean && (st = host->tensor_download(c->h_mean_logit, &ml, err))))
+        return st;
+    return MT_OK;
+}
+
+/* d loss / d logits of the chunk's n rows from the coefficients in c->h_coefs and the
+ * logits, targets and lse already on the device (c->logits, c->targets, c->lse), into
+ * the model's output gradient of rows [row0, row0+n). */
+static inline mt_status loss_chunk_backward(const mt_host *host, loss_chunk *c,
+                                            mt_model_handle *model, int row0, int n,
+                                            mt_error *err) {
+    mt_tensor logits = mt_tensor_rows(&c->logits, 0, n), tgt = mt_tensor_rows(&c->targets, 0, n),
+              lse = mt_tensor_rows(&c->lse, 0, n), coefs = mt_tensor_rows(&c->coefs, 0, n);
+    mt_status st = host->tensor_upload(&coefs, c->h_coefs, err);
+    if (st) return st;
+    host->softmax_backward(&logits, &lse, &tgt, &coefs);
+    return host->model_backward_logits(model, row0, n, &logits, err);
+}
+
+#endif
