@@ -42,15 +42,25 @@
 #define FD_STEP 1e-2
 #define FD_TOLERANCE 2e-2
 
+/* One projection of the check adapter (see "the check adapter" below). */
+typedef struct check_delta {
+    mt_linear_handle *lin;
+    const int *enabled;
+    mt_tensor delta, grad; /* (out, in) */
+    char name[160];
+} check_delta;
+
+typedef struct check_adapter_state {
+    int enabled, n;
+    check_delta *deltas;
+} check_adapter_state;
+
 typedef struct checker {
     mt_backend be;
     mt_model *model;
     int32_t tokens[CHECK_B * CHECK_T], targets[CHECK_B * CHECK_T];
     int failures;
-    struct check_adapter_state {
-        int enabled, n;
-        struct check_delta *deltas;
-    } check_adapter; /* for losses that need a frozen base */
+    check_adapter_state check_adapter; /* for losses that need a frozen base */
 } checker;
 
 static void report(checker *c, int ok, const char *fmt, ...) MT_PRINTF(3, 4);
@@ -221,15 +231,6 @@ static int check_gradient(checker *c, loss_fn f, void *ctx, const char *what, mt
  * gets a dense trainable delta, y = base(x) + x D^T, with D small and random, so that the
  * gradient check has parameters to move and "adapters disabled" is a different model.
  * It reaches the model through the host table, as any adapter plugin does. */
-
-typedef struct check_delta {
-    mt_linear_handle *lin;
-    const int *enabled;
-    mt_tensor delta, grad; /* (out, in) */
-    char name[160];
-} check_delta;
-
-typedef struct check_adapter_state check_adapter_state;
 
 static void delta_forward(void *self, mt_tensor *y, const mt_tensor *x) {
     const check_delta *d = self;
