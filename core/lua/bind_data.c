@@ -1,6 +1,7 @@
 /* bind_data.c — moontune.core's data objects: Examples, Records, Batcher and Batch. */
 #include "lua/bind_internal.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -134,6 +135,7 @@ static int l_examples(lua_State *L) {
     read_example_options(L, 3, &ex);
     int32_t pad = mt_tokenizer_pad(t->tok);
     ex.pad_id = pad >= 0 ? pad : 0;
+    ex.on_bad_record = jsonl.on_bad_record;
     int tmpl_type = bind_opt_field(L, 3, "template");
     if (tmpl_type != LUA_TNIL && tmpl_type != LUA_TSTRING && tmpl_type != LUA_TFUNCTION)
         return luaL_error(L, "option 'template': expected a name or a function, found %s", luaL_typename(L, -1));
@@ -151,6 +153,7 @@ static int l_examples(lua_State *L) {
                                    NULL, &err))
         return bind_raise(L, &err);
     if (mt_examples_from_records(L, t->tok, &e->records, &e->set, &err)) return bind_raise(L, &err);
+    mt_example_set_print_skipped(&e->set, stderr);
     lua_settop(L, eidx);
     return 1;
 }
@@ -253,8 +256,54 @@ static int l_examples_from_ids(lua_State *L) {
     return 1;
 }
 
+/* examples:count(): the examples, or the pairs of preference data */
 static int examples_count(lua_State *L) {
-    lua_pushinteger(L, (lua_Integer)bind_check_examples(L, 1)->set.n);
+    lua_pushinteger(L, (lua_Integer)mt_example_set_items(&bind_check_examples(L, 1)->set));
+    return 1;
+}
+
+/* examples:ref_logps() -> list of every sequence's reference log-probability (in
+ * order: a pair's chosen then rejected), or nil when none were computed */
+static int examples_ref_logps(lua_State *L) {
+    lexamples *e = bind_check_examples(L, 1);
+    if (!e->set.has_ref_logps) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_createtable(L, (int)e->set.n, 0);
+    for (size_t i = 0; i < e->set.n; i++) {
+        lua_pushnumber(L, e->set.ex[i].ref_logp);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+/* examples:set_ref_logps(list): reference log-probabilities saved by an earlier run
+ * (examples:ref_logps()), one finite number per sequence */
+static int examples_set_ref_logps(lua_State *L) {
+    lexamples *e = bind_check_examples(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (!e->set.paired) return luaL_error(L, "set_ref_logps: reference log-probabilities are for preference pairs");
+    if (lua_rawlen(L, 2) != e->set.n)
+        return luaL_error(L, "set_ref_logps: %d values for %d sequences", (int)lua_rawlen(L, 2), (int)e->set.n);
+    for (size_t i = 0; i < e->set.n; i++) {
+        lua_rawgeti(L, 2, (lua_Integer)i + 1);
+        int ok;
+        double v = lua_tonumberx(L, -1, &ok);
+        lua_pop(L, 1);
+        if (!ok || !isfinite(v)) return luaL_error(L, "set_ref_logps: value %d is not a finite number", (int)i + 1);
+    }
+    for (size_t i = 0; i < e->set.n; i++) {
+        lua_rawgeti(L, 2, (lua_Integer)i + 1);
+        e->set.ex[i].ref_logp = lua_tonumber(L, -1);
+        lua_pop(L, 1);
+    }
+    e->set.has_ref_logps = 1;
+    return 0;
+}
+
+static int examples_paired(lua_State *L) {
+    lua_pushboolean(L, bind_check_examples(L, 1)->set.paired);
     return 1;
 }
 
@@ -266,6 +315,7 @@ static int examples_stats(lua_State *L) {
     bind_set_int(L, "records", st.records);
     bind_set_int(L, "bad_skipped", st.bad_skipped);
     bind_set_int(L, "examples", st.examples);
+    bind_set_int(L, "pairs", st.pairs);
     bind_set_int(L, "tokens", st.tokens);
     bind_set_num(L, "mean_len", st.mean_len);
     bind_set_int(L, "max_len", st.max_len);
@@ -287,7 +337,7 @@ static int examples_split(lua_State *L) {
     uint64_t seed = lua_isnoneornil(L, 3) ? 0 : bind_seed_at(L, 3, "split: seed");
     size_t *tr = NULL, *ev = NULL, n_tr = 0, n_ev = 0;
     mt_error err = {0};
-    if (mt_split_indices(e->set.n, fraction, (uint64_t)seed, &tr, &n_tr, &ev, &n_ev, &err)) return bind_raise(L, &err);
+    if (mt_split_indices(mt_example_set_items(&e->set), fraction, (uint64_t)seed, &tr, &n_tr, &ev, &n_ev, &err)) return bind_raise(L, &err);
     /* the index lists go into bind_scratch memory so that an error below frees them */
     size_t *idx = bind_scratch(L, (n_tr + n_ev) * sizeof *idx);
     if (n_tr) memcpy(idx, tr, n_tr * sizeof *idx);
@@ -300,12 +350,10 @@ static int examples_split(lua_State *L) {
     if (mt_example_set_set_files(&a->set, e->set.files, e->set.n_files, &err) ||
         mt_example_set_set_files(&b->set, e->set.files, e->set.n_files, &err))
         return bind_raise(L, &err);
-    for (size_t i = 0; i < n_tr + n_ev; i++) {
-        const mt_example *x = &e->set.ex[idx[i]];
-        if (mt_example_set_add(i < n_tr ? &a->set : &b->set, x->ids, x->trainable, (size_t)x->n, x->file,
-                               x->line, &err))
-            return bind_raise(L, &err);
-    }
+    /* items: examples, or whole preference pairs */
+    for (size_t i = 0; i < n_tr + n_ev; i++)
+        if (mt_example_set_copy_item(i < n_tr ? &a->set : &b->set, &e->set, idx[i], &err)) return bind_raise(L, &err);
+    a->set.paired = b->set.paired = e->set.paired;
     a->set.n_truncated_prompt = e->set.n_truncated_prompt;
     a->set.n_truncated_response = e->set.n_truncated_response;
     a->set.n_dropped_too_long = e->set.n_dropped_too_long;
@@ -318,6 +366,7 @@ static int examples_split(lua_State *L) {
 typedef struct lbatcher {
     mt_batcher *b;
     int B, T;
+    const mt_example_set *examples; /* held by the Examples in user value 1 */
 } lbatcher;
 
 static lbatcher *check_batcher(lua_State *L, int idx) {
@@ -344,13 +393,14 @@ static int l_batcher(lua_State *L) {
     bind_check_opts(L, 2);
     int B = (int)bind_opt_int_in(L, 2, "batch", 1, &MT_LIMIT_BATCH);
     int T = (int)bind_opt_int_in(L, 2, "seq_len", e->set.opt.seq_len, &MT_LIMIT_SEQ_LEN);
-    int pack = bind_opt_bool(L, 2, "pack", 1);
+    int pack = bind_opt_bool(L, 2, "pack", !e->set.paired); /* pairs stay in rows 2i, 2i+1 */
     uint64_t seed = bind_opt_seed(L, 2, "seed", 0);
     int shuffle = bind_opt_bool(L, 2, "shuffle", 1);
     lbatcher *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->b = NULL;
     b->B = B;
     b->T = T;
+    b->examples = &e->set;
     luaL_setmetatable(L, BATCHER_MT);
     mt_error err = {0};
     if (mt_batcher_create(&e->set, B, T, pack, (uint64_t)seed, shuffle, &b->b, &err)) return bind_raise(L, &err);
@@ -360,19 +410,33 @@ static int l_batcher(lua_State *L) {
     return 1;
 }
 
+mt_batch bind_batch_view(const lbatch *x) {
+    size_t bt = (size_t)x->B * (size_t)x->T;
+    return (mt_batch){.size = sizeof(mt_batch), .B = x->B, .T = x->T, .tokens = x->data,
+                      .positions = x->data + bt, .segments = x->data + 2 * bt,
+                      .targets = x->data + 3 * bt, .pairs = x->pairs,
+                      .ref_logps = x->has_ref_logps ? x->ref_logps : NULL};
+}
+
 static int batcher_next(lua_State *L) {
     lbatcher *b = check_batcher(L, 1);
     size_t bt = (size_t)b->B * (size_t)b->T;
-    lbatch *x = lua_newuserdatauv(L, sizeof *x + 4 * bt * sizeof(int32_t), 0);
+    size_t ints = 4 * bt; /* the int32 arrays, then the B doubles (16 * bt bytes: aligned) */
+    lbatch *x = lua_newuserdatauv(L, sizeof *x + ints * sizeof(int32_t) + (size_t)b->B * sizeof(double), 0);
     x->B = b->B;
     x->T = b->T;
+    x->pairs = b->examples->paired;
+    x->has_ref_logps = b->examples->has_ref_logps;
+    x->ref_logps = (double *)(void *)(x->data + ints);
     luaL_setmetatable(L, BATCH_MT);
     mt_batch_info info;
     mt_error err = {0};
-    if (mt_batcher_next(b->b, x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, &info, &err))
+    if (mt_batcher_next(b->b, x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, x->ref_logps, &info,
+                        &err))
         return bind_raise(L, &err);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     bind_set_int(L, "examples", info.examples);
+    bind_set_int(L, "pairs", info.pairs);
     bind_set_int(L, "rows", info.rows);
     bind_set_int(L, "tokens", info.tokens);
     bind_set_int(L, "targets", info.targets);
@@ -430,7 +494,8 @@ static int batch_targets(lua_State *L) { return batch_list(L, 3); }
 /* ---- registration ---- */
 
 static const luaL_Reg examples_methods[] = {
-    {"stats", examples_stats}, {"count", examples_count}, {"split", examples_split},
+    {"stats", examples_stats}, {"count", examples_count}, {"paired", examples_paired}, {"split", examples_split},
+    {"ref_logps", examples_ref_logps}, {"set_ref_logps", examples_set_ref_logps},
     {"close", examples_close}, {NULL, NULL},
 };
 static const luaL_Reg batcher_methods[] = {

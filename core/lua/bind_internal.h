@@ -58,8 +58,14 @@ typedef struct lexamples {
 
 typedef struct lbatch {
     int B, T;
-    int32_t data[]; /* tokens, positions, segments, targets: each (B,T) */
+    int pairs;         /* rows 2i, 2i+1 are preference pairs */
+    int has_ref_logps; /* ref_logps holds the examples' reference log-probabilities */
+    double *ref_logps; /* (B), inside this userdata, after data */
+    int32_t data[];    /* tokens, positions, segments, targets: each (B,T) */
 } lbatch;
+
+/* The mt_batch view of a Batch userdata (step_items 0). */
+mt_batch bind_batch_view(const lbatch *x);
 
 /* ---- bind_common.c: errors, option tables, bind_scratch memory, result fields, registries, classes ---- */
 lua_Integer bind_arg_int_in(lua_State *L, int idx, const char *name, const mt_int_limit *lim);

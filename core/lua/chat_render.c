@@ -58,18 +58,6 @@ mt_status mt_chat_template_push(lua_State *L, const mt_tokenizer *tok, const cha
     return MT_OK;
 }
 
-static void push_messages(lua_State *L, const mt_message *msgs, int n) {
-    lua_createtable(L, n, 0);
-    for (int i = 0; i < n; i++) {
-        lua_createtable(L, 0, 2);
-        lua_pushstring(L, msgs[i].role);
-        lua_setfield(L, -2, "role");
-        lua_pushstring(L, msgs[i].content);
-        lua_setfield(L, -2, "content");
-        lua_rawseti(L, -2, i + 1);
-    }
-}
-
 /* Reads the spans table at stack index idx into a fresh array. */
 static mt_status read_spans(lua_State *L, int idx, size_t text_len, mt_span **out, size_t *n,
                             const char *where, mt_error *err) {
@@ -101,6 +89,114 @@ static mt_status read_spans(lua_State *L, int idx, size_t text_len, mt_span **ou
     return MT_OK;
 }
 
+/* Renders messages a[0, na) then b[0, nb) with the render function at stack index
+ * `render`; pushes the text and leaves it on the stack. *spans receives the spans of the
+ * assistant messages from index `first_span` on (0: all of them). */
+static mt_status render_conversation(lua_State *L, int render, const mt_message *a, int na,
+                                     const mt_message *b, int nb, const char *bos,
+                                     const char *eos, int first_span, const char **text,
+                                     size_t *len, mt_span **spans, size_t *n_spans,
+                                     const char *where, mt_error *err) {
+    lua_pushvalue(L, render);
+    lua_createtable(L, na + nb, 0);
+    for (int i = 0; i < na + nb; i++) {
+        const mt_message *m = i < na ? &a[i] : &b[i - na];
+        lua_createtable(L, 0, 2);
+        lua_pushstring(L, m->role);
+        lua_setfield(L, -2, "role");
+        lua_pushstring(L, m->content);
+        lua_setfield(L, -2, "content");
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_createtable(L, 0, 2);
+    if (bos) {
+        lua_pushstring(L, bos);
+        lua_setfield(L, -2, "bos");
+    }
+    if (eos) {
+        lua_pushstring(L, eos);
+        lua_setfield(L, -2, "eos");
+    }
+    mt_status st = mt_lua_pcall(L, 2, 2, err);
+    if (st) {
+        char msg[MT_ERROR_MSG_MAX];
+        snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+        return mt_error_set(err, st, "%s: chat template: %s", where, msg);
+    }
+    *text = lua_tolstring(L, -2, len);
+    if (!*text) {
+        lua_pop(L, 2);
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: the chat template returned no text", where);
+    }
+    st = read_spans(L, lua_gettop(L), *len, spans, n_spans, where, err);
+    lua_pop(L, 1); /* the spans; the text stays */
+    if (st) {
+        lua_pop(L, 1);
+        return st;
+    }
+    if (first_span > 0) {
+        int assistants = 0;
+        for (int i = 0; i < na + nb; i++) {
+            const mt_message *m = i < na ? &a[i] : &b[i - na];
+            assistants += !strcmp(m->role, "assistant");
+        }
+        if ((size_t)assistants != *n_spans) {
+            free(*spans);
+            *spans = NULL;
+            lua_pop(L, 1);
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "%s: the chat template returned %zu spans for %d assistant "
+                                "messages; a preference pair needs one span per assistant "
+                                "message to find the reply",
+                                where, *n_spans, assistants);
+        }
+        memmove(*spans, *spans + first_span, (*n_spans - (size_t)first_span) * sizeof **spans);
+        *n_spans -= (size_t)first_span;
+    }
+    return MT_OK;
+}
+
+/* A preference record: the prompt with each reply, both trained on the reply only. */
+static mt_status add_preference(lua_State *L, int render, const mt_tokenizer *tok,
+                                const mt_record *rec, const char *bos, const char *eos,
+                                mt_example_set *out, const char *where, mt_error *err) {
+    if (out->opt.train_on_inputs)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "%s: train_on_inputs does not apply to preference pairs: their "
+                            "log-probabilities are taken over the replies only",
+                            where);
+    int prompt_assistants = 0;
+    for (int i = 0; i < rec->n_messages; i++)
+        prompt_assistants += !strcmp(rec->messages[i].role, "assistant");
+    mt_token_list lists[2] = {{0}, {0}};
+    uint8_t *masks[2] = {NULL, NULL};
+    mt_status st = MT_OK;
+    for (int side = 0; side < 2 && !st; side++) {
+        const char *text;
+        size_t len;
+        mt_span *spans = NULL;
+        size_t n_spans = 0;
+        /* a prompt without assistant turns still needs first_span > 0 for the check */
+        st = render_conversation(L, render, rec->messages, rec->n_messages,
+                                 side ? rec->rejected : rec->chosen,
+                                 side ? rec->n_rejected : rec->n_chosen, bos, eos,
+                                 prompt_assistants, &text, &len, &spans, &n_spans, where, err);
+        if (st) break;
+        st = mt_example_encode(out, tok, text, len, spans, n_spans, rec->file, rec->line,
+                               &lists[side], &masks[side], err);
+        free(spans);
+        lua_pop(L, 1); /* the text */
+    }
+    if (!st)
+        st = mt_example_set_add_pair(out, lists[0].ids, masks[0], lists[0].n, lists[1].ids,
+                                     masks[1], lists[1].n, rec->file, rec->line, err);
+    for (int side = 0; side < 2; side++) {
+        mt_token_list_free(&lists[side]);
+        free(masks[side]);
+    }
+    return st;
+}
+
 mt_status mt_examples_from_records(lua_State *L, const mt_tokenizer *tok,
                                    const mt_record_set *records, mt_example_set *out,
                                    mt_error *err) {
@@ -117,11 +213,10 @@ mt_status mt_examples_from_records(lua_State *L, const mt_tokenizer *tok,
                  rec->file >= 0 && rec->file < records->n_files ? records->files[rec->file] : "?",
                  (long long)rec->line);
         mt_status st;
-        if (rec->format == MT_DATA_PREFERENCE)
-            return mt_error_set(err, MT_ERR_UNSUPPORTED,
-                                "%s: preference pairs (prompt/chosen/rejected) need a preference "
-                                "loss such as dpo, not supervised fine-tuning",
-                                where);
+        if (rec->format == MT_DATA_PREFERENCE) {
+            if ((st = add_preference(L, render, tok, rec, bos, eos, out, where, err))) return st;
+            continue;
+        }
         if (rec->text) {
             size_t len = strlen(rec->text);
             mt_span whole = {0, len};
@@ -129,35 +224,16 @@ mt_status mt_examples_from_records(lua_State *L, const mt_tokenizer *tok,
             if (st) return st;
             continue;
         }
-        lua_pushvalue(L, render);
-        push_messages(L, rec->messages, rec->n_messages);
-        lua_createtable(L, 0, 2);
-        if (bos) {
-            lua_pushstring(L, bos);
-            lua_setfield(L, -2, "bos");
-        }
-        if (eos) {
-            lua_pushstring(L, eos);
-            lua_setfield(L, -2, "eos");
-        }
-        if ((st = mt_lua_pcall(L, 2, 2, err))) {
-            char msg[MT_ERROR_MSG_MAX];
-            snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
-            return mt_error_set(err, st, "%s: chat template: %s", where, msg);
-        }
+        const char *text;
         size_t len;
-        const char *text = lua_tolstring(L, -2, &len);
-        if (!text) {
-            lua_pop(L, 2);
-            return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: the chat template returned no text",
-                                where);
-        }
         mt_span *spans = NULL;
         size_t n_spans = 0;
-        st = read_spans(L, lua_gettop(L), len, &spans, &n_spans, where, err);
-        if (!st) st = mt_example_set_add_text(out, tok, text, len, spans, n_spans, rec->file, rec->line, err);
+        st = render_conversation(L, render, rec->messages, rec->n_messages, NULL, 0, bos, eos, 0,
+                                 &text, &len, &spans, &n_spans, where, err);
+        if (st) return st;
+        st = mt_example_set_add_text(out, tok, text, len, spans, n_spans, rec->file, rec->line, err);
         free(spans);
-        lua_pop(L, 2);
+        lua_pop(L, 1);
         if (st) return st;
     }
     return MT_OK;

@@ -3,6 +3,7 @@
  * dataset.h. */
 #include "text/dataset.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -121,25 +122,10 @@ static int64_t count_targets(const uint8_t *trainable, int32_t n) {
     return c;
 }
 
-mt_status mt_example_set_add(mt_example_set *set, const int32_t *ids, const uint8_t *trainable,
-                             size_t n, int32_t file, int64_t line, mt_error *err) {
-    if (set->opt.seq_len < 2)
-        return mt_error_set(err, MT_ERR_INVALID_ARG, "examples: the set was not initialised");
-    char where[600];
-    if (n > INT32_MAX)
-        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: example of %zu tokens is too long",
-                            mt_example_where(set, file, line, where, sizeof where), n);
-    int32_t start, len;
-    int kind = mt_truncate_window(trainable, (int32_t)n, set->opt.seq_len, set->opt.truncation,
-                                  &start, &len);
-    if (kind < 0) {
-        set->n_dropped_too_long++;
-        return MT_OK;
-    }
-    if (count_targets(trainable + start, len) == 0) {
-        set->n_dropped_no_target++;
-        return MT_OK;
-    }
+/* Appends a copy of ids/trainable[start, start + len) as an example. */
+static mt_status push_example(mt_example_set *set, const int32_t *ids, const uint8_t *trainable,
+                              int32_t start, int32_t len, int32_t file, int64_t line,
+                              mt_error *err) {
     if (set->n == set->cap) {
         size_t cap = set->cap ? set->cap * 2 : 64;
         mt_example *p = realloc(set->ex, cap * sizeof *p);
@@ -160,16 +146,164 @@ mt_status mt_example_set_add(mt_example_set *set, const int32_t *ids, const uint
     e.n = len;
     e.file = file;
     e.line = line;
+    e.ref_logp = NAN;
     set->ex[set->n++] = e;
+    return MT_OK;
+}
+
+static void pop_example(mt_example_set *set) {
+    set->n--;
+    free(set->ex[set->n].ids);
+    free(set->ex[set->n].trainable);
+}
+
+mt_status mt_example_set_add(mt_example_set *set, const int32_t *ids, const uint8_t *trainable,
+                             size_t n, int32_t file, int64_t line, mt_error *err) {
+    if (set->opt.seq_len < 2)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "examples: the set was not initialised");
+    char where[600];
+    if (set->paired)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "%s: a single example cannot join a set of preference pairs",
+                            mt_example_where(set, file, line, where, sizeof where));
+    if (n > INT32_MAX)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: example of %zu tokens is too long",
+                            mt_example_where(set, file, line, where, sizeof where), n);
+    int32_t start, len;
+    int kind = mt_truncate_window(trainable, (int32_t)n, set->opt.seq_len, set->opt.truncation,
+                                  &start, &len);
+    if (kind < 0) {
+        set->n_dropped_too_long++;
+        return MT_OK;
+    }
+    if (count_targets(trainable + start, len) == 0) {
+        set->n_dropped_no_target++;
+        return MT_OK;
+    }
+    mt_status st = push_example(set, ids, trainable, start, len, file, line, err);
+    if (st) return st;
     if (kind == 1) set->n_truncated_prompt++;
     if (kind == 2) set->n_truncated_response++;
     return MT_OK;
 }
 
-mt_status mt_example_set_add_text(mt_example_set *set, const mt_tokenizer *tok, const char *text,
-                                  size_t len, const mt_span *spans, size_t n_spans, int32_t file,
-                                  int64_t line, mt_error *err) {
+static int32_t prompt_length(const uint8_t *trainable, int32_t n) {
+    int32_t r = 0;
+    while (r < n && !trainable[r]) r++;
+    return r;
+}
+
+int mt_truncate_pair(const uint8_t *trainable_c, int32_t n_c, const uint8_t *trainable_r,
+                     int32_t n_r, int seq_len, mt_truncation policy, int32_t *start_c,
+                     int32_t *len_c, int32_t *start_r, int32_t *len_r) {
+    *start_c = *start_r = 0;
+    *len_c = n_c;
+    *len_r = n_r;
+    const int32_t longest = n_c > n_r ? n_c : n_r;
+    if (longest <= seq_len) return 0;
+    if (policy == MT_TRUNCATE_DROP) return -1;
+    const int32_t pc = prompt_length(trainable_c, n_c), pr = prompt_length(trainable_r, n_r);
+    const int32_t shorter_prompt = pc < pr ? pc : pr;
+    const int32_t drop = longest - seq_len; /* the same from both prompts */
+    if (drop <= shorter_prompt) {
+        *start_c = *start_r = drop;
+        *len_c = n_c - drop;
+        *len_r = n_r - drop;
+        return 1;
+    }
+    /* the replies alone are too long: a shared prompt budget, the replies cut at the end */
+    const int32_t keep = shorter_prompt < seq_len / 2 ? shorter_prompt : seq_len / 2;
+    *start_c = pc - keep;
+    *start_r = pr - keep;
+    *len_c = n_c - *start_c < seq_len ? n_c - *start_c : seq_len;
+    *len_r = n_r - *start_r < seq_len ? n_r - *start_r : seq_len;
+    return 2;
+}
+
+mt_status mt_example_set_add_pair(mt_example_set *set, const int32_t *chosen_ids,
+                                  const uint8_t *chosen_trainable, size_t n_chosen,
+                                  const int32_t *rejected_ids, const uint8_t *rejected_trainable,
+                                  size_t n_rejected, int32_t file, int64_t line, mt_error *err) {
     char where[600];
+    mt_example_where(set, file, line, where, sizeof where);
+    if (set->opt.seq_len < 2)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "examples: the set was not initialised");
+    if (!set->paired && set->n > 0)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "%s: a preference pair cannot join a set of single examples", where);
+    if (n_chosen > INT32_MAX || n_rejected > INT32_MAX)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: a pair of %zu and %zu tokens is too long",
+                            where, n_chosen, n_rejected);
+    set->paired = 1;
+    int32_t sc, lc, sr, lr;
+    int kind = mt_truncate_pair(chosen_trainable, (int32_t)n_chosen, rejected_trainable,
+                                (int32_t)n_rejected, set->opt.seq_len, set->opt.truncation, &sc,
+                                &lc, &sr, &lr);
+    if (kind < 0) {
+        mt_status st = mt_error_set(err, MT_ERR_FORMAT,
+                                    "%s: the preference pair needs %zu tokens (chosen %zu, "
+                                    "rejected %zu), more than seq_len %d, and truncation is "
+                                    "\"drop\"",
+                                    where, n_chosen > n_rejected ? n_chosen : n_rejected,
+                                    n_chosen, n_rejected, set->opt.seq_len);
+        if (set->opt.on_bad_record == MT_BAD_RECORD_ERROR) return st;
+        if (set->n_skipped_kept < MT_BAD_RECORDS_KEPT) {
+            mt_bad_record *b = &set->skipped[set->n_skipped_kept++];
+            b->file = file;
+            b->line = line;
+            snprintf(b->msg, sizeof b->msg, "%s", err ? err->msg : "");
+        }
+        if (err) *err = (mt_error){0};
+        set->n_dropped_too_long++;
+        return MT_OK;
+    }
+    if (count_targets(chosen_trainable + sc, lc) == 0 ||
+        count_targets(rejected_trainable + sr, lr) == 0) {
+        set->n_dropped_no_target++;
+        return MT_OK;
+    }
+    mt_status st = push_example(set, chosen_ids, chosen_trainable, sc, lc, file, line, err);
+    if (st) return st;
+    if ((st = push_example(set, rejected_ids, rejected_trainable, sr, lr, file, line, err))) {
+        pop_example(set);
+        return st;
+    }
+    if (kind == 1) set->n_truncated_prompt++;
+    if (kind == 2) set->n_truncated_response++;
+    return MT_OK;
+}
+
+size_t mt_example_set_items(const mt_example_set *set) {
+    return set->paired ? set->n / 2 : set->n;
+}
+
+mt_status mt_example_set_copy_item(mt_example_set *dst, const mt_example_set *src, size_t i,
+                                   mt_error *err) {
+    if (dst->paired != src->paired && !(dst->n == 0 && src->paired))
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "examples: cannot mix preference pairs and single examples");
+    dst->paired = src->paired;
+    const size_t first = src->paired ? 2 * i : i, count = src->paired ? 2 : 1;
+    for (size_t k = 0; k < count; k++) {
+        const mt_example *x = &src->ex[first + k];
+        mt_status st = push_example(dst, x->ids, x->trainable, 0, x->n, x->file, x->line, err);
+        if (st) {
+            if (k) pop_example(dst);
+            return st;
+        }
+        dst->ex[dst->n - 1].ref_logp = x->ref_logp;
+    }
+    dst->has_ref_logps = src->has_ref_logps;
+    return MT_OK;
+}
+
+mt_status mt_example_encode(const mt_example_set *set, const mt_tokenizer *tok, const char *text,
+                            size_t len, const mt_span *spans, size_t n_spans, int32_t file,
+                            int64_t line, mt_token_list *list, uint8_t **trainable,
+                            mt_error *err) {
+    char where[600];
+    *list = (mt_token_list){0};
+    *trainable = NULL;
     for (size_t s = 0; s < n_spans; s++)
         if (spans[s].start > spans[s].end || spans[s].end > len)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -177,25 +311,44 @@ mt_status mt_example_set_add_text(mt_example_set *set, const mt_tokenizer *tok, 
                                 "of %zu bytes",
                                 mt_example_where(set, file, line, where, sizeof where), s,
                                 spans[s].start, spans[s].end, len);
-    mt_token_list list = {0};
     mt_error local = {0};
-    mt_status st = mt_tokenizer_encode(tok, text, len, set->opt.add_special, &list, &local);
+    mt_status st = mt_tokenizer_encode(tok, text, len, set->opt.add_special, list, &local);
     if (st) {
-        mt_token_list_free(&list);
+        mt_token_list_free(list);
         return mt_error_set(err, st, "%s: %s", mt_example_where(set, file, line, where, sizeof where),
                             local.msg);
     }
-    uint8_t *mask = mt_malloc(list.n, "token mask", err);
+    uint8_t *mask = mt_malloc(list->n ? list->n : 1, "token mask", err);
     if (!mask) {
-        mt_token_list_free(&list);
+        mt_token_list_free(list);
         return MT_ERR_NOMEM;
     }
-    if (set->opt.train_on_inputs) memset(mask, 1, list.n);
-    else mt_mask_from_spans(list.offsets, list.n, len, spans, n_spans, mask);
+    if (set->opt.train_on_inputs) memset(mask, 1, list->n);
+    else mt_mask_from_spans(list->offsets, list->n, len, spans, n_spans, mask);
+    *trainable = mask;
+    return MT_OK;
+}
+
+mt_status mt_example_set_add_text(mt_example_set *set, const mt_tokenizer *tok, const char *text,
+                                  size_t len, const mt_span *spans, size_t n_spans, int32_t file,
+                                  int64_t line, mt_error *err) {
+    mt_token_list list;
+    uint8_t *mask;
+    mt_status st = mt_example_encode(set, tok, text, len, spans, n_spans, file, line, &list, &mask,
+                                     err);
+    if (st) return st;
     st = mt_example_set_add(set, list.ids, mask, list.n, file, line, err);
     free(mask);
     mt_token_list_free(&list);
     return st;
+}
+
+void mt_example_set_print_skipped(const mt_example_set *set, FILE *f) {
+    if (!set->paired || set->n_dropped_too_long == 0 || set->n_skipped_kept == 0) return;
+    fprintf(f, "skipped %lld preference pair%s (on_bad_record = \"skip\")%s\n",
+            (long long)set->n_dropped_too_long, set->n_dropped_too_long == 1 ? "" : "s",
+            set->n_dropped_too_long > set->n_skipped_kept ? "; the first:" : ":");
+    for (int i = 0; i < set->n_skipped_kept; i++) fprintf(f, "  %s\n", set->skipped[i].msg);
 }
 
 void mt_example_targets(const mt_example *ex, int32_t *targets) {
@@ -209,7 +362,8 @@ struct mt_batcher {
     const mt_example_set *set;
     int B, T, pack, shuffle;
     uint64_t seed;
-    size_t *order;         /* (n) the epoch's order */
+    size_t n_items;        /* examples, or pairs of a paired set */
+    size_t *order;         /* (n_items) the epoch's order */
     uint64_t order_epoch;  /* epoch `order` holds */
     int have_order;
     int32_t *used, *nseg;  /* (B) scratch: tokens and segments per row */
@@ -228,6 +382,11 @@ mt_status mt_batcher_create(const mt_example_set *examples, int B, int T, int pa
         return mt_error_set(err, MT_ERR_INVALID_ARG, "%s%sbatcher: the dataset has no examples",
                             from ? from : "", from ? ": " : "");
     }
+    if (examples->paired && (B % 2 || pack))
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "batcher: preference pairs go in rows 2i and 2i+1, unpacked: expected "
+                            "an even batch and pack = false, found batch %d%s",
+                            B, pack ? " and pack = true" : "");
     for (size_t i = 0; i < examples->n; i++)
         if (examples->ex[i].n > T)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -243,7 +402,8 @@ mt_status mt_batcher_create(const mt_example_set *examples, int B, int T, int pa
     b->pack = pack != 0;
     b->shuffle = shuffle != 0;
     b->seed = seed;
-    b->order = mt_malloc(examples->n * sizeof *b->order, "batch order", err);
+    b->n_items = mt_example_set_items(examples);
+    b->order = mt_malloc((b->n_items ? b->n_items : 1) * sizeof *b->order, "batch order", err);
     b->used = mt_calloc((size_t)B, sizeof *b->used, "batch rows", err);
     b->nseg = mt_calloc((size_t)B, sizeof *b->nseg, "batch rows", err);
     if (!b->order || !b->used || !b->nseg) {
@@ -264,25 +424,52 @@ void mt_batcher_free(mt_batcher *b) {
 
 static void ensure_order(mt_batcher *b, uint64_t epoch) {
     if (b->have_order && b->order_epoch == epoch) return;
-    size_t n = b->set->n;
+    size_t n = b->n_items;
     for (size_t i = 0; i < n; i++) b->order[i] = i;
     if (b->shuffle) mt_shuffle_indices(b->order, n, b->seed + epoch);
     b->order_epoch = epoch;
     b->have_order = 1;
 }
 
-/* Places examples from order[pos…] into the B rows (arrays may be NULL to plan only);
- * returns how many were placed. */
+/* Copies example e into row r at its first free column (arrays may be NULL to plan). */
+static void put(mt_batcher *b, const mt_example *e, int r, int32_t *tokens, int32_t *positions,
+                int32_t *segments, int32_t *targets, double *ref_logps) {
+    size_t at = (size_t)r * (size_t)b->T + (size_t)b->used[r];
+    if (tokens) memcpy(tokens + at, e->ids, (size_t)e->n * sizeof *tokens);
+    if (targets) mt_example_targets(e, targets + at);
+    for (int32_t t = 0; t < e->n; t++) {
+        if (positions) positions[at + (size_t)t] = t;
+        if (segments) segments[at + (size_t)t] = b->nseg[r];
+    }
+    if (ref_logps) ref_logps[r] = b->set->has_ref_logps ? e->ref_logp : NAN;
+    b->used[r] += e->n;
+    b->nseg[r]++;
+}
+
+/* Places items from order[pos…] into the B rows (arrays may be NULL to plan only);
+ * returns how many items (examples, or pairs) were placed. */
 static size_t place(mt_batcher *b, size_t pos, int32_t *tokens, int32_t *positions,
-                    int32_t *segments, int32_t *targets, int *rows_used) {
+                    int32_t *segments, int32_t *targets, double *ref_logps, int *rows_used) {
     const mt_example_set *set = b->set;
     const int T = b->T;
     int rows = 0;
     size_t placed = 0;
     memset(b->used, 0, (size_t)b->B * sizeof *b->used);
     memset(b->nseg, 0, (size_t)b->B * sizeof *b->nseg);
-    while (pos + placed < set->n) {
-        const mt_example *e = &set->ex[b->order[pos + placed]];
+    if (ref_logps)
+        for (int r = 0; r < b->B; r++) ref_logps[r] = NAN;
+    while (pos + placed < b->n_items) {
+        const size_t item = b->order[pos + placed];
+        if (set->paired) { /* the pair's two sequences, rows 2i and 2i+1 */
+            if (rows + 2 > b->B) break;
+            put(b, &set->ex[2 * item], rows, tokens, positions, segments, targets, ref_logps);
+            put(b, &set->ex[2 * item + 1], rows + 1, tokens, positions, segments, targets,
+                ref_logps);
+            rows += 2;
+            placed++;
+            continue;
+        }
+        const mt_example *e = &set->ex[item];
         int r = -1;
         if (b->pack) {
             for (int i = 0; i < b->B && r < 0; i++)
@@ -291,16 +478,8 @@ static size_t place(mt_batcher *b, size_t pos, int32_t *tokens, int32_t *positio
             r = rows;
         }
         if (r < 0) break;
-        size_t at = (size_t)r * (size_t)T + (size_t)b->used[r];
-        if (tokens) memcpy(tokens + at, e->ids, (size_t)e->n * sizeof *tokens);
-        if (targets) mt_example_targets(e, targets + at);
-        for (int32_t t = 0; t < e->n; t++) {
-            if (positions) positions[at + (size_t)t] = t;
-            if (segments) segments[at + (size_t)t] = b->nseg[r];
-        }
         if (b->used[r] == 0) rows++;
-        b->used[r] += e->n;
-        b->nseg[r]++;
+        put(b, e, r, tokens, positions, segments, targets, ref_logps);
         placed++;
     }
     if (rows_used) *rows_used = rows;
@@ -308,14 +487,15 @@ static size_t place(mt_batcher *b, size_t pos, int32_t *tokens, int32_t *positio
 }
 
 mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, int32_t *segments,
-                          int32_t *targets, mt_batch_info *info, mt_error *err) {
+                          int32_t *targets, double *ref_logps, mt_batch_info *info,
+                          mt_error *err) {
     if (!tokens || !targets)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "batcher: tokens and targets are required");
     const int32_t pad = b->set->opt.pad_id;
     ensure_order(b, b->cur.epoch);
     int rows = 0;
     size_t pos = (size_t)b->cur.position;
-    size_t placed = place(b, pos, tokens, positions, segments, targets, &rows);
+    size_t placed = place(b, pos, tokens, positions, segments, targets, ref_logps, &rows);
     if (placed == 0) /* cannot happen: every example fits in an empty row */
         return mt_error_set(err, MT_ERR_INVALID_ARG, "batcher: no example fits a row");
     int64_t ntok = 0, ntgt = 0;
@@ -331,13 +511,14 @@ mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, in
         }
     }
     mt_batch_info in = {0};
-    in.examples = (int)placed;
+    in.examples = (int)(b->set->paired ? 2 * placed : placed);
+    in.pairs = b->set->paired ? (int)placed : 0;
     in.rows = rows;
     in.tokens = ntok;
     in.targets = ntgt;
     in.epoch = b->cur.epoch;
     pos += placed;
-    if (pos >= b->set->n) {
+    if (pos >= b->n_items) {
         in.epoch_end = 1;
         b->cur.epoch++;
         b->cur.position = 0;
@@ -351,11 +532,12 @@ mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, in
 mt_cursor mt_batcher_get_cursor(const mt_batcher *b) { return b->cur; }
 
 mt_status mt_batcher_set_cursor(mt_batcher *b, mt_cursor c, mt_error *err) {
-    if (c.position > b->set->n)
+    if (c.position > b->n_items)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
-                            "batcher: cursor position %llu is past the %zu examples",
-                            (unsigned long long)c.position, b->set->n);
-    if (c.position == b->set->n) {
+                            "batcher: cursor position %llu is past the %zu %s",
+                            (unsigned long long)c.position, b->n_items,
+                            b->set->paired ? "pairs" : "examples");
+    if (c.position == b->n_items) {
         c.epoch++;
         c.position = 0;
     }
@@ -367,8 +549,8 @@ int64_t mt_batcher_batches_per_epoch(mt_batcher *b, uint64_t epoch) {
     ensure_order(b, epoch);
     int64_t batches = 0;
     size_t pos = 0;
-    while (pos < b->set->n) {
-        size_t placed = place(b, pos, NULL, NULL, NULL, NULL, NULL);
+    while (pos < b->n_items) {
+        size_t placed = place(b, pos, NULL, NULL, NULL, NULL, NULL, NULL);
         if (placed == 0) break;
         pos += placed;
         batches++;
@@ -387,6 +569,7 @@ void mt_dataset_stats_compute(const mt_record_set *records, const mt_example_set
     }
     if (!examples) return;
     st->examples = (int64_t)examples->n;
+    st->pairs = examples->paired ? (int64_t)examples->n / 2 : 0;
     for (size_t i = 0; i < examples->n; i++) {
         const mt_example *e = &examples->ex[i];
         st->tokens += e->n;
@@ -407,7 +590,11 @@ void mt_dataset_stats_print(const mt_dataset_stats *st, const char *title, FILE 
     fprintf(f, "  records          %lld", (long long)st->records);
     if (st->bad_skipped) fprintf(f, " (%lld bad records skipped)", (long long)st->bad_skipped);
     fputc('\n', f);
-    fprintf(f, "  examples         %lld\n", (long long)st->examples);
+    if (st->pairs)
+        fprintf(f, "  pairs            %lld (%lld sequences)\n", (long long)st->pairs,
+                (long long)st->examples);
+    else
+        fprintf(f, "  examples         %lld\n", (long long)st->examples);
     fprintf(f, "  tokens           %lld (mean %.1f, max %d per example; seq_len %d)\n",
             (long long)st->tokens, st->mean_len, st->max_len, st->seq_len);
     fprintf(f, "  trained tokens   %lld (%.1f%%)\n", (long long)st->trained_tokens,
@@ -415,6 +602,7 @@ void mt_dataset_stats_print(const mt_dataset_stats *st, const char *title, FILE 
     fprintf(f, "  truncated        %lld prompt%s, %lld response%s\n", (long long)st->truncated_prompt,
             st->truncated_prompt == 1 ? "" : "s", (long long)st->truncated_response,
             st->truncated_response == 1 ? "" : "s");
-    fprintf(f, "  dropped          %lld too long, %lld with nothing to train\n",
-            (long long)st->dropped_too_long, (long long)st->dropped_no_target);
+    fprintf(f, "  dropped          %lld too long, %lld with nothing to train%s\n",
+            (long long)st->dropped_too_long, (long long)st->dropped_no_target,
+            st->pairs ? " (pairs)" : "");
 }

@@ -28,6 +28,15 @@
  *   a batch never mixes epochs (the last batch of an epoch may have empty rows).
  *   Positions restart at 0 for every example; segment ids are 0,1,2,… per row;
  *   padding has segment -1, its own positions from 0, token pad_id, target -100.
+ * - Preference pairs (a paired set): examples 2i and 2i+1 are pair i's chosen and
+ *   rejected sequences, the same prompt then each reply, trainable on the final reply
+ *   only. Truncation treats the pair as one: LEFT drops the same number of tokens from
+ *   the left of both prompts so that the longer sequence fits; when the longer reply
+ *   alone is too long, both keep the last min(prompt, seq_len/2) prompt tokens and the
+ *   replies' ends are cut. DROP (and a pair left without a target on either side) drops
+ *   the pair; a pair too long for DROP is a bad record, refused or skipped as
+ *   on_bad_record says, naming its file and line. The batcher keeps pairs whole, as
+ *   rows 2i and 2i+1 (no packing; B must be even); its cursor counts pairs.
  */
 #ifndef MT_CORE_DATASET_H
 #define MT_CORE_DATASET_H
@@ -39,6 +48,7 @@
 #include "moontune/moontune.h"
 
 typedef struct mt_tokenizer mt_tokenizer;
+typedef struct mt_token_list mt_token_list;
 
 #define MT_IGNORE_INDEX (-100)
 #define MT_PAD_SEGMENT (-1)
@@ -172,6 +182,9 @@ typedef struct mt_example {
     int32_t n;
     int32_t file;       /* source record's file index and line (−1/0 when none) */
     int64_t line;
+    /* the reference model's log-probability of the trainable tokens, computed once
+     * before preference training (mt_example_set.has_ref_logps); unset otherwise */
+    double ref_logp;
 } mt_example;
 
 typedef struct mt_example_options {
@@ -181,6 +194,7 @@ typedef struct mt_example_options {
     int add_special;        /* encode adds BOS/EOS as the tokenizer says (templates that
                                write them into the text leave this 0) */
     int32_t pad_id;         /* padding id: the tokenizer's pad, else 0 */
+    mt_bad_record_policy on_bad_record; /* a preference pair too long to keep under DROP */
 } mt_example_options;
 
 typedef struct mt_example_set {
@@ -191,6 +205,11 @@ typedef struct mt_example_set {
     int64_t n_truncated_response; /* response alone too long: its end cut */
     int64_t n_dropped_too_long;   /* DROP policy */
     int64_t n_dropped_no_target;  /* nothing left to train on */
+    /* preference pairs: ex[2i] chosen, ex[2i+1] rejected; the counts above count pairs */
+    int paired;
+    int has_ref_logps; /* every example's ref_logp is set */
+    mt_bad_record skipped[MT_BAD_RECORDS_KEPT]; /* the first pairs skipped as bad */
+    int n_skipped_kept;
     /* where the examples came from: the files their `file` indexes name (copies, set by
      * mt_example_set_set_files; n_files 0 when made in memory), so that messages about
      * an example, or about an empty set, can name the file */
@@ -228,11 +247,41 @@ int mt_truncate_window(const uint8_t *trainable, int32_t n, int seq_len, mt_trun
 /* Adds an example from ids and flags (copied), applying truncation and counting. */
 mt_status mt_example_set_add(mt_example_set *set, const int32_t *ids, const uint8_t *trainable,
                              size_t n, int32_t file, int64_t line, mt_error *err);
+/* Adds a preference pair (the set becomes paired; it must hold no single examples),
+ * applying the pair's truncation rule (top of this file). A pair too long under DROP
+ * is MT_ERR_FORMAT naming file and line with opt.on_bad_record ERROR, else counted in
+ * n_dropped_too_long and kept in `skipped`. */
+mt_status mt_example_set_add_pair(mt_example_set *set, const int32_t *chosen_ids,
+                                  const uint8_t *chosen_trainable, size_t n_chosen,
+                                  const int32_t *rejected_ids, const uint8_t *rejected_trainable,
+                                  size_t n_rejected, int32_t file, int64_t line, mt_error *err);
+/* Pure: the windows of a pair under the pair truncation rule, as mt_truncate_window
+ * (0 fits, 1 prompts truncated, 2 replies cut, -1 dropped). */
+int mt_truncate_pair(const uint8_t *trainable_c, int32_t n_c, const uint8_t *trainable_r,
+                     int32_t n_r, int seq_len, mt_truncation policy, int32_t *start_c,
+                     int32_t *len_c, int32_t *start_r, int32_t *len_r);
+/* The set's items: its pairs when paired, else its examples. */
+size_t mt_example_set_items(const mt_example_set *set);
+/* Copies item i (an example, or a pair's two examples) of src into dst, which must be
+ * paired exactly when src is. */
+mt_status mt_example_set_copy_item(mt_example_set *dst, const mt_example_set *src, size_t i,
+                                   mt_error *err);
+
 /* Tokenizes text[0, len) and marks the tokens inside spans (or all, with
  * train_on_inputs), then adds the example. */
 mt_status mt_example_set_add_text(mt_example_set *set, const mt_tokenizer *tok, const char *text,
                                   size_t len, const mt_span *spans, size_t n_spans, int32_t file,
                                   int64_t line, mt_error *err);
+
+/* Tokenizes text[0, len) into *list and marks its trainable tokens (inside spans, or
+ * all with train_on_inputs) in *trainable (the caller frees both; nothing to free on
+ * error). Errors name the example's file and line. */
+mt_status mt_example_encode(const mt_example_set *set, const mt_tokenizer *tok, const char *text,
+                            size_t len, const mt_span *spans, size_t n_spans, int32_t file,
+                            int64_t line, mt_token_list *list, uint8_t **trainable,
+                            mt_error *err);
+/* Prints the preference pairs skipped as too long (on_bad_record = skip), if any. */
+void mt_example_set_print_skipped(const mt_example_set *set, FILE *f);
 
 /* targets (n) of one example: targets[t] = ids[t+1] if trainable[t+1], else -100. */
 void mt_example_targets(const mt_example *ex, int32_t *targets);
@@ -248,7 +297,8 @@ typedef struct mt_cursor {
 } mt_cursor;
 
 typedef struct mt_batch_info {
-    int examples;     /* examples consumed by this batch */
+    int examples;     /* examples (sequences) consumed by this batch */
+    int pairs;        /* of them, preference pairs (a paired set) */
     int rows;         /* rows holding at least one example */
     int64_t tokens;   /* real (non-pad) tokens */
     int64_t targets;  /* targets != -100 */
@@ -258,18 +308,21 @@ typedef struct mt_batch_info {
 
 /* The batcher keeps a pointer to `examples`, which must outlive it. Each epoch's order
  * is a shuffle seeded with seed + epoch (or the set's order when !shuffle). pack: several
- * examples per row; else one example per row. Every example must fit in T. */
+ * examples per row; else one example per row. Every example must fit in T. A paired set
+ * is batched pair by pair (rows 2i, 2i+1): B must be even and pack 0. */
 mt_status mt_batcher_create(const mt_example_set *examples, int B, int T, int pack,
                             uint64_t seed, int shuffle, mt_batcher **out, mt_error *err);
 void mt_batcher_free(mt_batcher *b);
 
 /* Fills tokens, positions, segments, targets (each (B,T), caller-owned) with the next
  * batch; positions/segments may be NULL. The arrays go straight to mt_model_forward
- * and mt_model_cross_entropy. */
+ * and mt_model_cross_entropy. ref_logps (B, may be NULL) receives each row's
+ * example's ref_logp when the set has them, else NAN (padding rows: NAN). */
 mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, int32_t *segments,
-                          int32_t *targets, mt_batch_info *info, mt_error *err);
+                          int32_t *targets, double *ref_logps, mt_batch_info *info,
+                          mt_error *err);
 mt_cursor mt_batcher_get_cursor(const mt_batcher *b);
-/* Position must be <= the number of examples. */
+/* Position must be <= the number of items (examples, or pairs). */
 mt_status mt_batcher_set_cursor(mt_batcher *b, mt_cursor c, mt_error *err);
 /* Batches in one epoch (runs the packer over the epoch's order without filling). */
 int64_t mt_batcher_batches_per_epoch(mt_batcher *b, uint64_t epoch);
@@ -280,13 +333,14 @@ typedef struct mt_dataset_stats {
     int64_t records;       /* records read (0 when not given) */
     int64_t bad_skipped;   /* bad records skipped */
     int64_t examples;
+    int64_t pairs;          /* preference pairs (examples / 2 of a paired set), else 0 */
     int64_t tokens;
     double mean_len;
     int32_t max_len;
     int64_t trained_tokens; /* targets that are not -100 */
     double trained_fraction; /* trained_tokens / tokens */
     int64_t truncated_prompt, truncated_response;
-    int64_t dropped_too_long, dropped_no_target;
+    int64_t dropped_too_long, dropped_no_target; /* pairs, for a paired set */
     int seq_len;
 } mt_dataset_stats;
 

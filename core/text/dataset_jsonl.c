@@ -302,14 +302,77 @@ static mt_status parse_text(const ctx *c, json_t *o, mt_record *r) {
     return r->text ? MT_OK : MT_ERR_NOMEM;
 }
 
+static int same_message(const mt_message *a, const mt_message *b) {
+    return !strcmp(a->role, b->role) && !strcmp(a->content, b->content);
+}
+
+/* Moves messages [from, n) of *m into a fresh list *out (the rest stay in *m). */
+static mt_status split_messages(mt_message **m, int *n, int from, mt_message **out, int *n_out,
+                                mt_error *err) {
+    *out = mt_calloc((size_t)(*n - from), sizeof **out, "messages", err);
+    if (!*out) return MT_ERR_NOMEM;
+    memcpy(*out, *m + from, (size_t)(*n - from) * sizeof **out);
+    *n_out = *n - from;
+    *n = from;
+    return MT_OK;
+}
+
+/* A preference record: a prompt (a string or messages) and two replies (a string, one
+ * assistant message, or messages ending in an assistant's). Without a prompt field, chosen
+ * and rejected are whole conversations and the messages they share at the start are the
+ * prompt (TRL's implicit prompt). Two identical replies teach nothing: a bad record. */
 static mt_status parse_preference(const ctx *c, json_t *o, mt_record *r) {
     json_t *p = json_object_get(o, c->f.prompt);
     if (p && json_is_string(p) && is_blank(json_string_value(p), json_string_length(p)))
         return bad(c, "field '%s': empty prompt", c->f.prompt);
-    mt_status st = parse_turns(c, o, c->f.prompt, "user", 0, &r->messages, &r->n_messages);
+    mt_status st = MT_OK;
+    if (p) st = parse_turns(c, o, c->f.prompt, "user", 0, &r->messages, &r->n_messages);
     if (!st) st = parse_turns(c, o, c->f.chosen, "assistant", 1, &r->chosen, &r->n_chosen);
     if (!st) st = parse_turns(c, o, c->f.rejected, "assistant", 1, &r->rejected, &r->n_rejected);
-    return st;
+    if (st) return st;
+    if (!p) {
+        if (!json_is_array(json_object_get(o, c->f.chosen)) ||
+            !json_is_array(json_object_get(o, c->f.rejected)))
+            return bad(c, "field '%s': missing (without it, '%s' and '%s' must be whole "
+                          "conversations that share the prompt's messages)",
+                       c->f.prompt, c->f.chosen, c->f.rejected);
+        int k = 0;
+        while (k < r->n_chosen && k < r->n_rejected &&
+               same_message(&r->chosen[k], &r->rejected[k]))
+            k++;
+        if (k == 0)
+            return bad(c, "fields '%s' and '%s': the conversations share no first message, so "
+                          "there is no prompt (give a '%s' field)",
+                       c->f.chosen, c->f.rejected, c->f.prompt);
+        if (k == r->n_chosen || k == r->n_rejected)
+            return bad(c, "fields '%s' and '%s': one conversation is the start of the other, "
+                          "so one side has no reply",
+                       c->f.chosen, c->f.rejected);
+        /* the shared start becomes the prompt; each side keeps its replies */
+        mt_message *rest_c, *rest_r;
+        int n_rest_c, n_rest_r;
+        if (split_messages(&r->chosen, &r->n_chosen, k, &rest_c, &n_rest_c, c->err))
+            return MT_ERR_NOMEM;
+        if (split_messages(&r->rejected, &r->n_rejected, k, &rest_r, &n_rest_r, c->err)) {
+            messages_free(rest_c, n_rest_c);
+            return MT_ERR_NOMEM;
+        }
+        r->messages = r->chosen;
+        r->n_messages = r->n_chosen;
+        messages_free(r->rejected, r->n_rejected); /* the same messages as the prompt */
+        r->chosen = rest_c;
+        r->n_chosen = n_rest_c;
+        r->rejected = rest_r;
+        r->n_rejected = n_rest_r;
+    }
+    if (r->n_chosen == r->n_rejected) {
+        int i = 0;
+        while (i < r->n_chosen && same_message(&r->chosen[i], &r->rejected[i])) i++;
+        if (i == r->n_chosen)
+            return bad(c, "fields '%s' and '%s': the chosen and rejected replies are the same",
+                       c->f.chosen, c->f.rejected);
+    }
+    return MT_OK;
 }
 
 static mt_data_format detect(const ctx *c, json_t *o) {

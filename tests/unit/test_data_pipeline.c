@@ -46,7 +46,7 @@ static void test_packed_loss_equals_alone(void **state) {
     int seen = 0, packed_rows_with_two = 0;
     for (;;) {
         mt_batch_info info;
-        assert_int_equal(mt_batcher_next(batcher, tokens, positions, segments, targets, &info, &err), MT_OK);
+        assert_int_equal(mt_batcher_next(batcher, tokens, positions, segments, targets, NULL, &info, &err), MT_OK);
         assert_int_equal(mt_model_forward(m, tokens, positions, segments, B, T, &err), MT_OK);
         /* each (row, segment) holding a real example */
         for (int r = 0; r < B; r++) {

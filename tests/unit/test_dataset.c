@@ -1,6 +1,7 @@
 /* test_dataset.c — JSONL records in every format, bad input, span masking, truncation,
  * packing, shuffling, splits, the batcher's cursor, statistics, and one end-to-end
  * example through the SmolLM2 tokenizer. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,6 +98,30 @@ static void test_preference(void **state) {
     assert_msg(&r->messages[0], "system", "Be kind.");
     assert_msg(&r->chosen[0], "assistant", "It has vivid images.");
     assert_msg(&r->rejected[0], "assistant", "Bad.");
+    mt_record_set_free(&s);
+}
+
+/* Without a prompt field, whole conversations share the prompt (TRL's implicit prompt). */
+static void test_preference_implicit_prompt(void **state) {
+    (void)state;
+    const char *data =
+        "{\"chosen\": [{\"role\": \"system\", \"content\": \"S\"}, {\"role\": \"user\", "
+        "\"content\": \"Q\"}, {\"role\": \"assistant\", \"content\": \"good\"}], "
+        "\"rejected\": [{\"role\": \"system\", \"content\": \"S\"}, {\"role\": \"user\", "
+        "\"content\": \"Q\"}, {\"role\": \"assistant\", \"content\": \"bad\"}]}\n";
+    mt_record_set s;
+    mt_record_set_init(&s);
+    mt_error err = {0};
+    assert_int_equal(mt_records_parse_jsonl("p.jsonl", data, strlen(data), NULL, &s, &err), MT_OK);
+    assert_int_equal(s.format, MT_DATA_PREFERENCE);
+    const mt_record *r = &s.records[0];
+    assert_int_equal(r->n_messages, 2);
+    assert_msg(&r->messages[0], "system", "S");
+    assert_msg(&r->messages[1], "user", "Q");
+    assert_int_equal(r->n_chosen, 1);
+    assert_int_equal(r->n_rejected, 1);
+    assert_msg(&r->chosen[0], "assistant", "good");
+    assert_msg(&r->rejected[0], "assistant", "bad");
     mt_record_set_free(&s);
 }
 
@@ -212,6 +237,24 @@ static void test_bad_records_name_file_line_field(void **state) {
          "field 'chosen'", "no assistant message"},
         {MT_DATA_PREFERENCE, "{\"prompt\": \"\", \"chosen\": \"b\", \"rejected\": \"c\"}",
          "field 'prompt'", "empty prompt"},
+        {MT_DATA_PREFERENCE, "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"b\"}",
+         "fields 'chosen' and 'rejected'", "the same"},
+        {MT_DATA_PREFERENCE, "{\"chosen\": \"b\", \"rejected\": \"c\"}", "field 'prompt'",
+         "missing"},
+        {MT_DATA_PREFERENCE,
+         "{\"chosen\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", "
+         "\"content\": \"b\"}], \"rejected\": [{\"role\": \"user\", \"content\": \"y\"}, "
+         "{\"role\": \"assistant\", \"content\": \"c\"}]}",
+         "fields 'chosen' and 'rejected'", "share no first message"},
+        {MT_DATA_PREFERENCE,
+         "{\"chosen\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", "
+         "\"content\": \"b\"}], \"rejected\": [{\"role\": \"user\", \"content\": \"x\"}, "
+         "{\"role\": \"assistant\", \"content\": \"b\"}]}",
+         "fields 'chosen' and 'rejected'", "no reply"},
+        {MT_DATA_PREFERENCE,
+         "{\"prompt\": \"a\", \"chosen\": [{\"role\": \"assistant\", \"content\": \"b\"}], "
+         "\"rejected\": [{\"role\": \"assistant\", \"content\": \" \"}]}",
+         "field 'rejected[0].content'", "empty response"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         for (int autodetect = 0; autodetect < 2; autodetect++) {
@@ -348,7 +391,7 @@ static void test_targets(void **state) {
     (void)state;
     int32_t ids[] = {10, 11, 12, 13, 14};
     uint8_t tr[] = {0, 0, 1, 1, 0};
-    mt_example e = {ids, tr, 5, 0, 1};
+    mt_example e = {.ids = ids, .trainable = tr, .n = 5, .file = 0, .line = 1};
     int32_t t[5];
     mt_example_targets(&e, t);
     const int32_t expect[] = {-100, 12, 13, -100, -100};
@@ -466,6 +509,170 @@ static void buf_free(batch_buf *b) {
     free(b->tgt);
 }
 
+/* ---- preference pairs --------------------------------------------------------------- */
+
+/* A pair: prompt tokens base + 0..prompt-1 in both, then chosen (base + 100 + i) and
+ * rejected (base + 200 + i) replies of the given lengths. */
+static void add_pair(mt_example_set *s, int prompt, int nc, int nr, int32_t base, int64_t line,
+                     mt_status want) {
+    int32_t ci[128], ri[128];
+    uint8_t ct[128], rt[128];
+    for (int i = 0; i < prompt; i++) ci[i] = ri[i] = base + i, ct[i] = rt[i] = 0;
+    for (int i = 0; i < nc; i++) ci[prompt + i] = base + 100 + i, ct[prompt + i] = 1;
+    for (int i = 0; i < nr; i++) ri[prompt + i] = base + 200 + i, rt[prompt + i] = 1;
+    mt_error err = {0};
+    mt_status st = mt_example_set_add_pair(s, ci, ct, (size_t)(prompt + nc), ri, rt,
+                                           (size_t)(prompt + nr), 0, line, &err);
+    if (st != want) fail_msg("pair at line %lld: status %d, want %d (%s)", (long long)line, st, want, err.msg);
+}
+
+static void test_pair_truncation(void **state) {
+    (void)state;
+    uint8_t c[40], r[40];
+    memset(c, 0, sizeof c);
+    memset(r, 0, sizeof r);
+    int32_t sc, lc, sr, lr;
+    /* prompt 8; replies 4 and 6: 14 tokens at most */
+    memset(c + 8, 1, 4);
+    memset(r + 8, 1, 6);
+    assert_int_equal(mt_truncate_pair(c, 12, r, 14, 14, MT_TRUNCATE_LEFT, &sc, &lc, &sr, &lr), 0);
+    /* seq_len 10: the same 4 prompt tokens go from both, the longer one just fits */
+    assert_int_equal(mt_truncate_pair(c, 12, r, 14, 10, MT_TRUNCATE_LEFT, &sc, &lc, &sr, &lr), 1);
+    assert_true(sc == 4 && lc == 8 && sr == 4 && lr == 10);
+    assert_int_equal(mt_truncate_pair(c, 12, r, 14, 10, MT_TRUNCATE_DROP, &sc, &lc, &sr, &lr), -1);
+    /* seq_len 6: the longer reply alone fills it (as for one example, no prompt is left) */
+    assert_int_equal(mt_truncate_pair(c, 12, r, 14, 6, MT_TRUNCATE_LEFT, &sc, &lc, &sr, &lr), 1);
+    assert_true(sc == 8 && lc == 4 && sr == 8 && lr == 6);
+    /* seq_len 5: the longer reply does not fit; both keep the last 2 prompt tokens and
+     * the replies are cut at the end */
+    assert_int_equal(mt_truncate_pair(c, 12, r, 14, 5, MT_TRUNCATE_LEFT, &sc, &lc, &sr, &lr), 2);
+    assert_true(sc == 6 && lc == 5 && sr == 6 && lr == 5);
+
+    mt_example_options o = {.seq_len = 10, .truncation = MT_TRUNCATE_LEFT};
+    mt_example_set s;
+    mt_error err = {0};
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    add_pair(&s, 8, 4, 6, 1000, 1, MT_OK); /* prompt truncated by 4 in both */
+    add_pair(&s, 3, 2, 2, 2000, 2, MT_OK); /* fits */
+    add_pair(&s, 3, 20, 2, 3000, 3, MT_OK); /* chosen reply too long: cut */
+    assert_true(s.paired);
+    assert_int_equal(s.n, 6);
+    assert_int_equal(mt_example_set_items(&s), 3);
+    /* both sides of pair 1 start at the same prompt token */
+    assert_int_equal(s.ex[0].ids[0], 1004);
+    assert_int_equal(s.ex[1].ids[0], 1004);
+    assert_int_equal(s.ex[0].n, 8);
+    assert_int_equal(s.ex[1].n, 10);
+    assert_int_equal(s.ex[5].ids[s.ex[5].n - 1], 3201);
+    assert_int_equal(s.ex[4].n, 10);
+    assert_int_equal(s.ex[4].ids[0], 3000);
+    assert_int_equal(s.n_truncated_prompt, 1);
+    assert_int_equal(s.n_truncated_response, 1);
+    assert_true(isnan(s.ex[0].ref_logp));
+    /* a single example cannot join pairs */
+    int32_t ids[4] = {1, 2, 3, 4};
+    uint8_t tr[4] = {0, 1, 1, 1};
+    assert_int_equal(mt_example_set_add(&s, ids, tr, 4, 0, 9, &err), MT_ERR_INVALID_ARG);
+    mt_example_set_free(&s);
+
+    /* too long under DROP: a bad record, refused or skipped as on_bad_record says */
+    o.truncation = MT_TRUNCATE_DROP;
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    const char *files[] = {"prefs.jsonl"};
+    assert_int_equal(mt_example_set_set_files(&s, (char *const *)files, 1, &err), MT_OK);
+    int32_t ci[20], ri[20];
+    uint8_t ct[20], rt[20];
+    for (int i = 0; i < 20; i++) ci[i] = ri[i] = i, ct[i] = rt[i] = i >= 5;
+    assert_int_equal(mt_example_set_add_pair(&s, ci, ct, 12, ri, rt, 9, 0, 7, &err), MT_ERR_FORMAT);
+    assert_non_null(strstr(err.msg, "prefs.jsonl:7: the preference pair needs 12 tokens"));
+    s.opt.on_bad_record = MT_BAD_RECORD_SKIP;
+    err = (mt_error){0};
+    assert_int_equal(mt_example_set_add_pair(&s, ci, ct, 12, ri, rt, 9, 0, 7, &err), MT_OK);
+    assert_int_equal(mt_example_set_add_pair(&s, ci, ct, 8, ri, rt, 9, 0, 8, &err), MT_OK);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.n_dropped_too_long, 1);
+    assert_int_equal(s.n_skipped_kept, 1);
+    assert_non_null(strstr(s.skipped[0].msg, "prefs.jsonl:7"));
+    /* a pair whose reply is masked away entirely is dropped as a pair */
+    memset(rt, 0, sizeof rt);
+    assert_int_equal(mt_example_set_add_pair(&s, ci, ct, 8, ri, rt, 9, 0, 9, &err), MT_OK);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.n_dropped_no_target, 1);
+    mt_dataset_stats st;
+    mt_dataset_stats_compute(NULL, &s, &st);
+    assert_int_equal(st.pairs, 1);
+    assert_int_equal(st.examples, 2);
+    mt_example_set_free(&s);
+}
+
+static void test_pair_batcher(void **state) {
+    (void)state;
+    mt_example_options o = {.seq_len = 16, .truncation = MT_TRUNCATE_LEFT, .pad_id = 7};
+    mt_example_set s;
+    mt_error err = {0};
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    const int pairs = 5;
+    for (int i = 0; i < pairs; i++) add_pair(&s, 2 + i % 3, 1 + i, 3, 1000 * (i + 1), i + 1, MT_OK);
+    for (size_t i = 0; i < s.n; i++) s.ex[i].ref_logp = -(double)i;
+    s.has_ref_logps = 1;
+    mt_batcher *b = NULL;
+    assert_int_equal(mt_batcher_create(&s, 3, 16, 0, 1, 1, &b, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "even batch"));
+    assert_int_equal(mt_batcher_create(&s, 4, 16, 1, 1, 1, &b, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_batcher_create(&s, 4, 16, 0, 1, 1, &b, &err), MT_OK);
+    assert_int_equal(mt_batcher_batches_per_epoch(b, 0), 3); /* 2 + 2 + 1 pairs */
+    batch_buf buf = buf_new(4, 16);
+    double ref[4];
+    int seen[5] = {0}, batches = 0;
+    for (;;) {
+        mt_batch_info info;
+        assert_int_equal(mt_batcher_next(b, buf.tok, buf.pos, buf.seg, buf.tgt, ref, &info, &err), MT_OK);
+        batches++;
+        assert_int_equal(info.examples, 2 * info.pairs);
+        for (int row = 0; row < 4; row += 2) {
+            if (row / 2 >= info.pairs) { /* padding rows */
+                assert_int_equal(buf.tok[row * 16], 7);
+                assert_int_equal(buf.tgt[row * 16], MT_IGNORE_INDEX);
+                assert_true(isnan(ref[row]) && isnan(ref[row + 1]));
+                continue;
+            }
+            const int pair = buf.tok[row * 16] / 1000 - 1; /* the chosen row */
+            assert_true(pair >= 0 && pair < pairs);
+            seen[pair]++;
+            /* the next row is the same pair's rejected sequence, with the same prompt */
+            assert_int_equal(buf.tok[(row + 1) * 16], buf.tok[row * 16]);
+            const int prompt = 2 + pair % 3;
+            assert_int_equal(buf.tok[row * 16 + prompt], 1000 * (pair + 1) + 100);
+            assert_int_equal(buf.tok[(row + 1) * 16 + prompt], 1000 * (pair + 1) + 200);
+            assert_true(ref[row] == -(double)(2 * pair) && ref[row + 1] == -(double)(2 * pair + 1));
+            assert_int_equal(buf.seg[row * 16], 0);
+        }
+        if (info.epoch_end) break;
+        /* the cursor counts pairs */
+        assert_int_equal(mt_batcher_get_cursor(b).position, 2 * batches);
+    }
+    assert_int_equal(batches, 3);
+    for (int i = 0; i < pairs; i++) assert_int_equal(seen[i], 1);
+    mt_cursor c = {0, 5};
+    assert_int_equal(mt_batcher_set_cursor(b, c, &err), MT_OK); /* the end: the next epoch */
+    c.position = 6;
+    assert_int_equal(mt_batcher_set_cursor(b, c, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "past the 5 pairs"));
+    mt_batcher_free(b);
+    buf_free(&buf);
+
+    /* copying items keeps pairs whole */
+    mt_example_set d;
+    assert_int_equal(mt_example_set_init(&d, &o, &err), MT_OK);
+    assert_int_equal(mt_example_set_copy_item(&d, &s, 3, &err), MT_OK);
+    assert_true(d.paired && d.has_ref_logps);
+    assert_int_equal(d.n, 2);
+    assert_int_equal(d.ex[0].ids[0], 4000);
+    assert_true(d.ex[1].ref_logp == -7.0);
+    mt_example_set_free(&d);
+    mt_example_set_free(&s);
+}
+
 /* Runs one epoch and checks the packing invariants; records the order in which examples
  * appear (by index) into order_out. Returns the number of batches. */
 static int check_epoch(mt_batcher *bt, const mt_example_set *s, int B, int T, int pack,
@@ -476,7 +683,7 @@ static int check_epoch(mt_batcher *bt, const mt_example_set *s, int B, int T, in
     mt_error err = {0};
     for (;;) {
         mt_batch_info info;
-        assert_int_equal(mt_batcher_next(bt, b.tok, b.pos, b.seg, b.tgt, &info, &err), MT_OK);
+        assert_int_equal(mt_batcher_next(bt, b.tok, b.pos, b.seg, b.tgt, NULL, &info, &err), MT_OK);
         batches++;
         int found = 0;
         int64_t ntgt = 0;
@@ -659,7 +866,7 @@ static void test_cursor_resume(void **state) {
         mt_cursor at5 = {0, 0};
         for (int i = 0; i < 15; i++) {
             mt_batch_info info;
-            assert_int_equal(mt_batcher_next(a, ref[i][0], ref[i][1], ref[i][2], ref[i][3], &info,
+            assert_int_equal(mt_batcher_next(a, ref[i][0], ref[i][1], ref[i][2], ref[i][3], NULL, &info,
                                              &err),
                              MT_OK);
             ref_n[i] = info.examples;
@@ -673,7 +880,7 @@ static void test_cursor_resume(void **state) {
         for (int i = 5; i < 15; i++) {
             int32_t got[4][48];
             mt_batch_info info;
-            assert_int_equal(mt_batcher_next(b2, got[0], got[1], got[2], got[3], &info, &err),
+            assert_int_equal(mt_batcher_next(b2, got[0], got[1], got[2], got[3], NULL, &info, &err),
                              MT_OK);
             assert_int_equal(info.examples, ref_n[i]);
             for (int k = 0; k < 4; k++) assert_memory_equal(got[k], ref[i][k], BT * sizeof(int32_t));
@@ -865,6 +1072,9 @@ int main(void) {
         cmocka_unit_test(test_empty_file_is_named),
         cmocka_unit_test(test_chat_and_text_and_prompt_completion),
         cmocka_unit_test(test_preference),
+        cmocka_unit_test(test_preference_implicit_prompt),
+        cmocka_unit_test(test_pair_truncation),
+        cmocka_unit_test(test_pair_batcher),
         cmocka_unit_test(test_custom_field_map),
         cmocka_unit_test(test_format_names),
         cmocka_unit_test(test_bad_records_name_file_line_field),
