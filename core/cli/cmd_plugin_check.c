@@ -319,6 +319,7 @@ typedef struct loss_ctx {
     mt_plugin_instance *inst;
     int64_t step_items; /* 0: the loss' own count */
     int no_targets;
+    int pairs; /* the batch's rows are preference pairs (2i chosen, 2i+1 rejected) */
 } loss_ctx;
 
 static double loss_value(checker *c, void *ctx, int backward, mt_error *err) {
@@ -326,7 +327,7 @@ static double loss_value(checker *c, void *ctx, int backward, mt_error *err) {
     int32_t none[CHECK_B * CHECK_T];
     for (int i = 0; i < CHECK_B * CHECK_T; i++) none[i] = -100;
     mt_batch b = {.size = sizeof b, .B = CHECK_B, .T = CHECK_T, .tokens = c->tokens,
-                  .targets = lc->no_targets ? none : c->targets};
+                  .targets = lc->no_targets ? none : c->targets, .pairs = lc->pairs};
     b.step_items = lc->step_items ? lc->step_items : mt_loss_count(lc->inst, &b);
     mt_loss_result r = {.size = sizeof r};
     const mt_loss_vtable *vt = lc->inst->desc->vtable;
@@ -338,15 +339,32 @@ static double loss_value(checker *c, void *ctx, int backward, mt_error *err) {
 static int check_loss(checker *c, mt_plugin_instance *inst, mt_error *err) {
     if (mt_model_set_all_trainable(c->model, err)) return -1;
     loss_ctx lc = {.inst = inst};
-    if (isnan(loss_value(c, &lc, 0, err))) {
-        /* a loss may refuse a trainable base (see the check adapter); it is then checked
-         * on a frozen one, and says so */
-        printf("  note  on a trainable base: %s\n"
-               "        checking on a frozen base with a dense delta on every projection\n",
-               err->msg[0] ? err->msg : "the loss is not a number");
-        *err = (mt_error){0};
-        if (freeze_base_with_check_adapter(c, err)) return -1;
+    /* a loss may refuse single sequences (it wants preference pairs) and a trainable base
+     * (see the check adapter); it is then checked on pairs, or on a frozen base, and
+     * says so */
+    int found = 0;
+    for (int frozen = 0; frozen < 2 && !found; frozen++) {
+        for (lc.pairs = 0; lc.pairs < 2 && !found; lc.pairs++) {
+            if (!isnan(loss_value(c, &lc, 0, err))) {
+                found = 1;
+                break;
+            }
+            printf("  note  on %s%s: %s\n", lc.pairs ? "preference pairs" : "single sequences",
+                   frozen ? " and a frozen base" : " and a trainable base",
+                   err->msg[0] ? err->msg : "the loss is not a number");
+            *err = (mt_error){0};
+        }
+        if (found) break;
+        if (!frozen) {
+            printf("        checking on a frozen base with a dense delta on every projection\n");
+            if (freeze_base_with_check_adapter(c, err)) return -1;
+        }
     }
+    if (!found) {
+        mt_error_set(err, MT_ERR_INVALID_ARG, "%s refuses every check batch", inst->desc->name);
+        return -1;
+    }
+    if (lc.pairs) printf("  note  checked on preference pairs (rows 2i chosen, 2i+1 rejected)\n");
     if (check_gradient(c, loss_value, &lc, "gradient", err)) return -1;
     /* no targets: nothing to learn */
     lc.no_targets = 1;
@@ -363,7 +381,8 @@ static int check_loss(checker *c, mt_plugin_instance *inst, mt_error *err) {
            "a batch without targets: loss %g, gradient norm %g (both must be 0)", empty, sqrt(sum));
     /* step_items: twice the items, half the loss */
     lc.no_targets = 0;
-    mt_batch b = {.size = sizeof b, .B = CHECK_B, .T = CHECK_T, .tokens = c->tokens, .targets = c->targets};
+    mt_batch b = {.size = sizeof b, .B = CHECK_B, .T = CHECK_T, .tokens = c->tokens, .targets = c->targets,
+                  .pairs = lc.pairs};
     int64_t items = mt_loss_count(inst, &b);
     double one = loss_value(c, &lc, 0, err);
     lc.step_items = 2 * items;

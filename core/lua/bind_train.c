@@ -22,7 +22,15 @@ static mt_plugin_instance *check_kind(lua_State *L, int idx, mt_plugin_kind kind
     return p->inst;
 }
 
-/* mt.train_step(model, loss, optimizer, batches, {lr=, step=, max_grad_norm=}) */
+/* Sets field `metrics` of the table on top: name -> value (the loss plugin's own). */
+static void push_metrics(lua_State *L, int n, const char (*names)[64], const double *values) {
+    lua_createtable(L, 0, n);
+    for (int k = 0; k < n; k++) bind_set_num(L, names[k], values[k]);
+    lua_setfield(L, -2, "metrics");
+}
+
+/* mt.train_step(model, loss, optimizer, batches, {lr=, step=, max_grad_norm=}) -> {loss=,
+ * grad_norm=, lr=, tokens=, skipped=, metrics = {name = value}} */
 static int l_train_step(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     mt_plugin_instance *loss = check_kind(L, 2, MT_PLUGIN_LOSS, "train_step");
@@ -37,11 +45,7 @@ static int l_train_step(lua_State *L) {
     if (luaL_testudata(L, 4, BATCH_MT)) {
         n = 1;
         mb = bind_scratch(L, sizeof *mb);
-        lbatch *x = lua_touserdata(L, 4);
-        size_t bt = (size_t)x->B * (size_t)x->T;
-        mb[0] = (mt_batch){.size = sizeof(mt_batch), .B = x->B, .T = x->T, .tokens = x->data,
-                             .positions = x->data + bt, .segments = x->data + 2 * bt,
-                             .targets = x->data + 3 * bt};
+        mb[0] = bind_batch_view(lua_touserdata(L, 4));
     } else {
         luaL_checktype(L, 4, LUA_TTABLE);
         n = (int)lua_rawlen(L, 4);
@@ -51,43 +55,62 @@ static int l_train_step(lua_State *L) {
             lua_rawgeti(L, 4, i + 1);
             lbatch *x = luaL_testudata(L, -1, BATCH_MT);
             if (!x) return luaL_error(L, "train_step: batches[%d] is not a Batch", i + 1);
-            size_t bt = (size_t)x->B * (size_t)x->T;
-            mb[i] = (mt_batch){.size = sizeof(mt_batch), .B = x->B, .T = x->T, .tokens = x->data,
-                             .positions = x->data + bt, .segments = x->data + 2 * bt,
-                             .targets = x->data + 3 * bt};
+            mb[i] = bind_batch_view(x);
             lua_pop(L, 1); /* the batches table keeps it */
         }
     }
     mt_step_result res;
     mt_error err = {0};
     if (mt_train_step(u->m, loss, opt, mb, n, lr, (int64_t)step, clip, &res, &err)) return bind_raise(L, &err);
-    lua_createtable(L, 0, 5);
+    lua_createtable(L, 0, 6);
     bind_set_num(L, "loss", res.loss);
     bind_set_num(L, "grad_norm", res.grad_norm);
     bind_set_num(L, "lr", res.lr);
     bind_set_int(L, "tokens", res.n_tokens);
     bind_set_bool(L, "skipped", res.skipped);
+    push_metrics(L, res.n_metrics, res.metric_names, res.metrics);
     return 1;
 }
 
-/* mt.evaluate(model, examples, {batch=, seq_len=}) (defaults: the model's plan) */
+/* mt.evaluate(model, examples, {batch=, seq_len=, loss=}) (defaults: the model's plan;
+ * with a loss plugin, its loss and metrics, item-weighted: preference pairs need one) */
 static int l_evaluate(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     lexamples *e = bind_check_examples(L, 2);
     bind_check_opts(L, 3);
     int B = (int)bind_opt_int_in(L, 3, "batch", u->m->plan_B, &MT_LIMIT_BATCH);
     int T = (int)bind_opt_int_in(L, 3, "seq_len", u->m->plan_T, &MT_LIMIT_SEQ_LEN);
+    mt_plugin_instance *loss = NULL;
+    if (bind_opt_field(L, 3, "loss") != LUA_TNIL) loss = check_kind(L, lua_gettop(L), MT_PLUGIN_LOSS, "evaluate");
+    lua_pop(L, 1); /* the loss stays referenced by the options table */
     mt_eval_result r;
     mt_error err = {0};
-    if (mt_evaluate(u->m, &e->set, B, T, &r, &err)) return bind_raise(L, &err);
-    lua_createtable(L, 0, 6);
+    mt_status st = loss ? mt_evaluate_loss(u->m, loss, &e->set, B, T, &r, &err)
+                        : mt_evaluate(u->m, &e->set, B, T, &r, &err);
+    if (st) return bind_raise(L, &err);
+    lua_createtable(L, 0, 7);
     bind_set_num(L, "loss", r.loss);
     bind_set_num(L, "perplexity", r.perplexity);
     bind_set_int(L, "tokens", r.tokens);
     bind_set_int(L, "examples", r.examples);
     bind_set_num(L, "seconds", r.seconds);
     bind_set_num(L, "tokens_per_second", r.tokens_per_second);
+    if (loss) push_metrics(L, r.n_metrics, r.metric_names, r.metrics);
     return 1;
+}
+
+/* mt.reference_logps(model, examples, {batch=, seq_len=}): every sequence's
+ * log-probability of its reply under the model as it is now, kept with the examples as
+ * the reference of preference training (computed once, before it). */
+static int l_reference_logps(lua_State *L) {
+    lmodel *u = bind_check_model(L, 1);
+    lexamples *e = bind_check_examples(L, 2);
+    bind_check_opts(L, 3);
+    int B = (int)bind_opt_int_in(L, 3, "batch", u->m->plan_B, &MT_LIMIT_BATCH);
+    int T = (int)bind_opt_int_in(L, 3, "seq_len", u->m->plan_T, &MT_LIMIT_SEQ_LEN);
+    mt_error err = {0};
+    if (mt_examples_ref_logps(u->m, &e->set, B, T, &err)) return bind_raise(L, &err);
+    return 0;
 }
 
 static int l_schedule(lua_State *L) {
@@ -293,6 +316,7 @@ static int l_checkpoint_prune(lua_State *L) {
 static const luaL_Reg functions[] = {
     {"train_step", l_train_step},
     {"evaluate", l_evaluate},
+    {"reference_logps", l_reference_logps},
     {"schedule", l_schedule},
     {"checkpoint_save", l_checkpoint_save},
     {"checkpoint_load", l_checkpoint_load},

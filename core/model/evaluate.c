@@ -7,61 +7,228 @@
 #include <string.h>
 
 #include "base/internal.h"
+#include "model/train.h"
 
-mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T,
-                      mt_eval_result *result, mt_error *err) {
-    *result = (mt_eval_result){0};
-    if (examples->n == 0) {
-        /* name the file and say why: every example was dropped, or there were none */
-        char from[600], too_long[96] = "", no_target[96] = "", why[200] = "";
-        const char *src = mt_example_set_source(examples, from, sizeof from);
-        const long long n_long = examples->n_dropped_too_long, n_none = examples->n_dropped_no_target;
-        if (n_long > 0)
-            snprintf(too_long, sizeof too_long, "%lld example%s longer than seq_len %d dropped by "
-                     "truncation \"drop\"", n_long, n_long == 1 ? "" : "s", examples->opt.seq_len);
-        if (n_none > 0)
-            snprintf(no_target, sizeof no_target, "%lld example%s with nothing to train on", n_none,
-                     n_none == 1 ? "" : "s");
-        if (n_long > 0 || n_none > 0)
-            snprintf(why, sizeof why, " (%s%s%s)", too_long, n_long > 0 && n_none > 0 ? "; " : "",
-                     no_target);
-        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s%sevaluation: the held-out set is empty%s",
-                            src ? src : "", src ? ": " : "", why);
-    }
+/* An empty set's error: names the file and says why (every example dropped, or none). */
+static mt_status empty_set_error(const mt_example_set *examples, mt_error *err) {
+    char from[600], too_long[96] = "", no_target[96] = "", why[200] = "";
+    const char *src = mt_example_set_source(examples, from, sizeof from);
+    const long long n_long = examples->n_dropped_too_long, n_none = examples->n_dropped_no_target;
+    const char *what = examples->paired ? "pair" : "example";
+    if (n_long > 0)
+        snprintf(too_long, sizeof too_long, "%lld %s%s longer than seq_len %d dropped by "
+                 "truncation \"drop\"", n_long, what, n_long == 1 ? "" : "s", examples->opt.seq_len);
+    if (n_none > 0)
+        snprintf(no_target, sizeof no_target, "%lld %s%s with nothing to train on", n_none, what,
+                 n_none == 1 ? "" : "s");
+    if (n_long > 0 || n_none > 0)
+        snprintf(why, sizeof why, " (%s%s%s)", too_long, n_long > 0 && n_none > 0 ? "; " : "",
+                 no_target);
+    return mt_error_set(err, MT_ERR_INVALID_ARG, "%s%sevaluation: the held-out set is empty%s",
+                        src ? src : "", src ? ": " : "", why);
+}
+
+/* One pass over every example in order, without gradients or dropout: batches of B x T
+ * (pairs unpacked in rows 2i, 2i+1; single examples packed), each handed to visit. */
+typedef mt_status (*batch_visit)(void *ctx, mt_model *m, const mt_batch *batch,
+                                 const mt_batch_info *info, size_t first_item, mt_error *err);
+
+static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, int T,
+                            batch_visit visit, void *ctx, double *seconds, int64_t *seen_tokens,
+                            mt_error *err) {
+    if (examples->n == 0) return empty_set_error(examples, err);
+    if (examples->paired) B = B >= 4 ? B - B % 2 : 2;
     mt_batcher *batcher = NULL;
-    mt_status st = mt_batcher_create(examples, B, T, 1, 0, 0, &batcher, err);
+    mt_status st = mt_batcher_create(examples, B, T, !examples->paired, 0, 0, &batcher, err);
     if (st) return st;
     size_t n = (size_t)B * T;
     int32_t *buf = mt_malloc(4 * n * sizeof(int32_t), "evaluation batch", err);
-    if (!buf) {
+    double *ref = mt_malloc((size_t)B * sizeof *ref, "evaluation batch", err);
+    if (!buf || !ref) {
+        free(buf);
+        free(ref);
         mt_batcher_free(batcher);
         return MT_ERR_NOMEM;
     }
     int32_t *tokens = buf, *positions = buf + n, *segments = buf + 2 * n, *targets = buf + 3 * n;
-    double t0 = mt_now_seconds(), weighted = 0.0;
-    int64_t seen_tokens = 0;
+    double t0 = mt_now_seconds();
+    *seen_tokens = 0;
     mt_model_set_training(m, 0);
     for (;;) {
         mt_batch_info info;
-        float loss;
-        int64_t count;
-        if ((st = mt_batcher_next(batcher, tokens, positions, segments, targets, &info, err)) ||
-            (st = mt_model_forward(m, tokens, positions, segments, B, T, err)) ||
-            (st = mt_model_cross_entropy(m, targets, 0, &loss, &count, err)))
+        const size_t first = (size_t)mt_batcher_get_cursor(batcher).position;
+        if ((st = mt_batcher_next(batcher, tokens, positions, segments, targets, ref, &info, err)))
             break;
-        weighted += (double)loss * (double)count; /* token-weighted, not batch-weighted */
-        result->tokens += count;
-        result->examples += info.examples;
-        seen_tokens += info.tokens;
+        mt_batch batch = {.size = sizeof batch, .B = B, .T = T, .tokens = tokens,
+                          .positions = positions, .segments = segments, .targets = targets,
+                          .pairs = examples->paired,
+                          .ref_logps = examples->has_ref_logps ? ref : NULL};
+        if ((st = visit(ctx, m, &batch, &info, first, err))) break;
+        *seen_tokens += info.tokens;
         if (info.epoch_end) break;
     }
     mt_model_set_training(m, 1);
     free(buf);
+    free(ref);
     mt_batcher_free(batcher);
+    *seconds = mt_now_seconds() - t0;
+    return st;
+}
+
+static void finish(mt_eval_result *result, double seconds, int64_t seen_tokens) {
+    result->seconds = seconds;
+    result->tokens_per_second = seconds > 0 ? (double)seen_tokens / seconds : 0.0;
+}
+
+typedef struct ce_pass {
+    mt_eval_result *result;
+    double weighted;
+} ce_pass;
+
+static mt_status visit_cross_entropy(void *ctx, mt_model *m, const mt_batch *b,
+                                     const mt_batch_info *info, size_t first, mt_error *err) {
+    (void)first;
+    ce_pass *p = ctx;
+    float loss;
+    int64_t count;
+    mt_status st = mt_model_forward(m, b->tokens, b->positions, b->segments, b->B, b->T, err);
+    if (!st) st = mt_model_cross_entropy(m, b->targets, 0, &loss, &count, err);
     if (st) return st;
-    result->seconds = mt_now_seconds() - t0;
-    result->loss = result->tokens ? weighted / (double)result->tokens : 0.0;
-    result->perplexity = exp(result->loss);
-    result->tokens_per_second = result->seconds > 0 ? (double)seen_tokens / result->seconds : 0.0;
+    p->weighted += (double)loss * (double)count; /* token-weighted, not batch-weighted */
+    p->result->tokens += count;
+    p->result->examples += info->examples;
     return MT_OK;
+}
+
+mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T,
+                      mt_eval_result *result, mt_error *err) {
+    *result = (mt_eval_result){0};
+    if (examples->paired) {
+        char where[600];
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "%s: evaluation: the set holds preference pairs, whose loss is a "
+                            "preference loss's: evaluate them in a recipe with "
+                            "mt.evaluate(model, pairs, {loss = mt.plugin(\"loss\", \"dpo\", {})})",
+                            examples->n ? mt_example_where(examples, examples->ex[0].file,
+                                                           examples->ex[0].line, where, sizeof where)
+                                        : "(empty)");
+    }
+    ce_pass p = {result, 0.0};
+    double seconds = 0.0;
+    int64_t seen = 0;
+    mt_status st = each_batch(m, examples, B, T, visit_cross_entropy, &p, &seconds, &seen, err);
+    if (st) return st;
+    finish(result, seconds, seen);
+    result->loss = result->tokens ? p.weighted / (double)result->tokens : 0.0;
+    result->perplexity = exp(result->loss);
+    return MT_OK;
+}
+
+typedef struct loss_pass {
+    mt_eval_result *result;
+    mt_plugin_instance *loss;
+    double weighted, metrics[MT_LOSS_MAX_METRICS];
+} loss_pass;
+
+static mt_status visit_loss(void *ctx, mt_model *m, const mt_batch *b, const mt_batch_info *info,
+                            size_t first, mt_error *err) {
+    (void)first;
+    loss_pass *p = ctx;
+    const mt_loss_vtable *lv = p->loss->desc->vtable;
+    const int64_t items = mt_loss_count(p->loss, b);
+    if (items <= 0) return MT_OK;
+    mt_loss_result r = {.size = sizeof r};
+    mt_status st = lv->compute(p->loss->state, (mt_model_handle *)m, b, 0, &r, err);
+    mt_error check_err;
+    mt_status cst = mt_host_check(p->loss->desc->name, &check_err);
+    if (!st && cst) {
+        *err = check_err;
+        st = cst;
+    }
+    if (st) return st;
+    mt_eval_result *res = p->result;
+    if (r.n_metrics < 0 || r.n_metrics > MT_LOSS_MAX_METRICS)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "loss %s reported %d metrics (at most %d)",
+                            p->loss->desc->name, r.n_metrics, MT_LOSS_MAX_METRICS);
+    if (res->examples == 0) {
+        res->n_metrics = r.n_metrics;
+        for (int k = 0; k < r.n_metrics; k++)
+            snprintf(res->metric_names[k], sizeof res->metric_names[k], "%s",
+                     r.metric_names[k] ? r.metric_names[k] : "?");
+    } else if (r.n_metrics != res->n_metrics) {
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "loss %s reported %d metrics for one batch and %d for another",
+                            p->loss->desc->name, res->n_metrics, r.n_metrics);
+    }
+    /* each batch's values are means over its items: weigh them by the items */
+    p->weighted += r.loss * (double)items;
+    for (int k = 0; k < r.n_metrics; k++) p->metrics[k] += r.metrics[k] * (double)items;
+    res->tokens += items;
+    res->examples += info->examples;
+    return MT_OK;
+}
+
+mt_status mt_evaluate_loss(mt_model *m, mt_plugin_instance *loss, const mt_example_set *examples,
+                           int B, int T, mt_eval_result *result, mt_error *err) {
+    *result = (mt_eval_result){0};
+    if (loss->desc->kind != MT_PLUGIN_LOSS)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "evaluation: %s '%s' is not a loss",
+                            mt_plugin_kind_name(loss->desc->kind), loss->desc->name);
+    loss_pass p = {.result = result, .loss = loss};
+    double seconds = 0.0;
+    int64_t seen = 0;
+    mt_status st = each_batch(m, examples, B, T, visit_loss, &p, &seconds, &seen, err);
+    if (st) return st;
+    finish(result, seconds, seen);
+    const double items = result->tokens > 0 ? (double)result->tokens : 1.0;
+    result->loss = p.weighted / items;
+    for (int k = 0; k < result->n_metrics; k++) result->metrics[k] = p.metrics[k] / items;
+    const mt_loss_vtable *lv = loss->desc->vtable;
+    result->perplexity = MT_VTABLE_HAS(mt_loss_vtable, lv, count) ? NAN : exp(result->loss);
+    return MT_OK;
+}
+
+typedef struct ref_pass {
+    mt_example_set *examples;
+    double *row_logp;
+} ref_pass;
+
+static mt_status visit_ref(void *ctx, mt_model *m, const mt_batch *b, const mt_batch_info *info,
+                           size_t first, mt_error *err) {
+    ref_pass *p = ctx;
+    mt_status st = mt_model_forward(m, b->tokens, b->positions, b->segments, b->B, b->T, err);
+    if (!st) st = mt_model_sequence_logps(m, b->targets, p->row_logp, err);
+    if (st) return st;
+    /* unpacked and in order: row r holds example first * (1 or 2) + r */
+    const size_t ex0 = p->examples->paired ? 2 * first : first;
+    for (int r = 0; r < info->examples; r++) {
+        if (!isfinite(p->row_logp[r]))
+            return mt_error_set(err, MT_ERR_NUMERIC,
+                                "reference log-probabilities: not finite for example %zu",
+                                ex0 + (size_t)r);
+        p->examples->ex[ex0 + (size_t)r].ref_logp = p->row_logp[r];
+    }
+    return MT_OK;
+}
+
+mt_status mt_examples_ref_logps(mt_model *m, mt_example_set *examples, int B, int T,
+                                mt_error *err) {
+    ref_pass p = {examples, mt_malloc((size_t)(B > 2 ? B : 2) * sizeof(double), "ref logps", err)};
+    if (!p.row_logp) return MT_ERR_NOMEM;
+    double seconds = 0.0;
+    int64_t seen = 0;
+    examples->has_ref_logps = 0;
+    /* unpacked, so that a row is one example */
+    mt_status st;
+    if (examples->paired) {
+        st = each_batch(m, examples, B, T, visit_ref, &p, &seconds, &seen, err);
+    } else {
+        mt_error_set(err, MT_ERR_UNSUPPORTED,
+                     "reference log-probabilities are for preference pairs; this set holds "
+                     "single examples");
+        st = MT_ERR_UNSUPPORTED;
+    }
+    free(p.row_logp);
+    if (!st) examples->has_ref_logps = 1;
+    return st;
 }

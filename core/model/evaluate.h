@@ -6,6 +6,7 @@
 
 #include "text/dataset.h"
 #include "model/model.h"
+#include "plugin/registry.h"
 
 typedef struct mt_eval_result {
     double loss;       /* mean cross-entropy per trained token */
@@ -14,6 +15,10 @@ typedef struct mt_eval_result {
     int64_t examples;
     double seconds;
     double tokens_per_second; /* all tokens run through the model per second */
+    /* mt_evaluate_loss: the loss plugin's metrics, item-weighted means */
+    int n_metrics;
+    char metric_names[MT_LOSS_MAX_METRICS][64];
+    double metrics[MT_LOSS_MAX_METRICS];
 } mt_eval_result;
 
 /* Runs every example of `examples` once, in order, packed into rows of B x T (the
@@ -21,5 +26,19 @@ typedef struct mt_eval_result {
  * evaluation mode (no dropout). */
 mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T,
                       mt_eval_result *result, mt_error *err);
+
+/* The same pass through a loss plugin (no gradient): loss and metrics are the means over
+ * the loss' items (its count: pairs for dpo), so a held-out set of preference pairs
+ * reports the preference metrics. tokens counts the items; perplexity is exp(loss)
+ * only when the loss counts target tokens (no count slot), else NAN. A paired set is
+ * batched pair by pair in rows of B (rounded down to even, at least 2). */
+mt_status mt_evaluate_loss(mt_model *m, mt_plugin_instance *loss, const mt_example_set *examples,
+                           int B, int T, mt_eval_result *result, mt_error *err);
+
+/* Sets every example's ref_logp to its log-probability under the model as it is now
+ * (adapters on, no dropout), batch by batch in rows of B x T, and marks the set
+ * has_ref_logps: the reference of preference training, computed once before it. */
+mt_status mt_examples_ref_logps(mt_model *m, mt_example_set *examples, int B, int T,
+                                mt_error *err);
 
 #endif

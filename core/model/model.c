@@ -845,13 +845,16 @@ mt_status mt_model_backward_logits(mt_model *m, int row0, int nrows, const float
     return m->num_adapters ? mt_host_check("adapter backward", err) : MT_OK;
 }
 
-mt_status mt_model_cross_entropy(mt_model *m, const int32_t *targets, int backward, float *loss,
-                                 int64_t *n_targets, mt_error *err) {
+/* The cross-entropy pass; row_logp (B, optional) receives each row's Σ log p(target). */
+static mt_status cross_entropy_pass(mt_model *m, const int32_t *targets, int backward, float *loss,
+                                    int64_t *n_targets, double *row_logp, mt_error *err) {
     if (!m->forward_done)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "cross entropy without a forward pass");
     mt_backend *be = m->be;
     const int T = m->cur_T, BT = m->cur_B * T, V = m->cfg.vocab_size;
     int64_t count = 0;
+    if (row_logp)
+        for (int b = 0; b < m->cur_B; b++) row_logp[b] = 0.0;
     for (int i = 0; i < BT; i++) {
         if (targets[i] >= V)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -873,7 +876,10 @@ mt_status mt_model_cross_entropy(mt_model *m, const int32_t *targets, int backwa
                                        V, IGNORE_INDEX);
         if ((st = be->ops->download(be, m->host_losses, m->chunk_losses, (size_t)nr * sizeof(float))))
             return mt_error_set(err, st, "downloading losses failed");
-        for (int i = 0; i < nr; i++) total += m->host_losses[i];
+        for (int i = 0; i < nr; i++) {
+            total += m->host_losses[i];
+            if (row_logp && targets[r0 + i] >= 0) row_logp[(r0 + i) / T] -= m->host_losses[i];
+        }
         if (backward) {
             be->ops->cross_entropy_backward(be, m->logits_chunk, m->logits_chunk, m->targets + r0,
                                             nr, V, IGNORE_INDEX, dloss);
@@ -885,6 +891,17 @@ mt_status mt_model_cross_entropy(mt_model *m, const int32_t *targets, int backwa
     if (!isfinite(*loss))
         return mt_error_set(err, MT_ERR_NUMERIC, "the loss is not finite (%g)", (double)*loss);
     return MT_OK;
+}
+
+mt_status mt_model_cross_entropy(mt_model *m, const int32_t *targets, int backward, float *loss,
+                                 int64_t *n_targets, mt_error *err) {
+    return cross_entropy_pass(m, targets, backward, loss, n_targets, NULL, err);
+}
+
+mt_status mt_model_sequence_logps(mt_model *m, const int32_t *targets, double *row_logp,
+                                  mt_error *err) {
+    float loss;
+    return cross_entropy_pass(m, targets, 0, &loss, NULL, row_logp, err);
 }
 
 /* ---- backward ----------------------------------------------------------- */

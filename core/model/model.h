@@ -288,6 +288,11 @@ mt_status mt_model_logits(mt_model *m, int row0, int nrows, float *logits, mt_er
  * receives the number of unmasked targets. */
 mt_status mt_model_cross_entropy(mt_model *m, const int32_t *targets, int backward, float *loss,
                                  int64_t *n_targets, mt_error *err);
+/* Each row's Σ over its targets (B,T; negative = ignored) of log p(target) under the
+ * last forward, into row_logp (B): a sequence's log-probability (0 for a row without
+ * targets). No gradient. */
+mt_status mt_model_sequence_logps(mt_model *m, const int32_t *targets, double *row_logp,
+                                  mt_error *err);
 /* Accumulates into the final hidden gradient from dlogits (nrows,V) of rows
  * [row0, row0+nrows), for losses that compute their own dlogits. */
 mt_status mt_model_backward_logits(mt_model *m, int row0, int nrows, const float *dlogits,

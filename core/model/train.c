@@ -10,6 +10,7 @@
 #include "model/train.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "base/internal.h"
@@ -26,6 +27,28 @@ int64_t mt_loss_count(const mt_plugin_instance *loss, const mt_batch *batch) {
     const mt_loss_vtable *lv = loss->desc->vtable;
     return MT_VTABLE_HAS(mt_loss_vtable, lv, count) ? lv->count(loss->state, batch)
                                                      : count_targets(batch);
+}
+
+/* Adds a micro-batch's metrics to the step's; every micro-batch must report the same
+ * names (a batch without items reports none, and adds nothing). */
+static mt_status add_metrics(const mt_plugin_instance *loss, const mt_loss_result *r, int micro,
+                             mt_step_result *result, mt_error *err) {
+    if (r->n_metrics < 0 || r->n_metrics > MT_LOSS_MAX_METRICS)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "loss %s reported %d metrics (at most %d)",
+                            loss->desc->name, r->n_metrics, MT_LOSS_MAX_METRICS);
+    if (r->n_metrics == 0) return MT_OK;
+    if (result->n_metrics == 0) {
+        result->n_metrics = r->n_metrics;
+        for (int k = 0; k < r->n_metrics; k++)
+            snprintf(result->metric_names[k], sizeof result->metric_names[k], "%s",
+                     r->metric_names[k] ? r->metric_names[k] : "?");
+    } else if (r->n_metrics != result->n_metrics) {
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "loss %s reported %d metrics in micro-batch %d but %d before",
+                            loss->desc->name, r->n_metrics, micro + 1, result->n_metrics);
+    }
+    for (int k = 0; k < r->n_metrics; k++) result->metrics[k] += r->metrics[k];
+    return MT_OK;
 }
 
 mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
@@ -73,6 +96,7 @@ mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instanc
         if (st) return st;
         loss_sum += r.loss;
         result->n_tokens += r.n_tokens;
+        if ((st = add_metrics(loss, &r, i, result, err))) return st;
     }
     /* each micro-batch's loss is its share of the step's: their sum is the step's loss */
     result->loss = loss_sum;

@@ -12,6 +12,11 @@ typedef struct mt_step_result {
     double lr;        /* the learning rate applied */
     int64_t n_tokens; /* trained tokens over all micro-batches */
     int skipped;      /* 1 when the loss or gradient was not finite: no update was made */
+    /* the loss plugin's metrics, summed over the micro-batches (each is normalised by
+     * step_items like the loss, so the sum is the step's value) */
+    int n_metrics;
+    char metric_names[MT_LOSS_MAX_METRICS][64];
+    double metrics[MT_LOSS_MAX_METRICS];
 } mt_step_result;
 
 /* Zeroes the gradients; counts the loss' items of all n_micro batches (step_items);

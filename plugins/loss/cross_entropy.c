@@ -118,6 +118,12 @@ static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch 
         return host->error(err, MT_ERR_INVALID_ARG,
                            "cross_entropy: the host's loss result has %u bytes, fewer than the "
                            "%zu of this plugin's ABI", (unsigned)result->size, sizeof *result);
+    if (loss_batch_pairs(batch))
+        return host->error(err, MT_ERR_INVALID_ARG,
+                           "cross_entropy: the batch holds preference pairs (chosen and rejected "
+                           "replies): cross-entropy would train on the rejected ones too; use a "
+                           "preference loss such as dpo, or train on the chosen replies as "
+                           "prompt/completion records");
     const int V = host->model_vocab_size(model), rows = batch->B * batch->T;
     for (int i = 0; i < rows; i++)
         if (batch->targets[i] >= V)
@@ -127,9 +133,7 @@ static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch 
                                batch->targets[i], i / batch->T, i % batch->T, V);
     const int64_t count = ce_count(s, batch);
     /* the whole step's items when the host says them (a batch struct of ABI 2 or later) */
-    const int64_t step_items =
-        batch->size >= offsetof(mt_batch, step_items) + sizeof batch->step_items
-            ? batch->step_items : 0;
+    const int64_t step_items = loss_batch_step_items(batch);
     if (step_items > 0 && step_items < count)
         return host->error(err, MT_ERR_INVALID_ARG,
                            "cross_entropy: the step has %lld items but this batch alone has %lld",

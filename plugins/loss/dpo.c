@@ -14,6 +14,12 @@
  * plus, with rpo_alpha > 0, rpo_alpha times the mean NLL of the chosen answers' tokens
  * (RPO: an SFT term on the chosen answer).
  *
+ * The reference. Its log-probabilities come from the batch when the host precomputed
+ * them (batch->ref_logps: full fine-tuning, or DPO continuing an SFT adapter, where the
+ * reference is the model before DPO), else from the model with adapters disabled, which
+ * needs a frozen base. A pair whose two rows have no target is padding (the last batch
+ * of an epoch) and counts for nothing.
+ *
  * Normalisation (ABI 2). The items are pairs: the pair losses are summed and divided by
  * the pairs of the whole optimizer step (batch->step_items), or of this batch outside
  * training, so every pair weighs the same across micro-batches. The RPO term is the
@@ -142,18 +148,37 @@ static int batch_has_target(const mt_batch *batch) {
     return 0;
 }
 
-/* The items of a batch: its pairs (rows 2i, 2i+1). compute refuses a malformed batch. */
-static int64_t dpo_count(void *state, const mt_batch *batch) {
-    (void)state;
-    return batch_has_target(batch) ? batch->B / 2 : 0;
+static int row_has_target(const mt_batch *batch, int b) {
+    for (int t = 0; t < batch->T; t++)
+        if (batch->targets[(size_t)b * batch->T + t] >= 0) return 1;
+    return 0;
 }
 
-/* Each row's target count into s->len, after checking the pairs' layout. */
-static mt_status dpo_check_batch(dpo_state *s, const mt_batch *batch, int V, mt_error *err) {
+/* The items of a batch: its pairs (rows 2i, 2i+1) with targets; padding pairs (no
+ * target on either row) do not count. compute refuses a malformed batch. */
+static int64_t dpo_count(void *state, const mt_batch *batch) {
+    (void)state;
+    if (!batch->targets) return 0;
+    int64_t n = 0;
+    for (int b = 0; b + 1 < batch->B; b += 2)
+        n += row_has_target(batch, b) || row_has_target(batch, b + 1);
+    return n;
+}
+
+/* Each row's target count into s->len, after checking the pairs' layout; *present
+ * receives the pairs that are not padding. */
+static mt_status dpo_check_batch(dpo_state *s, const mt_batch *batch, int V, int *present,
+                                 mt_error *err) {
+    if (loss_batch_knows_pairs(batch) && !batch->pairs)
+        return host->error(err, MT_ERR_INVALID_ARG,
+                           "dpo: the batch does not hold preference pairs; load records with "
+                           "prompt, chosen and rejected (mt.examples makes rows 2i and 2i+1 of "
+                           "each pair)");
     if (batch->B % 2)
         return host->error(err, MT_ERR_INVALID_ARG,
                            "dpo: a batch holds preference pairs as rows 2i (chosen) and 2i+1 "
                            "(rejected), but it has %d rows", batch->B);
+    *present = 0;
     for (int b = 0; b < batch->B; b++) {
         int64_t n = 0;
         for (int t = 0; t < batch->T; t++) {
@@ -164,12 +189,17 @@ static mt_status dpo_check_batch(dpo_state *s, const mt_batch *batch, int V, mt_
                                    "vocabulary (%d)", target, b, t, V);
             n += target >= 0;
         }
-        if (!n)
+        s->len[b] = n;
+    }
+    for (int i = 0; i < batch->B / 2; i++) {
+        const int64_t nc = s->len[2 * i], nr = s->len[2 * i + 1];
+        if (!nc && !nr) continue; /* padding */
+        if (!nc || !nr)
             return host->error(err, MT_ERR_INVALID_ARG,
                                "dpo: the %s answer of pair %d (row %d) has no target tokens "
                                "(truncated away, or masked as prompt)",
-                               b % 2 ? "rejected" : "chosen", b / 2, b);
-        s->len[b] = n;
+                               nc ? "rejected" : "chosen", i, nc ? 2 * i + 1 : 2 * i);
+        ++*present;
     }
     return MT_OK;
 }
@@ -269,42 +299,57 @@ static mt_status dpo_compute(void *state, mt_model_handle *model, const mt_batch
         return host->error(err, MT_ERR_INVALID_ARG,
                            "dpo: the host's loss result has %u bytes, fewer than the %zu of "
                            "this plugin's ABI", (unsigned)result->size, sizeof *result);
-    if (host->size < offsetof(mt_host, model_base_frozen) + sizeof host->model_base_frozen ||
-        !host->model_base_frozen(model))
+    const double *given_ref = loss_batch_ref_logps(batch);
+    if (!given_ref &&
+        (host->size < offsetof(mt_host, model_base_frozen) + sizeof host->model_base_frozen ||
+         !host->model_base_frozen(model)))
         return host->error(err, MT_ERR_INVALID_ARG,
-                           "dpo: the reference model is the base model with the adapters "
-                           "disabled, so the base must stay frozen; this model trains base "
-                           "parameters (full fine-tuning, or trainable embeddings or norms): "
-                           "train a LoRA or QLoRA adapter instead");
+                           "dpo: without precomputed reference log-probabilities the reference "
+                           "is the base model with the adapters disabled, so the base must stay "
+                           "frozen; this model trains base parameters (full fine-tuning, or "
+                           "trainable embeddings or norms): precompute the reference "
+                           "(reference = \"precomputed\") or train a LoRA or QLoRA adapter");
     if (!batch_has_target(batch)) { /* nothing to learn, as a chunk without targets */
         const uint32_t size = result->size;
         memset(result, 0, sizeof *result);
         result->size = size;
         return MT_OK;
     }
-    const int V = host->model_vocab_size(model), pairs = batch->B / 2;
+    const int V = host->model_vocab_size(model);
     const int64_t rows = (int64_t)batch->B * batch->T;
+    int pairs = 0;
     mt_status st = dpo_reserve_batch(s, rows, batch->B, err);
-    if (!st) st = dpo_check_batch(s, batch, V, err);
+    if (!st) st = dpo_check_batch(s, batch, V, &pairs, err);
     if (!st) st = loss_chunk_reserve(host, &s->chunk, host->model_device(model),
                                      host->model_chunk_rows(model), V, "dpo", err);
     if (st) return st;
-    const int64_t step_items = batch->size >= offsetof(mt_batch, step_items) +
-                                                  sizeof batch->step_items
-                                   ? batch->step_items : 0;
+    const int64_t step_items = loss_batch_step_items(batch);
     if (step_items > 0 && step_items < pairs)
         return host->error(err, MT_ERR_INVALID_ARG,
                            "dpo: the step has %lld pairs but this batch alone has %d",
                            (long long)step_items, pairs);
     const double norm = step_items > 0 ? (double)step_items : (double)pairs;
     /* the reference first: the policy's forward must be the last one for backward */
-    if ((st = dpo_logps(s, model, batch, 0, s->ref_logp, 0, err)) ||
-        (st = dpo_logps(s, model, batch, 1, s->logp, 1, err)))
+    if (given_ref) {
+        for (int b = 0; b < batch->B; b++) {
+            if (s->len[b] && !isfinite(given_ref[b]))
+                return host->error(err, MT_ERR_INVALID_ARG,
+                                   "dpo: the precomputed reference log-probability of row %d "
+                                   "is %g", b, given_ref[b]);
+            s->ref_logp[b] = given_ref[b];
+        }
+    } else if ((st = dpo_logps(s, model, batch, 0, s->ref_logp, 0, err))) {
         return st;
+    }
+    if ((st = dpo_logps(s, model, batch, 1, s->logp, 1, err))) return st;
     double sums[M_COUNT] = {0}, loss = 0.0;
     int64_t chosen_tokens = 0;
-    for (int i = 0; i < pairs; i++) {
+    for (int i = 0; i < batch->B / 2; i++) {
         const int c = 2 * i, r = 2 * i + 1;
+        if (!s->len[c]) { /* padding: no gradient */
+            s->grad[c] = s->grad[r] = 0.0;
+            continue;
+        }
         chosen_tokens += s->len[c];
         sums[M_NLL] -= s->logp[c];
         /* IPO compares the answers' mean token log-probabilities */

@@ -111,4 +111,19 @@ static inline mt_status loss_chunk_backward(const mt_host *host, loss_chunk *c,
     return host->model_backward_logits(model, row0, n, &logits, err);
 }
 
+/* The batch's ABI 2 fields that a host of an earlier ABI 2 build may not carry. */
+static inline int64_t loss_batch_step_items(const mt_batch *batch) {
+    return batch->size >= offsetof(mt_batch, step_items) + sizeof batch->step_items
+               ? batch->step_items : 0;
+}
+static inline int loss_batch_knows_pairs(const mt_batch *batch) {
+    return batch->size >= offsetof(mt_batch, ref_logps) + sizeof batch->ref_logps;
+}
+static inline int loss_batch_pairs(const mt_batch *batch) {
+    return loss_batch_knows_pairs(batch) && batch->pairs;
+}
+static inline const double *loss_batch_ref_logps(const mt_batch *batch) {
+    return loss_batch_knows_pairs(batch) ? batch->ref_logps : NULL;
+}
+
 #endif

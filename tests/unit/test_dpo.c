@@ -10,7 +10,13 @@
  *   base model's; the policy's are the fixture's PEFT model's;
  * - accumulation: the pairs split into micro-batches of unequal sizes with the step's
  *   pair count sum to the loss and gradients of the whole batch;
- * - refusals: an odd row count, a pair whose answer has no target, a trainable base. */
+ * - precomputed reference log-probabilities (batch->ref_logps, as the core's
+ *   mt_model_sequence_logps computes them before training) give the loss and gradients
+ *   of the adapters-disabled pass, and allow a trainable base; padding pairs (no target
+ *   on either row) count for nothing;
+ * - refusals: an odd row count, a pair whose answer has no target, a trainable base
+ *   without precomputed references, a batch not marked as pairs, a missing reference;
+ *   and cross_entropy refuses a batch of pairs. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -96,7 +102,7 @@ static mt_model *load_model(fixture *f, int with_lora) {
         }
         free(v);
     }
-    if (mt_model_plan(m, f->B, f->T, 5, &err)) fail_msg("%s", err.msg);
+    if (mt_model_plan(m, f->B + 2, f->T, 5, &err)) fail_msg("%s", err.msg); /* + a padding pair */
     return m;
 }
 
@@ -149,16 +155,22 @@ static mt_plugin_instance *dpo_instance(fixture *f, const dpo_case *c) {
     return inst;
 }
 
+/* The loss of batch b (size and pairs as given) through a loss instance. */
+static mt_status loss_compute(fixture *f, mt_plugin_instance *inst, mt_batch b, int backward,
+                              mt_loss_result *r, mt_error *err) {
+    *r = (mt_loss_result){.size = sizeof *r};
+    const mt_loss_vtable *vt = inst->desc->vtable;
+    mt_status st = vt->compute(inst->state, (mt_model_handle *)f->model, &b, backward, r, err);
+    if (!st) st = mt_host_check(inst->desc->name, err);
+    return st;
+}
+
 /* The loss of rows [row0, row0 + rows) as one batch of a step of step_items pairs. */
 static mt_status dpo_compute(fixture *f, mt_plugin_instance *inst, int row0, int rows,
                              int64_t step_items, int backward, mt_loss_result *r, mt_error *err) {
     mt_batch b = {.size = sizeof b, .B = rows, .T = f->T, .tokens = f->tokens + row0 * f->T,
-                  .targets = f->targets + row0 * f->T, .step_items = step_items};
-    *r = (mt_loss_result){.size = sizeof *r};
-    const mt_loss_vtable *vt = inst->desc->vtable;
-    mt_status st = vt->compute(inst->state, (mt_model_handle *)f->model, &b, backward, r, err);
-    if (!st) st = mt_host_check("dpo", err);
-    return st;
+                  .targets = f->targets + row0 * f->T, .step_items = step_items, .pairs = 1};
+    return loss_compute(f, inst, b, backward, r, err);
 }
 
 /* Every trainable gradient in one host array, in trainable_params order. */
@@ -341,6 +353,79 @@ static void test_accumulation(void **state) {
     }
 }
 
+/* ---- precomputed reference log-probabilities, padding pairs ---- */
+
+static void test_precomputed_reference(void **state) {
+    fixture *f = *state;
+    mt_error err = {0};
+    /* the core's per-sequence log-probabilities of the model without an adapter: the
+     * reference as the trainer precomputes it, against PyTorch's base_logps */
+    mt_model *plain = load_model(f, 0);
+    double ref[MAX_ROWS + 2], want_d[MAX_ROWS];
+    if (mt_model_forward(plain, f->tokens, NULL, NULL, f->B, f->T, &err) ||
+        mt_model_sequence_logps(plain, f->targets, ref, &err))
+        fail_msg("%s", err.msg);
+    float *want = mt_test_read_f32(f->ref, "base_logps", NULL);
+    for (int b = 0; b < f->B; b++) want_d[b] = want[b];
+    free(want);
+    double e = mt_test_rel_err_d(ref, want_d, (size_t)f->B);
+    printf("  mt_model_sequence_logps against PyTorch: rel err %.3g\n", e);
+    assert_true(e <= 1e-5);
+    mt_model_free(plain);
+
+    /* two padding rows (a padding pair) after the real ones */
+    int32_t tokens[(MAX_ROWS + 2) * MAX_T], targets[(MAX_ROWS + 2) * MAX_T];
+    const size_t real = (size_t)f->B * f->T;
+    memcpy(tokens, f->tokens, real * sizeof *tokens);
+    memcpy(targets, f->targets, real * sizeof *targets);
+    for (size_t i = real; i < real + 2 * (size_t)f->T; i++) tokens[i] = 0, targets[i] = -100;
+    ref[f->B] = ref[f->B + 1] = NAN;
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        mt_plugin_instance *inst = dpo_instance(f, &cases[k]);
+        mt_loss_result plain_r, given_r;
+        mt_model_zero_grad(f->model);
+        if (dpo_compute(f, inst, 0, f->B, 0, 1, &plain_r, &err)) fail_msg("%s", err.msg);
+        size_t n;
+        float *g_plain = all_grads(f->model, &n);
+        mt_batch b = {.size = sizeof b, .B = f->B + 2, .T = f->T, .tokens = tokens,
+                      .targets = targets, .pairs = 1, .ref_logps = ref};
+        const mt_loss_vtable *vt = inst->desc->vtable;
+        assert_int_equal(vt->count(inst->state, &b), f->B / 2); /* the padding pair: none */
+        mt_model_zero_grad(f->model);
+        if (loss_compute(f, inst, b, 1, &given_r, &err)) fail_msg("%s", err.msg);
+        float *g_given = all_grads(f->model, &n);
+        double ge = mt_test_rel_err(g_given, g_plain, n);
+        printf("%s: loss %.9g, with precomputed references %.9g, gradient rel err %.3g\n",
+               cases[k].name, plain_r.loss, given_r.loss, ge);
+        assert_int_equal(given_r.n_tokens, f->B / 2);
+        assert_true(fabs(given_r.loss - plain_r.loss) <= 1e-5 * fmax(fabs(plain_r.loss), 1e-3));
+        for (int m = 0; m < plain_r.n_metrics; m++)
+            assert_true(fabs(given_r.metrics[m] - plain_r.metrics[m]) <=
+                        1e-5 * fmax(fabs(plain_r.metrics[m]), 1));
+        assert_true(ge <= 1e-4);
+        free(g_plain), free(g_given);
+        mt_plugin_instance_free(inst);
+    }
+    /* with the references given, a trainable base is accepted (full fine-tuning) */
+    mt_plugin_instance *inst = dpo_instance(f, &cases[0]);
+    mt_param *norm = NULL;
+    for (size_t i = 0; i < f->model->num_params; i++)
+        if (strstr(f->model->params[i].name, "norm")) norm = &f->model->params[i];
+    assert_non_null(norm);
+    assert_int_equal(mt_model_set_trainable(f->model, norm, 1, &err), MT_OK);
+    mt_batch b = {.size = sizeof b, .B = f->B, .T = f->T, .tokens = f->tokens,
+                  .targets = f->targets, .pairs = 1, .ref_logps = ref};
+    mt_loss_result r;
+    assert_int_equal(loss_compute(f, inst, b, 0, &r, &err), MT_OK);
+    assert_int_equal(mt_model_set_trainable(f->model, norm, 0, &err), MT_OK);
+    /* a real pair without its reference */
+    ref[1] = NAN;
+    assert_int_not_equal(loss_compute(f, inst, b, 0, &r, &err), MT_OK);
+    printf("  refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "precomputed reference log-probability of row 1"));
+    mt_plugin_instance_free(inst);
+}
+
 /* ---- refusals ---- */
 
 static void expect_error(fixture *f, mt_plugin_instance *inst, int rows, const char *needle) {
@@ -374,7 +459,25 @@ static void test_refusals(void **state) {
     /* and the same batch is accepted again */
     mt_loss_result r;
     assert_int_equal(dpo_compute(f, inst, 0, f->B, 0, 0, &r, &err), MT_OK);
+    /* a batch that does not say it holds pairs */
+    mt_batch single = {.size = sizeof single, .B = f->B, .T = f->T, .tokens = f->tokens,
+                       .targets = f->targets};
+    assert_int_not_equal(loss_compute(f, inst, single, 0, &r, &err), MT_OK);
+    printf("  refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "does not hold preference pairs"));
     mt_plugin_instance_free(inst);
+    /* cross-entropy refuses pairs: it would train on the rejected replies */
+    mt_plugin *ce = mt_test_load_plugin("cross_entropy");
+    mt_plugin_instance *ce_inst = NULL;
+    if (mt_plugin_instantiate(ce, NULL, 0, &ce_inst, &err)) fail_msg("%s", err.msg);
+    single.pairs = 1;
+    assert_int_not_equal(loss_compute(f, ce_inst, single, 0, &r, &err), MT_OK);
+    printf("  refused: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, "preference pairs"));
+    single.pairs = 0;
+    assert_int_equal(loss_compute(f, ce_inst, single, 0, &r, &err), MT_OK);
+    mt_plugin_instance_free(ce_inst);
+    mt_plugin_unload(ce);
 }
 
 int main(void) {
@@ -382,6 +485,7 @@ int main(void) {
         cmocka_unit_test(test_dpo_parity),
         cmocka_unit_test(test_reference_pass),
         cmocka_unit_test(test_accumulation),
+        cmocka_unit_test(test_precomputed_reference),
         cmocka_unit_test(test_refusals),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -163,6 +163,15 @@ typedef struct mt_batch {
      * optimizer step, summed over its micro-batches; 0 outside training (evaluation),
      * where a loss normalises by the items of this batch alone. */
     int64_t step_items;
+    /* ABI 2, read only when size covers them. pairs: 1 when rows 2i and 2i+1 are a
+     * preference pair (chosen, rejected; the same prompt, targets on the replies): a loss
+     * that cannot use pairs refuses such a batch (cross-entropy would train on the
+     * rejected replies), a pair loss refuses a batch without them. ref_logps (B) or
+     * NULL: each row's reference log-probability (Σ over its targets of log p), computed
+     * once before training where the reference cannot be the model with adapters
+     * disabled (full fine-tuning, or continuing an SFT adapter); NAN on padding rows. */
+    int pairs;
+    const double *ref_logps;
 } mt_batch;
 
 /* One projection of the model, as an adapter sees it. */
