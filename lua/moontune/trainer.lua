@@ -23,8 +23,11 @@
 --   scheduler = nil             a scheduler Plugin: lr = mt.schedule(scheduler, step, total, lr)
 --   schedule = nil              or a Lua function(step, total, base_lr) -> lr;
 --                               neither: constant lr
---   eval_examples = nil         held-out Examples for mt.evaluate
---   eval_opts = {}              options for mt.evaluate ({batch=, seq_len=})
+--   eval_examples = nil         held-out Examples for mt.evaluate; held-out preference pairs
+--                               are evaluated with the training loss (eval_opts.loss
+--                               defaults to cfg.loss for them), whose metrics become
+--                               eval_<name> (eval_rewards/accuracies, ...)
+--   eval_opts = {}              options for mt.evaluate ({batch=, seq_len=, loss=})
 --   eval_every = nil            evaluate every N steps (nil or 0: only at the end; always at the end when
 --                               eval_examples or metrics are given)
 --   general_examples = nil      Examples of general text (data/general for chat models):
@@ -64,14 +67,18 @@
 --   progress = true             a \r progress bar on a terminal; false = plain lines
 --   is_tty = nil                override terminal detection (default: $TERM set and
 --                               not "dumb")
---   log_every = 10              plain log line every N steps (not on a terminal)
+--   log_every = 10              plain log line every N steps (not on a terminal); it
+--                               shows every metric the loss reports
+--   progress_metrics = { "rewards/accuracies", "rewards/margins" }   the loss metrics
+--                               the progress bar shows, when the loss reports them
 --   output = io.stdout          where progress and log lines go (anything with :write)
 --   clock = mt.now or os.clock  function() -> seconds, for tokens/s, ETA and time
 --   plot = true                 write <out_dir>/loss.svg at the end
 --
 -- Callbacks: each hook is called as hook(state, control [, extra]); on_save gets the
 -- checkpoint path as extra. state (read it, do not replace its fields):
---   step, total_steps, epoch, loss, lr, grad_norm, tokens, metrics (the latest
+--   step, total_steps, epoch, loss, lr, grad_norm, tokens, step_metrics (the loss
+--   plugin's metrics of the last step: rewards/accuracies, ... for dpo), metrics (the latest
 --   evaluation: eval_loss, eval_perplexity, eval_tokens_per_second and the cfg.metrics),
 --   best = { metric, value, step, path } or nil, bad_steps, stopped_early
 -- control:
@@ -225,7 +232,8 @@ local function resolve(cfg, mt)
               -- wall-clock seconds from the core when it offers them (os.clock is CPU time,
               -- which counts every thread and so overstates a multi-threaded step)
               clock = cfg.clock or mt.now or os.clock, output = cfg.output or io.stdout,
-              metric_fns = cfg.metrics or {}, hooks = hooks_of(cfg.callbacks) }
+              metric_fns = cfg.metrics or {}, hooks = hooks_of(cfg.callbacks),
+              progress_metrics = cfg.progress_metrics or { "rewards/accuracies", "rewards/margins" } }
   if R.max_grad_norm == nil then R.max_grad_norm = 1.0 end
   if math.type(R.grad_accum) ~= "integer" or R.grad_accum < 1 then
     fail("cfg.grad_accum must be an integer >= 1, got %s", tostring(R.grad_accum))
@@ -499,10 +507,19 @@ local function evaluate(cfg, mt, R, T)
   local m = {}
   state.metrics = m
   if cfg.eval_examples ~= nil then
-    local r = mt.evaluate(cfg.model, cfg.eval_examples, cfg.eval_opts or {})
+    local opts = cfg.eval_opts or {}
+    local ex = cfg.eval_examples
+    if opts.loss == nil and type(ex) == "userdata" and ex:paired() then
+      -- held-out pairs: the preference loss and its metrics (perplexity means nothing)
+      local o = { loss = cfg.loss }
+      for k, v in pairs(opts) do o[k] = v end
+      opts = o
+    end
+    local r = mt.evaluate(cfg.model, ex, opts)
     m.eval_loss = r.loss
-    m.eval_perplexity = r.perplexity
+    if is_finite(r.perplexity) then m.eval_perplexity = r.perplexity end
     m.eval_tokens_per_second = r.tokens_per_second
+    for k, v in pairs(r.metrics or {}) do m["eval_" .. k] = v end
   end
   local over = false -- general text worsened beyond the bound
   if R.general then
@@ -609,6 +626,7 @@ local function train_step(cfg, mt, R, T, step)
   state.step, state.epoch = step, epoch
   state.loss, state.grad_norm, state.lr = r.loss, r.grad_norm, r.lr or lr
   state.tokens = r.tokens or 0
+  state.step_metrics = r.metrics or {}
   T.tokens_run = T.tokens_run + input_tokens
   if bad then
     state.bad_steps = state.bad_steps + 1
@@ -625,22 +643,37 @@ local function train_step(cfg, mt, R, T, step)
 
   local elapsed = R.clock() - T.t0
   local tps = T.step_seconds > 0 and T.tokens_run / T.step_seconds or 0
-  T.log_json({ type = "step", step = step, epoch = epoch, loss = r.loss, lr = state.lr, grad_norm = r.grad_norm,
-               tokens = state.tokens, input_tokens = input_tokens, tokens_per_second = tps,
-               skipped = bad and true or false })
+  local rec = { type = "step", step = step, epoch = epoch, loss = r.loss, lr = state.lr, grad_norm = r.grad_norm,
+                tokens = state.tokens, input_tokens = input_tokens, tokens_per_second = tps,
+                skipped = bad and true or false }
+  -- the loss plugin's metrics under their own names (TRL's for dpo: rewards/margins, ...)
+  local names = {}
+  for k, v in pairs(state.step_metrics) do
+    if rec[k] == nil then rec[k] = v; names[#names + 1] = k end
+  end
+  table.sort(names)
+  T.log_json(rec)
   local done = step - T.start_step + 1
   local eta = elapsed / done * (total - step)
   if T.bar then
     local width, filled = 20, math.floor(20 * step / total)
-    R.output:write(string.format("\r[%s%s] %d/%d loss %s lr %s %.0f tok/s ETA %s   ",
+    local shown = {}
+    for _, k in ipairs(R.progress_metrics) do
+      local v = state.step_metrics[k]
+      if v ~= nil then shown[#shown + 1] = string.format(" %s %s", k, fmt_num(v, "%.3f")) end
+    end
+    R.output:write(string.format("\r[%s%s] %d/%d loss %s%s lr %s %.0f tok/s ETA %s   ",
                                  string.rep("#", filled), string.rep(".", width - filled), step, total,
-                                 fmt_num(r.loss, "%.4f"), fmt_num(state.lr, "%.2e"), tps, format_time(eta)))
+                                 fmt_num(r.loss, "%.4f"), table.concat(shown), fmt_num(state.lr, "%.2e"), tps,
+                                 format_time(eta)))
     R.output:flush()
     T.bar_shown = true
   elseif step == T.start_step or step % (cfg.log_every or 10) == 0 or step == total or bad then
-    T.say(string.format("step %d/%d epoch %d loss %s lr %s grad_norm %s %.0f tok/s ETA %s%s", step, total, epoch,
-                        fmt_num(r.loss, "%.4f"), fmt_num(state.lr, "%.2e"), fmt_num(r.grad_norm or 0 / 0, "%.3f"),
-                        tps, format_time(eta), bad and " (skipped: non-finite)" or ""))
+    local shown = {}
+    for _, k in ipairs(names) do shown[#shown + 1] = string.format(" %s %s", k, fmt_num(state.step_metrics[k], "%.4g")) end
+    T.say(string.format("step %d/%d epoch %d loss %s%s lr %s grad_norm %s %.0f tok/s ETA %s%s", step, total, epoch,
+                        fmt_num(r.loss, "%.4f"), table.concat(shown), fmt_num(state.lr, "%.2e"),
+                        fmt_num(r.grad_norm or 0 / 0, "%.3f"), tps, format_time(eta), bad and " (skipped: non-finite)" or ""))
   end
 end
 

@@ -68,6 +68,11 @@ jsonl = {
     "trailing_garbage": ('{"instruction": "a", "output": "x"} extra\n', ["data.jsonl:1"]),
     "text_not_string": ('{"text": ["a"]}\n', ["data.jsonl:1", "'text'"]),
     "preference_missing_rejected": ('{"prompt": "p", "chosen": "c"}\n', ["data.jsonl:1"]),
+    "preference_same_replies": ('{"prompt": "p", "chosen": "c", "rejected": "c"}\n',
+                                ["data.jsonl:1", "the same"]),
+    "preference_no_prompt": ('{"chosen": "c", "rejected": "d"}\n', ["data.jsonl:1", "field 'prompt'"]),
+    "preference_empty_rejected": ('{"prompt": "p", "chosen": "c", "rejected": " "}\n',
+                                  ["data.jsonl:1", "empty response"]),
     "mixed_formats": (good + '{"text": "plain"}\n', ["data.jsonl:2"]),
 }
 for name, (text, exp) in jsonl.items():
@@ -471,6 +476,21 @@ case("jsonl", "eval_empty_file", ["eval", "--model", "@FIX@/tiny_chat", "--seq",
      ["heldout.jsonl: no records"], {"heldout.jsonl": ""})
 case("jsonl", "eval_preference", ["eval", "--model", "@FIX@/tiny_chat", "--seq", "64", "@CASE@/p.jsonl"],
      ["p.jsonl:1", "preference"], {"p.jsonl": '{"prompt": "a", "chosen": "x", "rejected": "y"}\n'})
+PAIR = '{"prompt": "Schedule the roadmap review for Monday.", "chosen": "yes", "rejected": "no"}\n'
+case("jsonl", "pair_too_long_drop", RUN, ["p.jsonl:2", "preference pair needs"],
+     {"p.jsonl": PAIR + '{"prompt": "' + "word " * 80 + '", "chosen": "yes", "rejected": "no"}\n',
+      "recipe.lua": MT + "local tok = mt.tokenizer('@FIX@/tiny_chat')\n"
+                         "mt.examples('@CASE@/p.jsonl', tok, {seq_len = 48, truncation = 'drop'})\n"})
+case("jsonl", "pairs_with_cross_entropy", RUN, ["cross_entropy: the batch holds preference pairs"],
+     {"p.jsonl": PAIR * 2,
+      "recipe.lua": MT + "local tok = mt.tokenizer('@FIX@/tiny_chat')\n"
+                         "local ex = mt.examples('@CASE@/p.jsonl', tok, {seq_len = 64})\n"
+                         "local m = mt.model('@FIX@/tiny_chat')\n"
+                         "m:attach(mt.plugin('adapter', 'lora', {r = 2}))\n"
+                         "m:plan(2, 64)\n"
+                         "local b = mt.batcher(ex, {batch = 2, seq_len = 64}):next()\n"
+                         "mt.train_step(m, mt.plugin('loss', 'cross_entropy', {}), "
+                         "mt.plugin('optimizer', 'adamw', {}), {b}, {lr = 1e-3})\n"})
 case("jsonl", "train_empty_file", RUN, ["empty.jsonl: no records"],
      {"empty.jsonl": "", "recipe.lua": MT + "local tok = mt.tokenizer('@FIX@/tiny_chat')\n"
                                            "mt.examples('@CASE@/empty.jsonl', tok, {})\n"})

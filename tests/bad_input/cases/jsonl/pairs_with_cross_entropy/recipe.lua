@@ -1,0 +1,8 @@
+local mt = require("moontune")
+local tok = mt.tokenizer('@FIX@/tiny_chat')
+local ex = mt.examples('@CASE@/p.jsonl', tok, {seq_len = 64})
+local m = mt.model('@FIX@/tiny_chat')
+m:attach(mt.plugin('adapter', 'lora', {r = 2}))
+m:plan(2, 64)
+local b = mt.batcher(ex, {batch = 2, seq_len = 64}):next()
+mt.train_step(m, mt.plugin('loss', 'cross_entropy', {}), mt.plugin('optimizer', 'adamw', {}), {b}, {lr = 1e-3})

@@ -1,0 +1,120 @@
+-- Preference pairs end to end on tiny_chat: records through the chat template into
+-- pairs, batches of rows 2i/2i+1, the split, the reference pass, DPO training steps with
+-- TRL's metrics, held-out evaluation through the loss, and the refusals.
+local mt = require("moontune")
+local pref = require("moontune.preference")
+local PLUGINS = { paths = { BUILD_DIR .. "/plugins" } }
+local MODEL = FIXTURE_DIR .. "/tiny_chat"
+local DATA = FIXTURE_DIR .. "/data/tiny_prefs.jsonl"
+
+local function check(cond, msg) if not cond then error(msg, 2) end end
+local function raises(f, needle)
+  local ok, err = pcall(f)
+  check(not ok, "expected an error with: " .. needle)
+  check(tostring(err):find(needle, 1, true), "error '" .. tostring(err) .. "' lacks: " .. needle)
+end
+
+local tok = mt.tokenizer(MODEL)
+local pairs_ex = mt.examples(DATA, tok, { format = "preference", seq_len = 96 })
+check(pairs_ex:paired(), "paired")
+check(pairs_ex:count() == 6, "6 pairs, found " .. pairs_ex:count())
+local st = pairs_ex:stats()
+check(st.pairs == 6 and st.examples == 12, "stats: " .. st.pairs .. " pairs, " .. st.examples .. " sequences")
+
+-- rows 2i and 2i+1: the same prompt, then each reply; targets on the replies only
+local batcher = mt.batcher(pairs_ex, { batch = 4, seq_len = 96, shuffle = false })
+check(batcher:batches_per_epoch() == 3, "3 batches of 2 pairs")
+local batch, info = batcher:next()
+check(info.pairs == 2 and info.examples == 4, "pairs in the first batch: " .. info.pairs)
+local B, T = batch:shape()
+check(B == 4 and T == 96, "shape")
+local toks, tgts = batch:tokens(), batch:targets()
+for pair = 0, 1 do
+  local c, r = 2 * pair * T, (2 * pair + 1) * T
+  local first_c, first_r
+  for t = 1, T do
+    if not first_c and tgts[c + t] >= 0 then first_c = t end
+    if not first_r and tgts[r + t] >= 0 then first_r = t end
+  end
+  check(first_c and first_c == first_r, "both replies start after the same prompt")
+  for t = 1, first_c do check(toks[c + t] == toks[r + t], "shared prompt token " .. t) end
+  local differs = false
+  for t = first_c, T do if tgts[c + t] ~= tgts[r + t] then differs = true end end
+  check(differs, "the replies differ")
+end
+batcher:close()
+raises(function() mt.batcher(pairs_ex, { batch = 3 }) end, "even batch")
+raises(function() mt.batcher(pairs_ex, { batch = 4, pack = true }) end, "pack = false")
+
+-- the split keeps pairs whole
+local a, b = pairs_ex:split(0.34, 3)
+check(a:count() + b:count() == 6 and b:count() == 2 and a:paired() and b:paired(), "split of pairs")
+
+-- bad preference data names file and line
+local bad = TMP .. "/bad.jsonl"
+local f = assert(io.open(bad, "w"))
+f:write('{"prompt": "Schedule roadmap.", "chosen": "yes", "rejected": "no"}\n')
+f:write('{"prompt": "Schedule roadmap.", "chosen": "same", "rejected": "same"}\n')
+f:close()
+raises(function() mt.examples(bad, tok, { seq_len = 64 }) end, "bad.jsonl:2: fields 'chosen' and 'rejected'")
+local skipped = mt.examples(bad, tok, { seq_len = 64, on_bad_record = "skip" })
+check(skipped:count() == 1 and skipped:stats().bad_skipped == 1, "the bad pair skipped")
+raises(function() mt.examples(DATA, tok, { seq_len = 24, truncation = "drop" }) end,
+       "tiny_prefs.jsonl:1: the preference pair needs")
+local short = mt.examples(DATA, tok, { seq_len = 24, truncation = "drop", on_bad_record = "skip" })
+check(short:count() == 0 and short:stats().dropped_too_long == 6, "all pairs too long, skipped")
+raises(function() mt.examples(DATA, tok, { seq_len = 96, train_on_inputs = true }) end,
+       "train_on_inputs does not apply to preference pairs")
+
+-- a model with a new LoRA adapter: the reference is the model with it disabled
+local model = mt.model(MODEL)
+local lora = mt.plugin("adapter", "lora", { r = 4, alpha = 8, target_modules = "all-linear", seed = 1 }, PLUGINS)
+model:attach(lora)
+model:plan(4, 96)
+check(pref.reference_mode({ reference = "auto" }, model, false) == "adapters_off", "auto: adapters off")
+check(pref.reference_mode({ reference = "auto" }, model, true) == "precomputed", "auto: continuing")
+local dpo = mt.plugin("loss", "dpo", { beta = 0.5 }, PLUGINS)
+local ce = mt.plugin("loss", "cross_entropy", {}, PLUGINS)
+local opt = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 }, PLUGINS)
+
+-- before any step LoRA's B = 0: policy = reference, every reward 0, loss log 2
+local e0 = mt.evaluate(model, pairs_ex, { loss = dpo, batch = 4 })
+check(math.abs(e0.loss - math.log(2)) < 1e-6, "initial DPO loss log 2: " .. e0.loss)
+check(e0.tokens == 6 and e0.perplexity ~= e0.perplexity, "6 pairs evaluated, no perplexity")
+check(e0.metrics["rewards/accuracies"] == 0 and math.abs(e0.metrics["rewards/margins"]) < 1e-9, "rewards 0")
+raises(function() mt.evaluate(model, pairs_ex) end, "tiny_prefs.jsonl:1: evaluation: the set holds preference pairs")
+
+-- the reference computed once equals the adapters-off pass: the same loss
+local scratch = mt.examples(DATA, tok, { seq_len = 96 })
+check(scratch:ref_logps() == nil, "no reference before the pass")
+mt.reference_logps(model, scratch, { batch = 4 })
+local lp = scratch:ref_logps()
+check(#lp == 12, "a reference per sequence")
+for i = 1, 12 do check(lp[i] < 0, "log-probability < 0") end
+local e1 = mt.evaluate(model, scratch, { loss = dpo, batch = 4 })
+check(math.abs(e1.loss - e0.loss) < 1e-6, "precomputed reference: the same loss")
+
+-- training steps: the loss falls, the metrics come back; cross-entropy refuses pairs
+local tb = mt.batcher(pairs_ex, { batch = 4, seq_len = 96, seed = 5 })
+local first, last
+for step = 1, 12 do
+  local bt = tb:next()
+  local r = mt.train_step(model, dpo, opt, { bt }, { lr = 2e-2, step = step })
+  check(not r.skipped, "step " .. step .. " skipped")
+  check(type(r.metrics["rewards/margins"]) == "number" and r.tokens == 2, "step metrics")
+  first = first or r.loss
+  last = r.loss
+  if step == 1 then
+    raises(function() mt.train_step(model, ce, opt, { bt }, { lr = 1e-3, step = 2 }) end,
+           "cross_entropy: the batch holds preference pairs")
+  end
+end
+local e2 = mt.evaluate(model, pairs_ex, { loss = dpo, batch = 4 })
+check(e2.loss < e0.loss and e2.metrics["rewards/accuracies"] > 0.5,
+      string.format("DPO learned the pairs: loss %.4f -> %.4f, accuracy %.2f", e0.loss, e2.loss,
+                    e2.metrics["rewards/accuracies"]))
+-- the SFT data path refuses preference examples in an SFT loss batch, and set_ref_logps checks
+raises(function() scratch:set_ref_logps({ 1, 2 }) end, "2 values for 12 sequences")
+local probe = pref.pair_accuracy(mt, model, scratch, { batch = 4 })
+check(probe.pairs == 6 and probe.accuracy >= 0 and probe.accuracy <= 1, "pair accuracy")
+return "ok"
