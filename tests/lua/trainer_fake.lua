@@ -1,7 +1,8 @@
 -- trainer_fake.lua — a fake `moontune` module for the trainer tests, plus small asserts.
 --
 -- fake.new{ per_epoch = 4, losses = {...} or function(step, lr, batches), evals = {...},
---           general = {...} }
+--           general = {...}, step_metrics = function(step) -> {name = value},
+--           eval_metrics = { {name = value}, ... } }
 -- returns mt, log. The batcher hands out batches { id = epoch * 100 + position } with
 -- 10 tokens each; train_step returns the scripted loss (NaN entries are reported as
 -- skipped); evaluate returns the scripted eval losses in order (the last one repeats),
@@ -49,7 +50,8 @@ function F.new(o)
     elseif o.losses then l = o.losses[opts.step] or 1.0
     else l = 1.0 / opts.step end
     local skipped = l ~= l
-    return { loss = l, grad_norm = 0.5, lr = opts.lr, tokens = 10 * #batches, skipped = skipped }
+    return { loss = l, grad_norm = 0.5, lr = opts.lr, tokens = 10 * #batches, skipped = skipped,
+             metrics = o.step_metrics and o.step_metrics(opts.step) or {} }
   end
   function mt.evaluate(model, examples, opts)
     if examples == "general" then -- general text: the scripted perplexities in order
@@ -64,7 +66,10 @@ function F.new(o)
     log.calls[#log.calls + 1] = "evaluate"
     local evals = o.evals or { 1.0 }
     local l = evals[math.min(log.evals, #evals)]
-    return { loss = l, perplexity = math.exp(l), tokens = 100, examples = 5, seconds = 0.1, tokens_per_second = 1000 }
+    log.eval_opts = opts
+    local em = o.eval_metrics and o.eval_metrics[math.min(log.evals, #o.eval_metrics)]
+    return { loss = l, perplexity = em and 0 / 0 or math.exp(l), tokens = 100, examples = 5, seconds = 0.1,
+             tokens_per_second = 1000, metrics = em }
   end
   function mt.schedule(sched, step, total, base)
     return base * (1 - (step - 1) / total)

@@ -64,6 +64,7 @@ static void test_resume(void **state) { (void)state; run_script("trainer_resume.
 static void test_logging(void **state) { (void)state; run_script("trainer_logging.lua"); }
 static void test_general(void **state) { (void)state; run_script("trainer_general.lua"); }
 static void test_checks(void **state) { (void)state; run_script("checks.lua"); }
+static void test_loss_metrics(void **state) { (void)state; run_script("trainer_metrics.lua"); }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
@@ -74,6 +75,7 @@ int main(void) {
         cmocka_unit_test(test_logging),
         cmocka_unit_test(test_general),
         cmocka_unit_test(test_checks),
+        cmocka_unit_test(test_loss_metrics),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
