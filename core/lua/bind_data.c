@@ -366,6 +366,7 @@ static int examples_split(lua_State *L) {
 typedef struct lbatcher {
     mt_batcher *b;
     int B, T;
+    int narrow; /* batches as wide as their longest row (padding columns dropped) */
     const mt_example_set *examples; /* held by the Examples in user value 1 */
 } lbatcher;
 
@@ -396,11 +397,13 @@ static int l_batcher(lua_State *L) {
     int pack = bind_opt_bool(L, 2, "pack", !e->set.paired); /* pairs stay in rows 2i, 2i+1 */
     uint64_t seed = bind_opt_seed(L, 2, "seed", 0);
     int shuffle = bind_opt_bool(L, 2, "shuffle", 1);
+    int narrow = bind_opt_bool(L, 2, "narrow", 1);
     lbatcher *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->b = NULL;
     b->B = B;
     b->T = T;
     b->examples = &e->set;
+    b->narrow = narrow;
     luaL_setmetatable(L, BATCHER_MT);
     mt_error err = {0};
     if (mt_batcher_create(&e->set, B, T, pack, (uint64_t)seed, shuffle, &b->b, &err)) return bind_raise(L, &err);
@@ -434,6 +437,13 @@ static int batcher_next(lua_State *L) {
     if (mt_batcher_next(b->b, x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, x->ref_logps, &info,
                         &err))
         return bind_raise(L, &err);
+    if (b->narrow && info.longest < b->T) { /* padding columns cost compute, change nothing */
+        size_t nt = (size_t)b->B * (size_t)info.longest;
+        mt_batch_narrow(x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, b->B, b->T, info.longest);
+        /* the four arrays packed at the new stride, one after another */
+        for (int k = 1; k < 4; k++) memmove(x->data + k * nt, x->data + k * bt, nt * sizeof(int32_t));
+        x->T = info.longest;
+    }
     lua_createtable(L, 0, 7);
     bind_set_int(L, "examples", info.examples);
     bind_set_int(L, "pairs", info.pairs);

@@ -59,7 +59,10 @@ static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, 
         const size_t first = (size_t)mt_batcher_get_cursor(batcher).position;
         if ((st = mt_batcher_next(batcher, tokens, positions, segments, targets, ref, &info, err)))
             break;
-        mt_batch batch = {.size = sizeof batch, .B = B, .T = T, .tokens = tokens,
+        /* columns past the longest row are padding: a causal model does not need them */
+        mt_batch_narrow(tokens, positions, segments, targets, B, T, info.longest);
+        const int width = info.longest < T && info.longest > 0 ? info.longest : T;
+        mt_batch batch = {.size = sizeof batch, .B = B, .T = width, .tokens = tokens,
                           .positions = positions, .segments = segments, .targets = targets,
                           .pairs = examples->paired,
                           .ref_logps = examples->has_ref_logps ? ref : NULL};

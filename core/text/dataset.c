@@ -499,9 +499,11 @@ mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, in
     if (placed == 0) /* cannot happen: every example fits in an empty row */
         return mt_error_set(err, MT_ERR_INVALID_ARG, "batcher: no example fits a row");
     int64_t ntok = 0, ntgt = 0;
+    int longest = 0;
     for (int r = 0; r < b->B; r++) {
         size_t row = (size_t)r * (size_t)b->T;
         ntok += b->used[r];
+        if (b->used[r] > longest) longest = b->used[r];
         for (int t = 0; t < b->used[r]; t++) ntgt += targets[row + (size_t)t] != MT_IGNORE_INDEX;
         for (int t = b->used[r]; t < b->T; t++) { /* padding: its own segment */
             tokens[row + (size_t)t] = pad;
@@ -515,6 +517,7 @@ mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, in
     in.pairs = b->set->paired ? (int)placed : 0;
     in.rows = rows;
     in.tokens = ntok;
+    in.longest = longest;
     in.targets = ntgt;
     in.epoch = b->cur.epoch;
     pos += placed;
@@ -527,6 +530,19 @@ mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, in
     }
     if (info) *info = in;
     return MT_OK;
+}
+
+void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int32_t *targets,
+                     int B, int T, int T_new) {
+    if (T_new >= T || T_new < 1) return;
+    int32_t *arrays[4] = {tokens, positions, segments, targets};
+    for (int k = 0; k < 4; k++) {
+        if (!arrays[k]) continue;
+        /* row r moves from r*T to r*T_new <= r*T: ascending rows never overwrite unread data */
+        for (int r = 1; r < B; r++)
+            memmove(arrays[k] + (size_t)r * T_new, arrays[k] + (size_t)r * T,
+                    (size_t)T_new * sizeof(int32_t));
+    }
 }
 
 mt_cursor mt_batcher_get_cursor(const mt_batcher *b) { return b->cur; }

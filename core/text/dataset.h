@@ -301,6 +301,7 @@ typedef struct mt_batch_info {
     int pairs;        /* of them, preference pairs (a paired set) */
     int rows;         /* rows holding at least one example */
     int64_t tokens;   /* real (non-pad) tokens */
+    int longest;      /* the longest row's real tokens: columns past it are all padding */
     int64_t targets;  /* targets != -100 */
     uint64_t epoch;   /* epoch the batch belongs to */
     int epoch_end;    /* this batch consumed the epoch's last example */
@@ -321,6 +322,12 @@ void mt_batcher_free(mt_batcher *b);
 mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, int32_t *segments,
                           int32_t *targets, double *ref_logps, mt_batch_info *info,
                           mt_error *err);
+/* Narrows (B,T) arrays (any may be NULL) in place to (B,T_new), T_new <= T, dropping
+ * columns [T_new, T) of every row: after mt_batcher_next with T_new = info.longest they
+ * are padding only, and a causal model gives the real tokens the same result without
+ * them (an unpacked batch of short pairs then costs its longest sequence, not T). */
+void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int32_t *targets,
+                     int B, int T, int T_new);
 mt_cursor mt_batcher_get_cursor(const mt_batcher *b);
 /* Position must be <= the number of items (examples, or pairs). */
 mt_status mt_batcher_set_cursor(mt_batcher *b, mt_cursor c, mt_error *err);

@@ -15,19 +15,29 @@ local function raises(f, needle)
 end
 
 local tok = mt.tokenizer(MODEL)
-local pairs_ex = mt.examples(DATA, tok, { format = "preference", seq_len = 96 })
+local pairs_ex = mt.examples(DATA, tok, { format = "preference", seq_len = 128 })
 check(pairs_ex:paired(), "paired")
 check(pairs_ex:count() == 6, "6 pairs, found " .. pairs_ex:count())
 local st = pairs_ex:stats()
 check(st.pairs == 6 and st.examples == 12, "stats: " .. st.pairs .. " pairs, " .. st.examples .. " sequences")
 
 -- rows 2i and 2i+1: the same prompt, then each reply; targets on the replies only
-local batcher = mt.batcher(pairs_ex, { batch = 4, seq_len = 96, shuffle = false })
+local batcher = mt.batcher(pairs_ex, { batch = 4, seq_len = 128, shuffle = false })
 check(batcher:batches_per_epoch() == 3, "3 batches of 2 pairs")
 local batch, info = batcher:next()
 check(info.pairs == 2 and info.examples == 4, "pairs in the first batch: " .. info.pairs)
 local B, T = batch:shape()
-check(B == 4 and T == 96, "shape")
+-- as wide as the longest sequence of the batch, not seq_len: the padding columns go
+check(B == 4 and T < 128 and T >= 90, "shape " .. B .. " x " .. T)
+local wide = mt.batcher(pairs_ex, { batch = 4, seq_len = 128, shuffle = false, narrow = false })
+local wide_batch = wide:next()
+local _, T_wide = wide_batch:shape()
+check(T_wide == 128, "narrow = false keeps seq_len")
+local wt = wide_batch:tokens()
+for r = 0, 3 do
+  for t = 1, T do check(wt[r * 128 + t] == batch:tokens()[r * T + t], "narrowed batch: the same tokens") end
+end
+wide:close()
 local toks, tgts = batch:tokens(), batch:targets()
 for pair = 0, 1 do
   local c, r = 2 * pair * T, (2 * pair + 1) * T
@@ -63,14 +73,14 @@ raises(function() mt.examples(DATA, tok, { seq_len = 24, truncation = "drop" }) 
        "tiny_prefs.jsonl:1: the preference pair needs")
 local short = mt.examples(DATA, tok, { seq_len = 24, truncation = "drop", on_bad_record = "skip" })
 check(short:count() == 0 and short:stats().dropped_too_long == 6, "all pairs too long, skipped")
-raises(function() mt.examples(DATA, tok, { seq_len = 96, train_on_inputs = true }) end,
+raises(function() mt.examples(DATA, tok, { seq_len = 128, train_on_inputs = true }) end,
        "train_on_inputs does not apply to preference pairs")
 
 -- a model with a new LoRA adapter: the reference is the model with it disabled
 local model = mt.model(MODEL)
 local lora = mt.plugin("adapter", "lora", { r = 4, alpha = 8, target_modules = "all-linear", seed = 1 }, PLUGINS)
 model:attach(lora)
-model:plan(4, 96)
+model:plan(4, 128)
 check(pref.reference_mode({ reference = "auto" }, model, false) == "adapters_off", "auto: adapters off")
 check(pref.reference_mode({ reference = "auto" }, model, true) == "precomputed", "auto: continuing")
 local dpo = mt.plugin("loss", "dpo", { beta = 0.5 }, PLUGINS)
@@ -85,7 +95,7 @@ check(e0.metrics["rewards/accuracies"] == 0 and math.abs(e0.metrics["rewards/mar
 raises(function() mt.evaluate(model, pairs_ex) end, "tiny_prefs.jsonl:1: evaluation: the set holds preference pairs")
 
 -- the reference computed once equals the adapters-off pass: the same loss
-local scratch = mt.examples(DATA, tok, { seq_len = 96 })
+local scratch = mt.examples(DATA, tok, { seq_len = 128 })
 check(scratch:ref_logps() == nil, "no reference before the pass")
 mt.reference_logps(model, scratch, { batch = 4 })
 local lp = scratch:ref_logps()
@@ -95,7 +105,7 @@ local e1 = mt.evaluate(model, scratch, { loss = dpo, batch = 4 })
 check(math.abs(e1.loss - e0.loss) < 1e-6, "precomputed reference: the same loss")
 
 -- training steps: the loss falls, the metrics come back; cross-entropy refuses pairs
-local tb = mt.batcher(pairs_ex, { batch = 4, seq_len = 96, seed = 5 })
+local tb = mt.batcher(pairs_ex, { batch = 4, seq_len = 128, seed = 5 })
 local first, last
 for step = 1, 12 do
   local bt = tb:next()
