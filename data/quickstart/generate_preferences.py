@@ -1,25 +1,35 @@
 #!/usr/bin/env python3
-"""Generates preference pairs for the quickstart task (recipes/quickstart_dpo.lua): the
-same meeting requests as generate.py, each with the correct JSON answer (chosen) and a
-wrong one (rejected) that holds one of the mistakes a small fine-tuned model still makes.
+"""Generates preference pairs for the quickstart task (recipes/quickstart_dpo.lua): requests
+made exactly as generate.py makes them, each with the correct JSON answer (chosen) and a
+wrong one (rejected) holding one mistake that a small fine-tuned model still makes.
 
-    python3 data/quickstart/generate_preferences.py   # writes prefs_train.jsonl, prefs_heldout.jsonl
+    python3 data/quickstart/generate_preferences.py   # writes prefs_train.jsonl and prefs_heldout.jsonl here
 
-Deterministic (its own fixed seed, the standard library only). Each line is
+Deterministic (its own fixed seed, no dependencies beyond the standard library). Each line is
 
-    {"prompt": [system, user], "chosen": "<answer>", "rejected": "<answer with a mistake>"}
+    {"prompt": [{"role": "system", ...}, {"role": "user", ...}], "chosen": "<answer>", "rejected": "<answer>"}
 
-with the chosen answer exactly as generate.py writes it. The mistakes, drawn by weight:
-    order      attendees in the order the request names them, not sorted       25
-    clock      a 12-hour time: "5:00 pm", "05:00" for 17:00, "8:15 am"          25
-    action     a wrong action word: another action, or book/reschedule/delete   20
-    missing    a field left out: duration_min, attendees or topic               15
-    value      a wrong duration (hours, or another option) or a wrong day      15
-"order" applies only where the request names two or more attendees out of sorted
-order (about a third of requests); elsewhere another kind is drawn by the same weights.
-The script prints the counts (order 42, clock 168, action 111, missing 97, value 82). No request occurs in heldout.jsonl (the
-SFT held-out set of the accuracy check), and the held-out pairs share no request with
-the training pairs.
+with the chosen answer byte-identical to generate.py's answer for that request. The rejected
+answer differs from it by one change, in the same key order unless a field is missing:
+    kind     mistake                                                          share
+    order    attendees in the order the request names them, not sorted         25%
+    clock    a 12-hour time: "5:00 pm", "05:00" or "5:00" for 17:00;           25%
+             "8:15 am" for 08:15, "12:30 pm" for 12:30
+    action   a wrong action word: another action, or a synonym                 20%
+             (book/create/add, delete/remove, reschedule/shift)
+    missing  duration_min, attendees or topic left out                         20%
+    value    a wrong duration (another option, or hours: 1 for 60, 1.5 for 90)  10%
+             or a wrong day
+"order" applies only where the request names 2+ people out of sorted order (4/9 of
+requests); it is drawn more often there, so the shares above hold over all pairs while the
+requests keep generate.py's distribution. The 250 pairs (200 training, 50 held out:
+small, so that the quickstart's DPO stage, one forward pass per sequence for the
+reference and one training pass, runs in minutes on a CPU) hold order 71, clock 62,
+action 40, missing 54, value 23 (none of the requests collided).
+
+No request occurs in heldout.jsonl (the SFT held-out set of the exact-match accuracy
+check), and the held-out pairs share no request with the training pairs; colliding
+requests are drawn again, and the script prints how many.
 """
 import json
 import os
@@ -28,45 +38,37 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import generate  # noqa: E402  (the vocabulary, patterns and answer format of the task)
+import generate  # noqa: E402  (the task's vocabulary, request patterns and answer format)
 
-SEED = 20261204
-N_TRAIN, N_HELDOUT = 400, 100
-KINDS = [("order", 25), ("clock", 25), ("action", 20), ("missing", 15), ("value", 15)]
+SEED = 20261204  # not generate.SEED
+N_TRAIN, N_HELDOUT = 200, 50
+SHARES = {"order": 0.25, "clock": 0.25, "action": 0.20, "missing": 0.20, "value": 0.10}
+# generate.example names 1, 2 or 3 people (equally likely) in random order: out of sorted
+# order with probability 1/3 * 1/2 + 1/3 * 5/6 = 4/9
+P_ORDER_APPLIES = 4 / 9
 SYNONYMS = {"schedule": ["book", "create", "add"], "cancel": ["delete", "remove"],
             "move": ["reschedule", "shift"]}
 
 
 def dumps(obj):
-    return json.dumps(obj, separators=(", ", ": "))
-
-
-def parse_request(rng):
-    """A request and its answer as generate.py makes them, plus the names in request order."""
-    ex = generate.example(rng)
-    request = ex["messages"][1]["content"]
-    answer = json.loads(ex["messages"][2]["content"])
-    spoken = sorted(answer["attendees"], key=request.index)
-    return ex, request, answer, spoken
+    return json.dumps(obj, separators=(", ", ": "))  # as generate.py writes the answer
 
 
 def twelve_hour(t24, rng):
     hour, minute = int(t24[:2]), t24[3:]
     h12 = (hour - 1) % 12 + 1
-    suffix = "am" if hour < 12 else "pm"
-    forms = [f"{h12}:{minute} {suffix}", f"{h12}:{minute}"]
-    if hour > 12:
-        forms.append(f"{h12:02d}:{minute}")
-    return rng.choice([f for f in forms if f != t24])
+    if hour < 12:
+        return f"{h12}:{minute} am"
+    if hour == 12:
+        return f"12:{minute} pm"
+    return rng.choice([f"{h12}:{minute} pm", f"{h12:02d}:{minute}", f"{h12}:{minute}"])
 
 
-def mistake(kind, answer, spoken, rng):
-    """The answer with one mistake of `kind`, or None when the kind does not apply."""
+def mistake(kind, answer, named, rng):
+    """The answer (a dict) with one mistake of `kind`, as a JSON string."""
     wrong = dict(answer)
     if kind == "order":
-        if spoken == answer["attendees"]:
-            return None
-        wrong["attendees"] = spoken
+        wrong["attendees"] = named
     elif kind == "clock":
         wrong["time"] = twelve_hour(answer["time"], rng)
     elif kind == "action":
@@ -77,43 +79,52 @@ def mistake(kind, answer, spoken, rng):
     elif kind == "value":
         if rng.random() < 0.5:
             d = answer["duration_min"]
-            options = [x for x in generate.DURATIONS if x != d] + ([d // 60] if d % 60 == 0 else [])
-            wrong["duration_min"] = rng.choice(options)
+            hours = [d // 60] if d % 60 == 0 else [d / 60] if d % 30 == 0 and d > 60 else []
+            wrong["duration_min"] = rng.choice([x for x in generate.DURATIONS if x != d] + hours)
         else:
             wrong["day"] = rng.choice([x for x in generate.DAYS if x != answer["day"]])
     return dumps(wrong)
+
+
+def draw_kind(order_applies, rng):
+    if order_applies and rng.random() < SHARES["order"] / P_ORDER_APPLIES:
+        return "order"
+    rest = [k for k in SHARES if k != "order"]
+    return rng.choices(rest, weights=[SHARES[k] for k in rest])[0]
 
 
 def main():
     rng = random.Random(SEED)
     with open(os.path.join(HERE, "heldout.jsonl"), encoding="utf-8") as f:
         sft_heldout = {json.loads(line)["messages"][1]["content"] for line in f if line.strip()}
-    seen, rows, avoided = set(), [], 0
-    counts = {k: 0 for k, _ in KINDS}
+    seen, rows = set(), []
+    counts = {k: 0 for k in SHARES}
+    in_sft_heldout = repeated = 0
     while len(rows) < N_TRAIN + N_HELDOUT:
-        ex, request, answer, spoken = parse_request(rng)
-        if request in seen or request in sft_heldout:
-            avoided += 1
+        ex = generate.example(rng)
+        request, chosen = ex["messages"][1]["content"], ex["messages"][2]["content"]
+        if request in sft_heldout:
+            in_sft_heldout += 1
+            continue
+        if request in seen:
+            repeated += 1
             continue
         seen.add(request)
-        kinds = [k for k, _ in KINDS]
-        kind = rng.choices(kinds, weights=[w for _, w in KINDS])[0]
-        rejected = mistake(kind, answer, spoken, rng)
-        if rejected is None:  # order does not apply to this request: another kind
-            rest = [(k, w) for k, w in KINDS if k != "order"]
-            kind = rng.choices([k for k, _ in rest], weights=[w for _, w in rest])[0]
-            rejected = mistake(kind, answer, spoken, rng)
-        chosen = ex["messages"][2]["content"]
-        assert rejected != chosen
+        answer = json.loads(chosen)
+        named = sorted(answer["attendees"], key=request.index)  # the order the request names them
+        kind = draw_kind(named != answer["attendees"], rng)
+        rejected = mistake(kind, answer, named, rng)
+        assert rejected != chosen, (request, kind)
         counts[kind] += 1
         rows.append({"prompt": ex["messages"][:2], "chosen": chosen, "rejected": rejected})
     for name, part in (("prefs_train.jsonl", rows[:N_TRAIN]), ("prefs_heldout.jsonl", rows[N_TRAIN:])):
         with open(os.path.join(HERE, name), "w", encoding="utf-8") as f:
             for row in part:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"wrote {N_TRAIN} training and {N_HELDOUT} held-out pairs to {HERE}; mistakes: " +
-          ", ".join(f"{k} {v}" for k, v in counts.items()) +
-          f"; {avoided} repeated or SFT held-out requests skipped")
+    print(f"wrote {N_TRAIN} training and {N_HELDOUT} held-out pairs to {HERE}")
+    print("mistakes: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"collisions avoided: {in_sft_heldout + repeated} ({in_sft_heldout} in heldout.jsonl, "
+          f"{repeated} repeated requests)")
 
 
 if __name__ == "__main__":
