@@ -1,0 +1,198 @@
+-- quickstart_dpo.lua — supervised fine-tuning, then preference training (DPO) on the
+-- quickstart task: SmolLM2-135M-Instruct learns to turn a meeting request into one JSON
+-- line (as recipes/quickstart.lua), then DPO on pairs whose rejected answers are the
+-- mistakes such a model still makes (data/quickstart/generate_preferences.py: attendees
+-- in request order, 12-hour times, wrong action words, missing fields) pushes it away
+-- from them.
+--
+--   moontune run recipes/quickstart_dpo.lua --set model=path/to/model.gguf
+--
+-- Steps:
+--   1. SFT: LoRA, cross-entropy on the replies, as the quickstart (same data, settings
+--      and seed); exact-match accuracy on the held-out requests after it
+--   2. the reference: the SFT model's log-probabilities of every training and held-out
+--      pair, computed once (DPO continues the SFT adapter, so "adapters disabled" would
+--      be the base model, not the SFT model)
+--   3. DPO: the same adapter trained on the pairs with the dpo loss; TRL's metrics
+--      (rewards/accuracies, rewards/margins, ...) on the held-out pairs every eval_every
+--      steps
+--   4. after: exact-match accuracy, held-out preference metrics, general-text
+--      perplexity against the base model's (the bound: max_general_regression)
+--   The numbers land in out_dir/summary.json; each stage's metrics.jsonl and
+--   checkpoints in out_dir/sft and out_dir/dpo.
+--
+-- Settings (override with --set key=value): as quickstart.lua for the SFT stage; the DPO
+-- stage's under dpo.* (batch counts pairs; beta, loss_type, label_smoothing, rpo_alpha
+-- as `moontune plugins --describe dpo`).
+local mt = require("moontune")
+local tasks = require("moontune.tasks")
+local pref = require("moontune.preference")
+
+local cfg = mt.config({
+  model = "",
+  data = "data/quickstart/train.jsonl",
+  heldout = "data/quickstart/heldout.jsonl",
+  general = "data/general/general.jsonl",
+  max_general_regression = 0.10,
+  seq_len = 256,
+  batch = 4,
+  epochs = 1,
+  lr = 1e-3,
+  warmup_ratio = 0.05,
+  lora = { r = 16, alpha = 32, dropout = 0.0, target_modules = "all-linear" },
+  eval_every = 25,
+  patience = 2,
+  dpo = {
+    data = "data/quickstart/prefs_train.jsonl",
+    heldout = "data/quickstart/prefs_heldout.jsonl",
+    batch = 4,
+    epochs = 1,
+    max_steps = 0,
+    lr = 1e-4,
+    warmup_ratio = 0.1,
+    beta = 0.1,
+    loss_type = "sigmoid",
+    label_smoothing = 0.0,
+    rpo_alpha = 0.0,
+    eval_every = 0,
+    patience = 0,
+    early_stopping_metric = "eval_rewards/accuracies",
+  },
+  gen_batch = 32,
+  max_new_tokens = 64,
+  out_dir = "runs/quickstart_dpo",
+  seed = 42,
+})
+assert(cfg.model ~= "", "quickstart_dpo: set the model: --set model=path/to/model (scripts/fetch-model prints the default)")
+
+local started = mt.now()
+local out = mt.output_dir(cfg.out_dir)
+local sft_out, dpo_out = mt.output_dir(cfg.out_dir .. "/sft"), mt.output_dir(cfg.out_dir .. "/dpo")
+local tok = mt.tokenizer(cfg.model)
+local opts = { template = "auto", seq_len = cfg.seq_len }
+local train = mt.examples(cfg.data, tok, opts)
+local heldout = mt.examples(cfg.heldout, tok, opts)
+local general = mt.examples(cfg.general, tok, { format = "text", seq_len = cfg.seq_len })
+local items = tasks.items(mt.records(cfg.heldout))
+local d = cfg.dpo
+d.seq_len, d.seed, d.max_general_regression = cfg.seq_len, cfg.seed, cfg.max_general_regression
+local pairs, pairs_heldout = pref.examples(mt, tok, d, "quickstart_dpo")
+-- a second copy of the held-out pairs for the reference-free pair accuracy after DPO
+local pairs_probe = mt.examples(d.heldout, tok, { format = "preference", seq_len = cfg.seq_len })
+
+local model = mt.model(cfg.model)
+local lora = mt.plugin("adapter", "lora", {
+  r = cfg.lora.r, alpha = cfg.lora.alpha, dropout = cfg.lora.dropout,
+  target_modules = cfg.lora.target_modules, seed = cfg.seed,
+})
+model:attach(lora)
+model:plan(2 * d.batch > cfg.batch and 2 * d.batch or cfg.batch, cfg.seq_len)
+
+local function recipe_text()
+  local f = arg and arg[0] and io.open(arg[0], "rb")
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+local function task_accuracy(label)
+  local t = mt.now()
+  local r = tasks.evaluate(mt, model, tok, items, { max_new_tokens = cfg.max_new_tokens, batch = cfg.gen_batch })
+  print(string.format("%s: task accuracy %.1f%% (%d/%d exact) [%.0f s]", label, 100 * r.accuracy, r.correct,
+                      r.n, mt.now() - t))
+  return r
+end
+
+-- the share of held-out pairs whose chosen answer is the more likely one under the model
+-- (reference-free, so it compares models), from per-sequence log-probabilities
+local function pair_accuracy(label, logps)
+  local wins, margin = 0, 0
+  for i = 1, #logps, 2 do
+    if logps[i] > logps[i + 1] then wins = wins + 1 end
+    margin = margin + logps[i] - logps[i + 1]
+  end
+  local n = #logps // 2
+  print(string.format("%s: held-out pairs: the chosen answer is the more likely one in %.1f%% " ..
+                      "(mean log-probability margin %.2f)", label, 100 * wins / n, margin / n))
+  return { accuracy = wins / n, margin = margin / n }
+end
+
+if mt.validating() then
+  print("quickstart_dpo: validated (data, model, adapter); nothing is trained")
+  return
+end
+
+-- ---- 1. SFT ----------------------------------------------------------------------
+local general_base = mt.evaluate(model, general).perplexity
+print(string.format("base model: general-text perplexity %.3f", general_base))
+local sft_loss = mt.plugin("loss", "cross_entropy", {})
+local sft_opt = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 })
+local sft_sched = mt.plugin("scheduler", "cosine", { warmup_ratio = cfg.warmup_ratio })
+local t_sft = mt.now()
+local sft = mt.trainer.run({
+  model = model, loss = sft_loss, optimizer = sft_opt, scheduler = sft_sched, recipe = recipe_text(),
+  plugins = { lora, sft_loss, sft_opt, sft_sched },
+  batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed }),
+  eval_examples = heldout, eval_every = cfg.eval_every,
+  early_stopping = cfg.patience > 0 and { metric = "eval_loss", mode = "min", patience = cfg.patience } or nil,
+  lr = cfg.lr, epochs = cfg.epochs, save_every = 0, out_dir = sft_out,
+}, mt)
+local sft_seconds = mt.now() - t_sft
+local sft_steps = sft.steps
+-- the SFT adapter as it is before DPO (recipes/dpo.lua --set adapter=... continues it)
+print(string.format("quickstart_dpo: SFT adapter saved to %s", model:export_peft(sft_out .. "/adapter")))
+local after_sft = task_accuracy("after SFT")
+
+-- ---- 2. the reference: the SFT model, computed once ----------------------------------
+local t_dpo = mt.now()
+pref.reference(mt, d, model, { train = pairs, heldout = pairs_heldout }, dpo_out, "quickstart_dpo")
+local probe_before = pair_accuracy("after SFT", pairs_heldout:ref_logps())
+
+-- ---- 3. DPO ------------------------------------------------------------------------
+-- before it, the policy is the reference: every reward is 0 (rewards/accuracies counts
+-- the pairs whose chosen reward is strictly the higher one: none)
+local dpo = pref.train(mt, d, model, pairs, pairs_heldout, dpo_out, "quickstart_dpo",
+                       { recipe = recipe_text(), general = general })
+local dpo_seconds = mt.now() - t_dpo
+local after_pairs = dpo.metrics -- the trainer's evaluation of the model it leaves
+
+-- ---- 4. after ----------------------------------------------------------------------
+local after_dpo = task_accuracy("after SFT+DPO")
+mt.reference_logps(model, pairs_probe, { batch = 2 * d.batch, seq_len = cfg.seq_len })
+local probe_after = pair_accuracy("after SFT+DPO", pairs_probe:ref_logps())
+local general_sft, general_dpo = dpo.general.before, dpo.general.after
+local change = tasks.relative_change(general_base, general_dpo)
+
+print("")
+print(string.format("%-44s %12s %12s", "", "after SFT", "after DPO"))
+print(string.format("%-44s %11.1f%% %11.1f%%", "held-out task accuracy (exact match)", 100 * after_sft.accuracy,
+                    100 * after_dpo.accuracy))
+print(string.format("%-44s %11.1f%% %11.1f%%", "held-out pairs: rewards/accuracies", 0.0,
+                    100 * after_pairs["eval_rewards/accuracies"]))
+print(string.format("%-44s %12.4f %12.4f", "held-out pairs: rewards/margins", 0.0,
+                    after_pairs["eval_rewards/margins"]))
+print(string.format("%-44s %11.1f%% %11.1f%%", "held-out pairs: chosen more likely", 100 * probe_before.accuracy,
+                    100 * probe_after.accuracy))
+print(string.format("%-44s %12.3f %12.3f  (base %.3f; %+.1f%% after DPO)", "general-text perplexity", general_sft,
+                    general_dpo, general_base, 100 * change))
+print("(rewards/* compare with the reference, the SFT model itself: 0 before DPO by construction)")
+if change > cfg.max_general_regression then
+  print(string.format("WARNING: general-text perplexity is %.1f%% above the base model's, more than the %.0f%% " ..
+                      "this recipe allows (max_general_regression)", 100 * change, 100 * cfg.max_general_regression))
+end
+local total = mt.now() - started
+print(string.format("quickstart_dpo: SFT %d steps in %.0f s, DPO %d steps in %.0f s (reference pass and " ..
+                    "evaluation included), done in %.0f s, peak memory %.0f MiB",
+                    sft_steps, sft_seconds, dpo.steps, dpo_seconds, total, mt.peak_memory() / 1048576))
+
+local f = assert(io.open(out .. "/summary.json", "w"))
+f:write(mt.json_encode({
+  sft = { accuracy = after_sft.accuracy, general_perplexity = general_sft, steps = sft_steps, seconds = sft_seconds },
+  dpo = { accuracy = after_dpo.accuracy, general_perplexity = general_dpo, steps = dpo.steps, seconds = dpo_seconds,
+          heldout_after = after_pairs,
+          pair_accuracy_before = probe_before.accuracy, pair_accuracy_after = probe_after.accuracy },
+  base = { general_perplexity = general_base }, general_change = change, total_seconds = total,
+  peak_memory_bytes = mt.peak_memory(),
+}) .. "\n")
+f:close()
