@@ -132,7 +132,8 @@ function M.train(mt, cfg, model, train, heldout, out, name, extra)
     batcher = batcher,
     train_examples = train,
     eval_examples = heldout,
-    eval_opts = { batch = 2 * cfg.batch, seq_len = cfg.seq_len, loss = loss },
+    -- the held-out pairs are evaluated with `loss` (the trainer's loss); general text not
+    eval_opts = { batch = 2 * cfg.batch, seq_len = cfg.seq_len },
     eval_every = cfg.eval_every,
     general_examples = extra.general,
     max_general_regression = cfg.max_general_regression,

@@ -501,6 +501,14 @@ local function save(cfg, mt, R, T)
   return path
 end
 
+-- The options of the general-text evaluation: eval_opts without a loss plugin (general
+-- text is measured by its perplexity, whatever the training loss).
+local function general_opts(cfg)
+  local o = {}
+  for k, v in pairs(cfg.eval_opts or {}) do if k ~= "loss" then o[k] = v end end
+  return o
+end
+
 -- Runs the held-out evaluation and the metrics, logs them, and applies early stopping.
 local function evaluate(cfg, mt, R, T)
   local state = T.state
@@ -523,7 +531,7 @@ local function evaluate(cfg, mt, R, T)
   end
   local over = false -- general text worsened beyond the bound
   if R.general then
-    m.general_perplexity = mt.evaluate(cfg.model, R.general.examples, cfg.eval_opts or {}).perplexity
+    m.general_perplexity = mt.evaluate(cfg.model, R.general.examples, general_opts(cfg)).perplexity
     m.general_change = (m.general_perplexity - T.general_before) / T.general_before
     over = m.general_change > R.general.bound
   end
@@ -757,7 +765,7 @@ function M.run(cfg, mt)
   open_outputs(cfg, mt, R, T)
   make_control(R, T)
   if R.general and not T.general_before then -- a resumed run keeps the first run's
-    T.general_before = mt.evaluate(cfg.model, R.general.examples, cfg.eval_opts or {}).perplexity
+    T.general_before = mt.evaluate(cfg.model, R.general.examples, general_opts(cfg)).perplexity
     T.say(string.format("general text: perplexity %.6g before training", T.general_before))
     T.log_json({ type = "general", step = T.start_step - 1, general_perplexity = T.general_before })
   end
