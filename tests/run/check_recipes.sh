@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The shipped recipes (recipes/lora_sft.lua, qlora_sft.lua, full_sft.lua, quickstart.lua) train end to
+# The shipped recipes (recipes/lora_sft.lua, qlora_sft.lua, full_sft.lua, quickstart.lua,
+# quickstart_dpo.lua, dpo.lua) train end to
 # end through `moontune run` on the tiny chat model (tests/fixtures/tiny_chat, made by
 # tests/parity/make_tiny_chat.py) with the tiny chat data: exit 0, metrics.jsonl and
 # checkpoints written, the summary names the steps. The plugins come from the build's
@@ -81,6 +82,44 @@ test -s out-quickstart/merged/tokenizer.json
 test -s out-quickstart/model.gguf
 python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); assert s["after"]["heldout_loss"] < s["before"]["heldout_loss"], s' \
   out-quickstart/summary.json
+
+# preference training: quickstart_dpo (SFT, the SFT model's reference, DPO) and dpo.lua
+# with a new adapter (reference: adapters off) and on the SFT adapter (precomputed)
+echo "== quickstart_dpo"
+prefs=$fixtures/data/tiny_prefs.jsonl
+"$moontune" run "$source_dir/recipes/quickstart_dpo.lua" \
+  --set model="$fixtures/tiny_chat" \
+  --set data="$fixtures/data/tiny_chat_train.jsonl" \
+  --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
+  --set general="$fixtures/data/text.jsonl" \
+  --set seq_len=128 --set batch=4 --set eval_every=4 --set max_new_tokens=8 \
+  --set dpo.data="$prefs" --set dpo.heldout="$prefs" --set dpo.batch=2 --set dpo.max_steps=3 \
+  --set out_dir=out-qdpo > qdpo.txt 2>&1 || { cat qdpo.txt; exit 1; }
+cat qdpo.txt
+grep -q "^after SFT: task accuracy" qdpo.txt
+grep -q "^after SFT+DPO: task accuracy" qdpo.txt
+grep -q "^held-out pairs: rewards/accuracies" qdpo.txt
+grep -q "^quickstart_dpo: SFT [0-9]* steps in [0-9]* s, DPO 3 steps" qdpo.txt
+test -s out-qdpo/dpo/reference_logps.json
+grep -q '"rewards/margins"' out-qdpo/dpo/metrics.jsonl
+grep -q '"eval_rewards/accuracies"' out-qdpo/dpo/metrics.jsonl
+python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); assert 0 <= s["dpo"]["accuracy"] <= 1, s' \
+  out-qdpo/summary.json
+for mode in new continue; do
+  echo "== dpo ($mode)"
+  extra=()
+  [ "$mode" = continue ] && extra=(--set adapter=out-qdpo/sft/adapter)
+  "$moontune" run "$source_dir/recipes/dpo.lua" --set model="$fixtures/tiny_chat" \
+    --set data="$prefs" --set heldout="$prefs" --set general="$fixtures/data/text.jsonl" \
+    --set seq_len=128 --set batch=2 --set max_steps=3 --set export=peft "${extra[@]}" \
+    --set out_dir="out-dpo-$mode" > "dpo-$mode.txt" 2>&1 || { cat "dpo-$mode.txt"; exit 1; }
+  cat "dpo-$mode.txt"
+  grep -q "^dpo: 3 steps; held-out eval_loss" "dpo-$mode.txt"
+  test -s "out-dpo-$mode/export/adapter/adapter_model.safetensors"
+done
+grep -q "reference model: the base model with the adapter disabled" dpo-new.txt
+grep -q "reference model: the model before DPO" dpo-continue.txt
+test -s out-dpo-continue/reference_logps.json
 
 # validate: the trainer reports, the quickstart neither generates nor trains
 "$moontune" validate "$source_dir/recipes/quickstart.lua" \
