@@ -30,6 +30,7 @@ local pref = require("moontune.preference")
 
 local cfg = mt.config({
   model = "",
+  sft_adapter = "", -- a PEFT adapter of an earlier run's SFT stage (out_dir/sft/adapter): skip stage 1
   data = "data/quickstart/train.jsonl",
   heldout = "data/quickstart/heldout.jsonl",
   general = "data/general/general.jsonl",
@@ -48,12 +49,14 @@ local cfg = mt.config({
     batch = 4,
     epochs = 1,
     max_steps = 0,
-    lr = 1e-4,
+    lr = 5e-5,
     warmup_ratio = 0.1,
     beta = 0.1,
     loss_type = "sigmoid",
     label_smoothing = 0.0,
-    rpo_alpha = 0.0,
+    -- the chosen answers' NLL beside the preference term (RPO): without it DPO makes the
+    -- chosen answers less likely too, and this task's exact answers break (0% at lr 1e-4)
+    rpo_alpha = 1.0,
     eval_every = 0,
     patience = 0,
     early_stopping_metric = "eval_rewards/accuracies",
@@ -81,11 +84,16 @@ local pairs, pairs_heldout = pref.examples(mt, tok, d, "quickstart_dpo")
 local pairs_probe = mt.examples(d.heldout, tok, { format = "preference", seq_len = cfg.seq_len })
 
 local model = mt.model(cfg.model)
-local lora = mt.plugin("adapter", "lora", {
-  r = cfg.lora.r, alpha = cfg.lora.alpha, dropout = cfg.lora.dropout,
-  target_modules = cfg.lora.target_modules, seed = cfg.seed,
-})
-model:attach(lora)
+local lora
+if cfg.sft_adapter ~= "" then
+  lora = model:attach_peft(cfg.sft_adapter)
+else
+  lora = mt.plugin("adapter", "lora", {
+    r = cfg.lora.r, alpha = cfg.lora.alpha, dropout = cfg.lora.dropout,
+    target_modules = cfg.lora.target_modules, seed = cfg.seed,
+  })
+  model:attach(lora)
+end
 model:plan(2 * d.batch > cfg.batch and 2 * d.batch or cfg.batch, cfg.seq_len)
 
 local function recipe_text()
@@ -126,22 +134,28 @@ end
 -- ---- 1. SFT ----------------------------------------------------------------------
 local general_base = mt.evaluate(model, general).perplexity
 print(string.format("base model: general-text perplexity %.3f", general_base))
-local sft_loss = mt.plugin("loss", "cross_entropy", {})
-local sft_opt = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 })
-local sft_sched = mt.plugin("scheduler", "cosine", { warmup_ratio = cfg.warmup_ratio })
 local t_sft = mt.now()
-local sft = mt.trainer.run({
-  model = model, loss = sft_loss, optimizer = sft_opt, scheduler = sft_sched, recipe = recipe_text(),
-  plugins = { lora, sft_loss, sft_opt, sft_sched },
-  batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed }),
-  eval_examples = heldout, eval_every = cfg.eval_every,
-  early_stopping = cfg.patience > 0 and { metric = "eval_loss", mode = "min", patience = cfg.patience } or nil,
-  lr = cfg.lr, epochs = cfg.epochs, save_every = 0, out_dir = sft_out,
-}, mt)
+local sft_steps = 0
+if cfg.sft_adapter == "" then
+  local sft_loss = mt.plugin("loss", "cross_entropy", {})
+  local sft_opt = mt.plugin("optimizer", "adamw", { weight_decay = 0.0 })
+  local sft_sched = mt.plugin("scheduler", "cosine", { warmup_ratio = cfg.warmup_ratio })
+  local sft = mt.trainer.run({
+    model = model, loss = sft_loss, optimizer = sft_opt, scheduler = sft_sched, recipe = recipe_text(),
+    plugins = { lora, sft_loss, sft_opt, sft_sched },
+    batcher = mt.batcher(train, { batch = cfg.batch, seq_len = cfg.seq_len, seed = cfg.seed }),
+    eval_examples = heldout, eval_every = cfg.eval_every,
+    early_stopping = cfg.patience > 0 and { metric = "eval_loss", mode = "min", patience = cfg.patience } or nil,
+    lr = cfg.lr, epochs = cfg.epochs, save_every = 0, out_dir = sft_out,
+  }, mt)
+  sft_steps = sft.steps
+  -- the SFT adapter as it is before DPO (recipes/dpo.lua --set adapter=... continues it;
+  -- this recipe --set sft_adapter=... starts from it)
+  print(string.format("quickstart_dpo: SFT adapter saved to %s", model:export_peft(sft_out .. "/adapter")))
+else
+  print(string.format("quickstart_dpo: SFT stage skipped: the adapter %s", cfg.sft_adapter))
+end
 local sft_seconds = mt.now() - t_sft
-local sft_steps = sft.steps
--- the SFT adapter as it is before DPO (recipes/dpo.lua --set adapter=... continues it)
-print(string.format("quickstart_dpo: SFT adapter saved to %s", model:export_peft(sft_out .. "/adapter")))
 local after_sft = task_accuracy("after SFT")
 
 -- ---- 2. the reference: the SFT model, computed once ----------------------------------
