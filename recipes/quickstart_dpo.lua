@@ -132,7 +132,16 @@ if mt.validating() then
 end
 
 -- ---- 1. SFT ----------------------------------------------------------------------
-local general_base = mt.evaluate(model, general).perplexity
+-- the base model's general-text perplexity: the bound after DPO is against it (with an
+-- SFT adapter given, the base is loaded once more without it, for this pass only)
+local general_base
+if cfg.sft_adapter == "" then
+  general_base = mt.evaluate(model, general).perplexity
+else
+  local base <close> = mt.model(cfg.model)
+  base:plan(cfg.batch, cfg.seq_len)
+  general_base = mt.evaluate(base, general).perplexity
+end
 print(string.format("base model: general-text perplexity %.3f", general_base))
 local t_sft = mt.now()
 local sft_steps = 0
