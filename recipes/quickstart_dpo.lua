@@ -115,15 +115,10 @@ end
 -- the share of held-out pairs whose chosen answer is the more likely one under the model
 -- (reference-free, so it compares models), from per-sequence log-probabilities
 local function pair_accuracy(label, logps)
-  local wins, margin = 0, 0
-  for i = 1, #logps, 2 do
-    if logps[i] > logps[i + 1] then wins = wins + 1 end
-    margin = margin + logps[i] - logps[i + 1]
-  end
-  local n = #logps // 2
+  local r = pref.pair_stats(logps)
   print(string.format("%s: held-out pairs: the chosen answer is the more likely one in %.1f%% " ..
-                      "(mean log-probability margin %.2f)", label, 100 * wins / n, margin / n))
-  return { accuracy = wins / n, margin = margin / n }
+                      "(mean log-probability margin %.2f)", label, 100 * r.accuracy, r.margin))
+  return r
 end
 
 if mt.validating() then

@@ -216,21 +216,17 @@ static mt_status visit_ref(void *ctx, mt_model *m, const mt_batch *b, const mt_b
 
 mt_status mt_examples_ref_logps(mt_model *m, mt_example_set *examples, int B, int T,
                                 mt_error *err) {
+    if (!examples->paired)
+        return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                            "reference log-probabilities are for preference pairs; this set "
+                            "holds single examples");
     ref_pass p = {examples, mt_malloc((size_t)(B > 2 ? B : 2) * sizeof(double), "ref logps", err)};
     if (!p.row_logp) return MT_ERR_NOMEM;
     double seconds = 0.0;
     int64_t seen = 0;
     examples->has_ref_logps = 0;
-    /* unpacked, so that a row is one example */
-    mt_status st;
-    if (examples->paired) {
-        st = each_batch(m, examples, B, T, visit_ref, &p, &seconds, &seen, err);
-    } else {
-        mt_error_set(err, MT_ERR_UNSUPPORTED,
-                     "reference log-probabilities are for preference pairs; this set holds "
-                     "single examples");
-        st = MT_ERR_UNSUPPORTED;
-    }
+    /* pairs are batched unpacked, so that a row is one example */
+    mt_status st = each_batch(m, examples, B, T, visit_ref, &p, &seconds, &seen, err);
     free(p.row_logp);
     if (!st) examples->has_ref_logps = 1;
     return st;

@@ -95,7 +95,12 @@ end
 -- margin. `pairs` is a scratch copy of the pairs (its reference slots are overwritten).
 function M.pair_accuracy(mt, model, pairs, opts)
   mt.reference_logps(model, pairs, opts)
-  local lp = pairs:ref_logps()
+  return M.pair_stats(pairs:ref_logps())
+end
+
+-- The same from per-sequence log-probabilities (chosen, rejected, chosen, ...), e.g. the
+-- reference ones pairs:ref_logps() holds after M.reference.
+function M.pair_stats(lp)
   local wins, margin = 0, 0
   for i = 1, #lp, 2 do
     if lp[i] > lp[i + 1] then wins = wins + 1 end
