@@ -1,6 +1,7 @@
 /* cli_args.c — getopt_long with one set of messages for every command. */
 #include "cli/cli_args.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "base/internal.h"
@@ -100,5 +101,20 @@ int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, co
             fprintf(stderr, "%s: %s\n", cli->command, err.msg);
             return MT_CLI_REFUSED;
         }
+    }
+}
+
+void mt_cli_typed_kv(const char *value, mt_kv *kv) {
+    char *end;
+    double num = strtod(value, &end);
+    if (!strcmp(value, "true") || !strcmp(value, "false")) {
+        kv->type = MT_KV_BOOL;
+        kv->boolean = !strcmp(value, "true");
+    } else if (*value && !*end) {
+        kv->type = MT_KV_NUMBER;
+        kv->number = num;
+    } else {
+        kv->type = MT_KV_STRING;
+        kv->string = value;
     }
 }

@@ -15,6 +15,7 @@
 
 #include "base/numparse.h"
 #include "moontune/moontune.h"
+#include "plugin/options.h"
 
 /* A numeric option that mt_cli_next parses itself, through the shared parser and its
  * limits (base/numparse.h), into *out: an int, a float or a double within `limit`
@@ -69,5 +70,10 @@ void mt_cli_begin(void);
  * *name receives the option's name as "--seq" (for messages; it lives in a static
  * buffer until the next call). */
 int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, const char **name);
+
+/* The value of an adapter option given as `--adapter-option KEY=VALUE` (bench,
+ * export): "true"/"false" a boolean, a value strtod reads whole a number, anything else
+ * a string (kv->string points into value). The plugin's schema checks it afterwards. */
+void mt_cli_typed_kv(const char *value, mt_kv *kv);
 
 #endif /* MT_CLI_ARGS_H */

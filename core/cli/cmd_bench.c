@@ -35,22 +35,6 @@ static void usage(FILE *out) {
             "                   target_modules=all-linear, r=16\n");
 }
 
-/* An adapter option's value: true/false, a number, or a string. */
-static void typed_value(const char *value, mt_kv *kv) {
-    char *end;
-    double num = strtod(value, &end);
-    if (!strcmp(value, "true") || !strcmp(value, "false")) {
-        kv->type = MT_KV_BOOL;
-        kv->boolean = !strcmp(value, "true");
-    } else if (*value && !*end) {
-        kv->type = MT_KV_NUMBER;
-        kv->number = num;
-    } else {
-        kv->type = MT_KV_STRING;
-        kv->string = value;
-    }
-}
-
 enum { OPT_SHAPE = 256, OPT_CONFIG, OPT_MODE, OPT_BATCH, OPT_SEQ, OPT_STEPS, OPT_WARMUP,
        OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION };
 
@@ -120,7 +104,7 @@ int mt_cmd_bench(int argc, char **argv) {
             const char *value;
             if (mt_split_kv(flag, v, adapter_keys[k], sizeof adapter_keys[k], &value, &err)) goto refused;
             adapter_kv[k] = (mt_kv){.key = adapter_keys[k]};
-            typed_value(value, &adapter_kv[k]);
+            mt_cli_typed_kv(value, &adapter_kv[k]);
             opt.n_adapter_options++;
             break;
         }

@@ -6,6 +6,7 @@
 #include "cli/cmd_bench.h"
 #include "cli/cmd_data.h"
 #include "cli/cmd_eval.h"
+#include "cli/cmd_export.h"
 #include "cli/cmd_generate.h"
 #include "cli/cmd_plugin_check.h"
 #include "cli/cmd_plugins.h"
@@ -28,6 +29,7 @@ static void usage(FILE *out) {
             "  data      read, template and tokenize a dataset and print its statistics\n"
             "  generate  generate text from a model (GGUF or Hugging Face directory)\n"
             "  eval      held-out loss and perplexity of a model on a dataset\n"
+            "  export    a run, checkpoint or adapter as a PEFT adapter, merged model or GGUF\n"
             "  version   print the version\n"
             "  help      this text; `moontune COMMAND --help` for a command's options\n",
             MT_VERSION_STRING);
@@ -48,6 +50,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "data")) return mt_cmd_data(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return mt_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return mt_cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(cmd, "export")) return mt_cmd_export(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("moontune %s\n", MT_VERSION_STRING);
         return 0;

@@ -516,35 +516,22 @@ static int model_export_merged(lua_State *L) {
     return 1;
 }
 
-typedef struct gguf_job {
-    const mt_model *m;
-    const mt_tokenizer *tok;
-    const char *path, *name;
-    mt_dtype dtype;
-} gguf_job;
-
-static mt_status write_gguf_job(void *ctx, mt_error *err) {
-    const gguf_job *job = ctx;
-    return mt_export_gguf(job->m, job->tok, job->path, job->dtype, job->name, err);
-}
-
-/* model:export_gguf(path, {tokenizer=, dtype="f16"|"f32", name=}) -> path: one GGUF file
+/* model:export_gguf(path, {tokenizer=, dtype="f16"|"f32"|"bf16"|"q8_0", name=}) -> path: one GGUF file
  * with the attached adapter (if any) merged in, and the tokenizer and chat template. */
 static int model_export_gguf(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     const char *path = luaL_checkstring(L, 2);
     bind_check_opts(L, 3);
     mt_sandbox_check_path(L, path, 1, "export_gguf");
-    gguf_job job = {.m = u->m, .path = path};
-    job.tok = opt_tokenizer(L, 3);
+    const mt_tokenizer *tok = opt_tokenizer(L, 3);
+    mt_ggml_type type;
     const char *dtype = bind_opt_str(L, 3, "dtype", "f16");
-    if (!strcmp(dtype, "f16")) job.dtype = MT_F16;
-    else if (!strcmp(dtype, "f32")) job.dtype = MT_F32;
-    else return luaL_error(L, "export_gguf: option 'dtype': expected \"f16\" or \"f32\", found \"%s\"", dtype);
-    job.name = bind_opt_str(L, 3, "name", NULL);
+    if (mt_export_gguf_type_parse(dtype, &type))
+        return luaL_error(L, "export_gguf: option 'dtype': expected \"f32\", \"f16\", \"bf16\" or \"q8_0\", found \"%s\"", dtype);
+    const char *name = bind_opt_str(L, 3, "name", NULL);
     const mt_plugin_instance *adapter = export_adapter(L, u, "export_gguf");
     mt_error err = {0};
-    if (mt_with_merged_adapter(adapter, write_gguf_job, &job, &err)) return bind_raise(L, &err);
+    if (mt_export_gguf_merged(u->m, adapter, tok, path, type, name, &err)) return bind_raise(L, &err);
     lua_pushvalue(L, 2);
     return 1;
 }

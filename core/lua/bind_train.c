@@ -196,6 +196,11 @@ static int l_checkpoint_save(lua_State *L) {
         }
     }
     lua_pop(L, 1);
+    /* the model's adapter, whether the recipe listed it or not: `moontune export`
+     * rebuilds it from the name and options recorded */
+    for (int i = 0; i < u->n_adapters; i++)
+        if (u->adapters[i]->inst && mt_ckpt_state_add_plugin(s, u->adapters[i]->inst, &err))
+            return bind_raise(L, &err);
     /* run: the settings a resume compares; trainer: the workflow's own state. Any
      * JSON-able tables (their text is held on the stack). */
     if (bind_opt_field(L, 4, "run") == LUA_TTABLE) s->run = mt_lua_json_encode(L, -1);

@@ -255,3 +255,11 @@ const char *mt_options_list_item(const mt_options *opts, const char *name, int i
     const option_value *v = find(opts, name, MT_OPT_STRING_LIST);
     return v && index >= 0 && index < v->list_len ? v->list[index] : NULL;
 }
+
+size_t mt_options_count(const mt_options *opts) { return opts ? opts->n : 0; }
+
+const char *mt_options_name_at(const mt_options *opts, size_t i, mt_option_type *type) {
+    if (!opts || i >= opts->n) return NULL;
+    if (type) *type = opts->values[i].spec->type;
+    return opts->values[i].spec->name;
+}

@@ -36,6 +36,12 @@ const char *mt_options_string(const mt_options *opts, const char *name);
 int mt_options_list_len(const mt_options *opts, const char *name);
 const char *mt_options_list_item(const mt_options *opts, const char *name, int index);
 
+/* Walking the options in their declared order (a checkpoint records an adapter's
+ * options so that `moontune export` can rebuild it): how many there are, and the i-th
+ * one's name and type (NULL when i is out of range); read its value by name. */
+size_t mt_options_count(const mt_options *opts);
+const char *mt_options_name_at(const mt_options *opts, size_t i, mt_option_type *type);
+
 /* "bool", "int", "float", "string", "string list" */
 const char *mt_option_type_name(mt_option_type type);
 

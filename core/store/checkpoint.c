@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "base/internal.h"
+#include "plugin/options.h"
 #include "formats/safetensors.h"
 #include "model/device.h"
 
@@ -52,6 +53,7 @@ void mt_ckpt_state_clear(mt_ckpt_state *s) {
     free((void *)s->recipe); /* only load allocates: a caller's own struct is never cleared */
     free((void *)s->run);
     free((void *)s->trainer);
+    for (int i = 0; i < s->n_plugins && i < MT_CKPT_MAX_PLUGINS; i++) free(s->plugins[i].options);
     memset(s, 0, sizeof *s);
 }
 
@@ -113,7 +115,11 @@ mt_status mt_ckpt_state_add_plugin(mt_ckpt_state *s, const mt_plugin_instance *i
     if (!inst || !inst->desc)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "checkpoint: plugin instance is NULL");
     const char *kind = mt_plugin_kind_name(inst->desc->kind);
-    return put_plugin(s, kind ? kind : "", inst->desc->name, inst->desc->version, err);
+    mt_status st = put_plugin(s, kind ? kind : "", inst->desc->name, inst->desc->version, err);
+    if (st) return st;
+    for (int i = 0; i < s->n_plugins; i++)
+        if (!strcmp(s->plugins[i].kind, kind ? kind : "")) s->plugins[i].instance = inst;
+    return MT_OK;
 }
 
 /* ---- files and directories ------------------------------------------------------- */
@@ -603,6 +609,29 @@ done:
     return st;
 }
 
+/* An instance's validated options as a JSON object, in declared order. */
+static json_t *options_to_json(const mt_options *opts) {
+    json_t *o = json_object();
+    for (size_t i = 0; o && i < mt_options_count(opts); i++) {
+        mt_option_type type;
+        const char *name = mt_options_name_at(opts, i, &type);
+        json_t *v = NULL;
+        switch (type) {
+        case MT_OPT_BOOL: v = json_boolean(mt_options_bool(opts, name)); break;
+        case MT_OPT_INT: v = json_integer((json_int_t)mt_options_int(opts, name)); break;
+        case MT_OPT_FLOAT: v = json_real(mt_options_float(opts, name)); break;
+        case MT_OPT_STRING: v = json_string(mt_options_string(opts, name)); break;
+        case MT_OPT_STRING_LIST:
+            v = json_array();
+            for (int j = 0; v && j < mt_options_list_len(opts, name); j++)
+                json_array_append_new(v, json_string(mt_options_list_item(opts, name, j)));
+            break;
+        }
+        json_object_set_new(o, name, v);
+    }
+    return o;
+}
+
 static json_t *state_to_json(const mt_ckpt_state *s, const char *recipe_sha,
                              const file_sum sums[N_DATA_FILES], json_t *run, json_t *trainer,
                              const char *fingerprint) {
@@ -634,10 +663,13 @@ static json_t *state_to_json(const mt_ckpt_state *s, const char *recipe_sha,
     json_object_set_new(root, "metrics", metrics);
     json_object_set_new(root, "recipe_sha256", json_string(recipe_sha));
     json_t *plugins = json_array();
-    for (int i = 0; i < s->n_plugins; i++)
-        json_array_append_new(plugins,
-                              json_pack("{s:s, s:s, s:s}", "kind", s->plugins[i].kind, "name",
-                                        s->plugins[i].name, "version", s->plugins[i].version));
+    for (int i = 0; i < s->n_plugins; i++) {
+        json_t *p = json_pack("{s:s, s:s, s:s}", "kind", s->plugins[i].kind, "name",
+                              s->plugins[i].name, "version", s->plugins[i].version);
+        if (p && s->plugins[i].instance)
+            json_object_set_new(p, "options", options_to_json(s->plugins[i].instance->options));
+        json_array_append_new(plugins, p);
+    }
     json_object_set_new(root, "plugins", plugins);
     json_t *files = json_object();
     for (int i = 0; i < N_DATA_FILES; i++)
@@ -903,6 +935,17 @@ static mt_status parse_state(const json_t *root, const char *path, mt_ckpt_state
         mt_error perr = {0};
         if (put_plugin(s, k, n, v, &perr))
             return mt_error_set(err, MT_ERR_FORMAT, "%s: key 'plugins': %s", path, perr.msg);
+        const json_t *options = json_object_get(p, "options");
+        if (options) {
+            if (!json_is_object(options))
+                return bad_key(err, path, "plugins", "options as a JSON object");
+            for (int j = 0; j < s->n_plugins; j++) {
+                if (strcmp(s->plugins[j].kind, k)) continue;
+                free(s->plugins[j].options);
+                if (!(s->plugins[j].options = json_dumps(options, JSON_COMPACT)))
+                    return mt_error_set(err, MT_ERR_NOMEM, "%s: out of memory", path);
+            }
+        }
     }
     const json_t *model = json_object_get(root, "model");
     if (model) {

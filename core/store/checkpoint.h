@@ -12,7 +12,9 @@
  *                           dtypes (format 4; LoRA's dropout passes, so masks resume exactly)
  *   state.json              format and version, step, epoch, data cursor, random state,
  *                           scheduler position, learning rate, metrics, the recipe's SHA-256,
- *                           the plugins (kind, name, version), "run" (a JSON object the
+ *                           the plugins (kind, name, version, and "options": the validated
+ *                           options of each instance, optional, so older readers ignore
+ *                           it and the format version stays 4), "run" (a JSON object the
  *                           caller gives: the resolved settings a resume compares),
  *                           "model": {"fingerprint"} of the base model it was trained
  *                           from, "trainer" (a JSON object the caller gives: the
@@ -60,6 +62,13 @@ typedef struct mt_ckpt_plugin {
     char kind[16];    /* "optimizer", "scheduler", "loss", "adapter" */
     char name[64];    /* "adamw" */
     char version[32]; /* "1.0.0" */
+    /* save: the instance whose validated options are written as "options" (set by
+     * mt_ckpt_state_add_plugin; NULL writes none). Not persisted. */
+    const mt_plugin_instance *instance;
+    /* load: the recorded "options" as a JSON object's text ({"r": 16, "alpha": 32, ...}),
+     * or NULL when the checkpoint has none (written before they were recorded); freed by
+     * mt_ckpt_state_clear. `moontune export` rebuilds the adapter from them. */
+    char *options;
 } mt_ckpt_plugin;
 
 /* The scalar state of a run. On save the caller fills it; on load it is filled in (and

@@ -26,6 +26,7 @@
 
 #include "formats/gguf.h"
 #include "base/internal.h"
+#include "store/export_hf.h"
 
 #define ALIGN 32
 
@@ -254,6 +255,22 @@ static mt_status write_padding(mt_atomic_file *out, uint64_t *pos, mt_error *err
     return pad ? mt_atomic_write(out, zeros, pad, err) : MT_OK;
 }
 
+/* Q8_0: blocks of 32 values as an F16 scale d = amax / 127 and 32 int8 q = round(x / d),
+ * which ggml and moontune's GGUF loader read back as d * q. */
+#define Q8_0_BLOCK 32
+#define Q8_0_BLOCK_BYTES (2 + Q8_0_BLOCK)
+static void quantize_q8_0(const float *x, size_t n, unsigned char *out) {
+    for (size_t b = 0; b < n / Q8_0_BLOCK; b++, x += Q8_0_BLOCK, out += Q8_0_BLOCK_BYTES) {
+        float amax = 0.0f;
+        for (int i = 0; i < Q8_0_BLOCK; i++)
+            if (fabsf(x[i]) > amax) amax = fabsf(x[i]);
+        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        const uint16_t dh = mt_f32_to_f16(d);
+        memcpy(out, &dh, 2);
+        for (int i = 0; i < Q8_0_BLOCK; i++) out[2 + i] = (unsigned char)(int8_t)roundf(x[i] * inv);
+    }
+}
+
 /* One tensor's bytes: the host copy of the parameter (downloaded from the device when
  * needed), rows permuted for llama q/k, converted to the tensor's type. */
 static mt_status tensor_bytes(const mt_model *m, const out_tensor *t, float *f32, float *perm,
@@ -278,18 +295,60 @@ static mt_status tensor_bytes(const mt_model *m, const out_tensor *t, float *f32
         *out = (void *)src;
         return MT_OK;
     }
-    uint16_t *h = (uint16_t *)(src == perm ? (void *)f32 : (void *)perm);
-    for (size_t i = 0; i < t->numel; i++) h[i] = mt_f32_to_f16(src[i]);
-    *out = h;
+    /* the converted bytes go to whichever buffer src is not (nbytes <= 4 * numel) */
+    void *dst = src == perm ? (void *)f32 : (void *)perm;
+    if (t->type == MT_GGML_Q8_0) {
+        quantize_q8_0(src, t->numel, dst);
+    } else {
+        uint16_t *h = dst;
+        if (t->type == MT_GGML_BF16)
+            for (size_t i = 0; i < t->numel; i++) h[i] = mt_f32_to_bf16(src[i]);
+        else
+            for (size_t i = 0; i < t->numel; i++) h[i] = mt_f32_to_f16(src[i]);
+    }
+    *out = dst;
     return MT_OK;
 }
 
+int mt_export_gguf_type_parse(const char *name, mt_ggml_type *out) {
+    static const struct { const char *name; mt_ggml_type type; } types[] = {
+        {"f32", MT_GGML_F32}, {"f16", MT_GGML_F16}, {"bf16", MT_GGML_BF16}, {"q8_0", MT_GGML_Q8_0}};
+    for (size_t i = 0; name && i < sizeof types / sizeof *types; i++)
+        if (!strcmp(name, types[i].name)) {
+            *out = types[i].type;
+            return 0;
+        }
+    return -1;
+}
+
+/* The bytes of n values (a multiple of 32) of a type. */
+static size_t type_bytes(mt_ggml_type type, size_t n) {
+    switch (type) {
+    case MT_GGML_F16:
+    case MT_GGML_BF16: return 2 * n;
+    case MT_GGML_Q8_0: return n / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
+    default: return 4 * n;
+    }
+}
+
+/* llama_ftype of a file whose 2-D weights are of this type (general.file_type) */
+static uint32_t file_type_of(mt_ggml_type type) {
+    switch (type) {
+    case MT_GGML_F16: return 1;
+    case MT_GGML_Q8_0: return 7;
+    case MT_GGML_BF16: return 32;
+    default: return 0;
+    }
+}
+
 mt_status mt_export_gguf(const mt_model *m, const mt_tokenizer *tok, const char *path,
-                         mt_dtype dtype, const char *name, mt_error *err) {
+                         mt_ggml_type type, const char *name, mt_error *err) {
     const mt_model_config *cfg = &m->cfg;
-    if (dtype != MT_F32 && dtype != MT_F16)
-        return mt_error_set(err, MT_ERR_INVALID_ARG, "%s: GGUF export writes F32 or F16, not %s",
-                            path, mt_dtype_name(dtype));
+    if (type != MT_GGML_F32 && type != MT_GGML_F16 && type != MT_GGML_BF16 &&
+        type != MT_GGML_Q8_0)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "%s: GGUF export writes F32, F16, BF16 or Q8_0, not ggml type %d",
+                            path, (int)type);
     const char *arch;
     int permute;
     if (!strcmp(cfg->model_type, "llama") || !strcmp(cfg->model_type, "mistral")) {
@@ -354,8 +413,9 @@ mt_status mt_export_gguf(const mt_model *m, const mt_tokenizer *tok, const char 
             }
         }
         t->numel = (size_t)t->ne[0] * (size_t)(t->n_dims == 2 ? t->ne[1] : 1);
-        t->type = t->n_dims == 2 && dtype == MT_F16 ? MT_GGML_F16 : MT_GGML_F32;
-        t->nbytes = t->numel * (t->type == MT_GGML_F16 ? 2 : 4);
+        t->type = t->n_dims == 2 ? type : MT_GGML_F32;
+        if (t->type == MT_GGML_Q8_0 && t->ne[0] % Q8_0_BLOCK) t->type = MT_GGML_F16;
+        t->nbytes = type_bytes((mt_ggml_type)t->type, t->numel);
         t->offset = offset;
         offset += (t->nbytes + ALIGN - 1) / ALIGN * ALIGN;
         if (t->numel > max_numel) max_numel = t->numel;
@@ -369,7 +429,7 @@ mt_status mt_export_gguf(const mt_model *m, const mt_tokenizer *tok, const char 
     if (!st) {
         kv_str(&kv, &n_kv, "general.architecture", arch);
         kv_str(&kv, &n_kv, "general.name", name ? name : cfg->model_type);
-        kv_u32(&kv, &n_kv, "general.file_type", dtype == MT_F16 ? 1u : 0u);
+        kv_u32(&kv, &n_kv, "general.file_type", file_type_of(type));
         kv_u32(&kv, &n_kv, "general.alignment", ALIGN);
         kv_arch_u32(&kv, &n_kv, arch, "context_length", (uint32_t)cfg->max_position_embeddings);
         kv_arch_u32(&kv, &n_kv, arch, "embedding_length", (uint32_t)cfg->hidden_size);
@@ -445,4 +505,23 @@ mt_status mt_export_gguf(const mt_model *m, const mt_tokenizer *tok, const char 
     free(hdr.p);
     free(ts);
     return st;
+}
+
+typedef struct gguf_job {
+    const mt_model *m;
+    const mt_tokenizer *tok;
+    const char *path, *name;
+    mt_ggml_type type;
+} gguf_job;
+
+static mt_status write_gguf_job(void *ctx, mt_error *err) {
+    const gguf_job *job = ctx;
+    return mt_export_gguf(job->m, job->tok, job->path, job->type, job->name, err);
+}
+
+mt_status mt_export_gguf_merged(const mt_model *m, const mt_plugin_instance *adapter,
+                                const mt_tokenizer *tok, const char *path, mt_ggml_type type,
+                                const char *name, mt_error *err) {
+    gguf_job job = {.m = m, .tok = tok, .path = path, .name = name, .type = type};
+    return mt_with_merged_adapter(adapter, write_gguf_job, &job, err);
 }

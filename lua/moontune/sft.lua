@@ -72,7 +72,7 @@ end
 -- Deployment: cfg.export lists what the trained model becomes under <out>/export/:
 -- "peft" (the adapter as a PEFT directory: adapters that save one), "merged" (a
 -- transformers model directory with the adapter folded in) and "gguf" (one GGUF file,
--- cfg.export_dtype "f16" or "f32"). "" exports nothing. Returns the written paths.
+-- cfg.export_dtype "f32", "f16", "bf16" or "q8_0"). "" exports nothing. Returns the written paths.
 function M.export(mt, cfg, model, tok, out, name)
   local paths = {}
   local wanted = cfg.export or ""

@@ -288,6 +288,12 @@ static void test_round_trip_is_exact(void **state) {
     assert_string_equal(s.plugins[1].kind, "loss");
     assert_string_equal(s.plugins[2].kind, "adapter");
     assert_string_equal(s.plugins[2].name, "full");
+    /* each instance's validated options, defaults filled in: what `moontune export`
+     * rebuilds an adapter from */
+    assert_non_null(s.plugins[0].options);
+    assert_non_null(strstr(s.plugins[0].options, "\"weight_decay\":0.01"));
+    assert_non_null(strstr(s.plugins[0].options, "\"beta1\":0.9"));
+    assert_non_null(s.plugins[1].options);
     mt_ckpt_state_clear(&s);
 
     /* the files of the layout are there and verify alone */

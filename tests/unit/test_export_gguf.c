@@ -52,7 +52,20 @@ static int64_t meta_int(const mt_gguf *g, const char *key) {
     return v;
 }
 
-static void check_file(const char *path, const mt_model *m, const char *arch, int f16) {
+/* The export types under test, with general.file_type (llama_ftype) as llama.cpp numbers it. */
+static const struct {
+    const char *name;
+    mt_ggml_type type;
+    int64_t file_type;
+} TYPES[] = {{"f32", MT_GGML_F32, 0}, {"f16", MT_GGML_F16, 1}, {"bf16", MT_GGML_BF16, 32},
+             {"q8_0", MT_GGML_Q8_0, 7}};
+
+/* The type a 2-D weight with ne0 columns is written in (Q8_0 needs whole blocks of 32). */
+static mt_ggml_type weight_type(mt_ggml_type type, uint64_t ne0) {
+    return type == MT_GGML_Q8_0 && ne0 % 32 ? MT_GGML_F16 : type;
+}
+
+static void check_file(const char *path, const mt_model *m, const char *arch, int ti) {
     mt_error err = {0};
     mt_gguf *g = NULL;
     if (mt_gguf_open(path, &g, &err)) fail_msg("%s", err.msg);
@@ -61,7 +74,7 @@ static void check_file(const char *path, const mt_model *m, const char *arch, in
     assert_int_equal(mt_gguf_get_string(g, "general.architecture", &s, &err), MT_OK);
     assert_string_equal(s, arch);
     free(s);
-    assert_int_equal(meta_int(g, "general.file_type"), f16);
+    assert_int_equal(meta_int(g, "general.file_type"), TYPES[ti].file_type);
     assert_int_equal(meta_int(g, "general.alignment"), 32);
     snprintf(key, sizeof key, "%s.block_count", arch);
     assert_int_equal(meta_int(g, key), m->cfg.num_layers);
@@ -74,7 +87,7 @@ static void check_file(const char *path, const mt_model *m, const char *arch, in
     for (size_t i = 0; i < mt_gguf_tensor_count(g); i++) {
         const mt_gguf_tensor *t = mt_gguf_tensor_at(g, i);
         assert_int_equal((uintptr_t)t->data % 32, 0);
-        assert_int_equal(t->type, t->n_dims == 2 && f16 ? MT_GGML_F16 : MT_GGML_F32);
+        assert_int_equal(t->type, t->n_dims == 2 ? weight_type(TYPES[ti].type, t->ne[0]) : MT_GGML_F32);
     }
     const mt_gguf_tensor *q = mt_gguf_find_tensor(g, "blk.0.attn_q.weight");
     assert_non_null(q);
@@ -104,7 +117,7 @@ static void tiny(const char *fixture, const char *arch) {
         /* Llama 3.1 rope goes out as rope_freqs.weight (as llama.cpp writes it), which
          * moontune's GGUF loader refuses by name; the rest of the test uses default rope */
         snprintf(path, sizeof path, "%s/%s_llama3rope.gguf", dir, fixture);
-        assert_int_equal(mt_export_gguf(hf, NULL, path, MT_F32, fixture, &err), MT_OK);
+        assert_int_equal(mt_export_gguf(hf, NULL, path, MT_GGML_F32, fixture, &err), MT_OK);
         mt_gguf *g = NULL;
         if (mt_gguf_open(path, &g, &err)) fail_msg("%s", err.msg);
         const mt_gguf_tensor *rf = mt_gguf_find_tensor(g, "rope_freqs.weight");
@@ -121,11 +134,11 @@ static void tiny(const char *fixture, const char *arch) {
     const size_t V = (size_t)hf->cfg.vocab_size;
     if (keep) write_logits(dir, fixture, ref, 6 * V);
 
-    for (int f16 = 0; f16 <= 1; f16++) {
-        snprintf(path, sizeof path, "%s/%s_%s.gguf", dir, fixture, f16 ? "f16" : "f32");
-        if (mt_export_gguf(hf, NULL, path, f16 ? MT_F16 : MT_F32, fixture, &err))
-            fail_msg("%s", err.msg);
-        check_file(path, hf, arch, f16);
+    for (int ti = 0; ti < (int)(sizeof TYPES / sizeof *TYPES); ti++) {
+        const char *tn = TYPES[ti].name;
+        snprintf(path, sizeof path, "%s/%s_%s.gguf", dir, fixture, tn);
+        if (mt_export_gguf(hf, NULL, path, TYPES[ti].type, fixture, &err)) fail_msg("%s", err.msg);
+        check_file(path, hf, arch, ti);
         mt_model *gg = NULL;
         if (mt_model_load_gguf(path, &be, &gg, &err)) fail_msg("%s", err.msg);
         assert_int_equal(gg->num_params, hf->num_params);
@@ -137,28 +150,46 @@ static void tiny(const char *fixture, const char *arch) {
         for (size_t i = 0; i < hf->num_params; i++) {
             const mt_param *a = &gg->params[i], *b = &hf->params[i];
             assert_string_equal(a->name, b->name);
+            const int64_t cols = b->ndim == 2 ? b->shape[1] : (int64_t)b->numel;
+            const mt_ggml_type wt = b->ndim == 2 ? weight_type(TYPES[ti].type, (uint64_t)cols)
+                                                 : MT_GGML_F32;
             for (size_t k = 0; k < b->numel; k++) {
-                float want = f16 && b->ndim == 2 ? mt_f16_to_f32(mt_f32_to_f16(b->data[k]))
-                                                 : b->data[k];
+                const float x = b->data[k];
+                if (wt == MT_GGML_Q8_0) {
+                    /* every value within half a step of its block's scale amax / 127
+                     * (the scale itself stored as F16: relative error 2^-11) */
+                    const size_t block = k / 32 * 32;
+                    float amax = 0.0f;
+                    for (size_t j = block; j < block + 32; j++)
+                        if (fabsf(b->data[j]) > amax) amax = fabsf(b->data[j]);
+                    const double tol = amax / 127.0 * 0.5 + amax * (1.0 / 1024) + 1e-12;
+                    if (fabs((double)a->data[k] - x) > tol)
+                        fail_msg("%s[%zu]: %.9g after the Q8_0 round trip, expected %.9g +- %.3g",
+                                 b->name, k, a->data[k], x, tol);
+                    continue;
+                }
+                float want = wt == MT_GGML_F16    ? mt_f16_to_f32(mt_f32_to_f16(x))
+                             : wt == MT_GGML_BF16 ? mt_bf16_to_f32(mt_f32_to_bf16(x))
+                                                  : x;
                 if (memcmp(&a->data[k], &want, sizeof want))
                     fail_msg("%s[%zu]: %.9g after the %s round trip, expected %.9g", b->name, k,
-                             a->data[k], f16 ? "F16" : "F32", want);
+                             a->data[k], tn, want);
             }
         }
         float *logits = full_logits(gg, IDS, 6);
         double e = mt_test_rel_err(logits, ref, 6 * V);
-        printf("  %s %s: logits max rel err %.3e\n", fixture, f16 ? "F16" : "F32", e);
-        if (f16) assert_true(e < 1e-2);
-        else assert_memory_equal(logits, ref, 6 * V * sizeof(float));
+        printf("  %s %s: logits max rel err %.3e\n", fixture, tn, e);
+        if (TYPES[ti].type == MT_GGML_F32) assert_memory_equal(logits, ref, 6 * V * sizeof(float));
+        else assert_true(e < (TYPES[ti].type == MT_GGML_F16 ? 1e-2 : 5e-2));
         free(logits);
         mt_model_free(gg);
     }
     /* refusals: an unsupported dtype, a tokenizer larger than the vocabulary */
     snprintf(path, sizeof path, "%s/bad.gguf", dir);
-    assert_int_equal(mt_export_gguf(hf, NULL, path, MT_BF16, NULL, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_export_gguf(hf, NULL, path, MT_GGML_Q4_1, NULL, &err), MT_ERR_INVALID_ARG);
     mt_tokenizer *big = NULL;
     if (mt_tokenizer_load_dir(MT_FIXTURE_DIR "/tokenizer/smollm2", &big, &err)) fail_msg("%s", err.msg);
-    assert_int_equal(mt_export_gguf(hf, big, path, MT_F32, NULL, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_export_gguf(hf, big, path, MT_GGML_F32, NULL, &err), MT_ERR_INVALID_ARG);
     assert_non_null(strstr(err.msg, "tokens"));
     mt_tokenizer_free(big);
     FILE *f = fopen(path, "rb");
@@ -204,7 +235,7 @@ static void test_smollm2_f16(void **state) {
     char *dir = out_dir(&keep), path[1024];
     snprintf(path, sizeof path, "%s/smollm2_f16.gguf", dir);
     double t0 = mt_now_seconds();
-    if (mt_export_gguf(m, tok, path, MT_F16, "SmolLM2-135M-Instruct", &err)) fail_msg("%s", err.msg);
+    if (mt_export_gguf(m, tok, path, MT_GGML_F16, "SmolLM2-135M-Instruct", &err)) fail_msg("%s", err.msg);
     printf("  exported SmolLM2 F16 in %.2f s\n", mt_now_seconds() - t0);
     if (mt_model_load_gguf(path, &be, &m2, &err)) fail_msg("%s", err.msg);
     if (mt_tokenizer_load_gguf(path, &tok2, &err)) fail_msg("%s", err.msg);
@@ -296,7 +327,7 @@ static void test_nonfinite_weights_refused(void **state) {
     assert_non_null(strstr(err.msg, "model.safetensors: tensor \"model.layers.1.mlp.up_proj.weight\": 2 non-finite values"));
     assert_non_null(strstr(err.msg, "at index 5"));
     snprintf(path, sizeof path, "%s/nan.gguf", dir);
-    if (mt_export_gguf(m, NULL, path, MT_F32, "nan", &err)) fail_msg("%s", err.msg);
+    if (mt_export_gguf(m, NULL, path, MT_GGML_F32, "nan", &err)) fail_msg("%s", err.msg);
     assert_int_not_equal(mt_model_load_gguf(path, &be, &bad, &err), MT_OK);
     printf("refused: %s\n", err.msg);
     assert_non_null(strstr(err.msg, "nan.gguf: tensor \"blk.1.ffn_up.weight\": 2 non-finite values"));

@@ -362,7 +362,7 @@ static void test_nonfinite_weights_refused(void **state) {
     dir = mt_test_tmpdir("nonfinite-gguf");
     char path[1024];
     snprintf(path, sizeof path, "%s/inf.gguf", dir);
-    if (mt_export_gguf(m, NULL, path, MT_F32, "inf", &err)) fail_msg("%s", err.msg);
+    if (mt_export_gguf(m, NULL, path, MT_GGML_F32, "inf", &err)) fail_msg("%s", err.msg);
     mt_model_free(m);
     mt_backend_cpu_shutdown(&be);
     expect_model_refused(path, MT_ERR_FORMAT,
@@ -468,10 +468,10 @@ static void test_lying_config_refused_before_allocation(void **state) {
     dir = mt_test_tmpdir("lying-gguf");
     char path[1024];
     snprintf(path, sizeof path, "%s/lie.gguf", dir);
-    if (mt_export_gguf(m, NULL, path, MT_F32, "lie", &err)) fail_msg("%s", err.msg);
+    if (mt_export_gguf(m, NULL, path, MT_GGML_F32, "lie", &err)) fail_msg("%s", err.msg);
     char path2[1024];
     snprintf(path2, sizeof path2, "%s/heads.gguf", dir);
-    if (mt_export_gguf(m, NULL, path2, MT_F32, "heads", &err)) fail_msg("%s", err.msg);
+    if (mt_export_gguf(m, NULL, path2, MT_GGML_F32, "heads", &err)) fail_msg("%s", err.msg);
     mt_model_free(m);
     mt_backend_cpu_shutdown(&be);
     patch_gguf_int(path, "qwen2.feed_forward_length", 4000000);
