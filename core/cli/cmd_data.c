@@ -80,8 +80,8 @@ static int run(const data_args *a) {
     mt_record_set_init(&heldout);
     int rc = 1;
     mt_status st = mt_tokenizer_load(a->tokenizer, &tok, &err);
-    for (int i = 0; !st && i < a->n_files; i++) st = mt_records_load_jsonl(a->files[i], &a->jsonl, &all, &err);
-    if (!st && a->heldout_file) st = mt_records_load_jsonl(a->heldout_file, &a->jsonl, &heldout, &err);
+    for (int i = 0; !st && i < a->n_files; i++) st = mt_records_load(a->files[i], &a->jsonl, &all, &err);
+    if (!st && a->heldout_file) st = mt_records_load(a->heldout_file, &a->jsonl, &heldout, &err);
     if (st) goto done;
     mt_record_set_print_bad(&all, stderr);
     if (!(L = mt_lua_open(&err))) goto done;

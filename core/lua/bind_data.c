@@ -57,26 +57,73 @@ static void read_example_options(lua_State *L, int opts, mt_example_options *ex)
     ex->train_on_inputs = bind_opt_bool(L, opts, "train_on_inputs", 0);
 }
 
-/* The files argument at idx: a path or a list of paths (held by the Lua values). */
-static const char **read_files_arg(lua_State *L, int idx, int *n_paths) {
-    const char **paths;
+/* The files argument at idx: a path, or a list whose items are paths or mixture entries
+ * {file = path, weight = w} (weight 1 when absent). Paths are held by the Lua values. */
+typedef struct data_file {
+    const char *path;
+    double weight;
+} data_file;
+
+static data_file *read_files_arg(lua_State *L, int idx, int *n_files) {
+    data_file *files;
     if (lua_type(L, idx) == LUA_TSTRING) {
-        paths = bind_scratch(L, sizeof *paths);
-        paths[0] = lua_tostring(L, idx);
-        *n_paths = 1;
-        return paths;
+        files = bind_scratch(L, sizeof *files);
+        files[0] = (data_file){lua_tostring(L, idx), 1.0};
+        *n_files = 1;
+        return files;
     }
     luaL_checktype(L, idx, LUA_TTABLE);
     int n = (int)lua_rawlen(L, idx);
-    paths = bind_scratch(L, (size_t)n * sizeof *paths);
+    files = bind_scratch(L, (size_t)n * sizeof *files);
     for (int i = 0; i < n; i++) {
-        if (lua_rawgeti(L, idx, i + 1) != LUA_TSTRING)
-            luaL_error(L, "files: item %d: expected a path, found %s", i + 1, luaL_typename(L, -1));
-        paths[i] = lua_tostring(L, -1); /* held by the files table */
+        int type = lua_rawgeti(L, idx, i + 1);
+        files[i].weight = 1.0;
+        if (type == LUA_TTABLE) {
+            int item = lua_gettop(L);
+            lua_pushnil(L);
+            while (lua_next(L, item)) {
+                const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+                if (!k || (strcmp(k, "file") && strcmp(k, "weight")))
+                    luaL_error(L, "files: item %d: unknown key '%s' (a mixture entry is {file=, weight=})",
+                               i + 1, k ? k : "?");
+                lua_pop(L, 1);
+            }
+            if (lua_getfield(L, item, "file") != LUA_TSTRING)
+                luaL_error(L, "files: item %d: 'file' must be a path, found %s", i + 1,
+                           luaL_typename(L, -1));
+            files[i].path = lua_tostring(L, -1); /* held by the item table */
+            lua_pop(L, 1);
+            int wtype = lua_getfield(L, item, "weight");
+            if (wtype != LUA_TNIL) {
+                if (wtype != LUA_TNUMBER)
+                    luaL_error(L, "files: item %d: 'weight' must be a number, found %s", i + 1,
+                               luaL_typename(L, -1));
+                files[i].weight = lua_tonumber(L, -1);
+            }
+            lua_pop(L, 1);
+        } else if (type == LUA_TSTRING) {
+            files[i].path = lua_tostring(L, -1); /* held by the files table */
+        } else {
+            luaL_error(L, "files: item %d: expected a path or {file=, weight=}, found %s", i + 1,
+                       luaL_typename(L, -1));
+        }
         lua_pop(L, 1);
     }
-    *n_paths = n;
-    return paths;
+    *n_files = n;
+    return files;
+}
+
+/* Reads every file into set (JSONL, CSV or TSV by name), each file's records repeated or
+ * sampled to its weight (seeded by mix_seed and the file's position). Raises on error. */
+static void load_files(lua_State *L, const data_file *files, int n_files,
+                       const mt_jsonl_options *jsonl, uint64_t mix_seed, mt_record_set *set) {
+    mt_error err = {0};
+    for (int i = 0; i < n_files; i++) {
+        size_t first = set->n;
+        if (mt_records_load(files[i].path, jsonl, set, &err) ||
+            mt_record_set_weight(set, first, files[i].weight, mt_mix64(mix_seed + (uint64_t)i), &err))
+            bind_raise(L, &err);
+    }
 }
 
 /* The JSONL reading options {format=, fields=, on_bad_record=} of the table at opts;
@@ -122,11 +169,11 @@ static void read_jsonl_options(lua_State *L, int opts, mt_jsonl_options *jsonl) 
 }
 
 /* mt.examples(files, tok, {format=, fields=, on_bad_record=, template=, seq_len=,
- * truncation=, train_on_inputs=}) */
+ * truncation=, train_on_inputs=, mix_seed=}) */
 static int l_examples(lua_State *L) {
     lua_settop(L, 3); /* an absent options table stays a nil slot below the bind_scratch values */
-    int n_paths;
-    const char **paths = read_files_arg(L, 1, &n_paths);
+    int n_files;
+    const data_file *files = read_files_arg(L, 1, &n_files);
     ltok *t = bind_check_tok(L, 2);
     bind_check_opts(L, 3);
     mt_jsonl_options jsonl;
@@ -144,8 +191,7 @@ static int l_examples(lua_State *L) {
     lexamples *e = new_examples(L, &ex);
     int eidx = lua_gettop(L);
     mt_error err = {0};
-    for (int i = 0; i < n_paths; i++)
-        if (mt_records_load_jsonl(paths[i], &jsonl, &e->records, &err)) return bind_raise(L, &err);
+    load_files(L, files, n_files, &jsonl, (uint64_t)bind_opt_int(L, 3, "mix_seed", 0), &e->records);
     e->has_records = 1;
     if (e->records.format == MT_DATA_TEXT) e->set.opt.add_special = 1; /* plain text: BOS/EOS */
     if (tmpl_type == LUA_TFUNCTION) lua_pushvalue(L, tmpl);
@@ -176,23 +222,21 @@ static void push_messages(lua_State *L, const mt_message *msgs, int n) {
     }
 }
 
-/* mt.records(files, {format=, fields=, on_bad_record=}) -> list of records, each
+/* mt.records(files, {format=, fields=, on_bad_record=, mix_seed=}) -> list of records, each
  * {format=, file=, line=, messages=, text=, chosen=, rejected=}: the records as the data
  * loader normalises them (alpaca and prompt/completion become messages), so a recipe
  * can read held-out prompts and reference answers without a JSON parser of its own. */
 static int l_records(lua_State *L) {
     lua_settop(L, 2); /* an absent options table stays a nil slot below the bind_scratch values */
-    int n_paths;
-    const char **paths = read_files_arg(L, 1, &n_paths);
+    int n_files;
+    const data_file *files = read_files_arg(L, 1, &n_files);
     bind_check_opts(L, 2);
     mt_jsonl_options jsonl;
     read_jsonl_options(L, 2, &jsonl);
     mt_record_set *set = lua_newuserdatauv(L, sizeof *set, 0);
     mt_record_set_init(set);
     luaL_setmetatable(L, RECORDS_MT);
-    mt_error err = {0};
-    for (int i = 0; i < n_paths; i++)
-        if (mt_records_load_jsonl(paths[i], &jsonl, set, &err)) return bind_raise(L, &err);
+    load_files(L, files, n_files, &jsonl, (uint64_t)bind_opt_int(L, 2, "mix_seed", 0), set);
     if (set->n_bad) mt_record_set_print_bad(set, stderr);
     lua_createtable(L, (int)set->n, 0);
     for (size_t i = 0; i < set->n; i++) {

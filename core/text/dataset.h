@@ -146,6 +146,28 @@ mt_status mt_records_load_jsonl(const char *path, const mt_jsonl_options *opt,
 /* The same from memory; `name` stands for the file in messages. */
 mt_status mt_records_parse_jsonl(const char *name, const char *data, size_t len,
                                  const mt_jsonl_options *opt, mt_record_set *set, mt_error *err);
+/* Reads a file of records by its name: .csv (comma) and .tsv (tab) files through
+ * mt_records_parse_csv, anything else as JSONL. */
+mt_status mt_records_load(const char *path, const mt_jsonl_options *opt, mt_record_set *set,
+                          mt_error *err);
+/* CSV/TSV text (formats/csv.h) with a header row naming the fields: each row is read as
+ * the JSONL object {header[i]: cell[i]} would be, so formats, field names, detection and
+ * the bad-record policy are JSONL's. Cells are strings, except that a cell of the
+ * messages, prompt, chosen or rejected column that reads whole as a JSON array is that
+ * array (a conversation written as JSON text). A record's line is the line its row
+ * starts on (the header is line 1). A row with another field count than the header, or
+ * invalid UTF-8, is a bad record; malformed quoting ends the file with an error naming
+ * line and column. */
+mt_status mt_records_parse_csv(const char *name, const char *data, size_t len, char delim,
+                               const mt_jsonl_options *opt, mt_record_set *set, mt_error *err);
+/* Mixtures: the records from index `first` on (one file's) are repeated or sampled to
+ * `weight` times their number: each record floor(weight) times, plus a seeded choice of
+ * round(frac(weight) * n) of them (kept in file order), so 2 doubles a file, 0.5 keeps
+ * a random half, 1.5 keeps it whole and adds a random half again. weight must lie in
+ * (0, MT_MIX_WEIGHT_MAX] and keep at least one record. */
+#define MT_MIX_WEIGHT_MAX 1000.0
+mt_status mt_record_set_weight(mt_record_set *set, size_t first, double weight, uint64_t seed,
+                               mt_error *err);
 /* Prints the skipped-records report (count and the first lines with their messages). */
 void mt_record_set_print_bad(const mt_record_set *set, FILE *f);
 

@@ -11,6 +11,7 @@
 #include <sys/types.h>
 
 #include "base/internal.h"
+#include "formats/csv.h"
 
 /* ---- formats and field names ------------------------------------------------ */
 
@@ -407,6 +408,41 @@ static mt_status push_record(mt_record_set *set, mt_record *r, mt_error *err) {
     return MT_OK;
 }
 
+/* One JSON object as a record, in the file's format (detected from the first good
+ * record when AUTO). */
+static mt_status record_from_object(loader *L, json_t *o, mt_record *r) {
+    const ctx *c = &L->c;
+    if (!json_is_object(o)) return bad(c, "expected a JSON object, found %s", mt_json_kind(o));
+    mt_data_format fmt = L->format;
+    if (fmt == MT_DATA_AUTO) {
+        fmt = detect(c, o);
+        if (fmt == MT_DATA_AUTO)
+            return bad(c, "cannot tell the format: expected fields '%s'+'%s' (preference), '%s' "
+                          "(chat), '%s' (alpaca), '%s' (prompt/completion) or '%s' (text)",
+                       c->f.chosen, c->f.rejected, c->f.messages, c->f.instruction,
+                       c->f.completion, c->f.text);
+    }
+    memset(r, 0, sizeof *r);
+    r->format = fmt;
+    r->file = L->file;
+    r->line = c->line;
+    mt_status st;
+    switch (fmt) {
+    case MT_DATA_ALPACA: st = parse_alpaca(c, o, r); break;
+    case MT_DATA_CHAT: st = parse_chat(c, o, r); break;
+    case MT_DATA_PROMPT_COMPLETION: st = parse_prompt_completion(c, o, r); break;
+    case MT_DATA_TEXT: st = parse_text(c, o, r); break;
+    case MT_DATA_PREFERENCE: st = parse_preference(c, o, r); break;
+    default: st = mt_error_set(c->err, MT_ERR_INVALID_ARG, "unknown data format %d", (int)fmt);
+    }
+    if (st) {
+        record_free(r);
+        return st;
+    }
+    L->format = fmt; /* the first good record fixes the format of the file */
+    return MT_OK;
+}
+
 static mt_status parse_record(loader *L, const char *s, size_t n, mt_record *r) {
     const ctx *c = &L->c;
     size_t badbyte = mt_utf8_bad_at((const unsigned char *)s, n);
@@ -416,41 +452,32 @@ static mt_status parse_record(loader *L, const char *s, size_t n, mt_record *r) 
     json_error_t jerr;
     json_t *o = json_loadb(s, n, JSON_REJECT_DUPLICATES, &jerr);
     if (!o) return bad(c, "malformed JSON at column %d: %s", jerr.column, jerr.text);
-    mt_status st = MT_OK;
-    if (!json_is_object(o)) {
-        st = bad(c, "expected a JSON object, found %s", mt_json_kind(o));
-        json_decref(o);
-        return st;
-    }
-    mt_data_format fmt = L->format;
-    if (fmt == MT_DATA_AUTO) {
-        fmt = detect(c, o);
-        if (fmt == MT_DATA_AUTO) {
-            json_decref(o);
-            return bad(c, "cannot tell the format: expected fields '%s'+'%s' (preference), '%s' "
-                          "(chat), '%s' (alpaca), '%s' (prompt/completion) or '%s' (text)",
-                       c->f.chosen, c->f.rejected, c->f.messages, c->f.instruction,
-                       c->f.completion, c->f.text);
-        }
-    }
-    memset(r, 0, sizeof *r);
-    r->format = fmt;
-    r->file = L->file;
-    r->line = c->line;
-    switch (fmt) {
-    case MT_DATA_ALPACA: st = parse_alpaca(c, o, r); break;
-    case MT_DATA_CHAT: st = parse_chat(c, o, r); break;
-    case MT_DATA_PROMPT_COMPLETION: st = parse_prompt_completion(c, o, r); break;
-    case MT_DATA_TEXT: st = parse_text(c, o, r); break;
-    case MT_DATA_PREFERENCE: st = parse_preference(c, o, r); break;
-    default: st = mt_error_set(c->err, MT_ERR_INVALID_ARG, "unknown data format %d", (int)fmt);
-    }
+    mt_status st = record_from_object(L, o, r);
     json_decref(o);
-    if (st) {
-        record_free(r);
+    return st;
+}
+
+/* What one record's parse (status st, its error in *local) leaves: the record kept, a bad
+ * record counted and skipped (MT_ERR_FORMAT under the skip policy), or the error. */
+static mt_status settle(loader *L, mt_status st, mt_record *r, const mt_error *local) {
+    mt_error *err = L->c.err;
+    if (st == MT_OK) {
+        st = push_record(L->set, r, err);
+        if (st) record_free(r);
         return st;
     }
-    L->format = fmt; /* the first good record fixes the format of the file */
+    if (st != MT_ERR_FORMAT || L->policy != MT_BAD_RECORD_SKIP) {
+        if (err) *err = *local;
+        return st;
+    }
+    mt_record_set *set = L->set;
+    if (set->n_bad_kept < MT_BAD_RECORDS_KEPT) {
+        mt_bad_record *b = &set->bad[set->n_bad_kept++];
+        b->file = L->file;
+        b->line = L->c.line;
+        memcpy(b->msg, local->msg, sizeof b->msg);
+    }
+    set->n_bad++;
     return MT_OK;
 }
 
@@ -467,24 +494,7 @@ static mt_status process_line(loader *L, const char *s, size_t n) {
     L->c.err = &local;
     mt_status st = parse_record(L, s, n, &r);
     L->c.err = err;
-    if (st == MT_OK) {
-        st = push_record(L->set, &r, err);
-        if (st) record_free(&r);
-        return st;
-    }
-    if (st != MT_ERR_FORMAT || L->policy != MT_BAD_RECORD_SKIP) {
-        if (err) *err = local;
-        return st;
-    }
-    mt_record_set *set = L->set;
-    if (set->n_bad_kept < MT_BAD_RECORDS_KEPT) {
-        mt_bad_record *b = &set->bad[set->n_bad_kept++];
-        b->file = L->file;
-        b->line = L->c.line;
-        memcpy(b->msg, local.msg, sizeof b->msg);
-    }
-    set->n_bad++;
-    return MT_OK;
+    return settle(L, st, &r, &local);
 }
 
 void mt_record_set_init(mt_record_set *set) { memset(set, 0, sizeof *set); }
@@ -592,6 +602,128 @@ mt_status mt_records_load_jsonl(const char *path, const mt_jsonl_options *opt,
     free(buf);
     fclose(f);
     return finish(&L, &sv, st);
+}
+
+/* ---- CSV and TSV ------------------------------------------------------------------ */
+
+/* A cell as a JSON value. Cells are strings; a cell of a column that may hold messages
+ * (messages, prompt, chosen, rejected) and reads whole as a JSON array is that array,
+ * so conversations survive a CSV export that wrote them as JSON text. */
+static json_t *cell_value(const ctx *c, const char *key, const char *cell, size_t len) {
+    if (!strcmp(key, c->f.messages) || !strcmp(key, c->f.prompt) || !strcmp(key, c->f.chosen) ||
+        !strcmp(key, c->f.rejected)) {
+        size_t i = 0;
+        while (i < len && (cell[i] == ' ' || cell[i] == '\t' || cell[i] == '\n' || cell[i] == '\r')) i++;
+        if (i < len && cell[i] == '[') {
+            json_t *v = json_loadb(cell, len, JSON_REJECT_DUPLICATES, NULL);
+            if (json_is_array(v)) return v;
+            json_decref(v);
+        }
+    }
+    return json_stringn(cell, len);
+}
+
+/* One row as a record: its cells under the header's names, then as a JSONL object. */
+static mt_status csv_row(loader *L, const mt_csv_reader *rd, char *const *header,
+                         size_t n_header, mt_record *r) {
+    const ctx *c = &L->c;
+    if (rd->n_fields != n_header)
+        return bad(c, "%zu fields where the header has %zu (a field that holds the delimiter, a "
+                      "quote or a line break must be quoted)",
+                   rd->n_fields, n_header);
+    json_t *o = json_object();
+    if (!o) return mt_error_set(c->err, MT_ERR_NOMEM, "%s: out of memory", c->name);
+    for (size_t i = 0; i < n_header; i++) {
+        const unsigned char *cell = (const unsigned char *)rd->fields[i];
+        size_t at = mt_utf8_bad_at(cell, rd->lens[i]);
+        if (at != rd->lens[i]) {
+            json_decref(o);
+            return bad(c, "column '%s': invalid UTF-8 at byte %zu of the field (0x%02X)",
+                       header[i], at + 1, (unsigned)cell[at]);
+        }
+        json_t *v = cell_value(c, header[i], rd->fields[i], rd->lens[i]);
+        if (!v || json_object_set_new(o, header[i], v)) {
+            json_decref(o);
+            return mt_error_set(c->err, MT_ERR_NOMEM, "%s: out of memory", c->name);
+        }
+    }
+    mt_status st = record_from_object(L, o, r);
+    json_decref(o);
+    return st;
+}
+
+/* The header row: column names, non-empty, valid UTF-8, unique. */
+static mt_status csv_header(const mt_csv_reader *rd, int64_t line, char ***out, mt_error *err) {
+    char **names = mt_calloc(rd->n_fields, sizeof *names, "CSV header", err);
+    if (!names) return MT_ERR_NOMEM;
+    *out = names;
+    for (size_t i = 0; i < rd->n_fields; i++) {
+        const char *name = rd->fields[i];
+        if (!rd->lens[i] || mt_utf8_bad_at((const unsigned char *)name, rd->lens[i]) != rd->lens[i])
+            return mt_error_set(err, MT_ERR_FORMAT,
+                                "%s:%lld: header: column %zu needs a name (non-empty UTF-8)",
+                                rd->name, (long long)line, i + 1);
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(names[j], name))
+                return mt_error_set(err, MT_ERR_FORMAT,
+                                    "%s:%lld: header: column '%s' appears twice (columns %zu and %zu)",
+                                    rd->name, (long long)line, name, j + 1, i + 1);
+        if (!(names[i] = mt_strdup(name, "CSV header", err))) return MT_ERR_NOMEM;
+    }
+    return MT_OK;
+}
+
+mt_status mt_records_parse_csv(const char *name, const char *data, size_t len, char delim,
+                               const mt_jsonl_options *opt, mt_record_set *set, mt_error *err) {
+    loader L;
+    saved sv;
+    if (!name) name = "<memory>";
+    mt_status st = begin(name, opt, set, &L, &sv, err);
+    if (st) return st;
+    mt_csv_reader rd;
+    mt_csv_init(&rd, name, data, len, delim);
+    char **header = NULL;
+    size_t n_header = 0;
+    int got = 0;
+    int64_t line = 0;
+    if (!(st = mt_csv_next(&rd, &got, &line, err)) && got) {
+        n_header = rd.n_fields;
+        st = csv_header(&rd, line, &header, err);
+    }
+    while (!st && got) {
+        if ((st = mt_csv_next(&rd, &got, &line, err)) || !got) break;
+        L.c.line = line;
+        mt_record r;
+        mt_error local = {0};
+        L.c.err = &local;
+        st = csv_row(&L, &rd, header, n_header, &r);
+        L.c.err = err;
+        st = settle(&L, st, &r, &local);
+    }
+    for (size_t i = 0; header && i < n_header; i++) free(header[i]);
+    free(header);
+    mt_csv_free(&rd);
+    return finish(&L, &sv, st);
+}
+
+/* The delimiter a file's name asks for: ',' for .csv, '\t' for .tsv, 0 for JSONL. */
+static char delimiter_of(const char *path) {
+    if (mt_ends_with(path, ".csv") || mt_ends_with(path, ".CSV")) return ',';
+    if (mt_ends_with(path, ".tsv") || mt_ends_with(path, ".TSV")) return '\t';
+    return 0;
+}
+
+mt_status mt_records_load(const char *path, const mt_jsonl_options *opt, mt_record_set *set,
+                          mt_error *err) {
+    const char delim = delimiter_of(path);
+    if (!delim) return mt_records_load_jsonl(path, opt, set, err);
+    char *data = NULL;
+    size_t len = 0;
+    mt_status st = mt_read_file(path, &data, &len, err);
+    if (st) return st;
+    st = mt_records_parse_csv(path, data, len, delim, opt, set, err);
+    free(data);
+    return st;
 }
 
 void mt_record_set_print_bad(const mt_record_set *set, FILE *f) {
@@ -702,4 +834,95 @@ mt_status mt_record_set_split(mt_record_set *set, double fraction, uint64_t seed
     set->n = 0; /* the records moved */
     mt_record_set_free(set);
     return MT_OK;
+}
+
+/* ---- mixtures -------------------------------------------------------------------- */
+
+static mt_status messages_copy(mt_message **dst, const mt_message *src, int n, mt_error *err) {
+    *dst = NULL;
+    if (!n) return MT_OK;
+    mt_message *m = mt_calloc((size_t)n, sizeof *m, "record copy", err);
+    if (!m) return MT_ERR_NOMEM;
+    *dst = m;
+    for (int i = 0; i < n; i++)
+        if (!(m[i].role = mt_strdup(src[i].role, "record copy", err)) ||
+            !(m[i].content = mt_strdup(src[i].content, "record copy", err)))
+            return MT_ERR_NOMEM;
+    return MT_OK;
+}
+
+/* A deep copy (on failure *dst holds what was copied: free it with record_free). */
+static mt_status record_copy(mt_record *dst, const mt_record *src, mt_error *err) {
+    *dst = *src;
+    dst->messages = dst->chosen = dst->rejected = NULL;
+    dst->text = NULL;
+    mt_status st;
+    if ((st = messages_copy(&dst->messages, src->messages, src->n_messages, err)) ||
+        (st = messages_copy(&dst->chosen, src->chosen, src->n_chosen, err)) ||
+        (st = messages_copy(&dst->rejected, src->rejected, src->n_rejected, err)))
+        return st;
+    if (src->text && !(dst->text = mt_strdup(src->text, "record copy", err))) return MT_ERR_NOMEM;
+    return MT_OK;
+}
+
+mt_status mt_record_set_weight(mt_record_set *set, size_t first, double weight, uint64_t seed,
+                               mt_error *err) {
+    if (!(weight > 0.0) || weight > MT_MIX_WEIGHT_MAX)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "%s: a mixture weight must be above 0 and at most %g, got %g",
+                            set->n_files ? set->files[set->n_files - 1] : "records",
+                            MT_MIX_WEIGHT_MAX, weight);
+    if (first > set->n) first = set->n;
+    const size_t n = set->n - first;
+    const size_t whole = (size_t)weight;
+    const size_t part = (size_t)((weight - (double)whole) * (double)n + 0.5);
+    if (!n || (whole == 1 && part == 0)) return MT_OK;
+    if (whole == 0 && part == 0)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "a mixture weight of %g keeps none of %s's %zu records", weight,
+                            set->n_files ? set->files[set->n_files - 1] : "the file", n);
+    /* the fractional part: a seeded choice of `part` records, kept in file order */
+    size_t *pick = mt_malloc(n * sizeof *pick, "mixture indices", err);
+    uint8_t *chosen = pick ? mt_calloc(n, 1, "mixture indices", err) : NULL;
+    if (!chosen) {
+        free(pick);
+        return MT_ERR_NOMEM;
+    }
+    for (size_t i = 0; i < n; i++) pick[i] = i;
+    mt_shuffle_indices(pick, n, seed);
+    for (size_t i = 0; i < part; i++) chosen[pick[i]] = 1;
+    free(pick);
+    const size_t total = whole * n + part;
+    mt_status st = MT_OK;
+    mt_record *out = mt_malloc((first + total ? first + total : 1) * sizeof *out, "mixture records", err);
+    if (!out) {
+        free(chosen);
+        return MT_ERR_NOMEM;
+    }
+    memcpy(out, set->records, first * sizeof *out);
+    size_t k = first;
+    /* the first copy moves the records; further copies are deep copies */
+    for (size_t c = 0; c < whole + (part > 0) && !st; c++) {
+        for (size_t i = 0; i < n && !st; i++) {
+            const int keep = c < whole || chosen[i];
+            if (!keep) continue;
+            if (c == 0) {
+                out[k++] = set->records[first + i];
+                continue;
+            }
+            const mt_record *src = &set->records[first + i];
+            if ((st = record_copy(&out[k], src, err))) record_free(&out[k]);
+            else k++;
+        }
+    }
+    /* records neither moved nor copied (weight < 1) are freed */
+    if (whole == 0)
+        for (size_t i = 0; i < n; i++)
+            if (!chosen[i]) record_free(&set->records[first + i]);
+    free(chosen);
+    free(set->records);
+    set->records = out;
+    set->n = k;
+    set->cap = first + total ? first + total : 1;
+    return st;
 }

@@ -1,8 +1,10 @@
-/* fuzz_jsonl.c — libFuzzer target for the JSONL record reader (core/text/dataset_jsonl.c).
+/* fuzz_jsonl.c — libFuzzer target for the record readers (core/text/dataset_jsonl.c):
+ * JSONL, and CSV/TSV (formats/csv.c) when bit 5 of the first byte is set (bit 6: tab).
  * The first byte picks the format (auto or one of the five), the bad-record policy and
  * default or custom field names; the rest is the file. The input is read twice into one
  * set: once as chosen, once with the error policy (which exercises the roll-back of a
- * failed load on top of earlier records). Must never crash, leak or read out of bounds. */
+ * failed load on top of earlier records); a mixture weight then repeats or samples the
+ * second file's records. Must never crash, leak or read out of bounds. */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,13 +35,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     mt_record_set set;
     mt_record_set_init(&set);
     mt_error err = {0};
-    mt_status st = mt_records_parse_jsonl("fuzz.jsonl", text, len, &opt, &set, &err);
+    const int csv = (sel >> 5) & 1;
+    const char delim = (sel >> 6) & 1 ? '\t' : ',';
+#define PARSE(name) (csv ? mt_records_parse_csv(name, text, len, delim, &opt, &set, &err) \
+                         : mt_records_parse_jsonl(name, text, len, &opt, &set, &err))
+    mt_status st = PARSE("fuzz.jsonl");
     if (st != MT_OK && (err.msg[0] == '\0' || memchr(err.msg, '\0', sizeof err.msg) == NULL))
         __builtin_trap(); /* every failure says why */
     size_t before = set.n;
     opt.on_bad_record = MT_BAD_RECORD_ERROR;
-    st = mt_records_parse_jsonl("fuzz2.jsonl", text, len, &opt, &set, &err);
+    st = PARSE("fuzz2.jsonl");
     if (st != MT_OK && set.n != before) __builtin_trap(); /* a failed load leaves the set */
+    if (st == MT_OK && set.n > before) { /* weights 0.5 or 2 on the second file */
+        size_t n = set.n - before, want = sel & 1 ? 2 * n : (n + 1) / 2;
+        if (mt_record_set_weight(&set, before, sel & 1 ? 2.0 : 0.5, sel, &err) == MT_OK &&
+            set.n != before + want)
+            __builtin_trap();
+    }
     for (size_t i = 0; i < set.n; i++) { /* every record is whole */
         const mt_record *r = &set.records[i];
         if (r->line < 1 || r->file < 0 || r->file >= set.n_files) __builtin_trap();
@@ -56,8 +68,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     if (sel & 0x80) { /* a held-out split of what was read */
         mt_record_set train, eval;
+        const size_t total = set.n;
         if (mt_record_set_split(&set, 0.25, sel, &train, &eval, &err) == MT_OK) {
-            if (train.n + eval.n != before + (st == MT_OK ? before : 0)) __builtin_trap();
+            if (train.n + eval.n != total) __builtin_trap();
             mt_record_set_free(&train);
             mt_record_set_free(&eval);
         }

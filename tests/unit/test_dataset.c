@@ -998,6 +998,188 @@ static void test_smollm2_end_to_end(void **state) {
 
 /* A data file without records is refused at load, naming it (later, an empty held-out
  * set could not say which file it came from); the record set is left as it was. */
+
+/* ---- CSV and TSV ------------------------------------------------------------------ */
+
+/* Two record sets hold the same conversations. */
+static void assert_same_records(const mt_record_set *a, const mt_record_set *b) {
+    assert_int_equal(a->n, b->n);
+    for (size_t i = 0; i < a->n; i++) {
+        assert_int_equal(a->records[i].format, b->records[i].format);
+        assert_int_equal(a->records[i].n_messages, b->records[i].n_messages);
+        for (int j = 0; j < a->records[i].n_messages; j++)
+            assert_msg(&a->records[i].messages[j], b->records[i].messages[j].role,
+                       b->records[i].messages[j].content);
+    }
+}
+
+/* Python's csv.writer wrote the fixtures (tests/parity/make_csv_fixture.py): quoted
+ * commas, doubled quotes, LF and CRLF inside fields, CRLF rows, tabs, non-ASCII; read
+ * as CSV and TSV they are the records of the JSONL file it wrote alongside. */
+static void test_csv_tsv_match_jsonl(void **state) {
+    (void)state;
+    mt_record_set want, got;
+    load_ok(DATA_DIR "/mixed_fields.jsonl", MT_DATA_AUTO, NULL, &want);
+    assert_int_equal(want.n, 6);
+    const char *files[] = {DATA_DIR "/mixed_fields.csv", DATA_DIR "/mixed_fields.tsv"};
+    for (int f = 0; f < 2; f++) {
+        mt_jsonl_options opt = {MT_DATA_AUTO, NULL, MT_BAD_RECORD_ERROR};
+        mt_error err = {0};
+        mt_record_set_init(&got);
+        if (mt_records_load(files[f], &opt, &got, &err)) fail_msg("%s", err.msg);
+        assert_int_equal(got.format, MT_DATA_ALPACA);
+        assert_same_records(&got, &want);
+        /* a record's line is where its row starts: the header is line 1, the record
+         * after the one with a line break inside a field starts two lines later */
+        assert_int_equal(got.records[0].line, 2);
+        assert_int_equal(got.records[1].line, 3);
+        assert_int_equal(got.records[2].line, 6);
+        mt_record_set_free(&got);
+    }
+    mt_record_set_free(&want);
+    /* a messages column written as JSON text is the conversation */
+    load_ok(DATA_DIR "/chat_messages.jsonl", MT_DATA_AUTO, NULL, &want);
+    mt_jsonl_options opt = {MT_DATA_AUTO, NULL, MT_BAD_RECORD_ERROR};
+    mt_error err = {0};
+    mt_record_set_init(&got);
+    if (mt_records_load(DATA_DIR "/chat_messages.csv", &opt, &got, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(got.format, MT_DATA_CHAT);
+    assert_same_records(&got, &want);
+    mt_record_set_free(&got);
+    mt_record_set_free(&want);
+}
+
+/* Malformed CSV and bad rows name the file, the line and (for quoting) the column; a
+ * bad row follows the bad-record policy, malformed quoting always ends the file. */
+static void test_csv_errors(void **state) {
+    (void)state;
+    static const struct {
+        const char *text, *want;
+        int skippable;
+    } cases[] = {
+        {"prompt,completion\na,b\nc,d,e\n", "t.csv:3: 3 fields where the header has 2", 1},
+        {"prompt,completion\na,b\nc\n", "t.csv:3: 1 fields where the header has 2", 1},
+        {"prompt,completion\n\"a,b\n", "t.csv:2:1: this quote is never closed", 0},
+        {"prompt,completion\n\"a\"x,b\n", "t.csv:2:4: text after a closing quote", 0},
+        {"prompt,completion\na,\"b\n\nc\"d\n", "t.csv:4:3: text after a closing quote", 0},
+        {"prompt,prompt\na,b\n", "t.csv:1: header: column 'prompt' appears twice", 0},
+        {"prompt,\na,b\n", "t.csv:1: header: column 2 needs a name", 0},
+        {"prompt,completion\ncaf\xC3,b\n", "t.csv:2: column 'prompt': invalid UTF-8", 1},
+        {"prompt,completion\na,\n", "t.csv:2: field 'completion'", 1},
+        {"prompt,completion\n", "t.csv: no records", 0},
+        {"", "t.csv: no records", 0},
+        {"question,answer\na,b\n", "t.csv:2: cannot tell the format", 1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        for (int skip = 0; skip <= 1; skip++) {
+            mt_jsonl_options opt = {MT_DATA_AUTO, NULL, skip ? MT_BAD_RECORD_SKIP : MT_BAD_RECORD_ERROR};
+            mt_record_set s;
+            mt_record_set_init(&s);
+            mt_error err = {0};
+            mt_status st = mt_records_parse_csv("t.csv", cases[i].text, strlen(cases[i].text), ',',
+                                                &opt, &s, &err);
+            const char *msg = err.msg, *want = cases[i].want;
+            if (skip && cases[i].skippable) { /* counted; with no good row, no records */
+                if (st == MT_OK) msg = s.bad[0].msg;
+                else want = "every record was bad and skipped";
+            }
+            if (!strstr(msg, want))
+                fail_msg("case %zu (skip %d): expected '%s', got status %d '%s'", i, skip, want,
+                         (int)st, msg);
+            if (!skip || !cases[i].skippable) assert_int_not_equal(st, MT_OK);
+            if (st) assert_int_equal(s.n, 0); /* a failed load keeps nothing of the file */
+            mt_record_set_free(&s);
+        }
+    }
+    /* the skip policy keeps the good rows around a bad one */
+    const char *text = "prompt,completion\na,b\nc,d,e\nf,g\n";
+    mt_jsonl_options opt = {MT_DATA_AUTO, NULL, MT_BAD_RECORD_SKIP};
+    mt_record_set s;
+    mt_record_set_init(&s);
+    mt_error err = {0};
+    assert_int_equal(mt_records_parse_csv("t.csv", text, strlen(text), ',', &opt, &s, &err), MT_OK);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.n_bad, 1);
+    assert_int_equal(s.records[1].line, 4);
+    assert_msg(&s.records[1].messages[1], "assistant", "g");
+    mt_record_set_free(&s);
+}
+
+/* ---- mixtures --------------------------------------------------------------------- */
+
+static int same_record_text(const mt_record *a, const mt_record *b) {
+    return a->n_messages == b->n_messages &&
+           !strcmp(a->messages[0].content, b->messages[0].content);
+}
+
+static void test_mixture_weights(void **state) {
+    (void)state;
+    mt_record_set base;
+    load_ok(DATA_DIR "/mixed_fields.jsonl", MT_DATA_AUTO, NULL, &base);
+    const size_t n = base.n; /* 6 */
+    static const struct {
+        double weight;
+        size_t want;
+    } cases[] = {{1.0, 6}, {2.0, 12}, {0.5, 3}, {1.5, 9}, {0.2, 1}, {3.25, 20}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        mt_record_set s;
+        load_ok(DATA_DIR "/alpaca.jsonl", MT_DATA_AUTO, NULL, &s); /* 3 records before */
+        mt_jsonl_options opt = {MT_DATA_AUTO, NULL, MT_BAD_RECORD_ERROR};
+        mt_error err = {0};
+        assert_int_equal(mt_records_load_jsonl(DATA_DIR "/mixed_fields.jsonl", &opt, &s, &err), MT_OK);
+        if (mt_record_set_weight(&s, 3, cases[c].weight, 7, &err)) fail_msg("%s", err.msg);
+        assert_int_equal(s.n, 3 + cases[c].want);
+        /* the earlier file is untouched; every record of the weighted one is one of its
+         * records, each appearing floor(w) or floor(w) + 1 times, the sampled ones in
+         * file order */
+        assert_string_equal(s.records[0].messages[0].content, "Name a primary colour.");
+        size_t counts[6] = {0};
+        size_t last = 0;
+        for (size_t i = 3; i < s.n; i++) {
+            size_t j = 0;
+            while (j < n && !same_record_text(&s.records[i], &base.records[j])) j++;
+            assert_true(j < n);
+            assert_int_equal(s.records[i].file, 1);
+            if (i >= 3 + (size_t)cases[c].weight * n) { /* the sampled part */
+                if (i > 3 + (size_t)cases[c].weight * n) assert_true(j > last);
+                last = j;
+            }
+            counts[j]++;
+        }
+        for (size_t j = 0; j < n; j++) {
+            assert_true(counts[j] >= (size_t)cases[c].weight);
+            assert_true(counts[j] <= (size_t)cases[c].weight + 1);
+        }
+        mt_record_set_free(&s);
+    }
+    /* the seed chooses which records a fraction keeps: the same seed the same ones */
+    int differs = 0;
+    for (uint64_t seed = 1; seed <= 8; seed++) {
+        mt_record_set a, b;
+        load_ok(DATA_DIR "/mixed_fields.jsonl", MT_DATA_AUTO, NULL, &a);
+        load_ok(DATA_DIR "/mixed_fields.jsonl", MT_DATA_AUTO, NULL, &b);
+        mt_error err = {0};
+        assert_int_equal(mt_record_set_weight(&a, 0, 0.5, 100, &err), MT_OK);
+        assert_int_equal(mt_record_set_weight(&b, 0, 0.5, seed, &err), MT_OK);
+        for (size_t i = 0; i < a.n; i++) differs |= !same_record_text(&a.records[i], &b.records[i]);
+        mt_record_set_free(&a);
+        mt_record_set_free(&b);
+    }
+    assert_true(differs);
+    /* refusals name the file */
+    static const double bad[] = {0.0, -1.0, NAN, 1001.0, 0.01};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        mt_record_set s;
+        load_ok(DATA_DIR "/mixed_fields.jsonl", MT_DATA_AUTO, NULL, &s);
+        mt_error err = {0};
+        assert_int_not_equal(mt_record_set_weight(&s, 0, bad[i], 1, &err), MT_OK);
+        assert_non_null(strstr(err.msg, "mixed_fields.jsonl"));
+        assert_int_equal(s.n, n);
+        mt_record_set_free(&s);
+    }
+    mt_record_set_free(&base);
+}
+
 static void test_empty_file_is_named(void **state) {
     (void)state;
     const char *texts[] = {"", "\n\n  \n", "{\"bad\": 1}\n"};
@@ -1069,6 +1251,9 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_examples_name_their_source),
         cmocka_unit_test(test_alpaca),
+        cmocka_unit_test(test_csv_tsv_match_jsonl),
+        cmocka_unit_test(test_csv_errors),
+        cmocka_unit_test(test_mixture_weights),
         cmocka_unit_test(test_empty_file_is_named),
         cmocka_unit_test(test_chat_and_text_and_prompt_completion),
         cmocka_unit_test(test_preference),

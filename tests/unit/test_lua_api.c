@@ -79,6 +79,11 @@ static void test_preference_pairs(void **state) {
     run_script("preference.lua");
 }
 
+static void test_data_files_and_mixtures(void **state) {
+    (void)state;
+    run_script("data_files.lua");
+}
+
 static void test_numbers(void **state) {
     (void)state;
     run_script("numbers.lua");
@@ -118,6 +123,7 @@ int main(void) {
         cmocka_unit_test(test_records_tasks_exports),
         cmocka_unit_test(test_generate_smollm2),
         cmocka_unit_test(test_numbers),
+        cmocka_unit_test(test_data_files_and_mixtures),
         cmocka_unit_test(test_preference_pairs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
