@@ -2,10 +2,13 @@
 #include "lua/bind_internal.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "lua/chat_render.h"
+#include "lua/data_cache.h"
+#include "text/example_cache.h"
 
 /* ---- Examples ------------------------------------------------------------------ */
 
@@ -59,10 +62,7 @@ static void read_example_options(lua_State *L, int opts, mt_example_options *ex)
 
 /* The files argument at idx: a path, or a list whose items are paths or mixture entries
  * {file = path, weight = w} (weight 1 when absent). Paths are held by the Lua values. */
-typedef struct data_file {
-    const char *path;
-    double weight;
-} data_file;
+typedef mt_data_file data_file;
 
 static data_file *read_files_arg(lua_State *L, int idx, int *n_files) {
     data_file *files;
@@ -169,7 +169,7 @@ static void read_jsonl_options(lua_State *L, int opts, mt_jsonl_options *jsonl) 
 }
 
 /* mt.examples(files, tok, {format=, fields=, on_bad_record=, template=, seq_len=,
- * truncation=, train_on_inputs=, mix_seed=}) */
+ * truncation=, train_on_inputs=, mix_seed=, cache=}) */
 static int l_examples(lua_State *L) {
     lua_settop(L, 3); /* an absent options table stays a nil slot below the bind_scratch values */
     int n_files;
@@ -188,17 +188,45 @@ static int l_examples(lua_State *L) {
         return luaL_error(L, "option 'template': expected a name or a function, found %s", luaL_typename(L, -1));
     int tmpl = lua_gettop(L);
 
+    /* the tokenized-example cache: on unless cache = false, or the template is a function
+     * (whose code cannot be keyed) */
+    const int use_cache = bind_opt_bool(L, 3, "cache", 1) && tmpl_type != LUA_TFUNCTION;
+    const uint64_t mix_seed = (uint64_t)bind_opt_int(L, 3, "mix_seed", 0);
+
     lexamples *e = new_examples(L, &ex);
     int eidx = lua_gettop(L);
     mt_error err = {0};
-    load_files(L, files, n_files, &jsonl, (uint64_t)bind_opt_int(L, 3, "mix_seed", 0), &e->records);
+    load_files(L, files, n_files, &jsonl, mix_seed, &e->records);
     e->has_records = 1;
     if (e->records.format == MT_DATA_TEXT) e->set.opt.add_special = 1; /* plain text: BOS/EOS */
+    const char *requested = tmpl_type == LUA_TSTRING ? lua_tostring(L, tmpl) : "auto";
+    const char *resolved = NULL;
     if (tmpl_type == LUA_TFUNCTION) lua_pushvalue(L, tmpl);
-    else if (mt_chat_template_push(L, t->tok, tmpl_type == LUA_TSTRING ? lua_tostring(L, tmpl) : "auto",
-                                   NULL, &err))
+    else if (mt_chat_template_push(L, t->tok, requested, &resolved, &err))
         return bind_raise(L, &err);
-    if (mt_examples_from_records(L, t->tok, &e->records, &e->set, &err)) return bind_raise(L, &err);
+    char dir[4096];
+    uint8_t key[MT_SHA256_BYTES];
+    const int keyed = use_cache && mt_data_cache_dir(dir, sizeof dir) == 0 &&
+                      mt_data_cache_key(files, n_files, mix_seed, &jsonl, &e->set.opt, t->tok,
+                                        requested, resolved, key, &err) == MT_OK;
+    if (keyed) {
+        mt_error cerr = {0};
+        mt_status st = mt_example_cache_load(&e->set, dir, key, mt_tokenizer_vocab_size(t->tok),
+                                             e->records.n_files, &cerr);
+        if (st == MT_OK) {
+            if (mt_example_set_set_files(&e->set, e->records.files, e->records.n_files, &err))
+                return bind_raise(L, &err);
+            e->from_cache = 1;
+        } else if (st != MT_ERR_IO) {
+            fprintf(stderr, "moontune: the example cache is not used: %s; tokenizing again\n", cerr.msg);
+        }
+    }
+    if (!e->from_cache) {
+        if (mt_examples_from_records(L, t->tok, &e->records, &e->set, &err)) return bind_raise(L, &err);
+        mt_error cerr = {0};
+        if (keyed && mt_example_cache_save(&e->set, dir, key, &cerr))
+            fprintf(stderr, "moontune: the example cache was not written: %s\n", cerr.msg);
+    }
     mt_example_set_print_skipped(&e->set, stderr);
     lua_settop(L, eidx);
     return 1;
@@ -370,6 +398,8 @@ static int examples_stats(lua_State *L) {
     bind_set_int(L, "dropped_too_long", st.dropped_too_long);
     bind_set_int(L, "dropped_no_target", st.dropped_no_target);
     bind_set_int(L, "seq_len", st.seq_len);
+    lua_pushboolean(L, e->from_cache);
+    lua_setfield(L, -2, "cached");
     return 1;
 }
 

@@ -53,6 +53,7 @@ typedef struct lexamples {
     mt_example_set set;
     mt_record_set records;
     int has_records; /* records were read (stats count them) */
+    int from_cache;  /* the examples came from the tokenized-example cache */
     int users;       /* open Batchers pointing at the set */
 } lexamples;
 
@@ -89,6 +90,8 @@ void bind_set_bool(lua_State *L, const char *k, int v);
 void bind_set_int(lua_State *L, const char *k, lua_Integer v);
 void bind_set_num(lua_State *L, const char *k, double v);
 void bind_set_str(lua_State *L, const char *k, const char *v);
+/* mt.isatty(stream): "stdout", "stderr", "stdin" or a Lua file handle */
+int bind_isatty(lua_State *L);
 
 /* ---- bind_model.c: Plugin, Model, Tokenizer and exports ---- */
 lmodel *bind_check_model(lua_State *L, int idx);
@@ -105,5 +108,6 @@ void mt_bind_model_open(lua_State *L);
 void mt_bind_data_open(lua_State *L);
 void mt_bind_train_open(lua_State *L);
 void mt_bind_generate_open(lua_State *L);
+void mt_bind_tensorboard_open(lua_State *L); /* bind_tensorboard.c */
 
 #endif /* MT_LUA_BIND_INTERNAL_H */

@@ -55,4 +55,47 @@ raises(function() mt.records({ { file = DATA .. "/alpaca.jsonl", weight = 0 } })
 raises(function() mt.records({ { file = DATA .. "/alpaca.jsonl", weight = "2" } }) end, "'weight' must be a number")
 raises(function() mt.records({ { path = DATA .. "/alpaca.jsonl" } }) end, "unknown key 'path'")
 raises(function() mt.records({ 7 }) end, "expected a path or {file=, weight=}")
+-- the tokenized-example cache (MOONTUNE_CACHE_DIR is a fresh directory for this test):
+-- a second read of the same inputs comes from it, equal to the first; a change of any
+-- input misses
+local function batches(ex)
+  local b <close> = mt.batcher(ex, { batch = 2, seq_len = 64, seed = 5 })
+  local out = {}
+  for _ = 1, 3 do
+    local batch = b:next()
+    out[#out + 1] = table.concat(batch:tokens(), ",") .. ";" .. table.concat(batch:targets(), ",")
+  end
+  return table.concat(out, "/")
+end
+local function stats_text(ex)
+  local st = ex:stats()
+  return table.concat({ st.examples, st.tokens, st.trained_tokens, st.truncated_prompt,
+                        st.dropped_no_target }, ",")
+end
+local TRAIN = DATA .. "/tiny_chat_train.jsonl"
+local first = mt.examples(TRAIN, tok, { seq_len = 48 })
+check(not first:stats().cached, "the first read tokenizes")
+local again = mt.examples(TRAIN, tok, { seq_len = 48 })
+check(again:stats().cached, "the second read comes from the cache")
+check(stats_text(again) == stats_text(first), "cached stats " .. stats_text(again) .. " vs " .. stats_text(first))
+check(batches(again) == batches(first), "cached batches equal the tokenized ones")
+check(not mt.examples(TRAIN, tok, { seq_len = 40 }):stats().cached, "seq_len is in the key")
+check(not mt.examples(TRAIN, tok, { seq_len = 48, template = "chatml" }):stats().cached, "the template is in the key")
+check(not mt.examples(TRAIN, tok, { seq_len = 48, train_on_inputs = true }):stats().cached, "train_on_inputs")
+check(not mt.examples({ { file = TRAIN, weight = 2 } }, tok, { seq_len = 48 }):stats().cached, "the weight")
+check(not mt.examples(TRAIN, tok, { seq_len = 48, cache = false }):stats().cached, "cache = false")
+-- another tokenizer with the same vocabulary size is another key
+local tok2 = mt.tokenizer(FIXTURE_DIR .. "/tokenizer/smollm2")
+check(not mt.examples(DATA .. "/alpaca.jsonl", tok2, { seq_len = 48 }):stats().cached, "tok2 first")
+check(mt.examples(DATA .. "/alpaca.jsonl", tok2, { seq_len = 48 }):stats().cached, "tok2 second")
+-- a data file whose bytes change misses, even at the same path and size
+local copy = TMP .. "/train_copy.jsonl"
+local src = assert(io.open(TRAIN, "rb")):read("a")
+local f = assert(io.open(copy, "wb")); f:write(src); f:close()
+-- the key is the content, not the path: the same bytes elsewhere hit
+check(mt.examples(copy, tok, { seq_len = 48 }):stats().cached, "the same bytes at another path")
+local changed = src:gsub('("content": ")(%a)', function(p, c) return p .. (c == "X" and "Y" or "X") end, 1)
+check(#changed == #src and changed ~= src, "one letter changed")
+f = assert(io.open(copy, "wb")); f:write(changed); f:close()
+check(not mt.examples(copy, tok, { seq_len = 48 }):stats().cached, "changed data misses")
 return "ok"

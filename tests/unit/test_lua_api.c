@@ -81,7 +81,13 @@ static void test_preference_pairs(void **state) {
 
 static void test_data_files_and_mixtures(void **state) {
     (void)state;
+    /* the example cache goes to a fresh directory of this test */
+    char *dir = mt_test_tmpdir("example_cache");
+    setenv("MOONTUNE_CACHE_DIR", dir, 1);
     run_script("data_files.lua");
+    unsetenv("MOONTUNE_CACHE_DIR");
+    mt_test_rmtree(dir);
+    free(dir);
 }
 
 static void test_numbers(void **state) {
