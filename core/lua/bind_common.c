@@ -3,8 +3,10 @@
  * (one set per Lua state) and class creation. */
 #include "lua/bind_internal.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Raises the core's error as a Lua error (never returns). */
 int bind_raise(lua_State *L, const mt_error *err) {
@@ -283,3 +285,25 @@ void bind_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua
     lua_pop(L, 1);
 }
 
+
+/* mt.isatty(stream) -> whether the stream is a terminal: stream is "stdout", "stderr",
+ * "stdin" or an open Lua file handle (io.stdout, io.open(...)); anything else (a table
+ * with a write method, a closed file) is not a terminal. The trainer draws its \r
+ * progress bar only on a terminal, so log files under nohup or a batch system stay
+ * plain lines whatever $TERM says. */
+int bind_isatty(lua_State *L) {
+    FILE *f = NULL;
+    if (lua_type(L, 1) == LUA_TSTRING) {
+        const char *name = lua_tostring(L, 1);
+        if (!strcmp(name, "stdout")) f = stdout;
+        else if (!strcmp(name, "stderr")) f = stderr;
+        else if (!strcmp(name, "stdin")) f = stdin;
+        else return luaL_error(L, "isatty: unknown stream '%s' (want \"stdout\", \"stderr\", \"stdin\" or a file)", name);
+    } else {
+        luaL_Stream *s = luaL_testudata(L, 1, LUA_FILEHANDLE);
+        if (s && s->closef && s->f) f = s->f;
+    }
+    int fd = f ? fileno(f) : -1;
+    lua_pushboolean(L, fd >= 0 && isatty(fd));
+    return 1;
+}

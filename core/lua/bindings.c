@@ -129,6 +129,7 @@ static const luaL_Reg functions[] = {
     {"peak_memory", l_peak_memory},
     {"config", l_config},
     {"validating", l_validating},
+    {"isatty", bind_isatty},
     {NULL, NULL},
 };
 
@@ -141,6 +142,7 @@ int luaopen_moontune_core(lua_State *L) {
     mt_bind_data_open(L);
     mt_bind_train_open(L);
     mt_bind_generate_open(L);
+    mt_bind_tensorboard_open(L);
     luaL_setfuncs(L, functions, 0);
     mt_lua_run_funcs(L);
     return 1;

@@ -65,8 +65,10 @@
 --   recipe = nil, plugins = nil, rng = nil   stored in every checkpoint as they are (recipe
 --                               defaults to the text of the recipe `moontune run` runs)
 --   progress = true             a \r progress bar on a terminal; false = plain lines
---   is_tty = nil                override terminal detection (default: $TERM set and
---                               not "dumb")
+--   is_tty = nil                override terminal detection (default: mt.isatty(output),
+--                               i.e. isatty(3) on the stream the bar would go to, and
+--                               $TERM not "dumb"; output to a file, a pipe, nohup or a
+--                               batch system gets plain lines, never \r)
 --   log_every = 10              plain log line every N steps (not on a terminal); it
 --                               shows every metric the loss reports
 --   progress_metrics = { "rewards/accuracies", "rewards/margins" }   the loss metrics
@@ -74,6 +76,16 @@
 --   output = io.stdout          where progress and log lines go (anything with :write)
 --   clock = mt.now or os.clock  function() -> seconds, for tokens/s, ETA and time
 --   plot = true                 write <out_dir>/loss.svg at the end
+--   tensorboard = true          write TensorBoard events beside metrics.jsonl
+--                               (<out_dir>/events.out.tfevents.<time>.<host>,
+--                               docs/tensorboard.md): every finite number of every
+--                               metrics.jsonl record but its step becomes a scalar tagged
+--                               with its key (loss, lr, eval_loss, rewards/accuracies, ...)
+--                               at the record's step, float32. Each record reaches the
+--                               file at once; a resumed run starts a new file that tells
+--                               TensorBoard to drop the earlier files' steps from the
+--                               resumed one on. false = none; nil = when mt offers
+--                               mt.tensorboard_open (true insists on it)
 --
 -- Callbacks: each hook is called as hook(state, control [, extra]); on_save gets the
 -- checkpoint path as extra. state (read it, do not replace its fields):
@@ -90,6 +102,7 @@
 --
 -- Result: { steps, best, stopped_early, history = { train = {{step, loss}...},
 --           eval = {{step, metrics}...} }, out_dir, seconds, restored_best,
+--           tensorboard (the events file this run wrote, or nil),
 --           general = { before, after, change } (with general_examples),
 --           metrics (the evaluation of the model it leaves: the restored best's, or the
 --           last one when made at the final step; nil otherwise),
@@ -225,6 +238,12 @@ local function resolve(cfg, mt)
   if type(cfg.lr) ~= "number" or cfg.lr <= 0 then fail("cfg.lr must be a positive number, got %s", tostring(cfg.lr)) end
   if cfg.schedule ~= nil and type(cfg.schedule) ~= "function" then
     fail("cfg.schedule must be a function(step, total, base_lr), got %s", type(cfg.schedule))
+  end
+  if cfg.tensorboard ~= nil and type(cfg.tensorboard) ~= "boolean" then
+    fail("cfg.tensorboard must be true or false, got %s", type(cfg.tensorboard))
+  end
+  if cfg.tensorboard == true and type(mt.tensorboard_open) ~= "function" then
+    fail("cfg.tensorboard is true but mt has no tensorboard_open (pass the moontune module)")
   end
   local R = { batcher = cfg.batcher, out_dir = cfg.out_dir, grad_accum = cfg.grad_accum or 1,
               max_grad_norm = cfg.max_grad_norm, max_bad = cfg.max_bad_steps or 5,
@@ -424,14 +443,35 @@ local function open_outputs(cfg, mt, R, T)
   local mfile, merr = io.open(mpath, T.start_step > 1 and "a" or "w")
   if not mfile then fail("cannot write %s: %s (does out_dir exist?)", mpath, tostring(merr)) end
   T.mfile = mfile
+  -- TensorBoard: a new events file per run segment; a resumed one first tells readers
+  -- to drop what earlier files hold from its first step on (as metrics.jsonl was rewound)
+  local tb = nil
+  if cfg.tensorboard ~= false and type(mt.tensorboard_open) == "function" then
+    tb = mt.tensorboard_open(R.out_dir, T.start_step > 1 and { restart_step = T.start_step } or nil)
+    T.tb, T.tb_path = tb, tb:path()
+  end
   function T.log_json(rec)
     mfile:write(mt.json_encode(rec), "\n")
     mfile:flush()
+    if tb and math.type(rec.step) == "integer" then
+      -- the record's finite numbers (what metrics.jsonl holds as numbers, not null)
+      local values, any = {}, false
+      for k, v in pairs(rec) do
+        if k ~= "step" and type(k) == "string" and is_finite(v) then values[k] = v; any = true end
+      end
+      if any then tb:scalars(rec.step, values) end
+    end
   end
+  function T.close_outputs()
+    mfile:close()
+    if T.tb then T.tb:close(); T.tb = nil end
+  end
+  -- the \r progress bar only on a terminal: isatty on the stream it writes to (a log
+  -- file under nohup or a batch system gets plain lines, whatever $TERM says)
   local tty = cfg.is_tty
   if tty == nil then
     local term = os.getenv("TERM")
-    tty = term ~= nil and term ~= "" and term ~= "dumb"
+    tty = type(mt.isatty) == "function" and mt.isatty(R.output) and term ~= "dumb" or false
   end
   T.bar = cfg.progress ~= false and tty
   T.bar_shown = false
@@ -639,7 +679,7 @@ local function train_step(cfg, mt, R, T, step)
   if bad then
     state.bad_steps = state.bad_steps + 1
     if state.bad_steps >= R.max_bad then
-      T.mfile:close()
+      T.close_outputs()
       error(string.format("%d non-finite steps in a row at step %d: stopping (lower the learning rate or check the data)",
                           state.bad_steps, step), 0)
     end
@@ -697,7 +737,7 @@ local function finish(cfg, mt, R, T)
     mt.checkpoint_load(state.best.path, cfg.model, cfg.optimizer, cfg.loss)
     restored = true
   end
-  T.mfile:close()
+  T.close_outputs()
 
   local seconds = R.clock() - T.t0
   if cfg.plot ~= false then
@@ -731,12 +771,14 @@ local function finish(cfg, mt, R, T)
                                       left.general_change > R.general.bound and
                                         ", beyond max_general_regression" or "")
   end
-  lines[#lines + 1] = string.format("outputs in %s: metrics.jsonl%s, checkpoints", R.out_dir,
-                                    cfg.plot ~= false and ", loss.svg" or "")
+  lines[#lines + 1] = string.format("outputs in %s: metrics.jsonl%s%s, checkpoints", R.out_dir,
+                                    cfg.plot ~= false and ", loss.svg" or "",
+                                    T.tb_path and ", TensorBoard events" or "")
   for _, l in ipairs(lines) do T.say(l) end
 
   return { steps = state.step, best = state.best, stopped_early = state.stopped_early, history = T.history,
            out_dir = R.out_dir, seconds = seconds, restored_best = restored, general = general,
+           tensorboard = T.tb_path,
            metrics = left,
            tokens = T.tokens_run, step_seconds = T.step_seconds,
            tokens_per_second = T.step_seconds > 0 and T.tokens_run / T.step_seconds or 0 }
