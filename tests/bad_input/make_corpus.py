@@ -495,6 +495,31 @@ case("jsonl", "train_empty_file", RUN, ["empty.jsonl: no records"],
      {"empty.jsonl": "", "recipe.lua": MT + "local tok = mt.tokenizer('@FIX@/tiny_chat')\n"
                                            "mt.examples('@CASE@/empty.jsonl', tok, {})\n"})
 
+# ---- CSV and TSV (the same record rules through a table's header) ---------------------
+CSV = ["data", "@CASE@/data.csv", "--tokenizer", "@FIX@/tokenizer/smollm2"]
+TSV = ["data", "@CASE@/data.tsv", "--tokenizer", "@FIX@/tokenizer/smollm2"]
+HDR = "instruction,output\n"
+csv_cases = {
+    "csv_quote_never_closed": (HDR + 'Say hi.,Hi.\n"Say bye.,Bye.\n', ["data.csv:3:1", "never closed"]),
+    "csv_text_after_quote": (HDR + '"Say "hi".",Hi.\n', ["data.csv:2:7", "text after a closing quote"]),
+    "csv_too_many_fields": (HDR + "Say hi.,Hi.\nSay, bye.,Bye.\n", ["data.csv:3", "3 fields where the header has 2"]),
+    "csv_too_few_fields": (HDR + "Say hi.\n", ["data.csv:2", "1 fields where the header has 2"]),
+    "csv_header_repeated": ("output,output\nHi.,Hi.\n", ["data.csv:1", "appears twice"]),
+    "csv_header_empty_name": ("instruction,,output\na,b,c\n", ["data.csv:1", "column 2 needs a name"]),
+    "csv_nul_byte": (HDR.encode() + b"Say\x00 hi.,Hi.\n", ["data.csv:2:4", "NUL"]),
+    "csv_bad_utf8": (HDR.encode() + b"caf\xc3,Hi.\n", ["data.csv:2", "column 'instruction': invalid UTF-8"]),
+    "csv_empty_output": (HDR + "Say hi.,\n", ["data.csv:2", "field 'output'"]),
+    "csv_unknown_columns": ("question,answer\nx,y\n", ["data.csv:2", "cannot tell the format"]),
+    "csv_header_only": (HDR, ["data.csv: no records"]),
+    "csv_messages_not_a_list": ('messages\n"[{""role"": ""user"", ""content"": 3}]"\n', ["data.csv:2", "messages[0].content"]),
+}
+for name, (text, exp) in csv_cases.items():
+    case("jsonl", name, CSV, exp, {"data.csv": text})
+case("jsonl", "tsv_too_many_fields", TSV, ["data.tsv:2", "3 fields where the header has 2"],
+     {"data.tsv": "instruction\toutput\na\tb\tc\n"})
+case("jsonl", "mixture_weight_zero", RUN, ["alpaca.jsonl: a mixture weight must be above 0"],
+     {"recipe.lua": MT + "mt.records({ {file = '@FIX@/data/alpaca.jsonl', weight = 0} })\n"})
+
 # ---- config.json, more -------------------------------------------------------------------
 configs2 = {
     "rms_eps_zero": (cfg_with(rms_norm_eps=0), ["config.json", "key \"rms_norm_eps\""]),

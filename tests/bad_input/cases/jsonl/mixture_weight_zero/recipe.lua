@@ -1,0 +1,2 @@
+local mt = require("moontune")
+mt.records({ {file = '@FIX@/data/alpaca.jsonl', weight = 0} })
