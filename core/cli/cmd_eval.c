@@ -23,7 +23,7 @@ static void usage(FILE *out) {
             "  --model PATH      a .gguf file or a Hugging Face model directory\n"
             "  --adapter DIR     a PEFT LoRA adapter directory (adapter_config.json +\n"
             "                    adapter_model.safetensors) applied on top of --model\n"
-            "  --template NAME   chat template (default auto: detected from the tokenizer)\n"
+            "  --template NAME   chat template (default auto: the model's own; docs/chat_templates.md)\n"
             "  --format F        auto | alpaca | chat | prompt_completion | text (default auto)\n"
             "  --seq N           sequence length (default 512)\n"
             "  --batch B         rows per batch (default 4)\n"

@@ -1,4 +1,5 @@
-/* chat_render.c — chat template (Lua) + tokenizer + span mask = training examples. */
+/* chat_render.c — chat template (a Lua function of moontune.chat, or the model's own
+ * Jinja template through moontune.jinja) + tokenizer + span mask = training examples. */
 #include "lua/chat_render.h"
 
 #include <lauxlib.h>
@@ -15,45 +16,34 @@ mt_status mt_chat_template_push(lua_State *L, const mt_tokenizer *tok, const cha
     mt_status st = mt_lua_pcall(L, 1, 1, err);
     if (st) return st;
     int chat = lua_gettop(L);
-    if (!name || !strcmp(name, "auto")) {
-        const char *tmpl = mt_tokenizer_chat_template(tok);
-        if (!tmpl) {
-            lua_pop(L, 1);
-            return mt_error_set(err, MT_ERR_INVALID_ARG,
-                                "the tokenizer carries no chat_template: name a template "
-                                "(chatml, smollm2, qwen2, llama3, llama2, mistral, alpaca)");
-        }
-        lua_getfield(L, chat, "detect");
-        lua_pushstring(L, tmpl);
-        if ((st = mt_lua_pcall(L, 1, 2, err))) {
-            lua_pop(L, 1);
-            return st;
-        }
-        if (lua_isnil(L, -2)) {
-            st = mt_error_set(err, MT_ERR_INVALID_ARG, "%s", lua_tostring(L, -1));
-            lua_pop(L, 3);
-            return st;
-        }
-        lua_pop(L, 1); /* the reason */
-    } else {
-        lua_pushstring(L, name);
-    }
-    /* stack: chat, name; an unknown name is the user's mistake, told without a traceback */
-    lua_getfield(L, chat, "lookup");
-    lua_pushvalue(L, -2);
-    if ((st = mt_lua_pcall(L, 1, 2, err))) {
-        lua_pop(L, 2);
+    /* chat.resolve(name, chat_template, bos, eos) -> render, resolved | nil, why: "auto"
+     * (or NULL) picks the hand-written family when it renders like the model's own
+     * template, the model's template through the Jinja engine otherwise; "jinja"
+     * always uses the engine; any other name is a hand-written template */
+    lua_getfield(L, chat, "resolve");
+    lua_pushstring(L, name ? name : "auto");
+    const char *tmpl = tok ? mt_tokenizer_chat_template(tok) : NULL;
+    if (tmpl) lua_pushstring(L, tmpl);
+    else lua_pushnil(L);
+    int32_t bos = tok ? mt_tokenizer_bos(tok) : -1, eos = tok ? mt_tokenizer_eos(tok) : -1;
+    if (bos >= 0) lua_pushstring(L, mt_tokenizer_token_text(tok, bos));
+    else lua_pushnil(L);
+    if (eos >= 0) lua_pushstring(L, mt_tokenizer_token_text(tok, eos));
+    else lua_pushnil(L);
+    if ((st = mt_lua_pcall(L, 4, 2, err))) {
+        lua_pop(L, 1);
         return st;
     }
+    /* an unknown name or a template the engine cannot compile is the user's mistake,
+     * told without a traceback */
     if (lua_isnil(L, -2)) {
         st = mt_error_set(err, MT_ERR_INVALID_ARG, "%s", lua_tostring(L, -1));
-        lua_pop(L, 4);
+        lua_pop(L, 3);
         return st;
     }
-    lua_pop(L, 1); /* no reason */
-    /* stack: chat, name, render */
-    if (resolved) *resolved = lua_tostring(L, -2); /* stays valid: the chat module keeps names */
-    lua_remove(L, chat + 1);
+    /* stack: chat, render, resolved name (a string the chat module keeps) */
+    if (resolved) *resolved = lua_tostring(L, -1);
+    lua_pop(L, 1);
     lua_remove(L, chat);
     return MT_OK;
 }
@@ -121,6 +111,10 @@ static mt_status render_conversation(lua_State *L, int render, const mt_message 
     if (st) {
         char msg[MT_ERROR_MSG_MAX];
         snprintf(msg, sizeof msg, "%s", err ? err->msg : "");
+        /* the template's message names its own position (a Jinja template's line and
+         * column, a Lua function's file and line): the Lua traceback adds nothing */
+        char *trace = strstr(msg, "\nstack traceback:");
+        if (trace) *trace = '\0';
         return mt_error_set(err, st, "%s: chat template: %s", where, msg);
     }
     *text = lua_tolstring(L, -2, len);
@@ -247,7 +241,7 @@ mt_status mt_examples_from_files(const char *const *paths, int n_paths,
     mt_record_set *set = records ? records : &local;
     if (!records) mt_record_set_init(&local);
     mt_status st = MT_OK;
-    for (int i = 0; i < n_paths && !st; i++) st = mt_records_load_jsonl(paths[i], jsonl, set, err);
+    for (int i = 0; i < n_paths && !st; i++) st = mt_records_load(paths[i], jsonl, set, err);
     lua_State *L = NULL;
     if (!st && !(L = mt_lua_open(err))) st = MT_ERR_NOMEM;
     if (!st && !(st = mt_chat_template_push(L, tok, template_name, NULL, err)))

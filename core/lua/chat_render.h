@@ -1,6 +1,7 @@
 /* chat_render.h — records to training examples: each conversation goes through a chat
- * template (a Lua function of lua/moontune/chat.lua, or one the recipe passes),
- * whose text is tokenized and whose spans mark the tokens to train on. */
+ * template (a Lua function of lua/moontune/chat.lua, the model's own Jinja template
+ * rendered by lua/moontune/jinja.lua, or one the recipe passes), whose text is
+ * tokenized and whose spans mark the tokens to train on. */
 #ifndef MT_CORE_RENDER_H
 #define MT_CORE_RENDER_H
 
@@ -9,9 +10,13 @@
 #include "text/dataset.h"
 #include "text/tokenizer.h"
 
-/* Resolves a template name ("auto" or NULL: detect it from the tokenizer's
- * chat_template, refusing one that matches no known family) and pushes the
- * template's render function onto the Lua stack. *resolved receives the name. */
+/* Resolves a template name and pushes the template's render function onto the Lua
+ * stack (chat.resolve in lua/moontune/chat.lua). "auto" or NULL: the tokenizer's
+ * chat_template — through the hand-written function of its family when detect() names
+ * one and that function renders probe conversations exactly like the template, through
+ * the Jinja engine otherwise; "jinja": the tokenizer's chat_template through the
+ * engine; any other name: that hand-written template. *resolved receives the name
+ * ("jinja" for the engine); it stays valid while the state is open. */
 mt_status mt_chat_template_push(lua_State *L, const mt_tokenizer *tok, const char *name,
                                 const char **resolved, mt_error *err);
 

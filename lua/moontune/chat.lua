@@ -39,6 +39,15 @@
 -- Recipes: `chat.get("llama3")` or `chat.get(function(messages, opts) ... end)`;
 -- `chat.detect(template_string)` names the family of a tokenizer's Jinja template or
 -- returns nil and a message asking the recipe to name one. It never guesses.
+--
+-- Any other model's template: `chat.jinja(template_string)` returns a render function
+-- that runs the model's own Jinja chat_template through moontune's engine
+-- (moontune.jinja) and derives the training spans (see chat.jinja below and
+-- docs/chat_templates.md). `chat.resolve(name, template, bos, eos)` is what
+-- `template = "auto"` does: the hand-written function when detect() names a family
+-- and that function renders probe conversations exactly as the model's template does,
+-- the model's own template through the engine otherwise; `template = "jinja"` always
+-- uses the engine.
 
 local M = {}
 
@@ -390,6 +399,316 @@ function M.detect(template)
   end
   return refuse("chat template of an unknown family (no <|im_start|>, <|start_header_id|>, "
                 .. "[INST] or ### Instruction: marker)")
+end
+
+-- ---------------------------------------------------------------------------
+-- any model's own Jinja template (moontune.jinja)
+--
+-- chat.jinja(template, settings) -> render(messages, opts) -> text, spans
+--
+-- settings (optional): name (for messages), max_steps, max_output (see moontune.jinja).
+-- The template sees messages (each message's fields as given: role and content first,
+-- then the other keys sorted; an empty table is an empty list), add_generation_prompt,
+-- bos_token and eos_token (opts.bos / opts.eos; undefined when not given), tools and
+-- documents (opts.tools / opts.documents; none when not given, as transformers passes
+-- them), and the entries of opts.vars. opts.now pins strftime_now (seconds, UTC).
+--
+-- Spans, one per assistant message:
+--   * a template with {% generation %} blocks: the blocks' byte ranges, when there is
+--     one per assistant message;
+--   * otherwise by incremental rendering. For assistant message k:
+--       P = render(messages[1..k-1], add_generation_prompt=true)   the prompt
+--       F = render(messages[1..k],   add_generation_prompt=false)  the turn
+--     P must be a prefix of F and of the full text (up to whitespace). The span starts
+--     after P and ends where F and the full text part (the turn's own closing marker
+--     is in both, the next turn is not; after the last message, what the template
+--     writes there, such as Phi-3's eos_token, stays in), with
+--     whitespace trimmed at the end (the separator before the next turn) and at the
+--     start (the separator the template writes there even for a content without
+--     leading whitespace, such as Llama 2's " "; found by one more rendering when the
+--     content begins with whitespace), never inside a marker (<|...|>, [|...|]) and
+--     without markers that open the next turn (Command-A's <|START_OF_TURN_TOKEN|>).
+--     The span must hold the end of the message's content as rendered;
+--     a template that re-renders earlier turns differently (e.g. drops their reasoning)
+--     fails these checks and is refused with a message naming the message: name a
+--     hand-written template or add {% generation %} blocks to it.
+
+local jinja_mod
+
+local function is_space_byte(b) return b == 32 or (b >= 9 and b <= 13) end
+
+-- The pieces of s: markers (<...>, [...]) and other runs, whitespace left out, with
+-- their positions.
+local function pieces(s)
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local b = s:byte(i)
+    if is_space_byte(b) then
+      i = i + 1
+    else
+      local m = s:match("^<[^<>\n]*>", i) or s:match("^%[[^%[%]\n]*%]", i)
+      if m then
+        out[#out + 1] = { text = m, at = i, marker = true }
+        i = i + #m
+      else
+        local j = i
+        while j <= n and not is_space_byte(s:byte(j)) and s:byte(j) ~= 60 and s:byte(j) ~= 91 do j = j + 1 end
+        if j == i then j = i + 1 end
+        out[#out + 1] = { text = s:sub(i, j - 1), at = i, marker = false }
+        i = j
+      end
+    end
+  end
+  return out
+end
+
+-- A template may close a turn and then start the next one with a marker every turn
+-- starts with (Command-A writes <|START_OF_TURN_TOKEN|> after <|END_OF_TURN_TOKEN|>,
+-- and even after the last message), which the turn alone and the whole conversation
+-- share, or write the assistant header after the last message whatever
+-- add_generation_prompt says (a Llama 3.1 GGUF template). The end of the closing,
+-- from a marker on, that the prompt also shows right after the same marker (between
+-- the previous message and the reply: the next turn's opening) is cut. Returns the
+-- new end.
+local function cut_next_opener(text, tail_end, e, prompt, prev_content)
+  local closing = text:sub(tail_end + 1, e)
+  local ps = pieces(closing)
+  if #ps < 2 then return e end
+  local from = math.max(1, #prompt - 400)
+  if type(prev_content) == "string" then
+    local tail = strip(prev_content):sub(-32)
+    if tail ~= "" then
+      local x = 1
+      while true do
+        local a, b = prompt:find(tail, x, true)
+        if not a then break end
+        from, x = b + 1, a + 1
+      end
+    end
+  end
+  local between = prompt:sub(from):gsub("[ \t\n\r\f\v]", "")
+  for i = 2, #ps do
+    if ps[i - 1].marker and ps[i].marker then
+      local parts = { ps[i - 1].text }
+      for j = i, #ps do parts[#parts + 1] = ps[j].text end
+      if between:find(table.concat(parts), 1, true) then return tail_end + ps[i].at - 1 end
+    end
+  end
+  return e
+end
+
+-- How many bytes of b the text a covers when a is a prefix of b up to whitespace
+-- (a template may write a separator before its generation prompt that it writes
+-- elsewhere around a turn, e.g. "\n" after the loop); nil when it is not.
+local function align(a, b)
+  if b:sub(1, #a) == a then return #a end
+  local i, j, na = 1, 1, #a
+  while i <= na do
+    local ca, cb = a:byte(i), b:byte(j)
+    if ca == cb then
+      i, j = i + 1, j + 1
+    elseif is_space_byte(ca) then
+      i = i + 1
+    elseif cb and is_space_byte(cb) then
+      j = j + 1
+    else
+      return nil
+    end
+  end
+  return j - 1
+end
+
+function M.jinja(template, settings)
+  jinja_mod = jinja_mod or require("moontune.jinja")
+  local J = jinja_mod
+  settings = settings or {}
+  local name = settings.name or "chat_template"
+  local tpl, err = J.compile(template, { name = name })
+  if not tpl then error(err, 0) end -- the message names the template, line and column
+  local limits = { max_steps = settings.max_steps, max_output = settings.max_output }
+
+  local function render_once(list, gen, opts, want_spans)
+    local vars = {
+      messages = list,
+      add_generation_prompt = gen,
+      tools = opts.tools ~= nil and opts.tools or J.none,
+      documents = opts.documents ~= nil and opts.documents or J.none,
+    }
+    if opts.bos ~= nil then vars.bos_token = opts.bos end
+    if opts.eos ~= nil then vars.eos_token = opts.eos end
+    if type(opts.vars) == "table" then
+      for k, v in pairs(opts.vars) do vars[k] = v end
+    end
+    local text, spans_or_err = tpl:render(vars, { now = opts.now, spans = want_spans,
+      max_steps = limits.max_steps, max_output = limits.max_output })
+    if text == nil then error(spans_or_err, 0) end
+    return text, spans_or_err
+  end
+
+  return function(messages, opts)
+    opts = opts or {}
+    if type(messages) ~= "table" then
+      error(string.format("chat template '%s': messages must be an array of {role=, content=}, got %s",
+                          name, type(messages)), 2)
+    end
+    for i, m in ipairs(messages) do
+      if type(m) ~= "table" or type(m.role) ~= "string" then
+        error(string.format("chat template '%s': message %d must be a table with a string role", name, i), 2)
+      end
+    end
+    local all = J.from_lua(messages)
+    local n = all.n
+    local gen = opts.add_generation_prompt and true or false
+    local text, gen_spans = render_once(all, gen, opts, tpl.has_generation)
+    local assistants = {}
+    for i = 1, n do
+      if messages[i].role == "assistant" then assistants[#assistants + 1] = i end
+    end
+    local spans = {}
+    if #assistants == 0 then return text, spans end
+    if tpl.has_generation and gen_spans and #gen_spans == #assistants then
+      for i, s in ipairs(gen_spans) do spans[i] = { s[1], s[2] } end
+      return text, spans
+    end
+    local function sub(k)
+      local items = {}
+      for i = 1, k do items[i] = all.items[i] end
+      return J.list(items)
+    end
+    local function unstable(k, why)
+      error(string.format("chat template '%s' is not prefix-stable at message %d (assistant): %s; "
+        .. "moontune cannot tell which characters are the reply. Name a hand-written template "
+        .. "(chat_template = \"<name>\") or mark replies with {%% generation %%} blocks", name, k, why), 0)
+    end
+    local prev_end = 0
+    for _, k in ipairs(assistants) do
+      local ok, p = pcall(render_once, sub(k - 1), true, opts, false)
+      if not ok then unstable(k, "rendering the messages before it failed: " .. tostring(p)) end
+      local f = render_once(sub(k), false, opts, false)
+      if not align(p, f) then unstable(k, "the prompt rendered with add_generation_prompt is not a prefix of the turn") end
+      local s = align(p, text)
+      if not s then unstable(k, "the prompt before it renders differently in the whole conversation") end
+      if s < prev_end then unstable(k, "its prompt ends inside the previous reply") end
+      -- the end: where the turn alone and the whole conversation part
+      local e, lim = 0, math.min(#f, #text)
+      while e < lim and f:byte(e + 1) == text:byte(e + 1) do e = e + 1 end
+      if e < s then unstable(k, "the turn renders differently in the whole conversation") end
+      local content = messages[k].content
+      local own, tail_end = 0, s
+      local lead = 0
+      while s + lead < e and is_space_byte(text:byte(s + lead + 1)) do lead = lead + 1 end
+      local start = s + lead -- the first non-space byte the turn adds
+      if type(content) == "string" then
+        while own < #content and is_space_byte(content:byte(own + 1)) do own = own + 1 end
+        local stripped = strip(content)
+        local tail = stripped:sub(-32)
+        if tail ~= "" then
+          local from, found = s + 1, nil
+          while true do
+            local x, y = text:find(tail, from, true)
+            if not x or y > e then break end
+            found, from = y, x + 1
+          end
+          if not found then unstable(k, "the end of its content is not inside the text the turn adds") end
+          tail_end = found
+        end
+      end
+      if own > 0 then
+        -- which of the whitespace before the reply is the template's separator: what
+        -- it writes when the content has no leading whitespace (Llama 2 strips the
+        -- content and writes " "; Mistral writes " " and the content as it is)
+        local copy = {}
+        for key, v in pairs(messages[k]) do copy[key] = v end
+        copy.content = content:sub(own + 1)
+        local items = {}
+        for i = 1, k - 1 do items[i] = all.items[i] end
+        items[k] = J.from_lua(copy)
+        local ok2, f2 = pcall(render_once, J.list(items), false, opts, false)
+        local s2 = ok2 and align(p, f2)
+        if s2 then
+          local sep = 0
+          while s2 + sep < #f2 and is_space_byte(f2:byte(s2 + sep + 1)) do sep = sep + 1 end
+          start = s + math.min(sep, lead)
+        else
+          start = s + math.max(0, lead - own)
+        end
+      end
+      -- never end inside a marker such as <|...|> or [|...|] after the content
+      local closing = text:sub(tail_end + 1, e)
+      local lt_, gt_ = closing:match(".*()<"), closing:match(".*()>")
+      if lt_ and (not gt_ or gt_ < lt_) then e = tail_end + lt_ - 1 end
+      local lb, rb = closing:match(".*()%["), closing:match(".*()%]")
+      if lb and (not rb or rb < lb) and tail_end + lb - 1 < e then e = tail_end + lb - 1 end
+      e = cut_next_opener(text, tail_end, e, p, k > 1 and messages[k - 1].content or nil)
+      while e > start and is_space_byte(text:byte(e)) do e = e - 1 end
+      if e < tail_end then e = tail_end end
+      spans[#spans + 1] = { start, e }
+      prev_end = e
+    end
+    return text, spans
+  end
+end
+
+M.JINJA = "jinja" -- the name chat.resolve returns for the engine (kept here: C reads it)
+
+-- Conversations that must render the same through a hand-written function and the
+-- model's template before "auto" picks the hand-written one.
+local PROBES = {
+  { { role = "system", content = "Be brief." }, { role = "user", content = "Hi there." },
+    { role = "assistant", content = " Hello!\n" }, { role = "user", content = "Bye \"now\"." },
+    { role = "assistant", content = "Goodbye, café." } },
+  { { role = "user", content = "One?" }, { role = "assistant", content = "Two." }, { role = "user", content = "Three?" } },
+  { { role = "user", content = "Just one question." } },
+}
+
+local function same_rendering(hand, engine, bos, eos)
+  for _, msgs in ipairs(PROBES) do
+    for _, gen in ipairs({ false, true }) do
+      local opts = { add_generation_prompt = gen, bos = bos, eos = eos }
+      local ok1, t1, s1 = pcall(hand, msgs, opts)
+      local ok2, t2, s2 = pcall(engine, msgs, opts)
+      if ok1 ~= ok2 then return false end
+      if ok1 then
+        if t1 ~= t2 or #s1 ~= #s2 then return false end
+        for i = 1, #s1 do
+          if s1[i][1] ~= s2[i][1] or s1[i][2] ~= s2[i][2] then return false end
+        end
+      end
+    end
+  end
+  return true
+end
+
+-- Resolves a template choice for the commands (core/lua/chat_render.c):
+--   name: a hand-written template's name, "jinja" (the model's template through the
+--         engine) or "auto"/nil;
+--   template, bos, eos: the tokenizer's chat_template and special tokens (may be nil).
+-- Returns render, resolved_name or nil, why.
+function M.resolve(name, template, bos, eos)
+  if name == nil or name == "auto" or name == M.JINJA then
+    if type(template) ~= "string" or template == "" then
+      return nil, "the tokenizer carries no chat_template: name a template (" .. table.concat(M.names, ", ") .. ")"
+    end
+    local ok, engine = pcall(M.jinja, template, { name = "the model's chat_template" })
+    if not ok then
+      local family = name ~= M.JINJA and M.detect(template)
+      if family then return M.templates[family], family end
+      return nil, tostring(engine)
+    end
+    if name ~= M.JINJA then
+      local family = M.detect(template)
+      if family and same_rendering(M.templates[family], engine, bos, eos) then
+        return M.templates[family], family
+      end
+    end
+    return engine, M.JINJA
+  end
+  local render, why = M.lookup(name)
+  if not render then return nil, why end
+  for _, known in ipairs(M.names) do
+    if known == name then return render, known end
+  end
+  return render, name
 end
 
 return M
