@@ -118,3 +118,17 @@ void mt_cli_typed_kv(const char *value, mt_kv *kv) {
         kv->string = value;
     }
 }
+
+mt_status mt_cli_adapter_option(mt_cli_adapter_options *o, const char *flag, const char *arg,
+                                mt_error *err) {
+    if (o->n == MT_CLI_MAX_ADAPTER_OPTIONS)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "at most %d %s", MT_CLI_MAX_ADAPTER_OPTIONS,
+                            flag);
+    const char *value;
+    mt_status st = mt_split_kv(flag, arg, o->keys[o->n], sizeof o->keys[o->n], &value, err);
+    if (st) return st;
+    o->kv[o->n] = (mt_kv){.key = o->keys[o->n]};
+    mt_cli_typed_kv(value, &o->kv[o->n]);
+    o->n++;
+    return MT_OK;
+}

@@ -76,4 +76,18 @@ int mt_cli_next(const mt_cli *cli, int argc, char **argv, const char **value, co
  * a string (kv->string points into value). The plugin's schema checks it afterwards. */
 void mt_cli_typed_kv(const char *value, mt_kv *kv);
 
+/* The --adapter-option values of one command: up to MT_CLI_MAX_ADAPTER_OPTIONS typed
+ * key/values, their keys held here. */
+#define MT_CLI_MAX_ADAPTER_OPTIONS 32
+typedef struct mt_cli_adapter_options {
+    char keys[MT_CLI_MAX_ADAPTER_OPTIONS][64];
+    mt_kv kv[MT_CLI_MAX_ADAPTER_OPTIONS];
+    size_t n;
+} mt_cli_adapter_options;
+/* Adds one `--adapter-option KEY=VALUE` (flag names it in messages): split by
+ * mt_split_kv, typed by mt_cli_typed_kv. MT_ERR_INVALID_ARG past the limit or for a
+ * value that is not KEY=VALUE. */
+mt_status mt_cli_adapter_option(mt_cli_adapter_options *o, const char *flag, const char *arg,
+                                mt_error *err);
+
 #endif /* MT_CLI_ARGS_H */

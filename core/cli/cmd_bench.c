@@ -11,7 +11,6 @@
 #include "cli/cli_args.h"
 #include "plugin/options.h"
 
-#define MAX_ADAPTER_OPTIONS 32
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -65,8 +64,8 @@ int mt_cmd_bench(int argc, char **argv) {
         {OPT_THREADS, MT_CLI_INT, &MT_LIMIT_THREADS, &opt.threads},
     };
     const mt_cli cli = {"moontune bench", options, usage, numbers, sizeof numbers / sizeof *numbers};
-    mt_kv adapter_kv[MAX_ADAPTER_OPTIONS];
-    char adapter_keys[MAX_ADAPTER_OPTIONS][64];
+    static mt_cli_adapter_options adapter_options; /* static: 2.5 KiB, off the stack */
+    adapter_options.n = 0;
     mt_error err = {0};
     const char *v, *flag;
     int c;
@@ -95,22 +94,13 @@ int mt_cmd_bench(int argc, char **argv) {
             break;
         case OPT_ADAPTER: opt.adapter = v; break;
         case MT_CLI_DEVICE: opt.device = v; break;
-        case OPT_ADAPTER_OPTION: {
-            int k = opt.n_adapter_options;
-            if (k == MAX_ADAPTER_OPTIONS) {
-                fprintf(stderr, "moontune bench: at most %d --adapter-option\n", MAX_ADAPTER_OPTIONS);
-                return 2;
-            }
-            const char *value;
-            if (mt_split_kv(flag, v, adapter_keys[k], sizeof adapter_keys[k], &value, &err)) goto refused;
-            adapter_kv[k] = (mt_kv){.key = adapter_keys[k]};
-            mt_cli_typed_kv(value, &adapter_kv[k]);
-            opt.n_adapter_options++;
+        case OPT_ADAPTER_OPTION:
+            if (mt_cli_adapter_option(&adapter_options, flag, v, &err)) goto refused;
             break;
         }
-        }
     }
-    opt.adapter_options = adapter_kv;
+    opt.adapter_options = adapter_options.kv;
+    opt.n_adapter_options = adapter_options.n;
     if (mt_bench_run(&opt, &err)) {
         fprintf(stderr, "moontune bench: %s\n", err.msg);
         return 1;

@@ -21,7 +21,6 @@
 #include "store/export_hf.h"
 #include "store/session.h"
 
-#define MAX_ADAPTER_OPTIONS 32
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -71,14 +70,14 @@ typedef enum { TO_NONE, TO_PEFT, TO_MERGED, TO_GGUF } export_format;
  * first, then those of the command line (which replace a recorded key). */
 typedef struct adapter_spec {
     char name[64];
-    mt_kv kv[MAX_ADAPTER_OPTIONS];
+    mt_kv kv[MT_CLI_MAX_ADAPTER_OPTIONS];
     size_t n;
     json_t *recorded; /* owns the recorded options' strings */
-    const char **lists[MAX_ADAPTER_OPTIONS];
+    const char **lists[MT_CLI_MAX_ADAPTER_OPTIONS];
 } adapter_spec;
 
 static void adapter_spec_free(adapter_spec *a) {
-    for (size_t i = 0; i < MAX_ADAPTER_OPTIONS; i++) free(a->lists[i]);
+    for (size_t i = 0; i < MT_CLI_MAX_ADAPTER_OPTIONS; i++) free(a->lists[i]);
     json_decref(a->recorded);
 }
 
@@ -88,9 +87,9 @@ static mt_status add_option(adapter_spec *a, const mt_kv *kv, mt_error *err) {
             a->kv[i] = *kv;
             return MT_OK;
         }
-    if (a->n == MAX_ADAPTER_OPTIONS)
+    if (a->n == MT_CLI_MAX_ADAPTER_OPTIONS)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "at most %d adapter options",
-                            MAX_ADAPTER_OPTIONS);
+                            MT_CLI_MAX_ADAPTER_OPTIONS);
     a->kv[a->n++] = *kv;
     return MT_OK;
 }
@@ -117,7 +116,7 @@ static mt_status recorded_options(adapter_spec *a, const char *text, const char 
         } else if (json_is_string(v)) {
             kv.type = MT_KV_STRING;
             kv.string = json_string_value(v);
-        } else if (json_is_array(v) && a->n < MAX_ADAPTER_OPTIONS) {
+        } else if (json_is_array(v) && a->n < MT_CLI_MAX_ADAPTER_OPTIONS) {
             size_t n = json_array_size(v);
             const char **list = mt_calloc(n ? n : 1, sizeof *list, "adapter option", err);
             if (!list) return MT_ERR_NOMEM;
@@ -171,9 +170,8 @@ int mt_cmd_export(int argc, char **argv) {
     export_format to = TO_NONE;
     mt_ggml_type type = MT_GGML_F16;
     int threads = 0;
-    char keys[MAX_ADAPTER_OPTIONS][64];
-    mt_kv cli_kv[MAX_ADAPTER_OPTIONS];
-    size_t n_cli_kv = 0;
+    static mt_cli_adapter_options cli_options; /* static: 2.5 KiB, off the stack */
+    cli_options.n = 0;
     const mt_cli_number numbers[] = {{OPT_THREADS, MT_CLI_INT, &MT_LIMIT_THREADS, &threads}};
     const mt_cli cli = {"moontune export", options, usage, numbers, 1};
     mt_error err = {0};
@@ -197,21 +195,12 @@ int mt_cmd_export(int argc, char **argv) {
         case OPT_ADAPTER: adapter_dir = v; break;
         case OPT_NAME: gguf_name = v; break;
         case MT_CLI_DEVICE: device = v; break;
-        case OPT_ADAPTER_OPTION: {
-            const char *value;
-            if (n_cli_kv == MAX_ADAPTER_OPTIONS) {
-                fprintf(stderr, "moontune export: at most %d --adapter-option\n", MAX_ADAPTER_OPTIONS);
-                return 2;
-            }
-            if (mt_split_kv(flag, v, keys[n_cli_kv], sizeof keys[n_cli_kv], &value, &err)) {
+        case OPT_ADAPTER_OPTION:
+            if (mt_cli_adapter_option(&cli_options, flag, v, &err)) {
                 fprintf(stderr, "moontune export: %s\n", err.msg);
                 return 2;
             }
-            cli_kv[n_cli_kv] = (mt_kv){.key = keys[n_cli_kv]};
-            mt_cli_typed_kv(value, &cli_kv[n_cli_kv]);
-            n_cli_kv++;
             break;
-        }
         case OPT_TO:
             if (!strcmp(v, "peft")) to = TO_PEFT;
             else if (!strcmp(v, "merged")) to = TO_MERGED;
@@ -238,7 +227,7 @@ int mt_cmd_export(int argc, char **argv) {
         fprintf(stderr, "moontune export: give one of --run, --checkpoint and --adapter\n");
         return 2;
     }
-    if (n_cli_kv && !run_dir && !checkpoint) {
+    if (cli_options.n && !run_dir && !checkpoint) {
         fprintf(stderr, "moontune export: --adapter-option is for a checkpoint's adapter "
                         "(--run or --checkpoint)\n");
         return 2;
@@ -265,8 +254,8 @@ int mt_cmd_export(int argc, char **argv) {
     }
     if (checkpoint) {
         if ((st = checkpoint_adapter(checkpoint, &spec, &err))) goto done;
-        for (size_t i = 0; i < n_cli_kv; i++)
-            if ((st = add_option(&spec, &cli_kv[i], &err))) goto done;
+        for (size_t i = 0; i < cli_options.n; i++)
+            if ((st = add_option(&spec, &cli_options.kv[i], &err))) goto done;
     }
     const mt_session_options so = {
         .device = device, .threads = threads, .model_path = model_path,
