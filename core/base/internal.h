@@ -136,6 +136,16 @@ mt_status mt_read_file(const char *path, char **out, size_t *len, mt_error *err)
 /* Joins dir and name with one '/', into a fresh allocation. */
 char *mt_path_join(const char *dir, const char *name, mt_error *err);
 
+/* A growing byte buffer for files built in memory (GGUF headers, example caches): put
+ * appends, and a failed allocation sets oom, after which puts are ignored, so a writer
+ * checks oom once at the end. Free p when done. */
+typedef struct mt_bytebuf {
+    unsigned char *p;
+    size_t n, cap;
+    int oom;
+} mt_bytebuf;
+void mt_bytebuf_put(mt_bytebuf *b, const void *data, size_t n);
+
 /* Writes `bytes` to path atomically: a temporary file in the same directory,
  * fsync, rename over path, fsync of the directory. */
 mt_status mt_write_file_atomic(const char *path, const void *data, size_t bytes, mt_error *err);

@@ -427,3 +427,24 @@ size_t mt_first_nonfinite(const float *x, size_t n) {
     }
     return n;
 }
+
+void mt_bytebuf_put(mt_bytebuf *b, const void *data, size_t n) {
+    if (b->oom || !n) return;
+    if (n > SIZE_MAX - b->n) {
+        b->oom = 1;
+        return;
+    }
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->n + n) cap = cap > SIZE_MAX / 2 ? b->n + n : cap * 2;
+        unsigned char *q = realloc(b->p, cap);
+        if (!q) {
+            b->oom = 1;
+            return;
+        }
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, data, n);
+    b->n += n;
+}

@@ -32,28 +32,8 @@
 
 /* ---- an in-memory byte buffer ---------------------------------------------------- */
 
-typedef struct gbuf {
-    unsigned char *p;
-    size_t n, cap;
-    int oom;
-} gbuf;
-
-static void put(gbuf *b, const void *data, size_t n) {
-    if (b->oom) return;
-    if (b->n + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->n + n) cap *= 2;
-        unsigned char *q = realloc(b->p, cap);
-        if (!q) {
-            b->oom = 1;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, data, n);
-    b->n += n;
-}
+typedef mt_bytebuf gbuf;
+static void put(gbuf *b, const void *data, size_t n) { mt_bytebuf_put(b, data, n); }
 static void put_u32(gbuf *b, uint32_t v) { put(b, &v, 4); }
 static void put_u64(gbuf *b, uint64_t v) { put(b, &v, 8); }
 static void put_strn(gbuf *b, const char *s, size_t n) {

@@ -13,28 +13,8 @@
 #define MSG_BYTES 512
 #define HEADER_WORDS 8
 
-typedef struct wbuf {
-    unsigned char *p;
-    size_t n, cap;
-    int oom;
-} wbuf;
-
-static void put(wbuf *b, const void *data, size_t n) {
-    if (b->oom) return;
-    if (b->n + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 1 << 16;
-        while (cap < b->n + n) cap *= 2;
-        unsigned char *q = realloc(b->p, cap);
-        if (!q) {
-            b->oom = 1;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, data, n);
-    b->n += n;
-}
+typedef mt_bytebuf wbuf;
+static void put(wbuf *b, const void *data, size_t n) { mt_bytebuf_put(b, data, n); }
 static void put_i64(wbuf *b, int64_t v) { put(b, &v, 8); }
 static void put_i32(wbuf *b, int32_t v) { put(b, &v, 4); }
 
