@@ -26,7 +26,6 @@
 #ifndef MT_FIXTURE_DIR
 #define MT_FIXTURE_DIR "tests/fixtures"
 #endif
-#define MT_TEST_LUA_DIR MT_FIXTURE_DIR "/../lua"
 
 static void expect_msg(const mt_error *err, const char *needle) {
     if (!strstr(err->msg, needle)) fail_msg("expected '%s' in the error, got: %s", needle, err->msg);
@@ -542,32 +541,6 @@ static void test_lua_sandbox(void **state) {
     free(root);
 }
 
-/* The trainer writes the events beside metrics.jsonl (tests/lua/trainer_tensorboard.lua,
- * run as tests/unit/test_trainer_lua.c runs the trainer scripts). */
-static void test_trainer_events(void **state) {
-    (void)state;
-    mt_error err = {0};
-    lua_State *L = mt_lua_open(&err);
-    if (!L) fail_msg("mt_lua_open: %s", err.msg);
-    mt_lua_register(L);
-    char *dir = mt_test_tmpdir("trainer_tensorboard");
-    assert_non_null(dir);
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "path");
-    lua_pushfstring(L, "%s/?.lua;%s", MT_TEST_LUA_DIR, lua_tostring(L, -1));
-    lua_setfield(L, -3, "path");
-    lua_pop(L, 2);
-    lua_pushstring(L, dir);
-    lua_setglobal(L, "OUT_DIR");
-    const char *script = MT_TEST_LUA_DIR "/trainer_tensorboard.lua";
-    if (luaL_loadfile(L, script) != LUA_OK) fail_msg("cannot load %s: %s", script, lua_tostring(L, -1));
-    mt_status st = mt_lua_pcall(L, 0, 0, &err);
-    lua_close(L);
-    mt_test_rmtree(dir);
-    free(dir);
-    if (st != MT_OK) fail_msg("%s", err.msg);
-}
-
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_crc32c_vectors),
@@ -577,7 +550,6 @@ int main(void) {
         cmocka_unit_test(test_failed_write_cut_back),
         cmocka_unit_test(test_file_names),
         cmocka_unit_test(test_lua_sandbox),
-        cmocka_unit_test(test_trainer_events),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

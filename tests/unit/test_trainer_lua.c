@@ -65,6 +65,8 @@ static void test_logging(void **state) { (void)state; run_script("trainer_loggin
 static void test_general(void **state) { (void)state; run_script("trainer_general.lua"); }
 static void test_checks(void **state) { (void)state; run_script("checks.lua"); }
 static void test_loss_metrics(void **state) { (void)state; run_script("trainer_metrics.lua"); }
+/* TensorBoard events beside metrics.jsonl, fresh and resumed; no \r in a log file */
+static void test_tensorboard(void **state) { (void)state; run_script("trainer_tensorboard.lua"); }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
@@ -76,6 +78,7 @@ int main(void) {
         cmocka_unit_test(test_general),
         cmocka_unit_test(test_checks),
         cmocka_unit_test(test_loss_metrics),
+        cmocka_unit_test(test_tensorboard),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
