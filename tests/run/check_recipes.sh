@@ -105,14 +105,23 @@ grep -q '"rewards/margins"' out-qdpo/dpo/metrics.jsonl
 grep -q '"eval_rewards/accuracies"' out-qdpo/dpo/metrics.jsonl
 python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); assert 0 <= s["dpo"]["accuracy"] <= 1, s' \
   out-qdpo/summary.json
-# from the first run's SFT adapter: the SFT stage is skipped, the base's perplexity the same
+# the SFT model's own wrong answers as rejected replies (data/quickstart/onpolicy_pairs.lua)
+echo "== onpolicy_pairs"
+"$moontune" run "$source_dir/data/quickstart/onpolicy_pairs.lua" --set model="$fixtures/tiny_chat" \
+  --set adapter=out-qdpo/sft/adapter --set data="$fixtures/data/tiny_chat_train.jsonl" \
+  --set passes=2 --set max_new_tokens=8 --set batch=4 --set out_dir=out-onp > onp.txt 2>&1 ||
+  { cat onp.txt; exit 1; }
+cat onp.txt
+grep -q "^onpolicy_pairs: [1-9][0-9]* pairs in" onp.txt
+# from the first run's SFT adapter, DPO on those pairs: the SFT stage is skipped, the
+# base's perplexity the same
 "$moontune" run "$source_dir/recipes/quickstart_dpo.lua" \
   --set model="$fixtures/tiny_chat" \
   --set data="$fixtures/data/tiny_chat_train.jsonl" \
   --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
   --set general="$fixtures/data/text.jsonl" --set sft_adapter=out-qdpo/sft/adapter \
   --set seq_len=128 --set batch=4 --set max_new_tokens=8 \
-  --set dpo.data="$prefs" --set dpo.heldout="$prefs" --set dpo.batch=2 --set dpo.max_steps=2 \
+  --set dpo.data=out-onp/pairs.jsonl --set dpo.heldout="$prefs" --set dpo.batch=2 --set dpo.max_steps=2 \
   --set out_dir=out-qdpo2 > qdpo2.txt 2>&1 || { cat qdpo2.txt; exit 1; }
 cat qdpo2.txt
 grep -q "^quickstart_dpo: SFT stage skipped" qdpo2.txt
