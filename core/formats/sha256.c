@@ -166,3 +166,11 @@ mt_status mt_sha256_file(const char *path, char hex[MT_SHA256_HEX], uint64_t *by
     mt_sha256_to_hex(d, hex);
     return MT_OK;
 }
+
+void mt_sha256_update_i64(mt_sha256_ctx *ctx, int64_t v) { mt_sha256_update(ctx, &v, sizeof v); }
+
+void mt_sha256_update_str(mt_sha256_ctx *ctx, const char *s) {
+    const size_t n = s ? strlen(s) : 0;
+    mt_sha256_update_i64(ctx, s ? (int64_t)n : -1);
+    if (n) mt_sha256_update(ctx, s, n);
+}

@@ -23,6 +23,12 @@ void mt_sha256_update(mt_sha256_ctx *ctx, const void *data, size_t n);
 /* Pads, writes the digest and leaves ctx unusable until the next init. */
 void mt_sha256_final(mt_sha256_ctx *ctx, uint8_t digest[MT_SHA256_BYTES]);
 
+/* Keys built from several fields (the example cache's): a 64-bit integer as its 8
+ * bytes, and a string as its length then its bytes (NULL as length -1), so that
+ * "ab" + "c" and "a" + "bc" hash apart. */
+void mt_sha256_update_i64(mt_sha256_ctx *ctx, int64_t v);
+void mt_sha256_update_str(mt_sha256_ctx *ctx, const char *s);
+
 /* One-shot digest of a buffer. */
 void mt_sha256_digest(const void *data, size_t n, uint8_t digest[MT_SHA256_BYTES]);
 /* Lowercase hex of a digest into hex (MT_SHA256_HEX bytes, NUL-terminated). */

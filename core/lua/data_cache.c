@@ -39,12 +39,6 @@ int mt_data_cache_dir(char *buf, size_t cap) {
     return make_dirs(buf);
 }
 
-static void hash_i64(mt_sha256_ctx *ctx, int64_t v) { mt_sha256_update(ctx, &v, sizeof v); }
-static void hash_str(mt_sha256_ctx *ctx, const char *s) {
-    const size_t n = s ? strlen(s) : 0;
-    hash_i64(ctx, s ? (int64_t)n : -1);
-    if (n) mt_sha256_update(ctx, s, n);
-}
 static void hash_f64(mt_sha256_ctx *ctx, double v) { mt_sha256_update(ctx, &v, sizeof v); }
 
 /* A Lua module's source under the Lua directory (absent: hashed as absent). */
@@ -57,8 +51,8 @@ static mt_status hash_module(mt_sha256_ctx *ctx, const char *relative, mt_error 
     mt_status st = MT_OK;
     if (stat(path, &sb) == 0) st = mt_sha256_file(path, hex, &bytes, err);
     free(path);
-    hash_str(ctx, relative);
-    hash_str(ctx, hex);
+    mt_sha256_update_str(ctx, relative);
+    mt_sha256_update_str(ctx, hex);
     return st;
 }
 
@@ -69,31 +63,31 @@ mt_status mt_data_cache_key(const mt_data_file *files, int n_files, uint64_t mix
                             mt_error *err) {
     mt_sha256_ctx ctx;
     mt_sha256_init(&ctx);
-    hash_str(&ctx, KEY_FORMAT);
-    hash_i64(&ctx, n_files);
+    mt_sha256_update_str(&ctx, KEY_FORMAT);
+    mt_sha256_update_i64(&ctx, n_files);
     mt_status st = MT_OK;
     for (int i = 0; i < n_files && !st; i++) {
         char hex[MT_SHA256_HEX];
         uint64_t bytes = 0;
         if ((st = mt_sha256_file(files[i].path, hex, &bytes, err))) break;
-        hash_str(&ctx, hex);
-        hash_i64(&ctx, (int64_t)bytes);
+        mt_sha256_update_str(&ctx, hex);
+        mt_sha256_update_i64(&ctx, (int64_t)bytes);
         hash_f64(&ctx, files[i].weight);
     }
     if (st) return st;
-    hash_i64(&ctx, (int64_t)mix_seed);
-    hash_i64(&ctx, jsonl->format);
-    hash_i64(&ctx, jsonl->on_bad_record);
+    mt_sha256_update_i64(&ctx, (int64_t)mix_seed);
+    mt_sha256_update_i64(&ctx, jsonl->format);
+    mt_sha256_update_i64(&ctx, jsonl->on_bad_record);
     const mt_data_fields none = {0}, *f = jsonl->fields ? jsonl->fields : &none;
     const char *names[] = {f->instruction, f->input, f->output, f->messages, f->role, f->content,
                            f->prompt, f->completion, f->text, f->chosen, f->rejected};
-    for (size_t i = 0; i < sizeof names / sizeof *names; i++) hash_str(&ctx, names[i]);
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) mt_sha256_update_str(&ctx, names[i]);
     const int64_t opts[] = {ex->seq_len, ex->truncation, ex->train_on_inputs, ex->add_special,
                             ex->pad_id, ex->on_bad_record};
-    for (size_t i = 0; i < sizeof opts / sizeof *opts; i++) hash_i64(&ctx, opts[i]);
+    for (size_t i = 0; i < sizeof opts / sizeof *opts; i++) mt_sha256_update_i64(&ctx, opts[i]);
     if ((st = mt_example_cache_hash_tokenizer(&ctx, tok, err))) return st;
-    hash_str(&ctx, template_requested);
-    hash_str(&ctx, template_resolved);
+    mt_sha256_update_str(&ctx, template_requested);
+    mt_sha256_update_str(&ctx, template_resolved);
     if ((st = hash_module(&ctx, "moontune/chat.lua", err)) ||
         (st = hash_module(&ctx, "moontune/jinja.lua", err)))
         return st;

@@ -18,38 +18,32 @@ static void put(wbuf *b, const void *data, size_t n) { mt_bytebuf_put(b, data, n
 static void put_i64(wbuf *b, int64_t v) { put(b, &v, 8); }
 static void put_i32(wbuf *b, int32_t v) { put(b, &v, 4); }
 
-static void hash_i64(mt_sha256_ctx *ctx, int64_t v) { mt_sha256_update(ctx, &v, sizeof v); }
-static void hash_str(mt_sha256_ctx *ctx, const char *s) {
-    const size_t n = s ? strlen(s) : 0;
-    hash_i64(ctx, s ? (int64_t)n : -1); /* length first: "ab"+"c" differs from "a"+"bc" */
-    if (n) mt_sha256_update(ctx, s, n);
-}
 
 mt_status mt_example_cache_hash_tokenizer(mt_sha256_ctx *ctx, const mt_tokenizer *tok,
                                           mt_error *err) {
     const int V = mt_tokenizer_vocab_size(tok);
-    hash_i64(ctx, mt_tokenizer_get_family(tok));
-    hash_i64(ctx, V);
+    mt_sha256_update_i64(ctx, mt_tokenizer_get_family(tok));
+    mt_sha256_update_i64(ctx, V);
     for (int i = 0; i < V; i++) {
         size_t len = 0;
         const char *t = mt_tokenizer_token_bytes(tok, i, &len);
-        hash_i64(ctx, t ? (int64_t)len : -1);
+        mt_sha256_update_i64(ctx, t ? (int64_t)len : -1);
         if (t && len) mt_sha256_update(ctx, t, len);
-        hash_i64(ctx, t ? mt_tokenizer_gguf_token_type(tok, i) : -1);
+        mt_sha256_update_i64(ctx, t ? mt_tokenizer_gguf_token_type(tok, i) : -1);
     }
     int32_t *pairs = NULL;
     size_t n_merges = 0;
     mt_status st = mt_tokenizer_merge_list(tok, &pairs, &n_merges, err);
     if (st) return st;
-    hash_i64(ctx, (int64_t)n_merges);
+    mt_sha256_update_i64(ctx, (int64_t)n_merges);
     if (n_merges) mt_sha256_update(ctx, pairs, 2 * n_merges * sizeof *pairs);
     free(pairs);
     const int64_t ids[] = {mt_tokenizer_bos(tok), mt_tokenizer_eos(tok), mt_tokenizer_pad(tok),
                            mt_tokenizer_unk(tok), mt_tokenizer_adds_bos(tok),
                            mt_tokenizer_adds_eos(tok), mt_tokenizer_adds_space_prefix(tok)};
-    for (size_t i = 0; i < sizeof ids / sizeof *ids; i++) hash_i64(ctx, ids[i]);
-    hash_str(ctx, mt_tokenizer_pre_name(tok));
-    hash_str(ctx, mt_tokenizer_chat_template(tok));
+    for (size_t i = 0; i < sizeof ids / sizeof *ids; i++) mt_sha256_update_i64(ctx, ids[i]);
+    mt_sha256_update_str(ctx, mt_tokenizer_pre_name(tok));
+    mt_sha256_update_str(ctx, mt_tokenizer_chat_template(tok));
     /* the probe: what the tables above do not show (pre-tokenizer splits, normalisation) */
     static const char probe[] =
         "Hello,  world!\n\n\t  It's 2026-12-04: 3.14159 x 1000000 -- don't; we'll "
@@ -59,7 +53,7 @@ mt_status mt_example_cache_hash_tokenizer(mt_sha256_ctx *ctx, const mt_tokenizer
     for (int special = 0; special <= 1 && !st; special++) {
         list.n = 0;
         if (!(st = mt_tokenizer_encode(tok, probe, sizeof probe - 1, special, &list, err))) {
-            hash_i64(ctx, (int64_t)list.n);
+            mt_sha256_update_i64(ctx, (int64_t)list.n);
             if (list.n) {
                 mt_sha256_update(ctx, list.ids, list.n * sizeof *list.ids);
                 mt_sha256_update(ctx, list.offsets, list.n * sizeof *list.offsets);
