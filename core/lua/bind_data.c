@@ -68,7 +68,7 @@ static data_file *read_files_arg(lua_State *L, int idx, int *n_files) {
     data_file *files;
     if (lua_type(L, idx) == LUA_TSTRING) {
         files = bind_scratch(L, sizeof *files);
-        files[0] = (data_file){lua_tostring(L, idx), 1.0};
+        files[0] = (data_file){.path = lua_tostring(L, idx), .weight = 1.0};
         *n_files = 1;
         return files;
     }
@@ -115,12 +115,12 @@ static data_file *read_files_arg(lua_State *L, int idx, int *n_files) {
 
 /* Reads every file into set (JSONL, CSV or TSV by name), each file's records repeated or
  * sampled to its weight (seeded by mix_seed and the file's position). Raises on error. */
-static void load_files(lua_State *L, const data_file *files, int n_files,
+static void load_files(lua_State *L, data_file *files, int n_files,
                        const mt_jsonl_options *jsonl, uint64_t mix_seed, mt_record_set *set) {
     mt_error err = {0};
     for (int i = 0; i < n_files; i++) {
         size_t first = set->n;
-        if (mt_records_load(files[i].path, jsonl, set, &err) ||
+        if (mt_records_load_digest(files[i].path, jsonl, set, files[i].sha256, &err) ||
             mt_record_set_weight(set, first, files[i].weight, mt_mix64(mix_seed + (uint64_t)i), &err))
             bind_raise(L, &err);
     }
@@ -173,7 +173,7 @@ static void read_jsonl_options(lua_State *L, int opts, mt_jsonl_options *jsonl) 
 static int l_examples(lua_State *L) {
     lua_settop(L, 3); /* an absent options table stays a nil slot below the bind_scratch values */
     int n_files;
-    const data_file *files = read_files_arg(L, 1, &n_files);
+    data_file *files = read_files_arg(L, 1, &n_files);
     ltok *t = bind_check_tok(L, 2);
     bind_check_opts(L, 3);
     mt_jsonl_options jsonl;
@@ -257,7 +257,7 @@ static void push_messages(lua_State *L, const mt_message *msgs, int n) {
 static int l_records(lua_State *L) {
     lua_settop(L, 2); /* an absent options table stays a nil slot below the bind_scratch values */
     int n_files;
-    const data_file *files = read_files_arg(L, 1, &n_files);
+    data_file *files = read_files_arg(L, 1, &n_files);
     bind_check_opts(L, 2);
     mt_jsonl_options jsonl;
     read_jsonl_options(L, 2, &jsonl);

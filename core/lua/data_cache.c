@@ -65,16 +65,11 @@ mt_status mt_data_cache_key(const mt_data_file *files, int n_files, uint64_t mix
     mt_sha256_init(&ctx);
     mt_sha256_update_str(&ctx, KEY_FORMAT);
     mt_sha256_update_i64(&ctx, n_files);
-    mt_status st = MT_OK;
-    for (int i = 0; i < n_files && !st; i++) {
-        char hex[MT_SHA256_HEX];
-        uint64_t bytes = 0;
-        if ((st = mt_sha256_file(files[i].path, hex, &bytes, err))) break;
-        mt_sha256_update_str(&ctx, hex);
-        mt_sha256_update_i64(&ctx, (int64_t)bytes);
+    for (int i = 0; i < n_files; i++) {
+        mt_sha256_update(&ctx, files[i].sha256, MT_SHA256_BYTES);
         hash_f64(&ctx, files[i].weight);
     }
-    if (st) return st;
+    mt_status st;
     mt_sha256_update_i64(&ctx, (int64_t)mix_seed);
     mt_sha256_update_i64(&ctx, jsonl->format);
     mt_sha256_update_i64(&ctx, jsonl->on_bad_record);

@@ -17,14 +17,16 @@
  * $MOONTUNE_CACHE_DIR turns it off. */
 int mt_data_cache_dir(char *buf, size_t cap);
 
-/* One data file of a mixture. */
+/* One data file of a mixture, with the SHA-256 of the bytes its records were read
+ * from (mt_records_load_digest fills it as it reads). */
 typedef struct mt_data_file {
     const char *path;
     double weight;
+    uint8_t sha256[MT_SHA256_BYTES];
 } mt_data_file;
 
-/* The key of a set of examples: a SHA-256 over the cache format, every file's bytes
- * (SHA-256) and weight in order, mix_seed, the reading options (format, field names,
+/* The key of a set of examples: a SHA-256 over the cache format, every file's digest
+ * (of the bytes that were parsed, not read again) and weight in order, mix_seed, the reading options (format, field names,
  * bad-record policy), the example options (seq_len, truncation, train_on_inputs,
  * add_special, pad id), the tokenizer (text/example_cache.h), the template as
  * requested and as resolved, and the source of the template modules

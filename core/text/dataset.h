@@ -45,6 +45,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "formats/sha256.h"
 #include "moontune/moontune.h"
 
 typedef struct mt_tokenizer mt_tokenizer;
@@ -150,6 +151,12 @@ mt_status mt_records_parse_jsonl(const char *name, const char *data, size_t len,
  * mt_records_parse_csv, anything else as JSONL. */
 mt_status mt_records_load(const char *path, const mt_jsonl_options *opt, mt_record_set *set,
                           mt_error *err);
+/* mt_records_load that also gives the SHA-256 of exactly the bytes the records were read
+ * from (sha256 may be NULL), for keys that must name the data that was parsed (the
+ * example cache). */
+mt_status mt_records_load_digest(const char *path, const mt_jsonl_options *opt,
+                                 mt_record_set *set, uint8_t sha256[MT_SHA256_BYTES],
+                                 mt_error *err);
 /* CSV/TSV text (formats/csv.h) with a header row naming the fields: each row is read as
  * the JSONL object {header[i]: cell[i]} would be, so formats, field names, detection and
  * the bad-record policy are JSONL's. Cells are strings, except that a cell of the

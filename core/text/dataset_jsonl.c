@@ -12,6 +12,7 @@
 
 #include "base/internal.h"
 #include "formats/csv.h"
+#include "formats/sha256.h"
 
 /* ---- formats and field names ------------------------------------------------ */
 
@@ -577,8 +578,10 @@ mt_status mt_records_parse_jsonl(const char *name, const char *data, size_t len,
     return finish(&L, &sv, st);
 }
 
-mt_status mt_records_load_jsonl(const char *path, const mt_jsonl_options *opt,
-                                mt_record_set *set, mt_error *err) {
+/* The JSONL reader of a file; digest (optional) receives every byte read, so the
+ * caller's digest is of exactly the bytes the records came from. */
+static mt_status load_jsonl(const char *path, const mt_jsonl_options *opt, mt_record_set *set,
+                            mt_sha256_ctx *digest, mt_error *err) {
     FILE *f = fopen(path, "rb");
     if (!f) return mt_error_set(err, MT_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     loader L;
@@ -593,6 +596,7 @@ mt_status mt_records_load_jsonl(const char *path, const mt_jsonl_options *opt,
     ssize_t got;
     errno = 0;
     while (!st && (got = getline(&buf, &cap, f)) >= 0) {
+        if (digest) mt_sha256_update(digest, buf, (size_t)got);
         L.c.line++;
         st = process_line(&L, buf, (size_t)got);
     }
@@ -602,6 +606,11 @@ mt_status mt_records_load_jsonl(const char *path, const mt_jsonl_options *opt,
     free(buf);
     fclose(f);
     return finish(&L, &sv, st);
+}
+
+mt_status mt_records_load_jsonl(const char *path, const mt_jsonl_options *opt,
+                                mt_record_set *set, mt_error *err) {
+    return load_jsonl(path, opt, set, NULL, err);
 }
 
 /* ---- CSV and TSV ------------------------------------------------------------------ */
@@ -713,17 +722,30 @@ static char delimiter_of(const char *path) {
     return 0;
 }
 
+mt_status mt_records_load_digest(const char *path, const mt_jsonl_options *opt,
+                                 mt_record_set *set, uint8_t sha256[MT_SHA256_BYTES],
+                                 mt_error *err) {
+    mt_sha256_ctx digest;
+    mt_sha256_init(&digest);
+    const char delim = delimiter_of(path);
+    mt_status st;
+    if (!delim) {
+        st = load_jsonl(path, opt, set, sha256 ? &digest : NULL, err);
+    } else {
+        char *data = NULL;
+        size_t len = 0;
+        if ((st = mt_read_file(path, &data, &len, err))) return st;
+        if (sha256) mt_sha256_update(&digest, data, len);
+        st = mt_records_parse_csv(path, data, len, delim, opt, set, err);
+        free(data);
+    }
+    if (!st && sha256) mt_sha256_final(&digest, sha256);
+    return st;
+}
+
 mt_status mt_records_load(const char *path, const mt_jsonl_options *opt, mt_record_set *set,
                           mt_error *err) {
-    const char delim = delimiter_of(path);
-    if (!delim) return mt_records_load_jsonl(path, opt, set, err);
-    char *data = NULL;
-    size_t len = 0;
-    mt_status st = mt_read_file(path, &data, &len, err);
-    if (st) return st;
-    st = mt_records_parse_csv(path, data, len, delim, opt, set, err);
-    free(data);
-    return st;
+    return mt_records_load_digest(path, opt, set, NULL, err);
 }
 
 void mt_record_set_print_bad(const mt_record_set *set, FILE *f) {

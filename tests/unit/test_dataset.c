@@ -1047,6 +1047,19 @@ static void test_csv_tsv_match_jsonl(void **state) {
     assert_same_records(&got, &want);
     mt_record_set_free(&got);
     mt_record_set_free(&want);
+    /* the digest of what was parsed is the file's own SHA-256, JSONL and CSV alike */
+    const char *digested[] = {DATA_DIR "/mixed_fields.jsonl", DATA_DIR "/mixed_fields.csv"};
+    for (int f = 0; f < 2; f++) {
+        uint8_t sum[MT_SHA256_BYTES];
+        char hex[MT_SHA256_HEX], file_hex[MT_SHA256_HEX];
+        mt_record_set_init(&got);
+        if (mt_records_load_digest(digested[f], &opt, &got, sum, &err)) fail_msg("%s", err.msg);
+        assert_int_equal(got.n, 6);
+        mt_sha256_to_hex(sum, hex);
+        assert_int_equal(mt_sha256_file(digested[f], file_hex, NULL, &err), MT_OK);
+        assert_string_equal(hex, file_hex);
+        mt_record_set_free(&got);
+    }
 }
 
 /* Malformed CSV and bad rows name the file, the line and (for quoting) the column; a
