@@ -106,6 +106,9 @@ static mt_status recorded_options(adapter_spec *a, const char *text, const char 
     json_t *v;
     mt_status st = MT_OK;
     json_object_foreach (a->recorded, key, v) {
+        if (a->n == MT_CLI_MAX_ADAPTER_OPTIONS)
+            return mt_error_set(err, MT_ERR_FORMAT, "%s/state.json: more than %d adapter options",
+                                dir, MT_CLI_MAX_ADAPTER_OPTIONS);
         mt_kv kv = {.key = key};
         if (json_is_boolean(v)) {
             kv.type = MT_KV_BOOL;
@@ -116,7 +119,7 @@ static mt_status recorded_options(adapter_spec *a, const char *text, const char 
         } else if (json_is_string(v)) {
             kv.type = MT_KV_STRING;
             kv.string = json_string_value(v);
-        } else if (json_is_array(v) && a->n < MT_CLI_MAX_ADAPTER_OPTIONS) {
+        } else if (json_is_array(v)) {
             size_t n = json_array_size(v);
             const char **list = mt_calloc(n ? n : 1, sizeof *list, "adapter option", err);
             if (!list) return MT_ERR_NOMEM;
@@ -139,10 +142,11 @@ static mt_status recorded_options(adapter_spec *a, const char *text, const char 
     return MT_OK;
 }
 
-/* Reads the checkpoint's verified state: which adapter, with which options. */
+/* Reads the checkpoint's state: which adapter, with which options (its data files are
+ * checked when the checkpoint is loaded onto the model). */
 static mt_status checkpoint_adapter(const char *dir, adapter_spec *a, mt_error *err) {
     mt_ckpt_state state = {0};
-    mt_status st = mt_checkpoint_load(dir, NULL, NULL, NULL, &state, err);
+    mt_status st = mt_checkpoint_read_state(dir, &state, err);
     if (st) return st;
     const mt_ckpt_plugin *p = NULL;
     for (int i = 0; i < state.n_plugins; i++)

@@ -126,6 +126,13 @@ mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instanc
 /* Only the verification: format, version, every file's size and checksum. */
 mt_status mt_checkpoint_verify(const char *dir, mt_error *err);
 
+/* The state alone (*state, released with mt_ckpt_state_clear): state.json checked
+ * against its checksum, its format and fields, and the recipe; the data files are not
+ * read. For a caller that must know the plugins (which adapter, its options) before it
+ * can build the model the checkpoint then loads onto (`moontune export`):
+ * mt_checkpoint_load checks every file. */
+mt_status mt_checkpoint_read_state(const char *dir, mt_ckpt_state *state, mt_error *err);
+
 /* The newest complete checkpoint under <run_dir>/checkpoints (highest step), in *out_path
  * (caller frees); *out_path is NULL when there is none (not an error). */
 mt_status mt_checkpoint_latest(const char *run_dir, char **out_path, mt_error *err);

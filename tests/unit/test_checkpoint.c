@@ -439,6 +439,16 @@ static void test_corruption_is_refused(void **state) {
     expect_refused(&r, ck, "weights.safetensors", "SHA-256 mismatch: expected");
     assert_int_not_equal(mt_checkpoint_verify(ck, NULL), MT_OK);
     assert_true(first_weight(r.model) == before);
+    /* the state alone reads without the data files (their check is the load's) */
+    {
+        mt_ckpt_state st = {0};
+        mt_error e = {0};
+        if (mt_checkpoint_read_state(ck, &st, &e)) fail_msg("%s", e.msg);
+        assert_int_equal(st.step, 1);
+        assert_int_equal(st.n_plugins, 3);
+        assert_non_null(st.plugins[0].options);
+        mt_ckpt_state_clear(&st);
+    }
     free(w);
     free(ck);
 
