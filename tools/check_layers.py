@@ -22,12 +22,13 @@ LOWER = {
     "formats": ["base"],
     "text": ["base", "formats"],
     "plugin": ["base"],
-    "model": ["base", "formats", "text", "plugin", "backend"],
-    "store": ["base", "formats", "text", "plugin", "model"],
-    "lua": ["base", "formats", "text", "plugin", "model", "store", "backend"],
-    "cli": ["base", "formats", "text", "plugin", "model", "store", "lua", "backend"],
+    "dist": ["base"],
+    "model": ["base", "formats", "text", "plugin", "dist", "backend"],
+    "store": ["base", "formats", "text", "plugin", "dist", "model"],
+    "lua": ["base", "formats", "text", "plugin", "dist", "model", "store", "backend"],
+    "cli": ["base", "formats", "text", "plugin", "dist", "model", "store", "lua", "backend"],
 }
-NO_LUA = {"base", "formats", "text", "plugin", "model", "store"}
+NO_LUA = {"base", "formats", "text", "plugin", "dist", "model", "store"}
 LUA_HEADERS = {"lua.h", "lauxlib.h", "lualib.h", "lua.hpp", "luaconf.h"}
 PUBLIC = {"moontune/moontune.h", "moontune/plugin.h", "moontune/types.h"}
 

@@ -11,6 +11,7 @@
 #include "cli/cmd_plugin_check.h"
 #include "cli/cmd_plugins.h"
 #include "cli/cmd_run.h"
+#include "dist/dist.h"
 #include "moontune/moontune.h"
 
 static void usage(FILE *out) {
@@ -35,16 +36,35 @@ static void usage(FILE *out) {
             MT_VERSION_STRING);
 }
 
+/* run, validate and bench as one rank of a data-parallel job when an MPI launcher
+ * started them (dist/dist.h): a rank that fails ends the whole job, so that the others
+ * never wait for it. */
+static int data_parallel(const char *cmd, int argc, char **argv) {
+    mt_error err = {0};
+    if (mt_dist_init(&err)) {
+        fprintf(stderr, "moontune %s: %s\n", cmd, err.msg);
+        return 1;
+    }
+    int rc = !strcmp(cmd, "bench") ? mt_cmd_bench(argc - 1, argv + 1) : mt_cmd_run(argc - 1, argv + 1);
+    if (rc != 0 && mt_dist_size() > 1) {
+        fprintf(stderr, "moontune %s: rank %d of %d failed (exit status %d): ending the job\n", cmd,
+                mt_dist_rank(), mt_dist_size(), rc);
+        mt_dist_abort(rc);
+    }
+    mt_dist_finalize();
+    return rc;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         usage(stderr);
         return 2;
     }
     const char *cmd = argv[1];
-    if (!strcmp(cmd, "run") || !strcmp(cmd, "validate")) return mt_cmd_run(argc - 1, argv + 1);
+    if (!strcmp(cmd, "run") || !strcmp(cmd, "validate") || !strcmp(cmd, "bench"))
+        return data_parallel(cmd, argc, argv);
     if (!strcmp(cmd, "ls")) return mt_cmd_ls(argc - 1, argv + 1);
     if (!strcmp(cmd, "cp")) return mt_cmd_cp(argc - 1, argv + 1);
-    if (!strcmp(cmd, "bench")) return mt_cmd_bench(argc - 1, argv + 1);
     if (!strcmp(cmd, "plugins")) return mt_cmd_plugins(argc - 1, argv + 1);
     if (!strcmp(cmd, "plugin")) return mt_cmd_plugin(argc - 1, argv + 1);
     if (!strcmp(cmd, "data")) return mt_cmd_data(argc - 1, argv + 1);
