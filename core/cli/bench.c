@@ -8,7 +8,9 @@
 #include <string.h>
 
 #include "base/internal.h"
+#include "dist/dist.h"
 #include "model/model.h"
+#include "model/train.h"
 #include "store/session.h"
 
 size_t mt_peak_rss_bytes(void) {
@@ -26,7 +28,9 @@ static double mib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0); }
 
 /* Times forward + loss + backward steps with whatever is trainable now. backward_linear
  * is how many times the linear layers' FLOPs the backward costs (1: input gradients
- * only; 2: also weight gradients). */
+ * only; 2: also weight gradients). In a data-parallel job (mpirun) each rank runs its
+ * B rows and the step ends with the gradients' all-reduce, as in training; tokens/s
+ * and GFLOP/s are the job's, over all ranks. */
 static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const char *label,
                              double backward_linear, const int32_t *tokens,
                              const int32_t *targets, mt_error *err) {
@@ -35,7 +39,8 @@ static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const cha
     mt_model_forward_flops(&m->cfg, B, T, &linear, &attention);
     /* backward: attention costs twice its forward */
     double step_flops = linear + attention + 2.0 * attention + backward_linear * linear;
-    double t_total = 0.0, loss_sum = 0.0;
+    double t_total = 0.0, loss_sum = 0.0, t_reduce = 0.0;
+    int64_t reduced = 0;
     mt_status st;
     for (int s = 0; s < opt->warmup + opt->steps; s++) {
         double t0 = mt_now_seconds();
@@ -45,16 +50,24 @@ static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const cha
             (st = mt_model_cross_entropy(m, targets, 1, &loss, NULL, err)) ||
             (st = mt_model_backward(m, err)))
             return st;
+        double t1 = mt_now_seconds();
+        if (mt_dist_size() > 1 && (st = mt_train_allreduce_grads(m, &reduced, err))) return st;
         double dt = mt_now_seconds() - t0;
         if (s >= opt->warmup) {
             t_total += dt;
+            t_reduce += mt_now_seconds() - t1;
             loss_sum += loss;
         }
     }
-    double per_step = t_total / opt->steps;
+    double per_step = t_total / opt->steps, ranks = mt_dist_size();
     printf("%-22s %10.1f tokens/s %9.1f GFLOP/s %8.3f s/step  loss %.4f  peak RSS %.0f MiB\n",
-           label, (double)B * T / per_step, step_flops / per_step * 1e-9, per_step,
+           label, ranks * B * T / per_step, ranks * step_flops / per_step * 1e-9, per_step,
            loss_sum / opt->steps, mib(mt_peak_rss_bytes()));
+    if (ranks > 1)
+        printf("%-22s %d ranks of %d rows: all-reduce of %.2f MiB of gradients per step, %.1f ms "
+               "(%.1f%% of the step)\n",
+               "", mt_dist_size(), B, mib((size_t)reduced), 1e3 * t_reduce / opt->steps,
+               100.0 * t_reduce / t_total);
     return MT_OK;
 }
 

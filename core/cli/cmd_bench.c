@@ -21,7 +21,7 @@ static void usage(FILE *out) {
             "\n"
             "  --shape NAME     tiny | smollm2-135m | llama-1b          (default tiny)\n"
             "  --config PATH    a Hugging Face config.json instead of a named shape\n"
-            "  --batch N        rows per batch                          (default 4)\n"
+            "  --batch N        rows per batch, per rank under mpirun    (default 4)\n"
             "  --seq N          tokens per row                          (default 256)\n"
             "  --mode MODE      frozen (input gradients only) | full (every weight\n"
             "                   trainable) | both                       (default both)\n"

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "base/internal.h"
+#include "dist/dist.h"
 #include "model/train.h"
 
 /* An empty set's error: names the file and says why (every example dropped, or none). */
@@ -29,7 +30,9 @@ static mt_status empty_set_error(const mt_example_set *examples, mt_error *err) 
 }
 
 /* One pass over every example in order, without gradients or dropout: batches of B x T
- * (pairs unpacked in rows 2i, 2i+1; single examples packed), each handed to visit. */
+ * (pairs unpacked in rows 2i, 2i+1; single examples packed), each handed to visit. In a
+ * data-parallel job rank r visits batches r, r + N, r + 2N, ... of the same sequence;
+ * the callers sum what the ranks found (reduce_sums). */
 typedef mt_status (*batch_visit)(void *ctx, mt_model *m, const mt_batch *batch,
                                  const mt_batch_info *info, size_t first_item, mt_error *err);
 
@@ -54,11 +57,15 @@ static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, 
     double t0 = mt_now_seconds();
     *seen_tokens = 0;
     mt_model_set_training(m, 0);
-    for (;;) {
+    for (int64_t index = 0;; index++) {
         mt_batch_info info;
         const size_t first = (size_t)mt_batcher_get_cursor(batcher).position;
         if ((st = mt_batcher_next(batcher, tokens, positions, segments, targets, ref, &info, err)))
             break;
+        if (index % mt_dist_size() != mt_dist_rank()) { /* another rank's batch */
+            if (info.epoch_end) break;
+            continue;
+        }
         /* columns past the longest row are padding: a causal model does not need them */
         mt_batch_narrow(tokens, positions, segments, targets, B, T, info.longest);
         const int width = info.longest < T && info.longest > 0 ? info.longest : T;
@@ -76,6 +83,31 @@ static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, 
     mt_batcher_free(batcher);
     *seconds = mt_now_seconds() - t0;
     return st;
+}
+
+/* Sums the pass' counts over the ranks (a no-op for one): its weighted loss, items,
+ * examples, tokens seen, the loss plugin's metrics and their names (by maximum: a rank
+ * that visited no batch has none). */
+static mt_status reduce_sums(mt_eval_result *result, double *weighted, double *metrics,
+                             int64_t *seen, mt_error *err) {
+    if (mt_dist_size() == 1) return MT_OK;
+    double v[4 + MT_LOSS_MAX_METRICS] = {*weighted, (double)result->tokens,
+                                         (double)result->examples, (double)*seen};
+    for (int k = 0; metrics && k < result->n_metrics; k++) v[4 + k] = metrics[k];
+    unsigned char names[1 + sizeof result->metric_names];
+    names[0] = (unsigned char)result->n_metrics;
+    memcpy(names + 1, result->metric_names, sizeof result->metric_names);
+    mt_status st = mt_dist_sum_f64(v, sizeof v / sizeof v[0], err);
+    if (!st) st = mt_dist_max_u8(names, sizeof names, err);
+    if (st) return st;
+    *weighted = v[0];
+    result->tokens = (int64_t)v[1];
+    result->examples = (int64_t)v[2];
+    *seen = (int64_t)v[3];
+    result->n_metrics = names[0];
+    memcpy(result->metric_names, names + 1, sizeof result->metric_names);
+    for (int k = 0; metrics && k < result->n_metrics; k++) metrics[k] = v[4 + k];
+    return MT_OK;
 }
 
 static void finish(mt_eval_result *result, double seconds, int64_t seen_tokens) {
@@ -120,6 +152,7 @@ mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T,
     double seconds = 0.0;
     int64_t seen = 0;
     mt_status st = each_batch(m, examples, B, T, visit_cross_entropy, &p, &seconds, &seen, err);
+    if (!st) st = reduce_sums(result, &p.weighted, NULL, &seen, err);
     if (st) return st;
     finish(result, seconds, seen);
     result->loss = result->tokens ? p.weighted / (double)result->tokens : 0.0;
@@ -181,6 +214,7 @@ mt_status mt_evaluate_loss(mt_model *m, mt_plugin_instance *loss, const mt_examp
     double seconds = 0.0;
     int64_t seen = 0;
     mt_status st = each_batch(m, examples, B, T, visit_loss, &p, &seconds, &seen, err);
+    if (!st) st = reduce_sums(result, &p.weighted, p.metrics, &seen, err);
     if (st) return st;
     finish(result, seconds, seen);
     const double items = result->tokens > 0 ? (double)result->tokens : 1.0;
@@ -225,9 +259,20 @@ mt_status mt_examples_ref_logps(mt_model *m, mt_example_set *examples, int B, in
     double seconds = 0.0;
     int64_t seen = 0;
     examples->has_ref_logps = 0;
+    /* data parallel: each rank fills its batches' examples, the others stay 0, and the
+     * sum over the ranks is every example's value */
+    for (size_t i = 0; i < examples->n; i++) examples->ex[i].ref_logp = 0.0;
     /* pairs are batched unpacked, so that a row is one example */
     mt_status st = each_batch(m, examples, B, T, visit_ref, &p, &seconds, &seen, err);
     free(p.row_logp);
+    if (!st && mt_dist_size() > 1) {
+        double *all = mt_malloc((examples->n ? examples->n : 1) * sizeof *all, "ref logps", err);
+        if (!all) return MT_ERR_NOMEM;
+        for (size_t i = 0; i < examples->n; i++) all[i] = examples->ex[i].ref_logp;
+        st = mt_dist_sum_f64(all, examples->n, err);
+        for (size_t i = 0; !st && i < examples->n; i++) examples->ex[i].ref_logp = all[i];
+        free(all);
+    }
     if (!st) examples->has_ref_logps = 1;
     return st;
 }

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "base/internal.h"
+#include "dist/dist.h"
 #include "model/device.h"
 #include "model/model.h"
 #include "plugin/adapter_io.h"
@@ -28,8 +29,12 @@ static void host_free(void *p) { free(p); }
 static void host_log(mt_log_level level, const char *plugin, const char *fmt, ...) {
     static const char *names[] = {"debug", "info", "warning", "error"};
     if (level == MT_LOG_DEBUG && !getenv("MOONTUNE_DEBUG")) return;
+    /* a data-parallel job tells its information once, from rank 0 (dist/dist.h) */
+    const char *all = getenv("MOONTUNE_LOG_ALL_RANKS");
+    if (mt_dist_rank() != 0 && level < MT_LOG_WARN && !(all && !strcmp(all, "1"))) return;
     va_list ap;
     va_start(ap, fmt);
+    if (mt_dist_size() > 1) fprintf(stderr, "rank %d: ", mt_dist_rank());
     fprintf(stderr, "moontune [%s] %s: ", plugin ? plugin : "plugin",
             (unsigned)level < 4 ? names[level] : "log");
     vfprintf(stderr, fmt, ap);

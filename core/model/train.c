@@ -12,8 +12,11 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "base/internal.h"
+#include "dist/dist.h"
+#include "model/device.h"
 
 /* Targets >= 0: what a loss without its own count normalises by. */
 static int64_t count_targets(const mt_batch *b) {
@@ -51,6 +54,159 @@ static mt_status add_metrics(const mt_plugin_instance *loss, const mt_loss_resul
     return MT_OK;
 }
 
+/* ---- data parallel: what the ranks exchange ----------------------------------------
+ *
+ * Parameters travel in buckets: consecutive whole tensors packed into one host buffer of
+ * about BUCKET_FLOATS, one collective per bucket, so that LoRA's hundreds of small
+ * tensors cost a few calls and not hundreds. A tensor larger than a bucket in host
+ * memory goes alone and in place. */
+#define BUCKET_FLOATS ((size_t)1 << 24) /* 64 MiB */
+
+typedef enum { EXCHANGE_SUM_GRAD, EXCHANGE_BROADCAST_VALUE } exchange_kind;
+
+static mt_tensor *exchanged(mt_param_view *p, exchange_kind kind) {
+    return kind == EXCHANGE_SUM_GRAD ? &p->grad : &p->value;
+}
+
+/* Exchanges params[lo, hi) through the bucket (grown to `used` floats when needed). */
+static mt_status flush_bucket(float **bucket, size_t *cap, size_t used, mt_param_view *params,
+                              size_t lo, size_t hi, exchange_kind kind, int root, mt_error *err) {
+    if (hi <= lo || used == 0) return MT_OK;
+    if (used > *cap) {
+        size_t want = used > BUCKET_FLOATS ? used : BUCKET_FLOATS;
+        free(*bucket);
+        if (!(*bucket = mt_malloc(want * sizeof **bucket, "data-parallel bucket", err))) {
+            *cap = 0;
+            return MT_ERR_NOMEM;
+        }
+        *cap = want;
+    }
+    float *buf = *bucket;
+    const int sends = kind == EXCHANGE_SUM_GRAD || mt_dist_rank() == root;
+    const int receives = kind == EXCHANGE_SUM_GRAD || mt_dist_rank() != root;
+    mt_status st = MT_OK;
+    size_t at = 0;
+    for (size_t i = lo; sends && i < hi; i++) {
+        mt_tensor *t = exchanged(mt_param_at(params, i), kind);
+        if ((st = mt_device_download(buf + at, t, err))) return st;
+        at += (size_t)mt_tensor_numel(t);
+    }
+    st = kind == EXCHANGE_SUM_GRAD ? mt_dist_sum_f32(buf, used, err)
+                                   : mt_dist_broadcast(buf, used * sizeof *buf, root, err);
+    at = 0;
+    for (size_t i = lo; !st && receives && i < hi; i++) {
+        mt_tensor *t = exchanged(mt_param_at(params, i), kind);
+        st = mt_device_upload(t, buf + at, err);
+        at += (size_t)mt_tensor_numel(t);
+    }
+    return st;
+}
+
+/* Sums every rank's gradients of params[lo, hi) (EXCHANGE_SUM_GRAD), or gives every
+ * rank root's values of them (EXCHANGE_BROADCAST_VALUE). */
+static mt_status exchange(mt_param_view *params, size_t lo, size_t hi, exchange_kind kind,
+                          int root, mt_error *err) {
+    if (mt_dist_size() == 1 || hi <= lo) return MT_OK;
+    float *bucket = NULL;
+    size_t cap = 0, first = lo, used = 0;
+    mt_status st = MT_OK;
+    for (size_t i = lo; !st && i < hi; i++) {
+        mt_tensor *t = exchanged(mt_param_at(params, i), kind);
+        const size_t n = (size_t)mt_tensor_numel(t);
+        const int in_place = t->device == MT_DEVICE_CPU && n >= BUCKET_FLOATS;
+        if (in_place || used + n > BUCKET_FLOATS) { /* close the open bucket first */
+            st = flush_bucket(&bucket, &cap, used, params, first, i, kind, root, err);
+            first = i;
+            used = 0;
+        }
+        if (!st && in_place) { /* large and in host memory: no copy */
+            st = kind == EXCHANGE_SUM_GRAD ? mt_dist_sum_f32(t->data, n, err)
+                                           : mt_dist_broadcast(t->data, n * sizeof(float), root, err);
+            first = i + 1;
+            continue;
+        }
+        used += n;
+    }
+    if (!st) st = flush_bucket(&bucket, &cap, used, params, first, hi, kind, root, err);
+    free(bucket);
+    return st;
+}
+
+mt_status mt_train_allreduce_grads(mt_model *m, int64_t *bytes, mt_error *err) {
+    mt_param_view *params;
+    size_t n;
+    mt_status st = mt_model_trainable_params(m, &params, &n, err);
+    if (st) return st;
+    if (bytes) {
+        *bytes = 0;
+        for (size_t i = 0; i < n; i++) *bytes += (int64_t)mt_tensor_nbytes(&params[i].grad);
+    }
+    st = exchange(params, 0, n, EXCHANGE_SUM_GRAD, 0, err);
+    free(params);
+    return st;
+}
+
+/* The step's numbers every rank contributes to: the loss, tokens, a non-finite flag and
+ * the loss plugin's metrics, summed in one call; the metric names by maximum (a rank
+ * whose rows held no item reports none). */
+static mt_status reduce_result(mt_step_result *result, int nonfinite, mt_error *err) {
+    if (mt_dist_size() == 1) return MT_OK;
+    double v[3 + MT_LOSS_MAX_METRICS] = {result->loss, (double)result->n_tokens, nonfinite};
+    for (int k = 0; k < result->n_metrics; k++) v[3 + k] = result->metrics[k];
+    unsigned char names[1 + sizeof result->metric_names];
+    names[0] = (unsigned char)result->n_metrics;
+    memcpy(names + 1, result->metric_names, sizeof result->metric_names);
+    mt_status st = mt_dist_sum_f64(v, sizeof v / sizeof v[0], err);
+    if (!st) st = mt_dist_max_u8(names, sizeof names, err);
+    if (st) return st;
+    result->loss = v[0];
+    result->n_tokens = (int64_t)v[1];
+    result->skipped = v[2] > 0;
+    result->n_metrics = names[0];
+    memcpy(result->metric_names, names + 1, sizeof result->metric_names);
+    for (int k = 0; k < result->n_metrics; k++) result->metrics[k] = v[3 + k];
+    return MT_OK;
+}
+
+int *mt_train_param_owners(const mt_param_view *params, size_t n, mt_error *err) {
+    int *owner = mt_calloc(n ? n : 1, sizeof *owner, "parameter owners", err);
+    size_t *sizes = mt_calloc(n ? n : 1, sizeof *sizes, "parameter owners", err);
+    if (owner && sizes) {
+        for (size_t i = 0; i < n; i++) sizes[i] = (size_t)mt_tensor_numel(&params[i].value);
+        mt_dist_partition(sizes, n, mt_dist_size(), owner);
+    } else {
+        free(owner);
+        owner = NULL;
+    }
+    free(sizes);
+    return owner;
+}
+
+/* ZeRO-1: each rank updates the parameters it owns (a contiguous run, so its optimizer
+ * state covers only those), then every rank receives the others' updated values. */
+static mt_status sharded_update(mt_plugin_instance *optimizer, mt_param_view *params, size_t n,
+                                double lr, int64_t step, mt_error *err) {
+    const mt_optimizer_vtable *ov = optimizer->desc->vtable;
+    int *owner = mt_train_param_owners(params, n, err);
+    mt_status st = owner ? MT_OK : MT_ERR_NOMEM;
+    const int me = mt_dist_rank();
+    size_t lo = 0;
+    for (int r = 0; !st && r < mt_dist_size(); r++) {
+        size_t hi = lo;
+        while (hi < n && owner[hi] == r) hi++;
+        if (r == me && hi > lo) {
+            st = ov->step(optimizer->state, params + lo, hi - lo, lr, step, err);
+            if (!st) st = mt_host_check(optimizer->desc->name, err);
+        }
+        /* every rank takes part in every broadcast, so a failed update ends the job at
+         * the caller (mt_dist_abort) instead of here */
+        if (!st) st = exchange(params, lo, hi, EXCHANGE_BROADCAST_VALUE, r, err);
+        lo = hi;
+    }
+    free(owner);
+    return st;
+}
+
 mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
                         const mt_batch *micro_batches, int n_micro, double lr, int64_t step,
                         double max_grad_norm, mt_step_result *result, mt_error *err) {
@@ -74,42 +230,59 @@ mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instanc
                                 (long long)n, i + 1);
         step_items += n;
     }
+    /* every item of the global batch weighs the same, whichever rank holds it */
+    mt_status st = mt_dist_sum_i64(&step_items, 1, err);
+    if (st) return st;
     mt_model_zero_grad(m);
+    int nonfinite = 0;
     double loss_sum = 0.0;
     for (int i = 0; i < n_micro; i++) {
         mt_batch mb = micro_batches[i];
         mb.size = sizeof mb;
         mb.step_items = step_items;
         mt_loss_result r = {.size = sizeof r};
-        mt_status st = lv->compute(loss->state, (mt_model_handle *)m, &mb, 1, &r, err);
+        st = lv->compute(loss->state, (mt_model_handle *)m, &mb, 1, &r, err);
         mt_error check_err;
         mt_status cst = mt_host_check(loss->desc->name, &check_err);
         if (!st && cst) {
             *err = check_err;
             st = cst;
         }
-        if (st == MT_ERR_NUMERIC) {
-            result->skipped = 1;
-            result->loss = NAN;
-            return MT_OK;
+        if (st == MT_ERR_NUMERIC) { /* skipped, after the other ranks hear of it */
+            nonfinite = 1;
+            st = MT_OK;
+            break;
         }
         if (st) return st;
         loss_sum += r.loss;
         result->n_tokens += r.n_tokens;
         if ((st = add_metrics(loss, &r, i, result, err))) return st;
     }
-    /* each micro-batch's loss is its share of the step's: their sum is the step's loss */
+    /* each micro-batch's loss is its share of the step's: their sum is the step's loss
+     * (over the ranks too: each normalised by the global step_items) */
     result->loss = loss_sum;
+    if ((st = reduce_result(result, nonfinite, err))) return st;
+    if (nonfinite || result->skipped) {
+        result->skipped = 1;
+        result->loss = NAN;
+        return MT_OK;
+    }
     mt_param_view *params;
     size_t n_params;
-    mt_status st = mt_model_trainable_params(m, &params, &n_params, err);
-    if (st) return st;
-    result->grad_norm = mt_model_clip_grad_norm(m, max_grad_norm);
-    if (!isfinite(result->loss) || !isfinite(result->grad_norm)) {
-        result->skipped = 1;
-    } else {
-        st = ov->step(optimizer->state, params, n_params, lr, step, err);
-        if (!st) st = mt_host_check(optimizer->desc->name, err);
+    if ((st = mt_model_trainable_params(m, &params, &n_params, err))) return st;
+    /* the ranks' gradients summed: every rank then holds the global batch's gradient,
+     * clips by the same global norm and makes the same update */
+    st = exchange(params, 0, n_params, EXCHANGE_SUM_GRAD, 0, err);
+    if (!st) {
+        result->grad_norm = mt_model_clip_grad_norm(m, max_grad_norm);
+        if (!isfinite(result->loss) || !isfinite(result->grad_norm)) {
+            result->skipped = 1;
+        } else if (optimizer->sharded && mt_dist_size() > 1) {
+            st = sharded_update(optimizer, params, n_params, lr, step, err);
+        } else {
+            st = ov->step(optimizer->state, params, n_params, lr, step, err);
+            if (!st) st = mt_host_check(optimizer->desc->name, err);
+        }
     }
     free(params);
     return st;

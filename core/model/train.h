@@ -24,11 +24,24 @@ typedef struct mt_step_result {
  * step_items, so the gradients add up to the whole step's; clips the
  * global norm to max_grad_norm (when > 0); and unless the loss or the norm is not
  * finite, lets the optimizer update every trainable parameter at learning rate lr.
+ * In a data-parallel job (dist/dist.h) each rank passes its rows of the global batch:
+ * step_items, the loss, the metrics and the gradients are summed over the ranks before
+ * clipping, so every rank makes the same update; with optimizer->sharded (ZeRO-1) each
+ * rank updates the parameters it owns and the ranks exchange the new values.
  * step counts optimizer steps from 1. A non-finite loss or gradient is not an
  * error here: result->skipped says so and the caller's policy decides. */
 mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
                         const mt_batch *micro_batches, int n_micro, double lr, int64_t step,
                         double max_grad_norm, mt_step_result *result, mt_error *err);
+
+/* Data parallel (dist/dist.h): sums the trainable parameters' gradients over the ranks
+ * (what mt_train_step does after its micro-batches); *bytes (may be NULL) receives the
+ * bytes each rank sends. A no-op for one rank. */
+mt_status mt_train_allreduce_grads(mt_model *m, int64_t *bytes, mt_error *err);
+
+/* ZeRO-1's owner rank of each of params[0, n) (mt_model_trainable_params order): the
+ * same cut in the step and in checkpoints. NULL when out of memory; free() it. */
+int *mt_train_param_owners(const mt_param_view *params, size_t n, mt_error *err);
 
 /* The items a loss normalises a batch by: its count slot, or the targets >= 0. */
 int64_t mt_loss_count(const mt_plugin_instance *loss, const mt_batch *batch);

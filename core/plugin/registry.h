@@ -61,6 +61,9 @@ typedef struct mt_plugin_instance {
     const mt_plugin_descriptor *desc;
     mt_options *options;
     void *state;
+    /* an optimizer whose state each rank of a data-parallel job keeps only for the
+     * parameters it owns (ZeRO-1; model/train.c, store/checkpoint.c) */
+    int sharded;
 } mt_plugin_instance;
 
 mt_status mt_plugin_instantiate(const mt_plugin *p, const mt_kv *kv, size_t n_kv,

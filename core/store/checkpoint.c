@@ -27,9 +27,11 @@
 #include <unistd.h>
 
 #include "base/internal.h"
+#include "dist/dist.h"
 #include "plugin/options.h"
 #include "formats/safetensors.h"
 #include "model/device.h"
+#include "model/train.h"
 
 #define WEIGHTS_FILE "weights.safetensors"
 #define OPTIMIZER_FILE "optimizer.safetensors"
@@ -559,7 +561,130 @@ static mt_status restore_plugin_state(const char *path, mt_model *model, mt_plug
     return st;
 }
 
-static mt_status write_optimizer(const char *path, mt_plugin_instance *optimizer, mt_error *err) {
+/* ---- a sharded optimizer's state (ZeRO-1), gathered on rank 0 --------------------------
+ *
+ * Each rank keeps the optimizer state of the parameters it owns. A checkpoint holds the
+ * whole state, as one process would have written it: every rank serialises its tensors
+ * (name, shape, F32 values; records padded to 8 bytes), rank 0 receives them in rank
+ * order, which is parameter order, and writes one optimizer.safetensors. A checkpoint
+ * so written resumes with any number of ranks, sharded or not. */
+typedef struct gathered_state {
+    void *bytes;
+    size_t *sizes;
+    mt_st_entry *entries;
+    size_t n;
+} gathered_state;
+
+static void gathered_free(gathered_state *g) {
+    free(g->bytes);
+    free(g->sizes);
+    free(g->entries);
+    memset(g, 0, sizeof *g);
+}
+
+static size_t pad8(size_t n) { return (n + 7) & ~(size_t)7; }
+
+/* Appends n zero bytes. */
+static void put_zeros(mt_bytebuf *out, size_t n) {
+    static const char zeros[8] = {0};
+    while (n > 0) {
+        size_t k = n < sizeof zeros ? n : sizeof zeros;
+        mt_bytebuf_put(out, zeros, k);
+        n -= k;
+    }
+}
+
+static mt_status serialise_optimizer(mt_plugin_instance *optimizer, mt_bytebuf *out, mt_error *err) {
+    const mt_optimizer_vtable *vt = optimizer->desc->vtable;
+    size_t n = vt->state_count(optimizer->state);
+    mt_status st = MT_OK;
+    for (size_t i = 0; !st && i < n; i++) {
+        const char *name = NULL;
+        mt_tensor t;
+        if ((st = vt->state_get(optimizer->state, i, &name, &t, err))) break;
+        if (!name)
+            return mt_error_set(err, MT_ERR_INVALID_ARG,
+                                "checkpoint: optimizer %s gave no name for state tensor %zu",
+                                optimizer->desc->name, i);
+        if ((st = check_shape("optimizer state", name, &t, err))) break;
+        /* name length, ndim and shape (uint64 each); the name NUL-padded to 8; the values */
+        uint64_t head[2 + MT_MAX_DIMS] = {strlen(name), (uint64_t)t.ndim};
+        for (int d = 0; d < t.ndim; d++) head[2 + d] = (uint64_t)t.shape[d];
+        const size_t bytes = mt_tensor_nbytes(&t);
+        mt_bytebuf_put(out, head, sizeof head);
+        mt_bytebuf_put(out, name, head[0]);
+        put_zeros(out, pad8(head[0] + 1) - head[0]);
+        void *host = t.data, *copy = NULL;
+        if (t.device != MT_DEVICE_CPU) {
+            if (!(host = copy = mt_malloc(bytes ? bytes : 1, name, err))) return MT_ERR_NOMEM;
+            st = mt_device_download(copy, &t, err);
+        }
+        if (!st) {
+            mt_bytebuf_put(out, host, bytes);
+            put_zeros(out, pad8(bytes) - bytes);
+        }
+        free(copy);
+    }
+    if (!st && out->oom)
+        st = mt_error_set(err, MT_ERR_NOMEM, "checkpoint: out of memory serialising the optimizer state");
+    return st;
+}
+
+/* The gathered records as entries of one safetensors file (rank 0). */
+static mt_status parse_gathered(gathered_state *g, mt_error *err) {
+    size_t total = 0, cap = 0;
+    for (int r = 0; r < mt_dist_size(); r++) total += g->sizes[r];
+    const char *p = g->bytes, *end = p + total;
+    while (p < end) {
+        uint64_t head[2 + MT_MAX_DIMS];
+        if ((size_t)(end - p) < sizeof head) goto bad;
+        memcpy(head, p, sizeof head);
+        p += sizeof head;
+        if (head[1] > MT_MAX_DIMS || head[0] > (uint64_t)(end - p)) goto bad;
+        if (g->n == cap) {
+            cap = cap ? 2 * cap : 64;
+            mt_st_entry *grown = realloc(g->entries, cap * sizeof *grown);
+            if (!grown) return mt_error_set(err, MT_ERR_NOMEM, "checkpoint: out of memory gathering state");
+            g->entries = grown;
+        }
+        mt_st_entry *e = &g->entries[g->n++];
+        memset(e, 0, sizeof *e);
+        e->name = p; /* NUL-terminated by its padding */
+        e->dtype = MT_ST_F32;
+        e->ndim = (int)head[1];
+        size_t numel = 1;
+        for (int d = 0; d < e->ndim; d++) {
+            e->shape[d] = (int64_t)head[2 + d];
+            numel *= (size_t)head[2 + d];
+        }
+        if (pad8(head[0] + 1) > (size_t)(end - p)) goto bad;
+        p += pad8(head[0] + 1);
+        if (numel * sizeof(float) > (size_t)(end - p)) goto bad;
+        e->data = p;
+        p += pad8(numel * sizeof(float));
+    }
+    return MT_OK;
+bad:
+    return mt_error_set(err, MT_ERR_FORMAT, "checkpoint: the gathered optimizer state is malformed");
+}
+
+/* Collective: every rank's optimizer state to rank 0 (g stays empty elsewhere). */
+static mt_status gather_optimizer(mt_plugin_instance *optimizer, gathered_state *g, mt_error *err) {
+    mt_bytebuf mine = {0};
+    mt_status st = serialise_optimizer(optimizer, &mine, err);
+    if (!st) st = mt_dist_gather_bytes(mine.p, mine.n, &g->bytes, &g->sizes, err);
+    free(mine.p);
+    if (!st && g->bytes) st = parse_gathered(g, err);
+    return st;
+}
+
+static mt_status write_optimizer(const char *path, mt_plugin_instance *optimizer,
+                                 const gathered_state *gathered, mt_error *err) {
+    if (gathered && gathered->bytes) {
+        const char *const meta[] = {"format", MT_CKPT_FORMAT, "content", "optimizer", "optimizer",
+                                    optimizer->desc->name, NULL};
+        return mt_st_write(path, gathered->entries, gathered->n, meta, err);
+    }
     const mt_optimizer_vtable *vt = optimizer ? optimizer->desc->vtable : NULL;
     size_t n = vt ? vt->state_count(optimizer->state) : 0;
     mt_st_entry *entries = mt_calloc(n ? n : 1, sizeof *entries, "checkpoint optimizer list", err);
@@ -716,9 +841,10 @@ static mt_status validate_state(const mt_ckpt_state *s, mt_error *err) {
     return MT_OK;
 }
 
-mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_instance *optimizer,
-                             mt_plugin_instance *loss, const mt_ckpt_state *state,
-                             char **out_path, mt_error *err) {
+/* The checkpoint written by this process (rank 0 of a data-parallel job). */
+static mt_status save_here(const char *run_dir, mt_model *model, mt_plugin_instance *optimizer,
+                           mt_plugin_instance *loss, const mt_ckpt_state *state,
+                           const gathered_state *gathered, char **out_path, mt_error *err) {
     if (out_path) *out_path = NULL;
     if (!run_dir || !model || !state)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -769,7 +895,7 @@ mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_ins
     const char *recipe = state->recipe ? state->recipe : "";
     size_t recipe_len = state->recipe ? state->recipe_len : 0;
     if ((st = write_weights(paths[0], model, err)) ||
-        (st = write_optimizer(paths[1], optimizer, err)) ||
+        (st = write_optimizer(paths[1], optimizer, gathered, err)) ||
         (st = mt_write_file_atomic(paths[2], recipe, recipe_len, err)) ||
         (st = write_plugin_state(paths[3], model, loss, err)))
         goto done;
@@ -839,6 +965,56 @@ done:
     free(final);
     free(tmp);
     free(root);
+    return st;
+}
+
+/* Collective: rank 0's outcome (status, message and the path it wrote, when asked) on
+ * every rank, so that all of them go on, or fail, together. */
+static mt_status share_outcome(mt_status st, mt_error *err, char **path) {
+    if (mt_dist_size() == 1) return st;
+    struct {
+        int32_t status;
+        uint32_t path_len;
+        char msg[MT_ERROR_MSG_MAX];
+    } o = {.status = (int32_t)st};
+    if (mt_dist_rank() == 0) {
+        if (st && err) snprintf(o.msg, sizeof o.msg, "%s", err->msg);
+        o.path_len = path && *path ? (uint32_t)strlen(*path) : 0;
+    }
+    mt_error comm_err = {0};
+    if (mt_dist_broadcast(&o, sizeof o, 0, &comm_err)) {
+        if (err) *err = comm_err;
+        return MT_ERR_IO;
+    }
+    if (mt_dist_rank() != 0 && path) {
+        free(*path);
+        *path = NULL;
+        if (o.path_len > 0 && !(*path = malloc(o.path_len + 1u)))
+            return mt_error_set(err, MT_ERR_NOMEM, "checkpoint: out of memory");
+    }
+    if (path && o.path_len > 0 && mt_dist_broadcast(*path, o.path_len + 1u, 0, &comm_err)) {
+        if (err) *err = comm_err;
+        return MT_ERR_IO;
+    }
+    if (mt_dist_rank() != 0 && o.status) mt_error_set(err, (mt_status)o.status, "%s", o.msg);
+    return (mt_status)o.status;
+}
+
+mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_instance *optimizer,
+                             mt_plugin_instance *loss, const mt_ckpt_state *state,
+                             char **out_path, mt_error *err) {
+    if (mt_dist_size() == 1) return save_here(run_dir, model, optimizer, loss, state, NULL, out_path, err);
+    /* a data-parallel job: every rank's weights are the same, the optimizer state may be
+     * sharded (gathered first); rank 0 writes, the others wait for its outcome */
+    gathered_state g = {0};
+    char *path = NULL;
+    mt_status st = MT_OK;
+    if (optimizer && optimizer->sharded) st = gather_optimizer(optimizer, &g, err);
+    if (!st && mt_dist_rank() == 0) st = save_here(run_dir, model, optimizer, loss, state, &g, &path, err);
+    gathered_free(&g);
+    st = share_outcome(st, err, &path);
+    if (out_path) *out_path = path;
+    else free(path);
     return st;
 }
 
@@ -1150,6 +1326,16 @@ static mt_status all_f32(const mt_safetensors *st, const char *path, size_t *max
     return MT_OK;
 }
 
+/* Is optimizer state "<kind>/<parameter>" this rank's? (Unknown names are kept: the
+ * optimizer's own check refuses them.) */
+static int owned_here(const char *state_name, const mt_param_view *params, size_t n, const int *owner) {
+    const char *slash = strchr(state_name, '/');
+    if (!slash) return 1;
+    for (size_t i = 0; i < n; i++)
+        if (!strcmp(params[i].name, slash + 1)) return owner[i] == mt_dist_rank();
+    return 1;
+}
+
 mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instance *optimizer,
                              mt_plugin_instance *loss, mt_ckpt_state *state, mt_error *err) {
     if (!dir) return mt_error_set(err, MT_ERR_INVALID_ARG, "mt_checkpoint_load: dir is NULL");
@@ -1166,6 +1352,7 @@ mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instanc
     mt_param_view *params = NULL;
     size_t n_params = 0, max_w = 0, max_o = 0;
     float *scratch = NULL;
+    int *owner = NULL;
     char a[96], b[96];
     if (!opath) {
         st = MT_ERR_NOMEM;
@@ -1250,11 +1437,18 @@ mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instanc
         goto done;
     }
 
+    /* a sharded optimizer (ZeRO-1) takes the state of its rank's parameters only */
+    if (optimizer && optimizer->sharded && mt_dist_size() > 1 && params &&
+        !(owner = mt_train_param_owners(params, n_params, err))) {
+        st = MT_ERR_NOMEM;
+        goto done;
+    }
     /* restore: the optimizer first (its refusals leave the model untouched), then the weights */
     if (optimizer) {
         const mt_optimizer_vtable *vt = optimizer->desc->vtable;
         for (size_t i = 0; i < mt_st_count(ost); i++) {
             const mt_st_tensor *t = mt_st_at(ost, i);
+            if (owner && !owned_here(t->name, params, n_params, owner)) continue;
             if ((st = mt_st_read_f32(t, scratch, err))) goto done;
             mt_tensor view = {
                 .dtype = MT_F32, .device = MT_DEVICE_CPU, .ndim = t->ndim, .data = scratch};
@@ -1292,6 +1486,7 @@ mt_status mt_checkpoint_load(const char *dir, mt_model *model, mt_plugin_instanc
         memset(&v.state, 0, sizeof v.state);
     }
 done:
+    free(owner);
     free(scratch);
     free(params);
     mt_st_close(wst);
@@ -1322,9 +1517,19 @@ mt_status mt_checkpoint_latest(const char *run_dir, char **out_path, mt_error *e
     return MT_OK;
 }
 
+static mt_status prune_here(const char *run_dir, int keep_last, int64_t best_step, int *deleted,
+                            mt_error *err);
+
 mt_status mt_checkpoint_prune(const char *run_dir, int keep_last, int64_t best_step, int *deleted,
                               mt_error *err) {
     if (deleted) *deleted = 0;
+    /* in a data-parallel job rank 0 alone touches the run directory */
+    mt_status st = mt_dist_rank() == 0 ? prune_here(run_dir, keep_last, best_step, deleted, err) : MT_OK;
+    return share_outcome(st, err, NULL);
+}
+
+static mt_status prune_here(const char *run_dir, int keep_last, int64_t best_step, int *deleted,
+                            mt_error *err) {
     char *root = mt_path_join(run_dir, CKPT_SUBDIR, err);
     if (!root) return MT_ERR_NOMEM;
     /* first the remains of an interrupted save or prune (a process killed mid-way) */

@@ -368,6 +368,11 @@ struct mt_batcher {
     int have_order;
     int32_t *used, *nseg;  /* (B) scratch: tokens and segments per row */
     mt_cursor cur;
+    /* data parallel: this rank's rows [shard_lo, shard_hi) of each global batch, which
+     * is built whole in `global` (4 (B,T) arrays) and `global_ref` (B) */
+    int shard_lo, shard_hi, sharded;
+    int32_t *global;
+    double *global_ref;
 };
 
 mt_status mt_batcher_create(const mt_example_set *examples, int B, int T, int pack,
@@ -419,6 +424,8 @@ void mt_batcher_free(mt_batcher *b) {
     free(b->order);
     free(b->used);
     free(b->nseg);
+    free(b->global);
+    free(b->global_ref);
     free(b);
 }
 
@@ -486,11 +493,65 @@ static size_t place(mt_batcher *b, size_t pos, int32_t *tokens, int32_t *positio
     return placed;
 }
 
+static mt_status next_global(mt_batcher *b, int32_t *tokens, int32_t *positions,
+                             int32_t *segments, int32_t *targets, double *ref_logps,
+                             mt_batch_info *info, mt_error *err);
+
+mt_status mt_batcher_set_shard(mt_batcher *b, int rank, int count, mt_error *err) {
+    const int unit = b->set->paired ? 2 : 1; /* a pair's two rows stay on one rank */
+    if (count < 1 || rank < 0 || rank >= count)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "batcher: rank %d of %d is not a rank", rank, count);
+    if (b->B % (unit * count) != 0)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "batcher: the batch of %d rows does not split evenly over %d ranks%s: "
+                            "make it a multiple of %d (batch is the global batch; each rank "
+                            "takes batch / ranks rows)",
+                            b->B, count, unit == 2 ? " in whole pairs" : "", unit * count);
+    if (count == 1) {
+        b->sharded = 0;
+        return MT_OK;
+    }
+    size_t bt = (size_t)b->B * (size_t)b->T;
+    if (!b->global && !(b->global = mt_malloc(4 * bt * sizeof *b->global, "global batch", err)))
+        return MT_ERR_NOMEM;
+    if (!b->global_ref &&
+        !(b->global_ref = mt_malloc((size_t)b->B * sizeof *b->global_ref, "global batch", err)))
+        return MT_ERR_NOMEM;
+    b->shard_lo = b->B / count * rank;
+    b->shard_hi = b->B / count * (rank + 1);
+    b->sharded = 1;
+    return MT_OK;
+}
+
+int mt_batcher_rows(const mt_batcher *b) { return b->sharded ? b->shard_hi - b->shard_lo : b->B; }
+
 mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, int32_t *segments,
                           int32_t *targets, double *ref_logps, mt_batch_info *info,
                           mt_error *err) {
     if (!tokens || !targets)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "batcher: tokens and targets are required");
+    if (!b->sharded) return next_global(b, tokens, positions, segments, targets, ref_logps, info, err);
+    /* the whole global batch, as one process would see it; then this rank's rows */
+    const size_t bt = (size_t)b->B * (size_t)b->T, T = (size_t)b->T;
+    int32_t *g = b->global;
+    mt_batch_info in;
+    mt_status st = next_global(b, g, g + bt, g + 2 * bt, g + 3 * bt, b->global_ref, &in, err);
+    if (st) return st;
+    int32_t *mine[4] = {tokens, positions, segments, targets};
+    const size_t rows = (size_t)(b->shard_hi - b->shard_lo), first = (size_t)b->shard_lo * T;
+    for (int k = 0; k < 4; k++)
+        if (mine[k]) memcpy(mine[k], g + (size_t)k * bt + first, rows * T * sizeof *g);
+    if (ref_logps) memcpy(ref_logps, b->global_ref + b->shard_lo, rows * sizeof *ref_logps);
+    in.longest = 0; /* the shard's: its columns past it are padding */
+    for (int r = b->shard_lo; r < b->shard_hi; r++)
+        if (b->used[r] > in.longest) in.longest = b->used[r];
+    if (info) *info = in;
+    return MT_OK;
+}
+
+static mt_status next_global(mt_batcher *b, int32_t *tokens, int32_t *positions,
+                             int32_t *segments, int32_t *targets, double *ref_logps,
+                             mt_batch_info *info, mt_error *err) {
     const int32_t pad = b->set->opt.pad_id;
     ensure_order(b, b->cur.epoch);
     int rows = 0;

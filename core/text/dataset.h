@@ -351,6 +351,15 @@ void mt_batcher_free(mt_batcher *b);
 mt_status mt_batcher_next(mt_batcher *b, int32_t *tokens, int32_t *positions, int32_t *segments,
                           int32_t *targets, double *ref_logps, mt_batch_info *info,
                           mt_error *err);
+/* Data parallel: from now on next() fills only this rank's rows [rank*B/count,
+ * (rank+1)*B/count) of each global batch of B rows (the caller's arrays then hold
+ * mt_batcher_rows() rows), so that the ranks' rows together are exactly the batch one
+ * process would train on. info still describes the global batch (examples, tokens,
+ * targets: what the step trains on over all ranks), except `longest`, which is the
+ * shard's. B must split evenly (in whole pairs for a paired set). */
+mt_status mt_batcher_set_shard(mt_batcher *b, int rank, int count, mt_error *err);
+/* Rows next() fills: B, or this rank's share of it. */
+int mt_batcher_rows(const mt_batcher *b);
 /* Narrows (B,T) arrays (any may be NULL) in place to (B,T_new), T_new <= T, dropping
  * columns [T_new, T) of every row: after mt_batcher_next with T_new = info.longest they
  * are padding only, and a causal model gives the real tokens the same result without
