@@ -21,6 +21,9 @@
 --   train_on_inputs  false = loss on the assistant replies only
 --   seq_len        tokens per example (longer ones are truncated on the left)
 --   batch          rows per micro-batch; grad_accum micro-batches per optimizer step
+--                  (under mpirun -np N, batch is the global batch: N ranks take batch/N
+--                  rows each; docs/distributed.md)
+--   shard_optimizer  ZeRO-1 under mpirun: each rank keeps 1/N of the optimizer state
 --   epochs         passes over the data ...
 --   max_steps      ... or an optimizer-step budget (0 = use epochs; > 0 wins)
 --   lr             peak learning rate (LoRA tolerates a high one: 2e-4)
@@ -70,6 +73,7 @@ local cfg = mt.config({
   seq_len = 512,
   batch = 4,
   grad_accum = 4,
+  shard_optimizer = false,
   epochs = 3,
   max_steps = 0,
   lr = 2e-4,

@@ -186,14 +186,16 @@ local total = mt.now() - started
 print(string.format("quickstart: done in %.0f s, peak memory %.0f MiB", total,
                     mt.peak_memory() / 1048576))
 
-local f = assert(io.open(out .. "/summary.json", "w"))
-f:write(string.format('{"before": {"heldout_loss": %.6f, "accuracy": %.4f, "general_perplexity": %.4f}, ' ..
-                      '"after": {"heldout_loss": %.6f, "accuracy": %.4f, "general_perplexity": %.4f}, ' ..
-                      '"general_change": %.4f, "steps": %d, "stopped_early": %s, ' ..
-                      '"train_seconds": %.1f, "train_tokens": %d, "train_tokens_per_second": %.1f, ' ..
-                      '"total_seconds": %.1f, "peak_memory_bytes": %d}\n',
-                      before.heldout_loss, before.accuracy, before.general_perplexity,
-                      after.heldout_loss, after.accuracy, after.general_perplexity, change,
-                      result.steps, tostring(result.stopped_early), train_seconds, result.tokens,
-                      result.tokens_per_second, total, mt.peak_memory()))
-f:close()
+if mt.rank() == 0 then -- one summary per job (data parallel: docs/distributed.md)
+  local f = assert(io.open(out .. "/summary.json", "w"))
+  f:write(string.format('{"before": {"heldout_loss": %.6f, "accuracy": %.4f, "general_perplexity": %.4f}, ' ..
+                        '"after": {"heldout_loss": %.6f, "accuracy": %.4f, "general_perplexity": %.4f}, ' ..
+                        '"general_change": %.4f, "steps": %d, "stopped_early": %s, ' ..
+                        '"train_seconds": %.1f, "train_tokens": %d, "train_tokens_per_second": %.1f, ' ..
+                        '"total_seconds": %.1f, "peak_memory_bytes": %d}\n',
+                        before.heldout_loss, before.accuracy, before.general_perplexity,
+                        after.heldout_loss, after.accuracy, after.general_perplexity, change,
+                        result.steps, tostring(result.stopped_early), train_seconds, result.tokens,
+                        result.tokens_per_second, total, mt.peak_memory()))
+  f:close()
+end

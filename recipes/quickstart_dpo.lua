@@ -204,13 +204,15 @@ print(string.format("quickstart_dpo: SFT %d steps in %.0f s, DPO %d steps in %.0
                     "evaluation included), done in %.0f s, peak memory %.0f MiB",
                     sft_steps, sft_seconds, dpo.steps, dpo_seconds, total, mt.peak_memory() / 1048576))
 
-local f = assert(io.open(out .. "/summary.json", "w"))
-f:write(mt.json_encode({
-  sft = { accuracy = after_sft.accuracy, general_perplexity = general_sft, steps = sft_steps, seconds = sft_seconds },
-  dpo = { accuracy = after_dpo.accuracy, general_perplexity = general_dpo, steps = dpo.steps, seconds = dpo_seconds,
-          heldout_after = after_pairs,
-          pair_accuracy_before = probe_before.accuracy, pair_accuracy_after = probe_after.accuracy },
-  base = { general_perplexity = general_base }, general_change = change, total_seconds = total,
-  peak_memory_bytes = mt.peak_memory(),
-}) .. "\n")
-f:close()
+if mt.rank() == 0 then -- one summary per job (data parallel: docs/distributed.md)
+  local f = assert(io.open(out .. "/summary.json", "w"))
+  f:write(mt.json_encode({
+    sft = { accuracy = after_sft.accuracy, general_perplexity = general_sft, steps = sft_steps, seconds = sft_seconds },
+    dpo = { accuracy = after_dpo.accuracy, general_perplexity = general_dpo, steps = dpo.steps, seconds = dpo_seconds,
+            heldout_after = after_pairs,
+            pair_accuracy_before = probe_before.accuracy, pair_accuracy_after = probe_after.accuracy },
+    base = { general_perplexity = general_base }, general_change = change, total_seconds = total,
+    peak_memory_bytes = mt.peak_memory(),
+  }) .. "\n")
+  f:close()
+end

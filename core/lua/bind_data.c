@@ -1,5 +1,6 @@
 /* bind_data.c — moontune.core's data objects: Examples, Records, Batcher and Batch. */
 #include "lua/bind_internal.h"
+#include "dist/dist.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -462,7 +463,9 @@ static int batcher_close(lua_State *L) {
     return 0;
 }
 
-/* mt.batcher(examples, {batch=, seq_len=, pack=true, seed=, shuffle=true}) */
+/* mt.batcher(examples, {batch=, seq_len=, pack=true, seed=, shuffle=true, shard=true})
+ * In a data-parallel job (mt.world_size() > 1) batch is the global batch and, with
+ * shard, each rank's next() returns its batch / world_size rows of it. */
 static int l_batcher(lua_State *L) {
     lexamples *e = bind_check_examples(L, 1);
     bind_check_opts(L, 2);
@@ -472,6 +475,7 @@ static int l_batcher(lua_State *L) {
     uint64_t seed = bind_opt_seed(L, 2, "seed", 0);
     int shuffle = bind_opt_bool(L, 2, "shuffle", 1);
     int narrow = bind_opt_bool(L, 2, "narrow", 1);
+    int shard = bind_opt_bool(L, 2, "shard", 1);
     lbatcher *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->b = NULL;
     b->B = B;
@@ -481,6 +485,8 @@ static int l_batcher(lua_State *L) {
     luaL_setmetatable(L, BATCHER_MT);
     mt_error err = {0};
     if (mt_batcher_create(&e->set, B, T, pack, (uint64_t)seed, shuffle, &b->b, &err)) return bind_raise(L, &err);
+    if (shard && mt_batcher_set_shard(b->b, mt_dist_rank(), mt_dist_size(), &err)) return bind_raise(L, &err);
+    b->B = mt_batcher_rows(b->b);
     lua_pushvalue(L, 1);
     lua_setiuservalue(L, -2, 1);
     e->users++;
@@ -511,12 +517,14 @@ static int batcher_next(lua_State *L) {
     if (mt_batcher_next(b->b, x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, x->ref_logps, &info,
                         &err))
         return bind_raise(L, &err);
-    if (b->narrow && info.longest < b->T) { /* padding columns cost compute, change nothing */
-        size_t nt = (size_t)b->B * (size_t)info.longest;
-        mt_batch_narrow(x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, b->B, b->T, info.longest);
+    /* a rank's rows may all be padding at the end of an epoch: one column of them */
+    const int longest = info.longest > 0 ? info.longest : 1;
+    if (b->narrow && longest < b->T) { /* padding columns cost compute, change nothing */
+        size_t nt = (size_t)b->B * (size_t)longest;
+        mt_batch_narrow(x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, b->B, b->T, longest);
         /* the four arrays packed at the new stride, one after another */
         for (int k = 1; k < 4; k++) memmove(x->data + k * nt, x->data + k * bt, nt * sizeof(int32_t));
-        x->T = info.longest;
+        x->T = longest;
     }
     lua_createtable(L, 0, 7);
     bind_set_int(L, "examples", info.examples);

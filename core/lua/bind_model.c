@@ -28,6 +28,18 @@ static int plugin_close(lua_State *L) {
     return 0;
 }
 
+/* optimizer:shard_state(on): ZeRO-1 in a data-parallel job — each rank keeps and
+ * updates the optimizer state of its own parameters only (model/train.c), checkpoints
+ * gather it (store/checkpoint.c). Set before the first step or checkpoint load. */
+static int plugin_shard_state(lua_State *L) {
+    lplugin *p = bind_check_plugin(L, 1);
+    if (p->inst->desc->kind != MT_PLUGIN_OPTIMIZER)
+        return luaL_error(L, "shard_state: '%s' is a %s plugin; only an optimizer's state is sharded",
+                          p->inst->desc->name, mt_plugin_kind_name(p->inst->desc->kind));
+    p->inst->sharded = lua_toboolean(L, 2);
+    return 0;
+}
+
 static int plugin_describe(lua_State *L) {
     lplugin *p = bind_check_plugin(L, 1);
     lua_createtable(L, 0, 4);
@@ -485,7 +497,7 @@ static const mt_tokenizer *opt_tokenizer(lua_State *L, int opts) {
 
 /* model:export_peft(dir, {base_model=}) -> dir: the attached LoRA adapter as a PEFT
  * adapter directory; base_model defaults to the path the model was loaded from. */
-static int model_export_peft(lua_State *L) {
+static int export_peft_here(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     const char *dir = luaL_checkstring(L, 2);
     bind_check_opts(L, 3);
@@ -501,9 +513,12 @@ static int model_export_peft(lua_State *L) {
     return 1;
 }
 
+/* rank 0 of a data-parallel job writes it; the others wait for the outcome */
+static int model_export_peft(lua_State *L) { return bind_rank0_writes(L, export_peft_here); }
+
 /* model:export_merged(dir, {tokenizer=}) -> dir: a transformers model directory with the
  * attached adapter (if any) merged in; the model in memory is unchanged. */
-static int model_export_merged(lua_State *L) {
+static int export_merged_here(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     const char *dir = luaL_checkstring(L, 2);
     bind_check_opts(L, 3);
@@ -516,9 +531,12 @@ static int model_export_merged(lua_State *L) {
     return 1;
 }
 
+/* rank 0 of a data-parallel job writes it; the others wait for the outcome */
+static int model_export_merged(lua_State *L) { return bind_rank0_writes(L, export_merged_here); }
+
 /* model:export_gguf(path, {tokenizer=, dtype="f16"|"f32"|"bf16"|"q8_0", name=}) -> path: one GGUF file
  * with the attached adapter (if any) merged in, and the tokenizer and chat template. */
-static int model_export_gguf(lua_State *L) {
+static int export_gguf_here(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     const char *path = luaL_checkstring(L, 2);
     bind_check_opts(L, 3);
@@ -535,6 +553,9 @@ static int model_export_gguf(lua_State *L) {
     lua_pushvalue(L, 2);
     return 1;
 }
+
+/* rank 0 of a data-parallel job writes it; the others wait for the outcome */
+static int model_export_gguf(lua_State *L) { return bind_rank0_writes(L, export_gguf_here); }
 
 /* ---- registration ---- */
 
@@ -553,7 +574,8 @@ static const luaL_Reg tok_methods[] = {
     {"close", tok_close},   {NULL, NULL},
 };
 static const luaL_Reg plugin_methods[] = {
-    {"describe", plugin_describe}, {"close", plugin_close}, {NULL, NULL},
+    {"describe", plugin_describe}, {"shard_state", plugin_shard_state}, {"close", plugin_close},
+    {NULL, NULL},
 };
 
 static const luaL_Reg functions[] = {

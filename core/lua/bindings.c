@@ -143,6 +143,7 @@ int luaopen_moontune_core(lua_State *L) {
     mt_bind_train_open(L);
     mt_bind_generate_open(L);
     mt_bind_tensorboard_open(L);
+    mt_bind_dist_open(L);
     luaL_setfuncs(L, functions, 0);
     mt_lua_run_funcs(L);
     return 1;

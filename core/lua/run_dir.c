@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "base/internal.h"
+#include "dist/dist.h"
 #include "lua/sandbox.h"
 
 #define RUN_MARKER ".moontune-run"
@@ -385,6 +386,21 @@ static void move_aside(lua_State *L, const char *dir) {
     luaL_error(L, "output_dir: cannot find a free name to move %s aside", dir);
 }
 
+/* Makes `target` the run's directory: writable in the sandbox, known as claimed. */
+static int claim(lua_State *L, const char *target) {
+    if (mt_sandbox_active(L)) {
+        mt_error err = {0};
+        if (mt_sandbox_allow_write(L, target, &err)) return luaL_error(L, "%s", err.msg);
+    }
+    push_run(L);
+    luaL_getsubtable(L, -1, "claimed");
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, target);
+    lua_pop(L, 2);
+    lua_pushstring(L, target);
+    return 1;
+}
+
 /* mt.output_dir(path [, {resume = bool}]) -> the absolute path of the run directory.
  *
  * It is created when missing. An existing one is accepted when it is empty or was
@@ -395,7 +411,7 @@ static void move_aside(lua_State *L, const char *dir) {
  * sandbox the directory must lie below the working directory, and becomes the one
  * place the recipe may write. Calling it again for the same directory in one run
  * returns it without these checks. */
-static int l_output_dir(lua_State *L) {
+static int output_dir_here(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     int resume = run_flag(L, "resume");
     if (lua_istable(L, 2)) {
@@ -467,17 +483,34 @@ static int l_output_dir(lua_State *L) {
     snprintf(marker, sizeof marker, "%s/" RUN_MARKER, target);
     if (lstat(marker, &mst) != 0) write_marker(L, target);
 
-    if (mt_sandbox_active(L)) {
-        mt_error err = {0};
-        if (mt_sandbox_allow_write(L, target, &err)) return luaL_error(L, "%s", err.msg);
+    return claim(L, target);
+}
+
+/* In a data-parallel job rank 0 checks and prepares the directory; the others wait for
+ * its outcome (the same error on every rank, or the same directory), then claim it. */
+static int l_output_dir(lua_State *L) {
+    if (mt_dist_size() == 1) return output_dir_here(L);
+    struct {
+        int32_t ok;
+        char text[PATH_MAX + MT_ERROR_MSG_MAX];
+    } o = {0};
+    lua_settop(L, 2);
+    if (mt_dist_rank() == 0) {
+        lua_pushcfunction(L, output_dir_here);
+        lua_pushvalue(L, 1);
+        lua_pushvalue(L, 2);
+        o.ok = lua_pcall(L, 2, 1, 0) == LUA_OK;
+        const char *text = lua_tostring(L, -1);
+        snprintf(o.text, sizeof o.text, "%s", text ? text : "output_dir failed");
     }
-    push_run(L);
-    luaL_getsubtable(L, -1, "claimed");
-    lua_pushboolean(L, 1);
-    lua_setfield(L, -2, target);
-    lua_pop(L, 2);
-    lua_pushstring(L, target);
-    return 1;
+    mt_error err = {0};
+    if (mt_dist_broadcast(&o, sizeof o, 0, &err)) return luaL_error(L, "output_dir: %s", err.msg);
+    if (!o.ok) {
+        lua_pushstring(L, o.text);
+        return lua_error(L);
+    }
+    if (mt_dist_rank() == 0) return 1;
+    return claim(L, o.text);
 }
 
 /* mt.write_file(path, text): replaces the file atomically (a temporary file, fsync,

@@ -157,6 +157,7 @@ function M.train(mt, cfg, model, train, heldout, name, data)
     epochs = cfg.epochs,
     max_steps = max_steps,
     grad_accum = cfg.grad_accum,
+    shard_optimizer = cfg.shard_optimizer,
     max_grad_norm = cfg.max_grad_norm > 0 and cfg.max_grad_norm or false,
     save_every = cfg.save_every,
     keep_last = cfg.keep_last,

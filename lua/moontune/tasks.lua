@@ -47,7 +47,9 @@ end
 -- together) and scores each with opts.metric(output, reference) (default exact_match).
 -- opts: metric, max_new_tokens (default 128), batch (sequences decoded together,
 -- default 16), template. Adapters are put in evaluation mode for the pass and back in
--- training mode after it.
+-- training mode after it. In a data-parallel job each rank generates for every
+-- world_size-th item and the ranks exchange their answers, so every rank returns the
+-- whole result.
 -- Returns { accuracy, correct, n, outputs = {text...}, passed = {bool...}, seconds,
 --           new_tokens, tokens_per_second }.
 function M.evaluate(mt, model, tok, items, opts)
@@ -55,7 +57,10 @@ function M.evaluate(mt, model, tok, items, opts)
   local metric = opts.metric or M.exact_match
   local t0 = mt.now()
   local groups, order = {}, {}
+  local rank = type(mt.rank) == "function" and mt.rank() or 0
+  local world = type(mt.world_size) == "function" and mt.world_size() or 1
   for i, item in ipairs(items) do
+    if (i - 1) % world ~= rank then goto next_item end
     local key = item.system or "\0none"
     if not groups[key] then
       groups[key] = { system = item.system, prompts = {}, index = {} }
@@ -64,6 +69,7 @@ function M.evaluate(mt, model, tok, items, opts)
     local g = groups[key]
     g.prompts[#g.prompts + 1] = item.prompt
     g.index[#g.index + 1] = i
+    ::next_item::
   end
   model:set_training(false)
   local outputs, new_tokens = {}, 0
@@ -82,6 +88,12 @@ function M.evaluate(mt, model, tok, items, opts)
   end)
   model:set_training(true)
   if not ok then error(err, 0) end
+  if world > 1 then -- every rank's answers on every rank
+    for r = 0, world - 1 do -- texts as they are (any bytes), one at a time
+      for i = r + 1, #items, world do outputs[i] = mt.broadcast(r == rank and outputs[i] or "", r) end
+    end
+    new_tokens = mt.all_sum(new_tokens)
+  end
   local correct, passed = 0, {}
   for i, item in ipairs(items) do
     passed[i] = metric(outputs[i], item.reference) and true or false

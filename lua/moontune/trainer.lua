@@ -54,6 +54,10 @@
 --   max_bad_steps = 5           non-finite / skipped steps in a row before an error
 --   save_every = nil            checkpoint every N steps (nil or 0: only at the end; always at the end)
 --   keep_last = 2               checkpoints kept by mt.checkpoint_prune besides the best
+--   shard_optimizer = false     ZeRO-1 in a data-parallel job (mpirun -np N): each rank
+--                               keeps and updates the optimizer state of its share of the
+--                               parameters only (optimizer memory / N); checkpoints hold
+--                               the whole state and resume with any number of ranks
 --   resume = nil                a checkpoint path, or true = mt.checkpoint_latest(out_dir)
 --                               (true with no checkpoint starts fresh). A resume refuses a
 --                               checkpoint whose recipe text or settings (the resolved
@@ -117,6 +121,14 @@
 -- state (early stopping's count and best, a set_lr override) as one JSON object,
 -- state.trainer, so that a resumed run goes on exactly where it stopped. Checkpoints of
 -- earlier versions kept that state in trainer_* metrics; a resume still reads them.
+--
+-- Data parallel (docs/distributed.md): under `mpirun -np N` every rank runs this loop on
+-- its rows of each global batch (the batcher shards it), and mt.train_step sums the
+-- gradients, so every rank holds the same model. Rank 0 alone writes metrics.jsonl,
+-- TensorBoard events, the plot and checkpoints (mt.checkpoint_save is collective);
+-- evaluations are sharded and summed; what callbacks and early stopping decide is
+-- rank 0's, broadcast to the others after each step and evaluation, so every rank
+-- stops, evaluates and saves together.
 --
 -- JSON goes through mt.json_encode (the core's encoder, jansson), the one encoder of
 -- metrics.jsonl and checkpoints.
@@ -254,6 +266,13 @@ local function resolve(cfg, mt)
               metric_fns = cfg.metrics or {}, hooks = hooks_of(cfg.callbacks),
               progress_metrics = cfg.progress_metrics or { "rewards/accuracies", "rewards/margins" } }
   if R.max_grad_norm == nil then R.max_grad_norm = 1.0 end
+  R.rank = type(mt.rank) == "function" and mt.rank() or 0
+  R.world = type(mt.world_size) == "function" and mt.world_size() or 1
+  R.main = R.rank == 0
+  if cfg.shard_optimizer ~= nil and type(cfg.shard_optimizer) ~= "boolean" then
+    fail("cfg.shard_optimizer must be true or false, got %s", type(cfg.shard_optimizer))
+  end
+  R.shard_optimizer = cfg.shard_optimizer == true and R.world > 1
   if math.type(R.grad_accum) ~= "integer" or R.grad_accum < 1 then
     fail("cfg.grad_accum must be an integer >= 1, got %s", tostring(R.grad_accum))
   end
@@ -347,11 +366,12 @@ local function run_identity(cfg, mt, R)
   local info = mt.run_info and mt.run_info() or {}
   local allow_changes = cfg.allow_changes
   if allow_changes == nil then allow_changes = info.allow_changes end
-  -- the config's own resume switch is the one setting a resume changes by design
+  -- the config's own resume switch is the one setting a resume changes by design, and
+  -- sharding the optimizer state over the ranks changes no result
   local config = info.config
-  if type(config) == "table" and config.resume ~= nil then
+  if type(config) == "table" and (config.resume ~= nil or config.shard_optimizer ~= nil) then
     local c = {}
-    for k, v in pairs(config) do if k ~= "resume" then c[k] = v end end
+    for k, v in pairs(config) do if k ~= "resume" and k ~= "shard_optimizer" then c[k] = v end end
     config = c
   end
   local es = R.es
@@ -439,6 +459,12 @@ end
 local function open_outputs(cfg, mt, R, T)
   local mpath = R.out_dir .. "/metrics.jsonl"
   local rewound, torn = nil, 0
+  if not R.main then -- one set of outputs per job: rank 0's
+    function T.log_json() end
+    function T.close_outputs() end
+    function T.say() end
+    return
+  end
   if T.start_step > 1 then rewound, torn = rewind_metrics(mt, mpath, T.start_step - 1) end
   local mfile, merr = io.open(mpath, T.start_step > 1 and "a" or "w")
   if not mfile then fail("cannot write %s: %s (does out_dir exist?)", mpath, tostring(merr)) end
@@ -503,7 +529,7 @@ local function open_outputs(cfg, mt, R, T)
 end
 
 -- The control handed to callbacks, and fire(hook) to call them.
-local function make_control(R, T)
+local function make_control(mt, R, T)
   local req = { stop = false, evaluate = false, save = false }
   local control = {}
   function control:stop() req.stop = true end
@@ -519,6 +545,16 @@ local function make_control(R, T)
       local f = cb[name]
       if f then f(T.state, control, extra) end
     end
+  end
+  -- data parallel: rank 0's decisions on every rank (callbacks may read clocks or
+  -- files that differ between ranks), so that all of them evaluate, save and stop at
+  -- the same steps and no collective call waits for a rank that went another way
+  function T.agree()
+    if R.world == 1 then return end
+    local d = mt.broadcast({ stop = req.stop, evaluate = req.evaluate, save = req.save, lr = T.lr_override,
+                             stopped = T.state.stopped_early })
+    req.stop, req.evaluate, req.save = d.stop, d.evaluate, d.save
+    T.lr_override, T.state.stopped_early = d.lr, d.stopped
   end
 end
 
@@ -579,6 +615,11 @@ local function evaluate(cfg, mt, R, T)
     local v = f(state)
     if type(v) ~= "number" then fail("metric '%s' returned %s, want a number", name, type(v)) end
     m[name] = v
+  end
+  if R.world > 1 then -- decisions below follow rank 0's numbers on every rank
+    m = mt.broadcast(m)
+    state.metrics = m
+    over = R.general and m.general_change ~= nil and m.general_change > R.general.bound or false
   end
   T.history.eval[#T.history.eval + 1] = { step = state.step, metrics = m }
   local rec = { type = "eval", step = state.step, epoch = state.epoch }
@@ -740,7 +781,7 @@ local function finish(cfg, mt, R, T)
   T.close_outputs()
 
   local seconds = R.clock() - T.t0
-  if cfg.plot ~= false then
+  if cfg.plot ~= false and R.main then
     local plot = require("moontune.plot")
     local evals = {}
     for _, e in ipairs(T.history.eval) do
@@ -799,13 +840,14 @@ function M.run(cfg, mt)
               -- the training loss since the last evaluation, and rises of the held-out
               -- loss while it falls (overfitting)
               train_sum = 0, train_n = 0, rising = 0 }
+  if R.shard_optimizer then cfg.optimizer:shard_state(true) end
   resume(cfg, mt, R, T)
   -- the remains of a run killed while saving or pruning go before anything else
   if mt.checkpoint_prune then
     mt.checkpoint_prune(R.out_dir, R.keep_last, R.es and T.state.best and T.state.best.step or nil)
   end
   open_outputs(cfg, mt, R, T)
-  make_control(R, T)
+  make_control(mt, R, T)
   if R.general and not T.general_before then -- a resumed run keeps the first run's
     T.general_before = mt.evaluate(cfg.model, R.general.examples, general_opts(cfg)).perplexity
     T.say(string.format("general text: perplexity %.6g before training", T.general_before))
@@ -819,9 +861,11 @@ function M.run(cfg, mt)
   while step <= R.total and not req.stop and not T.state.stopped_early do
     train_step(cfg, mt, R, T, step)
     T.fire("on_step_end")
+    T.agree()
     if R.has_eval and (req.evaluate or (R.eval_every and step % R.eval_every == 0)) then
       evaluate(cfg, mt, R, T)
       T.last_eval = step
+      T.agree()
     elseif req.evaluate then
       T.say(string.format("step %d: evaluation requested but there is nothing to evaluate (no eval_examples or metrics)", step))
     end
