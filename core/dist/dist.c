@@ -121,14 +121,21 @@ mt_status mt_dist_allgather_f32(float *values, const size_t *counts, mt_error *e
     return MT_OK;
 }
 
+/* Rank 0 cannot hold what the others are sending it: they would wait for it forever,
+ * so the job ends here, with the reason (checkpoints written before stay intact). */
+static _Noreturn void gather_out_of_memory(size_t bytes) {
+    fprintf(stderr, "moontune: rank 0: out of memory receiving %zu bytes of state from the "
+                    "other ranks: ending the job\n", bytes);
+    mt_dist_abort(1);
+}
+
 mt_status mt_dist_gather_bytes(const void *bytes, size_t n, void **gathered, size_t **sizes,
                                mt_error *err) {
     *gathered = NULL;
     *sizes = NULL;
     uint64_t mine = n;
     uint64_t *all = NULL;
-    if (g_rank == 0 && !(all = mt_calloc((size_t)g_size, sizeof *all, "gather sizes", err)))
-        return MT_ERR_NOMEM; /* the other ranks then wait in MPI_Gather: the caller aborts */
+    if (g_rank == 0 && !(all = calloc((size_t)g_size, sizeof *all))) gather_out_of_memory(0);
     int rc = MPI_Gather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
     if (rc != MPI_SUCCESS) {
         free(all);
@@ -143,18 +150,16 @@ mt_status mt_dist_gather_bytes(const void *bytes, size_t n, void **gathered, siz
         return MT_OK;
     }
     size_t total = 0;
-    size_t *out_sizes = mt_calloc((size_t)g_size, sizeof *out_sizes, "gather sizes", err);
-    for (int r = 0; out_sizes && r < g_size; r++) {
+    size_t *out_sizes = calloc((size_t)g_size, sizeof *out_sizes);
+    if (!out_sizes) gather_out_of_memory(0);
+    for (int r = 0; r < g_size; r++) {
         out_sizes[r] = (size_t)all[r];
         total += out_sizes[r];
     }
     free(all);
-    char *buf = out_sizes ? mt_malloc(total ? total : 1, "gathered state", err) : NULL;
-    if (!buf) {
-        free(out_sizes);
-        return MT_ERR_NOMEM;
-    }
-    memcpy(buf, bytes, n);
+    char *buf = malloc(total ? total : 1);
+    if (!buf) gather_out_of_memory(total);
+    if (n) memcpy(buf, bytes, n);
     size_t off = out_sizes[0];
     for (int r = 1; r < g_size; r++) {
         for (size_t at = 0; at < out_sizes[r]; at += CHUNK) {
@@ -217,7 +222,7 @@ mt_status mt_dist_gather_bytes(const void *bytes, size_t n, void **gathered, siz
         *sizes = NULL;
         return MT_ERR_NOMEM;
     }
-    memcpy(*gathered, bytes, n);
+    if (n) memcpy(*gathered, bytes, n);
     (*sizes)[0] = n;
     return MT_OK;
 }

@@ -668,12 +668,26 @@ bad:
     return mt_error_set(err, MT_ERR_FORMAT, "checkpoint: the gathered optimizer state is malformed");
 }
 
-/* Collective: every rank's optimizer state to rank 0 (g stays empty elsewhere). */
+/* Collective: every rank's optimizer state to rank 0 (g stays empty elsewhere). Every
+ * rank takes part in the gather and then in a vote, whatever happened to its own share,
+ * so that a rank that could not serialise its state fails the save on all ranks instead
+ * of leaving rank 0 waiting. */
 static mt_status gather_optimizer(mt_plugin_instance *optimizer, gathered_state *g, mt_error *err) {
     mt_bytebuf mine = {0};
     mt_status st = serialise_optimizer(optimizer, &mine, err);
-    if (!st) st = mt_dist_gather_bytes(mine.p, mine.n, &g->bytes, &g->sizes, err);
+    mt_error comm_err = {0};
+    mt_status cst = mt_dist_gather_bytes(mine.p, st ? 0 : mine.n, &g->bytes, &g->sizes, &comm_err);
     free(mine.p);
+    unsigned char failed = st || cst;
+    if (!cst) cst = mt_dist_max_u8(&failed, 1, &comm_err);
+    if (!st && cst) {
+        if (err) *err = comm_err;
+        st = cst;
+    }
+    if (!st && failed)
+        st = mt_error_set(err, MT_ERR_IO,
+                          "checkpoint: another rank could not hand over its share of the optimizer "
+                          "state (its error is above)");
     if (!st && g->bytes) st = parse_gathered(g, err);
     return st;
 }

@@ -86,6 +86,9 @@ same full4z full4 0 "ZeRO-1 = plain data parallel (full fine-tuning)"
 two cut --set stop_at=5
 two cut --set stop_at=5 --set resume=true
 same cut two4 0 "2 ranks stopped at step 5 and resumed = uninterrupted"
+two cutz2 --set stop_at=5 --set shard=true
+two cutz2 --set stop_at=5 --set shard=true --set resume=true
+same cutz2 two4 0 "ZeRO-1 on 2 ranks stopped at step 5 and resumed on 2 ranks = uninterrupted"
 two cutz --set stop_at=5 --set shard=true
 one cutz --set resume=true --allow-changes
 diff <(steps_of cutz | head -n 5) <(steps_of two4 | head -n 5) > /dev/null || fail "cutz: the first 5 steps differ from the uninterrupted run"
