@@ -22,6 +22,9 @@
 
 typedef struct mt_backend mt_backend;
 
+/* The largest communicator id a backend's comm_id writes (NCCL's is 128 bytes). */
+#define MT_COMM_ID_BYTES 256
+
 typedef struct mt_backend_ops {
     /* ---- memory ---- */
     /* Zero-filled, 64-byte aligned device memory; NULL when out of memory. */
@@ -161,6 +164,17 @@ typedef struct mt_backend_ops {
     void (*dequantize_4bit)(mt_backend *be, float *out, const uint8_t *codes,
                             const uint8_t *absmax_q, const float *absmax2, const float *table,
                             float offset, int64_t first, int64_t n, int block, int block2);
+
+    /* ---- data parallel (optional: NULL where the backend brings no collective library) ----
+     * A communicator over the ranks of a data-parallel job for device memory (NCCL on
+     * CUDA). Rank 0 fills an opaque id of at most `bytes` (MT_COMM_ID_BYTES) with
+     * comm_id; every rank receives it (the core sends it over MPI) and joins with
+     * comm_init; comm_sum_f32 then sums n device buffers of counts[i] floats each in place
+     * over the ranks, as one grouped call, and returns when the sums are done. Every rank
+     * calls them in the same order. */
+    mt_status (*comm_id)(mt_backend *be, void *id, size_t bytes);
+    mt_status (*comm_init)(mt_backend *be, const void *id, size_t bytes, int rank, int size);
+    mt_status (*comm_sum_f32)(mt_backend *be, float *const *bufs, const size_t *counts, size_t n);
 } mt_backend_ops;
 
 struct mt_backend {
@@ -197,7 +211,9 @@ void *mt_calloc(size_t count, size_t size, const char *what, mt_error *err);
 /* Zero-filled, 64-byte aligned memory (size rounded up); free() releases it. */
 void *mt_alloc_aligned(size_t bytes);
 
-/* The CUDA backend (kernels/cuda), present when the build found nvcc. */
+/* The CUDA backend (kernels/cuda), present when the build found nvcc. device_index
+ * counts the visible devices modulo their number: a data-parallel rank passes its index
+ * on its node and gets its own GPU, or the one CUDA_VISIBLE_DEVICES left it. */
 #ifdef MT_HAVE_CUDA
 mt_status mt_backend_cuda_init(mt_backend *be, int device_index, mt_error *err);
 void mt_backend_cuda_shutdown(mt_backend *be);

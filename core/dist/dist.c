@@ -12,10 +12,11 @@
 #include <mpi.h>
 #endif
 
-static int g_rank = 0, g_size = 1, g_started = 0;
+static int g_rank = 0, g_size = 1, g_local_rank = 0, g_started = 0;
 
 int mt_dist_rank(void) { return g_rank; }
 int mt_dist_size(void) { return g_size; }
+int mt_dist_local_rank(void) { return g_local_rank; }
 
 /* An MPI launcher leaves its mark in the environment: OpenMPI's mpirun, MPICH's Hydra
  * and Slurm's PMI set a world size, PMIx a rank. Without one the process is alone, and
@@ -51,6 +52,13 @@ mt_status mt_dist_init(mt_error *err) {
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+    /* the ranks sharing this machine's memory, in rank order: the local index */
+    MPI_Comm node;
+    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, g_rank, MPI_INFO_NULL, &node) ==
+        MPI_SUCCESS) {
+        MPI_Comm_rank(node, &g_local_rank);
+        MPI_Comm_free(&node);
+    }
     const char *all = getenv("MOONTUNE_LOG_ALL_RANKS");
     if (g_rank != 0 && !(all && !strcmp(all, "1"))) {
         fflush(stdout);

@@ -32,6 +32,8 @@ _Noreturn void mt_dist_abort(int code);
 
 int mt_dist_rank(void);
 int mt_dist_size(void);
+/* This rank's index among the ranks on its machine (which GPU it takes), from 0. */
+int mt_dist_local_rank(void);
 /* "mpi" (built with MPI), or "none". */
 const char *mt_dist_transport(void);
 

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "base/internal.h"
+#include "dist/dist.h"
 #include "model/device.h"
 
 mt_status mt_device_check_name(const char *what, const char *name, mt_error *err) {
@@ -23,8 +24,9 @@ static const char *cuda_reason(const mt_error *e) {
 /* Starts the CUDA backend on the first device; on failure *why names the reason. */
 static mt_status start_cuda(mt_backend *be, mt_error *why) {
 #ifdef MT_HAVE_CUDA
-    /* CUDA_VISIBLE_DEVICES chooses which GPU is the first: one process per GPU */
-    return mt_backend_cuda_init(be, 0, why);
+    /* one process per GPU: a data-parallel rank takes the GPU of its index on its node
+     * (or the one CUDA_VISIBLE_DEVICES leaves it); a single process, the first */
+    return mt_backend_cuda_init(be, mt_dist_local_rank(), why);
 #else
     (void)be;
     return mt_error_set(why, MT_ERR_UNSUPPORTED,

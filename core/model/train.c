@@ -56,10 +56,12 @@ static mt_status add_metrics(const mt_plugin_instance *loss, const mt_loss_resul
 
 /* ---- data parallel: what the ranks exchange ----------------------------------------
  *
- * Parameters travel in buckets: consecutive whole tensors packed into one host buffer of
- * about BUCKET_FLOATS, one collective per bucket, so that LoRA's hundreds of small
- * tensors cost a few calls and not hundreds. A tensor larger than a bucket in host
- * memory goes alone and in place. */
+ * On a device whose backend has a communicator (NCCL on CUDA), gradients are summed in
+ * place there, all in one grouped call. Otherwise parameters travel through host memory
+ * and MPI in buckets: consecutive whole tensors packed into one host buffer of about
+ * BUCKET_FLOATS, one collective per bucket, so that LoRA's hundreds of small tensors cost
+ * a few calls and not hundreds. A tensor larger than a bucket in host memory goes alone
+ * and in place. */
 #define BUCKET_FLOATS ((size_t)1 << 24) /* 64 MiB */
 
 typedef enum { EXCHANGE_SUM_GRAD, EXCHANGE_BROADCAST_VALUE } exchange_kind;
@@ -102,11 +104,73 @@ static mt_status flush_bucket(float **bucket, size_t *cap, size_t used, mt_param
     return st;
 }
 
+/* The device's own communicator (NCCL on CUDA), joined once by every rank: rank 0 draws
+ * its id and sends it over MPI. NULL when the device's backend brings none (then the
+ * buckets go through host memory and MPI). */
+static mt_backend *device_comm(mt_device device, mt_error *err, mt_status *st) {
+    static int joined[8];
+    *st = MT_OK;
+    if (device == MT_DEVICE_CPU || (unsigned)device >= sizeof joined / sizeof joined[0]) return NULL;
+    mt_error none = {0};
+    mt_backend *be = mt_device_backend(device, &none);
+    if (!be || !be->ops->comm_id || !be->ops->comm_init || !be->ops->comm_sum_f32) return NULL;
+    if (joined[device]) return be;
+    struct {
+        int32_t ok;
+        unsigned char id[MT_COMM_ID_BYTES];
+    } msg = {0};
+    if (mt_dist_rank() == 0) msg.ok = be->ops->comm_id(be, msg.id, sizeof msg.id) == MT_OK;
+    if ((*st = mt_dist_broadcast(&msg, sizeof msg, 0, err))) return NULL;
+    if (!msg.ok) {
+        *st = mt_error_set(err, MT_ERR_BACKEND, "data parallel: rank 0 could not create a %s "
+                           "communicator id", be->name);
+        return NULL;
+    }
+    if (be->ops->comm_init(be, msg.id, sizeof msg.id, mt_dist_rank(), mt_dist_size())) {
+        *st = mt_error_set(err, MT_ERR_BACKEND, "data parallel: rank %d could not join the %s "
+                           "communicator of %d ranks", mt_dist_rank(), be->name, mt_dist_size());
+        return NULL;
+    }
+    joined[device] = 1;
+    return be;
+}
+
+/* Sums gradients that live on a device with its own communicator, in place (one grouped
+ * call); *done says whether it applied. */
+static mt_status device_sum(mt_param_view *params, size_t lo, size_t hi, int *done, mt_error *err) {
+    *done = 0;
+    const mt_device device = mt_param_at(params, lo)->grad.device;
+    for (size_t i = lo; i < hi; i++)
+        if (mt_param_at(params, i)->grad.device != device) return MT_OK;
+    mt_status st;
+    mt_backend *be = device_comm(device, err, &st);
+    if (!be) return st;
+    float **bufs = mt_calloc(hi - lo, sizeof *bufs, "gradient list", err);
+    size_t *counts = mt_calloc(hi - lo, sizeof *counts, "gradient list", err);
+    st = bufs && counts ? MT_OK : MT_ERR_NOMEM;
+    for (size_t i = lo; !st && i < hi; i++) {
+        bufs[i - lo] = mt_param_at(params, i)->grad.data;
+        counts[i - lo] = (size_t)mt_tensor_numel(&mt_param_at(params, i)->grad);
+    }
+    if (!st && be->ops->comm_sum_f32(be, bufs, counts, hi - lo))
+        st = mt_error_set(err, MT_ERR_BACKEND, "data parallel: the %s all-reduce of %zu gradients "
+                          "failed on rank %d", be->name, hi - lo, mt_dist_rank());
+    free(bufs);
+    free(counts);
+    *done = !st;
+    return st;
+}
+
 /* Sums every rank's gradients of params[lo, hi) (EXCHANGE_SUM_GRAD), or gives every
  * rank root's values of them (EXCHANGE_BROADCAST_VALUE). */
 static mt_status exchange(mt_param_view *params, size_t lo, size_t hi, exchange_kind kind,
                           int root, mt_error *err) {
     if (mt_dist_size() == 1 || hi <= lo) return MT_OK;
+    if (kind == EXCHANGE_SUM_GRAD) {
+        int done = 0;
+        mt_status st = device_sum(params, lo, hi, &done, err);
+        if (st || done) return st;
+    }
     float *bucket = NULL;
     size_t cap = 0, first = lo, used = 0;
     mt_status st = MT_OK;

@@ -34,6 +34,9 @@
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>
+#ifdef MT_HAVE_NCCL
+#include <nccl.h>
+#endif
 
 #include "moontune/moontune.h"
 
@@ -53,6 +56,9 @@ typedef struct cuda_ctx {
     cublasLtHandle_t lt;
     void *lt_workspace;  /* MT_CUDA_WORKSPACE_BYTES */
     double *sumsq;       /* MT_CUDA_SUMSQ_BLOCKS partial sums, then the total */
+#ifdef MT_HAVE_NCCL
+    ncclComm_t comm;     /* data parallel: the job's ranks (NULL until comm_init) */
+#endif
     mt_status status;    /* first recorded error; MT_OK when none */
     char msg[MT_ERROR_MSG_MAX];
 } cuda_ctx;
@@ -1308,6 +1314,68 @@ static void cuda_dequantize_4bit(mt_backend *be, float *out, const uint8_t *code
                        table, offset, first, (size_t)n, block, block2);
 }
 
+/* ---- data parallel: NCCL --------------------------------------------------------------
+ *
+ * One communicator per process over the job's ranks, made from the id rank 0 draws and
+ * the core sends over MPI. The gradient buckets are summed in place on the device by one
+ * grouped call on the backend's stream. */
+#ifdef MT_HAVE_NCCL
+static int nccl_check(cuda_ctx *cx, ncclResult_t r, const char *call, const char *file, int line) {
+    if (r == ncclSuccess) return 1;
+    cuda_record(cx, MT_ERR_BACKEND, file, line, "%s failed: %s", call, ncclGetErrorString(r));
+    return 0;
+}
+#define NCCL_CHECK(cx, call) nccl_check((cx), (call), #call, __FILE__, __LINE__)
+
+static mt_status cuda_comm_id(mt_backend *be, void *id, size_t bytes) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK) return cx->status;
+    ncclUniqueId unique;
+    if (bytes < sizeof unique) {
+        RECORD(cx, MT_ERR_INVALID_ARG, "comm_id: %zu bytes is less than NCCL's id (%zu)", bytes,
+               sizeof unique);
+        return cx->status;
+    }
+    if (!NCCL_CHECK(cx, ncclGetUniqueId(&unique))) return cx->status;
+    memcpy(id, &unique, sizeof unique);
+    return MT_OK;
+}
+
+static mt_status cuda_comm_init(mt_backend *be, const void *id, size_t bytes, int rank, int size) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK) return cx->status;
+    ncclUniqueId unique;
+    if (bytes < sizeof unique || cx->comm) {
+        RECORD(cx, MT_ERR_INVALID_ARG, "comm_init: %s", cx->comm ? "called twice" : "id too short");
+        return cx->status;
+    }
+    memcpy(&unique, id, sizeof unique);
+    if (!CUDA_CHECK(cx, cudaSetDevice(cx->device))) return cx->status;
+    if (!NCCL_CHECK(cx, ncclCommInitRank(&cx->comm, size, unique, rank))) return cx->status;
+    return MT_OK;
+}
+
+static mt_status cuda_comm_sum_f32(mt_backend *be, float *const *bufs, const size_t *counts,
+                                   size_t n) {
+    cuda_ctx *cx = ctx_of(be);
+    if (cx->status != MT_OK) return cx->status;
+    if (!cx->comm) {
+        RECORD(cx, MT_ERR_INVALID_ARG, "comm_sum_f32 before comm_init");
+        return cx->status;
+    }
+    if (!NCCL_CHECK(cx, ncclGroupStart())) return cx->status;
+    int ok = 1;
+    for (size_t i = 0; ok && i < n; i++)
+        if (counts[i] > 0)
+            ok = NCCL_CHECK(cx, ncclAllReduce(bufs[i], bufs[i], counts[i], ncclFloat, ncclSum,
+                                              cx->comm, cx->stream));
+    /* the group is closed whatever happened inside it */
+    if (!NCCL_CHECK(cx, ncclGroupEnd()) || !ok) return cx->status;
+    if (!CUDA_CHECK(cx, cudaStreamSynchronize(cx->stream))) return cx->status;
+    return MT_OK;
+}
+#endif
+
 /* ---- init and shutdown ------------------------------------------------------------------- */
 
 static mt_backend_ops make_ops(void) {
@@ -1351,6 +1419,11 @@ static mt_backend_ops make_ops(void) {
     o.softmax_stats = cuda_softmax_stats;
     o.softmax_backward = cuda_softmax_backward;
     o.dequantize_4bit = cuda_dequantize_4bit;
+#ifdef MT_HAVE_NCCL
+    o.comm_id = cuda_comm_id;
+    o.comm_init = cuda_comm_init;
+    o.comm_sum_f32 = cuda_comm_sum_f32;
+#endif
     return o;
 }
 
@@ -1360,6 +1433,9 @@ static const mt_backend_ops cuda_ops = make_ops();
 static void ctx_destroy(cuda_ctx *cx) {
     if (!cx) return;
     if (cx->stream) (void)cudaStreamSynchronize(cx->stream);
+#ifdef MT_HAVE_NCCL
+    if (cx->comm) (void)ncclCommDestroy(cx->comm);
+#endif
     if (cx->sumsq) (void)cudaFree(cx->sumsq);
     if (cx->lt_workspace) (void)cudaFree(cx->lt_workspace);
     if (cx->lt) (void)cublasLtDestroy(cx->lt);
@@ -1387,10 +1463,7 @@ extern "C" mt_status mt_backend_cuda_init(mt_backend *be, int device_index, mt_e
     }
     if (count == 0)
         return mt_error_set(err, MT_ERR_BACKEND, "cuda backend: no CUDA device found");
-    if (device_index >= count)
-        return mt_error_set(err, MT_ERR_INVALID_ARG,
-                            "cuda backend: device index %d out of range: %d CUDA device%s found",
-                            device_index, count, count == 1 ? "" : "s");
+    device_index %= count; /* a rank's local index over the devices it can see */
 
     cuda_ctx *cx = (cuda_ctx *)mt_calloc(1, sizeof *cx, "the CUDA backend context", err);
     if (!cx) return MT_ERR_NOMEM;
