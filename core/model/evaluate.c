@@ -86,27 +86,17 @@ static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, 
 }
 
 /* Sums the pass' counts over the ranks (a no-op for one): its weighted loss, items,
- * examples, tokens seen, the loss plugin's metrics and their names (by maximum: a rank
- * that visited no batch has none). */
+ * examples, tokens seen and the loss plugin's metrics. */
 static mt_status reduce_sums(mt_eval_result *result, double *weighted, double *metrics,
                              int64_t *seen, mt_error *err) {
-    if (mt_dist_size() == 1) return MT_OK;
-    double v[4 + MT_LOSS_MAX_METRICS] = {*weighted, (double)result->tokens,
-                                         (double)result->examples, (double)*seen};
-    for (int k = 0; metrics && k < result->n_metrics; k++) v[4 + k] = metrics[k];
-    unsigned char names[1 + sizeof result->metric_names];
-    names[0] = (unsigned char)result->n_metrics;
-    memcpy(names + 1, result->metric_names, sizeof result->metric_names);
-    mt_status st = mt_dist_sum_f64(v, sizeof v / sizeof v[0], err);
-    if (!st) st = mt_dist_max_u8(names, sizeof names, err);
+    double v[4] = {*weighted, (double)result->tokens, (double)result->examples, (double)*seen};
+    mt_status st = mt_train_sum_over_ranks(v, 4, &result->n_metrics, result->metric_names,
+                                           metrics, err);
     if (st) return st;
     *weighted = v[0];
     result->tokens = (int64_t)v[1];
     result->examples = (int64_t)v[2];
     *seen = (int64_t)v[3];
-    result->n_metrics = names[0];
-    memcpy(result->metric_names, names + 1, sizeof result->metric_names);
-    for (int k = 0; metrics && k < result->n_metrics; k++) metrics[k] = v[4 + k];
     return MT_OK;
 }
 

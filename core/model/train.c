@@ -210,25 +210,39 @@ mt_status mt_train_allreduce_grads(mt_model *m, int64_t *bytes, mt_error *err) {
     return st;
 }
 
-/* The step's numbers every rank contributes to: the loss, tokens, a non-finite flag and
- * the loss plugin's metrics, summed in one call; the metric names by maximum (a rank
- * whose rows held no item reports none). */
-static mt_status reduce_result(mt_step_result *result, int nonfinite, mt_error *err) {
+mt_status mt_train_sum_over_ranks(double *extra, int n_extra, int *n_metrics,
+                                  char (*names)[64], double *metrics, mt_error *err) {
     if (mt_dist_size() == 1) return MT_OK;
-    double v[3 + MT_LOSS_MAX_METRICS] = {result->loss, (double)result->n_tokens, nonfinite};
-    for (int k = 0; k < result->n_metrics; k++) v[3 + k] = result->metrics[k];
-    unsigned char names[1 + sizeof result->metric_names];
-    names[0] = (unsigned char)result->n_metrics;
-    memcpy(names + 1, result->metric_names, sizeof result->metric_names);
-    mt_status st = mt_dist_sum_f64(v, sizeof v / sizeof v[0], err);
-    if (!st) st = mt_dist_max_u8(names, sizeof names, err);
+    enum { MOST_EXTRA = 4 };
+    if (n_extra < 0 || n_extra > MOST_EXTRA || *n_metrics < 0 || *n_metrics > MT_LOSS_MAX_METRICS)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "sum over ranks: %d numbers and %d metrics",
+                            n_extra, *n_metrics);
+    double v[MOST_EXTRA + MT_LOSS_MAX_METRICS] = {0};
+    for (int k = 0; k < n_extra; k++) v[k] = extra[k];
+    for (int k = 0; metrics && k < *n_metrics; k++) v[n_extra + k] = metrics[k];
+    unsigned char text[1 + MT_LOSS_MAX_METRICS * 64];
+    text[0] = (unsigned char)*n_metrics;
+    memcpy(text + 1, names, MT_LOSS_MAX_METRICS * 64);
+    mt_status st = mt_dist_sum_f64(v, (size_t)(n_extra + MT_LOSS_MAX_METRICS), err);
+    if (!st) st = mt_dist_max_u8(text, sizeof text, err);
+    if (st) return st;
+    for (int k = 0; k < n_extra; k++) extra[k] = v[k];
+    *n_metrics = text[0];
+    memcpy(names, text + 1, MT_LOSS_MAX_METRICS * 64);
+    for (int k = 0; metrics && k < *n_metrics; k++) metrics[k] = v[n_extra + k];
+    return MT_OK;
+}
+
+/* The step's numbers every rank contributes to: the loss, tokens, a non-finite flag and
+ * the loss plugin's metrics. */
+static mt_status reduce_result(mt_step_result *result, int nonfinite, mt_error *err) {
+    double v[3] = {result->loss, (double)result->n_tokens, nonfinite};
+    mt_status st = mt_train_sum_over_ranks(v, 3, &result->n_metrics, result->metric_names,
+                                           result->metrics, err);
     if (st) return st;
     result->loss = v[0];
     result->n_tokens = (int64_t)v[1];
     result->skipped = v[2] > 0;
-    result->n_metrics = names[0];
-    memcpy(result->metric_names, names + 1, sizeof result->metric_names);
-    for (int k = 0; k < result->n_metrics; k++) result->metrics[k] = v[3 + k];
     return MT_OK;
 }
 

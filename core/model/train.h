@@ -39,6 +39,12 @@ mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instanc
  * bytes each rank sends. A no-op for one rank. */
 mt_status mt_train_allreduce_grads(mt_model *m, int64_t *bytes, mt_error *err);
 
+/* Data parallel: sums extra[0, n_extra) (at most 4 numbers) and a loss plugin's named
+ * metrics over the ranks in one call, the names by maximum (a rank whose rows held no
+ * item reports none, the others the same names). A no-op for one rank. */
+mt_status mt_train_sum_over_ranks(double *extra, int n_extra, int *n_metrics,
+                                  char (*names)[64], double *metrics, mt_error *err);
+
 /* ZeRO-1's owner rank of each of params[0, n) (mt_model_trainable_params order): the
  * same cut in the step and in checkpoints. NULL when out of memory; free() it. */
 int *mt_train_param_owners(const mt_param_view *params, size_t n, mt_error *err);
