@@ -495,6 +495,9 @@ local function open_outputs(cfg, mt, R, T)
   -- the \r progress bar only on a terminal: isatty on the stream it writes to (a log
   -- file under nohup or a batch system gets plain lines, whatever $TERM says)
   local tty = cfg.is_tty
+  -- under mpirun a rank's output reaches the launcher through a pseudo-terminal,
+  -- whatever the launcher's own output is: a job of several ranks logs plain lines
+  if tty == nil and R.world > 1 then tty = false end
   if tty == nil then
     local term = os.getenv("TERM")
     tty = type(mt.isatty) == "function" and mt.isatty(R.output) and term ~= "dumb" or false
