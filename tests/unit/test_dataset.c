@@ -771,6 +771,83 @@ static void test_packing_invariants(void **state) {
     mt_example_set_free(&s);
 }
 
+/* Data parallel: the rows of N sharded batchers, side by side, are exactly the batches
+ * of one unsharded batcher (packed and unpacked, over an epoch boundary), the info is the
+ * global batch's but for `longest`, which is the shard's; a batch that does not split
+ * evenly (in whole pairs for a paired set) is refused. */
+static void test_shard_rows(void **state) {
+    (void)state;
+    mt_example_set s;
+    make_set(&s, 23, 12, 5);
+    enum { B = 6, T = 16, N = 3, rows = B / N };
+    mt_error err = {0};
+    for (int pack = 0; pack <= 1; pack++) {
+        mt_batcher *whole, *part[N];
+        assert_int_equal(mt_batcher_create(&s, B, T, pack, 99, 1, &whole, &err), MT_OK);
+        for (int r = 0; r < N; r++) {
+            assert_int_equal(mt_batcher_create(&s, B, T, pack, 99, 1, &part[r], &err), MT_OK);
+            assert_int_equal(mt_batcher_set_shard(part[r], r, N, &err), MT_OK);
+            assert_int_equal(mt_batcher_rows(part[r]), rows);
+        }
+        batch_buf w = buf_new(B, T), p = buf_new(rows, T);
+        const int64_t per_epoch = mt_batcher_batches_per_epoch(whole, 0);
+        for (int64_t k = 0; k < per_epoch + 2; k++) { /* into the next epoch */
+            mt_batch_info wi, pi;
+            assert_int_equal(mt_batcher_next(whole, w.tok, w.pos, w.seg, w.tgt, NULL, &wi, &err), MT_OK);
+            for (int r = 0; r < N; r++) {
+                assert_int_equal(mt_batcher_next(part[r], p.tok, p.pos, p.seg, p.tgt, NULL, &pi, &err), MT_OK);
+                const size_t at = (size_t)r * rows * T, n = (size_t)rows * T * sizeof(int32_t);
+                assert_memory_equal(p.tok, w.tok + at, n);
+                assert_memory_equal(p.pos, w.pos + at, n);
+                assert_memory_equal(p.seg, w.seg + at, n);
+                assert_memory_equal(p.tgt, w.tgt + at, n);
+                assert_int_equal(pi.examples, wi.examples);
+                assert_int_equal(pi.tokens, wi.tokens);
+                assert_int_equal(pi.targets, wi.targets);
+                assert_int_equal(pi.epoch_end, wi.epoch_end);
+                int longest = 0; /* the shard's own: its last non-padding column */
+                for (int i = 0; i < rows; i++)
+                    for (int t = 0; t < T; t++)
+                        if (p.seg[i * T + t] != MT_PAD_SEGMENT && t + 1 > longest) longest = t + 1;
+                assert_int_equal(pi.longest, longest);
+                assert_true(pi.longest <= wi.longest);
+            }
+        }
+        buf_free(&w);
+        buf_free(&p);
+        mt_batcher_free(whole);
+        for (int r = 0; r < N; r++) mt_batcher_free(part[r]);
+    }
+    mt_batcher *b;
+    assert_int_equal(mt_batcher_create(&s, 4, T, 1, 1, 1, &b, &err), MT_OK);
+    assert_int_equal(mt_batcher_set_shard(b, 0, 3, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "does not split evenly over 3 ranks"));
+    assert_int_equal(mt_batcher_set_shard(b, 3, 3, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_batcher_set_shard(b, 0, 1, &err), MT_OK); /* one rank: the whole batch */
+    assert_int_equal(mt_batcher_rows(b), 4);
+    mt_batcher_free(b);
+    mt_example_set_free(&s);
+
+    /* pairs: rows 2i and 2i+1 on one rank, so B must be a multiple of 2N */
+    mt_example_options o = {.seq_len = 16, .truncation = MT_TRUNCATE_LEFT, .pad_id = 7};
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    for (int i = 0; i < 4; i++) add_pair(&s, 2 + i % 3, 1 + i, 3, 1000 * (i + 1), i + 1, MT_OK);
+    assert_int_equal(mt_batcher_create(&s, 2, 16, 0, 1, 1, &b, &err), MT_OK);
+    assert_int_equal(mt_batcher_set_shard(b, 0, 2, &err), MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "in whole pairs"));
+    mt_batcher_free(b);
+    assert_int_equal(mt_batcher_create(&s, 4, 16, 0, 1, 1, &b, &err), MT_OK);
+    assert_int_equal(mt_batcher_set_shard(b, 1, 2, &err), MT_OK);
+    batch_buf p = buf_new(2, 16);
+    mt_batch_info pi;
+    assert_int_equal(mt_batcher_next(b, p.tok, p.pos, p.seg, p.tgt, NULL, &pi, &err), MT_OK);
+    assert_int_equal(pi.pairs, 2); /* the global batch's */
+    assert_int_equal(p.tok[0] / 1000, p.tok[16] / 1000); /* chosen and rejected of one pair */
+    buf_free(&p);
+    mt_batcher_free(b);
+    mt_example_set_free(&s);
+}
+
 static void test_shuffle_deterministic(void **state) {
     (void)state;
     size_t a[100], b[100], c[100];
@@ -1284,6 +1361,7 @@ int main(void) {
         cmocka_unit_test(test_targets),
         cmocka_unit_test(test_truncation),
         cmocka_unit_test(test_packing_invariants),
+        cmocka_unit_test(test_shard_rows),
         cmocka_unit_test(test_shuffle_deterministic),
         cmocka_unit_test(test_split),
         cmocka_unit_test(test_cursor_resume),
