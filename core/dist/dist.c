@@ -236,6 +236,40 @@ mt_status mt_dist_gather_bytes(const void *bytes, size_t n, void **gathered, siz
 }
 #endif
 
+mt_status mt_dist_share_outcome(mt_status st, mt_error *err, char **text) {
+    if (g_size == 1) return st;
+    struct {
+        int32_t status;
+        uint64_t text_len;
+        char msg[MT_ERROR_MSG_MAX];
+    } o = {.status = (int32_t)st};
+    if (g_rank == 0) {
+        if (st && err) snprintf(o.msg, sizeof o.msg, "%s", err->msg);
+        o.text_len = text && *text ? strlen(*text) : 0;
+    }
+    mt_error comm_err = {0};
+    if (mt_dist_broadcast(&o, sizeof o, 0, &comm_err)) {
+        if (err) *err = comm_err;
+        return MT_ERR_IO;
+    }
+    if (g_rank != 0 && text) {
+        free(*text);
+        *text = NULL;
+        if (o.text_len > 0 && !(*text = malloc(o.text_len + 1))) {
+            /* rank 0 is about to send it: ending the job beats leaving it waiting */
+            fprintf(stderr, "moontune: rank %d: out of memory receiving rank 0's outcome: "
+                            "ending the job\n", g_rank);
+            mt_dist_abort(1);
+        }
+    }
+    if (text && o.text_len > 0 && mt_dist_broadcast(*text, o.text_len + 1, 0, &comm_err)) {
+        if (err) *err = comm_err;
+        return MT_ERR_IO;
+    }
+    if (g_rank != 0 && o.status) mt_error_set(err, (mt_status)o.status, "%s", o.msg);
+    return (mt_status)o.status;
+}
+
 void mt_dist_partition(const size_t *item_sizes, size_t n, int size, int *owner) {
     double total = 0;
     for (size_t i = 0; i < n; i++) total += (double)item_sizes[i];

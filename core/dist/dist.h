@@ -54,6 +54,13 @@ mt_status mt_dist_allgather_f32(float *values, const size_t *counts, mt_error *e
 mt_status mt_dist_gather_bytes(const void *bytes, size_t n, void **gathered, size_t **sizes,
                                mt_error *err);
 
+/* Collective: rank 0's outcome on every rank, so that all of them go on, or fail,
+ * together after rank 0 alone did something (wrote a checkpoint, prepared a directory).
+ * Returns rank 0's status; err (when given) gets rank 0's message on the other ranks;
+ * *text (when given: a malloc'd string or NULL) becomes rank 0's text on every rank (a
+ * path, or a message of any length). A failed broadcast returns its own error. */
+mt_status mt_dist_share_outcome(mt_status st, mt_error *err, char **text);
+
 /* The rank that owns each of n items (parameters) of the given sizes when they are cut
  * into `size` contiguous runs of about equal total size: ZeRO-1's partition of the
  * optimizer state. The same on every rank, for every caller. */

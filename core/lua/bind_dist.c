@@ -100,26 +100,29 @@ static int l_all_sum(lua_State *L) {
     return 1;
 }
 
-int bind_rank0_writes(lua_State *L, lua_CFunction write) {
-    if (mt_dist_size() == 1) return write(L);
-    struct {
-        int32_t ok;
-        char msg[2 * MT_ERROR_MSG_MAX];
-    } o = {0};
+int bind_on_rank0(lua_State *L, lua_CFunction work) {
+    if (mt_dist_size() == 1) return work(L);
     const int n = lua_gettop(L);
+    char *text = NULL; /* rank 0's result, or its error message */
+    mt_status st = MT_OK;
     if (mt_dist_rank() == 0) {
-        lua_pushcfunction(L, write);
+        lua_pushcfunction(L, work);
         lua_insert(L, 1);
-        o.ok = lua_pcall(L, n, 1, 0) == LUA_OK;
-        if (!o.ok) snprintf(o.msg, sizeof o.msg, "%s", lua_tostring(L, -1) ? lua_tostring(L, -1) : "failed");
+        st = lua_pcall(L, n, 1, 0) == LUA_OK ? MT_OK : MT_ERR_INVALID_ARG;
+        const char *s = lua_tostring(L, -1);
+        if (!(text = mt_strdup(s ? s : (st ? "failed" : ""), "rank 0's outcome", NULL)))
+            mt_dist_abort(1); /* the other ranks wait for it */
+        lua_pop(L, 1);
     }
     mt_error err = {0};
-    if (mt_dist_broadcast(&o, sizeof o, 0, &err)) return bind_raise(L, &err);
-    if (!o.ok) {
-        lua_pushstring(L, o.msg);
-        return lua_error(L);
+    st = mt_dist_share_outcome(st, &err, &text);
+    if (st && st != MT_ERR_INVALID_ARG) { /* the exchange itself failed */
+        free(text);
+        return bind_raise(L, &err);
     }
-    if (mt_dist_rank() != 0) lua_pushvalue(L, 2);
+    lua_pushstring(L, text ? text : "");
+    free(text);
+    if (st) return lua_error(L); /* rank 0's error, on every rank */
     return 1;
 }
 

@@ -110,9 +110,9 @@ void mt_bind_train_open(lua_State *L);
 void mt_bind_generate_open(lua_State *L);
 void mt_bind_tensorboard_open(lua_State *L); /* bind_tensorboard.c */
 void mt_bind_dist_open(lua_State *L);        /* bind_dist.c */
-/* bind_dist.c: calls `write` (a binding that writes files and returns its argument 2) on
- * rank 0 of a data-parallel job only; the other ranks wait for its outcome, raise its
- * error or return their argument 2. One process: calls it. */
-int bind_rank0_writes(lua_State *L, lua_CFunction write);
+/* bind_dist.c: calls `work` (a binding returning one string: a path it wrote) on rank 0
+ * of a data-parallel job only; the other ranks wait for its outcome, and every rank then
+ * returns rank 0's string or raises rank 0's error. One process: calls it. */
+int bind_on_rank0(lua_State *L, lua_CFunction work);
 
 #endif /* MT_LUA_BIND_INTERNAL_H */

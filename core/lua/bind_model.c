@@ -514,7 +514,7 @@ static int export_peft_here(lua_State *L) {
 }
 
 /* rank 0 of a data-parallel job writes it; the others wait for the outcome */
-static int model_export_peft(lua_State *L) { return bind_rank0_writes(L, export_peft_here); }
+static int model_export_peft(lua_State *L) { return bind_on_rank0(L, export_peft_here); }
 
 /* model:export_merged(dir, {tokenizer=}) -> dir: a transformers model directory with the
  * attached adapter (if any) merged in; the model in memory is unchanged. */
@@ -532,7 +532,7 @@ static int export_merged_here(lua_State *L) {
 }
 
 /* rank 0 of a data-parallel job writes it; the others wait for the outcome */
-static int model_export_merged(lua_State *L) { return bind_rank0_writes(L, export_merged_here); }
+static int model_export_merged(lua_State *L) { return bind_on_rank0(L, export_merged_here); }
 
 /* model:export_gguf(path, {tokenizer=, dtype="f16"|"f32"|"bf16"|"q8_0", name=}) -> path: one GGUF file
  * with the attached adapter (if any) merged in, and the tokenizer and chat template. */
@@ -555,7 +555,7 @@ static int export_gguf_here(lua_State *L) {
 }
 
 /* rank 0 of a data-parallel job writes it; the others wait for the outcome */
-static int model_export_gguf(lua_State *L) { return bind_rank0_writes(L, export_gguf_here); }
+static int model_export_gguf(lua_State *L) { return bind_on_rank0(L, export_gguf_here); }
 
 /* ---- registration ---- */
 

@@ -27,6 +27,7 @@
 
 #include "base/internal.h"
 #include "dist/dist.h"
+#include "lua/bind_internal.h"
 #include "lua/sandbox.h"
 
 #define RUN_MARKER ".moontune-run"
@@ -489,28 +490,10 @@ static int output_dir_here(lua_State *L) {
 /* In a data-parallel job rank 0 checks and prepares the directory; the others wait for
  * its outcome (the same error on every rank, or the same directory), then claim it. */
 static int l_output_dir(lua_State *L) {
-    if (mt_dist_size() == 1) return output_dir_here(L);
-    struct {
-        int32_t ok;
-        char text[PATH_MAX + MT_ERROR_MSG_MAX];
-    } o = {0};
     lua_settop(L, 2);
-    if (mt_dist_rank() == 0) {
-        lua_pushcfunction(L, output_dir_here);
-        lua_pushvalue(L, 1);
-        lua_pushvalue(L, 2);
-        o.ok = lua_pcall(L, 2, 1, 0) == LUA_OK;
-        const char *text = lua_tostring(L, -1);
-        snprintf(o.text, sizeof o.text, "%s", text ? text : "output_dir failed");
-    }
-    mt_error err = {0};
-    if (mt_dist_broadcast(&o, sizeof o, 0, &err)) return luaL_error(L, "output_dir: %s", err.msg);
-    if (!o.ok) {
-        lua_pushstring(L, o.text);
-        return lua_error(L);
-    }
+    bind_on_rank0(L, output_dir_here);
     if (mt_dist_rank() == 0) return 1;
-    return claim(L, o.text);
+    return claim(L, lua_tostring(L, -1));
 }
 
 /* mt.write_file(path, text): replaces the file atomically (a temporary file, fsync,

@@ -982,38 +982,6 @@ done:
     return st;
 }
 
-/* Collective: rank 0's outcome (status, message and the path it wrote, when asked) on
- * every rank, so that all of them go on, or fail, together. */
-static mt_status share_outcome(mt_status st, mt_error *err, char **path) {
-    if (mt_dist_size() == 1) return st;
-    struct {
-        int32_t status;
-        uint32_t path_len;
-        char msg[MT_ERROR_MSG_MAX];
-    } o = {.status = (int32_t)st};
-    if (mt_dist_rank() == 0) {
-        if (st && err) snprintf(o.msg, sizeof o.msg, "%s", err->msg);
-        o.path_len = path && *path ? (uint32_t)strlen(*path) : 0;
-    }
-    mt_error comm_err = {0};
-    if (mt_dist_broadcast(&o, sizeof o, 0, &comm_err)) {
-        if (err) *err = comm_err;
-        return MT_ERR_IO;
-    }
-    if (mt_dist_rank() != 0 && path) {
-        free(*path);
-        *path = NULL;
-        if (o.path_len > 0 && !(*path = malloc(o.path_len + 1u)))
-            return mt_error_set(err, MT_ERR_NOMEM, "checkpoint: out of memory");
-    }
-    if (path && o.path_len > 0 && mt_dist_broadcast(*path, o.path_len + 1u, 0, &comm_err)) {
-        if (err) *err = comm_err;
-        return MT_ERR_IO;
-    }
-    if (mt_dist_rank() != 0 && o.status) mt_error_set(err, (mt_status)o.status, "%s", o.msg);
-    return (mt_status)o.status;
-}
-
 mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_instance *optimizer,
                              mt_plugin_instance *loss, const mt_ckpt_state *state,
                              char **out_path, mt_error *err) {
@@ -1026,7 +994,7 @@ mt_status mt_checkpoint_save(const char *run_dir, mt_model *model, mt_plugin_ins
     if (optimizer && optimizer->sharded) st = gather_optimizer(optimizer, &g, err);
     if (!st && mt_dist_rank() == 0) st = save_here(run_dir, model, optimizer, loss, state, &g, &path, err);
     gathered_free(&g);
-    st = share_outcome(st, err, &path);
+    st = mt_dist_share_outcome(st, err, &path);
     if (out_path) *out_path = path;
     else free(path);
     return st;
@@ -1539,7 +1507,7 @@ mt_status mt_checkpoint_prune(const char *run_dir, int keep_last, int64_t best_s
     if (deleted) *deleted = 0;
     /* in a data-parallel job rank 0 alone touches the run directory */
     mt_status st = mt_dist_rank() == 0 ? prune_here(run_dir, keep_last, best_step, deleted, err) : MT_OK;
-    return share_outcome(st, err, NULL);
+    return mt_dist_share_outcome(st, err, NULL);
 }
 
 static mt_status prune_here(const char *run_dir, int keep_last, int64_t best_step, int *deleted,
