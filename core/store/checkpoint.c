@@ -594,37 +594,67 @@ static void put_zeros(mt_bytebuf *out, size_t n) {
     }
 }
 
-static mt_status serialise_optimizer(mt_plugin_instance *optimizer, mt_bytebuf *out, mt_error *err) {
-    const mt_optimizer_vtable *vt = optimizer->desc->vtable;
-    size_t n = vt->state_count(optimizer->state);
-    mt_status st = MT_OK;
-    for (size_t i = 0; !st && i < n; i++) {
+/* The optimizer's state as safetensors entries in host memory: views of its own memory
+ * on the CPU, copies (kept in *copies) of state on a device. */
+static mt_status optimizer_entries(mt_plugin_instance *optimizer, mt_st_entry **out, size_t *count,
+                                   host_copies *copies, mt_error *err) {
+    const mt_optimizer_vtable *vt = optimizer ? optimizer->desc->vtable : NULL;
+    size_t n = vt ? vt->state_count(optimizer->state) : 0;
+    mt_st_entry *entries = mt_calloc(n ? n : 1, sizeof *entries, "checkpoint optimizer list", err);
+    copies->ptr = mt_calloc(n ? n : 1, sizeof(void *), "checkpoint host copies", err);
+    copies->n = 0;
+    *out = entries;
+    *count = 0;
+    if (!entries || !copies->ptr) return MT_ERR_NOMEM;
+    for (size_t i = 0; i < n; i++) {
         const char *name = NULL;
         mt_tensor t;
-        if ((st = vt->state_get(optimizer->state, i, &name, &t, err))) break;
+        mt_status st = vt->state_get(optimizer->state, i, &name, &t, err);
+        if (st) return st;
         if (!name)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
                                 "checkpoint: optimizer %s gave no name for state tensor %zu",
                                 optimizer->desc->name, i);
-        if ((st = check_shape("optimizer state", name, &t, err))) break;
-        /* name length, ndim and shape (uint64 each); the name NUL-padded to 8; the values */
-        uint64_t head[2 + MT_MAX_DIMS] = {strlen(name), (uint64_t)t.ndim};
-        for (int d = 0; d < t.ndim; d++) head[2 + d] = (uint64_t)t.shape[d];
-        const size_t bytes = mt_tensor_nbytes(&t);
-        mt_bytebuf_put(out, head, sizeof head);
-        mt_bytebuf_put(out, name, head[0]);
-        put_zeros(out, pad8(head[0] + 1) - head[0]);
-        void *host = t.data, *copy = NULL;
-        if (t.device != MT_DEVICE_CPU) {
-            if (!(host = copy = mt_malloc(bytes ? bytes : 1, name, err))) return MT_ERR_NOMEM;
-            st = mt_device_download(copy, &t, err);
+        if ((st = check_shape("optimizer state", name, &t, err))) return st;
+        entries[i].name = name;
+        entries[i].dtype = MT_ST_F32;
+        entries[i].ndim = t.ndim;
+        memcpy(entries[i].shape, t.shape, sizeof entries[i].shape);
+        entries[i].data = t.data;
+        if (t.device != MT_DEVICE_CPU) { /* state on a device: a host copy to write */
+            void *h = mt_malloc(mt_tensor_nbytes(&t) ? mt_tensor_nbytes(&t) : 1, name, err);
+            if (!h) return MT_ERR_NOMEM;
+            copies->ptr[copies->n++] = h;
+            entries[i].data = h;
+            if ((st = mt_device_download(h, &t, err))) return st;
         }
-        if (!st) {
-            mt_bytebuf_put(out, host, bytes);
-            put_zeros(out, pad8(bytes) - bytes);
-        }
-        free(copy);
+        *count = i + 1;
     }
+    return MT_OK;
+}
+
+static mt_status serialise_optimizer(mt_plugin_instance *optimizer, mt_bytebuf *out, mt_error *err) {
+    mt_st_entry *entries;
+    size_t n;
+    host_copies copies;
+    mt_status st = optimizer_entries(optimizer, &entries, &n, &copies, err);
+    for (size_t i = 0; !st && i < n; i++) {
+        const mt_st_entry *e = &entries[i];
+        /* name length, ndim and shape (uint64 each); the name NUL-padded to 8; the values */
+        uint64_t head[2 + MT_MAX_DIMS] = {strlen(e->name), (uint64_t)e->ndim};
+        size_t bytes = sizeof(float);
+        for (int d = 0; d < e->ndim; d++) {
+            head[2 + d] = (uint64_t)e->shape[d];
+            bytes *= (size_t)e->shape[d];
+        }
+        mt_bytebuf_put(out, head, sizeof head);
+        mt_bytebuf_put(out, e->name, head[0]);
+        put_zeros(out, pad8(head[0] + 1) - head[0]);
+        mt_bytebuf_put(out, e->data, bytes);
+        put_zeros(out, pad8(bytes) - bytes);
+    }
+    host_copies_free(&copies);
+    free(entries);
     if (!st && out->oom)
         st = mt_error_set(err, MT_ERR_NOMEM, "checkpoint: out of memory serialising the optimizer state");
     return st;
@@ -694,57 +724,24 @@ static mt_status gather_optimizer(mt_plugin_instance *optimizer, gathered_state 
 
 static mt_status write_optimizer(const char *path, mt_plugin_instance *optimizer,
                                  const gathered_state *gathered, mt_error *err) {
-    if (gathered && gathered->bytes) {
-        const char *const meta[] = {"format", MT_CKPT_FORMAT, "content", "optimizer", "optimizer",
-                                    optimizer->desc->name, NULL};
-        return mt_st_write(path, gathered->entries, gathered->n, meta, err);
-    }
-    const mt_optimizer_vtable *vt = optimizer ? optimizer->desc->vtable : NULL;
-    size_t n = vt ? vt->state_count(optimizer->state) : 0;
-    mt_st_entry *entries = mt_calloc(n ? n : 1, sizeof *entries, "checkpoint optimizer list", err);
-    host_copies copies = {mt_calloc(n ? n : 1, sizeof(void *), "checkpoint host copies", err), 0};
+    mt_st_entry *entries = NULL, *owned = NULL;
+    size_t n = 0;
+    host_copies copies = {0};
     mt_status st = MT_OK;
-    if (!entries || !copies.ptr) {
-        st = MT_ERR_NOMEM;
-        goto done;
+    if (gathered && gathered->bytes) { /* a sharded state, gathered from every rank */
+        entries = gathered->entries;
+        n = gathered->n;
+    } else {
+        st = optimizer_entries(optimizer, &owned, &n, &copies, err);
+        entries = owned;
     }
-    for (size_t i = 0; i < n; i++) {
-        const char *name = NULL;
-        mt_tensor t;
-        if ((st = vt->state_get(optimizer->state, i, &name, &t, err))) goto done;
-        if (!name) {
-            st = mt_error_set(err, MT_ERR_INVALID_ARG,
-                              "checkpoint: optimizer %s gave no name for state tensor %zu",
-                              optimizer->desc->name, i);
-            goto done;
-        }
-        if ((st = check_shape("optimizer state", name, &t, err))) goto done;
-        entries[i].name = name;
-        entries[i].dtype = MT_ST_F32;
-        entries[i].ndim = t.ndim;
-        memcpy(entries[i].shape, t.shape, sizeof entries[i].shape);
-        entries[i].data = t.data;
-        if (t.device != MT_DEVICE_CPU) { /* state on a device: a host copy to write */
-            void *h = mt_malloc(mt_tensor_nbytes(&t) ? mt_tensor_nbytes(&t) : 1, name, err);
-            if (!h) {
-                st = MT_ERR_NOMEM;
-                goto done;
-            }
-            copies.ptr[copies.n++] = h;
-            entries[i].data = h;
-            if ((st = mt_device_download(h, &t, err))) goto done;
-        }
-    }
-    {
-        const char *const meta[] = {"format",    MT_CKPT_FORMAT,
-                                    "content",   "optimizer",
-                                    "optimizer", optimizer ? optimizer->desc->name : "",
-                                    NULL};
-        st = mt_st_write(path, entries, n, meta, err);
-    }
-done:
+    const char *const meta[] = {"format",    MT_CKPT_FORMAT,
+                                "content",   "optimizer",
+                                "optimizer", optimizer ? optimizer->desc->name : "",
+                                NULL};
+    if (!st) st = mt_st_write(path, entries, n, meta, err);
+    free(owned);
     host_copies_free(&copies);
-    free(entries);
     return st;
 }
 
