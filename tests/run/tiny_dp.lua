@@ -11,7 +11,7 @@ local cfg = mt.config({
   batch = 4,             -- global rows per micro-batch
   accum = 1,             -- micro-batches per step
   pack = false,          -- one example per row: the rows of a 4-row batch are those of two 2-row ones
-  adapter = "lora",      -- or "full"
+  adapter = "lora",      -- or "qlora", "full"
   shard = false,         -- ZeRO-1: the optimizer state sharded over the ranks
   save_every = 0,
   stop_at = 0,           -- > 0: save and stop after this step (to resume later)
@@ -35,8 +35,8 @@ local examples = mt.examples_from_ids(items, { seq_len = 16 })
 local train, heldout = examples:split(0.2, 3)
 
 local model = mt.model(cfg.fixtures .. "/tiny_gqa")
-if cfg.adapter == "lora" then
-  model:attach(mt.plugin("adapter", "lora", { r = 4, alpha = 8, target_modules = "all-linear" }))
+if cfg.adapter == "lora" or cfg.adapter == "qlora" then
+  model:attach(mt.plugin("adapter", cfg.adapter, { r = 4, alpha = 8, target_modules = "all-linear" }))
 else
   model:attach(mt.plugin("adapter", "full", {}))
 end
@@ -52,7 +52,7 @@ local result = mt.trainer.run({
   shard_optimizer = cfg.shard,
   eval_examples = heldout,
   eval_every = 4,
-  lr = cfg.adapter == "lora" and 0.02 or 0.002,
+  lr = cfg.adapter == "full" and 0.002 or 0.02,
   max_steps = cfg.steps,
   out_dir = out,
   save_every = cfg.save_every,
