@@ -362,6 +362,9 @@ mt_status mt_model_load_gguf(const char *path, mt_backend *be, mt_model **out, m
 mt_status mt_model_load(const char *path, mt_backend *be, mt_model **out, mt_error *err) {
     mt_status st = mt_path_is_gguf(path) ? mt_model_load_gguf(path, be, out, err)
                                          : mt_model_load_hf(path, be, out, err);
-    if (st == MT_OK) mt_model_fingerprint(*out, (*out)->fingerprint);
+    if (st == MT_OK && (st = mt_model_fingerprint(*out, (*out)->fingerprint, err))) {
+        mt_model_free(*out);
+        *out = NULL;
+    }
     return st;
 }
