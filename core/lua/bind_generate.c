@@ -75,20 +75,41 @@ static int32_t *generate_prompt_ids(lua_State *L, ltok *t, int fn, const char *s
     return out;
 }
 
-/* Pushes a generation's text and info table. */
-static void push_generation(lua_State *L, const mt_generation *g) {
+/* Sets field `key` of the table on top to the list ids (n). */
+static void set_id_list(lua_State *L, const char *key, const int32_t *ids, int n) {
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_pushinteger(L, ids[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, key);
+}
+
+/* Pushes a generation's text and info table; with prompt_ids (not NULL), the info also
+ * holds the token ids (prompt_ids, ids) and each generated id's log-probability
+ * (logps), for reinforcement learning. */
+static void push_generation(lua_State *L, const mt_generation *g, const int32_t *prompt_ids) {
     static const char *const reasons[] = {"length", "eos", "stop_string", "callback", "context"};
     lua_pushlstring(L, g->text ? g->text : "", g->text ? g->text_len : 0);
-    lua_createtable(L, 0, 5);
+    lua_createtable(L, 0, prompt_ids ? 8 : 5);
     bind_set_int(L, "prompt_tokens", g->n_prompt);
     bind_set_int(L, "new_tokens", g->n_ids);
     bind_set_str(L, "reason", (unsigned)g->reason < 5 ? reasons[g->reason] : "?");
     bind_set_num(L, "prefill_seconds", g->prefill_seconds);
     bind_set_num(L, "decode_seconds", g->decode_seconds);
+    if (!prompt_ids) return;
+    set_id_list(L, "prompt_ids", prompt_ids, g->n_prompt);
+    set_id_list(L, "ids", g->ids, g->n_ids);
+    lua_createtable(L, g->n_ids, 0);
+    for (int i = 0; i < g->n_ids; i++) {
+        lua_pushnumber(L, g->logps[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "logps");
 }
 
 /* mt.generate(model, tok, prompt, {template=, system=, max_new_tokens=, temperature=,
- * top_k=, top_p=, seed=, stop={...}, batch=}) -> text, info
+ * top_k=, top_p=, seed=, stop={...}, batch=, ids=}) -> text, info
  * mt.generate(model, tok, {prompt, ...}, opts) -> {text, ...}, {info, ...}: decoded
  * together, opts.batch (default 16) sequences at a time; prompt i samples with seed + i - 1. */
 static int l_generate(lua_State *L) {
@@ -106,6 +127,7 @@ static int l_generate(lua_State *L) {
     go.sampling.top_p = bind_opt_float_in(L, 4, "top_p", 1, &MT_LIMIT_TOP_P);
     go.sampling.seed = bind_opt_seed(L, 4, "seed", 0);
     go.skip_special = 1;
+    const int with_ids = bind_opt_bool(L, 4, "ids", 0);
     lua_Integer slots = bind_opt_int_in(L, 4, "batch", MT_GENERATE_SLOTS, &MT_LIMIT_GENERATE_SLOTS);
     if (slots < 1) return luaL_error(L, "option 'batch': %I sequences at a time: must be >= 1", slots);
     const char **stops = NULL;
@@ -138,7 +160,7 @@ static int l_generate(lua_State *L) {
             mt_generation_free(&g);
             return bind_raise(L, &err);
         }
-        push_generation(L, &g);
+        push_generation(L, &g, with_ids ? prompt_ids : NULL);
         mt_generation_free(&g);
         return 2;
     }
@@ -164,7 +186,7 @@ static int l_generate(lua_State *L) {
     lua_createtable(L, n, 0);
     lua_createtable(L, n, 0);
     for (int i = 0; i < n; i++) {
-        push_generation(L, &out[i]);
+        push_generation(L, &out[i], with_ids ? prompts[i] : NULL);
         lua_rawseti(L, -3, i + 1);
         lua_rawseti(L, -3, i + 1);
         mt_generation_free(&out[i]);

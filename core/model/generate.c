@@ -438,7 +438,7 @@ static int cand_cmp(const void *a, const void *b) {
     return (x->id > y->id) - (x->id < y->id);
 }
 
-int32_t mt_sample(float *logits, int V, const mt_sampling *s, uint64_t *rng, void *work) {
+int32_t mt_sample(const float *logits, int V, const mt_sampling *s, uint64_t *rng, void *work) {
     if (!(s->temperature > 0.0f) || s->top_k == 1) return mt_argmax(logits, V);
     cand *cs = work;
     int n = 0;
@@ -490,8 +490,10 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, uint64_t *rng, voi
 void mt_generation_free(mt_generation *g) {
     if (!g) return;
     free(g->ids);
+    free(g->logps);
     free(g->text);
     g->ids = NULL;
+    g->logps = NULL;
     g->text = NULL;
     g->n_ids = 0;
     g->text_len = 0;
@@ -563,7 +565,9 @@ static mt_status seq_start(gen_seq *s, const mt_tokenizer *tok, const mt_generat
     out->n_prompt = n_prompt;
     out->reason = MT_STOP_LENGTH;
     out->ids = mt_malloc(((size_t)opt->max_new_tokens + 1) * sizeof(int32_t), "generated ids", err);
-    return out->ids ? MT_OK : MT_ERR_NOMEM;
+    out->logps = out->ids ? mt_malloc(((size_t)opt->max_new_tokens + 1) * sizeof(float), "generated log-probabilities", err)
+                          : NULL;
+    return out->ids && out->logps ? MT_OK : MT_ERR_NOMEM;
 }
 
 /* Whether the sequence takes another token; when its slot's cache (length of
@@ -577,12 +581,23 @@ static int seq_wants(gen_seq *s, int length, int capacity) {
     return 1;
 }
 
-/* Samples the next token from logits (V, overwritten; work: mt_sample_work_bytes) and
- * takes it: stop ids, the text, stop strings, the callback. */
+/* log softmax(logits / temperature)[id], in double (temperature <= 0: 1). */
+static float token_logp(const float *logits, int V, float temperature, int32_t id) {
+    const double inv_t = temperature > 0.0f ? 1.0 / (double)temperature : 1.0;
+    double mx = -INFINITY, sum = 0.0;
+    for (int i = 0; i < V; i++)
+        if (logits[i] > mx) mx = logits[i];
+    for (int i = 0; i < V; i++) sum += exp(((double)logits[i] - mx) * inv_t);
+    return (float)(((double)logits[id] - mx) * inv_t - log(sum));
+}
+
+/* Samples the next token from logits (V; work: mt_sample_work_bytes), records its
+ * log-probability and takes it: stop ids, the text, stop strings, the callback. */
 static mt_status seq_take(gen_seq *s, float *logits, int V, void *work, mt_error *err) {
     const mt_generate_options *opt = s->opt;
     mt_generation *out = s->out;
-    int32_t id = mt_sample(logits, V, &opt->sampling, &s->rng, work);
+    int32_t id = mt_sample(logits, V, &opt->sampling, &s->rng, work); /* reads logits only */
+    out->logps[out->n_ids] = token_logp(logits, V, opt->sampling.temperature, id);
     out->ids[out->n_ids++] = id;
     for (int k = 0; k < opt->n_stop_ids; k++)
         if (id == opt->stop_ids[k]) {

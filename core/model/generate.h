@@ -71,10 +71,10 @@ typedef struct mt_sampling {
 /* The first index of the largest logit. */
 int32_t mt_argmax(const float *logits, int V);
 /* Draws a token from logits (V), as transformers does: divide by temperature, keep
- * the top_k, then the top_p nucleus, softmax, draw. logits is overwritten; work
+ * the top_k, then the top_p nucleus, softmax, draw. logits is only read; work
  * holds V floats and V ints (mt_sample_work_bytes). *rng is the generator state. */
 size_t mt_sample_work_bytes(int V);
-int32_t mt_sample(float *logits, int V, const mt_sampling *s, uint64_t *rng, void *work);
+int32_t mt_sample(const float *logits, int V, const mt_sampling *s, uint64_t *rng, void *work);
 
 /* ---- generation ---------------------------------------------------------- */
 
@@ -112,6 +112,9 @@ typedef struct mt_generate_options {
 
 typedef struct mt_generation {
     int32_t *ids;    /* generated ids (a final stop id included) */
+    float *logps;    /* (n_ids) each id's log-probability when it was drawn: log softmax of
+                        the logits over the temperature (1 when greedy), before top-k and
+                        top-p, as a reinforcement-learning loss recomputes it */
     int n_ids;
     char *text;      /* decoded text of the ids, cut before a stop string; NULL without a tokenizer */
     size_t text_len;
