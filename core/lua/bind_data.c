@@ -498,7 +498,8 @@ mt_batch bind_batch_view(const lbatch *x) {
     return (mt_batch){.size = sizeof(mt_batch), .B = x->B, .T = x->T, .tokens = x->data,
                       .positions = x->data + bt, .segments = x->data + 2 * bt,
                       .targets = x->data + 3 * bt, .pairs = x->pairs,
-                      .ref_logps = x->has_ref_logps ? x->ref_logps : NULL};
+                      .ref_logps = x->has_ref_logps ? x->ref_logps : NULL,
+                      .advantages = x->advantages, .old_logps = x->old_logps};
 }
 
 static int batcher_next(lua_State *L) {
@@ -511,6 +512,7 @@ static int batcher_next(lua_State *L) {
     x->pairs = b->examples->paired;
     x->has_ref_logps = b->examples->has_ref_logps;
     x->ref_logps = (double *)(void *)(x->data + ints);
+    x->advantages = x->old_logps = NULL;
     luaL_setmetatable(L, BATCH_MT);
     mt_batch_info info;
     mt_error err = {0};
@@ -535,6 +537,122 @@ static int batcher_next(lua_State *L) {
     bind_set_int(L, "epoch", (lua_Integer)info.epoch);
     bind_set_bool(L, "epoch_end", info.epoch_end);
     return 2;
+}
+
+/* The integer list field `key` of the table at idx (row `row` of rl_batch's list) into
+ * out (at most cap items); returns its length. */
+static int rl_id_list(lua_State *L, int idx, const char *key, int row, int32_t *out, int cap) {
+    if (lua_getfield(L, idx, key) != LUA_TTABLE)
+        return luaL_error(L, "rl_batch: row %d: '%s' must be a list of token ids", row, key);
+    const int n = (int)lua_rawlen(L, -1);
+    if (n > cap) return luaL_error(L, "rl_batch: row %d: %d tokens do not fit seq_len", row, n);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, i + 1);
+        int ok = 0;
+        lua_Integer v = lua_tointegerx(L, -1, &ok);
+        if (!ok || v < 0 || v > INT32_MAX)
+            return luaL_error(L, "rl_batch: row %d: %s[%d] is not a token id", row, key, i + 1);
+        out[i] = (int32_t)v;
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return n;
+}
+
+/* mt.rl_batch(rows, {seq_len=, pad_id=0}) -> Batch of sampled completions for a
+ * reinforcement-learning loss (grpo). rows[i] = {prompt_ids = {...}, ids = {...},
+ * logps = {...}, advantage = x}: the prompt, the completion the model sampled, each
+ * completion token's sampling log-probability (mt.generate's info with ids = true) and
+ * the row's advantage. Row i holds the prompt then the completion; the targets are the
+ * completion's tokens (each predicted from the position before it) and old_logps their
+ * log-probabilities, aligned with the targets. The batch is as wide as its longest row
+ * (at most seq_len); padding as the batcher pads. */
+static int l_rl_batch(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    bind_check_opts(L, 2);
+    const int B = (int)lua_rawlen(L, 1);
+    if (B < 1 || B > MT_LIMIT_BATCH.max) return luaL_error(L, "rl_batch: %d rows (want 1 to %d)", B, (int)MT_LIMIT_BATCH.max);
+    const int cap = (int)bind_opt_int_in(L, 2, "seq_len", MT_LIMIT_SEQ_LEN.max, &MT_LIMIT_SEQ_LEN);
+    const lua_Integer pad = bind_opt_int(L, 2, "pad_id", 0);
+    if (pad < 0 || pad > INT32_MAX) return luaL_error(L, "rl_batch: pad_id %I is not a token id", pad);
+    /* first pass: the width */
+    int T = 1;
+    for (int r = 0; r < B; r++) {
+        if (lua_rawgeti(L, 1, r + 1) != LUA_TTABLE) return luaL_error(L, "rl_batch: row %d is not a table", r + 1);
+        int n = 0;
+        for (int k = 0; k < 2; k++) {
+            lua_getfield(L, -1, k ? "ids" : "prompt_ids");
+            n += lua_istable(L, -1) ? (int)lua_rawlen(L, -1) : 0;
+            lua_pop(L, 1);
+        }
+        if (n > cap) return luaL_error(L, "rl_batch: row %d has %d tokens, more than seq_len %d", r + 1, n, cap);
+        if (n > T) T = n;
+        lua_pop(L, 1);
+    }
+    const size_t bt = (size_t)B * (size_t)T, ints = 4 * bt;
+    const size_t bytes = sizeof(lbatch) + ints * sizeof(int32_t) + (size_t)B * sizeof(double) +
+                         (size_t)B * sizeof(float) + bt * sizeof(float);
+    lbatch *x = lua_newuserdatauv(L, bytes, 0);
+    const int ud = lua_gettop(L);
+    x->B = B;
+    x->T = T;
+    x->pairs = 0;
+    x->has_ref_logps = 0;
+    x->ref_logps = (double *)(void *)(x->data + ints);
+    x->advantages = (float *)(void *)(x->ref_logps + B);
+    x->old_logps = x->advantages + B;
+    luaL_setmetatable(L, BATCH_MT);
+    int32_t *tokens = x->data, *positions = x->data + bt, *segments = x->data + 2 * bt,
+            *targets = x->data + 3 * bt;
+    for (int r = 0; r < B; r++) {
+        lua_rawgeti(L, 1, r + 1);
+        const int row = lua_gettop(L);
+        int32_t *tok = tokens + (size_t)r * T;
+        const int np = rl_id_list(L, row, "prompt_ids", r + 1, tok, T);
+        if (np < 1) return luaL_error(L, "rl_batch: row %d has an empty prompt", r + 1);
+        const int nc = rl_id_list(L, row, "ids", r + 1, tok + np, T - np);
+        if (lua_getfield(L, row, "logps") != LUA_TTABLE || (int)lua_rawlen(L, -1) != nc)
+            return luaL_error(L, "rl_batch: row %d: 'logps' must list one log-probability per completion token (%d)",
+                              r + 1, nc);
+        float *old = x->old_logps + (size_t)r * T;
+        int32_t *tgt = targets + (size_t)r * T;
+        for (int t = 0; t < T; t++) {
+            old[t] = 0.0f;
+            tgt[t] = MT_IGNORE_INDEX;
+        }
+        for (int j = 0; j < nc; j++) { /* completion token j is predicted at position np + j - 1 */
+            lua_rawgeti(L, -1, j + 1);
+            int ok = 0;
+            const lua_Number v = lua_tonumberx(L, -1, &ok);
+            if (!ok || !(v <= 0.0) || isinf(v))
+                return luaL_error(L, "rl_batch: row %d: logps[%d] is not a log-probability", r + 1, j + 1);
+            lua_pop(L, 1);
+            old[np + j - 1] = (float)v;
+            tgt[np + j - 1] = tok[np + j];
+        }
+        lua_pop(L, 1); /* logps */
+        lua_getfield(L, row, "advantage");
+        int ok = 0;
+        const lua_Number a = lua_tonumberx(L, -1, &ok);
+        if (!ok || !isfinite(a)) return luaL_error(L, "rl_batch: row %d: 'advantage' must be a finite number", r + 1);
+        x->advantages[r] = (float)a;
+        x->ref_logps[r] = NAN;
+        lua_pop(L, 2); /* advantage, the row */
+        const int used = np + nc;
+        for (int t = 0; t < T; t++) {
+            const size_t at = (size_t)r * T + (size_t)t;
+            if (t < used) {
+                positions[at] = t;
+                segments[at] = 0;
+            } else { /* padding: its own segment */
+                tokens[at] = (int32_t)pad;
+                positions[at] = t - used;
+                segments[at] = MT_PAD_SEGMENT;
+            }
+        }
+    }
+    lua_settop(L, ud);
+    return 1;
 }
 
 static int batcher_cursor(lua_State *L) {
@@ -609,6 +727,7 @@ static const luaL_Reg functions[] = {
     {"examples_from_ids", l_examples_from_ids},
     {"records", l_records},
     {"batcher", l_batcher},
+    {"rl_batch", l_rl_batch},
     {NULL, NULL},
 };
 

@@ -62,6 +62,10 @@ typedef struct lbatch {
     int pairs;         /* rows 2i, 2i+1 are preference pairs */
     int has_ref_logps; /* ref_logps holds the examples' reference log-probabilities */
     double *ref_logps; /* (B), inside this userdata, after data */
+    /* a batch of sampled completions (mt.rl_batch), else NULL: inside this userdata,
+     * after ref_logps */
+    float *advantages; /* (B) */
+    float *old_logps;  /* (B,T), aligned with the targets */
     int32_t data[];    /* tokens, positions, segments, targets: each (B,T) */
 } lbatch;
 

@@ -121,6 +121,22 @@ static int l_sha256(lua_State *L) {
     return 1;
 }
 
+/* mt.where(fn) -> "file:line" where the Lua function fn is defined ("?" for a C
+ * function): errors about a recipe's callbacks (a GRPO reward that returns a string)
+ * name the recipe's line. The sandbox has no debug.getinfo; this reveals only what an
+ * error message inside fn would. */
+static int l_where(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_Debug ar;
+    lua_pushvalue(L, 1);
+    if (!lua_getinfo(L, ">S", &ar) || ar.linedefined < 0 || !strcmp(ar.what, "C")) {
+        lua_pushliteral(L, "?");
+        return 1;
+    }
+    lua_pushfstring(L, "%s:%d", ar.short_src, ar.linedefined);
+    return 1;
+}
+
 /* ---- registration ------------------------------------------------------------------ */
 
 static const luaL_Reg functions[] = {
@@ -130,6 +146,7 @@ static const luaL_Reg functions[] = {
     {"config", l_config},
     {"validating", l_validating},
     {"isatty", bind_isatty},
+    {"where", l_where},
     {NULL, NULL},
 };
 

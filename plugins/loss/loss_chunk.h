@@ -125,5 +125,11 @@ static inline int loss_batch_pairs(const mt_batch *batch) {
 static inline const double *loss_batch_ref_logps(const mt_batch *batch) {
     return loss_batch_knows_pairs(batch) ? batch->ref_logps : NULL;
 }
+/* A batch of sampled completions (GRPO): 1 when the host's batch carries advantages and
+ * the sampling log-probabilities. */
+static inline int loss_batch_is_rollout(const mt_batch *batch) {
+    return batch->size >= offsetof(mt_batch, old_logps) + sizeof batch->old_logps &&
+           batch->advantages && batch->old_logps;
+}
 
 #endif

@@ -95,6 +95,12 @@ static void test_numbers(void **state) {
     run_script("numbers.lua");
 }
 
+/* mt.generate's ids and log-probabilities, and mt.rl_batch (GRPO's batches) */
+static void test_rollout_batches(void **state) {
+    (void)state;
+    run_script("rl_batch.lua");
+}
+
 static void test_generate_smollm2(void **state) {
     (void)state;
     if (!mt_test_smollm2_gguf()) {
@@ -128,6 +134,7 @@ int main(void) {
         cmocka_unit_test(test_train_end_to_end),
         cmocka_unit_test(test_records_tasks_exports),
         cmocka_unit_test(test_generate_smollm2),
+        cmocka_unit_test(test_rollout_batches),
         cmocka_unit_test(test_numbers),
         cmocka_unit_test(test_data_files_and_mixtures),
         cmocka_unit_test(test_preference_pairs),

@@ -172,6 +172,15 @@ typedef struct mt_batch {
      * disabled (full fine-tuning, or continuing an SFT adapter); NAN on padding rows. */
     int pairs;
     const double *ref_logps;
+    /* ABI 2, read only when size covers them: a batch of sampled completions for
+     * reinforcement learning (GRPO), else NULL. Each row is a prompt then a completion
+     * the model sampled; the targets mark the completion's tokens. advantages (B): each
+     * row's advantage (NAN on padding rows). old_logps (B,T), aligned with targets: the
+     * log-probability the sampling policy gave each target token (log softmax of the
+     * logits over the sampling temperature), recorded when it was generated; 0 where
+     * there is no target. */
+    const float *advantages;
+    const float *old_logps;
 } mt_batch;
 
 /* One projection of the model, as an adapter sees it. */
