@@ -12,7 +12,12 @@
 -- cfg (a plain table; * = required):
 --   model*, loss*, optimizer*   the core objects handed to mt.train_step and checkpoints
 --   batcher*                    mt.batcher(...): next(), cursor(), set_cursor(),
---                               batches_per_epoch()
+--                               batches_per_epoch(); or any object with those (the GRPO
+--                               rollouts of moontune.grpo), whose next() may add to its
+--                               info table `metrics` (name -> number: averaged over the
+--                               step's micro-batches, logged with the step's record and
+--                               shown with the loss plugin's) and `records` (tables
+--                               written to metrics.jsonl as {type = "sample", step, ...})
 --   lr*                         the base learning rate
 --   out_dir*                    run directory (must exist): metrics.jsonl, loss.svg and
 --                               the checkpoints go here
@@ -705,11 +710,18 @@ local function train_step(cfg, mt, R, T, step)
 
   local step_started = R.clock()
   local batches, epoch, input_tokens = {}, state.epoch, 0
+  -- a batcher's own numbers (a GRPO rollout's rewards: info.metrics, averaged over the
+  -- micro-batches) and records for metrics.jsonl (its samples: info.records)
+  local batch_metrics, batch_records = {}, {}
   for i = 1, R.grad_accum do
     local b, info = R.batcher:next()
     batches[i] = b
     if info and info.epoch then epoch = info.epoch end
     input_tokens = input_tokens + (info and info.tokens or 0)
+    for k, v in pairs(info and info.metrics or {}) do
+      batch_metrics[k] = (batch_metrics[k] or 0) + v / R.grad_accum
+    end
+    for _, rec in ipairs(info and info.records or {}) do batch_records[#batch_records + 1] = rec end
   end
   local r = mt.train_step(cfg.model, cfg.loss, cfg.optimizer, batches,
                           { lr = lr, step = step, max_grad_norm = R.max_grad_norm or nil })
@@ -719,6 +731,9 @@ local function train_step(cfg, mt, R, T, step)
   state.loss, state.grad_norm, state.lr = r.loss, r.grad_norm, r.lr or lr
   state.tokens = r.tokens or 0
   state.step_metrics = r.metrics or {}
+  for k, v in pairs(batch_metrics) do
+    if state.step_metrics[k] == nil then state.step_metrics[k] = v end
+  end
   T.tokens_run = T.tokens_run + input_tokens
   if bad then
     state.bad_steps = state.bad_steps + 1
@@ -745,6 +760,11 @@ local function train_step(cfg, mt, R, T, step)
   end
   table.sort(names)
   T.log_json(rec)
+  for _, extra in ipairs(batch_records) do
+    local out = { type = "sample", step = step }
+    for k, v in pairs(extra) do if out[k] == nil or k == "type" then out[k] = v end end
+    T.log_json(out)
+  end
   local done = step - T.start_step + 1
   local eta = elapsed / done * (total - step)
   if T.bar then
