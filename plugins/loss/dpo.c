@@ -204,12 +204,6 @@ static mt_status dpo_check_batch(dpo_state *s, const mt_batch *batch, int V, int
     return MT_OK;
 }
 
-static int chunk_has_target(const int32_t *targets, int n) {
-    for (int r = 0; r < n; r++)
-        if (targets[r] >= 0) return 1;
-    return 0;
-}
-
 /* Runs the model (adapters on or off) and sums each sequence's target log-probabilities
  * into logp (B); the policy's pass (keep_lse) also keeps every row's lse. */
 static mt_status dpo_logps(dpo_state *s, mt_model_handle *model, const mt_batch *batch,
@@ -221,7 +215,7 @@ static mt_status dpo_logps(dpo_state *s, mt_model_handle *model, const mt_batch 
     for (int r0 = 0; r0 < rows; r0 += chunk) {
         const int n = rows - r0 < chunk ? rows - r0 : chunk;
         const int32_t *targets = batch->targets + r0;
-        if (!chunk_has_target(targets, n)) continue; /* prompts need no logits */
+        if (!loss_rows_have_target(targets, n)) continue; /* prompts need no logits */
         loss_chunk *ch = &s->chunk;
         for (int r = 0; r < n; r++) ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
         if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, err))) return st;
@@ -269,7 +263,7 @@ static mt_status dpo_backward(dpo_state *s, mt_model_handle *model, const mt_bat
     for (int r0 = 0; r0 < rows; r0 += chunk) {
         const int n = rows - r0 < chunk ? rows - r0 : chunk;
         const int32_t *targets = batch->targets + r0;
-        if (!chunk_has_target(targets, n)) continue;
+        if (!loss_rows_have_target(targets, n)) continue;
         loss_chunk *ch = &s->chunk;
         for (int r = 0; r < n; r++) {
             const int b = (r0 + r) / batch->T;

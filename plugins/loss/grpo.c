@@ -223,12 +223,6 @@ static mt_status grpo_check_batch(grpo_state *s, const mt_batch *batch, int V, i
     return MT_OK;
 }
 
-static int chunk_has_target(const int32_t *targets, int n) {
-    for (int r = 0; r < n; r++)
-        if (targets[r] >= 0) return 1;
-    return 0;
-}
-
 /* Rows [r0, r0+n) of the last forward into the chunk's logits, divided by the
  * temperature in place. */
 static mt_status grpo_chunk_logits(grpo_state *s, mt_model_handle *model, int r0, int n,
@@ -252,7 +246,7 @@ static mt_status grpo_logps(grpo_state *s, mt_model_handle *model, const mt_batc
     for (int r0 = 0; r0 < rows; r0 += chunk) {
         const int n = rows - r0 < chunk ? rows - r0 : chunk;
         const int32_t *targets = batch->targets + r0;
-        if (!chunk_has_target(targets, n)) continue; /* prompts need no logits */
+        if (!loss_rows_have_target(targets, n)) continue; /* prompts need no logits */
         for (int r = 0; r < n; r++) ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
         mt_tensor logits = mt_tensor_rows(&ch->logits, 0, n),
                   tgt = mt_tensor_rows(&ch->targets, 0, n), lse = mt_tensor_rows(&ch->lse, 0, n),
@@ -285,7 +279,7 @@ static mt_status grpo_backward(grpo_state *s, mt_model_handle *model, const mt_b
     for (int r0 = 0; r0 < rows; r0 += chunk) {
         const int n = rows - r0 < chunk ? rows - r0 : chunk;
         const int32_t *targets = batch->targets + r0;
-        if (!chunk_has_target(targets, n)) continue;
+        if (!loss_rows_have_target(targets, n)) continue;
         for (int r = 0; r < n; r++) {
             float *c = ch->h_coefs + (size_t)r * 3;
             ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;

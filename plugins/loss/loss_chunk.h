@@ -111,6 +111,13 @@ static inline mt_status loss_chunk_backward(const mt_host *host, loss_chunk *c,
     return host->model_backward_logits(model, row0, n, &logits, err);
 }
 
+/* Whether any of n rows' targets is one (>= 0): a chunk without any needs no logits. */
+static inline int loss_rows_have_target(const int32_t *targets, int n) {
+    for (int r = 0; r < n; r++)
+        if (targets[r] >= 0) return 1;
+    return 0;
+}
+
 /* The batch's ABI 2 fields that a host of an earlier ABI 2 build may not carry. */
 static inline int64_t loss_batch_step_items(const mt_batch *batch) {
     return batch->size >= offsetof(mt_batch, step_items) + sizeof batch->step_items
