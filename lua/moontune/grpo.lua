@@ -50,8 +50,6 @@
 -- max_new_tokens), and "sample" records with prompt, completion, rewards, advantage.
 local M = {}
 
-local MASK64 = -1 -- all bits, for the shuffle's integer generator
-
 -- A seeded permutation of 1..n (Fisher-Yates with a 64-bit linear congruential
 -- generator; Lua 5.4 integers wrap, as the generator wants).
 local function permutation(n, seed)
@@ -60,7 +58,7 @@ local function permutation(n, seed)
   local x = seed * 2654435761 + 1
   for i = n, 2, -1 do
     x = x * 6364136223846793005 + 1442695040888963407
-    local j = ((x >> 33) & MASK64) % i + 1
+    local j = (x >> 33) % i + 1 -- >> is a logical shift: 0 <= x >> 33 < 2^31
     order[i], order[j] = order[j], order[i]
   end
   return order

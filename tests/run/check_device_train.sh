@@ -6,6 +6,7 @@
 #     final weights within 1e-3 (st_compare: fp32 products sum in other orders on the
 #     GPU, and Adam magnifies last-bit differences of gradients near zero);
 #   - DPO (recipes/dpo.lua, the reference as the model with adapters disabled): the same;
+#   - GRPO (tests/run/tiny_grpo.lua): the same sampled completions, then the same steps;
 #   - greedy generation, one prompt alone and seven decoded 3 at a time with continuous
 #     batching (tests/run/tiny_generate.lua, on tiny_chat with its weights scaled so the
 #     next token is clear): the same bytes.
@@ -88,6 +89,19 @@ if both dpo "$source_dir/recipes/dpo.lua" --set model="$fix/tiny_chat" \
      --set general= --set seq_len=128 --set max_steps=4 --set eval_every=2 --set lr=0.01 --set batch=2; then
   steps_of dpo-ref >a.txt; steps_of dpo-dev >b.txt
   close_steps a.txt b.txt 1e-4 "dpo"
+fi
+
+# GRPO (tests/run/tiny_grpo.lua: sampling, Lua rewards, the grpo loss with its KL to the
+# adapters-disabled model): the same samples, then the same steps
+if both grpo "$source_dir/tests/run/tiny_grpo.lua" --set fixtures="$fix" --set steps=3; then
+  samples() { grep '"type":"sample"' "$1/metrics.jsonl" | sed 's/"advantage":[^,]*,//; s/"reward[^}]*}//'; }
+  if diff <(samples grpo-ref) <(samples grpo-dev) >/dev/null; then
+    echo "device-train: grpo: the same $(samples grpo-dev | wc -l) sampled completions on both devices"
+    steps_of grpo-ref >a.txt; steps_of grpo-dev >b.txt
+    close_steps a.txt b.txt 1e-4 "grpo"
+  else
+    fail "grpo: the devices sampled different completions"
+  fi
 fi
 
 # a model whose next token is clear: tiny_chat's matrices times 10

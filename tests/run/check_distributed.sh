@@ -8,6 +8,8 @@
 #   - 2 ranks x 2 rows against 1 process x 4 rows (one product over all rows): every
 #     step's loss and gradient norm within 1e-5 relative (fp32 reduction order);
 #   - ZeRO-1 (shard_optimizer) = plain data parallel, bit for bit, LoRA and full;
+#   - GRPO (tests/run/tiny_grpo.lua) shares a step's prompt groups out: the same steps as
+#     one process within 1e-5;
 #   - DPO (recipes/dpo.lua) keeps each pair on one rank: every step's loss and gradient
 #     norm within 1e-6 of 1 process accumulating the same pairs;
 #   - rank 0 alone writes metrics.jsonl (each step once) and the checkpoints;
@@ -113,6 +115,17 @@ close_steps d0.txt d2.txt 1e-6 "DPO: 2 ranks x 1 pair against 1 process accumula
 close_steps d1.txt d2.txt 1e-5 "DPO: 2 ranks x 1 pair against 1 process x 2 pairs"
 same dpo2r dpo1x2 1e-3 "DPO: 2 ranks against 1 process accumulating the same pairs"
 grep -q '"eval_rewards/accuracies"' dpo2r/metrics.jsonl || fail "DPO on 2 ranks: no held-out preference metrics"
+
+# GRPO (tests/run/tiny_grpo.lua, 2 prompts a step): on 2 ranks each samples and scores
+# one prompt's group with the seeds one process gives it, and the loss sums over the
+# ranks: the same step losses and gradient norms as one process (no padding step: 4
+# prompts, 2 a step)
+grpo=(run "$source_dir/tests/run/tiny_grpo.lua" "${fix[@]}" --set steps=4 --set n_prompts=4)
+"$moontune" "${grpo[@]}" --set out_dir=grpo1 > grpo1.txt 2>&1 || { cat grpo1.txt >&2; fail "grpo (1 process)"; }
+timeout 300 "${mpi[@]}" "$moontune" "${grpo[@]}" --set out_dir=grpo2 > grpo2.txt 2>&1 || { cat grpo2.txt >&2; fail "grpo (2 ranks)"; }
+steps_of grpo1 > g1.txt; steps_of grpo2 > g2.txt
+close_steps g1.txt g2.txt 1e-5 "GRPO: 2 ranks x 1 prompt's group against 1 process x 2"
+same grpo2 grpo1 1e-4 "GRPO: 2 ranks against 1 process"
 
 # the collectives recipes see, task accuracy with the requests shared out, the held-out
 # loss over the ranks' batches and a rank-0 export: the same numbers as one process

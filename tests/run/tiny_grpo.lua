@@ -16,6 +16,7 @@ local cfg = mt.config({
   loss_type = "grpo",
   bad_reward = "",    -- "error" | "string" | "nan": the reward misbehaves from bad_at on
   bad_at = 0,
+  n_prompts = 5,
 })
 local out = mt.output_dir(cfg.out_dir, { resume = cfg.resume })
 local dir = cfg.fixtures .. "/tiny_chat"
@@ -26,7 +27,7 @@ model:attach(lora)
 model:plan(8, 96)
 
 local prompts = {}
-for i = 1, 5 do
+for i = 1, cfg.n_prompts do
   prompts[i] = { prompt = string.format("Say something about the number %d.", i), record = { n = i },
                  system = i % 2 == 0 and "Be brief." or nil }
 end
