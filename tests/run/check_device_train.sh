@@ -3,8 +3,10 @@
 # recipe run with --device cpu and --device cuda must give the same training.
 #   - LoRA, QLoRA and full fine-tuning (tests/run/tiny_dp.lua, 10 AdamW steps with a
 #     held-out evaluation): every step's loss and gradient norm within 1e-4 relative, the
-#     final weights within 1e-3 (st_compare: fp32 products sum in other orders on the
-#     GPU, and Adam magnifies last-bit differences of gradients near zero);
+#     final weights within 1e-2 of each tensor's largest value (st_compare: fp32 products
+#     sum in other orders on the GPU, and AdamW at lr 0.02 moves an element whose gradient
+#     is near zero by up to 2 lr a step whichever way its last bits point: two H200 runs
+#     measured 3.3e-4 and 1.8e-3 for LoRA);
 #   - DPO (recipes/dpo.lua, the reference as the model with adapters disabled): the same;
 #   - GRPO (tests/run/tiny_grpo.lua): the same sampled completions, then the same steps;
 #   - greedy generation, one prompt alone and seven decoded 3 at a time with continuous
@@ -30,18 +32,19 @@ fi
 fails=0
 fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 steps_of() { grep '"type":"step"' "$1/metrics.jsonl" | sed 's/.*"grad_norm":\([^,]*\).*"loss":\([^,]*\).*"step":\([0-9]*\).*/\3 \2 \1/'; }
-close_steps() { # close_steps A B rtol what: every step's loss and gradient norm
-  python3 - "$1" "$2" "$3" "$4" <<'PY' || fail "$4: steps differ beyond $3"
+close_steps() { # close_steps A B rtol what [floor]: every step's loss and gradient norm,
+  # relative to max(|value|, floor) (a floor for losses that are sums near 0, as GRPO's)
+  python3 - "$1" "$2" "$3" "$4" "${5:-1e-30}" <<'PY' || fail "$4: steps differ beyond $3"
 import sys
 a = [l.split() for l in open(sys.argv[1])]
 b = [l.split() for l in open(sys.argv[2])]
-tol = float(sys.argv[3])
+tol, floor = float(sys.argv[3]), float(sys.argv[5])
 assert len(a) == len(b) and len(a) > 0, ("step counts", len(a), len(b))
 worst = 0.0
 for x, y in zip(a, b):
     assert x[0] == y[0]
     for u, v in zip(map(float, x[1:]), map(float, y[1:])):
-        worst = max(worst, abs(u - v) / max(abs(u), 1e-30))
+        worst = max(worst, abs(u - v) / max(abs(u), floor))
 print(f"device-train: {sys.argv[4]}: {len(a)} steps, largest relative difference of a loss or gradient norm {worst:.3g}")
 sys.exit(0 if worst <= tol else 1)
 PY
@@ -80,7 +83,7 @@ for adapter in lora qlora full; do
        --set save_every=10; then
     steps_of "$adapter-ref" >a.txt; steps_of "$adapter-dev" >b.txt
     close_steps a.txt b.txt 1e-4 "$adapter"
-    same_weights "$adapter-ref" "$adapter-dev" 1e-3 "$adapter"
+    same_weights "$adapter-ref" "$adapter-dev" 1e-2 "$adapter"
   fi
 done
 
@@ -98,7 +101,8 @@ if both grpo "$source_dir/tests/run/tiny_grpo.lua" --set fixtures="$fix" --set s
   if diff <(samples grpo-ref) <(samples grpo-dev) >/dev/null; then
     echo "device-train: grpo: the same $(samples grpo-dev | wc -l) sampled completions on both devices"
     steps_of grpo-ref >a.txt; steps_of grpo-dev >b.txt
-    close_steps a.txt b.txt 1e-4 "grpo"
+    # GRPO's loss is -sum(A ratio) / N with advantages of mean 0 per group: near 0 (1e-3)
+    close_steps a.txt b.txt 1e-4 "grpo" 1e-2
   else
     fail "grpo: the devices sampled different completions"
   fi
