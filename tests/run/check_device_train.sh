@@ -31,23 +31,9 @@ fi
 
 fails=0
 fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-steps_of() { grep '"type":"step"' "$1/metrics.jsonl" | sed 's/.*"grad_norm":\([^,]*\).*"loss":\([^,]*\).*"step":\([0-9]*\).*/\3 \2 \1/'; }
-close_steps() { # close_steps A B rtol what [floor]: every step's loss and gradient norm,
-  # relative to max(|value|, floor) (a floor for losses that are sums near 0, as GRPO's)
-  python3 - "$1" "$2" "$3" "$4" "${5:-1e-30}" <<'PY' || fail "$4: steps differ beyond $3"
-import sys
-a = [l.split() for l in open(sys.argv[1])]
-b = [l.split() for l in open(sys.argv[2])]
-tol, floor = float(sys.argv[3]), float(sys.argv[5])
-assert len(a) == len(b) and len(a) > 0, ("step counts", len(a), len(b))
-worst = 0.0
-for x, y in zip(a, b):
-    assert x[0] == y[0]
-    for u, v in zip(map(float, x[1:]), map(float, y[1:])):
-        worst = max(worst, abs(u - v) / max(abs(u), floor))
-print(f"device-train: {sys.argv[4]}: {len(a)} steps, largest relative difference of a loss or gradient norm {worst:.3g}")
-sys.exit(0 if worst <= tol else 1)
-PY
+close_steps() { # close_steps A B rtol what [floor]: every step's loss and gradient norm
+  "$source_dir/tests/run/compare_steps.py" "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" "device-train: $4" "${5:-1e-30}" ||
+    fail "$4: steps differ beyond $3"
 }
 last() { ls -d "$1"/checkpoints/step-* | sort | tail -n 1; }
 same_weights() {
@@ -81,8 +67,7 @@ both() { # both NAME ARGS...: the run on the CPU into NAME-ref, on the other dev
 for adapter in lora qlora full; do
   if both "$adapter" "$source_dir/tests/run/tiny_dp.lua" --set fixtures="$fix" --set adapter="$adapter" \
        --set save_every=10; then
-    steps_of "$adapter-ref" >a.txt; steps_of "$adapter-dev" >b.txt
-    close_steps a.txt b.txt 1e-4 "$adapter"
+    close_steps "$adapter-ref" "$adapter-dev" 1e-4 "$adapter"
     same_weights "$adapter-ref" "$adapter-dev" 1e-2 "$adapter"
   fi
 done
@@ -90,8 +75,7 @@ done
 if both dpo "$source_dir/recipes/dpo.lua" --set model="$fix/tiny_chat" \
      --set data="$fix/data/tiny_prefs.jsonl" --set heldout="$fix/data/tiny_prefs.jsonl" \
      --set general= --set seq_len=128 --set max_steps=4 --set eval_every=2 --set lr=0.01 --set batch=2; then
-  steps_of dpo-ref >a.txt; steps_of dpo-dev >b.txt
-  close_steps a.txt b.txt 1e-4 "dpo"
+  close_steps dpo-ref dpo-dev 1e-4 "dpo"
 fi
 
 # GRPO (tests/run/tiny_grpo.lua: sampling, Lua rewards, the grpo loss with its KL to the
@@ -100,9 +84,8 @@ if both grpo "$source_dir/tests/run/tiny_grpo.lua" --set fixtures="$fix" --set s
   samples() { grep '"type":"sample"' "$1/metrics.jsonl" | sed 's/"advantage":[^,]*,//; s/"reward[^}]*}//'; }
   if diff <(samples grpo-ref) <(samples grpo-dev) >/dev/null; then
     echo "device-train: grpo: the same $(samples grpo-dev | wc -l) sampled completions on both devices"
-    steps_of grpo-ref >a.txt; steps_of grpo-dev >b.txt
     # GRPO's loss is -sum(A ratio) / N with advantages of mean 0 per group: near 0 (1e-3)
-    close_steps a.txt b.txt 1e-4 "grpo" 1e-2
+    close_steps grpo-ref grpo-dev 1e-4 "grpo" 1e-2
   else
     fail "grpo: the devices sampled different completions"
   fi
