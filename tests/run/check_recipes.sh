@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The shipped recipes (recipes/lora_sft.lua, qlora_sft.lua, full_sft.lua, quickstart.lua,
-# quickstart_dpo.lua, dpo.lua) train end to
+# grpo_json.lua, quickstart_dpo.lua, dpo.lua) train end to
 # end through `moontune run` on the tiny chat model (tests/fixtures/tiny_chat, made by
 # tests/parity/make_tiny_chat.py) with the tiny chat data: exit 0, metrics.jsonl and
 # checkpoints written, the summary names the steps. The plugins come from the build's
@@ -82,6 +82,28 @@ test -s out-quickstart/merged/tokenizer.json
 test -s out-quickstart/model.gguf
 python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); assert s["after"]["heldout_loss"] < s["before"]["heldout_loss"], s' \
   out-quickstart/summary.json
+
+# GRPO with Lua rewards (grpo_json): continuing the quickstart's SFT adapter (with a KL
+# to the base: beta > 0), and a new adapter on the base model
+for mode in continue new; do
+  echo "== grpo_json ($mode)"
+  extra=(--set adapter=out-quickstart/adapter --set beta=0.04)
+  [ "$mode" = new ] && extra=()
+  "$moontune" run "$source_dir/recipes/grpo_json.lua" --set model="$fixtures/tiny_chat" \
+    --set data="$fixtures/data/tiny_chat_train.jsonl" --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
+    --set general="$fixtures/data/text.jsonl" --set prompts_per_step=2 --set group_size=2 \
+    --set max_steps=2 --set eval_every=1 --set max_new_tokens=8 --set seq_len=128 --set gen_batch=4 \
+    "${extra[@]}" --set out_dir="out-grpo-$mode" > "grpo-$mode.txt" 2>&1 || { cat "grpo-$mode.txt"; exit 1; }
+  cat "grpo-$mode.txt"
+  grep -q "^before GRPO: held-out task accuracy" "grpo-$mode.txt"
+  grep -q "^held-out exact match: [0-9.]*% before GRPO, [0-9.]*% after" "grpo-$mode.txt"
+  grep -q '"type":"sample"' "out-grpo-$mode/metrics.jsonl"
+  grep -q '"rewards/exact/mean"' "out-grpo-$mode/metrics.jsonl"
+  grep -q '"general_perplexity"' "out-grpo-$mode/metrics.jsonl"
+  [ "$mode" = new ] || grep -q '"kl"' "out-grpo-$mode/metrics.jsonl"
+  python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); assert 0 <= s["after"]["accuracy"] <= 1 and s["steps"] == 2, s' \
+    "out-grpo-$mode/summary.json"
+done
 
 # preference training: quickstart_dpo (SFT, the SFT model's reference, DPO) and dpo.lua
 # with a new adapter (reference: adapters off) and on the SFT adapter (precomputed)
