@@ -34,6 +34,7 @@ local cfg = mt.config({
   prompts_per_step = 8,
   group_size = 4,
   max_steps = 12,
+  num_iterations = 1,     -- optimizer steps on each rollout
   lr = 5e-5,
   temperature = 0.7,
   top_p = 1.0,
@@ -127,7 +128,7 @@ local rollouts = grpo.rollouts(mt, {
     { name = "schema", fn = schema, weight = cfg.weights.schema },
     { name = "exact", fn = exact, weight = cfg.weights.exact },
   },
-  prompts_per_step = cfg.prompts_per_step, group_size = cfg.group_size,
+  prompts_per_step = cfg.prompts_per_step, group_size = cfg.group_size, num_iterations = cfg.num_iterations,
   max_new_tokens = cfg.max_new_tokens, temperature = cfg.temperature, top_p = cfg.top_p,
   generate_batch = cfg.gen_batch, seed = cfg.seed, scale_rewards = cfg.scale_rewards, seq_len = cfg.seq_len,
 })

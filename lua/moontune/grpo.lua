@@ -14,9 +14,11 @@
 -- takes the next `prompts_per_step` prompts, generates `group_size` completions for
 -- each (batched, sampling), scores them, computes the group-normalised advantages and
 -- returns mt.rl_batch of the completions with the log-probabilities they were sampled
--- with: the `grpo` loss plugin's input. One optimizer step per generation (TRL's
--- num_iterations = 1; the ratio to the sampling policy then differs from 1 only by the
--- numerics between the decoder and the training pass).
+-- with: the `grpo` loss plugin's input. num_iterations optimizer steps are taken on each
+-- rollout (TRL's num_iterations, default 1: the ratio to the sampling policy then differs
+-- from 1 only by the numerics between the decoder and the training pass; with more, the
+-- policy moves away from the one that sampled and the clip acts). The rollout in use is
+-- kept in checkpoints (state / set_state), so a resume between its steps goes on with it.
 --
 -- Determinism: the prompts' order is a seeded shuffle per epoch, and completion g of the
 -- prompt at position p of epoch e samples with seed + ((e - 1) * N + p) * G + g. The
@@ -33,6 +35,7 @@
 --                          anything but a finite number, stops the run with an error
 --                          naming it and the recipe line where it is defined
 --   prompts_per_step = 4   P: prompts per micro-batch; a batch holds P * G rows
+--   num_iterations = 1     optimizer steps on each rollout (each a batcher:next())
 --   group_size = 4         G: completions per prompt (>= 2)
 --   max_new_tokens = 128, temperature = 1.0, top_p = 1.0, top_k = 0
 --   template, stop         as mt.generate takes them
@@ -136,8 +139,11 @@ function M.rollouts(mt, cfg)
   if math.type(G) ~= "integer" or G < 2 then
     error("grpo.rollouts: group_size must be an integer >= 2 (advantages compare a group's completions)", 2)
   end
+  local mu = cfg.num_iterations or 1
+  if math.type(mu) ~= "integer" or mu < 1 then error("grpo.rollouts: num_iterations must be an integer >= 1", 2) end
   local R = {
-    cfg = cfg, rewards = reward_list(mt, cfg.rewards), P = P, G = G, N = #prompts,
+    cfg = cfg, rewards = reward_list(mt, cfg.rewards), P = P, G = G, N = #prompts, mu = mu,
+    pending = nil, iteration = 0, -- the rollout in use and the optimizer steps taken on it
     seed = cfg.seed or 0, shuffle = cfg.shuffle ~= false, scale = cfg.scale_rewards ~= false,
     epoch = 1, position = 0, order = nil, order_epoch = nil,
   }
@@ -164,10 +170,30 @@ function M.rollouts(mt, cfg)
     error(string.format("grpo.rollouts: prompts_per_step %d must be a multiple of the %d ranks and at most the %d prompts",
                         P, R.world, R.N), 2)
   end
+  if R.world > 1 and mu > 1 then
+    -- rank 0 alone writes checkpoints, so the other ranks' rollouts in use would be lost
+    error("grpo.rollouts: num_iterations > 1 is not supported in a data-parallel job", 2)
+  end
 
+  -- one batch per optimizer step: num_iterations of them per rollout
   function R:batches_per_epoch()
     if self.world > 1 then return self.N // self.P end
-    return (self.N + self.P - 1) // self.P
+    return (self.N + self.P - 1) // self.P * self.mu
+  end
+  -- the rollout in use, kept in checkpoints by the trainer so that a run stopped between
+  -- two optimizer steps on one rollout resumes on the same completions
+  function R:state()
+    if not self.pending or self.iteration >= self.mu then return nil end
+    local info = {} -- its samples were logged when it was drawn
+    for k, v in pairs(self.pending.info) do if k ~= "records" then info[k] = v end end
+    return { iteration = self.iteration, rows = self.pending.rows, info = info }
+  end
+  function R:set_state(st)
+    if st == nil then self.pending, self.iteration = nil, 0; return end
+    if type(st) ~= "table" or math.type(st.iteration) ~= "integer" or type(st.rows) ~= "table" then
+      error("grpo: the checkpoint's rollout state is malformed", 2)
+    end
+    self.pending, self.iteration = { rows = st.rows, info = st.info or {} }, st.iteration
   end
   function R:cursor() return { epoch = self.epoch, position = self.position } end
   function R:set_cursor(c)
@@ -180,6 +206,12 @@ function M.rollouts(mt, cfg)
   end
 
   function R:next()
+    if self.pending and self.iteration < self.mu then -- another optimizer step on the rollout
+      self.iteration = self.iteration + 1
+      local info = {}
+      for k, v in pairs(self.pending.info) do if k ~= "records" then info[k] = v end end
+      return mt.rl_batch(self.pending.rows, { seq_len = self.cfg.seq_len }), info
+    end
     local full = self.world > 1 -- every step P prompts
     if self.position >= self.N or (full and self.N - self.position < self.P) then
       self.epoch, self.position = self.epoch + 1, 0
@@ -284,10 +316,12 @@ function M.rollouts(mt, cfg)
       records[row] = rec
     end
     local batch = mt.rl_batch(rows, { seq_len = c.seq_len })
-    return batch, {
+    local info = {
       examples = rows_n, rows = rows_n, tokens = tokens, targets = targets, epoch = self.epoch,
       epoch_end = self.position >= self.N, metrics = metrics, records = records,
     }
+    self.pending, self.iteration = { rows = rows, info = info }, 1
+    return batch, info
   end
 
   return R

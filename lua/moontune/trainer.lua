@@ -17,7 +17,9 @@
 --                               info table `metrics` (name -> number: averaged over the
 --                               step's micro-batches, logged with the step's record and
 --                               shown with the loss plugin's) and `records` (tables
---                               written to metrics.jsonl as {type = "sample", step, ...})
+--                               written to metrics.jsonl as {type = "sample", step, ...});
+--                               a batcher with state() / set_state(s) has that state (a
+--                               JSON-able value) kept in checkpoints beside its cursor
 --   lr*                         the base learning rate
 --   out_dir*                    run directory (must exist): metrics.jsonl, loss.svg and
 --                               the checkpoints go here
@@ -393,11 +395,13 @@ local function run_identity(cfg, mt, R)
 end
 
 -- The trainer's own state as a checkpoint keeps it (state.trainer), and back.
-local function trainer_state(T)
+local function trainer_state(T, R)
   local best = T.state.best
   return { bad_evals = T.bad_evals, lr_override = T.lr_override, general_before = T.general_before,
            best = best and { metric = best.metric, value = best.value, step = best.step,
-                             saved = best.path ~= nil } or nil }
+                             saved = best.path ~= nil } or nil,
+           -- a batcher's own state beyond its cursor (GRPO's rollout in use), as JSON
+           batcher = R.batcher.state and R.batcher:state() or nil }
 end
 
 -- From a checkpoint's state.trainer, or from the trainer_* metrics of the checkpoints
@@ -434,14 +438,15 @@ local function resume(cfg, mt, R, T)
          "resuming would silently change the result; undo the changes, or pass --allow-changes " ..
          "(cfg.allow_changes) to resume with them", tostring(path), table.concat(changes, "\n  "))
   end
+  local saved_state = restore_trainer_state(st)
   if st.cursor then R.batcher:set_cursor(st.cursor) end
+  if R.batcher.set_state then R.batcher:set_state(saved_state.batcher) end
   T.start_step = st.step + 1
   local state = T.state
   state.step, state.epoch = st.step, st.epoch or 1
   for k, v in pairs(st.metrics or {}) do
     if not k:match("^trainer_") then state.metrics[k] = v end
   end
-  local saved_state = restore_trainer_state(st)
   T.lr_override = saved_state.lr_override
   T.bad_evals = saved_state.bad_evals or 0
   T.general_before = saved_state.general_before
@@ -577,7 +582,7 @@ local function save(cfg, mt, R, T)
   local path = mt.checkpoint_save(R.out_dir, cfg.model, cfg.optimizer, {
     step = state.step, epoch = state.epoch, cursor = R.batcher:cursor(), rng = cfg.rng, lr = state.lr,
     total_steps = R.total, metrics = m, recipe = T.identity.recipe_text, plugins = cfg.plugins,
-    run = T.identity.settings, trainer = trainer_state(T) })
+    run = T.identity.settings, trainer = trainer_state(T, R) })
   T.saved[state.step] = path
   T.log_json({ type = "checkpoint", step = state.step, path = path })
   T.fire("on_save", path)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # GRPO end to end on the tiny chat model (tests/run/tiny_grpo.lua, moontune.grpo with the
 # grpo loss plugin, driven by moontune.trainer):
+#   - with two optimizer steps per rollout, a run stopped between them resumes on the
+#     same rollout: the same samples and, bit for bit, the same weights; the second step's
+#     ratio has left 1 and the clip acts;
 #   - a run stopped after step 3 and resumed draws the same samples (the "sample" records
 #     of metrics.jsonl: prompt, completion, rewards, advantage) and ends with the same
 #     weights and optimizer state, bit for bit, as the uninterrupted run;
@@ -42,6 +45,32 @@ for f in weights optimizer; do
     fail "resumed: $f: $r"
   fi
 done
+# two optimizer steps on each rollout (num_iterations = 2), stopped after step 3, between
+# the two steps on the second rollout: the resumed run goes on with that rollout
+mu=(--set num_iterations=2)
+run whole2 "${mu[@]}" || { tail -n 20 whole2.txt; fail "the uninterrupted num_iterations=2 run did not finish"; }
+run cut2 "${mu[@]}" --set stop_at=3 || { tail -n 20 cut2.txt; fail "num_iterations=2: the first half did not finish"; }
+run cut2 "${mu[@]}" --set stop_at=3 --set resume=true || { tail -n 20 cut2.txt; fail "num_iterations=2: the resumed half did not finish"; }
+# 6 steps = 3 rollouts of 2, 2 and 1 prompts
+if [ "$(samples whole2 | wc -l)" != 15 ] || ! diff <(samples whole2) <(samples cut2) >/dev/null; then
+  fail "num_iterations=2: expected the same 15 samples after the resume, found $(samples cut2 | wc -l)"
+fi
+for f in weights optimizer; do
+  if r=$("$st_compare" "$(last whole2)/$f.safetensors" "$(last cut2)/$f.safetensors" 0); then
+    echo "grpo: num_iterations=2, resumed between a rollout's two steps: $f: ${r#st_compare: }"
+  else
+    fail "num_iterations=2 resumed: $f: $r"
+  fi
+done
+# the second step on a rollout sees a policy that moved: the ratio leaves 1 and the clip acts
+python3 - whole2/metrics.jsonl <<'PY' || fail "num_iterations=2: the clip never acted on a second step"
+import json, sys
+steps = [r for r in map(json.loads, open(sys.argv[1])) if r.get("type") == "step"]
+clipped = [r["step"] for r in steps if r.get("clip_ratio/region_mean", 0) > 0]
+print(f"grpo: num_iterations=2: the clip acted at steps {clipped}")
+sys.exit(0 if clipped and all(s % 2 == 0 for s in clipped) else 1)
+PY
+
 step=$(grep '"type":"step"' whole/metrics.jsonl | tail -n 1)
 for key in reward reward_std frac_reward_zero_std 'rewards/vowels/mean' 'rewards/short/std' \
            'completions/mean_length' 'completions/clipped_ratio' kl 'clip_ratio/region_mean'; do

@@ -17,6 +17,7 @@ local cfg = mt.config({
   bad_reward = "",    -- "error" | "string" | "nan": the reward misbehaves from bad_at on
   bad_at = 0,
   n_prompts = 5,
+  num_iterations = 1,
 })
 local out = mt.output_dir(cfg.out_dir, { resume = cfg.resume })
 local dir = cfg.fixtures .. "/tiny_chat"
@@ -48,7 +49,7 @@ local rollouts = grpo.rollouts(mt, {
   model = model, tokenizer = tok, prompts = prompts,
   rewards = { { name = "vowels", fn = vowels }, { name = "short", fn = short, weight = 0.5 } },
   prompts_per_step = 2, group_size = 3, max_new_tokens = 10, temperature = 1.0, seed = 11,
-  generate_batch = 4, samples_logged = 6,
+  generate_batch = 4, samples_logged = 6, num_iterations = cfg.num_iterations,
 })
 local result = mt.trainer.run({
   model = model, optimizer = mt.plugin("optimizer", "adamw", {}), batcher = rollouts,
