@@ -61,6 +61,7 @@ typedef struct checker {
     int32_t tokens[CHECK_B * CHECK_T], targets[CHECK_B * CHECK_T];
     int failures;
     check_adapter_state check_adapter; /* for losses that need a frozen base */
+    double fd_step; /* the central differences' step: FD_STEP, smaller for rollouts */
 } checker;
 
 static void report(checker *c, int ok, const char *fmt, ...) MT_PRINTF(3, 4);
@@ -109,14 +110,15 @@ static void shift_params(mt_param_view *p, size_t n, const double *dir, double t
  * The parameters are back where they were afterwards. -1 when f fails. */
 static int central_difference(checker *c, loss_fn f, void *ctx, mt_param_view *p, size_t n,
                               const double *dir, double *numeric, double *noise, mt_error *err) {
-    shift_params(p, n, dir, FD_STEP);
+    const double h = c->fd_step > 0 ? c->fd_step : FD_STEP;
+    shift_params(p, n, dir, h);
     double up = f(c, ctx, 0, err);
-    shift_params(p, n, dir, -2 * FD_STEP);
+    shift_params(p, n, dir, -2 * h);
     double down = f(c, ctx, 0, err);
-    shift_params(p, n, dir, FD_STEP);
+    shift_params(p, n, dir, h);
     if (isnan(up) || isnan(down)) return -1;
-    *numeric = (up - down) / (2 * FD_STEP);
-    *noise = 8 * FLT_EPSILON * fmax(fabs(up), fabs(down)) / (2 * FD_STEP);
+    *numeric = (up - down) / (2 * h);
+    *noise = 8 * FLT_EPSILON * fmax(fabs(up), fabs(down)) / (2 * h);
     return 0;
 }
 
@@ -313,21 +315,69 @@ static mt_status freeze_base_with_check_adapter(checker *c, mt_error *err) {
     return mt_model_attach_adapter(c->model, &check_adapter_vtable, &c->check_adapter, err);
 }
 
+/* The model's logits (CHECK_B·CHECK_T rows of the vocabulary) for the check tokens. */
+static int logits_of(checker *c, float *out, mt_error *err) {
+    mt_status st = mt_model_forward(c->model, c->tokens, NULL, NULL, CHECK_B, CHECK_T, err);
+    return st || mt_model_logits(c->model, 0, CHECK_B * CHECK_T, out, err) ? -1 : 0;
+}
+
 /* ---- losses ------------------------------------------------------------------------------ */
+
+/* The batches a loss is checked on, tried in this order until it accepts one. */
+enum { BATCH_SEQUENCES, BATCH_PAIRS, BATCH_ROLLOUT, BATCH_KINDS };
+static const char *const batch_kind_names[BATCH_KINDS] = {
+    "single sequences", "preference pairs", "sampled completions (advantages, sampling log-probabilities)"};
 
 typedef struct loss_ctx {
     mt_plugin_instance *inst;
     int64_t step_items; /* 0: the loss' own count */
     int no_targets;
-    int pairs; /* the batch's rows are preference pairs (2i chosen, 2i+1 rejected) */
+    int kind; /* BATCH_*: pairs are rows 2i chosen, 2i+1 rejected */
+    /* BATCH_ROLLOUT: each row's advantage, and each target's sampling log-probability */
+    float advantages[CHECK_B], old_logps[CHECK_B * CHECK_T];
 } loss_ctx;
+
+/* A rollout for reinforcement-learning losses (GRPO): advantages of both signs, and
+ * sampling log-probabilities 0.05 off the model's own, so that every probability ratio
+ * is within exp(±0.05) of 1: smooth, and inside any clip the finite differences could
+ * otherwise cross. */
+static int rollout_fields(checker *c, loss_ctx *lc, mt_error *err) {
+    const int V = c->model->cfg.vocab_size, rows = CHECK_B * CHECK_T;
+    float *logits = malloc((size_t)rows * (size_t)V * sizeof *logits);
+    if (!logits) return mt_error_set(err, MT_ERR_NOMEM, "plugin check: out of memory"), -1;
+    if (logits_of(c, logits, err)) {
+        free(logits);
+        return -1;
+    }
+    for (int b = 0; b < CHECK_B; b++) lc->advantages[b] = b % 2 ? -1.1f : 0.8f;
+    for (int r = 0; r < rows; r++) {
+        lc->old_logps[r] = 0.0f;
+        if (c->targets[r] < 0) continue;
+        const float *x = logits + (size_t)r * V;
+        double mx = -INFINITY, sum = 0.0;
+        for (int j = 0; j < V; j++) mx = fmax(mx, x[j]);
+        for (int j = 0; j < V; j++) sum += exp(x[j] - mx);
+        lc->old_logps[r] = (float)(x[c->targets[r]] - mx - log(sum) + (r % 2 ? 0.05 : -0.05));
+    }
+    free(logits);
+    return 0;
+}
+
+static mt_batch check_batch(checker *c, const loss_ctx *lc, const int32_t *targets) {
+    mt_batch b = {.size = sizeof b, .B = CHECK_B, .T = CHECK_T, .tokens = c->tokens, .targets = targets,
+                  .pairs = lc->kind == BATCH_PAIRS};
+    if (lc->kind == BATCH_ROLLOUT) {
+        b.advantages = lc->advantages;
+        b.old_logps = lc->old_logps;
+    }
+    return b;
+}
 
 static double loss_value(checker *c, void *ctx, int backward, mt_error *err) {
     loss_ctx *lc = ctx;
     int32_t none[CHECK_B * CHECK_T];
     for (int i = 0; i < CHECK_B * CHECK_T; i++) none[i] = -100;
-    mt_batch b = {.size = sizeof b, .B = CHECK_B, .T = CHECK_T, .tokens = c->tokens,
-                  .targets = lc->no_targets ? none : c->targets, .pairs = lc->pairs};
+    mt_batch b = check_batch(c, lc, lc->no_targets ? none : c->targets);
     b.step_items = lc->step_items ? lc->step_items : mt_loss_count(lc->inst, &b);
     mt_loss_result r = {.size = sizeof r};
     const mt_loss_vtable *vt = lc->inst->desc->vtable;
@@ -339,17 +389,18 @@ static double loss_value(checker *c, void *ctx, int backward, mt_error *err) {
 static int check_loss(checker *c, mt_plugin_instance *inst, mt_error *err) {
     if (mt_model_set_all_trainable(c->model, err)) return -1;
     loss_ctx lc = {.inst = inst};
-    /* a loss may refuse single sequences (it wants preference pairs) and a trainable base
-     * (see the check adapter); it is then checked on pairs, or on a frozen base, and
-     * says so */
+    /* a loss may refuse single sequences (it wants preference pairs, or sampled
+     * completions) and a trainable base (see the check adapter); it is then checked on
+     * the batch it takes, or on a frozen base, and says so */
     int found = 0;
     for (int frozen = 0; frozen < 2 && !found; frozen++) {
-        for (lc.pairs = 0; lc.pairs < 2 && !found; lc.pairs++) {
+        for (lc.kind = 0; lc.kind < BATCH_KINDS && !found; lc.kind++) {
+            if (lc.kind == BATCH_ROLLOUT && rollout_fields(c, &lc, err)) return -1;
             if (!isnan(loss_value(c, &lc, 0, err))) {
                 found = 1;
                 break;
             }
-            printf("  note  on %s%s: %s\n", lc.pairs ? "preference pairs" : "single sequences",
+            printf("  note  on %s%s: %s\n", batch_kind_names[lc.kind],
                    frozen ? " and a frozen base" : " and a trainable base",
                    err->msg[0] ? err->msg : "the loss is not a number");
             *err = (mt_error){0};
@@ -364,7 +415,15 @@ static int check_loss(checker *c, mt_plugin_instance *inst, mt_error *err) {
         mt_error_set(err, MT_ERR_INVALID_ARG, "%s refuses every check batch", inst->desc->name);
         return -1;
     }
-    if (lc.pairs) printf("  note  checked on preference pairs (rows 2i chosen, 2i+1 rejected)\n");
+    if (lc.kind == BATCH_PAIRS) printf("  note  checked on preference pairs (rows 2i chosen, 2i+1 rejected)\n");
+    if (lc.kind == BATCH_ROLLOUT) {
+        /* a clipped surrogate is flat beyond its clip: a step of FD_STEP moves the
+         * log-probabilities by tenths and the ratios across a clip of 0.2, so the central
+         * differences take a tenth of it, keeping every ratio within about exp(±0.1) */
+        c->fd_step = FD_STEP / 10;
+        printf("  note  checked on %s, central differences of step %g\n", batch_kind_names[BATCH_ROLLOUT],
+               c->fd_step);
+    }
     if (check_gradient(c, loss_value, &lc, "gradient", err)) return -1;
     /* no targets: nothing to learn */
     lc.no_targets = 1;
@@ -381,8 +440,7 @@ static int check_loss(checker *c, mt_plugin_instance *inst, mt_error *err) {
            "a batch without targets: loss %g, gradient norm %g (both must be 0)", empty, sqrt(sum));
     /* step_items: twice the items, half the loss */
     lc.no_targets = 0;
-    mt_batch b = {.size = sizeof b, .B = CHECK_B, .T = CHECK_T, .tokens = c->tokens, .targets = c->targets,
-                  .pairs = lc.pairs};
+    mt_batch b = check_batch(c, &lc, c->targets);
     int64_t items = mt_loss_count(inst, &b);
     double one = loss_value(c, &lc, 0, err);
     lc.step_items = 2 * items;
@@ -403,11 +461,6 @@ static double model_ce(checker *c, void *ctx, int backward, mt_error *err) {
     if (!st) st = mt_model_cross_entropy(c->model, c->targets, backward, &loss, NULL, err);
     if (!st && backward) st = mt_model_backward(c->model, err);
     return st ? NAN : loss;
-}
-
-static int logits_of(checker *c, float *out, mt_error *err) {
-    mt_status st = mt_model_forward(c->model, c->tokens, NULL, NULL, CHECK_B, CHECK_T, err);
-    return st || mt_model_logits(c->model, 0, CHECK_B * CHECK_T, out, err) ? -1 : 0;
 }
 
 static int check_adapter(checker *c, mt_plugin_instance *inst, mt_error *err) {
