@@ -24,6 +24,16 @@ fails=0
 fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 run() { local out=$1; shift; "$moontune" run "$recipe" "${fix[@]}" --set out_dir="$out" "$@" >"$out.txt" 2>&1; }
 last() { ls -d "$1"/checkpoints/step-* | sort | tail -n 1; }
+same_end() { # same_end A B what: the last checkpoints' weights and optimizer state, bit for bit
+  local f r
+  for f in weights optimizer; do
+    if r=$("$st_compare" "$(last "$1")/$f.safetensors" "$(last "$2")/$f.safetensors" 0); then
+      echo "grpo: $3: $f: ${r#st_compare: }"
+    else
+      fail "$3: $f: $r"
+    fi
+  done
+}
 samples() { grep '"type":"sample"' "$1/metrics.jsonl" | sed 's/"seconds":[^,]*,//'; }
 
 run whole || { tail -n 20 whole.txt; fail "the uninterrupted run did not finish"; }
@@ -38,13 +48,7 @@ if diff <(samples whole) <(samples cut) >samples.diff; then
 else
   fail "the resumed run drew other samples: $(wc -l <samples.diff) diff lines"; head -n 4 samples.diff
 fi
-for f in weights optimizer; do
-  if r=$("$st_compare" "$(last whole)/$f.safetensors" "$(last cut)/$f.safetensors" 0); then
-    echo "grpo: resumed after step 3: $f: ${r#st_compare: }"
-  else
-    fail "resumed: $f: $r"
-  fi
-done
+same_end whole cut "resumed after step 3"
 # two optimizer steps on each rollout (num_iterations = 2), stopped after step 3, between
 # the two steps on the second rollout: the resumed run goes on with that rollout
 mu=(--set num_iterations=2)
@@ -55,13 +59,7 @@ run cut2 "${mu[@]}" --set stop_at=3 --set resume=true || { tail -n 20 cut2.txt; 
 if [ "$(samples whole2 | wc -l)" != 15 ] || ! diff <(samples whole2) <(samples cut2) >/dev/null; then
   fail "num_iterations=2: expected the same 15 samples after the resume, found $(samples cut2 | wc -l)"
 fi
-for f in weights optimizer; do
-  if r=$("$st_compare" "$(last whole2)/$f.safetensors" "$(last cut2)/$f.safetensors" 0); then
-    echo "grpo: num_iterations=2, resumed between a rollout's two steps: $f: ${r#st_compare: }"
-  else
-    fail "num_iterations=2 resumed: $f: $r"
-  fi
-done
+same_end whole2 cut2 "num_iterations=2, resumed between a rollout's two steps"
 # the second step on a rollout sees a policy that moved: the ratio leaves 1 and the clip acts
 python3 - whole2/metrics.jsonl <<'PY' || fail "num_iterations=2: the clip never acted on a second step"
 import json, sys

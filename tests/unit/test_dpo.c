@@ -173,35 +173,6 @@ static mt_status dpo_compute(fixture *f, mt_plugin_instance *inst, int row0, int
     return loss_compute(f, inst, b, backward, r, err);
 }
 
-/* Every trainable gradient in one host array, in trainable_params order. */
-static float *all_grads(mt_model *m, size_t *total) {
-    mt_param_view *v;
-    size_t n;
-    mt_error err = {0};
-    assert_int_equal(mt_model_trainable_params(m, &v, &n, &err), MT_OK);
-    size_t len = 0;
-    for (size_t i = 0; i < n; i++) len += (size_t)mt_tensor_numel(&v[i].grad);
-    float *out = malloc(len * sizeof(float) + 1), *p = out;
-    assert_non_null(out);
-    for (size_t i = 0; i < n; i++) {
-        if (H()->tensor_download(p, &v[i].grad, &err)) fail_msg("%s", err.msg);
-        p += mt_tensor_numel(&v[i].grad);
-    }
-    free(v);
-    *total = len;
-    return out;
-}
-
-/* |got - ref| <= tol · max(|ref|, 1): relative for large values, absolute below 1. The
- * rewards and margins are differences of sums of fp32 log-probabilities (about -40
- * here), so a margin of 0.003 carries the absolute rounding of those sums, not a
- * relative error of its own. */
-static void check_close(const char *what, double got, double ref, double tol) {
-    double e = fabs(got - ref) / fmax(fabs(ref), 1.0);
-    printf("  %-28s %.9g reference %.9g (error %.2g)\n", what, got, ref, e);
-    if (!(e <= tol)) fail_msg("%s: %.9g against %.9g: error %.3g > %.3g", what, got, ref, e, tol);
-}
-
 /* ---- parity with TRL's formulas ---- */
 
 static void test_dpo_parity(void **state) {
@@ -217,14 +188,14 @@ static void test_dpo_parity(void **state) {
         if (dpo_compute(f, inst, 0, f->B, f->B / 2, 1, &r, &err)) fail_msg("%s", err.msg);
         char name[200];
         snprintf(name, sizeof name, "%s.loss", c->name);
-        check_close("loss", r.loss, read_scalar(f->ref, name), 1e-5);
+        mt_test_check_close("loss", r.loss, read_scalar(f->ref, name), 1e-5);
         assert_int_equal(r.n_tokens, f->B / 2);
         /* the RPO term's nll_loss is reported only where it is part of the loss */
         assert_int_equal(r.n_metrics, c->rpo_alpha > 0 ? 7 : 6);
         for (int m = 0; m < r.n_metrics; m++) {
             assert_string_equal(r.metric_names[m], metric_names[m]);
             snprintf(name, sizeof name, "%s.%s", c->name, metric_names[m]);
-            check_close(metric_names[m], r.metrics[m], read_scalar(f->ref, name), 1e-5);
+            mt_test_check_close(metric_names[m], r.metrics[m], read_scalar(f->ref, name), 1e-5);
         }
         mt_param_view *v;
         size_t n;
@@ -320,7 +291,7 @@ static void test_accumulation(void **state) {
         mt_model_zero_grad(f->model);
         if (dpo_compute(f, inst, 0, f->B, pairs, 1, &whole, &err)) fail_msg("%s", err.msg);
         size_t n;
-        float *g_whole = all_grads(f->model, &n);
+        float *g_whole = mt_test_all_grads(f->model, &n);
         /* one pair, then the rest, each normalised by the step's pairs */
         mt_model_zero_grad(f->model);
         double sum = 0.0, metrics[8] = {0};
@@ -331,7 +302,7 @@ static void test_accumulation(void **state) {
             sum += part.loss;
             for (int m = 0; m < part.n_metrics; m++) metrics[m] += part.metrics[m];
         }
-        float *g_parts = all_grads(f->model, &n);
+        float *g_parts = mt_test_all_grads(f->model, &n);
         double e = mt_test_rel_err(g_parts, g_whole, n);
         printf("%s: loss %.9g as micro-batches %.9g, gradient rel err %.3g\n", cases[k].name,
                whole.loss, sum, e);
@@ -386,14 +357,14 @@ static void test_precomputed_reference(void **state) {
         mt_model_zero_grad(f->model);
         if (dpo_compute(f, inst, 0, f->B, 0, 1, &plain_r, &err)) fail_msg("%s", err.msg);
         size_t n;
-        float *g_plain = all_grads(f->model, &n);
+        float *g_plain = mt_test_all_grads(f->model, &n);
         mt_batch b = {.size = sizeof b, .B = f->B + 2, .T = f->T, .tokens = tokens,
                       .targets = targets, .pairs = 1, .ref_logps = ref};
         const mt_loss_vtable *vt = inst->desc->vtable;
         assert_int_equal(vt->count(inst->state, &b), f->B / 2); /* the padding pair: none */
         mt_model_zero_grad(f->model);
         if (loss_compute(f, inst, b, 1, &given_r, &err)) fail_msg("%s", err.msg);
-        float *g_given = all_grads(f->model, &n);
+        float *g_given = mt_test_all_grads(f->model, &n);
         double ge = mt_test_rel_err(g_given, g_plain, n);
         printf("%s: loss %.9g, with precomputed references %.9g, gradient rel err %.3g\n",
                cases[k].name, plain_r.loss, given_r.loss, ge);

@@ -216,33 +216,6 @@ static int64_t grpo_count(fixture *f, mt_plugin_instance *inst, int row0, int ro
     return vt->count(inst->state, &b);
 }
 
-/* Every trainable gradient in one host array, in trainable_params order. */
-static float *all_grads(mt_model *m, size_t *total) {
-    mt_param_view *v;
-    size_t n;
-    mt_error err = {0};
-    assert_int_equal(mt_model_trainable_params(m, &v, &n, &err), MT_OK);
-    size_t len = 0;
-    for (size_t i = 0; i < n; i++) len += (size_t)mt_tensor_numel(&v[i].grad);
-    float *out = malloc(len * sizeof(float) + 1), *p = out;
-    assert_non_null(out);
-    for (size_t i = 0; i < n; i++) {
-        if (H()->tensor_download(p, &v[i].grad, &err)) fail_msg("%s", err.msg);
-        p += mt_tensor_numel(&v[i].grad);
-    }
-    free(v);
-    *total = len;
-    return out;
-}
-
-/* |got - ref| <= tol · max(|ref|, 1): relative for large values, absolute below 1 (the
- * clip ratios are fractions of 25 tokens, the KL a mean of per-token values). */
-static void check_close(const char *what, double got, double ref, double tol) {
-    double e = fabs(got - ref) / fmax(fabs(ref), 1.0);
-    printf("  %-28s %.9g reference %.9g (error %.2g)\n", what, got, ref, e);
-    if (!(e <= tol)) fail_msg("%s: %.9g against %.9g: error %.3g > %.3g", what, got, ref, e, tol);
-}
-
 /* ---- parity with TRL's formulas ---- */
 
 static void test_grpo_parity(void **state) {
@@ -275,7 +248,7 @@ static void test_grpo_parity(void **state) {
         for (int m = 0; m < r.n_metrics; m++) {
             assert_string_equal(r.metric_names[m], metric_names[m]);
             snprintf(name, sizeof name, "%s.%s", c->name, metric_names[m]);
-            check_close(metric_names[m], r.metrics[m], read_scalar(f->ref, name), 1e-5);
+            mt_test_check_close(metric_names[m], r.metrics[m], read_scalar(f->ref, name), 1e-5);
         }
         mt_param_view *v;
         size_t n;
@@ -356,7 +329,7 @@ static void test_accumulation(void **state) {
         mt_model_zero_grad(f->model);
         if (grpo_compute(f, inst, 0, f->B, items, 1, &whole, &err)) fail_msg("%s", err.msg);
         size_t n;
-        float *g_whole = all_grads(f->model, &n);
+        float *g_whole = mt_test_all_grads(f->model, &n);
         /* rows 0-1, then 2-4 (with the padding row), each normalised by the step's items */
         mt_model_zero_grad(f->model);
         double sum = 0.0, metrics[MT_LOSS_MAX_METRICS] = {0};
@@ -370,7 +343,7 @@ static void test_accumulation(void **state) {
             assert_int_equal(part.n_metrics, whole.n_metrics);
             for (int m = 0; m < part.n_metrics; m++) metrics[m] += part.metrics[m];
         }
-        float *g_parts = all_grads(f->model, &n);
+        float *g_parts = mt_test_all_grads(f->model, &n);
         double e = mt_test_rel_err(g_parts, g_whole, n);
         printf("%s: loss %.9g as micro-batches %.9g, gradient rel err %.3g\n", c->name,
                whole.loss, sum, e);
@@ -391,7 +364,7 @@ static void test_accumulation(void **state) {
         if (grpo_compute(f, inst, f->B - 1, 1, items, 1, &part, &err)) fail_msg("%s", err.msg);
         assert_true(part.loss == 0.0);
         assert_int_equal(part.n_tokens, 0);
-        float *g_pad = all_grads(f->model, &n);
+        float *g_pad = mt_test_all_grads(f->model, &n);
         for (size_t i = 0; i < n; i++) assert_true(g_pad[i] == 0.0f);
         free(g_pad);
         mt_plugin_instance_free(inst);

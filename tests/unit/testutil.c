@@ -154,3 +154,28 @@ mt_plugin *mt_test_load_plugin(const char *name) {
     if (mt_plugin_load(path, &p, &err)) fail_msg("%s", err.msg);
     return p;
 }
+
+float *mt_test_all_grads(mt_model *m, size_t *total) {
+    const mt_host *h = mt_host_table();
+    mt_param_view *v;
+    size_t n;
+    mt_error err = {0};
+    assert_int_equal(mt_model_trainable_params(m, &v, &n, &err), MT_OK);
+    size_t len = 0;
+    for (size_t i = 0; i < n; i++) len += (size_t)mt_tensor_numel(&v[i].grad);
+    float *out = malloc(len * sizeof(float) + 1), *p = out;
+    assert_non_null(out);
+    for (size_t i = 0; i < n; i++) {
+        if (h->tensor_download(p, &v[i].grad, &err)) fail_msg("%s", err.msg);
+        p += mt_tensor_numel(&v[i].grad);
+    }
+    free(v);
+    *total = len;
+    return out;
+}
+
+void mt_test_check_close(const char *what, double got, double ref, double tol) {
+    double e = fabs(got - ref) / fmax(fabs(ref), 1.0);
+    printf("  %-28s %.9g reference %.9g (error %.2g)\n", what, got, ref, e);
+    if (!(e <= tol)) fail_msg("%s: %.9g against %.9g: error %.3g > %.3g", what, got, ref, e, tol);
+}

@@ -9,6 +9,7 @@
 #include <cmocka.h>
 
 #include "formats/safetensors.h"
+#include "model/model.h"
 #include "plugin/registry.h"
 
 /* Deterministic xorshift64* stream for test data. */
@@ -53,5 +54,13 @@ float *mt_test_read_f32(const mt_safetensors *st, const char *name, size_t *nume
 /* A standard plugin of this build (MT_BUILD_DIR/plugins/NAME.so); fails the test when it
  * does not load. */
 mt_plugin *mt_test_load_plugin(const char *name);
+
+/* Every trainable gradient of the model in one new host array, in
+ * mt_model_trainable_params order; *total receives its length. */
+float *mt_test_all_grads(mt_model *m, size_t *total);
+
+/* Checks |got - ref| <= tol · max(|ref|, 1) (relative for large values, absolute below
+ * 1, where sums of fp32 log-probabilities carry absolute rounding) and prints the pair. */
+void mt_test_check_close(const char *what, double got, double ref, double tol);
 
 #endif
