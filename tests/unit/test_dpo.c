@@ -56,13 +56,6 @@ static const char *const metric_names[] = {"rewards/chosen", "rewards/rejected",
 
 static const mt_host *H(void) { return mt_host_table(); }
 
-static double read_scalar(const mt_safetensors *st, const char *name) {
-    float *v = mt_test_read_f32(st, name, NULL);
-    double x = v[0];
-    free(v);
-    return x;
-}
-
 typedef struct fixture {
     mt_safetensors *ref, *lora_ref;
     mt_backend be;
@@ -78,30 +71,7 @@ static mt_model *load_model(fixture *f, int with_lora) {
     mt_error err = {0};
     mt_model *m = NULL;
     if (mt_model_load_hf(GQA_DIR, &f->be, &m, &err)) fail_msg("%s", err.msg);
-    if (with_lora) {
-        const char *all_linear[] = {"all-linear"};
-        mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
-                      {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
-                      {.key = "target_modules", .type = MT_KV_LIST, .list = all_linear,
-                       .list_len = 1}};
-        if (mt_plugin_instantiate(f->lora, kv, 3, &f->lora_inst, &err)) fail_msg("%s", err.msg);
-        if (mt_model_attach_adapter(m, f->lora_inst->desc->vtable, f->lora_inst->state, &err))
-            fail_msg("%s", err.msg);
-        mt_param_view *v;
-        size_t n;
-        assert_int_equal(mt_model_trainable_params(m, &v, &n, &err), MT_OK);
-        assert_int_equal(n, 28); /* 2 layers x 7 projections x (A, B) */
-        for (size_t i = 0; i < n; i++) {
-            char name[200];
-            snprintf(name, sizeof name, "init.%s", v[i].name);
-            size_t numel;
-            float *val = mt_test_read_f32(f->lora_ref, name, &numel);
-            assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].value));
-            if (H()->tensor_upload(&v[i].value, val, &err)) fail_msg("%s", err.msg);
-            free(val);
-        }
-        free(v);
-    }
+    if (with_lora) f->lora_inst = mt_test_attach_reference_lora(m, f->lora, f->lora_ref);
     if (mt_model_plan(m, f->B + 2, f->T, 5, &err)) fail_msg("%s", err.msg); /* + a padding pair */
     return m;
 }
@@ -188,14 +158,14 @@ static void test_dpo_parity(void **state) {
         if (dpo_compute(f, inst, 0, f->B, f->B / 2, 1, &r, &err)) fail_msg("%s", err.msg);
         char name[200];
         snprintf(name, sizeof name, "%s.loss", c->name);
-        mt_test_check_close("loss", r.loss, read_scalar(f->ref, name), 1e-5);
+        mt_test_check_close("loss", r.loss, mt_test_read_scalar(f->ref, name), 1e-5);
         assert_int_equal(r.n_tokens, f->B / 2);
         /* the RPO term's nll_loss is reported only where it is part of the loss */
         assert_int_equal(r.n_metrics, c->rpo_alpha > 0 ? 7 : 6);
         for (int m = 0; m < r.n_metrics; m++) {
             assert_string_equal(r.metric_names[m], metric_names[m]);
             snprintf(name, sizeof name, "%s.%s", c->name, metric_names[m]);
-            mt_test_check_close(metric_names[m], r.metrics[m], read_scalar(f->ref, name), 1e-5);
+            mt_test_check_close(metric_names[m], r.metrics[m], mt_test_read_scalar(f->ref, name), 1e-5);
         }
         mt_param_view *v;
         size_t n;

@@ -59,13 +59,6 @@ static const char *const metric_names[] = {"clip_ratio/low_mean", "clip_ratio/hi
 
 static const mt_host *H(void) { return mt_host_table(); }
 
-static double read_scalar(const mt_safetensors *st, const char *name) {
-    float *v = mt_test_read_f32(st, name, NULL);
-    double x = v[0];
-    free(v);
-    return x;
-}
-
 typedef struct fixture {
     mt_safetensors *ref, *lora_ref;
     mt_backend be;
@@ -82,30 +75,7 @@ static mt_model *load_model(fixture *f, int with_lora) {
     mt_error err = {0};
     mt_model *m = NULL;
     if (mt_model_load_hf(GQA_DIR, &f->be, &m, &err)) fail_msg("%s", err.msg);
-    if (with_lora) {
-        const char *all_linear[] = {"all-linear"};
-        mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
-                      {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
-                      {.key = "target_modules", .type = MT_KV_LIST, .list = all_linear,
-                       .list_len = 1}};
-        if (mt_plugin_instantiate(f->lora, kv, 3, &f->lora_inst, &err)) fail_msg("%s", err.msg);
-        if (mt_model_attach_adapter(m, f->lora_inst->desc->vtable, f->lora_inst->state, &err))
-            fail_msg("%s", err.msg);
-        mt_param_view *v;
-        size_t n;
-        assert_int_equal(mt_model_trainable_params(m, &v, &n, &err), MT_OK);
-        assert_int_equal(n, 28); /* 2 layers x 7 projections x (A, B) */
-        for (size_t i = 0; i < n; i++) {
-            char name[200];
-            snprintf(name, sizeof name, "init.%s", v[i].name);
-            size_t numel;
-            float *val = mt_test_read_f32(f->lora_ref, name, &numel);
-            assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].value));
-            if (H()->tensor_upload(&v[i].value, val, &err)) fail_msg("%s", err.msg);
-            free(val);
-        }
-        free(v);
-    }
+    if (with_lora) f->lora_inst = mt_test_attach_reference_lora(m, f->lora, f->lora_ref);
     /* chunks of 5 rows: they straddle rows, and two hold only the padding row */
     if (mt_model_plan(m, f->B, f->T, 5, &err)) fail_msg("%s", err.msg);
     return m;
@@ -238,7 +208,7 @@ static void test_grpo_parity(void **state) {
         if (grpo_compute(f, inst, 0, f->B, items, 1, &r, &err)) fail_msg("%s", err.msg);
         char name[200];
         snprintf(name, sizeof name, "%s.loss", c->name);
-        const double ref_loss = read_scalar(f->ref, name);
+        const double ref_loss = mt_test_read_scalar(f->ref, name);
         const double loss_err = fabs(r.loss - ref_loss) / fabs(ref_loss);
         printf("  %-28s %.9g reference %.9g (rel error %.2g)\n", "loss", r.loss, ref_loss,
                loss_err);
@@ -248,7 +218,7 @@ static void test_grpo_parity(void **state) {
         for (int m = 0; m < r.n_metrics; m++) {
             assert_string_equal(r.metric_names[m], metric_names[m]);
             snprintf(name, sizeof name, "%s.%s", c->name, metric_names[m]);
-            mt_test_check_close(metric_names[m], r.metrics[m], read_scalar(f->ref, name), 1e-5);
+            mt_test_check_close(metric_names[m], r.metrics[m], mt_test_read_scalar(f->ref, name), 1e-5);
         }
         mt_param_view *v;
         size_t n;

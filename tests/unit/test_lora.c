@@ -164,19 +164,7 @@ static mt_param_view *find_view(mt_param_view *v, size_t n, const char *name) {
 
 /* Sets every lora_A / lora_B of the run to the reference's init.<name>. */
 static void set_from_reference(run *r, const mt_safetensors *ref, size_t expect) {
-    size_t n;
-    mt_param_view *v = adapter_params(r, &n);
-    assert_int_equal(n, expect);
-    for (size_t i = 0; i < n; i++) {
-        char name[200];
-        snprintf(name, sizeof name, "init.%s", v[i].name);
-        size_t numel;
-        float *val = mt_test_read_f32(ref, name, &numel);
-        assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].value));
-        from_host(&v[i].value, val);
-        free(val);
-    }
-    free(v);
+    mt_test_load_trainable(r->model, ref, "init.", expect);
 }
 
 /* Copies every adapter parameter value from run a to run b (same names). */

@@ -179,3 +179,42 @@ void mt_test_check_close(const char *what, double got, double ref, double tol) {
     printf("  %-28s %.9g reference %.9g (error %.2g)\n", what, got, ref, e);
     if (!(e <= tol)) fail_msg("%s: %.9g against %.9g: error %.3g > %.3g", what, got, ref, e, tol);
 }
+
+double mt_test_read_scalar(const mt_safetensors *st, const char *name) {
+    float *v = mt_test_read_f32(st, name, NULL);
+    double x = v[0];
+    free(v);
+    return x;
+}
+
+void mt_test_load_trainable(mt_model *m, const mt_safetensors *ref, const char *prefix, size_t expect) {
+    mt_error err = {0};
+    mt_param_view *v;
+    size_t n;
+    assert_int_equal(mt_model_trainable_params(m, &v, &n, &err), MT_OK);
+    assert_int_equal(n, expect);
+    for (size_t i = 0; i < n; i++) {
+        char name[200];
+        snprintf(name, sizeof name, "%s%s", prefix, v[i].name);
+        size_t numel;
+        float *val = mt_test_read_f32(ref, name, &numel);
+        assert_int_equal(numel, (size_t)mt_tensor_numel(&v[i].value));
+        if (mt_host_table()->tensor_upload(&v[i].value, val, &err)) fail_msg("%s", err.msg);
+        free(val);
+    }
+    free(v);
+}
+
+mt_plugin_instance *mt_test_attach_reference_lora(mt_model *m, const mt_plugin *lora,
+                                                  const mt_safetensors *lora_ref) {
+    const char *all_linear[] = {"all-linear"};
+    mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
+                  {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
+                  {.key = "target_modules", .type = MT_KV_LIST, .list = all_linear, .list_len = 1}};
+    mt_error err = {0};
+    mt_plugin_instance *inst = NULL;
+    if (mt_plugin_instantiate(lora, kv, 3, &inst, &err)) fail_msg("%s", err.msg);
+    if (mt_model_attach_adapter(m, inst->desc->vtable, inst->state, &err)) fail_msg("%s", err.msg);
+    mt_test_load_trainable(m, lora_ref, "init.", 28); /* 2 layers x 7 projections x (A, B) */
+    return inst;
+}

@@ -55,6 +55,19 @@ float *mt_test_read_f32(const mt_safetensors *st, const char *name, size_t *nume
  * does not load. */
 mt_plugin *mt_test_load_plugin(const char *name);
 
+/* A scalar of a reference file (its first value). */
+double mt_test_read_scalar(const mt_safetensors *st, const char *name);
+
+/* Sets every trainable parameter of m to the reference tensor <prefix><name> (the
+ * model must have `expect` of them); fails the test on a missing or misshapen one. */
+void mt_test_load_trainable(mt_model *m, const mt_safetensors *ref, const char *prefix, size_t expect);
+
+/* Attaches the LoRA of the parity fixtures (r 4, alpha 8, all-linear) to tiny_gqa model
+ * m, with the init.<name> values of tests/fixtures/lora/reference.safetensors (lora_ref);
+ * returns the adapter's instance, which the caller frees after the model. */
+mt_plugin_instance *mt_test_attach_reference_lora(mt_model *m, const mt_plugin *lora,
+                                                  const mt_safetensors *lora_ref);
+
 /* Every trainable gradient of the model in one new host array, in
  * mt_model_trainable_params order; *total receives its length. */
 float *mt_test_all_grads(mt_model *m, size_t *total);
