@@ -65,7 +65,6 @@ even for a float64 model; the fixture keeps that (as the lora fixture's fp64 che
 """
 import json
 import os
-import struct
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +73,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import peft
-from peft import LoraConfig, get_peft_model
+import peft_parity
+from peft_parity import fmt, plain_name, rel, write_sorted_metadata
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MODEL = os.path.join(ROOT, "tests", "fixtures", "tiny_gqa")
@@ -101,47 +101,6 @@ CASES = {
 }
 METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected", "nll_loss"]
-
-
-def fmt(v):
-    """0.1 -> '0.1', 0.0 -> '0', as in the case table."""
-    return "0" if v == 0 else repr(v)
-
-
-def write_sorted_metadata(path):
-    """Rewrite the file with its __metadata__ keys sorted and placed first.
-
-    safetensors serialises the metadata from a hash map, so its order (and the file's
-    bytes) would otherwise vary from run to run. The whole file is rewritten, with the
-    header padded by spaces to a multiple of 8 bytes; tensor offsets are unchanged
-    because they are relative to the end of the header.
-    """
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    meta = dict(sorted(header.pop("__metadata__", {}).items()))
-    tensors = {k: header[k] for k in sorted(header)}
-    text = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":"),
-                      ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        f.write(data)
-
-
-def plain_name(peft_name):
-    """base_model.model.X.lora_A.default.weight -> X.lora_A.weight"""
-    name = peft_name.replace(".default.", ".")
-    prefix = "base_model.model."
-    assert name.startswith(prefix), peft_name
-    return name[len(prefix):]
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 # ---------------------------------------------------------------------------
@@ -172,20 +131,7 @@ def make_batch(vocab):
 # ---------------------------------------------------------------------------
 
 def peft_model(dtype, init):
-    base = LlamaForCausalLM.from_pretrained(MODEL, attn_implementation="eager", dtype=dtype)
-    cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
-                     bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)
-    model.eval()
-    loaded = set()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(init[plain_name(n)].to(dtype))
-                loaded.add(plain_name(n))
-    assert loaded == set(init), sorted(set(init) ^ loaded)
-    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    return model
+    return peft_parity.peft_model(MODEL, R, ALPHA, dtype, init)
 
 
 def seq_logps(logits, targets):
