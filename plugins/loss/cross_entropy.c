@@ -91,7 +91,7 @@ static mt_status ce_chunk(ce_state *s, mt_model_handle *model, const int32_t *ta
     const double eps = s->label_smoothing, z = s->z_loss;
     loss_chunk *ch = &s->chunk;
     for (int r = 0; r < n; r++) ch->h_targets[r] = is_target(s, targets[r]) ? targets[r] : -1;
-    mt_status st = loss_chunk_stats(host, ch, model, row0, n, eps > 0, err);
+    mt_status st = loss_chunk_stats(host, ch, model, row0, n, eps > 0, 1.0f, err);
     if (st) return st;
     for (int r = 0; r < n; r++) {
         float *c = ch->h_coefs + (size_t)r * 3;

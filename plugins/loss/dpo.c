@@ -218,7 +218,7 @@ static mt_status dpo_logps(dpo_state *s, mt_model_handle *model, const mt_batch 
         if (!loss_rows_have_target(targets, n)) continue; /* prompts need no logits */
         loss_chunk *ch = &s->chunk;
         for (int r = 0; r < n; r++) ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
-        if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, err))) return st;
+        if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, 1.0f, err))) return st;
         for (int r = 0; r < n; r++) {
             if (targets[r] < 0) continue;
             logp[(r0 + r) / batch->T] += (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
@@ -275,12 +275,7 @@ static mt_status dpo_backward(dpo_state *s, mt_model_handle *model, const mt_bat
             c[2] = (float)g;
         }
         /* the chunk's logits again, with the policy pass' targets and lse */
-        mt_tensor logits = mt_tensor_rows(&ch->logits, 0, n),
-                  tgt = mt_tensor_rows(&ch->targets, 0, n), lse = mt_tensor_rows(&ch->lse, 0, n);
-        if ((st = host->model_logits(model, r0, n, &logits, err)) ||
-            (st = host->tensor_upload(&tgt, ch->h_targets, err)) ||
-            (st = host->tensor_upload(&lse, s->row_lse + r0, err)) ||
-            (st = loss_chunk_backward(host, ch, model, r0, n, err)))
+        if ((st = loss_chunk_backward_again(host, ch, model, r0, n, s->row_lse + r0, 1.0f, err)))
             return st;
     }
     return host->model_backward(model, err);

@@ -223,15 +223,9 @@ static mt_status grpo_check_batch(grpo_state *s, const mt_batch *batch, int V, i
     return MT_OK;
 }
 
-/* Rows [r0, r0+n) of the last forward into the chunk's logits, divided by the
- * temperature in place. */
-static mt_status grpo_chunk_logits(grpo_state *s, mt_model_handle *model, int r0, int n,
-                                   mt_error *err) {
-    mt_tensor logits = mt_tensor_rows(&s->chunk.logits, 0, n);
-    mt_status st = host->model_logits(model, r0, n, &logits, err);
-    if (st) return st;
-    if (s->temperature != 1.0) host->axpby(&logits, (float)(1.0 / s->temperature), &logits, 0.0f);
-    return MT_OK;
+/* The logits' factor: 1 / temperature (exactly 1 at temperature 1: no scaling pass). */
+static float logit_scale(const grpo_state *s) {
+    return s->temperature != 1.0 ? (float)(1.0 / s->temperature) : 1.0f;
 }
 
 /* Runs the model (adapters on or off) and puts each target's log-probability at the
@@ -248,16 +242,7 @@ static mt_status grpo_logps(grpo_state *s, mt_model_handle *model, const mt_batc
         const int32_t *targets = batch->targets + r0;
         if (!loss_rows_have_target(targets, n)) continue; /* prompts need no logits */
         for (int r = 0; r < n; r++) ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
-        mt_tensor logits = mt_tensor_rows(&ch->logits, 0, n),
-                  tgt = mt_tensor_rows(&ch->targets, 0, n), lse = mt_tensor_rows(&ch->lse, 0, n),
-                  tl = mt_tensor_rows(&ch->target_logit, 0, n);
-        if ((st = grpo_chunk_logits(s, model, r0, n, err)) ||
-            (st = host->tensor_upload(&tgt, ch->h_targets, err)))
-            return st;
-        host->softmax_stats(&logits, &tgt, &lse, &tl, NULL);
-        if ((st = host->check(err)) || (st = host->tensor_download(ch->h_lse, &lse, err)) ||
-            (st = host->tensor_download(ch->h_target_logit, &tl, err)))
-            return st;
+        if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, logit_scale(s), err))) return st;
         for (int r = 0; r < n; r++) {
             if (targets[r] < 0) continue;
             logp[r0 + r] = (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
@@ -289,11 +274,7 @@ static mt_status grpo_backward(grpo_state *s, mt_model_handle *model, const mt_b
             c[2] = (float)g;
         }
         /* the chunk's scaled logits again, with the policy pass' targets and lse */
-        mt_tensor tgt = mt_tensor_rows(&ch->targets, 0, n), lse = mt_tensor_rows(&ch->lse, 0, n);
-        if ((st = grpo_chunk_logits(s, model, r0, n, err)) ||
-            (st = host->tensor_upload(&tgt, ch->h_targets, err)) ||
-            (st = host->tensor_upload(&lse, s->row_lse + r0, err)) ||
-            (st = loss_chunk_backward(host, ch, model, r0, n, err)))
+        if ((st = loss_chunk_backward_again(host, ch, model, r0, n, s->row_lse + r0, logit_scale(s), err)))
             return st;
     }
     return host->model_backward(model, err);

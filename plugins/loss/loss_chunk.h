@@ -1,5 +1,5 @@
 /* loss_chunk.h — the chunk buffers and row statistics that the in-tree losses share
- * (cross_entropy.c, dpo.c). A loss works over the batch's rows chunk by chunk, so that
+ * (cross_entropy.c, dpo.c, grpo.c). A loss works over the batch's rows chunk by chunk, so that
  * the (rows x vocabulary) logits are never held at once; per chunk it asks the model for
  * the logits as a device tensor, uploads the rows' targets (-1 for none), lets
  * host->softmax_stats reduce each row to lse, the target's logit and (when asked) the
@@ -75,17 +75,27 @@ static inline mt_status loss_chunk_reserve(const mt_host *host, loss_chunk *c, m
     return MT_OK;
 }
 
+/* Rows [row0, row0+n) of the model's last forward into c->logits, multiplied in place by
+ * logit_scale unless it is 1 (a loss at a sampling temperature T passes 1/T). */
+static inline mt_status loss_chunk_logits(const mt_host *host, loss_chunk *c, mt_model_handle *model,
+                                          int row0, int n, float logit_scale, mt_error *err) {
+    mt_tensor logits = mt_tensor_rows(&c->logits, 0, n);
+    mt_status st = host->model_logits(model, row0, n, &logits, err);
+    if (!st && logit_scale != 1.0f) host->axpby(&logits, logit_scale, &logits, 0.0f);
+    return st;
+}
+
 /* Rows [row0, row0+n) of the model's last forward, whose targets the caller has put in
- * c->h_targets (-1: none): their logits into c->logits, the targets uploaded, and per
- * row lse and the target's logit (and the mean logit when with_mean) into the host
- * copies. Rows without a target cost no work in softmax_stats. */
+ * c->h_targets (-1: none): their logits (times logit_scale) into c->logits, the targets
+ * uploaded, and per row lse and the target's logit (and the mean logit when with_mean)
+ * into the host copies. Rows without a target cost no work in softmax_stats. */
 static inline mt_status loss_chunk_stats(const mt_host *host, loss_chunk *c,
                                          mt_model_handle *model, int row0, int n, int with_mean,
-                                         mt_error *err) {
+                                         float logit_scale, mt_error *err) {
     mt_tensor logits = mt_tensor_rows(&c->logits, 0, n), tgt = mt_tensor_rows(&c->targets, 0, n),
               lse = mt_tensor_rows(&c->lse, 0, n), tl = mt_tensor_rows(&c->target_logit, 0, n),
               ml = mt_tensor_rows(&c->mean_logit, 0, n);
-    mt_status st = host->model_logits(model, row0, n, &logits, err);
+    mt_status st = loss_chunk_logits(host, c, model, row0, n, logit_scale, err);
     if (!st) st = host->tensor_upload(&tgt, c->h_targets, err);
     if (st) return st;
     host->softmax_stats(&logits, &tgt, &lse, &tl, with_mean ? &ml : NULL);
@@ -109,6 +119,19 @@ static inline mt_status loss_chunk_backward(const mt_host *host, loss_chunk *c,
     if (st) return st;
     host->softmax_backward(&logits, &lse, &tgt, &coefs);
     return host->model_backward_logits(model, row0, n, &logits, err);
+}
+
+/* loss_chunk_backward for a loss that ran the model more than once (a reference pass,
+ * then the policy's): the chunk's logits are computed again (times logit_scale), with
+ * the targets in c->h_targets and the rows' lse the policy pass kept (lse, n values). */
+static inline mt_status loss_chunk_backward_again(const mt_host *host, loss_chunk *c,
+                                                  mt_model_handle *model, int row0, int n,
+                                                  const float *lse, float logit_scale, mt_error *err) {
+    mt_tensor tgt = mt_tensor_rows(&c->targets, 0, n), lse_t = mt_tensor_rows(&c->lse, 0, n);
+    mt_status st = loss_chunk_logits(host, c, model, row0, n, logit_scale, err);
+    if (!st) st = host->tensor_upload(&tgt, c->h_targets, err);
+    if (!st) st = host->tensor_upload(&lse_t, lse, err);
+    return st ? st : loss_chunk_backward(host, c, model, row0, n, err);
 }
 
 /* Whether any of n rows' targets is one (>= 0): a chunk without any needs no logits. */
