@@ -184,9 +184,7 @@ function M.rollouts(mt, cfg)
   -- two optimizer steps on one rollout resumes on the same completions
   function R:state()
     if not self.pending or self.iteration >= self.mu then return nil end
-    local info = {} -- its samples were logged when it was drawn
-    for k, v in pairs(self.pending.info) do if k ~= "records" then info[k] = v end end
-    return { iteration = self.iteration, rows = self.pending.rows, info = info }
+    return { iteration = self.iteration, rows = self.pending.rows, info = self.pending.info }
   end
   function R:set_state(st)
     if st == nil then self.pending, self.iteration = nil, 0; return end
@@ -208,9 +206,7 @@ function M.rollouts(mt, cfg)
   function R:next()
     if self.pending and self.iteration < self.mu then -- another optimizer step on the rollout
       self.iteration = self.iteration + 1
-      local info = {}
-      for k, v in pairs(self.pending.info) do if k ~= "records" then info[k] = v end end
-      return mt.rl_batch(self.pending.rows, { seq_len = self.cfg.seq_len }), info
+      return mt.rl_batch(self.pending.rows, { seq_len = self.cfg.seq_len }), self.pending.info
     end
     local full = self.world > 1 -- every step P prompts
     if self.position >= self.N or (full and self.N - self.position < self.P) then
@@ -320,7 +316,10 @@ function M.rollouts(mt, cfg)
       examples = rows_n, rows = rows_n, tokens = tokens, targets = targets, epoch = self.epoch,
       epoch_end = self.position >= self.N, metrics = metrics, records = records,
     }
-    self.pending, self.iteration = { rows = rows, info = info }, 1
+    -- the rollout in use: its info without the samples, which are logged once, now
+    local again = {}
+    for k, v in pairs(info) do if k ~= "records" then again[k] = v end end
+    self.pending, self.iteration = { rows = rows, info = again }, 1
     return batch, info
   end
 
