@@ -4,12 +4,16 @@ JSON schema. The base model (SmolLM2-135M-Instruct) answers such requests in pro
 after fine-tuning it should answer with exactly the JSON line.
 
     python3 data/quickstart/generate.py      # writes train.jsonl and heldout.jsonl here
+    python3 data/quickstart/generate.py --extra 800 --extra-seed 1 --out F
+        # 800 more requests of the same kind, none of them in train.jsonl or heldout.jsonl:
+        # prompts for on-policy preference pairs (data/quickstart/onpolicy_pairs.lua)
 
 Deterministic (fixed seed, no dependencies beyond the standard library). The answer
 is compact JSON with keys in a fixed order:
     {"action": "schedule"|"cancel"|"move", "topic": str, "day": weekday,
      "time": "HH:MM", "duration_min": int, "attendees": [names, sorted]}
 """
+import argparse
 import json
 import os
 import random
@@ -65,19 +69,40 @@ def example(rng):
                          {"role": "assistant", "content": answer}]}
 
 
-def main():
-    rng = random.Random(SEED)
-    seen, rows = set(), []
-    while len(rows) < N_TRAIN + N_HELDOUT:
+def distinct(rng, n, seen):
+    """n examples whose requests are not in seen (which grows with them)."""
+    rows = []
+    while len(rows) < n:
         ex = example(rng)
         key = ex["messages"][1]["content"]
-        if key not in seen:  # held-out requests never appear in training
+        if key not in seen:
             seen.add(key)
             rows.append(ex)
-    for name, part in (("train.jsonl", rows[:N_TRAIN]), ("heldout.jsonl", rows[N_TRAIN:])):
-        with open(os.path.join(HERE, name), "w", encoding="utf-8") as f:
-            for ex in part:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+    return rows
+
+
+def write(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in rows:
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--extra", type=int, default=0, help="write this many new requests instead")
+    ap.add_argument("--extra-seed", type=int, default=1)
+    ap.add_argument("--out", default="", help="where --extra writes")
+    args = ap.parse_args()
+    seen = set()
+    rows = distinct(random.Random(SEED), N_TRAIN + N_HELDOUT, seen)  # held-out never in training
+    if args.extra > 0:
+        if not args.out:
+            ap.error("--extra needs --out")
+        write(args.out, distinct(random.Random(SEED + 1000 * args.extra_seed), args.extra, seen))
+        print(f"wrote {args.extra} new requests to {args.out}")
+        return
+    write(os.path.join(HERE, "train.jsonl"), rows[:N_TRAIN])
+    write(os.path.join(HERE, "heldout.jsonl"), rows[N_TRAIN:])
     print(f"wrote {N_TRAIN} training and {N_HELDOUT} held-out examples to {HERE}")
 
 
