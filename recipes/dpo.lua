@@ -20,6 +20,9 @@
 --   seq_len        tokens per sequence; a longer pair loses the same prompt tokens on both
 --                  sides (truncation "left") or is a bad record (truncation "drop")
 --   on_bad_record  "error" or "skip" (empty or identical answers, pairs that cannot fit)
+--   rejected_until "end" (TRL's DPO: both whole replies) or "first_difference": the
+--                  rejected reply is scored up to its first token that differs from the
+--                  chosen reply only (docs/dpo.md, "Where the replies part")
 --   batch          pairs per micro-batch (2 * batch sequences); grad_accum, epochs,
 --                  max_steps, lr, warmup_ratio, max_grad_norm as in lora_sft.lua
 --   beta           how far from the reference the policy may move (TRL's default 0.1;
@@ -51,6 +54,7 @@ local cfg = mt.config({
   template = "auto",
   seq_len = 256,
   on_bad_record = "error",
+  rejected_until = "end",
   batch = 4,
   grad_accum = 1,
   epochs = 1,

@@ -57,6 +57,9 @@ local cfg = mt.config({
     -- the chosen answers' NLL beside the preference term (RPO): without it DPO makes the
     -- chosen answers less likely too, and this task's exact answers break (0% at lr 1e-4)
     rpo_alpha = 1.0,
+    -- "first_difference": a rejected reply is scored up to where it parts from the chosen
+    -- one (docs/dpo.md, "Where the replies part"); "end": the whole reply, as TRL
+    rejected_until = "end",
     eval_every = 0,
     patience = 0,
     early_stopping_metric = "eval_rewards/accuracies",

@@ -59,6 +59,11 @@ static void read_example_options(lua_State *L, int opts, mt_example_options *ex)
     else if (!strcmp(tr, "drop")) ex->truncation = MT_TRUNCATE_DROP;
     else luaL_error(L, "option 'truncation': expected \"left\" or \"drop\", found \"%s\"", tr);
     ex->train_on_inputs = bind_opt_bool(L, opts, "train_on_inputs", 0);
+    const char *until = bind_opt_str(L, opts, "rejected_until", "end");
+    if (!strcmp(until, "first_difference")) ex->rejected_to_difference = 1;
+    else if (strcmp(until, "end"))
+        luaL_error(L, "option 'rejected_until': expected \"end\" or \"first_difference\", found \"%s\"",
+                   until);
 }
 
 /* The files argument at idx: a path, or a list whose items are paths or mixture entries
@@ -170,7 +175,7 @@ static void read_jsonl_options(lua_State *L, int opts, mt_jsonl_options *jsonl) 
 }
 
 /* mt.examples(files, tok, {format=, fields=, on_bad_record=, template=, seq_len=,
- * truncation=, train_on_inputs=, mix_seed=, cache=}) */
+ * truncation=, train_on_inputs=, rejected_until=, mix_seed=, cache=}) */
 static int l_examples(lua_State *L) {
     lua_settop(L, 3); /* an absent options table stays a nil slot below the bind_scratch values */
     int n_files;

@@ -78,7 +78,7 @@ mt_status mt_data_cache_key(const mt_data_file *files, int n_files, uint64_t mix
                            f->prompt, f->completion, f->text, f->chosen, f->rejected};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) mt_sha256_update_str(&ctx, names[i]);
     const int64_t opts[] = {ex->seq_len, ex->truncation, ex->train_on_inputs, ex->add_special,
-                            ex->pad_id, ex->on_bad_record};
+                            ex->pad_id, ex->on_bad_record, ex->rejected_to_difference};
     for (size_t i = 0; i < sizeof opts / sizeof *opts; i++) mt_sha256_update_i64(&ctx, opts[i]);
     if ((st = mt_example_cache_hash_tokenizer(&ctx, tok, err))) return st;
     mt_sha256_update_str(&ctx, template_requested);

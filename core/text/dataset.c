@@ -220,6 +220,15 @@ int mt_truncate_pair(const uint8_t *trainable_c, int32_t n_c, const uint8_t *tra
     return 2;
 }
 
+int32_t mt_pair_rejected_end(const int32_t *chosen, int32_t n_c, const int32_t *rejected,
+                             const uint8_t *rejected_trainable, int32_t n_r) {
+    int32_t k = 0;
+    while (k < n_c && k < n_r && chosen[k] == rejected[k]) k++;
+    if (k >= n_r) return n_r;                /* the rejected reply is a prefix of the chosen */
+    if (!rejected_trainable[k]) return n_r;  /* they part before the reply */
+    return k + 1;
+}
+
 mt_status mt_example_set_add_pair(mt_example_set *set, const int32_t *chosen_ids,
                                   const uint8_t *chosen_trainable, size_t n_chosen,
                                   const int32_t *rejected_ids, const uint8_t *rejected_trainable,
@@ -257,6 +266,8 @@ mt_status mt_example_set_add_pair(mt_example_set *set, const int32_t *chosen_ids
         set->n_dropped_too_long++;
         return MT_OK;
     }
+    if (set->opt.rejected_to_difference)
+        lr = mt_pair_rejected_end(chosen_ids + sc, lc, rejected_ids + sr, rejected_trainable + sr, lr);
     if (count_targets(chosen_trainable + sc, lc) == 0 ||
         count_targets(rejected_trainable + sr, lr) == 0) {
         set->n_dropped_no_target++;

@@ -224,6 +224,10 @@ typedef struct mt_example_options {
                                write them into the text leave this 0) */
     int32_t pad_id;         /* padding id: the tokenizer's pad, else 0 */
     mt_bad_record_policy on_bad_record; /* a preference pair too long to keep under DROP */
+    /* a preference pair's rejected sequence ends at its first token that differs from the
+     * chosen one (mt_pair_rejected_end): DPO then compares the two replies where they part
+     * only, not on the tokens after it, which follow a different context */
+    int rejected_to_difference;
 } mt_example_options;
 
 typedef struct mt_example_set {
@@ -284,6 +288,14 @@ mt_status mt_example_set_add_pair(mt_example_set *set, const int32_t *chosen_ids
                                   const uint8_t *chosen_trainable, size_t n_chosen,
                                   const int32_t *rejected_ids, const uint8_t *rejected_trainable,
                                   size_t n_rejected, int32_t file, int64_t line, mt_error *err);
+/* Pure: how many tokens of the rejected window (rejected ids from its start, n_r long)
+ * to keep so that it ends at its first trainable token that differs from the chosen
+ * window's token at the same position (or, where one reply is a prefix of the other, at
+ * the first token past the chosen window). n_r when they differ nowhere in the reply or
+ * already differ in the prompt, whose windows then do not line up. */
+int32_t mt_pair_rejected_end(const int32_t *chosen, int32_t n_c, const int32_t *rejected,
+                             const uint8_t *rejected_trainable, int32_t n_r);
+
 /* Pure: the windows of a pair under the pair truncation rule, as mt_truncate_window
  * (0 fits, 1 prompts truncated, 2 replies cut, -1 dropped). */
 int mt_truncate_pair(const uint8_t *trainable_c, int32_t n_c, const uint8_t *trainable_r,

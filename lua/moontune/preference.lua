@@ -11,7 +11,7 @@
 --     local result = pref.train(mt, cfg, model, train, heldout, out, "dpo")
 --
 -- cfg keys read here (recipes/dpo.lua documents them): data, heldout, heldout_fraction,
--- template, seq_len, on_bad_record, seed, reference, batch, grad_accum, epochs,
+-- template, seq_len, on_bad_record, rejected_until, seed, reference, batch, grad_accum, epochs,
 -- max_steps, lr, warmup_ratio, max_grad_norm, beta, loss_type, label_smoothing,
 -- rpo_alpha, eval_every, patience, early_stopping_metric, save_every, keep_last,
 -- general, max_general_regression.
@@ -21,7 +21,8 @@ local M = {}
 -- model's chat template. A held-out file wins over a split of the training pairs.
 function M.examples(mt, tok, cfg, name)
   local opts = { format = "preference", template = cfg.template or "auto", seq_len = cfg.seq_len,
-                 on_bad_record = cfg.on_bad_record or "error", truncation = cfg.truncation or "left" }
+                 on_bad_record = cfg.on_bad_record or "error", truncation = cfg.truncation or "left",
+                 rejected_until = cfg.rejected_until or "end" }
   local train, heldout
   if (cfg.heldout or "") ~= "" then
     train = mt.examples(cfg.data, tok, opts)

@@ -60,6 +60,35 @@ raises(function() mt.batcher(pairs_ex, { batch = 4, pack = true }) end, "pack = 
 local a, b = pairs_ex:split(0.34, 3)
 check(a:count() + b:count() == 6 and b:count() == 2 and a:paired() and b:paired(), "split of pairs")
 
+-- rejected_until = "first_difference": each rejected row's targets end at the first one
+-- that differs from its chosen row's; the chosen rows are unchanged
+local cut = mt.examples(DATA, tok, { format = "preference", seq_len = 128, rejected_until = "first_difference" })
+check(cut:count() == 6, "the same pairs when the rejected replies are cut")
+local whole_b = mt.batcher(pairs_ex, { batch = 12, seq_len = 128, shuffle = false, narrow = false })
+local cut_b = mt.batcher(cut, { batch = 12, seq_len = 128, shuffle = false, narrow = false })
+local wb, cb = whole_b:next(), cut_b:next()
+local wtg, ctg = wb:targets(), cb:targets()
+local shortened = 0
+for pair = 0, 5 do
+  local c, r = 2 * pair * 128, (2 * pair + 1) * 128
+  for t = 1, 128 do check(ctg[c + t] == wtg[c + t], "the chosen row is whole") end
+  local first_diff
+  for t = 1, 128 do
+    if wtg[r + t] >= 0 and wtg[r + t] ~= wtg[c + t] then first_diff = t; break end
+  end
+  check(first_diff, "pair " .. pair .. ": the replies differ")
+  for t = 1, 128 do
+    local want = t <= first_diff and wtg[r + t] or -100
+    check(ctg[r + t] == want, string.format("pair %d, column %d: target %d, want %d", pair, t, ctg[r + t], want))
+  end
+  for t = first_diff + 1, 128 do if wtg[r + t] >= 0 then shortened = shortened + 1; break end end
+end
+check(shortened > 0, "some rejected reply was longer than its first difference")
+whole_b:close()
+cut_b:close()
+raises(function() mt.examples(DATA, tok, { format = "preference", rejected_until = "middle" }) end,
+       "option 'rejected_until': expected \"end\" or \"first_difference\"")
+
 -- bad preference data names file and line
 local bad = TMP .. "/bad.jsonl"
 local f = assert(io.open(bad, "w"))

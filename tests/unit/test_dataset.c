@@ -605,6 +605,44 @@ static void test_pair_truncation(void **state) {
     mt_example_set_free(&s);
 }
 
+/* rejected_until = "first_difference": the rejected sequence ends where the replies part */
+static void test_pair_rejected_to_difference(void **state) {
+    (void)state;
+    /* prompt 10 11; chosen reply 20 21 22 23; rejected 20 21 30 22 23 */
+    const int32_t c[] = {10, 11, 20, 21, 22, 23}, r[] = {10, 11, 20, 21, 30, 22, 23};
+    const uint8_t ct[] = {0, 0, 1, 1, 1, 1}, rt[] = {0, 0, 1, 1, 1, 1, 1};
+    assert_int_equal(mt_pair_rejected_end(c, 6, r, rt, 7), 5);
+    /* a rejected reply that goes on past the chosen one ends at its first extra token */
+    const int32_t longer[] = {10, 11, 20, 21, 22, 23, 40, 41};
+    const uint8_t lt[] = {0, 0, 1, 1, 1, 1, 1, 1};
+    assert_int_equal(mt_pair_rejected_end(c, 6, longer, lt, 8), 7);
+    /* a rejected reply that is a prefix of the chosen one is kept whole */
+    assert_int_equal(mt_pair_rejected_end(c, 6, r, rt, 4), 4);
+    /* windows that part in the prompt do not line up: nothing is cut */
+    const int32_t other[] = {10, 12, 20, 21, 30};
+    assert_int_equal(mt_pair_rejected_end(c, 6, other, rt, 5), 5);
+
+    mt_example_options o = {.seq_len = 16, .truncation = MT_TRUNCATE_LEFT, .rejected_to_difference = 1};
+    mt_example_set s;
+    mt_error err = {0};
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    assert_int_equal(mt_example_set_add_pair(&s, c, ct, 6, r, rt, 7, 0, 1, &err), MT_OK);
+    assert_int_equal(s.ex[0].n, 6); /* the chosen sequence is whole */
+    assert_int_equal(s.ex[1].n, 5);
+    assert_int_equal(s.ex[1].ids[4], 30);
+    assert_int_equal(s.ex[1].trainable[4], 1);
+    /* after a left truncation the windows still line up: seq_len 6 drops the first prompt
+     * token from both */
+    mt_example_set_free(&s);
+    o.seq_len = 6;
+    assert_int_equal(mt_example_set_init(&s, &o, &err), MT_OK);
+    assert_int_equal(mt_example_set_add_pair(&s, c, ct, 6, r, rt, 7, 0, 1, &err), MT_OK);
+    assert_int_equal(s.ex[1].n, 4);
+    assert_int_equal(s.ex[1].ids[0], 11);
+    assert_int_equal(s.ex[1].ids[3], 30);
+    mt_example_set_free(&s);
+}
+
 static void test_pair_batcher(void **state) {
     (void)state;
     mt_example_options o = {.seq_len = 16, .truncation = MT_TRUNCATE_LEFT, .pad_id = 7};
@@ -1349,6 +1387,7 @@ int main(void) {
         cmocka_unit_test(test_preference),
         cmocka_unit_test(test_preference_implicit_prompt),
         cmocka_unit_test(test_pair_truncation),
+        cmocka_unit_test(test_pair_rejected_to_difference),
         cmocka_unit_test(test_pair_batcher),
         cmocka_unit_test(test_custom_field_map),
         cmocka_unit_test(test_format_names),
