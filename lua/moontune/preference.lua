@@ -111,6 +111,28 @@ function M.pair_stats(lp)
   return { accuracy = n > 0 and wins / n or 0, margin = n > 0 and margin / n or 0, pairs = n }
 end
 
+-- Preference records from a model's own mistakes: for each item (tasks.items) whose
+-- answer in `result` (tasks.evaluate) failed its metric, {prompt = the item's system
+-- and user messages, chosen = the reference, rejected = the answer}. Blank answers and a
+-- (prompt, answer) already in `seen` (optional; it grows, so that several passes keep
+-- each mistake once) are left out.
+function M.pairs_from_mistakes(items, result, seen)
+  seen = seen or {}
+  local records = {}
+  for i, it in ipairs(items) do
+    local text = result.outputs[i]
+    local key = (it.system or "") .. "\0" .. it.prompt .. "\0" .. text
+    if not result.passed[i] and text:match("%S") and not seen[key] then
+      seen[key] = true
+      local prompt = {}
+      if it.system then prompt[#prompt + 1] = { role = "system", content = it.system } end
+      prompt[#prompt + 1] = { role = "user", content = it.prompt }
+      records[#records + 1] = { prompt = prompt, chosen = it.reference, rejected = text }
+    end
+  end
+  return records
+end
+
 -- The dpo loss plugin with the config's options.
 function M.loss(mt, cfg)
   return mt.plugin("loss", "dpo", { beta = cfg.beta, loss_type = cfg.loss_type,

@@ -46,7 +46,8 @@ end
 -- Generates greedily for every item (batched; items sharing a system prompt go
 -- together) and scores each with opts.metric(output, reference) (default exact_match).
 -- opts: metric, max_new_tokens (default 128), batch (sequences decoded together,
--- default 16), template. Adapters are put in evaluation mode for the pass and back in
+-- default 16), template; temperature and seed sample instead (mt.generate: the item at
+-- position j of its system-prompt group draws with seed + j - 1). Adapters are put in evaluation mode for the pass and back in
 -- training mode after it. In a data-parallel job each rank generates for every
 -- world_size-th item and the ranks exchange their answers, so every rank returns the
 -- whole result.
@@ -79,6 +80,7 @@ function M.evaluate(mt, model, tok, items, opts)
       local texts, infos = mt.generate(model, tok, g.prompts, {
         system = g.system, template = opts.template,
         max_new_tokens = opts.max_new_tokens or 128, batch = opts.batch or 16,
+        temperature = opts.temperature, seed = opts.seed,
       })
       for j, text in ipairs(texts) do
         outputs[g.index[j]] = text

@@ -89,6 +89,24 @@ cut_b:close()
 raises(function() mt.examples(DATA, tok, { format = "preference", rejected_until = "middle" }) end,
        "option 'rejected_until': expected \"end\" or \"first_difference\"")
 
+-- pairs from a model's mistakes: failed answers only, blank ones and repeats left out
+local items = {
+  { system = "S", prompt = "p1", reference = "r1" },
+  { prompt = "p2", reference = "r2" },
+  { prompt = "p3", reference = "r3" },
+  { prompt = "p4", reference = "r4" },
+}
+local seen = {}
+local recs = pref.pairs_from_mistakes(items, { outputs = { "w1", "r2", "  ", "w4" },
+                                              passed = { false, true, false, false } }, seen)
+check(#recs == 2, "two mistakes, found " .. #recs)
+check(recs[1].chosen == "r1" and recs[1].rejected == "w1" and #recs[1].prompt == 2 and
+      recs[1].prompt[1].role == "system" and recs[1].prompt[2].content == "p1", "pair 1: system, prompt, replies")
+check(recs[2].rejected == "w4" and #recs[2].prompt == 1, "pair 2: no system message")
+local again = pref.pairs_from_mistakes(items, { outputs = { "w1", "x", "y", "w4b" },
+                                               passed = { false, false, false, false } }, seen)
+check(#again == 3 and again[1].rejected == "x" and again[3].rejected == "w4b", "a repeated mistake is kept once")
+
 -- bad preference data names file and line
 local bad = TMP .. "/bad.jsonl"
 local f = assert(io.open(bad, "w"))
