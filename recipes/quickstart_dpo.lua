@@ -1,22 +1,27 @@
 -- quickstart_dpo.lua — supervised fine-tuning, then preference training (DPO) on the
 -- quickstart task: SmolLM2-135M-Instruct learns to turn a meeting request into one JSON
 -- line (as recipes/quickstart.lua), then DPO on pairs whose rejected answers are the
--- mistakes such a model still makes (data/quickstart/generate_preferences.py: attendees
--- in request order, 12-hour times, wrong action words, missing fields) pushes it away
--- from them.
+-- mistakes that model makes (afternoon hours, attendees out of order) pushes it away
+-- from them. The pairs are on-policy: the SFT model answers 800 new requests of the task
+-- (data/quickstart/extra.jsonl, none of them in the training or held-out sets), and each
+-- wrong answer becomes a pair with the right one.
 --
 --   moontune run recipes/quickstart_dpo.lua --set model=path/to/model.gguf
 --
 -- Steps:
 --   1. SFT: LoRA, cross-entropy on the replies, as the quickstart (same data, settings
 --      and seed); exact-match accuracy on the held-out requests after it
---   2. the reference: the SFT model's log-probabilities of every training and held-out
+--   2. the pairs: the SFT model's answers to dpo.prompts, greedy; each wrong one a pair
+--      (written to out_dir/dpo/pairs.jsonl). dpo.data = a JSONL file of pairs instead
+--      (data/quickstart/prefs_train.jsonl: scripted mistakes,
+--      data/quickstart/generate_preferences.py)
+--   3. the reference: the SFT model's log-probabilities of every training and held-out
 --      pair, computed once (DPO continues the SFT adapter, so "adapters disabled" would
 --      be the base model, not the SFT model)
---   3. DPO: the same adapter trained on the pairs with the dpo loss; TRL's metrics
+--   4. DPO: the same adapter trained on the pairs with the dpo loss; TRL's metrics
 --      (rewards/accuracies, rewards/margins, ...) on the held-out pairs every eval_every
 --      steps
---   4. after: exact-match accuracy, held-out preference metrics, general-text
+--   5. after: exact-match accuracy, held-out preference metrics, general-text
 --      perplexity against the base model's (the bound: max_general_regression)
 --   The numbers land in out_dir/summary.json; each stage's metrics.jsonl and
 --   checkpoints in out_dir/sft and out_dir/dpo.
@@ -44,7 +49,8 @@ local cfg = mt.config({
   eval_every = 25,
   patience = 2,
   dpo = {
-    data = "data/quickstart/prefs_train.jsonl",
+    data = "onpolicy", -- or a JSONL file of pairs
+    prompts = "data/quickstart/extra.jsonl", -- the requests the on-policy pairs come from
     heldout = "data/quickstart/prefs_heldout.jsonl",
     batch = 4,
     epochs = 1,
@@ -82,7 +88,11 @@ local general = mt.examples(cfg.general, tok, { format = "text", seq_len = cfg.s
 local items = tasks.items(mt.records(cfg.heldout))
 local d = cfg.dpo
 d.seq_len, d.seed, d.max_general_regression = cfg.seq_len, cfg.seed, cfg.max_general_regression
-local pairs, pairs_heldout = pref.examples(mt, tok, d, "quickstart_dpo")
+local onpolicy = d.data == "onpolicy"
+-- read now, so that a bad file stops the run before the SFT stage
+local prompt_items = onpolicy and tasks.items(mt.records(d.prompts)) or nil
+local pairs, pairs_heldout
+if not onpolicy then pairs, pairs_heldout = pref.examples(mt, tok, d, "quickstart_dpo") end
 -- a second copy of the held-out pairs for the reference-free pair accuracy after DPO
 local pairs_probe = mt.examples(d.heldout, tok, { format = "preference", seq_len = cfg.seq_len })
 
@@ -165,12 +175,28 @@ end
 local sft_seconds = mt.now() - t_sft
 local after_sft = task_accuracy("after SFT")
 
--- ---- 2. the reference: the SFT model, computed once ----------------------------------
+-- ---- 2. the pairs: the SFT model's own mistakes ------------------------------------
 local t_dpo = mt.now()
+local n_onpolicy
+if onpolicy then
+  local r = tasks.evaluate(mt, model, tok, prompt_items, { max_new_tokens = cfg.max_new_tokens, batch = cfg.gen_batch })
+  local records = pref.pairs_from_mistakes(prompt_items, r)
+  assert(#records > 0, "quickstart_dpo: the SFT model answered every request of dpo.prompts exactly: no pairs")
+  local lines = {}
+  for i, rec in ipairs(records) do lines[i] = mt.json_encode(rec) end
+  d.data = dpo_out .. "/pairs.jsonl"
+  mt.write_file(d.data, table.concat(lines, "\n") .. "\n")
+  n_onpolicy = { pairs = #records, requests = r.n, accuracy = r.accuracy, seconds = r.seconds }
+  print(string.format("quickstart_dpo: on-policy pairs: the SFT model got %d of %d new requests wrong [%.0f s]; " ..
+                      "%d pairs (blank answers left out) in %s", r.n - r.correct, r.n, r.seconds, #records, d.data))
+  pairs, pairs_heldout = pref.examples(mt, tok, d, "quickstart_dpo")
+end
+
+-- ---- 3. the reference: the SFT model, computed once ----------------------------------
 pref.reference(mt, d, model, { train = pairs, heldout = pairs_heldout }, dpo_out, "quickstart_dpo")
 local probe_before = pair_accuracy("after SFT", pairs_heldout:ref_logps())
 
--- ---- 3. DPO ------------------------------------------------------------------------
+-- ---- 4. DPO ------------------------------------------------------------------------
 -- before it, the policy is the reference: every reward is 0 (rewards/accuracies counts
 -- the pairs whose chosen reward is strictly the higher one: none)
 local dpo = pref.train(mt, d, model, pairs, pairs_heldout, dpo_out, "quickstart_dpo",
@@ -178,7 +204,7 @@ local dpo = pref.train(mt, d, model, pairs, pairs_heldout, dpo_out, "quickstart_
 local dpo_seconds = mt.now() - t_dpo
 local after_pairs = dpo.metrics -- the trainer's evaluation of the model it leaves
 
--- ---- 4. after ----------------------------------------------------------------------
+-- ---- 5. after ----------------------------------------------------------------------
 local after_dpo = task_accuracy("after SFT+DPO")
 mt.reference_logps(model, pairs_probe, { batch = 2 * d.batch, seq_len = cfg.seq_len })
 local probe_after = pair_accuracy("after SFT+DPO", pairs_probe:ref_logps())
@@ -212,7 +238,7 @@ if mt.rank() == 0 then -- one summary per job (data parallel: docs/distributed.m
   f:write(mt.json_encode({
     sft = { accuracy = after_sft.accuracy, general_perplexity = general_sft, steps = sft_steps, seconds = sft_seconds },
     dpo = { accuracy = after_dpo.accuracy, general_perplexity = general_dpo, steps = dpo.steps, seconds = dpo_seconds,
-            heldout_after = after_pairs,
+            heldout_after = after_pairs, onpolicy_pairs = n_onpolicy,
             pair_accuracy_before = probe_before.accuracy, pair_accuracy_after = probe_after.accuracy },
     base = { general_perplexity = general_base }, general_change = change, total_seconds = total,
     peak_memory_bytes = mt.peak_memory(),

@@ -135,18 +135,23 @@ echo "== onpolicy_pairs"
   { cat onp.txt; exit 1; }
 cat onp.txt
 grep -q "^onpolicy_pairs: [1-9][0-9]* pairs in" onp.txt
-# from the first run's SFT adapter, DPO on those pairs: the SFT stage is skipped, the
-# base's perplexity the same
+# from the first run's SFT adapter, DPO on pairs the recipe makes the same way (its
+# default, dpo.data = "onpolicy", from dpo.prompts): the SFT stage is skipped, the base's
+# perplexity the same
 "$moontune" run "$source_dir/recipes/quickstart_dpo.lua" \
   --set model="$fixtures/tiny_chat" \
   --set data="$fixtures/data/tiny_chat_train.jsonl" \
   --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
   --set general="$fixtures/data/text.jsonl" --set sft_adapter=out-qdpo/sft/adapter \
   --set seq_len=128 --set batch=4 --set max_new_tokens=8 \
-  --set dpo.data=out-onp/pairs.jsonl --set dpo.heldout="$prefs" --set dpo.batch=2 --set dpo.max_steps=2 \
+  --set dpo.prompts="$fixtures/data/tiny_chat_train.jsonl" --set dpo.heldout="$prefs" --set dpo.batch=2 \
+  --set dpo.max_steps=2 --set dpo.rejected_until=first_difference --set gen_batch=4 \
   --set out_dir=out-qdpo2 > qdpo2.txt 2>&1 || { cat qdpo2.txt; exit 1; }
 cat qdpo2.txt
 grep -q "^quickstart_dpo: SFT stage skipped" qdpo2.txt
+grep -q "^quickstart_dpo: on-policy pairs: the SFT model got [1-9][0-9]* of 48 new requests wrong .*; [1-9][0-9]* pairs" qdpo2.txt
+# the same greedy answers as onpolicy_pairs.lua's first pass: the same pairs, in order
+head -n "$(wc -l < out-qdpo2/dpo/pairs.jsonl)" out-onp/pairs.jsonl | cmp - out-qdpo2/dpo/pairs.jsonl
 test "$(grep '^base model: general-text perplexity' qdpo.txt)" = "$(grep '^base model: general-text perplexity' qdpo2.txt)"
 test "$(grep '^after SFT: task accuracy' qdpo.txt | cut -d'[' -f1)" = "$(grep '^after SFT: task accuracy' qdpo2.txt | cut -d'[' -f1)"
 for mode in new continue; do
