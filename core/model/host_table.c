@@ -406,6 +406,24 @@ static mt_status host_model_backward_logits(mt_model_handle *h, int row0, int nr
     return st ? st : mt_model_backward_logits(MODEL(h), row0, nrows, dlogits->data, err);
 }
 
+static mt_status host_model_logits_rows(mt_model_handle *h, const int32_t *rows, int nrows,
+                                        mt_tensor *logits, mt_error *err) {
+    mt_status st = logits_arg("model_logits_rows", MODEL(h), nrows, logits, err);
+    if (!st && nrows > 0 && !rows)
+        st = mt_error_set(err, MT_ERR_INVALID_ARG, "model_logits_rows: no row list");
+    return st ? st : mt_model_logits_rows(MODEL(h), rows, nrows, logits->data, err);
+}
+
+static mt_status host_model_backward_logits_rows(mt_model_handle *h, const int32_t *rows,
+                                                 int nrows, const mt_tensor *dlogits,
+                                                 mt_error *err) {
+    mt_status st = logits_arg("model_backward_logits_rows", MODEL(h), nrows, dlogits, err);
+    if (!st && nrows > 0 && !rows)
+        st = mt_error_set(err, MT_ERR_INVALID_ARG, "model_backward_logits_rows: no row list");
+    if (!st) st = mt_host_check("model_backward_logits_rows", err);
+    return st ? st : mt_model_backward_logits_rows(MODEL(h), rows, nrows, dlogits->data, err);
+}
+
 static mt_status host_model_backward(mt_model_handle *h, mt_error *err) {
     return mt_model_backward(MODEL(h), err);
 }
@@ -681,6 +699,8 @@ static const mt_host host_table = {
     .io_get_tensor = host_io_get_tensor,
     .io_set_option = host_io_set_option,
     .model_base_frozen = host_model_base_frozen,
+    .model_logits_rows = host_model_logits_rows,
+    .model_backward_logits_rows = host_model_backward_logits_rows,
 };
 
 const mt_host *mt_host_table(void) { return &host_table; }

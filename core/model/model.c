@@ -257,6 +257,9 @@ static void free_plan(mt_model *m) {
     m->acts = NULL;
     free(m->host_losses);
     m->host_losses = NULL;
+    free(m->host_rows);
+    free(m->host_row_targets);
+    m->host_rows = m->host_row_targets = NULL;
     free(m->host_positions);
     m->host_positions = NULL;
     m->plan_B = m->plan_T = 0;
@@ -653,6 +656,9 @@ static void carve_plan(mt_model *m, mt_carver *cv) {
     m->targets = mt_carve(cv, BT, sizeof(int32_t));
     m->logits_chunk = mt_carve(cv, (size_t)m->plan_chunk * c->vocab_size, f);
     m->chunk_losses = mt_carve(cv, (size_t)m->plan_chunk, f);
+    m->row_index = mt_carve(cv, (size_t)m->plan_chunk, sizeof(int32_t));
+    m->rows_lnf = mt_carve(cv, (size_t)m->plan_chunk * C, f);
+    m->rows_d_lnf = mt_carve(cv, (size_t)m->plan_chunk * C, f);
     m->d_res = mt_carve(cv, BT * C, f);
     m->d_ln = mt_carve(cv, BT * C, f);
     m->d_att = mt_carve(cv, BT * QD, f);
@@ -692,8 +698,10 @@ mt_status mt_model_plan(mt_model *m, int B, int T, int chunk, mt_error *err) {
     m->plan_chunk = chunk;
     m->acts = mt_calloc((size_t)c->num_layers, sizeof *m->acts, "activation table", err);
     m->host_losses = mt_malloc((size_t)chunk * sizeof(float), "loss buffer", err);
+    m->host_rows = mt_malloc((size_t)chunk * sizeof(int32_t), "row buffer", err);
+    m->host_row_targets = mt_malloc((size_t)chunk * sizeof(int32_t), "row buffer", err);
     m->host_positions = mt_malloc((size_t)BT * sizeof(int32_t), "position buffer", err);
-    if (!m->acts || !m->host_losses || !m->host_positions) {
+    if (!m->acts || !m->host_losses || !m->host_positions || !m->host_rows || !m->host_row_targets) {
         free_plan(m);
         return MT_ERR_NOMEM;
     }
@@ -845,6 +853,49 @@ mt_status mt_model_backward_logits(mt_model *m, int row0, int nrows, const float
     return m->num_adapters ? mt_host_check("adapter backward", err) : MT_OK;
 }
 
+/* rows (n <= plan_chunk, each in the last forward's batch) uploaded to m->row_index and
+ * their final-norm outputs gathered into m->rows_lnf. */
+static mt_status gather_rows(mt_model *m, const int32_t *rows, int nrows, mt_error *err) {
+    if (!m->forward_done)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "no forward pass to read logits from");
+    const int BT = m->cur_B * m->cur_T, C = m->cfg.hidden_size;
+    if (nrows < 0 || nrows > m->plan_chunk)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "%d rows at once, more than the plan's %d",
+                            nrows, m->plan_chunk);
+    for (int i = 0; i < nrows; i++)
+        if (rows[i] < 0 || rows[i] >= BT)
+            return mt_error_set(err, MT_ERR_INVALID_ARG, "row %d (entry %d) outside the batch of %d rows",
+                                rows[i], i, BT);
+    if (nrows == 0) return MT_OK;
+    mt_backend *be = m->be;
+    mt_status st = be->ops->upload(be, m->row_index, rows, (size_t)nrows * sizeof(int32_t));
+    if (st) return mt_error_set(err, st, "uploading row indices failed");
+    /* a gather of rows is an embedding lookup with the final-norm outputs as the table */
+    be->ops->embedding_forward(be, m->rows_lnf, m->row_index, m->lnf, nrows, C);
+    return MT_OK;
+}
+
+mt_status mt_model_logits_rows(mt_model *m, const int32_t *rows, int nrows, float *logits,
+                               mt_error *err) {
+    mt_status st = gather_rows(m, rows, nrows, err);
+    if (st || nrows == 0) return st;
+    mt_linear_forward(&m->lm_head, logits, m->rows_lnf, nrows);
+    return m->num_adapters ? mt_host_check("adapter forward", err) : MT_OK;
+}
+
+mt_status mt_model_backward_logits_rows(mt_model *m, const int32_t *rows, int nrows,
+                                        const float *dlogits, mt_error *err) {
+    mt_status st = gather_rows(m, rows, nrows, err);
+    if (st || nrows == 0) return st;
+    mt_backend *be = m->be;
+    const int C = m->cfg.hidden_size;
+    be->ops->zero(be, m->rows_d_lnf, (size_t)nrows * C * sizeof(float));
+    mt_linear_backward(&m->lm_head, m->rows_d_lnf, dlogits, m->rows_lnf, nrows);
+    /* and scattered back: the embedding gradient's accumulation, into d_ln */
+    be->ops->embedding_backward(be, m->d_ln, m->rows_d_lnf, m->row_index, nrows, C);
+    return m->num_adapters ? mt_host_check("adapter backward", err) : MT_OK;
+}
+
 /* The cross-entropy pass; row_logp (B, optional) receives each row's Σ log p(target). */
 static mt_status cross_entropy_pass(mt_model *m, const int32_t *targets, int backward, float *loss,
                                     int64_t *n_targets, double *row_logp, mt_error *err) {
@@ -862,29 +913,35 @@ static mt_status cross_entropy_pass(mt_model *m, const int32_t *targets, int bac
                                 targets[i], i / T, i % T, V);
         count += targets[i] >= 0;
     }
-    mt_status st = be->ops->upload(be, m->targets, targets, (size_t)BT * sizeof(int32_t));
-    if (st) return mt_error_set(err, st, "uploading targets failed");
     double total = 0.0;
     const float dloss = count ? 1.0f / (float)count : 0.0f;
-    for (int r0 = 0; r0 < BT; r0 += m->plan_chunk) {
-        int nr = BT - r0 < m->plan_chunk ? BT - r0 : m->plan_chunk;
-        int any = 0;
-        for (int i = r0; i < r0 + nr && !any; i++) any = targets[i] >= 0;
-        if (!any) continue; /* a fully masked chunk (a prompt) needs no logits at all */
-        mt_model_logits(m, r0, nr, m->logits_chunk, NULL);
-        be->ops->cross_entropy_forward(be, m->chunk_losses, m->logits_chunk, m->targets + r0, nr,
-                                       V, IGNORE_INDEX);
-        if ((st = be->ops->download(be, m->host_losses, m->chunk_losses, (size_t)nr * sizeof(float))))
+    /* the output layer for the rows with a target only, a chunk of them at a time: prompt
+     * tokens need no logits */
+    int n = 0;
+    for (int i = 0; i < BT && count; i++) {
+        if (targets[i] >= 0) {
+            m->host_rows[n] = i;
+            m->host_row_targets[n++] = targets[i];
+        }
+        if (n < m->plan_chunk && !(i == BT - 1 && n > 0)) continue;
+        mt_status st = be->ops->upload(be, m->targets, m->host_row_targets, (size_t)n * sizeof(int32_t));
+        if (st) return mt_error_set(err, st, "uploading targets failed");
+        if ((st = mt_model_logits_rows(m, m->host_rows, n, m->logits_chunk, err))) return st;
+        be->ops->cross_entropy_forward(be, m->chunk_losses, m->logits_chunk, m->targets, n, V,
+                                       IGNORE_INDEX);
+        if ((st = be->ops->download(be, m->host_losses, m->chunk_losses, (size_t)n * sizeof(float))))
             return mt_error_set(err, st, "downloading losses failed");
-        for (int i = 0; i < nr; i++) {
-            total += m->host_losses[i];
-            if (row_logp && targets[r0 + i] >= 0) row_logp[(r0 + i) / T] -= m->host_losses[i];
+        for (int r = 0; r < n; r++) {
+            total += m->host_losses[r];
+            if (row_logp) row_logp[m->host_rows[r] / T] -= m->host_losses[r];
         }
         if (backward) {
-            be->ops->cross_entropy_backward(be, m->logits_chunk, m->logits_chunk, m->targets + r0,
-                                            nr, V, IGNORE_INDEX, dloss);
-            mt_model_backward_logits(m, r0, nr, m->logits_chunk, NULL);
+            be->ops->cross_entropy_backward(be, m->logits_chunk, m->logits_chunk, m->targets, n, V,
+                                            IGNORE_INDEX, dloss);
+            if ((st = mt_model_backward_logits_rows(m, m->host_rows, n, m->logits_chunk, err)))
+                return st;
         }
+        n = 0;
     }
     *loss = count ? (float)(total / (double)count) : 0.0f;
     if (n_targets) *n_targets = count;

@@ -182,6 +182,11 @@ typedef struct mt_model {
     int has_segments;
     float *logits_chunk;  /* (chunk,V) */
     float *chunk_losses;  /* (chunk) */
+    /* the output layer of listed rows only (mt_model_logits_rows): their indices, their
+     * gathered final-norm outputs and those outputs' gradient */
+    int32_t *row_index;   /* (chunk) */
+    float *rows_lnf;      /* (chunk,C) */
+    float *rows_d_lnf;    /* (chunk,C) */
     /* backward scratch shared by all layers */
     float *d_res;   /* (BT,C) gradient of the residual stream */
     float *d_ln;    /* (BT,C) */
@@ -191,6 +196,7 @@ typedef struct mt_model {
     void *att_work;
     float *host_losses;   /* (chunk) host copy of chunk_losses */
     int32_t *host_positions; /* (BT) default positions staged for upload */
+    int32_t *host_rows, *host_row_targets; /* (chunk) the rows with a target of a chunk */
     int cur_B, cur_T;     /* shape of the last forward */
     int forward_done;     /* a forward ran; backward may follow */
     /* the base model's identity as loaded (core/model/model_identity.c), 64 hex digits, or ""
@@ -297,6 +303,13 @@ mt_status mt_model_sequence_logps(mt_model *m, const int32_t *targets, double *r
  * [row0, row0+nrows), for losses that compute their own dlogits. */
 mt_status mt_model_backward_logits(mt_model *m, int row0, int nrows, const float *dlogits,
                                    mt_error *err);
+/* mt_model_logits and mt_model_backward_logits of the listed rows (row = b*T + t of the
+ * last forward; nrows <= the plan's chunk; distinct): the output layer runs for those
+ * rows only, e.g. the rows with a target. */
+mt_status mt_model_logits_rows(mt_model *m, const int32_t *rows, int nrows, float *logits,
+                               mt_error *err);
+mt_status mt_model_backward_logits_rows(mt_model *m, const int32_t *rows, int nrows,
+                                        const float *dlogits, mt_error *err);
 /* Back-propagates from the final hidden gradient to every trainable parameter
  * (and the input gradients of every frozen layer); resets the hidden gradient. */
 mt_status mt_model_backward(mt_model *m, mt_error *err);

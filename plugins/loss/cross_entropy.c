@@ -25,7 +25,12 @@
  * (c0, c1, c2) = dloss * ((1 + 2 z lse), -eps/V, -(1-eps)), zero for rows without a
  * target, uploaded as an (n,3) tensor; host->softmax_backward turns the logits in
  * place into d loss / d logits, which go back to the model. The chunk tensors are
- * allocated on the model's device on first use and grown when a plan needs more rows. */
+ * allocated on the model's device on first use and grown when a plan needs more rows.
+ *
+ * Only rows with a target reach the output layer: the chunks are lists of such rows
+ * (host->model_logits_rows), so prompt tokens, often more than half of an SFT batch,
+ * cost no logits forward or backward. A host without that slot gets contiguous chunks,
+ * of which fully masked ones are skipped. */
 #include <math.h>
 #include <moontune/plugin.h>
 #include <stddef.h>
@@ -84,13 +89,17 @@ typedef struct ce_sums {
     double loss, nll, z;
 } ce_sums;
 
-/* One chunk of n rows from row0: logits, the row statistics, the sums and, with
- * backward, d loss / d logits into the model. */
+/* One chunk of n rows (from row0, or ch->h_rows when by_rows) of the batch's targets:
+ * logits, the row statistics, the sums and, with backward, d loss / d logits into the
+ * model. */
 static mt_status ce_chunk(ce_state *s, mt_model_handle *model, const int32_t *targets, int row0,
                           int n, int V, int backward, double dloss, ce_sums *sums, mt_error *err) {
     const double eps = s->label_smoothing, z = s->z_loss;
     loss_chunk *ch = &s->chunk;
-    for (int r = 0; r < n; r++) ch->h_targets[r] = is_target(s, targets[r]) ? targets[r] : -1;
+    for (int r = 0; r < n; r++) {
+        const int32_t t = targets[ch->by_rows ? ch->h_rows[r] : row0 + r];
+        ch->h_targets[r] = is_target(s, t) ? t : -1;
+    }
     mt_status st = loss_chunk_stats(host, ch, model, row0, n, eps > 0, 1.0f, err);
     if (st) return st;
     for (int r = 0; r < n; r++) {
@@ -147,12 +156,23 @@ static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch 
         return st;
     const double dloss = count ? 1.0 / norm : 0.0;
     ce_sums sums = {0, 0, 0};
-    for (int r0 = 0; r0 < rows && count; r0 += chunk) {
+    s->chunk.by_rows = loss_host_has_rows(host);
+    if (s->chunk.by_rows) {
+        int n = 0;
+        for (int i = 0; i < rows && count; i++) {
+            if (is_target(s, batch->targets[i])) s->chunk.h_rows[n++] = i;
+            if ((n == chunk || (i == rows - 1 && n > 0)) &&
+                (st = ce_chunk(s, model, batch->targets, 0, n, V, backward, dloss, &sums, err)))
+                return st;
+            if (n == chunk) n = 0;
+        }
+    }
+    for (int r0 = 0; r0 < rows && count && !s->chunk.by_rows; r0 += chunk) {
         int n = rows - r0 < chunk ? rows - r0 : chunk;
         int any = 0;
         for (int i = r0; i < r0 + n && !any; i++) any = is_target(s, batch->targets[i]);
         if (!any) continue; /* a masked prompt needs no logits */
-        if ((st = ce_chunk(s, model, batch->targets + r0, r0, n, V, backward, dloss, &sums, err)))
+        if ((st = ce_chunk(s, model, batch->targets, r0, n, V, backward, dloss, &sums, err)))
             return st;
     }
     if (backward && (st = host->model_backward(model, err))) return st;

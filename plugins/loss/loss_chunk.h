@@ -5,7 +5,11 @@
  * host->softmax_stats reduce each row to lse, the target's logit and (when asked) the
  * mean logit, and downloads those n-row vectors. Backward is three coefficients per row
  * for host->softmax_backward. The tensors live on the model's device and are kept while
- * they fit. Header-only, so each plugin stays one shared object built from its folder. */
+ * they fit. Header-only, so each plugin stays one shared object built from its folder.
+ *
+ * A chunk is rows [row0, row0+n) of the batch, or, with by_rows set, the n rows listed
+ * in h_rows (host->model_logits_rows, where the host has it): a loss that lists the rows
+ * with a target runs the output layer for those only. */
 #ifndef MT_PLUGINS_LOSS_CHUNK_H
 #define MT_PLUGINS_LOSS_CHUNK_H
 
@@ -21,6 +25,8 @@ typedef struct loss_chunk {
     mt_tensor lse, target_logit, mean_logit; /* (cap) F32 */
     mt_tensor coefs;                         /* (cap,3) F32 */
     /* host copies of one chunk's per-row vectors */
+    int32_t *h_rows; /* (cap) the chunk's batch rows when by_rows */
+    int by_rows;
     int32_t *h_targets;
     float *h_lse, *h_target_logit, *h_mean_logit, *h_coefs;
 } loss_chunk;
@@ -32,12 +38,13 @@ static inline void loss_chunk_free(const mt_host *host, loss_chunk *c) {
     host->tensor_free(&c->target_logit);
     host->tensor_free(&c->mean_logit);
     host->tensor_free(&c->coefs);
+    host->free(c->h_rows);
     host->free(c->h_targets);
     host->free(c->h_lse);
     host->free(c->h_target_logit);
     host->free(c->h_mean_logit);
     host->free(c->h_coefs);
-    c->h_targets = NULL;
+    c->h_targets = c->h_rows = NULL;
     c->h_lse = c->h_target_logit = c->h_mean_logit = c->h_coefs = NULL;
     c->cap = 0;
 }
@@ -60,12 +67,13 @@ static inline mt_status loss_chunk_reserve(const mt_host *host, loss_chunk *c, m
         loss_chunk_free(host, c);
         return st;
     }
+    c->h_rows = host->alloc((size_t)rows * sizeof(int32_t));
     c->h_targets = host->alloc((size_t)rows * sizeof(int32_t));
     c->h_lse = host->alloc((size_t)rows * sizeof(float));
     c->h_target_logit = host->alloc((size_t)rows * sizeof(float));
     c->h_mean_logit = host->alloc((size_t)rows * sizeof(float));
     c->h_coefs = host->alloc((size_t)rows * 3 * sizeof(float));
-    if (!c->h_targets || !c->h_lse || !c->h_target_logit || !c->h_mean_logit || !c->h_coefs) {
+    if (!c->h_rows || !c->h_targets || !c->h_lse || !c->h_target_logit || !c->h_mean_logit || !c->h_coefs) {
         loss_chunk_free(host, c);
         return host->error(err, MT_ERR_NOMEM, "%s: out of memory for %d rows", who, rows);
     }
@@ -80,7 +88,8 @@ static inline mt_status loss_chunk_reserve(const mt_host *host, loss_chunk *c, m
 static inline mt_status loss_chunk_logits(const mt_host *host, loss_chunk *c, mt_model_handle *model,
                                           int row0, int n, float logit_scale, mt_error *err) {
     mt_tensor logits = mt_tensor_rows(&c->logits, 0, n);
-    mt_status st = host->model_logits(model, row0, n, &logits, err);
+    mt_status st = c->by_rows ? host->model_logits_rows(model, c->h_rows, n, &logits, err)
+                              : host->model_logits(model, row0, n, &logits, err);
     if (!st && logit_scale != 1.0f) host->axpby(&logits, logit_scale, &logits, 0.0f);
     return st;
 }
@@ -118,7 +127,8 @@ static inline mt_status loss_chunk_backward(const mt_host *host, loss_chunk *c,
     mt_status st = host->tensor_upload(&coefs, c->h_coefs, err);
     if (st) return st;
     host->softmax_backward(&logits, &lse, &tgt, &coefs);
-    return host->model_backward_logits(model, row0, n, &logits, err);
+    return c->by_rows ? host->model_backward_logits_rows(model, c->h_rows, n, &logits, err)
+                      : host->model_backward_logits(model, row0, n, &logits, err);
 }
 
 /* loss_chunk_backward for a loss that ran the model more than once (a reference pass,
@@ -132,6 +142,12 @@ static inline mt_status loss_chunk_backward_again(const mt_host *host, loss_chun
     if (!st) st = host->tensor_upload(&tgt, c->h_targets, err);
     if (!st) st = host->tensor_upload(&lse_t, lse, err);
     return st ? st : loss_chunk_backward(host, c, model, row0, n, err);
+}
+
+/* Whether the host can run the output layer for listed rows (model_logits_rows). */
+static inline int loss_host_has_rows(const mt_host *host) {
+    return host->size >= offsetof(mt_host, model_backward_logits_rows) +
+                             sizeof host->model_backward_logits_rows;
 }
 
 /* Whether any of n rows' targets is one (>= 0): a chunk without any needs no logits. */

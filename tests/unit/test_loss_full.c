@@ -261,6 +261,80 @@ static void test_step_items_normalisation(void **state) {
     teardown(&f);
 }
 
+/* The cross-entropy of masked targets the naive way, row by row through the contiguous
+ * calls (mt_model_logits of one row, log-softmax in double here, d loss / d logits back
+ * through mt_model_backward_logits): the reference for the row lists. CPU backend. */
+static double naive_cross_entropy(fixture *f, const int32_t *targets) {
+    const int V = f->model->cfg.vocab_size, BT = f->B * f->T;
+    mt_error err = {0};
+    int count = 0;
+    for (int i = 0; i < BT; i++) count += targets[i] >= 0;
+    float *logits = malloc((size_t)V * sizeof(float));
+    assert_non_null(logits);
+    mt_model_zero_grad(f->model);
+    if (mt_model_forward(f->model, f->tokens, NULL, NULL, f->B, f->T, &err)) fail_msg("%s", err.msg);
+    double loss = 0.0;
+    for (int i = 0; i < BT; i++) {
+        if (targets[i] < 0) continue;
+        if (mt_model_logits(f->model, i, 1, logits, &err)) fail_msg("%s", err.msg);
+        double mx = logits[0], sum = 0.0;
+        for (int j = 1; j < V; j++) mx = logits[j] > mx ? logits[j] : mx;
+        for (int j = 0; j < V; j++) sum += exp(logits[j] - mx);
+        const double lse = mx + log(sum);
+        loss += lse - logits[targets[i]];
+        for (int j = 0; j < V; j++)
+            logits[j] = (float)((exp(logits[j] - lse) - (j == targets[i])) / count);
+        if (mt_model_backward_logits(f->model, i, 1, logits, &err)) fail_msg("%s", err.msg);
+    }
+    if (mt_model_backward(f->model, &err)) fail_msg("%s", err.msg);
+    free(logits);
+    return loss / count;
+}
+
+/* The output layer runs for the rows with a target only, listed across the batch's rows
+ * (host->model_logits_rows in the plugin, mt_model_logits_rows in the core's own
+ * cross-entropy). A batch masked like prompts (the first 7 positions of each row, 10 of
+ * the 24 positions left) with a chunk of 5 rows: both give the naive row-by-row loss and
+ * the same gradient of every parameter, the tied embedding / output layer included. */
+static void test_target_rows_match_naive(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, GQA_DIR "/reference.safetensors", NULL, 0, NULL, 0);
+    int32_t masked[64];
+    int n_on = 0;
+    for (int i = 0; i < f.B * f.T; i++) {
+        masked[i] = i % f.T < 7 ? -100 : f.targets[i] >= 0 ? f.targets[i] : (i * 7) % 100;
+        n_on += masked[i] >= 0;
+    }
+    assert_int_equal(n_on, 10);
+    size_t n;
+    const double naive = naive_cross_entropy(&f, masked);
+    float *g_naive = all_grads(&f, &n);
+    mt_loss_result r = run_loss(&f, masked, 1);
+    float *g_plugin = all_grads(&f, &n);
+    mt_error err = {0};
+    float core_loss;
+    int64_t core_count;
+    mt_model_zero_grad(f.model);
+    if (mt_model_forward(f.model, f.tokens, NULL, NULL, f.B, f.T, &err) ||
+        mt_model_cross_entropy(f.model, masked, 1, &core_loss, &core_count, &err) ||
+        mt_model_backward(f.model, &err))
+        fail_msg("%s", err.msg);
+    float *g_core = all_grads(&f, &n);
+    const double e_plugin = mt_test_rel_err(g_plugin, g_naive, n), e_core = mt_test_rel_err(g_core, g_naive, n);
+    printf("target rows: naive loss %.9g, plugin %.9g, core %.9g; gradients rel err %.3g, %.3g\n", naive,
+           r.loss, core_loss, e_plugin, e_core);
+    assert_int_equal(r.n_tokens, 10);
+    assert_int_equal(core_count, 10);
+    assert_true(fabs(r.loss - naive) <= 1e-6 * naive);
+    assert_true(fabs(core_loss - naive) <= 1e-6 * naive);
+    assert_true(e_plugin <= 1e-5 && e_core <= 1e-5);
+    free(g_naive);
+    free(g_plugin);
+    free(g_core);
+    teardown(&f);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_plain_cross_entropy_full_model),
@@ -268,6 +342,7 @@ int main(void) {
         cmocka_unit_test(test_full_adapter_selected_modules),
         cmocka_unit_test(test_ignore_index_option),
         cmocka_unit_test(test_step_items_normalisation),
+        cmocka_unit_test(test_target_rows_match_naive),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -394,6 +394,13 @@ typedef struct mt_host {
     /* 1 when no base parameter is trainable (only adapters train), so that the model with
      * adapters disabled is a fixed reference (DPO, GRPO's KL); 0 otherwise. */
     int (*model_base_frozen)(const mt_model_handle *model);
+    /* model_logits and model_backward_logits of the listed rows (row = b*T + t; at most
+     * model_chunk_rows of them; distinct), so that a loss runs the output layer for the
+     * rows with a target only: prompt tokens need no logits. */
+    mt_status (*model_logits_rows)(mt_model_handle *model, const int32_t *rows, int nrows,
+                                   mt_tensor *logits, mt_error *err);
+    mt_status (*model_backward_logits_rows)(mt_model_handle *model, const int32_t *rows,
+                                            int nrows, const mt_tensor *dlogits, mt_error *err);
 } mt_host;
 
 /* ---- the four kinds ------------------------------------------------------ */
