@@ -97,7 +97,7 @@ static mt_status ce_chunk(ce_state *s, mt_model_handle *model, const int32_t *ta
     const double eps = s->label_smoothing, z = s->z_loss;
     loss_chunk *ch = &s->chunk;
     for (int r = 0; r < n; r++) {
-        const int32_t t = targets[ch->by_rows ? ch->h_rows[r] : row0 + r];
+        const int32_t t = targets[loss_chunk_row(ch, row0, r)];
         ch->h_targets[r] = is_target(s, t) ? t : -1;
     }
     mt_status st = loss_chunk_stats(host, ch, model, row0, n, eps > 0, 1.0f, err);
@@ -156,25 +156,10 @@ static mt_status ce_compute(void *state, mt_model_handle *model, const mt_batch 
         return st;
     const double dloss = count ? 1.0 / norm : 0.0;
     ce_sums sums = {0, 0, 0};
-    s->chunk.by_rows = loss_host_has_rows(host);
-    if (s->chunk.by_rows) {
-        int n = 0;
-        for (int i = 0; i < rows && count; i++) {
-            if (is_target(s, batch->targets[i])) s->chunk.h_rows[n++] = i;
-            if ((n == chunk || (i == rows - 1 && n > 0)) &&
-                (st = ce_chunk(s, model, batch->targets, 0, n, V, backward, dloss, &sums, err)))
-                return st;
-            if (n == chunk) n = 0;
-        }
-    }
-    for (int r0 = 0; r0 < rows && count && !s->chunk.by_rows; r0 += chunk) {
-        int n = rows - r0 < chunk ? rows - r0 : chunk;
-        int any = 0;
-        for (int i = r0; i < r0 + n && !any; i++) any = is_target(s, batch->targets[i]);
-        if (!any) continue; /* a masked prompt needs no logits */
-        if ((st = ce_chunk(s, model, batch->targets, r0, n, V, backward, dloss, &sums, err)))
+    int pos = 0, row0, n;
+    while (count && (n = loss_chunk_next(&s->chunk, batch->targets, s->ignore_index, rows, chunk, &pos, &row0)) > 0)
+        if ((st = ce_chunk(s, model, batch->targets, row0, n, V, backward, dloss, &sums, err)))
             return st;
-    }
     if (backward && (st = host->model_backward(model, err))) return st;
     const uint32_t size = result->size;
     memset(result, 0, sizeof *result);

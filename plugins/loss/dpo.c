@@ -212,17 +212,19 @@ static mt_status dpo_logps(dpo_state *s, mt_model_handle *model, const mt_batch 
     if (st) return st;
     const int rows = batch->B * batch->T, chunk = host->model_chunk_rows(model);
     for (int b = 0; b < batch->B; b++) logp[b] = 0.0;
-    for (int r0 = 0; r0 < rows; r0 += chunk) {
-        const int n = rows - r0 < chunk ? rows - r0 : chunk;
-        const int32_t *targets = batch->targets + r0;
-        if (!loss_rows_have_target(targets, n)) continue; /* prompts need no logits */
-        loss_chunk *ch = &s->chunk;
-        for (int r = 0; r < n; r++) ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
+    loss_chunk *ch = &s->chunk;
+    int pos = 0, r0, n;
+    while ((n = loss_chunk_next(ch, batch->targets, -1, rows, chunk, &pos, &r0)) > 0) {
+        for (int r = 0; r < n; r++) {
+            const int32_t t = batch->targets[loss_chunk_row(ch, r0, r)];
+            ch->h_targets[r] = t >= 0 ? t : -1;
+        }
         if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, 1.0f, err))) return st;
         for (int r = 0; r < n; r++) {
-            if (targets[r] < 0) continue;
-            logp[(r0 + r) / batch->T] += (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
-            if (keep_lse) s->row_lse[r0 + r] = ch->h_lse[r];
+            const int row = loss_chunk_row(ch, r0, r);
+            if (batch->targets[row] < 0) continue;
+            logp[row / batch->T] += (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
+            if (keep_lse) s->row_lse[row] = ch->h_lse[r];
         }
     }
     return MT_OK;
@@ -260,22 +262,21 @@ static mt_status dpo_backward(dpo_state *s, mt_model_handle *model, const mt_bat
                               double nll_coef, mt_error *err) {
     const int rows = batch->B * batch->T, chunk = host->model_chunk_rows(model);
     mt_status st = MT_OK;
-    for (int r0 = 0; r0 < rows; r0 += chunk) {
-        const int n = rows - r0 < chunk ? rows - r0 : chunk;
-        const int32_t *targets = batch->targets + r0;
-        if (!loss_rows_have_target(targets, n)) continue;
-        loss_chunk *ch = &s->chunk;
+    loss_chunk *ch = &s->chunk;
+    int pos = 0, r0, n;
+    while ((n = loss_chunk_next(ch, batch->targets, -1, rows, chunk, &pos, &r0)) > 0) {
         for (int r = 0; r < n; r++) {
-            const int b = (r0 + r) / batch->T;
+            const int row = loss_chunk_row(ch, r0, r), b = row / batch->T;
             float *c = ch->h_coefs + (size_t)r * 3;
-            ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
+            ch->h_targets[r] = batch->targets[row] >= 0 ? batch->targets[row] : -1;
+            ch->h_lse[r] = s->row_lse[row];
             const double g = ch->h_targets[r] < 0 ? 0.0 : s->grad[b] - (b % 2 ? 0.0 : nll_coef);
             c[0] = (float)-g;
             c[1] = 0.0f;
             c[2] = (float)g;
         }
         /* the chunk's logits again, with the policy pass' targets and lse */
-        if ((st = loss_chunk_backward_again(host, ch, model, r0, n, s->row_lse + r0, 1.0f, err)))
+        if ((st = loss_chunk_backward_again(host, ch, model, r0, n, ch->h_lse, 1.0f, err)))
             return st;
     }
     return host->model_backward(model, err);

@@ -237,16 +237,18 @@ static mt_status grpo_logps(grpo_state *s, mt_model_handle *model, const mt_batc
     if (st) return st;
     const int rows = batch->B * batch->T, chunk = host->model_chunk_rows(model);
     loss_chunk *ch = &s->chunk;
-    for (int r0 = 0; r0 < rows; r0 += chunk) {
-        const int n = rows - r0 < chunk ? rows - r0 : chunk;
-        const int32_t *targets = batch->targets + r0;
-        if (!loss_rows_have_target(targets, n)) continue; /* prompts need no logits */
-        for (int r = 0; r < n; r++) ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
+    int pos = 0, r0, n;
+    while ((n = loss_chunk_next(ch, batch->targets, -1, rows, chunk, &pos, &r0)) > 0) {
+        for (int r = 0; r < n; r++) {
+            const int32_t t = batch->targets[loss_chunk_row(ch, r0, r)];
+            ch->h_targets[r] = t >= 0 ? t : -1;
+        }
         if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, logit_scale(s), err))) return st;
         for (int r = 0; r < n; r++) {
-            if (targets[r] < 0) continue;
-            logp[r0 + r] = (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
-            if (keep_lse) s->row_lse[r0 + r] = ch->h_lse[r];
+            const int row = loss_chunk_row(ch, r0, r);
+            if (batch->targets[row] < 0) continue;
+            logp[row] = (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
+            if (keep_lse) s->row_lse[row] = ch->h_lse[r];
         }
     }
     return MT_OK;
@@ -261,20 +263,20 @@ static mt_status grpo_backward(grpo_state *s, mt_model_handle *model, const mt_b
     const double inv_t = 1.0 / s->temperature;
     loss_chunk *ch = &s->chunk;
     mt_status st = MT_OK;
-    for (int r0 = 0; r0 < rows; r0 += chunk) {
-        const int n = rows - r0 < chunk ? rows - r0 : chunk;
-        const int32_t *targets = batch->targets + r0;
-        if (!loss_rows_have_target(targets, n)) continue;
+    int pos = 0, r0, n;
+    while ((n = loss_chunk_next(ch, batch->targets, -1, rows, chunk, &pos, &r0)) > 0) {
         for (int r = 0; r < n; r++) {
+            const int row = loss_chunk_row(ch, r0, r);
             float *c = ch->h_coefs + (size_t)r * 3;
-            ch->h_targets[r] = targets[r] >= 0 ? targets[r] : -1;
-            const double g = targets[r] >= 0 ? s->grad[r0 + r] * inv_t : 0.0;
+            ch->h_targets[r] = batch->targets[row] >= 0 ? batch->targets[row] : -1;
+            ch->h_lse[r] = s->row_lse[row];
+            const double g = batch->targets[row] >= 0 ? s->grad[row] * inv_t : 0.0;
             c[0] = (float)-g;
             c[1] = 0.0f;
             c[2] = (float)g;
         }
         /* the chunk's scaled logits again, with the policy pass' targets and lse */
-        if ((st = loss_chunk_backward_again(host, ch, model, r0, n, s->row_lse + r0, logit_scale(s), err)))
+        if ((st = loss_chunk_backward_again(host, ch, model, r0, n, ch->h_lse, logit_scale(s), err)))
             return st;
     }
     return host->model_backward(model, err);

@@ -31,6 +31,12 @@ typedef struct loss_chunk {
     float *h_lse, *h_target_logit, *h_mean_logit, *h_coefs;
 } loss_chunk;
 
+/* Whether the host can run the output layer for listed rows (model_logits_rows). */
+static inline int loss_host_has_rows(const mt_host *host) {
+    return host->size >= offsetof(mt_host, model_backward_logits_rows) +
+                             sizeof host->model_backward_logits_rows;
+}
+
 static inline void loss_chunk_free(const mt_host *host, loss_chunk *c) {
     host->tensor_free(&c->logits);
     host->tensor_free(&c->targets);
@@ -54,6 +60,7 @@ static inline void loss_chunk_free(const mt_host *host, loss_chunk *c) {
  * in the out-of-memory message. */
 static inline mt_status loss_chunk_reserve(const mt_host *host, loss_chunk *c, mt_device device,
                                            int rows, int V, const char *who, mt_error *err) {
+    c->by_rows = loss_host_has_rows(host);
     if (c->cap >= rows && c->V == V && c->device == device) return MT_OK;
     loss_chunk_free(host, c);
     const int64_t shape_logits[2] = {rows, V}, shape_rows[1] = {rows}, shape_coefs[2] = {rows, 3};
@@ -144,17 +151,39 @@ static inline mt_status loss_chunk_backward_again(const mt_host *host, loss_chun
     return st ? st : loss_chunk_backward(host, c, model, row0, n, err);
 }
 
-/* Whether the host can run the output layer for listed rows (model_logits_rows). */
-static inline int loss_host_has_rows(const mt_host *host) {
-    return host->size >= offsetof(mt_host, model_backward_logits_rows) +
-                             sizeof host->model_backward_logits_rows;
-}
-
 /* Whether any of n rows' targets is one (>= 0): a chunk without any needs no logits. */
 static inline int loss_rows_have_target(const int32_t *targets, int n) {
     for (int r = 0; r < n; r++)
         if (targets[r] >= 0) return 1;
     return 0;
+}
+
+/* The next chunk of a walk over a batch's rows (targets: B·T; < 0 or `ignore` = none;
+ * start with *pos = 0); returns its row count, 0 at the end. With by_rows: up to `chunk`
+ * rows with a target, listed in c->h_rows. Without: the next contiguous chunk from *row0
+ * that holds a target. Chunk row r is batch row loss_chunk_row(c, *row0, r). */
+static inline int loss_chunk_next(loss_chunk *c, const int32_t *targets, int32_t ignore, int rows,
+                                  int chunk, int *pos, int *row0) {
+    *row0 = 0;
+    if (c->by_rows) {
+        int n = 0;
+        for (; *pos < rows && n < chunk; (*pos)++)
+            if (targets[*pos] >= 0 && targets[*pos] != ignore) c->h_rows[n++] = *pos;
+        return n;
+    }
+    while (*pos < rows) {
+        const int r0 = *pos, n = rows - r0 < chunk ? rows - r0 : chunk;
+        *pos += n;
+        if (loss_rows_have_target(targets + r0, n)) {
+            *row0 = r0;
+            return n;
+        }
+    }
+    return 0;
+}
+
+static inline int loss_chunk_row(const loss_chunk *c, int row0, int r) {
+    return c->by_rows ? c->h_rows[r] : row0 + r;
 }
 
 /* The batch's ABI 2 fields that a host of an earlier ABI 2 build may not carry. */
