@@ -14,6 +14,7 @@
 const mt_int_limit MT_LIMIT_SEQ_LEN = {"seq_len", 2, 1 << 20};
 const mt_int_limit MT_LIMIT_BATCH = {"batch", 1, 65536};
 const mt_int_limit MT_LIMIT_MAX_NEW_TOKENS = {"max_new_tokens", 0, 1 << 20};
+const mt_int_limit MT_LIMIT_PROMPT_TOKENS = {"prompt", 0, 1 << 20};
 const mt_int_limit MT_LIMIT_TOP_K = {"top_k", 0, INT32_MAX};
 const mt_int_limit MT_LIMIT_THREADS = {"threads", 0, 1024};
 const mt_int_limit MT_LIMIT_GENERATE_SLOTS = {"batch", 1, 4096};

@@ -25,6 +25,7 @@ typedef struct mt_real_limit {
 extern const mt_int_limit MT_LIMIT_SEQ_LEN;        /* 2 .. 1048576 tokens per row */
 extern const mt_int_limit MT_LIMIT_BATCH;          /* 1 .. 65536 rows */
 extern const mt_int_limit MT_LIMIT_MAX_NEW_TOKENS; /* 0 .. 1048576 */
+extern const mt_int_limit MT_LIMIT_PROMPT_TOKENS;   /* 0 .. 1048576 tokens without a target */
 extern const mt_int_limit MT_LIMIT_TOP_K;          /* 0 (off) .. 2^31-1 */
 extern const mt_int_limit MT_LIMIT_THREADS;        /* 0 (default) .. 1024 */
 extern const mt_int_limit MT_LIMIT_GENERATE_SLOTS; /* 1 .. 4096 sequences decoded together */

@@ -79,6 +79,10 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     if (opt->batch <= 0 || opt->seq <= 0 || opt->steps <= 0 || opt->warmup < 0)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
                             "batch, seq and steps must be positive, warmup non-negative");
+    if (opt->prompt < 0 || opt->prompt >= opt->seq)
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "--prompt %d: a prompt must leave targets in a row of %d tokens",
+                            opt->prompt, opt->seq);
     /* the adapter is attached after the model, to report the memory it adds */
     const mt_session_options so = {.device = opt->device, .threads = opt->threads,
                                    .config = &cfg, .random_seed = 1234, .random_std = 0.02f};
@@ -104,15 +108,18 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
         tokens[i] = (int32_t)((s >> 33) % (uint64_t)cfg.vocab_size);
     }
     for (size_t i = 0; i < BT; i++)
-        targets[i] = (i + 1) % (size_t)opt->seq ? tokens[i + 1] : -100;
+        targets[i] = (i + 1) % (size_t)opt->seq && i % (size_t)opt->seq >= (size_t)opt->prompt
+                         ? tokens[i + 1] : -100;
     double linear, attention;
     mt_model_forward_flops(&cfg, opt->batch, opt->seq, &linear, &attention);
     char threads[32] = ""; /* the thread count means something on the CPU only */
     if (ses->be.device == MT_DEVICE_CPU)
         snprintf(threads, sizeof threads, "%d threads ", ses->be.num_threads);
-    printf("moontune bench: %s, %zu parameters, batch %d x sequence %d, %s(%s backend)\n",
+    char prompt[48] = "";
+    if (opt->prompt > 0) snprintf(prompt, sizeof prompt, " (prompt %d: no target)", opt->prompt);
+    printf("moontune bench: %s, %zu parameters, batch %d x sequence %d%s, %s(%s backend)\n",
            opt->config_path ? opt->config_path : opt->shape, mt_config_num_params(&cfg), opt->batch,
-           opt->seq, threads, ses->device);
+           opt->seq, prompt, threads, ses->device);
     printf("forward: %.2f GFLOP (linear %.2f, attention %.2f); parameters %.1f MiB, "
            "activations %.1f MiB\n",
            (linear + attention) * 1e-9, linear * 1e-9, attention * 1e-9,

@@ -14,6 +14,7 @@ typedef struct mt_bench_options {
     const char *shape;       /* "tiny", "smollm2-135m", "llama-1b"; or NULL with config_path */
     const char *config_path; /* a config.json */
     int batch, seq, steps, warmup, threads;
+    int prompt; /* the first `prompt` positions of each row have no target */
     const char *device; /* "cpu", "cuda" or NULL for the default (store/session.h) */
     mt_bench_mode mode;
     /* an adapter plugin to attach (e.g. "lora", "qlora") instead of the modes above */

@@ -23,6 +23,8 @@ static void usage(FILE *out) {
             "  --config PATH    a Hugging Face config.json instead of a named shape\n"
             "  --batch N        rows per batch, per rank under mpirun    (default 4)\n"
             "  --seq N          tokens per row                          (default 256)\n"
+            "  --prompt N       the first N tokens of each row have no target, as a\n"
+            "                   prompt (tokens/s still counts them)     (default 0)\n"
             "  --mode MODE      frozen (input gradients only) | full (every weight\n"
             "                   trainable) | both                       (default both)\n"
             "  --steps N        timed steps                             (default 3)\n"
@@ -35,7 +37,7 @@ static void usage(FILE *out) {
 }
 
 enum { OPT_SHAPE = 256, OPT_CONFIG, OPT_MODE, OPT_BATCH, OPT_SEQ, OPT_STEPS, OPT_WARMUP,
-       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION };
+       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION, OPT_PROMPT };
 
 static const struct option options[] = {
     {"help", no_argument, NULL, MT_CLI_HELP},
@@ -44,6 +46,7 @@ static const struct option options[] = {
     {"mode", required_argument, NULL, OPT_MODE},
     {"batch", required_argument, NULL, OPT_BATCH},
     {"seq", required_argument, NULL, OPT_SEQ},
+    {"prompt", required_argument, NULL, OPT_PROMPT},
     {"steps", required_argument, NULL, OPT_STEPS},
     {"warmup", required_argument, NULL, OPT_WARMUP},
     {"threads", required_argument, NULL, OPT_THREADS},
@@ -59,6 +62,7 @@ int mt_cmd_bench(int argc, char **argv) {
     const mt_cli_number numbers[] = {
         {OPT_BATCH, MT_CLI_INT, &MT_LIMIT_BATCH, &opt.batch},
         {OPT_SEQ, MT_CLI_INT, &MT_LIMIT_SEQ_LEN, &opt.seq},
+        {OPT_PROMPT, MT_CLI_INT, &MT_LIMIT_PROMPT_TOKENS, &opt.prompt},
         {OPT_STEPS, MT_CLI_INT, &MT_LIMIT_BENCH_STEPS, &opt.steps},
         {OPT_WARMUP, MT_CLI_INT, &MT_LIMIT_BENCH_WARMUP, &opt.warmup},
         {OPT_THREADS, MT_CLI_INT, &MT_LIMIT_THREADS, &opt.threads},
