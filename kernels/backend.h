@@ -189,6 +189,15 @@ struct mt_backend {
 mt_status mt_backend_cpu_init(mt_backend *be, int num_threads, mt_error *err);
 void mt_backend_cpu_shutdown(mt_backend *be);
 
+/* The OpenBLAS kernels in use ("SkylakeX", "Haswell", "Prescott", ...:
+ * openblas_get_corename). */
+const char *mt_cpu_blas_core(void);
+/* The OPENBLAS_CORETYPE this CPU should run when OpenBLAS chose a core of CPUs without
+ * AVX2 (an OpenBLAS older than the CPU), else NULL (kernels/cpu/cpu_blas_core.c). */
+const char *mt_cpu_blas_better_core(void);
+/* The same decision from a core name and the CPU's features, for tests. */
+const char *mt_cpu_blas_core_for(const char *current, int avx2_fma, int avx512, int avx512_bf16);
+
 /* The counter-based uniform stream of the plugin ABI (host->random_uniform): the seed
  * mixed, then mixed with the counter; 24 bits, exactly representable, in [0, 1).
  * Inline so that every backend's dropout draws the same numbers. */

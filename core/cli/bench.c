@@ -112,9 +112,10 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
                          ? tokens[i + 1] : -100;
     double linear, attention;
     mt_model_forward_flops(&cfg, opt->batch, opt->seq, &linear, &attention);
-    char threads[32] = ""; /* the thread count means something on the CPU only */
+    char threads[96] = ""; /* the thread count and BLAS kernels mean something on the CPU only */
     if (ses->be.device == MT_DEVICE_CPU)
-        snprintf(threads, sizeof threads, "%d threads ", ses->be.num_threads);
+        snprintf(threads, sizeof threads, "%d threads, OpenBLAS %s kernels ", ses->be.num_threads,
+                 mt_cpu_blas_core());
     char prompt[48] = "";
     if (opt->prompt > 0) snprintf(prompt, sizeof prompt, " (prompt %d: no target)", opt->prompt);
     printf("moontune bench: %s, %zu parameters, batch %d x sequence %d%s, %s(%s backend)\n",

@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cmd_bench.h"
 #include "cli/cmd_data.h"
@@ -12,6 +13,7 @@
 #include "cli/cmd_plugins.h"
 #include "cli/cmd_run.h"
 #include "dist/dist.h"
+#include "backend.h"
 #include "moontune/moontune.h"
 
 static void usage(FILE *out) {
@@ -55,7 +57,20 @@ static int data_parallel(const char *cmd, int argc, char **argv) {
     return rc;
 }
 
+/* OpenBLAS picks its kernels when it loads; one older than the CPU picks generic SSE3
+ * ones, five times slower (kernels/cpu/cpu_blas_core.c). Then this names the right ones
+ * in OPENBLAS_CORETYPE and starts the command again, once: the variable is set after. A
+ * value the user or the machine set is kept. */
+static void use_the_cpus_blas_kernels(char **argv) {
+    if (getenv("OPENBLAS_CORETYPE")) return;
+    const char *better = mt_cpu_blas_better_core();
+    if (!better || setenv("OPENBLAS_CORETYPE", better, 1)) return;
+    execv("/proc/self/exe", argv);
+    unsetenv("OPENBLAS_CORETYPE"); /* no exec: go on with the kernels loaded */
+}
+
 int main(int argc, char **argv) {
+    use_the_cpus_blas_kernels(argv);
     if (argc < 2) {
         usage(stderr);
         return 2;

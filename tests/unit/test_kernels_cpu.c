@@ -1231,10 +1231,25 @@ static int teardown(void **state) {
     return 0;
 }
 
+/* OpenBLAS kernels named for the CPU when the library chose those of CPUs without AVX2
+ * (an OpenBLAS older than the CPU), and never otherwise. */
+static void test_blas_core_choice(void **state) {
+    (void)state;
+    assert_string_equal(mt_cpu_blas_core_for("Prescott", 1, 1, 1), "Cooperlake");
+    assert_string_equal(mt_cpu_blas_core_for("Prescott", 1, 1, 0), "SkylakeX");
+    assert_string_equal(mt_cpu_blas_core_for("Sandybridge", 1, 0, 0), "Haswell");
+    assert_null(mt_cpu_blas_core_for("Prescott", 0, 0, 0)); /* an SSE3 CPU keeps SSE3 */
+    assert_null(mt_cpu_blas_core_for("Haswell", 1, 1, 1));  /* a core the library knows */
+    assert_null(mt_cpu_blas_core_for("Zen", 1, 1, 0));
+    assert_null(mt_cpu_blas_core_for(NULL, 1, 1, 1));
+    assert_true(strlen(mt_cpu_blas_core()) > 0); /* the library names its kernels */
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0); // our lines and cmocka's in order when piped
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memory),
+        cmocka_unit_test(test_blas_core_choice),
         cmocka_unit_test(test_matmul_forward),
         cmocka_unit_test(test_matmul_backward),
         cmocka_unit_test(test_bias),
