@@ -318,7 +318,9 @@ static void test_accumulation(void **state) {
         printf("%s: loss %.9g as micro-batches %.9g, gradient rel err %.3g\n", c->name,
                whole.loss, sum, e);
         assert_int_equal(part_items, items);
-        assert_true(fabs(sum - whole.loss) <= 1e-6 * fabs(whole.loss));
+        /* fp32 products of 2 rows and of the whole batch are blocked differently (with
+         * OpenBLAS' AVX-512 kernels: 1.06e-6 here); the PyTorch parity bound is 1e-5 */
+        assert_true(fabs(sum - whole.loss) <= 4e-6 * fabs(whole.loss));
         assert_true(e <= 1e-5);
         /* dapo's metrics are token means over the step, so they add up exactly; grpo's and
          * dr_grpo's weigh each micro-batch's token means by its share of the step's rows */
