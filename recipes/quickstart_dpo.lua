@@ -1,20 +1,21 @@
 -- quickstart_dpo.lua — supervised fine-tuning, then preference training (DPO) on the
 -- quickstart task: SmolLM2-135M-Instruct learns to turn a meeting request into one JSON
 -- line (as recipes/quickstart.lua), then DPO on pairs whose rejected answers are the
--- mistakes that model makes (afternoon hours, attendees out of order) pushes it away
--- from them. The pairs are on-policy: the SFT model answers 800 new requests of the task
--- (data/quickstart/extra.jsonl, none of them in the training or held-out sets), and each
--- wrong answer becomes a pair with the right one.
+-- mistakes such a model makes (12-hour times, attendees out of order, wrong action
+-- words, missing fields) pushes it away from them. The pairs: scripted ones
+-- (data/quickstart/prefs_train.jsonl), or, with dpo.data = "onpolicy", the SFT model's
+-- own wrong answers to 800 new requests of the task (data/quickstart/extra.jsonl, none
+-- of them in the training or held-out sets). Neither gains over SFT yet: docs/dpo.md.
 --
 --   moontune run recipes/quickstart_dpo.lua --set model=path/to/model.gguf
 --
 -- Steps:
 --   1. SFT: LoRA, cross-entropy on the replies, as the quickstart (same data, settings
 --      and seed); exact-match accuracy on the held-out requests after it
---   2. the pairs: the SFT model's answers to dpo.prompts, greedy; each wrong one a pair
---      (written to out_dir/dpo/pairs.jsonl). dpo.data = a JSONL file of pairs instead
---      (data/quickstart/prefs_train.jsonl: scripted mistakes,
---      data/quickstart/generate_preferences.py)
+--   2. the pairs: dpo.data, a JSONL file of pairs (data/quickstart/prefs_train.jsonl:
+--      scripted mistakes, data/quickstart/generate_preferences.py); or "onpolicy": the
+--      SFT model's greedy answers to dpo.prompts, each wrong one a pair (written to
+--      out_dir/dpo/pairs.jsonl)
 --   3. the reference: the SFT model's log-probabilities of every training and held-out
 --      pair, computed once (DPO continues the SFT adapter, so "adapters disabled" would
 --      be the base model, not the SFT model)
@@ -49,7 +50,7 @@ local cfg = mt.config({
   eval_every = 25,
   patience = 2,
   dpo = {
-    data = "onpolicy", -- or a JSONL file of pairs
+    data = "data/quickstart/prefs_train.jsonl", -- or "onpolicy"
     prompts = "data/quickstart/extra.jsonl", -- the requests the on-policy pairs come from
     heldout = "data/quickstart/prefs_heldout.jsonl",
     batch = 4,

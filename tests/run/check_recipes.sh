@@ -135,8 +135,8 @@ echo "== onpolicy_pairs"
   { cat onp.txt; exit 1; }
 cat onp.txt
 grep -q "^onpolicy_pairs: [1-9][0-9]* pairs in" onp.txt
-# from the first run's SFT adapter, DPO on pairs the recipe makes the same way (its
-# default, dpo.data = "onpolicy", from dpo.prompts): the SFT stage is skipped, the base's
+# from the first run's SFT adapter, DPO on pairs the recipe makes the same way
+# (dpo.data = "onpolicy", from dpo.prompts): the SFT stage is skipped, the base's
 # perplexity the same
 "$moontune" run "$source_dir/recipes/quickstart_dpo.lua" \
   --set model="$fixtures/tiny_chat" \
@@ -144,7 +144,8 @@ grep -q "^onpolicy_pairs: [1-9][0-9]* pairs in" onp.txt
   --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
   --set general="$fixtures/data/text.jsonl" --set sft_adapter=out-qdpo/sft/adapter \
   --set seq_len=128 --set batch=4 --set max_new_tokens=8 \
-  --set dpo.prompts="$fixtures/data/tiny_chat_train.jsonl" --set dpo.heldout="$prefs" --set dpo.batch=2 \
+  --set dpo.data=onpolicy --set dpo.prompts="$fixtures/data/tiny_chat_train.jsonl" \
+  --set dpo.heldout="$prefs" --set dpo.batch=2 \
   --set dpo.max_steps=2 --set dpo.rejected_until=first_difference --set gen_batch=4 \
   --set out_dir=out-qdpo2 > qdpo2.txt 2>&1 || { cat qdpo2.txt; exit 1; }
 cat qdpo2.txt
