@@ -96,10 +96,7 @@ static mt_status ce_chunk(ce_state *s, mt_model_handle *model, const int32_t *ta
                           int n, int V, int backward, double dloss, ce_sums *sums, mt_error *err) {
     const double eps = s->label_smoothing, z = s->z_loss;
     loss_chunk *ch = &s->chunk;
-    for (int r = 0; r < n; r++) {
-        const int32_t t = targets[loss_chunk_row(ch, row0, r)];
-        ch->h_targets[r] = is_target(s, t) ? t : -1;
-    }
+    loss_chunk_load_targets(ch, targets, s->ignore_index, row0, n);
     mt_status st = loss_chunk_stats(host, ch, model, row0, n, eps > 0, 1.0f, err);
     if (st) return st;
     for (int r = 0; r < n; r++) {

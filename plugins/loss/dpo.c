@@ -215,14 +215,11 @@ static mt_status dpo_logps(dpo_state *s, mt_model_handle *model, const mt_batch 
     loss_chunk *ch = &s->chunk;
     int pos = 0, r0, n;
     while ((n = loss_chunk_next(ch, batch->targets, -1, rows, chunk, &pos, &r0)) > 0) {
-        for (int r = 0; r < n; r++) {
-            const int32_t t = batch->targets[loss_chunk_row(ch, r0, r)];
-            ch->h_targets[r] = t >= 0 ? t : -1;
-        }
+        loss_chunk_load_targets(ch, batch->targets, -1, r0, n);
         if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, 1.0f, err))) return st;
         for (int r = 0; r < n; r++) {
             const int row = loss_chunk_row(ch, r0, r);
-            if (batch->targets[row] < 0) continue;
+            if (ch->h_targets[r] < 0) continue;
             logp[row / batch->T] += (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
             if (keep_lse) s->row_lse[row] = ch->h_lse[r];
         }
@@ -265,10 +262,10 @@ static mt_status dpo_backward(dpo_state *s, mt_model_handle *model, const mt_bat
     loss_chunk *ch = &s->chunk;
     int pos = 0, r0, n;
     while ((n = loss_chunk_next(ch, batch->targets, -1, rows, chunk, &pos, &r0)) > 0) {
+        loss_chunk_load_targets(ch, batch->targets, -1, r0, n);
         for (int r = 0; r < n; r++) {
             const int row = loss_chunk_row(ch, r0, r), b = row / batch->T;
             float *c = ch->h_coefs + (size_t)r * 3;
-            ch->h_targets[r] = batch->targets[row] >= 0 ? batch->targets[row] : -1;
             ch->h_lse[r] = s->row_lse[row];
             const double g = ch->h_targets[r] < 0 ? 0.0 : s->grad[b] - (b % 2 ? 0.0 : nll_coef);
             c[0] = (float)-g;

@@ -239,14 +239,11 @@ static mt_status grpo_logps(grpo_state *s, mt_model_handle *model, const mt_batc
     loss_chunk *ch = &s->chunk;
     int pos = 0, r0, n;
     while ((n = loss_chunk_next(ch, batch->targets, -1, rows, chunk, &pos, &r0)) > 0) {
-        for (int r = 0; r < n; r++) {
-            const int32_t t = batch->targets[loss_chunk_row(ch, r0, r)];
-            ch->h_targets[r] = t >= 0 ? t : -1;
-        }
+        loss_chunk_load_targets(ch, batch->targets, -1, r0, n);
         if ((st = loss_chunk_stats(host, ch, model, r0, n, 0, logit_scale(s), err))) return st;
         for (int r = 0; r < n; r++) {
             const int row = loss_chunk_row(ch, r0, r);
-            if (batch->targets[row] < 0) continue;
+            if (ch->h_targets[r] < 0) continue;
             logp[row] = (double)ch->h_target_logit[r] - (double)ch->h_lse[r];
             if (keep_lse) s->row_lse[row] = ch->h_lse[r];
         }
@@ -265,12 +262,12 @@ static mt_status grpo_backward(grpo_state *s, mt_model_handle *model, const mt_b
     mt_status st = MT_OK;
     int pos = 0, r0, n;
     while ((n = loss_chunk_next(ch, batch->targets, -1, rows, chunk, &pos, &r0)) > 0) {
+        loss_chunk_load_targets(ch, batch->targets, -1, r0, n);
         for (int r = 0; r < n; r++) {
             const int row = loss_chunk_row(ch, r0, r);
             float *c = ch->h_coefs + (size_t)r * 3;
-            ch->h_targets[r] = batch->targets[row] >= 0 ? batch->targets[row] : -1;
             ch->h_lse[r] = s->row_lse[row];
-            const double g = batch->targets[row] >= 0 ? s->grad[row] * inv_t : 0.0;
+            const double g = ch->h_targets[r] >= 0 ? s->grad[row] * inv_t : 0.0;
             c[0] = (float)-g;
             c[1] = 0.0f;
             c[2] = (float)g;

@@ -186,6 +186,15 @@ static inline int loss_chunk_row(const loss_chunk *c, int row0, int r) {
     return c->by_rows ? c->h_rows[r] : row0 + r;
 }
 
+/* The chunk's n targets from the batch's into c->h_targets: -1 for none (< 0 or ignore). */
+static inline void loss_chunk_load_targets(loss_chunk *c, const int32_t *targets, int32_t ignore,
+                                           int row0, int n) {
+    for (int r = 0; r < n; r++) {
+        const int32_t t = targets[loss_chunk_row(c, row0, r)];
+        c->h_targets[r] = t >= 0 && t != ignore ? t : -1;
+    }
+}
+
 /* The batch's ABI 2 fields that a host of an earlier ABI 2 build may not carry. */
 static inline int64_t loss_batch_step_items(const mt_batch *batch) {
     return batch->size >= offsetof(mt_batch, step_items) + sizeof batch->step_items
