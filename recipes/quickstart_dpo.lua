@@ -176,7 +176,7 @@ end
 local sft_seconds = mt.now() - t_sft
 local after_sft = task_accuracy("after SFT")
 
--- ---- 2. the pairs: the SFT model's own mistakes ------------------------------------
+-- ---- 2. the pairs (dpo.data = "onpolicy": the SFT model's own mistakes) ------------
 local t_dpo = mt.now()
 local n_onpolicy
 if onpolicy then
@@ -186,7 +186,9 @@ if onpolicy then
   local lines = {}
   for i, rec in ipairs(records) do lines[i] = mt.json_encode(rec) end
   d.data = dpo_out .. "/pairs.jsonl"
-  mt.write_file(d.data, table.concat(lines, "\n") .. "\n")
+  -- every rank has every answer (tasks.evaluate): rank 0 writes, the others read after it
+  if mt.rank() == 0 then mt.write_file(d.data, table.concat(lines, "\n") .. "\n") end
+  mt.broadcast(true)
   n_onpolicy = { pairs = #records, requests = r.n, accuracy = r.accuracy, seconds = r.seconds }
   print(string.format("quickstart_dpo: on-policy pairs: the SFT model got %d of %d new requests wrong [%.0f s]; " ..
                       "%d pairs (blank answers left out) in %s", r.n - r.correct, r.n, r.seconds, #records, d.data))
