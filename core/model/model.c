@@ -923,7 +923,8 @@ static mt_status cross_entropy_pass(mt_model *m, const int32_t *targets, int bac
             m->host_rows[n] = i;
             m->host_row_targets[n++] = targets[i];
         }
-        if (n < m->plan_chunk && !(i == BT - 1 && n > 0)) continue;
+        /* a chunk goes when it is full or the batch ends */
+        if (n == 0 || (n < m->plan_chunk && i < BT - 1)) continue;
         mt_status st = be->ops->upload(be, m->targets, m->host_row_targets, (size_t)n * sizeof(int32_t));
         if (st) return mt_error_set(err, st, "uploading targets failed");
         if ((st = mt_model_logits_rows(m, m->host_rows, n, m->logits_chunk, err))) return st;
