@@ -138,13 +138,15 @@ echo "data-parallel: a failing rank ended the job in $(( $(date +%s) - start )) 
 
 # a rank killed with SIGKILL ends the job in bounded time
 start=$(date +%s)
-timeout 120 "${mpi[@]}" "$moontune" run "$recipe" "${fix[@]}" --set out_dir=killed --set slow=0.5 --set steps=60 > killed.txt 2>&1 &
+# a name no other test's command line has: pgrep below must find this job's ranks only
+# (ctest runs check_run.sh beside it, whose runs use out_dir=killed)
+timeout 120 "${mpi[@]}" "$moontune" run "$recipe" "${fix[@]}" --set out_dir=dp-rank-killed --set slow=0.5 --set steps=60 > killed.txt 2>&1 &
 launcher=$!
 for _ in $(seq 100); do
-  grep -qs '"step":2,' killed/metrics.jsonl && break
+  grep -qs '"step":2,' dp-rank-killed/metrics.jsonl && break
   sleep 0.2
 done
-victim=$( (pgrep -f -- "out_dir=killed" || true) | while read -r p; do
+victim=$( (pgrep -f -- "out_dir=dp-rank-killed" || true) | while read -r p; do
   if [ "$p" != "$launcher" ] && ! grep -qa mpirun "/proc/$p/cmdline" 2> /dev/null; then echo "$p"; fi
 done | tail -n 1)
 [ -n "$victim" ] || fail "found no rank to kill"
