@@ -22,6 +22,14 @@
 
 /* ---- matrix products ----------------------------------------------------- */
 
+/* A linear layer's forward on at most MATMUL_ROWS_MAX rows (decoding) skips
+ * cblas_sgemm, which repacks the whole weight on every call (cpu_matmul_rows.c).
+ * With fewer than MATMUL_ROWS_MIN inputs or outputs (LoRA's rank-r products) the
+ * dot products are too short, or the columns too few to share between threads, and
+ * sgemm stays faster. Measured in docs/speed.md. */
+#define MATMUL_ROWS_MAX 32
+#define MATMUL_ROWS_MIN 64
+
 void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
                 int trans_b, float alpha, float beta) {
     // c is (M,N); a is (M,K) or (K,M) when trans_a; b is (K,N) or (N,K) when trans_b
@@ -36,6 +44,11 @@ void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, i
             cblas_sgemv(CblasRowMajor, CblasNoTrans, N, K, alpha, b, K, a, 1, beta, c, 1);
         else // b is (K,N): c = b^T · a
             cblas_sgemv(CblasRowMajor, CblasTrans, K, N, alpha, b, N, a, 1, beta, c, 1);
+        return;
+    }
+    if (!trans_a && trans_b && M <= MATMUL_ROWS_MAX && K >= MATMUL_ROWS_MIN &&
+        N >= MATMUL_ROWS_MIN) {
+        cpu_matmul_rows_nt(c, a, b, M, N, K, alpha, beta);
         return;
     }
     int lda = trans_a ? M : K;

@@ -26,6 +26,10 @@
  * b is (K,N) or (N,K) when trans_b. cblas_sgemm. */
 void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
                 int trans_b, float alpha, float beta);
+/* c (M,N) = alpha * a · bᵀ + beta * c; a is (M,K), b is (N,K). Dot products of
+ * contiguous rows, nothing packed: cpu_matmul's path for a few rows (decoding). */
+void cpu_matmul_rows_nt(float *c, const float *a, const float *b, int M, int N, int K,
+                        float alpha, float beta);
 /* out (N,C) += bias (C). */
 void cpu_bias_forward(float *out, const float *bias, int N, int C);
 /* dbias (C) += column sums of dout (N,C). */

@@ -178,6 +178,45 @@ static void test_matmul_forward(void **state) {
     free(c0);
 }
 
+/* The few-row path (cpu_matmul_rows.c: decoding's linear layers, a · bᵀ): odd shapes
+ * on both sides of its limits against a double-precision reference, beta = 0 never
+ * reading c, and the same bits from 1 and 3 threads. */
+static void test_matmul_rows(void **state) {
+    (void)state;
+    uint64_t rng = 5;
+    const int shapes[][3] = {{2, 64, 64}, {3, 67, 77}, {5, 130, 600}, {17, 64, 65},
+                             {32, 97, 131}, {33, 70, 64}, {4, 63, 64}, {4, 64, 63}};
+    const int saved = omp_get_max_threads();
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        float *a = frand(M * K, &rng, -1, 1), *b = frand(N * K, &rng, -1, 1);
+        float *c0 = frand(M * N, &rng, -1, 1), *c = fcopy(c0, M * N);
+        double *ref = malloc(sizeof(double) * M * N), *got = malloc(sizeof(double) * M * N);
+        assert_non_null(ref);
+        assert_non_null(got);
+        be.ops->matmul(&be, c, a, b, M, N, K, 0, 1, 0.7f, 0.3f);
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                double sum = 0.0;
+                for (int p = 0; p < K; p++) sum += (double)a[i * K + p] * b[j * K + p];
+                ref[i * N + j] = 0.7 * sum + 0.3 * c0[i * N + j];
+                got[i * N + j] = c[i * N + j];
+            }
+        const double err = mt_test_rel_err_d(got, ref, M * N);
+        printf("  matmul a·bT M=%d N=%d K=%d rel err %.2e\n", M, N, K, err);
+        assert_true(err < 1e-6);
+        float *one = fnan(M * N), *three = fnan(M * N);
+        omp_set_num_threads(1);
+        cpu_matmul_rows_nt(one, a, b, M, N, K, 1.0f, 0.0f);
+        omp_set_num_threads(3);
+        cpu_matmul_rows_nt(three, a, b, M, N, K, 1.0f, 0.0f);
+        omp_set_num_threads(saved);
+        for (int i = 0; i < M * N; i++) assert_false(isnan(one[i]));
+        assert_memory_equal(one, three, sizeof(float) * M * N);
+        free(a), free(b), free(c0), free(c), free(ref), free(got), free(one), free(three);
+    }
+}
+
 struct mm_ctx {
     float *a, *b, *c, *R;
     int M, N, K;
@@ -1251,6 +1290,7 @@ int main(void) {
         cmocka_unit_test(test_memory),
         cmocka_unit_test(test_blas_core_choice),
         cmocka_unit_test(test_matmul_forward),
+        cmocka_unit_test(test_matmul_rows),
         cmocka_unit_test(test_matmul_backward),
         cmocka_unit_test(test_bias),
         cmocka_unit_test(test_add_axpy),
