@@ -232,6 +232,7 @@ static void cached_attention(mt_kv_decoder *d, float *att, const float *q, int l
         for (int t = 0; t < len; t++) {
             const float *kt = kc + ((size_t)t * KVH + g) * D;
             float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
             for (int i = 0; i < D; i++) dot += qh[i] * kt[i];
             s[t] = dot * scale;
             if (s[t] > mx) mx = s[t];
