@@ -197,19 +197,35 @@ int mt_kv_decoder_slots(const mt_kv_decoder *d) { return d->slots; }
 
 int mt_kv_decoder_capacity(const mt_kv_decoder *d) { return d->capacity; }
 
-void mt_kv_decoder_reset(mt_kv_decoder *d, int slot) {
-    if (slot >= 0 && slot < d->slots) d->length[slot] = 0;
-}
-
-int mt_kv_decoder_length(const mt_kv_decoder *d, int slot) {
-    return slot >= 0 && slot < d->slots ? d->length[slot] : -1;
-}
-
 /* Layer l's cached keys (or values, from v_cache) of slot s: (capacity, KVH, D). */
 static float *slot_cache(const mt_kv_decoder *d, float *cache, int l, int s) {
     const mt_model_config *c = &d->m->cfg;
     const size_t KVD = (size_t)c->num_kv_heads * c->head_dim;
     return cache + ((size_t)l * d->slots + (size_t)s) * d->capacity * KVD;
+}
+
+void mt_kv_decoder_reset(mt_kv_decoder *d, int slot) {
+    if (slot >= 0 && slot < d->slots) d->length[slot] = 0;
+}
+
+mt_status mt_kv_decoder_copy(mt_kv_decoder *d, int to, int from, int n, mt_error *err) {
+    if (to < 0 || to >= d->slots || from < 0 || from >= d->slots || n < 0 || n > d->length[from])
+        return mt_error_set(err, MT_ERR_INVALID_ARG,
+                            "copying %d positions from slot %d to slot %d of a decoder of %d "
+                            "slots",
+                            n, from, to, d->slots);
+    const mt_model_config *c = &d->m->cfg;
+    const size_t bytes = (size_t)n * c->num_kv_heads * c->head_dim * sizeof(float);
+    for (int l = 0; l < c->num_layers && to != from; l++) {
+        memcpy(slot_cache(d, d->k_cache, l, to), slot_cache(d, d->k_cache, l, from), bytes);
+        memcpy(slot_cache(d, d->v_cache, l, to), slot_cache(d, d->v_cache, l, from), bytes);
+    }
+    d->length[to] = n;
+    return MT_OK;
+}
+
+int mt_kv_decoder_length(const mt_kv_decoder *d, int slot) {
+    return slot >= 0 && slot < d->slots ? d->length[slot] : -1;
 }
 
 /* att (n,H,D) for queries q (n,H,D): row r attends over layer l's cache of its slot
@@ -725,6 +741,8 @@ done:
 
 /* Prompt rows a chunk of the batch takes besides one row per decoding slot. */
 #define BATCH_PROMPT_ROWS 128
+/* Shared prompt prefixes shorter than this are run by every sequence. */
+#define BATCH_PREFIX_MIN 8
 
 /* The batch's working state: sequence seq[i] for prompt i; slot s holds sequence
  * in_slot[s] (-1: free), whose first fed[s] prompt ids are in its cache. */
@@ -736,6 +754,8 @@ typedef struct gen_batch {
     const int *n_prompt;
     int n, next;             /* prompts, the next waiting one */
     int slots, max_rows;
+    int prefix;              /* ids every prompt starts with, cached once in slot `slots` */
+    double prefix_seconds;   /* its time / n: each sequence's share of it */
     mt_kv_decoder *d;
     gen_seq *seq;            /* (n) */
     int *in_slot, *fed;      /* (slots) */
@@ -756,9 +776,14 @@ static mt_status batch_fill(gen_batch *b, mt_error *err) {
         mt_status st = seq_start(&b->seq[i], b->tok, b->opt, b->opt->sampling.seed + (uint64_t)i,
                                  b->n_prompt[i], b->seq[i].out, err);
         if (st) return st;
-        mt_kv_decoder_reset(b->d, s);
+        if (b->prefix) { /* the shared prefix's keys and values, run once */
+            if ((st = mt_kv_decoder_copy(b->d, s, b->slots, b->prefix, err))) return st;
+            b->seq[i].out->prefill_seconds = b->prefix_seconds;
+        } else {
+            mt_kv_decoder_reset(b->d, s);
+        }
         b->in_slot[s] = i;
-        b->fed[s] = 0;
+        b->fed[s] = b->prefix;
     }
     return MT_OK;
 }
@@ -823,9 +848,31 @@ static mt_status batch_chunk(gen_batch *b, int rows, mt_error *err) {
     return st;
 }
 
+/* The ids every prompt starts with (a chat template's system turn), up to one less
+ * than the shortest prompt, so that each sequence still runs its last prompt id and
+ * gets its logits; 0 when fewer than BATCH_PREFIX_MIN. */
+static int shared_prefix(const int32_t *const *prompts, const int *n_prompt, int n) {
+    int len = n_prompt[0] - 1;
+    for (int i = 1; i < n && len > 0; i++) {
+        if (n_prompt[i] - 1 < len) len = n_prompt[i] - 1;
+        int t = 0;
+        while (t < len && prompts[i][t] == prompts[0][t]) t++;
+        len = t;
+    }
+    return n > 1 && len >= BATCH_PREFIX_MIN ? len : 0;
+}
+
+/* The shared prefix into the extra slot (its time is every sequence's prefill), then
+ * chunks until every prompt has ended. */
 static mt_status batch_run(gen_batch *b, mt_error *err) {
     mt_status st = MT_OK;
     int rows;
+    if (b->prefix) {
+        const double t0 = mt_now_seconds();
+        if ((st = mt_kv_decoder_feed(b->d, b->slots, b->prompts[0], b->prefix, NULL, err)))
+            return st;
+        b->prefix_seconds = (mt_now_seconds() - t0) / b->n;
+    }
     while (!st && !(st = batch_fill(b, err)) && (rows = batch_rows(b)) > 0)
         st = batch_chunk(b, rows, err);
     return st;
@@ -863,9 +910,10 @@ mt_status mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const int32_t 
     if (slots <= 0) slots = MT_GENERATE_SLOTS;
     if (slots > n) slots = n;
     gen_batch b = {.m = m, .tok = tok, .opt = opt, .prompts = prompts, .n_prompt = n_prompt,
-                   .n = n, .slots = slots, .max_rows = slots + BATCH_PROMPT_ROWS};
-    mt_status st = mt_kv_decoder_create(m, slots, cache_positions(m, longest, opt), b.max_rows,
-                                        &b.d, err);
+                   .n = n, .slots = slots, .max_rows = slots + BATCH_PROMPT_ROWS,
+                   .prefix = shared_prefix(prompts, n_prompt, n)};
+    mt_status st = mt_kv_decoder_create(m, slots + (b.prefix > 0), cache_positions(m, longest, opt),
+                                        b.max_rows, &b.d, err);
     if (st) return st;
     b.seq = mt_calloc((size_t)n, sizeof *b.seq, "sequence states", err);
     b.in_slot = mt_malloc((size_t)slots * sizeof *b.in_slot, "slot table", err);

@@ -36,6 +36,9 @@ int mt_kv_decoder_capacity(const mt_kv_decoder *d);
 /* Empties the cache of slot (in [0, slots); others are ignored): its next token is at
  * position 0. */
 void mt_kv_decoder_reset(mt_kv_decoder *d, int slot);
+/* The cache of slot `to` becomes the first n positions of slot `from` (n <= from's
+ * length; both in [0, slots)): a shared prompt prefix run once. */
+mt_status mt_kv_decoder_copy(mt_kv_decoder *d, int to, int from, int n, mt_error *err);
 /* Number of positions in the cache of slot; -1 for a slot outside [0, slots). */
 int mt_kv_decoder_length(const mt_kv_decoder *d, int slot);
 /* Runs the decoder over tokens (n) of one slot at positions length .. length+n-1,

@@ -627,6 +627,54 @@ static void test_batch_matches_generate(void **state) {
     batch_fixture_close(&f);
 }
 
+/* Prompts that share their first 23 ids (a chat template's system turn): the batch
+ * runs the prefix once and copies its keys and values into each slot, and still gives
+ * what mt_generate gives per prompt. The copy itself: a prefix copied and continued
+ * has the logits of the whole prompt fed into one slot. */
+static void test_batch_shared_prefix(void **state) {
+    (void)state;
+    batch_fixture f;
+    batch_fixture_open(&f);
+    enum { PREFIX = 23 };
+    for (int i = 0; i < N_BATCH; i++) {
+        for (int t = f.n_prompt[i]; t < PREFIX + 1 + i; t++) /* long enough: new ids */
+            f.ids[i][t] = (int32_t)(3 + (t * 31 + i * 7) % (f.m->cfg.vocab_size - 3));
+        if (f.n_prompt[i] < PREFIX + 1) f.n_prompt[i] = PREFIX + 1 + i;
+        memcpy(f.ids[i], f.ids[4], PREFIX * sizeof(int32_t)); /* prompt 4 has 200 ids */
+    }
+    f.ids[3][PREFIX] = f.ids[4][PREFIX]; /* one prompt shares one more id */
+    int counts[5] = {0};
+    mt_generate_options greedy = {.max_new_tokens = 9, .skip_special = 1};
+    batch_vs_single(&f, &greedy, 3, counts);
+    mt_generate_options sample = {.max_new_tokens = 9, .sampling = {.temperature = 1.2f, .seed = 7}};
+    batch_vs_single(&f, &sample, 2, counts);
+    assert_int_equal(counts[MT_STOP_LENGTH], 2 * N_BATCH);
+
+    mt_error err = {0};
+    const int V = f.m->cfg.vocab_size, n = f.n_prompt[2];
+    mt_kv_decoder *d = NULL;
+    assert_int_equal(mt_kv_decoder_create(f.m, 3, 64, 16, &d, &err), MT_OK);
+    float *got = malloc((size_t)V * sizeof(float)), *want = malloc((size_t)V * sizeof(float));
+    assert_non_null(got);
+    assert_non_null(want);
+    assert_int_equal(mt_kv_decoder_feed(d, 0, f.ids[2], PREFIX, NULL, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_feed(d, 1, f.ids[0], 5, NULL, &err), MT_OK); /* overwritten */
+    assert_int_equal(mt_kv_decoder_copy(d, 1, 0, PREFIX, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_length(d, 1), PREFIX);
+    assert_int_equal(mt_kv_decoder_feed(d, 1, f.ids[2] + PREFIX, n - PREFIX, got, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_feed(d, 2, f.ids[2], n, want, &err), MT_OK);
+    const double e = mt_test_rel_err(got, want, (size_t)V);
+    printf("  prefix copied and continued against the whole prompt: rel err %.2e\n", e);
+    assert_true(e < 1e-6);
+    assert_int_equal(mt_kv_decoder_copy(d, 1, 0, PREFIX + 1, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_kv_decoder_copy(d, 3, 0, 1, &err), MT_ERR_INVALID_ARG);
+    assert_int_equal(mt_kv_decoder_copy(d, 0, -1, 0, &err), MT_ERR_INVALID_ARG);
+    free(got);
+    free(want);
+    mt_kv_decoder_free(d);
+    batch_fixture_close(&f);
+}
+
 static int never(void *user, const char *piece, size_t len) {
     (void)user, (void)piece, (void)len;
     return 0;
@@ -865,6 +913,7 @@ int main(void) {
         cmocka_unit_test(test_sampling),
         cmocka_unit_test(test_decoder_step_matches_single_slot),
         cmocka_unit_test(test_batch_matches_generate),
+        cmocka_unit_test(test_batch_shared_prefix),
         cmocka_unit_test(test_batch_refuses_bad_arguments),
         cmocka_unit_test(test_gguf_errors),
         cmocka_unit_test(test_gguf_roundtrip_llama_unpermutes_qk),
