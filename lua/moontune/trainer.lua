@@ -27,8 +27,9 @@
 --   max_steps = nil             ... or a step budget; when given it wins over epochs
 --   grad_accum = 1              micro-batches per optimizer step
 --   max_grad_norm = 1.0         gradient clipping (false = none)
---   scheduler = nil             a scheduler Plugin: lr = mt.schedule(scheduler, step, total, lr)
---   schedule = nil              or a Lua function(step, total, base_lr) -> lr;
+--   scheduler = nil             a scheduler Plugin: lr = mt.schedule(scheduler, step - 1, total, lr)
+--                               (plugins count steps from 0, as transformers' lr_lambda)
+--   schedule = nil              or a Lua function(step, total, base_lr) -> lr, step from 1;
 --                               neither: constant lr
 --   eval_examples = nil         held-out Examples for mt.evaluate; held-out preference pairs
 --                               are evaluated with the training loss (eval_opts.loss
@@ -709,7 +710,7 @@ local function train_step(cfg, mt, R, T, step)
   local lr
   if T.lr_override then lr = T.lr_override
   elseif cfg.schedule then lr = cfg.schedule(step, total, cfg.lr)
-  elseif cfg.scheduler then lr = mt.schedule(cfg.scheduler, step, total, cfg.lr)
+  elseif cfg.scheduler then lr = mt.schedule(cfg.scheduler, step - 1, total, cfg.lr) -- 0-based
   else lr = cfg.lr end
   if not is_finite(lr) then fail("the schedule gave lr %s at step %d", tostring(lr), step) end
 

@@ -71,8 +71,8 @@ function F.new(o)
     return { loss = l, perplexity = em and 0 / 0 or math.exp(l), tokens = 100, examples = 5, seconds = 0.1,
              tokens_per_second = 1000, metrics = em }
   end
-  function mt.schedule(sched, step, total, base)
-    return base * (1 - (step - 1) / total)
+  function mt.schedule(sched, step, total, base) -- step from 0, as the plugins count
+    return base * (1 - step / total)
   end
   local nsave = 0
   function mt.checkpoint_save(dir, model, optimizer, state)
