@@ -9,6 +9,7 @@
 
 #include "base/internal.h"
 #include "dist/dist.h"
+#include "model/generate.h"
 #include "model/model.h"
 #include "model/train.h"
 #include "store/session.h"
@@ -71,6 +72,46 @@ static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const cha
     return MT_OK;
 }
 
+/* Greedy generation of opt->generate tokens for each of B prompts (tokens: B rows of T
+ * ids), all of them at once, as an evaluation generates: the prompts' rate (prefill) and
+ * the generated tokens' rate (decoding), from the time mt_generate_batch books to each. */
+static mt_status bench_generate(mt_model *m, const mt_bench_options *opt, const int32_t *tokens,
+                                mt_error *err) {
+    const int B = opt->batch, T = opt->seq;
+    const int32_t **prompts = mt_calloc((size_t)B, sizeof *prompts, "prompt list", err);
+    int *lengths = mt_calloc((size_t)B, sizeof *lengths, "prompt lengths", err);
+    mt_generation *out = mt_calloc((size_t)B, sizeof *out, "generations", err);
+    mt_status st = prompts && lengths && out ? MT_OK : MT_ERR_NOMEM;
+    for (int b = 0; !st && b < B; b++) {
+        prompts[b] = tokens + (size_t)b * T;
+        lengths[b] = T;
+    }
+    const mt_generate_options gen = {.max_new_tokens = opt->generate};
+    const double t0 = mt_now_seconds();
+    if (!st) st = mt_generate_batch(m, NULL, prompts, lengths, B, B, &gen, out, err);
+    const double seconds = mt_now_seconds() - t0;
+    if (!st) {
+        double prefill = 0.0, decode = 0.0;
+        long generated = 0;
+        for (int b = 0; b < B; b++) {
+            prefill += out[b].prefill_seconds;
+            decode += out[b].decode_seconds;
+            generated += out[b].n_ids;
+        }
+        /* each sequence's first token comes with its prompt; the others are decoded */
+        printf("generate: %d prompts of %d ids, %ld tokens in %.2f s: prompts %.1f tokens/s, "
+               "decoding %.1f tokens/s (%d rows a step), %.1f generated tokens/s overall; "
+               "peak RSS %.0f MiB\n",
+               B, T, generated, seconds, (double)B * T / prefill, (double)(generated - B) / decode,
+               B, (double)generated / seconds, mib(mt_peak_rss_bytes()));
+    }
+    for (int b = 0; out && b < B; b++) mt_generation_free(&out[b]);
+    free(prompts);
+    free(lengths);
+    free(out);
+    return st;
+}
+
 mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     mt_model_config cfg;
     mt_status st = opt->config_path ? mt_config_load(opt->config_path, &cfg, err)
@@ -125,6 +166,10 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
            "activations %.1f MiB\n",
            (linear + attention) * 1e-9, linear * 1e-9, attention * 1e-9,
            mib(m->total_numel * sizeof(float)), mib(mt_model_plan_bytes(m)));
+    if (opt->generate > 0) {
+        st = bench_generate(m, opt, tokens, err);
+        goto done;
+    }
     if (opt->adapter) {
         char label[64];
         snprintf(label, sizeof label, "adapter %s", opt->adapter);

@@ -15,6 +15,8 @@ typedef struct mt_bench_options {
     const char *config_path; /* a config.json */
     int batch, seq, steps, warmup, threads;
     int prompt; /* the first `prompt` positions of each row have no target */
+    int generate; /* > 0: instead of training steps, generate this many tokens for each of
+                     `batch` prompts of `seq` ids (mt_generate_batch, greedy) */
     const char *device; /* "cpu", "cuda" or NULL for the default (store/session.h) */
     mt_bench_mode mode;
     /* an adapter plugin to attach (e.g. "lora", "qlora") instead of the modes above */

@@ -33,11 +33,15 @@ static void usage(FILE *out) {
             "  --threads N      CPU threads (default: OpenMP's, i.e. OMP_NUM_THREADS or all cores)\n"
             "  --adapter NAME   attach an adapter plugin (lora, qlora, full) instead of --mode\n"
             "  --adapter-option KEY=VALUE   an option of that adapter (repeatable), e.g.\n"
-            "                   target_modules=all-linear, r=16\n");
+            "                   target_modules=all-linear, r=16\n"
+            "  --generate N     instead of training steps: greedy generation of N tokens\n"
+            "                   for each of --batch prompts of --seq random ids, all\n"
+            "                   sequences together (continuous batching); reports the\n"
+            "                   prompts' and the generated tokens' rates\n");
 }
 
 enum { OPT_SHAPE = 256, OPT_CONFIG, OPT_MODE, OPT_BATCH, OPT_SEQ, OPT_STEPS, OPT_WARMUP,
-       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION, OPT_PROMPT };
+       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION, OPT_PROMPT, OPT_GENERATE };
 
 static const struct option options[] = {
     {"help", no_argument, NULL, MT_CLI_HELP},
@@ -52,6 +56,7 @@ static const struct option options[] = {
     {"threads", required_argument, NULL, OPT_THREADS},
     {"adapter", required_argument, NULL, OPT_ADAPTER},
     {"adapter-option", required_argument, NULL, OPT_ADAPTER_OPTION},
+    {"generate", required_argument, NULL, OPT_GENERATE},
     MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
@@ -66,6 +71,7 @@ int mt_cmd_bench(int argc, char **argv) {
         {OPT_STEPS, MT_CLI_INT, &MT_LIMIT_BENCH_STEPS, &opt.steps},
         {OPT_WARMUP, MT_CLI_INT, &MT_LIMIT_BENCH_WARMUP, &opt.warmup},
         {OPT_THREADS, MT_CLI_INT, &MT_LIMIT_THREADS, &opt.threads},
+        {OPT_GENERATE, MT_CLI_INT, &MT_LIMIT_MAX_NEW_TOKENS, &opt.generate},
     };
     const mt_cli cli = {"moontune bench", options, usage, numbers, sizeof numbers / sizeof *numbers};
     static mt_cli_adapter_options adapter_options; /* static: 2.5 KiB, off the stack */

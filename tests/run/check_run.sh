@@ -148,6 +148,9 @@ grep -q ", on cpu (" err.txt
 "$moontune" bench --device cpu --shape tiny --batch 1 --seq 16 --steps 1 --warmup 0 \
   --mode frozen > out.txt
 grep -q "(cpu backend)" out.txt
+# bench --generate: 3 prompts of 5 ids, 4 tokens each (12 generated, 9 of them decoded)
+"$moontune" bench --device cpu --shape tiny --batch 3 --seq 5 --generate 4 > out.txt
+grep -Eq "^generate: 3 prompts of 5 ids, 12 tokens in .* decoding [0-9.]+ tokens/s \(3 rows a step\)" out.txt
 for cmd in "eval --model $fix/tiny_chat $heldout --seq 64" "generate --model $fix/tiny_chat --prompt hi" \
            "bench" "run $recipe"; do
   rc=0; "$moontune" $cmd --device gpu > /dev/null 2> err.txt || rc=$?
