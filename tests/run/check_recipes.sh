@@ -114,7 +114,7 @@ prefs=$fixtures/data/tiny_prefs.jsonl
   --set data="$fixtures/data/tiny_chat_train.jsonl" \
   --set heldout="$fixtures/data/tiny_chat_heldout.jsonl" \
   --set general="$fixtures/data/text.jsonl" \
-  --set seq_len=128 --set batch=4 --set eval_every=4 --set max_new_tokens=8 \
+  --set seq_len=128 --set batch=4 --set eval_every=4 --set max_new_tokens=8 --set warmup_ratio=0 \
   --set dpo.data="$prefs" --set dpo.heldout="$prefs" --set dpo.batch=2 --set dpo.max_steps=3 \
   --set out_dir=out-qdpo > qdpo.txt 2>&1 || { cat qdpo.txt; exit 1; }
 cat qdpo.txt
@@ -200,20 +200,21 @@ if "$moontune" validate "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" --set sc
 grep -q "min_lr_ratio" err.txt # cosine's option is not one of constant's: refused by the plugin
 
 # forgetting on the tiny model: a high learning rate raises the general-text perplexity
-# by 1.2% at step 6 (step 3 is within 1%); "stop" ends the run there and restores step 3
+# by 2.0% at step 3, 3.3% at step 6 and 2.7% at step 9; "stop" ends the run at step 6
+# (beyond the 3% bound) and restores step 3
 "$moontune" run "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" --set lr=0.02 --set max_steps=9 \
-  --set eval_every=3 --set patience=0 --set max_new_tokens=4 --set max_general_regression=0.01 \
+  --set eval_every=3 --set patience=0 --set max_new_tokens=4 --set max_general_regression=0.03 \
   --set on_general_regression=stop --set out_dir=out-forget > forget.txt 2>&1 || { cat forget.txt; exit 1; }
-grep -q "^WARNING: general-text perplexity [0-9.]* is 1.2% above 688.795 before training, more than max_general_regression (1%): the model may be forgetting; stopping" forget.txt \
+grep -q "^WARNING: general-text perplexity [0-9.]* is 3.3% above 688.795 before training, more than max_general_regression (3%): the model may be forgetting; stopping" forget.txt \
   || { cat forget.txt; exit 1; }
 grep -q "^lora_sft: 6 steps (stopped early)" forget.txt
 grep -q "^best eval_loss [0-9.]* at step 3 (restored)" forget.txt
 # "restore" trains on; the run ends within the bound, so the last step's model stays,
-# and the best (within the bound) is step 3
+# and the best within the bound is step 9
 "$moontune" run "$source_dir/recipes/lora_sft.lua" "${tiny[@]}" --set lr=0.02 --set max_steps=9 \
-  --set eval_every=3 --set patience=0 --set max_new_tokens=4 --set max_general_regression=0.01 \
+  --set eval_every=3 --set patience=0 --set max_new_tokens=4 --set max_general_regression=0.03 \
   --set on_general_regression=restore --set out_dir=out-forget2 > forget2.txt 2>&1 || { cat forget2.txt; exit 1; }
-grep -q "^lora_sft: 9 steps, best eval_loss [0-9.]* at step 3" forget2.txt
+grep -q "^lora_sft: 9 steps, best eval_loss [0-9.]* at step 9" forget2.txt
 if grep -q "(restored)" forget2.txt; then cat forget2.txt; exit 1; fi
 
 # with a split instead of a held-out file there is no task accuracy, and it says so
