@@ -102,7 +102,8 @@ static mt_status bench_generate(mt_model *m, const mt_bench_options *opt, const 
         printf("generate: %d prompts of %d ids, %ld tokens in %.2f s: prompts %.1f tokens/s, "
                "decoding %.1f tokens/s (%d rows a step), %.1f generated tokens/s overall; "
                "peak RSS %.0f MiB\n",
-               B, T, generated, seconds, (double)B * T / prefill, (double)(generated - B) / decode,
+               B, T, generated, seconds, (double)B * T / prefill,
+               decode > 0.0 ? (double)(generated - B) / decode : 0.0, /* --generate 1: none */
                B, (double)generated / seconds, mib(mt_peak_rss_bytes()));
     }
     for (int b = 0; out && b < B; b++) mt_generation_free(&out[b]);
