@@ -54,7 +54,6 @@ static inline void store(float *c, float sum, float alpha, float beta) {
 }
 
 /* c[i][j] for rows a[0..mr) and b[0..nr) (mr <= MR, nr <= NR), leading dimension K. */
-/* c[i][j] for rows a[0..mr) and b[0..nr) (mr <= MR, nr <= NR), leading dimension K. */
 static void block(float *c, int ldc, const float *a, const float *b, int mr, int nr, int K,
                   float alpha, float beta) {
     vec acc[MR * NR]; /* acc[i * NR + j]: row i of a with row j of b */
