@@ -23,17 +23,16 @@
 typedef float vec __attribute__((vector_size(VL * sizeof(float))));
 _Static_assert(VL == 16 && MR * NR == 16, "sums16 sums 16 vectors of 16 lanes");
 
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v); /* unaligned; compiles to one vector load */
-    return v;
-}
+/* v = the VL floats at p, unaligned: one vector load. A macro, not a function, so that
+ * no vector is passed by value: without AVX-512 that has another ABI, and GCC and clang
+ * warn (-Wpsabi) in builds not made for the machine (the sanitizer build). */
+#define LOAD(v, p) memcpy(&(v), (p), sizeof(vec))
 
 /* The lane sums of 16 vectors in one vector, v[i]'s in lane bitrev4(i) (i's four bits
  * reversed): four rounds of pairwise shuffles and adds, 30 shuffles and 15 adds in all,
  * in place of 16 lane-by-lane sums. Each round halves the lanes every vector keeps. */
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-static inline vec sums16(const vec v[16]) {
+static inline void sums16(const vec v[16], vec *out) {
     vec w[8], x[4], y[2];
     for (int p = 0; p < 8; p++) /* lanes 0-7: v[2p]'s, 8-15: v[2p+1]'s */
         w[p] = SHUFFLE(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -44,7 +43,7 @@ static inline vec sums16(const vec v[16]) {
     for (int r = 0; r < 2; r++) /* two lanes each */
         y[r] = SHUFFLE(x[2 * r], x[2 * r + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
                SHUFFLE(x[2 * r], x[2 * r + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    return SHUFFLE(y[0], y[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+    *out = SHUFFLE(y[0], y[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
            SHUFFLE(y[0], y[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 static const unsigned char bitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
@@ -62,19 +61,24 @@ static void block(float *c, int ldc, const float *a, const float *b, int mr, int
     if (mr == MR && nr == NR) { /* the full block: fixed trip counts, registers only */
         for (int k = 0; k < kv; k += VL) {
             vec av[MR], bv[NR];
-            for (int i = 0; i < MR; i++) av[i] = load(a + (size_t)i * K + k);
-            for (int j = 0; j < NR; j++) bv[j] = load(b + (size_t)j * K + k);
+            for (int i = 0; i < MR; i++) LOAD(av[i], a + (size_t)i * K + k);
+            for (int j = 0; j < NR; j++) LOAD(bv[j], b + (size_t)j * K + k);
             for (int i = 0; i < MR; i++)
                 for (int j = 0; j < NR; j++) acc[i * NR + j] += av[i] * bv[j];
         }
     } else {
         for (int k = 0; k < kv; k += VL)
             for (int i = 0; i < mr; i++) {
-                const vec av = load(a + (size_t)i * K + k);
-                for (int j = 0; j < nr; j++) acc[i * NR + j] += av * load(b + (size_t)j * K + k);
+                vec av, bv;
+                LOAD(av, a + (size_t)i * K + k);
+                for (int j = 0; j < nr; j++) {
+                    LOAD(bv, b + (size_t)j * K + k);
+                    acc[i * NR + j] += av * bv;
+                }
             }
     }
-    const vec sums = sums16(acc);
+    vec sums;
+    sums16(acc, &sums);
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++) {
             float sum = sums[bitrev4[i * NR + j]];
