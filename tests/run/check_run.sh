@@ -16,9 +16,12 @@ test -s run-out/metrics.jsonl && test -s run-out/loss.svg
 ls -d run-out/checkpoints/step-* > /dev/null
 
 # early stopping on a held-out loss that gets worse after a callback raises the learning
-# rate: training stops and the best weights come back (evaluated again: the same loss)
-"$moontune" run "$recipe" "${sets[@]}" --set steps=40 --set spike_at=4 --set out_dir=spike | tee out.txt
-grep -q "stopped early" out.txt
+# rate: training stops and the best weights come back (evaluated again: the same loss).
+# Patience 1: after the spike the loss recovers slowly, and with 2 the run's end depends
+# on rounding (it differs between the release and the sanitizer build)
+"$moontune" run "$recipe" "${sets[@]}" --set steps=40 --set spike_at=4 --set patience=1 \
+  --set out_dir=spike | tee out.txt
+grep -q "tiny_lora: 8 steps, best eval_loss [0-9.]* at step 4, stopped early" out.txt
 best=$(sed -n 's/.*best \([^,]*\), evaluated again \(.*\)/\1/p' out.txt)
 again=$(sed -n 's/.*best \([^,]*\), evaluated again \(.*\)/\2/p' out.txt)
 test -n "$best" && test "$best" = "$again"

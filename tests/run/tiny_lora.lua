@@ -12,6 +12,7 @@ local cfg = mt.config({
   stop_at = 0,        -- > 0: a callback stops the run after this step (a "killed" run)
   spike_at = 0,       -- > 0: a callback raises the learning rate to 1 after this step, so the
                       -- held-out loss gets worse and early stopping must restore the best
+  patience = 2,       -- early stopping's evaluations without improvement
   resume = false,
   save_every = 4,
   lora = { r = 4, alpha = 8 },
@@ -56,7 +57,7 @@ local result = mt.trainer.run({
   max_steps = cfg.steps,
   out_dir = out,
   save_every = cfg.save_every,
-  early_stopping = { metric = "eval_loss", mode = "min", patience = 2 },
+  early_stopping = { metric = "eval_loss", mode = "min", patience = cfg.patience },
   progress = false,
 }, mt)
 print(string.format("tiny_lora: %d steps, best eval_loss %.4f at step %d%s", result.steps,
