@@ -182,14 +182,12 @@ local n_onpolicy
 if onpolicy then
   local r = tasks.evaluate(mt, model, tok, prompt_items, { max_new_tokens = cfg.max_new_tokens, batch = cfg.gen_batch })
   local records = pref.pairs_from_mistakes(prompt_items, r)
-  if #records == 0 then -- say why: every answer right, or the wrong ones without text
-    local right, empty = 0, 0
-    for i = 1, #prompt_items do
-      if r.passed[i] then right = right + 1 elseif not r.outputs[i]:match("%S") then empty = empty + 1 end
-    end
+  -- no pair at all: every wrong answer was blank (a repeated one follows a first that
+  -- made a pair), so the counts say why
+  if #records == 0 then
     error(string.format("quickstart_dpo: no pairs from dpo.prompts: of %d requests the SFT model " ..
                         "answered %d exactly and %d with no text (nothing to reject)",
-                        #prompt_items, right, empty), 0)
+                        r.n, r.correct, r.n - r.correct), 0)
   end
   local lines = {}
   for i, rec in ipairs(records) do lines[i] = mt.json_encode(rec) end
