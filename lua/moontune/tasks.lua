@@ -48,9 +48,9 @@ end
 -- opts: metric, max_new_tokens (default 128), batch (sequences decoded together,
 -- default 16), template; temperature and seed sample instead (mt.generate: the item at
 -- position j of its system-prompt group draws with seed + j - 1). Adapters are put in
--- evaluation mode for the pass and back in training mode after it. In a data-parallel job each rank generates for every
--- world_size-th item and the ranks exchange their answers, so every rank returns the
--- whole result.
+-- evaluation mode for the pass and back in training mode after it. In a data-parallel
+-- job each rank generates for every world_size-th item and the ranks exchange their
+-- answers, so every rank returns the whole result.
 -- Returns { accuracy, correct, n, outputs = {text...}, passed = {bool...}, seconds,
 --           new_tokens, tokens_per_second }.
 function M.evaluate(mt, model, tok, items, opts)
