@@ -136,7 +136,8 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     if (opt->adapter && (st = mt_session_attach_adapter(ses, opt->adapter, opt->adapter_options,
                                                         opt->n_adapter_options, err)))
         goto done;
-    if ((st = mt_model_plan(m, opt->batch, opt->seq, 0, err))) goto done;
+    /* training steps need the activations planned; generation brings its own decoder */
+    if (!opt->generate && (st = mt_model_plan(m, opt->batch, opt->seq, 0, err))) goto done;
     size_t BT = (size_t)opt->batch * opt->seq;
     tokens = mt_malloc(BT * sizeof(int32_t), "tokens", err);
     targets = mt_malloc(BT * sizeof(int32_t), "targets", err);
@@ -163,14 +164,14 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     printf("moontune bench: %s, %zu parameters, batch %d x sequence %d%s, %s(%s backend)\n",
            opt->config_path ? opt->config_path : opt->shape, mt_config_num_params(&cfg), opt->batch,
            opt->seq, prompt, threads, ses->device);
-    printf("forward: %.2f GFLOP (linear %.2f, attention %.2f); parameters %.1f MiB, "
-           "activations %.1f MiB\n",
-           (linear + attention) * 1e-9, linear * 1e-9, attention * 1e-9,
-           mib(m->total_numel * sizeof(float)), mib(mt_model_plan_bytes(m)));
     if (opt->generate > 0) {
         st = bench_generate(m, opt, tokens, err);
         goto done;
     }
+    printf("forward: %.2f GFLOP (linear %.2f, attention %.2f); parameters %.1f MiB, "
+           "activations %.1f MiB\n",
+           (linear + attention) * 1e-9, linear * 1e-9, attention * 1e-9,
+           mib(m->total_numel * sizeof(float)), mib(mt_model_plan_bytes(m)));
     if (opt->adapter) {
         char label[64];
         snprintf(label, sizeof label, "adapter %s", opt->adapter);
