@@ -26,9 +26,16 @@
  * cblas_sgemm, which repacks the whole weight on every call (cpu_matmul_rows.c).
  * With fewer than MATMUL_ROWS_MIN inputs or outputs (LoRA's rank-r products) the
  * dot products are too short, or the columns too few to share between threads, and
- * sgemm stays faster. Measured in docs/speed.md. */
+ * sgemm stays faster. Only where the compiler targets AVX-512: its 32 vector registers
+ * hold the kernel's 16 accumulators; built for AVX2 or SSE2 they spill, and the kernel
+ * ran at 0.2-0.4x sgemm. Measured in docs/speed.md. */
 #define MATMUL_ROWS_MAX 32
 #define MATMUL_ROWS_MIN 64
+#ifdef __AVX512F__
+#define MATMUL_ROWS_PATH 1
+#else
+#define MATMUL_ROWS_PATH 0
+#endif
 
 void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
                 int trans_b, float alpha, float beta) {
@@ -46,8 +53,8 @@ void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, i
             cblas_sgemv(CblasRowMajor, CblasTrans, K, N, alpha, b, N, a, 1, beta, c, 1);
         return;
     }
-    if (!trans_a && trans_b && M <= MATMUL_ROWS_MAX && K >= MATMUL_ROWS_MIN &&
-        N >= MATMUL_ROWS_MIN) {
+    if (MATMUL_ROWS_PATH && !trans_a && trans_b && M <= MATMUL_ROWS_MAX &&
+        K >= MATMUL_ROWS_MIN && N >= MATMUL_ROWS_MIN) {
         cpu_matmul_rows_nt(c, a, b, M, N, K, alpha, beta);
         return;
     }
