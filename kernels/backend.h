@@ -3,7 +3,8 @@
  * Kernels know tensors and numbers only: no model names, no files, no Lua.
  * Every operation works on device pointers with explicit sizes, in the style
  * of llm.c; each argument carries its shape in a comment. All arrays are
- * row-major and contiguous. Compute is fp32 on the CPU backend.
+ * row-major and contiguous. Compute is fp32 on the CPU backend, except the optional
+ * int8 products generation asks for.
  *
  * Conventions for backward passes (as in Torch7's nn): a gradient argument
  * documented as "+=" is accumulated into (the caller zeroes it when a fresh
@@ -164,6 +165,17 @@ typedef struct mt_backend_ops {
     void (*dequantize_4bit)(mt_backend *be, float *out, const uint8_t *codes,
                             const uint8_t *absmax_q, const float *absmax2, const float *table,
                             float offset, int64_t first, int64_t n, int block, int block2);
+
+    /* ---- int8 weights for generation (optional: NULL where the backend has none) ----
+     * weight_int8_create: a copy of w (N,K) in int8, one scale per row, for products
+     * that tolerate quantisation (decoding; never training); NULL when this backend or
+     * this CPU has no int8 products for it (the caller keeps its fp32 product), or when
+     * w has a NaN or an infinity. matmul_int8: c (M,N) = a (M,K) · wᵀ with each row of a
+     * quantised on the fly to 8 bits (its own scale and zero point); returns 0, or
+     * nonzero with nothing written when it could not run (then use matmul). */
+    void *(*weight_int8_create)(mt_backend *be, const float *w, int N, int K);
+    void (*weight_int8_free)(mt_backend *be, void *w);
+    int (*matmul_int8)(mt_backend *be, float *c, const float *a, const void *w, int M);
 
     /* ---- data parallel (optional: NULL where the backend brings no collective library) ----
      * A communicator over the ranks of a data-parallel job for device memory (NCCL on

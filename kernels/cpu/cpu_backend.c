@@ -236,6 +236,21 @@ static void op_dequantize_4bit(mt_backend *be, float *out, const uint8_t *codes,
     cpu_dequantize_4bit(out, codes, absmax_q, absmax2, table, offset, first, n, block, block2);
 }
 
+static void *op_weight_int8_create(mt_backend *be, const float *w, int N, int K) {
+    (void)be;
+    return cpu_weight_int8_create(w, N, K);
+}
+
+static void op_weight_int8_free(mt_backend *be, void *w) {
+    (void)be;
+    cpu_weight_int8_free(w);
+}
+
+static int op_matmul_int8(mt_backend *be, float *c, const float *a, const void *w, int M) {
+    (void)be;
+    return cpu_matmul_int8(c, a, w, M);
+}
+
 static const mt_backend_ops cpu_ops = {
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -275,6 +290,9 @@ static const mt_backend_ops cpu_ops = {
     .softmax_stats = op_softmax_stats,
     .softmax_backward = op_softmax_backward,
     .dequantize_4bit = op_dequantize_4bit,
+    .weight_int8_create = op_weight_int8_create,
+    .weight_int8_free = op_weight_int8_free,
+    .matmul_int8 = op_matmul_int8,
 };
 
 mt_status mt_backend_cpu_init(mt_backend *be, int num_threads, mt_error *err) {

@@ -217,6 +217,142 @@ static void test_matmul_rows(void **state) {
     }
 }
 
+/* The int8 product's documented quantisation, naively and in double: weight groups of
+ * 32 inputs as codes on (max - min) / 255 steps from their minimum, input groups as
+ * integers in [-127, 127] times max |x| / 127, their products summed. */
+#define Q8_GROUP 32
+static void int8_reference(double *c, const float *a, const float *w, int M, int N, int K) {
+    for (int i = 0; i < M; i++)
+        for (int n = 0; n < N; n++) {
+            double sum = 0.0;
+            for (int k0 = 0; k0 < K; k0 += Q8_GROUP) {
+                const int k1 = k0 + Q8_GROUP < K ? k0 + Q8_GROUP : K;
+                float lo = w[(size_t)n * K + k0], hi = lo, amax = 0.0f;
+                for (int k = k0; k < k1; k++) {
+                    lo = fminf(lo, w[(size_t)n * K + k]);
+                    hi = fmaxf(hi, w[(size_t)n * K + k]);
+                    amax = fmaxf(amax, fabsf(a[(size_t)i * K + k]));
+                }
+                const float step = (hi - lo) / 255.0f, sa = amax / 127.0f;
+                for (int k = k0; k < k1; k++) {
+                    double code = step > 0.0f ? (double)lrintf((w[(size_t)n * K + k] - lo) / step) : 0.0;
+                    double q = sa > 0.0f ? (double)lrintf(a[(size_t)i * K + k] / sa) : 0.0;
+                    sum += ((double)step * code + lo) * ((double)sa * q);
+                }
+            }
+            c[(size_t)i * N + n] = sum;
+        }
+}
+
+static void int8_exact(double *c, const float *a, const float *w, int M, int N, int K) {
+    for (int i = 0; i < M; i++)
+        for (int n = 0; n < N; n++) {
+            double sum = 0.0;
+            for (int k = 0; k < K; k++) sum += (double)a[(size_t)i * K + k] * w[(size_t)n * K + k];
+            c[(size_t)i * N + n] = sum;
+        }
+}
+
+/* c (M,N) through the backend's int8 op; fails the test unless it ran. */
+static float *int8_product(const float *a, const void *q, int M, int N) {
+    float *c = fnan((size_t)M * N);
+    assert_int_equal(be.ops->matmul_int8(&be, c, a, q, M), 0);
+    return c;
+}
+
+/* Int8 weight products (generation): the documented quantisation, computed naively;
+ * exact on weights that lie on a 16-step grid per group (a GGUF's Q4 blocks) with inputs
+ * that are integers times a group scale; close to fp32 on anything; odd shapes on both
+ * sides of the panel (32 outputs), group (32 inputs) and row-block sizes; NaN rows;
+ * the same bits on 1 and 3 threads. */
+static void test_matmul_int8(void **state) {
+    (void)state;
+    assert_non_null(be.ops->weight_int8_create);
+    if (!cpu_int8_supported()) {
+        float w[64] = {0};
+        assert_null(be.ops->weight_int8_create(&be, w, 2, 32));
+        printf("  int8 products: this CPU has no AVX512-VNNI; the op declines (fp32 is used)\n");
+        return;
+    }
+    uint64_t rng = 11;
+    const int shapes[][3] = {{1, 1, 1},   {1, 32, 32},  {5, 31, 33},  {6, 33, 64},
+                             {7, 64, 100}, {32, 97, 577}, {33, 40, 31}, {11, 200, 96}};
+    const int saved = omp_get_max_threads();
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        double *ref = malloc(sizeof(double) * M * N), *got = malloc(sizeof(double) * M * N);
+        assert_non_null(ref);
+        assert_non_null(got);
+
+        /* any weights and inputs: the quantisation as documented, and near fp32 */
+        float *a = frand((size_t)M * K, &rng, -1, 1), *w = frand((size_t)N * K, &rng, -0.2f, 0.3f);
+        void *q = be.ops->weight_int8_create(&be, w, N, K);
+        assert_non_null(q);
+        float *c = int8_product(a, q, M, N);
+        for (int i = 0; i < M * N; i++) got[i] = c[i];
+        int8_reference(ref, a, w, M, N, K);
+        const double err_doc = mt_test_rel_err_d(got, ref, (size_t)M * N);
+        int8_exact(ref, a, w, M, N, K);
+        const double err_fp = mt_test_rel_err_d(got, ref, (size_t)M * N);
+        /* the same bits whatever the number of threads */
+        omp_set_num_threads(1);
+        float *one = int8_product(a, q, M, N);
+        omp_set_num_threads(3);
+        float *three = int8_product(a, q, M, N);
+        omp_set_num_threads(saved);
+        assert_memory_equal(one, c, sizeof(float) * M * N);
+        assert_memory_equal(three, c, sizeof(float) * M * N);
+        be.ops->weight_int8_free(&be, q);
+
+        /* weights on a Q4 grid (min + d · j, j in 0..15, both ends used) and inputs
+         * sa · integer (one of them ±127): nothing is lost but rounding */
+        for (int n = 0; n < N; n++)
+            for (int k0 = 0; k0 < K; k0 += Q8_GROUP) {
+                const float mn = -0.1f - 0.1f * mt_test_rand_uniform(&rng, 0, 1);
+                const float d = 0.001f + 0.02f * mt_test_rand_uniform(&rng, 0, 1);
+                for (int k = k0; k < K && k < k0 + Q8_GROUP; k++) {
+                    int j = k == k0 ? 0 : k == k0 + 1 ? 15 : (int)(16 * mt_test_rand_uniform(&rng, 0, 1)) % 16;
+                    w[(size_t)n * K + k] = mn + d * (float)j;
+                }
+            }
+        for (int i = 0; i < M; i++)
+            for (int k0 = 0; k0 < K; k0 += Q8_GROUP) {
+                const float sa = 0.01f + mt_test_rand_uniform(&rng, 0, 1);
+                for (int k = k0; k < K && k < k0 + Q8_GROUP; k++) {
+                    int v = k == k0 ? -127 : (int)(255 * mt_test_rand_uniform(&rng, 0, 1)) % 255 - 127;
+                    a[(size_t)i * K + k] = sa * (float)v;
+                }
+            }
+        q = be.ops->weight_int8_create(&be, w, N, K);
+        assert_non_null(q);
+        free(c);
+        c = int8_product(a, q, M, N);
+        for (int i = 0; i < M * N; i++) got[i] = c[i];
+        int8_exact(ref, a, w, M, N, K);
+        const double err_grid = mt_test_rel_err_d(got, ref, (size_t)M * N);
+
+        /* a row with a NaN gives NaN, and only there */
+        a[(size_t)(M / 2) * K + K / 2] = NAN;
+        free(c);
+        c = int8_product(a, q, M, N);
+        for (int i = 0; i < M; i++)
+            for (int n = 0; n < N; n++)
+                assert_true(isnan(c[(size_t)i * N + n]) == (i == M / 2));
+        be.ops->weight_int8_free(&be, q);
+        printf("  int8 M=%d N=%d K=%d: rel err %.1e against the documented quantisation, "
+               "%.1e against fp32, %.1e on a Q4 grid\n", M, N, K, err_doc, err_fp, err_grid);
+        assert_true(err_doc < 2e-6);
+        assert_true(err_fp < 2e-2);
+        assert_true(err_grid < 2e-6);
+        free(a), free(w), free(c), free(one), free(three), free(ref), free(got);
+    }
+    /* a weight with a NaN or an infinity stays fp32 */
+    float w[4 * 40];
+    for (int i = 0; i < 4 * 40; i++) w[i] = 0.01f * (float)i;
+    w[77] = INFINITY;
+    assert_null(be.ops->weight_int8_create(&be, w, 4, 40));
+}
+
 struct mm_ctx {
     float *a, *b, *c, *R;
     int M, N, K;
@@ -1291,6 +1427,7 @@ int main(void) {
         cmocka_unit_test(test_blas_core_choice),
         cmocka_unit_test(test_matmul_forward),
         cmocka_unit_test(test_matmul_rows),
+        cmocka_unit_test(test_matmul_int8),
         cmocka_unit_test(test_matmul_backward),
         cmocka_unit_test(test_bias),
         cmocka_unit_test(test_add_axpy),

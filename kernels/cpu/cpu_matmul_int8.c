@@ -1,0 +1,271 @@
+/* cpu_matmul_int8.c — products with 8-bit weights for generation (AVX512-VNNI).
+ *
+ * Decoding reads every weight once per step and does little arithmetic per byte, and
+ * fp32 FMAs do 16 multiply-adds per instruction where VNNI's vpdpbusd does 64 (unsigned
+ * bytes times signed bytes, four at a time into 16 int32 lanes). So a frozen weight
+ * gets an 8-bit copy and each input row is quantised on the fly, both in groups of
+ * GROUP = 32 inputs:
+ *   weight  w[n][k] ≈ d[n][g] · q[n][k] + mn[n][g],  q in [0, 255], mn the group's
+ *           minimum and d its range / 255. A GGUF's Q4_0/Q4_1 blocks are 32 weights on
+ *           a grid of 16 steps from their minimum, so they come out exact (q = 17 j,
+ *           up to fp32 rounding): the model multiplies by the weights it was given.
+ *   input   x[m][k] ≈ sa[m][g] · a[m][k],  a in [-127, 127], symmetric: a scale per
+ *           group keeps the few large inputs some channels carry (the SwiGLU output
+ *           before down_proj has them) from flattening the rest of the row.
+ * Then, per group, Σ_k w x ≈ d sa Σ_k q a + mn sa Σ_k a, the first sum exact in int32
+ * (vpdpbusd), the second known when the row is quantised; the groups add up in fp32.
+ *
+ * The weight is packed for vpdpbusd: panels of 32 output rows, and in a panel, for each
+ * 4 inputs, two vectors of 16 rows × 4 bytes, each group's d and mn beside. The
+ * micro-kernel broadcasts 4 bytes of an input row and multiplies them into 16 outputs
+ * at once, so no lane sums are needed at the end: MR input rows × 2 vectors of int32
+ * sums for the group, and as many fp32 accumulators. Every output is one thread's sum
+ * in a fixed order, so the result does not depend on the number of threads.
+ *
+ * The kernel is compiled for AVX512-VNNI with a target attribute whatever the build
+ * targets, and used only where the CPU has it (checked once at run time); elsewhere
+ * cpu_weight_int8_create returns NULL and the caller keeps its fp32 product. */
+#include "cpu_kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define INT8_KERNEL 1
+#include <immintrin.h>
+#else
+#define INT8_KERNEL 0
+#endif
+
+#define PANEL 32 /* output rows per packed panel: two vectors of 16 int32 lanes */
+#define GROUP 32 /* inputs per weight and input scale */
+#define MR 5     /* input rows per micro-kernel call: 4 · MR + 7 vector registers */
+
+struct cpu_weight_int8 {
+    int N, K;    /* the weight is (N,K) */
+    int Kp;      /* K rounded up to GROUP; the inputs there are 0 */
+    int panels;  /* ceil(N / PANEL) */
+    uint8_t *q;  /* panels × (Kp/4) × 2 vectors × 64 bytes */
+    float *d, *mn; /* panels × (Kp/GROUP) × PANEL: each group's step and minimum */
+};
+
+int cpu_int8_supported(void) {
+#if INT8_KERNEL
+    static int supported = -1;
+    if (supported < 0) {
+        __builtin_cpu_init();
+        supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vnni");
+    }
+    return supported;
+#else
+    return 0;
+#endif
+}
+
+void cpu_weight_int8_free(cpu_weight_int8 *w) {
+    if (!w) return;
+    free(w->q);
+    free(w->d);
+    free(w->mn);
+    free(w);
+}
+
+/* Weights [k0, k1) of row n (the rest of its group past K is 0 in q): its minimum,
+ * step and codes, into panel place. Returns 0 for a NaN or an infinity. */
+static int pack_group(cpu_weight_int8 *q, const float *row, int n, int k0, int k1) {
+    float lo = row[k0], hi = row[k0];
+    for (int k = k0; k < k1; k++) {
+        if (!isfinite(row[k])) return 0;
+        lo = row[k] < lo ? row[k] : lo;
+        hi = row[k] > hi ? row[k] : hi;
+    }
+    const float step = (hi - lo) / 255.0f;
+    const int groups = q->Kp / GROUP, panel = n / PANEL, r = n % PANEL;
+    const size_t at = ((size_t)panel * groups + k0 / GROUP) * PANEL + r;
+    q->d[at] = step;
+    q->mn[at] = lo;
+    uint8_t *codes = q->q + (size_t)panel * PANEL * q->Kp;
+    const int vec = r / 16, lane = r % 16;
+    for (int k = k0; k < k1; k++) {
+        /* (w - lo) / step, not · (1 / step), which rounds otherwise for some w */
+        long c = step > 0.0f ? lrintf((row[k] - lo) / step) : 0;
+        codes[((size_t)(k / 4) * 2 + vec) * 64 + lane * 4 + k % 4] =
+            (uint8_t)(c < 0 ? 0 : c > 255 ? 255 : c);
+    }
+    return 1;
+}
+
+cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K) {
+    if (!cpu_int8_supported() || N <= 0 || K <= 0 || K > INT32_MAX - GROUP) return NULL;
+    cpu_weight_int8 *q = calloc(1, sizeof *q);
+    if (!q) return NULL;
+    q->N = N;
+    q->K = K;
+    q->Kp = (K + GROUP - 1) / GROUP * GROUP;
+    q->panels = (N + PANEL - 1) / PANEL;
+    const size_t rows = (size_t)q->panels * PANEL, scales = rows * (size_t)(q->Kp / GROUP);
+    q->q = aligned_alloc(64, rows * (size_t)q->Kp); /* a multiple of 64: PANEL · Kp */
+    q->d = aligned_alloc(64, scales * sizeof(float));
+    q->mn = aligned_alloc(64, scales * sizeof(float));
+    if (!q->q || !q->d || !q->mn) {
+        cpu_weight_int8_free(q);
+        return NULL;
+    }
+    /* rows past N and inputs past K: code 0, step 0, minimum 0 */
+    memset(q->q, 0, rows * (size_t)q->Kp);
+    memset(q->d, 0, scales * sizeof(float));
+    memset(q->mn, 0, scales * sizeof(float));
+    int finite = 1;
+#pragma omp parallel for schedule(static) reduction(&& : finite)
+    for (int n = 0; n < N; n++)
+        for (int k0 = 0; k0 < K; k0 += GROUP)
+            finite = finite && pack_group(q, w + (size_t)n * K, n, k0, k0 + GROUP < K ? k0 + GROUP : K);
+    if (!finite) { /* the fp32 product keeps what a NaN or infinity in the weight does */
+        cpu_weight_int8_free(q);
+        return NULL;
+    }
+    return q;
+}
+
+int cpu_weight_int8_rows(const cpu_weight_int8 *w) { return w->N; }
+int cpu_weight_int8_cols(const cpu_weight_int8 *w) { return w->K; }
+
+#if INT8_KERNEL
+/* Row x (K) as a (Kp, 0 past K), and per group g its scale sa[g] and sa[g] · Σ a over
+ * the group in sb[g]; 0 when the row has a NaN or an infinity (its outputs become NaN). */
+static int quantize_row(const float *x, int K, int Kp, int8_t *a, float *sa, float *sb) {
+    for (int g0 = 0; g0 < Kp; g0 += GROUP) {
+        const int end = g0 + GROUP < K ? g0 + GROUP : K;
+        float amax = 0.0f;
+        for (int k = g0; k < end; k++) {
+            if (!isfinite(x[k])) return 0;
+            float v = fabsf(x[k]);
+            amax = v > amax ? v : amax;
+        }
+        const float s = amax / 127.0f;
+        int sum = 0;
+        for (int k = g0; k < g0 + GROUP; k++) {
+            long v = k < end && s > 0.0f ? lrintf(x[k] / s) : 0;
+            a[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+            sum += a[k];
+        }
+        sa[g0 / GROUP] = s;
+        sb[g0 / GROUP] = s * (float)sum;
+    }
+    return 1;
+}
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* Outputs c[i][0..nvalid) (nvalid <= PANEL) for quantised input rows a[0..mr) (each Kp
+ * bytes; sa, sb (mr, Kp / GROUP) as quantize_row makes them) against one packed panel:
+ * codes q, and d, mn (Kp / GROUP, PANEL). Inlined into a copy per mr, so that the
+ * accumulators stay in registers. */
+static inline __attribute__((always_inline)) VNNI void
+panel_rows(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q, const float *d,
+           const float *mn, const float *sa, const float *sb, int nvalid, const int mr) {
+    const int groups = Kp / GROUP;
+    __m512 acc[MR][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i sums[MR][2];
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) sums[i][0] = sums[i][1] = _mm512_setzero_si512();
+        const uint8_t *qg = q + (size_t)g * GROUP * PANEL;
+        const int8_t *ag = a + (size_t)g * GROUP;
+#pragma GCC unroll 8
+        for (int k4 = 0; k4 < GROUP / 4; k4++) {
+            const __m512i w0 = _mm512_load_si512(qg + (size_t)k4 * 128);
+            const __m512i w1 = _mm512_load_si512(qg + (size_t)k4 * 128 + 64);
+#pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) {
+                int32_t four;
+                memcpy(&four, ag + (size_t)i * Kp + (size_t)k4 * 4, 4);
+                const __m512i x = _mm512_set1_epi32(four);
+                sums[i][0] = _mm512_dpbusd_epi32(sums[i][0], w0, x);
+                sums[i][1] = _mm512_dpbusd_epi32(sums[i][1], w1, x);
+            }
+        }
+        const __m512 d0 = _mm512_load_ps(d + (size_t)g * PANEL), d1 = _mm512_load_ps(d + (size_t)g * PANEL + 16);
+        const __m512 m0 = _mm512_load_ps(mn + (size_t)g * PANEL), m1 = _mm512_load_ps(mn + (size_t)g * PANEL + 16);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const __m512 s = _mm512_set1_ps(sa[(size_t)i * groups + g]);
+            const __m512 b = _mm512_set1_ps(sb[(size_t)i * groups + g]);
+            acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[i][0]), _mm512_mul_ps(d0, s),
+                                        _mm512_fmadd_ps(m0, b, acc[i][0]));
+            acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[i][1]), _mm512_mul_ps(d1, s),
+                                        _mm512_fmadd_ps(m1, b, acc[i][1]));
+        }
+    }
+    for (int h = 0; h < 2; h++) {
+        const int first = h * 16, count = nvalid - first;
+        if (count <= 0) break;
+        const __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) _mm512_mask_storeu_ps(c + (size_t)i * ldc + first, mask, acc[i][h]);
+    }
+}
+
+static VNNI void panel_block(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q,
+                             const float *d, const float *mn, const float *sa, const float *sb,
+                             int nvalid, int mr) {
+    switch (mr) {
+#define ROWS(r) \
+    case r: panel_rows(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, r); break;
+        ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5)
+#undef ROWS
+    default: break;
+    }
+}
+_Static_assert(MR == 5, "panel_block has a case for each row count up to MR");
+#endif
+
+int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M) {
+#if INT8_KERNEL
+    const int N = w->N, K = w->K, Kp = w->Kp, groups = Kp / GROUP;
+    if (M <= 0) return 0;
+    int8_t *a = aligned_alloc(64, ((size_t)M * Kp + 63) & ~(size_t)63);
+    float *sa = malloc((size_t)M * groups * sizeof(float));
+    float *sb = malloc((size_t)M * groups * sizeof(float));
+    unsigned char *ok = malloc((size_t)M);
+    if (!a || !sa || !sb || !ok) {
+        free(a);
+        free(sa);
+        free(sb);
+        free(ok);
+        return -1;
+    }
+#pragma omp parallel if ((int64_t)M * N * K >= 262144)
+    {
+#pragma omp for schedule(static)
+        for (int m = 0; m < M; m++)
+            ok[m] = (unsigned char)quantize_row(x + (size_t)m * K, K, Kp, a + (size_t)m * Kp,
+                                                sa + (size_t)m * groups, sb + (size_t)m * groups);
+#pragma omp for schedule(static)
+        for (int p = 0; p < w->panels; p++) {
+            const int n0 = p * PANEL, nvalid = N - n0 < PANEL ? N - n0 : PANEL;
+            const size_t scales = (size_t)p * groups * PANEL;
+            for (int m0 = 0; m0 < M; m0 += MR)
+                panel_block(c + (size_t)m0 * N + n0, N, a + (size_t)m0 * Kp, Kp,
+                            w->q + (size_t)p * PANEL * Kp, w->d + scales, w->mn + scales,
+                            sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid,
+                            M - m0 < MR ? M - m0 : MR);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        if (!ok[m])
+            for (int n = 0; n < N; n++) c[(size_t)m * N + n] = NAN;
+    free(a);
+    free(sa);
+    free(sb);
+    free(ok);
+    return 0;
+#else
+    (void)c, (void)x, (void)w, (void)M;
+    return -1;
+#endif
+}
