@@ -54,7 +54,19 @@ struct mt_kv_decoder {
     unsigned char *seen;       /* (slots) for a step's check of distinct slots */
     float *scores;             /* (threads, capacity) */
     int threads;
+    /* the backend's int8 copies of the projections' weights (mt_kv_decoder_use_int8),
+     * per layer q, k, v, o, gate, up, down, then lm_head; NULL entries stay fp32 */
+    void **weight_int8;
 };
+
+/* The projections of m in the order of weight_int8; n = 7 · layers + 1. */
+#define DECODER_PROJECTIONS(c) (7 * (c)->num_layers + 1)
+static mt_linear *decoder_projection(mt_model *m, int i) {
+    if (i == 7 * m->cfg.num_layers) return &m->lm_head;
+    mt_layer *ly = &m->layers[i / 7];
+    mt_linear *const all[7] = {&ly->q, &ly->k, &ly->v, &ly->o, &ly->gate, &ly->up, &ly->down};
+    return all[i % 7];
+}
 
 static void carve_decoder(mt_kv_decoder *d, mt_carver *cv) {
     const mt_model_config *c = &d->m->cfg;
@@ -79,8 +91,37 @@ static void carve_decoder(mt_kv_decoder *d, mt_carver *cv) {
     d->positions = mt_carve(cv, R, sizeof(int32_t));
 }
 
+static void free_weight_int8(mt_kv_decoder *d) {
+    if (!d->weight_int8) return;
+    mt_backend *be = d->m->be;
+    for (int i = 0; i < DECODER_PROJECTIONS(&d->m->cfg); i++)
+        if (d->weight_int8[i]) be->ops->weight_int8_free(be, d->weight_int8[i]);
+    free(d->weight_int8);
+    d->weight_int8 = NULL;
+}
+
+int mt_kv_decoder_use_int8(mt_kv_decoder *d) {
+    mt_backend *be = d->m->be;
+    const int n = DECODER_PROJECTIONS(&d->m->cfg);
+    free_weight_int8(d);
+    if (!be->ops->weight_int8_create || !be->ops->matmul_int8 ||
+        !(d->weight_int8 = calloc((size_t)n, sizeof *d->weight_int8)))
+        return 0;
+    int made = 0;
+    for (int i = 0; i < n; i++) {
+        const mt_linear *lin = decoder_projection(d->m, i);
+        /* a released weight (QLoRA's) is the adapter's to multiply */
+        if (lin->weight &&
+            (d->weight_int8[i] = be->ops->weight_int8_create(be, lin->weight, lin->out, lin->in)))
+            made++;
+    }
+    if (!made) free_weight_int8(d);
+    return made;
+}
+
 void mt_kv_decoder_free(mt_kv_decoder *d) {
     if (!d) return;
+    free_weight_int8(d);
     if (d->dev_memory) d->m->be->ops->free(d->m->be, d->dev_memory);
     free(d->k_cache);
     free(d->v_cache);
@@ -273,8 +314,8 @@ static void cached_attention(mt_kv_decoder *d, float *att, const float *q, int l
  * d->hslot and d->hpos (already checked). Every row's key and value joins its slot's
  * cache before any row attends. logits (wanted,V), when not NULL, receives the logits
  * of the rows marked in d->hwant, in row order. Lengths are the caller's. */
-static mt_status run_rows(mt_kv_decoder *d, const int32_t *tokens, int n, float *logits,
-                          mt_error *err) {
+static mt_status run_rows_with_weights(mt_kv_decoder *d, const int32_t *tokens, int n,
+                                       float *logits, mt_error *err) {
     mt_model *m = d->m;
     mt_backend *be = m->be;
     const mt_model_config *c = &m->cfg;
@@ -342,6 +383,20 @@ static mt_status run_rows(mt_kv_decoder *d, const int32_t *tokens, int n, float 
         logits += (size_t)g * V;
     }
     return m->num_adapters ? mt_host_check("adapter forward", err) : MT_OK;
+}
+
+/* run_rows_with_weights with the projections multiplying through this decoder's int8
+ * weights where it has them, for this chunk only: the model's projections are shared
+ * with training, which must never see them. */
+static mt_status run_rows(mt_kv_decoder *d, const int32_t *tokens, int n, float *logits,
+                          mt_error *err) {
+    const int projections = DECODER_PROJECTIONS(&d->m->cfg);
+    for (int i = 0; d->weight_int8 && i < projections; i++)
+        decoder_projection(d->m, i)->weight_int8 = d->weight_int8[i];
+    mt_status st = run_rows_with_weights(d, tokens, n, logits, err);
+    for (int i = 0; d->weight_int8 && i < projections; i++)
+        decoder_projection(d->m, i)->weight_int8 = NULL;
+    return st;
 }
 
 static mt_status check_tokens(const mt_kv_decoder *d, const int32_t *tokens, int n, mt_error *err) {
@@ -717,6 +772,7 @@ mt_status mt_generate(mt_model *m, const mt_tokenizer *tok, const int32_t *promp
     if (!st && (!logits || !work)) st = MT_ERR_NOMEM;
     if (st) goto done;
     double t0 = mt_now_seconds();
+    out->int8 = opt->fp32 ? 0 : mt_kv_decoder_use_int8(d);
     if ((st = mt_kv_decoder_feed(d, 0, prompt, n_prompt, logits, err))) goto done;
     double t1 = mt_now_seconds();
     out->prefill_seconds = t1 - t0;
@@ -930,7 +986,15 @@ mt_status mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const int32_t 
     } else {
         for (int i = 0; i < n; i++) b.seq[i].out = &out[i];
         for (int s = 0; s < slots; s++) b.in_slot[s] = -1;
+        /* the int8 copies are made once for all sequences: each is booked its share */
+        const double t0 = mt_now_seconds();
+        const int int8 = opt->fp32 ? 0 : mt_kv_decoder_use_int8(b.d);
+        const double share = (mt_now_seconds() - t0) / n;
         st = batch_run(&b, err);
+        for (int i = 0; i < n; i++) {
+            out[i].int8 = int8;
+            out[i].prefill_seconds += share;
+        }
     }
     for (int i = 0; b.seq && i < n; i++) {
         free(b.seq[i].text);

@@ -31,6 +31,13 @@ typedef struct mt_kv_decoder mt_kv_decoder;
 mt_status mt_kv_decoder_create(mt_model *m, int slots, int capacity, int max_rows,
                                mt_kv_decoder **out, mt_error *err);
 void mt_kv_decoder_free(mt_kv_decoder *d);
+/* From now on the decoder multiplies by int8 copies of the projections' weights where
+ * the backend has int8 products (the CPU with AVX512-VNNI: kernels/backend.h), each
+ * made once, here, from the weights as they are now: the caller keeps the weights
+ * unchanged while it uses the decoder. Inputs are quantised per row on the fly, so the
+ * logits differ from fp32's by the two quantisations (docs/speed.md). Returns how many
+ * projections are in int8 (0: all stay fp32). */
+int mt_kv_decoder_use_int8(mt_kv_decoder *d);
 int mt_kv_decoder_slots(const mt_kv_decoder *d);
 int mt_kv_decoder_capacity(const mt_kv_decoder *d);
 /* Empties the cache of slot (in [0, slots); others are ignored): its next token is at
@@ -111,6 +118,7 @@ typedef struct mt_generate_options {
     int skip_special;        /* leave special tokens out of the text */
     mt_text_callback on_text; /* or NULL */
     void *user;
+    int fp32;                 /* 1: every product in fp32; 0: mt_kv_decoder_use_int8 */
 } mt_generate_options;
 
 typedef struct mt_generation {
@@ -124,6 +132,7 @@ typedef struct mt_generation {
     mt_stop_reason reason;
     int n_prompt;
     double prefill_seconds, decode_seconds; /* decode: every token after the first */
+    int int8;        /* projections multiplied in int8 (mt_kv_decoder_use_int8), 0: fp32 */
 } mt_generation;
 
 /* Generates from the prompt ids with a cache sized for prompt + max_new_tokens.

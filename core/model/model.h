@@ -91,6 +91,9 @@ struct mt_linear {
     float *grad_weight; /* (out,in) or NULL when frozen */
     float *grad_bias;   /* (out) or NULL */
     float *weight_memory; /* where weight lives when not released */
+    /* The backend's int8 copy of weight while a decoder that made one runs (generation
+     * only), else NULL: the base forward then multiplies in int8 (kernels/backend.h). */
+    const void *weight_int8;
     /* An adapter's computation replacing this projection, or NULL for the base layer. */
     const struct mt_linear_impl *impl;
     void *impl_self;

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "model/generate.h"
+#include "cpu/cpu_kernels.h" /* cpu_int8_supported */
 #include "base/internal.h"
 #include "lua/lua_state.h"
 #include "model/model.h"
@@ -159,9 +160,40 @@ static void test_smollm2_matches_transformers(void **state) {
         free(scratch);
         assert_true(worst < 1e-3);
 
+        /* the same prompt through int8 weight products (generation's default): the
+         * GGUF's Q4 weights are multiplied exactly, the inputs rounded to 8 bits per
+         * group of 32, so the logits move by about 1% of their range; the greedy token
+         * stays among fp32's top 5 */
+        mt_kv_decoder *d8 = NULL;
+        if (mt_kv_decoder_create(m, 1, n_prompt, 0, &d8, &err)) fail_msg("%s", err.msg);
+        const int int8 = mt_kv_decoder_use_int8(d8);
+        float *logits8 = malloc((size_t)V * sizeof(float));
+        assert_non_null(logits8);
+        if (mt_kv_decoder_feed(d8, 0, prompt, n_prompt, logits8, &err)) fail_msg("%s", err.msg);
+        double err8 = 0.0, range = 0.0;
+        for (int i = 0; i < V; i++) {
+            err8 = fmax(err8, fabs((double)logits8[i] - logits[i]));
+            range = fmax(range, fabs((double)logits[i]));
+        }
+        const int32_t top8 = mt_argmax(logits8, V);
+        int in_top5 = 0;
+        for (size_t k = 0; k < 5; k++) in_top5 |= top8 == json_integer_value(json_array_get(top_ids, k));
+        printf("  prompt %zu, %d projections in int8: logits within %.2e of fp32's range, greedy id "
+               "%d %s fp32's top 5\n", p, int8, err8 / range, top8, in_top5 ? "in" : "NOT in");
+        if (cpu_int8_supported()) {
+            assert_int_equal(int8, 7 * c->num_layers + 1);
+            assert_true(err8 > 0.0 && err8 / range < 0.1);
+            assert_true(in_top5);
+        } else {
+            assert_int_equal(int8, 0);
+            assert_memory_equal(logits8, logits, (size_t)V * sizeof(float));
+        }
+        free(logits8);
+        mt_kv_decoder_free(d8);
+
         /* greedy generation: 40 tokens, EOS not stopping the run (as the reference) */
         int n_gen = new_tokens(n_ref);
-        mt_generate_options opt = {.max_new_tokens = n_gen};
+        mt_generate_options opt = {.max_new_tokens = n_gen, .fp32 = 1};
         mt_generation gen;
         if (mt_generate(m, NULL, prompt, n_prompt, &opt, &gen, &err)) fail_msg("%s", err.msg);
         assert_int_equal(gen.n_ids, n_gen);
@@ -197,7 +229,7 @@ static void test_smollm2_matches_transformers(void **state) {
             int32_t eos = mt_tokenizer_eos(tok);
             streamed s = {.len = 0};
             mt_generate_options o2 = {.max_new_tokens = 16, .stop_ids = &eos, .n_stop_ids = 1,
-                                      .on_text = collect, .user = &s};
+                                      .on_text = collect, .user = &s, .fp32 = 1};
             mt_generation g2;
             if (mt_generate(m, tok, prompt, n_prompt, &o2, &g2, &err)) fail_msg("%s", err.msg);
             printf("  streamed: \"%s\" (%d pieces)\n", s.buf, s.calls);
@@ -209,7 +241,8 @@ static void test_smollm2_matches_transformers(void **state) {
             const char *stop = "Paris";
             streamed s3 = {.len = 0};
             mt_generate_options o3 = {.max_new_tokens = 16, .stop_strings = &stop,
-                                      .n_stop_strings = 1, .on_text = collect, .user = &s3};
+                                      .n_stop_strings = 1, .on_text = collect, .user = &s3,
+                                      .fp32 = 1};
             if (mt_generate(m, tok, prompt, n_prompt, &o3, &g2, &err)) fail_msg("%s", err.msg);
             assert_int_equal(g2.reason, MT_STOP_STRING);
             assert_string_equal(g2.text, "The capital of France is ");
@@ -230,7 +263,7 @@ static void test_smollm2_matches_transformers(void **state) {
     printf("  SmolLM2-135M generation: %.1f tokens/s (mean of 3 prompts, %d threads)\n",
            tok_s_sum / 3.0, be.num_threads);
     /* the 3 prompts batched in 2 slots: the same greedy ids as one by one */
-    mt_generate_options bopt = {.max_new_tokens = kept_gen_n[0]};
+    mt_generate_options bopt = {.max_new_tokens = kept_gen_n[0], .fp32 = 1};
     mt_generation batch[3];
     double t_batch = mt_now_seconds();
     if (mt_generate_batch(m, NULL, (const int32_t *const *)kept_prompt, kept_n, 3, 2, &bopt, batch,
@@ -301,6 +334,76 @@ static void test_tiny_prefill_and_steps_match_forward(void **state) {
     mt_kv_decoder_free(d);
     free(logits);
     free(full);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+}
+
+/* Int8 weight products in the decoder: used where the CPU has them (every projection),
+ * close to fp32 but not its bits, only while the decoder runs (the model's projections
+ * are left as training needs them), and not at all with opt.fp32. */
+static void test_int8_decoding(void **state) {
+    (void)state;
+    mt_backend be;
+    mt_model *m = load_tiny(&be);
+    mt_error err = {0};
+    const int T = 19, V = m->cfg.vocab_size;
+    const int projections = 7 * m->cfg.num_layers + 1;
+    int32_t ids[19];
+    uint64_t rng = 5;
+    for (int i = 0; i < T; i++) ids[i] = (int32_t)(mt_test_rand_u64(&rng) % (uint64_t)V);
+    mt_kv_decoder *d32 = NULL, *d8 = NULL;
+    assert_int_equal(mt_kv_decoder_create(m, 2, T, 0, &d32, &err), MT_OK);
+    assert_int_equal(mt_kv_decoder_create(m, 2, T, 0, &d8, &err), MT_OK);
+    const int made = mt_kv_decoder_use_int8(d8);
+    float *a = malloc((size_t)V * sizeof(float)), *b = malloc((size_t)V * sizeof(float));
+    assert_non_null(a);
+    assert_non_null(b);
+    double worst = 0.0;
+    int same_bits = 1;
+    for (int t = 0; t < T; t++) { /* a prefill of 7, then one at a time */
+        const int n = t == 0 ? 7 : 1;
+        if (t > 0 && t < 7) continue;
+        assert_int_equal(mt_kv_decoder_feed(d32, 0, ids + t, n, a, &err), MT_OK);
+        assert_int_equal(mt_kv_decoder_feed(d8, 0, ids + t, n, b, &err), MT_OK);
+        const double e = mt_test_rel_err(b, a, (size_t)V);
+        worst = e > worst ? e : worst;
+        same_bits = same_bits && !memcmp(a, b, (size_t)V * sizeof(float));
+    }
+    printf("  tiny_gqa: %d of %d projections in int8; logits within %.2e of fp32's\n", made,
+           projections, worst);
+    /* nothing of the decoder's stays on the model */
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        const mt_layer *ly = &m->layers[l];
+        assert_true(!ly->q.weight_int8 && !ly->k.weight_int8 && !ly->v.weight_int8 &&
+                    !ly->o.weight_int8 && !ly->gate.weight_int8 && !ly->up.weight_int8 &&
+                    !ly->down.weight_int8);
+    }
+    assert_null(m->lm_head.weight_int8);
+    const int32_t prompt[4] = {1, 17, 42, 5};
+    mt_generate_options opt = {.max_new_tokens = 3};
+    mt_generation g;
+    assert_int_equal(mt_generate(m, NULL, prompt, 4, &opt, &g, &err), MT_OK);
+    const int default_int8 = g.int8;
+    mt_generation_free(&g);
+    opt.fp32 = 1;
+    assert_int_equal(mt_generate(m, NULL, prompt, 4, &opt, &g, &err), MT_OK);
+    assert_int_equal(g.int8, 0);
+    mt_generation_free(&g);
+    if (cpu_int8_supported()) {
+        assert_int_equal(made, projections);
+        assert_int_equal(default_int8, projections);
+        assert_false(same_bits);
+        assert_true(worst < 0.08); /* measured 3.9e-2: random weights, not a Q4 grid */
+    } else {
+        printf("  (this CPU has no AVX512-VNNI: the decoder stays fp32)\n");
+        assert_int_equal(made, 0);
+        assert_int_equal(default_int8, 0);
+        assert_true(same_bits);
+    }
+    free(a);
+    free(b);
+    mt_kv_decoder_free(d32);
+    mt_kv_decoder_free(d8);
     mt_model_free(m);
     mt_backend_cpu_shutdown(&be);
 }
@@ -910,6 +1013,7 @@ static void test_gguf_errors(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_prefill_and_steps_match_forward),
+        cmocka_unit_test(test_int8_decoding),
         cmocka_unit_test(test_sampling),
         cmocka_unit_test(test_decoder_step_matches_single_slot),
         cmocka_unit_test(test_batch_matches_generate),
