@@ -49,7 +49,9 @@
 --                  run ends beyond the bound, restore that checkpoint)
 --   task_eval      generate an answer for each held-out chat request before and after
 --                  training and report the exact-match accuracy; task_samples: how
---                  many (0 = all); max_new_tokens, gen_batch: answer length, batch
+--                  many (0 = all); max_new_tokens, gen_batch: answer length, batch;
+--                  gen_int8 = false: generate in fp32 (default: int8 weight products
+--                  where the CPU has them)
 --   allow_leakage  accept held-out examples that also occur in the training data (the
 --                  data checks refuse them otherwise)
 --   export         what the trained model becomes under out_dir/export/, a comma list:
@@ -92,6 +94,7 @@ local cfg = mt.config({
   task_samples = 0,
   max_new_tokens = 128,
   gen_batch = 16,
+  gen_int8 = true,
   allow_leakage = false,
   export = "peft",
   export_dtype = "f16",

@@ -29,6 +29,8 @@
 --   eval_every, patience   held-out loss every N steps; early stopping after
 --                  `patience` evaluations without improvement (0 = never)
 --   gen_batch, max_new_tokens   sequences generated together, answer length cap
+--   gen_int8       generate with int8 weight products where the CPU has them (false:
+--                  fp32 throughout; docs/speed.md)
 --   samples        sample answers printed before and after
 --   export         write the PEFT adapter, merged model and GGUF (false: skip)
 local mt = require("moontune")
@@ -51,6 +53,7 @@ local cfg = mt.config({
   patience = 2,
   gen_batch = 32,
   max_new_tokens = 64,
+  gen_int8 = true,
   samples = 3,
   export = true,
   out_dir = "runs/quickstart",
@@ -84,11 +87,12 @@ local function measure(label, heldout_loss)
   heldout_loss = heldout_loss or mt.evaluate(model, heldout).loss
   local gen = mt.evaluate(model, general)
   local task = tasks.evaluate(mt, model, tok, items, { max_new_tokens = cfg.max_new_tokens,
-                                                      batch = cfg.gen_batch })
+                                                      batch = cfg.gen_batch, int8 = cfg.gen_int8 })
   print(string.format("%s: held-out loss %.4f, task accuracy %.1f%% (%d/%d exact), " ..
-                      "general perplexity %.3f  [%.0f s; generation %.0f tokens/s]",
+                      "general perplexity %.3f  [%.0f s; generation %.0f tokens/s, %s]",
                       label, heldout_loss, 100 * task.accuracy, task.correct, task.n,
-                      gen.perplexity, mt.now() - t, task.tokens_per_second))
+                      gen.perplexity, mt.now() - t, task.tokens_per_second,
+                      task.int8 > 0 and "int8 weights" or "fp32"))
   for i = 1, math.min(cfg.samples, #items) do
     print(string.format("  [%s] %s\n    -> %s", task.passed[i] and "ok" or "wrong",
                         items[i].prompt, task.outputs[i]))

@@ -86,7 +86,7 @@ static mt_status bench_generate(mt_model *m, const mt_bench_options *opt, const 
         prompts[b] = tokens + (size_t)b * T;
         lengths[b] = T;
     }
-    const mt_generate_options gen = {.max_new_tokens = opt->generate};
+    const mt_generate_options gen = {.max_new_tokens = opt->generate, .fp32 = opt->fp32};
     const double t0 = mt_now_seconds();
     if (!st) st = mt_generate_batch(m, NULL, prompts, lengths, B, B, &gen, out, err);
     const double seconds = mt_now_seconds() - t0;
@@ -101,10 +101,10 @@ static mt_status bench_generate(mt_model *m, const mt_bench_options *opt, const 
         /* each sequence's first token comes with its prompt; the others are decoded */
         printf("generate: %d prompts of %d ids, %ld tokens in %.2f s: prompts %.1f tokens/s, "
                "decoding %.1f tokens/s (%d rows a step), %.1f generated tokens/s overall; "
-               "peak RSS %.0f MiB\n",
+               "%d projections in int8; peak RSS %.0f MiB\n",
                B, T, generated, seconds, (double)B * T / prefill,
                decode > 0.0 ? (double)(generated - B) / decode : 0.0, /* --generate 1: none */
-               B, (double)generated / seconds, mib(mt_peak_rss_bytes()));
+               B, (double)generated / seconds, out[0].int8, mib(mt_peak_rss_bytes()));
     }
     for (int b = 0; out && b < B; b++) mt_generation_free(&out[b]);
     free(prompts);

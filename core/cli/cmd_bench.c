@@ -37,11 +37,13 @@ static void usage(FILE *out) {
             "  --generate N     instead of training steps: greedy generation of N tokens\n"
             "                   for each of --batch prompts of --seq random ids, all\n"
             "                   sequences together (continuous batching); reports the\n"
-            "                   prompts' and the generated tokens' rates\n");
+            "                   prompts' and the generated tokens' rates\n"
+            "  --fp32           with --generate: every product in fp32 (default: the\n"
+            "                   weights in int8 where the CPU has AVX512-VNNI)\n");
 }
 
 enum { OPT_SHAPE = 256, OPT_CONFIG, OPT_MODE, OPT_BATCH, OPT_SEQ, OPT_STEPS, OPT_WARMUP,
-       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION, OPT_PROMPT, OPT_GENERATE };
+       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION, OPT_PROMPT, OPT_GENERATE, OPT_FP32 };
 
 static const struct option options[] = {
     {"help", no_argument, NULL, MT_CLI_HELP},
@@ -57,6 +59,7 @@ static const struct option options[] = {
     {"adapter", required_argument, NULL, OPT_ADAPTER},
     {"adapter-option", required_argument, NULL, OPT_ADAPTER_OPTION},
     {"generate", required_argument, NULL, OPT_GENERATE},
+    {"fp32", no_argument, NULL, OPT_FP32},
     MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
@@ -103,6 +106,7 @@ int mt_cmd_bench(int argc, char **argv) {
             }
             break;
         case OPT_ADAPTER: opt.adapter = v; break;
+        case OPT_FP32: opt.fp32 = 1; break;
         case MT_CLI_DEVICE: opt.device = v; break;
         case OPT_ADAPTER_OPTION:
             if (mt_cli_adapter_option(&adapter_options, flag, v, &err)) goto refused;

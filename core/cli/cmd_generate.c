@@ -36,6 +36,8 @@ static void usage(FILE *out) {
             "  --top-p P              1 = off (default 1)\n"
             "  --seed S               sampling seed (default 42)\n"
             "  --stop STR             stop before this text (repeatable, up to 8)\n"
+            "  --fp32                 every product in fp32 (default: the weights in int8 where\n"
+            "                         the CPU has AVX512-VNNI, inputs quantised per row)\n"
             "  --device D             cpu | cuda (default: cuda where a CUDA device is usable,\n"
             "                         else cpu)\n"
             "  --threads N            CPU threads (default: OpenMP's)\n");
@@ -46,6 +48,7 @@ typedef struct gen_args {
     const char *stops[8];
     int n_stops;
     int max_new_tokens, threads;
+    int fp32;
     mt_sampling sampling;
 } gen_args;
 
@@ -151,7 +154,8 @@ static int run(const gen_args *a) {
                                .stop_strings = a->stops,
                                .n_stop_strings = a->n_stops,
                                .skip_special = 1,
-                               .on_text = stream};
+                               .on_text = stream,
+                               .fp32 = a->fp32};
     fprintf(stderr, "moontune generate: %s%s%s (%s, %zu parameters, loaded in %.1f s), template %s, "
             "%zu prompt tokens, on %s",
             a->model, a->adapter ? " + adapter " : "", a->adapter ? a->adapter : "",
@@ -165,9 +169,10 @@ static int run(const gen_args *a) {
     fflush(stdout);
     fprintf(stderr,
             "moontune generate: %d tokens (stop: %s); prefill %.1f tokens/s, generation "
-            "%.1f tokens/s\n",
+            "%.1f tokens/s; %d projections in int8\n",
             gen.n_ids, reasons[gen.reason], gen.prefill_seconds > 0 ? ids.n / gen.prefill_seconds : 0.0,
-            gen.n_ids > 1 && gen.decode_seconds > 0 ? (gen.n_ids - 1) / gen.decode_seconds : 0.0);
+            gen.n_ids > 1 && gen.decode_seconds > 0 ? (gen.n_ids - 1) / gen.decode_seconds : 0.0,
+            gen.int8);
     rc = 0;
 done:
     if (rc) fprintf(stderr, "moontune generate: %s\n", err.msg);
@@ -179,7 +184,8 @@ done:
 }
 
 enum { OPT_MODEL = 256, OPT_ADAPTER, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE, OPT_STOP,
-       OPT_MAX_NEW_TOKENS, OPT_THREADS, OPT_TOP_K, OPT_TEMPERATURE, OPT_TOP_P, OPT_SEED };
+       OPT_MAX_NEW_TOKENS, OPT_THREADS, OPT_TOP_K, OPT_TEMPERATURE, OPT_TOP_P, OPT_SEED,
+       OPT_FP32 };
 
 static const struct option options[] = {
     {"help", no_argument, NULL, MT_CLI_HELP},
@@ -189,6 +195,7 @@ static const struct option options[] = {
     {"system", required_argument, NULL, OPT_SYSTEM},
     {"template", required_argument, NULL, OPT_TEMPLATE},
     {"stop", required_argument, NULL, OPT_STOP},
+    {"fp32", no_argument, NULL, OPT_FP32},
     {"max-new-tokens", required_argument, NULL, OPT_MAX_NEW_TOKENS},
     {"threads", required_argument, NULL, OPT_THREADS},
     {"top-k", required_argument, NULL, OPT_TOP_K},
@@ -228,6 +235,7 @@ int mt_cmd_generate(int argc, char **argv) {
         case OPT_PROMPT: a.prompt = v; break;
         case OPT_SYSTEM: a.system = v; break;
         case OPT_TEMPLATE: a.template_name = v; break;
+        case OPT_FP32: a.fp32 = 1; break;
         case OPT_STOP:
             if (!*v || a.n_stops == 8) {
                 fprintf(stderr, "moontune generate: --stop takes a non-empty string, at most 8 times\n");

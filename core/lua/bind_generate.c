@@ -91,12 +91,13 @@ static void set_id_list(lua_State *L, const char *key, const int32_t *ids, int n
 static void push_generation(lua_State *L, const mt_generation *g, const int32_t *prompt_ids) {
     static const char *const reasons[] = {"length", "eos", "stop_string", "callback", "context"};
     lua_pushlstring(L, g->text ? g->text : "", g->text ? g->text_len : 0);
-    lua_createtable(L, 0, prompt_ids ? 8 : 5);
+    lua_createtable(L, 0, prompt_ids ? 9 : 6);
     bind_set_int(L, "prompt_tokens", g->n_prompt);
     bind_set_int(L, "new_tokens", g->n_ids);
     bind_set_str(L, "reason", (unsigned)g->reason < 5 ? reasons[g->reason] : "?");
     bind_set_num(L, "prefill_seconds", g->prefill_seconds);
     bind_set_num(L, "decode_seconds", g->decode_seconds);
+    bind_set_int(L, "int8", g->int8);
     if (!prompt_ids) return;
     set_id_list(L, "prompt_ids", prompt_ids, g->n_prompt);
     set_id_list(L, "ids", g->ids, g->n_ids);
@@ -109,7 +110,9 @@ static void push_generation(lua_State *L, const mt_generation *g, const int32_t 
 }
 
 /* mt.generate(model, tok, prompt, {template=, system=, max_new_tokens=, temperature=,
- * top_k=, top_p=, seed=, stop={...}, batch=, ids=}) -> text, info
+ * top_k=, top_p=, seed=, stop={...}, batch=, ids=, int8=}) -> text, info
+ * int8 (default true, false with ids = true): the projections in int8 where the CPU can
+ * (mt_kv_decoder_use_int8); info.int8 says how many were.
  * mt.generate(model, tok, {prompt, ...}, opts) -> {text, ...}, {info, ...}: decoded
  * together, opts.batch (default 16) sequences at a time; prompt i samples with seed + i - 1. */
 static int l_generate(lua_State *L) {
@@ -128,6 +131,9 @@ static int l_generate(lua_State *L) {
     go.sampling.seed = bind_opt_seed(L, 4, "seed", 0);
     go.skip_special = 1;
     const int with_ids = bind_opt_bool(L, 4, "ids", 0);
+    /* with ids the log-probabilities are asked for (reinforcement learning): by default
+     * they come from the fp32 model, the one training computes */
+    go.fp32 = !bind_opt_bool(L, 4, "int8", !with_ids);
     lua_Integer slots = bind_opt_int_in(L, 4, "batch", MT_GENERATE_SLOTS, &MT_LIMIT_GENERATE_SLOTS);
     if (slots < 1) return luaL_error(L, "option 'batch': %I sequences at a time: must be >= 1", slots);
     const char **stops = NULL;

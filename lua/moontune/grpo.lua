@@ -40,6 +40,9 @@
 --   max_new_tokens = 128, temperature = 1.0, top_p = 1.0, top_k = 0
 --   template, stop         as mt.generate takes them
 --   generate_batch = 16    sequences decoded together
+--   int8 = false           rollouts with int8 weight products (mt.generate): faster, but
+--                          the sampling log-probabilities (the loss's old_logps) then
+--                          come from another model than the policy the loss computes
 --   seed = 0, shuffle = true
 --   scale_rewards = true   advantage = (r - mean) / (std + 1e-4) over the group (std with
 --                          Bessel's correction, as torch.std); false: r - mean (Dr. GRPO)
@@ -247,7 +250,7 @@ function M.rollouts(mt, cfg)
           system = system, template = c.template, stop = c.stop,
           max_new_tokens = c.max_new_tokens or 128, temperature = c.temperature or 1.0,
           top_p = c.top_p or 1.0, top_k = c.top_k or 0, batch = c.generate_batch or 16, ids = true,
-          seed = seed_of(row),
+          seed = seed_of(row), int8 = c.int8 == true,
         })
         for j = 1, #list do texts[row + j - 1], infos[row + j - 1] = out[j], info[j] end
         row = last

@@ -46,13 +46,14 @@ end
 -- Generates greedily for every item (batched; items sharing a system prompt go
 -- together) and scores each with opts.metric(output, reference) (default exact_match).
 -- opts: metric, max_new_tokens (default 128), batch (sequences decoded together,
--- default 16), template; temperature and seed sample instead (mt.generate: the item at
+-- default 16), template, int8 (default true: int8 weight products where the CPU has
+-- them, mt.generate); temperature and seed sample instead (mt.generate: the item at
 -- position j of its system-prompt group draws with seed + j - 1). Adapters are put in
 -- evaluation mode for the pass and back in training mode after it. In a data-parallel
 -- job each rank generates for every world_size-th item and the ranks exchange their
 -- answers, so every rank returns the whole result.
 -- Returns { accuracy, correct, n, outputs = {text...}, passed = {bool...}, seconds,
---           new_tokens, tokens_per_second }.
+--           new_tokens, tokens_per_second, int8 (projections multiplied in int8) }.
 function M.evaluate(mt, model, tok, items, opts)
   opts = opts or {}
   local metric = opts.metric or M.exact_match
@@ -73,18 +74,19 @@ function M.evaluate(mt, model, tok, items, opts)
     ::next_item::
   end
   model:set_training(false)
-  local outputs, new_tokens = {}, 0
+  local outputs, new_tokens, int8 = {}, 0, 0
   local ok, err = pcall(function()
     for _, key in ipairs(order) do
       local g = groups[key]
       local texts, infos = mt.generate(model, tok, g.prompts, {
         system = g.system, template = opts.template,
         max_new_tokens = opts.max_new_tokens or 128, batch = opts.batch or 16,
-        temperature = opts.temperature, seed = opts.seed,
+        temperature = opts.temperature, seed = opts.seed, int8 = opts.int8 ~= false,
       })
       for j, text in ipairs(texts) do
         outputs[g.index[j]] = text
         new_tokens = new_tokens + infos[j].new_tokens
+        int8 = math.max(int8, infos[j].int8)
       end
     end
   end)
@@ -106,7 +108,7 @@ function M.evaluate(mt, model, tok, items, opts)
     accuracy = #items > 0 and correct / #items or 0,
     correct = correct, n = #items, outputs = outputs, passed = passed,
     seconds = seconds, new_tokens = new_tokens,
-    tokens_per_second = seconds > 0 and new_tokens / seconds or 0,
+    tokens_per_second = seconds > 0 and new_tokens / seconds or 0, int8 = int8,
   }
 end
 
