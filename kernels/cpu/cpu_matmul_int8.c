@@ -34,8 +34,11 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define INT8_KERNEL 1
 #include <immintrin.h>
+/* what the kernel's functions are compiled for, whatever the build targets */
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #else
 #define INT8_KERNEL 0
+#define VNNI
 #endif
 
 #define PANEL 32 /* output rows per packed panel: two vectors of 16 int32 lanes */
@@ -73,8 +76,9 @@ void cpu_weight_int8_free(cpu_weight_int8 *w) {
 }
 
 /* Weights [k0, k1) of row n (the rest of its group past K is 0 in q): its minimum,
- * step and codes, into panel place. Returns 0 for a NaN or an infinity. */
-static int pack_group(cpu_weight_int8 *q, const float *row, int n, int k0, int k1) {
+ * step and codes, into panel place. Returns 0 for a NaN or an infinity. For the
+ * target, so that rintf is one instruction (this runs for every weight). */
+static VNNI int pack_group(cpu_weight_int8 *q, const float *row, int n, int k0, int k1) {
     float lo = row[k0], hi = row[k0];
     for (int k = k0; k < k1; k++) {
         if (!isfinite(row[k])) return 0;
@@ -90,9 +94,9 @@ static int pack_group(cpu_weight_int8 *q, const float *row, int n, int k0, int k
     const int vec = r / 16, lane = r % 16;
     for (int k = k0; k < k1; k++) {
         /* (w - lo) / step, not · (1 / step), which rounds otherwise for some w */
-        long c = step > 0.0f ? lrintf((row[k] - lo) / step) : 0;
+        float c = step > 0.0f ? rintf((row[k] - lo) / step) : 0.0f; /* as lrintf */
         codes[((size_t)(k / 4) * 2 + vec) * 64 + lane * 4 + k % 4] =
-            (uint8_t)(c < 0 ? 0 : c > 255 ? 255 : c);
+            (uint8_t)(c < 0.0f ? 0 : c > 255.0f ? 255 : (int)c);
     }
     return 1;
 }
@@ -133,31 +137,39 @@ int cpu_weight_int8_rows(const cpu_weight_int8 *w) { return w->N; }
 int cpu_weight_int8_cols(const cpu_weight_int8 *w) { return w->K; }
 
 #if INT8_KERNEL
-/* Row x (K) as a (Kp, 0 past K), and per group g its scale sa[g] and sa[g] · Σ a over
- * the group in sb[g]; 0 when the row has a NaN or an infinity (its outputs become NaN). */
-static int quantize_row(const float *x, int K, int Kp, int8_t *a, float *sa, float *sb) {
+/* Row x (K) as a (Kp, 0 past K), and per group g its scale sa[g] = max |x| / 127 and
+ * sa[g] · Σ a over the group in sb[g], a = round(x / sa[g]) (to nearest even, as lrintf
+ * rounds); 0 when the row has a NaN or an infinity (its outputs become NaN). Two
+ * vectors per group: this runs once per input row and projection, and called lrintf
+ * per input it cost as much as the products of the small projections. */
+static VNNI int quantize_row(const float *x, int K, int Kp, int8_t *a, float *sa, float *sb) {
+    const __m512 zero = _mm512_setzero_ps();
     for (int g0 = 0; g0 < Kp; g0 += GROUP) {
-        const int end = g0 + GROUP < K ? g0 + GROUP : K;
-        float amax = 0.0f;
-        for (int k = g0; k < end; k++) {
-            if (!isfinite(x[k])) return 0;
-            float v = fabsf(x[k]);
-            amax = v > amax ? v : amax;
+        const int n = K - g0 < GROUP ? K - g0 : GROUP; /* >= 1: Kp is K rounded up */
+        const __mmask16 m0 = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+        const __mmask16 m1 = n >= 32 ? (__mmask16)0xFFFF : n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+        const __m512 v0 = _mm512_maskz_loadu_ps(m0, x + g0), v1 = _mm512_maskz_loadu_ps(m1, x + g0 + 16);
+        /* v - v is NaN exactly for a NaN or an infinity */
+        if (_mm512_cmp_ps_mask(_mm512_sub_ps(v0, v0), zero, _CMP_NEQ_UQ) |
+            _mm512_cmp_ps_mask(_mm512_sub_ps(v1, v1), zero, _CMP_NEQ_UQ))
+            return 0;
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float scale = amax / 127.0f;
+        __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
+        if (scale > 0.0f) {
+            const __m512 s = _mm512_set1_ps(scale);
+            const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+            /* x / s, not x · (1 / s), which rounds otherwise for some x */
+            q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v0, s)), lo), hi);
+            q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v1, s)), lo), hi);
         }
-        const float s = amax / 127.0f;
-        int sum = 0;
-        for (int k = g0; k < g0 + GROUP; k++) {
-            long v = k < end && s > 0.0f ? lrintf(x[k] / s) : 0;
-            a[k] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
-            sum += a[k];
-        }
-        sa[g0 / GROUP] = s;
-        sb[g0 / GROUP] = s * (float)sum;
+        _mm_storeu_si128((__m128i *)(a + g0), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(a + g0 + 16), _mm512_cvtsepi32_epi8(q1));
+        sa[g0 / GROUP] = scale;
+        sb[g0 / GROUP] = scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     }
     return 1;
 }
-
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
 /* Outputs c[i][0..nvalid) (nvalid <= PANEL) for quantised input rows a[0..mr) (each Kp
  * bytes; sa, sb (mr, Kp / GROUP) as quantize_row makes them) against one packed panel:
