@@ -154,6 +154,15 @@ grep -q "(cpu backend)" out.txt
 # bench --generate: 3 prompts of 5 ids, 4 tokens each (12 generated, 9 of them decoded)
 "$moontune" bench --device cpu --shape tiny --batch 3 --seq 5 --generate 4 > out.txt
 grep -Eq "^generate: 3 prompts of 5 ids, 12 tokens in .* decoding [0-9.]+ tokens/s \(3 rows a step\)" out.txt
+# int8 products by default where the CPU has AVX512-VNNI (every projection: the tiny
+# shape's 2 layers x 7 + lm_head), none with --fp32
+if grep -qw avx512_vnni /proc/cpuinfo; then want=15; else want=0; fi
+grep -q "; $want projections in int8;" out.txt
+"$moontune" bench --device cpu --shape tiny --batch 3 --seq 5 --generate 4 --fp32 > out.txt
+grep -q "; 0 projections in int8;" out.txt
+"$moontune" generate --device=cpu --model "$fix/tiny_chat" --prompt hi --max-new-tokens 2 --fp32 \
+  > /dev/null 2> err.txt
+grep -q "; 0 projections in int8" err.txt
 for cmd in "eval --model $fix/tiny_chat $heldout --seq 64" "generate --model $fix/tiny_chat --prompt hi" \
            "bench" "run $recipe"; do
   rc=0; "$moontune" $cmd --device gpu > /dev/null 2> err.txt || rc=$?
