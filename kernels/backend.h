@@ -167,12 +167,13 @@ typedef struct mt_backend_ops {
                             float offset, int64_t first, int64_t n, int block, int block2);
 
     /* ---- int8 weights for generation (optional: NULL where the backend has none) ----
-     * weight_int8_create: a copy of w (N,K) in int8, one scale per row, for products
+     * weight_int8_create: an 8-bit copy of w (N,K) (a backend's own format: the CPU's
+     * is codes per group of 32 inputs, kernels/cpu/cpu_matmul_int8.c), for products
      * that tolerate quantisation (decoding; never training); NULL when this backend or
      * this CPU has no int8 products for it (the caller keeps its fp32 product), or when
-     * w has a NaN or an infinity. matmul_int8: c (M,N) = a (M,K) · wᵀ with each row of a
-     * quantised on the fly to 8 bits (its own scale and zero point); returns 0, or
-     * nonzero with nothing written when it could not run (then use matmul). */
+     * w has a NaN or an infinity. matmul_int8: c (M,N) = a (M,K) · wᵀ with the rows of a
+     * quantised on the fly to 8 bits; returns 0, or nonzero with nothing written when
+     * it could not run (then use matmul). */
     void *(*weight_int8_create)(mt_backend *be, const float *w, int N, int K);
     void (*weight_int8_free)(mt_backend *be, void *w);
     int (*matmul_int8)(mt_backend *be, float *c, const float *a, const void *w, int M);

@@ -34,8 +34,9 @@ void mt_kv_decoder_free(mt_kv_decoder *d);
 /* From now on the decoder multiplies by int8 copies of the projections' weights where
  * the backend has int8 products (the CPU with AVX512-VNNI: kernels/backend.h), each
  * made once, here, from the weights as they are now: the caller keeps the weights
- * unchanged while it uses the decoder. Inputs are quantised per row on the fly, so the
- * logits differ from fp32's by the two quantisations (docs/speed.md). Returns how many
+ * unchanged while it uses the decoder. Inputs are quantised on the fly (per group of 32
+ * in a row), so the logits differ from fp32's by the quantisations (docs/speed.md).
+ * Returns how many
  * projections are in int8 (0: all stay fp32). */
 int mt_kv_decoder_use_int8(mt_kv_decoder *d);
 int mt_kv_decoder_slots(const mt_kv_decoder *d);

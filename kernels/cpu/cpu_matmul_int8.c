@@ -133,9 +133,6 @@ cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K) {
     return q;
 }
 
-int cpu_weight_int8_rows(const cpu_weight_int8 *w) { return w->N; }
-int cpu_weight_int8_cols(const cpu_weight_int8 *w) { return w->K; }
-
 #if INT8_KERNEL
 /* Row x (K) as a (Kp, 0 past K), and per group g its scale sa[g] = max |x| / 127 and
  * sa[g] · Σ a over the group in sb[g], a = round(x / sa[g]) (to nearest even, as lrintf
