@@ -278,7 +278,9 @@ static void cached_attention(mt_kv_decoder *d, float *att, const float *q, int l
     const int work = n * H;
     int64_t flops = 0;
     for (int r = 0; r < n; r++) flops += (int64_t)(d->hpos[r] + 1) * H * D;
-#pragma omp parallel for schedule(static) if (work > 1 && flops > 32768)
+    /* dynamic: a chunk's prompt rows attend over a few positions, its decoding rows over
+     * whole caches; each task writes its own output, so the result is the same */
+#pragma omp parallel for schedule(dynamic, 1) if (work > 1 && flops > 32768)
     for (int w = 0; w < work; w++) {
         const int r = w / H, h = w % H, g = h / group, len = d->hpos[r] + 1;
         const float *kc = slot_cache(d, d->k_cache, l, d->hslot[r]);
