@@ -162,8 +162,8 @@ static void test_smollm2_matches_transformers(void **state) {
 
         /* the same prompt through int8 weight products (generation's default): the
          * GGUF's Q4 weights are multiplied exactly, the inputs rounded to 8 bits per
-         * group of 32, so the logits move by about 1% of their range; the greedy token
-         * stays among fp32's top 5 */
+         * group of 32, so the logits move (measured: at most 2.3-5.8% of their range on
+         * these prompts, about 1% RMS); the greedy token stays among fp32's top 5 */
         mt_kv_decoder *d8 = NULL;
         if (mt_kv_decoder_create(m, 1, n_prompt, 0, &d8, &err)) fail_msg("%s", err.msg);
         const int int8 = mt_kv_decoder_use_int8(d8);
@@ -360,9 +360,8 @@ static void test_int8_decoding(void **state) {
     assert_non_null(b);
     double worst = 0.0;
     int same_bits = 1;
-    for (int t = 0; t < T; t++) { /* a prefill of 7, then one at a time */
+    for (int t = 0; t < T; t += t == 0 ? 7 : 1) { /* a prefill of 7, then one at a time */
         const int n = t == 0 ? 7 : 1;
-        if (t > 0 && t < 7) continue;
         assert_int_equal(mt_kv_decoder_feed(d32, 0, ids + t, n, a, &err), MT_OK);
         assert_int_equal(mt_kv_decoder_feed(d8, 0, ids + t, n, b, &err), MT_OK);
         const double e = mt_test_rel_err(b, a, (size_t)V);
