@@ -55,18 +55,9 @@ struct mt_kv_decoder {
     float *scores;             /* (threads, capacity) */
     int threads;
     /* the backend's int8 copies of the projections' weights (mt_kv_decoder_use_int8),
-     * per layer q, k, v, o, gate, up, down, then lm_head; NULL entries stay fp32 */
+     * indexed as mt_model_linear numbers them; NULL entries stay fp32 */
     void **weight_int8;
 };
-
-/* The projections of m in the order of weight_int8; n = 7 · layers + 1. */
-#define DECODER_PROJECTIONS(c) (7 * (c)->num_layers + 1)
-static mt_linear *decoder_projection(mt_model *m, int i) {
-    if (i == 7 * m->cfg.num_layers) return &m->lm_head;
-    mt_layer *ly = &m->layers[i / 7];
-    mt_linear *const all[7] = {&ly->q, &ly->k, &ly->v, &ly->o, &ly->gate, &ly->up, &ly->down};
-    return all[i % 7];
-}
 
 static void carve_decoder(mt_kv_decoder *d, mt_carver *cv) {
     const mt_model_config *c = &d->m->cfg;
@@ -94,7 +85,7 @@ static void carve_decoder(mt_kv_decoder *d, mt_carver *cv) {
 static void free_weight_int8(mt_kv_decoder *d) {
     if (!d->weight_int8) return;
     mt_backend *be = d->m->be;
-    for (int i = 0; i < DECODER_PROJECTIONS(&d->m->cfg); i++)
+    for (int i = 0; i < mt_model_linear_count(d->m); i++)
         if (d->weight_int8[i]) be->ops->weight_int8_free(be, d->weight_int8[i]);
     free(d->weight_int8);
     d->weight_int8 = NULL;
@@ -102,14 +93,14 @@ static void free_weight_int8(mt_kv_decoder *d) {
 
 int mt_kv_decoder_use_int8(mt_kv_decoder *d) {
     mt_backend *be = d->m->be;
-    const int n = DECODER_PROJECTIONS(&d->m->cfg);
+    const int n = mt_model_linear_count(d->m);
     free_weight_int8(d);
     if (!be->ops->weight_int8_create || !be->ops->matmul_int8 ||
         !(d->weight_int8 = calloc((size_t)n, sizeof *d->weight_int8)))
         return 0;
     int made = 0;
     for (int i = 0; i < n; i++) {
-        const mt_linear *lin = decoder_projection(d->m, i);
+        const mt_linear *lin = mt_model_linear(d->m, i);
         /* a released weight (QLoRA's) is the adapter's to multiply */
         if (lin->weight &&
             (d->weight_int8[i] = be->ops->weight_int8_create(be, lin->weight, lin->out, lin->in)))
@@ -392,12 +383,12 @@ static mt_status run_rows_with_weights(mt_kv_decoder *d, const int32_t *tokens, 
  * with training, which must never see them. */
 static mt_status run_rows(mt_kv_decoder *d, const int32_t *tokens, int n, float *logits,
                           mt_error *err) {
-    const int projections = DECODER_PROJECTIONS(&d->m->cfg);
+    const int projections = mt_model_linear_count(d->m);
     for (int i = 0; d->weight_int8 && i < projections; i++)
-        decoder_projection(d->m, i)->weight_int8 = d->weight_int8[i];
+        mt_model_linear(d->m, i)->weight_int8 = d->weight_int8[i];
     mt_status st = run_rows_with_weights(d, tokens, n, logits, err);
     for (int i = 0; d->weight_int8 && i < projections; i++)
-        decoder_projection(d->m, i)->weight_int8 = NULL;
+        mt_model_linear(d->m, i)->weight_int8 = NULL;
     return st;
 }
 

@@ -430,21 +430,12 @@ static mt_status host_model_backward(mt_model_handle *h, mt_error *err) {
 
 /* ---- the model, for adapters ---- */
 
-enum { LINEARS_PER_LAYER = 7 };
-
 static int host_model_linear_count(const mt_model_handle *h) {
-    return ((const mt_model *)h)->cfg.num_layers * LINEARS_PER_LAYER + 1;
+    return mt_model_linear_count((const mt_model *)h);
 }
 
 static mt_linear_handle *host_model_linear(mt_model_handle *h, int index) {
-    mt_model *m = MODEL(h);
-    int n = m->cfg.num_layers * LINEARS_PER_LAYER;
-    if (index < 0 || index > n) return NULL;
-    if (index == n) return (mt_linear_handle *)&m->lm_head;
-    mt_layer *ly = &m->layers[index / LINEARS_PER_LAYER];
-    mt_linear *lins[LINEARS_PER_LAYER] = {&ly->q, &ly->k, &ly->v, &ly->o,
-                                          &ly->gate, &ly->up, &ly->down};
-    return (mt_linear_handle *)lins[index % LINEARS_PER_LAYER];
+    return (mt_linear_handle *)mt_model_linear(MODEL(h), index);
 }
 
 static void host_linear_info(const mt_linear_handle *h, mt_linear_info *out) {

@@ -99,6 +99,22 @@ float *mt_linear_restore_weight(mt_linear *lin) {
     return lin->weight;
 }
 
+enum { LINEARS_PER_LAYER = 7 };
+
+int mt_model_linear_count(const mt_model *m) {
+    return m->cfg.num_layers * LINEARS_PER_LAYER + 1;
+}
+
+mt_linear *mt_model_linear(mt_model *m, int index) {
+    const int n = m->cfg.num_layers * LINEARS_PER_LAYER;
+    if (index < 0 || index > n) return NULL;
+    if (index == n) return &m->lm_head;
+    mt_layer *ly = &m->layers[index / LINEARS_PER_LAYER];
+    mt_linear *lins[LINEARS_PER_LAYER] = {&ly->q, &ly->k, &ly->v, &ly->o,
+                                          &ly->gate, &ly->up, &ly->down};
+    return lins[index % LINEARS_PER_LAYER];
+}
+
 /* ---- parameter layout --------------------------------------------------- */
 
 /* Walks the parameters in transformers' named_parameters() order. Without fill it

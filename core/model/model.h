@@ -108,6 +108,12 @@ void mt_linear_backward(mt_linear *lin, float *dx, const float *dy, const float 
 void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N);
 void mt_linear_base_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N);
 
+/* The model's projections, numbered as adapters see them (the host table's
+ * model_linear): per layer q, k, v, o, gate, up, down, then lm_head last. */
+int mt_model_linear_count(const struct mt_model *m);
+/* Projection index in [0, mt_model_linear_count(m)), or NULL outside it. */
+mt_linear *mt_model_linear(struct mt_model *m, int index);
+
 /* ---- parameters --------------------------------------------------------- */
 
 typedef struct mt_param {
