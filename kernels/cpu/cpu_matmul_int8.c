@@ -237,17 +237,15 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M) {
 #if INT8_KERNEL
     const int N = w->N, K = w->K, Kp = w->Kp, groups = Kp / GROUP;
     if (M <= 0) return 0;
-    int8_t *a = aligned_alloc(64, ((size_t)M * Kp + 63) & ~(size_t)63);
-    float *sa = malloc((size_t)M * groups * sizeof(float));
-    float *sb = malloc((size_t)M * groups * sizeof(float));
-    unsigned char *ok = malloc((size_t)M);
-    if (!a || !sa || !sb || !ok) {
-        free(a);
-        free(sa);
-        free(sb);
-        free(ok);
-        return -1;
-    }
+    /* one block: the rows' codes (M, Kp; Kp is a multiple of 64, so the scales after
+     * them stay aligned), their scales sa and sb (M, groups) each, and a flag per row */
+    const size_t codes = (size_t)M * Kp, row_scales = (size_t)M * groups * sizeof(float);
+    char *block = aligned_alloc(64, (codes + 2 * row_scales + (size_t)M + 63) & ~(size_t)63);
+    if (!block) return -1;
+    int8_t *a = (int8_t *)block;
+    float *sa = (float *)(void *)(block + codes);
+    float *sb = (float *)(void *)(block + codes + row_scales);
+    unsigned char *ok = (unsigned char *)block + codes + 2 * row_scales;
 #pragma omp parallel if ((int64_t)M * N * K >= 262144)
     {
 #pragma omp for schedule(static)
@@ -268,10 +266,7 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M) {
     for (int m = 0; m < M; m++)
         if (!ok[m])
             for (int n = 0; n < N; n++) c[(size_t)m * N + n] = NAN;
-    free(a);
-    free(sa);
-    free(sb);
-    free(ok);
+    free(block);
     return 0;
 #else
     (void)c, (void)x, (void)w, (void)M;

@@ -101,4 +101,3 @@ void cpu_matmul_rows_nt(float *c, const float *a, const float *b, int M, int N, 
         }
     }
 }
-
