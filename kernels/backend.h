@@ -4,7 +4,7 @@
  * Every operation works on device pointers with explicit sizes, in the style
  * of llm.c; each argument carries its shape in a comment. All arrays are
  * row-major and contiguous. Compute is fp32 on the CPU backend, except the optional
- * int8 products generation asks for.
+ * int8 products of frozen weights (generation, and training when a recipe asks).
  *
  * Conventions for backward passes (as in Torch7's nn): a gradient argument
  * documented as "+=" is accumulated into (the caller zeroes it when a fresh
@@ -166,17 +166,20 @@ typedef struct mt_backend_ops {
                             const uint8_t *absmax_q, const float *absmax2, const float *table,
                             float offset, int64_t first, int64_t n, int block, int block2);
 
-    /* ---- int8 weights for generation (optional: NULL where the backend has none) ----
+    /* ---- int8 weights for frozen projections (optional: NULL where the backend has none) ----
      * weight_int8_create: an 8-bit copy of w (N,K) (a backend's own format: the CPU's
-     * is codes per group of 32 inputs, kernels/cpu/cpu_matmul_int8.c), for products
-     * that tolerate quantisation (decoding; never training); NULL when this backend or
-     * this CPU has no int8 products for it (the caller keeps its fp32 product), or when
-     * w has a NaN or an infinity. matmul_int8: c (M,N) = a (M,K) · wᵀ with the rows of a
+     * is codes per group of 32 inputs, kernels/cpu/cpu_matmul_int8.c), or with
+     * transposed of wᵀ where w is stored (K,N); for products that tolerate quantisation
+     * (decoding, and frozen weights' products in training when a recipe asks: never a
+     * trainable weight); NULL when this backend or this CPU has no int8 products for
+     * it (the caller keeps its fp32 product), or when w has a NaN or an infinity.
+     * matmul_int8: c (M,N) = a (M,K) · wᵀ, or += with accumulate, the rows of a
      * quantised on the fly to 8 bits; returns 0, or nonzero with nothing written when
      * it could not run (then use matmul). */
-    void *(*weight_int8_create)(mt_backend *be, const float *w, int N, int K);
+    void *(*weight_int8_create)(mt_backend *be, const float *w, int N, int K, int transposed);
     void (*weight_int8_free)(mt_backend *be, void *w);
-    int (*matmul_int8)(mt_backend *be, float *c, const float *a, const void *w, int M);
+    int (*matmul_int8)(mt_backend *be, float *c, const float *a, const void *w, int M,
+                       int accumulate);
 
     /* ---- data parallel (optional: NULL where the backend brings no collective library) ----
      * A communicator over the ranks of a data-parallel job for device memory (NCCL on

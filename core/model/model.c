@@ -38,7 +38,7 @@ const char *mt_module_name(mt_module module) {
 
 void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N) {
     mt_backend *be = lin->be;
-    if (!lin->weight_int8 || be->ops->matmul_int8(be, y, x, lin->weight_int8, N))
+    if (!lin->weight_int8 || be->ops->matmul_int8(be, y, x, lin->weight_int8, N, 0))
         be->ops->matmul(be, y, x, lin->weight, N, lin->out, lin->in, 0, 1, 1.0f, 0.0f);
     if (lin->bias) be->ops->bias_forward(be, y, lin->bias, N, lin->out);
 }

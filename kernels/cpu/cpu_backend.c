@@ -236,9 +236,9 @@ static void op_dequantize_4bit(mt_backend *be, float *out, const uint8_t *codes,
     cpu_dequantize_4bit(out, codes, absmax_q, absmax2, table, offset, first, n, block, block2);
 }
 
-static void *op_weight_int8_create(mt_backend *be, const float *w, int N, int K) {
+static void *op_weight_int8_create(mt_backend *be, const float *w, int N, int K, int transposed) {
     (void)be;
-    return cpu_weight_int8_create(w, N, K);
+    return cpu_weight_int8_create(w, N, K, transposed);
 }
 
 static void op_weight_int8_free(mt_backend *be, void *w) {
@@ -246,9 +246,10 @@ static void op_weight_int8_free(mt_backend *be, void *w) {
     cpu_weight_int8_free(w);
 }
 
-static int op_matmul_int8(mt_backend *be, float *c, const float *a, const void *w, int M) {
+static int op_matmul_int8(mt_backend *be, float *c, const float *a, const void *w, int M,
+                          int accumulate) {
     (void)be;
-    return cpu_matmul_int8(c, a, w, M);
+    return cpu_matmul_int8(c, a, w, M, accumulate);
 }
 
 static const mt_backend_ops cpu_ops = {

@@ -30,19 +30,21 @@ void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, i
  * contiguous rows, nothing packed: cpu_matmul's path for a few rows (decoding). */
 void cpu_matmul_rows_nt(float *c, const float *a, const float *b, int M, int N, int K,
                         float alpha, float beta);
-/* 8-bit weights for generation (cpu_matmul_int8.c, which documents the format): a
- * weight (N,K) as codes on 255 steps from the minimum of each group of 32 inputs, for
- * products whose input rows are quantised on the fly in groups of 32. NULL where the
- * CPU has no AVX512-VNNI, for a weight with a NaN or an infinity, or when out of
- * memory: the caller keeps the fp32 product. */
+/* 8-bit weights for frozen projections (cpu_matmul_int8.c, which documents the format):
+ * a weight (N,K) as codes on 255 steps from the minimum of each group of 32 inputs, for
+ * products whose input rows are quantised on the fly in groups of 32. transposed: w is
+ * stored (K,N) and the copy is of its transpose (for input gradients, dy · W). NULL
+ * where the CPU has no AVX512-VNNI, for a weight with a NaN or an infinity, or when out
+ * of memory: the caller keeps the fp32 product. */
 typedef struct cpu_weight_int8 cpu_weight_int8;
 int cpu_int8_supported(void);
-cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K);
+cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transposed);
 void cpu_weight_int8_free(cpu_weight_int8 *w);
-/* c (M,N) = a (M,K) · wᵀ with each row of a quantised on the fly to integers in
- * [-127, 127], a scale per group of 32; a row with a NaN or an infinity gives NaN.
- * Returns 0, or -1 (nothing written) when out of memory or without the kernel. */
-int cpu_matmul_int8(float *c, const float *a, const cpu_weight_int8 *w, int M);
+/* c (M,N) = a (M,K) · wᵀ, or c += a · wᵀ when accumulate, with each row of a quantised
+ * on the fly to integers in [-127, 127], a scale per group of 32; a row with a NaN or an
+ * infinity gives NaN. Returns 0, or -1 (nothing written) when out of memory or without
+ * the kernel. */
+int cpu_matmul_int8(float *c, const float *a, const cpu_weight_int8 *w, int M, int accumulate);
 /* out (N,C) += bias (C). */
 void cpu_bias_forward(float *out, const float *bias, int N, int C);
 /* dbias (C) += column sums of dout (N,C). */

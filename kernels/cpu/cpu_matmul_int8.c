@@ -75,33 +75,35 @@ void cpu_weight_int8_free(cpu_weight_int8 *w) {
     free(w);
 }
 
-/* Weights [k0, k1) of row n (the rest of its group past K is 0 in q): its minimum,
- * step and codes, into panel place. Returns 0 for a NaN or an infinity. For the
- * target, so that rintf is one instruction (this runs for every weight). */
-static VNNI int pack_group(cpu_weight_int8 *q, const float *row, int n, int k0, int k1) {
-    float lo = row[k0], hi = row[k0];
-    for (int k = k0; k < k1; k++) {
-        if (!isfinite(row[k])) return 0;
-        lo = row[k] < lo ? row[k] : lo;
-        hi = row[k] > hi ? row[k] : hi;
+/* The n weights of row r's group starting at input k0 (n <= GROUP; the rest of the
+ * group past K is 0 in q): its minimum, step and codes, into panel place. Returns 0 for
+ * a NaN or an infinity. For the target, so that rintf is one instruction (this runs for
+ * every weight). */
+static VNNI int pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, int k0) {
+    float lo = vals[0], hi = vals[0];
+    for (int k = 0; k < n; k++) {
+        if (!isfinite(vals[k])) return 0;
+        lo = vals[k] < lo ? vals[k] : lo;
+        hi = vals[k] > hi ? vals[k] : hi;
     }
     const float step = (hi - lo) / 255.0f;
-    const int groups = q->Kp / GROUP, panel = n / PANEL, r = n % PANEL;
-    const size_t at = ((size_t)panel * groups + k0 / GROUP) * PANEL + r;
+    const int groups = q->Kp / GROUP, panel = r / PANEL, lane_row = r % PANEL;
+    const size_t at = ((size_t)panel * groups + k0 / GROUP) * PANEL + lane_row;
     q->d[at] = step;
     q->mn[at] = lo;
     uint8_t *codes = q->q + (size_t)panel * PANEL * q->Kp;
-    const int vec = r / 16, lane = r % 16;
-    for (int k = k0; k < k1; k++) {
+    const int vec = lane_row / 16, lane = lane_row % 16;
+    for (int k = 0; k < n; k++) {
         /* (w - lo) / step, not · (1 / step), which rounds otherwise for some w */
-        float c = step > 0.0f ? rintf((row[k] - lo) / step) : 0.0f; /* as lrintf */
-        codes[((size_t)(k / 4) * 2 + vec) * 64 + lane * 4 + k % 4] =
+        float c = step > 0.0f ? rintf((vals[k] - lo) / step) : 0.0f; /* as lrintf */
+        const int at_k = k0 + k;
+        codes[((size_t)(at_k / 4) * 2 + vec) * 64 + lane * 4 + at_k % 4] =
             (uint8_t)(c < 0.0f ? 0 : c > 255.0f ? 255 : (int)c);
     }
     return 1;
 }
 
-cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K) {
+cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transposed) {
     if (!cpu_int8_supported() || N <= 0 || K <= 0 || K > INT32_MAX - GROUP) return NULL;
     cpu_weight_int8 *q = calloc(1, sizeof *q);
     if (!q) return NULL;
@@ -122,10 +124,21 @@ cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K) {
     memset(q->d, 0, scales * sizeof(float));
     memset(q->mn, 0, scales * sizeof(float));
     int finite = 1;
+    /* a panel's rows group by group: for a transposed source the group's inputs are a
+     * column of 32 rows of w, which then stay in cache while the panel's rows pass */
 #pragma omp parallel for schedule(static) reduction(&& : finite)
-    for (int n = 0; n < N; n++)
-        for (int k0 = 0; k0 < K; k0 += GROUP)
-            finite = finite && pack_group(q, w + (size_t)n * K, n, k0, k0 + GROUP < K ? k0 + GROUP : K);
+    for (int p = 0; p < q->panels; p++)
+        for (int k0 = 0; k0 < K; k0 += GROUP) {
+            const int n = K - k0 < GROUP ? K - k0 : GROUP;
+            for (int r = p * PANEL; r < N && r < (p + 1) * PANEL && finite; r++) {
+                float vals[GROUP];
+                if (transposed)
+                    for (int k = 0; k < n; k++) vals[k] = w[(size_t)(k0 + k) * N + r];
+                else
+                    memcpy(vals, w + (size_t)r * K + k0, sizeof(float) * n);
+                finite = pack_group(q, vals, n, r, k0);
+            }
+        }
     if (!finite) { /* the fp32 product keeps what a NaN or infinity in the weight does */
         cpu_weight_int8_free(q);
         return NULL;
@@ -174,7 +187,8 @@ static VNNI int quantize_row(const float *x, int K, int Kp, int8_t *a, float *sa
  * accumulators stay in registers. */
 static inline __attribute__((always_inline)) VNNI void
 panel_rows(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q, const float *d,
-           const float *mn, const float *sa, const float *sb, int nvalid, const int mr) {
+           const float *mn, const float *sa, const float *sb, int nvalid, int accumulate,
+           const int mr) {
     const int groups = Kp / GROUP;
     __m512 acc[MR][2];
 #pragma GCC unroll 8
@@ -215,16 +229,20 @@ panel_rows(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q, const f
         if (count <= 0) break;
         const __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
 #pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) _mm512_mask_storeu_ps(c + (size_t)i * ldc + first, mask, acc[i][h]);
+        for (int i = 0; i < mr; i++) {
+            float *out = c + (size_t)i * ldc + first;
+            const __m512 v = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[i][h]) : acc[i][h];
+            _mm512_mask_storeu_ps(out, mask, v);
+        }
     }
 }
 
 static VNNI void panel_block(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q,
                              const float *d, const float *mn, const float *sa, const float *sb,
-                             int nvalid, int mr) {
+                             int nvalid, int accumulate, int mr) {
     switch (mr) {
 #define ROWS(r) \
-    case r: panel_rows(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, r); break;
+    case r: panel_rows(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, accumulate, r); break;
         ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5)
 #undef ROWS
     default: break;
@@ -233,7 +251,7 @@ static VNNI void panel_block(float *c, int ldc, const int8_t *a, int Kp, const u
 _Static_assert(MR == 5, "panel_block has a case for each row count up to MR");
 #endif
 
-int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M) {
+int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, int accumulate) {
 #if INT8_KERNEL
     const int N = w->N, K = w->K, Kp = w->Kp, groups = Kp / GROUP;
     if (M <= 0) return 0;
@@ -260,7 +278,7 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M) {
                 panel_block(c + (size_t)m0 * N + n0, N, a + (size_t)m0 * Kp, Kp,
                             w->q + (size_t)p * PANEL * Kp, w->d + scales, w->mn + scales,
                             sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid,
-                            M - m0 < MR ? M - m0 : MR);
+                            accumulate, M - m0 < MR ? M - m0 : MR);
         }
     }
     for (int m = 0; m < M; m++)
@@ -269,7 +287,7 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M) {
     free(block);
     return 0;
 #else
-    (void)c, (void)x, (void)w, (void)M;
+    (void)c, (void)x, (void)w, (void)M, (void)accumulate;
     return -1;
 #endif
 }

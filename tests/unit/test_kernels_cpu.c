@@ -256,21 +256,22 @@ static void int8_exact(double *c, const float *a, const float *w, int M, int N, 
 /* c (M,N) through the backend's int8 op; fails the test unless it ran. */
 static float *int8_product(const float *a, const void *q, int M, int N) {
     float *c = fnan((size_t)M * N);
-    assert_int_equal(be.ops->matmul_int8(&be, c, a, q, M), 0);
+    assert_int_equal(be.ops->matmul_int8(&be, c, a, q, M, 0), 0);
     return c;
 }
 
-/* Int8 weight products (generation): the documented quantisation, computed naively;
+/* Int8 weight products (generation, frozen weights in training): the documented
+ * quantisation, computed naively;
  * exact on weights that lie on a 16-step grid per group (a GGUF's Q4 blocks) with inputs
  * that are integers times a group scale; close to fp32 on anything; odd shapes on both
  * sides of the panel (32 outputs), group (32 inputs) and row-block sizes; NaN rows;
- * the same bits on 1 and 3 threads. */
+ * the same bits on 1 and 3 threads; the copy of a transposed source; accumulation. */
 static void test_matmul_int8(void **state) {
     (void)state;
     assert_non_null(be.ops->weight_int8_create);
     if (!cpu_int8_supported()) {
         float w[64] = {0};
-        assert_null(be.ops->weight_int8_create(&be, w, 2, 32));
+        assert_null(be.ops->weight_int8_create(&be, w, 2, 32, 0));
         printf("  int8 products: this CPU has no AVX512-VNNI; the op declines (fp32 is used)\n");
         return;
     }
@@ -286,7 +287,7 @@ static void test_matmul_int8(void **state) {
 
         /* any weights and inputs: the quantisation as documented, and near fp32 */
         float *a = frand((size_t)M * K, &rng, -1, 1), *w = frand((size_t)N * K, &rng, -0.2f, 0.3f);
-        void *q = be.ops->weight_int8_create(&be, w, N, K);
+        void *q = be.ops->weight_int8_create(&be, w, N, K, 0);
         assert_non_null(q);
         float *c = int8_product(a, q, M, N);
         for (int i = 0; i < M * N; i++) got[i] = c[i];
@@ -302,6 +303,20 @@ static void test_matmul_int8(void **state) {
         omp_set_num_threads(saved);
         assert_memory_equal(one, c, sizeof(float) * M * N);
         assert_memory_equal(three, c, sizeof(float) * M * N);
+        /* a copy made from the weight stored transposed (K,N) is the same copy, and
+         * accumulate adds the same product to what c held */
+        float *wt = fnan((size_t)N * K);
+        for (int n = 0; n < N; n++)
+            for (int k = 0; k < K; k++) wt[(size_t)k * N + n] = w[(size_t)n * K + k];
+        void *qt = be.ops->weight_int8_create(&be, wt, N, K, 1);
+        assert_non_null(qt);
+        float *ct = int8_product(a, qt, M, N);
+        assert_memory_equal(ct, c, sizeof(float) * M * N);
+        for (int i = 0; i < M * N; i++) ct[i] = 0.5f - (float)(i % 7);
+        assert_int_equal(be.ops->matmul_int8(&be, ct, a, qt, M, 1), 0);
+        for (int i = 0; i < M * N; i++) assert_true(ct[i] == (0.5f - (float)(i % 7)) + c[i]);
+        be.ops->weight_int8_free(&be, qt);
+        free(wt), free(ct);
         be.ops->weight_int8_free(&be, q);
 
         /* weights on a Q4 grid (min + d · j, j in 0..15, both ends used) and inputs
@@ -323,7 +338,7 @@ static void test_matmul_int8(void **state) {
                     a[(size_t)i * K + k] = sa * (float)v;
                 }
             }
-        q = be.ops->weight_int8_create(&be, w, N, K);
+        q = be.ops->weight_int8_create(&be, w, N, K, 0);
         assert_non_null(q);
         free(c);
         c = int8_product(a, q, M, N);
@@ -350,7 +365,7 @@ static void test_matmul_int8(void **state) {
     float w[4 * 40];
     for (int i = 0; i < 4 * 40; i++) w[i] = 0.01f * (float)i;
     w[77] = INFINITY;
-    assert_null(be.ops->weight_int8_create(&be, w, 4, 40));
+    assert_null(be.ops->weight_int8_create(&be, w, 4, 40, 0));
 }
 
 struct mm_ctx {
