@@ -440,6 +440,9 @@ static mt_linear_handle *host_model_linear(mt_model_handle *h, int index) {
 
 static void host_linear_info(const mt_linear_handle *h, mt_linear_info *out) {
     const mt_linear *lin = (const mt_linear *)h;
+    /* the caller may write the weight through this pointer (an adapter's merge): int8
+     * copies made from it before would be stale */
+    if (lin->model) mt_model_int8_drop(lin->model);
     mt_linear_info info = {
         .size = sizeof info,
         .name = lin->name,

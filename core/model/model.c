@@ -46,7 +46,8 @@ void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N) {
 void mt_linear_base_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N) {
     mt_backend *be = lin->be;
     /* dx (N,in) += dy (N,out) · W (out,in) */
-    be->ops->matmul(be, dx, dy, lin->weight, N, lin->in, lin->out, 0, 0, 1.0f, 1.0f);
+    if (!lin->weight_int8_t || be->ops->matmul_int8(be, dx, dy, lin->weight_int8_t, N, 1))
+        be->ops->matmul(be, dx, dy, lin->weight, N, lin->in, lin->out, 0, 0, 1.0f, 1.0f);
     /* dW (out,in) += dy^T (out,N) · x (N,in) */
     if (lin->grad_weight)
         be->ops->matmul(be, lin->grad_weight, dy, x, lin->out, lin->in, N, 1, 0, 1.0f, 1.0f);
@@ -82,6 +83,7 @@ void mt_linear_backward(mt_linear *lin, float *dx, const float *dy, const float 
  * weight only, since its neighbours share the boundary pages. */
 void mt_linear_release_weight(mt_linear *lin) {
     if (!lin->weight) return;
+    if (lin->model) mt_model_int8_drop(lin->model);
     if (lin->be->device == MT_DEVICE_CPU) {
         uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
         uintptr_t begin = ((uintptr_t)lin->weight + page - 1) & ~(page - 1);
@@ -93,6 +95,7 @@ void mt_linear_release_weight(mt_linear *lin) {
 
 float *mt_linear_restore_weight(mt_linear *lin) {
     if (!lin->weight) {
+        if (lin->model) mt_model_int8_drop(lin->model);
         lin->weight = lin->weight_memory;
         lin->be->ops->zero(lin->be, lin->weight, (size_t)lin->out * lin->in * sizeof(float));
     }
@@ -113,6 +116,64 @@ mt_linear *mt_model_linear(mt_model *m, int index) {
     mt_linear *lins[LINEARS_PER_LAYER] = {&ly->q, &ly->k, &ly->v, &ly->o,
                                           &ly->gate, &ly->up, &ly->down};
     return lins[index % LINEARS_PER_LAYER];
+}
+
+/* ---- int8 products for the frozen base in training ---------------------- */
+
+void mt_model_int8_detach(mt_model *m) {
+    for (int i = 0; i < mt_model_linear_count(m); i++) {
+        mt_linear *lin = mt_model_linear(m, i);
+        lin->weight_int8 = lin->weight_int8_t = NULL;
+    }
+}
+
+void mt_model_int8_drop(mt_model *m) {
+    if (!m->int8_copies) return;
+    mt_model_int8_detach(m);
+    for (int i = 0; i < 2 * mt_model_linear_count(m); i++)
+        if (m->int8_copies[i]) m->be->ops->weight_int8_free(m->be, m->int8_copies[i]);
+    free(m->int8_copies);
+    m->int8_copies = NULL;
+}
+
+void mt_model_set_int8_training(mt_model *m, int on) {
+    m->int8_training = on != 0;
+    if (!on) mt_model_int8_drop(m);
+}
+
+/* Copies of W (forward) and Wᵀ (input gradient) of each frozen projection whose weight
+ * is present (QLoRA's released weights are the adapter's to multiply); a projection gets
+ * both or neither. */
+static void make_int8_copies(mt_model *m) {
+    mt_backend *be = m->be;
+    const int n = mt_model_linear_count(m);
+    if (!(m->int8_copies = calloc((size_t)2 * n, sizeof *m->int8_copies))) return;
+    for (int i = 0; i < n; i++) {
+        const mt_linear *lin = mt_model_linear(m, i);
+        if (!lin->weight || lin->grad_weight) continue;
+        void *w = be->ops->weight_int8_create(be, lin->weight, lin->out, lin->in, 0);
+        void *wt = w ? be->ops->weight_int8_create(be, lin->weight, lin->in, lin->out, 1) : NULL;
+        if (w && !wt) be->ops->weight_int8_free(be, w);
+        if (w && wt) {
+            m->int8_copies[2 * i] = w;
+            m->int8_copies[2 * i + 1] = wt;
+        }
+    }
+}
+
+int mt_model_int8_attach(mt_model *m) {
+    mt_backend *be = m->be;
+    if (!m->int8_training || !be->ops->weight_int8_create || !be->ops->matmul_int8) return 0;
+    if (!m->int8_copies) make_int8_copies(m);
+    if (!m->int8_copies) return 0; /* out of memory: the fp32 products */
+    int attached = 0;
+    for (int i = 0; i < mt_model_linear_count(m); i++) {
+        mt_linear *lin = mt_model_linear(m, i);
+        lin->weight_int8 = m->int8_copies[2 * i];
+        lin->weight_int8_t = m->int8_copies[2 * i + 1];
+        attached += lin->weight_int8 != NULL;
+    }
+    return attached;
 }
 
 /* ---- parameter layout --------------------------------------------------- */
@@ -285,6 +346,7 @@ static void free_plan(mt_model *m) {
 
 void mt_model_free(mt_model *m) {
     if (!m) return;
+    mt_model_int8_drop(m);
     free_plan(m);
     if (m->param_memory) m->be->ops->free(m->be, m->param_memory);
     for (size_t i = 0; m->params && i < m->num_params; i++)
@@ -317,6 +379,7 @@ static float *grad_of(mt_model *m, const float *data) {
 
 /* Points every layer's gradient slots at the gradients of trainable parameters. */
 static void wire_grads(mt_model *m) {
+    mt_model_int8_drop(m); /* a frozen weight's copies must not outlive its freezing */
     for (int l = 0; l < m->cfg.num_layers; l++) {
         mt_layer *ly = &m->layers[l];
         mt_linear *lins[] = {&ly->q, &ly->k, &ly->v, &ly->o, &ly->gate, &ly->up, &ly->down};

@@ -91,9 +91,12 @@ struct mt_linear {
     float *grad_weight; /* (out,in) or NULL when frozen */
     float *grad_bias;   /* (out) or NULL */
     float *weight_memory; /* where weight lives when not released */
-    /* The backend's int8 copy of weight while a decoder that made one runs (generation
-     * only), else NULL: the base forward then multiplies in int8 (kernels/backend.h). */
+    /* The backend's int8 copies of weight while a decoder that made one runs
+     * (generation) or a training step runs with mt_model_set_int8_training, else NULL:
+     * the base forward then multiplies by weight_int8 and the input gradient by
+     * weight_int8_t (of Wᵀ) in int8 (kernels/backend.h). */
     const void *weight_int8;
+    const void *weight_int8_t;
     /* An adapter's computation replacing this projection, or NULL for the base layer. */
     const struct mt_linear_impl *impl;
     void *impl_self;
@@ -211,6 +214,10 @@ typedef struct mt_model {
     /* the base model's identity as loaded (core/model/model_identity.c), 64 hex digits, or ""
      * for a model not loaded from files; checkpoints record it and refuse another base */
     char fingerprint[65];
+    /* mt_model_set_int8_training: wanted, and the frozen projections' copies (W and Wᵀ
+     * for each of mt_model_linear_count, NULL where none), made at the first step */
+    int int8_training;
+    void **int8_copies;
 } mt_model;
 
 /* Builds the parameter table and allocates parameters (zero) on the backend. */
@@ -278,6 +285,20 @@ mt_status mt_model_attach_adapter(mt_model *m, const struct mt_adapter_vtable *v
 void mt_model_set_adapters_enabled(mt_model *m, int enabled);
 /* Training (dropout active) or evaluation mode for every attached adapter. */
 void mt_model_set_training(mt_model *m, int training);
+/* Frozen base products in int8 during training steps (off at creation). On: every
+ * projection whose weight is frozen and present gets int8 copies of W and Wᵀ (the
+ * backend's, kernels/backend.h), made at the next mt_model_int8_attach; its forward and
+ * its input gradient then multiply in int8, its adapter (LoRA's A and B) stays fp32.
+ * Off frees them. Anything that may change a base weight or make it trainable drops
+ * the copies (mt_model_int8_drop), and the next attach makes them again. */
+void mt_model_set_int8_training(mt_model *m, int on);
+/* While int8 training is on: makes missing copies and points the projections at them;
+ * returns how many projections multiply in int8 (0: off, or the backend has none). */
+int mt_model_int8_attach(mt_model *m);
+/* The projections back to fp32 (the copies are kept). */
+void mt_model_int8_detach(mt_model *m);
+/* Frees the copies (a weight changed, or its trainability). */
+void mt_model_int8_drop(mt_model *m);
 /* Releases / restores the fp32 base weight memory of a projection (CPU: pages go back
  * to the system and come back zero-filled). */
 void mt_linear_release_weight(mt_linear *lin);

@@ -285,9 +285,9 @@ static mt_status sharded_update(mt_plugin_instance *optimizer, mt_param_view *pa
     return st;
 }
 
-mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
-                        const mt_batch *micro_batches, int n_micro, double lr, int64_t step,
-                        double max_grad_norm, mt_step_result *result, mt_error *err) {
+static mt_status train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
+                            const mt_batch *micro_batches, int n_micro, double lr, int64_t step,
+                            double max_grad_norm, mt_step_result *result, mt_error *err) {
     if (loss->desc->kind != MT_PLUGIN_LOSS || optimizer->desc->kind != MT_PLUGIN_OPTIMIZER)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
                             "mt_train_step needs a loss and an optimizer plugin, got %s '%s' and "
@@ -370,4 +370,17 @@ double mt_schedule_lr(mt_plugin_instance *scheduler, int64_t step, int64_t total
                       double base_lr) {
     const mt_scheduler_vtable *sv = scheduler->desc->vtable;
     return sv->lr(scheduler->state, step, total_steps, base_lr);
+}
+
+/* The frozen projections multiply in int8 for this step only when the model asks
+ * (mt_model_set_int8_training): evaluations and generation between steps keep fp32. */
+mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
+                        const mt_batch *micro_batches, int n_micro, double lr, int64_t step,
+                        double max_grad_norm, mt_step_result *result, mt_error *err) {
+    const int int8 = mt_model_int8_attach(m);
+    mt_status st = train_step(m, loss, optimizer, micro_batches, n_micro, lr, step,
+                              max_grad_norm, result, err);
+    mt_model_int8_detach(m);
+    result->int8 = int8;
+    return st;
 }

@@ -12,6 +12,7 @@ typedef struct mt_step_result {
     double lr;        /* the learning rate applied */
     int64_t n_tokens; /* trained tokens over all micro-batches */
     int skipped;      /* 1 when the loss or gradient was not finite: no update was made */
+    int int8;         /* projections whose frozen products ran in int8 (0: all fp32) */
     /* the loss plugin's metrics, summed over the micro-batches (each is normalised by
      * step_items like the loss, so the sum is the step's value) */
     int n_metrics;
@@ -28,6 +29,8 @@ typedef struct mt_step_result {
  * step_items, the loss, the metrics and the gradients are summed over the ranks before
  * clipping, so every rank makes the same update; with optimizer->sharded (ZeRO-1) each
  * rank updates the parameters it owns and the ranks exchange the new values.
+ * With mt_model_set_int8_training on, the frozen projections multiply in int8 during
+ * the step (mt_model_int8_attach) and in fp32 again after it.
  * step counts optimizer steps from 1. A non-finite loss or gradient is not an
  * error here: result->skipped says so and the caller's policy decides. */
 mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
