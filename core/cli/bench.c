@@ -42,15 +42,20 @@ static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const cha
     double step_flops = linear + attention + 2.0 * attention + backward_linear * linear;
     double t_total = 0.0, loss_sum = 0.0, t_reduce = 0.0;
     int64_t reduced = 0;
-    mt_status st;
-    for (int s = 0; s < opt->warmup + opt->steps; s++) {
+    mt_status st = MT_OK;
+    /* as mt_train_step does; the copies are made in the first (warm-up) step */
+    mt_model_set_int8_training(m, opt->int8);
+    for (int s = 0; s < opt->warmup + opt->steps && !st; s++) {
         double t0 = mt_now_seconds();
         float loss;
         mt_model_zero_grad(m);
-        if ((st = mt_model_forward(m, tokens, NULL, NULL, B, T, err)) ||
-            (st = mt_model_cross_entropy(m, targets, 1, &loss, NULL, err)) ||
-            (st = mt_model_backward(m, err)))
-            return st;
+        const int in_int8 = mt_model_int8_attach(m);
+        if (s == 0 && opt->int8) printf("%-22s %d projections in int8\n", label, in_int8);
+        if (!(st = mt_model_forward(m, tokens, NULL, NULL, B, T, err)) &&
+            !(st = mt_model_cross_entropy(m, targets, 1, &loss, NULL, err)))
+            st = mt_model_backward(m, err);
+        mt_model_int8_detach(m);
+        if (st) break;
         double t1 = mt_now_seconds();
         if (mt_dist_size() > 1 && (st = mt_train_allreduce_grads(m, &reduced, err))) return st;
         double dt = mt_now_seconds() - t0;
@@ -60,6 +65,8 @@ static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const cha
             loss_sum += loss;
         }
     }
+    mt_model_set_int8_training(m, 0);
+    if (st) return st;
     double per_step = t_total / opt->steps, ranks = mt_dist_size();
     printf("%-22s %10.1f tokens/s %9.1f GFLOP/s %8.3f s/step  loss %.4f  peak RSS %.0f MiB\n",
            label, ranks * B * T / per_step, ranks * step_flops / per_step * 1e-9, per_step,

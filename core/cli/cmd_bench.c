@@ -39,11 +39,15 @@ static void usage(FILE *out) {
             "                   sequences together (continuous batching); reports the\n"
             "                   prompts' and the generated tokens' rates\n"
             "  --fp32           with --generate: every product in fp32 (default: the\n"
-            "                   weights in int8 where the CPU has AVX512-VNNI)\n");
+            "                   weights in int8 where the CPU has AVX512-VNNI)\n"
+            "  --int8           training steps: the frozen weights' products (forward and\n"
+            "                   input gradients) in int8 where the CPU has AVX512-VNNI,\n"
+            "                   as a recipe's int8 = true (default: fp32)\n");
 }
 
 enum { OPT_SHAPE = 256, OPT_CONFIG, OPT_MODE, OPT_BATCH, OPT_SEQ, OPT_STEPS, OPT_WARMUP,
-       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION, OPT_PROMPT, OPT_GENERATE, OPT_FP32 };
+       OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION, OPT_PROMPT, OPT_GENERATE, OPT_FP32,
+       OPT_INT8 };
 
 static const struct option options[] = {
     {"help", no_argument, NULL, MT_CLI_HELP},
@@ -60,6 +64,7 @@ static const struct option options[] = {
     {"adapter-option", required_argument, NULL, OPT_ADAPTER_OPTION},
     {"generate", required_argument, NULL, OPT_GENERATE},
     {"fp32", no_argument, NULL, OPT_FP32},
+    {"int8", no_argument, NULL, OPT_INT8},
     MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
@@ -107,6 +112,7 @@ int mt_cmd_bench(int argc, char **argv) {
             break;
         case OPT_ADAPTER: opt.adapter = v; break;
         case OPT_FP32: opt.fp32 = 1; break;
+        case OPT_INT8: opt.int8 = 1; break;
         case MT_CLI_DEVICE: opt.device = v; break;
         case OPT_ADAPTER_OPTION:
             if (mt_cli_adapter_option(&adapter_options, flag, v, &err)) goto refused;
