@@ -174,12 +174,14 @@ typedef struct mt_backend_ops {
      * trainable weight); NULL when this backend or this CPU has no int8 products for
      * it (the caller keeps its fp32 product), or when w has a NaN or an infinity.
      * matmul_int8: c (M,N) = a (M,K) · wᵀ, or += with accumulate, the rows of a
-     * quantised on the fly to 8 bits; returns 0, or nonzero with nothing written when
-     * it could not run (then use matmul). */
+     * quantised on the fly to 8 bits, rounded to nearest when round_seed is 0 and
+     * otherwise stochastically from that seed (unbiased: for gradients, whose small
+     * values rounding to nearest would drop); returns 0, or nonzero with nothing
+     * written when it could not run (then use matmul). */
     void *(*weight_int8_create)(mt_backend *be, const float *w, int N, int K, int transposed);
     void (*weight_int8_free)(mt_backend *be, void *w);
     int (*matmul_int8)(mt_backend *be, float *c, const float *a, const void *w, int M,
-                       int accumulate);
+                       int accumulate, uint64_t round_seed);
 
     /* ---- data parallel (optional: NULL where the backend brings no collective library) ----
      * A communicator over the ranks of a data-parallel job for device memory (NCCL on

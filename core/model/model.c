@@ -38,7 +38,7 @@ const char *mt_module_name(mt_module module) {
 
 void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N) {
     mt_backend *be = lin->be;
-    if (!lin->weight_int8 || be->ops->matmul_int8(be, y, x, lin->weight_int8, N, 0))
+    if (!lin->weight_int8 || be->ops->matmul_int8(be, y, x, lin->weight_int8, N, 0, 0))
         be->ops->matmul(be, y, x, lin->weight, N, lin->out, lin->in, 0, 1, 1.0f, 0.0f);
     if (lin->bias) be->ops->bias_forward(be, y, lin->bias, N, lin->out);
 }
@@ -46,7 +46,10 @@ void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N) {
 void mt_linear_base_backward(mt_linear *lin, float *dx, const float *dy, const float *x, int N) {
     mt_backend *be = lin->be;
     /* dx (N,in) += dy (N,out) · W (out,in) */
-    if (!lin->weight_int8_t || be->ops->matmul_int8(be, dx, dy, lin->weight_int8_t, N, 1))
+    /* the gradient's rows rounded stochastically: to nearest, its values below half a
+     * step of their group's largest would all be lost, in every row alike */
+    if (!lin->weight_int8_t ||
+        be->ops->matmul_int8(be, dx, dy, lin->weight_int8_t, N, 1, ++lin->model->int8_round_seed))
         be->ops->matmul(be, dx, dy, lin->weight, N, lin->in, lin->out, 0, 0, 1.0f, 1.0f);
     /* dW (out,in) += dy^T (out,N) · x (N,in) */
     if (lin->grad_weight)

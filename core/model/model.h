@@ -218,6 +218,7 @@ typedef struct mt_model {
      * for each of mt_model_linear_count, NULL where none), made at the first step */
     int int8_training;
     void **int8_copies;
+    uint64_t int8_round_seed; /* counts the int8 input-gradient products: each its seed */
 } mt_model;
 
 /* Builds the parameter table and allocates parameters (zero) on the backend. */

@@ -247,9 +247,9 @@ static void op_weight_int8_free(mt_backend *be, void *w) {
 }
 
 static int op_matmul_int8(mt_backend *be, float *c, const float *a, const void *w, int M,
-                          int accumulate) {
+                          int accumulate, uint64_t round_seed) {
     (void)be;
-    return cpu_matmul_int8(c, a, w, M, accumulate);
+    return cpu_matmul_int8(c, a, w, M, accumulate, round_seed);
 }
 
 static const mt_backend_ops cpu_ops = {

@@ -41,10 +41,13 @@ int cpu_int8_supported(void);
 cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transposed);
 void cpu_weight_int8_free(cpu_weight_int8 *w);
 /* c (M,N) = a (M,K) · wᵀ, or c += a · wᵀ when accumulate, with each row of a quantised
- * on the fly to integers in [-127, 127], a scale per group of 32; a row with a NaN or an
- * infinity gives NaN. Returns 0, or -1 (nothing written) when out of memory or without
- * the kernel. */
-int cpu_matmul_int8(float *c, const float *a, const cpu_weight_int8 *w, int M, int accumulate);
+ * on the fly to integers in [-127, 127], a scale per group of 32, rounded to nearest
+ * when round_seed is 0 and otherwise stochastically (unbiased, drawn from round_seed and
+ * the row: the same bits for any number of threads); a row with a NaN or an infinity
+ * gives NaN. Returns 0, or -1 (nothing written) when out of memory or without the
+ * kernel. */
+int cpu_matmul_int8(float *c, const float *a, const cpu_weight_int8 *w, int M, int accumulate,
+                    uint64_t round_seed);
 /* out (N,C) += bias (C). */
 void cpu_bias_forward(float *out, const float *bias, int N, int C);
 /* dbias (C) += column sums of dout (N,C). */

@@ -147,12 +147,41 @@ cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transp
 }
 
 #if INT8_KERNEL
+/* 16 uniform numbers in [0, 1) for inputs k..k+15 of a row: a hash of (key, k) (the
+ * finaliser of MurmurHash3), a pure function of its arguments, so any split of the rows
+ * over threads draws the same. */
+static inline __attribute__((always_inline)) VNNI __m512 uniform16(uint32_t key, int k) {
+    __m512i h = _mm512_add_epi32(_mm512_set1_epi32((int)key),
+                                 _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(k),
+                                                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+                                                    _mm512_set1_epi32((int)0x9E3779B1u)));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0x85EBCA6Bu));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int)0xC2B2AE35u));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    /* the top 24 bits: exact in fp32, below 1 */
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), _mm512_set1_ps(0x1p-24f));
+}
+
+/* x / s as an integer: to nearest even (as lrintf) when key is 0, otherwise
+ * stochastically, floor(x / s + u) with u uniform in [0, 1) from key, which is x / s's
+ * floor or ceiling with the probabilities that make its mean x / s. */
+static inline __attribute__((always_inline)) VNNI __m512i to_int(__m512 v, __m512 s, uint32_t key, int k) {
+    /* x / s, not x · (1 / s), which rounds otherwise for some x */
+    const __m512 r = _mm512_div_ps(v, s);
+    if (!key) return _mm512_cvtps_epi32(r);
+    return _mm512_cvt_roundps_epi32(_mm512_add_ps(r, uniform16(key, k)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+}
+
 /* Row x (K) as a (Kp, 0 past K), and per group g its scale sa[g] = max |x| / 127 and
- * sa[g] · Σ a over the group in sb[g], a = round(x / sa[g]) (to nearest even, as lrintf
- * rounds); 0 when the row has a NaN or an infinity (its outputs become NaN). Two
- * vectors per group: this runs once per input row and projection, and called lrintf
- * per input it cost as much as the products of the small projections. */
-static VNNI int quantize_row(const float *x, int K, int Kp, int8_t *a, float *sa, float *sb) {
+ * sa[g] · Σ a over the group in sb[g], a = x / sa[g] rounded as to_int does with key;
+ * 0 when the row has a NaN or an infinity (its outputs become NaN). Two vectors per
+ * group: this runs once per input row and projection, and called lrintf per input it
+ * cost as much as the products of the small projections. */
+static VNNI int quantize_row(const float *x, int K, int Kp, int8_t *a, float *sa, float *sb,
+                             uint32_t key) {
     const __m512 zero = _mm512_setzero_ps();
     for (int g0 = 0; g0 < Kp; g0 += GROUP) {
         const int n = K - g0 < GROUP ? K - g0 : GROUP; /* >= 1: Kp is K rounded up */
@@ -169,9 +198,10 @@ static VNNI int quantize_row(const float *x, int K, int Kp, int8_t *a, float *sa
         if (scale > 0.0f) {
             const __m512 s = _mm512_set1_ps(scale);
             const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-            /* x / s, not x · (1 / s), which rounds otherwise for some x */
-            q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v0, s)), lo), hi);
-            q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(v1, s)), lo), hi);
+            /* past K the inputs are 0 and stay 0 (floor(0 + u) = 0); the clamps hold
+             * x / s = ±127 (·(1 ± 2⁻²⁴) after rounding) in range */
+            q0 = _mm512_maskz_mov_epi32(m0, _mm512_min_epi32(_mm512_max_epi32(to_int(v0, s, key, g0), lo), hi));
+            q1 = _mm512_maskz_mov_epi32(m1, _mm512_min_epi32(_mm512_max_epi32(to_int(v1, s, key, g0 + 16), lo), hi));
         }
         _mm_storeu_si128((__m128i *)(a + g0), _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(a + g0 + 16), _mm512_cvtsepi32_epi8(q1));
@@ -251,7 +281,17 @@ static VNNI void panel_block(float *c, int ldc, const int8_t *a, int Kp, const u
 _Static_assert(MR == 5, "panel_block has a case for each row count up to MR");
 #endif
 
-int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, int accumulate) {
+/* A key per row and seed, never 0 (0 means rounding to nearest). */
+static uint32_t row_key(uint64_t seed, int m) {
+    uint64_t z = seed * 0x9E3779B97F4A7C15ull + (uint64_t)m * 0xBF58476D1CE4E5B9ull;
+    z ^= z >> 31;
+    z *= 0x94D049BB133111EBull;
+    z ^= z >> 29;
+    return (uint32_t)z | 1u;
+}
+
+int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, int accumulate,
+                    uint64_t round_seed) {
 #if INT8_KERNEL
     const int N = w->N, K = w->K, Kp = w->Kp, groups = Kp / GROUP;
     if (M <= 0) return 0;
@@ -269,7 +309,8 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, i
 #pragma omp for schedule(static)
         for (int m = 0; m < M; m++)
             ok[m] = (unsigned char)quantize_row(x + (size_t)m * K, K, Kp, a + (size_t)m * Kp,
-                                                sa + (size_t)m * groups, sb + (size_t)m * groups);
+                                                sa + (size_t)m * groups, sb + (size_t)m * groups,
+                                                round_seed ? row_key(round_seed, m) : 0);
 #pragma omp for schedule(static)
         for (int p = 0; p < w->panels; p++) {
             const int n0 = p * PANEL, nvalid = N - n0 < PANEL ? N - n0 : PANEL;
@@ -287,7 +328,7 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, i
     free(block);
     return 0;
 #else
-    (void)c, (void)x, (void)w, (void)M, (void)accumulate;
+    (void)c, (void)x, (void)w, (void)M, (void)accumulate, (void)round_seed;
     return -1;
 #endif
 }

@@ -256,7 +256,7 @@ static void int8_exact(double *c, const float *a, const float *w, int M, int N, 
 /* c (M,N) through the backend's int8 op; fails the test unless it ran. */
 static float *int8_product(const float *a, const void *q, int M, int N) {
     float *c = fnan((size_t)M * N);
-    assert_int_equal(be.ops->matmul_int8(&be, c, a, q, M, 0), 0);
+    assert_int_equal(be.ops->matmul_int8(&be, c, a, q, M, 0, 0), 0);
     return c;
 }
 
@@ -265,7 +265,8 @@ static float *int8_product(const float *a, const void *q, int M, int N) {
  * exact on weights that lie on a 16-step grid per group (a GGUF's Q4 blocks) with inputs
  * that are integers times a group scale; close to fp32 on anything; odd shapes on both
  * sides of the panel (32 outputs), group (32 inputs) and row-block sizes; NaN rows;
- * the same bits on 1 and 3 threads; the copy of a transposed source; accumulation. */
+ * the same bits on 1 and 3 threads; the copy of a transposed source; accumulation;
+ * stochastic rounding. */
 static void test_matmul_int8(void **state) {
     (void)state;
     assert_non_null(be.ops->weight_int8_create);
@@ -313,7 +314,7 @@ static void test_matmul_int8(void **state) {
         float *ct = int8_product(a, qt, M, N);
         assert_memory_equal(ct, c, sizeof(float) * M * N);
         for (int i = 0; i < M * N; i++) ct[i] = 0.5f - (float)(i % 7);
-        assert_int_equal(be.ops->matmul_int8(&be, ct, a, qt, M, 1), 0);
+        assert_int_equal(be.ops->matmul_int8(&be, ct, a, qt, M, 1, 0), 0);
         for (int i = 0; i < M * N; i++) assert_true(ct[i] == (0.5f - (float)(i % 7)) + c[i]);
         be.ops->weight_int8_free(&be, qt);
         free(wt), free(ct);
@@ -346,6 +347,40 @@ static void test_matmul_int8(void **state) {
         int8_exact(ref, a, w, M, N, K);
         const double err_grid = mt_test_rel_err_d(got, ref, (size_t)M * N);
 
+        /* stochastic rounding: the same bits for a seed on 1 and 3 threads, other bits
+         * for another seed, and unbiased: the mean of many products comes much nearer
+         * the exact one than the product rounded to nearest (inputs not on the grid) */
+        float *noisy = frand((size_t)M * K, &rng, -1, 1);
+        float *sr1 = fnan((size_t)M * N), *sr3 = fnan((size_t)M * N);
+        omp_set_num_threads(1);
+        assert_int_equal(be.ops->matmul_int8(&be, sr1, noisy, q, M, 0, 7), 0);
+        omp_set_num_threads(3);
+        assert_int_equal(be.ops->matmul_int8(&be, sr3, noisy, q, M, 0, 7), 0);
+        omp_set_num_threads(saved);
+        assert_memory_equal(sr1, sr3, sizeof(float) * M * N);
+        double *mean = calloc((size_t)M * N, sizeof(double));
+        assert_non_null(mean);
+        const int draws = 256;
+        int moved = 0;
+        for (int t = 1; t <= draws; t++) {
+            assert_int_equal(be.ops->matmul_int8(&be, sr3, noisy, q, M, 0, 100 + (uint64_t)t), 0);
+            for (int i = 0; i < M * N; i++) {
+                mean[i] += sr3[i] / draws;
+                moved += sr3[i] != sr1[i];
+            }
+        }
+        free(c);
+        c = int8_product(noisy, q, M, N);
+        for (int i = 0; i < M * N; i++) got[i] = c[i];
+        int8_exact(ref, noisy, w, M, N, K);
+        const double err_nearest = mt_test_rel_err_d(got, ref, (size_t)M * N);
+        const double err_mean = mt_test_rel_err_d(mean, ref, (size_t)M * N);
+        if (err_nearest > 1e-5) { /* one input per row (K = 1) is its own scale: exact */
+            assert_true(moved > 0);
+            assert_true(err_mean < 0.35 * err_nearest);
+        }
+        free(noisy), free(sr1), free(sr3), free(mean);
+
         /* a row with a NaN gives NaN, and only there */
         a[(size_t)(M / 2) * K + K / 2] = NAN;
         free(c);
@@ -355,7 +390,9 @@ static void test_matmul_int8(void **state) {
                 assert_true(isnan(c[(size_t)i * N + n]) == (i == M / 2));
         be.ops->weight_int8_free(&be, q);
         printf("  int8 M=%d N=%d K=%d: rel err %.1e against the documented quantisation, "
-               "%.1e against fp32, %.1e on a Q4 grid\n", M, N, K, err_doc, err_fp, err_grid);
+               "%.1e against fp32, %.1e on a Q4 grid; stochastic rounding: %.1e for the mean "
+               "of %d, %.1e to nearest\n", M, N, K, err_doc, err_fp, err_grid, err_mean, draws,
+               err_nearest);
         assert_true(err_doc < 2e-6);
         assert_true(err_fp < 2e-2);
         assert_true(err_grid < 2e-6);
