@@ -374,6 +374,15 @@ static int model_set_training(lua_State *L) {
     return 0;
 }
 
+/* model:int8_training(bool): the frozen projections' products in int8 during training
+ * steps (mt_model_set_int8_training); the copies are made at the next step */
+static int model_int8_training(lua_State *L) {
+    lmodel *u = bind_check_model(L, 1);
+    luaL_checktype(L, 2, LUA_TBOOLEAN);
+    mt_model_set_int8_training(u->m, lua_toboolean(L, 2));
+    return 0;
+}
+
 /* ---- Tokenizer ---------------------------------------------------------------- */
 
 ltok *bind_check_tok(lua_State *L, int idx) {
@@ -563,7 +572,8 @@ static const luaL_Reg model_methods[] = {
     {"info", model_info},         {"attach", model_attach},
     {"attach_peft", model_attach_peft},
     {"plan", model_plan},         {"trainable", model_trainable},
-    {"set_training", model_set_training}, {"close", model_close},
+    {"set_training", model_set_training}, {"int8_training", model_int8_training},
+    {"close", model_close},
     {"export_peft", model_export_peft},   {"export_merged", model_export_merged},
     {"export_gguf", model_export_gguf},
     {NULL, NULL},

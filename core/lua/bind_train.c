@@ -30,7 +30,7 @@ static void push_metrics(lua_State *L, int n, const char (*names)[64], const dou
 }
 
 /* mt.train_step(model, loss, optimizer, batches, {lr=, step=, max_grad_norm=}) -> {loss=,
- * grad_norm=, lr=, tokens=, skipped=, metrics = {name = value}} */
+ * grad_norm=, lr=, tokens=, skipped=, int8=, metrics = {name = value}} */
 static int l_train_step(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     mt_plugin_instance *loss = check_kind(L, 2, MT_PLUGIN_LOSS, "train_step");
@@ -62,12 +62,13 @@ static int l_train_step(lua_State *L) {
     mt_step_result res;
     mt_error err = {0};
     if (mt_train_step(u->m, loss, opt, mb, n, lr, (int64_t)step, clip, &res, &err)) return bind_raise(L, &err);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     bind_set_num(L, "loss", res.loss);
     bind_set_num(L, "grad_norm", res.grad_norm);
     bind_set_num(L, "lr", res.lr);
     bind_set_int(L, "tokens", res.n_tokens);
     bind_set_bool(L, "skipped", res.skipped);
+    bind_set_int(L, "int8", res.int8);
     push_metrics(L, res.n_metrics, res.metric_names, res.metrics);
     return 1;
 }

@@ -27,6 +27,11 @@
 --   max_steps = nil             ... or a step budget; when given it wins over epochs
 --   grad_accum = 1              micro-batches per optimizer step
 --   max_grad_norm = 1.0         gradient clipping (false = none)
+--   int8 = false                true: in training steps the frozen weights' products (the
+--                               base under LoRA: forward and input gradients) run in
+--                               8 bits where the CPU has AVX512-VNNI (model:int8_training,
+--                               docs/speed.md); evaluations stay fp32. The first step's
+--                               log line says how many projections did
 --   scheduler = nil             a scheduler Plugin: lr = mt.schedule(scheduler, step - 1, total, lr)
 --                               (plugins count steps from 0, as transformers' lr_lambda)
 --   schedule = nil              or a Lua function(step, total, base_lr) -> lr, step from 1;
@@ -258,6 +263,9 @@ local function resolve(cfg, mt)
   if type(cfg.lr) ~= "number" or cfg.lr <= 0 then fail("cfg.lr must be a positive number, got %s", tostring(cfg.lr)) end
   if cfg.schedule ~= nil and type(cfg.schedule) ~= "function" then
     fail("cfg.schedule must be a function(step, total, base_lr), got %s", type(cfg.schedule))
+  end
+  if cfg.int8 ~= nil and type(cfg.int8) ~= "boolean" then
+    fail("cfg.int8 must be true or false, got %s", type(cfg.int8))
   end
   if cfg.tensorboard ~= nil and type(cfg.tensorboard) ~= "boolean" then
     fail("cfg.tensorboard must be true or false, got %s", type(cfg.tensorboard))
@@ -773,6 +781,10 @@ local function train_step(cfg, mt, R, T, step)
   end
   local done = step - T.start_step + 1
   local eta = elapsed / done * (total - step)
+  if step == T.start_step and cfg.int8 then
+    T.say(string.format("int8: %d frozen projections multiply in 8 bits in training steps%s", r.int8 or 0,
+                        (r.int8 or 0) == 0 and " (none: this CPU has no AVX512-VNNI, or nothing is frozen)" or ""))
+  end
   if T.bar then
     local width, filled = 20, math.floor(20 * step / total)
     local shown = {}
@@ -882,6 +894,12 @@ function M.run(cfg, mt)
     T.say(string.format("general text: perplexity %.6g before training", T.general_before))
     T.log_json({ type = "general", step = T.start_step - 1, general_perplexity = T.general_before })
   end
+
+  -- int8 copies of the frozen weights for this run's steps, freed when it ends, also
+  -- by an error (their memory goes back before anything else runs)
+  local int8_copies <close> = cfg.int8 and setmetatable({}, {
+    __close = function() cfg.model:int8_training(false) end }) or nil
+  if cfg.int8 then cfg.model:int8_training(true) end
 
   T.t0 = R.clock()
   T.fire("on_train_begin")

@@ -87,6 +87,45 @@ local got = mt.train_step(model2, loss2, opt2, { c1, c2 },
   { lr = 0.01, step = total + 1, max_grad_norm = 1.0 }).loss
 check(got == want, string.format("resumed loss %.17g ~= %.17g", got, want))
 
+-- the frozen base's products in int8 during training steps (model:int8_training): on a
+-- CPU with AVX512-VNNI every frozen projection (2 layers x 7 and lm_head) multiplies in
+-- 8 bits and the loss stays near fp32's; elsewhere all stay fp32
+local function has_vnni()
+  local f = io.open("/proc/cpuinfo", "r")
+  if not f then return false end
+  local text = f:read("a")
+  f:close()
+  return text:find(" avx512bw", 1, true) ~= nil and text:find(" avx512_vnni", 1, true) ~= nil
+end
+local projections = has_vnni() and 2 * 7 + 1 or 0
+local d1, d2 = batcher2:next(), batcher2:next()
+local fp = mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 2 })
+check(fp.int8 == 0, "int8 is off unless asked: " .. fp.int8)
+model2:int8_training(true)
+local q8 = mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 3 })
+check(q8.int8 == projections, string.format("%d projections in int8, expected %d", q8.int8, projections))
+check(math.abs(q8.loss - fp.loss) <= 3e-3 * fp.loss, string.format("int8 loss %.6f, fp32 %.6f", q8.loss, fp.loss))
+model2:int8_training(false)
+check(mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 4 }).int8 == 0, "int8 off again")
+check(not pcall(model2.int8_training, model2, 1), "int8_training takes a boolean")
+print(string.format("train: int8 step loss %.6f against fp32 %.6f, %d projections", q8.loss, fp.loss, q8.int8))
+
+-- the trainer's int8 option: its first step says how many projections, and the copies
+-- go when the run ends
+local said = {}
+local sink = { write = function(_, s) said[#said + 1] = s end, flush = function() end }
+local run_cfg = { model = model2, loss = loss2, optimizer = opt2, batcher = batcher2, lr = 0.01,
+                  max_steps = 2, out_dir = TMP .. "/int8_run", int8 = true, output = sink,
+                  progress = false, plot = false, tensorboard = false }
+os.execute("mkdir -p " .. run_cfg.out_dir)
+mt.trainer.run(run_cfg, mt)
+local text = table.concat(said)
+check(text:find(string.format("int8: %d frozen projections", projections), 1, true), "trainer's int8 line: " .. text)
+check(mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = 99 }).int8 == 0, "int8 ends with the run")
+run_cfg.int8 = "yes"
+local ok, err = pcall(mt.trainer.run, run_cfg, mt)
+check(not ok and tostring(err):find("cfg.int8 must be true or false", 1, true), "bad int8: " .. tostring(err))
+
 check(mt.checkpoint_prune(TMP, 1) == 0, "prune")
 check(#mt.sha256("abc") == 64, "sha256")
 check(mt.sha256("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "sha256 value")
