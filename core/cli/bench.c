@@ -44,7 +44,7 @@ static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const cha
     int64_t reduced = 0;
     mt_status st = MT_OK;
     /* as mt_train_step does; the copies are made in the first (warm-up) step */
-    mt_model_set_int8_training(m, opt->int8);
+    mt_model_set_int8_training(m, (mt_int8_training)opt->int8);
     for (int s = 0; s < opt->warmup + opt->steps && !st; s++) {
         double t0 = mt_now_seconds();
         float loss;
@@ -65,7 +65,7 @@ static mt_status bench_steps(mt_model *m, const mt_bench_options *opt, const cha
             loss_sum += loss;
         }
     }
-    mt_model_set_int8_training(m, 0);
+    mt_model_set_int8_training(m, MT_INT8_OFF);
     if (st) return st;
     double per_step = t_total / opt->steps, ranks = mt_dist_size();
     printf("%-22s %10.1f tokens/s %9.1f GFLOP/s %8.3f s/step  loss %.4f  peak RSS %.0f MiB\n",

@@ -18,8 +18,8 @@ typedef struct mt_bench_options {
     int generate; /* > 0: instead of training steps, generate this many tokens for each of
                      `batch` prompts of `seq` ids (mt_generate_batch, greedy) */
     int fp32;     /* generation: every product in fp32 instead of int8 weights */
-    int int8;     /* training steps: the frozen projections' products in int8
-                     (mt_model_set_int8_training) */
+    int int8;     /* training steps: an mt_int8_training (model/model.h), the frozen
+                     projections' products in int8 (0: fp32) */
     const char *device; /* "cpu", "cuda" or NULL for the default (store/session.h) */
     mt_bench_mode mode;
     /* an adapter plugin to attach (e.g. "lora", "qlora") instead of the modes above */

@@ -9,6 +9,7 @@
 #include "base/numparse.h"
 #include "cli/bench.h"
 #include "cli/cli_args.h"
+#include "model/model.h"
 #include "plugin/options.h"
 
 
@@ -40,9 +41,10 @@ static void usage(FILE *out) {
             "                   prompts' and the generated tokens' rates\n"
             "  --fp32           with --generate: every product in fp32 (default: the\n"
             "                   weights in int8 where the CPU has AVX512-VNNI)\n"
-            "  --int8           training steps: the frozen weights' products (forward and\n"
-            "                   input gradients) in int8 where the CPU has AVX512-VNNI,\n"
-            "                   as a recipe's int8 = true (default: fp32)\n");
+            "  --int8 MODE      training steps: the frozen weights' products in int8 where\n"
+            "                   the CPU has AVX512-VNNI, as a recipe's train_int8: forward\n"
+            "                   (the forward only) or all (input gradients too); default\n"
+            "                   fp32\n");
 }
 
 enum { OPT_SHAPE = 256, OPT_CONFIG, OPT_MODE, OPT_BATCH, OPT_SEQ, OPT_STEPS, OPT_WARMUP,
@@ -64,7 +66,7 @@ static const struct option options[] = {
     {"adapter-option", required_argument, NULL, OPT_ADAPTER_OPTION},
     {"generate", required_argument, NULL, OPT_GENERATE},
     {"fp32", no_argument, NULL, OPT_FP32},
-    {"int8", no_argument, NULL, OPT_INT8},
+    {"int8", required_argument, NULL, OPT_INT8},
     MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
@@ -112,7 +114,14 @@ int mt_cmd_bench(int argc, char **argv) {
             break;
         case OPT_ADAPTER: opt.adapter = v; break;
         case OPT_FP32: opt.fp32 = 1; break;
-        case OPT_INT8: opt.int8 = 1; break;
+        case OPT_INT8:
+            if (!strcmp(v, "forward")) opt.int8 = MT_INT8_FORWARD;
+            else if (!strcmp(v, "all")) opt.int8 = MT_INT8_ALL;
+            else {
+                fprintf(stderr, "moontune bench: --int8 expects forward or all, got \"%s\"\n", v);
+                return 2;
+            }
+            break;
         case MT_CLI_DEVICE: opt.device = v; break;
         case OPT_ADAPTER_OPTION:
             if (mt_cli_adapter_option(&adapter_options, flag, v, &err)) goto refused;

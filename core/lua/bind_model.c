@@ -374,12 +374,21 @@ static int model_set_training(lua_State *L) {
     return 0;
 }
 
-/* model:int8_training(bool): the frozen projections' products in int8 during training
- * steps (mt_model_set_int8_training); the copies are made at the next step */
+/* model:int8_training("off" | "forward" | "all"; false, true: off, all): the frozen
+ * projections' products in int8 during training steps (mt_model_set_int8_training):
+ * none, the forward only, or the forward and the input gradients; the copies are made
+ * at the next step */
 static int model_int8_training(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
-    luaL_checktype(L, 2, LUA_TBOOLEAN);
-    mt_model_set_int8_training(u->m, lua_toboolean(L, 2));
+    mt_int8_training mode;
+    if (lua_type(L, 2) == LUA_TBOOLEAN) {
+        mode = lua_toboolean(L, 2) ? MT_INT8_ALL : MT_INT8_OFF;
+    } else {
+        static const char *const names[] = {"off", "forward", "all", NULL};
+        static const mt_int8_training modes[] = {MT_INT8_OFF, MT_INT8_FORWARD, MT_INT8_ALL};
+        mode = modes[luaL_checkoption(L, 2, NULL, names)];
+    }
+    mt_model_set_int8_training(u->m, mode);
     return 0;
 }
 

@@ -139,14 +139,14 @@ void mt_model_int8_drop(mt_model *m) {
     m->int8_copies = NULL;
 }
 
-void mt_model_set_int8_training(mt_model *m, int on) {
-    m->int8_training = on != 0;
-    if (!on) mt_model_int8_drop(m);
+void mt_model_set_int8_training(mt_model *m, mt_int8_training mode) {
+    if ((int)mode != m->int8_training) mt_model_int8_drop(m); /* the copies differ by mode */
+    m->int8_training = mode;
 }
 
-/* Copies of W (forward) and Wᵀ (input gradient) of each frozen projection whose weight
- * is present (QLoRA's released weights are the adapter's to multiply); a projection gets
- * both or neither. */
+/* Copies of W (forward) and, with MT_INT8_ALL, Wᵀ (input gradient) of each frozen
+ * projection whose weight is present (QLoRA's released weights are the adapter's to
+ * multiply); a projection gets all it needs or none. */
 static void make_int8_copies(mt_model *m) {
     mt_backend *be = m->be;
     const int n = mt_model_linear_count(m);
@@ -154,10 +154,14 @@ static void make_int8_copies(mt_model *m) {
     for (int i = 0; i < n; i++) {
         const mt_linear *lin = mt_model_linear(m, i);
         if (!lin->weight || lin->grad_weight) continue;
+        const int transposed = m->int8_training == MT_INT8_ALL;
         void *w = be->ops->weight_int8_create(be, lin->weight, lin->out, lin->in, 0);
-        void *wt = w ? be->ops->weight_int8_create(be, lin->weight, lin->in, lin->out, 1) : NULL;
-        if (w && !wt) be->ops->weight_int8_free(be, w);
-        if (w && wt) {
+        void *wt = w && transposed ? be->ops->weight_int8_create(be, lin->weight, lin->in, lin->out, 1) : NULL;
+        if (w && transposed && !wt) {
+            be->ops->weight_int8_free(be, w);
+            w = NULL;
+        }
+        if (w) {
             m->int8_copies[2 * i] = w;
             m->int8_copies[2 * i + 1] = wt;
         }
@@ -166,7 +170,8 @@ static void make_int8_copies(mt_model *m) {
 
 int mt_model_int8_attach(mt_model *m) {
     mt_backend *be = m->be;
-    if (!m->int8_training || !be->ops->weight_int8_create || !be->ops->matmul_int8) return 0;
+    if (m->int8_training == MT_INT8_OFF || !be->ops->weight_int8_create || !be->ops->matmul_int8)
+        return 0;
     if (!m->int8_copies) make_int8_copies(m);
     if (!m->int8_copies) return 0; /* out of memory: the fp32 products */
     int attached = 0;

@@ -216,7 +216,7 @@ typedef struct mt_model {
     char fingerprint[65];
     /* mt_model_set_int8_training: wanted, and the frozen projections' copies (W and Wᵀ
      * for each of mt_model_linear_count, NULL where none), made at the first step */
-    int int8_training;
+    int int8_training; /* an mt_int8_training */
     void **int8_copies;
     uint64_t int8_round_seed; /* counts the int8 input-gradient products: each its seed */
 } mt_model;
@@ -287,12 +287,18 @@ void mt_model_set_adapters_enabled(mt_model *m, int enabled);
 /* Training (dropout active) or evaluation mode for every attached adapter. */
 void mt_model_set_training(mt_model *m, int training);
 /* Frozen base products in int8 during training steps (off at creation). On: every
- * projection whose weight is frozen and present gets int8 copies of W and Wᵀ (the
- * backend's, kernels/backend.h), made at the next mt_model_int8_attach; its forward and
- * its input gradient then multiply in int8, its adapter (LoRA's A and B) stays fp32.
- * Off frees them. Anything that may change a base weight or make it trainable drops
- * the copies (mt_model_int8_drop), and the next attach makes them again. */
-void mt_model_set_int8_training(mt_model *m, int on);
+ * projection whose weight is frozen and present gets an int8 copy of W, and with
+ * MT_INT8_ALL one of Wᵀ (the backend's, kernels/backend.h), made at the next
+ * mt_model_int8_attach; its forward, and with MT_INT8_ALL its input gradient, then
+ * multiply in int8; its adapter (LoRA's A and B) stays fp32. Off frees them. Anything
+ * that may change a base weight or make it trainable drops the copies
+ * (mt_model_int8_drop), and the next attach makes them again. */
+typedef enum mt_int8_training {
+    MT_INT8_OFF = 0,
+    MT_INT8_FORWARD = 1, /* the forward products; input gradients stay fp32 */
+    MT_INT8_ALL = 2,     /* the forward and the input gradients (stochastically rounded) */
+} mt_int8_training;
+void mt_model_set_int8_training(mt_model *m, mt_int8_training mode);
 /* While int8 training is on: makes missing copies and points the projections at them;
  * returns how many projections multiply in int8 (0: off, or the backend has none). */
 int mt_model_int8_attach(mt_model *m);

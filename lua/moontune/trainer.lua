@@ -27,11 +27,12 @@
 --   max_steps = nil             ... or a step budget; when given it wins over epochs
 --   grad_accum = 1              micro-batches per optimizer step
 --   max_grad_norm = 1.0         gradient clipping (false = none)
---   int8 = false                true: in training steps the frozen weights' products (the
---                               base under LoRA: forward and input gradients) run in
---                               8 bits where the CPU has AVX512-VNNI (model:int8_training,
---                               docs/speed.md); evaluations stay fp32. The first step's
---                               log line says how many projections did
+--   int8 = false                "forward": in training steps the frozen weights' forward
+--                               products (the base under LoRA) run in 8 bits where the
+--                               CPU has AVX512-VNNI; "all" (or true): their input
+--                               gradients too (model:int8_training, docs/speed.md);
+--                               "off" (or false): fp32. Evaluations stay fp32. The
+--                               first step's log line says how many projections did
 --   scheduler = nil             a scheduler Plugin: lr = mt.schedule(scheduler, step - 1, total, lr)
 --                               (plugins count steps from 0, as transformers' lr_lambda)
 --   schedule = nil              or a Lua function(step, total, base_lr) -> lr, step from 1;
@@ -264,8 +265,9 @@ local function resolve(cfg, mt)
   if cfg.schedule ~= nil and type(cfg.schedule) ~= "function" then
     fail("cfg.schedule must be a function(step, total, base_lr), got %s", type(cfg.schedule))
   end
-  if cfg.int8 ~= nil and type(cfg.int8) ~= "boolean" then
-    fail("cfg.int8 must be true or false, got %s", type(cfg.int8))
+  local int8_modes = { [false] = false, off = false, forward = "forward", all = "all", [true] = "all" }
+  if cfg.int8 ~= nil and int8_modes[cfg.int8] == nil then
+    fail("cfg.int8 must be \"off\", \"forward\" or \"all\" (false, true: off, all), got %s", tostring(cfg.int8))
   end
   if cfg.tensorboard ~= nil and type(cfg.tensorboard) ~= "boolean" then
     fail("cfg.tensorboard must be true or false, got %s", type(cfg.tensorboard))
@@ -282,6 +284,7 @@ local function resolve(cfg, mt)
               metric_fns = cfg.metrics or {}, hooks = hooks_of(cfg.callbacks),
               progress_metrics = cfg.progress_metrics or { "rewards/accuracies", "rewards/margins" } }
   if R.max_grad_norm == nil then R.max_grad_norm = 1.0 end
+  R.int8 = cfg.int8 ~= nil and int8_modes[cfg.int8] or false
   R.rank = type(mt.rank) == "function" and mt.rank() or 0
   R.world = type(mt.world_size) == "function" and mt.world_size() or 1
   R.main = R.rank == 0
@@ -781,8 +784,9 @@ local function train_step(cfg, mt, R, T, step)
   end
   local done = step - T.start_step + 1
   local eta = elapsed / done * (total - step)
-  if step == T.start_step and cfg.int8 then
-    T.say(string.format("int8: %d frozen projections multiply in 8 bits in training steps%s", r.int8 or 0,
+  if step == T.start_step and R.int8 then
+    T.say(string.format("int8: %d frozen projections multiply in 8 bits in training steps (%s)%s", r.int8 or 0,
+                        R.int8 == "forward" and "forward" or "forward and input gradients",
                         (r.int8 or 0) == 0 and " (none: this CPU has no AVX512-VNNI, or nothing is frozen)" or ""))
   end
   if T.bar then
@@ -897,9 +901,9 @@ function M.run(cfg, mt)
 
   -- int8 copies of the frozen weights for this run's steps, freed when it ends, also
   -- by an error (their memory goes back before anything else runs)
-  local int8_copies <close> = cfg.int8 and setmetatable({}, {
-    __close = function() cfg.model:int8_training(false) end }) or nil
-  if cfg.int8 then cfg.model:int8_training(true) end
+  local int8_copies <close> = R.int8 and setmetatable({}, {
+    __close = function() cfg.model:int8_training("off") end }) or nil
+  if R.int8 then cfg.model:int8_training(R.int8) end
 
   T.t0 = R.clock()
   T.fire("on_train_begin")

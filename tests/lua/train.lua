@@ -105,9 +105,17 @@ model2:int8_training(true)
 local q8 = mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 3 })
 check(q8.int8 == projections, string.format("%d projections in int8, expected %d", q8.int8, projections))
 check(math.abs(q8.loss - fp.loss) <= 3e-3 * fp.loss, string.format("int8 loss %.6f, fp32 %.6f", q8.loss, fp.loss))
-model2:int8_training(false)
+model2:int8_training("off")
 check(mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 4 }).int8 == 0, "int8 off again")
-check(not pcall(model2.int8_training, model2, 1), "int8_training takes a boolean")
+check(not pcall(model2.int8_training, model2, 1), "int8_training takes a boolean or a mode")
+check(not pcall(model2.int8_training, model2, "backward"), "int8_training's modes")
+-- the forward alone: the same projections, another loss (fp32 input gradients do not
+-- change the loss, so it is the "all" step's)
+model2:int8_training("forward")
+local f8 = mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 5 })
+check(f8.int8 == projections and f8.loss == q8.loss, string.format("forward only: %d, loss %.9g against %.9g",
+                                                                   f8.int8, f8.loss, q8.loss))
+model2:int8_training(false)
 print(string.format("train: int8 step loss %.6f against fp32 %.6f, %d projections", q8.loss, fp.loss, q8.int8))
 
 -- the trainer's int8 option: its first step says how many projections, and the copies
@@ -115,16 +123,18 @@ print(string.format("train: int8 step loss %.6f against fp32 %.6f, %d projection
 local said = {}
 local sink = { write = function(_, s) said[#said + 1] = s end, flush = function() end }
 local run_cfg = { model = model2, loss = loss2, optimizer = opt2, batcher = batcher2, lr = 0.01,
-                  max_steps = 2, out_dir = TMP .. "/int8_run", int8 = true, output = sink,
+                  max_steps = 2, out_dir = TMP .. "/int8_run", int8 = "forward", output = sink,
                   progress = false, plot = false, tensorboard = false }
 os.execute("mkdir -p " .. run_cfg.out_dir)
 mt.trainer.run(run_cfg, mt)
 local text = table.concat(said)
-check(text:find(string.format("int8: %d frozen projections", projections), 1, true), "trainer's int8 line: " .. text)
+check(text:find(string.format("int8: %d frozen projections multiply in 8 bits in training steps (forward)",
+                              projections), 1, true), "trainer's int8 line: " .. text)
 check(mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = 99 }).int8 == 0, "int8 ends with the run")
 run_cfg.int8 = "yes"
 local ok, err = pcall(mt.trainer.run, run_cfg, mt)
-check(not ok and tostring(err):find("cfg.int8 must be true or false", 1, true), "bad int8: " .. tostring(err))
+check(not ok and tostring(err):find('cfg.int8 must be "off", "forward" or "all"', 1, true),
+      "bad int8: " .. tostring(err))
 
 check(mt.checkpoint_prune(TMP, 1) == 0, "prune")
 check(#mt.sha256("abc") == 64, "sha256")

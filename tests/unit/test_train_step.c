@@ -310,7 +310,8 @@ static int attached_int8(mt_model *m) {
 }
 
 /* Int8 products for the frozen base (mt_model_set_int8_training) under LoRA: the loss
- * and every LoRA gradient near the fp32 step's; the copies are used during steps only,
+ * and every LoRA gradient near the fp32 step's, for the forward alone and with the
+ * input gradients; the copies are used during steps only,
  * dropped when a weight becomes trainable and never made for a trainable weight (full
  * fine-tuning); off frees them. */
 static void test_int8_training(void **state) {
@@ -333,7 +334,7 @@ static void test_int8_training(void **state) {
     size_t n32, n8;
     copy_grads(m, &g32, &n32);
 
-    mt_model_set_int8_training(m, 1);
+    mt_model_set_int8_training(m, MT_INT8_ALL);
     mt_step_result q = step(&r, &batch, 1, 0.0, 5, 0.0);
     const int projections = mt_model_linear_count(m); /* 2 layers · 7 + lm_head */
     if (!vnni()) {
@@ -355,6 +356,22 @@ static void test_int8_training(void **state) {
         assert_true(grad_err < 5e-2);
         free(g8);
 
+        /* the forward alone: the same loss, no copies of Wᵀ */
+        mt_model_set_int8_training(m, MT_INT8_FORWARD);
+        assert_null(m->int8_copies); /* another mode, other copies */
+        mt_step_result f = step(&r, &batch, 1, 0.0, 5, 0.0);
+        assert_int_equal(f.int8, projections);
+        assert_true(f.loss == q.loss);
+        copy_grads(m, &g8, &n8);
+        const double fwd_err = mt_test_rel_err(g8, g32, n32);
+        printf("  int8 forward only: LoRA gradients rel err %.1e\n", fwd_err);
+        assert_true(fwd_err < 5e-2);
+        free(g8);
+        for (int i = 0; i < projections; i++)
+            assert_true(m->int8_copies[2 * i] != NULL && m->int8_copies[2 * i + 1] == NULL);
+        mt_model_set_int8_training(m, MT_INT8_ALL);
+        assert_int_equal(step(&r, &batch, 1, 0.0, 5, 0.0).int8, projections);
+
         /* between steps the projections multiply in fp32 again; the copies stay */
         assert_int_equal(attached_int8(m), 0);
         assert_non_null(m->int8_copies);
@@ -369,7 +386,7 @@ static void test_int8_training(void **state) {
         for (int i = 0; i < projections; i++) /* 7: layer 1's q_proj */
             assert_true((m->int8_copies[2 * i] != NULL) == (i != 7));
     }
-    mt_model_set_int8_training(m, 0);
+    mt_model_set_int8_training(m, MT_INT8_OFF);
     assert_null(m->int8_copies);
     assert_int_equal(step(&r, &batch, 1, 0.0, 7, 0.0).int8, 0);
     free(g32);
@@ -377,7 +394,7 @@ static void test_int8_training(void **state) {
 
     /* full fine-tuning: every weight trains, none gets a copy */
     rig_up(&r, "sgd", NULL, 0);
-    mt_model_set_int8_training(r.model, 1);
+    mt_model_set_int8_training(r.model, MT_INT8_ALL);
     assert_int_equal(step(&r, &batch, 1, 0.0, 1, 0.0).int8, 0);
     rig_down(&r);
 }
