@@ -52,6 +52,10 @@
 --                  many (0 = all); max_new_tokens, gen_batch: answer length, batch;
 --                  gen_int8 = false: generate in fp32 (default: int8 weight products
 --                  where the CPU has them)
+--   train_int8     the frozen base's products in int8 in training steps where the CPU
+--                  has AVX512-VNNI: "forward" (the forward products), "all" (the input
+--                  gradients too: faster, about 2 points less exact match on the
+--                  quickstart) or "off" (fp32); the adapter stays fp32 (docs/speed.md)
 --   allow_leakage  accept held-out examples that also occur in the training data (the
 --                  data checks refuse them otherwise)
 --   export         what the trained model becomes under out_dir/export/, a comma list:
@@ -95,6 +99,7 @@ local cfg = mt.config({
   max_new_tokens = 128,
   gen_batch = 16,
   gen_int8 = true,
+  train_int8 = "forward",
   allow_leakage = false,
   export = "peft",
   export_dtype = "f16",

@@ -31,6 +31,10 @@
 --   gen_batch, max_new_tokens   sequences generated together, answer length cap
 --   gen_int8       generate with int8 weight products where the CPU has them (false:
 --                  fp32 throughout; docs/speed.md)
+--   train_int8     the frozen base's products in int8 in training steps where the CPU
+--                  has AVX512-VNNI: "forward" (the forward products), "all" (the input
+--                  gradients too: faster, about 2 points less exact match on the
+--                  quickstart) or "off" (fp32); LoRA stays fp32 (docs/speed.md)
 --   samples        sample answers printed before and after
 --   export         write the PEFT adapter, merged model and GGUF (false: skip)
 local mt = require("moontune")
@@ -54,6 +58,7 @@ local cfg = mt.config({
   gen_batch = 32,
   max_new_tokens = 64,
   gen_int8 = true,
+  train_int8 = "forward",
   samples = 3,
   export = true,
   out_dir = "runs/quickstart",
@@ -128,6 +133,7 @@ local trainer_cfg = {
   lr = cfg.lr,
   epochs = cfg.epochs,
   grad_accum = cfg.grad_accum,
+  int8 = cfg.train_int8,
   save_every = 0,
   out_dir = out,
 }
