@@ -1,4 +1,5 @@
-/* cpu_matmul_int8.c — products with 8-bit weights for generation (AVX512-VNNI).
+/* cpu_matmul_int8.c — products with 8-bit copies of frozen weights (AVX512-VNNI):
+ * generation, and the frozen base's products in training when a recipe asks.
  *
  * Decoding reads every weight once per step and does little arithmetic per byte, and
  * fp32 FMAs do 16 multiply-adds per instruction where VNNI's vpdpbusd does 64 (unsigned
@@ -14,6 +15,8 @@
  *           before down_proj has them) from flattening the rest of the row.
  * Then, per group, Σ_k w x ≈ d sa Σ_k q a + mn sa Σ_k a, the first sum exact in int32
  * (vpdpbusd), the second known when the row is quantised; the groups add up in fp32.
+ * Training's input gradients dy · W use a copy of Wᵀ (made from W as stored) and add
+ * into dx; their rows are rounded stochastically (unbiased) rather than to nearest.
  *
  * The weight is packed for vpdpbusd: panels of 32 output rows, and in a panel, for each
  * 4 inputs, two vectors of 16 rows × 4 bytes, each group's d and mn beside. The
@@ -198,8 +201,8 @@ static VNNI int quantize_row(const float *x, int K, int Kp, int8_t *a, float *sa
         if (scale > 0.0f) {
             const __m512 s = _mm512_set1_ps(scale);
             const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-            /* past K the inputs are 0 and stay 0 (floor(0 + u) = 0); the clamps hold
-             * x / s = ±127 (·(1 ± 2⁻²⁴) after rounding) in range */
+            /* the masks keep the inputs past K at 0; the clamps hold x / s = ±127
+             * (·(1 ± 2⁻²⁴) after rounding, + u when stochastic) in range */
             q0 = _mm512_maskz_mov_epi32(m0, _mm512_min_epi32(_mm512_max_epi32(to_int(v0, s, key, g0), lo), hi));
             q1 = _mm512_maskz_mov_epi32(m1, _mm512_min_epi32(_mm512_max_epi32(to_int(v1, s, key, g0 + 16), lo), hi));
         }

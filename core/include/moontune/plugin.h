@@ -335,7 +335,10 @@ typedef struct mt_host {
     /* ---- the model (adapters) ---- */
     int (*model_linear_count)(const mt_model_handle *model);
     mt_linear_handle *(*model_linear)(mt_model_handle *model, int index);
-    /* Fills info up to info->size (the caller sets it). */
+    /* Fills info up to info->size (the caller sets it). info->weight may be written
+     * (a merge), so the host drops what it derived from the weights (the int8 copies
+     * of int8 training, made again at the next step): call it when attaching or
+     * merging, not in every step. */
     void (*linear_info)(const mt_linear_handle *lin, mt_linear_info *info);
     /* Replaces the projection's computation; NULL impl restores the base layer. */
     mt_status (*linear_wrap)(mt_linear_handle *lin, const mt_linear_impl *impl, void *self,
