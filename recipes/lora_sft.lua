@@ -51,8 +51,8 @@
 --                  where the CPU has them)
 --   train_int8     the frozen base's products in int8 in training steps where the CPU
 --                  has AVX512-VNNI: "forward" (the forward products), "all" (the input
---                  gradients too: faster, about 2 points less exact match on the
---                  quickstart) or "off" (fp32); the adapter stays fp32 (docs/speed.md)
+--                  gradients too: faster, and on the quickstart as exact on average
+--                  but spread wider from run to run) or "off" (fp32); the adapter stays fp32 (docs/speed.md)
 --   allow_leakage  accept held-out examples that also occur in the training data (the
 --                  data checks refuse them otherwise)
 --   export         what the trained model becomes under out_dir/export/, a comma list:

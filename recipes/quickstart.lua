@@ -33,8 +33,8 @@
 --                  fp32 throughout; docs/speed.md)
 --   train_int8     the frozen base's products in int8 in training steps where the CPU
 --                  has AVX512-VNNI: "forward" (the forward products), "all" (the input
---                  gradients too: faster, about 2 points less exact match on the
---                  quickstart) or "off" (fp32); LoRA stays fp32 (docs/speed.md)
+--                  gradients too: faster, and on the quickstart as exact on average
+--                  but spread wider from run to run) or "off" (fp32); LoRA stays fp32 (docs/speed.md)
 --   samples        sample answers printed before and after
 --   export         write the PEFT adapter, merged model and GGUF (false: skip)
 local mt = require("moontune")
