@@ -400,6 +400,9 @@ local function run_identity(cfg, mt, R)
                 max_grad_norm = R.max_grad_norm or false, epochs = cfg.epochs or 1,
                 max_steps = cfg.max_steps or false, batches_per_epoch = R.bpe,
                 eval_every = R.eval_every or 0,
+                -- int8 training changes the numbers; absent when off, as in checkpoints
+                -- written before it existed
+                int8 = R.int8 or nil,
                 early_stopping = es and { metric = es.metric, mode = es.mode, patience = es.patience,
                                           min_delta = es.min_delta, restore_best = es.restore_best } or false },
   }

@@ -117,6 +117,7 @@ refused({ resume = true, lr = 0.2 }, "trainer.lr: 0.1 -> 0.2")
 refused({ resume = true, epochs = 5 }, "trainer.total_steps: 8 -> 10")
 refused({ resume = true, grad_accum = 1 }, "trainer.grad_accum: 2 -> 1")
 refused({ resume = true, recipe = "-- edited recipe text" }, "recipe text")
+refused({ resume = true, int8 = "forward" }, "trainer.int8")
 local said = {}
 local out = { write = function(_, ...) for _, s in ipairs({ ... }) do said[#said + 1] = s end end, flush = function() end }
 local mtH, logH = fake.new{ per_epoch = 4, losses = loss, store = logB.saved, latest = logB.latest }
