@@ -77,7 +77,8 @@
 --                               checkpoint whose recipe text or settings (the resolved
 --                               mt.config table and this cfg's lr, step budget,
 --                               accumulation, clipping, intervals, early stopping, batches
---                               per epoch) differ from this run's, listing the differences
+--                               per epoch, int8) differ from this run's, listing the
+--                               differences
 --   allow_changes = nil         resume anyway and log the differences (default: the
 --                               command line's --allow-changes)
 --   recipe = nil, plugins = nil, rng = nil   stored in every checkpoint as they are (recipe
