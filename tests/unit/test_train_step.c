@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_kernels.h" /* cpu_int8_supported */
 #include "model/model.h"
 #include "plugin/registry.h"
 #include "testutil.h"
@@ -290,17 +291,6 @@ static void test_non_finite_loss_skips_the_update(void **state) {
     rig_down(&r);
 }
 
-/* Whether this CPU has the int8 kernel's instructions (kernels/cpu/cpu_matmul_int8.c). */
-static int vnni(void) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
-#else
-    return 0;
-#endif
-}
-
 /* How many projections hold int8 pointers now (they must only during a step). */
 static int attached_int8(mt_model *m) {
     int n = 0;
@@ -337,7 +327,7 @@ static void test_int8_training(void **state) {
     mt_model_set_int8_training(m, MT_INT8_ALL);
     mt_step_result q = step(&r, &batch, 1, 0.0, 5, 0.0);
     const int projections = mt_model_linear_count(m); /* 2 layers · 7 + lm_head */
-    if (!vnni()) {
+    if (!cpu_int8_supported()) {
         printf("  int8 training: this CPU has no AVX512-VNNI; every product stays fp32\n");
         assert_int_equal(q.int8, 0);
     } else {
