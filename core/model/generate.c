@@ -387,8 +387,7 @@ static mt_status run_rows(mt_kv_decoder *d, const int32_t *tokens, int n, float 
     for (int i = 0; d->weight_int8 && i < projections; i++)
         mt_model_linear(d->m, i)->weight_int8 = d->weight_int8[i];
     mt_status st = run_rows_with_weights(d, tokens, n, logits, err);
-    for (int i = 0; d->weight_int8 && i < projections; i++)
-        mt_model_linear(d->m, i)->weight_int8 = NULL;
+    if (d->weight_int8) mt_model_int8_detach(d->m);
     return st;
 }
 
