@@ -140,7 +140,7 @@ void mt_model_int8_drop(mt_model *m) {
 }
 
 void mt_model_set_int8_training(mt_model *m, mt_int8_training mode) {
-    if ((int)mode != m->int8_training) mt_model_int8_drop(m); /* the copies differ by mode */
+    if (mode != m->int8_training) mt_model_int8_drop(m); /* the copies differ by mode */
     m->int8_training = mode;
 }
 

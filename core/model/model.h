@@ -156,6 +156,13 @@ typedef struct mt_layer_acts {
     float *act;       /* (BT,F) silu(gate) * up */
 } mt_layer_acts;
 
+/* What mt_model_set_int8_training multiplies in int8 (see there). */
+typedef enum mt_int8_training {
+    MT_INT8_OFF = 0,
+    MT_INT8_FORWARD = 1, /* the forward products; input gradients stay fp32 */
+    MT_INT8_ALL = 2,     /* the forward and the input gradients (stochastically rounded) */
+} mt_int8_training;
+
 typedef struct mt_model {
     mt_model_config cfg;
     mt_backend *be;
@@ -216,7 +223,7 @@ typedef struct mt_model {
     char fingerprint[65];
     /* mt_model_set_int8_training: wanted, and the frozen projections' copies (W and Wᵀ
      * for each of mt_model_linear_count, NULL where none), made at the first step */
-    int int8_training; /* an mt_int8_training */
+    mt_int8_training int8_training;
     void **int8_copies;
     uint64_t int8_round_seed; /* counts the int8 input-gradient products: each its seed */
 } mt_model;
@@ -293,11 +300,6 @@ void mt_model_set_training(mt_model *m, int training);
  * multiply in int8; its adapter (LoRA's A and B) stays fp32. Off frees them. Anything
  * that may change a base weight or make it trainable drops the copies
  * (mt_model_int8_drop), and the next attach makes them again. */
-typedef enum mt_int8_training {
-    MT_INT8_OFF = 0,
-    MT_INT8_FORWARD = 1, /* the forward products; input gradients stay fp32 */
-    MT_INT8_ALL = 2,     /* the forward and the input gradients (stochastically rounded) */
-} mt_int8_training;
 void mt_model_set_int8_training(mt_model *m, mt_int8_training mode);
 /* While int8 training is on: makes missing copies and points the projections at them;
  * returns how many projections multiply in int8 (0: off, or the backend has none). */
