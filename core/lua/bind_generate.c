@@ -134,6 +134,7 @@ static int l_generate(lua_State *L) {
     /* with ids the log-probabilities are asked for (reinforcement learning): by default
      * they come from the fp32 model, the one training computes */
     go.fp32 = !bind_opt_bool(L, 4, "int8", !with_ids);
+    go.logps = with_ids;
     lua_Integer slots = bind_opt_int_in(L, 4, "batch", MT_GENERATE_SLOTS, &MT_LIMIT_GENERATE_SLOTS);
     if (slots < 1) return luaL_error(L, "option 'batch': %I sequences at a time: must be >= 1", slots);
     const char **stops = NULL;

@@ -25,6 +25,9 @@
 #include "base/internal.h"
 #include "plugin/registry.h"
 
+/* Positions of a block of the key cache: one AVX-512 vector of fp32 scores. */
+#define KV_BLOCK 16
+
 struct mt_kv_decoder {
     mt_model *m;
     int slots, capacity, max_rows, logit_rows;
@@ -43,7 +46,11 @@ struct mt_kv_decoder {
     float *rope_cos, *rope_sin; /* (capacity, D/2) */
     int32_t *tokens, *positions; /* (R) */
     /* host memory */
-    float *k_cache, *v_cache;  /* (L, slots, capacity, KVH*D) */
+    /* per layer, slot and key/value head: keys in blocks of KV_BLOCK positions, each
+     * (D, KV_BLOCK), so that a query's scores for a block are KV_BLOCK independent sums
+     * (no sum across a vector's lanes); values (blocks * KV_BLOCK, D) */
+    float *k_cache, *v_cache;  /* (L, slots, KVH, blocks * KV_BLOCK * D) */
+    int blocks;                /* ceil(capacity / KV_BLOCK) */
     int *length;               /* (slots) positions cached per slot */
     float *hq, *hatt;          /* (R,H*D) host copies (NULL on the CPU backend) */
     float *hk, *hv;            /* (R,KVH*D) host copies (NULL on the CPU backend) */
@@ -52,7 +59,7 @@ struct mt_kv_decoder {
     unsigned char *hwant;      /* (R) whether a row's logits are wanted */
     int *next;                 /* (slots) next position while rows are placed */
     unsigned char *seen;       /* (slots) for a step's check of distinct slots */
-    float *scores;             /* (threads, capacity) */
+    float *scores;             /* (threads, blocks * KV_BLOCK) */
     int threads;
     /* the backend's int8 copies of the projections' weights (mt_kv_decoder_use_int8),
      * indexed as mt_model_linear numbers them; NULL entries stay fp32 */
@@ -157,18 +164,21 @@ mt_status mt_kv_decoder_create(mt_model *m, int slots, int capacity, int max_row
     if (d->threads < 1) d->threads = 1;
     const size_t QD = (size_t)c->num_heads * c->head_dim;
     const size_t KVD = (size_t)c->num_kv_heads * c->head_dim;
-    const size_t cache = (size_t)c->num_layers * slots * capacity * KVD;
+    d->blocks = (capacity + KV_BLOCK - 1) / KV_BLOCK;
+    const size_t padded = (size_t)d->blocks * KV_BLOCK;
+    const size_t cache = (size_t)c->num_layers * slots * padded * KVD;
     mt_carver size = {0};
     carve_decoder(d, &size);
-    d->k_cache = malloc(cache * sizeof(float));
-    d->v_cache = malloc(cache * sizeof(float));
+    /* zeroed: a block's scores are computed for all its positions, cached or not */
+    d->k_cache = calloc(cache, sizeof(float));
+    d->v_cache = calloc(cache, sizeof(float));
     d->length = calloc((size_t)slots, sizeof(int));
     d->hpos = malloc((size_t)max_rows * sizeof(int32_t));
     d->hslot = malloc((size_t)max_rows * sizeof(int));
     d->hwant = malloc((size_t)max_rows);
     d->next = malloc((size_t)slots * sizeof(int));
     d->seen = calloc((size_t)slots, 1);
-    d->scores = malloc((size_t)d->threads * capacity * sizeof(float));
+    d->scores = malloc((size_t)d->threads * padded * sizeof(float));
     int host_ok = d->k_cache && d->v_cache && d->length && d->hpos && d->hslot && d->hwant &&
                   d->next && d->seen && d->scores;
     if (!d->cpu) {
@@ -229,11 +239,25 @@ int mt_kv_decoder_slots(const mt_kv_decoder *d) { return d->slots; }
 
 int mt_kv_decoder_capacity(const mt_kv_decoder *d) { return d->capacity; }
 
-/* Layer l's cached keys (or values, from v_cache) of slot s: (capacity, KVH, D). */
-static float *slot_cache(const mt_kv_decoder *d, float *cache, int l, int s) {
+/* Layer l's cached keys (or values, from v_cache) of slot s and key/value head g:
+ * (blocks, D, KV_BLOCK) for keys, (blocks * KV_BLOCK, D) for values. */
+static float *head_cache(const mt_kv_decoder *d, float *cache, int l, int s, int g) {
     const mt_model_config *c = &d->m->cfg;
-    const size_t KVD = (size_t)c->num_kv_heads * c->head_dim;
-    return cache + ((size_t)l * d->slots + (size_t)s) * d->capacity * KVD;
+    const size_t head = (size_t)d->blocks * KV_BLOCK * c->head_dim;
+    return cache + (((size_t)l * d->slots + (size_t)s) * c->num_kv_heads + (size_t)g) * head;
+}
+
+/* Row r's key and value (KVH*D each) into layer l's cache of slot s at position pos. */
+static void cache_put(mt_kv_decoder *d, int l, int s, int pos, const float *k, const float *v) {
+    const mt_model_config *c = &d->m->cfg;
+    const int D = c->head_dim;
+    for (int g = 0; g < c->num_kv_heads; g++) {
+        float *kb = head_cache(d, d->k_cache, l, s, g) + (size_t)(pos / KV_BLOCK) * D * KV_BLOCK +
+                    pos % KV_BLOCK;
+        for (int i = 0; i < D; i++) kb[(size_t)i * KV_BLOCK] = k[(size_t)g * D + i];
+        memcpy(head_cache(d, d->v_cache, l, s, g) + (size_t)pos * D, v + (size_t)g * D,
+               (size_t)D * sizeof(float));
+    }
 }
 
 void mt_kv_decoder_reset(mt_kv_decoder *d, int slot) {
@@ -247,11 +271,14 @@ mt_status mt_kv_decoder_copy(mt_kv_decoder *d, int to, int from, int n, mt_error
                             "slots",
                             n, from, to, d->slots);
     const mt_model_config *c = &d->m->cfg;
-    const size_t bytes = (size_t)n * c->num_kv_heads * c->head_dim * sizeof(float);
-    for (int l = 0; l < c->num_layers && to != from; l++) {
-        memcpy(slot_cache(d, d->k_cache, l, to), slot_cache(d, d->k_cache, l, from), bytes);
-        memcpy(slot_cache(d, d->v_cache, l, to), slot_cache(d, d->v_cache, l, from), bytes);
-    }
+    /* keys by whole blocks: a block's positions past n are never read as cached */
+    const size_t key_bytes = (size_t)(n + KV_BLOCK - 1) / KV_BLOCK * KV_BLOCK * c->head_dim * sizeof(float);
+    const size_t value_bytes = (size_t)n * c->head_dim * sizeof(float);
+    for (int l = 0; l < c->num_layers && to != from; l++)
+        for (int g = 0; g < c->num_kv_heads; g++) {
+            memcpy(head_cache(d, d->k_cache, l, to, g), head_cache(d, d->k_cache, l, from, g), key_bytes);
+            memcpy(head_cache(d, d->v_cache, l, to, g), head_cache(d, d->v_cache, l, from, g), value_bytes);
+        }
     d->length[to] = n;
     return MT_OK;
 }
@@ -260,45 +287,92 @@ int mt_kv_decoder_length(const mt_kv_decoder *d, int slot) {
     return slot >= 0 && slot < d->slots ? d->length[slot] : -1;
 }
 
+/* Scores s[t] = scale * q . key[t] for the positions of the blocks covering 0 .. len-1
+ * of one head's keys kh (blocks, D, KV_BLOCK). Four running sums over D hide the
+ * multiply-adds' latency; each is a vector of the block's positions. */
+static void head_scores(float *restrict s, const float *restrict q, const float *restrict kh,
+                        int len, int D, float scale) {
+    for (int b0 = 0; b0 < len; b0 += KV_BLOCK) {
+        const float *blk = kh + (size_t)b0 * D;
+        float a0[KV_BLOCK] = {0}, a1[KV_BLOCK] = {0}, a2[KV_BLOCK] = {0}, a3[KV_BLOCK] = {0};
+        int i = 0;
+        for (; i + 3 < D; i += 4) {
+            const float *k0 = blk + (size_t)i * KV_BLOCK;
+            for (int j = 0; j < KV_BLOCK; j++) {
+                a0[j] += q[i] * k0[j];
+                a1[j] += q[i + 1] * k0[KV_BLOCK + j];
+                a2[j] += q[i + 2] * k0[2 * KV_BLOCK + j];
+                a3[j] += q[i + 3] * k0[3 * KV_BLOCK + j];
+            }
+        }
+        for (; i < D; i++)
+            for (int j = 0; j < KV_BLOCK; j++) a0[j] += q[i] * blk[(size_t)i * KV_BLOCK + j];
+        for (int j = 0; j < KV_BLOCK; j++) s[b0 + j] = ((a0[j] + a1[j]) + (a2[j] + a3[j])) * scale;
+    }
+}
+
+/* o (D) = sum over t < len of p[t] * value[t] for one head's values vh (positions, D).
+ * Per 16 outputs, four running sums over t, each a vector. */
+static void head_values(float *restrict o, const float *restrict p, const float *restrict vh,
+                        int len, int D) {
+    int i0 = 0;
+    for (; i0 + 16 <= D; i0 += 16) {
+        float a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0};
+        int t = 0;
+        for (; t + 3 < len; t += 4) {
+            const float *v0 = vh + (size_t)t * D + i0;
+            for (int j = 0; j < 16; j++) {
+                a0[j] += p[t] * v0[j];
+                a1[j] += p[t + 1] * v0[D + j];
+                a2[j] += p[t + 2] * v0[2 * D + j];
+                a3[j] += p[t + 3] * v0[3 * D + j];
+            }
+        }
+        for (; t < len; t++)
+            for (int j = 0; j < 16; j++) a0[j] += p[t] * vh[(size_t)t * D + i0 + j];
+        for (int j = 0; j < 16; j++) o[i0 + j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
+    }
+    for (; i0 < D; i0++) { /* head sizes that are not a multiple of 16 */
+        float acc = 0.0f;
+        for (int t = 0; t < len; t++) acc += p[t] * vh[(size_t)t * D + i0];
+        o[i0] = acc;
+    }
+}
+
 /* att (n,H,D) for queries q (n,H,D): row r attends over layer l's cache of its slot
  * hslot[r], positions 0 .. hpos[r]. */
 static void cached_attention(mt_kv_decoder *d, float *att, const float *q, int l, int n) {
     const mt_model_config *c = &d->m->cfg;
     const int H = c->num_heads, KVH = c->num_kv_heads, D = c->head_dim, group = H / KVH;
     const float scale = 1.0f / sqrtf((float)D);
-    const int work = n * H;
+    const int work = n * KVH;
     int64_t flops = 0;
     for (int r = 0; r < n; r++) flops += (int64_t)(d->hpos[r] + 1) * H * D;
-    /* dynamic: a chunk's prompt rows attend over a few positions, its decoding rows over
-     * whole caches; each task writes its own output, so the result is the same */
+    /* A task is a row and a key/value head: the heads of its group read the head's keys
+     * and values one after the other, from the cache nearest the core rather than from
+     * memory (reading the cache is most of a decoding step's attention). Dynamic: a
+     * chunk's prompt rows attend over a few positions, its decoding rows over whole
+     * caches; each task writes its own output, so the result is the same. */
 #pragma omp parallel for schedule(dynamic, 1) if (work > 1 && flops > 32768)
     for (int w = 0; w < work; w++) {
-        const int r = w / H, h = w % H, g = h / group, len = d->hpos[r] + 1;
-        const float *kc = slot_cache(d, d->k_cache, l, d->hslot[r]);
-        const float *vc = slot_cache(d, d->v_cache, l, d->hslot[r]);
-        float *s = d->scores + (size_t)omp_get_thread_num() * d->capacity;
-        const float *qh = q + ((size_t)r * H + h) * D;
-        float mx = -INFINITY;
-        for (int t = 0; t < len; t++) {
-            const float *kt = kc + ((size_t)t * KVH + g) * D;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int i = 0; i < D; i++) dot += qh[i] * kt[i];
-            s[t] = dot * scale;
-            if (s[t] > mx) mx = s[t];
-        }
-        float sum = 0.0f;
-        for (int t = 0; t < len; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
-        }
-        const float inv = 1.0f / sum;
-        float *o = att + ((size_t)r * H + h) * D;
-        for (int i = 0; i < D; i++) o[i] = 0.0f;
-        for (int t = 0; t < len; t++) {
-            const float *vt = vc + ((size_t)t * KVH + g) * D;
-            const float p = s[t] * inv;
-            for (int i = 0; i < D; i++) o[i] += p * vt[i];
+        const int r = w / KVH, g = w % KVH, len = d->hpos[r] + 1;
+        const float *kh = head_cache(d, d->k_cache, l, d->hslot[r], g);
+        const float *vh = head_cache(d, d->v_cache, l, d->hslot[r], g);
+        float *s = d->scores + (size_t)omp_get_thread_num() * d->blocks * KV_BLOCK;
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            head_scores(s, q + ((size_t)r * H + h) * D, kh, len, D, scale);
+            float mx = -INFINITY;
+            for (int t = 0; t < len; t++)
+                if (s[t] > mx) mx = s[t];
+            float sum = 0.0f;
+            for (int t = 0; t < len; t++) {
+                s[t] = expf(s[t] - mx);
+                sum += s[t];
+            }
+            float *o = att + ((size_t)r * H + h) * D;
+            head_values(o, s, vh, len, D);
+            const float inv = 1.0f / sum;
+            for (int i = 0; i < D; i++) o[i] *= inv;
         }
     }
 }
@@ -336,11 +410,7 @@ static mt_status run_rows_with_weights(mt_kv_decoder *d, const int32_t *tokens, 
              (st = be->ops->download(be, hv, d->v, (size_t)n * KVD * sizeof(float))) ||
              (st = be->ops->download(be, hq, d->q, (size_t)n * QD * sizeof(float)))))
             return mt_error_set(err, st, "downloading keys, values and queries failed");
-        for (int r = 0; r < n; r++) {
-            size_t at = (size_t)d->hpos[r] * KVD;
-            memcpy(slot_cache(d, d->k_cache, l, d->hslot[r]) + at, hk + r * KVD, KVD * sizeof(float));
-            memcpy(slot_cache(d, d->v_cache, l, d->hslot[r]) + at, hv + r * KVD, KVD * sizeof(float));
-        }
+        for (int r = 0; r < n; r++) cache_put(d, l, d->hslot[r], d->hpos[r], hk + r * KVD, hv + r * KVD);
         cached_attention(d, hatt, hq, l, n);
         if (!d->cpu && (st = be->ops->upload(be, d->att, hatt, (size_t)n * QD * sizeof(float))))
             return mt_error_set(err, st, "uploading attention output failed");
@@ -629,9 +699,9 @@ static mt_status seq_start(gen_seq *s, const mt_tokenizer *tok, const mt_generat
     out->n_prompt = n_prompt;
     out->reason = MT_STOP_LENGTH;
     out->ids = mt_malloc(((size_t)opt->max_new_tokens + 1) * sizeof(int32_t), "generated ids", err);
-    out->logps = out->ids ? mt_malloc(((size_t)opt->max_new_tokens + 1) * sizeof(float), "generated log-probabilities", err)
-                          : NULL;
-    return out->ids && out->logps ? MT_OK : MT_ERR_NOMEM;
+    if (out->ids && opt->logps)
+        out->logps = mt_malloc(((size_t)opt->max_new_tokens + 1) * sizeof(float), "generated log-probabilities", err);
+    return out->ids && (out->logps || !opt->logps) ? MT_OK : MT_ERR_NOMEM;
 }
 
 /* Whether the sequence takes another token; when its slot's cache (length of
@@ -661,7 +731,7 @@ static mt_status seq_take(gen_seq *s, float *logits, int V, void *work, mt_error
     const mt_generate_options *opt = s->opt;
     mt_generation *out = s->out;
     int32_t id = mt_sample(logits, V, &opt->sampling, &s->rng, work); /* reads logits only */
-    out->logps[out->n_ids] = token_logp(logits, V, opt->sampling.temperature, id);
+    if (out->logps) out->logps[out->n_ids] = token_logp(logits, V, opt->sampling.temperature, id);
     out->ids[out->n_ids++] = id;
     for (int k = 0; k < opt->n_stop_ids; k++)
         if (id == opt->stop_ids[k]) {
@@ -811,8 +881,11 @@ typedef struct gen_batch {
     int32_t *row_token;      /* (max_rows) */
     int decode_rows;         /* the chunk's first rows: generated tokens; then prompt ids */
     unsigned char *row_want; /* (max_rows) a generated token's row or a prompt's last */
+    int *take_row, *take_logits; /* (slots) the rows whose sequences take a token, and
+                                    the row of logits each reads */
     float *logits;           /* (slots,V): one wanted row per slot at the most */
-    void *work;              /* mt_sample_work_bytes(V) */
+    void *work;              /* (threads) mt_sample_work_bytes(V) each */
+    int threads;
 } gen_batch;
 
 /* Waiting prompts take the free slots. */
@@ -874,15 +947,42 @@ static mt_status batch_chunk(gen_batch *b, int rows, mt_error *err) {
     const double t0 = mt_now_seconds();
     mt_status st = mt_kv_decoder_append(b->d, b->row_slot, b->row_token, rows, b->row_want,
                                         b->logits, err);
-    int w = 0;
+    int takes = 0;
+    for (int r = 0, w = 0; r < rows && !st; r++) {
+        if (!b->row_want[r]) continue;
+        if (r < b->decode_rows || b->opt->max_new_tokens > 0) {
+            b->take_row[takes] = r;
+            b->take_logits[takes++] = w;
+        }
+        w++;
+    }
+    /* Each sequence takes its token on its own (its generator, ids and text; batches
+     * stream no text), so the takes share the threads: drawing from and summing over
+     * the vocabulary and decoding the text would otherwise leave all threads but one
+     * waiting. The first failing row's error is the chunk's. */
+    const size_t work_bytes = mt_sample_work_bytes(V);
+    int failed_row = rows;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(b->threads) if (takes > 1)
+    for (int k = 0; k < takes; k++) {
+        const int r = b->take_row[k];
+        mt_error row_err = {0};
+        mt_status row_st = seq_take(&b->seq[b->row_seq[r]], b->logits + (size_t)b->take_logits[k] * V,
+                                    V, (char *)b->work + (size_t)omp_get_thread_num() * work_bytes,
+                                    &row_err);
+        if (row_st) {
+#pragma omp critical(batch_take_error)
+            if (r < failed_row) {
+                failed_row = r;
+                st = row_st;
+                if (err) *err = row_err;
+            }
+        }
+    }
     for (int r = 0; r < rows && !st; r++) {
         if (!b->row_want[r]) continue;
         const int s = b->row_slot[r];
         gen_seq *q = &b->seq[b->row_seq[r]];
-        if (r < b->decode_rows || q->opt->max_new_tokens > 0)
-            st = seq_take(q, b->logits + (size_t)w * V, V, b->work, err);
-        w++;
-        if (!st && !seq_wants(q, mt_kv_decoder_length(b->d, s), capacity)) {
+        if (!seq_wants(q, mt_kv_decoder_length(b->d, s), capacity)) {
             b->in_slot[s] = -1;
             st = seq_finish(q, err);
         }
@@ -970,10 +1070,13 @@ mt_status mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const int32_t 
     b.row_seq = mt_malloc((size_t)b.max_rows * sizeof *b.row_seq, "chunk sequences", err);
     b.row_token = mt_malloc((size_t)b.max_rows * sizeof *b.row_token, "chunk tokens", err);
     b.row_want = mt_malloc((size_t)b.max_rows, "chunk logit flags", err);
+    b.take_row = mt_malloc((size_t)slots * sizeof *b.take_row, "chunk takes", err);
+    b.take_logits = mt_malloc((size_t)slots * sizeof *b.take_logits, "chunk take logits", err);
     b.logits = mt_malloc((size_t)slots * V * sizeof(float), "batch logits", err);
-    b.work = mt_malloc(mt_sample_work_bytes(V), "sampling buffer", err);
+    b.threads = omp_get_max_threads() > 0 ? omp_get_max_threads() : 1;
+    b.work = mt_malloc((size_t)b.threads * mt_sample_work_bytes(V), "sampling buffers", err);
     if (!b.seq || !b.in_slot || !b.fed || !b.row_slot || !b.row_seq || !b.row_token || !b.row_want ||
-        !b.logits || !b.work) {
+        !b.take_row || !b.take_logits || !b.logits || !b.work) {
         st = MT_ERR_NOMEM;
     } else {
         for (int i = 0; i < n; i++) b.seq[i].out = &out[i];
@@ -999,6 +1102,8 @@ mt_status mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const int32_t 
     free(b.row_seq);
     free(b.row_token);
     free(b.row_want);
+    free(b.take_row);
+    free(b.take_logits);
     free(b.logits);
     free(b.work);
     mt_kv_decoder_free(b.d);

@@ -120,13 +120,15 @@ typedef struct mt_generate_options {
     mt_text_callback on_text; /* or NULL */
     void *user;
     int fp32;                 /* 1: every product in fp32; 0: mt_kv_decoder_use_int8 */
+    int logps;                /* 1: record each id's log-probability (mt_generation.logps) */
 } mt_generate_options;
 
 typedef struct mt_generation {
     int32_t *ids;    /* generated ids (a final stop id included) */
     float *logps;    /* (n_ids) each id's log-probability when it was drawn: log softmax of
                         the logits over the temperature (1 when greedy), before top-k and
-                        top-p, as a reinforcement-learning loss recomputes it */
+                        top-p, as a reinforcement-learning loss recomputes it; NULL unless
+                        the options' logps (a sum over the vocabulary for every id) */
     int n_ids;
     char *text;      /* decoded text of the ids, cut before a stop string; NULL without a tokenizer */
     size_t text_len;

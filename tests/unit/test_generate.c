@@ -657,6 +657,13 @@ static void batch_vs_single(batch_fixture *f, const mt_generate_options *opt, in
         assert_int_equal(got[i].reason, want.reason);
         assert_int_equal(got[i].n_ids, want.n_ids);
         assert_memory_equal(got[i].ids, want.ids, (size_t)want.n_ids * sizeof(int32_t));
+        /* log-probabilities only when asked for, the same from both */
+        assert_int_equal(got[i].logps != NULL, opt->logps != 0);
+        assert_int_equal(want.logps != NULL, opt->logps != 0);
+        if (opt->logps) {
+            assert_memory_equal(got[i].logps, want.logps, (size_t)want.n_ids * sizeof(float));
+            for (int t = 0; t < want.n_ids; t++) assert_true(want.logps[t] <= 0.0f);
+        }
         assert_non_null(got[i].text);
         assert_int_equal(got[i].text_len, want.text_len);
         assert_string_equal(got[i].text, want.text);
@@ -667,8 +674,9 @@ static void batch_vs_single(batch_fixture *f, const mt_generate_options *opt, in
     }
 }
 
-/* Greedy (and seeded sampling) batched output equals mt_generate's, token for token,
- * with fewer slots than prompts (slots are refilled) and every stop condition. */
+/* Greedy (and seeded sampling, with log-probabilities) batched output equals mt_generate's,
+ * token for token, with fewer slots than prompts (slots are refilled) and every stop
+ * condition. */
 static void test_batch_matches_generate(void **state) {
     (void)state;
     batch_fixture f;
@@ -725,6 +733,8 @@ static void test_batch_matches_generate(void **state) {
 
     /* seeded sampling: sequence i draws as mt_generate does with seed + i */
     mt_generate_options sample = {.max_new_tokens = 12, .sampling = {.temperature = 1.5f, .top_k = 40, .top_p = 0.9f, .seed = 99}};
+    batch_vs_single(&f, &sample, 3, counts);
+    sample.logps = 1;
     batch_vs_single(&f, &sample, 3, counts);
     batch_fixture_close(&f);
 }
