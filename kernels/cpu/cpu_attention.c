@@ -2,7 +2,8 @@
  *
  * Nothing of size (T,T) is stored. Queries and keys are cut into blocks of 64;
  * the products of blocks go through one small register-tiled matrix kernel
- * (att_gemm) and the softmax through a vectorisable exp (cpu_exp_shifted).
+ * (cpu_gemm_tile, cpu_matmul_small.c) and the softmax through a vectorisable exp
+ * (cpu_exp_shifted).
  *
  * Forward: one task per (b, h, block of queries), walking the key blocks with an
  * online softmax; each task writes only its own rows of out and lse.
@@ -22,9 +23,6 @@
 #define ATT_BK 64 /* keys per block */
 /* Below about this many multiply-adds (B*H*T*T*D) a call runs on the calling thread. */
 #define ATT_PAR_MIN ((size_t)1 << 20)
-/* Register tile of att_gemm: TILE_M rows by TILE_N columns of accumulators. */
-#define TILE_M 8
-#define TILE_N 32
 
 /* ---- scratch ------------------------------------------------------------- */
 
@@ -51,45 +49,6 @@ size_t cpu_attention_work_bytes(int B, int T, int H, int KVH, int D, int num_thr
 }
 
 /* ---- building blocks ----------------------------------------------------- */
-
-/* c (m,n) = or += a (m,k) · b (k,n). Element (i,p) of a is a[i * a_rs + p * a_cs] (so
- * a transposed operand is a_rs = 1); b and c are row-major with row strides ldb, ldc.
- * Every c element sums over p in order, in the tiles and at the edges alike. */
-static void att_gemm(float *c, size_t ldc, const float *a, size_t a_rs, size_t a_cs, const float *b,
-                     size_t ldb, int m, int n, int k, int accumulate) {
-    int m_full = m - m % TILE_M, n_full = n - n % TILE_N;
-    for (int i0 = 0; i0 < m_full; i0 += TILE_M) {
-        for (int j0 = 0; j0 < n_full; j0 += TILE_N) {
-            float acc[TILE_M][TILE_N];
-            for (int r = 0; r < TILE_M; r++)
-                for (int j = 0; j < TILE_N; j++)
-                    acc[r][j] = accumulate ? c[(size_t)(i0 + r) * ldc + j0 + j] : 0.0f;
-            for (int p = 0; p < k; p++) {
-                const float *brow = b + (size_t)p * ldb + j0;
-                const float *ap = a + (size_t)i0 * a_rs + (size_t)p * a_cs;
-                for (int r = 0; r < TILE_M; r++) {
-                    float av = ap[(size_t)r * a_rs];
-                    for (int j = 0; j < TILE_N; j++) acc[r][j] = CPU_MADD(av, brow[j], acc[r][j]);
-                }
-            }
-            for (int r = 0; r < TILE_M; r++)
-                for (int j = 0; j < TILE_N; j++) c[(size_t)(i0 + r) * ldc + j0 + j] = acc[r][j];
-        }
-    }
-    // the edges: rows [m_full, m) in full, and columns [n_full, n) of the tiled rows
-    for (int i = 0; i < m; i++) {
-        int j0 = i < m_full ? n_full : 0;
-        if (j0 >= n) continue;
-        float *crow = c + (size_t)i * ldc;
-        if (!accumulate)
-            for (int j = j0; j < n; j++) crow[j] = 0.0f;
-        for (int p = 0; p < k; p++) {
-            float av = a[(size_t)i * a_rs + (size_t)p * a_cs];
-            const float *brow = b + (size_t)p * ldb;
-            for (int j = j0; j < n; j++) crow[j] = CPU_MADD(av, brow[j], crow[j]);
-        }
-    }
-}
 
 /* Scales the nk scores of query t (srow) and sets the keys t may not see to -INFINITY:
  * key s0 + j is visible iff s0 + j <= t and, with segments, segk[j] == seg_t. */
@@ -177,7 +136,7 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
                 if (!att_block_visible(seg, t0, t1, s0, s1)) continue;
                 // s (nq,nk) = q block · k block^T
                 att_transpose(kt, kbase + (size_t)s0 * kstride, kstride, nk, D);
-                att_gemm(s, ATT_BK, qblk, qstride, 1, kt, ATT_BK, nq, nk, D, 0);
+                cpu_gemm_tile(s, ATT_BK, qblk, qstride, 1, kt, ATT_BK, nq, nk, D, 1.0f, 0.0f);
                 // online softmax: p = exp(s - new max); o and l rescaled to the new max
                 for (int i = 0; i < nq; i++) {
                     int t = t0 + i;
@@ -196,8 +155,8 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
                     for (int d = 0; d < D; d++) orow[d] *= alpha;
                 }
                 // o (nq,D) += p (nq,nk) · v block (nk,D)
-                att_gemm(o, (size_t)D, s, ATT_BK, 1, vbase + (size_t)s0 * kstride, kstride, nq, D,
-                         nk, 1);
+                cpu_gemm_tile(o, (size_t)D, s, ATT_BK, 1, vbase + (size_t)s0 * kstride, kstride, nq,
+                              D, nk, 1.0f, 1.0f);
             }
 
             float *lrow = lse + ((size_t)b * H + h) * T;
@@ -285,8 +244,8 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                         size_t off = ((size_t)b * T + t0) * qstride + (size_t)h * D;
                         const float *qblk = q + off, *doblk = dout + off; // (nq,D)
                         // p (nq,nk) = q·k^T, ds (nq,nk) = dout·v^T
-                        att_gemm(p, ATT_BK, qblk, qstride, 1, kt, ATT_BK, nq, nk, D, 0);
-                        att_gemm(ds, ATT_BK, doblk, qstride, 1, vt, ATT_BK, nq, nk, D, 0);
+                        cpu_gemm_tile(p, ATT_BK, qblk, qstride, 1, kt, ATT_BK, nq, nk, D, 1.0f, 0.0f);
+                        cpu_gemm_tile(ds, ATT_BK, doblk, qstride, 1, vt, ATT_BK, nq, nk, D, 1.0f, 0.0f);
                         for (int i = 0; i < nq; i++) {
                             int t = t0 + i;
                             float *prow = p + (size_t)i * ATT_BK, *dsrow = ds + (size_t)i * ATT_BK;
@@ -302,9 +261,9 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                                 dsrow[j] = scale * (prow[j] * (dsrow[j] - dt));
                         }
                         // dv (nk,D) += p^T · dout, dk (nk,D) += ds^T · q, dq (nq,D) += ds · k
-                        att_gemm(dvacc, (size_t)D, p, 1, ATT_BK, doblk, qstride, nk, D, nq, 1);
-                        att_gemm(dkacc, (size_t)D, ds, 1, ATT_BK, qblk, qstride, nk, D, nq, 1);
-                        att_gemm(dq + off, qstride, ds, ATT_BK, 1, kblk, kstride, nq, D, nk, 1);
+                        cpu_gemm_tile(dvacc, (size_t)D, p, 1, ATT_BK, doblk, qstride, nk, D, nq, 1.0f, 1.0f);
+                        cpu_gemm_tile(dkacc, (size_t)D, ds, 1, ATT_BK, qblk, qstride, nk, D, nq, 1.0f, 1.0f);
+                        cpu_gemm_tile(dq + off, qstride, ds, ATT_BK, 1, kblk, kstride, nq, D, nk, 1.0f, 1.0f);
                     }
                 }
 

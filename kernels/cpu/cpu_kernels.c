@@ -37,6 +37,27 @@
 #define MATMUL_ROWS_PATH 0
 #endif
 
+/* Products with a side of at most MATMUL_SMALL_SIDE (LoRA's rank-r products, r <= 32)
+ * and MATMUL_SMALL_WORK multiply-adds or more go to cpu_matmul_small, which packs
+ * nothing (measured in docs/speed.md). Smaller ones (the adapter's products for the 32
+ * rows of a decoding step, 0.3-0.8 M multiply-adds) stay with sgemm, which splits them
+ * between threads where cpu_matmul_small's 64-row tasks would leave one thread to do
+ * it all: generation ran 8% slower with them. Only where the compiler targets AVX-512:
+ * the tile of 8 x 32 accumulators is 16 of AVX-512's 32 vector registers and would
+ * spill from AVX2's 16. */
+#define MATMUL_SMALL_SIDE 32
+#define MATMUL_SMALL_WORK ((int64_t)1 << 21)
+#ifdef __AVX512F__
+#define MATMUL_SMALL_PATH 1
+#else
+#define MATMUL_SMALL_PATH 0
+#endif
+
+static int small_side(int M, int N, int K) {
+    const int shortest = M < N ? (M < K ? M : K) : (N < K ? N : K);
+    return shortest <= MATMUL_SMALL_SIDE && (int64_t)M * N * K >= MATMUL_SMALL_WORK;
+}
+
 void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
                 int trans_b, float alpha, float beta) {
     // c is (M,N); a is (M,K) or (K,M) when trans_a; b is (K,N) or (N,K) when trans_b
@@ -58,6 +79,9 @@ void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, i
         cpu_matmul_rows_nt(c, a, b, M, N, K, alpha, beta);
         return;
     }
+    if (MATMUL_SMALL_PATH && small_side(M, N, K) &&
+        !cpu_matmul_small(c, a, b, M, N, K, trans_a, trans_b, alpha, beta))
+        return;
     int lda = trans_a ? M : K;
     int ldb = trans_b ? K : N;
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,

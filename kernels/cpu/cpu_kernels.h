@@ -26,6 +26,17 @@
  * b is (K,N) or (N,K) when trans_b. cblas_sgemm. */
 void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
                 int trans_b, float alpha, float beta);
+/* cpu_matmul for a product with a short side (cpu_matmul_small.c): no packing of the
+ * long operands, a transposed b copied. Returns 0, or -1 (nothing written) for an empty
+ * product or when out of memory. */
+int cpu_matmul_small(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
+                     int trans_b, float alpha, float beta);
+/* c (m,n) = alpha * a (m,k) · b (k,n) + beta * c; beta == 0 never reads c, and with
+ * alpha == beta == 1 each sum starts from c's value. Element (i,p) of a is
+ * a[i * a_rs + p * a_cs] (a transposed operand has a_rs = 1); b and c are row-major
+ * with row strides ldb, ldc. Every c element sums over p in order. One thread. */
+void cpu_gemm_tile(float *c, size_t ldc, const float *a, size_t a_rs, size_t a_cs, const float *b,
+                   size_t ldb, int m, int n, int k, float alpha, float beta);
 /* c (M,N) = alpha * a · bᵀ + beta * c; a is (M,K), b is (N,K). Dot products of
  * contiguous rows, nothing packed: cpu_matmul's path for a few rows (decoding). */
 void cpu_matmul_rows_nt(float *c, const float *a, const float *b, int M, int N, int K,

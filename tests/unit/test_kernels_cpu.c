@@ -217,6 +217,66 @@ static void test_matmul_rows(void **state) {
     }
 }
 
+/* The short-side path (cpu_matmul_small.c: LoRA's rank-r products): every transpose
+ * case on shapes with a side of 1 .. 32 around the register tile's 8 x 16 / 8 x 32
+ * edges, called directly (so the sanitizer build, which does not target AVX-512, runs
+ * it too) and through cpu_matmul, against a double-precision reference; beta = 0 never
+ * reading c; alpha = beta = 1 (accumulation) and a general alpha, beta; the same bits
+ * from 1 and 3 threads. */
+static void test_matmul_small(void **state) {
+    (void)state;
+    uint64_t rng = 6;
+    /* M, N, K: x·Aᵀ and dy·B (N = r), dyᵀ·u (N = r, K rows), gᵀ·x (M = r), u·Bᵀ (K = r) */
+    const int shapes[][3] = {{1024, 16, 576}, {300, 16, 197}, {77, 24, 130}, {96, 8, 1000},
+                             {1536, 16, 257}, {16, 576, 1024}, {5, 300, 333}, {640, 576, 16},
+                             {129, 1000, 4}, {1000, 1, 70}, {40, 32, 2048}, {9, 45, 7}};
+    const float ab[][2] = {{1.0f, 0.0f}, {1.0f, 1.0f}, {0.7f, 0.3f}, {2.0f, 1.0f}};
+    const int saved = omp_get_max_threads();
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        const int ta = s % 2, tb = s / 2 % 2;
+        const float alpha = ab[s % 4][0], beta = ab[s % 4][1];
+        float *a = frand(M * K, &rng, -1, 1), *b = frand(N * K, &rng, -1, 1);
+        float *c0 = beta == 0.0f ? fnan(M * N) : frand(M * N, &rng, -1, 1);
+        double *ref = malloc(sizeof(double) * M * N), *got = malloc(sizeof(double) * M * N);
+        assert_non_null(ref);
+        assert_non_null(got);
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                double sum = 0.0;
+                for (int p = 0; p < K; p++)
+                    sum += (double)(ta ? a[p * M + i] : a[i * K + p]) *
+                           (tb ? b[j * K + p] : b[p * N + j]);
+                ref[i * N + j] = alpha * sum + (beta == 0.0f ? 0.0 : beta * c0[i * N + j]);
+            }
+        for (int path = 0; path < 2; path++) {
+            float *c = fcopy(c0, M * N);
+            if (path == 0) {
+                assert_int_equal(cpu_matmul_small(c, a, b, M, N, K, ta, tb, alpha, beta), 0);
+            } else {
+                be.ops->matmul(&be, c, a, b, M, N, K, ta, tb, alpha, beta);
+            }
+            for (int i = 0; i < M * N; i++) got[i] = c[i];
+            const double err = mt_test_rel_err_d(got, ref, M * N);
+            printf("  %s M=%d N=%d K=%d trans_a=%d trans_b=%d alpha=%g beta=%g rel err %.2e\n",
+                   path ? "matmul" : "matmul_small", M, N, K, ta, tb, alpha, beta, err);
+            /* fp32 sums of K products drift as sqrt(K) roundings */
+            assert_true(err < 2e-7 * sqrt((double)K));
+            free(c);
+        }
+        float *one = fcopy(c0, M * N), *three = fcopy(c0, M * N);
+        omp_set_num_threads(1);
+        assert_int_equal(cpu_matmul_small(one, a, b, M, N, K, ta, tb, alpha, beta), 0);
+        omp_set_num_threads(3);
+        assert_int_equal(cpu_matmul_small(three, a, b, M, N, K, ta, tb, alpha, beta), 0);
+        omp_set_num_threads(saved);
+        assert_memory_equal(one, three, sizeof(float) * M * N);
+        free(a), free(b), free(c0), free(ref), free(got), free(one), free(three);
+    }
+    float x = 1.0f;
+    assert_int_equal(cpu_matmul_small(&x, &x, &x, 1, 1, 0, 0, 0, 1.0f, 0.0f), -1);
+}
+
 /* The int8 product's documented quantisation, naively and in double: weight groups of
  * 32 inputs as codes on (max - min) / 255 steps from their minimum, input groups as
  * integers in [-127, 127] times max |x| / 127, their products summed. */
@@ -1479,6 +1539,7 @@ int main(void) {
         cmocka_unit_test(test_blas_core_choice),
         cmocka_unit_test(test_matmul_forward),
         cmocka_unit_test(test_matmul_rows),
+        cmocka_unit_test(test_matmul_small),
         cmocka_unit_test(test_matmul_int8),
         cmocka_unit_test(test_matmul_backward),
         cmocka_unit_test(test_bias),

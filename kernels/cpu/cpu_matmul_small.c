@@ -1,0 +1,108 @@
+/* cpu_matmul_small.c — a register-tiled block product, and through it the products
+ * with one short side that LoRA's rank-r branches are made of.
+ *
+ * cblas_sgemm packs both operands into its own layout on every call. For a product
+ * with a side of 16 (x·Aᵀ, dy·B, dyᵀ·u, gᵀ·x and the rank-16 updates u·Bᵀ, g·A of a
+ * rank-16 adapter) the packing of the long operand costs more than the few
+ * multiply-adds per element it feeds, and OpenBLAS ran these at 30-70 GFLOP/s where
+ * its large products reach 300 (docs/speed.md). cpu_matmul_small multiplies the
+ * operands where they lie: op(a) is read through row and column strides, op(b) must be
+ * row-major (a transposed b is copied, which is cheap because one of its sides is
+ * short), and cpu_gemm_tile keeps an 8 x 32 (or 8 x 16) block of c in registers while
+ * it walks the inner dimension. Every element of c sums over the inner dimension in
+ * order, so the result does not depend on the number of threads. */
+#include "cpu_kernels.h"
+
+#include <omp.h>
+#include <stdlib.h>
+
+/* Rows of a register tile; its columns are 32, or 16 where fewer are left. */
+#define TILE_M 8
+/* Rows and columns of c per task of cpu_matmul_small. */
+#define TASK_ROWS 64
+#define TASK_COLS 256
+/* Multiply-adds below which cpu_matmul_small runs on the calling thread. */
+#define SMALL_PAR_MIN ((size_t)1 << 18)
+
+/* One TILE_M x TN block of c at (i0, j0): gemm_block_32 and gemm_block_16. Each is
+ * its own function with acc sized exactly, so that the compiler keeps acc in vector
+ * registers (with a runtime width it vectorised across the rows instead). c += a·b
+ * (alpha == beta == 1) keeps c's value as each sum's first term, as attention's always
+ * had. */
+#define DEFINE_GEMM_BLOCK(TN)                                                                   \
+    static void gemm_block_##TN(float *c, size_t ldc, const float *a, size_t a_rs, size_t a_cs, \
+                                const float *b, size_t ldb, int i0, int j0, int k, float alpha,  \
+                                float beta) {                                                    \
+        float acc[TILE_M][TN];                                                                   \
+        const int from_c = alpha == 1.0f && beta == 1.0f;                                        \
+        for (int r = 0; r < TILE_M; r++)                                                         \
+            for (int j = 0; j < TN; j++)                                                         \
+                acc[r][j] = from_c ? c[(size_t)(i0 + r) * ldc + j0 + j] : 0.0f;                  \
+        for (int p = 0; p < k; p++) {                                                            \
+            const float *brow = b + (size_t)p * ldb + j0;                                        \
+            const float *ap = a + (size_t)i0 * a_rs + (size_t)p * a_cs;                          \
+            for (int r = 0; r < TILE_M; r++) {                                                   \
+                const float av = ap[(size_t)r * a_rs];                                           \
+                _Pragma("omp simd") for (int j = 0; j < TN; j++) acc[r][j] =                     \
+                    CPU_MADD(av, brow[j], acc[r][j]);                                            \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < TILE_M; r++) {                                                       \
+            float *crow = c + (size_t)(i0 + r) * ldc + j0;                                       \
+            if (from_c)                                                                          \
+                for (int j = 0; j < TN; j++) crow[j] = acc[r][j];                                \
+            else if (beta == 0.0f)                                                               \
+                for (int j = 0; j < TN; j++) crow[j] = alpha * acc[r][j];                        \
+            else                                                                                 \
+                for (int j = 0; j < TN; j++) crow[j] = alpha * acc[r][j] + beta * crow[j];       \
+        }                                                                                        \
+    }
+DEFINE_GEMM_BLOCK(32)
+DEFINE_GEMM_BLOCK(16)
+
+void cpu_gemm_tile(float *c, size_t ldc, const float *a, size_t a_rs, size_t a_cs, const float *b,
+                   size_t ldb, int m, int n, int k, float alpha, float beta) {
+    const int m_full = m - m % TILE_M, n32 = n - n % 32, n16 = n - n % 16;
+    for (int i0 = 0; i0 < m_full; i0 += TILE_M) {
+        for (int j0 = 0; j0 < n32; j0 += 32) gemm_block_32(c, ldc, a, a_rs, a_cs, b, ldb, i0, j0, k, alpha, beta);
+        if (n16 > n32) gemm_block_16(c, ldc, a, a_rs, a_cs, b, ldb, i0, n32, k, alpha, beta);
+    }
+    /* the edges: rows [m_full, m) in full, and columns [n16, n) of the tiled rows */
+    for (int i = 0; i < m; i++) {
+        const int j0 = i < m_full ? n16 : 0;
+        if (j0 >= n) continue;
+        float *crow = c + (size_t)i * ldc;
+        for (int j = j0; j < n; j++) {
+            float acc = alpha == 1.0f && beta == 1.0f ? crow[j] : 0.0f;
+            for (int p = 0; p < k; p++)
+                acc = CPU_MADD(a[(size_t)i * a_rs + (size_t)p * a_cs], b[(size_t)p * ldb + j], acc);
+            if (alpha == 1.0f && beta == 1.0f) crow[j] = acc;
+            else crow[j] = beta == 0.0f ? alpha * acc : alpha * acc + beta * crow[j];
+        }
+    }
+}
+
+int cpu_matmul_small(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
+                     int trans_b, float alpha, float beta) {
+    // c is (M,N); a is (M,K) or (K,M) when trans_a; b is (K,N) or (N,K) when trans_b
+    if (M <= 0 || N <= 0 || K <= 0) return -1;
+    float *bt = NULL;
+    if (trans_b) { /* b (N,K) copied to (K,N) */
+        if (!(bt = malloc((size_t)K * N * sizeof(float)))) return -1;
+        for (int n = 0; n < N; n++)
+            for (int p = 0; p < K; p++) bt[(size_t)p * N + n] = b[(size_t)n * K + p];
+        b = bt;
+    }
+    const size_t a_rs = trans_a ? 1 : (size_t)K, a_cs = trans_a ? (size_t)M : 1;
+    const int row_tasks = (M + TASK_ROWS - 1) / TASK_ROWS, col_tasks = (N + TASK_COLS - 1) / TASK_COLS;
+    const int tasks = row_tasks * col_tasks;
+#pragma omp parallel for schedule(static) if ((size_t)M * N * K >= SMALL_PAR_MIN && tasks > 1)
+    for (int t = 0; t < tasks; t++) {
+        const int i0 = t / col_tasks * TASK_ROWS, j0 = t % col_tasks * TASK_COLS;
+        const int m = M - i0 < TASK_ROWS ? M - i0 : TASK_ROWS, n = N - j0 < TASK_COLS ? N - j0 : TASK_COLS;
+        cpu_gemm_tile(c + (size_t)i0 * N + j0, (size_t)N, a + (size_t)i0 * a_rs, a_rs, a_cs,
+                      b + j0, (size_t)N, m, n, K, alpha, beta);
+    }
+    free(bt);
+    return 0;
+}
