@@ -352,8 +352,10 @@ static void cached_attention(mt_kv_decoder *d, float *att, const float *q, int l
      * and values one after the other, from the cache nearest the core rather than from
      * memory (reading the cache is most of a decoding step's attention). Dynamic: a
      * chunk's prompt rows attend over a few positions, its decoding rows over whole
-     * caches; each task writes its own output, so the result is the same. */
-#pragma omp parallel for schedule(dynamic, 1) if (work > 1 && flops > 32768)
+     * caches; each task writes its own output, so the result is the same. At most
+     * d->threads threads: the scores have a row for each thread the decoder was made for,
+     * whatever the caller has set since. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(d->threads) if (work > 1 && flops > 32768)
     for (int w = 0; w < work; w++) {
         const int r = w / KVH, g = w % KVH, len = d->hpos[r] + 1;
         const float *kh = head_cache(d, d->k_cache, l, d->hslot[r], g);
