@@ -53,8 +53,10 @@
 #define MATMUL_SMALL_PATH 0
 #endif
 
-static int small_side(int M, int N, int K) {
+static int small_side(int M, int N, int K, int trans_b) {
     const int shortest = M < N ? (M < K ? M : K) : (N < K ? N : K);
+    /* a transposed b is copied: only when one of its own sides is short */
+    if (trans_b && N > MATMUL_SMALL_SIDE && K > MATMUL_SMALL_SIDE) return 0;
     return shortest <= MATMUL_SMALL_SIDE && (int64_t)M * N * K >= MATMUL_SMALL_WORK;
 }
 
@@ -79,7 +81,7 @@ void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, i
         cpu_matmul_rows_nt(c, a, b, M, N, K, alpha, beta);
         return;
     }
-    if (MATMUL_SMALL_PATH && small_side(M, N, K) &&
+    if (MATMUL_SMALL_PATH && small_side(M, N, K, trans_b) &&
         !cpu_matmul_small(c, a, b, M, N, K, trans_a, trans_b, alpha, beta))
         return;
     int lda = trans_a ? M : K;

@@ -27,7 +27,8 @@
 void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
                 int trans_b, float alpha, float beta);
 /* cpu_matmul for a product with a short side (cpu_matmul_small.c): no packing of the
- * long operands, a transposed b copied. Returns 0, or -1 (nothing written) for an empty
+ * long operands, a transposed b copied (K·N floats: cpu_matmul takes this path only
+ * when one of b's sides is short). Returns 0, or -1 (nothing written) for an empty
  * product or when out of memory. */
 int cpu_matmul_small(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
                      int trans_b, float alpha, float beta);

@@ -229,7 +229,10 @@ static void test_matmul_small(void **state) {
     /* M, N, K: x·Aᵀ and dy·B (N = r), dyᵀ·u (N = r, K rows), gᵀ·x (M = r), u·Bᵀ (K = r) */
     const int shapes[][3] = {{1024, 16, 576}, {300, 16, 197}, {77, 24, 130}, {96, 8, 1000},
                              {1536, 16, 257}, {16, 576, 1024}, {5, 300, 333}, {640, 576, 16},
-                             {129, 1000, 4}, {1000, 1, 70}, {40, 32, 2048}, {9, 45, 7}};
+                             {129, 1000, 4}, {1000, 1, 70}, {40, 32, 2048}, {9, 45, 7},
+                             {33, 31, 500}, {2, 64, 4096}, {17, 17, 17},
+                             /* trans_a and trans_b with a long b: cpu_matmul keeps sgemm */
+                             {16, 300, 600}};
     const float ab[][2] = {{1.0f, 0.0f}, {1.0f, 1.0f}, {0.7f, 0.3f}, {2.0f, 1.0f}};
     const int saved = omp_get_max_threads();
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
