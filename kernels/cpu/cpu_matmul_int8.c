@@ -34,6 +34,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend.h" /* mt_mix64 */
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define INT8_KERNEL 1
 #include <immintrin.h>
@@ -284,13 +286,10 @@ static VNNI void panel_block(float *c, int ldc, const int8_t *a, int Kp, const u
 _Static_assert(MR == 5, "panel_block has a case for each row count up to MR");
 #endif
 
-/* A key per row and seed, never 0 (0 means rounding to nearest). */
+/* A key per row and seed, never 0 (0 means rounding to nearest): the seed and the row
+ * mixed as mt_random_uniform mixes its seed and counter. */
 static uint32_t row_key(uint64_t seed, int m) {
-    uint64_t z = seed * 0x9E3779B97F4A7C15ull + (uint64_t)m * 0xBF58476D1CE4E5B9ull;
-    z ^= z >> 31;
-    z *= 0x94D049BB133111EBull;
-    z ^= z >> 29;
-    return (uint32_t)z | 1u;
+    return (uint32_t)mt_mix64(mt_mix64(seed) ^ (uint64_t)m) | 1u;
 }
 
 int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, int accumulate,
