@@ -23,6 +23,11 @@
 
 typedef struct mt_backend mt_backend;
 
+/* What an int8 weight copy is for (weight_int8_create's `use`): decoding (a few rows a
+ * product, and every row's result the same whatever rows share its product) or
+ * training's frozen base (products of hundreds of rows, where fp32 runs near peak). */
+enum { MT_INT8_USE_DECODING = 0, MT_INT8_USE_TRAINING = 1 };
+
 /* The largest communicator id a backend's comm_id writes (NCCL's is 128 bytes). */
 #define MT_COMM_ID_BYTES 256
 
@@ -171,14 +176,17 @@ typedef struct mt_backend_ops {
      * is codes per group of 32 inputs, kernels/cpu/cpu_matmul_int8.c), or with
      * transposed of wᵀ where w is stored (K,N); for products that tolerate quantisation
      * (decoding, and frozen weights' products in training when a recipe asks: never a
-     * trainable weight); NULL when this backend or this CPU has no int8 products for
-     * it (the caller keeps its fp32 product), or when w has a NaN or an infinity.
+     * trainable weight); `use` says which (MT_INT8_USE_*): a backend declines a copy
+     * for a use its int8 products would slow down. NULL when this backend or this CPU
+     * has no int8 products for it (the caller keeps its fp32 product), or when w has
+     * a NaN or an infinity.
      * matmul_int8: c (M,N) = a (M,K) · wᵀ, or += with accumulate, the rows of a
      * quantised on the fly to 8 bits, rounded to nearest when round_seed is 0 and
      * otherwise stochastically from that seed (unbiased: for gradients, whose small
      * values rounding to nearest would drop); returns 0, or nonzero with nothing
      * written when it could not run (then use matmul). */
-    void *(*weight_int8_create)(mt_backend *be, const float *w, int N, int K, int transposed);
+    void *(*weight_int8_create)(mt_backend *be, const float *w, int N, int K, int transposed,
+                                int use);
     void (*weight_int8_free)(mt_backend *be, void *w);
     int (*matmul_int8)(mt_backend *be, float *c, const float *a, const void *w, int M,
                        int accumulate, uint64_t round_seed);

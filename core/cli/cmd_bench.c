@@ -40,7 +40,7 @@ static void usage(FILE *out) {
             "                   sequences together (continuous batching); reports the\n"
             "                   prompts' and the generated tokens' rates\n"
             "  --fp32           with --generate: every product in fp32 (default: the\n"
-            "                   weights in int8 where the CPU has AVX512-VNNI)\n"
+            "                   weights in int8 where the CPU has AVX512-VNNI or AVX2)\n"
             "  --int8 MODE      training steps: the frozen weights' products in int8 where\n"
             "                   the CPU has AVX512-VNNI, as a recipe's train_int8: forward\n"
             "                   (the forward only) or all (input gradients too); default\n"

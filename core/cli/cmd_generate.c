@@ -37,7 +37,8 @@ static void usage(FILE *out) {
             "  --seed S               sampling seed (default 42)\n"
             "  --stop STR             stop before this text (repeatable, up to 8)\n"
             "  --fp32                 every product in fp32 (default: the weights in int8 where\n"
-            "                         the CPU has AVX512-VNNI, inputs quantised to 8 bits)\n"
+            "                         the CPU has AVX512-VNNI or AVX2, inputs quantised to 8\n"
+            "                         bits)\n"
             "  --device D             cpu | cuda (default: cuda where a CUDA device is usable,\n"
             "                         else cpu)\n"
             "  --threads N            CPU threads (default: OpenMP's)\n");

@@ -110,7 +110,8 @@ int mt_kv_decoder_use_int8(mt_kv_decoder *d) {
         const mt_linear *lin = mt_model_linear(d->m, i);
         /* a released weight (QLoRA's) is the adapter's to multiply */
         if (lin->weight &&
-            (d->weight_int8[i] = be->ops->weight_int8_create(be, lin->weight, lin->out, lin->in, 0)))
+            (d->weight_int8[i] = be->ops->weight_int8_create(be, lin->weight, lin->out, lin->in, 0,
+                                                               MT_INT8_USE_DECODING)))
             made++;
     }
     if (!made) free_weight_int8(d);

@@ -32,7 +32,7 @@ mt_status mt_kv_decoder_create(mt_model *m, int slots, int capacity, int max_row
                                mt_kv_decoder **out, mt_error *err);
 void mt_kv_decoder_free(mt_kv_decoder *d);
 /* From now on the decoder multiplies by int8 copies of the projections' weights where
- * the backend has int8 products (the CPU with AVX512-VNNI: kernels/backend.h), each
+ * the backend has int8 products (the CPU with AVX512-VNNI or AVX2: kernels/backend.h), each
  * made once, here, from the weights as they are now: the caller keeps the weights
  * unchanged while it uses the decoder. Inputs are quantised on the fly (per group of 32
  * in a row), so the logits differ from fp32's by the quantisations (docs/speed.md).

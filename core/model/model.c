@@ -155,8 +155,10 @@ static void make_int8_copies(mt_model *m) {
         const mt_linear *lin = mt_model_linear(m, i);
         if (!lin->weight || lin->grad_weight) continue;
         const int transposed = m->int8_training == MT_INT8_ALL;
-        void *w = be->ops->weight_int8_create(be, lin->weight, lin->out, lin->in, 0);
-        void *wt = w && transposed ? be->ops->weight_int8_create(be, lin->weight, lin->in, lin->out, 1) : NULL;
+        void *w = be->ops->weight_int8_create(be, lin->weight, lin->out, lin->in, 0, MT_INT8_USE_TRAINING);
+        void *wt = w && transposed ? be->ops->weight_int8_create(be, lin->weight, lin->in, lin->out, 1,
+                                                                 MT_INT8_USE_TRAINING)
+                                   : NULL;
         if (w && transposed && !wt) {
             be->ops->weight_int8_free(be, w);
             w = NULL;

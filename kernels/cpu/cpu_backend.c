@@ -236,8 +236,13 @@ static void op_dequantize_4bit(mt_backend *be, float *out, const uint8_t *codes,
     cpu_dequantize_4bit(out, codes, absmax_q, absmax2, table, offset, first, n, block, block2);
 }
 
-static void *op_weight_int8_create(mt_backend *be, const float *w, int N, int K, int transposed) {
+static void *op_weight_int8_create(mt_backend *be, const float *w, int N, int K, int transposed,
+                                   int use) {
     (void)be;
+    /* The AVX2 kernel's vpmaddwd does 16 multiply-adds an instruction, as many as two
+     * fp32 FMAs: it wins where sgemm repacks for a few rows (decoding, 1.3x), and loses
+     * on training's large products (a LoRA step ran at 0.88x); docs/speed.md. */
+    if (use == MT_INT8_USE_TRAINING && cpu_int8_kernel() != CPU_INT8_VNNI) return NULL;
     return cpu_weight_int8_create(w, N, K, transposed);
 }
 

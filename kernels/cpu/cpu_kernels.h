@@ -46,10 +46,17 @@ void cpu_matmul_rows_nt(float *c, const float *a, const float *b, int M, int N, 
  * a weight (N,K) as codes on 255 steps from the minimum of each group of 32 inputs, for
  * products whose input rows are quantised on the fly in groups of 32. transposed: w is
  * stored (K,N) and the copy is of its transpose (for input gradients, dy · W). NULL
- * where the CPU has no AVX512-VNNI, for a weight with a NaN or an infinity, or when out
- * of memory: the caller keeps the fp32 product. */
+ * where the CPU has neither AVX512-VNNI nor AVX2 with FMA, for a weight with a NaN or
+ * an infinity, or when out of memory: the caller keeps the fp32 product. */
 typedef struct cpu_weight_int8 cpu_weight_int8;
-int cpu_int8_supported(void);
+/* The int8 micro-kernels, each giving the same bits: none, AVX2 + FMA, AVX512-VNNI. */
+enum { CPU_INT8_NONE = 0, CPU_INT8_AVX2 = 1, CPU_INT8_VNNI = 2 };
+int cpu_int8_best_kernel(void); /* the best one this CPU runs */
+int cpu_int8_kernel(void);      /* the one in use: the best unless a test chose another */
+/* For tests: use `kernel` (one this CPU runs) from now on; CPU_INT8_NONE turns the int8
+ * products off. Returns -1 for a kernel this CPU cannot run. */
+int cpu_int8_use_kernel(int kernel);
+int cpu_int8_supported(void); /* cpu_int8_kernel() != CPU_INT8_NONE */
 cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transposed);
 void cpu_weight_int8_free(cpu_weight_int8 *w);
 /* c (M,N) = a (M,K) · wᵀ, or c += a · wᵀ when accumulate, with each row of a quantised

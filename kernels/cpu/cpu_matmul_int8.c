@@ -1,5 +1,5 @@
-/* cpu_matmul_int8.c — products with 8-bit copies of frozen weights (AVX512-VNNI):
- * generation, and the frozen base's products in training when a recipe asks.
+/* cpu_matmul_int8.c — products with 8-bit copies of frozen weights (AVX512-VNNI, or
+ * AVX2 + FMA): generation, and the frozen base's products in training.
  *
  * Decoding reads every weight once per step and does little arithmetic per byte, and
  * fp32 FMAs do 16 multiply-adds per instruction where VNNI's vpdpbusd does 64 (unsigned
@@ -23,11 +23,20 @@
  * micro-kernel broadcasts 4 bytes of an input row and multiplies them into 16 outputs
  * at once, so no lane sums are needed at the end: MR input rows × 2 vectors of int32
  * sums for the group, and as many fp32 accumulators. Every output is one thread's sum
- * in a fixed order, so the result does not depend on the number of threads.
+ * in a fixed order, so the result does not depend on the number of threads, nor on
+ * how many rows a call has (batched decoding gives each sequence the bits it gets
+ * alone).
  *
- * The kernel is compiled for AVX512-VNNI with a target attribute whatever the build
- * targets, and used only where the CPU has it (checked once at run time); elsewhere
- * cpu_weight_int8_create returns NULL and the caller keeps its fp32 product. */
+ * CPUs with AVX2 and FMA but no VNNI (Zen 1-3, Haswell to Comet Lake) run a second
+ * micro-kernel on the same packed copy: each 16 bytes (4 rows × 4 inputs) widened to
+ * 16-bit and multiplied by the input's 4 values with vpmaddwd, whose pair sums are
+ * exact (255 · 127 · 2 < 2³¹). The group sums are the same integers, and the fp32
+ * steps after them the same operations in the same order, so both kernels give the
+ * same bits (checked by test_kernels_cpu where the CPU has both).
+ *
+ * The kernels are compiled for their instructions with target attributes whatever the
+ * build targets, and used only where the CPU has them (checked once at run time);
+ * elsewhere cpu_weight_int8_create returns NULL and the caller keeps its fp32 product. */
 #include "cpu_kernels.h"
 
 #include <math.h>
@@ -41,9 +50,14 @@
 #include <immintrin.h>
 /* what the kernel's functions are compiled for, whatever the build targets */
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define AVX2 __attribute__((target("avx2,fma")))
+/* rintf as one instruction (roundss) while packing */
+#define PACK __attribute__((target("sse4.1")))
 #else
 #define INT8_KERNEL 0
 #define VNNI
+#define AVX2
+#define PACK
 #endif
 
 #define PANEL 32 /* output rows per packed panel: two vectors of 16 int32 lanes */
@@ -58,19 +72,37 @@ struct cpu_weight_int8 {
     float *d, *mn; /* panels × (Kp/GROUP) × PANEL: each group's step and minimum */
 };
 
-int cpu_int8_supported(void) {
+/* The best kernel this CPU has; tests may choose a lesser one (cpu_int8_use_kernel). */
+static int kernel_in_use = -1;
+
+int cpu_int8_best_kernel(void) {
 #if INT8_KERNEL
-    static int supported = -1;
-    if (supported < 0) {
+    static int best = -1;
+    if (best < 0) {
         __builtin_cpu_init();
-        supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vnni");
+        best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vnni")
+                   ? CPU_INT8_VNNI
+               : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? CPU_INT8_AVX2
+                                                                                 : CPU_INT8_NONE;
     }
-    return supported;
+    return best;
 #else
-    return 0;
+    return CPU_INT8_NONE;
 #endif
 }
+
+int cpu_int8_kernel(void) {
+    return kernel_in_use < 0 ? cpu_int8_best_kernel() : kernel_in_use;
+}
+
+int cpu_int8_use_kernel(int kernel) {
+    if (kernel < CPU_INT8_NONE || kernel > cpu_int8_best_kernel()) return -1;
+    kernel_in_use = kernel;
+    return 0;
+}
+
+int cpu_int8_supported(void) { return cpu_int8_kernel() != CPU_INT8_NONE; }
 
 void cpu_weight_int8_free(cpu_weight_int8 *w) {
     if (!w) return;
@@ -82,9 +114,9 @@ void cpu_weight_int8_free(cpu_weight_int8 *w) {
 
 /* The n weights of row r's group starting at input k0 (n <= GROUP; the rest of the
  * group past K is 0 in q): its minimum, step and codes, into panel place. Returns 0 for
- * a NaN or an infinity. For the target, so that rintf is one instruction (this runs for
+ * a NaN or an infinity. For SSE4.1, so that rintf is one instruction (this runs for
  * every weight). */
-static VNNI int pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, int k0) {
+static PACK int pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, int k0) {
     float lo = vals[0], hi = vals[0];
     for (int k = 0; k < n; k++) {
         if (!isfinite(vals[k])) return 0;
@@ -284,6 +316,171 @@ static VNNI void panel_block(float *c, int ldc, const int8_t *a, int Kp, const u
     }
 }
 _Static_assert(MR == 5, "panel_block has a case for each row count up to MR");
+
+/* ---- the AVX2 + FMA kernel: the same numbers without VNNI ---------------- */
+
+#define MR2 3 /* input rows per AVX2 micro-kernel call: 4 · MR2 int32 sums + MR2 + 1 */
+
+/* uniform16's numbers for inputs k..k+7 */
+static inline __attribute__((always_inline)) AVX2 __m256 uniform8(uint32_t key, int k) {
+    __m256i h = _mm256_add_epi32(_mm256_set1_epi32((int)key),
+                                 _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(k),
+                                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                                                    _mm256_set1_epi32((int)0x9E3779B1u)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85EBCA6Bu));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xC2B2AE35u));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(0x1p-24f));
+}
+
+/* to_int on 8 lanes: floor(r + u) converted exactly is what rounding toward -inf gives */
+static inline __attribute__((always_inline)) AVX2 __m256i to_int8(__m256 v, __m256 s, uint32_t key, int k) {
+    const __m256 r = _mm256_div_ps(v, s);
+    if (!key) return _mm256_cvtps_epi32(r);
+    return _mm256_cvttps_epi32(_mm256_floor_ps(_mm256_add_ps(r, uniform8(key, k))));
+}
+
+/* quantize_row with AVX2: the same codes and scales, to the bit */
+static AVX2 int quantize_row_avx2(const float *x, int K, int Kp, int8_t *a, float *sa, float *sb,
+                                  uint32_t key) {
+    const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    for (int g0 = 0; g0 < Kp; g0 += GROUP) {
+        const int n = K - g0 < GROUP ? K - g0 : GROUP; /* >= 1: Kp is K rounded up */
+        float tail[GROUP] = {0};
+        const float *src = x + g0;
+        if (n < GROUP) { /* the inputs past K are 0, as the AVX-512 masks make them */
+            memcpy(tail, src, sizeof(float) * (size_t)n);
+            src = tail;
+        }
+        __m256 v[4], bad = zero, amax = zero;
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(src + 8 * j);
+            /* v - v is NaN exactly for a NaN or an infinity */
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v[j], v[j]), zero, _CMP_NEQ_UQ));
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+        }
+        if (_mm256_movemask_ps(bad)) return 0;
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+        const float scale = _mm_cvtss_f32(m4) / 127.0f;
+        __m256i q[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                        _mm256_setzero_si256()};
+        if (scale > 0.0f) {
+            const __m256 s = _mm256_set1_ps(scale);
+            const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+            const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            for (int j = 0; j < 4; j++) {
+                const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8 * j), lane);
+                q[j] = _mm256_and_si256(inside, _mm256_min_epi32(_mm256_max_epi32(to_int8(v[j], s, key, g0 + 8 * j), lo), hi));
+            }
+        }
+        /* 32 int32 in [-127, 127] to bytes: the packs interleave 128-bit halves, the
+         * permute puts the 4-byte pieces back in order */
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(void *)(a + g0),
+                            _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+        sa[g0 / GROUP] = scale;
+        sb[g0 / GROUP] = scale * (float)_mm_cvtsi128_si32(t4);
+    }
+    return 1;
+}
+
+/* Eight rows' group sums in row order from vpmaddwd's pair sums: s0's lanes are rows
+ * 0-3's sums of inputs (0,1) and (2,3) of each 4 (row 0, row 0, row 1, row 1 | row 2,
+ * row 2, row 3, row 3), s1's rows 4-7's. hadd leaves rows 0 1 4 5 | 2 3 6 7. */
+static inline __attribute__((always_inline)) AVX2 __m256i row_sums8(__m256i s0, __m256i s1) {
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(s0, s1), 0xD8);
+}
+
+/* panel_rows for AVX2 + FMA, on the VNNI layout: half a panel (16 rows) at a time,
+ * each 16 bytes of a 4-input step (4 rows × 4 inputs) widened to 16 bits and
+ * multiplied with the input's 4 values by vpmaddwd. Its pair sums are exact, and so
+ * is every group sum; the fp32 steps are panel_rows', lane for lane. */
+static inline __attribute__((always_inline)) AVX2 void
+panel_rows_avx2(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q, const float *d,
+                const float *mn, const float *sa, const float *sb, int nvalid, int accumulate,
+                const int mr) {
+    const int groups = Kp / GROUP;
+    for (int half = 0; half < 2 && half * 16 < nvalid; half++) {
+        __m256 acc[MR2][2];
+#pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            __m256i sums[MR2][4];
+#pragma GCC unroll 4
+            for (int i = 0; i < mr; i++)
+                sums[i][0] = sums[i][1] = sums[i][2] = sums[i][3] = _mm256_setzero_si256();
+            const uint8_t *qg = q + (size_t)g * GROUP * PANEL + (size_t)half * 64;
+            const int8_t *ag = a + (size_t)g * GROUP;
+#pragma GCC unroll 8
+            for (int k4 = 0; k4 < GROUP / 4; k4++) {
+                __m256i x[MR2];
+#pragma GCC unroll 4
+                for (int i = 0; i < mr; i++) {
+                    int32_t four;
+                    memcpy(&four, ag + (size_t)i * Kp + (size_t)k4 * 4, 4);
+                    x[i] = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(four)));
+                }
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    const __m256i w = _mm256_cvtepu8_epi16(
+                        _mm_load_si128((const __m128i *)(const void *)(qg + (size_t)k4 * 128 + (size_t)j * 16)));
+#pragma GCC unroll 4
+                    for (int i = 0; i < mr; i++)
+                        sums[i][j] = _mm256_add_epi32(sums[i][j], _mm256_madd_epi16(w, x[i]));
+                }
+            }
+            const float *dg = d + (size_t)g * PANEL + half * 16, *mg = mn + (size_t)g * PANEL + half * 16;
+            const __m256 d0 = _mm256_loadu_ps(dg), d1 = _mm256_loadu_ps(dg + 8);
+            const __m256 m0 = _mm256_loadu_ps(mg), m1 = _mm256_loadu_ps(mg + 8);
+#pragma GCC unroll 4
+            for (int i = 0; i < mr; i++) {
+                const __m256 s = _mm256_set1_ps(sa[(size_t)i * groups + g]);
+                const __m256 b = _mm256_set1_ps(sb[(size_t)i * groups + g]);
+                acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums8(sums[i][0], sums[i][1])),
+                                            _mm256_mul_ps(d0, s), _mm256_fmadd_ps(m0, b, acc[i][0]));
+                acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums8(sums[i][2], sums[i][3])),
+                                            _mm256_mul_ps(d1, s), _mm256_fmadd_ps(m1, b, acc[i][1]));
+            }
+        }
+        for (int e = 0; e < 2; e++) {
+            const int first = half * 16 + e * 8, count = nvalid - first;
+            if (count <= 0) break;
+#pragma GCC unroll 4
+            for (int i = 0; i < mr; i++) {
+                float *out = c + (size_t)i * ldc + first;
+                if (count >= 8) {
+                    const __m256 v = accumulate ? _mm256_add_ps(_mm256_loadu_ps(out), acc[i][e]) : acc[i][e];
+                    _mm256_storeu_ps(out, v);
+                } else {
+                    float lanes[8];
+                    _mm256_storeu_ps(lanes, acc[i][e]);
+                    for (int l = 0; l < count; l++) out[l] = accumulate ? out[l] + lanes[l] : lanes[l];
+                }
+            }
+        }
+    }
+}
+
+static AVX2 void panel_block_avx2(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q,
+                                  const float *d, const float *mn, const float *sa,
+                                  const float *sb, int nvalid, int accumulate, int mr) {
+    switch (mr) {
+#define ROWS(r) \
+    case r: panel_rows_avx2(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, accumulate, r); break;
+        ROWS(1) ROWS(2) ROWS(3)
+#undef ROWS
+    default: break;
+    }
+}
+_Static_assert(MR2 == 3, "panel_block_avx2 has a case for each row count up to MR2");
 #endif
 
 /* A key per row and seed, never 0 (0 means rounding to nearest): the seed and the row
@@ -296,7 +493,10 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, i
                     uint64_t round_seed) {
 #if INT8_KERNEL
     const int N = w->N, K = w->K, Kp = w->Kp, groups = Kp / GROUP;
+    const int kernel = cpu_int8_kernel();
+    if (kernel == CPU_INT8_NONE) return -1;
     if (M <= 0) return 0;
+    const int mr = kernel == CPU_INT8_VNNI ? MR : MR2;
     /* one block: the rows' codes (M, Kp; Kp is a multiple of 64, so the scales after
      * them stay aligned), their scales sa and sb (M, groups) each, and a flag per row */
     const size_t codes = (size_t)M * Kp, row_scales = (size_t)M * groups * sizeof(float);
@@ -309,19 +509,23 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, i
 #pragma omp parallel if ((int64_t)M * N * K >= 262144)
     {
 #pragma omp for schedule(static)
-        for (int m = 0; m < M; m++)
-            ok[m] = (unsigned char)quantize_row(x + (size_t)m * K, K, Kp, a + (size_t)m * Kp,
-                                                sa + (size_t)m * groups, sb + (size_t)m * groups,
-                                                round_seed ? row_key(round_seed, m) : 0);
+        for (int m = 0; m < M; m++) {
+            const uint32_t key = round_seed ? row_key(round_seed, m) : 0;
+            ok[m] = (unsigned char)(kernel == CPU_INT8_VNNI
+                                        ? quantize_row(x + (size_t)m * K, K, Kp, a + (size_t)m * Kp,
+                                                       sa + (size_t)m * groups, sb + (size_t)m * groups, key)
+                                        : quantize_row_avx2(x + (size_t)m * K, K, Kp, a + (size_t)m * Kp,
+                                                            sa + (size_t)m * groups, sb + (size_t)m * groups, key));
+        }
 #pragma omp for schedule(static)
         for (int p = 0; p < w->panels; p++) {
             const int n0 = p * PANEL, nvalid = N - n0 < PANEL ? N - n0 : PANEL;
             const size_t scales = (size_t)p * groups * PANEL;
-            for (int m0 = 0; m0 < M; m0 += MR)
-                panel_block(c + (size_t)m0 * N + n0, N, a + (size_t)m0 * Kp, Kp,
-                            w->q + (size_t)p * PANEL * Kp, w->d + scales, w->mn + scales,
-                            sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid,
-                            accumulate, M - m0 < MR ? M - m0 : MR);
+            for (int m0 = 0; m0 < M; m0 += mr)
+                (kernel == CPU_INT8_VNNI ? panel_block : panel_block_avx2)(
+                    c + (size_t)m0 * N + n0, N, a + (size_t)m0 * Kp, Kp, w->q + (size_t)p * PANEL * Kp,
+                    w->d + scales, w->mn + scales, sa + (size_t)m0 * groups, sb + (size_t)m0 * groups,
+                    nvalid, accumulate, M - m0 < mr ? M - m0 : mr);
         }
     }
     for (int m = 0; m < M; m++)

@@ -394,7 +394,7 @@ static void test_int8_decoding(void **state) {
         assert_false(same_bits);
         assert_true(worst < 0.08); /* measured 3.9e-2: random weights, not a Q4 grid */
     } else {
-        printf("  (this CPU has no AVX512-VNNI: the decoder stays fp32)\n");
+        printf("  (this CPU has neither AVX512-VNNI nor AVX2 + FMA: the decoder stays fp32)\n");
         assert_int_equal(made, 0);
         assert_int_equal(default_int8, 0);
         assert_true(same_bits);

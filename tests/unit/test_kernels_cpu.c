@@ -323,6 +323,23 @@ static float *int8_product(const float *a, const void *q, int M, int N) {
     return c;
 }
 
+/* Every int8 kernel this CPU runs besides the best (AVX2 where the CPU has VNNI) gives
+ * `want`, the best kernel's product with round_seed, to the bit. Returns how many ran. */
+static int lesser_kernels_agree(const float *want, const float *a, const void *q, int M, int N,
+                                uint64_t round_seed) {
+    const int best = cpu_int8_best_kernel();
+    int ran = 0;
+    for (int k = best - 1; k > CPU_INT8_NONE; k--, ran++) {
+        assert_int_equal(cpu_int8_use_kernel(k), 0);
+        float *c = fnan((size_t)M * N);
+        assert_int_equal(be.ops->matmul_int8(&be, c, a, q, M, 0, round_seed), 0);
+        assert_memory_equal(c, want, sizeof(float) * M * N);
+        free(c);
+    }
+    assert_int_equal(cpu_int8_use_kernel(best), 0);
+    return ran;
+}
+
 /* Int8 weight products (generation, frozen weights in training): the documented
  * quantisation, computed naively;
  * exact on weights that lie on a 16-step grid per group (a GGUF's Q4 blocks) with inputs
@@ -333,12 +350,29 @@ static float *int8_product(const float *a, const void *q, int M, int N) {
 static void test_matmul_int8(void **state) {
     (void)state;
     assert_non_null(be.ops->weight_int8_create);
+    float w0[64] = {0};
     if (!cpu_int8_supported()) {
-        float w[64] = {0};
-        assert_null(be.ops->weight_int8_create(&be, w, 2, 32, 0));
-        printf("  int8 products: this CPU has no AVX512-VNNI; the op declines (fp32 is used)\n");
+        assert_null(be.ops->weight_int8_create(&be, w0, 2, 32, 0, MT_INT8_USE_DECODING));
+        printf("  int8 products: this CPU has neither AVX512-VNNI nor AVX2 + FMA; the op declines (fp32 is used)\n");
         return;
     }
+    /* copies for training only where the products are VNNI's (AVX2's are slower than
+     * fp32 there); without a kernel, no copies, and a product declines */
+    const int best = cpu_int8_best_kernel();
+    void *q0 = be.ops->weight_int8_create(&be, w0, 2, 32, 0, MT_INT8_USE_TRAINING);
+    assert_true((q0 != NULL) == (best == CPU_INT8_VNNI));
+    be.ops->weight_int8_free(&be, q0);
+    q0 = be.ops->weight_int8_create(&be, w0, 2, 32, 0, MT_INT8_USE_DECODING);
+    assert_non_null(q0);
+    assert_int_equal(cpu_int8_use_kernel(best + 1), -1);
+    assert_int_equal(cpu_int8_use_kernel(CPU_INT8_NONE), 0);
+    assert_null(be.ops->weight_int8_create(&be, w0, 2, 32, 0, MT_INT8_USE_DECODING));
+    float c0[64];
+    assert_int_not_equal(be.ops->matmul_int8(&be, c0, w0, q0, 2, 0, 0), 0);
+    assert_int_equal(cpu_int8_use_kernel(best), 0);
+    be.ops->weight_int8_free(&be, q0);
+    printf("  int8 products: the %s kernel%s\n", best == CPU_INT8_VNNI ? "AVX512-VNNI" : "AVX2",
+           best == CPU_INT8_VNNI ? ", checked against the AVX2 kernel bit for bit" : " (this CPU has no AVX512-VNNI)");
     uint64_t rng = 11;
     const int shapes[][3] = {{1, 1, 1},   {1, 32, 32},  {5, 31, 33},  {6, 33, 64},
                              {7, 64, 100}, {32, 97, 577}, {33, 40, 31}, {11, 200, 96}};
@@ -351,9 +385,10 @@ static void test_matmul_int8(void **state) {
 
         /* any weights and inputs: the quantisation as documented, and near fp32 */
         float *a = frand((size_t)M * K, &rng, -1, 1), *w = frand((size_t)N * K, &rng, -0.2f, 0.3f);
-        void *q = be.ops->weight_int8_create(&be, w, N, K, 0);
+        void *q = be.ops->weight_int8_create(&be, w, N, K, 0, MT_INT8_USE_DECODING);
         assert_non_null(q);
         float *c = int8_product(a, q, M, N);
+        assert_int_equal(lesser_kernels_agree(c, a, q, M, N, 0), best - CPU_INT8_AVX2);
         for (int i = 0; i < M * N; i++) got[i] = c[i];
         int8_reference(ref, a, w, M, N, K);
         const double err_doc = mt_test_rel_err_d(got, ref, (size_t)M * N);
@@ -372,7 +407,7 @@ static void test_matmul_int8(void **state) {
         float *wt = fnan((size_t)N * K);
         for (int n = 0; n < N; n++)
             for (int k = 0; k < K; k++) wt[(size_t)k * N + n] = w[(size_t)n * K + k];
-        void *qt = be.ops->weight_int8_create(&be, wt, N, K, 1);
+        void *qt = be.ops->weight_int8_create(&be, wt, N, K, 1, MT_INT8_USE_DECODING);
         assert_non_null(qt);
         float *ct = int8_product(a, qt, M, N);
         assert_memory_equal(ct, c, sizeof(float) * M * N);
@@ -402,7 +437,7 @@ static void test_matmul_int8(void **state) {
                     a[(size_t)i * K + k] = sa * (float)v;
                 }
             }
-        q = be.ops->weight_int8_create(&be, w, N, K, 0);
+        q = be.ops->weight_int8_create(&be, w, N, K, 0, MT_INT8_USE_DECODING);
         assert_non_null(q);
         free(c);
         c = int8_product(a, q, M, N);
@@ -421,6 +456,7 @@ static void test_matmul_int8(void **state) {
         assert_int_equal(be.ops->matmul_int8(&be, sr3, noisy, q, M, 0, 7), 0);
         omp_set_num_threads(saved);
         assert_memory_equal(sr1, sr3, sizeof(float) * M * N);
+        lesser_kernels_agree(sr1, noisy, q, M, N, 7);
         double *mean = calloc((size_t)M * N, sizeof(double));
         assert_non_null(mean);
         const int draws = 256;
@@ -465,7 +501,7 @@ static void test_matmul_int8(void **state) {
     float w[4 * 40];
     for (int i = 0; i < 4 * 40; i++) w[i] = 0.01f * (float)i;
     w[77] = INFINITY;
-    assert_null(be.ops->weight_int8_create(&be, w, 4, 40, 0));
+    assert_null(be.ops->weight_int8_create(&be, w, 4, 40, 0, MT_INT8_USE_DECODING));
 }
 
 struct mm_ctx {

@@ -327,7 +327,8 @@ static void test_int8_training(void **state) {
     mt_model_set_int8_training(m, MT_INT8_ALL);
     mt_step_result q = step(&r, &batch, 1, 0.0, 5, 0.0);
     const int projections = mt_model_linear_count(m); /* 2 layers · 7 + lm_head */
-    if (!cpu_int8_supported()) {
+    if (cpu_int8_best_kernel() != CPU_INT8_VNNI) {
+        /* AVX2's int8 products are slower than fp32 on training's shapes: not offered */
         printf("  int8 training: this CPU has no AVX512-VNNI; every product stays fp32\n");
         assert_int_equal(q.int8, 0);
     } else {
