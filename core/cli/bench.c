@@ -122,8 +122,9 @@ static mt_status bench_generate(mt_model *m, const mt_bench_options *opt, const 
 
 mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     mt_model_config cfg;
-    mt_status st = opt->config_path ? mt_config_load(opt->config_path, &cfg, err)
-                                    : mt_config_preset(opt->shape ? opt->shape : "tiny", &cfg, err);
+    mt_status st = opt->model_path    ? MT_OK /* the model's own, once loaded */
+                   : opt->config_path ? mt_config_load(opt->config_path, &cfg, err)
+                                      : mt_config_preset(opt->shape ? opt->shape : "tiny", &cfg, err);
     if (st) return st;
     if (opt->batch <= 0 || opt->seq <= 0 || opt->steps <= 0 || opt->warmup < 0)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -134,10 +135,13 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
                             opt->prompt, opt->seq);
     /* the adapter is attached after the model, to report the memory it adds */
     const mt_session_options so = {.device = opt->device, .threads = opt->threads,
-                                   .config = &cfg, .random_seed = 1234, .random_std = 0.02f};
+                                   .model_path = opt->model_path,
+                                   .config = opt->model_path ? NULL : &cfg,
+                                   .random_seed = 1234, .random_std = 0.02f};
     mt_session *ses = NULL;
     if ((st = mt_session_open(&so, &ses, err))) return st;
     mt_model *m = ses->model;
+    if (opt->model_path) cfg = m->cfg;
     int32_t *tokens = NULL, *targets = NULL;
     size_t rss_before_adapter = mt_peak_rss_bytes();
     if (opt->adapter && (st = mt_session_attach_adapter(ses, opt->adapter, opt->adapter_options,
@@ -169,7 +173,8 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
     char prompt[48] = "";
     if (opt->prompt > 0) snprintf(prompt, sizeof prompt, " (prompt %d: no target)", opt->prompt);
     printf("moontune bench: %s, %zu parameters, batch %d x sequence %d%s, %s(%s backend)\n",
-           opt->config_path ? opt->config_path : opt->shape, mt_config_num_params(&cfg), opt->batch,
+           opt->model_path ? opt->model_path : opt->config_path ? opt->config_path : opt->shape,
+           mt_config_num_params(&cfg), opt->batch,
            opt->seq, prompt, threads, ses->device);
     if (opt->generate > 0) {
         st = bench_generate(m, opt, tokens, err);

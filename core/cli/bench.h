@@ -13,6 +13,8 @@ typedef enum mt_bench_mode {
 typedef struct mt_bench_options {
     const char *shape;       /* "tiny", "smollm2-135m", "llama-1b"; or NULL with config_path */
     const char *config_path; /* a config.json */
+    const char *model_path;  /* a .gguf file or Hugging Face directory: its weights, not
+                                random ones (overrides shape and config_path) */
     int batch, seq, steps, warmup, threads;
     int prompt; /* the first `prompt` positions of each row have no target */
     int generate; /* > 0: instead of training steps, generate this many tokens for each of

@@ -241,9 +241,15 @@ static void *op_weight_int8_create(mt_backend *be, const float *w, int N, int K,
     (void)be;
     /* The AVX2 kernel's vpmaddwd does 16 multiply-adds an instruction, as many as two
      * fp32 FMAs: it wins where sgemm repacks for a few rows (decoding, 1.3x), and loses
-     * on training's large products (a LoRA step ran at 0.88x); docs/speed.md. */
-    if (use == MT_INT8_USE_TRAINING && cpu_int8_kernel() != CPU_INT8_VNNI) return NULL;
-    return cpu_weight_int8_create(w, N, K, transposed);
+     * on training's large products (a LoRA step ran at 0.88x). Its kernel for small
+     * codes (a Q4 base's weights) does 32 and wins there too; docs/speed.md. */
+    cpu_weight_int8 *q = cpu_weight_int8_create(w, N, K, transposed);
+    if (q && use == MT_INT8_USE_TRAINING && cpu_int8_kernel() != CPU_INT8_VNNI &&
+        !cpu_weight_int8_small_codes(q)) {
+        cpu_weight_int8_free(q);
+        return NULL;
+    }
+    return q;
 }
 
 static void op_weight_int8_free(mt_backend *be, void *w) {

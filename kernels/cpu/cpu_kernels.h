@@ -43,7 +43,8 @@ void cpu_gemm_tile(float *c, size_t ldc, const float *a, size_t a_rs, size_t a_c
 void cpu_matmul_rows_nt(float *c, const float *a, const float *b, int M, int N, int K,
                         float alpha, float beta);
 /* 8-bit weights for frozen projections (cpu_matmul_int8.c, which documents the format):
- * a weight (N,K) as codes on 255 steps from the minimum of each group of 32 inputs, for
+ * a weight (N,K) as codes on 255 steps from the minimum of each group of 32 inputs (or
+ * on the group's own grid of at most 16 values where it lies on one), for
  * products whose input rows are quantised on the fly in groups of 32. transposed: w is
  * stored (K,N) and the copy is of its transpose (for input gradients, dy · W). NULL
  * where the CPU has neither AVX512-VNNI nor AVX2 with FMA, for a weight with a NaN or
@@ -57,8 +58,14 @@ int cpu_int8_kernel(void);      /* the one in use: the best unless a test chose 
  * products off. Returns -1 for a kernel this CPU cannot run. */
 int cpu_int8_use_kernel(int kernel);
 int cpu_int8_supported(void); /* cpu_int8_kernel() != CPU_INT8_NONE */
+/* For tests: with on = 0 the AVX2 kernel multiplies small codes as it does any (the
+ * same bits, slower). */
+void cpu_int8_use_small_codes(int on);
 cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transposed);
 void cpu_weight_int8_free(cpu_weight_int8 *w);
+/* 1 when every group of 32 weights lay on a grid of at most 16 values (a Q4 GGUF's
+ * blocks): the copy keeps them exactly, and the AVX2 kernel runs them twice as wide. */
+int cpu_weight_int8_small_codes(const cpu_weight_int8 *w);
 /* c (M,N) = a (M,K) · wᵀ, or c += a · wᵀ when accumulate, with each row of a quantised
  * on the fly to integers in [-127, 127], a scale per group of 32, rounded to nearest
  * when round_seed is 0 and otherwise stochastically (unbiased, drawn from round_seed and

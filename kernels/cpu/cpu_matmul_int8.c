@@ -7,9 +7,10 @@
  * gets an 8-bit copy and each input row is quantised on the fly, both in groups of
  * GROUP = 32 inputs:
  *   weight  w[n][k] ≈ d[n][g] · q[n][k] + mn[n][g],  q in [0, 255], mn the group's
- *           minimum and d its range / 255. A GGUF's Q4_0/Q4_1 blocks are 32 weights on
- *           a grid of 16 steps from their minimum, so they come out exact (q = 17 j,
- *           up to fp32 rounding): the model multiplies by the weights it was given.
+ *           minimum and d its range / 255. A group whose weights lie on a grid of at
+ *           most 16 values (a GGUF's Q4_0/Q4_1/Q4_K blocks are 32 weights of 16) is
+ *           kept on that grid instead, d its step and q in [0, 15]: exact up to fp32
+ *           rounding, so the model multiplies by the weights it was given.
  *   input   x[m][k] ≈ sa[m][g] · a[m][k],  a in [-127, 127], symmetric: a scale per
  *           group keeps the few large inputs some channels carry (the SwiGLU output
  *           before down_proj has them) from flattening the rest of the row.
@@ -32,7 +33,9 @@
  * 16-bit and multiplied by the input's 4 values with vpmaddwd, whose pair sums are
  * exact (255 · 127 · 2 < 2³¹). The group sums are the same integers, and the fp32
  * steps after them the same operations in the same order, so both kernels give the
- * same bits (checked by test_kernels_cpu where the CPU has both).
+ * same bits (checked by test_kernels_cpu where the CPU has both). Where every code of a
+ * copy is at most 15 (a Q4 GGUF's projections), a third kernel multiplies 32 codes at a
+ * time with vpmaddubsw and sums a group in 16 bits: the same integers again.
  *
  * The kernels are compiled for their instructions with target attributes whatever the
  * build targets, and used only where the CPU has them (checked once at run time);
@@ -63,6 +66,7 @@
 #define PANEL 32 /* output rows per packed panel: two vectors of 16 int32 lanes */
 #define GROUP 32 /* inputs per weight and input scale */
 #define MR 5     /* input rows per micro-kernel call: 4 · MR + 7 vector registers */
+#define SMALL_LEVELS 15 /* a group on a grid of at most 16 values keeps codes 0..15 */
 
 struct cpu_weight_int8 {
     int N, K;    /* the weight is (N,K) */
@@ -70,10 +74,13 @@ struct cpu_weight_int8 {
     int panels;  /* ceil(N / PANEL) */
     uint8_t *q;  /* panels × (Kp/4) × 2 vectors × 64 bytes */
     float *d, *mn; /* panels × (Kp/GROUP) × PANEL: each group's step and minimum */
+    int small_codes; /* every code is at most SMALL_LEVELS (every group lay on a grid) */
 };
 
-/* The best kernel this CPU has; tests may choose a lesser one (cpu_int8_use_kernel). */
+/* The best kernel this CPU has; tests may choose a lesser one (cpu_int8_use_kernel), and
+ * turn the AVX2 kernel for small codes off (cpu_int8_use_small_codes). */
 static int kernel_in_use = -1;
+static int small_codes_on = 1;
 
 int cpu_int8_best_kernel(void) {
 #if INT8_KERNEL
@@ -104,6 +111,10 @@ int cpu_int8_use_kernel(int kernel) {
 
 int cpu_int8_supported(void) { return cpu_int8_kernel() != CPU_INT8_NONE; }
 
+void cpu_int8_use_small_codes(int on) { small_codes_on = on != 0; }
+
+int cpu_weight_int8_small_codes(const cpu_weight_int8 *w) { return w->small_codes; }
+
 void cpu_weight_int8_free(cpu_weight_int8 *w) {
     if (!w) return;
     free(w->q);
@@ -112,18 +123,45 @@ void cpu_weight_int8_free(cpu_weight_int8 *w) {
     free(w);
 }
 
-/* The n weights of row r's group starting at input k0 (n <= GROUP; the rest of the
- * group past K is 0 in q): its minimum, step and codes, into panel place. Returns 0 for
- * a NaN or an infinity. For SSE4.1, so that rintf is one instruction (this runs for
- * every weight). */
-static PACK int pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, int k0) {
+/* The steps of the grid that the n weights of a group lie on, lo + j · (hi - lo) / steps
+ * with j in 0..steps and steps <= SMALL_LEVELS (a GGUF's Q4_0/Q4_1/Q4_K blocks, whether
+ * or not they use both ends of their 16 values), up to fp32 rounding (a thousandth of a
+ * step); 0 when they lie on none, or for a NaN or an infinity. A group of equal weights
+ * has one step (its codes are 0). Tried from the finest grid down, each try ending at its
+ * first weight off the grid, so a group of ordinary weights costs a few comparisons. */
+static PACK int grid_steps(const float *vals, int n) {
     float lo = vals[0], hi = vals[0];
     for (int k = 0; k < n; k++) {
         if (!isfinite(vals[k])) return 0;
         lo = vals[k] < lo ? vals[k] : lo;
         hi = vals[k] > hi ? vals[k] : hi;
     }
-    const float step = (hi - lo) / 255.0f;
+    if (!(hi > lo)) return 1;
+    for (int steps = SMALL_LEVELS; steps >= 1; steps--) {
+        const float step = (hi - lo) / (float)steps;
+        int k = 0;
+        while (k < n) {
+            const float j = (vals[k] - lo) / step;
+            if (fabsf(j - rintf(j)) > 1e-3f) break;
+            k++;
+        }
+        if (k == n) return steps;
+    }
+    return 0;
+}
+
+/* The n weights of row r's group starting at input k0 (n <= GROUP; the rest of the
+ * group past K is 0 in q) as codes on `steps` steps from their minimum, into panel
+ * place. Returns 0 for a NaN or an infinity. For SSE4.1, so that rintf is one
+ * instruction (this runs for every weight). */
+static PACK int pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, int k0, int steps) {
+    float lo = vals[0], hi = vals[0];
+    for (int k = 0; k < n; k++) {
+        if (!isfinite(vals[k])) return 0;
+        lo = vals[k] < lo ? vals[k] : lo;
+        hi = vals[k] > hi ? vals[k] : hi;
+    }
+    const float step = (hi - lo) / (float)steps, top = (float)steps;
     const int groups = q->Kp / GROUP, panel = r / PANEL, lane_row = r % PANEL;
     const size_t at = ((size_t)panel * groups + k0 / GROUP) * PANEL + lane_row;
     q->d[at] = step;
@@ -135,7 +173,7 @@ static PACK int pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, 
         float c = step > 0.0f ? rintf((vals[k] - lo) / step) : 0.0f; /* as lrintf */
         const int at_k = k0 + k;
         codes[((size_t)(at_k / 4) * 2 + vec) * 64 + lane * 4 + at_k % 4] =
-            (uint8_t)(c < 0.0f ? 0 : c > 255.0f ? 255 : (int)c);
+            (uint8_t)(c < 0.0f ? 0 : c > top ? (int)top : (int)c);
     }
     return 1;
 }
@@ -160,10 +198,10 @@ cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transp
     memset(q->q, 0, rows * (size_t)q->Kp);
     memset(q->d, 0, scales * sizeof(float));
     memset(q->mn, 0, scales * sizeof(float));
-    int finite = 1;
+    int finite = 1, small = 1;
     /* a panel's rows group by group: for a transposed source the group's inputs are a
      * column of 32 rows of w, which then stay in cache while the panel's rows pass */
-#pragma omp parallel for schedule(static) reduction(&& : finite)
+#pragma omp parallel for schedule(static) reduction(&& : finite, small)
     for (int p = 0; p < q->panels; p++)
         for (int k0 = 0; k0 < K; k0 += GROUP) {
             const int n = K - k0 < GROUP ? K - k0 : GROUP;
@@ -173,9 +211,14 @@ cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transp
                     for (int k = 0; k < n; k++) vals[k] = w[(size_t)(k0 + k) * N + r];
                 else
                     memcpy(vals, w + (size_t)r * K + k0, sizeof(float) * n);
-                finite = pack_group(q, vals, n, r, k0);
+                /* a group on a grid of 16 values or fewer is packed on that grid: exact,
+                 * and its codes fit the AVX2 kernel for small codes */
+                const int steps = grid_steps(vals, n);
+                small = small && steps > 0;
+                finite = pack_group(q, vals, n, r, k0, steps > 0 ? steps : 255);
             }
         }
+    q->small_codes = small;
     if (!finite) { /* the fp32 product keeps what a NaN or infinity in the weight does */
         cpu_weight_int8_free(q);
         return NULL;
@@ -399,6 +442,28 @@ static inline __attribute__((always_inline)) AVX2 __m256i row_sums8(__m256i s0, 
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(s0, s1), 0xD8);
 }
 
+/* The AVX2 kernels' last step: rows i < mr of the half-panel's sums acc[i][0..1] (8
+ * outputs each) into c, or added to it, up to output nvalid of the panel. */
+static inline __attribute__((always_inline)) AVX2 void
+store_rows_avx2(float *c, int ldc, __m256 acc[][2], int half, int nvalid, int accumulate, int mr) {
+    for (int e = 0; e < 2; e++) {
+        const int first = half * 16 + e * 8, count = nvalid - first;
+        if (count <= 0) break;
+#pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) {
+            float *out = c + (size_t)i * ldc + first;
+            if (count >= 8) {
+                const __m256 v = accumulate ? _mm256_add_ps(_mm256_loadu_ps(out), acc[i][e]) : acc[i][e];
+                _mm256_storeu_ps(out, v);
+            } else {
+                float lanes[8];
+                _mm256_storeu_ps(lanes, acc[i][e]);
+                for (int l = 0; l < count; l++) out[l] = accumulate ? out[l] + lanes[l] : lanes[l];
+            }
+        }
+    }
+}
+
 /* panel_rows for AVX2 + FMA, on the VNNI layout: half a panel (16 rows) at a time,
  * each 16 bytes of a 4-input step (4 rows × 4 inputs) widened to 16 bits and
  * multiplied with the input's 4 values by vpmaddwd. Its pair sums are exact, and so
@@ -450,22 +515,7 @@ panel_rows_avx2(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q, co
                                             _mm256_mul_ps(d1, s), _mm256_fmadd_ps(m1, b, acc[i][1]));
             }
         }
-        for (int e = 0; e < 2; e++) {
-            const int first = half * 16 + e * 8, count = nvalid - first;
-            if (count <= 0) break;
-#pragma GCC unroll 4
-            for (int i = 0; i < mr; i++) {
-                float *out = c + (size_t)i * ldc + first;
-                if (count >= 8) {
-                    const __m256 v = accumulate ? _mm256_add_ps(_mm256_loadu_ps(out), acc[i][e]) : acc[i][e];
-                    _mm256_storeu_ps(out, v);
-                } else {
-                    float lanes[8];
-                    _mm256_storeu_ps(lanes, acc[i][e]);
-                    for (int l = 0; l < count; l++) out[l] = accumulate ? out[l] + lanes[l] : lanes[l];
-                }
-            }
-        }
+        store_rows_avx2(c, ldc, acc, half, nvalid, accumulate, mr);
     }
 }
 
@@ -481,6 +531,75 @@ static AVX2 void panel_block_avx2(float *c, int ldc, const int8_t *a, int Kp, co
     }
 }
 _Static_assert(MR2 == 3, "panel_block_avx2 has a case for each row count up to MR2");
+
+#define MR3 3 /* input rows per call of the small-codes kernel: 4 · MR3 + 3 registers */
+
+/* panel_rows_avx2 for a copy whose codes are all at most 15 (small_codes: the base of a
+ * Q4 GGUF): vpmaddubsw multiplies 32 codes (unsigned) by the input's bytes (signed) at
+ * once, and its pair sums, at most 2 · 15 · 127 = 3810, are exact. A group's 8 steps of
+ * 4 inputs then add up to at most 30480, so they are summed in 16 bits (vpaddw) and
+ * widened once per group (vpmaddwd by ones), where the 8-bit kernel widens every code
+ * and multiplies 16 at a time. Both lanes of a row are its two pairs, so the widening
+ * leaves the 8 rows of a vector in order. The group sums are the same integers as the
+ * other kernels', and the fp32 steps are panel_rows', lane for lane: the same bits. */
+static inline __attribute__((always_inline)) AVX2 void
+panel_rows_avx2_small(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q, const float *d,
+                      const float *mn, const float *sa, const float *sb, int nvalid, int accumulate,
+                      const int mr) {
+    const int groups = Kp / GROUP;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int half = 0; half < 2 && half * 16 < nvalid; half++) {
+        __m256 acc[MR3][2];
+#pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            __m256i sums[MR3][2];
+#pragma GCC unroll 4
+            for (int i = 0; i < mr; i++) sums[i][0] = sums[i][1] = _mm256_setzero_si256();
+            const uint8_t *qg = q + (size_t)g * GROUP * PANEL + (size_t)half * 64;
+            const int8_t *ag = a + (size_t)g * GROUP;
+#pragma GCC unroll 8
+            for (int k4 = 0; k4 < GROUP / 4; k4++) {
+                const __m256i w0 = _mm256_load_si256((const __m256i *)(const void *)(qg + (size_t)k4 * 128));
+                const __m256i w1 = _mm256_load_si256((const __m256i *)(const void *)(qg + (size_t)k4 * 128 + 32));
+#pragma GCC unroll 4
+                for (int i = 0; i < mr; i++) {
+                    int32_t four;
+                    memcpy(&four, ag + (size_t)i * Kp + (size_t)k4 * 4, 4);
+                    const __m256i x = _mm256_set1_epi32(four);
+                    sums[i][0] = _mm256_add_epi16(sums[i][0], _mm256_maddubs_epi16(w0, x));
+                    sums[i][1] = _mm256_add_epi16(sums[i][1], _mm256_maddubs_epi16(w1, x));
+                }
+            }
+            const float *dg = d + (size_t)g * PANEL + half * 16, *mg = mn + (size_t)g * PANEL + half * 16;
+            const __m256 d0 = _mm256_loadu_ps(dg), d1 = _mm256_loadu_ps(dg + 8);
+            const __m256 m0 = _mm256_loadu_ps(mg), m1 = _mm256_loadu_ps(mg + 8);
+#pragma GCC unroll 4
+            for (int i = 0; i < mr; i++) {
+                const __m256 s = _mm256_set1_ps(sa[(size_t)i * groups + g]);
+                const __m256 b = _mm256_set1_ps(sb[(size_t)i * groups + g]);
+                acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[i][0], ones)),
+                                            _mm256_mul_ps(d0, s), _mm256_fmadd_ps(m0, b, acc[i][0]));
+                acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[i][1], ones)),
+                                            _mm256_mul_ps(d1, s), _mm256_fmadd_ps(m1, b, acc[i][1]));
+            }
+        }
+        store_rows_avx2(c, ldc, acc, half, nvalid, accumulate, mr);
+    }
+}
+
+static AVX2 void panel_block_avx2_small(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q,
+                                        const float *d, const float *mn, const float *sa,
+                                        const float *sb, int nvalid, int accumulate, int mr) {
+    switch (mr) {
+#define ROWS(r) \
+    case r: panel_rows_avx2_small(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, accumulate, r); break;
+        ROWS(1) ROWS(2) ROWS(3)
+#undef ROWS
+    default: break;
+    }
+}
+_Static_assert(MR3 == 3, "panel_block_avx2_small has a case for each row count up to MR3");
 #endif
 
 /* A key per row and seed, never 0 (0 means rounding to nearest): the seed and the row
@@ -496,7 +615,12 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, i
     const int kernel = cpu_int8_kernel();
     if (kernel == CPU_INT8_NONE) return -1;
     if (M <= 0) return 0;
-    const int mr = kernel == CPU_INT8_VNNI ? MR : MR2;
+    /* the AVX2 kernel for small codes where every code of the copy is one */
+    const int small = kernel == CPU_INT8_AVX2 && w->small_codes && small_codes_on;
+    const int mr = kernel == CPU_INT8_VNNI ? MR : small ? MR3 : MR2;
+    void (*panel_kernel)(float *, int, const int8_t *, int, const uint8_t *, const float *,
+                         const float *, const float *, const float *, int, int, int) =
+        kernel == CPU_INT8_VNNI ? panel_block : small ? panel_block_avx2_small : panel_block_avx2;
     /* one block: the rows' codes (M, Kp; Kp is a multiple of 64, so the scales after
      * them stay aligned), their scales sa and sb (M, groups) each, and a flag per row */
     const size_t codes = (size_t)M * Kp, row_scales = (size_t)M * groups * sizeof(float);
@@ -522,10 +646,10 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, i
             const int n0 = p * PANEL, nvalid = N - n0 < PANEL ? N - n0 : PANEL;
             const size_t scales = (size_t)p * groups * PANEL;
             for (int m0 = 0; m0 < M; m0 += mr)
-                (kernel == CPU_INT8_VNNI ? panel_block : panel_block_avx2)(
-                    c + (size_t)m0 * N + n0, N, a + (size_t)m0 * Kp, Kp, w->q + (size_t)p * PANEL * Kp,
-                    w->d + scales, w->mn + scales, sa + (size_t)m0 * groups, sb + (size_t)m0 * groups,
-                    nvalid, accumulate, M - m0 < mr ? M - m0 : mr);
+                panel_kernel(c + (size_t)m0 * N + n0, N, a + (size_t)m0 * Kp, Kp,
+                             w->q + (size_t)p * PANEL * Kp, w->d + scales, w->mn + scales,
+                             sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid, accumulate,
+                             M - m0 < mr ? M - m0 : mr);
         }
     }
     for (int m = 0; m < M; m++)

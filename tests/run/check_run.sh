@@ -162,6 +162,16 @@ if [[ " $cpu_flags " == *" avx512_vnni "* ]] ||
 grep -q "; $want projections in int8;" out.txt
 "$moontune" bench --device cpu --shape tiny --batch 3 --seq 5 --generate 4 --fp32 > out.txt
 grep -q "; 0 projections in int8;" out.txt
+# bench --model: a real model's weights (tiny_chat, 2 layers) in place of a shape
+"$moontune" bench --device cpu --model "$fix/tiny_chat" --batch 2 --seq 5 --generate 3 > out.txt
+grep -q "^moontune bench: $fix/tiny_chat, " out.txt
+grep -Eq "^generate: 2 prompts of 5 ids, 6 tokens in .*; $want projections in int8;" out.txt
+"$moontune" bench --device cpu --model "$fix/tiny_chat" --batch 1 --seq 8 --steps 1 --warmup 0 \
+  --adapter lora > out.txt
+grep -q "adapter lora" out.txt
+rc=0; "$moontune" bench --model "$fix/no_such_model" > /dev/null 2> err.txt || rc=$?
+test "$rc" != 0
+grep -q "no_such_model" err.txt
 "$moontune" generate --device=cpu --model "$fix/tiny_chat" --prompt hi --max-new-tokens 2 --fp32 \
   > /dev/null 2> err.txt
 grep -q "; 0 projections in int8" err.txt

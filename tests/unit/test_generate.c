@@ -113,6 +113,21 @@ static void test_smollm2_matches_transformers(void **state) {
     assert_int_equal(c->head_dim, 64);
     assert_int_equal(c->intermediate_size, 1536);
     assert_int_equal(c->vocab_size, 49152);
+    if (cpu_int8_supported()) {
+        /* the GGUF's Q4_1 projections keep their 4-bit codes in an int8 copy (the AVX2
+         * kernel for small codes runs them); the Q8_0 embedding (lm_head) does not */
+        int small = 0;
+        for (int i = 0; i < mt_model_linear_count(m); i++) {
+            const mt_linear *lin = mt_model_linear(m, i);
+            void *q = be.ops->weight_int8_create(&be, lin->weight, lin->out, lin->in, 0,
+                                                 MT_INT8_USE_DECODING);
+            assert_non_null(q);
+            small += cpu_weight_int8_small_codes(q);
+            be.ops->weight_int8_free(&be, q);
+        }
+        printf("  %d of %d projections keep 4-bit codes in int8\n", small, mt_model_linear_count(m));
+        assert_int_equal(small, 7 * c->num_layers);
+    }
     assert_int_equal(c->max_position_embeddings, 8192);
     assert_true(c->tie_word_embeddings && c->rope_theta == 100000.0);
     assert_true(fabsf(c->rms_norm_eps - 1e-5f) < 1e-9f);

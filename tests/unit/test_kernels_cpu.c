@@ -340,6 +340,19 @@ static int lesser_kernels_agree(const float *want, const float *a, const void *q
     return ran;
 }
 
+/* On AVX2 CPUs, the kernel for small codes gives `want` (its product with round_seed)
+ * to the bit when it is turned off and the 8-bit kernel multiplies the same codes. */
+static void small_codes_agree(const float *want, const float *a, const void *q, int M, int N,
+                              uint64_t round_seed) {
+    if (cpu_int8_kernel() != CPU_INT8_AVX2 || !cpu_weight_int8_small_codes(q)) return;
+    cpu_int8_use_small_codes(0);
+    float *c = fnan((size_t)M * N);
+    assert_int_equal(be.ops->matmul_int8(&be, c, a, q, M, 0, round_seed), 0);
+    cpu_int8_use_small_codes(1);
+    assert_memory_equal(c, want, sizeof(float) * M * N);
+    free(c);
+}
+
 /* Int8 weight products (generation, frozen weights in training): the documented
  * quantisation, computed naively;
  * exact on weights that lie on a 16-step grid per group (a GGUF's Q4 blocks) with inputs
@@ -356,11 +369,22 @@ static void test_matmul_int8(void **state) {
         printf("  int8 products: this CPU has neither AVX512-VNNI nor AVX2 + FMA; the op declines (fp32 is used)\n");
         return;
     }
-    /* copies for training only where the products are VNNI's (AVX2's are slower than
-     * fp32 there); without a kernel, no copies, and a product declines */
+    /* copies for training where the products are VNNI's, or AVX2's for small codes (a
+     * Q4 base: w0's equal weights); AVX2's 8-bit products are slower than fp32 there.
+     * Without a kernel, no copies, and a product declines */
     const int best = cpu_int8_best_kernel();
-    void *q0 = be.ops->weight_int8_create(&be, w0, 2, 32, 0, MT_INT8_USE_TRAINING);
+    float w8[64];
+    for (int i = 0; i < 64; i++) w8[i] = 0.01f * (float)(i * i % 37); /* on no grid of 16 */
+    void *q0 = be.ops->weight_int8_create(&be, w8, 2, 32, 0, MT_INT8_USE_TRAINING);
     assert_true((q0 != NULL) == (best == CPU_INT8_VNNI));
+    be.ops->weight_int8_free(&be, q0);
+    q0 = be.ops->weight_int8_create(&be, w8, 2, 32, 0, MT_INT8_USE_DECODING);
+    assert_non_null(q0);
+    assert_false(cpu_weight_int8_small_codes(q0));
+    be.ops->weight_int8_free(&be, q0);
+    q0 = be.ops->weight_int8_create(&be, w0, 2, 32, 0, MT_INT8_USE_TRAINING);
+    assert_non_null(q0);
+    assert_true(cpu_weight_int8_small_codes(q0));
     be.ops->weight_int8_free(&be, q0);
     q0 = be.ops->weight_int8_create(&be, w0, 2, 32, 0, MT_INT8_USE_DECODING);
     assert_non_null(q0);
@@ -387,6 +411,8 @@ static void test_matmul_int8(void **state) {
         float *a = frand((size_t)M * K, &rng, -1, 1), *w = frand((size_t)N * K, &rng, -0.2f, 0.3f);
         void *q = be.ops->weight_int8_create(&be, w, N, K, 0, MT_INT8_USE_DECODING);
         assert_non_null(q);
+        /* three inputs or more in a group of ordinary numbers lie on no grid of 16 */
+        assert_true(cpu_weight_int8_small_codes(q) == (K <= 2));
         float *c = int8_product(a, q, M, N);
         assert_int_equal(lesser_kernels_agree(c, a, q, M, N, 0), best - CPU_INT8_AVX2);
         for (int i = 0; i < M * N; i++) got[i] = c[i];
@@ -439,11 +465,14 @@ static void test_matmul_int8(void **state) {
             }
         q = be.ops->weight_int8_create(&be, w, N, K, 0, MT_INT8_USE_DECODING);
         assert_non_null(q);
+        assert_true(cpu_weight_int8_small_codes(q));
         free(c);
         c = int8_product(a, q, M, N);
         for (int i = 0; i < M * N; i++) got[i] = c[i];
         int8_exact(ref, a, w, M, N, K);
         const double err_grid = mt_test_rel_err_d(got, ref, (size_t)M * N);
+        small_codes_agree(c, a, q, M, N, 0);
+        lesser_kernels_agree(c, a, q, M, N, 0);
 
         /* stochastic rounding: the same bits for a seed on 1 and 3 threads, other bits
          * for another seed, and unbiased: the mean of many products comes much nearer
@@ -457,6 +486,7 @@ static void test_matmul_int8(void **state) {
         omp_set_num_threads(saved);
         assert_memory_equal(sr1, sr3, sizeof(float) * M * N);
         lesser_kernels_agree(sr1, noisy, q, M, N, 7);
+        small_codes_agree(sr1, noisy, q, M, N, 7);
         double *mean = calloc((size_t)M * N, sizeof(double));
         assert_non_null(mean);
         const int draws = 256;
@@ -502,6 +532,69 @@ static void test_matmul_int8(void **state) {
     for (int i = 0; i < 4 * 40; i++) w[i] = 0.01f * (float)i;
     w[77] = INFINITY;
     assert_null(be.ops->weight_int8_create(&be, w, 4, 40, 0, MT_INT8_USE_DECODING));
+}
+
+/* Weights on a grid of 16 values or fewer per group of 32 inputs keep their codes
+ * (0..15), and on AVX2 CPUs a kernel of its own multiplies them: Q4_0-like groups that
+ * use only part of their 16 values, the kernel's 16-bit sums at their largest (every
+ * code 15 but one, every input 127), equal weights; one group off the grid makes the
+ * whole copy 8-bit. Exact against double sums, the same bits as the 8-bit kernel. */
+static void test_matmul_int8_small_codes(void **state) {
+    (void)state;
+    if (!cpu_int8_supported()) return;
+    uint64_t rng = 23;
+    const int M = 7, N = 45, K = 100;
+    float *w = fnan((size_t)N * K), *a = fnan((size_t)M * K);
+    double *ref = malloc(sizeof(double) * M * N), *got = malloc(sizeof(double) * M * N);
+    assert_non_null(ref);
+    assert_non_null(got);
+    for (int round = 0; round < 3; round++) {
+        for (int n = 0; n < N; n++)
+            for (int k0 = 0; k0 < K; k0 += Q8_GROUP) {
+                /* Q4_0: d · (j - 8), here with j in [lo, hi], not always 0..15 */
+                const float d = 0.001f + 0.02f * mt_test_rand_uniform(&rng, 0, 1);
+                const int lo = (int)(6 * mt_test_rand_uniform(&rng, 0, 1)), hi = 15 - (n + k0) % 7;
+                for (int k = k0; k < K && k < k0 + Q8_GROUP; k++) {
+                    int j = lo + (int)((hi - lo + 1) * mt_test_rand_uniform(&rng, 0, 1)) % (hi - lo + 1);
+                    if (round == 1) j = k == k0 ? 0 : 15; /* the largest sums */
+                    if (round == 2 && n % 3 == 0) j = 4;   /* equal weights */
+                    w[(size_t)n * K + k] = d * (float)(j - 8);
+                }
+            }
+        for (int i = 0; i < M; i++)
+            for (int k0 = 0; k0 < K; k0 += Q8_GROUP) {
+                const float sa = 0.01f + mt_test_rand_uniform(&rng, 0, 1);
+                for (int k = k0; k < K && k < k0 + Q8_GROUP; k++) {
+                    int v = k == k0 ? -127 : (int)(255 * mt_test_rand_uniform(&rng, 0, 1)) % 255 - 127;
+                    if (round == 1) v = 127;
+                    a[(size_t)i * K + k] = sa * (float)v;
+                }
+            }
+        void *q = be.ops->weight_int8_create(&be, w, N, K, 0, MT_INT8_USE_DECODING);
+        assert_non_null(q);
+        assert_true(cpu_weight_int8_small_codes(q));
+        float *c = int8_product(a, q, M, N);
+        for (int i = 0; i < M * N; i++) got[i] = c[i];
+        int8_exact(ref, a, w, M, N, K);
+        const double err = mt_test_rel_err_d(got, ref, (size_t)M * N);
+        printf("  int8 small codes, case %d: rel err %.1e against double sums\n", round, err);
+        assert_true(err < 2e-6);
+        small_codes_agree(c, a, q, M, N, 0);
+        lesser_kernels_agree(c, a, q, M, N, 0);
+        be.ops->weight_int8_free(&be, q);
+        free(c);
+    }
+    /* one group of ordinary numbers: the copy is 8-bit, and near the exact product */
+    for (int k = 32; k < 64; k++) w[(size_t)5 * K + k] = mt_test_rand_uniform(&rng, -0.1f, 0.1f);
+    void *q = be.ops->weight_int8_create(&be, w, N, K, 0, MT_INT8_USE_DECODING);
+    assert_non_null(q);
+    assert_false(cpu_weight_int8_small_codes(q));
+    float *c = int8_product(a, q, M, N);
+    for (int i = 0; i < M * N; i++) got[i] = c[i];
+    int8_exact(ref, a, w, M, N, K);
+    assert_true(mt_test_rel_err_d(got, ref, (size_t)M * N) < 1e-2);
+    be.ops->weight_int8_free(&be, q);
+    free(c), free(w), free(a), free(ref), free(got);
 }
 
 struct mm_ctx {
@@ -1580,6 +1673,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_rows),
         cmocka_unit_test(test_matmul_small),
         cmocka_unit_test(test_matmul_int8),
+        cmocka_unit_test(test_matmul_int8_small_codes),
         cmocka_unit_test(test_matmul_backward),
         cmocka_unit_test(test_bias),
         cmocka_unit_test(test_add_axpy),
