@@ -442,6 +442,26 @@ static inline __attribute__((always_inline)) AVX2 __m256i row_sums8(__m256i s0, 
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(s0, s1), 0xD8);
 }
 
+/* The AVX2 kernels' fp32 step after group g: rows[i][0..1], the int32 sums of input row
+ * i for the half-panel's outputs 0-7 and 8-15, scaled and added to acc as panel_rows
+ * does, lane for lane. */
+static inline __attribute__((always_inline)) AVX2 void
+add_group_avx2(__m256 acc[][2], __m256i rows[][2], const float *d, const float *mn,
+               const float *sa, const float *sb, int g, int groups, int half, int mr) {
+    const float *dg = d + (size_t)g * PANEL + half * 16, *mg = mn + (size_t)g * PANEL + half * 16;
+    const __m256 d0 = _mm256_loadu_ps(dg), d1 = _mm256_loadu_ps(dg + 8);
+    const __m256 m0 = _mm256_loadu_ps(mg), m1 = _mm256_loadu_ps(mg + 8);
+#pragma GCC unroll 4
+    for (int i = 0; i < mr; i++) {
+        const __m256 s = _mm256_set1_ps(sa[(size_t)i * groups + g]);
+        const __m256 b = _mm256_set1_ps(sb[(size_t)i * groups + g]);
+        acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows[i][0]), _mm256_mul_ps(d0, s),
+                                    _mm256_fmadd_ps(m0, b, acc[i][0]));
+        acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(rows[i][1]), _mm256_mul_ps(d1, s),
+                                    _mm256_fmadd_ps(m1, b, acc[i][1]));
+    }
+}
+
 /* The AVX2 kernels' last step: rows i < mr of the half-panel's sums acc[i][0..1] (8
  * outputs each) into c, or added to it, up to output nvalid of the panel. */
 static inline __attribute__((always_inline)) AVX2 void
@@ -502,37 +522,18 @@ panel_rows_avx2(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q, co
                         sums[i][j] = _mm256_add_epi32(sums[i][j], _mm256_madd_epi16(w, x[i]));
                 }
             }
-            const float *dg = d + (size_t)g * PANEL + half * 16, *mg = mn + (size_t)g * PANEL + half * 16;
-            const __m256 d0 = _mm256_loadu_ps(dg), d1 = _mm256_loadu_ps(dg + 8);
-            const __m256 m0 = _mm256_loadu_ps(mg), m1 = _mm256_loadu_ps(mg + 8);
+            __m256i rows[MR2][2];
 #pragma GCC unroll 4
             for (int i = 0; i < mr; i++) {
-                const __m256 s = _mm256_set1_ps(sa[(size_t)i * groups + g]);
-                const __m256 b = _mm256_set1_ps(sb[(size_t)i * groups + g]);
-                acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums8(sums[i][0], sums[i][1])),
-                                            _mm256_mul_ps(d0, s), _mm256_fmadd_ps(m0, b, acc[i][0]));
-                acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row_sums8(sums[i][2], sums[i][3])),
-                                            _mm256_mul_ps(d1, s), _mm256_fmadd_ps(m1, b, acc[i][1]));
+                rows[i][0] = row_sums8(sums[i][0], sums[i][1]);
+                rows[i][1] = row_sums8(sums[i][2], sums[i][3]);
             }
+            add_group_avx2(acc, rows, d, mn, sa, sb, g, groups, half, mr);
         }
         store_rows_avx2(c, ldc, acc, half, nvalid, accumulate, mr);
     }
 }
 
-static AVX2 void panel_block_avx2(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q,
-                                  const float *d, const float *mn, const float *sa,
-                                  const float *sb, int nvalid, int accumulate, int mr) {
-    switch (mr) {
-#define ROWS(r) \
-    case r: panel_rows_avx2(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, accumulate, r); break;
-        ROWS(1) ROWS(2) ROWS(3)
-#undef ROWS
-    default: break;
-    }
-}
-_Static_assert(MR2 == 3, "panel_block_avx2 has a case for each row count up to MR2");
-
-#define MR3 3 /* input rows per call of the small-codes kernel: 4 · MR3 + 3 registers */
 
 /* panel_rows_avx2 for a copy whose codes are all at most 15 (small_codes: the base of a
  * Q4 GGUF): vpmaddubsw multiplies 32 codes (unsigned) by the input's bytes (signed) at
@@ -549,11 +550,11 @@ panel_rows_avx2_small(float *c, int ldc, const int8_t *a, int Kp, const uint8_t 
     const int groups = Kp / GROUP;
     const __m256i ones = _mm256_set1_epi16(1);
     for (int half = 0; half < 2 && half * 16 < nvalid; half++) {
-        __m256 acc[MR3][2];
+        __m256 acc[MR2][2];
 #pragma GCC unroll 4
         for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
         for (int g = 0; g < groups; g++) {
-            __m256i sums[MR3][2];
+            __m256i sums[MR2][2];
 #pragma GCC unroll 4
             for (int i = 0; i < mr; i++) sums[i][0] = sums[i][1] = _mm256_setzero_si256();
             const uint8_t *qg = q + (size_t)g * GROUP * PANEL + (size_t)half * 64;
@@ -571,35 +572,34 @@ panel_rows_avx2_small(float *c, int ldc, const int8_t *a, int Kp, const uint8_t 
                     sums[i][1] = _mm256_add_epi16(sums[i][1], _mm256_maddubs_epi16(w1, x));
                 }
             }
-            const float *dg = d + (size_t)g * PANEL + half * 16, *mg = mn + (size_t)g * PANEL + half * 16;
-            const __m256 d0 = _mm256_loadu_ps(dg), d1 = _mm256_loadu_ps(dg + 8);
-            const __m256 m0 = _mm256_loadu_ps(mg), m1 = _mm256_loadu_ps(mg + 8);
+            __m256i rows[MR2][2];
 #pragma GCC unroll 4
             for (int i = 0; i < mr; i++) {
-                const __m256 s = _mm256_set1_ps(sa[(size_t)i * groups + g]);
-                const __m256 b = _mm256_set1_ps(sb[(size_t)i * groups + g]);
-                acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[i][0], ones)),
-                                            _mm256_mul_ps(d0, s), _mm256_fmadd_ps(m0, b, acc[i][0]));
-                acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[i][1], ones)),
-                                            _mm256_mul_ps(d1, s), _mm256_fmadd_ps(m1, b, acc[i][1]));
+                rows[i][0] = _mm256_madd_epi16(sums[i][0], ones);
+                rows[i][1] = _mm256_madd_epi16(sums[i][1], ones);
             }
+            add_group_avx2(acc, rows, d, mn, sa, sb, g, groups, half, mr);
         }
         store_rows_avx2(c, ldc, acc, half, nvalid, accumulate, mr);
     }
 }
 
-static AVX2 void panel_block_avx2_small(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q,
-                                        const float *d, const float *mn, const float *sa,
-                                        const float *sb, int nvalid, int accumulate, int mr) {
+/* The AVX2 kernel for mr input rows (at most MR2), the one for small codes when small */
+static AVX2 void panel_block_avx2(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q,
+                                  const float *d, const float *mn, const float *sa,
+                                  const float *sb, int nvalid, int accumulate, int mr, int small) {
     switch (mr) {
-#define ROWS(r) \
-    case r: panel_rows_avx2_small(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, accumulate, r); break;
+#define ROWS(r)                                                                                 \
+    case r:                                                                                     \
+        if (small) panel_rows_avx2_small(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, accumulate, r); \
+        else panel_rows_avx2(c, ldc, a, Kp, q, d, mn, sa, sb, nvalid, accumulate, r);             \
+        break;
         ROWS(1) ROWS(2) ROWS(3)
 #undef ROWS
     default: break;
     }
 }
-_Static_assert(MR3 == 3, "panel_block_avx2_small has a case for each row count up to MR3");
+_Static_assert(MR2 == 3, "panel_block_avx2 has a case for each row count up to MR2");
 #endif
 
 /* A key per row and seed, never 0 (0 means rounding to nearest): the seed and the row
@@ -617,10 +617,7 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, i
     if (M <= 0) return 0;
     /* the AVX2 kernel for small codes where every code of the copy is one */
     const int small = kernel == CPU_INT8_AVX2 && w->small_codes && small_codes_on;
-    const int mr = kernel == CPU_INT8_VNNI ? MR : small ? MR3 : MR2;
-    void (*panel_kernel)(float *, int, const int8_t *, int, const uint8_t *, const float *,
-                         const float *, const float *, const float *, int, int, int) =
-        kernel == CPU_INT8_VNNI ? panel_block : small ? panel_block_avx2_small : panel_block_avx2;
+    const int mr = kernel == CPU_INT8_VNNI ? MR : MR2;
     /* one block: the rows' codes (M, Kp; Kp is a multiple of 64, so the scales after
      * them stay aligned), their scales sa and sb (M, groups) each, and a flag per row */
     const size_t codes = (size_t)M * Kp, row_scales = (size_t)M * groups * sizeof(float);
@@ -645,11 +642,20 @@ int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, i
         for (int p = 0; p < w->panels; p++) {
             const int n0 = p * PANEL, nvalid = N - n0 < PANEL ? N - n0 : PANEL;
             const size_t scales = (size_t)p * groups * PANEL;
-            for (int m0 = 0; m0 < M; m0 += mr)
-                panel_kernel(c + (size_t)m0 * N + n0, N, a + (size_t)m0 * Kp, Kp,
-                             w->q + (size_t)p * PANEL * Kp, w->d + scales, w->mn + scales,
-                             sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid, accumulate,
-                             M - m0 < mr ? M - m0 : mr);
+            for (int m0 = 0; m0 < M; m0 += mr) {
+                float *cb = c + (size_t)m0 * N + n0;
+                const int8_t *ab = a + (size_t)m0 * Kp;
+                const uint8_t *qp = w->q + (size_t)p * PANEL * Kp;
+                const int rows = M - m0 < mr ? M - m0 : mr;
+                if (kernel == CPU_INT8_VNNI)
+                    panel_block(cb, N, ab, Kp, qp, w->d + scales, w->mn + scales,
+                                sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid,
+                                accumulate, rows);
+                else
+                    panel_block_avx2(cb, N, ab, Kp, qp, w->d + scales, w->mn + scales,
+                                     sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid,
+                                     accumulate, rows, small);
+            }
         }
     }
     for (int m = 0; m < M; m++)

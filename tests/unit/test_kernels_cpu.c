@@ -534,6 +534,18 @@ static void test_matmul_int8(void **state) {
     assert_null(be.ops->weight_int8_create(&be, w, 4, 40, 0, MT_INT8_USE_DECODING));
 }
 
+/* The relative error of c (M,N) against a · wᵀ summed in double. */
+static double int8_err_exact(const float *c, const float *a, const float *w, int M, int N, int K) {
+    double *ref = malloc(sizeof(double) * M * N), *got = malloc(sizeof(double) * M * N);
+    assert_non_null(ref);
+    assert_non_null(got);
+    for (int i = 0; i < M * N; i++) got[i] = c[i];
+    int8_exact(ref, a, w, M, N, K);
+    const double err = mt_test_rel_err_d(got, ref, (size_t)M * N);
+    free(ref), free(got);
+    return err;
+}
+
 /* Weights on a grid of 16 values or fewer per group of 32 inputs keep their codes
  * (0..15), and on AVX2 CPUs a kernel of its own multiplies them: Q4_0-like groups that
  * use only part of their 16 values, the kernel's 16-bit sums at their largest (every
@@ -545,9 +557,6 @@ static void test_matmul_int8_small_codes(void **state) {
     uint64_t rng = 23;
     const int M = 7, N = 45, K = 100;
     float *w = fnan((size_t)N * K), *a = fnan((size_t)M * K);
-    double *ref = malloc(sizeof(double) * M * N), *got = malloc(sizeof(double) * M * N);
-    assert_non_null(ref);
-    assert_non_null(got);
     for (int round = 0; round < 3; round++) {
         for (int n = 0; n < N; n++)
             for (int k0 = 0; k0 < K; k0 += Q8_GROUP) {
@@ -574,9 +583,7 @@ static void test_matmul_int8_small_codes(void **state) {
         assert_non_null(q);
         assert_true(cpu_weight_int8_small_codes(q));
         float *c = int8_product(a, q, M, N);
-        for (int i = 0; i < M * N; i++) got[i] = c[i];
-        int8_exact(ref, a, w, M, N, K);
-        const double err = mt_test_rel_err_d(got, ref, (size_t)M * N);
+        const double err = int8_err_exact(c, a, w, M, N, K);
         printf("  int8 small codes, case %d: rel err %.1e against double sums\n", round, err);
         assert_true(err < 2e-6);
         small_codes_agree(c, a, q, M, N, 0);
@@ -590,11 +597,9 @@ static void test_matmul_int8_small_codes(void **state) {
     assert_non_null(q);
     assert_false(cpu_weight_int8_small_codes(q));
     float *c = int8_product(a, q, M, N);
-    for (int i = 0; i < M * N; i++) got[i] = c[i];
-    int8_exact(ref, a, w, M, N, K);
-    assert_true(mt_test_rel_err_d(got, ref, (size_t)M * N) < 1e-2);
+    assert_true(int8_err_exact(c, a, w, M, N, K) < 1e-2);
     be.ops->weight_int8_free(&be, q);
-    free(c), free(w), free(a), free(ref), free(got);
+    free(c), free(w), free(a);
 }
 
 struct mm_ctx {
