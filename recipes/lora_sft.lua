@@ -50,7 +50,7 @@
 --                  gen_int8 = false: generate in fp32 (default: int8 weight products
 --                  where the CPU has them)
 --   train_int8     the frozen base's products in int8 in training steps where the CPU
---                  has AVX512-VNNI: "forward" (the forward products), "all" (the input
+--                  has AVX512-VNNI (or AVX2, with a Q4 base): "forward" (the forward products), "all" (the input
 --                  gradients too: faster, and on the quickstart as exact on average
 --                  but spread wider from run to run) or "off" (fp32); the adapter stays fp32 (docs/speed.md)
 --   allow_leakage  accept held-out examples that also occur in the training data (the

@@ -47,7 +47,8 @@ static void usage(FILE *out) {
             "  --fp32           with --generate: every product in fp32 (default: the\n"
             "                   weights in int8 where the CPU has AVX512-VNNI or AVX2)\n"
             "  --int8 MODE      training steps: the frozen weights' products in int8 where\n"
-            "                   the CPU has AVX512-VNNI, as a recipe's train_int8: forward\n"
+            "                   the CPU has AVX512-VNNI (AVX2: a Q4 base's forward, with\n"
+            "                   --model), as a recipe's train_int8: forward\n"
             "                   (the forward only) or all (input gradients too); default\n"
             "                   fp32\n");
 }

@@ -29,7 +29,7 @@
 --   max_grad_norm = 1.0         gradient clipping (false = none)
 --   int8 = false                "forward": in training steps the frozen weights' forward
 --                               products (the base under LoRA) run in 8 bits where the
---                               CPU has AVX512-VNNI; "all" (or true): their input
+--                               CPU has AVX512-VNNI (or AVX2, for a Q4 base); "all" (or true): their input
 --                               gradients too (model:int8_training, docs/speed.md);
 --                               "off" (or false): fp32. Evaluations stay fp32. The
 --                               first step's log line says how many projections did
