@@ -139,10 +139,11 @@ static PACK int grid_steps(const float *vals, int n) {
     if (!(hi > lo)) return 1;
     for (int steps = SMALL_LEVELS; steps >= 1; steps--) {
         const float step = (hi - lo) / (float)steps;
+        if (!(step > 0.0f)) continue; /* underflowed: a range of a few denormals */
         int k = 0;
         while (k < n) {
             const float j = (vals[k] - lo) / step;
-            if (fabsf(j - rintf(j)) > 1e-3f) break;
+            if (!(fabsf(j - rintf(j)) <= 1e-3f)) break;
             k++;
         }
         if (k == n) return steps;

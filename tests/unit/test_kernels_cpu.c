@@ -591,6 +591,20 @@ static void test_matmul_int8_small_codes(void **state) {
         be.ops->weight_int8_free(&be, q);
         free(c);
     }
+    /* a group whose range is one denormal: on a grid of 15 (down to 2) steps the step
+     * underflows to 0, which must not pass for a grid (it would pack every weight as
+     * the minimum); on 1 step it is exact. Inputs of 2^100 make the product normal. */
+    {
+        float tiny[32], big[32];
+        for (int i = 0; i < 32; i++) tiny[i] = i % 2 ? 0x1p-149f : 0.0f, big[i] = 0x1p100f;
+        void *qt = be.ops->weight_int8_create(&be, tiny, 1, 32, 0, MT_INT8_USE_DECODING);
+        assert_non_null(qt);
+        assert_true(cpu_weight_int8_small_codes(qt));
+        float *ct = int8_product(big, qt, 1, 1);
+        assert_true(fabsf(ct[0] - 0x1p-45f) <= 1e-6f * 0x1p-45f); /* 16 · 2^-149 · 2^100 */
+        be.ops->weight_int8_free(&be, qt);
+        free(ct);
+    }
     /* one group of ordinary numbers: the copy is 8-bit, and near the exact product */
     for (int k = 32; k < 64; k++) w[(size_t)5 * K + k] = mt_test_rand_uniform(&rng, -0.1f, 0.1f);
     void *q = be.ops->weight_int8_create(&be, w, N, K, 0, MT_INT8_USE_DECODING);
