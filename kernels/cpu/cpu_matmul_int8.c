@@ -123,19 +123,25 @@ void cpu_weight_int8_free(cpu_weight_int8 *w) {
     free(w);
 }
 
-/* The steps of the grid that the n weights of a group lie on, lo + j · (hi - lo) / steps
- * with j in 0..steps and steps <= SMALL_LEVELS (a GGUF's Q4_0/Q4_1/Q4_K blocks, whether
- * or not they use both ends of their 16 values), up to fp32 rounding (a thousandth of a
- * step); 0 when they lie on none, or for a NaN or an infinity. A group of equal weights
- * has one step (its codes are 0). Tried from the finest grid down, each try ending at its
- * first weight off the grid, so a group of ordinary weights costs a few comparisons. */
-static PACK int grid_steps(const float *vals, int n) {
+/* The minimum and maximum of the n weights of a group; 0 for a NaN or an infinity. */
+static int group_range(const float *vals, int n, float *lo_out, float *hi_out) {
     float lo = vals[0], hi = vals[0];
     for (int k = 0; k < n; k++) {
         if (!isfinite(vals[k])) return 0;
         lo = vals[k] < lo ? vals[k] : lo;
         hi = vals[k] > hi ? vals[k] : hi;
     }
+    *lo_out = lo, *hi_out = hi;
+    return 1;
+}
+
+/* The steps of the grid that the n weights of a group lie on, lo + j · (hi - lo) / steps
+ * with j in 0..steps and steps <= SMALL_LEVELS (a GGUF's Q4_0/Q4_1/Q4_K blocks, whether
+ * or not they use both ends of their 16 values), up to fp32 rounding (a thousandth of a
+ * step), lo and hi their minimum and maximum; 0 when they lie on none. A group of
+ * equal weights has one step (its codes are 0). Tried from the finest grid down, each try ending at its
+ * first weight off the grid, so a group of ordinary weights costs a few comparisons. */
+static PACK int grid_steps(const float *vals, int n, float lo, float hi) {
     if (!(hi > lo)) return 1;
     for (int steps = SMALL_LEVELS; steps >= 1; steps--) {
         const float step = (hi - lo) / (float)steps;
@@ -152,16 +158,11 @@ static PACK int grid_steps(const float *vals, int n) {
 }
 
 /* The n weights of row r's group starting at input k0 (n <= GROUP; the rest of the
- * group past K is 0 in q) as codes on `steps` steps from their minimum, into panel
- * place. Returns 0 for a NaN or an infinity. For SSE4.1, so that rintf is one
- * instruction (this runs for every weight). */
-static PACK int pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, int k0, int steps) {
-    float lo = vals[0], hi = vals[0];
-    for (int k = 0; k < n; k++) {
-        if (!isfinite(vals[k])) return 0;
-        lo = vals[k] < lo ? vals[k] : lo;
-        hi = vals[k] > hi ? vals[k] : hi;
-    }
+ * group past K is 0 in q), lo and hi their minimum and maximum, as codes on `steps`
+ * steps from lo, into panel place. For SSE4.1, so that rintf is one instruction (this
+ * runs for every weight). */
+static PACK void pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, int k0,
+                            float lo, float hi, int steps) {
     const float step = (hi - lo) / (float)steps, top = (float)steps;
     const int groups = q->Kp / GROUP, panel = r / PANEL, lane_row = r % PANEL;
     const size_t at = ((size_t)panel * groups + k0 / GROUP) * PANEL + lane_row;
@@ -176,7 +177,6 @@ static PACK int pack_group(cpu_weight_int8 *q, const float *vals, int n, int r, 
         codes[((size_t)(at_k / 4) * 2 + vec) * 64 + lane * 4 + at_k % 4] =
             (uint8_t)(c < 0.0f ? 0 : c > top ? (int)top : (int)c);
     }
-    return 1;
 }
 
 cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transposed) {
@@ -212,11 +212,14 @@ cpu_weight_int8 *cpu_weight_int8_create(const float *w, int N, int K, int transp
                     for (int k = 0; k < n; k++) vals[k] = w[(size_t)(k0 + k) * N + r];
                 else
                     memcpy(vals, w + (size_t)r * K + k0, sizeof(float) * n);
+                float lo, hi;
+                finite = group_range(vals, n, &lo, &hi);
+                if (!finite) break;
                 /* a group on a grid of 16 values or fewer is packed on that grid: exact,
                  * and its codes fit the AVX2 kernel for small codes */
-                const int steps = grid_steps(vals, n);
+                const int steps = grid_steps(vals, n, lo, hi);
                 small = small && steps > 0;
-                finite = pack_group(q, vals, n, r, k0, steps > 0 ? steps : 255);
+                pack_group(q, vals, n, r, k0, lo, hi, steps > 0 ? steps : 255);
             }
         }
     q->small_codes = small;
@@ -534,7 +537,6 @@ panel_rows_avx2(float *c, int ldc, const int8_t *a, int Kp, const uint8_t *q, co
         store_rows_avx2(c, ldc, acc, half, nvalid, accumulate, mr);
     }
 }
-
 
 /* panel_rows_avx2 for a copy whose codes are all at most 15 (small_codes: the base of a
  * Q4 GGUF): vpmaddubsw multiplies 32 codes (unsigned) by the input's bytes (signed) at
