@@ -33,7 +33,25 @@ minutes on a CPU) hold order 79, hour 69, clock 30, action 25, missing 21, value
 No request occurs in heldout.jsonl (the SFT held-out set of the exact-match accuracy
 check), and the held-out pairs share no request with the training pairs; colliding
 requests are drawn again, and the script prints how many.
+
+    python3 data/quickstart/generate_preferences.py --near-miss
+        # writes prefs_nearmiss_train.jsonl and prefs_nearmiss_heldout.jsonl here
+
+Near-miss pairs: each rejected answer is the chosen one with its hour taken the wrong
+way, meant to be scored only up to where the two part (rejected_until =
+"first_difference"), so that the loss compares the right hour with a wrong one in the
+same context. Every request that says an afternoon time on the 12-hour clock ("5:45 pm")
+gives three pairs, each with another afternoon hour (12 to 17) in place of the right
+one: the quickstart's SFT model answers most afternoons 13 or 14, whatever the request
+says, and each wrong hour is pushed down as often as any other (on-policy pairs, whose
+mistakes are lopsided, taught "15, not 14 or 16" instead of the conversion).
+Attendees out of order are left out: pairs with the request's order as the rejected
+list doubled those mistakes (docs/dpo.md, "Near-miss pairs").
+The training pairs come from the SFT training requests (train.jsonl), so the chosen
+answers are the SFT data itself and the pairs add no new answers; the held-out pairs
+from fresh requests, none in train.jsonl or heldout.jsonl.
 """
+import argparse
 import json
 import os
 import random
@@ -51,6 +69,10 @@ N_TRAIN, N_HELDOUT = 200, 50
 SHARES = {"order": 0.30, "hour": 0.30, "clock": 0.10, "action": 0.10, "missing": 0.10, "value": 0.10}
 # generate.example names 1, 2 or 3 people (equally likely): two or more with probability 2/3
 P_ORDER_APPLIES = 2 / 3
+# near-miss hour pairs: the afternoon hours a request can say (generate.clock: 12 pm to 5 pm),
+# and how many of the other five each such request is paired with
+AFTERNOON = range(12, 18)
+WRONG_HOURS = 3
 SYNONYMS = {"schedule": ["book", "create", "add"], "cancel": ["delete", "remove"],
             "move": ["reschedule", "shift"]}
 
@@ -108,7 +130,53 @@ def draw_kind(order_applies, rng):
     return rng.choices(rest, weights=[SHARES[k] for k in rest])[0]
 
 
+def near_miss_pairs(ex, rng):
+    """The near-miss pairs (docs above) of one generate.example record."""
+    request, chosen = ex["messages"][1]["content"], ex["messages"][2]["content"]
+    if " pm" not in request:  # an afternoon time said on the 12-hour clock (12:00 pm and later)
+        return []
+    answer = json.loads(chosen)
+    hour, minute = int(answer["time"][:2]), answer["time"][3:]
+    return [{"prompt": ex["messages"][:2], "chosen": chosen,
+             "rejected": dumps(dict(answer, time=f"{wrong_hour:02d}:{minute}"))}
+            for wrong_hour in rng.sample([h for h in AFTERNOON if h != hour], WRONG_HOURS)]
+
+
+def write_pairs(name, rows):
+    with open(os.path.join(HERE, name), "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main_near_miss():
+    def read(name):
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    train, sft_heldout = read("train.jsonl"), read("heldout.jsonl")
+    rng = random.Random(SEED + 2)
+    rows = [row for ex in train for row in near_miss_pairs(ex, rng)]
+    seen = {ex["messages"][1]["content"] for ex in train + sft_heldout}
+    held = []
+    while len(held) < N_HELDOUT:
+        ex = generate.example(rng)
+        request = ex["messages"][1]["content"]
+        if request in seen:
+            continue
+        seen.add(request)
+        held.extend(near_miss_pairs(ex, rng))
+    held = held[:N_HELDOUT]
+    write_pairs("prefs_nearmiss_train.jsonl", rows)
+    write_pairs("prefs_nearmiss_heldout.jsonl", held)
+    print(f"wrote {len(rows)} training pairs (from {len(train)} requests of train.jsonl, "
+          f"{len(rows) // WRONG_HOURS} of them in the afternoon) and {len(held)} held-out pairs to {HERE}")
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--near-miss", action="store_true", help="write the near-miss pairs instead")
+    if ap.parse_args().near_miss:
+        main_near_miss()
+        return
     rng = random.Random(SEED)
     with open(os.path.join(HERE, "heldout.jsonl"), encoding="utf-8") as f:
         sft_heldout = {json.loads(line)["messages"][1]["content"] for line in f if line.strip()}
@@ -132,10 +200,8 @@ def main():
         assert rejected != chosen, (request, kind)
         counts[kind] += 1
         rows.append({"prompt": ex["messages"][:2], "chosen": chosen, "rejected": rejected})
-    for name, part in (("prefs_train.jsonl", rows[:N_TRAIN]), ("prefs_heldout.jsonl", rows[N_TRAIN:])):
-        with open(os.path.join(HERE, name), "w", encoding="utf-8") as f:
-            for row in part:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_pairs("prefs_train.jsonl", rows[:N_TRAIN])
+    write_pairs("prefs_heldout.jsonl", rows[N_TRAIN:])
     print(f"wrote {N_TRAIN} training and {N_HELDOUT} held-out pairs to {HERE}")
     print("mistakes: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"collisions avoided: {in_sft_heldout + repeated} ({in_sft_heldout} in heldout.jsonl, "
