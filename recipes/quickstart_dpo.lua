@@ -1,19 +1,23 @@
 -- quickstart_dpo.lua — supervised fine-tuning, then preference training (DPO) on the
 -- quickstart task: SmolLM2-135M-Instruct learns to turn a meeting request into one JSON
--- line (as recipes/quickstart.lua), then DPO on pairs whose rejected answers are the
--- mistakes such a model makes (12-hour times, attendees out of order, wrong action
--- words, missing fields) pushes it away from them. The pairs: scripted ones
--- (data/quickstart/prefs_train.jsonl), or, with dpo.data = "onpolicy", the SFT model's
--- own wrong answers to 800 new requests of the task (data/quickstart/extra.jsonl, none
--- of them in the training or held-out sets). Neither gains over SFT yet: docs/dpo.md.
+-- line (as recipes/quickstart.lua), then DPO on near-miss pairs turns it away from its
+-- commonest mistake: for an afternoon said on the 12-hour clock ("5:45 pm") the SFT
+-- model answers 13 or 14 whatever the hour. Each pair holds the right answer and the
+-- same answer with another afternoon hour, scored up to where the two part
+-- (data/quickstart/prefs_nearmiss_train.jsonl, from the SFT training requests). Other
+-- pairs: dpo.data = "data/quickstart/prefs_train.jsonl" (scripted mistakes of every
+-- kind: 12-hour times, attendees out of order, wrong action words, missing fields), or
+-- "onpolicy", the SFT model's own wrong answers to 800 new requests of the task
+-- (data/quickstart/extra.jsonl, none in the training or held-out sets). What each
+-- gains: docs/dpo.md.
 --
 --   moontune run recipes/quickstart_dpo.lua --set model=path/to/model.gguf
 --
 -- Steps:
 --   1. SFT: LoRA, cross-entropy on the replies, as the quickstart (same data, settings
 --      and seed); exact-match accuracy on the held-out requests after it
---   2. the pairs: dpo.data, a JSONL file of pairs (data/quickstart/prefs_train.jsonl:
---      scripted mistakes, data/quickstart/generate_preferences.py); or "onpolicy": the
+--   2. the pairs: dpo.data, a JSONL file of pairs (data/quickstart/generate_preferences.py
+--      writes the near-miss and the scripted ones); or "onpolicy": the
 --      SFT model's greedy answers to dpo.prompts, each wrong one a pair (written to
 --      out_dir/dpo/pairs.jsonl)
 --   3. the reference: the SFT model's log-probabilities of every training and held-out
@@ -50,15 +54,18 @@ local cfg = mt.config({
   eval_every = 25,
   patience = 2,
   dpo = {
-    data = "data/quickstart/prefs_train.jsonl", -- or "onpolicy"
+    -- near-miss pairs: the right afternoon hour against other hours, scored where the
+    -- replies part (docs/dpo.md, "Near-miss pairs"); prefs_train.jsonl: scripted mistakes
+    -- of every kind; "onpolicy": the SFT model's own wrong answers to dpo.prompts
+    data = "data/quickstart/prefs_nearmiss_train.jsonl",
     prompts = "data/quickstart/extra.jsonl", -- the requests the on-policy pairs come from
-    heldout = "data/quickstart/prefs_heldout.jsonl",
+    heldout = "data/quickstart/prefs_nearmiss_heldout.jsonl",
     batch = 4,
     epochs = 1,
     max_steps = 0,
     lr = 5e-5,
     warmup_ratio = 0.1,
-    beta = 0.1,
+    beta = 0.5,
     loss_type = "sigmoid",
     label_smoothing = 0.0,
     -- the chosen answers' NLL beside the preference term (RPO): without it DPO makes the
@@ -66,7 +73,7 @@ local cfg = mt.config({
     rpo_alpha = 1.0,
     -- "first_difference": a rejected reply is scored up to where it parts from the chosen
     -- one (docs/dpo.md, "Where the replies part"); "end": the whole reply, as TRL
-    rejected_until = "end",
+    rejected_until = "first_difference",
     eval_every = 0,
     patience = 0,
     early_stopping_metric = "eval_rewards/accuracies",

@@ -105,6 +105,37 @@ for mode in continue new; do
     "out-grpo-$mode/summary.json"
 done
 
+# the quickstart's preference data: both files come again from their generator, byte for
+# byte, and every near-miss pair differs from its chosen answer in the hour alone, an
+# afternoon hour other than the right one, on an afternoon request of train.jsonl
+echo "== quickstart preference data"
+mkdir qdata
+cp "$source_dir"/data/quickstart/{generate.py,generate_preferences.py,train.jsonl,heldout.jsonl} qdata/
+python3 qdata/generate_preferences.py > /dev/null
+python3 qdata/generate_preferences.py --near-miss
+for f in prefs_train prefs_heldout prefs_nearmiss_train prefs_nearmiss_heldout; do
+  cmp "qdata/$f.jsonl" "$source_dir/data/quickstart/$f.jsonl"
+done
+python3 - "$source_dir/data/quickstart" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+requests = {json.loads(l)["messages"][1]["content"] for l in open(os.path.join(d, "train.jsonl"))}
+held_requests = {json.loads(l)["messages"][1]["content"] for l in open(os.path.join(d, "heldout.jsonl"))}
+for name, inside in (("prefs_nearmiss_train.jsonl", True), ("prefs_nearmiss_heldout.jsonl", False)):
+    rows = [json.loads(l) for l in open(os.path.join(d, name))]
+    assert rows, name
+    for row in rows:
+        request = row["prompt"][1]["content"]
+        assert (request in requests) == inside and request not in held_requests, (name, request)
+        assert " pm" in request, (name, request)
+        chosen, rejected = json.loads(row["chosen"]), json.loads(row["rejected"])
+        assert list(chosen) == list(rejected), (name, row)
+        assert {k for k in chosen if chosen[k] != rejected[k]} == {"time"}, (name, row)
+        assert chosen["time"][2:] == rejected["time"][2:], (name, row)
+        assert 12 <= int(rejected["time"][:2]) <= 17, (name, row)
+print("near-miss pairs: checked")
+PY
+
 # preference training: quickstart_dpo (SFT, the SFT model's reference, DPO) and dpo.lua
 # with a new adapter (reference: adapters off) and on the SFT adapter (precomputed)
 echo "== quickstart_dpo"
