@@ -148,11 +148,13 @@ def write_pairs(name, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def read_jsonl(name):
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def main_near_miss():
-    def read(name):
-        with open(os.path.join(HERE, name), encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    train, sft_heldout = read("train.jsonl"), read("heldout.jsonl")
+    train, sft_heldout = read_jsonl("train.jsonl"), read_jsonl("heldout.jsonl")
     rng = random.Random(SEED + 2)
     rows = [row for ex in train for row in near_miss_pairs(ex, rng)]
     seen = {ex["messages"][1]["content"] for ex in train + sft_heldout}
@@ -178,8 +180,7 @@ def main():
         main_near_miss()
         return
     rng = random.Random(SEED)
-    with open(os.path.join(HERE, "heldout.jsonl"), encoding="utf-8") as f:
-        sft_heldout = {json.loads(line)["messages"][1]["content"] for line in f if line.strip()}
+    sft_heldout = {ex["messages"][1]["content"] for ex in read_jsonl("heldout.jsonl")}
     seen, rows = set(), []
     counts = {k: 0 for k in SHARES}
     in_sft_heldout = repeated = 0
