@@ -100,18 +100,24 @@ static int l_evaluate(lua_State *L) {
     return 1;
 }
 
-/* mt.reference_logps(model, examples, {batch=, seq_len=}): every sequence's
- * log-probability of its reply under the model as it is now, kept with the examples as
- * the reference of preference training (computed once, before it). */
+/* mt.reference_logps(model, examples, {batch=, seq_len=, share_prefix=}) -> shared:
+ * every sequence's log-probability of its reply under the model as it is now, kept with
+ * the examples as the reference of preference training (computed once, before it);
+ * returns how many rejected replies were scored from their chosen row's forward
+ * (share_prefix, default true: mt_examples_ref_logps). */
 static int l_reference_logps(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     lexamples *e = bind_check_examples(L, 2);
     bind_check_opts(L, 3);
     int B = (int)bind_opt_int_in(L, 3, "batch", u->m->plan_B, &MT_LIMIT_BATCH);
     int T = (int)bind_opt_int_in(L, 3, "seq_len", u->m->plan_T, &MT_LIMIT_SEQ_LEN);
+    const int share_prefix = bind_opt_bool(L, 3, "share_prefix", 1);
+    int64_t shared = 0;
     mt_error err = {0};
-    if (mt_examples_ref_logps(u->m, &e->set, B, T, &err)) return bind_raise(L, &err);
-    return 0;
+    if (mt_examples_ref_logps(u->m, &e->set, B, T, share_prefix, &shared, &err))
+        return bind_raise(L, &err);
+    lua_pushinteger(L, (lua_Integer)shared);
+    return 1;
 }
 
 static int l_schedule(lua_State *L) {

@@ -217,14 +217,74 @@ mt_status mt_evaluate_loss(mt_model *m, mt_plugin_instance *loss, const mt_examp
 
 typedef struct ref_pass {
     mt_example_set *examples;
-    double *row_logp;
+    double *row_logp; /* B: each row's log-probability */
+    int share_prefix;
+    /* the chosen rows of a shared batch (at most B/2 x T each): tokens, positions,
+     * segments, the chosen targets, the rejected targets */
+    int32_t *half;
+    double *half_logp; /* 2 x B/2: the chosen rows', then the rejected rows' */
+    int64_t shared;
 } ref_pass;
+
+/* Whether pair i's rejected row (2i + 1) has its chosen row's tokens, positions and
+ * segments up to its last target: a causal model then gives both rows the same hidden
+ * states there, so the chosen row's forward scores the rejected reply too. A rejected
+ * row without a target shares trivially (its log-probability is 0). */
+static int rejected_within_chosen(const mt_batch *b, int i) {
+    const int32_t *tc = b->tokens + (size_t)(2 * i) * b->T, *tr = tc + b->T;
+    const int32_t *pc = b->positions + (size_t)(2 * i) * b->T, *pr = pc + b->T;
+    const int32_t *sc = b->segments + (size_t)(2 * i) * b->T, *sr = sc + b->T;
+    const int32_t *target = b->targets + (size_t)(2 * i + 1) * b->T;
+    int last = -1;
+    for (int t = 0; t < b->T; t++)
+        if (target[t] >= 0) last = t;
+    for (int t = 0; t <= last; t++)
+        if (tr[t] != tc[t] || pr[t] != pc[t] || sr[t] != sc[t]) return 0;
+    return 1;
+}
+
+/* Runs the chosen rows of the batch's n_pairs pairs alone and puts both replies'
+ * log-probabilities in p->row_logp (rows 2i, 2i + 1). */
+static mt_status ref_shared(ref_pass *p, mt_model *m, const mt_batch *b, int n_pairs,
+                            mt_error *err) {
+    const size_t T = (size_t)b->T, plane = (size_t)(b->B / 2) * T;
+    int32_t *tokens = p->half, *positions = tokens + plane, *segments = positions + plane;
+    int32_t *chosen = segments + plane, *rejected = chosen + plane;
+    for (int i = 0; i < n_pairs; i++) {
+        const size_t c = (size_t)(2 * i) * T, h = (size_t)i * T;
+        memcpy(tokens + h, b->tokens + c, T * sizeof *tokens);
+        memcpy(positions + h, b->positions + c, T * sizeof *positions);
+        memcpy(segments + h, b->segments + c, T * sizeof *segments);
+        memcpy(chosen + h, b->targets + c, T * sizeof *chosen);
+        memcpy(rejected + h, b->targets + c + T, T * sizeof *rejected);
+    }
+    double *lc = p->half_logp, *lr = lc + b->B / 2;
+    mt_status st = mt_model_forward(m, tokens, positions, segments, n_pairs, b->T, err);
+    if (!st) st = mt_model_sequence_logps(m, chosen, lc, err);
+    if (!st) st = mt_model_sequence_logps(m, rejected, lr, err);
+    if (st) return st;
+    for (int i = 0; i < n_pairs; i++) {
+        p->row_logp[2 * i] = lc[i];
+        p->row_logp[2 * i + 1] = lr[i];
+    }
+    p->shared += n_pairs;
+    return MT_OK;
+}
 
 static mt_status visit_ref(void *ctx, mt_model *m, const mt_batch *b, const mt_batch_info *info,
                            size_t first, mt_error *err) {
     ref_pass *p = ctx;
-    mt_status st = mt_model_forward(m, b->tokens, b->positions, b->segments, b->B, b->T, err);
-    if (!st) st = mt_model_sequence_logps(m, b->targets, p->row_logp, err);
+    /* the batch's real pairs: padding pairs (the epoch's last batch) hold no target */
+    const int n_pairs = (info->examples + 1) / 2;
+    int share = p->share_prefix && n_pairs > 0;
+    for (int i = 0; share && i < n_pairs; i++) share = rejected_within_chosen(b, i);
+    mt_status st;
+    if (share) {
+        st = ref_shared(p, m, b, n_pairs, err);
+    } else {
+        st = mt_model_forward(m, b->tokens, b->positions, b->segments, b->B, b->T, err);
+        if (!st) st = mt_model_sequence_logps(m, b->targets, p->row_logp, err);
+    }
     if (st) return st;
     /* unpacked and in order: row r holds example first * (1 or 2) + r */
     const size_t ex0 = p->examples->paired ? 2 * first : first;
@@ -239,13 +299,22 @@ static mt_status visit_ref(void *ctx, mt_model *m, const mt_batch *b, const mt_b
 }
 
 mt_status mt_examples_ref_logps(mt_model *m, mt_example_set *examples, int B, int T,
-                                mt_error *err) {
+                                int share_prefix, int64_t *shared, mt_error *err) {
+    if (shared) *shared = 0;
     if (!examples->paired)
         return mt_error_set(err, MT_ERR_UNSUPPORTED,
                             "reference log-probabilities are for preference pairs; this set "
                             "holds single examples");
-    ref_pass p = {examples, mt_malloc((size_t)(B > 2 ? B : 2) * sizeof(double), "ref logps", err)};
-    if (!p.row_logp) return MT_ERR_NOMEM;
+    const size_t rows = (size_t)(B > 2 ? B : 2), half = rows / 2 * (size_t)(T > 0 ? T : 1);
+    ref_pass p = {.examples = examples, .share_prefix = share_prefix,
+                  .row_logp = mt_malloc(2 * rows * sizeof(double), "ref logps", err),
+                  .half = share_prefix ? mt_malloc(5 * half * sizeof(int32_t), "ref logps", err) : NULL};
+    if (!p.row_logp || (share_prefix && !p.half)) {
+        free(p.row_logp);
+        free(p.half);
+        return MT_ERR_NOMEM;
+    }
+    p.half_logp = p.row_logp + rows;
     double seconds = 0.0;
     int64_t seen = 0;
     examples->has_ref_logps = 0;
@@ -255,6 +324,13 @@ mt_status mt_examples_ref_logps(mt_model *m, mt_example_set *examples, int B, in
     /* pairs are batched unpacked, so that a row is one example */
     mt_status st = each_batch(m, examples, B, T, visit_ref, &p, &seconds, &seen, err);
     free(p.row_logp);
+    free(p.half);
+    if (!st && shared && mt_dist_size() > 1) {
+        double count = (double)p.shared;
+        st = mt_dist_sum_f64(&count, 1, err);
+        p.shared = (int64_t)count;
+    }
+    if (!st && shared) *shared = p.shared;
     if (!st && mt_dist_size() > 1) {
         double *all = mt_malloc((examples->n ? examples->n : 1) * sizeof *all, "ref logps", err);
         if (!all) return MT_ERR_NOMEM;

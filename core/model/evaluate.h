@@ -37,8 +37,13 @@ mt_status mt_evaluate_loss(mt_model *m, mt_plugin_instance *loss, const mt_examp
 
 /* Sets every example's ref_logp to its log-probability under the model as it is now
  * (adapters on, no dropout), batch by batch in rows of B x T, and marks the set
- * has_ref_logps: the reference of preference training, computed once before it. */
+ * has_ref_logps: the reference of preference training, computed once before it.
+ * With share_prefix, a batch whose rejected rows are each a prefix of their chosen row
+ * up to their last target (rejected_until = "first_difference") runs the chosen rows
+ * alone and scores both replies from them: half the rows, the same values up to
+ * rounding. *shared (optional) receives how many rejected sequences were scored so,
+ * summed over the ranks. */
 mt_status mt_examples_ref_logps(mt_model *m, mt_example_set *examples, int B, int T,
-                                mt_error *err);
+                                int share_prefix, int64_t *shared, mt_error *err);
 
 #endif

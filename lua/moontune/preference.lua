@@ -81,14 +81,16 @@ function M.reference(mt, cfg, model, sets, out, name, resume)
                         "which are missing", name, path), 0)
   end
   local t = mt.now()
-  local saved = {}
+  local saved, shared, n = {}, 0, 0
   for _, k in ipairs(names) do
-    mt.reference_logps(model, sets[k], { batch = cfg.batch * 2, seq_len = cfg.seq_len })
+    shared = shared + mt.reference_logps(model, sets[k], { batch = cfg.batch * 2, seq_len = cfg.seq_len })
+    n = n + sets[k]:count()
     saved[k] = sets[k]:ref_logps()
   end
   mt.write_file(path, mt.json_encode(saved) .. "\n")
-  print(string.format("%s: reference log-probabilities of %s computed in %.0f s, kept in %s", name,
-                      table.concat(names, " and "), mt.now() - t, path))
+  print(string.format("%s: reference log-probabilities of %s computed in %.0f s (%d of %d rejected replies " ..
+                      "scored from their chosen row's pass), kept in %s", name, table.concat(names, " and "),
+                      mt.now() - t, shared, n, path))
 end
 
 -- Reference-free preference accuracy of the model as it is: the share of pairs whose

@@ -151,6 +151,30 @@ for i = 1, 12 do check(lp[i] < 0, "log-probability < 0") end
 local e1 = mt.evaluate(model, scratch, { loss = dpo, batch = 4 })
 check(math.abs(e1.loss - e0.loss) < 1e-6, "precomputed reference: the same loss")
 
+-- rejected replies cut at the first difference are prefixes of their chosen rows: the
+-- pass runs the chosen rows alone and scores both from them, with the values of the
+-- plain pass (every row through the forward) up to rounding; whole rejected replies
+-- part from the chosen ones before their end and go through the plain pass
+local function cut_pairs() return mt.examples(DATA, tok, { seq_len = 128, rejected_until = "first_difference" }) end
+local cut_shared, cut_plain = cut_pairs(), cut_pairs()
+check(mt.reference_logps(model, cut_shared, { batch = 4 }) == 6, "every rejected reply scored from its chosen row")
+check(mt.reference_logps(model, cut_plain, { batch = 4, share_prefix = false }) == 0, "share_prefix = false")
+check(mt.reference_logps(model, cut_pairs(), { batch = 6 }) == 6, "batches of 3 pairs (the last one short)")
+local lp_shared, lp_plain = cut_shared:ref_logps(), cut_plain:ref_logps()
+for i = 1, 12 do
+  check(math.abs(lp_shared[i] - lp_plain[i]) <= 1e-5 * math.max(1, math.abs(lp_plain[i])),
+        string.format("sequence %d: shared %.8f, plain %.8f", i, lp_shared[i], lp_plain[i]))
+end
+for i = 1, 12, 2 do
+  -- the chosen rows are the whole pairs' chosen rows; the cut rejected ones score less
+  check(math.abs(lp_shared[i] - lp[i]) <= 1e-5 * math.max(1, math.abs(lp[i])), "chosen " .. i .. " as uncut")
+  check(lp_shared[i + 1] > lp[i + 1], "rejected " .. i + 1 .. " cut: fewer tokens, higher log-probability")
+end
+check(mt.reference_logps(model, mt.examples(DATA, tok, { seq_len = 128 }), { batch = 4 }) == 0,
+      "whole rejected replies: the plain pass")
+local e_cut = mt.evaluate(model, cut_shared, { loss = dpo, batch = 4 })
+check(math.abs(e_cut.loss - math.log(2)) < 1e-6, "shared reference = the policy at B = 0: loss log 2, " .. e_cut.loss)
+
 -- training steps: the loss falls, the metrics come back; cross-entropy refuses pairs
 local tb = mt.batcher(pairs_ex, { batch = 4, seq_len = 128, seed = 5 })
 local first, last
