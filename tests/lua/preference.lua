@@ -159,7 +159,7 @@ local function cut_pairs() return mt.examples(DATA, tok, { seq_len = 128, reject
 local cut_shared, cut_plain = cut_pairs(), cut_pairs()
 check(mt.reference_logps(model, cut_shared, { batch = 4 }) == 6, "every rejected reply scored from its chosen row")
 check(mt.reference_logps(model, cut_plain, { batch = 4, share_prefix = false }) == 0, "share_prefix = false")
-check(mt.reference_logps(model, cut_pairs(), { batch = 6 }) == 6, "batches of 3 pairs (the last one short)")
+check(mt.reference_logps(model, cut_pairs(), { batch = 6 }) == 6, "batches of 3 pairs: an odd number of chosen rows")
 local lp_shared, lp_plain = cut_shared:ref_logps(), cut_plain:ref_logps()
 for i = 1, 12 do
   check(math.abs(lp_shared[i] - lp_plain[i]) <= 1e-5 * math.max(1, math.abs(lp_plain[i])),
