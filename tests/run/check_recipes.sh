@@ -137,9 +137,9 @@ print("near-miss pairs: checked")
 PY
 
 # preference training: quickstart_dpo (SFT, the SFT model's reference, DPO) and dpo.lua
-# (the tiny model's SFT at lr 1e-3: at the recipe's 8e-4 it answers nothing, and the
-# on-policy runs below need wrong answers to reject)
-# with a new adapter (reference: adapters off) and on the SFT adapter (precomputed)
+# with a new adapter (reference: adapters off) and on the SFT adapter (precomputed).
+# The tiny model's SFT runs at lr 1e-3: at the recipe's 8e-4 it answers nothing, and the
+# on-policy runs below need wrong answers to reject.
 echo "== quickstart_dpo"
 prefs=$fixtures/data/tiny_prefs.jsonl
 "$moontune" run "$source_dir/recipes/quickstart_dpo.lua" \
