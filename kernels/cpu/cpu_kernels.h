@@ -134,6 +134,10 @@ void cpu_cross_entropy_backward(float *dlogits, const float *logits, const int32
  * Returns the sum of y in a fixed order. Vectorised polynomial, within 2 ulp of expf.
  * y may alias x. */
 float cpu_exp_shifted(float *y, const float *x, float shift, int n);
+/* cpu_exp_shifted through AVX2 (the default where the CPU has AVX2 and FMA: the same
+ * elements, the sum in another fixed order) or the scalar loop (0); returns whether
+ * AVX2 was in use. For tests. */
+int cpu_exp_use_avx2(int use);
 
 /* The largest element of x (n); -INFINITY when n == 0. */
 float cpu_max(const float *x, int n);

@@ -1248,6 +1248,35 @@ static void test_exp_shifted(void **state) {
     assert_true(special[0] == 0.0f && special[1] == 0.0f);
     assert_true(fabsf(special[2] - expf(-1.0f)) < 1e-7f && special[3] == 1.0f);
     assert_true(isnan(special[4])); // a NaN stays visible
+    // the AVX2 kernel against the scalar loop: the same elements (where CPU_MADD fuses,
+    // as the vector loop does), the sum within rounding, at every tail length, with
+    // clamped, masked and NaN inputs among them
+    const int had_avx2 = cpu_exp_use_avx2(1);
+    if (cpu_exp_use_avx2(1)) {
+        float *ys = fbuf(N);
+        uint64_t rng = 5;
+        for (int i = 0; i < 64; i++) x[i] = mt_test_rand_uniform(&rng, -100.0f, 1.0f);
+        x[3] = -INFINITY, x[12] = NAN, x[21] = -87.0f, x[30] = -86.99f;
+        for (int n = 0; n <= 64; n++) {
+            float sv = cpu_exp_shifted(y, x, 0.25f, n);
+            cpu_exp_use_avx2(0);
+            float ss = cpu_exp_shifted(ys, x, 0.25f, n);
+            cpu_exp_use_avx2(1);
+            for (int i = 0; i < n; i++) {
+#ifdef FP_FAST_FMAF
+                assert_memory_equal(&y[i], &ys[i], sizeof(float));
+#else
+                assert_true(isnan(ys[i]) ? isnan(y[i]) : fabsf(y[i] - ys[i]) <= 1e-6f * ys[i]);
+#endif
+            }
+            if (n > 12) assert_true(isnan(sv) && isnan(ss));
+            else assert_true(fabsf(sv - ss) <= 1e-6f * ss);
+        }
+        free(ys);
+    } else {
+        printf("  exp: this CPU has no AVX2 and FMA; the scalar loop only\n");
+    }
+    cpu_exp_use_avx2(had_avx2);
     // cpu_max over the 32 lanes and the tail
     for (int i = 0; i < 100; i++) x[i] = (float)-i;
     assert_true(cpu_max(x, 100) == 0.0f);
