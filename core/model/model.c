@@ -296,6 +296,8 @@ mt_status mt_model_create_table(const mt_model_config *cfg, mt_backend *be, mt_m
     m->be = be;
     mt_device_bind(be); /* plugins reach this backend through their tensors' device */
     m->adapters_enabled = 1;
+    /* the same gradients for a third less activation memory, at no product's cost */
+    m->recompute = MT_RECOMPUTE_NORMS;
     m->layers = mt_calloc((size_t)cfg->num_layers, sizeof *m->layers, "model layers", err);
     if (!m->layers) goto fail;
     layout count = {.m = m};
@@ -539,17 +541,73 @@ double mt_model_clip_grad_norm(mt_model *m, double max_norm) {
     return norm;
 }
 
+/* How many projections an adapter's computation replaces. */
+static int wrapped_count(mt_model *m) {
+    int n = 0;
+    for (int i = 0; i < mt_model_linear_count(m); i++) n += mt_model_linear(m, i)->impl != NULL;
+    return n;
+}
+
+/* Checkpointing runs a wrapping adapter's forwards twice per pass: it must replay. */
+static mt_status check_replay(const struct mt_attached_adapter *a, mt_error *err) {
+    if (!a->wraps || MT_VTABLE_HAS(mt_adapter_vtable, a->vtable, set_replay)) return MT_OK;
+    return mt_error_set(err, MT_ERR_UNSUPPORTED,
+                        "recompute \"layers\" (gradient checkpointing) runs each layer's "
+                        "forward again in backward, and an attached adapter wraps projections "
+                        "without set_replay (mt_adapter_vtable), so its second forward could "
+                        "differ from the first (dropout); use recompute \"norms\" or \"off\", "
+                        "or rebuild the plugin with set_replay");
+}
+
 mt_status mt_model_attach_adapter(mt_model *m, const mt_adapter_vtable *vtable, void *state,
                                   mt_error *err) {
     struct mt_attached_adapter *grown =
         realloc(m->adapters, (m->num_adapters + 1) * sizeof *grown);
     if (!grown) return mt_error_set(err, MT_ERR_NOMEM, "out of memory attaching an adapter");
     m->adapters = grown;
+    const int wrapped_before = wrapped_count(m);
     mt_status st = vtable->attach(state, (mt_model_handle *)m, err);
     if (!st) st = mt_host_check("adapter attach", err);
     if (st) return st;
-    m->adapters[m->num_adapters++] = (struct mt_attached_adapter){vtable, state};
+    m->adapters[m->num_adapters++] =
+        (struct mt_attached_adapter){vtable, state, wrapped_count(m) != wrapped_before};
     return MT_OK;
+}
+
+/* Checked where the mode is set and again at every forward, since adapters may be
+ * attached after it. */
+static mt_status check_recompute(const mt_model *m, mt_recompute mode, mt_error *err) {
+    if (mode == MT_RECOMPUTE_LAYERS)
+        for (size_t i = 0; i < m->num_adapters; i++) {
+            mt_status st = check_replay(&m->adapters[i], err);
+            if (st) return st;
+        }
+    return MT_OK;
+}
+
+mt_status mt_model_set_recompute(mt_model *m, mt_recompute mode, mt_error *err) {
+    mt_status st = check_recompute(m, mode, err);
+    if (st) return st;
+    if (mode == m->recompute) return MT_OK;
+    const int B = m->plan_B, T = m->plan_T, chunk = m->plan_chunk;
+    m->recompute = mode;
+    return B > 0 ? mt_model_plan(m, B, T, chunk, err) : MT_OK;
+}
+
+int mt_recompute_parse(const char *name, mt_recompute *mode) {
+    static const char *const names[] = {"off", "norms", "layers"};
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(name, names[i])) {
+            *mode = (mt_recompute)i;
+            return 1;
+        }
+    return 0;
+}
+
+static void set_replay(mt_model *m, int replaying) {
+    for (size_t i = 0; i < m->num_adapters; i++)
+        if (m->adapters[i].wraps)
+            m->adapters[i].vtable->set_replay(m->adapters[i].state, replaying);
 }
 
 void mt_model_set_training(mt_model *m, int training) {
@@ -712,16 +770,27 @@ mt_status mt_model_load_hf(const char *dir, mt_backend *be, mt_model **out, mt_e
 
 /* ---- planning ----------------------------------------------------------- */
 
-/* The activation plan: one allocation carved into the arrays of model.h. */
+/* The activation plan: one allocation carved into the arrays of model.h. What backward
+ * recomputes (m->recompute) is carved once and every layer points at it. */
 static void carve_plan(mt_model *m, mt_carver *cv) {
     const mt_model_config *c = &m->cfg;
     const size_t BT = (size_t)m->plan_B * m->plan_T, C = c->hidden_size, F = c->intermediate_size;
     const size_t QD = (size_t)c->num_heads * c->head_dim, KVD = (size_t)c->num_kv_heads * c->head_dim;
     const size_t f = sizeof(float);
+    const int layers = m->recompute == MT_RECOMPUTE_LAYERS;
+    const int norms = m->recompute != MT_RECOMPUTE_OFF;
+    float *shared_ln = norms ? mt_carve(cv, BT * C, f) : NULL;
+    float *shared_act = norms ? mt_carve(cv, BT * F, f) : NULL;
     for (int l = 0; l < c->num_layers; l++) {
         mt_layer_acts *a = &m->acts[l];
         a->res_in = mt_carve(cv, BT * C, f);
-        a->ln1 = mt_carve(cv, BT * C, f);
+        if (layers && l > 0) { /* all but res_in: layer 0's */
+            float *res_in = a->res_in;
+            *a = m->acts[0];
+            a->res_in = res_in;
+            continue;
+        }
+        a->ln1 = norms ? shared_ln : mt_carve(cv, BT * C, f);
         a->ln1_rstd = mt_carve(cv, BT, f);
         a->q = mt_carve(cv, BT * QD, f);
         a->k = mt_carve(cv, BT * KVD, f);
@@ -729,12 +798,13 @@ static void carve_plan(mt_model *m, mt_carver *cv) {
         a->att = mt_carve(cv, BT * QD, f);
         a->lse = mt_carve(cv, BT * (size_t)c->num_heads, f);
         a->res_mid = mt_carve(cv, BT * C, f);
-        a->ln2 = mt_carve(cv, BT * C, f);
+        a->ln2 = norms ? shared_ln : mt_carve(cv, BT * C, f);
         a->ln2_rstd = mt_carve(cv, BT, f);
         a->gate = mt_carve(cv, BT * F, f);
         a->up = mt_carve(cv, BT * F, f);
-        a->act = mt_carve(cv, BT * F, f);
+        a->act = norms ? shared_act : mt_carve(cv, BT * F, f);
     }
+    m->rstd_work = mt_carve(cv, BT, f);
     m->res_out = mt_carve(cv, BT * C, f);
     m->lnf = mt_carve(cv, BT * C, f);
     m->lnf_rstd = mt_carve(cv, BT, f);
@@ -844,6 +914,38 @@ size_t mt_model_plan_bytes(const mt_model *m) { return m->act_bytes; }
 
 /* ---- forward ------------------------------------------------------------ */
 
+/* Layer l's forward from its input acts[l].res_in. With `next`, its output (the down
+ * projection plus the residual) goes there; without, it stops after SwiGLU's product,
+ * which is all backward needs again (gradient checkpointing). */
+static void layer_forward(mt_model *m, int l, int B, int T, float *next) {
+    const mt_model_config *c = &m->cfg;
+    mt_backend *be = m->be;
+    const int BT = B * T, C = c->hidden_size, F = c->intermediate_size;
+    const int H = c->num_heads, KVH = c->num_kv_heads, D = c->head_dim;
+    const int32_t *seg = m->has_segments ? m->segments : NULL;
+    mt_layer *ly = &m->layers[l];
+    mt_layer_acts *a = &m->acts[l];
+    be->ops->rmsnorm_forward(be, a->ln1, a->ln1_rstd, a->res_in, ly->attn_norm, BT, C,
+                             c->rms_norm_eps);
+    mt_linear_forward(&ly->q, a->q, a->ln1, BT);
+    mt_linear_forward(&ly->k, a->k, a->ln1, BT);
+    mt_linear_forward(&ly->v, a->v, a->ln1, BT);
+    be->ops->rope_forward(be, a->q, m->rope_cos, m->rope_sin, m->positions, BT, H, D);
+    be->ops->rope_forward(be, a->k, m->rope_cos, m->rope_sin, m->positions, BT, KVH, D);
+    be->ops->attention_forward(be, a->att, a->lse, a->q, a->k, a->v, seg, B, T, H, KVH, D,
+                               1.0f / sqrtf((float)D), m->att_work);
+    mt_linear_forward(&ly->o, a->res_mid, a->att, BT);
+    be->ops->add(be, a->res_mid, a->res_mid, a->res_in, (size_t)BT * C);
+    be->ops->rmsnorm_forward(be, a->ln2, a->ln2_rstd, a->res_mid, ly->mlp_norm, BT, C,
+                             c->rms_norm_eps);
+    mt_linear_forward(&ly->gate, a->gate, a->ln2, BT);
+    mt_linear_forward(&ly->up, a->up, a->ln2, BT);
+    be->ops->swiglu_forward(be, a->act, a->gate, a->up, (size_t)BT * F);
+    if (!next) return;
+    mt_linear_forward(&ly->down, next, a->act, BT);
+    be->ops->add(be, next, next, a->res_mid, (size_t)BT * C);
+}
+
 mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *positions,
                            const int32_t *segments, int B, int T, mt_error *err) {
     const mt_model_config *c = &m->cfg;
@@ -854,8 +956,9 @@ mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *po
         return mt_error_set(err, MT_ERR_INVALID_ARG,
                             "batch %d x sequence %d does not fit the plan (%d x %d)", B, T,
                             m->plan_B, m->plan_T);
-    const int BT = B * T, C = c->hidden_size, F = c->intermediate_size;
-    const int H = c->num_heads, KVH = c->num_kv_heads, D = c->head_dim;
+    mt_status st = check_recompute(m, m->recompute, err);
+    if (st) return st;
+    const int BT = B * T, C = c->hidden_size;
     for (int i = 0; i < BT; i++) {
         if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
             return mt_error_set(err, MT_ERR_INVALID_ARG,
@@ -866,7 +969,7 @@ mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *po
                                 "position id %d at row %d, column %d is outside [0, %d)",
                                 positions[i], i / T, i % T, m->plan_T);
     }
-    mt_status st = be->ops->upload(be, m->tokens, tokens, (size_t)BT * sizeof(int32_t));
+    st = be->ops->upload(be, m->tokens, tokens, (size_t)BT * sizeof(int32_t));
     if (!st && positions)
         st = be->ops->upload(be, m->positions, positions, (size_t)BT * sizeof(int32_t));
     if (!st && segments)
@@ -878,33 +981,9 @@ mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *po
         if (st) return mt_error_set(err, st, "uploading positions failed");
     }
     m->has_segments = segments != NULL;
-    const int32_t *seg = segments ? m->segments : NULL;
-    const float scale = 1.0f / sqrtf((float)D);
-
     be->ops->embedding_forward(be, m->acts[0].res_in, m->tokens, m->embed, BT, C);
-    for (int l = 0; l < c->num_layers; l++) {
-        mt_layer *ly = &m->layers[l];
-        mt_layer_acts *a = &m->acts[l];
-        float *next = l + 1 < c->num_layers ? m->acts[l + 1].res_in : m->res_out;
-        be->ops->rmsnorm_forward(be, a->ln1, a->ln1_rstd, a->res_in, ly->attn_norm, BT, C,
-                                 c->rms_norm_eps);
-        mt_linear_forward(&ly->q, a->q, a->ln1, BT);
-        mt_linear_forward(&ly->k, a->k, a->ln1, BT);
-        mt_linear_forward(&ly->v, a->v, a->ln1, BT);
-        be->ops->rope_forward(be, a->q, m->rope_cos, m->rope_sin, m->positions, BT, H, D);
-        be->ops->rope_forward(be, a->k, m->rope_cos, m->rope_sin, m->positions, BT, KVH, D);
-        be->ops->attention_forward(be, a->att, a->lse, a->q, a->k, a->v, seg, B, T, H, KVH, D,
-                                   scale, m->att_work);
-        mt_linear_forward(&ly->o, a->res_mid, a->att, BT);
-        be->ops->add(be, a->res_mid, a->res_mid, a->res_in, (size_t)BT * C);
-        be->ops->rmsnorm_forward(be, a->ln2, a->ln2_rstd, a->res_mid, ly->mlp_norm, BT, C,
-                                 c->rms_norm_eps);
-        mt_linear_forward(&ly->gate, a->gate, a->ln2, BT);
-        mt_linear_forward(&ly->up, a->up, a->ln2, BT);
-        be->ops->swiglu_forward(be, a->act, a->gate, a->up, (size_t)BT * F);
-        mt_linear_forward(&ly->down, next, a->act, BT);
-        be->ops->add(be, next, next, a->res_mid, (size_t)BT * C);
-    }
+    for (int l = 0; l < c->num_layers; l++)
+        layer_forward(m, l, B, T, l + 1 < c->num_layers ? m->acts[l + 1].res_in : m->res_out);
     be->ops->rmsnorm_forward(be, m->lnf, m->lnf_rstd, m->res_out, m->final_norm, BT, C,
                              c->rms_norm_eps);
     /* d_ln doubles as the gradient of lnf until mt_model_backward consumes it */
@@ -1071,10 +1150,22 @@ mt_status mt_model_backward(mt_model *m, mt_error *err) {
     for (int l = c->num_layers - 1; l >= 0; l--) {
         mt_layer *ly = &m->layers[l];
         mt_layer_acts *a = &m->acts[l];
+        /* what the plan did not keep, from what it did: the same operations on the same
+         * inputs, so the same bits as the forward's */
+        if (m->recompute == MT_RECOMPUTE_LAYERS) {
+            set_replay(m, 1);
+            layer_forward(m, l, B, T, NULL); /* leaves ln2 in the norms' shared buffer */
+            set_replay(m, 0);
+        } else if (m->recompute == MT_RECOMPUTE_NORMS) {
+            be->ops->swiglu_forward(be, a->act, a->gate, a->up, nF);
+        }
         /* d_res holds dL/d(layer output) = dL/d(res_mid) through the residual path */
         be->ops->zero(be, m->d_act, nF * sizeof(float));
         mt_linear_backward(&ly->down, m->d_act, m->d_res, a->act, BT);
         be->ops->swiglu_backward(be, m->d_gate, m->d_up, m->d_act, a->gate, a->up, nF);
+        if (m->recompute == MT_RECOMPUTE_NORMS)
+            be->ops->rmsnorm_forward(be, a->ln2, m->rstd_work, a->res_mid, ly->mlp_norm, BT, C,
+                                     c->rms_norm_eps);
         be->ops->zero(be, m->d_ln, nC * sizeof(float));
         mt_linear_backward(&ly->gate, m->d_ln, m->d_gate, a->ln2, BT);
         mt_linear_backward(&ly->up, m->d_ln, m->d_up, a->ln2, BT);
@@ -1087,6 +1178,9 @@ mt_status mt_model_backward(mt_model *m, mt_error *err) {
                                     a->k, a->v, seg, B, T, H, KVH, D, scale, m->att_work);
         be->ops->rope_backward(be, m->d_q, m->rope_cos, m->rope_sin, m->positions, BT, H, D);
         be->ops->rope_backward(be, m->d_k, m->rope_cos, m->rope_sin, m->positions, BT, KVH, D);
+        if (m->recompute != MT_RECOMPUTE_OFF) /* ln2 took the buffer */
+            be->ops->rmsnorm_forward(be, a->ln1, m->rstd_work, a->res_in, ly->attn_norm, BT, C,
+                                     c->rms_norm_eps);
         be->ops->zero(be, m->d_ln, nC * sizeof(float));
         mt_linear_backward(&ly->q, m->d_ln, m->d_q, a->ln1, BT);
         mt_linear_backward(&ly->k, m->d_ln, m->d_k, a->ln1, BT);

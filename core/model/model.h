@@ -138,7 +138,10 @@ typedef struct mt_layer {
     mt_linear gate, up, down;
 } mt_layer;
 
-/* Saved activations of one layer for one planned (B,T); BT = B*T rows. */
+/* Saved activations of one layer for one planned (B,T); BT = B*T rows. What
+ * mt_model_set_recompute recomputes in backward points into buffers every layer shares:
+ * with MT_RECOMPUTE_NORMS ln1, ln2 (one buffer) and act; with MT_RECOMPUTE_LAYERS all
+ * but res_in. */
 typedef struct mt_layer_acts {
     float *res_in;    /* (BT,C) the residual stream entering the layer */
     float *ln1;       /* (BT,C) */
@@ -155,6 +158,13 @@ typedef struct mt_layer_acts {
     float *up;        /* (BT,F) */
     float *act;       /* (BT,F) silu(gate) * up */
 } mt_layer_acts;
+
+/* What backward recomputes instead of keeping it from the forward (mt_model_set_recompute). */
+typedef enum mt_recompute {
+    MT_RECOMPUTE_OFF = 0,    /* every activation kept */
+    MT_RECOMPUTE_NORMS = 1,  /* the norms' outputs and SwiGLU's product (cheap: no products) */
+    MT_RECOMPUTE_LAYERS = 2, /* each layer from its input: gradient checkpointing */
+} mt_recompute;
 
 /* What mt_model_set_int8_training multiplies in int8 (see there). */
 typedef enum mt_int8_training {
@@ -179,6 +189,7 @@ typedef struct mt_model {
     struct mt_attached_adapter {
         const struct mt_adapter_vtable *vtable;
         void *state;
+        int wraps; /* its attach wrapped projections: recomputing a layer runs its forward */
     } *adapters;
     size_t num_adapters;
     int adapters_enabled; /* as last set by mt_model_set_adapters_enabled (1 at creation) */
@@ -212,6 +223,8 @@ typedef struct mt_model {
     float *d_att;   /* (BT,H*D) */
     float *d_q, *d_k, *d_v; /* (BT,H*D), (BT,KVH*D), (BT,KVH*D) */
     float *d_act, *d_gate, *d_up; /* (BT,F) */
+    float *rstd_work; /* (BT) the rstd of a norm recomputed in backward */
+    mt_recompute recompute; /* what the plan leaves to backward (mt_model_set_recompute) */
     void *att_work;
     float *host_losses;   /* (chunk) host copy of chunk_losses */
     int32_t *host_positions; /* (BT) default positions staged for upload */
@@ -312,6 +325,19 @@ void mt_model_int8_drop(mt_model *m);
  * to the system and come back zero-filled). */
 void mt_linear_release_weight(mt_linear *lin);
 float *mt_linear_restore_weight(mt_linear *lin);
+
+/* What backward recomputes (MT_RECOMPUTE_NORMS at creation), and so what the activation
+ * plan holds: per layer and row, OFF keeps 6C + 2·KVD + 3F floats (C hidden, KVD key/value
+ * width, F intermediate; 8448 for SmolLM2-135M), NORMS 4C + 2·KVD + 2F (the norm outputs
+ * and SwiGLU's product are recomputed from what is kept: no products), LAYERS C (each
+ * layer's forward runs again in backward, up to SwiGLU: about a third more work per step).
+ * The gradients are the same bits in every mode. LAYERS runs adapters' forwards twice per
+ * pass, so an adapter that wraps projections must replay (mt_adapter_vtable.set_replay);
+ * one that cannot is refused here, or at its attach while LAYERS is set. An existing plan
+ * is made again for the new mode (its shape kept). */
+mt_status mt_model_set_recompute(mt_model *m, mt_recompute mode, mt_error *err);
+/* "off", "norms", "layers": the mode of that name into *mode; 0 when none is. */
+int mt_recompute_parse(const char *name, mt_recompute *mode);
 
 /* Allocates activation memory for batches of B rows of T tokens; chunk is the
  * number of rows whose logits are held at once (0 picks a default). */

@@ -35,7 +35,9 @@
  * draws the same mask again (host->dropout accumulating into dx) instead of storing it.
  * The pass is a per-projection count of forward calls made with the branch active:
  * backward uses the mask of the latest forward, the one whose input the model hands
- * back. So a projection must be run by one forward call per pass, as the model does.
+ * back. So a projection must be run by one forward call per pass, as the model does;
+ * gradient checkpointing's second forward of a layer comes between set_replay(1) and
+ * set_replay(0), and keeps the pass.
  * Dropout applies in training only: set_training(0) (evaluation, generation) turns it
  * off. The pass counters are the adapter's checkpoint state (state_get/state_set: one
  * I64 tensor "dropout_pass", one entry per wrapped projection), so a resumed run draws
@@ -114,6 +116,7 @@ struct lora {
     unsigned targets;   /* bit m: module m gets a branch (see lora_modules) */
     int attached, enabled, merged;
     int training;       /* dropout only while training (set_training) */
+    int replaying;      /* set_replay: forwards repeat the latest pass's masks */
     int tile;           /* rows per step: LORA_TILE, or LORA_DROPOUT_TILE with dropout */
     mt_device device;   /* the model's */
     lora_layer *layers;
@@ -182,7 +185,7 @@ static void lora_forward(void *self, mt_tensor *y, const mt_tensor *x) {
     if (!lora_branch_active(L)) return;
     const int64_t N = x->shape[0], in = L->in, r = L->r;
     const int drops = lora_drops(lo);
-    if (drops) L->pass++;
+    if (drops && !lo->replaying) L->pass++;
     const uint64_t key = drops ? lora_dropout_key(lo, L->index, L->pass) : 0;
     for (int64_t n0 = 0; n0 < N; n0 += lo->tile) {
         const int64_t nt = N - n0 < lo->tile ? N - n0 : lo->tile;
@@ -429,6 +432,13 @@ static void lora_set_training(void *state, int training) {
     lo->training = training != 0;
 }
 
+/* A replayed forward keeps its projection's pass, so it draws that pass's masks again
+ * (gradient checkpointing recomputes a layer in backward). */
+static void lora_set_replay(void *state, int replaying) {
+    lora *lo = state;
+    lo->replaying = replaying != 0;
+}
+
 /* ---- checkpoint state: the dropout passes ---- */
 
 /* One tensor, the pass of every wrapped projection in attach order: with them a resumed
@@ -559,6 +569,7 @@ static const mt_adapter_vtable lora_vtable = {
     .save = lora_save,
     .import_options = lora_import_options,
     .load = lora_load,
+    .set_replay = lora_set_replay,
 };
 
 MT_PLUGIN_DEFINE(host,

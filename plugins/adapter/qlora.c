@@ -544,6 +544,7 @@ static const mt_adapter_vtable qlora_vtable = {
     .unmerge = qlora_unmerge,
     .set_enabled = lora_set_enabled,
     .set_training = lora_set_training,
+    .set_replay = lora_set_replay,
     .state_count = lora_state_count,
     .state_get = lora_state_get,
     .state_set = lora_state_set,

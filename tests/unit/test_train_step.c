@@ -4,6 +4,7 @@
  * plugin ABI 2's step_items), clipping bounds the norm, and a non-finite loss skips
  * the update. */
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -390,6 +391,90 @@ static void test_int8_training(void **state) {
     rig_down(&r);
 }
 
+/* Recomputation in backward (mt_model_set_recompute): the norms' outputs and SwiGLU's
+ * product, or whole layers, recomputed from what the plan keeps give the same loss and
+ * the same gradients, to the bit, as keeping every activation; for full fine-tuning
+ * and for LoRA with dropout, whose second forward of a layer must draw the first's
+ * masks (set_replay); over packed rows and several steps, so that a wrong gradient
+ * would also move the weights apart. The plan shrinks by what each mode drops, and an
+ * adapter that wraps projections without set_replay is refused checkpointing. */
+static void test_recompute(void **state) {
+    (void)state;
+    const char *all_linear[] = {"all-linear"};
+    const mt_kv lora_kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
+                             {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
+                             {.key = "dropout", .type = MT_KV_NUMBER, .number = 0.25},
+                             {.key = "target_modules", .type = MT_KV_LIST, .list = all_linear,
+                              .list_len = 1}};
+    const mt_recompute modes[] = {MT_RECOMPUTE_OFF, MT_RECOMPUTE_NORMS, MT_RECOMPUTE_LAYERS};
+    for (int full = 0; full < 2; full++) {
+        float *grads[3];
+        size_t counts[3], bytes[3];
+        double losses[3];
+        mt_model_config cfg;
+        for (int k = 0; k < 3; k++) {
+            rig r;
+            if (full) rig_up(&r, "adamw", NULL, 0);
+            else rig_up_adapter(&r, "adamw", NULL, 0, "lora", lora_kv, 4);
+            mt_error err = {0};
+            if (mt_model_set_recompute(r.model, modes[k], &err)) fail_msg("%s", err.msg);
+            cfg = r.model->cfg;
+            bytes[k] = mt_model_plan_bytes(r.model);
+            /* row 0 packs two sequences, row 1 one */
+            int32_t segments[ROWS * LEN];
+            for (int i = 0; i < ROWS * LEN; i++) segments[i] = i < 5 ? 1 : i < LEN ? 2 : 1;
+            mt_batch batch = {.size = sizeof(mt_batch), .B = ROWS, .T = LEN, .tokens = r.tokens,
+                              .segments = segments, .targets = r.targets};
+            for (int s = 1; s <= 3; s++) losses[k] = step(&r, &batch, 1, 1e-2, s, 0.0).loss;
+            copy_grads(r.model, &grads[k], &counts[k]);
+            rig_down(&r);
+        }
+        const size_t BT = ROWS * LEN, C = cfg.hidden_size, F = cfg.intermediate_size;
+        const size_t L = cfg.num_layers;
+        printf("  recompute (%s): plan %zu, %zu (norms), %zu bytes (layers); loss %.9g\n",
+               full ? "full" : "LoRA, dropout 0.25", bytes[0], bytes[1], bytes[2], losses[0]);
+        for (int k = 1; k < 3; k++) {
+            assert_true(losses[k] == losses[0]);
+            assert_int_equal(counts[k], counts[0]);
+            assert_memory_equal(grads[k], grads[0], counts[0] * sizeof(float));
+        }
+        /* norms: every layer's two norm outputs and SwiGLU's product become one shared
+         * norm output and one product (arrays of BT rows of 48 and 96 floats: multiples
+         * of the 64-byte alignment); layers: all but res_in */
+        assert_true(bytes[0] - bytes[1] == BT * (L * (2 * C + F) - (C + F)) * sizeof(float));
+        assert_true(bytes[2] < bytes[1] && bytes[1] - bytes[2] >= (L - 1) * BT * (3 * C) * sizeof(float));
+        for (int k = 0; k < 3; k++) free(grads[k]);
+    }
+
+    /* an adapter that wraps projections but cannot replay: LoRA's vtable cut short */
+    rig r;
+    rig_up_adapter(&r, "sgd", NULL, 0, "full", NULL, 0);
+    mt_plugin *lora = mt_test_load_plugin("lora");
+    mt_plugin_instance *inst;
+    mt_error err = {0};
+    if (mt_plugin_instantiate(lora, lora_kv, 4, &inst, &err)) fail_msg("%s", err.msg);
+    static mt_adapter_vtable old_abi;
+    old_abi = *(const mt_adapter_vtable *)inst->desc->vtable;
+    old_abi.size = (uint32_t)offsetof(mt_adapter_vtable, set_replay);
+    /* "full" wraps nothing: checkpointing is allowed with it alone */
+    assert_int_equal(mt_model_set_recompute(r.model, MT_RECOMPUTE_LAYERS, &err), MT_OK);
+    assert_int_equal(mt_model_attach_adapter(r.model, &old_abi, inst->state, &err), MT_OK);
+    mt_batch batch = {.size = sizeof(mt_batch), .B = ROWS, .T = LEN, .tokens = r.tokens,
+                      .targets = r.targets};
+    mt_step_result res;
+    assert_int_equal(mt_train_step(r.model, r.loss, r.opt, &batch, 1, 0.1, 1, 0.0, &res, &err),
+                     MT_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err.msg, "set_replay"));
+    assert_int_equal(mt_model_set_recompute(r.model, MT_RECOMPUTE_OFF, &err), MT_OK);
+    assert_int_equal(mt_model_set_recompute(r.model, MT_RECOMPUTE_LAYERS, &err),
+                     MT_ERR_UNSUPPORTED);
+    assert_int_equal(mt_model_set_recompute(r.model, MT_RECOMPUTE_NORMS, &err), MT_OK);
+    (void)step(&r, &batch, 1, 0.1, 1, 0.0);
+    mt_plugin_instance_free(inst);
+    mt_plugin_unload(lora);
+    rig_down(&r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_model_learns_with_adamw),
@@ -398,6 +483,7 @@ int main(void) {
         cmocka_unit_test(test_clipping_bounds_the_norm),
         cmocka_unit_test(test_non_finite_loss_skips_the_update),
         cmocka_unit_test(test_int8_training),
+        cmocka_unit_test(test_recompute),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -501,6 +501,12 @@ typedef struct mt_adapter_vtable {
     mt_status (*import_options)(const mt_host *host, mt_adapter_io *io, mt_error *err);
     /* After attach: reads the saved tensors into the adapter's parameters. */
     mt_status (*load)(void *state, mt_adapter_io *io, mt_error *err);
+    /* ABI 2, optional: gradient checkpointing (recompute = "layers") runs a layer's
+     * forward again in backward, on the same inputs. Between set_replay(state, 1) and
+     * set_replay(state, 0) the wrapped projections' forwards must give the outputs of
+     * their latest forward: no new random draws (dropout masks), no pass counted. An
+     * adapter that wraps projections and lacks it cannot be used with checkpointing. */
+    void (*set_replay)(void *state, int replaying);
 } mt_adapter_vtable;
 
 /* ---- the descriptor ------------------------------------------------------ */
