@@ -63,6 +63,11 @@
 --   out_dir        run directory (under the current directory): metrics.jsonl,
 --                  loss.svg and checkpoints/
 --   seed           data order
+--   recompute      what backward recomputes instead of keeping: "norms" (the norms'
+--                  outputs and SwiGLU's product: a third less activation memory, about
+--                  1% slower), "layers" (gradient checkpointing: each layer's forward
+--                  again in backward; a fifth slower, a sixth of the activations) or
+--                  "off"; the gradients are the same bits (docs/speed.md)
 local mt = require("moontune")
 
 local cfg = mt.config({
@@ -100,6 +105,7 @@ local cfg = mt.config({
   export_dtype = "f16",
   save_every = 100,
   keep_last = 2,
+  recompute = "norms",
   out_dir = "runs/full_sft",
   seed = 42,
 })

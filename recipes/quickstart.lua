@@ -31,6 +31,11 @@
 --   gen_batch, max_new_tokens   sequences generated together, answer length cap
 --   gen_int8       generate with int8 weight products where the CPU has them (false:
 --                  fp32 throughout; docs/speed.md)
+--   recompute      what backward recomputes instead of keeping: "norms" (the norms'
+--                  outputs and SwiGLU's product: a third less activation memory, about
+--                  1% slower), "layers" (gradient checkpointing: each layer's forward
+--                  again in backward; a fifth slower, a sixth of the activations) or
+--                  "off"; the gradients are the same bits (docs/speed.md)
 --   train_int8     the frozen base's products in int8 in training steps where the CPU
 --                  has AVX512-VNNI (or AVX2, with a Q4 base): "forward" (the forward products), "all" (the input
 --                  gradients too: faster, and on the quickstart as exact on average
@@ -61,6 +66,7 @@ local cfg = mt.config({
   train_int8 = "forward",
   samples = 3,
   export = true,
+  recompute = "norms",
   out_dir = "runs/quickstart",
   seed = 42,
 })
@@ -134,6 +140,7 @@ local trainer_cfg = {
   epochs = cfg.epochs,
   grad_accum = cfg.grad_accum,
   int8 = cfg.train_int8,
+  recompute = cfg.recompute,
   save_every = 0,
   out_dir = out,
 }

@@ -148,7 +148,9 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
                                                         opt->n_adapter_options, err)))
         goto done;
     /* training steps need the activations planned; generation brings its own decoder */
-    if (!opt->generate && (st = mt_model_plan(m, opt->batch, opt->seq, 0, err))) goto done;
+    if (!opt->generate && ((st = mt_model_set_recompute(m, (mt_recompute)opt->recompute, err)) ||
+                           (st = mt_model_plan(m, opt->batch, opt->seq, 0, err))))
+        goto done;
     size_t BT = (size_t)opt->batch * opt->seq;
     tokens = mt_malloc(BT * sizeof(int32_t), "tokens", err);
     targets = mt_malloc(BT * sizeof(int32_t), "targets", err);
@@ -180,10 +182,12 @@ mt_status mt_bench_run(const mt_bench_options *opt, mt_error *err) {
         st = bench_generate(m, opt, tokens, err);
         goto done;
     }
+    static const char *const recomputed[] = {"", " (recompute norms)", " (recompute layers)"};
     printf("forward: %.2f GFLOP (linear %.2f, attention %.2f); parameters %.1f MiB, "
-           "activations %.1f MiB\n",
+           "activations %.1f MiB%s\n",
            (linear + attention) * 1e-9, linear * 1e-9, attention * 1e-9,
-           mib(m->total_numel * sizeof(float)), mib(mt_model_plan_bytes(m)));
+           mib(m->total_numel * sizeof(float)), mib(mt_model_plan_bytes(m)),
+           recomputed[opt->recompute]);
     if (opt->adapter) {
         char label[64];
         snprintf(label, sizeof label, "adapter %s", opt->adapter);

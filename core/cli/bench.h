@@ -22,6 +22,8 @@ typedef struct mt_bench_options {
     int fp32;     /* generation: every product in fp32 instead of int8 weights */
     int int8;     /* training steps: an mt_int8_training (model/model.h), the frozen
                      projections' products in int8 (0: fp32) */
+    int recompute; /* training steps: an mt_recompute (model/model.h), what backward
+                      recomputes instead of keeping */
     const char *device; /* "cpu", "cuda" or NULL for the default (store/session.h) */
     mt_bench_mode mode;
     /* an adapter plugin to attach (e.g. "lora", "qlora") instead of the modes above */

@@ -50,12 +50,16 @@ static void usage(FILE *out) {
             "                   the CPU has AVX512-VNNI (AVX2: a Q4 base's forward, with\n"
             "                   --model), as a recipe's train_int8: forward\n"
             "                   (the forward only) or all (input gradients too); default\n"
-            "                   fp32\n");
+            "                   fp32\n"
+            "  --recompute MODE training steps: what backward recomputes instead of\n"
+            "                   keeping (a recipe's recompute): off | norms (the norms'\n"
+            "                   outputs and SwiGLU's product) | layers (whole layers:\n"
+            "                   gradient checkpointing)                 (default norms)\n");
 }
 
 enum { OPT_SHAPE = 256, OPT_CONFIG, OPT_MODEL, OPT_MODE, OPT_BATCH, OPT_SEQ, OPT_STEPS, OPT_WARMUP,
        OPT_THREADS, OPT_ADAPTER, OPT_ADAPTER_OPTION, OPT_PROMPT, OPT_GENERATE, OPT_FP32,
-       OPT_INT8 };
+       OPT_INT8, OPT_RECOMPUTE };
 
 static const struct option options[] = {
     {"help", no_argument, NULL, MT_CLI_HELP},
@@ -74,13 +78,14 @@ static const struct option options[] = {
     {"generate", required_argument, NULL, OPT_GENERATE},
     {"fp32", no_argument, NULL, OPT_FP32},
     {"int8", required_argument, NULL, OPT_INT8},
+    {"recompute", required_argument, NULL, OPT_RECOMPUTE},
     MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
 
 int mt_cmd_bench(int argc, char **argv) {
     mt_bench_options opt = {.shape = "tiny", .batch = 4, .seq = 256, .steps = 3, .warmup = 1,
-                            .mode = MT_BENCH_BOTH};
+                            .mode = MT_BENCH_BOTH, .recompute = MT_RECOMPUTE_NORMS};
     const mt_cli_number numbers[] = {
         {OPT_BATCH, MT_CLI_INT, &MT_LIMIT_BATCH, &opt.batch},
         {OPT_SEQ, MT_CLI_INT, &MT_LIMIT_SEQ_LEN, &opt.seq},
@@ -136,6 +141,15 @@ int mt_cmd_bench(int argc, char **argv) {
                 return 2;
             }
             break;
+        case OPT_RECOMPUTE: {
+            mt_recompute mode;
+            if (!mt_recompute_parse(v, &mode)) {
+                fprintf(stderr, "moontune bench: --recompute expects off, norms or layers, got \"%s\"\n", v);
+                return 2;
+            }
+            opt.recompute = mode;
+            break;
+        }
         case MT_CLI_DEVICE: opt.device = v; break;
         case OPT_ADAPTER_OPTION:
             if (mt_cli_adapter_option(&adapter_options, flag, v, &err)) goto refused;

@@ -392,6 +392,21 @@ static int model_int8_training(lua_State *L) {
     return 0;
 }
 
+/* model:recompute("off" | "norms" | "layers"): what backward recomputes instead of
+ * keeping (mt_model_set_recompute); the plan is made again for the mode. Refused (an
+ * error) for "layers" while an attached adapter cannot replay a forward. */
+static int model_recompute(lua_State *L) {
+    lmodel *u = bind_check_model(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    mt_recompute mode;
+    if (!mt_recompute_parse(name, &mode))
+        return luaL_error(L, "model:recompute: expected \"off\", \"norms\" or \"layers\", got \"%s\"",
+                          name);
+    mt_error err = {0};
+    if (mt_model_set_recompute(u->m, mode, &err)) return bind_raise(L, &err);
+    return 0;
+}
+
 /* ---- Tokenizer ---------------------------------------------------------------- */
 
 ltok *bind_check_tok(lua_State *L, int idx) {
@@ -582,6 +597,7 @@ static const luaL_Reg model_methods[] = {
     {"attach_peft", model_attach_peft},
     {"plan", model_plan},         {"trainable", model_trainable},
     {"set_training", model_set_training}, {"int8_training", model_int8_training},
+    {"recompute", model_recompute},
     {"close", model_close},
     {"export_peft", model_export_peft},   {"export_merged", model_export_merged},
     {"export_gguf", model_export_gguf},

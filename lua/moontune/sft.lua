@@ -159,6 +159,7 @@ function M.train(mt, cfg, model, train, heldout, name, data)
     max_steps = max_steps,
     grad_accum = cfg.grad_accum,
     int8 = cfg.train_int8, -- "forward", "all", "off" or nil (off)
+    recompute = cfg.recompute, -- "off", "norms", "layers" or nil (the model's)
     shard_optimizer = cfg.shard_optimizer,
     max_grad_norm = cfg.max_grad_norm > 0 and cfg.max_grad_norm or false,
     save_every = cfg.save_every,

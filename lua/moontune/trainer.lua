@@ -33,6 +33,13 @@
 --                               gradients too (model:int8_training, docs/speed.md);
 --                               "off" (or false): fp32. Evaluations stay fp32. The
 --                               first step's log line says how many projections did
+--   recompute = nil             what backward recomputes instead of keeping
+--                               (model:recompute): "off", "norms" (the norms' outputs
+--                               and SwiGLU's product: a third less activation memory,
+--                               no products) or "layers" (gradient checkpointing:
+--                               every layer's input only, each layer's forward again
+--                               in backward); the gradients are the same bits. nil:
+--                               the model's as it is ("norms" from its creation)
 --   scheduler = nil             a scheduler Plugin: lr = mt.schedule(scheduler, step - 1, total, lr)
 --                               (plugins count steps from 0, as transformers' lr_lambda)
 --   schedule = nil              or a Lua function(step, total, base_lr) -> lr, step from 1;
@@ -269,6 +276,9 @@ local function resolve(cfg, mt)
   local int8_modes = { [false] = false, off = false, forward = "forward", all = "all", [true] = "all" }
   if cfg.int8 ~= nil and int8_modes[cfg.int8] == nil then
     fail("cfg.int8 must be \"off\", \"forward\" or \"all\" (false, true: off, all), got %s", tostring(cfg.int8))
+  end
+  if cfg.recompute ~= nil and cfg.recompute ~= "off" and cfg.recompute ~= "norms" and cfg.recompute ~= "layers" then
+    fail("cfg.recompute must be \"off\", \"norms\" or \"layers\", got %s", tostring(cfg.recompute))
   end
   if cfg.tensorboard ~= nil and type(cfg.tensorboard) ~= "boolean" then
     fail("cfg.tensorboard must be true or false, got %s", type(cfg.tensorboard))
@@ -908,6 +918,7 @@ function M.run(cfg, mt)
   local int8_copies <close> = R.int8 and setmetatable({}, {
     __close = function() cfg.model:int8_training("off") end }) or nil
   if R.int8 then cfg.model:int8_training(R.int8) end
+  if cfg.recompute then cfg.model:recompute(cfg.recompute) end
 
   T.t0 = R.clock()
   T.fire("on_train_begin")

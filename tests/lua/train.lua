@@ -118,6 +118,17 @@ check(f8.int8 == projections and f8.loss == q8.loss, string.format("forward only
 model2:int8_training(false)
 print(string.format("train: int8 step loss %.6f against fp32 %.6f, %d projections", q8.loss, fp.loss, q8.int8))
 
+-- model:recompute: whole layers recomputed in backward give the step of the default
+-- ("norms") to the bit (lr 0: the same weights); unknown modes are refused
+model2:recompute("layers")
+local ck = mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 6 })
+model2:recompute("norms")
+local nm = mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 7 })
+check(ck.loss == nm.loss and ck.grad_norm == nm.grad_norm,
+      string.format("recompute layers: loss %.9g, norm %.9g against %.9g, %.9g", ck.loss, ck.grad_norm,
+                    nm.loss, nm.grad_norm))
+check(not pcall(model2.recompute, model2, "everything"), "recompute's modes")
+
 -- the trainer's int8 option: its first step says how many projections, and the copies
 -- go when the run ends
 local said = {}
@@ -135,6 +146,11 @@ run_cfg.int8 = "yes"
 local ok, err = pcall(mt.trainer.run, run_cfg, mt)
 check(not ok and tostring(err):find('cfg.int8 must be "off", "forward" or "all"', 1, true),
       "bad int8: " .. tostring(err))
+run_cfg.int8, run_cfg.recompute = nil, "all"
+ok, err = pcall(mt.trainer.run, run_cfg, mt)
+check(not ok and tostring(err):find('cfg.recompute must be "off", "norms" or "layers"', 1, true),
+      "bad recompute: " .. tostring(err))
+run_cfg.recompute = nil
 
 check(mt.checkpoint_prune(TMP, 1) == 0, "prune")
 check(#mt.sha256("abc") == 64, "sha256")
