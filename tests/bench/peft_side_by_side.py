@@ -3,6 +3,7 @@
 
     tests/bench/peft_side_by_side.py [--moontune build/moontune] [--shape smollm2-135m]
         [--batch 4] [--seq 256] [--prompt 0] [--threads 2] [--steps 3] [--warmup 1]
+        [--checkpointing]
 
 Both sides run forward + backward steps of the same Llama-family shape with random
 weights, fp32, on the same threads, and no optimizer step (`moontune bench` times none):
@@ -14,6 +15,11 @@ and mode runs in its own process, so that peak resident memory is its own. The m
 fp32 matrix-product rate (numpy's sgemm, 2048^3, same threads) is measured in the same
 run, so the step's rate can be read against it (issue 17: the ratio counts where both
 are bound by fp32 products). Needs torch, transformers and peft (PyPI).
+
+moontune recomputes its norms and SwiGLU in backward (its default, `recompute =
+"norms"`). --checkpointing recomputes whole layers on both sides: `moontune bench
+--recompute layers`, and transformers' `gradient_checkpointing_enable()` (non-reentrant)
+on the PyTorch side.
 
 OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the children's environment, as
 for every benchmark of this project (they pin OpenBLAS to a slower kernel on CI).
@@ -51,6 +57,8 @@ def run_moontune(args, mode):
     cmd = [args.moontune, "bench", "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
            "--prompt", str(args.prompt),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    if args.checkpointing:
+        cmd += ["--recompute", "layers"]
     if mode == "lora":
         cmd += ["--adapter", "lora", "--adapter-option", "target_modules=all-linear",
                 "--adapter-option", f"r={LORA_R}", "--adapter-option", f"alpha={LORA_ALPHA}"]
@@ -67,7 +75,7 @@ def run_moontune(args, mode):
             "peak_mib": float(peak.group(1))}
 
 
-def torch_child(shape, mode, batch, seq, prompt, threads, steps, warmup):
+def torch_child(shape, mode, batch, seq, prompt, threads, steps, warmup, checkpointing):
     """Runs in a child process: prints one JSON line."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,6 +84,8 @@ def torch_child(shape, mode, batch, seq, prompt, threads, steps, warmup):
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, tie_word_embeddings=True, attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg).float()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
@@ -100,7 +110,7 @@ def torch_child(shape, mode, batch, seq, prompt, threads, steps, warmup):
 def run_torch(args, mode):
     cmd = [sys.executable, __file__, "--child", mode, "--shape", args.shape, "--batch", str(args.batch),
            "--seq", str(args.seq), "--prompt", str(args.prompt), "--threads", str(args.threads), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup)] + (["--checkpointing"] if args.checkpointing else [])
     out = subprocess.run(cmd, env=bench_env(args.threads), capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"peft_side_by_side: the PyTorch side ({mode}) failed:\n{out.stderr[-3000:]}")
@@ -130,11 +140,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="recompute whole layers in backward on both sides")
     ap.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         torch_child(args.shape, args.child, args.batch, args.seq, args.prompt, args.threads, args.steps,
-                    args.warmup)
+                    args.warmup, args.checkpointing)
         return
     cpu = "?"
     try:
@@ -144,7 +156,7 @@ def main():
         pass
     rate = sgemm_rate(args.threads)
     print(f"{cpu}; {args.threads} threads; shape {args.shape}, batch {args.batch} x {args.seq} "
-          f"(prompt {args.prompt}), fp32; "
+          f"(prompt {args.prompt}), fp32{', whole layers recomputed' if args.checkpointing else ''}; "
           f"sgemm 2048^3 (numpy) {rate:.1f} GFLOP/s")
     print(f"{'mode':<6} {'moontune tok/s':>15} {'PEFT tok/s':>11} {'ratio':>6} {'moontune MiB':>13} "
           f"{'PEFT MiB':>9} {'ratio':>6} {'step/sgemm':>11}")
