@@ -463,6 +463,85 @@ static double model_ce(checker *c, void *ctx, int backward, mt_error *err) {
     return st ? NAN : loss;
 }
 
+/* Every trainable gradient of the model, concatenated, into a new array of *total. */
+static float *copy_grads(checker *c, size_t *total, mt_error *err) {
+    mt_param_view *p = NULL;
+    size_t n = 0, len = 0;
+    if (mt_model_trainable_params(c->model, &p, &n, err)) return NULL;
+    for (size_t i = 0; i < n; i++) len += (size_t)mt_tensor_numel(&p[i].grad);
+    float *out = mt_calloc(len ? len : 1, sizeof *out, "gradient copy", err);
+    for (size_t i = 0, k = 0; out && i < n; k += (size_t)mt_tensor_numel(&p[i].grad), i++)
+        memcpy(out + k, p[i].grad.data, (size_t)mt_tensor_numel(&p[i].grad) * sizeof *out);
+    free(p);
+    *total = len;
+    return out;
+}
+
+/* Gradient checkpointing (recompute "layers") runs the adapter's forwards a second time
+ * in backward, between set_replay(1) and set_replay(0). A training step (dropout and
+ * the like on) must then give the gradients of a step without it, to the bit. The
+ * adapter's state slots (LoRA's dropout passes) are put back between the two steps, so
+ * that both draw what one step would. */
+static int check_adapter_replay(checker *c, mt_plugin_instance *inst, mt_error *err) {
+    const mt_adapter_vtable *vt = inst->desc->vtable;
+    const mt_model *m = c->model;
+    if (!MT_VTABLE_HAS(mt_adapter_vtable, vt, set_replay)) {
+        if (m->num_adapters && m->adapters[m->num_adapters - 1].wraps)
+            printf("  note  %s wraps projections and has no set_replay: gradient checkpointing "
+                   "(recompute \"layers\") refuses it\n", inst->desc->name);
+        return 0;
+    }
+    const int slots = MT_VTABLE_HAS(mt_adapter_vtable, vt, state_count) &&
+                      MT_VTABLE_HAS(mt_adapter_vtable, vt, state_get) &&
+                      MT_VTABLE_HAS(mt_adapter_vtable, vt, state_set);
+    const size_t count = slots ? vt->state_count(inst->state) : 0;
+    /* the state as it is before the first step: names and host copies */
+    char **names = mt_calloc(count ? count : 1, sizeof *names, "adapter state", err);
+    mt_tensor *saved = mt_calloc(count ? count : 1, sizeof *saved, "adapter state", err);
+    int rc = names && saved ? 0 : -1;
+    for (size_t i = 0; !rc && i < count; i++) {
+        const char *name;
+        mt_tensor t;
+        if (vt->state_get(inst->state, i, &name, &t, err)) {
+            rc = -1;
+            break;
+        }
+        const size_t bytes = (size_t)mt_tensor_numel(&t) * mt_dtype_size(t.dtype);
+        saved[i] = t;
+        saved[i].device = MT_DEVICE_CPU;
+        saved[i].data = mt_malloc(bytes ? bytes : 1, "adapter state", err);
+        names[i] = saved[i].data ? strdup(name) : NULL;
+        if (!names[i] || mt_host_table()->tensor_download(saved[i].data, &t, err)) rc = -1;
+    }
+    float *plain = NULL, *replayed = NULL;
+    size_t n_plain = 0, n_replayed = 0;
+    mt_model_set_training(c->model, 1);
+    if (!rc) {
+        mt_model_zero_grad(c->model);
+        rc = mt_model_set_recompute(c->model, MT_RECOMPUTE_OFF, err) || isnan(model_ce(c, NULL, 1, err)) ||
+             !(plain = copy_grads(c, &n_plain, err)) ? -1 : 0;
+    }
+    for (size_t i = 0; !rc && i < count; i++)
+        if (vt->state_set(inst->state, names[i], &saved[i], err)) rc = -1;
+    if (!rc) {
+        mt_model_zero_grad(c->model);
+        rc = mt_model_set_recompute(c->model, MT_RECOMPUTE_LAYERS, err) ||
+             isnan(model_ce(c, NULL, 1, err)) || !(replayed = copy_grads(c, &n_replayed, err)) ? -1 : 0;
+    }
+    if (!rc)
+        report(c, n_plain == n_replayed && !memcmp(plain, replayed, n_plain * sizeof *plain),
+               "gradient checkpointing: a training step with every layer recomputed gives the "
+               "same %zu gradient values (set_replay)", n_plain);
+    mt_model_set_training(c->model, 0);
+    if (!rc && mt_model_set_recompute(c->model, MT_RECOMPUTE_NORMS, err)) rc = -1;
+    for (size_t i = 0; i < count; i++) {
+        if (names) free(names[i]);
+        if (saved) free(saved[i].data);
+    }
+    free(names), free(saved), free(plain), free(replayed);
+    return rc;
+}
+
 static int check_adapter(checker *c, mt_plugin_instance *inst, mt_error *err) {
     const mt_adapter_vtable *vt = inst->desc->vtable;
     if (mt_model_attach_adapter(c->model, vt, inst->state, err)) return -1;
@@ -479,6 +558,7 @@ static int check_adapter(checker *c, mt_plugin_instance *inst, mt_error *err) {
     }
     free(p);
     if (n && check_gradient(c, model_ce, NULL, "gradient", err)) return -1;
+    if (n && check_adapter_replay(c, inst, err)) return -1;
     if (!MT_VTABLE_HAS(mt_adapter_vtable, vt, merge) || !MT_VTABLE_HAS(mt_adapter_vtable, vt, unmerge)) {
         printf("  note  %s does not merge: merge check not run\n", inst->desc->name);
         return 0;
@@ -612,8 +692,9 @@ static void usage(FILE *out) {
             "\n"
             "Loads one plugin file and checks it on built-in fixtures: a loss's gradient against\n"
             "finite differences on a tiny random model, an optimizer's descent and state restore,\n"
-            "a scheduler's learning rates, an adapter's gradient and merge. Prints one line per\n"
-            "check; exits 0 when every check passes, 1 when one fails or the plugin is refused.\n");
+            "a scheduler's learning rates, an adapter's gradient, replay and merge. Prints one\n"
+            "line per check; exits 0 when every check passes, 1 when one fails or the plugin\n"
+            "is refused.\n");
 }
 
 int mt_cmd_plugin(int argc, char **argv) {

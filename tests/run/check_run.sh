@@ -231,6 +231,24 @@ cc -std=c11 -O1 -shared -fPIC -fvisibility=hidden -I"$source_dir/core/include" n
    -o nodA/lora_nodA.so -lm
 if "$moontune" plugin check nodA/lora_nodA.so > nodA.txt 2>&1; then cat nodA.txt; exit 1; fi
 grep -q "FAIL  gradient of model.layers.0.self_attn.q_proj.lora_A.weight alone" nodA.txt
+# LoRA with dropout 0.1 by default: its replay keeps the pass, so a step with every layer
+# recomputed gives the same gradients; a copy that counts a pass while replaying draws
+# other masks in the second forward and must fail
+mkdir -p replay
+cp "$source_dir/plugins/adapter/lora.c" "$source_dir/plugins/adapter/lora_peft.h" replay/
+grep -q '{"dropout", MT_OPT_FLOAT, "0", 0, 1, NULL,' replay/lora.c
+grep -q 'if (drops && !lo->replaying) L->pass++;' replay/lora.c
+sed -i 's/{"dropout", MT_OPT_FLOAT, "0", 0, 1, NULL,/{"dropout", MT_OPT_FLOAT, "0.1", 0, 1, NULL,/' replay/lora.c
+cp replay/lora.c replay/lora_noreplay.c
+sed -i 's/if (drops \&\& !lo->replaying) L->pass++;/if (drops) L->pass++;/' replay/lora_noreplay.c
+for v in lora lora_noreplay; do
+  cc -std=c11 -O1 -shared -fPIC -fvisibility=hidden -I"$source_dir/core/include" replay/$v.c \
+     -o replay/$v.so -lm
+done
+"$moontune" plugin check replay/lora.so > replay.txt 2>&1 || { cat replay.txt; exit 1; }
+grep -q "pass  gradient checkpointing: a training step with every layer recomputed" replay.txt
+if "$moontune" plugin check replay/lora_noreplay.so > noreplay.txt 2>&1; then cat noreplay.txt; exit 1; fi
+grep -q "FAIL  gradient checkpointing: a training step with every layer recomputed" noreplay.txt
 if "$moontune" plugin check "$build_dir/test_plugins/bad_abi1.so" 2> abi1.txt; then exit 1; fi
 grep -q "built for plugin ABI 1" abi1.txt
 if "$moontune" plugin check 2> usage.txt; then exit 1; fi
