@@ -10,6 +10,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -305,8 +306,8 @@ static float exp_shifted_scalar(float *y, const float *x, float shift, int n) {
 
 /* The same operations on 8 lanes (AVX2 and FMA): every element gets the scalar loop's
  * bits where CPU_MADD is fmaf; the sum is 8 running sums, then the tail's. gcc keeps
- * the scalar loop scalar (the mask's multiply), and exp takes a tenth of a LoRA step
- * (softmax, SwiGLU, cross-entropy). Its clamp is max(EXP_MIN, a), whose NaN case
+ * the scalar loop scalar (the mask's multiply), where exp took a tenth of a LoRA step
+ * on a Zen 2 (softmax, SwiGLU, cross-entropy). Its clamp is max(EXP_MIN, a), whose NaN case
  * returns the NaN, as the scalar a < EXP_MIN ? EXP_MIN : a does. */
 #if EXP_AVX2
 __attribute__((target("avx2,fma"))) static float exp_shifted_avx2(float *y, const float *x,
@@ -344,24 +345,29 @@ __attribute__((target("avx2,fma"))) static float exp_shifted_avx2(float *y, cons
 }
 #endif
 
-static int exp_kernel = -1; /* -1: not chosen yet; 0 scalar; 1 AVX2 */
+/* -1: not chosen yet; 0 scalar; 1 AVX2. Atomic: the first calls may come from several
+ * OpenMP threads at once, each storing the same choice. */
+static _Atomic int exp_kernel = -1;
 
 int cpu_exp_use_avx2(int use) {
-    int had = exp_kernel == 1;
+    int had = atomic_load_explicit(&exp_kernel, memory_order_relaxed) == 1;
 #if EXP_AVX2
-    exp_kernel = use && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    use = use && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
-    (void)use;
-    exp_kernel = 0;
+    use = 0;
 #endif
+    atomic_store_explicit(&exp_kernel, use, memory_order_relaxed);
     return had;
 }
 
 float cpu_exp_shifted(float *y, const float *x, float shift, int n) {
-    /* a benign race: every thread that sees -1 stores the same choice */
-    if (exp_kernel < 0) cpu_exp_use_avx2(1);
+    int kernel = atomic_load_explicit(&exp_kernel, memory_order_relaxed);
+    if (kernel < 0) {
+        cpu_exp_use_avx2(1);
+        kernel = atomic_load_explicit(&exp_kernel, memory_order_relaxed);
+    }
 #if EXP_AVX2
-    if (exp_kernel) return exp_shifted_avx2(y, x, shift, n);
+    if (kernel) return exp_shifted_avx2(y, x, shift, n);
 #endif
     return exp_shifted_scalar(y, x, shift, n);
 }
