@@ -495,6 +495,7 @@ static int check_adapter_replay(checker *c, mt_plugin_instance *inst, mt_error *
                       MT_VTABLE_HAS(mt_adapter_vtable, vt, state_get) &&
                       MT_VTABLE_HAS(mt_adapter_vtable, vt, state_set);
     const size_t count = slots ? vt->state_count(inst->state) : 0;
+    const mt_recompute mode_before = m->recompute;
     /* the state as it is before the first step: names and host copies */
     char **names = mt_calloc(count ? count : 1, sizeof *names, "adapter state", err);
     mt_tensor *saved = mt_calloc(count ? count : 1, sizeof *saved, "adapter state", err);
@@ -533,7 +534,7 @@ static int check_adapter_replay(checker *c, mt_plugin_instance *inst, mt_error *
                "gradient checkpointing: a training step with every layer recomputed gives the "
                "same %zu gradient values (set_replay)", n_plain);
     mt_model_set_training(c->model, 0);
-    if (!rc && mt_model_set_recompute(c->model, MT_RECOMPUTE_NORMS, err)) rc = -1;
+    if (!rc && mt_model_set_recompute(c->model, mode_before, err)) rc = -1;
     for (size_t i = 0; i < count; i++) {
         if (names) free(names[i]);
         if (saved) free(saved[i].data);
