@@ -11,6 +11,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -61,6 +62,37 @@
 #define MATMUL_SMALL_PATH 0
 #endif
 
+/* A product of many rows and few columns (LoRA's u = x·Aᵀ and g = dy·B, N = r) that
+ * reaches sgemm runs as its transpose, cᵀ (N,M) = op(b)ᵀ·op(a)ᵀ, into a scratch that is
+ * then transposed into c. In a LoRA step on a Zen 2 (AVX2, OpenBLAS's Zen kernels)
+ * sgemm ran these at 43-48 GFLOP/s as asked and at 71-83 transposed; the copy back is
+ * N·M floats (docs/speed.md). cpu_matmul_narrow_use turns it off for tests. */
+#define MATMUL_NARROW_COLS 32
+#define MATMUL_NARROW_ROWS 256
+static _Atomic int matmul_narrow_off;
+
+void cpu_matmul_narrow_use(int on) { atomic_store_explicit(&matmul_narrow_off, !on, memory_order_relaxed); }
+
+/* 0 when done; -1 (nothing written) when the scratch could not be had. */
+static int matmul_narrow(float *c, const float *a, const float *b, int M, int N, int K, int lda,
+                         int ldb, int trans_a, int trans_b, float alpha, float beta) {
+    float *ct = malloc((size_t)M * N * sizeof *ct);
+    if (!ct) return -1;
+    /* ct = op(b)ᵀ · op(a)ᵀ: op(b)ᵀ is b as stored when trans_b, else b transposed */
+    cblas_sgemm(CblasRowMajor, trans_b ? CblasNoTrans : CblasTrans,
+                trans_a ? CblasNoTrans : CblasTrans, N, M, K, alpha, b, ldb, a, lda, 0.0f, ct, M);
+#pragma omp parallel for if ((size_t)M * N >= PAR_MIN) schedule(static)
+    for (int i = 0; i < M; i++) {
+        float *row = c + (size_t)i * N;
+        if (beta == 0.0f) /* c is not read: it may hold NaN */
+            for (int j = 0; j < N; j++) row[j] = ct[(size_t)j * M + i];
+        else
+            for (int j = 0; j < N; j++) row[j] = ct[(size_t)j * M + i] + beta * row[j];
+    }
+    free(ct);
+    return 0;
+}
+
 static int small_side(int M, int N, int K, int trans_b) {
     const int shortest = M < N ? (M < K ? M : K) : (N < K ? N : K);
     /* a transposed b is copied: only when one of its own sides is short */
@@ -94,6 +126,10 @@ void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, i
         return;
     int lda = trans_a ? M : K;
     int ldb = trans_b ? K : N;
+    if (N <= MATMUL_NARROW_COLS && M >= MATMUL_NARROW_ROWS &&
+        !atomic_load_explicit(&matmul_narrow_off, memory_order_relaxed) &&
+        !matmul_narrow(c, a, b, M, N, K, lda, ldb, trans_a, trans_b, alpha, beta))
+        return;
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
                 trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, a, lda, b, ldb, beta, c, N);
 }

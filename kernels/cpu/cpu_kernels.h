@@ -26,6 +26,9 @@
  * b is (K,N) or (N,K) when trans_b. cblas_sgemm. */
 void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, int trans_a,
                 int trans_b, float alpha, float beta);
+/* Whether cpu_matmul computes products of many rows and at most 32 columns that reach
+ * sgemm as their transpose (on, the default) or as asked (off). For tests. */
+void cpu_matmul_narrow_use(int on);
 /* cpu_matmul for a product with a short side (cpu_matmul_small.c): no packing of the
  * long operands, a transposed b copied (K·N floats: cpu_matmul takes this path only
  * when one of b's sides is short). Returns 0, or -1 (nothing written) for an empty

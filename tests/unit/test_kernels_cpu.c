@@ -280,6 +280,53 @@ static void test_matmul_small(void **state) {
     assert_int_equal(cpu_matmul_small(&x, &x, &x, 1, 1, 0, 0, 0, 1.0f, 0.0f), -1);
 }
 
+/* Products of many rows and at most 32 columns that reach sgemm run as their transpose
+ * (cpu_matmul_narrow_use): every transpose case, alpha and beta, beta = 0 with NaN in
+ * c, on both sides of the limits (N 32 / 33, M 256 / 255), with the path on and off,
+ * against a double-precision reference. Below cpu_matmul_small's 2^21 multiply-adds,
+ * so that AVX-512 builds reach this path too. */
+static void test_matmul_narrow(void **state) {
+    (void)state;
+    uint64_t rng = 8;
+    const int shapes[][3] = {{256, 16, 100}, {300, 32, 200}, {1000, 7, 33}, {257, 1, 5},
+                             {512, 31, 64}, {255, 16, 64}, {256, 33, 64}, {4096, 3, 17}};
+    const float ab[][2] = {{1.0f, 0.0f}, {1.0f, 1.0f}, {0.7f, 0.3f}, {-2.0f, 0.5f}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        float *a = frand(M * K, &rng, -1, 1), *b = frand(N * K, &rng, -1, 1);
+        double *ref = malloc(sizeof(double) * M * N), *got = malloc(sizeof(double) * M * N);
+        assert_non_null(ref);
+        assert_non_null(got);
+        for (int t = 0; t < 4; t++) {
+            const int ta = t % 2, tb = t / 2;
+            const float alpha = ab[(s + t) % 4][0], beta = ab[(s + t) % 4][1];
+            float *c0 = beta == 0.0f ? fnan(M * N) : frand(M * N, &rng, -1, 1);
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) {
+                    double sum = 0.0;
+                    for (int p = 0; p < K; p++)
+                        sum += (double)(ta ? a[p * M + i] : a[i * K + p]) *
+                               (tb ? b[j * K + p] : b[p * N + j]);
+                    ref[i * N + j] = alpha * sum + (beta == 0.0f ? 0.0 : beta * c0[i * N + j]);
+                }
+            for (int on = 0; on < 2; on++) {
+                float *c = fcopy(c0, M * N);
+                cpu_matmul_narrow_use(on);
+                be.ops->matmul(&be, c, a, b, M, N, K, ta, tb, alpha, beta);
+                for (int i = 0; i < M * N; i++) got[i] = c[i];
+                const double err = mt_test_rel_err_d(got, ref, M * N);
+                printf("  matmul narrow %s M=%d N=%d K=%d trans_a=%d trans_b=%d alpha=%g beta=%g "
+                       "rel err %.2e\n", on ? "on " : "off", M, N, K, ta, tb, alpha, beta, err);
+                assert_true(err < 2e-7 * sqrt((double)K) + 1e-7);
+                free(c);
+            }
+            free(c0);
+        }
+        free(a), free(b), free(ref), free(got);
+    }
+    cpu_matmul_narrow_use(1);
+}
+
 /* The int8 product's documented quantisation, naively and in double: weight groups of
  * 32 inputs as codes on (max - min) / 255 steps from their minimum, input groups as
  * integers in [-127, 127] times max |x| / 127, their products summed. */
@@ -1720,6 +1767,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_forward),
         cmocka_unit_test(test_matmul_rows),
         cmocka_unit_test(test_matmul_small),
+        cmocka_unit_test(test_matmul_narrow),
         cmocka_unit_test(test_matmul_int8),
         cmocka_unit_test(test_matmul_int8_small_codes),
         cmocka_unit_test(test_matmul_backward),
