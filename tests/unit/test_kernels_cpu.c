@@ -280,6 +280,45 @@ static void test_matmul_small(void **state) {
     assert_int_equal(cpu_matmul_small(&x, &x, &x, 1, 1, 0, 0, 0, 1.0f, 0.0f), -1);
 }
 
+/* cpu_gemm_tile (attention's blocks, cpu_matmul_small's tasks) sums every element over
+ * p in order from its start (c's value when alpha = beta = 1, else 0) with CPU_MADD,
+ * then applies alpha and beta: the same bits as that loop written naively, whichever
+ * register tile the build uses (8 x 32 with AVX-512, 6 x 16 with AVX2), on row and
+ * column counts around both tiles' edges and with a transposed a. */
+static void test_gemm_tile_bits(void **state) {
+    (void)state;
+    uint64_t rng = 9;
+    const int shapes[][3] = {{64, 64, 64}, {13, 37, 5}, {6, 16, 1}, {7, 47, 33}, {1, 16, 64},
+                             {5, 15, 9}, {48, 80, 64}, {25, 33, 100}};
+    const float ab[][2] = {{1.0f, 0.0f}, {1.0f, 1.0f}, {0.7f, 0.3f}, {0.125f, 0.0f}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
+        const int ta = s % 2;
+        const size_t lda = (size_t)(ta ? m : k) + 3, ldb = (size_t)n + 5, ldc = (size_t)n + 2;
+        const size_t a_rs = ta ? 1 : lda, a_cs = ta ? lda : 1;
+        float *a = frand((int)(lda * (ta ? k : m)), &rng, -1, 1), *b = frand((int)(ldb * k), &rng, -1, 1);
+        float *c0 = frand((int)(ldc * m), &rng, -1, 1);
+        for (int t = 0; t < 4; t++) {
+            const float alpha = ab[t][0], beta = ab[t][1];
+            float *got = fcopy(c0, (int)(ldc * m)), *want = fcopy(c0, (int)(ldc * m));
+            cpu_gemm_tile(got, ldc, a, a_rs, a_cs, b, ldb, m, n, k, alpha, beta);
+            const int from_c = alpha == 1.0f && beta == 1.0f;
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < n; j++) {
+                    float *cij = want + (size_t)i * ldc + j;
+                    float acc = from_c ? *cij : 0.0f;
+                    for (int p = 0; p < k; p++)
+                        acc = CPU_MADD(a[(size_t)i * a_rs + (size_t)p * a_cs], b[(size_t)p * ldb + j], acc);
+                    *cij = from_c ? acc : beta == 0.0f ? alpha * acc : alpha * acc + beta * *cij;
+                }
+            printf("  gemm_tile m=%d n=%d k=%d trans_a=%d alpha=%g beta=%g\n", m, n, k, ta, alpha, beta);
+            assert_memory_equal(got, want, sizeof(float) * ldc * m);
+            free(got), free(want);
+        }
+        free(a), free(b), free(c0);
+    }
+}
+
 /* Products of many rows and at most 32 columns that reach sgemm run as their transpose
  * (cpu_matmul_narrow_use): every transpose case, alpha and beta, beta = 0 with NaN in
  * c, on both sides of the limits (N 32 / 33, M 256 / 255), with the path on and off,
@@ -1767,6 +1806,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_forward),
         cmocka_unit_test(test_matmul_rows),
         cmocka_unit_test(test_matmul_small),
+        cmocka_unit_test(test_gemm_tile_bits),
         cmocka_unit_test(test_matmul_narrow),
         cmocka_unit_test(test_matmul_int8),
         cmocka_unit_test(test_matmul_int8_small_codes),
