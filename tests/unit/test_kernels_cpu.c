@@ -217,6 +217,19 @@ static void test_matmul_rows(void **state) {
     }
 }
 
+/* ref (M,N) = alpha · op(a) · op(b) + beta · c0 in double (c0 not read when beta = 0);
+ * a is (M,K) or (K,M) when ta, b is (K,N) or (N,K) when tb. */
+static void matmul_reference(double *ref, const float *a, const float *b, const float *c0, int M,
+                             int N, int K, int ta, int tb, float alpha, float beta) {
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double sum = 0.0;
+            for (int p = 0; p < K; p++)
+                sum += (double)(ta ? a[p * M + i] : a[i * K + p]) * (tb ? b[j * K + p] : b[p * N + j]);
+            ref[i * N + j] = alpha * sum + (beta == 0.0f ? 0.0 : beta * c0[i * N + j]);
+        }
+}
+
 /* The short-side path (cpu_matmul_small.c: LoRA's rank-r products): every transpose
  * case on shapes with a side of 1 .. 32 around the register tile's 8 x 16 / 8 x 32
  * edges, called directly (so the sanitizer build, which does not target AVX-512, runs
@@ -244,14 +257,7 @@ static void test_matmul_small(void **state) {
         double *ref = malloc(sizeof(double) * M * N), *got = malloc(sizeof(double) * M * N);
         assert_non_null(ref);
         assert_non_null(got);
-        for (int i = 0; i < M; i++)
-            for (int j = 0; j < N; j++) {
-                double sum = 0.0;
-                for (int p = 0; p < K; p++)
-                    sum += (double)(ta ? a[p * M + i] : a[i * K + p]) *
-                           (tb ? b[j * K + p] : b[p * N + j]);
-                ref[i * N + j] = alpha * sum + (beta == 0.0f ? 0.0 : beta * c0[i * N + j]);
-            }
+        matmul_reference(ref, a, b, c0, M, N, K, ta, tb, alpha, beta);
         for (int path = 0; path < 2; path++) {
             float *c = fcopy(c0, M * N);
             if (path == 0) {
@@ -340,14 +346,7 @@ static void test_matmul_narrow(void **state) {
             const int ta = t % 2, tb = t / 2;
             const float alpha = ab[(s + t) % 4][0], beta = ab[(s + t) % 4][1];
             float *c0 = beta == 0.0f ? fnan(M * N) : frand(M * N, &rng, -1, 1);
-            for (int i = 0; i < M; i++)
-                for (int j = 0; j < N; j++) {
-                    double sum = 0.0;
-                    for (int p = 0; p < K; p++)
-                        sum += (double)(ta ? a[p * M + i] : a[i * K + p]) *
-                               (tb ? b[j * K + p] : b[p * N + j]);
-                    ref[i * N + j] = alpha * sum + (beta == 0.0f ? 0.0 : beta * c0[i * N + j]);
-                }
+            matmul_reference(ref, a, b, c0, M, N, K, ta, tb, alpha, beta);
             for (int on = 0; on < 2; on++) {
                 float *c = fcopy(c0, M * N);
                 cpu_matmul_narrow_use(on);
