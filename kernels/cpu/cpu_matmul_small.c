@@ -9,14 +9,14 @@
  * operands where they lie: op(a) is read through row and column strides, op(b) must be
  * row-major (a transposed b is copied, which is cheap because one of its sides is
  * short), and cpu_gemm_tile keeps an 8 x 32 (or 8 x 16) block of c in registers while
- * it walks the inner dimension. Every element of c sums over the inner dimension in
+ * it walks the inner dimension (6 x 16 where the build targets AVX2 without AVX-512). Every element of c sums over the inner dimension in
  * order, so the result does not depend on the number of threads. */
 #include "cpu_kernels.h"
 
 #include <omp.h>
 #include <stdlib.h>
 
-/* Rows of a register tile; its columns are 32, or 16 where fewer are left. */
+/* Rows of the generic register tile; its columns are 32, or 16 where fewer are left. */
 #define TILE_M 8
 /* Rows and columns of c per task of cpu_matmul_small. */
 #define TASK_ROWS 64
