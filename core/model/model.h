@@ -333,7 +333,8 @@ float *mt_linear_restore_weight(mt_linear *lin);
  * layer's forward runs again in backward, up to SwiGLU: about a third more work per step).
  * The gradients are the same bits in every mode. LAYERS runs adapters' forwards twice per
  * pass, so an adapter that wraps projections must replay (mt_adapter_vtable.set_replay);
- * one that cannot is refused here, or at its attach while LAYERS is set. An existing plan
+ * one that cannot is refused here, or, attached after LAYERS was set, at the next
+ * forward (mt_model_forward checks the mode every time). An existing plan
  * is made again for the new mode (its shape kept). */
 mt_status mt_model_set_recompute(mt_model *m, mt_recompute mode, mt_error *err);
 /* "off", "norms", "layers": the mode of that name into *mode; 0 when none is. */
