@@ -562,6 +562,8 @@ panel_rows_avx2_small(float *c, int ldc, const int8_t *a, int Kp, const uint8_t 
             for (int i = 0; i < mr; i++) sums[i][0] = sums[i][1] = _mm256_setzero_si256();
             const uint8_t *qg = q + (size_t)g * GROUP * PANEL + (size_t)half * 64;
             const int8_t *ag = a + (size_t)g * GROUP;
+            /* not 8: fully unrolled, gcc reassociates the integer sums, computes all
+             * 48 vpmaddubsw first and spills them (0.83x the speed; docs/speed.md) */
 #pragma GCC unroll 2
             for (int k4 = 0; k4 < GROUP / 4; k4++) {
                 const __m256i w0 = _mm256_load_si256((const __m256i *)(const void *)(qg + (size_t)k4 * 128));
