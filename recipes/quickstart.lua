@@ -7,9 +7,10 @@
 --   moontune run recipes/quickstart.lua --set model=path/to/model.gguf
 --
 -- Steps:
---   1. before training: held-out loss, held-out task accuracy (exact match of the
---      greedy answer with the reference JSON), perplexity on a general text set
---      (data/general, written for this check), and a few sample answers
+--   1. before training, on the base model (the adapter is attached after): held-out
+--      loss, held-out task accuracy (exact match of the greedy answer with the
+--      reference JSON), perplexity on a general text set (data/general, written for
+--      this check), and a few sample answers
 --   2. LoRA fine-tuning with AdamW and a cosine schedule, evaluating the held-out
 --      loss every eval_every steps; early stopping on it (patience), the best
 --      checkpoint restored at the end
@@ -88,8 +89,10 @@ local lora = mt.plugin("adapter", "lora", {
   r = cfg.lora.r, alpha = cfg.lora.alpha, dropout = cfg.lora.dropout,
   target_modules = cfg.lora.target_modules, seed = cfg.seed,
 })
-model:attach(lora)
 model:plan(cfg.batch, cfg.seq_len)
+-- the adapter is attached after the "before" measurements: a new LoRA adds exactly
+-- nothing (B = 0), so they are the base model's numbers either way, and without it the
+-- base runs alone, without the adapter's products (the plan does not depend on it)
 
 -- held-out loss, task accuracy and general perplexity of the model as it is now;
 -- heldout_loss, when given, is the trainer's evaluation of this very model (no rerun)
@@ -145,11 +148,13 @@ local trainer_cfg = {
   out_dir = out,
 }
 if mt.validating() then -- `moontune validate`: the trainer reports; nothing is generated or trained
+  model:attach(lora)
   mt.trainer.run(trainer_cfg, mt)
   return
 end
 
 local before = measure("before")
+model:attach(lora)
 
 local train_started = mt.now()
 local result = mt.trainer.run(trainer_cfg, mt)

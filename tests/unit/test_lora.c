@@ -368,9 +368,11 @@ static void test_lora_defaults(void **state) {
     assert_true(memcmp(a0, a2, 8 * 48 * sizeof(float)) != 0);
     free(a0);
     free(a2);
-    /* B = 0: the adapted model starts as the base */
+    /* B = 0: the adapted model starts as the base, to the bit (the adapter adds exact
+     * zeros to the base's outputs; recipes/quickstart.lua measures the base before it
+     * attaches the adapter on this ground) */
     float *lb = run_step(&base, 0, NULL), *la = run_step(&a, 0, NULL);
-    check_rel("fresh adapter vs base model", la, lb, logits_size(&a), 1e-6);
+    assert_memory_equal(la, lb, logits_size(&a) * sizeof(float));
     free(lb);
     free(la);
     free(va);
