@@ -1,7 +1,7 @@
 /* int8_kernel.c — the int8 weight product (cpu_matmul_int8) alone, against the bound of
  * the instructions it is built from, on this machine.
  *
- *   cc -O2 -fopenmp -mavx2 -mfma -Ikernels/cpu -Ikernels -Icore/include \
+ *   cc -O2 -fopenmp -mavx2 -mfma -Ikernels/cpu -Ikernels -Icore -Icore/include \
  *      tests/bench/int8_kernel.c build/libmoontune_static.a \
  *      -lopenblas -llua5.4 -ljansson -lpcre2-8 -lm -ldl -o /tmp/int8_kernel
  *   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 /tmp/int8_kernel N K M
@@ -17,29 +17,23 @@
 #include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
+#include "base/internal.h" /* mt_now_seconds */
 #include "cpu_kernels.h"
 
 #define CHAINS 12
-
-static double now_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 /* vpmaddubsw + vpaddw pairs per ns on this thread */
 static double pairs_per_ns(long iterations) {
     __m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5), sums[CHAINS];
     for (int i = 0; i < CHAINS; i++) sums[i] = _mm256_setzero_si256();
-    const double t0 = now_seconds();
+    const double t0 = mt_now_seconds();
     for (long k = 0; k < iterations; k++) {
 #pragma GCC unroll 12 /* CHAINS: the sums in registers */
         for (int i = 0; i < CHAINS; i++) sums[i] = _mm256_add_epi16(sums[i], _mm256_maddubs_epi16(w, x));
         __asm__ volatile("" : "+x"(w), "+x"(x)); /* keeps the products in the loop */
     }
-    const double t = now_seconds() - t0;
+    const double t = mt_now_seconds() - t0;
     __m256i all = sums[0];
     for (int i = 1; i < CHAINS; i++) all = _mm256_add_epi16(all, sums[i]);
     if (_mm256_extract_epi16(all, 0) == 1) puts(""); /* uses the sums */
@@ -50,13 +44,13 @@ static double pairs_per_ns(long iterations) {
 static double fmas_per_ns(long iterations) {
     __m256 a = _mm256_set1_ps(1.0001f), b = _mm256_set1_ps(0.9999f), sums[CHAINS];
     for (int i = 0; i < CHAINS; i++) sums[i] = _mm256_setzero_ps();
-    const double t0 = now_seconds();
+    const double t0 = mt_now_seconds();
     for (long k = 0; k < iterations; k++) {
 #pragma GCC unroll 12
         for (int i = 0; i < CHAINS; i++) sums[i] = _mm256_fmadd_ps(a, b, sums[i]);
         __asm__ volatile("" : "+x"(a), "+x"(b));
     }
-    const double t = now_seconds() - t0;
+    const double t = mt_now_seconds() - t0;
     __m256 all = sums[0];
     for (int i = 1; i < CHAINS; i++) all = _mm256_add_ps(all, sums[i]);
     if (_mm256_cvtss_f32(all) == 1.0f) puts("");
@@ -71,12 +65,12 @@ static double time_product(const float *w, const float *x, float *c, int N, int 
     *small = cpu_weight_int8_small_codes(q);
     double best = 1e30;
     for (int r = 0; r < 21; r++) {
-        const double t0 = now_seconds();
+        const double t0 = mt_now_seconds();
         if (cpu_matmul_int8(c, x, q, M, 0, 0)) {
             cpu_weight_int8_free(q);
             return -1.0;
         }
-        const double t = now_seconds() - t0;
+        const double t = mt_now_seconds() - t0;
         if (r > 0 && t < best) best = t; /* the first call warms the caches */
     }
     cpu_weight_int8_free(q);
