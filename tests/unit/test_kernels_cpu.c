@@ -11,6 +11,7 @@
 #include "testutil.h"
 
 #include <math.h>
+#include <cblas.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -363,6 +364,30 @@ static void test_matmul_narrow(void **state) {
         free(a), free(b), free(ref), free(got);
     }
     cpu_matmul_narrow_use(1);
+}
+
+/* cpu_matmul clears c itself and asks sgemm for beta = 1 where the caller gave beta = 0
+ * (sgemm_rowmajor): the bits must stay sgemm's own for beta = 0, with NaN in c before
+ * (not read), for every transpose case, on both sides of SGEMM_CLEAR_MIN outputs. */
+static void test_matmul_beta_zero_bits(void **state) {
+    (void)state;
+    uint64_t rng = 9;
+    const int shapes[][3] = {{1024, 192, 64}, {64, 128, 33}, {90, 91, 200}, {100, 82, 7},
+                             {33, 1536, 576}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        float *a = frand((size_t)M * K, &rng, -1, 1), *b = frand((size_t)N * K, &rng, -1, 1);
+        for (int t = 0; t < 4; t++) {
+            const int ta = t % 2, tb = t / 2;
+            float *got = fnan((size_t)M * N), *want = fnan((size_t)M * N);
+            be.ops->matmul(&be, got, a, b, M, N, K, ta, tb, 0.5f, 0.0f);
+            cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+                        M, N, K, 0.5f, a, ta ? M : K, b, tb ? K : N, 0.0f, want, N);
+            assert_memory_equal(got, want, (size_t)M * N * sizeof *got);
+            free(got), free(want);
+        }
+        free(a), free(b);
+    }
 }
 
 /* The int8 product's documented quantisation, naively and in double: weight groups of
@@ -1807,6 +1832,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_small),
         cmocka_unit_test(test_gemm_tile_bits),
         cmocka_unit_test(test_matmul_narrow),
+        cmocka_unit_test(test_matmul_beta_zero_bits),
         cmocka_unit_test(test_matmul_int8),
         cmocka_unit_test(test_matmul_int8_small_codes),
         cmocka_unit_test(test_matmul_backward),
