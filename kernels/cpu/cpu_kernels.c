@@ -76,10 +76,11 @@ void cpu_matmul_narrow_use(int on) { atomic_store_explicit(&matmul_narrow_off, !
 /* cblas_sgemm, except that with beta = 0 c is cleared here with memset and sgemm runs
  * with beta = 1. OpenBLAS clears c for beta = 0 with its own beta kernel before the
  * same kernel adds the product into c, so the bits are the same; but that pass ran at
- * a third of memset's speed on a Zen 2 (OpenBLAS 0.3.21, Zen kernels): a linear layer's
- * product over 1024 rows (576 or 1536 outputs) ran 1.1-1.25x faster with memset, and
- * none ran slower (docs/speed.md, "Clearing c before sgemm"). Products of fewer than
- * SGEMM_CLEAR_MIN outputs keep sgemm's beta: there the pass is too short to matter. */
+ * a third of memset's speed on a Zen 2 (OpenBLAS 0.3.21, Zen kernels): over 1024 rows,
+ * the products of q, k, v, o, gate and up ran 1.13-1.26x faster with memset, down's
+ * 1.02-1.08x, and none ran slower (docs/speed.md, "Clearing c before sgemm").
+ * Products of fewer than SGEMM_CLEAR_MIN outputs keep sgemm's beta: there the pass is
+ * too short to matter. */
 #define SGEMM_CLEAR_MIN 8192
 static void sgemm_rowmajor(int trans_a, int trans_b, int M, int N, int K, float alpha,
                            const float *a, int lda, const float *b, int ldb, float beta, float *c,
