@@ -73,24 +73,24 @@ static _Atomic int matmul_narrow_off;
 
 void cpu_matmul_narrow_use(int on) { atomic_store_explicit(&matmul_narrow_off, !on, memory_order_relaxed); }
 
-/* cblas_sgemm, except that with beta = 0 c is cleared here with memset and sgemm runs
- * with beta = 1. OpenBLAS clears c for beta = 0 with its own beta kernel before the
- * same kernel adds the product into c, so the bits are the same; but that pass ran at
- * a third of memset's speed on a Zen 2 (OpenBLAS 0.3.21, Zen kernels): over 1024 rows,
- * the products of q, k, v, o, gate and up ran 1.13-1.26x faster with memset, down's
- * 1.02-1.08x, and none ran slower (docs/speed.md, "Clearing c before sgemm").
- * Products of fewer than SGEMM_CLEAR_MIN outputs keep sgemm's beta: there the pass is
- * too short to matter. */
+/* cblas_sgemm into a dense row-major c (M,N), except that with beta = 0 c is cleared
+ * here with memset and sgemm runs with beta = 1. OpenBLAS clears c for beta = 0 with
+ * its own beta kernel before the same kernel adds the product into c, so the bits are
+ * the same; but that pass ran at a third of memset's speed on a Zen 2 (OpenBLAS 0.3.21,
+ * Zen kernels): over 1024 rows, the products of q, k, v, o, gate and up ran
+ * 1.13-1.26x faster with memset, down's 1.02-1.08x, and none ran slower
+ * (docs/speed.md, "Clearing c before sgemm"). Products of fewer than SGEMM_CLEAR_MIN
+ * outputs keep sgemm's beta: there the pass is too short to matter. */
 #define SGEMM_CLEAR_MIN 8192
 static void sgemm_rowmajor(int trans_a, int trans_b, int M, int N, int K, float alpha,
-                           const float *a, int lda, const float *b, int ldb, float beta, float *c,
-                           int ldc) {
-    if (beta == 0.0f && ldc == N && (size_t)M * N >= SGEMM_CLEAR_MIN) {
+                           const float *a, int lda, const float *b, int ldb, float beta,
+                           float *c) {
+    if (beta == 0.0f && (size_t)M * N >= SGEMM_CLEAR_MIN) {
         memset(c, 0, (size_t)M * N * sizeof *c); /* c is not read: it may hold NaN */
         beta = 1.0f;
     }
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+                trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, a, lda, b, ldb, beta, c, N);
 }
 
 /* 0 when done; -1 (nothing written) when the scratch could not be had. */
@@ -99,7 +99,7 @@ static int matmul_narrow(float *c, const float *a, const float *b, int M, int N,
     float *ct = malloc((size_t)M * N * sizeof *ct);
     if (!ct) return -1;
     /* ct = op(b)ᵀ · op(a)ᵀ: op(b)ᵀ is b as stored when trans_b, else b transposed */
-    sgemm_rowmajor(!trans_b, !trans_a, N, M, K, alpha, b, ldb, a, lda, 0.0f, ct, M);
+    sgemm_rowmajor(!trans_b, !trans_a, N, M, K, alpha, b, ldb, a, lda, 0.0f, ct);
 #pragma omp parallel for if ((size_t)M * N >= PAR_MIN) schedule(static)
     for (int i = 0; i < M; i++) {
         float *row = c + (size_t)i * N;
@@ -149,7 +149,7 @@ void cpu_matmul(float *c, const float *a, const float *b, int M, int N, int K, i
         !atomic_load_explicit(&matmul_narrow_off, memory_order_relaxed) &&
         !matmul_narrow(c, a, b, M, N, K, lda, ldb, trans_a, trans_b, alpha, beta))
         return;
-    sgemm_rowmajor(trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta, c, N);
+    sgemm_rowmajor(trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta, c);
 }
 
 void cpu_bias_forward(float *out, const float *bias, int N, int C) {
