@@ -3,20 +3,16 @@
  * beta = 1 (what cpu_matmul does, "Clearing c before sgemm" in docs/speed.md), against
  * beta = 1 alone (no clearing at all: the bound). Best of 3 rounds of 50 calls each.
  *
- *   cc -O2 -fopenmp tests/bench/sgemm_beta.c -o /tmp/sgemm_beta -lopenblas
+ *   cc -O2 -fopenmp -Icore -Icore/include tests/bench/sgemm_beta.c build/libmoontune_static.a \
+ *      -lopenblas -llua5.4 -ljansson -lpcre2-8 -lm -ldl -o /tmp/sgemm_beta
  *   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=2 /tmp/sgemm_beta 1024 1536 576
  */
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-static double seconds_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
+#include "base/internal.h" /* mt_now_seconds */
 
 enum { BETA_ZERO, MEMSET_BETA_ONE, BETA_ONE, N_WAYS };
 
@@ -50,9 +46,9 @@ int main(int argc, char **argv) {
     for (int way = 0; way < N_WAYS; way++) {
         double best = 1e30;
         for (int round = 0; round < 3; round++) {
-            const double t0 = seconds_now();
+            const double t0 = mt_now_seconds();
             for (int i = 0; i < calls; i++) product(way, M, N, K, a, b, c);
-            const double s = (seconds_now() - t0) / calls;
+            const double s = (mt_now_seconds() - t0) / calls;
             if (s < best) best = s;
         }
         printf("M %d N %d K %d  %-24s %8.3f ms  %6.1f GFLOP/s\n", M, N, K, names[way], best * 1e3,
