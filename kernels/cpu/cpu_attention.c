@@ -11,6 +11,12 @@
  * of the query heads that read it, so no two threads write the same memory, and
  * every sum runs in a fixed order: the results do not depend on the thread count.
  *
+ * In both, a block's queries go in chunks of ATT_QC rows, and a chunk multiplies only
+ * the keys its rows may see: none after its last row (causal), none before the first
+ * position of its rows' segments (packed examples). The mask is still applied to every
+ * product computed, so the clipping drops only products the mask would zero; it is
+ * rounded outward to whole columns of the register tile (16 keys).
+ *
  * Scratch comes from the caller's work buffer (cpu_attention_work_bytes), one
  * slot per thread; the kernels never allocate. */
 #include "cpu_kernels.h"
@@ -21,6 +27,12 @@
 
 #define ATT_BQ 64 /* queries per block */
 #define ATT_BK 64 /* keys per block */
+/* Queries per chunk, which share one clipped key range: whole register tiles of 6 rows
+ * (AVX2) or 8. */
+#define ATT_QC 24
+#define ATT_KC 16 /* clipped key ranges start and end on these (the tile's columns) */
+/* Segment ids a row may hold before att_first_keys stops clipping at segments. */
+#define ATT_MAX_SEGMENTS 64
 /* Below about this many multiply-adds (B*H*T*T*D) a call runs on the calling thread. */
 #define ATT_PAR_MIN ((size_t)1 << 20)
 
@@ -29,11 +41,12 @@
 /* Floats of scratch one thread needs, rounded up to whole 64-byte lines. */
 static size_t att_slot_floats(int T, int H, int KVH, int D) {
     size_t d = (size_t)D, G = (size_t)(H / KVH);
-    // forward: kt (D,BK), s (BQ,BK), o (BQ,D), m, l (BQ)
-    size_t fwd = d * ATT_BK + (size_t)ATT_BQ * ATT_BK + (size_t)ATT_BQ * d + 2 * (size_t)ATT_BQ;
-    // backward: kt, vt (D,BK), p, ds (BQ,BK), dk, dv (BK,D), delta (G,T)
-    size_t bwd =
-        2 * d * ATT_BK + 2 * (size_t)ATT_BQ * ATT_BK + 2 * (size_t)ATT_BK * d + G * (size_t)T;
+    // forward: kt (D,BK), s (BQ,BK), o (BQ,D), m, l (BQ), first (T, int32)
+    size_t fwd = d * ATT_BK + (size_t)ATT_BQ * ATT_BK + (size_t)ATT_BQ * d + 2 * (size_t)ATT_BQ +
+                 (size_t)T;
+    // backward: kt, vt (D,BK), p, ds (BQ,BK), dk, dv (BK,D), delta (G,T), first (T, int32)
+    size_t bwd = 2 * d * ATT_BK + 2 * (size_t)ATT_BQ * ATT_BK + 2 * (size_t)ATT_BK * d +
+                 G * (size_t)T + (size_t)T;
     size_t n = fwd > bwd ? fwd : bwd;
     return (n + 15) / 16 * 16;
 }
@@ -84,6 +97,51 @@ static int att_block_visible(const int32_t *seg, int t0, int t1, int s0, int s1)
     return 0;
 }
 
+/* first[t] for t in [0,T): the first position of the row whose segment is t's, before
+ * which t sees no key. Without segments, or with more than ATT_MAX_SEGMENTS ids in the
+ * row, 0 for every t (no clipping; the mask decides). An id may come back after other
+ * ids, so this is its first occurrence, not the start of t's run. */
+static void att_first_keys(int32_t *first, const int32_t *seg, int T) {
+    int32_t ids[ATT_MAX_SEGMENTS], at[ATT_MAX_SEGMENTS];
+    int nids = 0, last = -1; /* last: the index in ids of seg[t - 1] */
+    for (int t = 0; t < T; t++) {
+        if (!seg) {
+            first[t] = 0;
+            continue;
+        }
+        if (last < 0 || ids[last] != seg[t]) {
+            last = -1;
+            for (int i = 0; i < nids && last < 0; i++)
+                if (ids[i] == seg[t]) last = i;
+            if (last < 0) {
+                if (nids == ATT_MAX_SEGMENTS) { /* too many to track: clip nothing */
+                    for (int u = 0; u < T; u++) first[u] = 0;
+                    return;
+                }
+                ids[nids] = seg[t], at[nids] = t;
+                last = nids++;
+            }
+        }
+        first[t] = at[last];
+    }
+}
+
+/* The keys of block [s0,s1) that queries [c0,c1) may see, as [*lo,*hi) rounded outward
+ * to ATT_KC columns from s0 (and at most s1); 0 when there are none. first holds the
+ * queries' att_first_keys. */
+static int att_chunk_keys(const int32_t *first, int c0, int c1, int s0, int s1, int *lo,
+                          int *hi) {
+    int from = c0;
+    for (int t = c0; t < c1; t++)
+        if (first[t] < from) from = first[t];
+    int a = from > s0 ? from : s0, b = c1 < s1 ? c1 : s1; /* keys after c1 - 1: causal */
+    if (a >= b) return 0;
+    a = s0 + (a - s0) / ATT_KC * ATT_KC;
+    b = s0 + (b - s0 + ATT_KC - 1) / ATT_KC * ATT_KC;
+    *lo = a, *hi = b < s1 ? b : s1;
+    return 1;
+}
+
 /* dst (D,BK) = the transpose of nk rows (D) of src, one every `stride` floats. */
 static void att_transpose(float *dst, const float *src, size_t stride, int nk, int D) {
     for (int j = 0; j < nk; j++) {
@@ -114,6 +172,8 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
         float *o = s + (size_t)ATT_BQ * ATT_BK;                          // (BQ,D)
         float *m = o + (size_t)ATT_BQ * D;                               // (BQ)
         float *l = m + ATT_BQ;                                           // (BQ)
+        int32_t *first = (int32_t *)(l + ATT_BQ);                        // (T)
+        int first_b = -1; /* the row first holds */
 
         // the costliest blocks (the last queries) first
 #pragma omp for schedule(dynamic, 1)
@@ -127,6 +187,7 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
             const float *qblk = q + ((size_t)b * T + t0) * qstride + (size_t)h * D; // (nq,D)
             const float *kbase = k + (size_t)b * T * kstride + (size_t)kvh * D;     // (T,D)
             const float *vbase = v + (size_t)b * T * kstride + (size_t)kvh * D;     // (T,D)
+            if (first_b != b) att_first_keys(first, seg, T), first_b = b;
 
             for (int i = 0; i < nq; i++) m[i] = -INFINITY, l[i] = 0.0f;
             memset(o, 0, (size_t)nq * D * sizeof(float));
@@ -134,29 +195,38 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
             for (int s0 = 0; s0 < t1; s0 += ATT_BK) {
                 int s1 = s0 + ATT_BK < t1 ? s0 + ATT_BK : t1, nk = s1 - s0;
                 if (!att_block_visible(seg, t0, t1, s0, s1)) continue;
-                // s (nq,nk) = q block · k block^T
                 att_transpose(kt, kbase + (size_t)s0 * kstride, kstride, nk, D);
-                cpu_gemm_tile(s, ATT_BK, qblk, qstride, 1, kt, ATT_BK, nq, nk, D, 1.0f, 0.0f);
-                // online softmax: p = exp(s - new max); o and l rescaled to the new max
-                for (int i = 0; i < nq; i++) {
-                    int t = t0 + i;
-                    float *srow = s + (size_t)i * ATT_BK;
-                    att_mask_row(srow, nk, s0, t, scale, seg ? seg + s0 : NULL, seg ? seg[t] : 0);
-                    float mx = cpu_max(srow, nk);
-                    if (mx == -INFINITY) { // nothing visible to this row here: p = 0
-                        memset(srow, 0, (size_t)nk * sizeof(float));
-                        continue;
+                for (int c0 = t0; c0 < t1; c0 += ATT_QC) {
+                    const int c1 = c0 + ATT_QC < t1 ? c0 + ATT_QC : t1, nc = c1 - c0;
+                    int lo, hi;
+                    if (!att_chunk_keys(first, c0, c1, s0, s1, &lo, &hi)) continue;
+                    const int nkc = hi - lo;
+                    float *sc = s + (size_t)(c0 - t0) * ATT_BK; // (nc,nkc)
+                    // sc = the chunk's queries · keys [lo,hi)^T
+                    cpu_gemm_tile(sc, ATT_BK, qblk + (size_t)(c0 - t0) * qstride, qstride, 1,
+                                  kt + (lo - s0), ATT_BK, nc, nkc, D, 1.0f, 0.0f);
+                    // online softmax: p = exp(s - new max); o and l rescaled to the new max
+                    for (int t = c0; t < c1; t++) {
+                        const int i = t - t0;
+                        float *srow = s + (size_t)i * ATT_BK;
+                        att_mask_row(srow, nkc, lo, t, scale, seg ? seg + lo : NULL,
+                                     seg ? seg[t] : 0);
+                        float mx = cpu_max(srow, nkc);
+                        if (mx == -INFINITY) { // nothing visible to this row here: p = 0
+                            memset(srow, 0, (size_t)nkc * sizeof(float));
+                            continue;
+                        }
+                        float mnew = m[i] > mx ? m[i] : mx;
+                        float alpha = m[i] == -INFINITY ? 0.0f : expf(m[i] - mnew);
+                        l[i] = l[i] * alpha + cpu_exp_shifted(srow, srow, mnew, nkc);
+                        m[i] = mnew;
+                        float *orow = o + (size_t)i * D;
+                        for (int d = 0; d < D; d++) orow[d] *= alpha;
                     }
-                    float mnew = m[i] > mx ? m[i] : mx;
-                    float alpha = m[i] == -INFINITY ? 0.0f : expf(m[i] - mnew);
-                    l[i] = l[i] * alpha + cpu_exp_shifted(srow, srow, mnew, nk);
-                    m[i] = mnew;
-                    float *orow = o + (size_t)i * D;
-                    for (int d = 0; d < D; d++) orow[d] *= alpha;
+                    // o (nc,D) += p (nc,nkc) · v [lo,hi) (nkc,D)
+                    cpu_gemm_tile(o + (size_t)(c0 - t0) * D, (size_t)D, sc, ATT_BK, 1,
+                                  vbase + (size_t)lo * kstride, kstride, nc, D, nkc, 1.0f, 1.0f);
                 }
-                // o (nq,D) += p (nq,nk) · v block (nk,D)
-                cpu_gemm_tile(o, (size_t)D, s, ATT_BK, 1, vbase + (size_t)s0 * kstride, kstride, nq,
-                              D, nk, 1.0f, 1.0f);
             }
 
             float *lrow = lse + ((size_t)b * H + h) * T;
@@ -204,6 +274,7 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
         float *dkacc = ds + (size_t)ATT_BQ * ATT_BK;                     // (BK,D)
         float *dvacc = dkacc + (size_t)ATT_BK * D;                       // (BK,D)
         float *delta = dvacc + (size_t)ATT_BK * D;                       // (G,T)
+        int32_t *first = (int32_t *)(delta + (size_t)G * T);             // (T)
 
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < ntasks; task++) {
@@ -211,6 +282,7 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
             const int32_t *seg = segments ? segments + (size_t)b * T : NULL;
             const float *kbase = k + (size_t)b * T * kstride + (size_t)kvh * D; // (T,D)
             const float *vbase = v + (size_t)b * T * kstride + (size_t)kvh * D; // (T,D)
+            att_first_keys(first, seg, T);
 
             // delta (G,T) = rowsum(dout * out) for this group's heads; their dq = 0
             for (int g = 0; g < G; g++) {
@@ -239,31 +311,42 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                     const float *lrow = lse + ((size_t)b * H + h) * T;
                     // queries before s0 see none of these keys
                     for (int t0 = s0 / ATT_BQ * ATT_BQ; t0 < T; t0 += ATT_BQ) {
-                        int t1 = t0 + ATT_BQ < T ? t0 + ATT_BQ : T, nq = t1 - t0;
+                        int t1 = t0 + ATT_BQ < T ? t0 + ATT_BQ : T;
                         if (!att_block_visible(seg, t0, t1, s0, s1)) continue;
-                        size_t off = ((size_t)b * T + t0) * qstride + (size_t)h * D;
-                        const float *qblk = q + off, *doblk = dout + off; // (nq,D)
-                        // p (nq,nk) = q·k^T, ds (nq,nk) = dout·v^T
-                        cpu_gemm_tile(p, ATT_BK, qblk, qstride, 1, kt, ATT_BK, nq, nk, D, 1.0f, 0.0f);
-                        cpu_gemm_tile(ds, ATT_BK, doblk, qstride, 1, vt, ATT_BK, nq, nk, D, 1.0f, 0.0f);
-                        for (int i = 0; i < nq; i++) {
-                            int t = t0 + i;
-                            float *prow = p + (size_t)i * ATT_BK, *dsrow = ds + (size_t)i * ATT_BK;
-                            att_mask_row(prow, nk, s0, t, scale, seg ? seg + s0 : NULL,
-                                         seg ? seg[t] : 0);
-                            if (lrow[t] == -INFINITY) { // no visible key at all: p = 0
-                                memset(prow, 0, (size_t)nk * sizeof(float));
-                            } else {
-                                cpu_exp_shifted(prow, prow, lrow[t], nk);
+                        for (int c0 = t0; c0 < t1; c0 += ATT_QC) {
+                            const int c1 = c0 + ATT_QC < t1 ? c0 + ATT_QC : t1, nc = c1 - c0;
+                            int lo, hi;
+                            if (!att_chunk_keys(first, c0, c1, s0, s1, &lo, &hi)) continue;
+                            const int j0 = lo - s0, nkc = hi - lo;
+                            size_t off = ((size_t)b * T + c0) * qstride + (size_t)h * D;
+                            const float *qc = q + off, *doc = dout + off; // (nc,D)
+                            // p (nc,nkc) = q·k^T, ds (nc,nkc) = dout·v^T over keys [lo,hi)
+                            cpu_gemm_tile(p, ATT_BK, qc, qstride, 1, kt + j0, ATT_BK, nc, nkc, D,
+                                          1.0f, 0.0f);
+                            cpu_gemm_tile(ds, ATT_BK, doc, qstride, 1, vt + j0, ATT_BK, nc, nkc, D,
+                                          1.0f, 0.0f);
+                            for (int i = 0; i < nc; i++) {
+                                int t = c0 + i;
+                                float *prow = p + (size_t)i * ATT_BK, *dsrow = ds + (size_t)i * ATT_BK;
+                                att_mask_row(prow, nkc, lo, t, scale, seg ? seg + lo : NULL,
+                                             seg ? seg[t] : 0);
+                                if (lrow[t] == -INFINITY) { // no visible key at all: p = 0
+                                    memset(prow, 0, (size_t)nkc * sizeof(float));
+                                } else {
+                                    cpu_exp_shifted(prow, prow, lrow[t], nkc);
+                                }
+                                float dt = delta[(size_t)g * T + t];
+                                for (int j = 0; j < nkc; j++)
+                                    dsrow[j] = scale * (prow[j] * (dsrow[j] - dt));
                             }
-                            float dt = delta[(size_t)g * T + t];
-                            for (int j = 0; j < nk; j++)
-                                dsrow[j] = scale * (prow[j] * (dsrow[j] - dt));
+                            // dv [lo,hi) += p^T · dout, dk [lo,hi) += ds^T · q, dq (nc,D) += ds · k
+                            cpu_gemm_tile(dvacc + (size_t)j0 * D, (size_t)D, p, 1, ATT_BK, doc,
+                                          qstride, nkc, D, nc, 1.0f, 1.0f);
+                            cpu_gemm_tile(dkacc + (size_t)j0 * D, (size_t)D, ds, 1, ATT_BK, qc,
+                                          qstride, nkc, D, nc, 1.0f, 1.0f);
+                            cpu_gemm_tile(dq + off, qstride, ds, ATT_BK, 1,
+                                          kblk + (size_t)j0 * kstride, kstride, nc, D, nkc, 1.0f, 1.0f);
                         }
-                        // dv (nk,D) += p^T · dout, dk (nk,D) += ds^T · q, dq (nq,D) += ds · k
-                        cpu_gemm_tile(dvacc, (size_t)D, p, 1, ATT_BK, doblk, qstride, nk, D, nq, 1.0f, 1.0f);
-                        cpu_gemm_tile(dkacc, (size_t)D, ds, 1, ATT_BK, qblk, qstride, nk, D, nq, 1.0f, 1.0f);
-                        cpu_gemm_tile(dq + off, qstride, ds, ATT_BK, 1, kblk, kstride, nq, D, nk, 1.0f, 1.0f);
                     }
                 }
 

@@ -1077,20 +1077,30 @@ static void att_free(struct att_ctx *c) {
     be.ops->free(&be, c->work);
 }
 
-/* Segment ids (B,T): row 0 packs examples of lengths 3, T-3-4 and 4 (the last
- * one spans a block boundary when T > 64); row 1 holds one example then padding. */
-static int32_t *make_segments(int B, int T) {
+/* Segment ids (B,T). kind 1, as the batcher packs: row 0 packs examples of lengths
+ * 3, T-3-4 and 4 (the last one spans a block boundary when T > 64); row 1 holds one
+ * example then padding. kind 2, what packing never makes but the kernel must still
+ * get right: row 0 alternates ids 4 and 6 in runs of 20, so that a query sees keys of
+ * its id's earlier runs, blocks back (the key range clipped per chunk starts at an id's
+ * first position, not its run's); row 1 changes id every 2 positions, more ids than
+ * the kernel tracks for clipping. */
+static int32_t *make_segments(int B, int T, int kind) {
     int32_t *seg = malloc((size_t)B * T * sizeof(int32_t));
     assert_non_null(seg);
     for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++)
-            seg[b * T + t] = b % 2 == 0 ? (t < 3 ? 0 : t < T - 4 ? 1 : 2) : (t < T / 2 ? 5 : 9);
+        for (int t = 0; t < T; t++) {
+            if (kind == 2)
+                seg[b * T + t] = b % 2 == 0 ? (t / 20 % 2 ? 6 : 4) : t / 2;
+            else
+                seg[b * T + t] =
+                    b % 2 == 0 ? (t < 3 ? 0 : t < T - 4 ? 1 : 2) : (t < T / 2 ? 5 : 9);
+        }
     return seg;
 }
 
 static void check_attention_forward(int B, int T, int H, int KVH, int D, int with_seg) {
     uint64_t rng = 11 + (uint64_t)T * 7 + (uint64_t)with_seg;
-    int32_t *seg = with_seg ? make_segments(B, T) : NULL;
+    int32_t *seg = with_seg ? make_segments(B, T, with_seg) : NULL;
     struct att_ctx c;
     att_setup(&c, B, T, H, KVH, D, seg, &rng);
     att_loss(&c);
@@ -1120,12 +1130,13 @@ static void test_attention_forward(void **state) {
     check_attention_forward(1, 70, 4, 1, 8, 0);   // MQA
     check_attention_forward(1, 150, 2, 1, 40, 1); // D over the 32-wide register tile
     check_attention_forward(2, 65, 4, 2, 8, 1);   // a last block of one query and one key
+    check_attention_forward(2, 150, 4, 2, 16, 2); // ids that come back; more ids than tracked
 }
 
 static void check_attention_backward(int B, int T, int H, int KVH, int D, int with_seg,
                                      size_t max_coords) {
     uint64_t rng = 101 + (uint64_t)T * 3 + (uint64_t)with_seg;
-    int32_t *seg = with_seg ? make_segments(B, T) : NULL;
+    int32_t *seg = with_seg ? make_segments(B, T, with_seg) : NULL;
     struct att_ctx c;
     att_setup(&c, B, T, H, KVH, D, seg, &rng);
     att_loss(&c);
@@ -1156,6 +1167,7 @@ static void test_attention_backward(void **state) {
     check_attention_backward(1, 129, 4, 2, 8, 1, 160); // the last block holds one key
     check_attention_backward(1, 80, 4, 2, 8, 0, 160);
     check_attention_backward(1, 70, 4, 2, 40, 1, 120); // D over the register tile
+    check_attention_backward(2, 150, 4, 2, 8, 2, 160); // ids that come back; more than tracked
 }
 
 /* Results do not depend on the number of threads (bit for bit). */
@@ -1163,7 +1175,7 @@ static void test_attention_deterministic(void **state) {
     (void)state;
     uint64_t rng = 12;
     const int B = 2, T = 100, H = 4, KVH = 2, D = 40;
-    int32_t *seg = make_segments(B, T);
+    int32_t *seg = make_segments(B, T, 1);
     size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * KVH * D, nl = (size_t)B * H * T;
     float *q = frand(nq, &rng, -1, 1), *k = frand(nk, &rng, -1, 1), *v = frand(nk, &rng, -1, 1);
     float *dout = frand(nq, &rng, -1, 1);
