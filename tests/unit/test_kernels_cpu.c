@@ -1739,6 +1739,35 @@ static void test_abi2_softmax_backward(void **state) {
     free(x), free(t), free(coefs), free(lse), free(want), free(got);
 }
 
+/* A confident target: p near 1, coefficients (1, 0, -1) as cross-entropy's, so its
+ * gradient p - 1 is a small difference of large terms; every other entry is p itself.
+ * Held to 1e-5 of itself: p rounded to float first would be off by about 6e-4. The
+ * others within 4e-6 of p: their exponent x - lse, about -24, is rounded to float
+ * (2^-24 of 24, 1.4e-6), as in PyTorch's float softmax. */
+static void test_softmax_backward_confident_target(void **state) {
+    (void)state;
+    uint64_t rng = 25;
+    const int V = 1001, t = 321;
+    float *x = frand(V, &rng, -5, 5);
+    x[t] = 19.0f; // the other entries' share, 1 - p, is about 1e-4
+    double m = x[t], sum = 0.0;
+    for (int j = 0; j < V; j++) sum += exp((double)x[j] - m);
+    float lse = (float)(m + log(sum));
+    const float coefs[3] = {1.0f, 0.0f, -1.0f};
+    float *got = fcopy(x, V);
+    be.ops->softmax_backward(&be, got, &lse, &t, coefs, 1, V);
+    const double want_t = exp((double)x[t] - (double)lse) - 1.0;
+    printf("  confident target: p - 1 = %.6e, got %.6e\n", want_t, got[t]);
+    assert_true(want_t < -1e-5 && want_t > -1e-3);
+    assert_true(fabs(got[t] - want_t) <= 1e-5 * fabs(want_t));
+    for (int j = 0; j < V; j++) {
+        if (j == t) continue;
+        const double p = exp((double)x[j] - (double)lse);
+        assert_true(fabs(got[j] - p) <= 4e-6 * p);
+    }
+    free(x), free(got);
+}
+
 /* The decoder of qlora.c's comment, one element at a time. */
 static float dequant_naive(int64_t e, const uint8_t *codes, const uint8_t *absmax_q,
                            const float *absmax2, const float *table, float offset, int block,
@@ -1869,6 +1898,7 @@ int main(void) {
         cmocka_unit_test(test_abi2_dropout),
         cmocka_unit_test(test_abi2_softmax_stats),
         cmocka_unit_test(test_abi2_softmax_backward),
+        cmocka_unit_test(test_softmax_backward_confident_target),
         cmocka_unit_test(test_abi2_dequantize_4bit),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
