@@ -693,6 +693,16 @@ void cpu_softmax_backward(float *x, const float *lse, const int32_t *targets, co
             memset(xr, 0, (size_t)V * sizeof(float));
             continue;
         }
+        if (cpu_max(xr, V) > lse[r] + 1.0f) {
+            /* not the lse of these logits (a plugin's own): cpu_exp_shifted is exact
+             * for exponents up to 1 only, libm's double exp for any */
+            for (int j = 0; j < V; j++) {
+                double v = (double)c0 * exp((double)xr[j] - lse[r]) + c1;
+                if (j == t) v += c2;
+                xr[j] = (float)v;
+            }
+            continue;
+        }
         const float xt = t < V ? xr[t] : 0.0f; // a target out of [0, V) gets no c2
         cpu_exp_shifted(xr, xr, lse[r], V);
         for (int j = 0; j < V; j++) xr[j] = CPU_MADD(c0, xr[j], c1);

@@ -1768,6 +1768,27 @@ static void test_softmax_backward_confident_target(void **state) {
     free(x), free(got);
 }
 
+/* An lse that is not these logits' (a plugin may pass its own): exponents above 1, one
+ * past float's range. Every entry is what double exp gives, rounded: the overflow inf,
+ * the rest exactly, not the 8-lane exp's wrapped exponent bits. */
+static void test_softmax_backward_foreign_lse(void **state) {
+    (void)state;
+    uint64_t rng = 26;
+    const int V = 64, t = 7;
+    float *x = frand(V, &rng, -1, 1);
+    x[5] = 100.0f; // exp(100) is 2.7e43, above FLT_MAX
+    const float lse = 0.0f;
+    const float coefs[3] = {1.0f, 0.0f, -1.0f};
+    float *got = fcopy(x, V);
+    be.ops->softmax_backward(&be, got, &lse, &t, coefs, 1, V);
+    for (int j = 0; j < V; j++) {
+        const float want = (float)(exp((double)x[j]) - (j == t ? 1.0 : 0.0));
+        assert_true(got[j] == want);
+    }
+    assert_true(isinf(got[5]) && got[5] > 0);
+    free(x), free(got);
+}
+
 /* The decoder of qlora.c's comment, one element at a time. */
 static float dequant_naive(int64_t e, const uint8_t *codes, const uint8_t *absmax_q,
                            const float *absmax2, const float *table, float offset, int block,
@@ -1899,6 +1920,7 @@ int main(void) {
         cmocka_unit_test(test_abi2_softmax_stats),
         cmocka_unit_test(test_abi2_softmax_backward),
         cmocka_unit_test(test_softmax_backward_confident_target),
+        cmocka_unit_test(test_softmax_backward_foreign_lse),
         cmocka_unit_test(test_abi2_dequantize_4bit),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
