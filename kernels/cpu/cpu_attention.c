@@ -104,18 +104,18 @@ static int att_block_visible(const int32_t *seg, int t0, int t1, int s0, int s1)
 static void att_first_keys(int32_t *first, const int32_t *seg, int T) {
     int32_t ids[ATT_MAX_SEGMENTS], at[ATT_MAX_SEGMENTS];
     int nids = 0, last = -1; /* last: the index in ids of seg[t - 1] */
+    if (!seg) {
+        memset(first, 0, (size_t)T * sizeof *first);
+        return;
+    }
     for (int t = 0; t < T; t++) {
-        if (!seg) {
-            first[t] = 0;
-            continue;
-        }
         if (last < 0 || ids[last] != seg[t]) {
             last = -1;
             for (int i = 0; i < nids && last < 0; i++)
                 if (ids[i] == seg[t]) last = i;
             if (last < 0) {
                 if (nids == ATT_MAX_SEGMENTS) { /* too many to track: clip nothing */
-                    for (int u = 0; u < T; u++) first[u] = 0;
+                    memset(first, 0, (size_t)T * sizeof *first);
                     return;
                 }
                 ids[nids] = seg[t], at[nids] = t;
@@ -173,7 +173,6 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
         float *m = o + (size_t)ATT_BQ * D;                               // (BQ)
         float *l = m + ATT_BQ;                                           // (BQ)
         int32_t *first = (int32_t *)(l + ATT_BQ);                        // (T)
-        int first_b = -1; /* the row first holds */
 
         // the costliest blocks (the last queries) first
 #pragma omp for schedule(dynamic, 1)
@@ -187,7 +186,7 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
             const float *qblk = q + ((size_t)b * T + t0) * qstride + (size_t)h * D; // (nq,D)
             const float *kbase = k + (size_t)b * T * kstride + (size_t)kvh * D;     // (T,D)
             const float *vbase = v + (size_t)b * T * kstride + (size_t)kvh * D;     // (T,D)
-            if (first_b != b) att_first_keys(first, seg, T), first_b = b;
+            att_first_keys(first, seg, T);
 
             for (int i = 0; i < nq; i++) m[i] = -INFINITY, l[i] = 0.0f;
             memset(o, 0, (size_t)nq * D * sizeof(float));

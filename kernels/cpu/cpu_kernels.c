@@ -495,6 +495,16 @@ static int ce_ignored(int32_t target, int ignore_index) {
     return target < 0 || target == ignore_index;
 }
 
+/* sum of exp(x[j] - shift) over x (n): each chunk of EXP_CHUNK through cpu_exp_shifted's
+ * lanes, the chunks' float sums added in double, in order. */
+static double exp_sum(const float *x, int n, float shift) {
+    float e[EXP_CHUNK];
+    double sum = 0.0;
+    for (int j0 = 0; j0 < n; j0 += EXP_CHUNK)
+        sum += cpu_exp_shifted(e, x + j0, shift, n - j0 < EXP_CHUNK ? n - j0 : EXP_CHUNK);
+    return sum;
+}
+
 void cpu_cross_entropy_forward(float *losses, const float *logits, const int32_t *targets, int N,
                                int V, int ignore_index) {
     // losses is (N), logits is (N,V), targets is (N)
@@ -506,11 +516,7 @@ void cpu_cross_entropy_forward(float *losses, const float *logits, const int32_t
         }
         const float *x = logits + (size_t)n * V;
         float m = cpu_max(x, V);
-        float e[EXP_CHUNK];
-        double sum = 0.0;
-        for (int j0 = 0; j0 < V; j0 += EXP_CHUNK)
-            sum += cpu_exp_shifted(e, x + j0, m, V - j0 < EXP_CHUNK ? V - j0 : EXP_CHUNK);
-        losses[n] = (float)(log(sum) + (double)m - (double)x[targets[n]]);
+        losses[n] = (float)(log(exp_sum(x, V, m)) + (double)m - (double)x[targets[n]]);
     }
 }
 
@@ -654,8 +660,7 @@ void cpu_softmax_stats(float *lse, float *target_logit, float *mean_logit, const
                        const int32_t *targets, int n, int V) {
     // lse, target_logit, mean_logit are (n), logits is (n,V), targets is (n).
     // One row per iteration, summed in order: the same bits for any number of threads.
-    // exp through cpu_exp_shifted's 8 lanes, a chunk at a time, each chunk's float sum
-    // added in double: libm's double exp per logit took 3.6% of a LoRA step.
+    // exp through exp_sum's 8 lanes: libm's double exp per logit took 3.6% of a LoRA step.
 #pragma omp parallel for if ((size_t)n * V >= PAR_MIN) schedule(static)
     for (int r = 0; r < n; r++) {
         const float *x = logits + (size_t)r * V;
@@ -667,16 +672,18 @@ void cpu_softmax_stats(float *lse, float *target_logit, float *mean_logit, const
             continue;
         }
         const float mx = cpu_max(x, V);
-        float e[EXP_CHUNK];
-        double sum = 0.0, sum_x = 0.0;
-        for (int j0 = 0; j0 < V; j0 += EXP_CHUNK)
-            sum += cpu_exp_shifted(e, x + j0, mx, V - j0 < EXP_CHUNK ? V - j0 : EXP_CHUNK);
+        double sum_x = 0.0;
         if (mean_logit)
             for (int j = 0; j < V; j++) sum_x += x[j];
-        lse[r] = (float)((double)mx + log(sum));
+        lse[r] = (float)((double)mx + log(exp_sum(x, V, mx)));
         if (target_logit) target_logit[r] = t < V ? x[t] : 0.0f;
         if (mean_logit) mean_logit[r] = (float)(sum_x / V);
     }
+}
+
+/* c0 exp(x - lse) + c1 in double: an entry of softmax_backward before its c2 */
+static double softmax_grad_double(float x, float lse, float c0, float c1) {
+    return (double)c0 * exp((double)x - lse) + c1;
 }
 
 void cpu_softmax_backward(float *x, const float *lse, const int32_t *targets, const float *coefs,
@@ -697,7 +704,7 @@ void cpu_softmax_backward(float *x, const float *lse, const int32_t *targets, co
             /* not the lse of these logits (a plugin's own): cpu_exp_shifted is exact
              * for exponents up to 1 only, libm's double exp for any */
             for (int j = 0; j < V; j++) {
-                double v = (double)c0 * exp((double)xr[j] - lse[r]) + c1;
+                double v = softmax_grad_double(xr[j], lse[r], c0, c1);
                 if (j == t) v += c2;
                 xr[j] = (float)v;
             }
@@ -707,7 +714,7 @@ void cpu_softmax_backward(float *x, const float *lse, const int32_t *targets, co
         cpu_exp_shifted(xr, xr, lse[r], V);
         for (int j = 0; j < V; j++) xr[j] = CPU_MADD(c0, xr[j], c1);
         /* the target's c0 p + c2 cancels as p nears 1: in double, as before */
-        if (t < V) xr[t] = (float)((double)c0 * exp((double)xt - lse[r]) + c1 + c2);
+        if (t < V) xr[t] = (float)(softmax_grad_double(xt, lse[r], c0, c1) + c2);
     }
 }
 
