@@ -87,7 +87,8 @@ typedef struct mt_backend_ops {
     /* ---- causal grouped-query attention ---- */
     /* Query head h uses key/value head h / (H / KVH). Query t of row b attends to keys
      * s <= t, and when segments is not NULL only to keys with segments[b][s] ==
-     * segments[b][t] (packed examples never see each other). Scores are scaled by
+     * segments[b][t] (packed examples never see each other) or == MT_SHARED_SEGMENT
+     * (a prompt prefix the row's examples share, plugin.h). Scores are scaled by
      * `scale` (1/sqrt(D) for Llama). Probabilities are not stored: lse keeps each
      * row's log-sum-exp and backward recomputes them.
      * out (B,T,H,D) =, lse (B,H,T) =, q (B,T,H,D), k, v (B,T,KVH,D), segments (B,T) or NULL,

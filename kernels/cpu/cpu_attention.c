@@ -13,13 +13,15 @@
  *
  * In both, a block's queries go in chunks of ATT_QC rows, and a chunk multiplies only
  * the keys its rows may see: none after its last row (causal), none before the first
- * position of its rows' segments (packed examples). The mask is still applied to every
+ * position of its rows' segments (packed examples), and of a shared prefix's keys
+ * (MT_SHARED_SEGMENT) only those it has. The mask is still applied to every
  * product computed, so the clipping drops only products the mask would zero; it is
  * rounded outward to whole columns of the register tile (16 keys).
  *
  * Scratch comes from the caller's work buffer (cpu_attention_work_bytes), one
  * slot per thread; the kernels never allocate. */
 #include "cpu_kernels.h"
+#include "moontune/plugin.h" /* MT_SHARED_SEGMENT */
 
 #include <math.h>
 #include <omp.h>
@@ -64,13 +66,16 @@ size_t cpu_attention_work_bytes(int B, int T, int H, int KVH, int D, int num_thr
 /* ---- building blocks ----------------------------------------------------- */
 
 /* Scales the nk scores of query t (srow) and sets the keys t may not see to -INFINITY:
- * key s0 + j is visible iff s0 + j <= t and, with segments, segk[j] == seg_t. */
+ * key s0 + j is visible iff s0 + j <= t and, with segments, segk[j] is seg_t or the
+ * shared prefix's. */
 static void att_mask_row(float *srow, int nk, int s0, int t, float scale, const int32_t *segk,
                          int32_t seg_t) {
     int nvis = t - s0 + 1; // keys j < nvis are causally visible
     if (segk) {
         for (int j = 0; j < nk; j++)
-            srow[j] = (j < nvis && segk[j] == seg_t) ? srow[j] * scale : -INFINITY;
+            srow[j] = (j < nvis && (segk[j] == seg_t || segk[j] == MT_SHARED_SEGMENT))
+                          ? srow[j] * scale
+                          : -INFINITY;
     } else {
         for (int j = 0; j < nk; j++) srow[j] = j < nvis ? srow[j] * scale : -INFINITY;
     }
@@ -91,23 +96,35 @@ static int att_block_visible(const int32_t *seg, int t0, int t1, int s0, int s1)
         ids[nids++] = seg[t];
     }
     int send = s1 < t1 ? s1 : t1;
-    for (int s = s0; s < send; s++)
+    for (int s = s0; s < send; s++) {
+        if (seg[s] == MT_SHARED_SEGMENT) return 1; // every query after it sees it
         for (int i = 0; i < nids; i++)
             if (seg[s] == ids[i]) return 1;
+    }
     return 0;
 }
 
 /* first[t] for t in [0,T): the first position of the row whose segment is t's, before
- * which t sees no key. Without segments, or with more than ATT_MAX_SEGMENTS ids in the
- * row, 0 for every t (no clipping; the mask decides). An id may come back after other
- * ids, so this is its first occurrence, not the start of t's run. */
-static void att_first_keys(int32_t *first, const int32_t *seg, int T) {
+ * which t sees no key of its own segment. Without segments, or with more than
+ * ATT_MAX_SEGMENTS ids in the row, 0 for every t (no clipping; the mask decides). An id
+ * may come back after other ids, so this is its first occurrence, not the start of t's
+ * run. shared[0..1]: the keys from the row's first to its last MT_SHARED_SEGMENT token,
+ * which every query after them may see as well ([0, 0) when there are none). */
+static void att_first_keys(int32_t *first, int shared[2], const int32_t *seg, int T) {
     int32_t ids[ATT_MAX_SEGMENTS], at[ATT_MAX_SEGMENTS];
     int nids = 0, last = -1; /* last: the index in ids of seg[t - 1] */
+    shared[0] = shared[1] = 0;
     if (!seg) {
         memset(first, 0, (size_t)T * sizeof *first);
         return;
     }
+    for (int t = T - 1; t >= 0 && !shared[1]; t--)
+        if (seg[t] == MT_SHARED_SEGMENT) shared[1] = t + 1;
+    for (int t = 0; t < shared[1]; t++)
+        if (seg[t] == MT_SHARED_SEGMENT) {
+            shared[0] = t;
+            break;
+        }
     for (int t = 0; t < T; t++) {
         if (last < 0 || ids[last] != seg[t]) {
             last = -1;
@@ -127,14 +144,21 @@ static void att_first_keys(int32_t *first, const int32_t *seg, int T) {
 }
 
 /* The keys of block [s0,s1) that queries [c0,c1) may see, as [*lo,*hi) rounded outward
- * to ATT_KC columns from s0 (and at most s1); 0 when there are none. first holds the
- * queries' att_first_keys. */
-static int att_chunk_keys(const int32_t *first, int c0, int c1, int s0, int s1, int *lo,
-                          int *hi) {
+ * to ATT_KC columns from s0 (and at most s1); 0 when there are none. first and shared
+ * hold the row's att_first_keys: the range covers the chunk's own segments and the
+ * shared prefix's keys in this block, and what lies between them. */
+static int att_chunk_keys(const int32_t *first, const int shared[2], int c0, int c1, int s0,
+                          int s1, int *lo, int *hi) {
     int from = c0;
     for (int t = c0; t < c1; t++)
         if (first[t] < from) from = first[t];
-    int a = from > s0 ? from : s0, b = c1 < s1 ? c1 : s1; /* keys after c1 - 1: causal */
+    const int end = c1 < s1 ? c1 : s1; /* keys after c1 - 1: causal */
+    int a = from > s0 ? from : s0, b = end;
+    const int sa = shared[0] > s0 ? shared[0] : s0, sb = shared[1] < end ? shared[1] : end;
+    if (sa < sb) { /* the shared prefix's keys in this block */
+        if (a >= b) a = sa, b = sb;
+        else if (sa < a) a = sa; /* b is already the causal end, at or past sb */
+    }
     if (a >= b) return 0;
     a = s0 + (a - s0) / ATT_KC * ATT_KC;
     b = s0 + (b - s0 + ATT_KC - 1) / ATT_KC * ATT_KC;
@@ -173,6 +197,7 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
         float *m = o + (size_t)ATT_BQ * D;                               // (BQ)
         float *l = m + ATT_BQ;                                           // (BQ)
         int32_t *first = (int32_t *)(l + ATT_BQ);                        // (T)
+        int shared[2];
 
         // the costliest blocks (the last queries) first
 #pragma omp for schedule(dynamic, 1)
@@ -186,7 +211,7 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
             const float *qblk = q + ((size_t)b * T + t0) * qstride + (size_t)h * D; // (nq,D)
             const float *kbase = k + (size_t)b * T * kstride + (size_t)kvh * D;     // (T,D)
             const float *vbase = v + (size_t)b * T * kstride + (size_t)kvh * D;     // (T,D)
-            att_first_keys(first, seg, T);
+            att_first_keys(first, shared, seg, T);
 
             for (int i = 0; i < nq; i++) m[i] = -INFINITY, l[i] = 0.0f;
             memset(o, 0, (size_t)nq * D * sizeof(float));
@@ -198,7 +223,7 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
                 for (int c0 = t0; c0 < t1; c0 += ATT_QC) {
                     const int c1 = c0 + ATT_QC < t1 ? c0 + ATT_QC : t1, nc = c1 - c0;
                     int lo, hi;
-                    if (!att_chunk_keys(first, c0, c1, s0, s1, &lo, &hi)) continue;
+                    if (!att_chunk_keys(first, shared, c0, c1, s0, s1, &lo, &hi)) continue;
                     const int nkc = hi - lo;
                     float *sc = s + (size_t)(c0 - t0) * ATT_BK; // (nc,nkc)
                     // sc = the chunk's queries · keys [lo,hi)^T
@@ -274,6 +299,7 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
         float *dvacc = dkacc + (size_t)ATT_BK * D;                       // (BK,D)
         float *delta = dvacc + (size_t)ATT_BK * D;                       // (G,T)
         int32_t *first = (int32_t *)(delta + (size_t)G * T);             // (T)
+        int shared[2];
 
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < ntasks; task++) {
@@ -281,7 +307,7 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
             const int32_t *seg = segments ? segments + (size_t)b * T : NULL;
             const float *kbase = k + (size_t)b * T * kstride + (size_t)kvh * D; // (T,D)
             const float *vbase = v + (size_t)b * T * kstride + (size_t)kvh * D; // (T,D)
-            att_first_keys(first, seg, T);
+            att_first_keys(first, shared, seg, T);
 
             // delta (G,T) = rowsum(dout * out) for this group's heads; their dq = 0
             for (int g = 0; g < G; g++) {
@@ -315,7 +341,8 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                         for (int c0 = t0; c0 < t1; c0 += ATT_QC) {
                             const int c1 = c0 + ATT_QC < t1 ? c0 + ATT_QC : t1, nc = c1 - c0;
                             int lo, hi;
-                            if (!att_chunk_keys(first, c0, c1, s0, s1, &lo, &hi)) continue;
+                            if (!att_chunk_keys(first, shared, c0, c1, s0, s1, &lo, &hi))
+                                continue;
                             const int j0 = lo - s0, nkc = hi - lo;
                             size_t off = ((size_t)b * T + c0) * qstride + (size_t)h * D;
                             const float *qc = q + off, *doc = dout + off; // (nc,D)

@@ -602,7 +602,8 @@ __global__ void attention_forward_kernel(float *out, float *lse, const float *q,
     int32_t seg_t = segments ? segments[b * T + t] : 0;
     float m = -INFINITY, l = 0.0f;
     for (int s = warp; s <= t; s += ATT_WARPS) {
-        if (segments && segments[b * T + s] != seg_t) continue; /* uniform in the warp */
+        if (segments && segments[b * T + s] != seg_t && segments[b * T + s] != MT_SHARED_SEGMENT)
+            continue; /* uniform in the warp */
         const float *kr = k + ((b * T + s) * KVH + g) * (size_t)D;
         const float *vr = v + ((b * T + s) * KVH + g) * (size_t)D;
         float dot = 0.0f;
@@ -685,7 +686,8 @@ __global__ void attention_dq_kernel(float *dq, const float *dout, const float *l
     float lse_t = lse[row], dt = Dt[row];
     int32_t seg_t = segments ? segments[b * T + t] : 0;
     for (int s = warp; s <= t; s += ATT_WARPS) {
-        if (segments && segments[b * T + s] != seg_t) continue;
+        if (segments && segments[b * T + s] != seg_t && segments[b * T + s] != MT_SHARED_SEGMENT)
+            continue;
         const float *kr = k + ((b * T + s) * KVH + g) * (size_t)D;
         const float *vr = v + ((b * T + s) * KVH + g) * (size_t)D;
         float kv[NJ];
@@ -746,7 +748,8 @@ __global__ void attention_dkdv_kernel(float *dk, float *dv, const float *dout, c
     for (long long i = warp; i < pairs; i += ATT_WARPS) {
         int hh = (int)(i / n);
         int t = s + (int)(i % n);
-        if (segments && segments[b * T + t] != seg_s) continue; /* uniform in the warp */
+        if (segments && segments[b * T + t] != seg_s && seg_s != MT_SHARED_SEGMENT)
+            continue; /* uniform in the warp */
         int h = g * G + hh;
         size_t qbase = ((b * T + t) * H + h) * (size_t)D;
         size_t lrow = (b * H + h) * (size_t)T + t;

@@ -1013,7 +1013,8 @@ static void attention_ref(double *out, double *lse, const float *q, const float 
                 const float *qr = q + (((size_t)b * T + t) * H + h) * D;
                 double mx = -INFINITY;
                 for (int s = 0; s < T; s++) {
-                    int vis = s <= t && (!seg || seg[b * T + s] == seg[b * T + t]);
+                    int vis = s <= t && (!seg || seg[b * T + s] == seg[b * T + t] ||
+                                         seg[b * T + s] == MT_SHARED_SEGMENT);
                     sc[s] = -INFINITY;
                     if (!vis) continue;
                     const float *kr = k + (((size_t)b * T + s) * KVH + kvh) * D;
@@ -1091,6 +1092,10 @@ static int32_t *make_segments(int B, int T, int kind) {
         for (int t = 0; t < T; t++) {
             if (kind == 2)
                 seg[b * T + t] = b % 2 == 0 ? (t / 20 % 2 ? 6 : 4) : t / 2;
+            else if (kind == 3) /* shared prefixes: 13 tokens; 70 (past a block); mid-row */
+                seg[b * T + t] = b % 3 == 0   ? (t < 13 ? MT_SHARED_SEGMENT : t < 80 ? 0 : t < T - 5 ? 1 : -1)
+                                 : b % 3 == 1 ? (t < 70 ? MT_SHARED_SEGMENT : (t - 70) / 30)
+                                              : (t >= 10 && t < 20 ? MT_SHARED_SEGMENT : t / 40 + 3);
             else
                 seg[b * T + t] =
                     b % 2 == 0 ? (t < 3 ? 0 : t < T - 4 ? 1 : 2) : (t < T / 2 ? 5 : 9);
@@ -1131,6 +1136,7 @@ static void test_attention_forward(void **state) {
     check_attention_forward(1, 150, 2, 1, 40, 1); // D over the 32-wide register tile
     check_attention_forward(2, 65, 4, 2, 8, 1);   // a last block of one query and one key
     check_attention_forward(2, 150, 4, 2, 16, 2); // ids that come back; more ids than tracked
+    check_attention_forward(3, 150, 4, 2, 16, 3); // shared prefixes (MT_SHARED_SEGMENT)
 }
 
 static void check_attention_backward(int B, int T, int H, int KVH, int D, int with_seg,
@@ -1168,6 +1174,7 @@ static void test_attention_backward(void **state) {
     check_attention_backward(1, 80, 4, 2, 8, 0, 160);
     check_attention_backward(1, 70, 4, 2, 40, 1, 120); // D over the register tile
     check_attention_backward(2, 150, 4, 2, 8, 2, 160); // ids that come back; more than tracked
+    check_attention_backward(3, 150, 4, 2, 8, 3, 200); // shared prefixes
 }
 
 /* Results do not depend on the number of threads (bit for bit). */

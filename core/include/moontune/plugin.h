@@ -152,12 +152,19 @@ typedef struct mt_model_handle mt_model_handle; /* opaque */
  * be NULL (positions 0..T-1, one segment per row, no targets). targets < 0 are
  * ignored. Targets are pre-shifted: targets[b][t] is the token that row b's logits
  * at position t predict (tokens[b][t+1] in plain language modelling). */
+/* The segment id of a shared prefix. Tokens of one segment see (causally) only tokens of
+ * that segment, except tokens of this one, which every later token of the row sees: a
+ * prompt prefix that all examples of a row begin with (a system prompt, say) stands
+ * once at the row's start, and the examples after it continue at its positions. Its
+ * tokens carry no targets. Padding is segment -1. */
+#define MT_SHARED_SEGMENT (-2)
+
 typedef struct mt_batch {
     uint32_t size; /* sizeof(mt_batch) of the host */
     int B, T;
     const int32_t *tokens;    /* (B,T) */
     const int32_t *positions; /* (B,T) or NULL */
-    const int32_t *segments;  /* (B,T) or NULL */
+    const int32_t *segments;  /* (B,T) or NULL; MT_SHARED_SEGMENT: see above */
     const int32_t *targets;   /* (B,T) or NULL */
     /* ABI 2: the items (the loss' count: target tokens for cross-entropy) of the whole
      * optimizer step, summed over its micro-batches; 0 outside training (evaluation),
