@@ -828,10 +828,13 @@ static void carve_plan(mt_model *m, mt_carver *cv) {
     m->d_act = mt_carve(cv, BT * F, f);
     m->d_gate = mt_carve(cv, BT * F, f);
     m->d_up = mt_carve(cv, BT * F, f);
-    m->att_work = mt_carve(cv, m->be->ops->attention_work_bytes(m->be, m->plan_B, m->plan_T,
+    /* a batch may be one row as wide as the plan's tokens (shared prompt prefixes) */
+    const size_t att_rows = m->be->ops->attention_work_bytes(m->be, m->plan_B, m->plan_T,
                                                              c->num_heads, c->num_kv_heads,
-                                                             c->head_dim),
-                        1);
+                                                             c->head_dim);
+    const size_t att_wide = m->be->ops->attention_work_bytes(m->be, 1, (int)BT, c->num_heads,
+                                                             c->num_kv_heads, c->head_dim);
+    m->att_work = mt_carve(cv, att_rows > att_wide ? att_rows : att_wide, 1);
 }
 
 mt_status mt_model_plan(mt_model *m, int B, int T, int chunk, mt_error *err) {
@@ -955,7 +958,10 @@ mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *po
     mt_backend *be = m->be;
     if (!m->act_memory)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "mt_model_forward before mt_model_plan");
-    if (B <= 0 || T <= 0 || T > m->plan_T || (int64_t)B * T > (int64_t)m->plan_B * m->plan_T)
+    /* rows wider than the plan's sequence are fine when their positions stay inside
+     * it (examples after a shared prompt prefix) */
+    if (B <= 0 || T <= 0 || (T > m->plan_T && !positions) ||
+        (int64_t)B * T > (int64_t)m->plan_B * m->plan_T)
         return mt_error_set(err, MT_ERR_INVALID_ARG,
                             "batch %d x sequence %d does not fit the plan (%d x %d)", B, T,
                             m->plan_B, m->plan_T);

@@ -348,7 +348,9 @@ size_t mt_model_plan_bytes(const mt_model *m);
 
 /* Runs the decoder to the final norm. tokens (B,T); positions (B,T) or NULL for
  * 0..T-1 in every row; segments (B,T) or NULL (packed rows: attention stays
- * within equal segment ids). B and T must not exceed the plan. */
+ * within equal segment ids, and MT_SHARED_SEGMENT's tokens are seen by all). B * T
+ * must not exceed the plan's tokens, nor T its sequence unless positions are given
+ * (they must stay below it). */
 mt_status mt_model_forward(mt_model *m, const int32_t *tokens, const int32_t *positions,
                            const int32_t *segments, int B, int T, mt_error *err);
 /* logits (nrows,V) for rows [row0, row0+nrows) of the last forward (row = b*T+t). */

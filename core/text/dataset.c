@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "base/internal.h"
+#include "moontune/plugin.h" /* MT_SHARED_SEGMENT */
 #include "text/tokenizer.h"
 
 /* ---- examples ----------------------------------------------------------------- */
@@ -615,6 +616,132 @@ void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int
             memmove(arrays[k] + (size_t)r * T_new, arrays[k] + (size_t)r * T,
                     (size_t)T_new * sizeof(int32_t));
     }
+}
+
+/* One example of a packed batch: columns [start, start + len) of row `row`. */
+typedef struct batch_span {
+    int row, start, len;
+} batch_span;
+
+/* The examples of a packed batch, each a run of one segment id whose positions count
+ * 0, 1, ... (as the batcher lays them); returns how many, or -1 when a row holds
+ * anything else (a shared prefix already, positions that do not restart). */
+static int batch_spans(const int32_t *positions, const int32_t *segments, int B, int T,
+                       batch_span *spans, int *rows_used) {
+    int n = 0;
+    *rows_used = 0;
+    for (int r = 0; r < B; r++) {
+        const int32_t *pos = positions + (size_t)r * T, *seg = segments + (size_t)r * T;
+        int used = 0;
+        for (int t = 0; t < T;) {
+            if (seg[t] == MT_PAD_SEGMENT) {
+                t++;
+                continue;
+            }
+            if (seg[t] == MT_SHARED_SEGMENT || pos[t] != 0) return -1;
+            int end = t + 1;
+            while (end < T && seg[end] == seg[t] && pos[end] == end - t) end++;
+            spans[n++] = (batch_span){r, t, end - t};
+            used = 1;
+            t = end;
+        }
+        *rows_used += used;
+    }
+    return n;
+}
+
+mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *segments,
+                                int32_t *targets, int B, int T, int *B_new, int *T_new,
+                                mt_error *err) {
+    *B_new = B, *T_new = T;
+    if (!tokens || !positions || !segments || !targets || B < 1 || T < 2) return MT_OK;
+    const size_t bt = (size_t)B * (size_t)T;
+    batch_span *spans = mt_malloc(bt * sizeof *spans, "shared-prefix layout", err);
+    if (!spans) return MT_ERR_NOMEM;
+    int rows_used = 0;
+    const int n = batch_spans(positions, segments, B, T, spans, &rows_used);
+    /* each new row takes the examples of about two packed rows, so that rows stay
+     * several: attention's backward runs one task per row and key/value head */
+    const int R = (rows_used + 1) / 2;
+    if (n <= R) {
+        free(spans);
+        return MT_OK;
+    }
+    /* the prefix: tokens every example begins with, none of them a target, and at least
+     * one token of every example left after it */
+    const int32_t *first = tokens + (size_t)spans[0].row * T + spans[0].start;
+    int P = spans[0].len;
+    for (int i = 0; i < n; i++) {
+        const size_t at = (size_t)spans[i].row * T + (size_t)spans[i].start;
+        if (spans[i].len - 1 < P) P = spans[i].len - 1;
+        for (int p = 0; p < P; p++)
+            if (tokens[at + p] != first[p] || targets[at + p] != MT_IGNORE_INDEX) P = p;
+    }
+    if (P < 1) {
+        free(spans);
+        return MT_OK;
+    }
+    /* examples in order, each into the shortest row (the first of equals) */
+    int *fill = mt_malloc((size_t)R * sizeof *fill, "shared-prefix layout", err);
+    int *slot_row = mt_malloc((size_t)n * sizeof *slot_row, "shared-prefix layout", err);
+    if (!fill || !slot_row) {
+        free(spans), free(fill), free(slot_row);
+        return MT_ERR_NOMEM;
+    }
+    int W = P;
+    for (int r = 0; r < R; r++) fill[r] = P;
+    for (int i = 0; i < n; i++) {
+        int r = 0;
+        for (int j = 1; j < R; j++)
+            if (fill[j] < fill[r]) r = j;
+        slot_row[i] = r;
+        fill[r] += spans[i].len - P;
+        if (fill[r] > W) W = fill[r];
+    }
+    int32_t *out = (size_t)R * W <= bt ? mt_malloc(4 * bt * sizeof *out, "shared-prefix layout", err)
+                                       : NULL;
+    if (!out) {
+        free(spans), free(fill), free(slot_row);
+        return (size_t)R * W <= bt ? MT_ERR_NOMEM : MT_OK; /* too wide: left as it was */
+    }
+    const size_t rw = (size_t)R * W;
+    int32_t *o_tok = out, *o_pos = out + rw, *o_seg = out + 2 * rw, *o_tgt = out + 3 * rw;
+    const int32_t pad = first[0]; /* any id: padding sees only padding, and has no target */
+    for (int r = 0; r < R; r++) {
+        const size_t row = (size_t)r * W;
+        for (int p = 0; p < P; p++) {
+            o_tok[row + p] = first[p];
+            o_pos[row + p] = p;
+            o_seg[row + p] = MT_SHARED_SEGMENT;
+            o_tgt[row + p] = MT_IGNORE_INDEX;
+        }
+        fill[r] = P;
+    }
+    for (int i = 0; i < n; i++) { /* the i-th example of its row is segment i there */
+        const int r = slot_row[i], m = spans[i].len - P;
+        const size_t src = (size_t)spans[i].row * T + (size_t)spans[i].start + P;
+        const size_t dst = (size_t)r * W + (size_t)fill[r];
+        memcpy(o_tok + dst, tokens + src, (size_t)m * sizeof *out);
+        memcpy(o_pos + dst, positions + src, (size_t)m * sizeof *out);
+        memcpy(o_tgt + dst, targets + src, (size_t)m * sizeof *out);
+        for (int t = 0; t < m; t++) o_seg[dst + t] = i;
+        fill[r] += m;
+    }
+    for (int r = 0; r < R; r++) /* padding as the batcher pads, positions kept below T */
+        for (int t = fill[r]; t < W; t++) {
+            const size_t at = (size_t)r * W + (size_t)t;
+            o_tok[at] = pad;
+            o_pos[at] = (t - fill[r]) % T;
+            o_seg[at] = MT_PAD_SEGMENT;
+            o_tgt[at] = MT_IGNORE_INDEX;
+        }
+    memcpy(tokens, o_tok, rw * sizeof *out);
+    memcpy(positions, o_pos, rw * sizeof *out);
+    memcpy(segments, o_seg, rw * sizeof *out);
+    memcpy(targets, o_tgt, rw * sizeof *out);
+    free(spans), free(fill), free(slot_row), free(out);
+    *B_new = R, *T_new = W;
+    return MT_OK;
 }
 
 mt_cursor mt_batcher_get_cursor(const mt_batcher *b) { return b->cur; }

@@ -378,6 +378,24 @@ int mt_batcher_rows(const mt_batcher *b);
  * them (an unpacked batch of short pairs then costs its longest sequence, not T). */
 void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int32_t *targets,
                      int B, int T, int T_new);
+/* Stores the prompt prefix that a packed batch's examples share once per row instead of
+ * once per example. The batch (B,T) holds single examples as mt_batcher_next lays them
+ * (each a run of one segment id, positions 0, 1, ...; any row may be narrowed). The
+ * prefix is the longest run of tokens every example begins with that carries no target
+ * and leaves every example a token. When it is at least one token and the examples
+ * outnumber the new rows (half the rows in use, rounded up), the arrays are rewritten
+ * in place as (*B_new, *T_new), contiguous: each row starts with the prefix in segment
+ * MT_SHARED_SEGMENT, then the remaining tokens of its examples, each example's own
+ * segment (0, 1, ... in its row) with its positions, targets and tokens unchanged, and
+ * padding (MT_PAD_SEGMENT) to the longest row. Examples go in order to the shortest row.
+ * A causal model gives every example's targets the same logits either way (up to
+ * rounding), and the gradient flowing into the prefix is the sum of its examples'.
+ * *B_new * *T_new <= B * T; *T_new may exceed T, while positions stay below T.
+ * Otherwise (or with any array NULL, or a row holding anything else) the batch is left
+ * as it was and *B_new, *T_new = B, T. Errors: out of memory only. */
+mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *segments,
+                                int32_t *targets, int B, int T, int *B_new, int *T_new,
+                                mt_error *err);
 mt_cursor mt_batcher_get_cursor(const mt_batcher *b);
 /* Position must be <= the number of items (examples, or pairs). */
 mt_status mt_batcher_set_cursor(mt_batcher *b, mt_cursor c, mt_error *err);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "text/dataset.h"
+#include "moontune/plugin.h" /* MT_SHARED_SEGMENT */
 #include "model/evaluate.h"
 #include "base/internal.h"
 #include "testutil.h"
@@ -1375,6 +1376,139 @@ static void test_examples_name_their_source(void **state) {
     mt_example_set_free(&s);
 }
 
+/* ---- mt_batch_share_prefix ---- */
+
+/* A packed batch of examples given as (row, length): example i's tokens are
+ * prefix[0..common) then 100 * (i + 1) + t, its targets ignored below first_target. */
+#define SP_MAX 512
+typedef struct sp_batch {
+    int B, T, n;
+    int32_t tok[SP_MAX], pos[SP_MAX], seg[SP_MAX], tgt[SP_MAX];
+    int32_t ex_tok[16][64], ex_tgt[16][64];
+    int ex_len[16];
+} sp_batch;
+
+static void sp_make(sp_batch *b, int B, int T, int n, const int *rows, const int *lens, int common,
+                    int first_target) {
+    memset(b, 0, sizeof *b);
+    b->B = B, b->T = T, b->n = n;
+    int used[8] = {0}, nseg[8] = {0};
+    for (int i = 0; i < B * T; i++) b->tok[i] = 7, b->pos[i] = i % T, b->seg[i] = -1, b->tgt[i] = -100;
+    for (int i = 0; i < n; i++) {
+        const int r = rows[i];
+        b->ex_len[i] = lens[i];
+        for (int t = 0; t < lens[i]; t++) {
+            b->ex_tok[i][t] = t < common ? 50 + t : 100 * (i + 1) + t;
+            b->ex_tgt[i][t] = t < first_target || t == lens[i] - 1 ? -100 : 1000 + 10 * i + t;
+            const int at = r * T + used[r] + t;
+            b->tok[at] = b->ex_tok[i][t], b->tgt[at] = b->ex_tgt[i][t];
+            b->pos[at] = t, b->seg[at] = nseg[r];
+        }
+        used[r] += lens[i];
+        nseg[r]++;
+    }
+}
+
+/* Runs mt_batch_share_prefix; checks that every example comes back whole (the prefix
+ * at the start of its row, then its own segment continuing the positions) and returns
+ * the prefix's length (0: the batch was left as it was, checked byte for byte). */
+static int sp_check(sp_batch *b, int *B_new, int *T_new) {
+    sp_batch before = *b;
+    mt_error err = {0};
+    assert_int_equal(mt_batch_share_prefix(b->tok, b->pos, b->seg, b->tgt, b->B, b->T, B_new,
+                                           T_new, &err),
+                     MT_OK);
+    if (*B_new == b->B && *T_new == b->T) {
+        assert_memory_equal(b, &before, sizeof *b);
+        return 0;
+    }
+    const int R = *B_new, W = *T_new;
+    assert_true((int64_t)R * W <= (int64_t)b->B * b->T);
+    /* the four arrays moved to stride W, one after another at their own bases */
+    int P = 0;
+    while (P < W && b->seg[P] == MT_SHARED_SEGMENT) P++;
+    assert_true(P >= 1);
+    int found[16] = {0};
+    for (int r = 0; r < R; r++) {
+        const int32_t *tok = b->tok + r * W, *pos = b->pos + r * W, *seg = b->seg + r * W,
+                      *tgt = b->tgt + r * W;
+        for (int t = 0; t < P; t++) {
+            assert_int_equal(seg[t], MT_SHARED_SEGMENT);
+            assert_int_equal(pos[t], t);
+            assert_int_equal(tok[t], before.ex_tok[0][t]);
+            assert_int_equal(tgt[t], -100);
+        }
+        for (int t = P; t < W;) {
+            if (seg[t] == -1) { /* padding to the row's end */
+                for (int u = t; u < W; u++) {
+                    assert_int_equal(seg[u], -1);
+                    assert_int_equal(tgt[u], -100);
+                    assert_true(pos[u] >= 0 && pos[u] < b->T);
+                }
+                break;
+            }
+            const int i = seg[t];
+            assert_true(i >= 0 && i < b->n && !found[i]);
+            found[i] = 1;
+            for (int k = 0; k < P; k++) assert_int_equal(before.ex_tok[i][k], tok[k]);
+            for (int k = P; k < before.ex_len[i]; k++, t++) {
+                assert_int_equal(seg[t], i);
+                assert_int_equal(pos[t], k);
+                assert_int_equal(tok[t], before.ex_tok[i][k]);
+                assert_int_equal(tgt[t], before.ex_tgt[i][k]);
+            }
+            assert_true(t == W || seg[t] != i);
+        }
+    }
+    for (int i = 0; i < b->n; i++) assert_true(found[i]);
+    return P;
+}
+
+static void test_batch_share_prefix(void **state) {
+    (void)state;
+    sp_batch b;
+    int B_new, T_new;
+    /* two rows of two: one new row as wide as the prefix and four remainders, past T */
+    const int rows4[] = {0, 0, 1, 1}, lens4[] = {10, 11, 12, 9};
+    sp_make(&b, 2, 24, 4, rows4, lens4, 5, 6);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 5);
+    assert_int_equal(B_new, 1);
+    assert_int_equal(T_new, 5 + 5 + 6 + 7 + 4);
+    /* the prefix stops at the first target (train_on_inputs: none shared at all) */
+    sp_make(&b, 2, 24, 4, rows4, lens4, 5, 3);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 3);
+    sp_make(&b, 2, 24, 4, rows4, lens4, 5, 0);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 0);
+    /* nothing in common; a single example; an example as short as the prefix + 1 */
+    sp_make(&b, 2, 24, 4, rows4, lens4, 0, 6);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 0);
+    const int row1[] = {0}, len1[] = {20};
+    sp_make(&b, 1, 24, 1, row1, len1, 5, 6);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 0);
+    const int lens_short[] = {10, 3, 12, 9};
+    sp_make(&b, 2, 24, 4, rows4, lens_short, 5, 6);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 2);
+    /* four rows of two, unequal: two new rows, examples to the shorter row in order */
+    const int rows8[] = {0, 0, 1, 1, 2, 2, 3, 3}, lens8[] = {20, 9, 14, 14, 25, 6, 11, 12};
+    sp_make(&b, 4, 32, 8, rows8, lens8, 4, 4);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 4);
+    assert_int_equal(B_new, 2);
+    /* remainders 16 5 10 10 21 2 7 8: row 0 takes 16, 21 (4 + 37); row 1 the rest (4 + 42) */
+    assert_int_equal(T_new, 46);
+    /* a second pass finds a shared prefix already and leaves the batch alone */
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 0);
+    /* three rows of one: two new rows, 4 + 16 + 16 and 4 + 16 */
+    const int rows3[] = {0, 1, 2}, lens3[] = {20, 20, 20};
+    sp_make(&b, 3, 32, 3, rows3, lens3, 4, 4);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 4);
+    assert_int_equal(B_new, 2);
+    assert_int_equal(T_new, 36);
+    /* full rows: 2 x (4 + 28 + 28) would not fit 3 x 32 tokens, so left as they were */
+    const int full3[] = {32, 32, 32};
+    sp_make(&b, 3, 32, 3, rows3, full3, 4, 4);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_examples_name_their_source),
@@ -1406,6 +1540,7 @@ int main(void) {
         cmocka_unit_test(test_cursor_resume),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_smollm2_end_to_end),
+        cmocka_unit_test(test_batch_share_prefix),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

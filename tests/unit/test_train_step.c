@@ -14,6 +14,7 @@
 #include "plugin/registry.h"
 #include "testutil.h"
 #include "model/train.h"
+#include "text/dataset.h" /* mt_batch_share_prefix */
 
 #define GQA_DIR MT_FIXTURE_DIR "/tiny_gqa"
 #define ROWS 2
@@ -475,6 +476,61 @@ static void test_recompute(void **state) {
     rig_down(&r);
 }
 
+/* A batch whose examples share a prompt prefix gives the same loss and gradients when
+ * the prefix stands once (mt_batch_share_prefix: one row, wider than the plan's
+ * sequence) as when every example carries it: the prefix's gradient is the sum of its
+ * examples'. Full fine-tuning, so the embedding rows of the prefix's tokens take it. */
+static void test_shared_prefix_step(void **state) {
+    (void)state;
+    rig r;
+    rig_up(&r, "sgd", NULL, 0);
+    enum { B = 2, T = 24, P = 5 };
+    replan(&r, B, T, 0);
+    const int V = r.model->cfg.vocab_size, rows[] = {0, 0, 1, 1}, lens[] = {10, 11, 12, 9};
+    int32_t tok[B * T], pos[B * T], seg[B * T], tgt[B * T];
+    int used[B] = {0}, nseg[B] = {0};
+    for (int i = 0; i < B * T; i++) tok[i] = 0, pos[i] = i % T, seg[i] = -1, tgt[i] = -100;
+    for (int e = 0; e < 4; e++) {
+        for (int t = 0; t < lens[e]; t++) {
+            const int at = rows[e] * T + used[rows[e]] + t;
+            tok[at] = t < P ? (7 * t + 2) % V : (31 * e + 11 * t + 5) % V;
+            tgt[at] = t < P || t == lens[e] - 1 ? -100 : (13 * e + 3 * t + 1) % V;
+            pos[at] = t, seg[at] = nseg[rows[e]];
+        }
+        used[rows[e]] += lens[e];
+        nseg[rows[e]]++;
+    }
+    mt_batch packed = {.size = sizeof(mt_batch), .B = B, .T = T, .tokens = tok,
+                       .positions = pos, .segments = seg, .targets = tgt};
+    mt_step_result a = step(&r, &packed, 1, 0.0, 1, 0.0);
+    float *ga, *gs;
+    size_t n;
+    copy_grads(r.model, &ga, &n);
+
+    int32_t s_tok[B * T], s_pos[B * T], s_seg[B * T], s_tgt[B * T];
+    memcpy(s_tok, tok, sizeof tok), memcpy(s_pos, pos, sizeof pos);
+    memcpy(s_seg, seg, sizeof seg), memcpy(s_tgt, tgt, sizeof tgt);
+    int Bs, Ts;
+    mt_error err = {0};
+    assert_int_equal(mt_batch_share_prefix(s_tok, s_pos, s_seg, s_tgt, B, T, &Bs, &Ts, &err), MT_OK);
+    assert_int_equal(Bs, 1);
+    assert_int_equal(Ts, P + 5 + 6 + 7 + 4); /* wider than T */
+    mt_batch shared = {.size = sizeof(mt_batch), .B = Bs, .T = Ts, .tokens = s_tok,
+                       .positions = s_pos, .segments = s_seg, .targets = s_tgt};
+    mt_step_result b = step(&r, &shared, 1, 0.0, 2, 0.0);
+    copy_grads(r.model, &gs, &n);
+    const double e = norm_rel_err(gs, ga, n);
+    printf("shared prefix vs packed: loss %.9g vs %.9g, %lld vs %lld targets, gradient "
+           "norm-wise rel err %.3g\n", b.loss, a.loss, (long long)b.n_tokens,
+           (long long)a.n_tokens, e);
+    assert_int_equal(a.n_tokens, b.n_tokens);
+    assert_true(fabs(a.loss - b.loss) < 1e-6 * fabs(a.loss));
+    assert_true(e < 5e-6); /* summation order differs; a wrong sum is O(0.1) */
+    free(ga);
+    free(gs);
+    rig_down(&r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_model_learns_with_adamw),
@@ -484,6 +540,7 @@ int main(void) {
         cmocka_unit_test(test_non_finite_loss_skips_the_update),
         cmocka_unit_test(test_int8_training),
         cmocka_unit_test(test_recompute),
+        cmocka_unit_test(test_shared_prefix_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
