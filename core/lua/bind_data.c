@@ -447,6 +447,7 @@ typedef struct lbatcher {
     mt_batcher *b;
     int B, T;
     int narrow; /* batches as wide as their longest row (padding columns dropped) */
+    int share_prefix; /* the examples' shared prompt prefix once per row (mt_batch_share_prefix) */
     const mt_example_set *examples; /* held by the Examples in user value 1 */
 } lbatcher;
 
@@ -468,9 +469,13 @@ static int batcher_close(lua_State *L) {
     return 0;
 }
 
-/* mt.batcher(examples, {batch=, seq_len=, pack=true, seed=, shuffle=true, shard=true})
+/* mt.batcher(examples, {batch=, seq_len=, pack=true, seed=, shuffle=true, shard=true,
+ * share_prefix=true})
  * In a data-parallel job (mt.world_size() > 1) batch is the global batch and, with
- * shard, each rank's next() returns its batch / world_size rows of it. */
+ * shard, each rank's next() returns its batch / world_size rows of it. share_prefix
+ * (packed single examples only): the prompt prefix the batch's examples all begin with
+ * is laid out once per row instead of once per example (the same examples, losses and
+ * gradients, in fewer tokens; batch:shape() then gives the layout's rows and width). */
 static int l_batcher(lua_State *L) {
     lexamples *e = bind_check_examples(L, 1);
     bind_check_opts(L, 2);
@@ -481,12 +486,17 @@ static int l_batcher(lua_State *L) {
     int shuffle = bind_opt_bool(L, 2, "shuffle", 1);
     int narrow = bind_opt_bool(L, 2, "narrow", 1);
     int shard = bind_opt_bool(L, 2, "shard", 1);
+    int share_prefix = bind_opt_bool(L, 2, "share_prefix", pack && !e->set.paired);
+    if (share_prefix && (!pack || e->set.paired))
+        return luaL_error(L, "mt.batcher: share_prefix needs packed single examples (pack = true, "
+                             "no preference pairs)");
     lbatcher *b = lua_newuserdatauv(L, sizeof *b, 1);
     b->b = NULL;
     b->B = B;
     b->T = T;
     b->examples = &e->set;
     b->narrow = narrow;
+    b->share_prefix = share_prefix;
     luaL_setmetatable(L, BATCHER_MT);
     mt_error err = {0};
     if (mt_batcher_create(&e->set, B, T, pack, (uint64_t)seed, shuffle, &b->b, &err)) return bind_raise(L, &err);
@@ -532,6 +542,17 @@ static int batcher_next(lua_State *L) {
         /* the four arrays packed at the new stride, one after another */
         for (int k = 1; k < 4; k++) memmove(x->data + k * nt, x->data + k * bt, nt * sizeof(int32_t));
         x->T = longest;
+    }
+    if (b->share_prefix) {
+        const size_t nt = (size_t)x->B * (size_t)x->T;
+        int rows = x->B, width = x->T;
+        if (mt_batch_share_prefix(x->data, x->data + nt, x->data + 2 * nt, x->data + 3 * nt, x->B,
+                                  x->T, &rows, &width, &err))
+            return bind_raise(L, &err);
+        const size_t rw = (size_t)rows * (size_t)width; /* <= nt: moving down is safe */
+        for (int k = 1; k < 4; k++) memmove(x->data + k * rw, x->data + k * nt, rw * sizeof(int32_t));
+        x->B = rows;
+        x->T = width;
     }
     lua_createtable(L, 0, 7);
     bind_set_int(L, "examples", info.examples);

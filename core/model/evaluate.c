@@ -68,8 +68,13 @@ static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, 
         }
         /* columns past the longest row are padding: a causal model does not need them */
         mt_batch_narrow(tokens, positions, segments, targets, B, T, info.longest);
-        const int width = info.longest < T && info.longest > 0 ? info.longest : T;
-        mt_batch batch = {.size = sizeof batch, .B = B, .T = width, .tokens = tokens,
+        int rows = B, width = info.longest < T && info.longest > 0 ? info.longest : T;
+        /* a prompt prefix the examples share runs once per row (the same losses) */
+        if (!examples->paired &&
+            (st = mt_batch_share_prefix(tokens, positions, segments, targets, B, width, &rows,
+                                        &width, err)))
+            break;
+        mt_batch batch = {.size = sizeof batch, .B = rows, .T = width, .tokens = tokens,
                           .positions = positions, .segments = segments, .targets = targets,
                           .pairs = examples->paired,
                           .ref_logps = examples->has_ref_logps ? ref : NULL};
