@@ -547,7 +547,7 @@ static int batcher_next(lua_State *L) {
         const size_t nt = (size_t)x->B * (size_t)x->T;
         int rows = x->B, width = x->T;
         if (mt_batch_share_prefix(x->data, x->data + nt, x->data + 2 * nt, x->data + 3 * nt, x->B,
-                                  x->T, &rows, &width, &err))
+                                  x->T, 0, &rows, &width, &err))
             return bind_raise(L, &err);
         const size_t rw = (size_t)rows * (size_t)width; /* <= nt: moving down is safe */
         for (int k = 1; k < 4; k++) memmove(x->data + k * rw, x->data + k * nt, rw * sizeof(int32_t));

@@ -69,9 +69,10 @@ static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, 
         /* columns past the longest row are padding: a causal model does not need them */
         mt_batch_narrow(tokens, positions, segments, targets, B, T, info.longest);
         int rows = B, width = info.longest < T && info.longest > 0 ? info.longest : T;
-        /* a prompt prefix the examples share runs once per row (the same losses) */
+        /* a prompt prefix the examples share runs once (the same losses), in one row:
+         * without a backward, more rows would keep no thread busier */
         if (!examples->paired &&
-            (st = mt_batch_share_prefix(tokens, positions, segments, targets, B, width, &rows,
+            (st = mt_batch_share_prefix(tokens, positions, segments, targets, B, width, 1, &rows,
                                         &width, err)))
             break;
         mt_batch batch = {.size = sizeof batch, .B = rows, .T = width, .tokens = tokens,

@@ -651,7 +651,7 @@ static int batch_spans(const int32_t *positions, const int32_t *segments, int B,
 }
 
 mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *segments,
-                                int32_t *targets, int B, int T, int *B_new, int *T_new,
+                                int32_t *targets, int B, int T, int rows, int *B_new, int *T_new,
                                 mt_error *err) {
     *B_new = B, *T_new = T;
     if (!tokens || !positions || !segments || !targets || B < 1 || T < 2) return MT_OK;
@@ -660,9 +660,9 @@ mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *se
     if (!spans) return MT_ERR_NOMEM;
     int rows_used = 0;
     const int n = batch_spans(positions, segments, B, T, spans, &rows_used);
-    /* each new row takes the examples of about two packed rows, so that rows stay
-     * several: attention's backward runs one task per row and key/value head */
-    const int R = (rows_used + 1) / 2;
+    /* by default each new row takes the examples of about two packed rows, so that rows
+     * stay several: attention's backward runs one task per row and key/value head */
+    const int R = rows > 0 ? (rows < rows_used ? rows : rows_used) : (rows_used + 1) / 2;
     if (n <= R) {
         free(spans);
         return MT_OK;

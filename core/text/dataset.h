@@ -383,7 +383,8 @@ void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int
  * (each a run of one segment id, positions 0, 1, ...; any row may be narrowed). The
  * prefix is the longest run of tokens every example begins with that carries no target
  * and leaves every example a token. When it is at least one token and the examples
- * outnumber the new rows (half the rows in use, rounded up), the arrays are rewritten
+ * outnumber the new rows (`rows`, at most the rows in use; 0: half the rows in use,
+ * rounded up, as training wants them), the arrays are rewritten
  * in place as (*B_new, *T_new), contiguous: each row starts with the prefix in segment
  * MT_SHARED_SEGMENT, then the remaining tokens of its examples, each example's own
  * segment (0, 1, ... in its row) with its positions, targets and tokens unchanged, and
@@ -394,7 +395,7 @@ void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int
  * Otherwise (or with any array NULL, or a row holding anything else) the batch is left
  * as it was and *B_new, *T_new = B, T. Errors: out of memory only. */
 mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *segments,
-                                int32_t *targets, int B, int T, int *B_new, int *T_new,
+                                int32_t *targets, int B, int T, int rows, int *B_new, int *T_new,
                                 mt_error *err);
 mt_cursor mt_batcher_get_cursor(const mt_batcher *b);
 /* Position must be <= the number of items (examples, or pairs). */

@@ -1412,11 +1412,11 @@ static void sp_make(sp_batch *b, int B, int T, int n, const int *rows, const int
 /* Runs mt_batch_share_prefix; checks that every example comes back whole (the prefix
  * at the start of its row, then its own segment continuing the positions) and returns
  * the prefix's length (0: the batch was left as it was, checked byte for byte). */
-static int sp_check(sp_batch *b, int *B_new, int *T_new) {
+static int sp_check_rows(sp_batch *b, int rows, int *B_new, int *T_new) {
     sp_batch before = *b;
     mt_error err = {0};
-    assert_int_equal(mt_batch_share_prefix(b->tok, b->pos, b->seg, b->tgt, b->B, b->T, B_new,
-                                           T_new, &err),
+    assert_int_equal(mt_batch_share_prefix(b->tok, b->pos, b->seg, b->tgt, b->B, b->T, rows,
+                                           B_new, T_new, &err),
                      MT_OK);
     if (*B_new == b->B && *T_new == b->T) {
         assert_memory_equal(b, &before, sizeof *b);
@@ -1464,6 +1464,8 @@ static int sp_check(sp_batch *b, int *B_new, int *T_new) {
     return P;
 }
 
+static int sp_check(sp_batch *b, int *B_new, int *T_new) { return sp_check_rows(b, 0, B_new, T_new); }
+
 static void test_batch_share_prefix(void **state) {
     (void)state;
     sp_batch b;
@@ -1495,6 +1497,14 @@ static void test_batch_share_prefix(void **state) {
     assert_int_equal(B_new, 2);
     /* remainders 16 5 10 10 21 2 7 8: row 0 takes 16, 21 (4 + 37); row 1 the rest (4 + 42) */
     assert_int_equal(T_new, 46);
+    /* the same in one row (evaluation's layout), and in more rows than in use: 4 */
+    sp_make(&b, 4, 32, 8, rows8, lens8, 4, 4);
+    assert_int_equal(sp_check_rows(&b, 1, &B_new, &T_new), 4);
+    assert_int_equal(B_new, 1);
+    assert_int_equal(T_new, 4 + 16 + 5 + 10 + 10 + 21 + 2 + 7 + 8);
+    sp_make(&b, 4, 32, 8, rows8, lens8, 4, 4);
+    assert_int_equal(sp_check_rows(&b, 9, &B_new, &T_new), 4);
+    assert_int_equal(B_new, 4);
     /* a second pass finds a shared prefix already and leaves the batch alone */
     assert_int_equal(sp_check(&b, &B_new, &T_new), 0);
     /* three rows of one: two new rows, 4 + 16 + 16 and 4 + 16 */
