@@ -47,6 +47,32 @@ typedef struct data_args {
     int batch;
 } data_args;
 
+/* The columns an epoch of packed batches computes (rows times their longest row), and
+ * with the prompt prefix their examples share laid out once per row (the trainer's
+ * default, mt_batch_share_prefix). */
+static mt_status print_shared_columns(mt_batcher *b, int B, int T, mt_error *err) {
+    const size_t n = (size_t)B * (size_t)T;
+    int32_t *buf = mt_malloc(4 * n * sizeof *buf, "batch", err);
+    if (!buf) return MT_ERR_NOMEM;
+    int32_t *tok = buf, *pos = buf + n, *seg = buf + 2 * n, *tgt = buf + 3 * n;
+    int64_t packed = 0, shared = 0;
+    mt_status st = MT_OK;
+    for (mt_batch_info info = {0}; !info.epoch_end;) {
+        if ((st = mt_batcher_next(b, tok, pos, seg, tgt, NULL, &info, err))) break;
+        const int width = info.longest > 0 && info.longest < T ? info.longest : T;
+        mt_batch_narrow(tok, pos, seg, tgt, B, T, width);
+        int rows, cols;
+        if ((st = mt_batch_share_prefix(tok, pos, seg, tgt, B, width, 0, &rows, &cols, err))) break;
+        packed += (int64_t)B * width;
+        shared += (int64_t)rows * cols;
+    }
+    if (!st && packed > 0)
+        printf("  columns per epoch         %lld packed, %lld with the shared prompt prefix "
+               "(%.1f%%)\n", (long long)packed, (long long)shared, 100.0 * (double)shared / (double)packed);
+    free(buf);
+    return st;
+}
+
 /* Examples of one record set, statistics printed under `title`. */
 static mt_status report(lua_State *L, const mt_tokenizer *tok, const data_args *a,
                         const mt_record_set *records, const char *title, mt_error *err) {
@@ -64,6 +90,7 @@ static mt_status report(lua_State *L, const mt_tokenizer *tok, const data_args *
             printf("  packed batches per epoch  %lld of %d x %d (unpacked: %lld)\n",
                    (long long)packed, a->batch, a->ex.seq_len,
                    (long long)((examples.n + (size_t)a->batch - 1) / (size_t)a->batch));
+            st = print_shared_columns(b, a->batch, a->ex.seq_len, err);
             mt_batcher_free(b);
         }
     }
