@@ -55,6 +55,7 @@ end
 batcher:close()
 raises(function() mt.batcher(pairs_ex, { batch = 3 }) end, "even batch")
 raises(function() mt.batcher(pairs_ex, { batch = 4, pack = true }) end, "pack = false")
+raises(function() mt.batcher(pairs_ex, { batch = 4, share_prefix = true }) end, "share_prefix needs packed single examples")
 
 -- the split keeps pairs whole
 local a, b = pairs_ex:split(0.34, 3)
