@@ -13,10 +13,10 @@
  *
  * In both, a block's queries go in chunks of ATT_QC rows, and a chunk multiplies only
  * the keys its rows may see: none after its last row (causal), none before the first
- * position of its rows' segments (packed examples), and of a shared prefix's keys
- * (MT_SHARED_SEGMENT) only those it has. The mask is still applied to every
- * product computed, so the clipping drops only products the mask would zero; it is
- * rounded outward to whole columns of the register tile (16 keys).
+ * position of its rows' segments (packed examples) except the span of the row's shared
+ * prompt prefix (MT_SHARED_SEGMENT), which every later query sees. The mask is still
+ * applied to every product computed, so the clipping drops only products the mask
+ * would zero; it is rounded outward to whole columns of the register tile (16 keys).
  *
  * Scratch comes from the caller's work buffer (cpu_attention_work_bytes), one
  * slot per thread; the kernels never allocate. */
