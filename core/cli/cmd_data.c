@@ -59,8 +59,7 @@ static mt_status print_shared_columns(mt_batcher *b, int B, int T, mt_error *err
     mt_status st = MT_OK;
     for (mt_batch_info info = {0}; !info.epoch_end;) {
         if ((st = mt_batcher_next(b, tok, pos, seg, tgt, NULL, &info, err))) break;
-        const int width = info.longest > 0 && info.longest < T ? info.longest : T;
-        mt_batch_narrow(tok, pos, seg, tgt, B, T, width);
+        const int width = mt_batch_narrow(tok, pos, seg, tgt, B, T, info.longest);
         int rows, cols;
         if ((st = mt_batch_share_prefix(tok, pos, seg, tgt, B, width, 0, &rows, &cols, err))) break;
         packed += (int64_t)B * width;

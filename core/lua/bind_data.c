@@ -517,6 +517,12 @@ mt_batch bind_batch_view(const lbatch *x) {
                       .advantages = x->advantages, .old_logps = x->old_logps};
 }
 
+/* The batch's four arrays, each `from` ints apart, moved to `to` <= from ints apart
+ * (one after another, as bind_batch_view reads them): moving down is safe. */
+static void batch_restride(lbatch *x, size_t from, size_t to) {
+    for (int k = 1; k < 4; k++) memmove(x->data + k * to, x->data + k * from, to * sizeof(int32_t));
+}
+
 static int batcher_next(lua_State *L) {
     lbatcher *b = check_batcher(L, 1);
     size_t bt = (size_t)b->B * (size_t)b->T;
@@ -539,8 +545,7 @@ static int batcher_next(lua_State *L) {
     if (b->narrow && longest < b->T) { /* padding columns cost compute, change nothing */
         size_t nt = (size_t)b->B * (size_t)longest;
         mt_batch_narrow(x->data, x->data + bt, x->data + 2 * bt, x->data + 3 * bt, b->B, b->T, longest);
-        /* the four arrays packed at the new stride, one after another */
-        for (int k = 1; k < 4; k++) memmove(x->data + k * nt, x->data + k * bt, nt * sizeof(int32_t));
+        batch_restride(x, bt, nt);
         x->T = longest;
     }
     if (b->share_prefix) {
@@ -549,8 +554,7 @@ static int batcher_next(lua_State *L) {
         if (mt_batch_share_prefix(x->data, x->data + nt, x->data + 2 * nt, x->data + 3 * nt, x->B,
                                   x->T, 0, &rows, &width, &err))
             return bind_raise(L, &err);
-        const size_t rw = (size_t)rows * (size_t)width; /* <= nt: moving down is safe */
-        for (int k = 1; k < 4; k++) memmove(x->data + k * rw, x->data + k * nt, rw * sizeof(int32_t));
+        batch_restride(x, nt, (size_t)rows * (size_t)width); /* rows * width <= nt */
         x->B = rows;
         x->T = width;
     }

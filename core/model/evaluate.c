@@ -67,8 +67,8 @@ static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, 
             continue;
         }
         /* columns past the longest row are padding: a causal model does not need them */
-        mt_batch_narrow(tokens, positions, segments, targets, B, T, info.longest);
-        int rows = B, width = info.longest < T && info.longest > 0 ? info.longest : T;
+        int rows = B, width = mt_batch_narrow(tokens, positions, segments, targets, B, T,
+                                              info.longest);
         /* a prompt prefix the examples share runs once (the same losses), in one row:
          * without a backward, more rows would keep no thread busier */
         if (!examples->paired &&

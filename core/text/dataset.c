@@ -605,9 +605,9 @@ static mt_status next_global(mt_batcher *b, int32_t *tokens, int32_t *positions,
     return MT_OK;
 }
 
-void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int32_t *targets,
-                     int B, int T, int T_new) {
-    if (T_new >= T || T_new < 1) return;
+int mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int32_t *targets,
+                    int B, int T, int T_new) {
+    if (T_new >= T || T_new < 1) return T;
     int32_t *arrays[4] = {tokens, positions, segments, targets};
     for (int k = 0; k < 4; k++) {
         if (!arrays[k]) continue;
@@ -616,6 +616,7 @@ void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int
             memmove(arrays[k] + (size_t)r * T_new, arrays[k] + (size_t)r * T,
                     (size_t)T_new * sizeof(int32_t));
     }
+    return T_new;
 }
 
 /* One example of a packed batch: columns [start, start + len) of row `row`. */
@@ -681,30 +682,31 @@ mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *se
         free(spans);
         return MT_OK;
     }
-    /* examples in order, each into the shortest row (the first of equals) */
+    /* examples in order, each into the shortest row (the first of equals): fill[r] is
+     * row r's length, dest_row and dest_col where example i's remainder goes */
     int *fill = mt_malloc((size_t)R * sizeof *fill, "shared-prefix layout", err);
-    int *slot_row = mt_malloc((size_t)n * sizeof *slot_row, "shared-prefix layout", err);
-    if (!fill || !slot_row) {
-        free(spans), free(fill), free(slot_row);
+    int *dest_row = mt_malloc(2 * (size_t)n * sizeof *dest_row, "shared-prefix layout", err);
+    if (!fill || !dest_row) {
+        free(spans), free(fill), free(dest_row);
         return MT_ERR_NOMEM;
     }
+    int *dest_col = dest_row + n;
     int W = P;
     for (int r = 0; r < R; r++) fill[r] = P;
     for (int i = 0; i < n; i++) {
         int r = 0;
         for (int j = 1; j < R; j++)
             if (fill[j] < fill[r]) r = j;
-        slot_row[i] = r;
+        dest_row[i] = r, dest_col[i] = fill[r];
         fill[r] += spans[i].len - P;
         if (fill[r] > W) W = fill[r];
     }
-    int32_t *out = (size_t)R * W <= bt ? mt_malloc(4 * bt * sizeof *out, "shared-prefix layout", err)
-                                       : NULL;
-    if (!out) {
-        free(spans), free(fill), free(slot_row);
-        return (size_t)R * W <= bt ? MT_ERR_NOMEM : MT_OK; /* too wide: left as it was */
-    }
     const size_t rw = (size_t)R * W;
+    int32_t *out = rw <= bt ? mt_malloc(4 * rw * sizeof *out, "shared-prefix layout", err) : NULL;
+    if (!out) {
+        free(spans), free(fill), free(dest_row);
+        return rw <= bt ? MT_ERR_NOMEM : MT_OK; /* too wide: left as it was */
+    }
     int32_t *o_tok = out, *o_pos = out + rw, *o_seg = out + 2 * rw, *o_tgt = out + 3 * rw;
     const int32_t pad = first[0]; /* any id: padding sees only padding, and has no target */
     for (int r = 0; r < R; r++) {
@@ -715,17 +717,15 @@ mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *se
             o_seg[row + p] = MT_SHARED_SEGMENT;
             o_tgt[row + p] = MT_IGNORE_INDEX;
         }
-        fill[r] = P;
     }
-    for (int i = 0; i < n; i++) { /* the i-th example of its row is segment i there */
-        const int r = slot_row[i], m = spans[i].len - P;
+    for (int i = 0; i < n; i++) { /* the batch's i-th example is segment i of its row */
+        const int m = spans[i].len - P;
         const size_t src = (size_t)spans[i].row * T + (size_t)spans[i].start + P;
-        const size_t dst = (size_t)r * W + (size_t)fill[r];
+        const size_t dst = (size_t)dest_row[i] * W + (size_t)dest_col[i];
         memcpy(o_tok + dst, tokens + src, (size_t)m * sizeof *out);
         memcpy(o_pos + dst, positions + src, (size_t)m * sizeof *out);
         memcpy(o_tgt + dst, targets + src, (size_t)m * sizeof *out);
         for (int t = 0; t < m; t++) o_seg[dst + t] = i;
-        fill[r] += m;
     }
     for (int r = 0; r < R; r++) /* padding as the batcher pads, positions kept below T */
         for (int t = fill[r]; t < W; t++) {
@@ -739,7 +739,7 @@ mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *se
     memcpy(positions, o_pos, rw * sizeof *out);
     memcpy(segments, o_seg, rw * sizeof *out);
     memcpy(targets, o_tgt, rw * sizeof *out);
-    free(spans), free(fill), free(slot_row), free(out);
+    free(spans), free(fill), free(dest_row), free(out);
     *B_new = R, *T_new = W;
     return MT_OK;
 }

@@ -375,9 +375,10 @@ int mt_batcher_rows(const mt_batcher *b);
 /* Narrows (B,T) arrays (any may be NULL) in place to (B,T_new), T_new <= T, dropping
  * columns [T_new, T) of every row: after mt_batcher_next with T_new = info.longest they
  * are padding only, and a causal model gives the real tokens the same result without
- * them (an unpacked batch of short pairs then costs its longest sequence, not T). */
-void mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int32_t *targets,
-                     int B, int T, int T_new);
+ * them (an unpacked batch of short pairs then costs its longest sequence, not T).
+ * Returns the rows' width now: T_new, or T (untouched) when T_new is not in [1, T). */
+int mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int32_t *targets,
+                    int B, int T, int T_new);
 /* Stores the prompt prefix that a packed batch's examples share once per row instead of
  * once per example. The batch (B,T) holds single examples as mt_batcher_next lays them
  * (each a run of one segment id, positions 0, 1, ...; any row may be narrowed). The
