@@ -61,7 +61,7 @@ static mt_status print_shared_columns(mt_batcher *b, int B, int T, mt_error *err
         if ((st = mt_batcher_next(b, tok, pos, seg, tgt, NULL, &info, err))) break;
         const int width = mt_batch_narrow(tok, pos, seg, tgt, B, T, info.longest);
         int rows, cols;
-        if ((st = mt_batch_share_prefix(tok, pos, seg, tgt, B, width, 0, &rows, &cols, err))) break;
+        if ((st = mt_batch_share_prefix(tok, pos, seg, tgt, B, width, 1, &rows, &cols, err))) break;
         packed += (int64_t)B * width;
         shared += (int64_t)rows * cols;
     }

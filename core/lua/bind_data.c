@@ -552,7 +552,7 @@ static int batcher_next(lua_State *L) {
         const size_t nt = (size_t)x->B * (size_t)x->T;
         int rows = x->B, width = x->T;
         if (mt_batch_share_prefix(x->data, x->data + nt, x->data + 2 * nt, x->data + 3 * nt, x->B,
-                                  x->T, 0, &rows, &width, &err))
+                                  x->T, 1, &rows, &width, &err))
             return bind_raise(L, &err);
         batch_restride(x, nt, (size_t)rows * (size_t)width); /* rows * width <= nt */
         x->B = rows;

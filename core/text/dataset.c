@@ -661,9 +661,7 @@ mt_status mt_batch_share_prefix(int32_t *tokens, int32_t *positions, int32_t *se
     if (!spans) return MT_ERR_NOMEM;
     int rows_used = 0;
     const int n = batch_spans(positions, segments, B, T, spans, &rows_used);
-    /* by default each new row takes the examples of about two packed rows, so that rows
-     * stay several: attention's backward runs one task per row and key/value head */
-    const int R = rows > 0 ? (rows < rows_used ? rows : rows_used) : (rows_used + 1) / 2;
+    const int R = rows <= 1 ? 1 : (rows < rows_used ? rows : rows_used);
     if (n <= R) {
         free(spans);
         return MT_OK;

@@ -384,8 +384,8 @@ int mt_batch_narrow(int32_t *tokens, int32_t *positions, int32_t *segments, int3
  * (each a run of one segment id, positions 0, 1, ...; any row may be narrowed). The
  * prefix is the longest run of tokens every example begins with that carries no target
  * and leaves every example a token. When it is at least one token and the examples
- * outnumber the new rows (`rows`, at most the rows in use; 0: half the rows in use,
- * rounded up, as training wants them), the arrays are rewritten
+ * outnumber the new rows (`rows`, at most the rows in use; below 1: one row, as training
+ * and evaluation lay them out, the prefix once per batch), the arrays are rewritten
  * in place as (*B_new, *T_new), contiguous: each row starts with the prefix in segment
  * MT_SHARED_SEGMENT, then the remaining tokens of its examples, each example's own
  * segment (0, 1, ... in its row) with its positions, targets and tokens unchanged, and

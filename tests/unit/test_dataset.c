@@ -1490,33 +1490,39 @@ static void test_batch_share_prefix(void **state) {
     const int lens_short[] = {10, 3, 12, 9};
     sp_make(&b, 2, 24, 4, rows4, lens_short, 5, 6);
     assert_int_equal(sp_check(&b, &B_new, &T_new), 2);
-    /* four rows of two, unequal: two new rows, examples to the shorter row in order */
+    /* four rows of two, unequal, into two new rows: examples to the shorter row in order */
     const int rows8[] = {0, 0, 1, 1, 2, 2, 3, 3}, lens8[] = {20, 9, 14, 14, 25, 6, 11, 12};
     sp_make(&b, 4, 32, 8, rows8, lens8, 4, 4);
-    assert_int_equal(sp_check(&b, &B_new, &T_new), 4);
+    assert_int_equal(sp_check_rows(&b, 2, &B_new, &T_new), 4);
     assert_int_equal(B_new, 2);
     /* remainders 16 5 10 10 21 2 7 8: row 0 takes 16, 21 (4 + 37); row 1 the rest (4 + 42) */
     assert_int_equal(T_new, 46);
-    /* the same in one row (evaluation's layout), and in more rows than in use: 4 */
-    sp_make(&b, 4, 32, 8, rows8, lens8, 4, 4);
-    assert_int_equal(sp_check_rows(&b, 1, &B_new, &T_new), 4);
-    assert_int_equal(B_new, 1);
-    assert_int_equal(T_new, 4 + 16 + 5 + 10 + 10 + 21 + 2 + 7 + 8);
+    /* the same in one row (the default, as 1 asks), and in more rows than in use: 4 */
+    for (int rows = 0; rows <= 1; rows++) {
+        sp_make(&b, 4, 32, 8, rows8, lens8, 4, 4);
+        assert_int_equal(sp_check_rows(&b, rows, &B_new, &T_new), 4);
+        assert_int_equal(B_new, 1);
+        assert_int_equal(T_new, 4 + 16 + 5 + 10 + 10 + 21 + 2 + 7 + 8);
+    }
     sp_make(&b, 4, 32, 8, rows8, lens8, 4, 4);
     assert_int_equal(sp_check_rows(&b, 9, &B_new, &T_new), 4);
     assert_int_equal(B_new, 4);
     /* a second pass finds a shared prefix already and leaves the batch alone */
     assert_int_equal(sp_check(&b, &B_new, &T_new), 0);
-    /* three rows of one: two new rows, 4 + 16 + 16 and 4 + 16 */
+    /* three rows of one into two new rows: 4 + 16 + 16 and 4 + 16 */
     const int rows3[] = {0, 1, 2}, lens3[] = {20, 20, 20};
     sp_make(&b, 3, 32, 3, rows3, lens3, 4, 4);
-    assert_int_equal(sp_check(&b, &B_new, &T_new), 4);
+    assert_int_equal(sp_check_rows(&b, 2, &B_new, &T_new), 4);
     assert_int_equal(B_new, 2);
     assert_int_equal(T_new, 36);
-    /* full rows: 2 x (4 + 28 + 28) would not fit 3 x 32 tokens, so left as they were */
+    /* full rows: 2 x (4 + 28 + 28) would not fit 3 x 32 tokens, so left as they were;
+     * one row of 4 + 3 x 28 does */
     const int full3[] = {32, 32, 32};
     sp_make(&b, 3, 32, 3, rows3, full3, 4, 4);
-    assert_int_equal(sp_check(&b, &B_new, &T_new), 0);
+    assert_int_equal(sp_check_rows(&b, 2, &B_new, &T_new), 0);
+    assert_int_equal(sp_check(&b, &B_new, &T_new), 4);
+    assert_int_equal(B_new, 1);
+    assert_int_equal(T_new, 4 + 3 * 28);
 }
 
 int main(void) {
