@@ -7,9 +7,11 @@
  *
  * Forward: one task per (b, h, block of queries), walking the key blocks with an
  * online softmax; each task writes only its own rows of out and lse.
- * Backward: one task per (b, kv head). It owns dk and dv of that kv head and dq
- * of the query heads that read it, so no two threads write the same memory, and
- * every sum runs in a fixed order: the results do not depend on the thread count.
+ * Backward: one task per (b, query head), which owns that head's dq and writes its
+ * share of dk and dv: the group's first head into dk and dv, the others into scratch
+ * that is added to them in head order after every task is done. So no two threads
+ * write the same memory, every sum runs in a fixed order (the results do not depend
+ * on the thread count), and one row of a grouped-query model still makes H tasks.
  *
  * In both, a block's queries go in chunks of ATT_QC rows, and a chunk multiplies only
  * the keys its rows may see: none after its last row (causal), none before the first
@@ -41,14 +43,14 @@
 /* ---- scratch ------------------------------------------------------------- */
 
 /* Floats of scratch one thread needs, rounded up to whole 64-byte lines. */
-static size_t att_slot_floats(int T, int H, int KVH, int D) {
-    size_t d = (size_t)D, G = (size_t)(H / KVH);
+static size_t att_slot_floats(int T, int D) {
+    size_t d = (size_t)D;
     // forward: kt (D,BK), s (BQ,BK), o (BQ,D), m, l (BQ), first (T, int32)
     size_t fwd = d * ATT_BK + (size_t)ATT_BQ * ATT_BK + (size_t)ATT_BQ * d + 2 * (size_t)ATT_BQ +
                  (size_t)T;
-    // backward: kt, vt (D,BK), p, ds (BQ,BK), dk, dv (BK,D), delta (G,T), first (T, int32)
+    // backward: kt, vt (D,BK), p, ds (BQ,BK), dk, dv (BK,D), delta (T), first (T, int32)
     size_t bwd = 2 * d * ATT_BK + 2 * (size_t)ATT_BQ * ATT_BK + 2 * (size_t)ATT_BK * d +
-                 G * (size_t)T + (size_t)T;
+                 2 * (size_t)T;
     size_t n = fwd > bwd ? fwd : bwd;
     return (n + 15) / 16 * 16;
 }
@@ -58,9 +60,11 @@ static int att_threads(int num_threads) {
 }
 
 size_t cpu_attention_work_bytes(int B, int T, int H, int KVH, int D, int num_threads) {
-    (void)B;
-    if (T <= 0 || H <= 0 || KVH <= 0 || D <= 0) return 0;
-    return (size_t)att_threads(num_threads) * att_slot_floats(T, H, KVH, D) * sizeof(float);
+    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0) return 0;
+    /* the slots, then backward's dk and dv of the query heads past each group's first */
+    const size_t part = 2 * (size_t)B * (size_t)(H - KVH) * (size_t)T * (size_t)D;
+    return ((size_t)att_threads(num_threads) * att_slot_floats(T, D) + part) *
+           sizeof(float);
 }
 
 /* ---- building blocks ----------------------------------------------------- */
@@ -186,7 +190,7 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
     int ntasks = B * H * nqb;
     int nt = att_threads(num_threads);
     int par = (size_t)B * H * T * T * D >= ATT_PAR_MIN;
-    size_t slot = att_slot_floats(T, H, KVH, D);
+    size_t slot = att_slot_floats(T, D);
     size_t qstride = (size_t)H * D, kstride = (size_t)KVH * D;
 
 #pragma omp parallel num_threads(nt) if (par)
@@ -283,11 +287,14 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
     if (B <= 0 || T <= 0 || H <= 0) return;
     int G = H / KVH;
     int nkb = (T + ATT_BK - 1) / ATT_BK;
-    int ntasks = B * KVH;
+    int ntasks = B * H;
     int nt = att_threads(num_threads);
     int par = (size_t)B * H * T * T * D >= ATT_PAR_MIN;
-    size_t slot = att_slot_floats(T, H, KVH, D);
-    size_t qstride = (size_t)H * D, kstride = (size_t)KVH * D;
+    size_t slot = att_slot_floats(T, D);
+    size_t qstride = (size_t)H * D, kstride = (size_t)KVH * D, head = (size_t)T * D;
+    // dk, dv (T,D) of each group's query heads 1..G-1, (B,KVH,G-1,2,T,D): head 0 writes
+    // the group's own, and the others are added to it in order once every task is done
+    float *part = (float *)work + (size_t)nt * slot;
 
 #pragma omp parallel num_threads(nt) if (par)
     {
@@ -297,29 +304,36 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
         float *ds = p + (size_t)ATT_BQ * ATT_BK;                         // (BQ,BK)
         float *dkacc = ds + (size_t)ATT_BQ * ATT_BK;                     // (BK,D)
         float *dvacc = dkacc + (size_t)ATT_BK * D;                       // (BK,D)
-        float *delta = dvacc + (size_t)ATT_BK * D;                       // (G,T)
-        int32_t *first = (int32_t *)(delta + (size_t)G * T);             // (T)
+        float *delta = dvacc + (size_t)ATT_BK * D;                       // (T)
+        int32_t *first = (int32_t *)(delta + (size_t)T);                 // (T)
         int shared[2];
 
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < ntasks; task++) {
-            int b = task / KVH, kvh = task % KVH;
+            const int b = task / H, h = task % H, kvh = h / G, g = h % G;
             const int32_t *seg = segments ? segments + (size_t)b * T : NULL;
             const float *kbase = k + (size_t)b * T * kstride + (size_t)kvh * D; // (T,D)
             const float *vbase = v + (size_t)b * T * kstride + (size_t)kvh * D; // (T,D)
+            const float *lrow = lse + ((size_t)b * H + h) * T;
+            float *dk_to = dk + (size_t)b * T * kstride + (size_t)kvh * D, *dv_to;
+            size_t to_stride = kstride;
+            if (g == 0) {
+                dv_to = dv + (size_t)b * T * kstride + (size_t)kvh * D;
+            } else {
+                dk_to = part + ((((size_t)b * KVH + kvh) * (size_t)(G - 1) + (size_t)(g - 1)) * 2) * head;
+                dv_to = dk_to + head;
+                to_stride = (size_t)D;
+            }
             att_first_keys(first, shared, seg, T);
 
-            // delta (G,T) = rowsum(dout * out) for this group's heads; their dq = 0
-            for (int g = 0; g < G; g++) {
-                int h = kvh * G + g;
-                for (int t = 0; t < T; t++) {
-                    size_t off = ((size_t)b * T + t) * qstride + (size_t)h * D;
-                    float acc = 0.0f;
+            // delta (T) = rowsum(dout * out) of this head; its dq = 0
+            for (int t = 0; t < T; t++) {
+                size_t off = ((size_t)b * T + t) * qstride + (size_t)h * D;
+                float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-                    for (int d = 0; d < D; d++) acc += dout[off + d] * out[off + d];
-                    delta[(size_t)g * T + t] = acc;
-                    memset(dq + off, 0, (size_t)D * sizeof(float));
-                }
+                for (int d = 0; d < D; d++) acc += dout[off + d] * out[off + d];
+                delta[t] = acc;
+                memset(dq + off, 0, (size_t)D * sizeof(float));
             }
 
             for (int kb = 0; kb < nkb; kb++) {
@@ -331,55 +345,71 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                 memset(dkacc, 0, (size_t)nk * D * sizeof(float));
                 memset(dvacc, 0, (size_t)nk * D * sizeof(float));
 
-                for (int g = 0; g < G; g++) {
-                    int h = kvh * G + g;
-                    const float *lrow = lse + ((size_t)b * H + h) * T;
-                    // queries before s0 see none of these keys
-                    for (int t0 = s0 / ATT_BQ * ATT_BQ; t0 < T; t0 += ATT_BQ) {
-                        int t1 = t0 + ATT_BQ < T ? t0 + ATT_BQ : T;
-                        if (!att_block_visible(seg, t0, t1, s0, s1)) continue;
-                        for (int c0 = t0; c0 < t1; c0 += ATT_QC) {
-                            const int c1 = c0 + ATT_QC < t1 ? c0 + ATT_QC : t1, nc = c1 - c0;
-                            int lo, hi;
-                            if (!att_chunk_keys(first, shared, c0, c1, s0, s1, &lo, &hi))
-                                continue;
-                            const int j0 = lo - s0, nkc = hi - lo;
-                            size_t off = ((size_t)b * T + c0) * qstride + (size_t)h * D;
-                            const float *qc = q + off, *doc = dout + off; // (nc,D)
-                            // p (nc,nkc) = q·k^T, ds (nc,nkc) = dout·v^T over keys [lo,hi)
-                            cpu_gemm_tile(p, ATT_BK, qc, qstride, 1, kt + j0, ATT_BK, nc, nkc, D,
-                                          1.0f, 0.0f);
-                            cpu_gemm_tile(ds, ATT_BK, doc, qstride, 1, vt + j0, ATT_BK, nc, nkc, D,
-                                          1.0f, 0.0f);
-                            for (int i = 0; i < nc; i++) {
-                                int t = c0 + i;
-                                float *prow = p + (size_t)i * ATT_BK, *dsrow = ds + (size_t)i * ATT_BK;
-                                att_mask_row(prow, nkc, lo, t, scale, seg ? seg + lo : NULL,
-                                             seg ? seg[t] : 0);
-                                if (lrow[t] == -INFINITY) { // no visible key at all: p = 0
-                                    memset(prow, 0, (size_t)nkc * sizeof(float));
-                                } else {
-                                    cpu_exp_shifted(prow, prow, lrow[t], nkc);
-                                }
-                                float dt = delta[(size_t)g * T + t];
-                                for (int j = 0; j < nkc; j++)
-                                    dsrow[j] = scale * (prow[j] * (dsrow[j] - dt));
+                // queries before s0 see none of these keys
+                for (int t0 = s0 / ATT_BQ * ATT_BQ; t0 < T; t0 += ATT_BQ) {
+                    int t1 = t0 + ATT_BQ < T ? t0 + ATT_BQ : T;
+                    if (!att_block_visible(seg, t0, t1, s0, s1)) continue;
+                    for (int c0 = t0; c0 < t1; c0 += ATT_QC) {
+                        const int c1 = c0 + ATT_QC < t1 ? c0 + ATT_QC : t1, nc = c1 - c0;
+                        int lo, hi;
+                        if (!att_chunk_keys(first, shared, c0, c1, s0, s1, &lo, &hi)) continue;
+                        const int j0 = lo - s0, nkc = hi - lo;
+                        size_t off = ((size_t)b * T + c0) * qstride + (size_t)h * D;
+                        const float *qc = q + off, *doc = dout + off; // (nc,D)
+                        // p (nc,nkc) = q·k^T, ds (nc,nkc) = dout·v^T over keys [lo,hi)
+                        cpu_gemm_tile(p, ATT_BK, qc, qstride, 1, kt + j0, ATT_BK, nc, nkc, D, 1.0f,
+                                      0.0f);
+                        cpu_gemm_tile(ds, ATT_BK, doc, qstride, 1, vt + j0, ATT_BK, nc, nkc, D, 1.0f,
+                                      0.0f);
+                        for (int i = 0; i < nc; i++) {
+                            int t = c0 + i;
+                            float *prow = p + (size_t)i * ATT_BK, *dsrow = ds + (size_t)i * ATT_BK;
+                            att_mask_row(prow, nkc, lo, t, scale, seg ? seg + lo : NULL,
+                                         seg ? seg[t] : 0);
+                            if (lrow[t] == -INFINITY) { // no visible key at all: p = 0
+                                memset(prow, 0, (size_t)nkc * sizeof(float));
+                            } else {
+                                cpu_exp_shifted(prow, prow, lrow[t], nkc);
                             }
-                            // dv [lo,hi) += p^T · dout, dk [lo,hi) += ds^T · q, dq (nc,D) += ds · k
-                            cpu_gemm_tile(dvacc + (size_t)j0 * D, (size_t)D, p, 1, ATT_BK, doc,
-                                          qstride, nkc, D, nc, 1.0f, 1.0f);
-                            cpu_gemm_tile(dkacc + (size_t)j0 * D, (size_t)D, ds, 1, ATT_BK, qc,
-                                          qstride, nkc, D, nc, 1.0f, 1.0f);
-                            cpu_gemm_tile(dq + off, qstride, ds, ATT_BK, 1,
-                                          kblk + (size_t)j0 * kstride, kstride, nc, D, nkc, 1.0f, 1.0f);
+                            float dt = delta[t];
+                            for (int j = 0; j < nkc; j++) dsrow[j] = scale * (prow[j] * (dsrow[j] - dt));
                         }
+                        // dv [lo,hi) += p^T · dout, dk [lo,hi) += ds^T · q, dq (nc,D) += ds · k
+                        cpu_gemm_tile(dvacc + (size_t)j0 * D, (size_t)D, p, 1, ATT_BK, doc, qstride,
+                                      nkc, D, nc, 1.0f, 1.0f);
+                        cpu_gemm_tile(dkacc + (size_t)j0 * D, (size_t)D, ds, 1, ATT_BK, qc, qstride,
+                                      nkc, D, nc, 1.0f, 1.0f);
+                        cpu_gemm_tile(dq + off, qstride, ds, ATT_BK, 1, kblk + (size_t)j0 * kstride,
+                                      kstride, nc, D, nkc, 1.0f, 1.0f);
                     }
                 }
 
                 for (int j = 0; j < nk; j++) {
-                    size_t off = ((size_t)b * T + s0 + j) * kstride + (size_t)kvh * D;
-                    memcpy(dk + off, dkacc + (size_t)j * D, (size_t)D * sizeof(float));
-                    memcpy(dv + off, dvacc + (size_t)j * D, (size_t)D * sizeof(float));
+                    memcpy(dk_to + (size_t)(s0 + j) * to_stride, dkacc + (size_t)j * D,
+                           (size_t)D * sizeof(float));
+                    memcpy(dv_to + (size_t)(s0 + j) * to_stride, dvacc + (size_t)j * D,
+                           (size_t)D * sizeof(float));
+                }
+            }
+        }
+
+        // every group's dk, dv: head 0's, then heads 1..G-1 added in order (the implicit
+        // barrier above has every head's written)
+        if (G > 1) {
+#pragma omp for schedule(static)
+            for (int bt = 0; bt < B * T; bt++) {
+                const int b = bt / T, t = bt % T;
+                for (int kvh = 0; kvh < KVH; kvh++) {
+                    float *dkrow = dk + (size_t)bt * kstride + (size_t)kvh * D;
+                    float *dvrow = dv + (size_t)bt * kstride + (size_t)kvh * D;
+                    for (int g = 1; g < G; g++) {
+                        const float *pk =
+                            part + ((((size_t)b * KVH + kvh) * (size_t)(G - 1) + (size_t)(g - 1)) * 2) * head +
+                            (size_t)t * D;
+                        const float *pv = pk + head;
+                        for (int d = 0; d < D; d++) dkrow[d] += pk[d];
+                        for (int d = 0; d < D; d++) dvrow[d] += pv[d];
+                    }
                 }
             }
         }

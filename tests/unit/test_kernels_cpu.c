@@ -1152,11 +1152,11 @@ static void check_attention_backward(int B, int T, int H, int KVH, int D, int wi
     be.ops->attention_backward(&be, dq, dk, dv, c.R, out, lse, c.q, c.k, c.v, seg, B, T, H, KVH, D,
                                c.scale, c.work);
     char what[96];
-    snprintf(what, sizeof what, "attention dq T=%d KVH=%d seg=%d", T, KVH, with_seg);
+    snprintf(what, sizeof what, "attention dq T=%d H=%d KVH=%d seg=%d", T, H, KVH, with_seg);
     assert_true(fd_check(what, c.q, nq, dq, att_loss, &c, 1e-2f, max_coords, &rng) < FD_TOL);
-    snprintf(what, sizeof what, "attention dk T=%d KVH=%d seg=%d", T, KVH, with_seg);
+    snprintf(what, sizeof what, "attention dk T=%d H=%d KVH=%d seg=%d", T, H, KVH, with_seg);
     assert_true(fd_check(what, c.k, nk, dk, att_loss, &c, 1e-2f, max_coords, &rng) < FD_TOL);
-    snprintf(what, sizeof what, "attention dv T=%d KVH=%d seg=%d", T, KVH, with_seg);
+    snprintf(what, sizeof what, "attention dv T=%d H=%d KVH=%d seg=%d", T, H, KVH, with_seg);
     assert_true(fd_check(what, c.v, nk, dv, att_loss, &c, 1e-2f, max_coords, &rng) < FD_TOL);
     free(out), free(lse), free(dq), free(dk), free(dv), free(seg);
     att_free(&c);
@@ -1175,13 +1175,17 @@ static void test_attention_backward(void **state) {
     check_attention_backward(1, 70, 4, 2, 40, 1, 120); // D over the register tile
     check_attention_backward(2, 150, 4, 2, 8, 2, 160); // ids that come back; more than tracked
     check_attention_backward(3, 150, 4, 2, 8, 3, 200); // shared prefixes
+    // groups of three query heads and one group of three (MQA): each head's dk and dv
+    // are added to its group's in order after every task, whole rows checked
+    check_attention_backward(1, 40, 6, 2, 8, 3, 100000);
+    check_attention_backward(2, 21, 3, 1, 8, 1, 100000);
 }
 
 /* Results do not depend on the number of threads (bit for bit). */
 static void test_attention_deterministic(void **state) {
     (void)state;
     uint64_t rng = 12;
-    const int B = 2, T = 100, H = 4, KVH = 2, D = 40;
+    const int B = 2, T = 100, H = 6, KVH = 2, D = 40; // groups of three query heads
     int32_t *seg = make_segments(B, T, 1);
     size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * KVH * D, nl = (size_t)B * H * T;
     float *q = frand(nq, &rng, -1, 1), *k = frand(nk, &rng, -1, 1), *v = frand(nk, &rng, -1, 1);
