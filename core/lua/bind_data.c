@@ -474,8 +474,8 @@ static int batcher_close(lua_State *L) {
  * In a data-parallel job (mt.world_size() > 1) batch is the global batch and, with
  * shard, each rank's next() returns its batch / world_size rows of it. share_prefix
  * (packed single examples only): the prompt prefix the batch's examples all begin with
- * is laid out once per row instead of once per example (the same examples, losses and
- * gradients, in fewer tokens; batch:shape() then gives the layout's rows and width). */
+ * is laid out once, in one row, instead of once per example (the same examples, losses
+ * and gradients, in fewer tokens; batch:shape() then gives the layout's rows and width). */
 static int l_batcher(lua_State *L) {
     lexamples *e = bind_check_examples(L, 1);
     bind_check_opts(L, 2);

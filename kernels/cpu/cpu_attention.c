@@ -20,8 +20,9 @@
  * applied to every product computed, so the clipping drops only products the mask
  * would zero; it is rounded outward to whole columns of the register tile (16 keys).
  *
- * Scratch comes from the caller's work buffer (cpu_attention_work_bytes), one
- * slot per thread; the kernels never allocate. */
+ * Scratch comes from the caller's work buffer (cpu_attention_work_bytes): one slot
+ * per thread, then the backward's dk and dv of the heads past each group's first (a
+ * size that grows with B x T); the kernels never allocate. */
 #include "cpu_kernels.h"
 #include "moontune/plugin.h" /* MT_SHARED_SEGMENT */
 
