@@ -277,6 +277,12 @@ void cpu_attention_forward(float *out, float *lse, const float *q, const float *
 
 /* ---- backward ------------------------------------------------------------ */
 
+/* Query head g >= 1 of key/value head kvh, row b: its dk (T,D) in the backward's scratch
+ * (B,KVH,G-1,2,T,D), its dv `head` floats after. */
+static float *att_head_part(float *part, int b, int kvh, int g, int KVH, int G, size_t head) {
+    return part + ((((size_t)b * KVH + kvh) * (size_t)(G - 1) + (size_t)(g - 1)) * 2) * head;
+}
+
 void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                             const float *lse, const float *q, const float *k, const float *v,
                             const int32_t *segments, int B, int T, int H, int KVH, int D,
@@ -321,7 +327,7 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
             if (g == 0) {
                 dv_to = dv + (size_t)b * T * kstride + (size_t)kvh * D;
             } else {
-                dk_to = part + ((((size_t)b * KVH + kvh) * (size_t)(G - 1) + (size_t)(g - 1)) * 2) * head;
+                dk_to = att_head_part(part, b, kvh, g, KVH, G, head);
                 dv_to = dk_to + head;
                 to_stride = (size_t)D;
             }
@@ -404,9 +410,7 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                     float *dkrow = dk + (size_t)bt * kstride + (size_t)kvh * D;
                     float *dvrow = dv + (size_t)bt * kstride + (size_t)kvh * D;
                     for (int g = 1; g < G; g++) {
-                        const float *pk =
-                            part + ((((size_t)b * KVH + kvh) * (size_t)(G - 1) + (size_t)(g - 1)) * 2) * head +
-                            (size_t)t * D;
+                        const float *pk = att_head_part(part, b, kvh, g, KVH, G, head) + (size_t)t * D;
                         const float *pv = pk + head;
                         for (int d = 0; d < D; d++) dkrow[d] += pk[d];
                         for (int d = 0; d < D; d++) dvrow[d] += pv[d];
