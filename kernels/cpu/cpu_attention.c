@@ -322,14 +322,15 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
             const float *kbase = k + (size_t)b * T * kstride + (size_t)kvh * D; // (T,D)
             const float *vbase = v + (size_t)b * T * kstride + (size_t)kvh * D; // (T,D)
             const float *lrow = lse + ((size_t)b * H + h) * T;
-            float *dk_to = dk + (size_t)b * T * kstride + (size_t)kvh * D, *dv_to;
-            size_t to_stride = kstride;
+            // where this head's share of dk and dv goes: the group's own, or scratch
+            float *dk_to, *dv_to;
+            size_t to_stride;
             if (g == 0) {
-                dv_to = dv + (size_t)b * T * kstride + (size_t)kvh * D;
+                const size_t own = (size_t)b * T * kstride + (size_t)kvh * D;
+                dk_to = dk + own, dv_to = dv + own, to_stride = kstride;
             } else {
                 dk_to = att_head_part(part, b, kvh, g, KVH, G, head);
-                dv_to = dk_to + head;
-                to_stride = (size_t)D;
+                dv_to = dk_to + head, to_stride = (size_t)D;
             }
             att_first_keys(first, shared, seg, T);
 

@@ -512,7 +512,7 @@ static void test_shared_prefix_step(void **state) {
     memcpy(s_seg, seg, sizeof seg), memcpy(s_tgt, tgt, sizeof tgt);
     int Bs, Ts;
     mt_error err = {0};
-    assert_int_equal(mt_batch_share_prefix(s_tok, s_pos, s_seg, s_tgt, B, T, 0, &Bs, &Ts, &err),
+    assert_int_equal(mt_batch_share_prefix(s_tok, s_pos, s_seg, s_tgt, B, T, 1, &Bs, &Ts, &err),
                      MT_OK);
     assert_int_equal(Bs, 1);
     assert_int_equal(Ts, P + 5 + 6 + 7 + 4); /* wider than T */
