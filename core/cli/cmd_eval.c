@@ -27,12 +27,15 @@ static void usage(FILE *out) {
             "  --format F        auto | alpaca | chat | prompt_completion | text (default auto)\n"
             "  --seq N           sequence length (default 512)\n"
             "  --batch B         rows per batch (default 4)\n"
+            "  --int8            the frozen base's products in int8, as int8 training's forward\n"
+            "                    (train_int8) computes them, where the CPU has them (default:\n"
+            "                    fp32; docs/speed.md)\n"
             "  --device D        cpu | cuda (default: cuda where a CUDA device is usable,\n"
             "                    else cpu)\n"
             "  --threads N       CPU threads\n");
 }
 
-enum { OPT_MODEL = 256, OPT_ADAPTER, OPT_TEMPLATE, OPT_FORMAT, OPT_SEQ, OPT_BATCH, OPT_THREADS };
+enum { OPT_MODEL = 256, OPT_ADAPTER, OPT_TEMPLATE, OPT_FORMAT, OPT_SEQ, OPT_BATCH, OPT_THREADS, OPT_INT8 };
 
 static const struct option options[] = {
     {"help", no_argument, NULL, MT_CLI_HELP},
@@ -43,6 +46,7 @@ static const struct option options[] = {
     {"seq", required_argument, NULL, OPT_SEQ},
     {"batch", required_argument, NULL, OPT_BATCH},
     {"threads", required_argument, NULL, OPT_THREADS},
+    {"int8", no_argument, NULL, OPT_INT8},
     MT_CLI_DEVICE_OPTION,
     {NULL, 0, NULL, 0},
 };
@@ -50,7 +54,7 @@ static const struct option options[] = {
 int mt_cmd_eval(int argc, char **argv) {
     const char *files[16], *model_path = NULL, *adapter_dir = NULL, *template_name = "auto";
     const char *device = NULL;
-    int n_files = 0, seq = 512, batch = 4, threads = 0;
+    int n_files = 0, seq = 512, batch = 4, threads = 0, int8 = 0;
     const mt_cli_number numbers[] = {
         {OPT_SEQ, MT_CLI_INT, &MT_LIMIT_SEQ_LEN, &seq},
         {OPT_BATCH, MT_CLI_INT, &MT_LIMIT_BATCH, &batch},
@@ -74,6 +78,7 @@ int mt_cmd_eval(int argc, char **argv) {
             break;
         case OPT_MODEL: model_path = v; break;
         case OPT_ADAPTER: adapter_dir = v; break;
+        case OPT_INT8: int8 = 1; break;
         case MT_CLI_DEVICE: device = v; break;
         case OPT_TEMPLATE: template_name = v; break;
         case OPT_FORMAT:
@@ -110,11 +115,12 @@ int mt_cmd_eval(int argc, char **argv) {
         (st = mt_model_plan(m, batch, seq, 0, &err)))
         goto done;
     mt_eval_result r;
-    if ((st = mt_evaluate(m, &examples, batch, seq, &r, &err))) goto done;
+    if ((st = mt_evaluate(m, &examples, batch, seq, int8, &r, &err))) goto done;
     printf("moontune eval: %s%s%s on %d file(s): %lld examples, %lld trained tokens\n",
            model_path, adapter_dir ? " + adapter " : "", adapter_dir ? adapter_dir : "", n_files, (long long)r.examples, (long long)r.tokens);
-    printf("  loss %.4f  perplexity %.3f  (%.1f s, %.0f tokens/s on %s)\n", r.loss,
-           r.perplexity, r.seconds, r.tokens_per_second, ses->device);
+    printf("  loss %.4f  perplexity %.3f  (%.1f s, %.0f tokens/s on %s%s)\n", r.loss,
+           r.perplexity, r.seconds, r.tokens_per_second, ses->device,
+           !int8 ? "" : r.int8 > 0 ? ", frozen products in int8" : ", fp32: no int8 products here");
     rc = 0;
 done:
     if (rc) fprintf(stderr, "moontune eval: %s\n", err.msg);

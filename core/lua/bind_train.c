@@ -73,8 +73,9 @@ static int l_train_step(lua_State *L) {
     return 1;
 }
 
-/* mt.evaluate(model, examples, {batch=, seq_len=, loss=}) (defaults: the model's plan;
- * with a loss plugin, its loss and metrics, item-weighted: preference pairs need one) */
+/* mt.evaluate(model, examples, {batch=, seq_len=, loss=, int8=}) (defaults: the model's
+ * plan; with a loss plugin, its loss and metrics, item-weighted: preference pairs need
+ * one; int8 = true: the frozen base through int8 training's forward, mt_evaluate) */
 static int l_evaluate(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     lexamples *e = bind_check_examples(L, 2);
@@ -84,18 +85,20 @@ static int l_evaluate(lua_State *L) {
     mt_plugin_instance *loss = NULL;
     if (bind_opt_field(L, 3, "loss") != LUA_TNIL) loss = check_kind(L, lua_gettop(L), MT_PLUGIN_LOSS, "evaluate");
     lua_pop(L, 1); /* the loss stays referenced by the options table */
+    const int int8 = bind_opt_bool(L, 3, "int8", 0);
     mt_eval_result r;
     mt_error err = {0};
-    mt_status st = loss ? mt_evaluate_loss(u->m, loss, &e->set, B, T, &r, &err)
-                        : mt_evaluate(u->m, &e->set, B, T, &r, &err);
+    mt_status st = loss ? mt_evaluate_loss(u->m, loss, &e->set, B, T, int8, &r, &err)
+                        : mt_evaluate(u->m, &e->set, B, T, int8, &r, &err);
     if (st) return bind_raise(L, &err);
-    lua_createtable(L, 0, 7);
+    lua_createtable(L, 0, 8);
     bind_set_num(L, "loss", r.loss);
     bind_set_num(L, "perplexity", r.perplexity);
     bind_set_int(L, "tokens", r.tokens);
     bind_set_int(L, "examples", r.examples);
     bind_set_num(L, "seconds", r.seconds);
     bind_set_num(L, "tokens_per_second", r.tokens_per_second);
+    bind_set_int(L, "int8", r.int8);
     if (loss) push_metrics(L, r.n_metrics, r.metric_names, r.metrics);
     return 1;
 }

@@ -29,6 +29,20 @@ static mt_status empty_set_error(const mt_example_set *examples, mt_error *err) 
                         src ? src : "", src ? ": " : "", why);
 }
 
+/* The frozen projections through the int8 copies of training's forward for one pass,
+ * made for it when int8 training is off (then *made_here, and int8_end frees them):
+ * how many projections multiply in int8. */
+static int int8_begin(mt_model *m, int *made_here) {
+    *made_here = m->int8_training == MT_INT8_OFF;
+    if (*made_here) mt_model_set_int8_training(m, MT_INT8_FORWARD);
+    return mt_model_int8_attach(m);
+}
+
+static void int8_end(mt_model *m, int made_here) {
+    mt_model_int8_detach(m);
+    if (made_here) mt_model_set_int8_training(m, MT_INT8_OFF);
+}
+
 /* One pass over every example in order, without gradients or dropout: batches of B x T
  * (pairs unpacked in rows 2i, 2i+1; single examples packed), each handed to visit. In a
  * data-parallel job rank r visits batches r, r + N, r + 2N, ... of the same sequence;
@@ -36,9 +50,9 @@ static mt_status empty_set_error(const mt_example_set *examples, mt_error *err) 
 typedef mt_status (*batch_visit)(void *ctx, mt_model *m, const mt_batch *batch,
                                  const mt_batch_info *info, size_t first_item, mt_error *err);
 
-static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, int T,
-                            batch_visit visit, void *ctx, double *seconds, int64_t *seen_tokens,
-                            mt_error *err) {
+static mt_status run_batches(mt_model *m, const mt_example_set *examples, int B, int T,
+                             batch_visit visit, void *ctx, double *seconds,
+                             int64_t *seen_tokens, mt_error *err) {
     if (examples->n == 0) return empty_set_error(examples, err);
     if (examples->paired) B = B >= 4 ? B - B % 2 : 2;
     mt_batcher *batcher = NULL;
@@ -91,6 +105,18 @@ static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, 
     return st;
 }
 
+/* run_batches, with int8 through training's int8 forward (mt_evaluate); *int8_used
+ * counts the projections that multiplied in int8. */
+static mt_status each_batch(mt_model *m, const mt_example_set *examples, int B, int T, int int8,
+                            int *int8_used, batch_visit visit, void *ctx, double *seconds,
+                            int64_t *seen_tokens, mt_error *err) {
+    int made_here = 0;
+    *int8_used = int8 ? int8_begin(m, &made_here) : 0;
+    mt_status st = run_batches(m, examples, B, T, visit, ctx, seconds, seen_tokens, err);
+    if (int8) int8_end(m, made_here);
+    return st;
+}
+
 /* Sums the pass' counts over the ranks (a no-op for one): its weighted loss, items,
  * examples, tokens seen and the loss plugin's metrics. */
 static mt_status reduce_sums(mt_eval_result *result, double *weighted, double *metrics,
@@ -131,7 +157,7 @@ static mt_status visit_cross_entropy(void *ctx, mt_model *m, const mt_batch *b,
     return MT_OK;
 }
 
-mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T,
+mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T, int int8,
                       mt_eval_result *result, mt_error *err) {
     *result = (mt_eval_result){0};
     if (examples->paired) {
@@ -147,7 +173,8 @@ mt_status mt_evaluate(mt_model *m, const mt_example_set *examples, int B, int T,
     ce_pass p = {result, 0.0};
     double seconds = 0.0;
     int64_t seen = 0;
-    mt_status st = each_batch(m, examples, B, T, visit_cross_entropy, &p, &seconds, &seen, err);
+    mt_status st = each_batch(m, examples, B, T, int8, &result->int8, visit_cross_entropy, &p,
+                              &seconds, &seen, err);
     if (!st) st = reduce_sums(result, &p.weighted, NULL, &seen, err);
     if (st) return st;
     finish(result, seconds, seen);
@@ -201,7 +228,7 @@ static mt_status visit_loss(void *ctx, mt_model *m, const mt_batch *b, const mt_
 }
 
 mt_status mt_evaluate_loss(mt_model *m, mt_plugin_instance *loss, const mt_example_set *examples,
-                           int B, int T, mt_eval_result *result, mt_error *err) {
+                           int B, int T, int int8, mt_eval_result *result, mt_error *err) {
     *result = (mt_eval_result){0};
     if (loss->desc->kind != MT_PLUGIN_LOSS)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "evaluation: %s '%s' is not a loss",
@@ -209,7 +236,8 @@ mt_status mt_evaluate_loss(mt_model *m, mt_plugin_instance *loss, const mt_examp
     loss_pass p = {.result = result, .loss = loss};
     double seconds = 0.0;
     int64_t seen = 0;
-    mt_status st = each_batch(m, examples, B, T, visit_loss, &p, &seconds, &seen, err);
+    mt_status st = each_batch(m, examples, B, T, int8, &result->int8, visit_loss, &p, &seconds,
+                              &seen, err);
     if (!st) st = reduce_sums(result, &p.weighted, p.metrics, &seen, err);
     if (st) return st;
     finish(result, seconds, seen);
@@ -328,7 +356,9 @@ mt_status mt_examples_ref_logps(mt_model *m, mt_example_set *examples, int B, in
      * sum over the ranks is every example's value */
     for (size_t i = 0; i < examples->n; i++) examples->ex[i].ref_logp = 0.0;
     /* pairs are batched unpacked, so that a row is one example */
-    mt_status st = each_batch(m, examples, B, T, visit_ref, &p, &seconds, &seen, err);
+    int int8_used; /* the reference stays fp32 */
+    mt_status st = each_batch(m, examples, B, T, 0, &int8_used, visit_ref, &p, &seconds, &seen,
+                              err);
     free(p.row_logp);
     free(p.half);
     if (!st && shared && mt_dist_size() > 1) {

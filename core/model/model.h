@@ -92,7 +92,8 @@ struct mt_linear {
     float *grad_bias;   /* (out) or NULL */
     float *weight_memory; /* where weight lives when not released */
     /* The backend's int8 copies of weight while a decoder that made one runs
-     * (generation) or a training step runs with mt_model_set_int8_training, else NULL:
+     * (generation), or a training step runs with mt_model_set_int8_training, or an
+     * evaluation asked for int8 (mt_evaluate), else NULL:
      * the base forward then multiplies by weight_int8 and the input gradient by
      * weight_int8_t (of Wᵀ) in int8 (kernels/backend.h). */
     const void *weight_int8;

@@ -373,7 +373,8 @@ double mt_schedule_lr(mt_plugin_instance *scheduler, int64_t step, int64_t total
 }
 
 /* The frozen projections multiply in int8 for this step only when the model asks
- * (mt_model_set_int8_training): evaluations and generation between steps keep fp32. */
+ * (mt_model_set_int8_training): between steps they are fp32 again, and generation and
+ * evaluation attach int8 copies only when their caller asks (mt_evaluate's int8). */
 mt_status mt_train_step(mt_model *m, mt_plugin_instance *loss, mt_plugin_instance *optimizer,
                         const mt_batch *micro_batches, int n_micro, double lr, int64_t step,
                         double max_grad_norm, mt_step_result *result, mt_error *err) {

@@ -41,5 +41,41 @@ ok, err = pcall(mt.generate, model, tok, { "a" }, { batch = 0 })
 check(not ok and err:find("batch", 1, true), "batch = 0")
 ok, err = pcall(mt.generate, model, tok, { "" }, { template = "none" })
 check(not ok and err:find("prompt 1", 1, true), "an empty prompt")
+-- evaluation through int8 training's forward (mt.evaluate's int8) on the real Q4 base:
+-- every projection of the 30 layers (7 each: Q4 codes, which AVX2 multiplies in int8
+-- too) and none of the Q8_0 output layer, whose codes lie on no grid of 16; the loss
+-- near fp32's (activations rounded to 8 bits) but not equal
+local sentences = { "The quick brown fox jumps over the lazy dog near the river bank.",
+                    "Paris is the capital of France, and Berlin is the capital of Germany.",
+                    "Water boils at one hundred degrees Celsius at sea level." }
+local rows = {}
+for i, sentence in ipairs(sentences) do
+  local ids = tok:encode(sentence)
+  local trainable = {}
+  for j = 1, #ids do trainable[j] = j > 3 end
+  rows[i] = { ids = ids, trainable = trainable }
+end
+local texts_ex = mt.examples_from_ids(rows, { seq_len = 64 })
+model:plan(2, 64)
+local fp = mt.evaluate(model, texts_ex)
+local q8 = mt.evaluate(model, texts_ex, { int8 = true })
+local function has_int8_cpu()
+  local f = io.open("/proc/cpuinfo", "r")
+  if not f then return false end
+  local cpu = f:read("a")
+  f:close()
+  return cpu:find(" avx2", 1, true) ~= nil and cpu:find(" fma", 1, true) ~= nil
+end
+check(fp.int8 == 0, "fp32 by default: " .. fp.int8)
+if has_int8_cpu() then
+  check(q8.int8 >= 30 * 7, "int8 evaluation: " .. q8.int8 .. " projections in int8")
+  local rel = math.abs(q8.loss - fp.loss) / fp.loss
+  check(rel > 0 and rel < 0.02, string.format("int8 evaluation loss %.6f against fp32 %.6f", q8.loss, fp.loss))
+  print(string.format("evaluate: int8 loss %.6f against fp32 %.6f (%.2e), %d projections", q8.loss, fp.loss,
+                      rel, q8.int8))
+else
+  check(q8.int8 == 0 and q8.loss == fp.loss, "no int8 products on this CPU: fp32")
+end
+check(mt.evaluate(model, texts_ex, { int8 = false }).loss == fp.loss, "int8 = false: fp32 again")
 print(string.format("generate: %q (%s); batched: %q, %q", text, info.reason, texts[2], texts[3]))
 return "ok"

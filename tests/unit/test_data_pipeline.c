@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_kernels.h" /* cpu_int8_supported */
 #include "text/dataset.h"
 #include "model/evaluate.h"
 #include "model/model.h"
@@ -98,6 +99,40 @@ static void test_packed_loss_equals_alone(void **state) {
     mt_backend_cpu_shutdown(&be);
 }
 
+/* Adds random examples of the given lengths (their first two tokens a "prompt"). */
+static void add_random_examples(mt_example_set *set, const int *lens, int n, int vocab,
+                                uint64_t seed) {
+    mt_error err = {0};
+    for (int e = 0; e < n; e++) {
+        int32_t ids[T];
+        uint8_t trainable[T];
+        for (int i = 0; i < lens[e]; i++) {
+            ids[i] = (int32_t)(mt_test_rand_u64(&seed) % (uint64_t)vocab);
+            trainable[i] = i >= 2;
+        }
+        assert_int_equal(mt_example_set_add(set, ids, trainable, (size_t)lens[e], 0, e + 1, &err), MT_OK);
+    }
+}
+
+/* The token-weighted mean of each example's loss, run alone through the model as it is
+ * (its projections attached to int8 copies or not); *count receives the tokens. */
+static double loss_alone(mt_model *m, const mt_example_set *set, int64_t *count) {
+    mt_error err = {0};
+    double weighted = 0.0;
+    *count = 0;
+    for (size_t e = 0; e < set->n; e++) {
+        int32_t targets[T];
+        float loss;
+        int64_t n;
+        mt_example_targets(&set->ex[e], targets);
+        assert_int_equal(mt_model_forward(m, set->ex[e].ids, NULL, NULL, 1, set->ex[e].n, &err), MT_OK);
+        assert_int_equal(mt_model_cross_entropy(m, targets, 0, &loss, &n, &err), MT_OK);
+        weighted += (double)loss * (double)n;
+        *count += n;
+    }
+    return weighted / (double)*count;
+}
+
 /* mt_evaluate's loss is the token-weighted mean of each example's loss run alone, and
  * its perplexity the exponential of that. */
 static void test_evaluate_is_token_weighted_mean(void **state) {
@@ -110,38 +145,107 @@ static void test_evaluate_is_token_weighted_mean(void **state) {
     mt_example_options opt = {.seq_len = T, .truncation = MT_TRUNCATE_LEFT};
     mt_example_set set;
     assert_int_equal(mt_example_set_init(&set, &opt, &err), MT_OK);
-    uint64_t seed = 11;
     const int lens[5] = {6, 13, 4, 9, 17};
-    for (int e = 0; e < 5; e++) {
-        int32_t ids[T];
-        uint8_t trainable[T];
-        for (int i = 0; i < lens[e]; i++) {
-            ids[i] = (int32_t)(mt_test_rand_u64(&seed) % (uint64_t)m->cfg.vocab_size);
-            trainable[i] = i >= 2;
-        }
-        assert_int_equal(mt_example_set_add(&set, ids, trainable, (size_t)lens[e], 0, e + 1, &err), MT_OK);
-    }
-    double weighted = 0.0;
-    int64_t total = 0;
+    add_random_examples(&set, lens, 5, m->cfg.vocab_size, 11);
     assert_int_equal(mt_model_plan(m, B, T, 0, &err), MT_OK);
-    for (size_t e = 0; e < set.n; e++) {
-        int32_t targets[T];
-        float loss;
-        int64_t n;
-        mt_example_targets(&set.ex[e], targets);
-        assert_int_equal(mt_model_forward(m, set.ex[e].ids, NULL, NULL, 1, set.ex[e].n, &err), MT_OK);
-        assert_int_equal(mt_model_cross_entropy(m, targets, 0, &loss, &n, &err), MT_OK);
-        weighted += (double)loss * (double)n;
-        total += n;
-    }
+    int64_t total;
+    const double alone = loss_alone(m, &set, &total);
     mt_eval_result r;
-    assert_int_equal(mt_evaluate(m, &set, B, T, &r, &err), MT_OK);
+    assert_int_equal(mt_evaluate(m, &set, B, T, 0, &r, &err), MT_OK);
     printf("evaluate: loss %.7f over %lld tokens; token-weighted alone %.7f over %lld\n", r.loss,
-           (long long)r.tokens, weighted / (double)total, (long long)total);
+           (long long)r.tokens, alone, (long long)total);
     assert_int_equal(r.tokens, total);
     assert_int_equal(r.examples, 5);
-    assert_true(fabs(r.loss - weighted / (double)total) < 1e-5 * r.loss);
+    assert_int_equal(r.int8, 0);
+    assert_true(fabs(r.loss - alone) < 1e-5 * r.loss);
     assert_true(fabs(r.perplexity - exp(r.loss)) < 1e-9 * r.perplexity);
+    mt_example_set_free(&set);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(&be);
+}
+
+/* Puts every weight of the model's projections on a 4-bit grid per group of 32 inputs
+ * (min + d · j, j in 0..15), as a GGUF's Q4 blocks hold them: AVX2 CPUs multiply such
+ * weights in int8 in training (their small codes), VNNI ones any weight. */
+static void weights_on_q4_grid(mt_model *m) {
+    for (int i = 0; i < mt_model_linear_count(m); i++) {
+        mt_linear *lin = mt_model_linear(m, i);
+        for (int o = 0; o < lin->out; o++)
+            for (int k0 = 0; k0 < lin->in; k0 += 32) {
+                float *w = lin->weight + (size_t)o * lin->in + k0;
+                const int n = lin->in - k0 < 32 ? lin->in - k0 : 32;
+                float lo = w[0], hi = w[0];
+                for (int k = 1; k < n; k++) {
+                    lo = w[k] < lo ? w[k] : lo;
+                    hi = w[k] > hi ? w[k] : hi;
+                }
+                const float d = (hi - lo) / 15.0f;
+                for (int k = 0; d > 0.0f && k < n; k++) w[k] = lo + d * rintf((w[k] - lo) / d);
+            }
+    }
+}
+
+/* With int8, mt_evaluate multiplies the frozen base as a training step's int8 forward
+ * does: its loss is each example's loss run alone through the int8 copies (as
+ * mt_train_step attaches them), not the fp32 loss; with int8 training off the copies
+ * are made for the pass and freed after it, with it on they are the model's and stay. */
+static void test_evaluate_int8_is_training_forward(void **state) {
+    (void)state;
+    mt_error err = {0};
+    mt_backend be;
+    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_gqa", &be, &m, &err)) fail_msg("%s", err.msg);
+    weights_on_q4_grid(m);
+    mt_example_options opt = {.seq_len = T, .truncation = MT_TRUNCATE_LEFT};
+    mt_example_set set;
+    assert_int_equal(mt_example_set_init(&set, &opt, &err), MT_OK);
+    const int lens[6] = {7, 12, 5, 16, 9, 21};
+    add_random_examples(&set, lens, 6, m->cfg.vocab_size, 23);
+    assert_int_equal(mt_model_plan(m, B, T, 0, &err), MT_OK);
+    const int projections = mt_model_linear_count(m);
+    for (int i = 0; i < projections; i++) assert_null(mt_model_linear(m, i)->grad_weight);
+
+    mt_eval_result fp, q8, kept;
+    assert_int_equal(mt_evaluate(m, &set, B, T, 0, &fp, &err), MT_OK);
+    assert_int_equal(fp.int8, 0);
+    assert_int_equal(mt_evaluate(m, &set, B, T, 1, &q8, &err), MT_OK);
+    assert_null(m->int8_copies); /* made for the pass, freed after it */
+    assert_int_equal(m->int8_training, MT_INT8_OFF);
+    if (!cpu_int8_supported()) {
+        printf("  evaluate int8: this CPU has no int8 products; the pass stays fp32\n");
+        assert_int_equal(q8.int8, 0);
+        assert_true(q8.loss == fp.loss);
+    } else {
+        assert_int_equal(q8.int8, projections);
+        /* the reference: each example alone through the copies a training step attaches */
+        mt_model_set_int8_training(m, MT_INT8_FORWARD);
+        assert_int_equal(mt_model_int8_attach(m), projections);
+        int64_t count;
+        const double alone = loss_alone(m, &set, &count);
+        mt_model_int8_detach(m);
+        assert_int_equal(q8.tokens, count);
+        const double err_alone = fabs(q8.loss - alone) / alone;
+        const double off_fp32 = fabs(q8.loss - fp.loss) / fp.loss;
+        printf("  evaluate int8: loss %.7f, alone through the int8 copies %.7f (rel %.1e), "
+               "fp32 %.7f (rel %.1e)\n", q8.loss, alone, err_alone, fp.loss, off_fp32);
+        /* packed rows against one example a row: fp32's last bits (1e-5 in the fp32 test
+         * above); the int8 rounding of the activations moves the loss far more */
+        assert_true(err_alone < 1e-5);
+        assert_true(off_fp32 > 20 * err_alone && off_fp32 > 1e-5);
+        /* with int8 training on, the model's own copies: the same loss, and they stay */
+        assert_non_null(m->int8_copies);
+        assert_int_equal(mt_evaluate(m, &set, B, T, 1, &kept, &err), MT_OK);
+        assert_int_equal(kept.int8, projections);
+        assert_true(kept.loss == q8.loss);
+        assert_non_null(m->int8_copies);
+        assert_int_equal(m->int8_training, MT_INT8_FORWARD);
+        for (int i = 0; i < projections; i++) assert_null(mt_model_linear(m, i)->weight_int8);
+        /* and without int8 the same model evaluates in fp32 again */
+        assert_int_equal(mt_evaluate(m, &set, B, T, 0, &kept, &err), MT_OK);
+        assert_true(kept.loss == fp.loss && kept.int8 == 0);
+        mt_model_set_int8_training(m, MT_INT8_OFF);
+    }
     mt_example_set_free(&set);
     mt_model_free(m);
     mt_backend_cpu_shutdown(&be);
@@ -149,6 +253,7 @@ static void test_evaluate_is_token_weighted_mean(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_packed_loss_equals_alone),
-                                       cmocka_unit_test(test_evaluate_is_token_weighted_mean)};
+                                       cmocka_unit_test(test_evaluate_is_token_weighted_mean),
+                                       cmocka_unit_test(test_evaluate_int8_is_training_forward)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1353,7 +1353,7 @@ static void test_examples_name_their_source(void **state) {
     assert_int_equal(mt_example_set_add(&s, ids, none, 3, 0, 4, &err), MT_OK);
     assert_int_equal(s.n, 0);
     mt_eval_result r;
-    assert_int_not_equal(mt_evaluate(NULL, &s, 2, 8, &r, &err), MT_OK);
+    assert_int_not_equal(mt_evaluate(NULL, &s, 2, 8, 0, &r, &err), MT_OK);
     printf("refused: %s\n", err.msg);
     assert_string_equal(err.msg, "data/heldout.jsonl: evaluation: the held-out set is empty (1 example "
                                  "longer than seq_len 4 dropped by truncation \"drop\"; 1 example "
@@ -1371,7 +1371,7 @@ static void test_examples_name_their_source(void **state) {
     assert_int_equal(s.n_files, 0);
     /* without files: no name, and the plain message */
     assert_int_equal(mt_example_set_init(&s, &opt, &err), MT_OK);
-    assert_int_not_equal(mt_evaluate(NULL, &s, 2, 8, &r, &err), MT_OK);
+    assert_int_not_equal(mt_evaluate(NULL, &s, 2, 8, 0, &r, &err), MT_OK);
     assert_string_equal(err.msg, "evaluation: the held-out set is empty");
     mt_example_set_free(&s);
 }
