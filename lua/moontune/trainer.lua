@@ -31,8 +31,15 @@
 --                               products (the base under LoRA) run in 8 bits where the
 --                               CPU has AVX512-VNNI (or AVX2, for a Q4 base); "all" (or true): their input
 --                               gradients too (model:int8_training, docs/speed.md);
---                               "off" (or false): fp32. Evaluations stay fp32. The
---                               first step's log line says how many projections did
+--                               "off" (or false): fp32. The first step's log line
+--                               says how many projections did
+--   eval_int8 = nil             evaluations (held-out loss, general text) through the
+--                               same int8 forward as the training steps (mt.evaluate's
+--                               int8): the held-out loss is then the function training
+--                               optimises, as with the Trainer, whose evaluation runs
+--                               in the training's precision. nil: when int8 is on;
+--                               false: fp32 evaluations; true: int8 even when the
+--                               steps are fp32. eval_opts.int8, when given, wins
 --   recompute = nil             what backward recomputes instead of keeping
 --                               (model:recompute): "off", "norms" (the norms' outputs
 --                               and SwiGLU's product: a third less activation memory,
@@ -296,6 +303,12 @@ local function resolve(cfg, mt)
               progress_metrics = cfg.progress_metrics or { "rewards/accuracies", "rewards/margins" } }
   if R.max_grad_norm == nil then R.max_grad_norm = 1.0 end
   R.int8 = cfg.int8 ~= nil and int8_modes[cfg.int8] or false
+  if cfg.eval_int8 ~= nil and type(cfg.eval_int8) ~= "boolean" then
+    fail("cfg.eval_int8 must be true or false, got %s", type(cfg.eval_int8))
+  end
+  R.eval_int8 = cfg.eval_int8
+  if cfg.eval_opts and cfg.eval_opts.int8 ~= nil then R.eval_int8 = cfg.eval_opts.int8 == true end
+  if R.eval_int8 == nil then R.eval_int8 = R.int8 ~= false end
   R.rank = type(mt.rank) == "function" and mt.rank() or 0
   R.world = type(mt.world_size) == "function" and mt.world_size() or 1
   R.main = R.rank == 0
@@ -414,6 +427,8 @@ local function run_identity(cfg, mt, R)
                 -- int8 training changes the numbers; absent when off, as in checkpoints
                 -- written before it existed
                 int8 = R.int8 or nil,
+                -- so do int8 evaluations (the early-stopping metric); absent when fp32
+                eval_int8 = R.eval_int8 or nil,
                 early_stopping = es and { metric = es.metric, mode = es.mode, patience = es.patience,
                                           min_delta = es.min_delta, restore_best = es.restore_best } or false },
   }
@@ -618,9 +633,10 @@ end
 
 -- The options of the general-text evaluation: eval_opts without a loss plugin (general
 -- text is measured by its perplexity, whatever the training loss).
-local function general_opts(cfg)
+local function general_opts(cfg, R)
   local o = {}
   for k, v in pairs(cfg.eval_opts or {}) do if k ~= "loss" then o[k] = v end end
+  o.int8 = R.eval_int8
   return o
 end
 
@@ -630,13 +646,13 @@ local function evaluate(cfg, mt, R, T)
   local m = {}
   state.metrics = m
   if cfg.eval_examples ~= nil then
-    local opts = cfg.eval_opts or {}
+    local opts = {}
+    for k, v in pairs(cfg.eval_opts or {}) do opts[k] = v end
+    opts.int8 = R.eval_int8
     local ex = cfg.eval_examples
     if opts.loss == nil and type(ex) == "userdata" and ex:paired() then
       -- held-out pairs: the preference loss and its metrics (perplexity means nothing)
-      local o = { loss = cfg.loss }
-      for k, v in pairs(opts) do o[k] = v end
-      opts = o
+      opts.loss = cfg.loss
     end
     local r = mt.evaluate(cfg.model, ex, opts)
     m.eval_loss = r.loss
@@ -646,7 +662,7 @@ local function evaluate(cfg, mt, R, T)
   end
   local over = false -- general text worsened beyond the bound
   if R.general then
-    m.general_perplexity = mt.evaluate(cfg.model, R.general.examples, general_opts(cfg)).perplexity
+    m.general_perplexity = mt.evaluate(cfg.model, R.general.examples, general_opts(cfg, R)).perplexity
     m.general_change = (m.general_perplexity - T.general_before) / T.general_before
     over = m.general_change > R.general.bound
   end
@@ -799,9 +815,11 @@ local function train_step(cfg, mt, R, T, step)
   local done = step - T.start_step + 1
   local eta = elapsed / done * (total - step)
   if step == T.start_step and R.int8 then
-    T.say(string.format("int8: %d frozen projections multiply in 8 bits in training steps (%s)%s", r.int8 or 0,
+    T.say(string.format("int8: %d frozen projections multiply in 8 bits in training steps (%s)%s%s", r.int8 or 0,
                         R.int8 == "forward" and "forward" or "forward and input gradients",
-                        (r.int8 or 0) == 0 and " (none: this CPU has no AVX512-VNNI, or nothing is frozen)" or ""))
+                        (r.int8 or 0) == 0 and " (none: this CPU has no int8 products for these weights, " ..
+                          "or nothing is frozen)" or "",
+                        R.eval_int8 and "; evaluations through the same int8 forward" or "; evaluations in fp32"))
   end
   if T.bar then
     local width, filled = 20, math.floor(20 * step / total)
@@ -907,17 +925,16 @@ function M.run(cfg, mt)
   end
   open_outputs(cfg, mt, R, T)
   make_control(mt, R, T)
-  if R.general and not T.general_before then -- a resumed run keeps the first run's
-    T.general_before = mt.evaluate(cfg.model, R.general.examples, general_opts(cfg)).perplexity
-    T.say(string.format("general text: perplexity %.6g before training", T.general_before))
-    T.log_json({ type = "general", step = T.start_step - 1, general_perplexity = T.general_before })
-  end
-
-  -- int8 copies of the frozen weights for this run's steps, freed when it ends, also
-  -- by an error (their memory goes back before anything else runs)
+  -- int8 copies of the frozen weights for this run's steps (and evaluations), freed
+  -- when it ends, also by an error (their memory goes back before anything else runs)
   local int8_copies <close> = R.int8 and setmetatable({}, {
     __close = function() cfg.model:int8_training("off") end }) or nil
   if R.int8 then cfg.model:int8_training(R.int8) end
+  if R.general and not T.general_before then -- a resumed run keeps the first run's
+    T.general_before = mt.evaluate(cfg.model, R.general.examples, general_opts(cfg, R)).perplexity
+    T.say(string.format("general text: perplexity %.6g before training", T.general_before))
+    T.log_json({ type = "general", step = T.start_step - 1, general_perplexity = T.general_before })
+  end
   if cfg.recompute then cfg.model:recompute(cfg.recompute) end
 
   T.t0 = R.clock()

@@ -59,6 +59,7 @@ function F.new(o)
       local g = o.general or { 10.0 }
       local p = g[math.min(log.general_evals, #g)]
       log.calls[#log.calls + 1] = "general"
+      log.general_opts = opts
       return { loss = math.log(p), perplexity = p, tokens = 100, examples = 5, seconds = 0.1,
                tokens_per_second = 1000 }
     end

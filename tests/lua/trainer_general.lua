@@ -104,3 +104,48 @@ do
   eq(r.stopped_early, true, "patience ran out")
   assert(has(lines, "no evaluation within max_general_regression"), table.concat(lines))
 end
+
+-- evaluations run in the training steps' precision (eval_int8): with int8 training,
+-- held-out and general text through the int8 forward, the model's int8 copies made
+-- before the first evaluation (general text before training) and freed at the end;
+-- eval_int8 = false keeps them fp32, and without int8 training they are fp32 unless asked
+do
+  -- the fake's model is the string "model": its int8_training is recorded here
+  local modes = {}
+  local strings = getmetatable("").__index
+  strings.int8_training = function(self, mode) modes[#modes + 1] = self .. ":" .. tostring(mode) end
+  local function run(extra)
+    local mt, log = fake.new{ per_epoch = 4, evals = { 1.0 }, general = { 10 } }
+    modes = {}
+    local c = { epochs = 1, eval_every = 2, eval_examples = "heldout", general_examples = "general",
+                output = capture() }
+    for k, v in pairs(extra) do c[k] = v end
+    local order = {}
+    local evaluate = mt.evaluate
+    function mt.evaluate(model, examples, opts)
+      order[#order + 1] = string.format("%s int8=%s after %d modes", examples, tostring(opts.int8), #modes)
+      return evaluate(model, examples, opts)
+    end
+    trainer.run(fake.cfg(mt, c), mt)
+    return log, order
+  end
+  local log, order = run{ int8 = "forward" }
+  eq(log.eval_opts.int8, true, "held-out evaluation through int8 when training is")
+  eq(log.general_opts.int8, true, "general text through int8 when training is")
+  eq(order[1], "general int8=true after 1 modes", "the copies are made before the general text's first evaluation")
+  eq(table.concat(modes, " "), "model:forward model:off", "int8 on for the run, off at its end")
+  log = run{ int8 = "forward", eval_int8 = false }
+  eq(log.eval_opts.int8, false, "eval_int8 = false: held-out in fp32")
+  eq(log.general_opts.int8, false, "eval_int8 = false: general text in fp32")
+  log = run{}
+  eq(log.eval_opts.int8, false, "fp32 training: fp32 evaluations")
+  eq(#modes, 0, "fp32 training: no int8 copies")
+  log = run{ eval_int8 = true }
+  eq(log.eval_opts.int8, true, "eval_int8 = true without int8 training")
+  log = run{ int8 = "all", eval_opts = { int8 = false } }
+  eq(log.eval_opts.int8, false, "eval_opts.int8 wins")
+  local mtX = fake.new{}
+  local ok, err = pcall(trainer.run, fake.cfg(mtX, { eval_int8 = "yes" }), mtX)
+  assert(not ok and tostring(err):find("eval_int8 must be true or false", 1, true), tostring(err))
+  strings.int8_training = nil
+end
