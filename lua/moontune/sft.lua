@@ -127,9 +127,13 @@ function M.train(mt, cfg, model, train, heldout, name, data)
     metrics = { task_accuracy = function() return task_accuracy("evaluation") end }
   end
 
+  -- evaluations in the training steps' precision (eval_int8, default on where
+  -- train_int8 is): the held-out loss is then the function training optimises
+  local eval_int8 = cfg.eval_int8 ~= false and (cfg.train_int8 or "off") ~= "off"
+  local eval_opts = { batch = cfg.batch, seq_len = cfg.seq_len, int8 = eval_int8 }
   local before = nil
   if not mt.validating() then
-    before = { heldout_loss = mt.evaluate(model, heldout, { batch = cfg.batch, seq_len = cfg.seq_len }).loss }
+    before = { heldout_loss = mt.evaluate(model, heldout, eval_opts).loss }
     if items then before.accuracy = task_accuracy("before training") end
   end
 
@@ -145,7 +149,7 @@ function M.train(mt, cfg, model, train, heldout, name, data)
     batcher = batcher,
     train_examples = train,
     eval_examples = heldout,
-    eval_opts = { batch = cfg.batch, seq_len = cfg.seq_len },
+    eval_opts = eval_opts,
     eval_every = cfg.eval_every,
     metrics = metrics,
     general_examples = data and data.general or nil,
@@ -172,7 +176,7 @@ function M.train(mt, cfg, model, train, heldout, name, data)
   -- after: the model the trainer leaves (the best checkpoint when it restored one),
   -- whose held-out loss the trainer has measured already
   local after = { heldout_loss = result.metrics and result.metrics.eval_loss or
-                                 mt.evaluate(model, heldout, { batch = cfg.batch, seq_len = cfg.seq_len }).loss }
+                                 mt.evaluate(model, heldout, eval_opts).loss }
   if items then after.accuracy = task_accuracy("after training") end
   result.before, result.after = before, after
   print(string.format("%-28s %12s %12s", "", "before", "after"))
