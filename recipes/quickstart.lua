@@ -98,6 +98,9 @@ local lora = mt.plugin("adapter", "lora", {
   target_modules = cfg.lora.target_modules, seed = cfg.seed,
 })
 model:plan(cfg.batch, cfg.seq_len)
+-- the frozen base's int8 copies, made once for the "before" evaluations and kept for
+-- the training steps (the trainer frees them when it ends)
+if eval_int8 then model:int8_training(cfg.train_int8) end
 -- the adapter is attached after the "before" measurements: a new LoRA adds exactly
 -- nothing (B = 0), so they are the base model's numbers either way, and without it the
 -- base runs alone, without the adapter's products (the plan does not depend on it)
