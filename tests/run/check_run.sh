@@ -145,6 +145,14 @@ fix=$source_dir/tests/fixtures
 heldout=$fix/data/tiny_chat_heldout.jsonl
 "$moontune" eval --device cpu --model "$fix/tiny_chat" "$heldout" --seq 64 > out.txt
 grep -q "tokens/s on cpu)" out.txt
+# --int8: the frozen base through int8 training's forward where the CPU multiplies these
+# weights in int8 (VNNI: any; AVX2: a Q4 base's codes, not the tiny model's), and says
+# which; the loss stays within a percent of fp32's
+loss_fp32=$(sed -n 's/^  loss \([^ ]*\) .*/\1/p' out.txt)
+"$moontune" eval --device cpu --model "$fix/tiny_chat" "$heldout" --seq 64 --int8 > out.txt
+grep -Eq "tokens/s on cpu, (frozen products in int8|fp32: no int8 products here)\)" out.txt
+loss_int8=$(sed -n 's/^  loss \([^ ]*\) .*/\1/p' out.txt)
+awk -v a="$loss_int8" -v b="$loss_fp32" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(b > 0 && d <= 0.01 * b) }'
 "$moontune" generate --device=cpu --model "$fix/tiny_chat" --prompt hi --max-new-tokens 2 \
   > /dev/null 2> err.txt
 grep -q ", on cpu (" err.txt
