@@ -59,15 +59,9 @@ local texts_ex = mt.examples_from_ids(rows, { seq_len = 64 })
 model:plan(2, 64)
 local fp = mt.evaluate(model, texts_ex)
 local q8 = mt.evaluate(model, texts_ex, { int8 = true })
-local function has_int8_cpu()
-  local f = io.open("/proc/cpuinfo", "r")
-  if not f then return false end
-  local cpu = f:read("a")
-  f:close()
-  return cpu:find(" avx2", 1, true) ~= nil and cpu:find(" fma", 1, true) ~= nil
-end
+local has_cpu_flags = dofile(FIXTURE_DIR .. "/../lua/cpu_flags.lua")
 check(fp.int8 == 0, "fp32 by default: " .. fp.int8)
-if has_int8_cpu() then
+if has_cpu_flags("avx2", "fma") then
   check(q8.int8 >= 30 * 7, "int8 evaluation: " .. q8.int8 .. " projections in int8")
   local rel = math.abs(q8.loss - fp.loss) / fp.loss
   check(rel > 0 and rel < 0.02, string.format("int8 evaluation loss %.6f against fp32 %.6f", q8.loss, fp.loss))

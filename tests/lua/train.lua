@@ -90,14 +90,8 @@ check(got == want, string.format("resumed loss %.17g ~= %.17g", got, want))
 -- the frozen base's products in int8 during training steps (model:int8_training): on a
 -- CPU with AVX512-VNNI every frozen projection (2 layers x 7 and lm_head) multiplies in
 -- 8 bits and the loss stays near fp32's; elsewhere all stay fp32
-local function has_vnni()
-  local f = io.open("/proc/cpuinfo", "r")
-  if not f then return false end
-  local text = f:read("a")
-  f:close()
-  return text:find(" avx512bw", 1, true) ~= nil and text:find(" avx512_vnni", 1, true) ~= nil
-end
-local projections = has_vnni() and 2 * 7 + 1 or 0
+local has_cpu_flags = dofile(FIXTURE_DIR .. "/../lua/cpu_flags.lua")
+local projections = has_cpu_flags("avx512bw", "avx512_vnni") and 2 * 7 + 1 or 0
 local d1, d2 = batcher2:next(), batcher2:next()
 local fp = mt.train_step(model2, loss2, opt2, { d1, d2 }, { lr = 0, step = total + 2 })
 check(fp.int8 == 0, "int8 is off unless asked: " .. fp.int8)

@@ -16,18 +16,30 @@
 #define T 24
 #define N_EXAMPLES 7
 
+/* The tiny GQA model on the CPU backend and an empty example set of rows of T. */
+static mt_model *tiny_model_and_set(mt_backend *be, mt_example_set *set) {
+    mt_error err = {0};
+    assert_int_equal(mt_backend_cpu_init(be, 0, &err), MT_OK);
+    mt_model *m = NULL;
+    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_gqa", be, &m, &err)) fail_msg("%s", err.msg);
+    mt_example_options opt = {.seq_len = T, .truncation = MT_TRUNCATE_LEFT};
+    assert_int_equal(mt_example_set_init(set, &opt, &err), MT_OK);
+    return m;
+}
+
+static void tiny_down(mt_model *m, mt_backend *be, mt_example_set *set) {
+    mt_example_set_free(set);
+    mt_model_free(m);
+    mt_backend_cpu_shutdown(be);
+}
+
 static void test_packed_loss_equals_alone(void **state) {
     (void)state;
     mt_error err = {0};
     mt_backend be;
-    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
-    mt_model *m = NULL;
-    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_gqa", &be, &m, &err)) fail_msg("%s", err.msg);
-    const int V = m->cfg.vocab_size;
-
-    mt_example_options opt = {.seq_len = T, .truncation = MT_TRUNCATE_LEFT};
     mt_example_set set;
-    assert_int_equal(mt_example_set_init(&set, &opt, &err), MT_OK);
+    mt_model *m = tiny_model_and_set(&be, &set);
+    const int V = m->cfg.vocab_size;
     uint64_t seed = 7;
     const int lens[N_EXAMPLES] = {5, 9, 4, 11, 6, 3, 8};
     for (int e = 0; e < N_EXAMPLES; e++) {
@@ -94,9 +106,7 @@ static void test_packed_loss_equals_alone(void **state) {
     assert_int_equal(seen, N_EXAMPLES); /* every example exactly once in the epoch */
     assert_true(packed_rows_with_two > 0); /* the test did exercise packing */
     mt_batcher_free(batcher);
-    mt_example_set_free(&set);
-    mt_model_free(m);
-    mt_backend_cpu_shutdown(&be);
+    tiny_down(m, &be, &set);
 }
 
 /* Adds random examples of the given lengths (their first two tokens a "prompt"). */
@@ -139,12 +149,8 @@ static void test_evaluate_is_token_weighted_mean(void **state) {
     (void)state;
     mt_error err = {0};
     mt_backend be;
-    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
-    mt_model *m = NULL;
-    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_gqa", &be, &m, &err)) fail_msg("%s", err.msg);
-    mt_example_options opt = {.seq_len = T, .truncation = MT_TRUNCATE_LEFT};
     mt_example_set set;
-    assert_int_equal(mt_example_set_init(&set, &opt, &err), MT_OK);
+    mt_model *m = tiny_model_and_set(&be, &set);
     const int lens[5] = {6, 13, 4, 9, 17};
     add_random_examples(&set, lens, 5, m->cfg.vocab_size, 11);
     assert_int_equal(mt_model_plan(m, B, T, 0, &err), MT_OK);
@@ -159,9 +165,7 @@ static void test_evaluate_is_token_weighted_mean(void **state) {
     assert_int_equal(r.int8, 0);
     assert_true(fabs(r.loss - alone) < 1e-5 * r.loss);
     assert_true(fabs(r.perplexity - exp(r.loss)) < 1e-9 * r.perplexity);
-    mt_example_set_free(&set);
-    mt_model_free(m);
-    mt_backend_cpu_shutdown(&be);
+    tiny_down(m, &be, &set);
 }
 
 /* Puts every weight of the model's projections on a 4-bit grid per group of 32 inputs
@@ -193,13 +197,9 @@ static void test_evaluate_int8_is_training_forward(void **state) {
     (void)state;
     mt_error err = {0};
     mt_backend be;
-    assert_int_equal(mt_backend_cpu_init(&be, 0, &err), MT_OK);
-    mt_model *m = NULL;
-    if (mt_model_load_hf(MT_FIXTURE_DIR "/tiny_gqa", &be, &m, &err)) fail_msg("%s", err.msg);
-    weights_on_q4_grid(m);
-    mt_example_options opt = {.seq_len = T, .truncation = MT_TRUNCATE_LEFT};
     mt_example_set set;
-    assert_int_equal(mt_example_set_init(&set, &opt, &err), MT_OK);
+    mt_model *m = tiny_model_and_set(&be, &set);
+    weights_on_q4_grid(m);
     const int lens[6] = {7, 12, 5, 16, 9, 21};
     add_random_examples(&set, lens, 6, m->cfg.vocab_size, 23);
     assert_int_equal(mt_model_plan(m, B, T, 0, &err), MT_OK);
@@ -246,9 +246,7 @@ static void test_evaluate_int8_is_training_forward(void **state) {
         assert_true(kept.loss == fp.loss && kept.int8 == 0);
         mt_model_set_int8_training(m, MT_INT8_OFF);
     }
-    mt_example_set_free(&set);
-    mt_model_free(m);
-    mt_backend_cpu_shutdown(&be);
+    tiny_down(m, &be, &set);
 }
 
 int main(void) {
