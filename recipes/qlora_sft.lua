@@ -58,12 +58,12 @@
 --                  again in backward; a fifth slower, a sixth of the activations) or
 --                  "off"; the gradients are the same bits (docs/speed.md)
 --   train_int8     the frozen base's products in int8 in training steps where the CPU
---   eval_int8      where train_int8 is on, evaluations (held-out loss before, during and
---                  after training, general text) through the same int8 forward: the
---                  held-out loss is the function training optimises (false: fp32)
 --                  has AVX512-VNNI (or AVX2, with a Q4 base): "forward" (the forward products), "all" (the input
 --                  gradients too: faster, and on the quickstart as exact on average
 --                  but spread wider from run to run) or "off" (fp32); the adapter stays fp32 (docs/speed.md)
+--   eval_int8      where train_int8 is on, evaluations (held-out loss before, during and
+--                  after training, general text) through the same int8 forward: the
+--                  held-out loss is the function training optimises (false: fp32)
 --   allow_leakage  accept held-out examples that also occur in the training data (the
 --                  data checks refuse them otherwise)
 --   export         what the trained model becomes under out_dir/export/, a comma list:

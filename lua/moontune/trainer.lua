@@ -631,14 +631,16 @@ local function save(cfg, mt, R, T)
   return path
 end
 
--- The options of the general-text evaluation: eval_opts without a loss plugin (general
--- text is measured by its perplexity, whatever the training loss).
-local function general_opts(cfg, R)
+-- The options of an evaluation: eval_opts with the run's int8 choice; without its loss
+-- plugin for general text (measured by its perplexity, whatever the training loss).
+local function eval_options(cfg, R, with_loss)
   local o = {}
-  for k, v in pairs(cfg.eval_opts or {}) do if k ~= "loss" then o[k] = v end end
+  for k, v in pairs(cfg.eval_opts or {}) do if with_loss or k ~= "loss" then o[k] = v end end
   o.int8 = R.eval_int8
   return o
 end
+
+local function general_opts(cfg, R) return eval_options(cfg, R, false) end
 
 -- Runs the held-out evaluation and the metrics, logs them, and applies early stopping.
 local function evaluate(cfg, mt, R, T)
@@ -646,9 +648,7 @@ local function evaluate(cfg, mt, R, T)
   local m = {}
   state.metrics = m
   if cfg.eval_examples ~= nil then
-    local opts = {}
-    for k, v in pairs(cfg.eval_opts or {}) do opts[k] = v end
-    opts.int8 = R.eval_int8
+    local opts = eval_options(cfg, R, true)
     local ex = cfg.eval_examples
     if opts.loss == nil and type(ex) == "userdata" and ex:paired() then
       -- held-out pairs: the preference loss and its metrics (perplexity means nothing)
