@@ -191,6 +191,15 @@ typedef struct mt_backend_ops {
     void (*weight_int8_free)(mt_backend *be, void *w);
     int (*matmul_int8)(mt_backend *be, float *c, const float *a, const void *w, int M,
                        int accumulate, uint64_t round_seed);
+    /* matmul_int8 in two steps for products that share their input (optional: NULL
+     * where the backend has none; then matmul_int8): int8_rows_create quantises a (M,K)
+     * to nearest once (NULL when it cannot), matmul_int8_rows multiplies those rows by
+     * any int8 copy of K inputs with matmul_int8's bits (0, or nonzero with nothing
+     * written), int8_rows_free releases them. */
+    void *(*int8_rows_create)(mt_backend *be, const float *a, int M, int K);
+    int (*matmul_int8_rows)(mt_backend *be, float *c, const void *rows, const void *w,
+                            int accumulate);
+    void (*int8_rows_free)(mt_backend *be, void *rows);
 
     /* ---- data parallel (optional: NULL where the backend brings no collective library) ----
      * A communicator over the ranks of a data-parallel job for device memory (NCCL on

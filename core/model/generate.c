@@ -402,9 +402,8 @@ static mt_status run_rows_with_weights(mt_kv_decoder *d, const int32_t *tokens, 
     for (int l = 0; l < c->num_layers; l++) {
         mt_layer *ly = &m->layers[l];
         be->ops->rmsnorm_forward(be, d->ln, d->rstd, d->x, ly->attn_norm, n, C, c->rms_norm_eps);
-        mt_linear_forward(&ly->q, d->q, d->ln, n);
-        mt_linear_forward(&ly->k, d->k, d->ln, n);
-        mt_linear_forward(&ly->v, d->v, d->ln, n);
+        mt_linears_forward_shared(m, (mt_linear *[]){&ly->q, &ly->k, &ly->v},
+                                  (float *[]){d->q, d->k, d->v}, 3, d->ln, n);
         be->ops->rope_forward(be, d->q, d->rope_cos, d->rope_sin, d->positions, n, H, D);
         be->ops->rope_forward(be, d->k, d->rope_cos, d->rope_sin, d->positions, n, KVH, D);
         /* the new keys and values join their slots' caches; queries come to the host */
@@ -420,8 +419,8 @@ static mt_status run_rows_with_weights(mt_kv_decoder *d, const int32_t *tokens, 
         mt_linear_forward(&ly->o, d->proj, d->att, n);
         be->ops->add(be, d->x, d->x, d->proj, (size_t)n * C);
         be->ops->rmsnorm_forward(be, d->ln, d->rstd, d->x, ly->mlp_norm, n, C, c->rms_norm_eps);
-        mt_linear_forward(&ly->gate, d->gate, d->ln, n);
-        mt_linear_forward(&ly->up, d->up, d->ln, n);
+        mt_linears_forward_shared(m, (mt_linear *[]){&ly->gate, &ly->up},
+                                  (float *[]){d->gate, d->up}, 2, d->ln, n);
         be->ops->swiglu_forward(be, d->act, d->gate, d->up, (size_t)n * F);
         mt_linear_forward(&ly->down, d->proj, d->act, n);
         be->ops->add(be, d->x, d->x, d->proj, (size_t)n * C);

@@ -36,9 +36,36 @@ const char *mt_module_name(mt_module module) {
 
 /* ---- the frozen/full linear layer -------------------------------------- */
 
+void mt_model_share_input(mt_model *m, const float *x, int N) {
+    if (m->shared_int8) m->be->ops->int8_rows_free(m->be, m->shared_int8);
+    m->shared_int8 = NULL;
+    m->shared_input = x;
+    m->shared_rows = N;
+}
+
+void mt_linears_forward_shared(mt_model *m, mt_linear *const *lins, float *const *ys, int n,
+                               const float *x, int N) {
+    mt_model_share_input(m, x, N);
+    for (int i = 0; i < n; i++) mt_linear_forward(lins[i], ys[i], x, N);
+    mt_model_share_input(m, NULL, 0);
+}
+
+/* y = x · Wᵀ through the int8 copy, with x's rows quantised once for the projections
+ * that share it (mt_model_share_input); nonzero when it could not run. */
+static int base_forward_int8(mt_linear *lin, float *y, const float *x, int N) {
+    mt_backend *be = lin->be;
+    mt_model *m = lin->model;
+    if (m && m->shared_input == x && m->shared_rows == N && be->ops->matmul_int8_rows) {
+        if (!m->shared_int8) m->shared_int8 = be->ops->int8_rows_create(be, x, N, lin->in);
+        if (m->shared_int8 && !be->ops->matmul_int8_rows(be, y, m->shared_int8, lin->weight_int8, 0))
+            return 0;
+    }
+    return be->ops->matmul_int8(be, y, x, lin->weight_int8, N, 0, 0);
+}
+
 void mt_linear_base_forward(mt_linear *lin, float *y, const float *x, int N) {
     mt_backend *be = lin->be;
-    if (!lin->weight_int8 || be->ops->matmul_int8(be, y, x, lin->weight_int8, N, 0, 0))
+    if (!lin->weight_int8 || base_forward_int8(lin, y, x, N))
         be->ops->matmul(be, y, x, lin->weight, N, lin->out, lin->in, 0, 1, 1.0f, 0.0f);
     if (lin->bias) be->ops->bias_forward(be, y, lin->bias, N, lin->out);
 }
@@ -358,6 +385,7 @@ static void free_plan(mt_model *m) {
 
 void mt_model_free(mt_model *m) {
     if (!m) return;
+    mt_model_share_input(m, NULL, 0);
     mt_model_int8_drop(m);
     free_plan(m);
     if (m->param_memory) m->be->ops->free(m->be, m->param_memory);
@@ -933,9 +961,8 @@ static void layer_forward(mt_model *m, int l, int B, int T, float *next) {
     mt_layer_acts *a = &m->acts[l];
     be->ops->rmsnorm_forward(be, a->ln1, a->ln1_rstd, a->res_in, ly->attn_norm, BT, C,
                              c->rms_norm_eps);
-    mt_linear_forward(&ly->q, a->q, a->ln1, BT);
-    mt_linear_forward(&ly->k, a->k, a->ln1, BT);
-    mt_linear_forward(&ly->v, a->v, a->ln1, BT);
+    mt_linears_forward_shared(m, (mt_linear *[]){&ly->q, &ly->k, &ly->v},
+                              (float *[]){a->q, a->k, a->v}, 3, a->ln1, BT);
     be->ops->rope_forward(be, a->q, m->rope_cos, m->rope_sin, m->positions, BT, H, D);
     be->ops->rope_forward(be, a->k, m->rope_cos, m->rope_sin, m->positions, BT, KVH, D);
     be->ops->attention_forward(be, a->att, a->lse, a->q, a->k, a->v, seg, B, T, H, KVH, D,
@@ -944,8 +971,8 @@ static void layer_forward(mt_model *m, int l, int B, int T, float *next) {
     be->ops->add(be, a->res_mid, a->res_mid, a->res_in, (size_t)BT * C);
     be->ops->rmsnorm_forward(be, a->ln2, a->ln2_rstd, a->res_mid, ly->mlp_norm, BT, C,
                              c->rms_norm_eps);
-    mt_linear_forward(&ly->gate, a->gate, a->ln2, BT);
-    mt_linear_forward(&ly->up, a->up, a->ln2, BT);
+    mt_linears_forward_shared(m, (mt_linear *[]){&ly->gate, &ly->up}, (float *[]){a->gate, a->up},
+                              2, a->ln2, BT);
     be->ops->swiglu_forward(be, a->act, a->gate, a->up, (size_t)BT * F);
     if (!next) return;
     mt_linear_forward(&ly->down, next, a->act, BT);

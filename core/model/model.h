@@ -240,6 +240,11 @@ typedef struct mt_model {
     mt_int8_training int8_training;
     void **int8_copies;
     uint64_t int8_round_seed; /* counts the int8 input-gradient products: each its seed */
+    /* mt_model_share_input: the activation several projections read next (q, k and v;
+     * gate and up), its rows, and its int8 quantisation once a product made it */
+    const float *shared_input;
+    int shared_rows;
+    void *shared_int8;
 } mt_model;
 
 /* Builds the parameter table and allocates parameters (zero) on the backend. */
@@ -322,6 +327,15 @@ int mt_model_int8_attach(mt_model *m);
 void mt_model_int8_detach(mt_model *m);
 /* Frees the copies (a weight changed, or its trainability). */
 void mt_model_int8_drop(mt_model *m);
+/* Between mt_model_share_input(m, x, N) and mt_model_share_input(m, NULL, 0), the base
+ * products that multiply the N rows of x in int8 quantise x once between them (the
+ * same bits: each would quantise it alike). x must not change in between: the callers
+ * bracket the projections of one normed input. */
+void mt_model_share_input(mt_model *m, const float *x, int N);
+/* ys[i] = lins[i](x) for i < n, projections of one input x (N rows) through
+ * mt_linear_forward, with x shared between them (mt_model_share_input). */
+void mt_linears_forward_shared(mt_model *m, mt_linear *const *lins, float *const *ys, int n,
+                               const float *x, int N);
 /* Releases / restores the fp32 base weight memory of a projection (CPU: pages go back
  * to the system and come back zero-filled). */
 void mt_linear_release_weight(mt_linear *lin);

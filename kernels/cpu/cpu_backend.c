@@ -263,6 +263,22 @@ static int op_matmul_int8(mt_backend *be, float *c, const float *a, const void *
     return cpu_matmul_int8(c, a, w, M, accumulate, round_seed);
 }
 
+static void *op_int8_rows_create(mt_backend *be, const float *a, int M, int K) {
+    (void)be;
+    return cpu_int8_rows_quantize(a, M, K, 0);
+}
+
+static int op_matmul_int8_rows(mt_backend *be, float *c, const void *rows, const void *w,
+                               int accumulate) {
+    (void)be;
+    return cpu_matmul_int8_rows(c, rows, w, accumulate);
+}
+
+static void op_int8_rows_free(mt_backend *be, void *rows) {
+    (void)be;
+    cpu_int8_rows_free(rows);
+}
+
 static const mt_backend_ops cpu_ops = {
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -304,6 +320,9 @@ static const mt_backend_ops cpu_ops = {
     .dequantize_4bit = op_dequantize_4bit,
     .weight_int8_create = op_weight_int8_create,
     .weight_int8_free = op_weight_int8_free,
+    .int8_rows_create = op_int8_rows_create,
+    .matmul_int8_rows = op_matmul_int8_rows,
+    .int8_rows_free = op_int8_rows_free,
     .matmul_int8 = op_matmul_int8,
 };
 

@@ -77,6 +77,16 @@ int cpu_weight_int8_small_codes(const cpu_weight_int8 *w);
  * kernel. */
 int cpu_matmul_int8(float *c, const float *a, const cpu_weight_int8 *w, int M, int accumulate,
                     uint64_t round_seed);
+/* cpu_matmul_int8 in two steps, for products that share their input rows (q, k and v;
+ * gate and up): the rows of a (M,K) quantised once as cpu_matmul_int8 would, NULL when
+ * out of memory or without the kernel; then c (M,N) = those rows · wᵀ (or +=) for any
+ * copy w of K inputs, the same bits as cpu_matmul_int8 with the same seed. Returns 0,
+ * or -1 (nothing written) without the kernel or for a copy of another K. */
+typedef struct cpu_int8_rows cpu_int8_rows;
+cpu_int8_rows *cpu_int8_rows_quantize(const float *a, int M, int K, uint64_t round_seed);
+int cpu_matmul_int8_rows(float *c, const cpu_int8_rows *rows, const cpu_weight_int8 *w,
+                         int accumulate);
+void cpu_int8_rows_free(cpu_int8_rows *rows);
 /* out (N,C) += bias (C). */
 void cpu_bias_forward(float *out, const float *bias, int N, int C);
 /* dbias (C) += column sums of dout (N,C). */

@@ -613,63 +613,104 @@ static uint32_t row_key(uint64_t seed, int m) {
     return (uint32_t)mt_mix64(mt_mix64(seed) ^ (uint64_t)m) | 1u;
 }
 
-int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, int accumulate,
-                    uint64_t round_seed) {
+/* Input rows quantised once, for any copies whose K they share: their codes (M, Kp;
+ * Kp is K rounded up to GROUP), their scales sa and sb (M, Kp / GROUP) each, and a flag
+ * per row (0: the row had a NaN or an infinity), in one block. */
+struct cpu_int8_rows {
+    int M, K, Kp;
+    int8_t *a;
+    float *sa, *sb;
+    unsigned char *ok;
+};
+
+void cpu_int8_rows_free(cpu_int8_rows *rows) {
+    if (!rows) return;
+    free(rows->a); /* the block */
+    free(rows);
+}
+
+cpu_int8_rows *cpu_int8_rows_quantize(const float *x, int M, int K, uint64_t round_seed) {
 #if INT8_KERNEL
-    const int N = w->N, K = w->K, Kp = w->Kp, groups = Kp / GROUP;
     const int kernel = cpu_int8_kernel();
-    if (kernel == CPU_INT8_NONE) return -1;
-    if (M <= 0) return 0;
+    if (kernel == CPU_INT8_NONE || M <= 0 || K <= 0) return NULL;
+    const int Kp = (K + GROUP - 1) / GROUP * GROUP, groups = Kp / GROUP;
+    cpu_int8_rows *rows = malloc(sizeof *rows);
+    if (!rows) return NULL;
+    const size_t codes = (size_t)M * Kp, row_scales = (size_t)M * groups * sizeof(float);
+    /* aligned_alloc's size is a multiple of the alignment; codes (M · Kp, Kp a multiple of
+     * 32) keep the scales after them aligned for floats */
+    char *block = aligned_alloc(64, (codes + 2 * row_scales + (size_t)M + 63) & ~(size_t)63);
+    if (!block) {
+        free(rows);
+        return NULL;
+    }
+    *rows = (cpu_int8_rows){.M = M, .K = K, .Kp = Kp, .a = (int8_t *)block,
+                            .sa = (float *)(void *)(block + codes),
+                            .sb = (float *)(void *)(block + codes + row_scales),
+                            .ok = (unsigned char *)block + codes + 2 * row_scales};
+#pragma omp parallel for schedule(static) if ((int64_t)M * K >= 32768)
+    for (int m = 0; m < M; m++) {
+        const uint32_t key = round_seed ? row_key(round_seed, m) : 0;
+        rows->ok[m] = (unsigned char)(kernel == CPU_INT8_VNNI
+                                          ? quantize_row(x + (size_t)m * K, K, Kp, rows->a + (size_t)m * Kp,
+                                                         rows->sa + (size_t)m * groups, rows->sb + (size_t)m * groups, key)
+                                          : quantize_row_avx2(x + (size_t)m * K, K, Kp, rows->a + (size_t)m * Kp,
+                                                              rows->sa + (size_t)m * groups, rows->sb + (size_t)m * groups, key));
+    }
+    return rows;
+#else
+    (void)x, (void)M, (void)K, (void)round_seed;
+    return NULL;
+#endif
+}
+
+int cpu_matmul_int8_rows(float *c, const cpu_int8_rows *rows, const cpu_weight_int8 *w,
+                         int accumulate) {
+#if INT8_KERNEL
+    const int kernel = cpu_int8_kernel();
+    if (kernel == CPU_INT8_NONE || !rows || rows->K != w->K) return -1;
+    const int N = w->N, K = w->K, Kp = w->Kp, groups = Kp / GROUP, M = rows->M;
     /* the AVX2 kernel for small codes where every code of the copy is one */
     const int small = kernel == CPU_INT8_AVX2 && w->small_codes && small_codes_on;
     const int mr = kernel == CPU_INT8_VNNI ? MR : MR2;
-    /* one block: the rows' codes (M, Kp; Kp is a multiple of 64, so the scales after
-     * them stay aligned), their scales sa and sb (M, groups) each, and a flag per row */
-    const size_t codes = (size_t)M * Kp, row_scales = (size_t)M * groups * sizeof(float);
-    char *block = aligned_alloc(64, (codes + 2 * row_scales + (size_t)M + 63) & ~(size_t)63);
-    if (!block) return -1;
-    int8_t *a = (int8_t *)block;
-    float *sa = (float *)(void *)(block + codes);
-    float *sb = (float *)(void *)(block + codes + row_scales);
-    unsigned char *ok = (unsigned char *)block + codes + 2 * row_scales;
-#pragma omp parallel if ((int64_t)M * N * K >= 262144)
-    {
-#pragma omp for schedule(static)
-        for (int m = 0; m < M; m++) {
-            const uint32_t key = round_seed ? row_key(round_seed, m) : 0;
-            ok[m] = (unsigned char)(kernel == CPU_INT8_VNNI
-                                        ? quantize_row(x + (size_t)m * K, K, Kp, a + (size_t)m * Kp,
-                                                       sa + (size_t)m * groups, sb + (size_t)m * groups, key)
-                                        : quantize_row_avx2(x + (size_t)m * K, K, Kp, a + (size_t)m * Kp,
-                                                            sa + (size_t)m * groups, sb + (size_t)m * groups, key));
-        }
-#pragma omp for schedule(static)
-        for (int p = 0; p < w->panels; p++) {
-            const int n0 = p * PANEL, nvalid = N - n0 < PANEL ? N - n0 : PANEL;
-            const size_t scales = (size_t)p * groups * PANEL;
-            for (int m0 = 0; m0 < M; m0 += mr) {
-                float *cb = c + (size_t)m0 * N + n0;
-                const int8_t *ab = a + (size_t)m0 * Kp;
-                const uint8_t *qp = w->q + (size_t)p * PANEL * Kp;
-                const int rows = M - m0 < mr ? M - m0 : mr;
-                if (kernel == CPU_INT8_VNNI)
-                    panel_block(cb, N, ab, Kp, qp, w->d + scales, w->mn + scales,
-                                sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid,
-                                accumulate, rows);
-                else
-                    panel_block_avx2(cb, N, ab, Kp, qp, w->d + scales, w->mn + scales,
-                                     sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid,
-                                     accumulate, rows, small);
-            }
+    const int8_t *a = rows->a;
+    const float *sa = rows->sa, *sb = rows->sb;
+#pragma omp parallel for schedule(static) if ((int64_t)M * N * K >= 262144)
+    for (int p = 0; p < w->panels; p++) {
+        const int n0 = p * PANEL, nvalid = N - n0 < PANEL ? N - n0 : PANEL;
+        const size_t scales = (size_t)p * groups * PANEL;
+        for (int m0 = 0; m0 < M; m0 += mr) {
+            float *cb = c + (size_t)m0 * N + n0;
+            const int8_t *ab = a + (size_t)m0 * Kp;
+            const uint8_t *qp = w->q + (size_t)p * PANEL * Kp;
+            const int nrows = M - m0 < mr ? M - m0 : mr;
+            if (kernel == CPU_INT8_VNNI)
+                panel_block(cb, N, ab, Kp, qp, w->d + scales, w->mn + scales,
+                            sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid, accumulate,
+                            nrows);
+            else
+                panel_block_avx2(cb, N, ab, Kp, qp, w->d + scales, w->mn + scales,
+                                 sa + (size_t)m0 * groups, sb + (size_t)m0 * groups, nvalid,
+                                 accumulate, nrows, small);
         }
     }
     for (int m = 0; m < M; m++)
-        if (!ok[m])
+        if (!rows->ok[m])
             for (int n = 0; n < N; n++) c[(size_t)m * N + n] = NAN;
-    free(block);
     return 0;
 #else
-    (void)c, (void)x, (void)w, (void)M, (void)accumulate, (void)round_seed;
+    (void)c, (void)rows, (void)w, (void)accumulate;
     return -1;
 #endif
+}
+
+int cpu_matmul_int8(float *c, const float *x, const cpu_weight_int8 *w, int M, int accumulate,
+                    uint64_t round_seed) {
+    if (cpu_int8_kernel() == CPU_INT8_NONE) return -1;
+    if (M <= 0) return 0;
+    cpu_int8_rows *rows = cpu_int8_rows_quantize(x, M, w->K, round_seed);
+    if (!rows) return -1;
+    const int st = cpu_matmul_int8_rows(c, rows, w, accumulate);
+    cpu_int8_rows_free(rows);
+    return st;
 }

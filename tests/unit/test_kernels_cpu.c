@@ -450,6 +450,27 @@ static int lesser_kernels_agree(const float *want, const float *a, const void *q
     return ran;
 }
 
+/* The input rows quantised once (int8_rows_create, for products that share them) and
+ * multiplied by q give `want`, the product of matmul_int8 rounding to nearest, to the
+ * bit, into c holding anything; and refuse a copy of another K. */
+static void shared_rows_agree(const float *want, const float *a, const void *q, int M, int N,
+                              int K) {
+    void *rows = be.ops->int8_rows_create(&be, a, M, K);
+    assert_non_null(rows);
+    float *c = fnan((size_t)M * N);
+    assert_int_equal(be.ops->matmul_int8_rows(&be, c, rows, q, 0), 0);
+    assert_memory_equal(c, want, sizeof(float) * M * N);
+    be.ops->int8_rows_free(&be, rows);
+    float *wider = calloc((size_t)K + 1, sizeof *wider);
+    assert_non_null(wider);
+    void *other = be.ops->int8_rows_create(&be, wider, 1, K + 1);
+    free(wider);
+    assert_non_null(other);
+    assert_int_not_equal(be.ops->matmul_int8_rows(&be, c, other, q, 0), 0);
+    be.ops->int8_rows_free(&be, other);
+    free(c);
+}
+
 /* On AVX2 CPUs, the kernel for small codes gives `want` (its product with round_seed)
  * to the bit when it is turned off and the 8-bit kernel multiplies the same codes. */
 static void small_codes_agree(const float *want, const float *a, const void *q, int M, int N,
@@ -525,6 +546,7 @@ static void test_matmul_int8(void **state) {
         assert_true(cpu_weight_int8_small_codes(q) == (K <= 2));
         float *c = int8_product(a, q, M, N);
         assert_int_equal(lesser_kernels_agree(c, a, q, M, N, 0), best - CPU_INT8_AVX2);
+        shared_rows_agree(c, a, q, M, N, K);
         for (int i = 0; i < M * N; i++) got[i] = c[i];
         int8_reference(ref, a, w, M, N, K);
         const double err_doc = mt_test_rel_err_d(got, ref, (size_t)M * N);
@@ -583,6 +605,7 @@ static void test_matmul_int8(void **state) {
         const double err_grid = mt_test_rel_err_d(got, ref, (size_t)M * N);
         small_codes_agree(c, a, q, M, N, 0);
         lesser_kernels_agree(c, a, q, M, N, 0);
+        shared_rows_agree(c, a, q, M, N, K);
 
         /* stochastic rounding: the same bits for a seed on 1 and 3 threads, other bits
          * for another seed, and unbiased: the mean of many products comes much nearer
@@ -698,6 +721,7 @@ static void test_matmul_int8_small_codes(void **state) {
         assert_true(err < 2e-6);
         small_codes_agree(c, a, q, M, N, 0);
         lesser_kernels_agree(c, a, q, M, N, 0);
+        shared_rows_agree(c, a, q, M, N, K);
         be.ops->weight_int8_free(&be, q);
         free(c);
     }

@@ -301,6 +301,69 @@ static int attached_int8(mt_model *m) {
     return n;
 }
 
+/* Projections of one input through mt_linears_forward_shared, which quantises it once
+ * for their int8 products (with a LoRA attached: through the adapter's base forward),
+ * give the bits each gives alone; a product of another input in between does not take
+ * the shared rows; the shared rows are released at the end. */
+static void test_shared_input_int8(void **state) {
+    (void)state;
+    if (!cpu_int8_supported()) return;
+    const char *all_linear[] = {"all-linear"};
+    const mt_kv lora_kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
+                             {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
+                             {.key = "target_modules", .type = MT_KV_LIST, .list = all_linear,
+                              .list_len = 1}};
+    rig r;
+    rig_up_adapter(&r, "sgd", NULL, 0, "lora", lora_kv, 3);
+    mt_model *m = r.model;
+    mt_backend *be = m->be;
+    mt_layer *ly = &m->layers[1];
+    mt_linear *lins[3] = {&ly->q, &ly->k, &ly->v};
+    const int N = 5, C = m->cfg.hidden_size;
+    uint64_t rng = 5;
+    float *x = malloc(sizeof(float) * N * C), *alone[3], *shared[3], *other = malloc(sizeof(float) * N * C);
+    assert_non_null(x);
+    assert_non_null(other);
+    for (int i = 0; i < N * C; i++) x[i] = (float)mt_test_rand_uniform(&rng, -1, 1);
+    for (int i = 0; i < N * C; i++) other[i] = (float)mt_test_rand_uniform(&rng, -1, 1);
+    for (int j = 0; j < 3; j++) {
+        lins[j]->weight_int8 = be->ops->weight_int8_create(be, lins[j]->weight, lins[j]->out,
+                                                           lins[j]->in, 0, MT_INT8_USE_DECODING);
+        assert_non_null(lins[j]->weight_int8);
+        alone[j] = malloc(sizeof(float) * N * lins[j]->out);
+        shared[j] = malloc(sizeof(float) * N * lins[j]->out);
+        assert_non_null(alone[j]);
+        assert_non_null(shared[j]);
+        mt_linear_forward(lins[j], alone[j], x, N);
+    }
+    mt_linears_forward_shared(m, lins, shared, 3, x, N);
+    assert_null(m->shared_int8);
+    for (int j = 0; j < 3; j++)
+        assert_memory_equal(shared[j], alone[j], sizeof(float) * N * lins[j]->out);
+    /* another input while x is shared: its own rows, not x's */
+    float *want = malloc(sizeof(float) * N * lins[0]->out);
+    assert_non_null(want);
+    mt_linear_forward(lins[0], want, other, N);
+    mt_model_share_input(m, x, N);
+    mt_linear_forward(lins[1], shared[1], x, N);
+    assert_non_null(m->shared_int8);
+    mt_linear_forward(lins[0], shared[0], other, N);
+    mt_model_share_input(m, NULL, 0);
+    assert_null(m->shared_int8);
+    assert_memory_equal(shared[0], want, sizeof(float) * N * lins[0]->out);
+    assert_memory_equal(shared[1], alone[1], sizeof(float) * N * lins[1]->out);
+    for (int j = 0; j < 3; j++) {
+        be->ops->weight_int8_free(be, (void *)lins[j]->weight_int8);
+        lins[j]->weight_int8 = NULL;
+        free(alone[j]);
+        free(shared[j]);
+    }
+    free(want);
+    free(x);
+    free(other);
+    rig_down(&r);
+}
+
 /* Int8 products for the frozen base (mt_model_set_int8_training) under LoRA: the loss
  * and every LoRA gradient near the fp32 step's, for the forward alone and with the
  * input gradients; the copies are used during steps only,
@@ -540,6 +603,7 @@ int main(void) {
         cmocka_unit_test(test_clipping_bounds_the_norm),
         cmocka_unit_test(test_non_finite_loss_skips_the_update),
         cmocka_unit_test(test_int8_training),
+        cmocka_unit_test(test_shared_input_int8),
         cmocka_unit_test(test_recompute),
         cmocka_unit_test(test_shared_prefix_step),
     };
