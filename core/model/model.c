@@ -879,13 +879,10 @@ mt_status mt_model_plan(mt_model *m, int B, int T, int chunk, mt_error *err) {
     free_plan(m);
     int BT = B * T;
     if (chunk <= 0) {
-        /* hold about 128 MB of logits at once, in a multiple of 16 rows: sgemm's kernels
+        /* hold about 32 MB of logits at once, in a multiple of 16 rows: sgemm's kernels
          * work in tiles of rows, and the output layer's products of a ragged count ran
-         * slower (OpenBLAS on a Zen 2: 170 rows 130 GFLOP/s, 176 rows 157). A batch's
-         * target rows (about 430 of the quickstart's 1,024) then go in one product rather
-         * than three: on a Zen 3, forward 1.08x and backward 1.20x faster than in chunks
-         * of 176 rows, for 100 MB more with SmolLM2's vocabulary (docs/speed.md) */
-        int64_t rows = (128ll << 20) / ((int64_t)c->vocab_size * 4);
+         * slower (OpenBLAS on a Zen 2: 170 rows 130 GFLOP/s, 176 rows 157; docs/speed.md) */
+        int64_t rows = (32ll << 20) / ((int64_t)c->vocab_size * 4);
         if (rows >= 16) rows = (rows + 8) / 16 * 16;
         chunk = rows < 1 ? 1 : (int)(rows > BT ? BT : rows);
     }
