@@ -52,6 +52,16 @@ static void rig_up_adapter(rig *r, const char *optimizer, const mt_kv *opt_kv, s
     }
 }
 
+/* The rig with SGD and a LoRA of rank 4 (alpha 8) on every projection. */
+static void rig_up_lora(rig *r) {
+    const char *all_linear[] = {"all-linear"};
+    const mt_kv lora_kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
+                             {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
+                             {.key = "target_modules", .type = MT_KV_LIST, .list = all_linear,
+                              .list_len = 1}};
+    rig_up_adapter(r, "sgd", NULL, 0, "lora", lora_kv, 3);
+}
+
 static void rig_up(rig *r, const char *optimizer, const mt_kv *opt_kv, size_t n_opt) {
     rig_up_adapter(r, optimizer, opt_kv, n_opt, "full", NULL, 0);
 }
@@ -308,13 +318,8 @@ static int attached_int8(mt_model *m) {
 static void test_shared_input_int8(void **state) {
     (void)state;
     if (!cpu_int8_supported()) return;
-    const char *all_linear[] = {"all-linear"};
-    const mt_kv lora_kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
-                             {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
-                             {.key = "target_modules", .type = MT_KV_LIST, .list = all_linear,
-                              .list_len = 1}};
     rig r;
-    rig_up_adapter(&r, "sgd", NULL, 0, "lora", lora_kv, 3);
+    rig_up_lora(&r);
     mt_model *m = r.model;
     mt_backend *be = m->be;
     mt_layer *ly = &m->layers[1];
@@ -371,13 +376,8 @@ static void test_shared_input_int8(void **state) {
  * fine-tuning); off frees them. */
 static void test_int8_training(void **state) {
     (void)state;
-    const char *all_linear[] = {"all-linear"};
-    const mt_kv lora_kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 4},
-                             {.key = "alpha", .type = MT_KV_NUMBER, .number = 8},
-                             {.key = "target_modules", .type = MT_KV_LIST, .list = all_linear,
-                              .list_len = 1}};
     rig r;
-    rig_up_adapter(&r, "sgd", NULL, 0, "lora", lora_kv, 3);
+    rig_up_lora(&r);
     mt_model *m = r.model;
     mt_batch batch = {.size = sizeof(mt_batch), .B = ROWS, .T = LEN, .tokens = r.tokens,
                       .targets = r.targets};
