@@ -43,12 +43,6 @@ void mt_model_share_input(mt_model *m, const float *x, int N) {
     m->shared_rows = N;
 }
 
-void mt_linears_forward_shared(mt_model *m, mt_linear *const *lins, float *const *ys, int n,
-                               const float *x, int N) {
-    mt_model_share_input(m, x, N);
-    for (int i = 0; i < n; i++) mt_linear_forward(lins[i], ys[i], x, N);
-    mt_model_share_input(m, NULL, 0);
-}
 
 /* y = x · Wᵀ through the int8 copy, with x's rows quantised once for the projections
  * that share it (mt_model_share_input); nonzero when it could not run. */
@@ -107,6 +101,59 @@ void mt_linear_backward(mt_linear *lin, float *dx, const float *dy, const float 
     mt_tensor tdx = activation(lin, dx, N, lin->in), tdy = activation(lin, dy, N, lin->out),
               tx = activation(lin, x, N, lin->in);
     lin->impl->backward(lin->impl_self, &tdx, &tdy, &tx);
+}
+
+/* Projections of one input, at most the three of q, k, v, in one call of their impl:
+ * the impl when one with `member` wraps every one of them, else NULL. */
+enum { SHARED_MAX = 3 };
+static const mt_linear_impl *shared_impl(mt_linear *const *lins, int n, size_t member) {
+    const mt_linear_impl *impl = lins[0]->impl;
+    if (n < 2 || n > SHARED_MAX || !impl || impl->size < member + sizeof(void (*)(void)))
+        return NULL;
+    for (int i = 1; i < n; i++)
+        if (lins[i]->impl != impl) return NULL;
+    return impl;
+}
+
+void mt_linears_forward_shared(mt_model *m, mt_linear *const *lins, float *const *ys, int n,
+                               const float *x, int N) {
+    mt_model_share_input(m, x, N);
+    const mt_linear_impl *impl =
+        shared_impl(lins, n, offsetof(mt_linear_impl, forward_shared));
+    if (impl && impl->forward_shared) {
+        void *selves[SHARED_MAX];
+        mt_tensor y[SHARED_MAX], *yp[SHARED_MAX];
+        for (int i = 0; i < n; i++) {
+            selves[i] = lins[i]->impl_self;
+            y[i] = activation(lins[i], ys[i], N, lins[i]->out);
+            yp[i] = &y[i];
+        }
+        mt_tensor tx = activation(lins[0], x, N, lins[0]->in);
+        impl->forward_shared(selves, n, yp, &tx);
+    } else {
+        for (int i = 0; i < n; i++) mt_linear_forward(lins[i], ys[i], x, N);
+    }
+    mt_model_share_input(m, NULL, 0);
+}
+
+void mt_linears_backward_shared(mt_linear *const *lins, float *dx, float *const *dys, int n,
+                                const float *x, int N) {
+    const mt_linear_impl *impl =
+        shared_impl(lins, n, offsetof(mt_linear_impl, backward_shared));
+    if (!impl || !impl->backward_shared) {
+        for (int i = 0; i < n; i++) mt_linear_backward(lins[i], dx, dys[i], x, N);
+        return;
+    }
+    void *selves[SHARED_MAX];
+    mt_tensor dy[SHARED_MAX];
+    const mt_tensor *dyp[SHARED_MAX];
+    for (int i = 0; i < n; i++) {
+        selves[i] = lins[i]->impl_self;
+        dy[i] = activation(lins[i], dys[i], N, lins[i]->out);
+        dyp[i] = &dy[i];
+    }
+    mt_tensor tdx = activation(lins[0], dx, N, lins[0]->in), tx = activation(lins[0], x, N, lins[0]->in);
+    impl->backward_shared(selves, n, &tdx, dyp, &tx);
 }
 
 /* Pages of a released weight go back to the system; the whole pages inside the
@@ -1203,8 +1250,8 @@ mt_status mt_model_backward(mt_model *m, mt_error *err) {
             be->ops->rmsnorm_forward(be, a->ln2, m->rstd_work, a->res_mid, ly->mlp_norm, BT, C,
                                      c->rms_norm_eps);
         be->ops->zero(be, m->d_ln, nC * sizeof(float));
-        mt_linear_backward(&ly->gate, m->d_ln, m->d_gate, a->ln2, BT);
-        mt_linear_backward(&ly->up, m->d_ln, m->d_up, a->ln2, BT);
+        mt_linears_backward_shared((mt_linear *[]){&ly->gate, &ly->up}, m->d_ln,
+                                   (float *[]){m->d_gate, m->d_up}, 2, a->ln2, BT);
         be->ops->rmsnorm_backward(be, m->d_res, ly->mlp_norm_grad, m->d_ln, a->res_mid,
                                   ly->mlp_norm, a->ln2_rstd, BT, C);
         /* d_res now holds dL/d(res_mid) = dL/d(res_in) through the residual path */
@@ -1218,9 +1265,8 @@ mt_status mt_model_backward(mt_model *m, mt_error *err) {
             be->ops->rmsnorm_forward(be, a->ln1, m->rstd_work, a->res_in, ly->attn_norm, BT, C,
                                      c->rms_norm_eps);
         be->ops->zero(be, m->d_ln, nC * sizeof(float));
-        mt_linear_backward(&ly->q, m->d_ln, m->d_q, a->ln1, BT);
-        mt_linear_backward(&ly->k, m->d_ln, m->d_k, a->ln1, BT);
-        mt_linear_backward(&ly->v, m->d_ln, m->d_v, a->ln1, BT);
+        mt_linears_backward_shared((mt_linear *[]){&ly->q, &ly->k, &ly->v}, m->d_ln,
+                                   (float *[]){m->d_q, m->d_k, m->d_v}, 3, a->ln1, BT);
         be->ops->rmsnorm_backward(be, m->d_res, ly->attn_norm_grad, m->d_ln, a->res_in,
                                   ly->attn_norm, a->ln1_rstd, BT, C);
     }

@@ -333,9 +333,14 @@ void mt_model_int8_drop(mt_model *m);
  * bracket the projections of one normed input. */
 void mt_model_share_input(mt_model *m, const float *x, int N);
 /* ys[i] = lins[i](x) for i < n, projections of one input x (N rows) through
- * mt_linear_forward, with x shared between them (mt_model_share_input). */
+ * mt_linear_forward, with x shared between them (mt_model_share_input); in one call of
+ * the adapter's forward_shared where one impl with it wraps all of them. */
 void mt_linears_forward_shared(mt_model *m, mt_linear *const *lins, float *const *ys, int n,
                                const float *x, int N);
+/* mt_linear_backward(lins[i], dx, dys[i], x, N) for every i < n; in one call of the
+ * adapter's backward_shared where one impl with it wraps all of them. */
+void mt_linears_backward_shared(mt_linear *const *lins, float *dx, float *const *dys, int n,
+                                const float *x, int N);
 /* Releases / restores the fp32 base weight memory of a projection (CPU: pages go back
  * to the system and come back zero-filled). */
 void mt_linear_release_weight(mt_linear *lin);

@@ -93,14 +93,28 @@ static const mt_option_spec lora_options[] = {
 
 typedef struct lora lora;
 
+/* Projections of one layer that read the same input (q, k, v; gate, up) and have a
+ * branch: their A (and dA) are rows of one (n·r, in) tensor, so that forward_shared and
+ * backward_shared multiply the input by all of them in one product. Every branch is in
+ * a group, the others (o, down) alone in theirs. */
+enum { LORA_GROUP_MAX = 3 };
+typedef struct lora_group {
+    mt_tensor A, dA;    /* (n·r, in): the members' A and dA stacked in the members' order */
+    int n;
+    int member[LORA_GROUP_MAX]; /* indices into lora.layers, in the model's order */
+} lora_group;
+
 typedef struct lora_layer {
     lora *lo;
     mt_linear_handle *lin;
     int index;          /* the projection's index in the model: keys init and dropout */
     int in, out;
+    int layer;          /* the decoder layer (mt_linear_info.layer) */
+    int module;         /* lora_modules index */
     int r;              /* 0: no branch (qlora's quantized projections without LoRA) */
-    mt_tensor A, B;     /* (r,in), (out,r) on the model's device */
-    mt_tensor dA, dB;   /* gradients, same shapes */
+    int group;          /* with a branch: its lora_group */
+    mt_tensor A, B;     /* (r,in), (out,r) on the model's device; A a view into the group's */
+    mt_tensor dA, dB;   /* gradients, same shapes; dA a view into the group's */
     uint64_t pass;      /* forward calls with the branch active: selects the dropout mask */
     void *base;         /* qlora: the quantized base weight */
     mt_tensor bias;     /* qlora: the base bias (out), data NULL when none */
@@ -121,10 +135,13 @@ struct lora {
     mt_device device;   /* the model's */
     lora_layer *layers;
     int n_layers;
+    lora_group *groups;
+    int n_groups;
+    int group_max;      /* members of the largest group */
     int64_t n_trainable;
     /* scratch shared by every layer, allocated in attach on the model's device */
     mt_tensor xd;       /* (tile, in_max) dropout(x); data NULL without dropout */
-    mt_tensor u, g;     /* (tile, r) */
+    mt_tensor u, g;     /* tile·group_max·r floats: (tile, r), or a group's (n·r, tile) */
     int64_t *pass_state; /* (n_layers) host copy of the passes, for state_get */
     /* hooks: the base computation, and what attach does to every projection. lora
      * leaves prepare NULL (only targeted projections are wrapped) and calls the host's
@@ -236,10 +253,96 @@ static void lora_backward(void *self, mt_tensor *dx, const mt_tensor *dy, const 
     }
 }
 
+/* Which projections read the same input: 1 the attention's (q, k, v), 2 the MLP's
+ * (gate, up), 0 neither. */
+static int lora_input_class(int module) {
+    return module <= 2 ? 1 : module == 4 || module == 5 ? 2 : 0;
+}
+
+/* The group whose members are exactly the branches among selves, in their order, when
+ * one product can serve them all; else NULL (then each projection runs alone). Not with
+ * dropout in training: each projection draws its own mask, so their inputs differ. */
+static lora_group *lora_shared_group(void *const *selves, int n) {
+    const lora_layer *L0 = selves[0];
+    const lora *lo = L0->lo;
+    if (lora_drops(lo)) return NULL;
+    lora_group *G = NULL;
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        const lora_layer *L = selves[i];
+        if (L->lo != lo) return NULL; /* another instance of this plugin */
+        if (!lora_branch_active(L)) continue;
+        if (!G) G = &lo->groups[L->group];
+        if (k >= G->n || &lo->layers[G->member[k]] != L) return NULL;
+        k++;
+    }
+    return G && k == G->n && k > 1 ? G : NULL;
+}
+
+/* forward of each projection, with the branches' u = x Aᵀ as one product:
+ * uᵀ (n·r, N) = A_G xᵀ, whose rows k·r .. k·r + r-1 are member k's uᵀ. */
+static void lora_forward_shared(void *const *selves, int n, mt_tensor *const *ys,
+                                const mt_tensor *x) {
+    const lora_group *G = lora_shared_group(selves, n);
+    if (!G) {
+        for (int i = 0; i < n; i++) lora_forward(selves[i], ys[i], x);
+        return;
+    }
+    lora *lo = ((lora_layer *)selves[0])->lo;
+    for (int i = 0; i < n; i++) lo->base_forward(selves[i], ys[i], x);
+    const int64_t N = x->shape[0], r = lo->r;
+    for (int64_t n0 = 0; n0 < N; n0 += lo->tile) {
+        const int64_t nt = N - n0 < lo->tile ? N - n0 : lo->tile;
+        mt_tensor xt = mt_tensor_rows(x, n0, nt), ut = mt_tensor_2d(&lo->u, G->n * r, nt);
+        host->matmul(&ut, &G->A, &xt, 0, 1, 1.0f, 0.0f); /* uᵀ (n·r,nt) = A_G xtᵀ */
+        for (int i = 0, k = 0; i < n; i++) {
+            lora_layer *L = selves[i];
+            if (!lora_branch_active(L)) continue;
+            mt_tensor uk = mt_tensor_rows(&ut, k++ * r, r), yt = mt_tensor_rows(ys[i], n0, nt);
+            host->matmul(&yt, &uk, &L->B, 1, 1, lo->scaling, 1.0f); /* y += s u Bᵀ */
+        }
+    }
+}
+
+/* backward of each projection: the bases' terms of dx, then the branches' with u
+ * recomputed for all members in one product, dA_G += s gᵀ x as one and dx += s g A_G
+ * as one (g (N, n·r): the members' g side by side, held as gᵀ). */
+static void lora_backward_shared(void *const *selves, int n, mt_tensor *dx,
+                                 const mt_tensor *const *dys, const mt_tensor *x) {
+    lora_group *G = lora_shared_group(selves, n);
+    if (!G) {
+        for (int i = 0; i < n; i++) lora_backward(selves[i], dx, dys[i], x);
+        return;
+    }
+    lora *lo = ((lora_layer *)selves[0])->lo;
+    for (int i = 0; i < n; i++) lo->base_backward(selves[i], dx, dys[i], x);
+    const int64_t N = x->shape[0], r = lo->r;
+    const float s = lo->scaling;
+    for (int64_t n0 = 0; n0 < N; n0 += lo->tile) {
+        const int64_t nt = N - n0 < lo->tile ? N - n0 : lo->tile;
+        mt_tensor xt = mt_tensor_rows(x, n0, nt), dxt = mt_tensor_rows(dx, n0, nt);
+        mt_tensor ut = mt_tensor_2d(&lo->u, G->n * r, nt), gt = mt_tensor_2d(&lo->g, G->n * r, nt);
+        host->matmul(&ut, &G->A, &xt, 0, 1, 1.0f, 0.0f); /* uᵀ (n·r,nt) = A_G xtᵀ */
+        for (int i = 0, k = 0; i < n; i++) {
+            lora_layer *L = selves[i];
+            if (!lora_branch_active(L)) continue;
+            mt_tensor uk = mt_tensor_rows(&ut, k * r, r), gk = mt_tensor_rows(&gt, k * r, r);
+            k++;
+            mt_tensor dyt = mt_tensor_rows(dys[i], n0, nt);
+            host->matmul(&gk, &L->B, &dyt, 1, 1, 1.0f, 0.0f); /* gᵀ (r,nt) = Bᵀ dytᵀ */
+            host->matmul(&L->dB, &dyt, &uk, 1, 1, s, 1.0f);   /* dB += s dyᵀ u */
+        }
+        host->matmul(&G->dA, &gt, &xt, 0, 0, s, 1.0f);  /* dA_G += s gᵀ xt */
+        host->matmul(&dxt, &gt, &G->A, 1, 0, s, 1.0f);  /* dx += s g A_G */
+    }
+}
+
 static const mt_linear_impl lora_impl = {
     MT_VTABLE_SIZE(mt_linear_impl),
     .forward = lora_forward,
     .backward = lora_backward,
+    .forward_shared = lora_forward_shared,
+    .backward_shared = lora_backward_shared,
 };
 
 /* ---- create / destroy ---- */
@@ -248,13 +351,15 @@ static void lora_destroy(void *state) {
     lora *lo = state;
     if (!lo) return;
     if (lo->free_extra) lo->free_extra(lo);
-    for (int i = 0; i < lo->n_layers; i++) {
-        lora_layer *L = &lo->layers[i];
-        host->tensor_free(&L->A);
-        host->tensor_free(&L->B);
-        host->tensor_free(&L->dA);
-        host->tensor_free(&L->dB);
+    for (int i = 0; i < lo->n_layers; i++) { /* A and dA are views into their group's */
+        host->tensor_free(&lo->layers[i].B);
+        host->tensor_free(&lo->layers[i].dB);
     }
+    for (int i = 0; i < lo->n_groups; i++) {
+        host->tensor_free(&lo->groups[i].A);
+        host->tensor_free(&lo->groups[i].dA);
+    }
+    host->free(lo->groups);
     host->tensor_free(&lo->xd);
     host->tensor_free(&lo->u);
     host->tensor_free(&lo->g);
@@ -318,15 +423,47 @@ static mt_status lora_tensor(const lora *lo, mt_dtype dtype, int64_t rows, int64
     return host->tensor_alloc(lo->device, dtype, 2, shape, t, err);
 }
 
-/* A, B, their gradients and their registration for one targeted projection. */
+/* Every branch into a group: it joins the open group when it reads the same input as
+ * its members (same layer, same input class, same width) and the group has room. Then
+ * each group's A and dA, and its members' views into them. */
+static mt_status lora_make_groups(lora *lo, mt_error *err) {
+    lo->groups = host->alloc((size_t)(lo->n_layers > 0 ? lo->n_layers : 1) * sizeof *lo->groups);
+    if (!lo->groups) return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
+    lora_group *open = NULL;
+    for (int i = 0; i < lo->n_layers; i++) {
+        lora_layer *L = &lo->layers[i];
+        if (!L->r) continue;
+        const lora_layer *last = open ? &lo->layers[open->member[open->n - 1]] : NULL;
+        if (!last || open->n == LORA_GROUP_MAX || last->layer != L->layer ||
+            !lora_input_class(L->module) ||
+            lora_input_class(last->module) != lora_input_class(L->module) || last->in != L->in)
+            open = &lo->groups[lo->n_groups++];
+        L->group = (int)(open - lo->groups);
+        open->member[open->n++] = i;
+        if (open->n > lo->group_max) lo->group_max = open->n;
+    }
+    for (int gi = 0; gi < lo->n_groups; gi++) {
+        lora_group *G = &lo->groups[gi];
+        const int in = lo->layers[G->member[0]].in;
+        mt_status st = lora_tensor(lo, MT_F32, (int64_t)G->n * lo->r, in, &G->A, err);
+        if (!st) st = lora_tensor(lo, MT_F32, (int64_t)G->n * lo->r, in, &G->dA, err);
+        if (st) return st;
+        for (int k = 0; k < G->n; k++) {
+            lora_layer *L = &lo->layers[G->member[k]];
+            L->A = mt_tensor_rows(&G->A, (int64_t)k * lo->r, lo->r);
+            L->dA = mt_tensor_rows(&G->dA, (int64_t)k * lo->r, lo->r);
+        }
+    }
+    return MT_OK;
+}
+
+/* B, its gradient, A's initial values and the registration of one targeted projection
+ * (its A and dA are its group's rows: lora_make_groups). */
 static mt_status lora_add_branch(lora *lo, mt_model_handle *model, lora_layer *L,
                                  const char *name, mt_error *err) {
     const int r = lo->r, in = L->in, out = L->out;
     const size_t na = (size_t)r * in, nb = (size_t)out * r;
-    L->r = r;
-    mt_status st = lora_tensor(lo, MT_F32, r, in, &L->A, err);
-    if (!st) st = lora_tensor(lo, MT_F32, out, r, &L->B, err); /* B stays zero */
-    if (!st) st = lora_tensor(lo, MT_F32, r, in, &L->dA, err);
+    mt_status st = lora_tensor(lo, MT_F32, out, r, &L->B, err); /* B stays zero */
     if (!st) st = lora_tensor(lo, MT_F32, out, r, &L->dB, err);
     if (st) return st;
     /* PEFT: kaiming_uniform_(A, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(in),
@@ -357,12 +494,13 @@ static mt_status lora_add_branch(lora *lo, mt_model_handle *model, lora_layer *L
     return st;
 }
 
-/* The branch's scratch for projections of at most in_max inputs: u and g, and xd with
- * dropout. */
+/* The branch's scratch for projections of at most in_max inputs: u and g (for a tile
+ * of one projection, or of the largest group), and xd with dropout. */
 static mt_status lora_alloc_scratch(lora *lo, int in_max, mt_error *err) {
     lo->tile = lo->dropout > 0 ? LORA_DROPOUT_TILE : LORA_TILE;
-    mt_status st = lora_tensor(lo, MT_F32, lo->tile, lo->r, &lo->u, err);
-    if (!st) st = lora_tensor(lo, MT_F32, lo->tile, lo->r, &lo->g, err);
+    const int64_t cols = (int64_t)(lo->group_max > 1 ? lo->group_max : 1) * lo->r;
+    mt_status st = lora_tensor(lo, MT_F32, lo->tile, cols, &lo->u, err);
+    if (!st) st = lora_tensor(lo, MT_F32, lo->tile, cols, &lo->g, err);
     if (!st && lo->dropout > 0) st = lora_tensor(lo, MT_F32, lo->tile, in_max, &lo->xd, err);
     return st;
 }
@@ -379,8 +517,9 @@ static mt_status lora_attach(void *state, mt_model_handle *model, mt_error *err)
     if (!lo->layers || !lo->pass_state)
         return host->error(err, MT_ERR_NOMEM, "%s: out of memory", lo->plugin);
     int in_max = 0, n_branches = 0;
-    mt_status st = MT_OK;
-    for (int i = 0; !st && i < n_linear; i++) {
+    /* the wrapped projections and which get a branch, then the groups, then each
+     * projection's branch, preparation and wrapper in the model's order */
+    for (int i = 0; i < n_linear; i++) {
         mt_linear_handle *lin = host->model_linear(model, i);
         mt_linear_info info = {.size = sizeof info};
         host->linear_info(lin, &info);
@@ -394,18 +533,25 @@ static mt_status lora_attach(void *state, mt_model_handle *model, mt_error *err)
         L->index = i;
         L->in = info.in;
         L->out = info.out;
-        if (targeted) {
-            if ((st = lora_add_branch(lo, model, L, info.name, err))) break;
-            if (info.in > in_max) in_max = info.in;
-            n_branches++;
-        }
-        if (lo->prepare && (st = lo->prepare(lo, L, &info, err))) break;
-        st = host->linear_wrap(lin, &lora_impl, L, err);
+        L->layer = info.layer;
+        L->module = m;
+        L->r = targeted ? lo->r : 0;
+        if (targeted && info.in > in_max) in_max = info.in;
+        n_branches += targeted;
     }
-    if (st) return st;
     if (!n_branches)
         return host->error(err, MT_ERR_INVALID_ARG,
                            "%s: the model has no projection named in target_modules", lo->plugin);
+    mt_status st = lora_make_groups(lo, err);
+    for (int i = 0; !st && i < lo->n_layers; i++) {
+        lora_layer *L = &lo->layers[i];
+        mt_linear_info info = {.size = sizeof info};
+        host->linear_info(L->lin, &info);
+        if (L->r && (st = lora_add_branch(lo, model, L, info.name, err))) break;
+        if (lo->prepare && (st = lo->prepare(lo, L, &info, err))) break;
+        st = host->linear_wrap(L->lin, &lora_impl, L, err);
+    }
+    if (st) return st;
     if ((st = lora_alloc_scratch(lo, in_max, err))) return st;
     if (lo->alloc_extra && (st = lo->alloc_extra(lo, err))) return st;
     host->log(MT_LOG_INFO, lo->plugin,

@@ -13,7 +13,12 @@
  *   first one would have drawn next (what a resumed run relies on);
  * - qlora equals lora on the dequantized weights (logits within 1e-5, gradients 1e-4),
  *   on tiny_gqa and on tiny_bias (q/k/v biases, untied lm_head); merge / unmerge;
- *   the bytes per parameter of the quantized storage, measured and printed.
+ *   the bytes per parameter of the quantized storage, measured and printed;
+ * - projections of one input in one call (forward_shared, backward_shared: LoRA's
+ *   down-projections of q, k, v and of gate, up as one product) against the same
+ *   adapter with each projection alone: logits and gradients within 1e-5, for lora,
+ *   qlora, a group with a projection between its members (qlora's k without a branch),
+ *   and with dropout, whose masks differ per projection: the same bits in training.
  *
  * White-box (qlora.c is included here, so its static functions are reachable):
  * - NF4 with double quantization against bitsandbytes (tests/fixtures/nf4, made by
@@ -678,6 +683,125 @@ static void test_qlora_vs_lora(void **state) {
     mt_st_close(bias_ref);
 }
 
+/* ---- projections of one input in one call (forward_shared, backward_shared) ---- */
+
+/* The adapter's own impl with the shared calls counted, and one without them (the
+ * host then runs each projection alone): the same adapter both ways. */
+static const mt_linear_impl *shared_impl_orig;
+static int shared_forwards, shared_backwards;
+
+static void counted_forward_shared(void *const *selves, int n, mt_tensor *const *ys,
+                                   const mt_tensor *x) {
+    shared_forwards++;
+    shared_impl_orig->forward_shared(selves, n, ys, x);
+}
+
+static void counted_backward_shared(void *const *selves, int n, mt_tensor *dx,
+                                    const mt_tensor *const *dys, const mt_tensor *x) {
+    shared_backwards++;
+    shared_impl_orig->backward_shared(selves, n, dx, dys, x);
+}
+
+static void rewrap(mt_model *m, const mt_linear_impl *impl) {
+    mt_model_handle *h = (mt_model_handle *)m;
+    for (int i = 0; i < mt_host_table()->model_linear_count(h); i++) {
+        mt_linear *lin = (mt_linear *)mt_host_table()->model_linear(h, i);
+        if (lin->impl) lin->impl = impl;
+    }
+}
+
+/* plugin with target_modules (and dropout) on tiny_gqa, in training or evaluation: the
+ * shared calls against each projection alone, logits and every LoRA gradient; with
+ * dropout in training each projection draws its own mask, so the shared calls must
+ * fall back to the projections alone and give their bits. */
+static void shared_vs_alone(const char *plugin, const char *targets, const char *more_targets,
+                            double dropout, int training, const mt_safetensors *batch,
+                            int expect_calls) {
+    const char *list[] = {targets, more_targets};
+    mt_kv kv[] = {{.key = "r", .type = MT_KV_NUMBER, .number = 3},
+                  {.key = "alpha", .type = MT_KV_NUMBER, .number = 5},
+                  {.key = "dropout", .type = MT_KV_NUMBER, .number = dropout},
+                  {.key = "seed", .type = MT_KV_NUMBER, .number = 7},
+                  {.key = "target_modules", .type = MT_KV_LIST, .list = list, .list_len = more_targets ? 2 : 1}};
+    run a, b;
+    run_open(&a, GQA_DIR, plugin, kv, 5, batch);
+    run_open(&b, GQA_DIR, plugin, kv, 5, batch);
+    fill_random_b(&a, 31);
+    copy_adapter_values(&a, &b);
+    a.vt->set_training(a.inst->state, training);
+    b.vt->set_training(b.inst->state, training);
+    shared_impl_orig = ((mt_linear *)linear_named(a.model, "model.layers.0.self_attn.v_proj"))->impl;
+    assert_non_null(shared_impl_orig->forward_shared);
+    assert_non_null(shared_impl_orig->backward_shared);
+    mt_linear_impl counted = *shared_impl_orig, alone = *shared_impl_orig;
+    counted.forward_shared = counted_forward_shared;
+    counted.backward_shared = counted_backward_shared;
+    alone.forward_shared = NULL;
+    alone.backward_shared = NULL;
+    rewrap(a.model, &counted);
+    rewrap(b.model, &alone);
+    shared_forwards = shared_backwards = 0;
+    float loss_a, loss_b;
+    float *la = run_step(&a, 1, &loss_a), *lb = run_step(&b, 1, &loss_b);
+    printf("%s %s%s%s, dropout %g, %s: %d shared forwards, %d shared backwards\n", plugin,
+           targets, more_targets ? "," : "", more_targets ? more_targets : "", dropout, training ? "training" : "evaluation", shared_forwards, shared_backwards);
+    assert_int_equal(shared_forwards, expect_calls);
+    assert_int_equal(shared_backwards, expect_calls);
+    const int exact = dropout > 0 && training;
+    /* white-box (this file's copy of the plugin's code on the plugin's state): layer 0's
+     * q, k, v as the host hands them make one group unless dropout draws in training */
+    lora *lo = a.inst->state;
+    void *qkv[3];
+    int n_qkv = 0;
+    for (int i = 0; i < lo->n_layers && n_qkv < 3; i++)
+        if (lo->layers[i].layer == 0 && lora_input_class(lo->layers[i].module) == 1)
+            qkv[n_qkv++] = &lo->layers[i];
+    assert_int_equal(n_qkv, 3);
+    assert_int_equal(lora_shared_group(qkv, 3) != NULL, !exact);
+    double worst = mt_test_rel_err(la, lb, logits_size(&a));
+    size_t na, nb;
+    mt_param_view *va = adapter_params(&a, &na), *vb = adapter_params(&b, &nb);
+    assert_int_equal(na, nb);
+    for (size_t i = 0; i < na; i++) {
+        mt_param_view *w = find_view(vb, nb, va[i].name);
+        assert_non_null(w);
+        float *ga = to_host(&va[i].grad), *gb = to_host(&w->grad);
+        const size_t numel = (size_t)mt_tensor_numel(&w->grad);
+        double e = mt_test_rel_err(ga, gb, numel), norm = 0;
+        for (size_t j = 0; j < numel; j++) norm += (double)gb[j] * gb[j];
+        assert_true(norm > 0); /* every branch gets a gradient */
+        if (e > worst) worst = e;
+        if (exact) assert_memory_equal(ga, gb, numel * sizeof(float));
+        free(ga);
+        free(gb);
+    }
+    printf("  logits and %zu LoRA gradients: worst rel err %.3g%s\n", na, worst,
+           exact ? " (the same bits)" : "");
+    if (exact) assert_memory_equal(la, lb, logits_size(&a) * sizeof(float));
+    if (!(worst <= 1e-5)) fail_msg("shared against alone: rel err %.3g", worst);
+    free(va);
+    free(vb);
+    free(la);
+    free(lb);
+    run_close(&a);
+    run_close(&b);
+}
+
+static void test_shared_input(void **state) {
+    (void)state;
+    mt_error err = {0};
+    mt_safetensors *batch = NULL;
+    if (mt_st_open(LORA_REF, &batch, &err)) fail_msg("%s", err.msg);
+    /* tiny_gqa has 2 layers: q, k, v and gate, up in each, so 4 shared calls a pass */
+    shared_vs_alone("lora", "all-linear", NULL, 0, 1, batch, 4);
+    shared_vs_alone("qlora", "all-linear", NULL, 0, 1, batch, 4);
+    /* qlora wraps k and the MLP without a branch: q and v still share their product */
+    shared_vs_alone("qlora", "q_proj", "v_proj", 0, 1, batch, 4);
+    shared_vs_alone("lora", "all-linear", NULL, 0.3, 0, batch, 4);
+    shared_vs_alone("lora", "all-linear", NULL, 0.3, 1, batch, 4);
+    mt_st_close(batch);
+}
+
 /* ---- NF4 against bitsandbytes (white-box) ---- */
 
 static uint32_t f32_bits(float f) {
@@ -1018,6 +1142,7 @@ int main(void) {
         cmocka_unit_test(test_lora_dropout_gradients),
         cmocka_unit_test(test_lora_dropout_state),
         cmocka_unit_test(test_qlora_vs_lora),
+        cmocka_unit_test(test_shared_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

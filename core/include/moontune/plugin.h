@@ -213,6 +213,17 @@ typedef struct mt_linear_impl {
     /* dx (N,in) += df/dx · dy (N,out); accumulate the adapter's own parameter gradients.
      * x is the input of the latest forward of this projection. */
     void (*backward)(void *self, mt_tensor *dx, const mt_tensor *dy, const mt_tensor *x);
+    /* ABI 2, optional (read only when size covers them; NULL: the host calls forward and
+     * backward of each): the projections of one layer that read the same input (q, k, v;
+     * gate, up) in one call, when this impl wraps every one of them, so that an adapter
+     * can multiply that input once for all of them (LoRA's down-projections). selves[i]
+     * is projection i's self, in the model's order (q, k, v; gate, up). forward_shared
+     * gives ys[i] = forward(selves[i], x) for every i; backward_shared what
+     * backward(selves[i], dx, dys[i], x) for every i gives, the terms of dx summed in
+     * an order of its choosing (so not always to the same bits). */
+    void (*forward_shared)(void *const *selves, int n, mt_tensor *const *ys, const mt_tensor *x);
+    void (*backward_shared)(void *const *selves, int n, mt_tensor *dx, const mt_tensor *const *dys,
+                            const mt_tensor *x);
 } mt_linear_impl;
 
 /* An adapter directory being written (save) or read (import_options, load): a PEFT
