@@ -43,7 +43,6 @@ void mt_model_share_input(mt_model *m, const float *x, int N) {
     m->shared_rows = N;
 }
 
-
 /* y = x · Wᵀ through the int8 copy, with x's rows quantised once for the projections
  * that share it (mt_model_share_input); nonzero when it could not run. */
 static int base_forward_int8(mt_linear *lin, float *y, const float *x, int N) {
