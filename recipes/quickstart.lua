@@ -30,6 +30,10 @@
 --   eval_every, patience   held-out loss every N steps; early stopping after
 --                  `patience` evaluations without improvement (0 = never)
 --   gen_batch, max_new_tokens   sequences generated together, answer length cap
+--   stop_on_mismatch   a held-out answer ends as soon as it can no longer equal its
+--                  reference exactly: the same accuracy without generating the rest of
+--                  wrong answers (the printed samples run to their end; false: every
+--                  answer to its end; docs/speed.md)
 --   gen_int8       generate with int8 weight products where the CPU has them (false:
 --                  fp32 throughout; docs/speed.md)
 --   recompute      what backward recomputes instead of keeping: "norms" (the norms'
@@ -68,6 +72,7 @@ local cfg = mt.config({
   patience = 2,
   gen_batch = 32,
   max_new_tokens = 64,
+  stop_on_mismatch = true,
   gen_int8 = true,
   train_int8 = "forward",
   eval_int8 = true,
@@ -111,13 +116,17 @@ local function measure(label, heldout_loss)
   local t = mt.now()
   heldout_loss = heldout_loss or mt.evaluate(model, heldout, { int8 = eval_int8 }).loss
   local gen = mt.evaluate(model, general, { int8 = eval_int8 })
+  -- the samples and the first answer (the exported GGUF's check) run to their end
   local task = tasks.evaluate(mt, model, tok, items, { max_new_tokens = cfg.max_new_tokens,
-                                                      batch = cfg.gen_batch, int8 = cfg.gen_int8 })
+                                                      batch = cfg.gen_batch, int8 = cfg.gen_int8,
+                                                      stop_on_mismatch = cfg.stop_on_mismatch,
+                                                      full_answers = math.max(cfg.samples, 1) })
   print(string.format("%s: held-out loss %.4f, task accuracy %.1f%% (%d/%d exact), " ..
-                      "general perplexity %.3f  [%.0f s; losses %s; generation %.0f tokens/s, %s]",
+                      "general perplexity %.3f  [%.0f s; losses %s; generation %.0f tokens/s, %s%s]",
                       label, heldout_loss, 100 * task.accuracy, task.correct, task.n,
                       gen.perplexity, mt.now() - t, gen.int8 > 0 and "int8 forward" or "fp32",
-                      task.tokens_per_second, task.int8 > 0 and "int8 weights" or "fp32"))
+                      task.tokens_per_second, task.int8 > 0 and "int8 weights" or "fp32",
+                      task.cut > 0 and string.format(", %d wrong answers ended at their first wrong character", task.cut) or ""))
   for i = 1, math.min(cfg.samples, #items) do
     print(string.format("  [%s] %s\n    -> %s", task.passed[i] and "ok" or "wrong",
                         items[i].prompt, task.outputs[i]))

@@ -165,7 +165,8 @@ static int run(const gen_args *a) {
     if (ses->be.device == MT_DEVICE_CPU) fprintf(stderr, " (%d threads)", ses->be.num_threads);
     fputc('\n', stderr);
     if ((st = mt_generate(m, tok, ids.ids, (int)ids.n, &opt, &gen, &err))) goto done;
-    static const char *const reasons[] = {"length", "eos", "stop string", "callback", "context"};
+    static const char *const reasons[MT_STOP_REASONS] = {"length",   "eos",     "stop string",
+                                                         "callback", "context", "mismatch"};
     printf("\n");
     fflush(stdout);
     fprintf(stderr,

@@ -89,12 +89,13 @@ static void set_id_list(lua_State *L, const char *key, const int32_t *ids, int n
  * holds the token ids (prompt_ids, ids) and each generated id's log-probability
  * (logps), for reinforcement learning. */
 static void push_generation(lua_State *L, const mt_generation *g, const int32_t *prompt_ids) {
-    static const char *const reasons[] = {"length", "eos", "stop_string", "callback", "context"};
+    static const char *const reasons[MT_STOP_REASONS] = {"length", "eos", "stop_string", "callback",
+                                                         "context", "mismatch"};
     lua_pushlstring(L, g->text ? g->text : "", g->text ? g->text_len : 0);
     lua_createtable(L, 0, prompt_ids ? 9 : 6);
     bind_set_int(L, "prompt_tokens", g->n_prompt);
     bind_set_int(L, "new_tokens", g->n_ids);
-    bind_set_str(L, "reason", (unsigned)g->reason < 5 ? reasons[g->reason] : "?");
+    bind_set_str(L, "reason", (unsigned)g->reason < MT_STOP_REASONS ? reasons[g->reason] : "?");
     bind_set_num(L, "prefill_seconds", g->prefill_seconds);
     bind_set_num(L, "decode_seconds", g->decode_seconds);
     bind_set_int(L, "int8", g->int8);
@@ -110,11 +111,14 @@ static void push_generation(lua_State *L, const mt_generation *g, const int32_t 
 }
 
 /* mt.generate(model, tok, prompt, {template=, system=, max_new_tokens=, temperature=,
- * top_k=, top_p=, seed=, stop={...}, batch=, ids=, int8=}) -> text, info
+ * top_k=, top_p=, seed=, stop={...}, batch=, ids=, int8=, expect=}) -> text, info
  * int8 (default true, false with ids = true): the projections in int8 where the CPU can
  * (mt_kv_decoder_use_int8); info.int8 says how many were.
+ * expect: the text the answer must stay able to equal, surrounding whitespace aside; it
+ * ends (info.reason "mismatch") as soon as it cannot (mt_generate_options.expect).
  * mt.generate(model, tok, {prompt, ...}, opts) -> {text, ...}, {info, ...}: decoded
- * together, opts.batch (default 16) sequences at a time; prompt i samples with seed + i - 1. */
+ * together, opts.batch (default 16) sequences at a time; prompt i samples with seed + i - 1;
+ * expect is then a list with an entry per prompt, a string or false (no expectation). */
 static int l_generate(lua_State *L) {
     lmodel *u = bind_check_model(L, 1);
     ltok *t = bind_check_tok(L, 2);
@@ -152,6 +156,14 @@ static int l_generate(lua_State *L) {
     } /* the stop table stays on the stack */
     go.stop_strings = stops;
     go.n_stop_strings = n_stops;
+    /* expect: held by the options table while the call runs */
+    const int expect_type = bind_opt_field(L, 4, "expect");
+    const int expect_at = lua_gettop(L);
+    if (expect_type != LUA_TNIL && expect_type != (many ? LUA_TTABLE : LUA_TSTRING))
+        return luaL_error(L, "option 'expect': expected %s, found %s",
+                          many ? "a list with an entry per prompt" : "a string",
+                          luaL_typename(L, expect_at));
+    const char *expect_one = expect_type == LUA_TSTRING ? lua_tostring(L, expect_at) : NULL;
     const int fn = generate_template(L, t, 4, system);
     int32_t stop_ids[MT_CHAT_STOP_IDS_MAX];
     int n_stop_ids = mt_chat_stop_ids(t->tok, stop_ids);
@@ -161,6 +173,7 @@ static int l_generate(lua_State *L) {
     if (!many) {
         int n_prompt = 0;
         int32_t *prompt_ids = generate_prompt_ids(L, t, fn, system, 3, &n_prompt);
+        go.expect = expect_one ? &expect_one : NULL;
         mt_generation g;
         memset(&g, 0, sizeof g);
         if (mt_generate(u->m, t->tok, prompt_ids, n_prompt, &go, &g, &err)) {
@@ -187,6 +200,20 @@ static int l_generate(lua_State *L) {
                               i + 1, n_prompt[i], max_pos);
         lua_rawseti(L, anchor, i + 1); /* the ids */
         lua_pop(L, 1);                 /* the prompt */
+    }
+    if (expect_type == LUA_TTABLE) {
+        if ((int)lua_rawlen(L, expect_at) != n)
+            return luaL_error(L, "option 'expect': %d entries for %d prompts", (int)lua_rawlen(L, expect_at), n);
+        const char **expect = bind_scratch(L, (size_t)n * sizeof *expect);
+        for (int i = 0; i < n; i++) {
+            const int et = lua_rawgeti(L, expect_at, i + 1);
+            if (et != LUA_TSTRING && !(et == LUA_TBOOLEAN && !lua_toboolean(L, -1)))
+                return luaL_error(L, "option 'expect': entry %d: expected a string or false, found %s",
+                                  i + 1, luaL_typename(L, -1));
+            expect[i] = et == LUA_TSTRING ? lua_tostring(L, -1) : NULL; /* held by the list */
+            lua_pop(L, 1);
+        }
+        go.expect = expect;
     }
     if (n > 0 && mt_generate_batch(u->m, t->tok, prompts, n_prompt, n, (int)slots, &go, out, &err))
         return bind_raise(L, &err);

@@ -687,7 +687,8 @@ typedef struct gen_seq {
     char *text;       /* the decoded text so far (NULL before the first token) */
     size_t text_len;
     size_t emitted;   /* bytes of text handed to on_text */
-    int finished;     /* a stop id, a stop string or the callback ended it */
+    int finished;     /* a stop id, a stop string, the callback or a mismatch ended it */
+    const char *expect; /* the text it must stay able to equal, or NULL (opt.expect) */
 } gen_seq;
 
 static mt_status seq_start(gen_seq *s, const mt_tokenizer *tok, const mt_generate_options *opt,
@@ -765,7 +766,31 @@ static mt_status seq_take(gen_seq *s, float *logits, int V, void *work, mt_error
         s->finished = 1;
     }
     if (settled > s->emitted) s->emitted = settled;
+    if (!s->finished && s->expect && !mt_text_may_equal(s->text, settled, s->expect)) {
+        out->reason = MT_STOP_MISMATCH;
+        s->finished = 1;
+    }
     return MT_OK;
+}
+
+/* Lua's %s in the C locale, without the locale. */
+static int is_space(char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
+}
+
+int mt_text_may_equal(const char *text, size_t len, const char *expected) {
+    size_t start = 0;
+    while (start < len && is_space(text[start])) start++;
+    if (start == len) return 1; /* nothing but whitespace yet */
+    while (*expected && is_space(*expected)) expected++;
+    size_t want = strlen(expected);
+    while (want > 0 && is_space(expected[want - 1])) want--;
+    const size_t have = len - start;
+    if (have <= want) return !memcmp(text + start, expected, have);
+    if (memcmp(text + start, expected, want)) return 0;
+    for (size_t i = start + want; i < len; i++)
+        if (!is_space(text[i])) return 0;
+    return 1;
 }
 
 /* The sequence has ended: the rest of the text goes to the callback and the text to out. */
@@ -785,9 +810,11 @@ static mt_status seq_finish(gen_seq *s, mt_error *err) {
 }
 
 /* The checks mt_generate and mt_generate_batch share. */
-static mt_status check_request(const mt_model *m, int n_prompt, const mt_generate_options *opt,
-                               mt_error *err) {
+static mt_status check_request(const mt_model *m, const mt_tokenizer *tok, int n_prompt,
+                               const mt_generate_options *opt, mt_error *err) {
     const int max_pos = m->cfg.max_position_embeddings;
+    if (opt->expect && !tok)
+        return mt_error_set(err, MT_ERR_INVALID_ARG, "expected texts need a tokenizer (the text)");
     if (n_prompt <= 0) return mt_error_set(err, MT_ERR_INVALID_ARG, "an empty prompt");
     if (opt->max_new_tokens < 0)
         return mt_error_set(err, MT_ERR_INVALID_ARG, "max_new_tokens is %d", opt->max_new_tokens);
@@ -823,7 +850,7 @@ mt_status mt_generate(mt_model *m, const mt_tokenizer *tok, const int32_t *promp
                       const mt_generate_options *opt, mt_generation *out, mt_error *err) {
     memset(out, 0, sizeof *out);
     const int V = m->cfg.vocab_size;
-    mt_status st = check_request(m, n_prompt, opt, err);
+    mt_status st = check_request(m, tok, n_prompt, opt, err);
     if (st) return st;
     const int capacity = cache_positions(m, n_prompt, opt);
     mt_kv_decoder *d = NULL;
@@ -833,6 +860,7 @@ mt_status mt_generate(mt_model *m, const mt_tokenizer *tok, const int32_t *promp
     float *logits = mt_malloc((size_t)V * sizeof(float), "logits", err);
     void *work = mt_malloc(mt_sample_work_bytes(V), "sampling buffer", err);
     st = seq_start(&s, tok, opt, opt->sampling.seed, n_prompt, out, err);
+    s.expect = opt->expect ? opt->expect[0] : NULL;
     if (!st && (!logits || !work)) st = MT_ERR_NOMEM;
     if (st) goto done;
     double t0 = mt_now_seconds();
@@ -899,6 +927,7 @@ static mt_status batch_fill(gen_batch *b, mt_error *err) {
         mt_status st = seq_start(&b->seq[i], b->tok, b->opt, b->opt->sampling.seed + (uint64_t)i,
                                  b->n_prompt[i], b->seq[i].out, err);
         if (st) return st;
+        b->seq[i].expect = b->opt->expect ? b->opt->expect[i] : NULL;
         if (b->prefix) { /* the shared prefix's keys and values, run once */
             if ((st = mt_kv_decoder_copy(b->d, s, b->slots, b->prefix, err))) return st;
             b->seq[i].out->prefill_seconds = b->prefix_seconds;
@@ -1043,7 +1072,7 @@ mt_status mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const int32_t 
     const int V = m->cfg.vocab_size;
     int longest = 0;
     for (int i = 0; i < n; i++) {
-        mt_status st = check_request(m, n_prompt[i], opt, err);
+        mt_status st = check_request(m, tok, n_prompt[i], opt, err);
         if (!st && !prompts[i]) st = mt_error_set(err, MT_ERR_INVALID_ARG, "no ids");
         for (int t = 0; !st && t < n_prompt[i]; t++)
             if (prompts[i][t] < 0 || prompts[i][t] >= V)

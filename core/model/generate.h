@@ -102,6 +102,8 @@ typedef enum mt_stop_reason {
     MT_STOP_STRING,     /* the text reached a stop string */
     MT_STOP_CALLBACK,   /* the callback asked to stop */
     MT_STOP_CONTEXT,    /* the model's context length was reached */
+    MT_STOP_MISMATCH,   /* the text can no longer equal its expected text (opt.expect) */
+    MT_STOP_REASONS     /* how many reasons there are */
 } mt_stop_reason;
 
 /* Called with each new piece of text as it becomes final: whole UTF-8 characters,
@@ -121,6 +123,12 @@ typedef struct mt_generate_options {
     void *user;
     int fp32;                 /* 1: every product in fp32; 0: mt_kv_decoder_use_int8 */
     int logps;                /* 1: record each id's log-probability (mt_generation.logps) */
+    /* Expected texts, one per prompt (an entry may be NULL), or NULL: a sequence ends
+     * (MT_STOP_MISMATCH) as soon as its settled text can no longer equal its expected
+     * text with surrounding whitespace ignored (mt_text_may_equal). An evaluation by
+     * exact match scores the same and skips the rest of every wrong answer. Needs a
+     * tokenizer. */
+    const char *const *expect;
 } mt_generate_options;
 
 typedef struct mt_generation {
@@ -166,5 +174,11 @@ mt_status mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const int32_t 
                             const int *n_prompt, int n, int slots, const mt_generate_options *opt,
                             mt_generation *out, mt_error *err);
 void mt_generation_free(mt_generation *g);
+
+/* Whether text (len bytes), followed by more text, can still equal the NUL-terminated
+ * expected text when leading and trailing whitespace (" \t\n\v\f\r", as Lua's %s) is
+ * ignored on both: once text holds anything but whitespace, what follows its leading
+ * whitespace must begin the trimmed expected text, or be all of it and then whitespace. */
+int mt_text_may_equal(const char *text, size_t len, const char *expected);
 
 #endif /* MT_CORE_GENERATE_H */

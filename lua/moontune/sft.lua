@@ -113,9 +113,10 @@ function M.train(mt, cfg, model, train, heldout, name, data)
 
   local items = task_items(cfg, data, name)
   local function task_accuracy(label)
+    -- only the score is used: a wrong answer ends at its first wrong character
     local r = tasks.evaluate(mt, model, data.tok, items, { max_new_tokens = cfg.max_new_tokens,
                                                           batch = cfg.gen_batch, template = cfg.template,
-                                                          int8 = cfg.gen_int8 })
+                                                          int8 = cfg.gen_int8, stop_on_mismatch = true })
     print(string.format("%s: %s: task accuracy %.1f%% (%d/%d exact) [%.0f s]", name, label,
                         100 * r.accuracy, r.correct, r.n, r.seconds))
     return r.accuracy

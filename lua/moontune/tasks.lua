@@ -52,11 +52,24 @@ end
 -- evaluation mode for the pass and back in training mode after it. In a data-parallel
 -- job each rank generates for every world_size-th item and the ranks exchange their
 -- answers, so every rank returns the whole result.
+-- opts.stop_on_mismatch (default false; only with the exact_match metric): an answer
+-- ends as soon as it can no longer equal its reference (mt.generate's expect), so a
+-- wrong answer costs the tokens up to its first wrong character instead of
+-- max_new_tokens. The scores are those of whole answers; the outputs of wrong answers
+-- are cut there, except for the first opts.full_answers items (default 0), which run to
+-- their end (to be shown).
 -- Returns { accuracy, correct, n, outputs = {text...}, passed = {bool...}, seconds,
---           new_tokens, tokens_per_second, int8 (projections multiplied in int8) }.
+--           new_tokens, tokens_per_second, int8 (projections multiplied in int8),
+--           cut (answers ended at a mismatch) }.
 function M.evaluate(mt, model, tok, items, opts)
   opts = opts or {}
   local metric = opts.metric or M.exact_match
+  local stop_on_mismatch = opts.stop_on_mismatch and true or false
+  if stop_on_mismatch and metric ~= M.exact_match then
+    error("tasks.evaluate: stop_on_mismatch needs the exact_match metric (an answer cut at " ..
+          "its first wrong character is only known to fail exact match)", 2)
+  end
+  local full_answers = opts.full_answers or 0
   local t0 = mt.now()
   local groups, order = {}, {}
   local rank = type(mt.rank) == "function" and mt.rank() or 0
@@ -65,16 +78,17 @@ function M.evaluate(mt, model, tok, items, opts)
     if (i - 1) % world ~= rank then goto next_item end
     local key = item.system or "\0none"
     if not groups[key] then
-      groups[key] = { system = item.system, prompts = {}, index = {} }
+      groups[key] = { system = item.system, prompts = {}, index = {}, expect = {} }
       order[#order + 1] = key
     end
     local g = groups[key]
     g.prompts[#g.prompts + 1] = item.prompt
     g.index[#g.index + 1] = i
+    g.expect[#g.expect + 1] = stop_on_mismatch and i > full_answers and item.reference or false
     ::next_item::
   end
   model:set_training(false)
-  local outputs, new_tokens, int8 = {}, 0, 0
+  local outputs, new_tokens, int8, cut = {}, 0, 0, 0
   local ok, err = pcall(function()
     for _, key in ipairs(order) do
       local g = groups[key]
@@ -82,9 +96,11 @@ function M.evaluate(mt, model, tok, items, opts)
         system = g.system, template = opts.template,
         max_new_tokens = opts.max_new_tokens or 128, batch = opts.batch or 16,
         temperature = opts.temperature, seed = opts.seed, int8 = opts.int8 ~= false,
+        expect = stop_on_mismatch and g.expect or nil,
       })
       for j, text in ipairs(texts) do
         outputs[g.index[j]] = text
+        if infos[j].reason == "mismatch" then cut = cut + 1 end
         new_tokens = new_tokens + infos[j].new_tokens
         int8 = math.max(int8, infos[j].int8)
       end
@@ -97,6 +113,7 @@ function M.evaluate(mt, model, tok, items, opts)
       for i = r + 1, #items, world do outputs[i] = mt.broadcast(r == rank and outputs[i] or "", r) end
     end
     new_tokens = mt.all_sum(new_tokens)
+    cut = mt.all_sum(cut)
   end
   local correct, passed = 0, {}
   for i, item in ipairs(items) do
@@ -108,7 +125,7 @@ function M.evaluate(mt, model, tok, items, opts)
     accuracy = #items > 0 and correct / #items or 0,
     correct = correct, n = #items, outputs = outputs, passed = passed,
     seconds = seconds, new_tokens = new_tokens,
-    tokens_per_second = seconds > 0 and new_tokens / seconds or 0, int8 = int8,
+    tokens_per_second = seconds > 0 and new_tokens / seconds or 0, int8 = int8, cut = cut,
   }
 end
 

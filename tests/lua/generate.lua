@@ -72,4 +72,44 @@ else
 end
 check(mt.evaluate(model, texts_ex, { int8 = false }).loss == fp.loss, "int8 = false: fp32 again")
 print(string.format("generate: %q (%s); batched: %q, %q", text, info.reason, texts[2], texts[3]))
+
+-- expect: an answer ends at its first token that cannot equal the expected text
+local cut, cut_info = mt.generate(model, tok, prompts[1], { max_new_tokens = 12, expect = "The capital is Rome." })
+check(cut_info.reason == "mismatch" and cut_info.new_tokens < info.new_tokens and
+      text:sub(1, #cut) == cut, string.format("expect: %q (%s) against %q", cut, cut_info.reason, text))
+local same, same_info = mt.generate(model, tok, prompts[1], { max_new_tokens = 12, expect = "\n " .. text .. " " })
+check(same == text and same_info.reason == info.reason, "expecting its own answer: as without")
+ok, err = pcall(mt.generate, model, tok, prompts, { max_new_tokens = 4, expect = { "a", "b" } })
+check(not ok and err:find("2 entries for 3 prompts", 1, true), "expect: one entry per prompt: " .. tostring(err))
+ok, err = pcall(mt.generate, model, tok, prompts, { max_new_tokens = 4, expect = { "a", 7, false } })
+check(not ok and err:find("entry 2", 1, true), "expect: an entry that is not a string")
+ok, err = pcall(mt.generate, model, tok, prompts[1], { expect = { "a" } })
+check(not ok and err:find("expect", 1, true), "expect: a list for one prompt")
+
+-- tasks.evaluate's stop_on_mismatch scores as whole answers do: references that are the
+-- model's own answers (right), ones that differ late and early (wrong), with answers cut
+-- only where they are wrong and past full_answers
+local tasks = require("moontune.tasks")
+local items = {}
+for i, p in ipairs(prompts) do items[i] = { prompt = p, reference = texts[i] } end
+items[4] = { prompt = prompts[2], reference = texts[2]:sub(1, -2) .. "#" }
+items[5] = { prompt = prompts[3], reference = "No." }
+items[6] = { prompt = prompts[1], reference = "Rome" }
+local whole = tasks.evaluate(mt, model, tok, items, { max_new_tokens = 12, batch = 3 })
+local stopped = tasks.evaluate(mt, model, tok, items, { max_new_tokens = 12, batch = 3,
+                                                       stop_on_mismatch = true, full_answers = 4 })
+check(whole.correct == 3 and stopped.correct == 3 and whole.cut == 0, "three right answers of six")
+for i = 1, #items do
+  check(whole.passed[i] == stopped.passed[i], "item " .. i .. ": the same score")
+  local kept = i <= 4 or whole.passed[i]
+  check((stopped.outputs[i] == whole.outputs[i]) == kept,
+        string.format("item %d: %q against %q", i, stopped.outputs[i], whole.outputs[i]))
+end
+check(stopped.cut == 2 and stopped.new_tokens < whole.new_tokens,
+      string.format("two answers cut: %d, %d tokens against %d", stopped.cut, stopped.new_tokens, whole.new_tokens))
+ok, err = pcall(tasks.evaluate, mt, model, tok, items, { stop_on_mismatch = true,
+                                                         metric = function() return true end })
+check(not ok and err:find("exact_match", 1, true), "stop_on_mismatch with another metric")
+print(string.format("stop_on_mismatch: %d of %d right either way, %d answers cut, %d tokens against %d",
+                    stopped.correct, #items, stopped.cut, stopped.new_tokens, whole.new_tokens))
 return "ok"

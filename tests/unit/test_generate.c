@@ -657,7 +657,7 @@ static void batch_fixture_close(batch_fixture *f) {
 /* mt_generate_batch with `slots` gives what mt_generate gives per prompt (seed + i);
  * counts[reason] += the reasons seen. */
 static void batch_vs_single(batch_fixture *f, const mt_generate_options *opt, int slots,
-                            int counts[5]) {
+                            int counts[MT_STOP_REASONS]) {
     mt_error err = {0};
     mt_generation got[N_BATCH];
     if (mt_generate_batch(f->m, f->tok, f->prompts, f->n_prompt, N_BATCH, slots, opt, got, &err))
@@ -665,6 +665,7 @@ static void batch_vs_single(batch_fixture *f, const mt_generate_options *opt, in
     for (int i = 0; i < N_BATCH; i++) {
         mt_generate_options one = *opt;
         one.sampling.seed = opt->sampling.seed + (uint64_t)i;
+        one.expect = opt->expect ? &opt->expect[i] : NULL; /* mt_generate reads expect[0] */
         mt_generation want;
         if (mt_generate(f->m, f->tok, f->prompts[i], f->n_prompt[i], &one, &want, &err))
             fail_msg("%s", err.msg);
@@ -697,7 +698,7 @@ static void test_batch_matches_generate(void **state) {
     batch_fixture f;
     batch_fixture_open(&f);
     mt_error err = {0};
-    int counts[5] = {0};
+    int counts[MT_STOP_REASONS] = {0};
     /* max_new_tokens only: every sequence runs to the length */
     mt_generate_options opt = {.max_new_tokens = 10, .skip_special = 1};
     batch_vs_single(&f, &opt, 3, counts);
@@ -754,6 +755,123 @@ static void test_batch_matches_generate(void **state) {
     batch_fixture_close(&f);
 }
 
+/* mt_text_may_equal against Lua's trim-then-compare (tasks.exact_match). */
+static void test_text_may_equal(void **state) {
+    (void)state;
+    static const struct {
+        const char *text, *expected;
+        int may;
+    } cases[] = {
+        {"", "{\"a\": 1}", 1},              /* nothing yet */
+        {" \n\t", "{\"a\": 1}", 1},         /* whitespace only */
+        {"{\"a", "{\"a\": 1}", 1},          /* a prefix */
+        {"  {\"a\": 1}", "{\"a\": 1}", 1},  /* all of it, after leading whitespace */
+        {"{\"a\": 1}\n \r", "{\"a\": 1}", 1}, /* and trailing whitespace */
+        {"{\"a\": 1}\n x", "{\"a\": 1}", 0}, /* something after it */
+        {"{\"a\": 1} ", "{\"a\": 1}2", 0},  /* whitespace where the reference goes on */
+        {"{\"a\": 2", "{\"a\": 1}", 0},      /* a wrong character */
+        {"{\"a\":  ", "{\"a\": 1}", 0},      /* inner whitespace counts */
+        {"I'm", "{\"a\": 1}", 0},
+        {"abc", "  \nabc\t ", 1},              /* the reference's whitespace is trimmed */
+        {"ab", "  \nabc\t ", 1},
+        {"abc\t", "  \nabc\t ", 1},
+        {"x", " \n", 0},                        /* an empty reference: only whitespace */
+        {"\v\f", "", 1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const int got = mt_text_may_equal(cases[i].text, strlen(cases[i].text), cases[i].expected);
+        if (got != cases[i].may)
+            fail_msg("case %zu: \"%s\" against \"%s\": %d, want %d", i, cases[i].text,
+                     cases[i].expected, got, cases[i].may);
+    }
+    /* len bounds the text: a NUL or anything past it is not read as text */
+    assert_int_equal(mt_text_may_equal("abX", 2, "abc"), 1);
+    assert_int_equal(mt_text_may_equal("abX", 3, "abc"), 0);
+}
+
+/* Expected texts end a sequence at its first token whose settled text cannot equal
+ * them; batched and alone alike. A sequence expecting its own greedy answer runs as
+ * without one; one expecting a text that differs from byte k on stops at the first
+ * token that reaches byte k, and its text is that answer's beginning. */
+static void test_batch_expected_texts(void **state) {
+    (void)state;
+    batch_fixture f;
+    batch_fixture_open(&f);
+    mt_error err = {0};
+    mt_generate_options opt = {.max_new_tokens = 12, .skip_special = 1};
+    mt_generation plain[N_BATCH];
+    if (mt_generate_batch(f.m, f.tok, f.prompts, f.n_prompt, N_BATCH, 3, &opt, plain, &err))
+        fail_msg("%s", err.msg);
+    /* prompts 0, 3: their own answer (3 with whitespace around it); 1, 4, 6: the answer
+     * with a byte changed in its middle; 2: the answer's first half then more; 5: none */
+    char expected[N_BATCH][256];
+    const char *expect[N_BATCH];
+    size_t differs_at[N_BATCH];
+    for (int i = 0; i < N_BATCH; i++) {
+        const mt_generation *g = &plain[i];
+        assert_true(g->text_len > 4 && g->text_len < 200);
+        differs_at[i] = g->text_len;
+        expect[i] = expected[i];
+        if (i == 0) snprintf(expected[i], sizeof expected[i], "%s", g->text);
+        else if (i == 3) snprintf(expected[i], sizeof expected[i], " \n%s\t", g->text);
+        else if (i == 2) {
+            differs_at[i] = g->text_len / 2;
+            snprintf(expected[i], sizeof expected[i], "%.*s\x01tail", (int)differs_at[i], g->text);
+        } else if (i == 5) expect[i] = NULL;
+        else {
+            differs_at[i] = g->text_len / 2;
+            snprintf(expected[i], sizeof expected[i], "%s", g->text);
+            expected[i][differs_at[i]] = '\x01'; /* no token of tiny_chat decodes to it */
+        }
+    }
+    mt_generate_options with = opt;
+    with.expect = expect;
+    int counts[MT_STOP_REASONS] = {0};
+    batch_vs_single(&f, &with, 3, counts); /* also mt_generate (expect[0] there) */
+    mt_generation got[N_BATCH];
+    if (mt_generate_batch(f.m, f.tok, f.prompts, f.n_prompt, N_BATCH, 2, &with, got, &err))
+        fail_msg("%s", err.msg);
+    for (int i = 0; i < N_BATCH; i++) {
+        const mt_generation *g = &got[i], *p = &plain[i];
+        if (differs_at[i] == p->text_len) { /* its own answer, or none: as without */
+            assert_int_equal(g->reason, p->reason);
+            assert_int_equal(g->n_ids, p->n_ids);
+            assert_string_equal(g->text, p->text);
+            continue;
+        }
+        assert_int_equal(g->reason, MT_STOP_MISMATCH);
+        assert_true(g->n_ids < p->n_ids);
+        assert_memory_equal(g->ids, p->ids, (size_t)g->n_ids * sizeof(int32_t));
+        /* the last token crossed byte differs_at; the ones before had not */
+        assert_true(g->text_len > differs_at[i]);
+        assert_memory_equal(g->text, p->text, g->text_len);
+        char *shorter = NULL;
+        size_t shorter_len = 0;
+        assert_int_equal(mt_tokenizer_decode(f.tok, g->ids, (size_t)g->n_ids - 1, 1, &shorter,
+                                             &shorter_len, &err), MT_OK);
+        /* judged on the settled text: a trailing U+FFFD may be bytes still being completed */
+        size_t settled = shorter_len;
+        if (settled >= 3 && !memcmp(shorter + settled - 3, "\xEF\xBF\xBD", 3)) settled -= 3;
+        assert_true(settled <= differs_at[i]);
+        assert_true(mt_text_may_equal(shorter, settled, expect[i]));
+        assert_false(mt_text_may_equal(g->text, g->text_len, expect[i]));
+        free(shorter);
+    }
+    printf("  expected texts: %d mismatches, %d run to their end\n", counts[MT_STOP_MISMATCH],
+           N_BATCH - counts[MT_STOP_MISMATCH]);
+    assert_int_equal(counts[MT_STOP_MISMATCH], 4);
+    for (int i = 0; i < N_BATCH; i++) {
+        mt_generation_free(&got[i]);
+        mt_generation_free(&plain[i]);
+    }
+    /* expected texts need the text */
+    mt_generation none;
+    assert_int_equal(mt_generate(f.m, NULL, f.prompts[0], f.n_prompt[0], &with, &none, &err),
+                     MT_ERR_INVALID_ARG);
+    assert_non_null(strstr(err.msg, "tokenizer"));
+    batch_fixture_close(&f);
+}
+
 /* Prompts that share their first 23 ids (a chat template's system turn): the batch
  * runs the prefix once and copies its keys and values into each slot, and still gives
  * what mt_generate gives per prompt. The copy itself: a prefix copied and continued
@@ -770,7 +888,7 @@ static void test_batch_shared_prefix(void **state) {
         memcpy(f.ids[i], f.ids[4], PREFIX * sizeof(int32_t)); /* prompt 4 has 200 ids */
     }
     f.ids[3][PREFIX] = f.ids[4][PREFIX]; /* one prompt shares one more id */
-    int counts[5] = {0};
+    int counts[MT_STOP_REASONS] = {0};
     mt_generate_options greedy = {.max_new_tokens = 9, .skip_special = 1};
     batch_vs_single(&f, &greedy, 3, counts);
     mt_generate_options sample = {.max_new_tokens = 9, .sampling = {.temperature = 1.2f, .seed = 7}};
@@ -1046,6 +1164,8 @@ int main(void) {
         cmocka_unit_test(test_decoder_step_matches_single_slot),
         cmocka_unit_test(test_batch_matches_generate),
         cmocka_unit_test(test_batch_shared_prefix),
+        cmocka_unit_test(test_text_may_equal),
+        cmocka_unit_test(test_batch_expected_texts),
         cmocka_unit_test(test_batch_refuses_bad_arguments),
         cmocka_unit_test(test_gguf_errors),
         cmocka_unit_test(test_gguf_roundtrip_llama_unpermutes_qk),
