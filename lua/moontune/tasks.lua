@@ -84,7 +84,9 @@ function M.evaluate(mt, model, tok, items, opts)
     local g = groups[key]
     g.prompts[#g.prompts + 1] = item.prompt
     g.index[#g.index + 1] = i
-    g.expect[#g.expect + 1] = stop_on_mismatch and i > full_answers and item.reference or false
+    -- a reference that is not text gets no expectation (the metric then reports it)
+    g.expect[#g.expect + 1] = stop_on_mismatch and i > full_answers and
+                              type(item.reference) == "string" and item.reference or false
     ::next_item::
   end
   model:set_training(false)
