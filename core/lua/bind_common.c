@@ -167,6 +167,23 @@ void *bind_scratch(lua_State *L, size_t bytes) {
     return p;
 }
 
+const char **bind_string_list(lua_State *L, int list, const char *key, int allow_false, int *n) {
+    list = lua_absindex(L, list);
+    *n = (int)lua_rawlen(L, list);
+    const char **out = bind_scratch(L, (size_t)*n * sizeof *out);
+    for (int i = 0; i < *n; i++) {
+        const int t = lua_rawgeti(L, list, i + 1);
+        if (t != LUA_TSTRING && !(allow_false && t == LUA_TBOOLEAN && !lua_toboolean(L, -1))) {
+            luaL_error(L, "option '%s': item %d: expected a string%s, found %s", key, i + 1,
+                       allow_false ? " or false" : "", luaL_typename(L, -1));
+            return NULL;
+        }
+        out[i] = t == LUA_TSTRING ? lua_tostring(L, -1) : NULL; /* held by the list */
+        lua_pop(L, 1);
+    }
+    return out;
+}
+
 void bind_set_int(lua_State *L, const char *k, lua_Integer v) {
     lua_pushinteger(L, v);
     lua_setfield(L, -2, k);

@@ -143,17 +143,8 @@ static int l_generate(lua_State *L) {
     if (slots < 1) return luaL_error(L, "option 'batch': %I sequences at a time: must be >= 1", slots);
     const char **stops = NULL;
     int n_stops = 0;
-    if (bind_opt_field(L, 4, "stop") == LUA_TTABLE) {
-        int st = lua_gettop(L);
-        n_stops = (int)lua_rawlen(L, st);
-        stops = bind_scratch(L, (size_t)n_stops * sizeof *stops);
-        for (int i = 0; i < n_stops; i++) {
-            if (lua_rawgeti(L, st, i + 1) != LUA_TSTRING)
-                return luaL_error(L, "option 'stop': item %d: expected a string", i + 1);
-            stops[i] = lua_tostring(L, -1); /* held by the stop table */
-            lua_pop(L, 1);
-        }
-    } /* the stop table stays on the stack */
+    if (bind_opt_field(L, 4, "stop") == LUA_TTABLE)
+        stops = bind_string_list(L, -1, "stop", 0, &n_stops); /* the table stays on the stack */
     go.stop_strings = stops;
     go.n_stop_strings = n_stops;
     /* expect: held by the options table while the call runs */
@@ -202,18 +193,10 @@ static int l_generate(lua_State *L) {
         lua_pop(L, 1);                 /* the prompt */
     }
     if (expect_type == LUA_TTABLE) {
-        if ((int)lua_rawlen(L, expect_at) != n)
-            return luaL_error(L, "option 'expect': %d entries for %d prompts", (int)lua_rawlen(L, expect_at), n);
-        const char **expect = bind_scratch(L, (size_t)n * sizeof *expect);
-        for (int i = 0; i < n; i++) {
-            const int et = lua_rawgeti(L, expect_at, i + 1);
-            if (et != LUA_TSTRING && !(et == LUA_TBOOLEAN && !lua_toboolean(L, -1)))
-                return luaL_error(L, "option 'expect': entry %d: expected a string or false, found %s",
-                                  i + 1, luaL_typename(L, -1));
-            expect[i] = et == LUA_TSTRING ? lua_tostring(L, -1) : NULL; /* held by the list */
-            lua_pop(L, 1);
-        }
-        go.expect = expect;
+        int n_expect = 0;
+        go.expect = bind_string_list(L, expect_at, "expect", 1, &n_expect);
+        if (n_expect != n)
+            return luaL_error(L, "option 'expect': %d entries for %d prompts", n_expect, n);
     }
     if (n > 0 && mt_generate_batch(u->m, t->tok, prompts, n_prompt, n, (int)slots, &go, out, &err))
         return bind_raise(L, &err);

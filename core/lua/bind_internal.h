@@ -89,6 +89,10 @@ uint64_t bind_opt_seed(lua_State *L, int opts, const char *key, uint64_t def);
 const char *bind_opt_str(lua_State *L, int opts, const char *key, const char *def);
 registries *bind_push_sentinel(lua_State *L);
 void *bind_scratch(lua_State *L, size_t bytes);
+/* The strings of the list at index `list` (option `key`), held by the list, in
+ * bind_scratch memory left on the stack; *n is the list's length. With allow_false an
+ * item may be false (NULL here); any other item raises an error naming it. */
+const char **bind_string_list(lua_State *L, int list, const char *key, int allow_false, int *n);
 uint64_t bind_seed_at(lua_State *L, int idx, const char *name);
 void bind_set_bool(lua_State *L, const char *k, int v);
 void bind_set_int(lua_State *L, const char *k, lua_Integer v);

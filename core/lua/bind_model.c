@@ -159,17 +159,7 @@ static int l_plugin(lua_State *L) {
             n_dirs = 1;
         } else {
             luaL_checktype(L, -1, LUA_TTABLE);
-            int t = lua_gettop(L);
-            n_dirs = (int)lua_rawlen(L, t);
-            dirs = bind_scratch(L, (size_t)n_dirs * sizeof *dirs);
-            for (int i = 0; i < n_dirs; i++) {
-                lua_rawgeti(L, t, i + 1);
-                if (lua_type(L, -1) != LUA_TSTRING)
-                    return luaL_error(L, "option 'paths': item %d: expected a string, found %s", i + 1,
-                                      luaL_typename(L, -1));
-                dirs[i] = lua_tostring(L, -1); /* held by the paths table */
-                lua_pop(L, 1);
-            }
+            dirs = bind_string_list(L, -1, "paths", 0, &n_dirs); /* held by the paths table */
         }
     }
     registries *r = bind_push_sentinel(L);

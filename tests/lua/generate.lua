@@ -82,7 +82,8 @@ check(same == text and same_info.reason == info.reason, "expecting its own answe
 ok, err = pcall(mt.generate, model, tok, prompts, { max_new_tokens = 4, expect = { "a", "b" } })
 check(not ok and err:find("2 entries for 3 prompts", 1, true), "expect: one entry per prompt: " .. tostring(err))
 ok, err = pcall(mt.generate, model, tok, prompts, { max_new_tokens = 4, expect = { "a", 7, false } })
-check(not ok and err:find("entry 2", 1, true), "expect: an entry that is not a string")
+check(not ok and err:find("option 'expect': item 2: expected a string or false", 1, true),
+      "expect: an entry that is not a string: " .. tostring(err))
 ok, err = pcall(mt.generate, model, tok, prompts[1], { expect = { "a" } })
 check(not ok and err:find("expect", 1, true), "expect: a list for one prompt")
 
